@@ -1,0 +1,79 @@
+"""The one verb: ``apply_s2a(model, config) -> S2AHandle``."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+from torch import nn
+
+from .config import S2AConfig
+from .engine.hooks import SavedTensorEngine
+from .structure.freeze import restore_flags, select_trainable
+
+_APPLIED: weakref.WeakKeyDictionary[nn.Module, S2AHandle] = weakref.WeakKeyDictionary()
+
+
+class S2AHandle:
+    """What :func:`apply_s2a` returns: statistics of the last forward, and ``remove()``."""
+
+    def __init__(self, model: nn.Module, config: S2AConfig, flags: dict[str, bool]) -> None:
+        self.model = model
+        self.config = config
+        self._flags = flags
+        self.engine = SavedTensorEngine(model, config)
+        self.engine.attach()
+        self.removed = False
+
+    def stats(self) -> dict[str, Any]:
+        """Saved-activation bytes of the most recent forward that recorded autograd.
+
+        Keys: ``raw_bytes`` (what an uncompressed run keeps), ``stored_bytes`` (what was kept),
+        ``ratio`` (stored / raw) and ``by_kind`` (the same per operator kind).
+        """
+        return self.engine.stats()
+
+    def trainable_parameters(self) -> tuple[int, float]:
+        """Number of trainable parameters and their fraction of all parameters."""
+        total = sum(p.numel() for p in self.model.parameters())
+        train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return train, (train / total if total else 0.0)
+
+    def remove(self) -> None:
+        """Undo everything: hooks off, ``requires_grad`` flags back as they were."""
+        if self.removed:
+            return
+        self.engine.detach()
+        restore_flags(self.model, self._flags)
+        _APPLIED.pop(self.model, None)
+        self.removed = True
+
+    def __enter__(self) -> S2AHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def apply_s2a(model: nn.Module, config: S2AConfig | None = None, **overrides: Any) -> S2AHandle:
+    """Freeze ``model``'s backbone, train only the S2A modules, and compress saved activations.
+
+    ``overrides`` are :class:`S2AConfig` fields (``apply_s2a(model, bits=2)``). The model is
+    changed in place; ``handle.remove()`` restores it exactly.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"apply_s2a expects an nn.Module, got {type(model).__name__}.")
+    config = config if config is not None else S2AConfig()
+    if not isinstance(config, S2AConfig):
+        raise TypeError(f"config must be an S2AConfig, got {type(config).__name__}.")
+    if overrides:
+        config = config.replace(**overrides)
+    if model in _APPLIED:
+        raise RuntimeError(
+            "apply_s2a was already applied to this model; call handle.remove() before "
+            "applying it again."
+        )
+    flags = select_trainable(model, config)
+    handle = S2AHandle(model, config, flags)
+    _APPLIED[model] = handle
+    return handle

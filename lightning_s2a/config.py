@@ -1,0 +1,113 @@
+"""``S2AConfig``: everything :func:`lightning_s2a.apply_s2a` can be asked to do, validated."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .engine.bitpack import SUPPORTED_BITS, check_bits
+from .engine.ops import KINDS
+
+MODULE_KINDS = ("bias", "prompt", "side")
+BACKENDS = ("auto", "torch", "triton", "bnb")
+BNB_QUANT_TYPES = ("nf4", "fp4")
+
+
+@dataclass
+class S2AConfig:
+    """How to fine-tune a frozen backbone with S2A.
+
+    ``modules`` picks the structural activation modules that train; ``bits`` is the width
+    of the saved-activation codes for the non-parametric operators. The remaining fields tune
+    the compression engine; their defaults follow the S2A method.
+    """
+
+    #: Code width for saved activations: 1, 2, 4 or 8.
+    bits: int = 4
+    #: Structural modules that train: any of "bias", "prompt", "side".
+    modules: Sequence[str] = ("bias",)
+    #: The task head that stays trainable: "auto" (timm's ``get_classifier()``), a submodule
+    #: name such as "fc", or None for no head.
+    head: str | None = "auto"
+    #: Compress saved activations. False keeps only the structural part (e.g. plain BitFit).
+    compress: bool = True
+    #: Per-operator-kind code widths overriding ``bits``, e.g. ``{"softmax": 8}``.
+    op_bits: Mapping[str, int] = field(default_factory=dict)
+    #: Width for activations that feed a trainable weight's gradient (the head's input);
+    #: None keeps them exact, because that gradient is the most sensitive.
+    trainable_input_bits: int | None = None
+    #: Elements per min-max group (offset and scale are stored once per group).
+    group_size: int = 64
+    #: Stochastic rounding for min-max and softmax codes (unbiased, noisier).
+    stochastic_rounding: bool = False
+    #: Min-max backend: "auto" (Triton on CUDA, PyTorch elsewhere), "torch", "triton", "bnb".
+    backend: str = "auto"
+    #: bitsandbytes 4-bit format when ``backend="bnb"``: "nf4" or "fp4".
+    bnb_quant_type: str = "nf4"
+    #: Saved tensors with fewer elements than this are kept as they are.
+    min_numel: int = 1024
+    #: Samples drawn from a call site's tensor to fit its derivative-aware codebook.
+    codebook_samples: int = 16384
+    #: Refit each derivative-aware codebook after this many training forwards.
+    codebook_refresh: int = 1000
+    #: Seed for codebook sampling and stochastic rounding, so runs are reproducible.
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits, "bits")
+        if isinstance(self.modules, str):
+            self.modules = tuple(m for m in self.modules.replace("+", ",").split(",") if m)
+        self.modules = tuple(self.modules)
+        for m in self.modules:
+            if m not in MODULE_KINDS:
+                raise ValueError(f"modules: unknown module kind {m!r}; allowed: {MODULE_KINDS}.")
+        if len(set(self.modules)) != len(self.modules):
+            raise ValueError(f"modules: {self.modules!r} lists a module kind twice.")
+        if not self.modules:
+            raise ValueError(f"modules: choose at least one of {MODULE_KINDS}.")
+        self.op_bits = dict(self.op_bits)
+        for kind, b in self.op_bits.items():
+            if kind not in KINDS:
+                raise ValueError(f"op_bits: unknown operator kind {kind!r}; allowed: {KINDS}.")
+            check_bits(b, f"op_bits[{kind!r}]")
+        if self.trainable_input_bits is not None:
+            check_bits(self.trainable_input_bits, "trainable_input_bits")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend: unknown backend {self.backend!r}; allowed: {BACKENDS}.")
+        if self.backend == "bnb":
+            if self.bnb_quant_type not in BNB_QUANT_TYPES:
+                raise ValueError(
+                    f"bnb_quant_type: {self.bnb_quant_type!r} is not one of {BNB_QUANT_TYPES}."
+                )
+            if self.bits != 4:
+                raise ValueError(
+                    f"bits={self.bits} with backend='bnb': bitsandbytes quantizes in 4 bits only; "
+                    "use bits=4 or backend='torch'."
+                )
+        if self.group_size not in (8, 16, 32, 64, 128, 256):
+            raise ValueError(
+                f"group_size: {self.group_size} is not one of (8, 16, 32, 64, 128, 256)."
+            )
+        for name in ("min_numel", "codebook_samples", "codebook_refresh"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: must be a positive integer, got {value!r}.")
+
+    def bits_for(self, kind: str) -> int | None:
+        """Code width for an operator kind; None means stored exact."""
+        if kind == "trainable":
+            return self.trainable_input_bits
+        return self.op_bits.get(kind, self.bits)
+
+    def replace(self, **overrides: Any) -> S2AConfig:
+        """A copy with some fields changed (validated again)."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ValueError(f"unknown S2AConfig field(s) {unknown}; known fields: {sorted(names)}.")
+        return dataclasses.replace(self, **overrides)
+
+
+__all__ = ["BACKENDS", "MODULE_KINDS", "SUPPORTED_BITS", "S2AConfig"]

@@ -1,0 +1,54 @@
+"""Dense packing of small unsigned codes (1, 2, 4 or 8 bits each) into ``uint8``.
+
+Layout: code ``i`` lives in byte ``i // (8 // bits)`` at bit offset ``(i % (8 // bits)) * bits``
+(little-endian inside a byte). The Triton kernels write exactly this layout.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_BITS = (1, 2, 4, 8)
+
+
+def check_bits(bits: int, field: str = "bits") -> int:
+    """Return ``bits`` if it is a supported width, else raise a ``ValueError`` naming the field."""
+    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+        raise ValueError(
+            f"{field}={bits!r} is not supported: choose one of {SUPPORTED_BITS} "
+            "(codes are packed densely into uint8)."
+        )
+    return bits
+
+
+def packed_numel(n: int, bits: int) -> int:
+    """Number of bytes that ``n`` codes of ``bits`` bits occupy."""
+    per_byte = 8 // bits
+    return (n + per_byte - 1) // per_byte
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack a flat tensor of codes ``< 2**bits`` into a flat ``uint8`` tensor."""
+    check_bits(bits)
+    codes = codes.reshape(-1).to(torch.uint8)
+    if bits == 8:
+        return codes.clone()
+    per_byte = 8 // bits
+    n = codes.numel()
+    pad = (-n) % per_byte
+    if pad:
+        codes = torch.cat([codes, codes.new_zeros(pad)])
+    codes = codes.view(-1, per_byte)
+    shifts = torch.arange(0, 8, bits, device=codes.device, dtype=torch.uint8)
+    return (codes << shifts).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: return the first ``n`` codes as ``uint8``."""
+    check_bits(bits)
+    if bits == 8:
+        return packed[:n]
+    shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
+    mask = (1 << bits) - 1
+    codes = (packed.unsqueeze(1) >> shifts) & mask
+    return codes.reshape(-1)[:n]

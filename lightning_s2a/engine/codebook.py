@@ -1,0 +1,134 @@
+"""Derivative-aware codebooks: the optimal piecewise-constant approximation of f'.
+
+For an elementwise op whose backward is ``grad * d(s)`` (``s`` the saved tensor), a k-bit code
+splits the real line into ``2**k`` intervals and stores, per element, which interval ``s`` is in.
+The intervals and each interval's value are chosen to minimise ``E[(d(s) - value)^2]`` over the
+data, by dynamic programming over equal-mass cells of a sample of ``s``. Unpack returns, per
+interval, a point ``s~`` with ``d(s~)`` equal to the interval's optimal value, so autograd's own
+backward formula computes exactly the approximation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .ops import Derivative
+
+
+@dataclass
+class Codebook:
+    """Interval boundaries (ascending, ``levels - 1`` of them) and one point per interval."""
+
+    boundaries: torch.Tensor  # float64, shape (levels - 1,)
+    points: torch.Tensor  # float64, shape (levels,): s~ with d(s~) = values
+    values: torch.Tensor  # float64, shape (levels,): the optimal derivative per interval
+    bits: int
+    fitted_at: int = 0
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Boundaries and points on ``device``: boundaries in float32, points in ``dtype``."""
+        return (
+            self.boundaries.to(device=device, dtype=torch.float32),
+            self.points.to(device=device, dtype=dtype),
+        )
+
+
+def _segment_costs(d_sorted: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """Sum of squared deviations of ``d`` within cells ``edges[i]..edges[j]``, for all i < j."""
+    zero = torch.zeros(1, dtype=torch.float64)
+    c1 = torch.cat([zero, d_sorted.cumsum(0)])[edges]
+    c2 = torch.cat([zero, (d_sorted * d_sorted).cumsum(0)])[edges]
+    cnt = edges.double()
+    n = cnt[None, :] - cnt[:, None]
+    s1 = c1[None, :] - c1[:, None]
+    s2 = c2[None, :] - c2[:, None]
+    cost = (s2 - s1 * s1 / n.clamp(min=1.0)).clamp(min=0.0)
+    idx = torch.arange(len(edges))
+    return torch.where(idx[None, :] > idx[:, None], cost, torch.full_like(cost, float("inf")))
+
+
+def optimal_segments(d_sorted: torch.Tensor, levels: int, cells: int = 512) -> list[int]:
+    """Cut positions (indices into the sorted samples) of the optimal ``levels``-piece split.
+
+    Samples are grouped into ``cells`` equal-mass cells; the DP over cell edges is
+    ``O(levels * cells^2)``, vectorised, a few milliseconds on CPU.
+    """
+    n = d_sorted.numel()
+    cells = max(1, min(cells, n))
+    edges = torch.unique(torch.linspace(0, n, cells + 1).round().long())
+    cost = _segment_costs(d_sorted, edges)
+    g = len(edges) - 1
+    best = cost[0].clone()
+    back: list[torch.Tensor] = []
+    for _ in range(1, min(levels, g)):
+        total = best[:, None] + cost
+        best, arg = total.min(dim=0)
+        back.append(arg)
+    cuts = []
+    j = g
+    for arg in reversed(back):
+        j = int(arg[j])
+        cuts.append(j)
+    return sorted({int(edges[c]) for c in cuts if 0 < c < g})
+
+
+def _solve_point(deriv: Derivative, target: float, lo: float, hi: float) -> float:
+    """A point in ``[lo, hi]`` whose derivative is closest to ``target`` (bisection-refined)."""
+    if hi <= lo:
+        return lo
+    grid = torch.linspace(lo, hi, 2049, dtype=torch.float64)
+    err = deriv(grid) - target
+    i = int(err.abs().argmin())
+    for j in (i - 1, i):  # refine inside a bracketing neighbour interval, if there is one
+        if 0 <= j < len(grid) - 1 and float(err[j]) * float(err[j + 1]) < 0:
+            a, b = grid[j].item(), grid[j + 1].item()
+            fa = float(err[j])
+            for _ in range(60):
+                m = 0.5 * (a + b)
+                fm = float(deriv(torch.tensor([m], dtype=torch.float64))[0]) - target
+                if fa * fm <= 0:
+                    b = m
+                else:
+                    a, fa = m, fm
+            return 0.5 * (a + b)
+    return grid[i].item()
+
+
+def fit_codebook(samples: torch.Tensor, deriv: Derivative, bits: int, cells: int = 512) -> Codebook:
+    """Fit the optimal ``bits``-bit derivative code to ``samples`` of the saved tensor."""
+    levels = 1 << bits
+    s = samples.detach().reshape(-1).to(device="cpu", dtype=torch.float64)
+    s = s[torch.isfinite(s)]
+    if s.numel() == 0:
+        s = torch.zeros(1, dtype=torch.float64)
+    s = s.sort().values
+    d = deriv(s)
+    cuts = optimal_segments(d, levels, cells)
+    starts = [0, *cuts]
+    ends = [*cuts, s.numel()]
+    boundaries = [0.5 * (s[c - 1] + s[c]).item() for c in cuts]
+    lows = [s[0].item(), *boundaries]
+    highs = [*boundaries, s[-1].item()]
+    values, points = [], []
+    for a, b, lo, hi in zip(starts, ends, lows, highs, strict=True):
+        v = d[a:b].mean().item()
+        values.append(v)
+        points.append(_solve_point(deriv, v, lo, hi))
+    # Unused levels (fewer distinct cells than levels) repeat the last interval.
+    while len(points) < levels:
+        points.append(points[-1])
+        values.append(values[-1])
+        boundaries.append(float("inf"))
+    return Codebook(
+        boundaries=torch.tensor(boundaries, dtype=torch.float64),
+        points=torch.tensor(points, dtype=torch.float64),
+        values=torch.tensor(values, dtype=torch.float64),
+        bits=bits,
+    )
+
+
+def encode(x: torch.Tensor, boundaries: torch.Tensor) -> torch.Tensor:
+    """Interval index of every element of ``x`` (``boundaries`` ascending) as ``uint8``."""
+    return torch.bucketize(x.float(), boundaries).to(torch.uint8)

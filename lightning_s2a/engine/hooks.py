@@ -1,0 +1,277 @@
+"""The saved-tensor engine: every tensor autograd saves inside a model's forward is packed here.
+
+While the model's forward runs with grad enabled, two things are installed:
+
+* ``torch.autograd.graph.saved_tensors_hooks(pack, unpack)``, so every tensor saved for backward
+  passes through :meth:`SavedTensorEngine._pack`;
+* a ``TorchFunctionMode`` that sees every torch function call (``nn`` modules, timm, HF
+  transformers, bare ``F.gelu`` in user code alike) and records which operator is running,
+  so ``_pack`` knows who is saving the tensor and picks the quantizer from the table in
+  :mod:`.quantizers`. The outermost call is the one recognised: tensors that ``F.layer_norm``
+  saves through its internals belong to "norm".
+
+Forward pre-hooks push these, and forward hooks registered with ``always_call=True`` pop them,
+so an exception inside forward never leaves them installed. The engine knows nothing of
+Lightning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.hooks import RemovableHandle
+
+from .accounting import ForwardAccount
+from .codebook import Codebook, fit_codebook
+from .ops import OP_KINDS, ElementwiseSpec, canonical_name, elementwise_spec
+from .quantizers import QUANTIZERS, PackOptions
+
+if TYPE_CHECKING:
+    from ..config import S2AConfig
+
+# Kinds whose operators also save reduced statistics (mean, rstd, logsumexp): those are tiny
+# and precision-critical, so only tensors shaped like one of the op's inputs are quantized.
+_STATS_KINDS = ("norm", "attention")
+
+
+@dataclass
+class _Call:
+    """The recognised operator that is running while tensors get saved."""
+
+    kind: str
+    spec: ElementwiseSpec | None = None
+    site: tuple | None = None
+    arg_shapes: frozenset = frozenset()
+    weight_numels: frozenset = frozenset()
+    dim: int = -1
+
+
+class _OperatorMode(TorchFunctionMode):
+    """Records the operator being called, for the pack hook; otherwise transparent."""
+
+    def __init__(self, engine: SavedTensorEngine) -> None:
+        super().__init__()
+        self.engine = engine
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        engine = self.engine
+        if engine._busy:
+            return func(*args, **kwargs)
+        call = engine._classify(func, args, kwargs)
+        if call is None:
+            return func(*args, **kwargs)
+        previous, engine._call = engine._call, call
+        try:
+            return func(*args, **kwargs)
+        finally:
+            engine._call = previous
+
+
+class SavedTensorEngine:
+    """Compresses a model's saved activations with per-operator quantizers, and counts bytes."""
+
+    def __init__(self, model: nn.Module, config: S2AConfig) -> None:
+        self.model = model
+        self.config = config
+        self.step = 0
+        self.codebooks: dict[tuple, Codebook] = {}
+        self._device_codebooks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._last: dict | None = None
+        self._account: ForwardAccount | None = None
+        self._handles: list[RemovableHandle] = []
+        self._depth = 0
+        self._active = False
+        self._busy = False
+        self._call: _Call | None = None
+        self._frames: list[list[Any]] = []
+        self._param_storages: set[int] = set()
+        self._param_ids: set[int] = set()
+        self._weight_ids: set[int] = set()
+        self._contexts: list[Any] = []
+
+    # -- installation --------------------------------------------------------------------
+    def attach(self) -> None:
+        """Register the root and per-module forward hooks on the model."""
+        root = self.model
+        self._handles.append(root.register_forward_pre_hook(self._enter, prepend=True))
+        for name, module in root.named_modules():
+            self._handles.append(module.register_forward_pre_hook(self._frame_pusher(name)))
+            self._handles.append(module.register_forward_hook(self._pop_frame, always_call=True))
+        self._handles.append(root.register_forward_hook(self._exit, always_call=True))
+
+    def detach(self) -> None:
+        """Remove every hook this engine registered."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def stats(self) -> dict:
+        """Accounting of the most recent forward that recorded autograd (zeros before one)."""
+        if self._last is None:
+            return ForwardAccount().summary()
+        return self._last
+
+    # -- forward boundaries ------------------------------------------------------------
+    def _enter(self, module: nn.Module, args: Any) -> None:
+        self._depth += 1
+        if self._depth > 1 or not torch.is_grad_enabled():
+            return
+        self._refresh_parameters()
+        self.step += 1
+        self._account = ForwardAccount()
+        self._frames = []
+        hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        mode = _OperatorMode(self)
+        hooks.__enter__()
+        mode.__enter__()
+        self._contexts = [hooks, mode]
+        self._active = True
+
+    def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._depth -= 1
+        if self._depth > 0 or not self._active:
+            return
+        self._active = False
+        for ctx in reversed(self._contexts):
+            ctx.__exit__(None, None, None)
+        self._contexts = []
+        self._call = None
+        assert self._account is not None
+        self._last = self._account.summary()
+        self._account = None
+
+    def _frame_pusher(self, name: str):
+        def push(module: nn.Module, args: Any) -> None:
+            if self._active:
+                self._frames.append([name, {}])
+
+        return push
+
+    def _pop_frame(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._active and self._frames:
+            self._frames.pop()
+
+    def _refresh_parameters(self) -> None:
+        # Parameters may have moved device since apply_s2a (Lightning moves the model after
+        # setup), so their storages are collected per forward. Views of a parameter (W.t())
+        # share its storage; that is how they are recognised.
+        storages, ids, weights = set(), set(), set()
+        for name, p in self.model.named_parameters():
+            storages.add(p.untyped_storage().data_ptr())
+            ids.add(id(p))
+            if p.requires_grad and not name.rsplit(".", 1)[-1].startswith("bias"):
+                weights.add(id(p))
+        for b in self.model.buffers():
+            storages.add(b.untyped_storage().data_ptr())
+        self._param_storages, self._param_ids, self._weight_ids = storages, ids, weights
+
+    # -- operator recognition --------------------------------------------------------------
+    def _classify(self, func: Any, args: tuple, kwargs: dict) -> _Call | None:
+        name = canonical_name(func)
+        spec = elementwise_spec(func, args, kwargs)
+        kind = "elementwise" if spec is not None else OP_KINDS.get(name)
+        params = [a for a in (*args, *kwargs.values()) if id(a) in self._param_ids]
+        if kind is None and not params:
+            return None
+        if any(id(p) in self._weight_ids for p in params):
+            kind = "trainable"  # its saved input feeds a trainable weight's gradient
+        call = _Call(kind=kind or "generic", spec=spec)
+        call.weight_numels = frozenset(p.numel() for p in params)
+        if kind in _STATS_KINDS:
+            call.arg_shapes = frozenset(
+                tuple(a.shape) for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)
+            )
+        elif kind == "softmax":
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else -1)
+            call.dim = -1 if dim is None else int(dim)
+        elif kind == "elementwise" and spec is not None and not spec.exact:
+            frame = self._frames[-1] if self._frames else ["", {}]
+            count = frame[1].get(spec.name, 0)
+            frame[1][spec.name] = count + 1
+            call.site = (frame[0], spec.name, count)
+        return call
+
+    # -- pack / unpack -------------------------------------------------------------------
+    def _pack(self, t: torch.Tensor) -> Any:
+        if self._busy or t.untyped_storage().data_ptr() in self._param_storages:
+            return t  # parameters and buffers are not activations: never touched
+        self._busy = True
+        try:
+            return self._pack_activation(t)
+        finally:
+            self._busy = False
+
+    @staticmethod
+    def _unpack(packed: Any) -> torch.Tensor:
+        return packed if isinstance(packed, torch.Tensor) else packed.unpack()
+
+    def _pack_activation(self, t: torch.Tensor) -> Any:
+        cfg = self.config
+        call = self._call or _Call(kind="generic")
+        kind = "mask" if t.dtype == torch.bool else call.kind
+        account = self._account
+        assert account is not None
+        bits = cfg.bits_for(kind)
+        keep = (
+            not cfg.compress
+            or bits is None
+            or not (t.is_floating_point() or t.dtype == torch.bool)  # indices stay exact
+            or t.numel() < cfg.min_numel
+            or t.device.type == "meta"
+            # an autocast copy of a weight: not an activation, left as autocast made it
+            or (t.grad_fn is None and not t.requires_grad and t.numel() in call.weight_numels)
+            or (kind in _STATS_KINDS and tuple(t.shape) not in call.arg_shapes)
+        )
+        if keep:
+            account.add(kind, t, None)
+            return t
+        opts = PackOptions(
+            bits=bits,
+            group_size=cfg.group_size,
+            stochastic=cfg.stochastic_rounding,
+            backend=self._backend(t),
+            bnb_quant_type=cfg.bnb_quant_type,
+            spec=call.spec,
+            dim=call.dim,
+            seed=cfg.seed + self.step,
+        )
+        if kind == "elementwise" and call.site is not None:
+            self._attach_codebook(t, call, opts)
+        packed = QUANTIZERS[kind](t.detach(), opts)
+        account.add(kind, t, packed.nbytes)
+        return packed
+
+    def _backend(self, t: torch.Tensor) -> str:
+        backend = self.config.backend
+        if backend == "auto":
+            from .triton_minmax import HAS_TRITON
+
+            return "triton" if (t.is_cuda and HAS_TRITON) else "torch"
+        return backend
+
+    def _attach_codebook(self, t: torch.Tensor, call: _Call, opts: PackOptions) -> None:
+        cfg = self.config
+        assert call.spec is not None and call.spec.derivative is not None
+        site = call.site
+        cb = self.codebooks.get(site)
+        if cb is None or cb.bits != opts.bits or self.step - cb.fitted_at >= cfg.codebook_refresh:
+            flat = t.detach().reshape(-1)
+            gen = torch.Generator().manual_seed(cfg.seed)
+            m = min(cfg.codebook_samples, flat.numel())
+            idx = torch.randint(flat.numel(), (m,), generator=gen).to(flat.device)
+            cb = fit_codebook(flat[idx], call.spec.derivative, opts.bits)
+            cb.fitted_at = self.step
+            self.codebooks[site] = cb
+            self._device_codebooks = {
+                k: v for k, v in self._device_codebooks.items() if k[0] != site
+            }
+        key = (site, t.device, t.dtype)
+        if key not in self._device_codebooks:
+            self._device_codebooks[key] = cb.to(t.device, t.dtype)
+        opts.codebook = cb
+        opts.extra["device_codebook"] = self._device_codebooks[key]

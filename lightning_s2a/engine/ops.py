@@ -1,0 +1,251 @@
+"""The operator table: which torch function is which kind of saved-tensor producer.
+
+Everything the engine knows about operators lives here, keyed by the function's ``__name__``
+(so ``F.gelu``, ``torch.sigmoid``, ``Tensor.sigmoid`` and in-place ``relu_`` all resolve the
+same way, whether called from an ``nn`` module, timm, HF transformers, or bare user code).
+
+* :data:`OP_KINDS` maps a function name to an *operator kind* ("softmax", "norm", ...). The
+  quantizer for each kind is chosen in :mod:`.quantizers`.
+* :data:`ELEMENTWISE` maps elementwise nonlinearities to an :class:`ElementwiseSpec`: what
+  the op saves (its input or its output) and the derivative as a function of that saved
+  value, which the derivative-aware codes approximate. Ops whose derivative takes at most
+  two values (ReLU, LeakyReLU, ReLU6, hardsigmoid, threshold) carry an exact 1-bit ``mask``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+Derivative = Callable[[torch.Tensor], torch.Tensor]
+
+_SQRT2 = math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_TANH_K = math.sqrt(2.0 / math.pi)
+
+
+@dataclass(frozen=True)
+class ElementwiseSpec:
+    """How an elementwise op's backward uses its saved tensor ``s``: ``grad_in = grad * d(s)``.
+
+    ``name`` identifies the function *and* its hyper-parameters, so codebooks fitted for
+    ``gelu`` and ``gelu(tanh)`` never mix. Either ``derivative`` is set (smooth: approximated by
+    a fitted derivative-aware code) or ``mask`` and ``mask_points`` are (exact 1-bit code:
+    ``mask(s)`` says which side of the step ``s`` is on, and unpack returns
+    ``mask_points[mask]``, a value with the same derivative).
+    """
+
+    name: str
+    derivative: Derivative | None = None
+    mask: Callable[[torch.Tensor], torch.Tensor] | None = None
+    mask_points: tuple[float, float] = (0.0, 0.0)
+
+    @property
+    def exact(self) -> bool:
+        """True if the op's derivative is a two-valued step, stored exactly in one bit."""
+        return self.mask is not None
+
+
+def _gelu_d(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1.0 + torch.erf(x / _SQRT2)) + x * torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
+
+
+def _gelu_tanh_d(x: torch.Tensor) -> torch.Tensor:
+    inner = _TANH_K * (x + 0.044715 * x**3)
+    t = torch.tanh(inner)
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _TANH_K * (1.0 + 3 * 0.044715 * x * x)
+
+
+def _silu_d(x: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(x)
+    return s * (1.0 + x * (1.0 - s))
+
+
+def _mish_d(x: torch.Tensor) -> torch.Tensor:
+    t = torch.tanh(torch.nn.functional.softplus(x))
+    return t + x * torch.sigmoid(x) * (1.0 - t * t)
+
+
+def _hardswish_d(x: torch.Tensor) -> torch.Tensor:
+    mid = x / 3.0 + 0.5
+    return torch.where(x < -3.0, torch.zeros_like(x), torch.where(x <= 3.0, mid, torch.ones_like(x)))
+
+
+def _arg(args: tuple, kwargs: Mapping[str, Any], pos: int, name: str, default: Any) -> Any:
+    if name in kwargs:
+        return kwargs[name]
+    return args[pos] if len(args) > pos else default
+
+
+def _is_inplace(name: str, args: tuple, kwargs: Mapping[str, Any], pos: int) -> bool:
+    return name.endswith("_") or bool(_arg(args, kwargs, pos, "inplace", False))
+
+
+def _gelu(n: str, a: tuple, k: Mapping[str, Any]) -> ElementwiseSpec:
+    if _arg(a, k, 1, "approximate", "none") == "tanh":
+        return ElementwiseSpec("gelu(tanh)", derivative=_gelu_tanh_d)
+    return ElementwiseSpec("gelu", derivative=_gelu_d)
+
+
+def _elu_family(n: str, a: tuple, k: Mapping[str, Any]) -> ElementwiseSpec:
+    base = n.rstrip("_")
+    if base == "selu":
+        alpha, scale, in_scale = 1.6732632423543772, 1.0507009873554805, 1.0
+    elif base == "celu":
+        alpha = float(_arg(a, k, 1, "alpha", 1.0))
+        scale, in_scale = 1.0, 1.0 / alpha
+    else:
+        alpha, scale, in_scale = float(_arg(a, k, 1, "alpha", 1.0)), 1.0, 1.0
+    pos_inplace = 1 if base == "selu" else 2
+    if _is_inplace(n, a, k, pos_inplace):
+        # In-place variants save the result y; for y <= 0: d = in_scale * (y + scale * alpha).
+        def d_out(y: torch.Tensor) -> torch.Tensor:
+            return torch.where(y > 0, torch.full_like(y, scale), in_scale * (y + scale * alpha))
+
+        return ElementwiseSpec(f"{base}_out({alpha:g},{scale:g},{in_scale:g})", derivative=d_out)
+
+    def d_in(x: torch.Tensor) -> torch.Tensor:
+        neg = scale * alpha * in_scale * torch.exp(torch.clamp(x, max=0.0) * in_scale)
+        return torch.where(x > 0, torch.full_like(x, scale), neg)
+
+    return ElementwiseSpec(f"{base}({alpha:g},{scale:g},{in_scale:g})", derivative=d_in)
+
+
+def _softplus(n: str, a: tuple, k: Mapping[str, Any]) -> ElementwiseSpec:
+    beta = float(_arg(a, k, 1, "beta", 1.0))
+    threshold = float(_arg(a, k, 2, "threshold", 20.0))
+
+    def d(x: torch.Tensor) -> torch.Tensor:
+        return torch.where(x * beta > threshold, torch.ones_like(x), torch.sigmoid(x * beta))
+
+    return ElementwiseSpec(f"softplus({beta:g},{threshold:g})", derivative=d)
+
+
+def _hardtanh(n: str, a: tuple, k: Mapping[str, Any]) -> ElementwiseSpec:
+    if n.rstrip("_") == "relu6":
+        lo, hi = 0.0, 6.0
+    else:
+        lo = float(_arg(a, k, 1, "min_val", -1.0))
+        hi = float(_arg(a, k, 2, "max_val", 1.0))
+    # Backward passes the gradient where lo < s < hi (s is the input, or the clamped output).
+    return ElementwiseSpec(
+        f"hardtanh({lo:g},{hi:g})",
+        mask=lambda s: (s > lo) & (s < hi),
+        mask_points=(hi + 1.0, (lo + hi) / 2.0),
+    )
+
+
+def _threshold(n: str, a: tuple, k: Mapping[str, Any]) -> ElementwiseSpec:
+    th = float(_arg(a, k, 1, "threshold", 0.0))
+    return ElementwiseSpec(
+        f"threshold({th:g})",
+        mask=lambda s: s > th,
+        mask_points=(th - 1.0 - abs(th), th + 1.0 + abs(th)),
+    )
+
+
+def _fixed(spec: ElementwiseSpec) -> Callable[[str, tuple, Mapping[str, Any]], ElementwiseSpec]:
+    return lambda n, a, k: spec
+
+
+_RELU = ElementwiseSpec("relu", mask=lambda s: s > 0, mask_points=(0.0, 1.0))
+_LEAKY = ElementwiseSpec("leaky_relu", mask=lambda s: s > 0, mask_points=(-1.0, 1.0))
+_HARDSIGMOID = ElementwiseSpec(
+    "hardsigmoid", mask=lambda s: (s > -3.0) & (s < 3.0), mask_points=(4.0, 0.0)
+)
+
+#: Elementwise nonlinearities: function name -> factory ``(name, args, kwargs) -> spec``.
+ELEMENTWISE: dict[str, Callable[[str, tuple, Mapping[str, Any]], ElementwiseSpec]] = {
+    "gelu": _gelu,
+    "silu": _fixed(ElementwiseSpec("silu", derivative=_silu_d)),
+    "mish": _fixed(ElementwiseSpec("mish", derivative=_mish_d)),
+    "hardswish": _fixed(ElementwiseSpec("hardswish", derivative=_hardswish_d)),
+    # tanh and sigmoid save their *output* y; the derivative is written in terms of y.
+    "tanh": _fixed(ElementwiseSpec("tanh", derivative=lambda y: 1.0 - y * y)),
+    "sigmoid": _fixed(ElementwiseSpec("sigmoid", derivative=lambda y: y * (1.0 - y))),
+    "elu": _elu_family,
+    "selu": _elu_family,
+    "celu": _elu_family,
+    "softplus": _softplus,
+    "relu": _fixed(_RELU),
+    "leaky_relu": _fixed(_LEAKY),
+    "relu6": _hardtanh,
+    "hardtanh": _hardtanh,
+    "hardsigmoid": _fixed(_HARDSIGMOID),
+    "threshold": _threshold,
+}
+
+#: Non-elementwise operators: function name -> operator kind.
+OP_KINDS: dict[str, str] = {
+    **{n: "softmax" for n in ("softmax", "_softmax")},
+    **{
+        n: "norm"
+        for n in (
+            "layer_norm",
+            "native_layer_norm",
+            "group_norm",
+            "native_group_norm",
+            "batch_norm",
+            "native_batch_norm",
+            "instance_norm",
+            "rms_norm",
+        )
+    },
+    **{
+        n: "attention"
+        for n in ("scaled_dot_product_attention", "multi_head_attention_forward", "flex_attention")
+    },
+    **{
+        n: "matmul"
+        for n in ("matmul", "__matmul__", "__rmatmul__", "bmm", "mm", "einsum", "baddbmm")
+    },
+    **{n: "dropout" for n in ("dropout", "dropout1d", "dropout2d", "dropout3d")},
+    **{
+        n: "linear"
+        for n in (
+            "linear",
+            "conv1d",
+            "conv2d",
+            "conv3d",
+            "conv_transpose1d",
+            "conv_transpose2d",
+            "conv_transpose3d",
+            "addmm",
+        )
+    },
+}
+
+#: Every operator kind the engine can report, in display order. "elementwise" covers
+#: :data:`ELEMENTWISE`; "mask" is any boolean tensor; "trainable" is an activation that feeds
+#: a trainable weight's gradient; "generic" is anything saved outside a recognised operator.
+KINDS: tuple[str, ...] = (
+    "elementwise",
+    "mask",
+    "softmax",
+    "norm",
+    "attention",
+    "matmul",
+    "dropout",
+    "linear",
+    "trainable",
+    "generic",
+)
+
+
+def canonical_name(func: Any) -> str:
+    """The table key of a torch function: its ``__name__`` without the in-place underscore."""
+    name = getattr(func, "__name__", "")
+    if name.endswith("_") and not name.endswith("__"):
+        return name[:-1]
+    return name
+
+
+def elementwise_spec(func: Any, args: tuple, kwargs: Mapping[str, Any]) -> ElementwiseSpec | None:
+    """The :class:`ElementwiseSpec` for a call, or None if ``func`` is not elementwise."""
+    raw = getattr(func, "__name__", "")
+    factory = ELEMENTWISE.get(canonical_name(func))
+    return None if factory is None else factory(raw, args, kwargs)

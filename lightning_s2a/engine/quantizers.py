@@ -1,0 +1,265 @@
+"""Per-operator quantizers for saved tensors, chosen from one table by operator kind.
+
+Each quantizer turns a tensor into a packed object with ``unpack()`` (returns the same data
+every call) and ``nbytes`` (bytes actually kept). :data:`QUANTIZERS` maps an operator kind from
+:mod:`.ops` to its quantizer; the engine looks the kind up there and nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .bitpack import pack_bits, unpack_bits
+from .codebook import Codebook, encode
+from .minmax import dequantize_minmax, quantize_minmax
+from .ops import ElementwiseSpec
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Shape, strides and dtype of the saved tensor, so unpack can rebuild it faithfully."""
+
+    shape: torch.Size
+    stride: tuple[int, ...] | None  # None: rebuild contiguous
+    dtype: torch.dtype
+    device: torch.device
+
+    @staticmethod
+    def of(t: torch.Tensor) -> Geometry:
+        """Record ``t``'s geometry; strides are kept for dense permuted layouts (channels-last)."""
+        stride = None if t.is_contiguous() or not _dense_permutation(t) else tuple(t.stride())
+        return Geometry(t.shape, stride, t.dtype, t.device)
+
+    def restore(self, flat: torch.Tensor) -> torch.Tensor:
+        """Reshape a flat tensor (logical order) back to the recorded shape and strides."""
+        out = flat.to(self.dtype).view(self.shape)
+        if self.stride is None:
+            return out
+        return torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=self.device).copy_(
+            out
+        )
+
+
+def _dense_permutation(t: torch.Tensor) -> bool:
+    """True if ``t`` covers its memory exactly once in some dimension order (e.g. channels-last)."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride(), strict=True), key=lambda d: d[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+@dataclass
+class PackOptions:
+    """What a quantizer needs to know about the call: bits, grouping, backend, op context."""
+
+    bits: int
+    group_size: int = 64
+    stochastic: bool = False
+    backend: str = "torch"  # "torch" | "triton" | "bnb"
+    bnb_quant_type: str = "nf4"
+    spec: ElementwiseSpec | None = None
+    codebook: Codebook | None = None
+    dim: int = -1
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class MinMaxPacked:
+    """Per-group min-max codes with fp16 offset and scale (torch or Triton backend)."""
+
+    def __init__(self, t: torch.Tensor, opts: PackOptions) -> None:
+        self.geometry = Geometry.of(t)
+        self.bits, self.group = opts.bits, opts.group_size
+        self.n = t.numel()
+        self.triton = opts.backend == "triton"
+        if self.triton:
+            from .triton_minmax import triton_quantize_minmax
+
+            self.codes, self.offset, self.scale = triton_quantize_minmax(
+                t, self.bits, self.group, opts.stochastic, seed=opts.seed
+            )
+        else:
+            gen = None
+            if opts.stochastic:
+                gen = torch.Generator(device=t.device).manual_seed(opts.seed)
+            self.codes, self.offset, self.scale = quantize_minmax(
+                t, self.bits, self.group, opts.stochastic, gen
+            )
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.codes, self.offset, self.scale)
+
+    def unpack(self) -> torch.Tensor:
+        args = (self.codes, self.offset, self.scale, self.n, self.bits, self.group)
+        if self.triton:
+            from .triton_minmax import triton_dequantize_minmax
+
+            flat = triton_dequantize_minmax(*args, self.geometry.dtype)
+        else:
+            flat = dequantize_minmax(*args, self.geometry.dtype)
+        return self.geometry.restore(flat)
+
+
+class BnbPacked:
+    """bitsandbytes ``quantize_4bit`` (nf4 or fp4, symmetric absmax per block)."""
+
+    def __init__(self, t: torch.Tensor, opts: PackOptions) -> None:
+        import bitsandbytes.functional as bnbf
+
+        self.geometry = Geometry.of(t)
+        flat = t.detach().reshape(-1)
+        self.codes, self.state = bnbf.quantize_4bit(
+            flat, blocksize=opts.group_size, quant_type=opts.bnb_quant_type
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.codes, self.state.absmax)
+
+    def unpack(self) -> torch.Tensor:
+        import bitsandbytes.functional as bnbf
+
+        flat = bnbf.dequantize_4bit(self.codes, self.state).reshape(-1)
+        return self.geometry.restore(flat)
+
+
+class CodePacked:
+    """k-bit interval indices into a lookup table of points (derivative codes, exact masks)."""
+
+    def __init__(self, codes: torch.Tensor, bits: int, table: torch.Tensor, t: torch.Tensor):
+        self.geometry = Geometry.of(t)
+        self.n = t.numel()
+        self.bits = bits
+        self.codes = pack_bits(codes, bits)
+        self.table = table  # shared per codebook; not counted per tensor
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.codes)
+
+    def unpack(self) -> torch.Tensor:
+        idx = unpack_bits(self.codes, self.bits, self.n).long()
+        return self.geometry.restore(self.table[idx])
+
+
+class RowMaxPacked:
+    """Softmax outputs: per row along ``dim``, unsigned codes over ``[0, row max]``."""
+
+    def __init__(self, t: torch.Tensor, opts: PackOptions) -> None:
+        self.geometry = Geometry.of(t)
+        self.bits, self.dim = opts.bits, opts.dim
+        rows = t.detach().movedim(self.dim, -1)
+        self.row_shape = rows.shape
+        rows = (rows.flatten(0, -2) if rows.dim() > 1 else rows.unsqueeze(0)).float()
+        levels = (1 << self.bits) - 1
+        rowmax = rows.amax(dim=1) if rows.shape[1] else rows.new_zeros(rows.shape[0])
+        self.scale = (rowmax.clamp(min=0.0) / levels).to(torch.float16)
+        s = self.scale.float().unsqueeze(1)
+        v = rows / torch.where(s > 0, s, torch.ones_like(s))
+        if opts.stochastic:
+            gen = torch.Generator(device=t.device).manual_seed(opts.seed)
+            noise: torch.Tensor | float = torch.rand(v.shape, device=v.device, generator=gen)
+        else:
+            noise = 0.5
+        codes = torch.floor(v + noise).clamp_(0, levels)
+        self.codes = pack_bits(torch.where(s > 0, codes, torch.zeros_like(codes)), self.bits)
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.codes, self.scale)
+
+    def unpack(self) -> torch.Tensor:
+        width = self.row_shape[-1]
+        codes = unpack_bits(self.codes, self.bits, self.scale.numel() * width)
+        codes = codes.view(self.scale.numel(), width).float()
+        rows = (codes * self.scale.float().unsqueeze(1)).view(self.row_shape)
+        out = rows.movedim(-1, self.dim).to(self.geometry.dtype)
+        return self.geometry.restore(out.reshape(-1))
+
+
+class TwoLevelPacked:
+    """Dropout noise ``{0, 1/(1-p)}`` (or any boolean mask): one exact bit per element."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.geometry = Geometry.of(t)
+        self.n = t.numel()
+        self.is_bool = t.dtype == torch.bool
+        if self.is_bool:
+            self.high = None
+        else:  # the single nonzero value, taken from the data so it is bit-exact
+            flat = t.detach().reshape(-1)
+            self.high = flat.amax(dim=0, keepdim=True) if flat.numel() else flat.new_zeros(1)
+        self.codes = pack_bits(t.detach().reshape(-1) != 0, 1)
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.codes, *([] if self.high is None else [self.high]))
+
+    def unpack(self) -> torch.Tensor:
+        bits = unpack_bits(self.codes, 1, self.n).bool()
+        if self.is_bool:
+            return self.geometry.restore(bits)
+        flat = torch.where(bits, self.high, torch.zeros_like(self.high))
+        return self.geometry.restore(flat)
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(x.numel() * x.element_size() for x in tensors)
+
+
+def pack_minmax(t: torch.Tensor, opts: PackOptions) -> MinMaxPacked | BnbPacked:
+    """Generic quantizer: per-group min-max (torch/Triton) or bitsandbytes 4-bit."""
+    if opts.backend == "bnb":
+        return BnbPacked(t, opts)
+    return MinMaxPacked(t, opts)
+
+
+def pack_elementwise(t: torch.Tensor, opts: PackOptions) -> CodePacked:
+    """Derivative-aware code for a smooth op, or an exact 1-bit code for a step derivative."""
+    spec = opts.spec
+    assert spec is not None
+    flat = t.detach().reshape(-1)
+    if spec.exact:
+        assert spec.mask is not None
+        table = torch.tensor(spec.mask_points, dtype=t.dtype, device=t.device)
+        return CodePacked(spec.mask(flat).to(torch.uint8), 1, table, t)
+    cb = opts.codebook
+    assert cb is not None, "derivative codes need a fitted codebook"
+    boundaries, points = opts.extra["device_codebook"]
+    return CodePacked(encode(flat, boundaries), cb.bits, points, t)
+
+
+def pack_softmax(t: torch.Tensor, opts: PackOptions) -> RowMaxPacked:
+    """Softmax outputs: per-row codes over ``[0, row max]``."""
+    return RowMaxPacked(t, opts)
+
+
+def pack_two_level(t: torch.Tensor, opts: PackOptions) -> TwoLevelPacked:
+    """Masks and dropout noise: exact, one bit per element."""
+    return TwoLevelPacked(t)
+
+
+Quantizer = Callable[[torch.Tensor, PackOptions], Any]
+
+#: Operator kind -> quantizer. The one place a saved tensor's storage format is chosen.
+QUANTIZERS: dict[str, Quantizer] = {
+    "elementwise": pack_elementwise,
+    "mask": pack_two_level,
+    "dropout": pack_two_level,
+    "softmax": pack_softmax,
+    "norm": pack_minmax,
+    "attention": pack_minmax,
+    "matmul": pack_minmax,
+    "linear": pack_minmax,
+    "trainable": pack_minmax,
+    "generic": pack_minmax,
+}

@@ -1,0 +1,1 @@
+"""Structural activation modules (bias, prompt, side) and the surgery that applies them."""

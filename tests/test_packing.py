@@ -1,0 +1,115 @@
+"""Bit packing and the per-tensor quantizers: round trips, exact byte counts, bad widths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_s2a.engine.bitpack import pack_bits, packed_numel, unpack_bits
+from lightning_s2a.engine.minmax import dequantize_minmax, quantize_minmax
+from lightning_s2a.engine.quantizers import MinMaxPacked, PackOptions, RowMaxPacked, TwoLevelPacked
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+shapes = st.lists(st.integers(0, 37), min_size=1, max_size=4)
+
+
+@given(bits=st.sampled_from([1, 2, 4, 8]), n=st.integers(0, 300), seed=st.integers(0, 99))
+@settings(max_examples=60, deadline=None)
+def test_pack_bits_roundtrip_and_size(bits, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (n,), generator=g, dtype=torch.uint8)
+    packed = pack_bits(codes, bits)
+    assert packed.dtype == torch.uint8
+    assert packed.numel() == packed_numel(n, bits) == -(-n * bits // 8)
+    assert torch.equal(unpack_bits(packed, bits, n), codes)
+
+
+@pytest.mark.parametrize("bits", [0, 3, 5, 16, True])
+def test_unsupported_bits_raise(bits):
+    with pytest.raises(ValueError, match=r"bits=.*not supported.*\(1, 2, 4, 8\)"):
+        pack_bits(torch.zeros(4, dtype=torch.uint8), bits)
+
+
+@given(
+    shape=shapes,
+    bits=st.sampled_from([2, 4, 8]),
+    dtype=st.sampled_from(DTYPES),
+    transpose=st.booleans(),
+    seed=st.integers(0, 99),
+)
+@settings(max_examples=80, deadline=None)
+def test_minmax_roundtrip_odd_shapes(shape, bits, dtype, transpose, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * 3).to(dtype)
+    if transpose and x.dim() >= 2:
+        x = x.transpose(0, -1)  # non-contiguous
+    packed = MinMaxPacked(x, PackOptions(bits=bits))
+    out = packed.unpack()
+    assert out.shape == x.shape and out.dtype == x.dtype
+    if x.numel() > 1 and 1 not in x.shape:  # strides are meaningful: layout is kept
+        assert out.stride() == x.stride()
+    assert torch.equal(out, packed.unpack())  # unpack twice gives the same data
+    if x.numel():
+        # error bounded by half a step of the widest group, plus fp16/bf16 rounding of the result
+        step = (x.float().max() - x.float().min()) / ((1 << bits) - 1)
+        tol = step / 2 + 1e-2 * x.float().abs().max() + 1e-3
+        assert (out.float() - x.float()).abs().max() <= tol
+    groups = -(-x.numel() // 64)
+    assert packed.nbytes == -(-groups * 64 * bits // 8) + 4 * groups
+
+
+def test_minmax_pack_does_not_modify_input():
+    x = torch.randn(1000)
+    before = x.clone()
+    quantize_minmax(x, 4)
+    assert torch.equal(x, before)
+
+
+def test_minmax_constant_and_extreme_values():
+    x = torch.full((130,), 7.25)
+    p, o, s = quantize_minmax(x, 4)
+    assert torch.equal(dequantize_minmax(p, o, s, 130, 4, 64, torch.float32), x)
+    big = torch.tensor([-1e6, 0.0, 1e6] * 30)
+    y = dequantize_minmax(*quantize_minmax(big, 4), 90, 4, 64, torch.float32)
+    assert torch.isfinite(y).all()  # saturates at the fp16 range instead of producing inf
+
+
+def test_stochastic_rounding_is_unbiased():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64 * 2000, generator=g)
+    p, o, s = quantize_minmax(x, 2, stochastic=True, generator=torch.Generator().manual_seed(1))
+    y = dequantize_minmax(p, o, s, x.numel(), 2, 64, torch.float32)
+    nearest = dequantize_minmax(*quantize_minmax(x, 2), x.numel(), 2, 64, torch.float32)
+    assert abs((y - x).mean().item()) < 2e-3
+    assert not torch.equal(y, nearest)
+    assert (y - x).abs().max() <= s.float().max() + 1e-6  # within one step
+
+
+@given(
+    rows=st.integers(0, 20),
+    width=st.integers(1, 70),
+    dtype=st.sampled_from(DTYPES),
+    dim=st.sampled_from([0, -1]),
+)
+@settings(max_examples=40, deadline=None)
+def test_softmax_rowmax_roundtrip(rows, width, dtype, dim):
+    x = torch.randn(rows, width).softmax(dim=dim).to(dtype)
+    packed = RowMaxPacked(x, PackOptions(bits=4, dim=dim))
+    out = packed.unpack()
+    assert out.shape == x.shape and out.dtype == x.dtype
+    if x.numel():
+        rowmax = x.float().amax(dim=dim, keepdim=True)
+        assert ((out.float() - x.float()).abs() <= rowmax / 30 + 1e-2 * rowmax + 1e-6).all()
+        assert (out >= 0).all()
+
+
+@given(n=st.integers(0, 500), dtype=st.sampled_from([torch.bool, *DTYPES]))
+@settings(max_examples=40, deadline=None)
+def test_masks_and_dropout_noise_are_exact_in_one_bit(n, dtype):
+    keep = torch.rand(n) > 0.3
+    x = keep if dtype == torch.bool else keep.to(dtype) / torch.tensor(0.7, dtype=dtype)
+    packed = TwoLevelPacked(x)
+    assert torch.equal(packed.unpack(), x)
+    assert packed.codes.numel() == -(-n // 8)
