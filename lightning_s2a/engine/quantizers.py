@@ -39,9 +39,9 @@ class Geometry:
         out = flat.to(self.dtype).view(self.shape)
         if self.stride is None:
             return out
-        return torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=self.device).copy_(
-            out
-        )
+        return torch.empty_strided(
+            self.shape, self.stride, dtype=self.dtype, device=self.device
+        ).copy_(out)
 
 
 def _dense_permutation(t: torch.Tensor) -> bool:

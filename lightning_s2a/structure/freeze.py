@@ -8,7 +8,7 @@ from ..config import S2AConfig
 
 
 def find_head(model: nn.Module, head: str | None) -> nn.Module | None:
-    """The task head that stays trainable: timm's ``get_classifier()``, a named submodule, or None."""
+    """The head that stays trainable: timm's ``get_classifier()``, a named submodule, or None."""
     if head is None:
         return None
     if head == "auto":

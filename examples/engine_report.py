@@ -1,0 +1,108 @@
+"""Measure the engine: stored/raw saved-activation bytes and step-time overhead, per model.
+
+Each model runs bias-only (biases + head train) twice in this process, uncompressed
+(``compress=False``, which still counts bytes) and compressed, alternating step by step so
+machine noise hits both alike. Prints a Markdown table; the numbers in docs/engine.md come
+from this script.
+
+    uv run python examples/engine_report.py --models vit_base_patch16_224 resnet50 --batch-size 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import timm
+import torch
+import torch.nn.functional as F
+
+from lightning_s2a import S2AConfig, apply_s2a
+
+
+def build(name: str) -> torch.nn.Module:
+    if name == "tf_efficientnet_lite0(imagenet)":
+        from lightning_s2a.pretrained import efficientnet_lite0_imagenet
+
+        return efficientnet_lite0_imagenet(10)
+    return timm.create_model(name, num_classes=10)
+
+
+def step(model, x, y) -> float:
+    start = time.perf_counter()
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    return time.perf_counter() - start
+
+
+def measure(name: str, batch: int, steps: int, bits: int, device: str) -> dict:
+    torch.manual_seed(0)
+    model = build(name).to(device).train()
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    configs = {"plain": S2AConfig(compress=False), "s2a": S2AConfig(bits=bits)}
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    stats = {}
+    for i in range(steps + 1):  # the first round is warm-up (and fits the codebooks)
+        for key, cfg in configs.items():
+            with apply_s2a(model, cfg) as handle:
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t = step(model, x, y)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                if i:
+                    times[key].append(t)
+                stats[key] = handle.stats()
+    plain, s2a = statistics.median(times["plain"]), statistics.median(times["s2a"])
+    return {
+        "model": name,
+        "raw_mib": stats["s2a"]["raw_bytes"] / 2**20,
+        "stored_mib": stats["s2a"]["stored_bytes"] / 2**20,
+        "ratio": stats["s2a"]["ratio"],
+        "overhead": s2a / plain,
+        "by_kind": stats["s2a"]["by_kind"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=[
+            "vit_base_patch16_224",
+            "vit_small_patch16_224",
+            "swin_tiny_patch4_window7_224",
+            "convnext_tiny",
+            "resnet50",
+            "resnet18",
+            "tf_efficientnet_lite0(imagenet)",
+        ],
+    )
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    print(
+        f"device={args.device} torch={torch.__version__} timm={timm.__version__} "
+        f"python={platform.python_version()} threads={torch.get_num_threads()} "
+        f"batch={args.batch_size} 224px fp32 bits={args.bits} steps={args.steps} (median)"
+    )
+    print()
+    print("| model | raw saved MiB | stored MiB | stored/raw | step time, s2a / uncompressed |")
+    print("|---|---:|---:|---:|---:|")
+    for name in args.models:
+        r = measure(name, args.batch_size, args.steps, args.bits, args.device)
+        print(
+            f"| {r['model']} | {r['raw_mib']:.1f} | {r['stored_mib']:.1f} | "
+            f"{r['ratio']:.3f} (1/{1 / r['ratio']:.1f}) | {r['overhead']:.2f}x |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

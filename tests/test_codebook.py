@@ -1,0 +1,105 @@
+"""Derivative-aware codes: optimal piecewise-constant f', and better than uniform codes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_s2a.engine.codebook import encode, fit_codebook
+from lightning_s2a.engine.minmax import dequantize_minmax, quantize_minmax
+from lightning_s2a.engine.ops import ELEMENTWISE
+
+GELU_D = ELEMENTWISE["gelu"]("gelu", (), {}).derivative
+SILU_D = ELEMENTWISE["silu"]("silu", (), {}).derivative
+N = 64 * 2048
+
+
+def _data(kind, g):
+    if kind == "mixture":  # mostly N(0, 1), a few values in the tens
+        x = torch.randn(N, generator=g)
+        outliers = torch.rand(N, generator=g) < 0.01
+        x[outliers] = torch.randn(int(outliers.sum()), generator=g) * 20
+        return x
+    return torch.randn(N, generator=g) * kind
+
+
+def _autograd_derivative(fn, x):
+    x = x.detach().clone().requires_grad_(True)
+    fn(x).sum().backward()
+    return x.grad
+
+
+@pytest.mark.parametrize("deriv,fn", [(GELU_D, F.gelu), (SILU_D, F.silu)], ids=["gelu", "silu"])
+def test_closed_form_derivatives_match_autograd(deriv, fn):
+    x = torch.linspace(-12, 12, 4001, dtype=torch.float64)
+    torch.testing.assert_close(deriv(x), _autograd_derivative(fn, x))
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("scale", [0.5, 1, 2, 4, "mixture"])
+@pytest.mark.parametrize("name,fn", [("gelu", F.gelu), ("silu", F.silu)])
+def test_derivative_codes_beat_uniform_minmax(name, fn, scale, bits):
+    g = torch.Generator().manual_seed(0)
+    x = _data(scale, g)
+    true_d = _autograd_derivative(fn, x)
+    # uniform: per-group (64) min-max of x at the same code width
+    xq = dequantize_minmax(*quantize_minmax(x, bits), x.numel(), bits, 64, torch.float32)
+    mse_uniform = (_autograd_derivative(fn, xq) - true_d).pow(2).mean().item()
+    # derivative-aware: fitted on a 16k sample, evaluated on all of x through the real backward
+    sample = x[torch.randint(N, (16384,), generator=g)]
+    cb = fit_codebook(sample, ELEMENTWISE[name](name, (), {}).derivative, bits)
+    boundaries, points = cb.to(x.device, x.dtype)
+    x_tilde = points[encode(x, boundaries).long()]
+    mse_code = (_autograd_derivative(fn, x_tilde) - true_d).pow(2).mean().item()
+    assert mse_code < mse_uniform, (mse_code, mse_uniform)
+
+
+def test_reconstruction_points_hit_the_optimal_values():
+    g = torch.Generator().manual_seed(0)
+    cb = fit_codebook(torch.randn(16384, generator=g) * 2, GELU_D, 4)
+    assert cb.points.numel() == 16 and cb.boundaries.numel() == 15
+    assert torch.all(cb.boundaries[1:] >= cb.boundaries[:-1])
+    # f'(x~) equals the bin's optimal (mean) derivative, so autograd computes the approximation
+    torch.testing.assert_close(GELU_D(cb.points), cb.values, atol=1e-9, rtol=0)
+    # every point lies inside its own interval, so re-encoding it is a fixed point
+    inner = encode(cb.points.float(), cb.boundaries.float()).long()
+    assert torch.equal(inner, torch.arange(16))
+
+
+def test_codebook_is_optimal_against_a_perturbed_split():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(8192, generator=g, dtype=torch.float64)
+    cb = fit_codebook(s, GELU_D, 2, cells=8192)
+
+    def sse(boundaries):
+        idx = torch.bucketize(s, boundaries)
+        d = GELU_D(s)
+        return sum(((d[idx == i] - d[idx == i].mean()) ** 2).sum() for i in range(4)).item()
+
+    best = sse(cb.boundaries)
+    for shift in (-0.05, 0.05):
+        for j in range(3):
+            moved = cb.boundaries.clone()
+            moved[j] += shift
+            assert best <= sse(moved.sort().values) + 1e-9
+
+
+@pytest.mark.parametrize(
+    "name,fn",
+    [
+        ("relu", F.relu),
+        ("leaky_relu", lambda x: F.leaky_relu(x, 0.1)),
+        ("relu6", F.relu6),
+        ("hardtanh", lambda x: F.hardtanh(x, -0.5, 2.0)),
+        ("hardsigmoid", F.hardsigmoid),
+    ],
+)
+def test_step_derivatives_have_exact_one_bit_codes(name, fn):
+    args = {"leaky_relu": (None, 0.1), "hardtanh": (None, -0.5, 2.0)}.get(name, ())
+    spec = ELEMENTWISE[name](name, args, {})
+    assert spec.exact
+    x = torch.cat([torch.randn(5000) * 4, torch.tensor([0.0, -0.5, 2.0, 6.0, -3.0, 3.0])])
+    saved = F.relu(x) if name == "relu" else x  # relu saves its output
+    x_tilde = torch.tensor(spec.mask_points)[spec.mask(saved).long()]
+    assert torch.equal(_autograd_derivative(fn, x_tilde), _autograd_derivative(fn, x))

@@ -1,0 +1,315 @@
+"""The saved-tensor engine on small models: recognition, exactness, accounting, safety."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lightning_s2a import S2AConfig, apply_s2a
+from tests.conftest import cosine
+
+
+class GELUActivation(nn.Module):
+    """Shaped like HF transformers' activation module: calls the functional GELU."""
+
+    def forward(self, x):
+        return nn.functional.gelu(x)
+
+
+class MLP(nn.Module):
+    def __init__(self, act: nn.Module | None, width=256, classes=10):
+        super().__init__()
+        self.fc1 = nn.Linear(64, width)
+        self.act = act
+        self.fc2 = nn.Linear(width, width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        h = self.act(h) if self.act is not None else F.gelu(h)  # bare F.gelu in user code
+        return self.head(self.fc2(h).softmax(-1) * 4)
+
+    def get_classifier(self):
+        return self.head
+
+
+def _grads(model, x):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(3)
+    model(x).square().mean().backward()
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
+
+
+@pytest.mark.parametrize(
+    "act",
+    [None, nn.GELU(), GELUActivation(), timm.layers.GELU()],
+    ids=["F.gelu", "nn", "hf", "timm"],
+)
+def test_gelu_is_recognised_however_it_is_called(act):
+    model = MLP(act)
+    x = torch.randn(32, 64)
+    with apply_s2a(model, bits=4) as handle:
+        model(x)
+        kinds = handle.stats()["by_kind"]
+    gelu_bytes = 32 * 256 * 4
+    assert kinds["elementwise"]["raw_bytes"] == gelu_bytes
+    assert kinds["elementwise"]["stored_bytes"] == gelu_bytes // 8  # 4-bit codes, no side info
+    assert kinds["softmax"]["tensors"] == 1
+    # the head's input feeds its weight's gradient: kept exact
+    assert kinds["trainable"]["stored_bytes"] == kinds["trainable"]["raw_bytes"] == 32 * 256 * 4
+
+
+class MaskNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(128, 128) for _ in range(5))
+        self.acts = [
+            nn.ReLU(),
+            nn.ReLU6(),
+            nn.LeakyReLU(0.2),
+            nn.Hardtanh(-0.5, 0.5),
+            nn.Dropout(0.3),
+        ]
+        self.head = nn.Linear(128, 4)
+
+    def forward(self, x):
+        for layer, act in zip(self.layers, self.acts, strict=True):
+            x = act(layer(x))
+        x = F.relu(x, inplace=True)
+        return self.head(x)
+
+    def get_classifier(self):
+        return self.head
+
+
+def test_masks_give_bit_identical_gradients():
+    model = MaskNet().train()
+    x = torch.randn(64, 128) * 3
+    with apply_s2a(model, S2AConfig(compress=False)):
+        exact = _grads(model, x)
+    with apply_s2a(model, S2AConfig(bits=2)) as handle:
+        approx = _grads(model, x)
+        kinds = handle.stats()["by_kind"]
+    assert torch.equal(exact, approx)
+    # ReLU, ReLU6, LeakyReLU, Hardtanh, in-place ReLU: one bit each; dropout noise: one bit
+    assert kinds["elementwise"]["stored_bytes"] == 5 * 64 * 128 // 8
+    assert kinds["dropout"]["stored_bytes"] == 64 * 128 // 8 + 4
+
+
+def _independent_saved_bytes(output, params):
+    """Bytes autograd keeps, found by walking the graph and reading each node's saved tensors."""
+    param_storages = {p.untyped_storage().data_ptr() for p in params}
+    seen, total, stack, visited = set(), 0, [output.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        for attr in dir(node):
+            if not attr.startswith("_saved_"):
+                continue
+            try:
+                value = getattr(node, attr)
+            except RuntimeError:
+                continue
+            for t in value if isinstance(value, (tuple, list)) else (value,):
+                if not isinstance(t, torch.Tensor):
+                    continue
+                ptr = t.untyped_storage().data_ptr()
+                key = (ptr, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+                if ptr in param_storages or key in seen:
+                    continue
+                seen.add(key)
+                total += min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
+        stack.extend(n for n, _ in node.next_functions)
+    return total
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224", "convnext_atto"])
+def test_accounting_matches_an_independent_count(name):
+    model = timm.create_model(name, num_classes=10).train()
+    x = torch.randn(2, 3, 224, 224)
+    with apply_s2a(model, S2AConfig(compress=False)) as handle:
+        out = model(x)
+        counted = _independent_saved_bytes(out, [*model.parameters(), *model.buffers()])
+        stats = handle.stats()
+    assert counted > 0
+    assert stats["raw_bytes"] == counted
+    assert stats["stored_bytes"] == counted  # compress=False keeps everything
+    with apply_s2a(model, S2AConfig(bits=4)) as handle:
+        model(x)
+        assert handle.stats()["raw_bytes"] == counted
+
+
+def test_vit_base_bias_only_stores_at_most_a_sixth():
+    model = timm.create_model("vit_base_patch16_224").train()
+    with apply_s2a(model, bits=4) as handle:
+        model(torch.randn(8, 3, 224, 224))
+        stats = handle.stats()
+    assert stats["raw_bytes"] > 500 * 2**20
+    assert stats["stored_bytes"] * 6 <= stats["raw_bytes"]
+
+
+def test_parameters_buffers_indices_and_small_tensors_are_never_touched():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.MaxPool2d(2, return_indices=False), nn.Flatten()
+    )
+    model.add_module("fc", nn.Linear(8 * 15 * 15, 4))
+    handle = apply_s2a(model, S2AConfig(head="fc", min_numel=100))
+    seen = []
+    engine = handle.engine
+    real = engine._pack_activation
+    engine._pack_activation = lambda t: seen.append(t) or real(t)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    handle.remove()
+    storages = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *model.buffers()]}
+    assert all(t.untyped_storage().data_ptr() not in storages for t in seen)
+    kinds = handle.stats()["by_kind"]
+    # maxpool keeps int64 indices, stored as they are; BN's per-channel stats are tiny: exact
+    ints = [t for t in seen if t.dtype == torch.int64]
+    assert ints and kinds["generic"]["stored_bytes"] >= sum(t.numel() * 8 for t in ints)
+    assert kinds["norm"]["tensors"] == 3  # input + save_mean + save_invstd
+
+
+def test_autocast_weight_copies_are_left_alone_and_grads_match():
+    torch.manual_seed(0)
+    model = MLP(nn.GELU())
+    x = torch.randn(32, 64)
+    with apply_s2a(model, S2AConfig(compress=False)), torch.autocast("cpu", dtype=torch.bfloat16):
+        exact = _grads(model, x)
+    with apply_s2a(model, bits=4) as handle:
+        kept = []
+        real = handle.engine._pack_activation
+
+        def spy(t):
+            out = real(t)
+            if out is t:
+                kept.append(t)
+            return out
+
+        handle.engine._pack_activation = spy
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            approx = _grads(model, x)
+    weight_copies = [
+        t
+        for t in kept
+        if t.dtype == torch.bfloat16 and t.shape in {(256, 64), (64, 256), (256, 256)}
+    ]
+    assert weight_copies, "frozen weights' bf16 copies reach the hook and must pass unchanged"
+    assert cosine(exact, approx) > 0.99
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpoint_regions_compose(reentrant):
+    class Blocks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = MLP(nn.GELU())
+            self.b = nn.Sequential(nn.Linear(10, 64), nn.GELU())
+
+        def forward(self, x):
+            h = checkpoint(self.a, x, use_reentrant=reentrant)
+            return self.a(self.b(h))
+
+        def get_classifier(self):
+            return self.a.head
+
+    model = Blocks()
+    x = torch.randn(16, 64, requires_grad=reentrant)
+    with apply_s2a(model, S2AConfig(compress=False)):
+        exact = _grads(model, x)
+    with apply_s2a(model, bits=4):
+        approx = _grads(model, x)
+    assert cosine(exact, approx) > 0.999
+
+
+def test_unpack_twice_returns_the_same_data():
+    model = MLP(nn.GELU())
+    x = torch.randn(32, 64)
+    with apply_s2a(model, bits=4):
+        out = model(x).square().mean()
+        out.backward(retain_graph=True)
+        first = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        model.zero_grad()
+        out.backward()
+        second = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def test_remove_restores_the_model_exactly():
+    model = timm.create_model("resnet18", num_classes=10)
+    model.layer1[0].bn1.weight.requires_grad_(False)  # a user's own flag must come back too
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    hooks = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+    x = torch.randn(2, 3, 64, 64)
+    before = model.eval()(x)
+    handle = apply_s2a(model)
+    assert sum(p.requires_grad for p in model.parameters()) < len(flags)
+    model.train()(x).sum().backward()
+    handle.remove()
+    model.zero_grad(set_to_none=True)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert hooks == [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+    assert all(
+        torch.equal(state[k], v)
+        for k, v in model.state_dict().items()
+        if "running" not in k and "num_batches" not in k
+    )
+    model.load_state_dict(state)
+    assert torch.equal(model.eval()(x), before)
+    apply_s2a(model).remove()  # can be applied again after removal
+
+
+def test_hooks_are_popped_when_forward_raises():
+    class Boom(MLP):
+        def forward(self, x):
+            F.gelu(self.fc1(x))
+            raise RuntimeError("boom")
+
+    model = Boom(nn.GELU())
+    handle = apply_s2a(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        model(torch.randn(4, 64))
+    assert torch._C._len_torch_function_stack() == 0
+    # no pack hook left behind: tensors saved now are plain tensors
+    a = torch.randn(2048, requires_grad=True)
+    b = F.gelu(a)
+    assert isinstance(b.grad_fn._saved_self, torch.Tensor)
+    handle.remove()
+
+
+def test_no_grad_forward_is_not_intercepted_and_keeps_last_stats():
+    model = MLP(nn.GELU())
+    with apply_s2a(model) as handle:
+        model(torch.randn(8, 64))
+        stats = handle.stats()
+        with torch.no_grad():
+            model(torch.randn(3, 64))
+        assert handle.stats() == stats
+
+
+def test_codebooks_are_fitted_per_call_site_and_refreshed():
+    model = MLP(nn.GELU())
+    with apply_s2a(model, codebook_refresh=3) as handle:
+        for _ in range(4):
+            model(torch.randn(8, 64))
+        books = handle.engine.codebooks
+        assert list(books) == [("act", "gelu", 0)]
+        assert books[("act", "gelu", 0)].fitted_at == 4  # refitted at the 4th forward
+
+
+def test_bitsandbytes_backend():
+    model = MLP(nn.GELU())
+    x = torch.randn(32, 64)
+    with apply_s2a(model, S2AConfig(compress=False)):
+        exact = _grads(model, x)
+    with apply_s2a(model, backend="bnb", bnb_quant_type="fp4") as handle:
+        approx = _grads(model, x)
+        softmax = handle.stats()["by_kind"]["softmax"]
+    assert cosine(exact, approx) > 0.99
+    assert softmax["stored_bytes"] < softmax["raw_bytes"] / 6
