@@ -6,6 +6,8 @@ Layout: code ``i`` lives in byte ``i // (8 // bits)`` at bit offset ``(i % (8 //
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 SUPPORTED_BITS = (1, 2, 4, 8)
@@ -39,8 +41,30 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if pad:
         codes = torch.cat([codes, codes.new_zeros(pad)])
     codes = codes.view(-1, per_byte)
-    shifts = torch.arange(0, 8, bits, device=codes.device, dtype=torch.uint8)
-    return (codes << shifts).sum(dim=1, dtype=torch.uint8)
+    # OR of strided slices: a few small passes, much faster than a uint8 sum on CPU.
+    out = codes[:, 0].clone()
+    for i in range(1, per_byte):
+        out.bitwise_or_(codes[:, i] << (i * bits))
+    return out
+
+
+@functools.lru_cache(maxsize=32)
+def _byte_table(bits: int, device: torch.device) -> torch.Tensor:
+    """(256, 8 // bits) uint8: the codes held in each possible byte."""
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+    table = (torch.arange(256, dtype=torch.uint8).unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+    return table.to(device)
+
+
+def unpack_lookup(packed: torch.Tensor, bits: int, n: int, values: torch.Tensor) -> torch.Tensor:
+    """Decode the first ``n`` codes straight into ``values[code]`` (any dtype).
+
+    One ``index_select`` per packed byte against a 256-entry table of decoded bytes: one pass
+    instead of unpack, widen and gather.
+    """
+    check_bits(bits)
+    table = values[_byte_table(bits, packed.device).long()] if bits < 8 else values.unsqueeze(1)
+    return table.index_select(0, packed.long()).view(-1)[:n]
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -48,7 +72,4 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     check_bits(bits)
     if bits == 8:
         return packed[:n]
-    shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
-    mask = (1 << bits) - 1
-    codes = (packed.unsqueeze(1) >> shifts) & mask
-    return codes.reshape(-1)[:n]
+    return _byte_table(bits, packed.device).index_select(0, packed.long()).view(-1)[:n]

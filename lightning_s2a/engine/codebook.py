@@ -131,4 +131,4 @@ def fit_codebook(samples: torch.Tensor, deriv: Derivative, bits: int, cells: int
 
 def encode(x: torch.Tensor, boundaries: torch.Tensor) -> torch.Tensor:
     """Interval index of every element of ``x`` (``boundaries`` ascending) as ``uint8``."""
-    return torch.bucketize(x.float(), boundaries).to(torch.uint8)
+    return torch.bucketize(x.float(), boundaries, out_int32=True).to(torch.uint8)

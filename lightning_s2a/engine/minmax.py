@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .bitpack import pack_bits, unpack_bits
+from .bitpack import pack_bits, unpack_lookup
 
 FP16_MAX = 65504.0
 
@@ -44,10 +44,15 @@ def quantize_minmax(
     groups = flat.view(-1, group_size)
     offset, scale = group_stats(groups, bits)
     s = scale.float().unsqueeze(1)
-    v = (groups - offset.float().unsqueeze(1)) / torch.where(s > 0, s, torch.ones_like(s))
-    noise = torch.rand(v.shape, device=v.device, generator=generator) if stochastic else 0.5
-    codes = torch.floor(v + noise).clamp_(0, levels)
-    codes = torch.where(s > 0, codes, torch.zeros_like(codes)).to(torch.uint8).reshape(-1)
+    # In-place chain: fresh full-size temporaries cost more than the arithmetic on CPU.
+    v = groups - offset.float().unsqueeze(1)
+    v.div_(torch.where(s > 0, s, torch.ones_like(s)))
+    if stochastic:
+        v.add_(torch.rand(v.shape, device=v.device, generator=generator))
+    else:
+        v.add_(0.5)
+    v.floor_().clamp_(0, levels).mul_(s > 0)  # a constant group (scale 0) codes as 0
+    codes = v.to(torch.uint8).reshape(-1)
     if pad:
         codes[n:] = 0
     return pack_bits(codes, bits), offset, scale
@@ -63,6 +68,8 @@ def dequantize_minmax(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_minmax`: a flat tensor of ``n`` values in ``dtype``."""
-    codes = unpack_bits(packed, bits, offset.numel() * group_size).view(-1, group_size).float()
-    out = codes * scale.float().unsqueeze(1) + offset.float().unsqueeze(1)
+    levels = torch.arange(1 << bits, dtype=torch.float32, device=packed.device)
+    codes = unpack_lookup(packed, bits, offset.numel() * group_size, levels)
+    out = codes.view(-1, group_size).mul_(scale.float().unsqueeze(1))
+    out.add_(offset.float().unsqueeze(1))
     return out.reshape(-1)[:n].to(dtype)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .bitpack import pack_bits, unpack_bits
+from .bitpack import pack_bits, unpack_lookup
 from .codebook import Codebook, encode
 from .minmax import dequantize_minmax, quantize_minmax
 from .ops import ElementwiseSpec
@@ -147,8 +147,7 @@ class CodePacked:
         return _nbytes(self.codes)
 
     def unpack(self) -> torch.Tensor:
-        idx = unpack_bits(self.codes, self.bits, self.n).long()
-        return self.geometry.restore(self.table[idx])
+        return self.geometry.restore(unpack_lookup(self.codes, self.bits, self.n, self.table))
 
 
 class RowMaxPacked:
@@ -167,11 +166,11 @@ class RowMaxPacked:
         v = rows / torch.where(s > 0, s, torch.ones_like(s))
         if opts.stochastic:
             gen = torch.Generator(device=t.device).manual_seed(opts.seed)
-            noise: torch.Tensor | float = torch.rand(v.shape, device=v.device, generator=gen)
+            v.add_(torch.rand(v.shape, device=v.device, generator=gen))
         else:
-            noise = 0.5
-        codes = torch.floor(v + noise).clamp_(0, levels)
-        self.codes = pack_bits(torch.where(s > 0, codes, torch.zeros_like(codes)), self.bits)
+            v.add_(0.5)
+        v.floor_().clamp_(0, levels).mul_(s > 0)
+        self.codes = pack_bits(v, self.bits)
 
     @property
     def nbytes(self) -> int:
@@ -179,9 +178,10 @@ class RowMaxPacked:
 
     def unpack(self) -> torch.Tensor:
         width = self.row_shape[-1]
-        codes = unpack_bits(self.codes, self.bits, self.scale.numel() * width)
-        codes = codes.view(self.scale.numel(), width).float()
-        rows = (codes * self.scale.float().unsqueeze(1)).view(self.row_shape)
+        levels = torch.arange(1 << self.bits, dtype=torch.float32, device=self.codes.device)
+        codes = unpack_lookup(self.codes, self.bits, self.scale.numel() * width, levels)
+        codes = codes.view(self.scale.numel(), width)
+        rows = codes.mul_(self.scale.float().unsqueeze(1)).view(self.row_shape)
         out = rows.movedim(-1, self.dim).to(self.geometry.dtype)
         return self.geometry.restore(out.reshape(-1))
 
@@ -205,11 +205,11 @@ class TwoLevelPacked:
         return _nbytes(self.codes, *([] if self.high is None else [self.high]))
 
     def unpack(self) -> torch.Tensor:
-        bits = unpack_bits(self.codes, 1, self.n).bool()
         if self.is_bool:
-            return self.geometry.restore(bits)
-        flat = torch.where(bits, self.high, torch.zeros_like(self.high))
-        return self.geometry.restore(flat)
+            values = torch.tensor([False, True], device=self.codes.device)
+        else:
+            values = torch.cat([torch.zeros_like(self.high), self.high])
+        return self.geometry.restore(unpack_lookup(self.codes, 1, self.n, values))
 
 
 def _nbytes(*tensors: torch.Tensor) -> int:
