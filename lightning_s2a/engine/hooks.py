@@ -273,5 +273,4 @@ class SavedTensorEngine:
         key = (site, t.device, t.dtype)
         if key not in self._device_codebooks:
             self._device_codebooks[key] = cb.to(t.device, t.dtype)
-        opts.codebook = cb
-        opts.extra["device_codebook"] = self._device_codebooks[key]
+        opts.codebook = self._device_codebooks[key]

@@ -8,13 +8,13 @@ every call) and ``nbytes`` (bytes actually kept). :data:`QUANTIZERS` maps an ope
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .bitpack import pack_bits, unpack_lookup
-from .codebook import Codebook, encode
+from .codebook import encode
 from .minmax import dequantize_minmax, quantize_minmax
 from .ops import ElementwiseSpec
 
@@ -66,10 +66,10 @@ class PackOptions:
     backend: str = "torch"  # "torch" | "triton" | "bnb"
     bnb_quant_type: str = "nf4"
     spec: ElementwiseSpec | None = None
-    codebook: Codebook | None = None
+    #: Derivative code for this call site on this device: (boundaries fp32, points in dtype).
+    codebook: tuple[torch.Tensor, torch.Tensor] | None = None
     dim: int = -1
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class MinMaxPacked:
@@ -232,10 +232,9 @@ def pack_elementwise(t: torch.Tensor, opts: PackOptions) -> CodePacked:
         assert spec.mask is not None
         table = torch.tensor(spec.mask_points, dtype=t.dtype, device=t.device)
         return CodePacked(spec.mask(flat).to(torch.uint8), 1, table, t)
-    cb = opts.codebook
-    assert cb is not None, "derivative codes need a fitted codebook"
-    boundaries, points = opts.extra["device_codebook"]
-    return CodePacked(encode(flat, boundaries), cb.bits, points, t)
+    assert opts.codebook is not None, "derivative codes need a fitted codebook"
+    boundaries, points = opts.codebook
+    return CodePacked(encode(flat, boundaries), opts.bits, points, t)
 
 
 def pack_softmax(t: torch.Tensor, opts: PackOptions) -> RowMaxPacked:
