@@ -9,7 +9,8 @@ from torch import nn
 
 from .config import S2AConfig
 from .engine.hooks import SavedTensorEngine
-from .structure.freeze import restore_flags, select_trainable
+from .structure.frozen_ops import FROZEN_REWRITES
+from .structure.surgery import StructureState, apply_structure, undo_structure
 
 _APPLIED: weakref.WeakKeyDictionary[nn.Module, S2AHandle] = weakref.WeakKeyDictionary()
 
@@ -17,11 +18,16 @@ _APPLIED: weakref.WeakKeyDictionary[nn.Module, S2AHandle] = weakref.WeakKeyDicti
 class S2AHandle:
     """What :func:`apply_s2a` returns: statistics of the last forward, and ``remove()``."""
 
-    def __init__(self, model: nn.Module, config: S2AConfig, flags: dict[str, bool]) -> None:
+    def __init__(self, model: nn.Module, config: S2AConfig, structure: StructureState) -> None:
         self.model = model
         self.config = config
-        self._flags = flags
-        self.engine = SavedTensorEngine(model, config)
+        self.structure = structure
+        self.engine = SavedTensorEngine(
+            model,
+            config,
+            rewrites=FROZEN_REWRITES if config.surgery else None,
+            parts=structure.parts,
+        )
         self.engine.attach()
         self.removed = False
 
@@ -29,7 +35,8 @@ class S2AHandle:
         """Saved-activation bytes of the most recent forward that recorded autograd.
 
         Keys: ``raw_bytes`` (what an uncompressed run keeps), ``stored_bytes`` (what was kept),
-        ``ratio`` (stored / raw) and ``by_kind`` (the same per operator kind).
+        ``ratio`` (stored / raw), ``by_kind`` (per operator kind) and ``by_part`` (per part of
+        the model: "backbone", "prompt", "side", "head").
         """
         return self.engine.stats()
 
@@ -39,12 +46,18 @@ class S2AHandle:
         train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         return train, (train / total if total else 0.0)
 
+    def summary(self) -> str:
+        """A readable table: per part, trainable parameters and the last forward's bytes."""
+        from .summary import format_summary
+
+        return format_summary(self)
+
     def remove(self) -> None:
-        """Undo everything: hooks off, ``requires_grad`` flags back as they were."""
+        """Undo everything: hooks off, injected modules out, ``requires_grad`` flags back."""
         if self.removed:
             return
         self.engine.detach()
-        restore_flags(self.model, self._flags)
+        undo_structure(self.model, self.structure)
         _APPLIED.pop(self.model, None)
         self.removed = True
 
@@ -73,7 +86,7 @@ def apply_s2a(model: nn.Module, config: S2AConfig | None = None, **overrides: An
             "apply_s2a was already applied to this model; call handle.remove() before "
             "applying it again."
         )
-    flags = select_trainable(model, config)
-    handle = S2AHandle(model, config, flags)
+    structure = apply_structure(model, config)
+    handle = S2AHandle(model, config, structure)
     _APPLIED[model] = handle
     return handle

@@ -13,6 +13,8 @@ from .engine.ops import KINDS
 MODULE_KINDS = ("bias", "prompt", "side")
 BACKENDS = ("auto", "torch", "triton", "bnb")
 BNB_QUANT_TYPES = ("nf4", "fp4")
+BN_MODES = ("eval", "train")
+LAYOUTS = ("auto", "tokens", "nhwc", "nchw")
 
 
 @dataclass
@@ -54,6 +56,28 @@ class S2AConfig:
     codebook_refresh: int = 1000
     #: Seed for codebook sampling and stochastic rounding, so runs are reproducible.
     seed: int = 0
+    #: Rank r of each block's prompt ``A @ B`` (A: positions x r, B: r x channels).
+    prompt_rank: int = 8
+    #: Side branch: each tap is channel-average pooled to 1/side_reduction of its width.
+    side_reduction: int = 4
+    #: Side network width; None uses the last tap's pooled width.
+    side_width: int | None = None
+    #: Blocks that prompt/side attach to, for models outside the known timm families:
+    #: a list of module names, or a pattern with ``*`` per name component ("encoder.layer.*").
+    blocks: str | Sequence[str] | None = None
+    #: Layout of block outputs: "auto" (the family's; else 3-D tokens, 4-D NCHW), "tokens",
+    #: "nhwc" or "nchw".
+    block_layout: str = "auto"
+    #: Shape of one input sample the prompts are sized for, e.g. (3, 224, 224); None uses
+    #: timm's pretrained_cfg["input_size"].
+    input_size: Sequence[int] | None = None
+    #: Backbone BatchNorm during training: "eval" (running statistics, as in the fine-tuning
+    #: literature; then stores nothing) or "train" (batch statistics).
+    bn_mode: str = "eval"
+    #: With "bias": give frozen Linear/Conv layers that have no bias a zero-initialised one.
+    add_bias: bool = False
+    #: Exact frozen-op surgery: frozen convs, eval BatchNorm and p=0 dropout store nothing.
+    surgery: bool = True
 
     def __post_init__(self) -> None:
         check_bits(self.bits, "bits")
@@ -90,7 +114,36 @@ class S2AConfig:
             raise ValueError(
                 f"group_size: {self.group_size} is not one of (8, 16, 32, 64, 128, 256)."
             )
-        for name in ("min_numel", "codebook_samples", "codebook_refresh"):
+        if self.bn_mode not in BN_MODES:
+            raise ValueError(f"bn_mode: {self.bn_mode!r} is not one of {BN_MODES}.")
+        if self.block_layout not in LAYOUTS:
+            raise ValueError(f"block_layout: {self.block_layout!r} is not one of {LAYOUTS}.")
+        if self.side_width is not None and (
+            isinstance(self.side_width, bool)
+            or not isinstance(self.side_width, int)
+            or self.side_width < 1
+        ):
+            raise ValueError(
+                f"side_width: must be a positive integer or None, got {self.side_width!r}."
+            )
+        if self.input_size is not None:
+            self.input_size = tuple(self.input_size)
+            if not self.input_size or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in self.input_size
+            ):
+                raise ValueError(
+                    f"input_size: expected the shape of one sample, e.g. (3, 224, 224), "
+                    f"got {self.input_size!r}."
+                )
+        if self.blocks is not None and not isinstance(self.blocks, str):
+            self.blocks = tuple(self.blocks)
+        for name in (
+            "min_numel",
+            "codebook_samples",
+            "codebook_refresh",
+            "prompt_rank",
+            "side_reduction",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}.")

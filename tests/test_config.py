@@ -68,9 +68,20 @@ def test_applying_twice_is_an_error():
     handle.remove()
 
 
-def test_prompt_and_side_are_not_silently_ignored():
-    with pytest.raises(NotImplementedError, match="only 'bias' is implemented"):
-        apply_s2a(nn.Sequential(nn.Linear(4, 4)), modules=["bias", "prompt"], head=None)
+@pytest.mark.parametrize(
+    "kwargs,pattern",
+    [
+        ({"bn_mode": "frozen"}, r"bn_mode: 'frozen' is not one of \('eval', 'train'\)"),
+        ({"block_layout": "nwc"}, r"block_layout: 'nwc' is not one of"),
+        ({"prompt_rank": 0}, r"prompt_rank: must be a positive integer"),
+        ({"side_reduction": 2.5}, r"side_reduction: must be a positive integer"),
+        ({"side_width": -1}, r"side_width: must be a positive integer or None"),
+        ({"input_size": (3, 0, 224)}, r"input_size: expected the shape of one sample"),
+    ],
+)
+def test_invalid_structure_fields(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        S2AConfig(**kwargs)
 
 
 def test_bias_only_trains_biases_and_head():

@@ -159,7 +159,7 @@ def test_parameters_buffers_indices_and_small_tensors_are_never_touched():
         nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.MaxPool2d(2, return_indices=False), nn.Flatten()
     )
     model.add_module("fc", nn.Linear(8 * 15 * 15, 4))
-    handle = apply_s2a(model, S2AConfig(head="fc", min_numel=100))
+    handle = apply_s2a(model, S2AConfig(head="fc", min_numel=100, bn_mode="train"))
     seen = []
     engine = handle.engine
     real = engine._pack_activation

@@ -46,6 +46,7 @@ class ForwardAccount:
     """Running totals for one forward pass, per operator kind."""
 
     by_kind: dict[str, KindBytes] = field(default_factory=lambda: defaultdict(KindBytes))
+    by_part: dict[str, KindBytes] = field(default_factory=lambda: defaultdict(KindBytes))
     _seen_raw: dict[tuple, StorageWeakRef] = field(default_factory=dict)
     _seen_kept: dict[tuple, StorageWeakRef] = field(default_factory=dict)
 
@@ -58,17 +59,16 @@ class ForwardAccount:
         seen[key] = StorageWeakRef(t.untyped_storage())
         return True
 
-    def add(self, kind: str, t: torch.Tensor, stored: int | None) -> None:
+    def add(self, kind: str, t: torch.Tensor, stored: int | None, part: str = "backbone") -> None:
         """Record a saved tensor; ``stored`` is its packed size, or None if kept as it is."""
-        entry = self.by_kind[kind]
-        entry.tensors += 1
         nbytes = tensor_bytes(t)
-        if self._first_sighting(self._seen_raw, t):
-            entry.raw_bytes += nbytes
-        if stored is not None:
+        raw = nbytes if self._first_sighting(self._seen_raw, t) else 0
+        if stored is None:
+            stored = nbytes if self._first_sighting(self._seen_kept, t) else 0
+        for entry in (self.by_kind[kind], self.by_part[part]):
+            entry.tensors += 1
+            entry.raw_bytes += raw
             entry.stored_bytes += stored
-        elif self._first_sighting(self._seen_kept, t):
-            entry.stored_bytes += nbytes
 
     def summary(self) -> dict:
         """Totals as a plain dict: ``raw_bytes``, ``stored_bytes``, ``ratio``, ``by_kind``."""
@@ -78,12 +78,47 @@ class ForwardAccount:
             "raw_bytes": raw,
             "stored_bytes": stored,
             "ratio": stored / raw if raw else 1.0,
-            "by_kind": {
-                kind: {
-                    "raw_bytes": k.raw_bytes,
-                    "stored_bytes": k.stored_bytes,
-                    "tensors": k.tensors,
-                }
-                for kind, k in sorted(self.by_kind.items())
-            },
+            "by_kind": _table(self.by_kind),
+            "by_part": _table(self.by_part),
         }
+
+
+def _table(entries: dict[str, KindBytes]) -> dict[str, dict[str, int]]:
+    return {
+        key: {"raw_bytes": k.raw_bytes, "stored_bytes": k.stored_bytes, "tensors": k.tensors}
+        for key, k in sorted(entries.items())
+    }
+
+
+class SavedBytesCounter:
+    """Count what autograd keeps inside a ``with`` block, without changing anything.
+
+    For baselines outside ``apply_s2a`` (full fine-tuning, LoRA): the same exact accounting,
+    parameters and buffers of ``model`` excluded.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.account = ForwardAccount()
+
+    def __enter__(self) -> SavedBytesCounter:
+        self._storages = {
+            t.untyped_storage().data_ptr()
+            for t in (*self.model.parameters(), *self.model.buffers())
+        }
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in self._storages:
+            self.account.add("all", t, None)
+        return t
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+
+    @property
+    def raw_bytes(self) -> int:
+        """Bytes autograd kept for backward inside the block."""
+        return self.account.summary()["raw_bytes"]

@@ -17,6 +17,7 @@ Lightning.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -63,10 +64,15 @@ class _OperatorMode(TorchFunctionMode):
         if engine._busy:
             return func(*args, **kwargs)
         call = engine._classify(func, args, kwargs)
-        if call is None:
+        rewrite = engine.rewrites.get(canonical_name(func))
+        if call is None and rewrite is None:
             return func(*args, **kwargs)
         previous, engine._call = engine._call, call
         try:
+            if rewrite is not None:
+                result = rewrite(func, args, kwargs)
+                if result is not NotImplemented:
+                    return result
             return func(*args, **kwargs)
         finally:
             engine._call = previous
@@ -75,9 +81,19 @@ class _OperatorMode(TorchFunctionMode):
 class SavedTensorEngine:
     """Compresses a model's saved activations with per-operator quantizers, and counts bytes."""
 
-    def __init__(self, model: nn.Module, config: S2AConfig) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: S2AConfig,
+        rewrites: Mapping[str, Callable[[Any, tuple, dict], Any]] | None = None,
+        parts: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        """``rewrites`` replace calls by function name (returning ``NotImplemented`` declines);
+        ``parts`` label saved bytes by module-name prefix for ``stats()["by_part"]``."""
         self.model = model
         self.config = config
+        self.rewrites = dict(rewrites or {})
+        self.parts = list(parts)
         self.step = 0
         self.codebooks: dict[tuple, Codebook] = {}
         self._device_codebooks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -227,8 +243,9 @@ class SavedTensorEngine:
             or (t.grad_fn is None and not t.requires_grad and t.numel() in call.weight_numels)
             or (kind in _STATS_KINDS and tuple(t.shape) not in call.arg_shapes)
         )
+        part = self._part()
         if keep:
-            account.add(kind, t, None)
+            account.add(kind, t, None, part)
             return t
         opts = PackOptions(
             bits=bits,
@@ -243,8 +260,15 @@ class SavedTensorEngine:
         if kind == "elementwise" and call.site is not None:
             self._attach_codebook(t, call, opts)
         packed = QUANTIZERS[kind](t.detach(), opts)
-        account.add(kind, t, packed.nbytes)
+        account.add(kind, t, packed.nbytes, part)
         return packed
+
+    def _part(self) -> str:
+        name = self._frames[-1][0] if self._frames else ""
+        for prefix, label in self.parts:
+            if prefix and (name == prefix or name.startswith(prefix + ".")):
+                return label
+        return "backbone"
 
     def _backend(self, t: torch.Tensor) -> str:
         backend = self.config.backend

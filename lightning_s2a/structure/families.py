@@ -1,0 +1,134 @@
+"""Where the blocks are: one small table per model family, plus name patterns for the rest.
+
+``prompt`` and ``side`` attach to the outputs of a model's blocks. For the timm families below
+the blocks are known; any other model names them with ``S2AConfig(blocks=...)``: a list of
+module names, or a pattern where ``*`` matches one name component (``"encoder.layer.*"``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+#: timm class name -> (block name pattern, layout of each block's output).
+#: Layouts: "tokens" (B, N, D), "nhwc" (B, H, W, C), "nchw" (B, C, H, W).
+FAMILIES: dict[str, tuple[str, str]] = {
+    "VisionTransformer": ("blocks.*", "tokens"),  # ViT and DeiT
+    "SwinTransformer": ("layers.*.blocks.*", "nhwc"),
+    "ResNet": ("layer*.*", "nchw"),
+    "ConvNeXt": ("stages.*.blocks.*", "nchw"),
+    "EfficientNet": ("blocks.*.*", "nchw"),
+}
+
+LAYOUTS = ("auto", "tokens", "nhwc", "nchw")
+
+
+@dataclass(frozen=True)
+class Block:
+    """A block whose output the structural modules read or change."""
+
+    name: str
+    module: nn.Module
+    layout: str
+    shape: tuple[int, ...] = ()  # output shape without the batch dimension
+
+
+def _pattern_regex(pattern: str) -> re.Pattern[str]:
+    parts = [re.escape(p).replace(r"\*", "[^.]*") for p in pattern.split(".")]
+    return re.compile(r"\.".join(parts) + r"\Z")
+
+
+def match_modules(model: nn.Module, pattern: str | Sequence[str]) -> list[tuple[str, nn.Module]]:
+    """Submodules named by a list of names, or matching a ``*``-per-component pattern."""
+    modules = dict(model.named_modules())
+    if isinstance(pattern, str):
+        regex = _pattern_regex(pattern)
+        return [(n, m) for n, m in modules.items() if n and regex.match(n)]
+    missing = [n for n in pattern if n not in modules]
+    if missing:
+        raise ValueError(f"blocks: {type(model).__name__} has no submodule(s) named {missing}.")
+    return [(n, modules[n]) for n in pattern]
+
+
+def _layout_of(shape: torch.Size, declared: str) -> str:
+    if declared != "auto":
+        return declared
+    if len(shape) == 3:
+        return "tokens"
+    if len(shape) == 4:
+        return "nchw"  # PyTorch's convention; channels-last models set block_layout="nhwc"
+    raise ValueError(
+        f"cannot place a prompt on a block output of shape {tuple(shape)}: expected "
+        "(B, N, D) tokens or a 4-D feature map."
+    )
+
+
+def find_blocks(
+    model: nn.Module, blocks: str | Sequence[str] | None, layout: str = "auto"
+) -> tuple[list[Block], str]:
+    """The model's blocks and the family's declared layout ("auto" when named by the user)."""
+    family = FAMILIES.get(type(model).__name__)
+    if blocks is None and family is None:
+        raise ValueError(
+            f"cannot find the blocks of {type(model).__name__}: 'prompt' and 'side' attach to "
+            f"block outputs, and only these timm families are known: {sorted(FAMILIES)}. "
+            "Name the blocks, e.g. S2AConfig(blocks='encoder.layers.*') or "
+            "S2AConfig(blocks=['layer1', 'layer2'])."
+        )
+    pattern = blocks if blocks is not None else family[0]  # type: ignore[index]
+    declared = layout if (layout != "auto" or blocks is not None) else family[1]  # type: ignore[index]
+    found = match_modules(model, pattern)
+    if not found:
+        raise ValueError(f"blocks={pattern!r} matches no submodule of {type(model).__name__}.")
+    # Keep only outermost matches (a pattern may also match sub-blocks of a block).
+    outer = [(n, m) for n, m in found if not any(n.startswith(o + ".") for o, _ in found)]
+    return [Block(n, m, declared) for n, m in outer], declared
+
+
+@torch.no_grad()
+def block_output_shapes(
+    model: nn.Module, blocks: list[Block], input_size: tuple[int, ...]
+) -> list[Block]:
+    """Run one sample through the model to learn each block's output shape and layout."""
+    shapes: dict[str, torch.Size] = {}
+
+    def recorder(name: str):
+        def hook(module: nn.Module, args: object, output: torch.Tensor) -> None:
+            shapes.setdefault(name, output.shape)
+
+        return hook
+
+    handles = [b.module.register_forward_hook(recorder(b.name)) for b in blocks]
+    param = next(model.parameters())
+    was_training = model.training
+    try:
+        model.eval()
+        model(torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    missing = [b.name for b in blocks if b.name not in shapes]
+    if missing:
+        raise ValueError(f"blocks {missing} did not run in a forward pass; name blocks that do.")
+    return [
+        Block(b.name, b.module, _layout_of(shapes[b.name], b.layout), tuple(shapes[b.name][1:]))
+        for b in blocks
+    ]
+
+
+def default_input_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[int, ...]:
+    """The (C, H, W) used to size prompts: the config's, else timm's ``pretrained_cfg``."""
+    if input_size is not None:
+        return tuple(input_size)
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    if "input_size" in cfg:
+        return tuple(cfg["input_size"])
+    raise ValueError(
+        f"cannot tell the input size of {type(model).__name__}, which 'prompt' and 'side' "
+        "need to size their parameters; pass S2AConfig(input_size=(3, 224, 224))."
+    )

@@ -1,0 +1,96 @@
+"""The trainable activation modules: a low-rank prompt per block, and a lite side network.
+
+Both are chosen because their backward needs (almost) no stored activation:
+
+* ``LowRankPrompt`` adds ``A @ B`` to a block's output. The term does not depend on the input,
+  so its gradient is a sum of the incoming gradient, and the addition saves nothing.
+* ``SideNetwork`` reads pooled, r-times-narrower copies of the block outputs of a backbone
+  that runs without autograd; only its own small vectors are kept for backward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _spatial_channels(shape: tuple[int, ...], layout: str) -> tuple[int, int]:
+    if layout == "tokens":
+        return shape[0], shape[1]
+    if layout == "nhwc":
+        return shape[0] * shape[1], shape[2]
+    return shape[1] * shape[2], shape[0]  # nchw
+
+
+class LowRankPrompt(nn.Module):
+    """``h' = h + A @ B`` on one block's output; ``B`` starts at zero, so the model is unchanged.
+
+    ``A`` is (positions x rank) and ``B`` is (rank x channels), where positions are tokens or
+    feature-map pixels, for any of the layouts (B, N, D), (B, H, W, C) and (B, C, H, W).
+    """
+
+    def __init__(self, shape: tuple[int, ...], layout: str, rank: int) -> None:
+        super().__init__()
+        self.shape, self.layout = tuple(shape), layout
+        positions, channels = _spatial_channels(self.shape, layout)
+        self.A = nn.Parameter(torch.randn(positions, rank) / math.sqrt(rank))
+        self.B = nn.Parameter(torch.zeros(rank, channels))
+
+    def prompt(self) -> torch.Tensor:
+        """The additive term, shaped like one sample of the block output."""
+        p = self.A @ self.B
+        if self.layout == "nchw":
+            c, h, w = self.shape
+            return p.t().reshape(c, h, w)
+        return p.reshape(self.shape)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if tuple(h.shape[1:]) != self.shape:
+            raise RuntimeError(
+                f"prompt sized for block outputs {self.shape} got {tuple(h.shape[1:])}: the "
+                "input resolution changed; apply S2A with S2AConfig(input_size=...) for it."
+            )
+        return h + self.prompt().to(h.dtype)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, layout={self.layout}, rank={self.B.shape[0]}"
+
+
+def channel_average_pool(h: torch.Tensor, layout: str, reduction: int) -> torch.Tensor:
+    """Parameter-free tap: average over positions, then over groups of ``reduction`` channels."""
+    if layout == "tokens":
+        v = h.mean(dim=1)
+    elif layout == "nhwc":
+        v = h.mean(dim=(1, 2))
+    else:
+        v = h.mean(dim=(2, 3))
+    width = max(1, v.shape[-1] // reduction)
+    return F.adaptive_avg_pool1d(v.unsqueeze(1), width).squeeze(1)
+
+
+class SideNetwork(nn.Module):
+    """A lite side branch: one projection per tapped block, summed, normalised, classified.
+
+    Taps are the block outputs pooled by :func:`channel_average_pool`; the backbone itself
+    runs without autograd, so it keeps nothing for backward.
+    """
+
+    def __init__(
+        self, tap_channels: list[int], reduction: int, width: int, num_classes: int
+    ) -> None:
+        super().__init__()
+        self.reduction = reduction
+        self.proj = nn.ModuleList(nn.Linear(max(1, c // reduction), width) for c in tap_channels)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, taps: list[torch.Tensor]) -> torch.Tensor:
+        if len(taps) != len(self.proj):
+            raise RuntimeError(f"side network expects {len(self.proj)} taps, got {len(taps)}.")
+        s = 0
+        for proj, z in zip(self.proj, taps, strict=True):
+            s = s + F.gelu(proj(z.to(proj.weight.dtype)))
+        return self.head(self.norm(s))

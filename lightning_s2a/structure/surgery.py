@@ -1,0 +1,200 @@
+"""Apply the structural modules to a model, and undo them exactly.
+
+``apply_structure`` freezes the backbone, turns on the chosen modules (bias, prompt, side),
+keeps the task head trainable and fixes BatchNorm's mode. Every change is recorded in a
+:class:`StructureState`, so ``undo_structure`` puts back the original modules and flags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from ..config import S2AConfig
+from .families import Block, block_output_shapes, default_input_size, find_blocks
+from .head import find_head, is_bias
+from .modules import LowRankPrompt, SideNetwork, channel_average_pool
+
+PROMPT_NAME = "s2a_prompt"
+SIDE_NAME = "s2a_side"
+_CONVS_AND_LINEARS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass
+class StructureState:
+    """Everything ``apply_structure`` changed, for ``undo_structure``; and the module parts."""
+
+    flags: dict[str, bool]
+    head: nn.Module | None = None
+    blocks: list[Block] = field(default_factory=list)
+    added_biases: list[nn.Module] = field(default_factory=list)
+    added_modules: list[tuple[nn.Module, str]] = field(default_factory=list)
+    hooks: list[RemovableHandle] = field(default_factory=list)
+    batch_norms: list[nn.Module] = field(default_factory=list)
+    #: (module-name prefix, part label) for per-part accounting and the summary table.
+    parts: list[tuple[str, str]] = field(default_factory=list)
+
+
+def check_composition(modules: tuple[str, ...]) -> None:
+    """Reject module combinations that cannot train, saying why."""
+    if "side" in modules and len(modules) > 1:
+        others = [m for m in modules if m != "side"]
+        raise ValueError(
+            f"modules={list(modules)}: 'side' runs the backbone without autograd, so no "
+            f"gradient reaches {others} inside it; use 'side' alone, or {others} without it."
+        )
+
+
+def apply_structure(model: nn.Module, config: S2AConfig) -> StructureState:
+    """Freeze ``model`` and inject the config's structural modules, in place."""
+    modules = tuple(config.modules)
+    check_composition(modules)
+    head = find_head(model, config.head)
+    blocks: list[Block] = []
+    if "prompt" in modules or "side" in modules:
+        found, _ = find_blocks(model, config.blocks, config.block_layout)
+        size = default_input_size(model, config.input_size)
+        blocks = block_output_shapes(model, found, size)
+    state = StructureState(flags={n: p.requires_grad for n, p in model.named_parameters()})
+    state.head, state.blocks = head, blocks
+    try:
+        _apply(model, config, state, modules)
+    except Exception:
+        undo_structure(model, state)
+        raise
+    if not any(p.requires_grad for p in model.parameters()):
+        undo_structure(model, state)
+        raise ValueError(
+            f"nothing left to train: {type(model).__name__} has no bias parameters and no head "
+            f"(head={config.head!r}). Name a head with S2AConfig(head='...')."
+        )
+    return state
+
+
+def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: tuple) -> None:
+    head_ids = {id(p) for p in state.head.parameters()} if state.head is not None else set()
+    if config.add_bias and "bias" in modules:
+        for module in model.modules():
+            if isinstance(module, _CONVS_AND_LINEARS) and module.bias is None:
+                if any(id(p) in head_ids for p in module.parameters()):
+                    continue
+                w = module.weight
+                module.bias = nn.Parameter(torch.zeros(w.shape[0], device=w.device, dtype=w.dtype))
+                state.added_biases.append(module)
+    for name, p in model.named_parameters():
+        train_bias = "bias" in modules and is_bias(name)
+        p.requires_grad_(train_bias or (id(p) in head_ids and "side" not in modules))
+    if state.head is not None:
+        state.parts.append((_name_of(model, state.head), "head"))
+    if "prompt" in modules:
+        for block in state.blocks:
+            prompt = LowRankPrompt(block.shape, block.layout, config.prompt_rank)
+            _add_module(state, block.module, PROMPT_NAME, prompt, _like(block.module))
+            state.hooks.append(block.module.register_forward_hook(_prompt_hook))
+            state.parts.append((f"{block.name}.{PROMPT_NAME}", "prompt"))
+    if "side" in modules:
+        _apply_side(model, config, state)
+    if config.bn_mode == "eval":
+        state.batch_norms = [
+            m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ]
+        if state.batch_norms:
+            state.hooks.append(model.register_forward_pre_hook(_batch_norm_eval(state.batch_norms)))
+
+
+def _apply_side(model: nn.Module, config: S2AConfig, state: StructureState) -> None:
+    head = state.head
+    classes = getattr(head, "out_features", None)
+    if head is None or classes is None:
+        raise ValueError(
+            "'side' replaces the task head's output with the side network's, so it needs a "
+            "Linear head to read the number of classes from; name it with S2AConfig(head='...')."
+        )
+    channels = [b.shape[-1] if b.layout in ("tokens", "nhwc") else b.shape[0] for b in state.blocks]
+    width = config.side_width or max(1, channels[-1] // config.side_reduction)
+    side = SideNetwork(channels, config.side_reduction, width, classes)
+    _add_module(state, model, SIDE_NAME, side, _like(head))
+    state.parts.append((SIDE_NAME, "side"))
+    taps: list[torch.Tensor] = []
+    grad_was: list[bool] = []
+
+    def enter(module: nn.Module, args: Any) -> None:
+        taps.clear()
+        grad_was.append(torch.is_grad_enabled())
+        torch.set_grad_enabled(False)  # the backbone runs without autograd: stores nothing
+
+    def exit_(module: nn.Module, args: Any, output: Any) -> None:
+        if grad_was:
+            torch.set_grad_enabled(grad_was.pop())
+
+    def tap(layout: str):
+        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+            taps.append(channel_average_pool(output, layout, config.side_reduction))
+
+        return hook
+
+    def read_side(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(bool(grad_was) and grad_was[-1]):
+            out = side(list(taps))
+        taps.clear()
+        return out.to(output.dtype)
+
+    # Order matters: the backbone's no-grad region opens after the engine's hooks start (the
+    # engine registers its pre-hook first) and closes before they end.
+    state.hooks.append(model.register_forward_pre_hook(enter))
+    state.hooks.extend(b.module.register_forward_hook(tap(b.layout)) for b in state.blocks)
+    state.hooks.append(head.register_forward_hook(read_side))
+    state.hooks.append(model.register_forward_hook(exit_, always_call=True))
+
+
+def _prompt_hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+    return getattr(module, PROMPT_NAME)(output)
+
+
+def _batch_norm_eval(batch_norms: list[nn.Module]):
+    def hook(module: nn.Module, args: Any) -> None:
+        # Re-applied every forward because Lightning and users call model.train() at will.
+        for bn in batch_norms:
+            bn.training = False
+
+    return hook
+
+
+def _like(module: nn.Module) -> dict[str, Any]:
+    p = next(module.parameters(), None)
+    return {} if p is None else {"device": p.device, "dtype": p.dtype}
+
+
+def _add_module(
+    state: StructureState, parent: nn.Module, name: str, child: nn.Module, like: dict
+) -> None:
+    if hasattr(parent, name):
+        raise RuntimeError(f"{type(parent).__name__} already has an attribute {name!r}.")
+    parent.add_module(name, child.to(**like))
+    state.added_modules.append((parent, name))
+
+
+def _name_of(model: nn.Module, target: nn.Module) -> str:
+    return next((n for n, m in model.named_modules() if m is target), "")
+
+
+def undo_structure(model: nn.Module, state: StructureState) -> None:
+    """Remove injected modules, biases and hooks; restore flags and BatchNorm modes."""
+    for h in state.hooks:
+        h.remove()
+    state.hooks.clear()
+    for parent, name in reversed(state.added_modules):
+        delattr(parent, name)
+    state.added_modules.clear()
+    for module in state.added_biases:
+        module.register_parameter("bias", None)
+    state.added_biases.clear()
+    for bn in state.batch_norms:
+        bn.training = model.training
+    for name, p in model.named_parameters():
+        if name in state.flags:
+            p.requires_grad_(state.flags[name])

@@ -1,0 +1,216 @@
+"""Structural modules (bias, prompt, side) and the frozen-op surgery, through apply_s2a."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_s2a import S2AConfig, apply_s2a
+from lightning_s2a.engine.accounting import SavedBytesCounter
+from lightning_s2a.pretrained import efficientnet_lite0_imagenet
+from tests.conftest import trainable_grads
+
+SMALL = {
+    "vit": lambda: timm.create_model("vit_tiny_patch16_224", num_classes=10, depth=3, img_size=64),
+    "swin": lambda: timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        num_classes=10,
+        depths=(1, 1, 1, 1),
+        img_size=64,
+        window_size=2,
+    ),
+    "resnet": lambda: timm.create_model("resnet18", num_classes=10),
+    "convnext": lambda: timm.create_model("convnext_atto", num_classes=10),
+    "effnet": lambda: timm.create_model("tf_efficientnet_lite0", num_classes=10),
+}
+SIZE = (3, 64, 64)
+
+
+def _full_finetune_bytes(model, x) -> int:
+    with SavedBytesCounter(model) as counter:
+        model(x)
+    return counter.raw_bytes
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: timm.create_model("resnet18", num_classes=10),
+        lambda: timm.create_model("convnext_atto", num_classes=10),
+        lambda: efficientnet_lite0_imagenet(10),
+    ],
+    ids=["resnet18", "convnext_atto", "lite0(imagenet)"],
+)
+def test_surgery_is_exact(factory):
+    model = factory().train()
+    x, y = torch.randn(2, *SIZE), torch.tensor([1, 7])
+    cfg = S2AConfig(compress=False, modules=("bias",))
+    with apply_s2a(model, cfg.replace(surgery=False)) as handle:
+        out_plain = model(x)
+        plain = trainable_grads(model, x, y)
+        plain_kinds = handle.stats()["by_kind"]
+    with apply_s2a(model, cfg) as handle:
+        out_cut = model(x)
+        cut = trainable_grads(model, x, y)
+        cut_kinds = handle.stats()["by_kind"]
+    torch.testing.assert_close(out_cut, out_plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cut, plain, rtol=1e-4, atol=1e-6)
+    # frozen convs stored their inputs before and store nothing now; eval BatchNorm keeps only
+    # its per-channel scale
+    assert plain_kinds["linear"]["raw_bytes"] > 0 and "linear" not in cut_kinds
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        assert cut_kinds["norm"]["raw_bytes"] * 50 < plain_kinds["norm"]["raw_bytes"]
+    else:  # LayerNorm (ConvNeXt) is not frozen-op surgery's business
+        assert cut_kinds["norm"] == plain_kinds["norm"]
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [lambda: timm.create_model("resnet50"), lambda: efficientnet_lite0_imagenet()],
+    ids=["resnet50", "lite0(imagenet)"],
+)
+def test_bias_only_cnn_stores_a_twentieth_of_full_finetuning(factory):
+    model = factory().train()
+    x = torch.randn(8, 3, 224, 224)
+    full = _full_finetune_bytes(model, x)
+    with apply_s2a(model, modules="bias", bits=4) as handle:
+        model(x)
+        stored = handle.stats()["stored_bytes"]
+    assert stored * 20 <= full, (stored, full)
+
+
+def test_vit_base_bias_prompt_memory_and_trainable_fraction():
+    model = timm.create_model("vit_base_patch16_224", num_classes=100).train()
+    x = torch.randn(8, 3, 224, 224)
+    full = _full_finetune_bytes(model, x)
+    with apply_s2a(model, modules="bias+prompt", bits=4) as handle:
+        model(x)
+        stored = handle.stats()["stored_bytes"]
+        count, fraction = handle.trainable_parameters()
+    assert stored * 10 <= full, (stored, full)
+    assert fraction <= 0.01, fraction
+    assert count > 12 * 8 * (197 + 768)  # prompts of rank 8 on 12 blocks are in there
+
+
+@pytest.mark.parametrize("family", list(SMALL))
+def test_prompt_starts_as_identity_and_learns(family):
+    model = SMALL[family]().eval()
+    x = torch.randn(2, *SIZE)
+    before = model(x)
+    with apply_s2a(model, modules="prompt", input_size=SIZE) as handle:
+        prompts = [m for n, m in model.named_modules() if n.endswith("s2a_prompt")]
+        assert prompts and len(prompts) == len(handle.structure.blocks)
+        torch.testing.assert_close(model(x), before)  # B = 0: the model is unchanged
+        F.cross_entropy(model(x), torch.tensor([1, 2])).backward()
+        assert all(p.B.grad is not None and p.B.grad.abs().sum() > 0 for p in prompts)
+        head = {id(p) for p in model.get_classifier().parameters()}
+        backbone = [p for n, p in model.named_parameters() if "s2a_" not in n and id(p) not in head]
+        assert not any(p.requires_grad for p in backbone)  # prompt alone: biases stay frozen
+        with torch.no_grad():
+            prompts[0].B.add_(0.1)
+        assert not torch.allclose(model(x), before)
+        kinds = handle.stats()["by_part"]
+        assert kinds.get("prompt", {"stored_bytes": 0})["stored_bytes"] == 0
+    assert not any("s2a_prompt" in n for n, _ in model.named_modules())
+
+
+def test_prompt_on_another_resolution_is_a_clear_error():
+    model = timm.create_model(
+        "vit_tiny_patch16_224", num_classes=10, depth=2, img_size=64, dynamic_img_size=True
+    )
+    with (
+        apply_s2a(model, modules="prompt", input_size=SIZE),
+        pytest.raises(RuntimeError, match=r"input resolution changed.*input_size"),
+    ):
+        model(torch.randn(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("family", list(SMALL))
+def test_side_backbone_stores_nothing(family):
+    model = SMALL[family]().train()
+    x = torch.randn(2, *SIZE)
+    with apply_s2a(model, modules="side", input_size=SIZE, compress=False) as handle:
+        out = model(x)
+        assert out.shape == (2, 10)
+        F.cross_entropy(out, torch.tensor([1, 2])).backward()
+        parts = handle.stats()["by_part"]
+        assert set(parts) == {"side"}  # the backbone (and the unused old head) stored 0 bytes
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trained and all(n.startswith("s2a_side.") for n in trained)
+        assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+    assert not hasattr(model, "s2a_side")
+
+
+@pytest.mark.parametrize("mods", ["bias+side", "prompt+side"])
+def test_side_does_not_combine(mods):
+    with pytest.raises(ValueError, match=r"'side' runs the backbone without autograd"):
+        apply_s2a(SMALL["vit"](), modules=mods, input_size=SIZE)
+
+
+class Plain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(
+            *[nn.Sequential(nn.Linear(16, 16), nn.GELU()) for _ in range(3)]
+        )
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(self.encoder(x).mean(1))
+
+
+def test_unknown_model_needs_named_blocks_for_prompt():
+    with pytest.raises(ValueError, match=r"cannot find the blocks of Plain.*S2AConfig\(blocks="):
+        apply_s2a(Plain(), modules="prompt", head="fc", input_size=(5, 16, 1))
+    model = Plain()
+    with apply_s2a(model, modules="prompt", head="fc", blocks="encoder.*", input_size=(5, 16)) as h:
+        assert [b.name for b in h.structure.blocks] == ["encoder.0", "encoder.1", "encoder.2"]
+        assert [b.layout for b in h.structure.blocks] == ["tokens"] * 3
+    with pytest.raises(ValueError, match=r"blocks=.*matches no submodule"):
+        apply_s2a(Plain(), modules="prompt", head="fc", blocks="decoder.*", input_size=(5, 16))
+
+
+def test_bias_works_on_any_module_without_blocks():
+    model = Plain()
+    with apply_s2a(model, head="fc") as handle:
+        model(torch.randn(3, 5, 16)).sum().backward()
+        assert handle.stats()["by_kind"]["elementwise"]["tensors"] == 3
+
+
+def test_add_bias_and_remove_restore_the_model():
+    model = timm.create_model("resnet18", num_classes=10)
+    names = [n for n, _ in model.named_parameters()]
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert model.conv1.bias is None
+    with apply_s2a(model, add_bias=True):
+        assert model.conv1.bias is not None and model.conv1.bias.requires_grad
+        assert torch.equal(model.conv1.bias, torch.zeros(64))
+    assert model.conv1.bias is None
+    assert [n for n, _ in model.named_parameters()] == names
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+@pytest.mark.parametrize("bn_mode", ["eval", "train"])
+def test_batch_norm_mode(bn_mode):
+    model = timm.create_model("resnet18", num_classes=10).train()
+    before = model.bn1.running_mean.clone()
+    with apply_s2a(model, bn_mode=bn_mode):
+        model.train()(torch.randn(2, *SIZE))
+        assert model.bn1.training == (bn_mode == "train")
+    assert torch.equal(model.bn1.running_mean, before) == (bn_mode == "eval")
+    assert model.bn1.training  # restored to the model's mode
+
+
+def test_summary_table():
+    model = SMALL["vit"]()
+    with apply_s2a(model, modules="bias+prompt", input_size=SIZE) as handle:
+        model(torch.randn(2, *SIZE)).sum().backward()
+        text = handle.summary()
+        count, _ = handle.trainable_parameters()
+    assert "modules=bias+prompt bits=4" in text
+    for part in ("backbone", "prompt", "head", "total"):
+        assert any(line.startswith(part) for line in text.splitlines()), part
+    assert f"{count:,}" in text
