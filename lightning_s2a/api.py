@@ -9,7 +9,7 @@ from torch import nn
 
 from .config import S2AConfig
 from .engine.hooks import SavedTensorEngine
-from .structure.frozen_ops import FROZEN_REWRITES
+from .structure.rewrites import REWRITES
 from .structure.surgery import StructureState, apply_structure, undo_structure
 
 _APPLIED: weakref.WeakKeyDictionary[nn.Module, S2AHandle] = weakref.WeakKeyDictionary()
@@ -25,7 +25,7 @@ class S2AHandle:
         self.engine = SavedTensorEngine(
             model,
             config,
-            rewrites=FROZEN_REWRITES if config.surgery else None,
+            rewrites=REWRITES if config.surgery else None,
             parts=structure.parts,
         )
         self.engine.attach()

@@ -60,7 +60,7 @@ class S2AConfig:
     prompt_rank: int = 8
     #: Side branch: each tap is channel-average pooled to 1/side_reduction of its width.
     side_reduction: int = 4
-    #: Side network width; None uses the last tap's pooled width.
+    #: Side network width; None uses the last tap's pooled width, at most 128.
     side_width: int | None = None
     #: Blocks that prompt/side attach to, for models outside the known timm families:
     #: a list of module names, or a pattern with ``*`` per name component ("encoder.layer.*").

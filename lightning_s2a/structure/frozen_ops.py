@@ -65,7 +65,7 @@ _DROPOUT_ARGS = ("input", "p", "training", "inplace")
 _DROPOUT_DEFAULTS: dict[str, Any] = {"p": 0.5, "training": True, "inplace": False}
 
 
-def _bind(
+def bind_args(
     args: tuple, kwargs: dict, names: Sequence[str], defaults: dict[str, Any]
 ) -> dict[str, Any] | None:
     """Map positional and keyword arguments onto ``names``; ``None`` when they do not fit."""
@@ -87,7 +87,7 @@ def _plain(t: Any) -> bool:
     return type(t) in (torch.Tensor, nn.Parameter) and t.layout == torch.strided
 
 
-def _expand(value: Any, n: int) -> tuple[int, ...] | None:
+def expand_ints(value: Any, n: int) -> tuple[int, ...] | None:
     """``int`` or length-1/length-``n`` sequence as an ``n``-tuple of ints; else ``None``."""
     if isinstance(value, int):
         return (value,) * n
@@ -205,7 +205,7 @@ def _conv_padding(
         if any(t % 2 for t in total):
             return None  # torch pads one extra element on one side: not a plain convolution
         return tuple(t // 2 for t in total)
-    return _expand(padding, n)
+    return expand_ints(padding, n)
 
 
 def frozen_conv(func: Any, args: tuple, kwargs: dict) -> Any:
@@ -223,7 +223,7 @@ def frozen_conv(func: Any, args: tuple, kwargs: dict) -> Any:
     which also saves the low-precision copy of the weight.
     """
     ndim = _CONV_DIMS.get(getattr(func, "__name__", ""))
-    bound = _bind(args, kwargs, _CONV_ARGS, _CONV_DEFAULTS)
+    bound = bind_args(args, kwargs, _CONV_ARGS, _CONV_DEFAULTS)
     if ndim is None or bound is None or not torch.is_grad_enabled():
         return NotImplemented
     x, weight, bias = bound["input"], bound["weight"], bound["bias"]
@@ -233,8 +233,8 @@ def frozen_conv(func: Any, args: tuple, kwargs: dict) -> Any:
         return NotImplemented
     if x.dim() != ndim + 2 or weight.dim() != ndim + 2 or not isinstance(bound["groups"], int):
         return NotImplemented
-    stride = _expand(bound["stride"], ndim)
-    dilation = _expand(bound["dilation"], ndim)
+    stride = expand_ints(bound["stride"], ndim)
+    dilation = expand_ints(bound["dilation"], ndim)
     if stride is None or dilation is None:
         return NotImplemented
     padding = _conv_padding(bound["padding"], weight.shape[2:], stride, dilation)
@@ -260,9 +260,9 @@ def frozen_batch_norm(func: Any, args: tuple, kwargs: dict) -> Any:
     under autocast) is computed in fp32 and rounded back, as the native kernel does.
     """
     if func is torch.batch_norm:
-        bound = _bind(args, kwargs, _ATEN_BN_ARGS, {})
+        bound = bind_args(args, kwargs, _ATEN_BN_ARGS, {})
     elif func is torch.nn.functional.batch_norm:
-        bound = _bind(args, kwargs, _BN_ARGS, _BN_DEFAULTS)
+        bound = bind_args(args, kwargs, _BN_ARGS, _BN_DEFAULTS)
     else:
         return NotImplemented
     if bound is None or not torch.is_grad_enabled() or bool(bound["training"]):
@@ -303,7 +303,7 @@ def dropout_identity(func: Any, args: tuple, kwargs: dict) -> Any:
     """
     if "train" in kwargs:
         kwargs = {("training" if k == "train" else k): v for k, v in kwargs.items()}
-    bound = _bind(args, kwargs, _DROPOUT_ARGS, _DROPOUT_DEFAULTS)
+    bound = bind_args(args, kwargs, _DROPOUT_ARGS, _DROPOUT_DEFAULTS)
     if bound is None or not isinstance(bound["input"], torch.Tensor):
         return NotImplemented
     try:

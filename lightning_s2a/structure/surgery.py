@@ -21,6 +21,8 @@ from .modules import LowRankPrompt, SideNetwork, channel_average_pool
 
 PROMPT_NAME = "s2a_prompt"
 SIDE_NAME = "s2a_side"
+#: Default side width cap: the side branch stays lite on wide CNNs (ResNet-50: 2048 channels).
+SIDE_MAX_WIDTH = 128
 _CONVS_AND_LINEARS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -115,7 +117,7 @@ def _apply_side(model: nn.Module, config: S2AConfig, state: StructureState) -> N
             "Linear head to read the number of classes from; name it with S2AConfig(head='...')."
         )
     channels = [b.shape[-1] if b.layout in ("tokens", "nhwc") else b.shape[0] for b in state.blocks]
-    width = config.side_width or max(1, channels[-1] // config.side_reduction)
+    width = config.side_width or max(1, min(SIDE_MAX_WIDTH, channels[-1] // config.side_reduction))
     side = SideNetwork(channels, config.side_reduction, width, classes)
     _add_module(state, model, SIDE_NAME, side, _like(head))
     state.parts.append((SIDE_NAME, "side"))

@@ -1,0 +1,91 @@
+"""Max pooling that keeps a one-byte window offset per output instead of its input.
+
+PyTorch's ``max_pool2d`` keeps its whole input plus an int64 index per output for backward;
+only the argmax position is needed. Storing it as an offset inside the pooling window (at most
+``kh * kw`` values, one byte) keeps 1/8 of the index bytes and none of the input. Backward
+scatters the gradient back to the same positions, so it equals PyTorch's to float rounding
+(overlapping windows sum in a different order).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .frozen_ops import bind_args, expand_ints
+
+
+def _window_origins(out_h: int, out_w: int, stride: tuple, padding: tuple, device) -> tuple:
+    rows = torch.arange(out_h, device=device).view(-1, 1) * stride[0] - padding[0]
+    cols = torch.arange(out_w, device=device).view(1, -1) * stride[1] - padding[1]
+    return rows, cols
+
+
+class _CompactMaxPool2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, kernel, stride, padding, dilation, ceil_mode):
+        out, index = torch.ops.aten.max_pool2d_with_indices(
+            x, kernel, stride, padding, dilation, ceil_mode
+        )
+        width = x.shape[-1]
+        rows, cols = _window_origins(out.shape[-2], out.shape[-1], stride, padding, x.device)
+        local = ((index // width - rows) // dilation[0]) * kernel[1]
+        local += (index % width - cols) // dilation[1]
+        ctx.save_for_backward(local.to(torch.uint8))
+        ctx.geometry = (x.shape, kernel, stride, padding, dilation)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (local,) = ctx.saved_tensors
+        shape, kernel, stride, padding, dilation = ctx.geometry
+        local = local.long()
+        rows, cols = _window_origins(grad.shape[-2], grad.shape[-1], stride, padding, grad.device)
+        index = (rows + (local // kernel[1]) * dilation[0]) * shape[-1]
+        index += cols + (local % kernel[1]) * dilation[1]
+        flat = grad.new_zeros(*shape[:-2], shape[-2] * shape[-1])
+        flat.scatter_add_(-1, index.flatten(-2), grad.flatten(-2))
+        return flat.view(shape), None, None, None, None, None
+
+
+_POOL_ARGS = (
+    "input",
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "ceil_mode",
+    "return_indices",
+)
+_POOL_DEFAULTS: dict[str, Any] = {
+    "stride": None,
+    "padding": 0,
+    "dilation": 1,
+    "ceil_mode": False,
+    "return_indices": False,
+}
+
+
+def compact_max_pool2d(func: Any, args: tuple, kwargs: dict) -> Any:
+    """Rewrite of ``max_pool2d`` storing one-byte window offsets; declines what it can't do."""
+    bound = bind_args(args, kwargs, _POOL_ARGS, _POOL_DEFAULTS)
+    if bound is None:
+        return NotImplemented
+    x = bound["input"]
+    if (
+        not isinstance(x, torch.Tensor)
+        or type(x) is not torch.Tensor
+        or x.dim() != 4
+        or not x.requires_grad
+        or not torch.is_grad_enabled()
+        or bound["return_indices"]
+    ):
+        return NotImplemented
+    kernel = expand_ints(bound["kernel_size"], 2)
+    stride = expand_ints(bound["stride"] or bound["kernel_size"], 2)
+    padding = expand_ints(bound["padding"], 2)
+    dilation = expand_ints(bound["dilation"], 2)
+    if None in (kernel, stride, padding, dilation) or kernel[0] * kernel[1] > 256:
+        return NotImplemented
+    return _CompactMaxPool2d.apply(x, kernel, stride, padding, dilation, bool(bound["ceil_mode"]))
