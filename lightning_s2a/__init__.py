@@ -4,8 +4,19 @@ Train only small activation modules and keep the tensors that backward needs in 
 with derivative-aware codes for the nonlinearities. One entry point: :func:`apply_s2a`.
 """
 
+from .adapters import load_adapter, save_adapter
 from .api import S2AHandle, apply_s2a
 from .config import S2AConfig
+from .lightning import S2ACallback, S2ADDPStrategy, S2AStrategy
 
-__all__ = ["S2AConfig", "S2AHandle", "apply_s2a"]
+__all__ = [
+    "S2ACallback",
+    "S2AConfig",
+    "S2ADDPStrategy",
+    "S2AHandle",
+    "S2AStrategy",
+    "apply_s2a",
+    "load_adapter",
+    "save_adapter",
+]
 __version__ = "0.1.0"

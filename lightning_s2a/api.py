@@ -46,6 +46,16 @@ class S2AHandle:
         train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         return train, (train / total if total else 0.0)
 
+    def stop_engine(self) -> None:
+        """Stop compressing saved tensors; the structural modules stay (e.g. after fit)."""
+        self.engine.detach()
+
+    def start_engine(self) -> None:
+        """Resume compressing saved tensors after :meth:`stop_engine`."""
+        if self.removed:
+            raise RuntimeError("this S2A handle was removed; call apply_s2a again.")
+        self.engine.attach()
+
     def summary(self) -> str:
         """A readable table: per part, trainable parameters and the last forward's bytes."""
         from .summary import format_summary

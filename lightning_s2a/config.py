@@ -14,6 +14,7 @@ MODULE_KINDS = ("bias", "prompt", "side")
 BACKENDS = ("auto", "torch", "triton", "bnb")
 BNB_QUANT_TYPES = ("nf4", "fp4")
 BN_MODES = ("eval", "train")
+FROZEN_DTYPES = (None, "bfloat16", "float16")
 LAYOUTS = ("auto", "tokens", "nhwc", "nchw")
 
 
@@ -78,6 +79,9 @@ class S2AConfig:
     add_bias: bool = False
     #: Exact frozen-op surgery: frozen convs, eval BatchNorm and p=0 dropout store nothing.
     surgery: bool = True
+    #: Keep frozen weight matrices and kernels in "bfloat16" or "float16" (None: as they are).
+    #: Use with mixed precision: autocast then needs no per-step low-precision weight copies.
+    frozen_dtype: str | None = None
 
     def __post_init__(self) -> None:
         check_bits(self.bits, "bits")
@@ -114,6 +118,8 @@ class S2AConfig:
             raise ValueError(
                 f"group_size: {self.group_size} is not one of (8, 16, 32, 64, 128, 256)."
             )
+        if self.frozen_dtype not in FROZEN_DTYPES:
+            raise ValueError(f"frozen_dtype: {self.frozen_dtype!r} is not one of {FROZEN_DTYPES}.")
         if self.bn_mode not in BN_MODES:
             raise ValueError(f"bn_mode: {self.bn_mode!r} is not one of {BN_MODES}.")
         if self.block_layout not in LAYOUTS:

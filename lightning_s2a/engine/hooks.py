@@ -111,8 +111,15 @@ class SavedTensorEngine:
         self._contexts: list[Any] = []
 
     # -- installation --------------------------------------------------------------------
+    @property
+    def attached(self) -> bool:
+        """True while the engine's hooks are on the model."""
+        return bool(self._handles)
+
     def attach(self) -> None:
-        """Register the root and per-module forward hooks on the model."""
+        """Register the root and per-module forward hooks on the model (no-op if attached)."""
+        if self.attached:
+            return
         root = self.model
         self._handles.append(root.register_forward_pre_hook(self._enter, prepend=True))
         for name, module in root.named_modules():
@@ -125,6 +132,38 @@ class SavedTensorEngine:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Forward counter and fitted codebooks, so a resumed run quantizes like the original."""
+        return {
+            "step": self.step,
+            "codebooks": [
+                {
+                    "site": list(site),
+                    "boundaries": cb.boundaries,
+                    "points": cb.points,
+                    "values": cb.values,
+                    "bits": cb.bits,
+                    "fitted_at": cb.fitted_at,
+                }
+                for site, cb in self.codebooks.items()
+            ],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        self.step = int(state["step"])
+        self.codebooks = {
+            tuple(c["site"]): Codebook(
+                boundaries=c["boundaries"],
+                points=c["points"],
+                values=c["values"],
+                bits=int(c["bits"]),
+                fitted_at=int(c["fitted_at"]),
+            )
+            for c in state["codebooks"]
+        }
+        self._device_codebooks.clear()
 
     def stats(self) -> dict:
         """Accounting of the most recent forward that recorded autograd (zeros before one)."""

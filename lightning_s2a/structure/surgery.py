@@ -37,6 +37,8 @@ class StructureState:
     added_modules: list[tuple[nn.Module, str]] = field(default_factory=list)
     hooks: list[RemovableHandle] = field(default_factory=list)
     batch_norms: list[nn.Module] = field(default_factory=list)
+    #: Original values of parameters cast by ``frozen_dtype`` (on CPU), for an exact undo.
+    cast_originals: dict[str, torch.Tensor] = field(default_factory=dict)
     #: (module-name prefix, part label) for per-part accounting and the summary table.
     parts: list[tuple[str, str]] = field(default_factory=list)
 
@@ -90,6 +92,14 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
     for name, p in model.named_parameters():
         train_bias = "bias" in modules and is_bias(name)
         p.requires_grad_(train_bias or (id(p) in head_ids and "side" not in modules))
+    if config.frozen_dtype is not None:
+        dtype = getattr(torch, config.frozen_dtype)
+        for name, p in model.named_parameters():
+            # Matrices and kernels only: 1-D norm parameters stay in full precision, where
+            # autocast runs the norms.
+            if not p.requires_grad and p.dim() >= 2 and p.is_floating_point():
+                state.cast_originals[name] = p.detach().to("cpu", copy=True)
+                p.data = p.data.to(dtype)
     if state.head is not None:
         state.parts.append((_name_of(model, state.head), "head"))
     if "prompt" in modules:
@@ -198,5 +208,8 @@ def undo_structure(model: nn.Module, state: StructureState) -> None:
     for bn in state.batch_norms:
         bn.training = model.training
     for name, p in model.named_parameters():
+        if name in state.cast_originals:
+            p.data = state.cast_originals[name].to(p.device)
         if name in state.flags:
             p.requires_grad_(state.flags[name])
+    state.cast_originals.clear()

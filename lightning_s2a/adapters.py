@@ -1,0 +1,206 @@
+"""Per-task adapter files: the trainable S2A parameters of one model, and nothing else.
+
+S2A trains well under 1-2% of a backbone, so one frozen backbone can serve many tasks, each
+stored as a small safetensors file. :func:`save_adapter` writes the trainable parameters with
+the S2A config and a fingerprint of the frozen backbone; :func:`load_adapter` checks the
+fingerprint, applies S2A with the saved config (or reuses the matching one already applied)
+and copies the tensors in, so adapters can be swapped on one backbone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import warnings
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .api import _APPLIED, S2AHandle, apply_s2a
+from .config import S2AConfig
+
+FORMAT = "lightning_s2a.adapter"
+VERSION = 1
+
+
+def get_handle(module: nn.Module) -> S2AHandle | None:
+    """The live :class:`S2AHandle` of ``module`` if ``apply_s2a`` was applied to it, else None."""
+    return _APPLIED.get(module)
+
+
+def find_applied(module: nn.Module) -> tuple[str, S2AHandle]:
+    """The one S2A'd submodule of ``module`` (itself included): its name and its handle."""
+    found = [(name, _APPLIED[m]) for name, m in module.named_modules() if m in _APPLIED]
+    if not found:
+        raise ValueError(
+            f"{type(module).__name__} has no S2A applied, on itself or any submodule; call "
+            "apply_s2a(model, config) on the backbone (and train it) before saving an adapter."
+        )
+    if len(found) > 1:
+        names = [n or "<root>" for n, _ in found]
+        raise ValueError(
+            f"S2A is applied to several submodules {names}; pass the handle to save, or save "
+            "from the submodule itself."
+        )
+    return found[0]
+
+
+def backbone_identity(model: nn.Module, handle: S2AHandle | None = None) -> dict[str, Any]:
+    """Class, timm architecture, parameter count and a shape hash of the frozen backbone.
+
+    Only parameters that existed before ``apply_s2a`` count (injected ``s2a_*`` modules and
+    added biases do not), so the identity is the same with or without S2A applied.
+    """
+    before = handle.structure.flags if handle is not None else None
+    digest, count = hashlib.sha256(), 0
+    for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
+        if "s2a_" in name or (before is not None and name not in before):
+            continue
+        digest.update(f"{name}:{tuple(p.shape)}\n".encode())
+        count += p.numel()
+    cfg = getattr(model, "pretrained_cfg", None)
+    arch = cfg.get("architecture") if isinstance(cfg, dict) else None
+    return {
+        "class": type(model).__name__,
+        "architecture": arch,
+        "num_params": count,
+        "shape_sha256": digest.hexdigest(),
+    }
+
+
+def save_adapter(
+    module: nn.Module, path: str | os.PathLike, handle: S2AHandle | None = None
+) -> None:
+    """Write the trainable S2A parameters under ``module`` to a safetensors file at ``path``.
+
+    ``module`` is the S2A'd model or a parent of it (e.g. a LightningModule holding it);
+    keys are parameter names relative to ``module``. With the BatchNorm statistics of
+    ``bn_mode="train"`` changing during training, those buffers are not part of the adapter.
+    """
+    if handle is None:
+        prefix, handle = find_applied(module)
+    else:
+        prefix = next((n for n, m in module.named_modules() if m is handle.model), None)
+        if prefix is None or handle.removed:
+            raise ValueError("the given handle's model is not (or no longer) S2A'd under module.")
+    target, dot = handle.model, f"{prefix}." if prefix else ""
+    tensors = {
+        dot + name: p.detach().cpu().clone().contiguous()
+        for name, p in target.named_parameters()
+        if p.requires_grad
+    }
+    if not tensors:
+        raise ValueError("no trainable parameters under the S2A'd model: nothing to save.")
+    if handle.config.bn_mode == "train" and any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in target.modules()
+    ):
+        warnings.warn(
+            "bn_mode='train' updates BatchNorm running statistics, which are not saved in the "
+            "adapter; save the model's state_dict too if you need them.",
+            stacklevel=2,
+        )
+    metadata = {
+        "format": FORMAT,
+        "version": str(VERSION),
+        "s2a_config": json.dumps(dataclasses.asdict(handle.config)),
+        "backbone": json.dumps(backbone_identity(target, handle)),
+        "prefix": prefix,
+    }
+    save_file(tensors, os.fspath(path), metadata=metadata)
+
+
+def _describe(identity: dict[str, Any]) -> str:
+    name = identity.get("architecture") or identity.get("class")
+    return f"{name} ({identity.get('class')}, {identity.get('num_params', 0):,} params)"
+
+
+def _read(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a safetensors file ({err}); not an S2A adapter.") from err
+    if metadata.get("format") != FORMAT:
+        raise ValueError(
+            f"{path} is a safetensors file but not an S2A adapter (metadata format="
+            f"{metadata.get('format')!r}, expected {FORMAT!r}); write one with save_adapter."
+        )
+    if metadata.get("version") != str(VERSION):
+        raise ValueError(f"{path}: adapter version {metadata.get('version')!r} is not {VERSION}.")
+    return metadata, load_file(os.fspath(path))
+
+
+def load_adapter(module: nn.Module, path: str | os.PathLike, strict: bool = True) -> S2AHandle:
+    """Load an adapter written by :func:`save_adapter` into ``module`` and return its handle.
+
+    Applies S2A with the saved config if the target has none; reuses the handle if the same
+    config is already applied (swapping adapters on one backbone). ``strict`` requires the
+    file's keys to be exactly the trainable parameters; shapes must always match.
+    """
+    metadata, tensors = _read(path)
+    prefix = metadata.get("prefix", "")
+    try:
+        target = module.get_submodule(prefix) if prefix else module
+    except AttributeError as err:
+        raise ValueError(
+            f"the adapter was saved from a module whose S2A'd submodule is {prefix!r}, but "
+            f"{type(module).__name__} has no such submodule; load into the same wrapper type, "
+            "or into that submodule after renaming its keys."
+        ) from err
+    try:
+        config = S2AConfig(**json.loads(metadata["s2a_config"]))
+    except (TypeError, ValueError, KeyError) as err:
+        raise ValueError(f"{path}: the adapter's S2A config cannot be read: {err}") from err
+    handle = get_handle(target)
+    saved, here = json.loads(metadata["backbone"]), backbone_identity(target, handle)
+    differs = [k for k in ("class", "num_params", "shape_sha256") if saved.get(k) != here[k]]
+    if differs:
+        raise ValueError(
+            f"adapter was trained on {_describe(saved)}, this backbone is {_describe(here)} "
+            f"(differs in {', '.join(differs)}). Build the same architecture with the same "
+            "constructor arguments (num_classes, depth, img_size, ...) as the adapter's backbone."
+        )
+    created = handle is None
+    if created:
+        handle = apply_s2a(target, config)
+    elif handle.config != config:
+        fields = [
+            f.name
+            for f in dataclasses.fields(config)
+            if getattr(config, f.name) != getattr(handle.config, f.name)
+        ]
+        raise ValueError(
+            f"this backbone already has S2A applied with a different config (fields {fields} "
+            "differ from the adapter's); call handle.remove() first, then load_adapter applies "
+            "the adapter's config."
+        )
+    dot = f"{prefix}." if prefix else ""
+    params = {dot + n: p for n, p in target.named_parameters()}
+    trainable = {dot + n for n, p in target.named_parameters() if p.requires_grad}
+    missing = sorted(trainable - tensors.keys())
+    unexpected = sorted(tensors.keys() - params.keys())
+    mismatched = [
+        f"{k}: file {tuple(t.shape)} vs model {tuple(params[k].shape)}"
+        for k, t in sorted(tensors.items())
+        if k in params and t.shape != params[k].shape
+    ]
+    if mismatched or (strict and (missing or unexpected)):
+        if created:
+            handle.remove()  # leave the model as it was found
+        raise ValueError(
+            f"adapter {path} does not fit: missing keys {missing}, unexpected keys "
+            f"{unexpected}, shape mismatches {mismatched}."
+        )
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            if key in params:
+                params[key].copy_(tensor)
+    return handle
+
+
+__all__ = ["backbone_identity", "find_applied", "get_handle", "load_adapter", "save_adapter"]

@@ -1,0 +1,185 @@
+"""``lightning-s2a``: Lightning's CLI with an ``s2a`` section.
+
+``lightning-s2a fit|validate|test|predict`` is a :class:`~lightning.pytorch.cli.LightningCLI`
+whose model defaults to :class:`ImageClassifier` and whose data default to
+:class:`DigitsDataModule` (both replaceable: ``--model MyModule``, ``--data
+ImageFolderDataModule --data.root DIR``). Every :class:`~lightning_s2a.S2AConfig` field is an
+option of the ``s2a`` section (``--s2a.bits 4``, ``--s2a.modules [bias,prompt]``, or YAML
+``s2a: {bits: 4, modules: [bias]}``), with two more: ``--s2a.enabled false`` runs the plain
+baseline without S2A, and ``--s2a.adapter_path PATH`` writes the trained adapter at the end of
+``fit``. When enabled, the CLI builds an :class:`S2ACallback` and hands it to the Trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import re
+from typing import Any
+
+from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+
+from ..config import S2AConfig
+from .callback import S2ACallback
+from .data import DigitsDataModule
+from .model import ImageClassifier
+
+S2A_KEY = "s2a"
+#: Trainer defaults of ``lightning-s2a`` (a config or flag overrides them): a short fine-tune.
+TRAINER_DEFAULTS: dict[str, Any] = {"max_epochs": 3, "log_every_n_steps": 10}
+_EXTRA_HELP = {
+    "enabled": "Apply S2A (false: the plain baseline, every parameter trains, nothing is "
+    "compressed).",
+    "adapter_path": "Write the trained S2A adapter (safetensors) here at the end of fit.",
+    "modules": "Structural modules that train: a list such as [bias,prompt], or one name "
+    "('bias', 'side', 'bias+prompt').",
+}
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _field_help(cls: type) -> dict[str, str]:
+    """The ``#:`` comments above each dataclass field, as help texts."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    helps: dict[str, str] = {}
+    pending: list[str] = []
+    for line in lines:
+        stripped = line.strip()
+        if stripped.startswith("#:"):
+            pending.append(stripped[2:].strip())
+            continue
+        match = re.match(r"^(\w+)\s*:", stripped)
+        if match and pending:
+            helps[match.group(1)] = " ".join(pending)
+        pending = []
+    return helps
+
+
+def add_s2a_arguments(parser: LightningArgumentParser, key: str = S2A_KEY) -> None:
+    """Add every S2AConfig field as ``--{key}.FIELD``, plus ``enabled`` and ``adapter_path``.
+
+    The section stays a plain namespace (not instantiated by jsonargparse) so that the two
+    extra options can live in it; :meth:`S2ALightningCLI.before_instantiate_classes` builds and
+    validates the :class:`S2AConfig` from it.
+    """
+    parser.add_class_arguments(S2AConfig, key, instantiate=False, skip={"modules"})
+    group = parser.groups.get(key, parser) if hasattr(parser, "groups") else parser
+    default_modules = [f.default for f in dataclasses.fields(S2AConfig) if f.name == "modules"]
+    group.add_argument(
+        f"--{key}.modules",
+        type=list[str] | str,
+        default=list(default_modules[0]) if default_modules else ["bias"],
+    )
+    group.add_argument(f"--{key}.enabled", type=bool, default=True)
+    group.add_argument(f"--{key}.adapter_path", type=str | None, default=None)
+    helps = {**_field_help(S2AConfig), **_EXTRA_HELP}
+    for action in parser._actions:
+        name = action.dest.removeprefix(f"{key}.")
+        if action.dest.startswith(f"{key}.") and name in helps and not action.help:
+            action.help = helps[name]
+
+
+def s2a_config_from_namespace(section: Any) -> tuple[bool, S2AConfig, str | None]:
+    """``(enabled, config, adapter_path)`` from the parsed ``s2a`` section (validated)."""
+    fields = dict(section.clone().as_dict() if hasattr(section, "as_dict") else section)
+    enabled = bool(fields.pop("enabled", True))
+    adapter_path = fields.pop("adapter_path", None)
+    return enabled, S2AConfig(**fields), adapter_path
+
+
+class S2ALightningCLI(LightningCLI):
+    """LightningCLI with the ``s2a`` section; adds an :class:`S2ACallback` when enabled.
+
+    Defaults: ``ImageClassifier`` model, ``DigitsDataModule`` data (both in subclass mode, so
+    any LightningModule/LightningDataModule can be named instead), seed 0, and
+    :data:`TRAINER_DEFAULTS`. After construction, ``cli.s2a_config`` is the validated config
+    (None when ``--s2a.enabled false``) and ``cli.s2a_callback`` the callback given to the
+    Trainer.
+    """
+
+    s2a_config: S2AConfig | None = None
+    s2a_callback: S2ACallback | None = None
+    s2a_adapter_path: str | None = None
+
+    def __init__(
+        self,
+        model_class: Any = None,
+        datamodule_class: Any = LightningDataModule,
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("seed_everything_default", 0)
+        kwargs["trainer_defaults"] = {**TRAINER_DEFAULTS, **(kwargs.get("trainer_defaults") or {})}
+        super().__init__(model_class, datamodule_class, *args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        defaults: dict[str, Any] = {}
+        if self.subclass_mode_model and issubclass(ImageClassifier, self._model_class):
+            defaults["model"] = {"class_path": _class_path(ImageClassifier)}
+        if self.subclass_mode_data and issubclass(DigitsDataModule, self._datamodule_class):
+            defaults["data"] = {"class_path": _class_path(DigitsDataModule)}
+        if defaults:
+            parser.set_defaults(defaults)
+        add_s2a_arguments(parser)
+
+    def before_instantiate_classes(self) -> None:
+        parser = self._parser(self.subcommand)
+        try:
+            enabled, config, adapter_path = s2a_config_from_namespace(
+                self._get(self.config, S2A_KEY)
+            )
+        except (TypeError, ValueError) as err:
+            parser.error(f"invalid s2a option: {err}")
+        self.s2a_config = config if enabled else None
+        self.s2a_adapter_path = adapter_path if enabled else None
+        if enabled:
+            strategy = self._get(self.config, "trainer", default={}).get("strategy")
+            name = strategy if isinstance(strategy, str) else getattr(strategy, "class_path", "")
+            if isinstance(name, str) and "s2a" in name.lower().rsplit(".", 1)[-1]:
+                parser.error(
+                    f"trainer.strategy={name!r} applies S2A itself and so does the s2a section; "
+                    "set --s2a.enabled false to configure S2A through the strategy, or use a "
+                    "plain strategy."
+                )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        if self.s2a_config is not None:
+            config = self.s2a_config
+            input_size = getattr(self.datamodule, "input_size", None)
+            if config.input_size is None and input_size is not None:
+                # Prompts are sized for the resolution the data actually have.
+                config = config.replace(input_size=tuple(input_size))
+            self.s2a_config = config
+            self.s2a_callback = S2ACallback(config=config, adapter_path=self.s2a_adapter_path)
+            trainer_config = self._get(self.config_init, "trainer", default={})
+            callbacks = kwargs.pop("callbacks", trainer_config.get("callbacks"))
+            if callbacks is None:
+                callbacks = []
+            elif not isinstance(callbacks, list):
+                callbacks = [callbacks]
+            if any(isinstance(c, S2ACallback) for c in callbacks):
+                self._parser(self.subcommand).error(
+                    "trainer.callbacks already has an S2ACallback and the s2a section adds one; "
+                    "set --s2a.enabled false, or remove the callback from trainer.callbacks."
+                )
+            kwargs["callbacks"] = [self.s2a_callback, *callbacks]
+        return super().instantiate_trainer(**kwargs)
+
+
+def main(args: ArgsType = None) -> None:
+    """Entry point of the ``lightning-s2a`` console script."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub at run time
+    S2ALightningCLI(args=args)
+
+
+if __name__ == "__main__":
+    main()

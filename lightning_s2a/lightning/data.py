@@ -1,0 +1,233 @@
+"""DataModules whose data need no download: scikit-learn's digits, and users' own folders."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _check_common(image_size: int, batch_size: int, val_fraction: float, num_workers: int) -> None:
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
+        raise ValueError(f"image_size: must be an integer >= 8, got {image_size!r}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: must be a positive integer, got {batch_size!r}.")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(
+            f"val_fraction: must be between 0 and 1 (exclusive), got {val_fraction!r}."
+        )
+    if num_workers < 0:
+        raise ValueError(f"num_workers: must be >= 0, got {num_workers!r}.")
+
+
+def _split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """A seeded permutation of range(n) cut into (train, val) index lists."""
+    n_val = min(max(1, round(n * val_fraction)), n - 1)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return perm[n_val:], perm[:n_val]
+
+
+class _LoadersMixin:
+    """Train (seeded shuffle), val, and test/predict on the val split."""
+
+    image_size: int
+    batch_size: int
+    num_workers: int
+    seed: int
+    train_set: Dataset | None
+    val_set: Dataset | None
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        """Shape of one sample, (3, image_size, image_size): what S2A sizes prompts for."""
+        return (3, self.image_size, self.image_size)
+
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}: call setup() before asking for loaders.")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            generator=self._generator if train else None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+
+class DigitsDataModule(_LoadersMixin, pl.LightningDataModule):
+    """scikit-learn's handwritten digits (1,797 8x8 images, 10 classes), as ImageNet-style input.
+
+    Pixels are scaled to [0, 1], resized bilinearly to ``image_size``, repeated to 3 channels and
+    normalised with the ImageNet mean and std. The train/val split is a seeded permutation;
+    ``test`` and ``predict`` use the val split. The data ship inside scikit-learn (the
+    ``datasets`` extra), so nothing downloads.
+    """
+
+    num_classes = 10
+
+    def __init__(
+        self,
+        image_size: int = 64,
+        batch_size: int = 32,
+        val_fraction: float = 0.2,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        _check_common(image_size, batch_size, val_fraction, num_workers)
+        self.save_hyperparameters()
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.num_workers = num_workers
+        self.seed = seed
+        self.train_set: TensorDataset | None = None
+        self.val_set: TensorDataset | None = None
+
+    def prepare_data(self) -> None:
+        _load_digits()  # fail early, with the install hint, if scikit-learn is missing
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        images, targets = _load_digits()
+        x = torch.as_tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0
+        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear")
+        x = x.clamp_(0.0, 1.0).repeat(1, 3, 1, 1)
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        x = (x - mean) / std
+        y = torch.as_tensor(targets, dtype=torch.long)
+        train_idx, val_idx = _split(len(y), self.val_fraction, self.seed)
+        self.train_set = TensorDataset(x[train_idx], y[train_idx])
+        self.val_set = TensorDataset(x[val_idx], y[val_idx])
+        self._generator = torch.Generator().manual_seed(self.seed)
+
+
+def _load_digits() -> tuple[Any, Any]:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:
+        raise ImportError(
+            "DigitsDataModule needs scikit-learn, which ships the digits data: install the "
+            "'datasets' extra (pip install 'lightning-s2a[datasets]', or uv sync --extra datasets)."
+        ) from err
+    digits = load_digits()
+    return digits.images, digits.target
+
+
+class ImageFolderDataModule(_LoadersMixin, pl.LightningDataModule):
+    """Your own images, one folder per class (torchvision ``ImageFolder``).
+
+    ``root/train`` and ``root/val`` are used if both exist; otherwise ``root``'s class folders
+    are split with a seeded permutation (``val_fraction``). ``test`` and ``predict`` use the val
+    split. Train images get a random resized crop and a horizontal flip; val images a resize
+    and a center crop; both the ImageNet normalisation.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 224,
+        batch_size: int = 32,
+        val_fraction: float = 0.2,
+        num_workers: int = 2,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        _check_common(image_size, batch_size, val_fraction, num_workers)
+        root = os.fspath(root)
+        if not os.path.isdir(root):
+            raise FileNotFoundError(
+                f"ImageFolderDataModule: root {root!r} is not a directory; point it at a folder "
+                "with one subfolder per class (or with train/ and val/ folders that each have "
+                "one subfolder per class)."
+            )
+        self.save_hyperparameters()
+        self.root = root
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.num_workers = num_workers
+        self.seed = seed
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.classes: list[str] = self._find_classes()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def _has_split_folders(self) -> bool:
+        return all(os.path.isdir(os.path.join(self.root, s)) for s in ("train", "val"))
+
+    def _find_classes(self) -> list[str]:
+        from torchvision.datasets.folder import find_classes
+
+        if self._has_split_folders():
+            train, _ = find_classes(os.path.join(self.root, "train"))
+            val, _ = find_classes(os.path.join(self.root, "val"))
+            if train != val:
+                raise ValueError(
+                    f"ImageFolderDataModule: {self.root}/train and {self.root}/val have "
+                    f"different class folders ({sorted(set(train) ^ set(val))} in only one)."
+                )
+            return train
+        return find_classes(self.root)[0]
+
+    def transforms(self, train: bool) -> Any:
+        from torchvision import transforms as T
+
+        normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        if train:
+            return T.Compose(
+                [
+                    T.RandomResizedCrop(self.image_size),
+                    T.RandomHorizontalFlip(),
+                    *normalize,
+                ]
+            )
+        resize = round(self.image_size / 0.875)  # the usual 224 -> 256 ratio
+        return T.Compose([T.Resize(resize), T.CenterCrop(self.image_size), *normalize])
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        from torchvision.datasets import ImageFolder
+
+        train_tf, val_tf = self.transforms(train=True), self.transforms(train=False)
+        if self._has_split_folders():
+            self.train_set = ImageFolder(os.path.join(self.root, "train"), transform=train_tf)
+            self.val_set = ImageFolder(os.path.join(self.root, "val"), transform=val_tf)
+        else:
+            train_view = ImageFolder(self.root, transform=train_tf)
+            val_view = ImageFolder(self.root, transform=val_tf)
+            if len(train_view) < 2:
+                raise ValueError(
+                    f"ImageFolderDataModule: {self.root!r} holds {len(train_view)} image(s); "
+                    "at least 2 are needed to split into train and val."
+                )
+            train_idx, val_idx = _split(len(train_view), self.val_fraction, self.seed)
+            self.train_set = Subset(train_view, train_idx)
+            self.val_set = Subset(val_view, val_idx)
+        self._generator = torch.Generator().manual_seed(self.seed)

@@ -1,0 +1,55 @@
+"""Per-epoch S2A metrics: saved-activation bytes, compression, peak memory, trainables."""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+
+MB = 2**20
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: peak allocated since the last reset. CPU: the process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / MB
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / MB if sys.platform == "darwin" else peak * 1024 / MB  # Linux reports KiB
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new CUDA peak (a per-epoch peak needs this at epoch start). CPU peaks can't reset."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+class EpochMeter:
+    """Mean saved-activation bytes per training step over one epoch."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps = 0
+        self.raw = 0
+        self.stored = 0
+
+    def update(self, stats: dict) -> None:
+        if stats["raw_bytes"]:
+            self.steps += 1
+            self.raw += stats["raw_bytes"]
+            self.stored += stats["stored_bytes"]
+
+    def metrics(self, device: torch.device, trainable: tuple[int, float]) -> dict[str, float]:
+        """The ``s2a/*`` metrics logged at the end of each training epoch."""
+        steps = max(self.steps, 1)
+        raw, stored = self.raw / steps / MB, self.stored / steps / MB
+        return {
+            "s2a/activation_raw_mb": raw,
+            "s2a/activation_stored_mb": stored,
+            "s2a/compression": raw / stored if stored else 1.0,
+            "s2a/peak_memory_mb": peak_memory_mb(device),
+            "s2a/trainable_params": float(trainable[0]),
+            "s2a/trainable_pct": 100.0 * trainable[1],
+        }

@@ -1,0 +1,115 @@
+"""``Trainer(strategy="s2a")`` and ``"s2a_ddp"``: S2A as a strategy, same effect as the callback.
+
+A strategy carries an :class:`S2ACallback` and adds it to the trainer when it connects to the
+model, so both paths run the same code: the same config gives the same trained weights, the
+same metrics and the same checkpoint state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
+
+from ..config import S2AConfig
+from .callback import S2ACallback
+
+_CONFIG_FIELDS = {f.name for f in dataclasses.fields(S2AConfig)}
+
+
+class S2AStrategyMixin:
+    """Shared by the S2A strategies: owns the callback, adds it to the trainer on connect."""
+
+    s2a_callback: S2ACallback
+
+    def _init_s2a(
+        self, config: S2AConfig | None, backbone: str | None, adapter_path: str | None, fields: dict
+    ) -> None:
+        self.s2a_callback = S2ACallback(
+            config, backbone=backbone, adapter_path=adapter_path, **fields
+        )
+
+    def connect(self, model: Any) -> None:
+        super().connect(model)  # type: ignore[misc]
+        trainer = model._trainer
+        if trainer is not None and self.s2a_callback not in trainer.callbacks:
+            trainer.callbacks.append(self.s2a_callback)
+
+
+def _split(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    fields = {k: v for k, v in kwargs.items() if k in _CONFIG_FIELDS}
+    return fields, {k: v for k, v in kwargs.items() if k not in _CONFIG_FIELDS}
+
+
+class S2AStrategy(S2AStrategyMixin, SingleDeviceStrategy):
+    """Single-device training with S2A: ``Trainer(strategy="s2a")`` or ``S2AStrategy(bits=2)``."""
+
+    strategy_name = "s2a"
+
+    def __init__(
+        self,
+        config: S2AConfig | None = None,
+        backbone: str | None = None,
+        adapter_path: str | None = None,
+        device: str | torch.device | None = None,
+        **kwargs: Any,
+    ) -> None:
+        fields, rest = _split(kwargs)
+        super().__init__(device=device if device is not None else "cpu", **rest)
+        self._device_given = device is not None
+        self._devices: list[torch.device] = []
+        self._init_s2a(config, backbone, adapter_path, fields)
+
+    # Lightning fills ``parallel_devices`` of a strategy built from the registry with the
+    # Trainer's devices; that is how ``Trainer(strategy="s2a", accelerator="gpu")`` gets cuda:0.
+    @property
+    def parallel_devices(self) -> list[torch.device]:
+        return self._devices
+
+    @parallel_devices.setter
+    def parallel_devices(self, devices: list[torch.device] | None) -> None:
+        self._devices = list(devices or [])
+        if self._devices and not self._device_given:
+            if len(self._devices) > 1:
+                raise ValueError(
+                    f"strategy='s2a' trains on one device, got {len(self._devices)}; "
+                    "use strategy='s2a_ddp' for several."
+                )
+            self._root_device = self._devices[0]
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(cls.strategy_name, cls, description=cls.__doc__.splitlines()[0])
+
+
+class S2ADDPStrategy(S2AStrategyMixin, DDPStrategy):
+    """Distributed data parallel with S2A: ``Trainer(strategy="s2a_ddp", devices=N)``.
+
+    S2A is applied before DDP wraps the model, so only trainable parameters are synchronised.
+    """
+
+    strategy_name = "s2a_ddp"
+
+    def __init__(
+        self,
+        config: S2AConfig | None = None,
+        backbone: str | None = None,
+        adapter_path: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        fields, rest = _split(kwargs)
+        super().__init__(**rest)
+        self._init_s2a(config, backbone, adapter_path, fields)
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(cls.strategy_name, cls, description=cls.__doc__.splitlines()[0])
+
+
+def register() -> None:
+    """Put "s2a" and "s2a_ddp" into Lightning's strategy registry (idempotent)."""
+    for cls in (S2AStrategy, S2ADDPStrategy):
+        if cls.strategy_name not in StrategyRegistry:
+            cls.register_strategies(StrategyRegistry)

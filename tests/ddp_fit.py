@@ -1,0 +1,68 @@
+"""Run by tests/test_ddp.py as a script: a 2-process CPU (gloo) DDP fit with S2A.
+
+Usage: python tests/ddp_fit.py {strategy|callback} OUT_DIR. Each rank writes its final
+trainable state and what DDP synchronises to OUT_DIR/rank{N}.pt.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import lightning.pytorch as pl
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lightning_s2a import S2ACallback, S2AConfig, S2ADDPStrategy
+from tests.lightning_helpers import UserModule, _data
+
+
+class RecordDDP(pl.Callback):
+    """What the model looks like while training: the DDP wrapper and what it synchronises."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        ddp = trainer.strategy.model
+        self.ddp_type = type(ddp).__name__
+        self.synced = sum(p.numel() for p in ddp.parameters() if p.requires_grad)
+        self.total = sum(p.numel() for p in ddp.parameters())
+
+
+def main() -> None:
+    mode, out = sys.argv[1], sys.argv[2]
+    cfg = S2AConfig(modules=("bias", "prompt"), input_size=(3, 32, 32))
+    pl.seed_everything(0)
+    model = UserModule()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    kwargs = (
+        {"strategy": S2ADDPStrategy(cfg)}
+        if mode == "strategy"
+        else {"strategy": "ddp", "callbacks": [S2ACallback(cfg)]}
+    )
+    record = RecordDDP()
+    kwargs["callbacks"] = [*kwargs.get("callbacks", []), record]
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+    trainer.fit(model, _data(), _data(8))
+    torch.save(
+        {
+            "state": {k: v.clone() for k, v in model.state_dict().items()},
+            "initial": initial,
+            "ddp_type": record.ddp_type,
+            "synced_numel": record.synced,
+            "total_numel": record.total,
+        },
+        os.path.join(out, f"rank{trainer.global_rank}.pt"),
+    )
+
+
+if __name__ == "__main__":
+    main()

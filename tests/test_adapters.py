@@ -1,0 +1,203 @@
+"""Per-task adapter files: exact round trips, swapping on one backbone, wrappers, errors."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import timm
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lightning_s2a import S2AConfig, apply_s2a
+from lightning_s2a.adapters import get_handle, load_adapter, save_adapter
+
+SIZE = (3, 64, 64)
+CFG = S2AConfig(modules=("bias", "prompt"), input_size=SIZE)
+
+
+def vit(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model("vit_tiny_patch16_224", num_classes=5, depth=2, img_size=64).eval()
+
+
+def resnet(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model("resnet18", num_classes=5).eval()
+
+
+class Wrapper(nn.Module):
+    """Stands in for a LightningModule that holds the backbone as ``.backbone``."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+
+def perturb(model: nn.Module, seed: int) -> None:
+    """Simulate training: move every trainable parameter (prompt B starts at zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def out(model: nn.Module) -> torch.Tensor:
+    x = torch.randn(2, *SIZE, generator=torch.Generator().manual_seed(123))
+    with torch.no_grad():
+        return model(x)
+
+
+def payload_bytes(path) -> int:
+    """Bytes of tensor data in a safetensors file: size minus the 8-byte length and header."""
+    data = path.read_bytes()
+    (header_len,) = struct.unpack("<Q", data[:8])
+    return len(data) - 8 - header_len
+
+
+def test_round_trip_exact_and_only_trainable(tmp_path):
+    model = vit()
+    handle = apply_s2a(model, CFG)
+    perturb(model, seed=1)
+    expected = out(model)
+    path = tmp_path / "task.safetensors"
+    save_adapter(model, path)
+
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert any(".s2a_prompt." in n for n in trainable) and "head.weight" in trainable
+    tensors = load_file(path)
+    assert set(tensors) == set(trainable)
+    assert payload_bytes(path) == sum(p.numel() * p.element_size() for p in trainable.values())
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+    assert meta["format"] == "lightning_s2a.adapter" and meta["version"] == "1"
+    assert meta["prefix"] == ""
+    assert S2AConfig(**json.loads(meta["s2a_config"])) == handle.config
+    backbone = json.loads(meta["backbone"])
+    assert backbone["architecture"] == "vit_tiny_patch16_224"
+    assert backbone["num_params"] == sum(
+        p.numel() for n, p in model.named_parameters() if "s2a_" not in n
+    )
+
+    fresh = vit()
+    assert not torch.equal(out(fresh), expected)  # the adapter is what makes them equal
+    loaded = load_adapter(fresh, path)
+    assert get_handle(fresh) is loaded and loaded.config == handle.config
+    assert torch.equal(out(fresh), expected)
+
+
+def test_swap_adapters_on_one_backbone(tmp_path):
+    outs = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        model = vit()
+        apply_s2a(model, CFG)
+        perturb(model, seed)
+        outs[name] = out(model)
+        save_adapter(model, tmp_path / f"{name}.safetensors")
+    assert not torch.equal(outs["a"], outs["b"])
+
+    backbone = vit()
+    first = load_adapter(backbone, tmp_path / "a.safetensors")
+    assert torch.equal(out(backbone), outs["a"])
+    assert load_adapter(backbone, tmp_path / "b.safetensors") is first  # handle reused
+    assert torch.equal(out(backbone), outs["b"])
+    load_adapter(backbone, tmp_path / "a.safetensors")
+    assert torch.equal(out(backbone), outs["a"])
+
+
+def test_wrapper_prefix(tmp_path):
+    wrapper = Wrapper(vit())
+    apply_s2a(wrapper.backbone, CFG)
+    perturb(wrapper, seed=3)
+    expected = out(wrapper)
+    path = tmp_path / "wrapped.safetensors"
+    save_adapter(wrapper, path)
+
+    keys = set(load_file(path))
+    assert keys and all(k.startswith("backbone.") for k in keys)
+    with safe_open(path, framework="pt") as f:
+        assert f.metadata()["prefix"] == "backbone"
+
+    fresh = Wrapper(vit())
+    handle = load_adapter(fresh, path)
+    assert handle.model is fresh.backbone and get_handle(fresh) is None
+    assert torch.equal(out(fresh), expected)
+
+
+def test_side_round_trip(tmp_path):
+    model = vit()
+    apply_s2a(model, S2AConfig(modules="side", input_size=SIZE))
+    perturb(model, seed=4)
+    expected = out(model)
+    path = tmp_path / "side.safetensors"
+    save_adapter(model, path)
+    keys = set(load_file(path))
+    assert keys and all(k.startswith("s2a_side.") for k in keys)  # head frozen with side
+
+    fresh = vit()
+    load_adapter(fresh, path)
+    assert torch.equal(out(fresh), expected)
+
+
+@pytest.fixture
+def vit_adapter(tmp_path):
+    model = vit()
+    apply_s2a(model, CFG)
+    perturb(model, seed=5)
+    path = tmp_path / "vit.safetensors"
+    save_adapter(model, path)
+    return path
+
+
+def test_error_other_architecture(vit_adapter):
+    other = resnet()
+    with pytest.raises(ValueError, match=r"vit_tiny_patch16_224.*resnet18"):
+        load_adapter(other, vit_adapter)
+    assert get_handle(other) is None
+
+
+def test_error_other_config(vit_adapter):
+    model = vit()
+    handle = apply_s2a(model, S2AConfig(modules=("bias",), input_size=SIZE))
+    with pytest.raises(ValueError, match=r"modules.*remove\(\)"):
+        load_adapter(model, vit_adapter)
+    handle.remove()
+    assert load_adapter(model, vit_adapter).config == CFG
+
+
+def test_error_not_an_adapter(tmp_path):
+    plain = tmp_path / "weights.safetensors"
+    save_file({"w": torch.zeros(2)}, plain)
+    with pytest.raises(ValueError, match="not an S2A adapter"):
+        load_adapter(vit(), plain)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        load_adapter(vit(), junk)
+
+
+def test_error_save_without_s2a(tmp_path):
+    with pytest.raises(ValueError, match="no S2A applied"):
+        save_adapter(Wrapper(vit()), tmp_path / "x.safetensors")
+
+
+def test_error_keys_listed(vit_adapter, tmp_path):
+    with safe_open(vit_adapter, framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(vit_adapter)
+    del tensors["head.bias"]
+    tensors["extra.weight"] = torch.zeros(1)
+    tensors["head.weight"] = torch.zeros(3, 3)
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, bad, metadata=meta)
+    model = vit()
+    with pytest.raises(ValueError, match=r"head\.bias.*extra\.weight.*head\.weight"):
+        load_adapter(model, bad)
+    assert get_handle(model) is None  # the S2A applied for the load is taken back out

@@ -1,0 +1,243 @@
+"""The ``lightning-s2a`` CLI, its model and its DataModules (CPU, small, offline)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+
+import pytest
+import torch
+
+from lightning_s2a import S2AConfig
+from lightning_s2a.lightning.callback import S2ACallback
+from lightning_s2a.lightning.cli import S2ALightningCLI
+from lightning_s2a.lightning.data import DigitsDataModule, ImageFolderDataModule
+from lightning_s2a.lightning.model import ImageClassifier
+
+pytest.importorskip("sklearn")
+
+# A small random-init model at a small resolution: every CLI test runs in seconds.
+SMALL = [
+    "--model.backbone",
+    "resnet18",
+    "--model.pretrained",
+    "false",
+    "--data.image_size",
+    "32",
+    "--trainer.accelerator",
+    "cpu",
+    "--trainer.devices",
+    "1",
+]
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    """Run in tmp_path, with no pytest flags in sys.argv for LightningCLI to warn about."""
+    monkeypatch.setattr(sys, "argv", ["lightning-s2a"])
+
+
+def _cli(tmp_path, *args, run=False):
+    trainer = ["--trainer.default_root_dir", str(tmp_path)]
+    argv = [*args[:1], *SMALL, *trainer, *args[1:]] if run else [*SMALL, *trainer, *args]
+    return S2ALightningCLI(run=run, args=argv)
+
+
+def _s2a_callbacks(trainer):
+    return [c for c in trainer.callbacks if isinstance(c, S2ACallback)]
+
+
+def test_flags_build_the_s2a_config(tmp_path):
+    cli = _cli(
+        tmp_path,
+        "--s2a.bits",
+        "2",
+        "--s2a.modules",
+        "[bias,prompt]",
+        "--s2a.prompt_rank",
+        "4",
+        "--s2a.op_bits",
+        "{softmax: 8}",
+    )
+    config = cli.s2a_config
+    assert isinstance(config, S2AConfig)
+    assert config.bits == 2
+    assert config.modules == ("bias", "prompt")
+    assert config.prompt_rank == 4
+    assert config.op_bits == {"softmax": 8}
+    assert config.input_size == (3, 32, 32)  # taken from the data, so prompts fit them
+    (callback,) = _s2a_callbacks(cli.trainer)
+    assert callback is cli.s2a_callback
+    assert callback.config == config
+    assert isinstance(cli.model, ImageClassifier)
+    assert cli.model.hparams.backbone == "resnet18"
+    assert isinstance(cli.datamodule, DigitsDataModule)
+
+
+def test_defaults_and_module_string(tmp_path):
+    cli = _cli(tmp_path, "--s2a.modules", "bias+prompt")
+    assert cli.s2a_config.modules == ("bias", "prompt")
+    assert cli.s2a_config.bits == S2AConfig().bits
+    assert cli.trainer.max_epochs == 3
+    cli = _cli(tmp_path)
+    assert cli.s2a_config.modules == ("bias",)
+    assert cli.s2a_adapter_path is None
+
+
+def test_yaml_config(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "s2a:\n"
+        "  bits: 8\n"
+        "  modules: [side]\n"
+        "  side_reduction: 2\n"
+        f"  adapter_path: {tmp_path / 'a.safetensors'}\n"
+        "data:\n"
+        "  batch_size: 7\n"
+    )
+    cli = _cli(tmp_path, "--config", str(path))
+    assert cli.s2a_config.bits == 8
+    assert cli.s2a_config.modules == ("side",)
+    assert cli.s2a_config.side_reduction == 2
+    assert cli.s2a_callback.adapter_path == str(tmp_path / "a.safetensors")
+    assert cli.datamodule.batch_size == 7
+    assert cli.datamodule.image_size == 32  # kept from the flags: the file sets only batch_size
+
+
+def test_disabled_adds_no_callback(tmp_path):
+    cli = _cli(tmp_path, "--s2a.enabled", "false", "--s2a.bits", "2")
+    assert cli.s2a_config is None
+    assert cli.s2a_callback is None
+    assert _s2a_callbacks(cli.trainer) == []
+    assert all(p.requires_grad for p in cli.model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "expected"),
+    [
+        ("--s2a.bits", "3", ["bits", "(1, 2, 4, 8)"]),
+        ("--s2a.modules", "[bias,lora]", ["modules", "'lora'"]),
+    ],
+)
+def test_invalid_value_reports_the_config_error(tmp_path, capsys, flag, value, expected):
+    with pytest.raises(SystemExit) as exc:
+        _cli(tmp_path, flag, value)
+    assert exc.value.code != 0
+    err = capsys.readouterr().err
+    for text in expected:
+        assert text in err, err
+
+
+def test_fit_end_to_end_logs_s2a_metrics(tmp_path):
+    adapter = tmp_path / "adapter.safetensors"
+    cli = _cli(
+        tmp_path,
+        "fit",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "2",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.logger",
+        "CSVLogger",
+        "--trainer.logger.save_dir",
+        str(tmp_path / "logs"),
+        "--trainer.enable_checkpointing",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--data.batch_size",
+        "8",
+        "--s2a.modules",
+        "[bias,prompt]",
+        "--s2a.adapter_path",
+        str(adapter),
+        run=True,
+    )
+    assert cli.trainer.state.finished
+    metrics = os.path.join(cli.trainer.logger.log_dir, "metrics.csv")
+    with open(metrics) as f:
+        rows = list(csv.DictReader(f))
+    columns = set(rows[0])
+    for name in ("s2a/compression", "s2a/activation_stored_mb", "s2a/trainable_pct", "val/acc"):
+        assert name in columns, columns
+    compression = [float(r["s2a/compression"]) for r in rows if r["s2a/compression"]]
+    assert compression and compression[0] > 1.0
+    assert adapter.is_file()
+
+
+def test_digits_datamodule():
+    dm = DigitsDataModule(image_size=24, batch_size=16, val_fraction=0.25, seed=3)
+    dm.setup("fit")
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (16, 3, 24, 24) and x.dtype == torch.float32
+    assert y.shape == (16,) and y.dtype == torch.long
+    assert len(dm.train_set) + len(dm.val_set) == 1797
+    assert len(dm.val_set) == round(1797 * 0.25)
+    assert dm.num_classes == 10 and dm.input_size == (3, 24, 24)
+    assert set(dm.train_set.tensors[1].tolist()) == set(range(10))
+    assert x.mean().abs() < 3  # ImageNet-normalised, not raw 0..16 pixel values
+
+    again = DigitsDataModule(image_size=24, batch_size=16, val_fraction=0.25, seed=3)
+    again.setup("fit")
+    assert torch.equal(again.val_set.tensors[0], dm.val_set.tensors[0])
+    assert torch.equal(next(iter(again.train_dataloader()))[1], y)  # seeded shuffle
+    other = DigitsDataModule(image_size=24, val_fraction=0.25, seed=4)
+    other.setup("fit")
+    assert not torch.equal(other.val_set.tensors[1], dm.val_set.tensors[1])
+    xt, _ = next(iter(dm.test_dataloader()))
+    assert torch.equal(xt, dm.val_set.tensors[0][:16])
+
+    with pytest.raises(ValueError, match="val_fraction"):
+        DigitsDataModule(val_fraction=1.0)
+
+
+def _write_pngs(folder, classes, per_class, size=20):
+    from PIL import Image
+
+    for c, name in enumerate(classes):
+        (folder / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = torch.full((size, size, 3), 40 * c + i, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(folder / name / f"{i}.png")
+
+
+def test_image_folder_datamodule(tmp_path):
+    root = tmp_path / "pets"
+    _write_pngs(root, ["cat", "dog", "eel"], per_class=4)
+    dm = ImageFolderDataModule(str(root), image_size=16, batch_size=4, val_fraction=0.25)
+    assert dm.num_classes == 3 and dm.classes == ["cat", "dog", "eel"]
+    dm.setup("fit")
+    assert (len(dm.train_set), len(dm.val_set)) == (9, 3)
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, 16, 16) and int(y.max()) < 3
+    xv, _ = next(iter(dm.val_dataloader()))
+    assert xv.shape == (3, 3, 16, 16)
+    assert not set(dm.train_set.indices) & set(dm.val_set.indices)
+
+    split = tmp_path / "split"
+    _write_pngs(split / "train", ["a", "b"], per_class=3)
+    _write_pngs(split / "val", ["a", "b"], per_class=2)
+    dm = ImageFolderDataModule(str(split), image_size=16, batch_size=8, num_workers=0)
+    dm.setup("fit")
+    assert (len(dm.train_set), len(dm.val_set), dm.num_classes) == (6, 4, 2)
+
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        ImageFolderDataModule(str(tmp_path / "missing"))
+
+
+def test_pretrained_without_offline_weights_is_a_clear_error(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))  # an empty cache: nothing to find
+    with pytest.raises(RuntimeError, match="could not be loaded offline") as exc:
+        ImageClassifier(backbone="resnet18", pretrained=True)
+    assert "pretrained: false" in str(exc.value)
+    assert "tf_efficientnet_lite0" in str(exc.value)
+    with pytest.raises(ValueError, match="not a timm model"):
+        ImageClassifier(backbone="no_such_net", pretrained=False)

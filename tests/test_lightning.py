@@ -1,0 +1,186 @@
+"""The Lightning layer: callback and strategy on a user-style LightningModule."""
+
+from __future__ import annotations
+
+import csv
+
+import lightning.pytorch as pl
+import pytest
+import timm
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_s2a import S2ACallback, S2AConfig, S2AStrategy
+from tests.lightning_helpers import UserModule, _data
+
+
+def _fit(tmp_path, epochs=2, ckpt_path=None, **trainer_kwargs):
+    pl.seed_everything(0, workers=True)
+    model = UserModule()
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=CSVLogger(tmp_path, name="log"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+        **trainer_kwargs,
+    )
+    trainer.fit(model, _data(), _data(8), ckpt_path=ckpt_path)
+    return model, trainer
+
+
+S2A = {"modules": ("bias", "prompt"), "input_size": (3, 32, 32)}
+
+
+def test_callback_trains_only_s2a_parameters_and_logs_metrics(tmp_path):
+    pl.seed_everything(0)
+    initial = UserModule().state_dict()
+    model, trainer = _fit(tmp_path, callbacks=[S2ACallback(S2AConfig(**S2A))])
+    changed = {
+        k for k, v in model.state_dict().items() if k in initial and not torch.equal(v, initial[k])
+    }
+    assert changed and all(k.endswith("bias") or k.startswith("backbone.head.") for k in changed)
+    assert any("s2a_prompt" in k for k in model.state_dict())  # prompts stay after fit
+    with open(f"{trainer.logger.log_dir}/metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("s2a/compression")]
+    assert len(rows) == 2  # one per epoch
+    for key in (
+        "s2a/activation_raw_mb",
+        "s2a/activation_stored_mb",
+        "s2a/peak_memory_mb",
+        "s2a/trainable_params",
+        "s2a/trainable_pct",
+    ):
+        assert float(rows[-1][key]) > 0, key
+    assert float(rows[-1]["s2a/compression"]) > 4
+
+
+def test_strategy_gives_the_same_weights_as_the_callback(tmp_path):
+    by_callback, _ = _fit(tmp_path / "a", callbacks=[S2ACallback(S2AConfig(**S2A))])
+    by_strategy, trainer = _fit(tmp_path / "b", strategy=S2AStrategy(S2AConfig(**S2A)))
+    assert isinstance(trainer.strategy, S2AStrategy)
+    a, b = by_callback.state_dict(), by_strategy.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_strategy_by_name(tmp_path):
+    model, trainer = _fit(tmp_path, epochs=1, strategy="s2a")
+    assert isinstance(trainer.strategy, S2AStrategy)
+    assert trainer.strategy.root_device == torch.device("cpu")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(
+        n.endswith("bias") or n.startswith("backbone.head.") for n in trainable
+    )
+
+
+def test_callback_and_strategy_together_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match=r"S2A is configured twice.*not both"):
+        _fit(tmp_path, epochs=1, strategy="s2a", callbacks=[S2ACallback()])
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
+    cfg = S2AConfig(**S2A, codebook_refresh=3, stochastic_rounding=True)
+    full, _ = _fit(tmp_path / "full", epochs=2, callbacks=[S2ACallback(cfg)])
+    _, first = _fit(tmp_path / "half", epochs=1, callbacks=[S2ACallback(cfg)])
+    ckpt = tmp_path / "mid.ckpt"
+    first.save_checkpoint(ckpt)
+    resumed, _ = _fit(
+        tmp_path / "resumed", epochs=2, ckpt_path=str(ckpt), callbacks=[S2ACallback(cfg)]
+    )
+    a, b = full.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+
+
+def test_test_after_fit_does_not_inject_twice(tmp_path):
+    callback = S2ACallback(S2AConfig(**S2A))
+    model, trainer = _fit(tmp_path, epochs=1, callbacks=[callback])
+    handle = callback.handle
+    prompts = [n for n, _ in model.named_modules() if n.endswith("s2a_prompt")]
+    trainer.validate(model, _data(8))
+    assert callback.handle is handle
+    assert [n for n, _ in model.named_modules() if n.endswith("s2a_prompt")] == prompts
+    assert not handle.engine.attached  # hooks are off outside fit
+
+
+def test_whole_module_needs_a_findable_head(tmp_path):
+    quiet = {"logger": False, "enable_progress_bar": False, "default_root_dir": tmp_path}
+
+    class NoBackbone(UserModule):
+        def __init__(self):
+            super().__init__()
+            self.net = self.backbone
+            del self.backbone
+
+        def forward(self, x):
+            return self.net(x)
+
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", callbacks=[S2ACallback()], **quiet)
+    with pytest.raises(ValueError, match=r"head='auto' needs a model with timm's get_classifier"):
+        trainer.fit(NoBackbone(), _data(8))
+    model = NoBackbone()
+    trainer = pl.Trainer(
+        max_epochs=1, accelerator="cpu", callbacks=[S2ACallback(head="net.head")], **quiet
+    )
+    trainer.fit(model, _data(8))
+    assert (
+        model.net.head.weight.requires_grad and not model.net.patch_embed.proj.weight.requires_grad
+    )
+
+
+def _compression(trainer) -> float:
+    with open(f"{trainer.logger.log_dir}/metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("s2a/compression")]
+    return float(rows[-1]["s2a/compression"])
+
+
+def test_bf16_mixed_precision_and_a_bf16_frozen_backbone(tmp_path):
+    _, plain = _fit(
+        tmp_path / "a", epochs=1, precision="bf16-mixed", callbacks=[S2ACallback(S2AConfig(**S2A))]
+    )
+    callback = S2ACallback(S2AConfig(**S2A, frozen_dtype="bfloat16"))
+    model, cast = _fit(tmp_path / "b", epochs=1, precision="bf16-mixed", callbacks=[callback])
+    assert model.backbone.blocks[0].mlp.fc1.weight.dtype == torch.bfloat16
+    assert model.backbone.blocks[0].mlp.fc1.bias.dtype == torch.float32  # trains in fp32
+    # autocast copied every frozen weight to bf16 each step and kept the copies for backward;
+    # with the backbone already in bf16 there is nothing to copy
+    linear = callback.handle.stats()["by_kind"].get("linear", {"stored_bytes": 0})
+    assert linear["stored_bytes"] == 0
+    assert _compression(cast) > 2 * _compression(plain)
+
+
+def test_frozen_dtype_is_undone_exactly():
+    model = timm.create_model("resnet18", num_classes=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    from lightning_s2a import apply_s2a
+
+    with apply_s2a(model, frozen_dtype="float16"):
+        assert model.conv1.weight.dtype == torch.float16
+    after = model.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_callback_writes_an_adapter_that_loads_on_a_fresh_module(tmp_path):
+    from lightning_s2a import load_adapter
+
+    path = tmp_path / "task.safetensors"
+    model, _ = _fit(
+        tmp_path, epochs=1, callbacks=[S2ACallback(S2AConfig(**S2A), adapter_path=str(path))]
+    )
+    assert path.exists() and path.stat().st_size < 0.1 * sum(
+        p.numel() * p.element_size() for p in model.parameters()
+    )
+    pl.seed_everything(0)
+    fresh = UserModule()
+    load_adapter(fresh, path)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval(), fresh.eval()
+    assert torch.equal(model(x), fresh(x))
+
+
+def test_frozen_dtype_without_mixed_precision_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match=r"frozen_dtype='bfloat16'.*needs mixed precision"):
+        _fit(tmp_path, epochs=1, callbacks=[S2ACallback(frozen_dtype="bfloat16")])
