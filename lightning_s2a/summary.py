@@ -36,19 +36,26 @@ def format_summary(handle: S2AHandle) -> str:
         f"surgery={cfg.surgery} bn_mode={cfg.bn_mode}",
         f"{'part':<10} {'trainable':>12} {'raw MiB':>10} {'stored MiB':>11} {'stored/raw':>11}",
     ]
-    shown = [p for p in PARTS if trainable[p] or p in parts]
-    for part in shown:
+    measured = stats["raw_bytes"] > 0  # bytes are known only after a training forward
+
+    def bytes_cells(raw: int, stored: int) -> str:
+        if not measured:
+            return f"{'-':>10} {'-':>11} {'-':>11}"
+        ratio = f"{stored / raw:>11.3f}" if raw else f"{'-':>11}"
+        return f"{_mib(raw):>10} {_mib(stored):>11} {ratio}"
+
+    for part in [p for p in PARTS if trainable[p] or p in parts]:
         row = parts.get(part, {"raw_bytes": 0, "stored_bytes": 0})
-        ratio = row["stored_bytes"] / row["raw_bytes"] if row["raw_bytes"] else 0.0
         lines.append(
-            f"{part:<10} {trainable[part]:>12,} {_mib(row['raw_bytes']):>10} "
-            f"{_mib(row['stored_bytes']):>11} {ratio:>11.3f}"
+            f"{part:<10} {trainable[part]:>12,} "
+            + bytes_cells(row["raw_bytes"], row["stored_bytes"])
         )
     count = sum(trainable.values())
     lines.append(
-        f"{'total':<10} {count:>12,} {_mib(stats['raw_bytes']):>10} "
-        f"{_mib(stats['stored_bytes']):>11} {stats['ratio']:>11.3f}"
+        f"{'total':<10} {count:>12,} " + bytes_cells(stats["raw_bytes"], stats["stored_bytes"])
     )
+    if not measured:
+        lines.append("(bytes: none measured yet; they are filled in after a training forward)")
     lines.append(
         f"trainable: {count:,} of {total:,} parameters ({100 * count / max(total, 1):.3f}%)"
     )

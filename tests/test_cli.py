@@ -241,3 +241,17 @@ def test_pretrained_without_offline_weights_is_a_clear_error(tmp_path, monkeypat
     assert "tf_efficientnet_lite0" in str(exc.value)
     with pytest.raises(ValueError, match="not a timm model"):
         ImageClassifier(backbone="no_such_net", pretrained=False)
+
+
+def test_main_goes_offline_and_lists_s2a_options(monkeypatch, capsys):
+    from lightning_s2a.lightning.cli import main
+
+    environ = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    monkeypatch.setattr(os, "environ", environ)
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--help"])
+    assert exc.value.code == 0
+    assert environ["HF_HUB_OFFLINE"] == "1"
+    out = capsys.readouterr().out
+    for flag in ("--s2a.bits", "--s2a.modules", "--s2a.enabled", "--s2a.adapter_path", "--data"):
+        assert flag in out

@@ -184,3 +184,12 @@ def test_callback_writes_an_adapter_that_loads_on_a_fresh_module(tmp_path):
 def test_frozen_dtype_without_mixed_precision_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"frozen_dtype='bfloat16'.*needs mixed precision"):
         _fit(tmp_path, epochs=1, callbacks=[S2ACallback(frozen_dtype="bfloat16")])
+
+
+def test_a_reused_callback_applies_s2a_to_a_new_module(tmp_path):
+    callback = S2ACallback(S2AConfig(**S2A))
+    first, _ = _fit(tmp_path / "a", epochs=1, callbacks=[callback])
+    second, _ = _fit(tmp_path / "b", epochs=1, callbacks=[callback])
+    assert callback.handle.model is second.backbone
+    assert any("s2a_prompt" in n for n, _ in second.named_modules())
+    assert any("s2a_prompt" in n for n, _ in first.named_modules())  # the first keeps its own

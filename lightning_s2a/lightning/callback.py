@@ -42,6 +42,7 @@ class S2ACallback(pl.Callback):
         self.backbone = backbone
         self.adapter_path = adapter_path
         self.handle: S2AHandle | None = None
+        self._module: pl.LightningModule | None = None
         self._meter = EpochMeter()
         self._pending_state: dict[str, Any] | None = None
 
@@ -64,7 +65,7 @@ class S2ACallback(pl.Callback):
     # -- Lightning hooks -------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _check_single_s2a(trainer)
-        if self.handle is not None:  # a later validate/test/fit on the same module
+        if self.handle is not None and self._module is pl_module:  # later stage, same module
             if stage == "fit":
                 self.handle.start_engine()
             return
@@ -76,6 +77,7 @@ class S2ACallback(pl.Callback):
             )
         target, config = self._target(pl_module)
         self.handle = apply_s2a(target, config)
+        self._module = pl_module
         if self._pending_state is not None:
             self.handle.engine.load_state_dict(self._pending_state)
             self._pending_state = None

@@ -18,7 +18,7 @@ import os
 import re
 from typing import Any
 
-from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from ..config import S2AConfig
@@ -108,18 +108,12 @@ class S2ALightningCLI(LightningCLI):
     s2a_callback: S2ACallback | None = None
     s2a_adapter_path: str | None = None
 
-    def __init__(
-        self,
-        model_class: Any = None,
-        datamodule_class: Any = LightningDataModule,
-        *args: Any,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("seed_everything_default", 0)
         kwargs["trainer_defaults"] = {**TRAINER_DEFAULTS, **(kwargs.get("trainer_defaults") or {})}
-        super().__init__(model_class, datamodule_class, *args, **kwargs)
+        super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         defaults: dict[str, Any] = {}
