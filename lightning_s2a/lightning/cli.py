@@ -16,6 +16,7 @@ import dataclasses
 import inspect
 import os
 import re
+import sys
 from typing import Any
 
 from lightning.pytorch import Trainer
@@ -170,8 +171,14 @@ class S2ALightningCLI(LightningCLI):
 
 
 def main(args: ArgsType = None) -> None:
-    """Entry point of the ``lightning-s2a`` console script."""
+    """Entry point of the ``lightning-s2a`` console script (``bench`` is its own subcommand)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub at run time
+    argv = list(args) if isinstance(args, (list, tuple)) else sys.argv[1:] if args is None else None
+    if argv and argv[0] == "bench":
+        from ..bench.run import main as bench_main
+
+        bench_main(argv[1:])
+        return
     S2ALightningCLI(args=args)
 
 

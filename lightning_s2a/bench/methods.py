@@ -1,0 +1,138 @@
+"""The compared methods, one table: name -> how to prepare a model for training with it.
+
+Each preparer freezes/wraps the model in place and returns a *meter*: a context manager
+around one training forward whose ``saved_bytes()`` gives the bytes kept for backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..api import apply_s2a
+from ..engine.accounting import SavedBytesCounter
+from ..structure.families import find_blocks
+from ..structure.head import find_head
+
+
+class CounterMeter:
+    """Baselines: count saved bytes with a plain saved-tensor hook (nothing is changed)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.counter = model, None
+
+    @contextlib.contextmanager
+    def forward(self) -> Iterator[None]:
+        self.counter = SavedBytesCounter(self.model)
+        with self.counter:
+            yield
+
+    def saved_bytes(self) -> int:
+        return self.counter.raw_bytes if self.counter else 0
+
+
+class HandleMeter:
+    """S2A (and uncompressed BitFit through S2A's counting mode): the engine's own accounting."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    @contextlib.contextmanager
+    def forward(self) -> Iterator[None]:
+        yield
+
+    def saved_bytes(self) -> int:
+        return self.handle.stats()["stored_bytes"]
+
+
+def _full(model: nn.Module, bits: int) -> CounterMeter:
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return CounterMeter(model)
+
+
+def _linear_probe(model: nn.Module, bits: int) -> CounterMeter:
+    head = {id(p) for p in find_head(model, "auto").parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in head)
+    return CounterMeter(model)
+
+
+def _bitfit(model: nn.Module, bits: int) -> HandleMeter:
+    return HandleMeter(apply_s2a(model, modules="bias", compress=False, surgery=False))
+
+
+def _checkpointed(model: nn.Module, bits: int) -> CounterMeter:
+    blocks, _ = find_blocks(model, None)
+    for block in blocks:
+        forward = block.module.forward
+
+        def wrapped(*args: Any, _forward: Callable = forward, **kwargs: Any) -> Any:
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        block.module.forward = wrapped
+    return _full(model, bits)
+
+
+def _lora(model: nn.Module, bits: int) -> CounterMeter:
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as err:
+        raise ImportError(
+            "the LoRA baseline needs peft: uv sync --group bench (or pip install peft)"
+        ) from err
+    head = find_head(model, "auto")
+    head_name = next(n for n, m in model.named_modules() if m is head)
+    targets = sorted(
+        {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        - {head_name.rsplit(".", 1)[-1]}
+    )
+    if not targets:  # CNNs: adapt the 1x1/3x3 convolutions instead
+        targets = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+        )
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=targets, modules_to_save=[head_name])
+    peft_model = get_peft_model(model, config)
+    return CounterMeter(peft_model)
+
+
+def _s2a(modules: str) -> Callable[[nn.Module, int], HandleMeter]:
+    def prepare(model: nn.Module, bits: int, **fields: Any) -> HandleMeter:
+        return HandleMeter(apply_s2a(model, modules=modules, bits=bits, **fields))
+
+    return prepare
+
+
+#: Method name -> (preparer, uses ``bits``). Ratios are taken against "full".
+METHODS: dict[str, tuple[Callable[[nn.Module, int], Any], bool]] = {
+    "full": (_full, False),
+    "full+checkpoint": (_checkpointed, False),
+    "linear_probe": (_linear_probe, False),
+    "bitfit": (_bitfit, False),
+    "lora": (_lora, False),
+    "s2a_bias": (_s2a("bias"), True),
+    "s2a_prompt": (_s2a("prompt"), True),
+    "s2a_bias+prompt": (_s2a("bias+prompt"), True),
+    "s2a_side": (_s2a("side"), True),
+}
+
+
+def expand(names: list[str], bits: list[int]) -> list[tuple[str, int | None]]:
+    """(method, bits) pairs to run: S2A methods once per bit width, the others once."""
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown bench method(s) {unknown}; known: {list(METHODS)}.")
+    runs: list[tuple[str, int | None]] = []
+    for name in names:
+        runs.extend((name, b) for b in bits) if METHODS[name][1] else runs.append((name, None))
+    return runs
+
+
+def trainable(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

@@ -1,0 +1,209 @@
+"""Run the benchmark: every method in a fresh process, then one table, CSV and plot.
+
+    lightning-s2a bench --model vit_base_patch16_224 --batch-size 8
+
+Each method runs in its own subprocess (``python -m lightning_s2a.bench.run --worker``) so
+that memory peaks do not leak between methods. Ratios are against full fine-tuning measured in
+the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+MB = 2**20
+
+
+def _worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One method, in this process: prepare, train ``warmup + steps`` steps, measure."""
+    import timm
+    import torch
+    import torch.nn.functional as F
+
+    from .methods import METHODS, trainable
+
+    torch.manual_seed(0)
+    device = torch.device(spec["device"])
+    model = timm.create_model(spec["model"], num_classes=spec["classes"]).to(device).train()
+    prepare, uses_bits = METHODS[spec["method"]]
+    extra = {"input_size": (3, spec["resolution"], spec["resolution"])} if uses_bits else {}
+    meter = prepare(model, spec["bits"], **extra) if uses_bits else prepare(model, 0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    x = torch.randn(spec["batch_size"], 3, spec["resolution"], spec["resolution"], device=device)
+    y = torch.randint(0, spec["classes"], (spec["batch_size"],), device=device)
+    autocast = spec["dtype"] == "bf16-mixed"
+    times, saved = [], 0
+    for step in range(spec["warmup"] + spec["steps"]):
+        if step == spec["warmup"] and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+            with meter.forward():  # the model's forward only, as the engine counts it
+                out = model(x)
+            loss = F.cross_entropy(out.float(), y)
+        saved = meter.saved_bytes()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if step >= spec["warmup"]:
+            times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / MB
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    n_train, n_total = trainable(model)
+    return {
+        "method": spec["method"] + (f"@{spec['bits']}bit" if uses_bits else ""),
+        "saved_mib": saved / MB,
+        "peak_mib": peak,
+        "trainable": n_train,
+        "trainable_pct": 100 * n_train / n_total,
+        "step_s": statistics.median(times),
+    }
+
+
+def _run(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "lightning_s2a.bench.run", "--worker", json.dumps(spec)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-1:] or ["(no output)"]
+        return {"method": spec["method"], "error": tail[0]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _table(rows: list[dict[str, Any]], full: dict[str, Any] | None) -> str:
+    lines = [
+        "| method | saved activations MiB | vs full | peak MiB | vs full | trainable | "
+        "step s | vs full |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['method']} | failed: {r['error']} |||||||")
+            continue
+
+        def ratio(key: str, r: dict[str, Any] = r) -> str:
+            return f"{full[key] / r[key]:.1f}x less" if full and r[key] else "-"
+
+        step_ratio = f"{r['step_s'] / full['step_s']:.2f}x" if full else "-"
+        lines.append(
+            f"| {r['method']} | {r['saved_mib']:.1f} | {ratio('saved_mib')} | "
+            f"{r['peak_mib']:.0f} | {ratio('peak_mib')} | {r['trainable']:,} "
+            f"({r['trainable_pct']:.2f}%) | {r['step_s']:.3f} | {step_ratio} |"
+        )
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    ok = [r for r in rows if "error" not in r]
+    names = [r["method"] for r in ok]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 0.35 * len(ok) + 1.5), sharey=True)
+    for ax, key, label in zip(
+        axes,
+        ("saved_mib", "peak_mib", "step_s"),
+        ("saved activations (MiB)", "peak memory (MiB)", "step time (s)"),
+        strict=True,
+    ):
+        ax.barh(names, [r[key] for r in ok], color="#4477aa")
+        ax.set_xlabel(label)
+        ax.invert_yaxis() if ax is axes[0] else None
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse ``lightning-s2a bench`` options and run every method in its own process."""
+    from .methods import METHODS, expand
+
+    parser = argparse.ArgumentParser(prog="lightning-s2a bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="vit_base_patch16_224")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--resolution", type=int, default=224)
+    parser.add_argument("--dtype", choices=("fp32", "bf16-mixed"), default="fp32")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--bits", type=int, nargs="+", default=[4, 2, 8])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--classes", type=int, default=100)
+    parser.add_argument("--device", default=None, help="cuda if available, else cpu")
+    parser.add_argument("--out", default="bench_results", help="folder for results.md/csv/png")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per method")
+    args = parser.parse_args(argv)
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    runs = expand(args.methods, args.bits)
+    base = {
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "resolution": args.resolution,
+        "dtype": args.dtype,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "classes": args.classes,
+        "device": device,
+    }
+    machine = (
+        torch.cuda.get_device_name(0)
+        if device == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    )
+    header = (
+        f"{args.model}, batch {args.batch_size}, {args.resolution}px, {args.dtype}, {machine}, "
+        f"torch {torch.__version__}, median of {args.steps} steps after {args.warmup} warm-up, "
+        f"{time.strftime('%Y-%m-%d')}"
+    )
+    print(header, flush=True)
+    rows = []
+    for method, bits in runs:
+        row = _run({**base, "method": method, "bits": bits}, args.timeout)
+        print(f"  {row['method']}: " + ("failed" if "error" in row else "ok"), flush=True)
+        rows.append(row)
+    full = next((r for r in rows if r["method"] == "full" and "error" not in r), None)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = _table(rows, full)
+    (out / "results.md").write_text(f"{header}\n\n{table}\n")
+    with open(out / "results.csv", "w", newline="") as f:
+        keys = ["method", "saved_mib", "peak_mib", "trainable", "trainable_pct", "step_s", "error"]
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    plotted = _plot(rows, out / "results.png")
+    print()
+    print(table)
+    print(
+        f"\nwritten: {out}/results.md, results.csv"
+        + (", results.png" if plotted else " (no matplotlib: no plot)")
+    )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--worker":
+        print(json.dumps(_worker(json.loads(sys.argv[2]))))
+    else:
+        main()

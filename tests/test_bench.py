@@ -1,0 +1,49 @@
+"""``lightning-s2a bench``: one process per method, and numbers that agree with the engine."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from lightning_s2a import apply_s2a
+from lightning_s2a.bench.methods import expand
+from lightning_s2a.engine.accounting import SavedBytesCounter
+from lightning_s2a.lightning.cli import main as cli_main
+
+
+def test_bench_runs_each_method_and_agrees_with_the_engine(tmp_path):
+    cli_main(
+        ["bench", "--model", "resnet18", "--batch-size", "2", "--resolution", "64",
+         "--methods", "full", "bitfit", "s2a_bias", "--bits", "4", "2", "--steps", "1",
+         "--warmup", "0", "--classes", "10", "--out", str(tmp_path)]
+    )  # fmt: skip
+    with open(tmp_path / "results.csv") as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"full", "bitfit", "s2a_bias@4bit", "s2a_bias@2bit"}
+    assert not any(r["error"] for r in rows.values())
+    # the same measurements made here, in-process, with the engine's own accounting
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=10).train()
+    x = torch.randn(2, 3, 64, 64)
+    with SavedBytesCounter(model) as counter:
+        model(x)
+    with apply_s2a(model, modules="bias", bits=4, input_size=(3, 64, 64)) as handle:
+        F.cross_entropy(model(x), torch.zeros(2, dtype=torch.long))
+        stored = handle.stats()["stored_bytes"]
+    assert float(rows["full"]["saved_mib"]) == pytest.approx(counter.raw_bytes / 2**20, rel=1e-9)
+    assert float(rows["s2a_bias@4bit"]["saved_mib"]) == pytest.approx(stored / 2**20, rel=1e-9)
+    # with surgery, a bias-only ResNet keeps only exact codes (1-bit ReLU masks, max-pool
+    # offsets, BatchNorm scales, the head input), so the code width changes nothing
+    assert rows["s2a_bias@2bit"]["saved_mib"] == rows["s2a_bias@4bit"]["saved_mib"]
+    assert float(rows["s2a_bias@4bit"]["saved_mib"]) * 20 < float(rows["full"]["saved_mib"])
+    table = (tmp_path / "results.md").read_text()
+    assert "resnet18, batch 2, 64px, fp32" in table and "x less" in table
+
+
+def test_unknown_bench_method_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"unknown bench method\(s\) \['qlora'\]; known: \["):
+        expand(["full", "qlora"], [4])
