@@ -20,14 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from lightning_s2a import S2AConfig, apply_s2a
+from lightning_s2a.lightning.model import build_backbone
 
 
 def build(name: str) -> torch.nn.Module:
-    if name == "tf_efficientnet_lite0(imagenet)":
-        from lightning_s2a.pretrained import efficientnet_lite0_imagenet
-
-        return efficientnet_lite0_imagenet(10)
-    return timm.create_model(name, num_classes=10)
+    """A timm model by name; a "(imagenet)" suffix loads the offline pretrained weights."""
+    return build_backbone(name.removesuffix("(imagenet)"), name.endswith("(imagenet)"), 10)
 
 
 def step(model, x, y) -> float:

@@ -16,16 +16,14 @@ import torch
 
 from lightning_s2a import apply_s2a
 from lightning_s2a.engine.accounting import SavedBytesCounter
+from lightning_s2a.lightning.model import build_backbone
 
 MODULES = ("bias", "prompt", "bias+prompt", "side")
 
 
 def build(name: str, classes: int) -> torch.nn.Module:
-    if name == "tf_efficientnet_lite0(imagenet)":
-        from lightning_s2a.pretrained import efficientnet_lite0_imagenet
-
-        return efficientnet_lite0_imagenet(classes)
-    return timm.create_model(name, num_classes=classes)
+    """A timm model by name; a "(imagenet)" suffix loads the offline pretrained weights."""
+    return build_backbone(name.removesuffix("(imagenet)"), name.endswith("(imagenet)"), classes)
 
 
 def main() -> None:
