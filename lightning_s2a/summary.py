@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .engine.accounting import part_of
+
 if TYPE_CHECKING:
     from .api import S2AHandle
 
@@ -23,11 +25,7 @@ def format_summary(handle: S2AHandle) -> str:
         total += p.numel()
         if not p.requires_grad:
             continue
-        label = next(
-            (lab for pre, lab in prefixes if pre and (name == pre or name.startswith(pre + "."))),
-            "backbone",
-        )
-        trainable[label] += p.numel()
+        trainable[part_of(name, prefixes)] += p.numel()
     stats = handle.stats()
     parts = stats.get("by_part", {})
     cfg = handle.config

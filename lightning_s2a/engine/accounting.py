@@ -83,6 +83,14 @@ class ForwardAccount:
         }
 
 
+def part_of(name: str, parts: list[tuple[str, str]] | tuple = ()) -> str:
+    """The label of the first ``(prefix, label)`` whose module-name prefix covers ``name``."""
+    for prefix, label in parts:
+        if prefix and (name == prefix or name.startswith(prefix + ".")):
+            return label
+    return "backbone"
+
+
 def _table(entries: dict[str, KindBytes]) -> dict[str, dict[str, int]]:
     return {
         key: {"raw_bytes": k.raw_bytes, "stored_bytes": k.stored_bytes, "tensors": k.tensors}

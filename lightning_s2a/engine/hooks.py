@@ -26,7 +26,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from .accounting import ForwardAccount
+from .accounting import ForwardAccount, part_of
 from .codebook import Codebook, fit_codebook
 from .ops import OP_KINDS, ElementwiseSpec, canonical_name, elementwise_spec
 from .quantizers import QUANTIZERS, PackOptions
@@ -37,6 +37,12 @@ if TYPE_CHECKING:
 # Kinds whose operators also save reduced statistics (mean, rstd, logsumexp): those are tiny
 # and precision-critical, so only tensors shaped like one of the op's inputs are quantized.
 _STATS_KINDS = ("norm", "attention")
+
+
+def is_bias(name: str) -> bool:
+    """True for a bias parameter (``*.bias``): what BitFit trains, and whose gradient needs no
+    saved activation (so its op's inputs are not kept exact for it)."""
+    return name.rsplit(".", 1)[-1] == "bias"
 
 
 @dataclass
@@ -219,7 +225,7 @@ class SavedTensorEngine:
         for name, p in self.model.named_parameters():
             storages.add(p.untyped_storage().data_ptr())
             ids.add(id(p))
-            if p.requires_grad and not name.rsplit(".", 1)[-1].startswith("bias"):
+            if p.requires_grad and not is_bias(name):
                 weights.add(id(p))
         for b in self.model.buffers():
             storages.add(b.untyped_storage().data_ptr())
@@ -303,11 +309,7 @@ class SavedTensorEngine:
         return packed
 
     def _part(self) -> str:
-        name = self._frames[-1][0] if self._frames else ""
-        for prefix, label in self.parts:
-            if prefix and (name == prefix or name.startswith(prefix + ".")):
-                return label
-        return "backbone"
+        return part_of(self._frames[-1][0] if self._frames else "", self.parts)
 
     def _backend(self, t: torch.Tensor) -> str:
         backend = self.config.backend

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..engine.hooks import is_bias
+
+__all__ = ["find_head", "is_bias"]
+
 
 def find_head(model: nn.Module, head: str | None) -> nn.Module | None:
     """The head that stays trainable: timm's ``get_classifier()``, a named submodule, or None."""
@@ -32,8 +36,3 @@ def find_head(model: nn.Module, head: str | None) -> nn.Module | None:
             f"head={head!r}: {type(model).__name__} has no submodule of that name; "
             f"its top-level children are {names}."
         ) from None
-
-
-def is_bias(name: str) -> bool:
-    """True for a bias parameter (``*.bias``), the parameters BitFit trains."""
-    return name.rsplit(".", 1)[-1] == "bias"
