@@ -47,3 +47,30 @@ def test_bench_runs_each_method_and_agrees_with_the_engine(tmp_path):
 def test_unknown_bench_method_is_a_clear_error():
     with pytest.raises(ValueError, match=r"unknown bench method\(s\) \['qlora'\]; known: \["):
         expand(["full", "qlora"], [4])
+
+
+def test_lora_targets_skip_the_head_and_grouped_convolutions():
+    from lightning_s2a.bench.methods import lora_targets
+
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=10)
+    targets = lora_targets(vit)
+    assert "blocks.0.attn.qkv" in targets and "blocks.11.mlp.fc2" in targets
+    assert "head" not in targets and len(targets) == 12 * 4
+    cnn = timm.create_model("tf_efficientnet_lite0", num_classes=10)
+    targets = lora_targets(cnn)
+    modules = dict(cnn.named_modules())
+    assert "conv_stem" in targets and "blocks.1.0.conv_pw" in targets
+    assert all(modules[n].groups == 1 for n in targets)
+    depthwise = [n for n, m in modules.items() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
+    assert depthwise and not set(depthwise) & set(targets)
+
+
+def test_lora_baseline_builds_on_a_depthwise_cnn():
+    pytest.importorskip("peft")
+    from lightning_s2a.bench.methods import METHODS
+
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=10)
+    meter = METHODS["lora"][0](model, 0)
+    trainable = [n for n, p in meter.model.named_parameters() if p.requires_grad]
+    assert any("lora_A" in n for n in trainable) and any("classifier" in n for n in trainable)
+    assert not any("conv_dw.lora" in n for n in trainable)

@@ -78,6 +78,21 @@ def _checkpointed(model: nn.Module, bits: int) -> CounterMeter:
     return _full(model, bits)
 
 
+def lora_targets(model: nn.Module) -> list[str]:
+    """Full names of the layers LoRA adapts: every Linear except the head, or, in a model
+    whose only Linear is the head (a CNN), every ungrouped convolution. peft cannot give a
+    rank-8 update to grouped (depthwise) convolutions, so they stay frozen."""
+    head = find_head(model, "auto")
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+    if linears:
+        return linears
+    return [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Conv2d) and m.groups == 1 and m is not head
+    ]
+
+
 def _lora(model: nn.Module, bits: int) -> CounterMeter:
     try:
         from peft import LoraConfig, get_peft_model
@@ -87,17 +102,10 @@ def _lora(model: nn.Module, bits: int) -> CounterMeter:
         ) from err
     head = find_head(model, "auto")
     head_name = next(n for n, m in model.named_modules() if m is head)
-    targets = sorted(
-        {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-        - {head_name.rsplit(".", 1)[-1]}
+    config = LoraConfig(
+        r=8, lora_alpha=16, target_modules=lora_targets(model), modules_to_save=[head_name]
     )
-    if not targets:  # CNNs: adapt the 1x1/3x3 convolutions instead
-        targets = sorted(
-            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-        )
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=targets, modules_to_save=[head_name])
-    peft_model = get_peft_model(model, config)
-    return CounterMeter(peft_model)
+    return CounterMeter(get_peft_model(model, config))
 
 
 def _s2a(modules: str) -> Callable[[nn.Module, int], HandleMeter]:

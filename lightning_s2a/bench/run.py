@@ -110,13 +110,22 @@ def _table(rows: list[dict[str, Any]], full: dict[str, Any] | None) -> str:
     return "\n".join(lines)
 
 
-def _plot(rows: list[dict[str, Any]], path: Path) -> bool:
+def pyplot() -> Any | None:
+    """matplotlib's pyplot on the file-only Agg backend, or None without matplotlib (the plot
+    is optional: ``uv sync --group bench`` installs it)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> bool:
+    plt = pyplot()
+    if plt is None:
         return False
     ok = [r for r in rows if "error" not in r]
     names = [r["method"] for r in ok]

