@@ -40,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_s2a.lightning.data import IMAGENET_MEAN, IMAGENET_STD
+
 MB = 2**20
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: Study methods (names from ``lightning-s2a bench``) -> AdamW learning rate. One rate for all,
 #: no per-method search: on digits (seed 0, 2 epochs) 3e-3 beat 1e-2 for bias tuning and
