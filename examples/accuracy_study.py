@@ -309,6 +309,14 @@ def report(headers: list[str], results: list[dict[str, Any]], out: Path) -> str:
     return text
 
 
+def field_value(text: str) -> Any:
+    """An ``--s2a FIELD=VALUE`` value: JSON where it parses (8, false, [4, 2], {...}), else text."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--datasets", nargs="+", default=list(DATASET_DEFAULTS))
@@ -358,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
         name, _, value = item.partition("=")
         if not value:
             parser.error(f"--s2a {item!r}: expected FIELD=VALUE")
-        fields[name] = json.loads(value) if value[0] in "[{0123456789-" else value
+        fields[name] = field_value(value)
     try:
         from lightning_s2a import S2AConfig
 

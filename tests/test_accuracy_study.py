@@ -129,6 +129,12 @@ def test_report_gives_mean_spread_and_ratios_against_full(tmp_path):
     assert "| d | lora | failed: ImportError: peft" in text
 
 
+def test_s2a_field_values_parse_as_json_else_text():
+    assert study.field_value("4") == 4 and study.field_value("false") is False
+    assert study.field_value('{"softmax": 8}') == {"softmax": 8}
+    assert study.field_value("train") == "train"
+
+
 def test_unknown_method_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         study.main(["--methods", "qlora"])
