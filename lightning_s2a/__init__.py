@@ -5,9 +5,9 @@ with derivative-aware codes for the nonlinearities. One entry point: :func:`appl
 """
 
 from .adapters import load_adapter, save_adapter
-from .api import S2AHandle, apply_s2a
+from .api import S2AHandle, apply_s2a, get_handle
 from .config import S2AConfig
-from .lightning import S2ACallback, S2ADDPStrategy, S2AStrategy
+from .lightning import S2ACallback, S2ADDPStrategy, S2AStrategy, load_from_checkpoint
 
 __all__ = [
     "S2ACallback",
@@ -16,7 +16,9 @@ __all__ = [
     "S2AHandle",
     "S2AStrategy",
     "apply_s2a",
+    "get_handle",
     "load_adapter",
+    "load_from_checkpoint",
     "save_adapter",
 ]
 __version__ = "0.1.0"

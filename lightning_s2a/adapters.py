@@ -1,7 +1,8 @@
-"""Per-task adapter files: the trainable S2A parameters of one model, and nothing else.
+"""Per-task adapter files: everything that trained in one model, and nothing else.
 
 S2A trains well under 1-2% of a backbone, so one frozen backbone can serve many tasks, each
-stored as a small safetensors file. :func:`save_adapter` writes the trainable parameters with
+stored as a small safetensors file. :func:`save_adapter` writes every trainable parameter
+(the S2A modules, and a head that sits outside the backbone) with
 the S2A config and a fingerprint of the frozen backbone; :func:`load_adapter` checks the
 fingerprint, applies S2A with the saved config (or reuses the matching one already applied)
 and copies the tensors in, so adapters can be swapped on one backbone.
@@ -13,7 +14,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import warnings
 from typing import Any
 
 import torch
@@ -21,16 +21,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .api import _APPLIED, S2AHandle, apply_s2a
+from .api import _APPLIED, S2AHandle, apply_s2a, config_differences, get_handle
 from .config import S2AConfig
 
 FORMAT = "lightning_s2a.adapter"
 VERSION = 1
-
-
-def get_handle(module: nn.Module) -> S2AHandle | None:
-    """The live :class:`S2AHandle` of ``module`` if ``apply_s2a`` was applied to it, else None."""
-    return _APPLIED.get(module)
 
 
 def find_applied(module: nn.Module) -> tuple[str, S2AHandle]:
@@ -73,14 +68,36 @@ def backbone_identity(model: nn.Module, handle: S2AHandle | None = None) -> dict
     }
 
 
+def adapter_tensors(module: nn.Module, handle: S2AHandle) -> dict[str, torch.Tensor]:
+    """What an adapter of ``module`` holds: every parameter that trains, and the buffers that
+    training may change, keyed by their names in ``module``.
+
+    Parameters count wherever they sit under ``module``, so a LightningModule's own head
+    outside the S2A'd backbone is part of the adapter. Buffers are those of modules that own
+    a trainable parameter and of BatchNorms in train mode (running statistics); BatchNorms
+    that S2A holds in eval mode never change and are left out.
+    """
+    held = {id(bn) for bn in handle.structure.batch_norms}
+    found: dict[str, torch.Tensor] = {}
+    for name, m in module.named_modules():
+        dot = f"{name}." if name else ""
+        own = [(n, p) for n, p in m.named_parameters(recurse=False) if p.requires_grad]
+        found.update((dot + n, p) for n, p in own)
+        if (own or isinstance(m, nn.modules.batchnorm._BatchNorm)) and id(m) not in held:
+            skip = m._non_persistent_buffers_set
+            found.update((dot + n, b) for n, b in m.named_buffers(recurse=False) if n not in skip)
+    return found
+
+
 def save_adapter(
     module: nn.Module, path: str | os.PathLike, handle: S2AHandle | None = None
 ) -> None:
-    """Write the trainable S2A parameters under ``module`` to a safetensors file at ``path``.
+    """Write everything that trained under ``module`` to a safetensors file at ``path``.
 
-    ``module`` is the S2A'd model or a parent of it (e.g. a LightningModule holding it);
-    keys are parameter names relative to ``module``. With the BatchNorm statistics of
-    ``bn_mode="train"`` changing during training, those buffers are not part of the adapter.
+    ``module`` is the S2A'd model or a parent of it (e.g. a LightningModule holding it, with
+    its own head outside the backbone); keys are names relative to ``module``. The file also
+    holds the S2A config and a fingerprint of the frozen backbone, so that
+    :func:`load_adapter` on a fresh ``module`` reproduces the trained outputs exactly.
     """
     if handle is None:
         prefix, handle = find_applied(module)
@@ -88,27 +105,16 @@ def save_adapter(
         prefix = next((n for n, m in module.named_modules() if m is handle.model), None)
         if prefix is None or handle.removed:
             raise ValueError("the given handle's model is not (or no longer) S2A'd under module.")
-    target, dot = handle.model, f"{prefix}." if prefix else ""
     tensors = {
-        dot + name: p.detach().cpu().clone().contiguous()
-        for name, p in target.named_parameters()
-        if p.requires_grad
+        k: t.detach().cpu().clone().contiguous() for k, t in adapter_tensors(module, handle).items()
     }
-    if not tensors:
-        raise ValueError("no trainable parameters under the S2A'd model: nothing to save.")
-    if handle.config.bn_mode == "train" and any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in target.modules()
-    ):
-        warnings.warn(
-            "bn_mode='train' updates BatchNorm running statistics, which are not saved in the "
-            "adapter; save the model's state_dict too if you need them.",
-            stacklevel=2,
-        )
+    if not any(t.is_floating_point() for t in tensors.values()):
+        raise ValueError(f"nothing trains under {type(module).__name__}: nothing to save.")
     metadata = {
         "format": FORMAT,
         "version": str(VERSION),
         "s2a_config": json.dumps(dataclasses.asdict(handle.config)),
-        "backbone": json.dumps(backbone_identity(target, handle)),
+        "backbone": json.dumps(backbone_identity(handle.model, handle)),
         "prefix": prefix,
     }
     save_file(tensors, os.fspath(path), metadata=metadata)
@@ -140,7 +146,8 @@ def load_adapter(module: nn.Module, path: str | os.PathLike, strict: bool = True
 
     Applies S2A with the saved config if the target has none; reuses the handle if the same
     config is already applied (swapping adapters on one backbone). ``strict`` requires the
-    file's keys to be exactly the trainable parameters; shapes must always match.
+    file's keys to be exactly what :func:`adapter_tensors` lists for ``module`` (a head
+    outside the backbone included); shapes must always match.
     """
     metadata, tensors = _read(path)
     prefix = metadata.get("prefix", "")
@@ -169,38 +176,41 @@ def load_adapter(module: nn.Module, path: str | os.PathLike, strict: bool = True
     if created:
         handle = apply_s2a(target, config)
     elif handle.config != config:
-        fields = [
-            f.name
-            for f in dataclasses.fields(config)
-            if getattr(config, f.name) != getattr(handle.config, f.name)
-        ]
+        fields = config_differences(config, handle.config)
         raise ValueError(
             f"this backbone already has S2A applied with a different config (fields {fields} "
             "differ from the adapter's); call handle.remove() first, then load_adapter applies "
             "the adapter's config."
         )
-    dot = f"{prefix}." if prefix else ""
-    params = {dot + n: p for n, p in target.named_parameters()}
-    trainable = {dot + n for n, p in target.named_parameters() if p.requires_grad}
-    missing = sorted(trainable - tensors.keys())
-    unexpected = sorted(tensors.keys() - params.keys())
+    expected = adapter_tensors(module, handle)
+    everything = dict(module.named_parameters()) | dict(module.named_buffers())
+    missing = sorted(expected.keys() - tensors.keys())
+    unexpected = sorted(tensors.keys() - everything.keys())
     mismatched = [
-        f"{k}: file {tuple(t.shape)} vs model {tuple(params[k].shape)}"
+        f"{k}: file {tuple(t.shape)} vs model {tuple(everything[k].shape)}"
         for k, t in sorted(tensors.items())
-        if k in params and t.shape != params[k].shape
+        if k in everything and t.shape != everything[k].shape
     ]
     if mismatched or (strict and (missing or unexpected)):
         if created:
             handle.remove()  # leave the model as it was found
         raise ValueError(
-            f"adapter {path} does not fit: missing keys {missing}, unexpected keys "
-            f"{unexpected}, shape mismatches {mismatched}."
+            f"adapter {path} does not fit {type(module).__name__}: missing keys {missing}, "
+            f"unexpected keys {unexpected}, shape mismatches {mismatched}. Load it into the "
+            "same LightningModule or model class it was saved from."
         )
     with torch.no_grad():
         for key, tensor in tensors.items():
-            if key in params:
-                params[key].copy_(tensor)
+            if key in everything:
+                everything[key].copy_(tensor)
     return handle
 
 
-__all__ = ["backbone_identity", "find_applied", "get_handle", "load_adapter", "save_adapter"]
+__all__ = [
+    "adapter_tensors",
+    "backbone_identity",
+    "find_applied",
+    "get_handle",
+    "load_adapter",
+    "save_adapter",
+]

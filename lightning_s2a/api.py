@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from typing import Any
 
+import torch
 from torch import nn
 
 from .config import S2AConfig
 from .engine.hooks import SavedTensorEngine
 from .structure.rewrites import REWRITES
-from .structure.surgery import StructureState, apply_structure, undo_structure
+from .structure.surgery import StructureState, apply_structure, cast_frozen, undo_structure
 
 _APPLIED: weakref.WeakKeyDictionary[nn.Module, S2AHandle] = weakref.WeakKeyDictionary()
 
@@ -42,18 +44,23 @@ class S2AHandle:
 
     def trainable_parameters(self) -> tuple[int, float]:
         """Number of trainable parameters and their fraction of all parameters."""
-        total = sum(p.numel() for p in self.model.parameters())
-        train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        return train, (train / total if total else 0.0)
+        return count_trainable(self.model)
 
     def stop_engine(self) -> None:
-        """Stop compressing saved tensors; the structural modules stay (e.g. after fit)."""
+        """Stop compressing saved tensors; the structural modules stay (e.g. after fit).
+
+        Frozen weights held in ``frozen_dtype`` get their original values and dtype back, so
+        a plain full-precision forward works after training.
+        """
         self.engine.detach()
+        cast_frozen(self.model, self.structure, None)
 
     def start_engine(self) -> None:
-        """Resume compressing saved tensors after :meth:`stop_engine`."""
+        """Resume compressing saved tensors (and ``frozen_dtype``) after :meth:`stop_engine`."""
         if self.removed:
             raise RuntimeError("this S2A handle was removed; call apply_s2a again.")
+        if self.config.frozen_dtype is not None:
+            cast_frozen(self.model, self.structure, getattr(torch, self.config.frozen_dtype))
         self.engine.attach()
 
     def summary(self) -> str:
@@ -76,6 +83,23 @@ class S2AHandle:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+
+def count_trainable(module: nn.Module) -> tuple[int, float]:
+    """Number of parameters of ``module`` that train, and their fraction of all parameters."""
+    total = sum(p.numel() for p in module.parameters())
+    train = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return train, (train / total if total else 0.0)
+
+
+def config_differences(a: S2AConfig, b: S2AConfig) -> list[str]:
+    """Names of the fields in which two configs differ (for errors that say what differs)."""
+    return [f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)]
+
+
+def get_handle(module: nn.Module) -> S2AHandle | None:
+    """The live :class:`S2AHandle` of ``module`` if ``apply_s2a`` was applied to it, else None."""
+    return _APPLIED.get(module)
 
 
 def apply_s2a(model: nn.Module, config: S2AConfig | None = None, **overrides: Any) -> S2AHandle:

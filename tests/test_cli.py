@@ -82,7 +82,7 @@ def test_defaults_and_module_string(tmp_path):
     assert cli.trainer.max_epochs == 3
     cli = _cli(tmp_path)
     assert cli.s2a_config.modules == ("bias",)
-    assert cli.s2a_adapter_path is None
+    assert cli.s2a_callback_kwargs == {"adapter_path": None, "backbone": None}
 
 
 def test_yaml_config(tmp_path):

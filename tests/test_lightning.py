@@ -141,10 +141,17 @@ def test_bf16_mixed_precision_and_a_bf16_frozen_backbone(tmp_path):
     _, plain = _fit(
         tmp_path / "a", epochs=1, precision="bf16-mixed", callbacks=[S2ACallback(S2AConfig(**S2A))]
     )
+    seen = set()
+
+    class Dtypes(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            fc1 = pl_module.backbone.blocks[0].mlp.fc1
+            seen.add((fc1.weight.dtype, fc1.bias.dtype))
+
     callback = S2ACallback(S2AConfig(**S2A, frozen_dtype="bfloat16"))
-    model, cast = _fit(tmp_path / "b", epochs=1, precision="bf16-mixed", callbacks=[callback])
-    assert model.backbone.blocks[0].mlp.fc1.weight.dtype == torch.bfloat16
-    assert model.backbone.blocks[0].mlp.fc1.bias.dtype == torch.float32  # trains in fp32
+    _, cast = _fit(tmp_path / "b", epochs=1, precision="bf16-mixed", callbacks=[callback, Dtypes()])
+    # frozen weight in bf16 during training, the bias trains in fp32
+    assert seen == {(torch.bfloat16, torch.float32)}
     # autocast copied every frozen weight to bf16 each step and kept the copies for backward;
     # with the backbone already in bf16 there is nothing to copy
     linear = callback.handle.stats()["by_kind"].get("linear", {"stored_bytes": 0})

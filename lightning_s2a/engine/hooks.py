@@ -10,8 +10,10 @@ While the model's forward runs with grad enabled, two things are installed:
   :mod:`.quantizers`. The outermost call is the one recognised: tensors that ``F.layer_norm``
   saves through its internals belong to "norm".
 
-Forward pre-hooks push these, and forward hooks registered with ``always_call=True`` pop them,
-so an exception inside forward never leaves them installed. The engine knows nothing of
+Forward pre-hooks on every module push these when the outermost module call of the model
+starts (the model's own forward, or any submodule's when the model is driven through its
+parts, as ``forward_features`` does), and forward hooks registered with ``always_call=True``
+pop them, so an exception inside forward never leaves them installed. The engine knows nothing of
 Lightning.
 """
 
@@ -40,9 +42,35 @@ _STATS_KINDS = ("norm", "attention")
 
 
 def is_bias(name: str) -> bool:
-    """True for a bias parameter (``*.bias``): what BitFit trains, and whose gradient needs no
-    saved activation (so its op's inputs are not kept exact for it)."""
-    return name.rsplit(".", 1)[-1] == "bias"
+    """True for a bias parameter: what BitFit trains, and whose gradient needs no saved
+    activation (so its op's inputs are not kept exact for it).
+
+    That is ``*.bias``, and the recurrent layers' biases: ``bias_ih_l0``, ``bias_hh_l1``,
+    ``bias_ih_l0_reverse`` (nn.RNN, nn.LSTM, nn.GRU) and ``bias_ih``, ``bias_hh`` (their cells).
+    """
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf == "bias":
+        return True
+    if not leaf.startswith(("bias_ih", "bias_hh")):
+        return False
+    layer = leaf[len("bias_ih") :]
+    if not layer:  # a cell's
+        return True
+    layer = layer.removesuffix("_reverse")
+    return layer.startswith("_l") and layer[2:].isdecimal()
+
+
+def _foreign_autograd_context() -> bool:
+    """True inside a backward pass (e.g. a checkpoint recomputing its region) or while other
+    saved-tensor hooks are installed (activation checkpointing, ``save_on_cpu``).
+
+    Only the innermost saved-tensor hooks apply, so pushing ours there would take tensors
+    from the other owner; such regions are left to it, uncompressed.
+    """
+    return (
+        torch._C._current_graph_task_id() != -1
+        or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    )
 
 
 @dataclass
@@ -115,6 +143,9 @@ class SavedTensorEngine:
         self._param_ids: set[int] = set()
         self._weight_ids: set[int] = set()
         self._contexts: list[Any] = []
+        self._unpacked = False
+        #: Forwards that ran with autograd and so engaged the engine (for "did it engage?").
+        self.forwards = 0
 
     # -- installation --------------------------------------------------------------------
     @property
@@ -123,15 +154,21 @@ class SavedTensorEngine:
         return bool(self._handles)
 
     def attach(self) -> None:
-        """Register the root and per-module forward hooks on the model (no-op if attached)."""
+        """Register a pre-hook and an always-called forward hook on every module (no-op if
+        attached).
+
+        Every module can open the engine, not just the root: a user who calls
+        ``model.forward_features(x)``, or a LightningModule that calls its ``encoder`` and
+        ``classifier`` in turn, drives the model through its submodules without the root's
+        forward ever running, and those forwards must be compressed too.
+        """
         if self.attached:
             return
-        root = self.model
-        self._handles.append(root.register_forward_pre_hook(self._enter, prepend=True))
-        for name, module in root.named_modules():
-            self._handles.append(module.register_forward_pre_hook(self._frame_pusher(name)))
-            self._handles.append(module.register_forward_hook(self._pop_frame, always_call=True))
-        self._handles.append(root.register_forward_hook(self._exit, always_call=True))
+        for name, module in self.model.named_modules():
+            is_root = module is self.model
+            pre = module.register_forward_pre_hook(self._entry_hook(name, is_root), prepend=True)
+            self._handles.append(pre)
+            self._handles.append(module.register_forward_hook(self._leave, always_call=True))
 
     def detach(self) -> None:
         """Remove every hook this engine registered."""
@@ -172,19 +209,44 @@ class SavedTensorEngine:
         self._device_codebooks.clear()
 
     def stats(self) -> dict:
-        """Accounting of the most recent forward that recorded autograd (zeros before one)."""
+        """Accounting of the most recent forward that recorded autograd (zeros before one).
+
+        A forward of the model itself is one account. When the model is driven through its
+        submodules instead (``forward_features``, or a LightningModule calling its parts),
+        the account covers every such forward since the last backward.
+        """
         if self._last is None:
             return ForwardAccount().summary()
         return self._last
 
     # -- forward boundaries ------------------------------------------------------------
-    def _enter(self, module: nn.Module, args: Any) -> None:
-        self._depth += 1
-        if self._depth > 1 or not torch.is_grad_enabled():
-            return
-        self._refresh_parameters()
-        self.step += 1
-        self._account = ForwardAccount()
+    def _entry_hook(self, name: str, is_root: bool):
+        def enter(module: nn.Module, args: Any) -> None:
+            if self._depth == 0 and torch.is_grad_enabled() and not _foreign_autograd_context():
+                self._activate(is_root)
+            self._depth += 1
+            if self._active:
+                self._frames.append([name, {}])
+
+        return enter
+
+    def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._active and self._frames:
+            self._frames.pop()
+        self._depth -= 1
+        if self._depth == 0 and self._active:
+            self._deactivate()
+
+    def _activate(self, is_root: bool) -> None:
+        # A forward of the whole model starts a new account. Forwards of submodules (the
+        # model driven through its parts) add up until a backward has run, because all of
+        # their saved tensors are alive together.
+        if is_root or self._account is None or self._unpacked:
+            self._refresh_parameters()
+            self.step += 1
+            self._account = ForwardAccount()
+            self._unpacked = False
+        self.forwards += 1
         self._frames = []
         hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         mode = _OperatorMode(self)
@@ -193,10 +255,7 @@ class SavedTensorEngine:
         self._contexts = [hooks, mode]
         self._active = True
 
-    def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
-        self._depth -= 1
-        if self._depth > 0 or not self._active:
-            return
+    def _deactivate(self) -> None:
         self._active = False
         for ctx in reversed(self._contexts):
             ctx.__exit__(None, None, None)
@@ -204,18 +263,6 @@ class SavedTensorEngine:
         self._call = None
         assert self._account is not None
         self._last = self._account.summary()
-        self._account = None
-
-    def _frame_pusher(self, name: str):
-        def push(module: nn.Module, args: Any) -> None:
-            if self._active:
-                self._frames.append([name, {}])
-
-        return push
-
-    def _pop_frame(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self._active and self._frames:
-            self._frames.pop()
 
     def _refresh_parameters(self) -> None:
         # Parameters may have moved device since apply_s2a (Lightning moves the model after
@@ -267,8 +314,8 @@ class SavedTensorEngine:
         finally:
             self._busy = False
 
-    @staticmethod
-    def _unpack(packed: Any) -> torch.Tensor:
+    def _unpack(self, packed: Any) -> torch.Tensor:
+        self._unpacked = True  # a backward ran: the next forward of a submodule starts anew
         return packed if isinstance(packed, torch.Tensor) else packed.unpack()
 
     def _pack_activation(self, t: torch.Tensor) -> Any:

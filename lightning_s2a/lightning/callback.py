@@ -8,13 +8,15 @@ only what trains. Metrics are logged through ``LightningModule.log`` so every lo
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
-from ..api import S2AHandle, apply_s2a
+from ..api import S2AHandle, apply_s2a, config_differences, count_trainable, get_handle
 from ..config import S2AConfig
 from .metrics import EpochMeter, reset_peak_memory
 
@@ -22,11 +24,14 @@ from .metrics import EpochMeter, reset_peak_memory
 class S2ACallback(pl.Callback):
     """Apply S2A to a LightningModule's backbone, log its memory each epoch, save adapters.
 
-    The backbone is ``pl_module.backbone`` if it exists, else the attribute named by
-    ``backbone="..."``, else the whole module (whose head must then be findable: timm's
+    The backbone is the attribute named by ``backbone="..."``, else ``pl_module.backbone`` if
+    it exists, else the whole module (whose head must then be findable: timm's
     ``get_classifier()`` or ``S2AConfig(head="...")``). With a backbone attribute and
     ``head="auto"``, a backbone without ``get_classifier()`` keeps no head of its own: the
-    LightningModule's head outside it trains as the user defined it.
+    LightningModule's head outside it trains as the user defined it. A backbone built in
+    ``configure_model`` is S2A'd right after that hook, before checkpoints are restored and
+    optimizers are built. A module that already has S2A applied (an earlier fit, or
+    ``load_adapter``) is taken up as it is.
     """
 
     def __init__(
@@ -45,60 +50,123 @@ class S2ACallback(pl.Callback):
         self._module: pl.LightningModule | None = None
         self._meter = EpochMeter()
         self._pending_state: dict[str, Any] | None = None
+        self._forwards_before = 0
+        self._warned = False
 
     # -- where S2A goes ----------------------------------------------------------------
-    def _target(self, pl_module: pl.LightningModule) -> tuple[Any, S2AConfig]:
+    def _target(self, pl_module: pl.LightningModule) -> tuple[nn.Module, S2AConfig]:
         name = self.backbone or ("backbone" if hasattr(pl_module, "backbone") else None)
         if name is None:
             return pl_module, self.config
         target = getattr(pl_module, name, None)
         if not isinstance(target, nn.Module):
+            what = (
+                "does not exist"
+                if not hasattr(pl_module, name)
+                else (f"is a {type(target).__name__}")
+            )
             raise ValueError(
-                f"S2ACallback(backbone={name!r}): {type(pl_module).__name__}.{name} is not an "
-                "nn.Module; name the attribute that holds the backbone."
+                f"S2ACallback(backbone={name!r}): {type(pl_module).__name__}.{name} {what}, not "
+                "an nn.Module, when S2A is applied (in setup, or right after configure_model "
+                "when the module defines one); name the attribute that holds the backbone."
             )
         config = self.config
         if config.head == "auto" and not callable(getattr(target, "get_classifier", None)):
             config = config.replace(head=None)
         return target, config
 
+    def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        target, config = self._target(pl_module)
+        existing = get_handle(target)
+        if existing is None:
+            self.handle = apply_s2a(target, config)
+        elif stage != "fit" or existing.config == config:
+            self.handle = existing  # an earlier fit or load_adapter: take it up as it is
+        else:
+            differ = config_differences(config, existing.config)
+            raise ValueError(
+                f"{type(target).__name__} already has S2A applied with another config (fields "
+                f"{differ} differ from this callback's). Fit with the same config, "
+                "S2ACallback(lightning_s2a.get_handle(module).config), or start over with "
+                "lightning_s2a.get_handle(module).remove()."
+            )
+        self._module = pl_module
+        if self._pending_state is not None:
+            self.handle.engine.load_state_dict(self._pending_state)
+            self._pending_state = None
+        if stage == "fit":
+            self.handle.start_engine()
+        else:
+            self.handle.stop_engine()
+
     # -- Lightning hooks -------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _check_single_s2a(trainer)
-        if self.handle is not None and self._module is pl_module:  # later stage, same module
-            if stage == "fit":
-                self.handle.start_engine()
-            return
         if self.config.frozen_dtype and "mixed" not in str(trainer.precision):
             raise ValueError(
                 f"S2AConfig(frozen_dtype={self.config.frozen_dtype!r}) needs mixed precision so "
                 "activations meet the low-precision weights under autocast; use "
                 f"Trainer(precision='bf16-mixed') or frozen_dtype=None (got {trainer.precision!r})."
             )
-        target, config = self._target(pl_module)
-        self.handle = apply_s2a(target, config)
-        self._module = pl_module
-        if self._pending_state is not None:
-            self.handle.engine.load_state_dict(self._pending_state)
-            self._pending_state = None
+        if is_overridden("configure_model", pl_module):
+            # Lightning calls configure_model after this hook and before the checkpoint
+            # restore and the optimizers: the backbone may only exist from there on.
+            _run_after_configure_model(pl_module, lambda: self._apply(trainer, pl_module, stage))
+        else:
+            self._apply(trainer, pl_module, stage)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        assert self.handle is not None
+        _restore_configure_model(pl_module)
+        if self.handle is None:
+            raise RuntimeError(
+                f"S2A was not applied: {type(pl_module).__name__}.configure_model did not run."
+            )
         rank_zero_info(self.handle.summary())
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._meter.reset()
         reset_peak_memory(pl_module.device)
 
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
+    ) -> None:
+        assert self.handle is not None
+        self._forwards_before = self.handle.engine.forwards
+
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
     ) -> None:
         assert self.handle is not None
-        self._meter.update(self.handle.stats())
+        if self.handle.engine.forwards == self._forwards_before:
+            self._warn_once(
+                trainer,
+                "ran no forward with autograd enabled in this training step: nothing was "
+                "compressed and its S2A parameters get no gradient. Call it inside "
+                "training_step, outside torch.no_grad().",
+            )
+            return
+        stats = self.handle.stats()
+        if not stats["raw_bytes"]:
+            self._warn_once(
+                trainer,
+                "saved no tensors for backward in this training step, so there is nothing to "
+                "compress (expected only when every operator in it is linear in a frozen "
+                "weight); check that the backbone's forward does the work.",
+            )
+        self._meter.update(stats)
+
+    def _warn_once(self, trainer: pl.Trainer, why: str) -> None:
+        if not self._warned:
+            self._warned = True
+            assert self.handle is not None
+            rank_zero_warn(
+                f"S2A: {type(self.handle.model).__name__} (the S2A'd module) {why} "
+                f"(step {trainer.global_step}; warned once)."
+            )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        assert self.handle is not None
-        metrics = self._meter.metrics(pl_module.device, self.handle.trainable_parameters())
+        # Counted on the whole LightningModule: a head outside the backbone trains too.
+        metrics = self._meter.metrics(pl_module.device, count_trainable(pl_module))
         for key, value in metrics.items():
             pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True)
 
@@ -111,12 +179,27 @@ class S2ACallback(pl.Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Hooks off; the trained modules stay, so validate/test/predict/checkpoints use them.
+        _restore_configure_model(pl_module)
         if self.handle is not None:
             self.handle.stop_engine()
 
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        # Lightning skips teardown when fit raises; the hooks must not outlive the run.
+        self.teardown(trainer, pl_module, "fit")
+
     # -- checkpoints -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {} if self.handle is None else {"engine": self.handle.engine.state_dict()}
+        # The config and the S2A'd attribute let load_from_checkpoint rebuild the modules.
+        if self.handle is None or self._module is None:
+            return {}
+        target = next(n for n, m in self._module.named_modules() if m is self.handle.model)
+        return {
+            "engine": self.handle.engine.state_dict(),
+            "config": dataclasses.asdict(self.handle.config),
+            "target": target,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "engine" not in state_dict:
@@ -125,6 +208,28 @@ class S2ACallback(pl.Callback):
             self._pending_state = state_dict["engine"]
         else:
             self.handle.engine.load_state_dict(state_dict["engine"])
+
+
+_CONFIGURE_MODEL_WRAPPED = "_s2a_configure_model"
+
+
+def _run_after_configure_model(pl_module: pl.LightningModule, then: Any) -> None:
+    """Make the module's next ``configure_model`` call ``then()`` once it has run."""
+    _restore_configure_model(pl_module)
+    original = pl_module.configure_model
+
+    def configure_model() -> None:
+        original()
+        _restore_configure_model(pl_module)
+        then()
+
+    pl_module.__dict__[_CONFIGURE_MODEL_WRAPPED] = True
+    pl_module.__dict__["configure_model"] = configure_model
+
+
+def _restore_configure_model(pl_module: pl.LightningModule) -> None:
+    if pl_module.__dict__.pop(_CONFIGURE_MODEL_WRAPPED, False):
+        pl_module.__dict__.pop("configure_model", None)
 
 
 def _check_single_s2a(trainer: pl.Trainer) -> None:

@@ -19,6 +19,7 @@ import re
 import sys
 from typing import Any
 
+import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
@@ -28,12 +29,15 @@ from .data import DigitsDataModule
 from .model import ImageClassifier
 
 S2A_KEY = "s2a"
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
 #: Trainer defaults of ``lightning-s2a`` (a config or flag overrides them): a short fine-tune.
 TRAINER_DEFAULTS: dict[str, Any] = {"max_epochs": 3, "log_every_n_steps": 10}
 _EXTRA_HELP = {
     "enabled": "Apply S2A (false: the plain baseline, every parameter trains, nothing is "
     "compressed).",
     "adapter_path": "Write the trained S2A adapter (safetensors) here at the end of fit.",
+    "backbone": "Attribute of the LightningModule that holds the backbone (default: "
+    "'backbone' if it exists, else the whole module).",
     "modules": "Structural modules that train: a list such as [bias,prompt], or one name "
     "('bias', 'side', 'bias+prompt').",
 }
@@ -64,7 +68,8 @@ def _field_help(cls: type) -> dict[str, str]:
 
 
 def add_s2a_arguments(parser: LightningArgumentParser, key: str = S2A_KEY) -> None:
-    """Add every S2AConfig field as ``--{key}.FIELD``, plus ``enabled`` and ``adapter_path``.
+    """Add every S2AConfig field as ``--{key}.FIELD``, plus ``enabled``, ``adapter_path`` and
+    ``backbone`` (the :class:`S2ACallback` arguments).
 
     The section stays a plain namespace (not instantiated by jsonargparse) so that the two
     extra options can live in it; :meth:`S2ALightningCLI.before_instantiate_classes` builds and
@@ -80,6 +85,7 @@ def add_s2a_arguments(parser: LightningArgumentParser, key: str = S2A_KEY) -> No
     )
     group.add_argument(f"--{key}.enabled", type=bool, default=True)
     group.add_argument(f"--{key}.adapter_path", type=str | None, default=None)
+    group.add_argument(f"--{key}.backbone", type=str | None, default=None)
     helps = {**_field_help(S2AConfig), **_EXTRA_HELP}
     for action in parser._actions:
         name = action.dest.removeprefix(f"{key}.")
@@ -87,12 +93,62 @@ def add_s2a_arguments(parser: LightningArgumentParser, key: str = S2A_KEY) -> No
             action.help = helps[name]
 
 
-def s2a_config_from_namespace(section: Any) -> tuple[bool, S2AConfig, str | None]:
-    """``(enabled, config, adapter_path)`` from the parsed ``s2a`` section (validated)."""
+def s2a_config_from_namespace(section: Any) -> tuple[bool, S2AConfig, dict[str, Any]]:
+    """``(enabled, config, callback_kwargs)`` from the parsed ``s2a`` section (validated);
+    ``callback_kwargs`` are the :class:`S2ACallback` arguments ``adapter_path`` and
+    ``backbone``."""
     fields = dict(section.clone().as_dict() if hasattr(section, "as_dict") else section)
     enabled = bool(fields.pop("enabled", True))
-    adapter_path = fields.pop("adapter_path", None)
-    return enabled, S2AConfig(**fields), adapter_path
+    callback_kwargs = {k: fields.pop(k, None) for k in ("adapter_path", "backbone")}
+    return enabled, S2AConfig(**fields), callback_kwargs
+
+
+def with_default_classes(args: Any, defaults: dict[str, type]) -> Any:
+    """``args`` with the shipped default classes named where the user names none.
+
+    A jsonargparse default that carries a class_path hands its init_args to whichever class
+    the user names instead, wherever the names match (a user's lr 1e-3 became
+    ImageClassifier's 3e-3). A default written into the arguments, as if typed first, is
+    replaced whole when the user names a class, on the command line or in a config file.
+    """
+    if isinstance(args, dict) or not isinstance(args, (list, tuple)):
+        if isinstance(args, dict):
+            args = {**{k: {"class_path": _class_path(c)} for k, c in defaults.items()}, **args}
+        return args
+    args = list(args)
+    named: set[str] = set()
+    for i, token in enumerate(args):
+        flag, _, value = token.partition("=")
+        for key in defaults:
+            if flag in (f"--{key}", f"--{key}.class_path"):
+                named.add(key)
+        if flag in ("--config", "-c"):
+            path = value or (args[i + 1] if i + 1 < len(args) else "")
+            named |= _classes_in_config(path, defaults)
+    extra = [
+        t for k, cls in defaults.items() if k not in named for t in (f"--{k}", _class_path(cls))
+    ]
+    at = next((i + 1 for i, t in enumerate(args) if t in SUBCOMMANDS), 0)
+    return [*args[:at], *extra, *args[at:]]
+
+
+def _classes_in_config(path: str, keys: dict[str, type]) -> set[str]:
+    """Which of ``keys`` a YAML config file names a class for (top level or per subcommand)."""
+    try:
+        with open(path) as f:
+            loaded = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return set()  # jsonargparse reports an unreadable config itself
+    if not isinstance(loaded, dict):
+        return set()
+    sections = [loaded, *(loaded[c] for c in SUBCOMMANDS if isinstance(loaded.get(c), dict))]
+    return {
+        key
+        for section in sections
+        for key in keys
+        if isinstance(section.get(key), str)
+        or (isinstance(section.get(key), dict) and "class_path" in section[key])
+    }
 
 
 class S2ALightningCLI(LightningCLI):
@@ -107,35 +163,37 @@ class S2ALightningCLI(LightningCLI):
 
     s2a_config: S2AConfig | None = None
     s2a_callback: S2ACallback | None = None
-    s2a_adapter_path: str | None = None
+    s2a_callback_kwargs: dict[str, Any] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("seed_everything_default", 0)
         kwargs["trainer_defaults"] = {**TRAINER_DEFAULTS, **(kwargs.get("trainer_defaults") or {})}
+        model_class = kwargs.get("model_class", args[0] if args else None)
+        data_class = kwargs.get("datamodule_class", args[1] if len(args) > 1 else None)
+        defaults: dict[str, type] = {}
+        if kwargs["subclass_mode_model"] and issubclass(ImageClassifier, model_class or object):
+            defaults["model"] = ImageClassifier
+        if kwargs["subclass_mode_data"] and issubclass(DigitsDataModule, data_class or object):
+            defaults["data"] = DigitsDataModule
+        argv = kwargs.get("args")
+        kwargs["args"] = with_default_classes(sys.argv[1:] if argv is None else argv, defaults)
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        defaults: dict[str, Any] = {}
-        if self.subclass_mode_model and issubclass(ImageClassifier, self._model_class):
-            defaults["model"] = {"class_path": _class_path(ImageClassifier)}
-        if self.subclass_mode_data and issubclass(DigitsDataModule, self._datamodule_class):
-            defaults["data"] = {"class_path": _class_path(DigitsDataModule)}
-        if defaults:
-            parser.set_defaults(defaults)
         add_s2a_arguments(parser)
 
     def before_instantiate_classes(self) -> None:
         parser = self._parser(self.subcommand)
         try:
-            enabled, config, adapter_path = s2a_config_from_namespace(
+            enabled, config, callback_kwargs = s2a_config_from_namespace(
                 self._get(self.config, S2A_KEY)
             )
         except (TypeError, ValueError) as err:
             parser.error(f"invalid s2a option: {err}")
         self.s2a_config = config if enabled else None
-        self.s2a_adapter_path = adapter_path if enabled else None
+        self.s2a_callback_kwargs = callback_kwargs if enabled else None
         if enabled:
             strategy = self._get(self.config, "trainer", default={}).get("strategy")
             name = strategy if isinstance(strategy, str) else getattr(strategy, "class_path", "")
@@ -154,7 +212,7 @@ class S2ALightningCLI(LightningCLI):
                 # Prompts are sized for the resolution the data actually have.
                 config = config.replace(input_size=tuple(input_size))
             self.s2a_config = config
-            self.s2a_callback = S2ACallback(config=config, adapter_path=self.s2a_adapter_path)
+            self.s2a_callback = S2ACallback(config=config, **(self.s2a_callback_kwargs or {}))
             trainer_config = self._get(self.config_init, "trainer", default={})
             callbacks = kwargs.pop("callbacks", trainer_config.get("callbacks"))
             if callbacks is None:

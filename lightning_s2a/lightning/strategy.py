@@ -8,12 +8,15 @@ same metrics and the same checkpoint state.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
+from torch.nn.parallel import DistributedDataParallel
 
-from ..config import S2AConfig
+from ..config import S2AConfig, check_field_names
 from .callback import S2ACallback
 
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(S2AConfig)}
@@ -38,7 +41,24 @@ class S2AStrategyMixin:
             trainer.callbacks.append(self.s2a_callback)
 
 
-def _split(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _keyword_names(*functions: Callable[..., Any], skip: tuple[str, ...] = ()) -> frozenset[str]:
+    """The names these functions take as keyword arguments (``self`` and ``skip`` left out)."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    names = {
+        p.name
+        for fn in functions
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind in kinds
+    }
+    return frozenset(names - {"self", *skip})
+
+
+def _split(
+    kwargs: dict[str, Any], accepted: frozenset[str], parent: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """S2AConfig fields and the parent strategy's arguments; any other name is an error here,
+    not an obscure ``TypeError`` from Lightning (or from DDP at the first fit)."""
+    check_field_names(kwargs, also=accepted, also_from=parent)
     fields = {k: v for k, v in kwargs.items() if k in _CONFIG_FIELDS}
     return fields, {k: v for k, v in kwargs.items() if k not in _CONFIG_FIELDS}
 
@@ -47,6 +67,8 @@ class S2AStrategy(S2AStrategyMixin, SingleDeviceStrategy):
     """Single-device training with S2A: ``Trainer(strategy="s2a")`` or ``S2AStrategy(bits=2)``."""
 
     strategy_name = "s2a"
+    # ``device`` is an argument of its own here.
+    _parent_arguments = _keyword_names(SingleDeviceStrategy.__init__, skip=("device",))
 
     def __init__(
         self,
@@ -56,7 +78,7 @@ class S2AStrategy(S2AStrategyMixin, SingleDeviceStrategy):
         device: str | torch.device | None = None,
         **kwargs: Any,
     ) -> None:
-        fields, rest = _split(kwargs)
+        fields, rest = _split(kwargs, self._parent_arguments, "SingleDeviceStrategy")
         super().__init__(device=device if device is not None else "cpu", **rest)
         self._device_given = device is not None
         self._devices: list[torch.device] = []
@@ -91,6 +113,11 @@ class S2ADDPStrategy(S2AStrategyMixin, DDPStrategy):
     """
 
     strategy_name = "s2a_ddp"
+    # DDPStrategy passes the keyword arguments it does not take to DistributedDataParallel
+    # (find_unused_parameters, static_graph, ...); Lightning itself sets module and device_ids.
+    _parent_arguments = _keyword_names(
+        DDPStrategy.__init__, DistributedDataParallel.__init__, skip=("module", "device_ids")
+    )
 
     def __init__(
         self,
@@ -99,7 +126,9 @@ class S2ADDPStrategy(S2AStrategyMixin, DDPStrategy):
         adapter_path: str | None = None,
         **kwargs: Any,
     ) -> None:
-        fields, rest = _split(kwargs)
+        fields, rest = _split(
+            kwargs, self._parent_arguments, "DDPStrategy and DistributedDataParallel"
+        )
         super().__init__(**rest)
         self._init_s2a(config, backbone, adapter_path, fields)
 

@@ -92,8 +92,12 @@ def find_blocks(
 @torch.no_grad()
 def block_output_shapes(
     model: nn.Module, blocks: list[Block], input_size: tuple[int, ...]
-) -> list[Block]:
-    """Run one sample through the model to learn each block's output shape and layout."""
+) -> tuple[list[Block], tuple[int, ...] | None]:
+    """Run one sample through the model to learn each block's output shape and layout.
+
+    Also returns the shape of the model's own output without the batch dimension (None when
+    it is not a tensor), which the side branch needs when there is no head to replace.
+    """
     shapes: dict[str, torch.Size] = {}
 
     def recorder(name: str):
@@ -107,7 +111,14 @@ def block_output_shapes(
     was_training = model.training
     try:
         model.eval()
-        model(torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
+        out = model(torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
+    except Exception as err:
+        raise ValueError(
+            f"'prompt' and 'side' size their parameters from one forward of "
+            f"{type(model).__name__} at input size {tuple(input_size)}, which failed "
+            f"({type(err).__name__}: {err}). Pass the size your data have: "
+            "S2AConfig(input_size=(C, H, W))."
+        ) from err
     finally:
         model.train(was_training)
         for h in handles:
@@ -115,19 +126,38 @@ def block_output_shapes(
     missing = [b.name for b in blocks if b.name not in shapes]
     if missing:
         raise ValueError(f"blocks {missing} did not run in a forward pass; name blocks that do.")
-    return [
+    found = [
         Block(b.name, b.module, _layout_of(shapes[b.name], b.layout), tuple(shapes[b.name][1:]))
         for b in blocks
     ]
+    return found, (tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else None)
 
 
 def default_input_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[int, ...]:
-    """The (C, H, W) used to size prompts: the config's, else timm's ``pretrained_cfg``."""
+    """The (C, H, W) used to size prompts, from the model as built.
+
+    In order: the config's ``input_size``; the patch embedding's ``img_size`` (timm models
+    built with ``img_size=...``); a Hugging Face ``config.image_size``; timm's
+    ``pretrained_cfg["input_size"]``. Submodules count, so a LightningModule holding a timm
+    model is sized by it.
+    """
     if input_size is not None:
         return tuple(input_size)
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    if "input_size" in cfg:
-        return tuple(cfg["input_size"])
+    modules = list(model.modules())
+    for m in modules:
+        size, proj = getattr(m, "img_size", None), getattr(m, "proj", None)
+        if size is not None and isinstance(proj, nn.Conv2d):
+            hw = (size, size) if isinstance(size, int) else tuple(size)
+            return (proj.in_channels, *hw)
+    for m in modules:
+        cfg = getattr(m, "config", None)
+        size, chans = getattr(cfg, "image_size", None), getattr(cfg, "num_channels", None)
+        if isinstance(size, int) and isinstance(chans, int):
+            return (chans, size, size)
+    for m in modules:
+        cfg = getattr(m, "pretrained_cfg", None) or getattr(m, "default_cfg", None) or {}
+        if isinstance(cfg, dict) and "input_size" in cfg:
+            return tuple(cfg["input_size"])
     raise ValueError(
         f"cannot tell the input size of {type(model).__name__}, which 'prompt' and 'side' "
         "need to size their parameters; pass S2AConfig(input_size=(3, 224, 224))."

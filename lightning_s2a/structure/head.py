@@ -10,7 +10,10 @@ __all__ = ["find_head", "is_bias"]
 
 
 def find_head(model: nn.Module, head: str | None) -> nn.Module | None:
-    """The head that stays trainable: timm's ``get_classifier()``, a named submodule, or None."""
+    """The head that stays trainable: timm's ``get_classifier()``, a named submodule, or None.
+
+    A ``get_classifier()`` without parameters (timm's ``num_classes=0`` Identity) is no head.
+    """
     if head is None:
         return None
     if head == "auto":
@@ -27,7 +30,8 @@ def find_head(model: nn.Module, head: str | None) -> nn.Module | None:
                 f"{type(model).__name__}.get_classifier() returned {type(found).__name__}, "
                 "not a module; name the head with S2AConfig(head='...')."
             )
-        return found
+        # timm's num_classes=0 leaves an Identity there: the model has no head of its own.
+        return found if any(True for _ in found.parameters()) else None
     try:
         return model.get_submodule(head)
     except AttributeError:

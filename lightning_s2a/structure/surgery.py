@@ -41,6 +41,8 @@ class StructureState:
     cast_originals: dict[str, torch.Tensor] = field(default_factory=dict)
     #: (module-name prefix, part label) for per-part accounting and the summary table.
     parts: list[tuple[str, str]] = field(default_factory=list)
+    #: The model's output shape without the batch dimension, when prompt/side measured it.
+    output_shape: tuple[int, ...] | None = None
 
 
 def check_composition(modules: tuple[str, ...]) -> None:
@@ -59,12 +61,13 @@ def apply_structure(model: nn.Module, config: S2AConfig) -> StructureState:
     check_composition(modules)
     head = find_head(model, config.head)
     blocks: list[Block] = []
+    output_shape: tuple[int, ...] | None = None
     if "prompt" in modules or "side" in modules:
         found, _ = find_blocks(model, config.blocks, config.block_layout)
         size = default_input_size(model, config.input_size)
-        blocks = block_output_shapes(model, found, size)
+        blocks, output_shape = block_output_shapes(model, found, size)
     state = StructureState(flags={n: p.requires_grad for n, p in model.named_parameters()})
-    state.head, state.blocks = head, blocks
+    state.head, state.blocks, state.output_shape = head, blocks, output_shape
     try:
         _apply(model, config, state, modules)
     except Exception:
@@ -93,13 +96,16 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
         train_bias = "bias" in modules and is_bias(name)
         p.requires_grad_(train_bias or (id(p) in head_ids and "side" not in modules))
     if config.frozen_dtype is not None:
-        dtype = getattr(torch, config.frozen_dtype)
         for name, p in model.named_parameters():
             # Matrices and kernels only: 1-D norm parameters stay in full precision, where
             # autocast runs the norms.
             if not p.requires_grad and p.dim() >= 2 and p.is_floating_point():
                 state.cast_originals[name] = p.detach().to("cpu", copy=True)
-                p.data = p.data.to(dtype)
+        cast_frozen(model, state, getattr(torch, config.frozen_dtype))
+        # Checkpoints hold the weights as the user built them, and a loaded state dict
+        # becomes the new original: a resumed run's weights are never replaced by stale ones.
+        state.hooks.append(model.register_state_dict_post_hook(_originals_out(state)))
+        state.hooks.append(model.register_load_state_dict_pre_hook(_originals_in(state)))
     if state.head is not None:
         state.parts.append((_name_of(model, state.head), "head"))
     if "prompt" in modules:
@@ -114,22 +120,21 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
         state.batch_norms = [
             m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
         ]
-        if state.batch_norms:
-            state.hooks.append(model.register_forward_pre_hook(_batch_norm_eval(state.batch_norms)))
+        # On each BatchNorm itself, not on the root's forward: a model driven through
+        # ``forward_features`` or through its parts must never update frozen statistics.
+        state.hooks.extend(bn.register_forward_pre_hook(_hold_eval) for bn in state.batch_norms)
 
 
 def _apply_side(model: nn.Module, config: S2AConfig, state: StructureState) -> None:
-    head = state.head
-    classes = getattr(head, "out_features", None)
-    if head is None or classes is None:
-        raise ValueError(
-            "'side' replaces the task head's output with the side network's, so it needs a "
-            "Linear head to read the number of classes from; name it with S2AConfig(head='...')."
-        )
+    # The side network's output replaces the head's; with no head in the model (the user's
+    # own head sits outside it), it replaces the model's own output: features of the same
+    # width, which the user's head then reads.
+    replaced = state.head if state.head is not None else model
+    outputs = _side_outputs(model, state)
     channels = [b.shape[-1] if b.layout in ("tokens", "nhwc") else b.shape[0] for b in state.blocks]
     width = config.side_width or max(1, min(SIDE_MAX_WIDTH, channels[-1] // config.side_reduction))
-    side = SideNetwork(channels, config.side_reduction, width, classes)
-    _add_module(state, model, SIDE_NAME, side, _like(head))
+    side = SideNetwork(channels, config.side_reduction, width, outputs)
+    _add_module(state, model, SIDE_NAME, side, _like(replaced))
     state.parts.append((SIDE_NAME, "side"))
     taps: list[torch.Tensor] = []
     grad_was: list[bool] = []
@@ -143,9 +148,17 @@ def _apply_side(model: nn.Module, config: S2AConfig, state: StructureState) -> N
         if grad_was:
             torch.set_grad_enabled(grad_was.pop())
 
-    def tap(layout: str):
+    def tap(block: Block):
         def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
-            taps.append(channel_average_pool(output, layout, config.side_reduction))
+            if not grad_was:
+                raise RuntimeError(
+                    f"'side' runs {type(model).__name__}'s blocks inside its own forward, "
+                    f"without autograd, and reads them there; block {block.name!r} ran outside "
+                    "it (through forward_features or another method, or through the model's "
+                    "parts one by one), so the trained side network would be skipped. Call "
+                    "the model itself, model(x), or use modules=['bias'] / ['prompt']."
+                )
+            taps.append(channel_average_pool(output, block.layout, config.side_reduction))
 
         return hook
 
@@ -158,22 +171,40 @@ def _apply_side(model: nn.Module, config: S2AConfig, state: StructureState) -> N
     # Order matters: the backbone's no-grad region opens after the engine's hooks start (the
     # engine registers its pre-hook first) and closes before they end.
     state.hooks.append(model.register_forward_pre_hook(enter))
-    state.hooks.extend(b.module.register_forward_hook(tap(b.layout)) for b in state.blocks)
-    state.hooks.append(head.register_forward_hook(read_side))
+    state.hooks.extend(b.module.register_forward_hook(tap(b)) for b in state.blocks)
+    state.hooks.append(replaced.register_forward_hook(read_side))
     state.hooks.append(model.register_forward_hook(exit_, always_call=True))
+
+
+def _side_outputs(model: nn.Module, state: StructureState) -> int:
+    """Width of the side network's output: the head's classes, or the model's feature width."""
+    if state.head is not None:
+        classes = getattr(state.head, "out_features", None)
+        if not isinstance(classes, int):
+            raise ValueError(
+                "'side' replaces the task head's output with the side network's, so it needs a "
+                f"Linear head to read the number of outputs from; the head is a "
+                f"{type(state.head).__name__}. Name a Linear head with S2AConfig(head='...')."
+            )
+        return classes
+    shape = state.output_shape
+    if shape is None or len(shape) != 1:
+        raise ValueError(
+            f"'side' without a head replaces {type(model).__name__}'s own output with the side "
+            f"network's, which must then be (batch, features); it is {shape}. Build the "
+            "backbone without its pooling removed (e.g. timm num_classes=0 gives pooled "
+            "features), or name a Linear head inside it with S2AConfig(head='...')."
+        )
+    return shape[0]
 
 
 def _prompt_hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
     return getattr(module, PROMPT_NAME)(output)
 
 
-def _batch_norm_eval(batch_norms: list[nn.Module]):
-    def hook(module: nn.Module, args: Any) -> None:
-        # Re-applied every forward because Lightning and users call model.train() at will.
-        for bn in batch_norms:
-            bn.training = False
-
-    return hook
+def _hold_eval(module: nn.Module, args: Any) -> None:
+    # Re-applied every forward because Lightning and users call model.train() at will.
+    module.training = False
 
 
 def _like(module: nn.Module) -> dict[str, Any]:
@@ -207,9 +238,36 @@ def undo_structure(model: nn.Module, state: StructureState) -> None:
     state.added_biases.clear()
     for bn in state.batch_norms:
         bn.training = model.training
+    cast_frozen(model, state, None)
     for name, p in model.named_parameters():
-        if name in state.cast_originals:
-            p.data = state.cast_originals[name].to(p.device)
         if name in state.flags:
             p.requires_grad_(state.flags[name])
     state.cast_originals.clear()
+
+
+def _originals_out(state: StructureState):
+    def hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+        for name, original in state.cast_originals.items():
+            if prefix + name in state_dict:
+                state_dict[prefix + name] = original.clone()
+
+    return hook
+
+
+def _originals_in(state: StructureState):
+    def hook(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        for name, original in state.cast_originals.items():
+            value = state_dict.get(prefix + name)
+            if isinstance(value, torch.Tensor) and value.shape == original.shape:
+                state.cast_originals[name] = value.detach().to("cpu", original.dtype, copy=True)
+
+    return hook
+
+
+def cast_frozen(model: nn.Module, state: StructureState, dtype: torch.dtype | None) -> None:
+    """Hold the frozen weights ``frozen_dtype`` names in ``dtype``; None puts the exact
+    originals back (after fit, so a plain fp32 forward works again)."""
+    for name, p in model.named_parameters():
+        original = state.cast_originals.get(name)
+        if original is not None:
+            p.data = original.to(p.device, dtype or original.dtype)

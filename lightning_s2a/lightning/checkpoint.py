@@ -1,0 +1,77 @@
+"""Load a Lightning checkpoint of an S2A run into a fresh LightningModule, in one call.
+
+A checkpoint of a prompt or side run holds the injected modules' weights
+(``...s2a_prompt.A``), which a freshly built module does not have, so the ordinary
+``MyModule.load_from_checkpoint(path)`` stops at torch's "Unexpected key(s)" error. The
+checkpoint also holds the S2A config and which attribute was S2A'd (the callback's state):
+:func:`load_from_checkpoint` builds the module as Lightning does, applies S2A the same way
+and then loads every weight strictly.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, TypeVar
+
+import lightning.pytorch as pl
+import torch
+
+from ..api import apply_s2a, get_handle
+from ..config import S2AConfig
+
+M = TypeVar("M", bound=pl.LightningModule)
+
+
+def s2a_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """The S2A callback's state in a loaded checkpoint (config, target, engine), or None."""
+    found = [
+        v for v in checkpoint.get("callbacks", {}).values() if isinstance(v, dict) and "config" in v
+    ]
+    if len(found) > 1:
+        raise ValueError(
+            "the checkpoint holds the state of several S2A callbacks; load it by hand."
+        )
+    return found[0] if found else None
+
+
+def load_from_checkpoint(
+    cls: type[M],
+    checkpoint_path: str | os.PathLike,
+    map_location: Any = None,
+    **kwargs: Any,
+) -> M:
+    """``cls.load_from_checkpoint(checkpoint_path, ...)`` for a module trained with S2A.
+
+    Builds ``cls`` from the checkpoint's hyperparameters (and ``kwargs``) as Lightning does,
+    applies S2A with the checkpoint's config to the attribute that was S2A'd, then loads every
+    weight with ``strict=True``: the trained outputs come back exactly. A checkpoint without
+    S2A state is loaded as Lightning would.
+    """
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    state = s2a_state(checkpoint)
+    if state is None:
+        return cls.load_from_checkpoint(checkpoint_path, map_location=map_location, **kwargs)
+    with warnings.catch_warnings():
+        # The first pass builds the module and loads what it already has; the S2A keys it
+        # reports as unexpected are loaded below, strictly.
+        warnings.simplefilter("ignore")
+        model = cls.load_from_checkpoint(
+            checkpoint_path, map_location=map_location, strict=False, **kwargs
+        )
+    target_name = state["target"]
+    try:
+        target = model.get_submodule(target_name) if target_name else model
+    except AttributeError as err:
+        raise ValueError(
+            f"the checkpoint's S2A'd module is {cls.__name__}.{target_name}, which the "
+            f"rebuilt {cls.__name__} does not have; build it with the same arguments."
+        ) from err
+    handle = get_handle(target) or apply_s2a(target, S2AConfig(**state["config"]))
+    handle.stop_engine()  # hooks on when a Trainer fits it again
+    handle.engine.load_state_dict(state["engine"])
+    model.load_state_dict(checkpoint["state_dict"], strict=True)
+    return model
+
+
+__all__ = ["load_from_checkpoint", "s2a_state"]

@@ -1,0 +1,277 @@
+"""S2A on a user's own Lightning project: own encoder and head, own entry points, own CLI classes.
+
+Every test here failed silently (or crashed) before the layouts below were supported; see
+docs/lightning.md, "Layouts".
+"""
+
+from __future__ import annotations
+
+import csv
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+
+from lightning_s2a import (
+    S2ACallback,
+    S2AConfig,
+    get_handle,
+    load_adapter,
+    load_from_checkpoint,
+)
+from lightning_s2a.lightning.cli import S2ALightningCLI
+from tests.lightning_helpers import EncoderClassifier, FourWayData, LateEncoder, _data
+
+X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def _trainer(tmp_path, callbacks, epochs=1, **kwargs):
+    return pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=CSVLogger(tmp_path, name="log"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+        callbacks=callbacks,
+        **kwargs,
+    )
+
+
+def _fit(tmp_path, model, callback, epochs=1, **kwargs):
+    pl.seed_everything(0)
+    trainer = _trainer(tmp_path, [callback], epochs=epochs, **kwargs)
+    trainer.fit(model, _data(16), _data(8))
+    return trainer
+
+
+def _metrics(trainer) -> dict[str, float]:
+    with open(f"{trainer.logger.log_dir}/metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("s2a/compression")]
+    return {k: float(v) for k, v in rows[-1].items() if k.startswith("s2a/")}
+
+
+# 1. An adapter holds everything that trained -------------------------------------------
+@pytest.mark.parametrize("modules", [("bias",), ("bias", "prompt")])
+def test_adapter_holds_the_head_outside_the_backbone(tmp_path, modules):
+    path = tmp_path / "task.safetensors"
+    callback = S2ACallback(S2AConfig(modules=modules), backbone="encoder", adapter_path=str(path))
+    pl.seed_everything(0)
+    model = EncoderClassifier()
+    _fit(tmp_path, model, callback)
+    pl.seed_everything(0)  # the same (here random) backbone; its head as initialised
+    fresh = EncoderClassifier()
+    assert not torch.equal(fresh.classifier.weight, model.classifier.weight)
+    load_adapter(fresh, path)
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(model(X), fresh(X))
+
+
+def test_adapter_holds_batch_norm_statistics_that_trained(tmp_path):
+    pl.seed_everything(0)
+    model = EncoderClassifier(arch="resnet")
+    model.classifier = nn.Sequential(nn.BatchNorm1d(512), nn.Linear(512, 4))  # the user's head
+    path = tmp_path / "task.safetensors"
+    _fit(tmp_path, model, S2ACallback(backbone="encoder", adapter_path=str(path)))
+    pl.seed_everything(0)
+    fresh = EncoderClassifier(arch="resnet")
+    fresh.classifier = nn.Sequential(nn.BatchNorm1d(512), nn.Linear(512, 4))
+    load_adapter(fresh, path)
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(model(X), fresh(X))
+
+
+# 2. Compression and freezing do not depend on the entry point ----------------------------
+def test_forward_features_is_compressed_and_frozen_batch_norm_never_changes(tmp_path):
+    model = EncoderClassifier(arch="resnet", entry="forward_features")
+    frozen = {k: v.clone() for k, v in model.encoder.state_dict().items() if "running" in k}
+    trainer = _fit(tmp_path, model, S2ACallback(backbone="encoder"))
+    metrics = _metrics(trainer)
+    assert metrics["s2a/activation_raw_mb"] > 0 and metrics["s2a/compression"] > 4
+    after = model.encoder.state_dict()
+    assert frozen and all(torch.equal(after[k], v) for k, v in frozen.items())
+
+
+def test_whole_module_driven_through_its_parts_is_compressed(tmp_path):
+    model = EncoderClassifier()  # training_step calls self.classifier(self.encoder(x))
+    callback = S2ACallback(head="classifier")
+    trainer = _fit(tmp_path, model, callback)
+    assert callback.handle.model is model
+    metrics = _metrics(trainer)
+    assert metrics["s2a/activation_raw_mb"] > 0 and metrics["s2a/compression"] > 4
+    by_part = callback.handle.stats()["by_part"]
+    assert by_part["backbone"]["stored_bytes"] < by_part["backbone"]["raw_bytes"] / 4
+
+
+def test_a_step_that_does_not_run_the_backbone_with_autograd_warns_once(tmp_path):
+    model = EncoderClassifier(no_grad=True)
+    with pytest.warns(UserWarning, match=r"ran no forward with autograd") as record:
+        _fit(tmp_path, model, S2ACallback(backbone="encoder"))
+    assert sum("ran no forward with autograd" in str(w.message) for w in record) == 1
+
+
+def test_standalone_forward_features_accounts_every_part_until_backward():
+    import timm
+
+    from lightning_s2a import apply_s2a
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", depth=2, img_size=32, patch_size=8)
+    with apply_s2a(model) as handle:
+        model(X).sum().backward()
+        whole = handle.stats()
+        model.forward_head(model.forward_features(X)).sum().backward()
+        parts = handle.stats()
+    assert whole["raw_bytes"] > 0
+    assert parts["raw_bytes"] == whole["raw_bytes"]
+    assert parts["stored_bytes"] == whole["stored_bytes"]
+
+
+# 3. The CLI respects the user's own classes ---------------------------------------------
+def test_cli_keeps_the_user_classes_defaults(tmp_path):
+    cli = S2ALightningCLI(
+        run=False,
+        args=[
+            "--model=tests.lightning_helpers.EncoderClassifier",
+            "--data=tests.lightning_helpers.FourWayData",
+            "--s2a.backbone=encoder",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+    )
+    assert isinstance(cli.model, EncoderClassifier) and isinstance(cli.datamodule, FourWayData)
+    assert cli.model.hparams.lr == 1e-3 and cli.model.hparams.scheduler is False
+    assert cli.datamodule.batch_size == 8
+    assert cli.s2a_callback.backbone == "encoder"
+    config = tmp_path / "cfg.yaml"
+    config.write_text(
+        "model:\n  class_path: tests.lightning_helpers.EncoderClassifier\n"
+        "data:\n  class_path: tests.lightning_helpers.FourWayData\n"
+    )
+    cli = S2ALightningCLI(run=False, args=["--config", str(config)])
+    assert cli.model.hparams.lr == 1e-3 and cli.datamodule.batch_size == 8
+
+
+# 4. Checkpoints load in one call ---------------------------------------------------------
+def test_prompt_checkpoint_loads_into_a_fresh_module(tmp_path):
+    pl.seed_everything(0)
+    model = EncoderClassifier()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    callback = S2ACallback(S2AConfig(modules=("bias", "prompt")), backbone="encoder")
+    pl.seed_everything(0)
+    trainer = _trainer(tmp_path, [callback, ckpt])
+    trainer.fit(model, _data(16))
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\).*s2a_prompt"):
+        EncoderClassifier.load_from_checkpoint(ckpt.last_model_path)
+    loaded = load_from_checkpoint(EncoderClassifier, ckpt.last_model_path)
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(model(X), loaded(X))
+    assert get_handle(loaded.encoder).config == callback.handle.config
+
+
+# 5. Lifecycle ----------------------------------------------------------------------------
+def test_backbone_built_in_configure_model(tmp_path):
+    model = LateEncoder()
+    callback = S2ACallback(S2AConfig(modules=("bias", "prompt")), backbone="encoder")
+    trainer = _fit(tmp_path, model, callback)
+    assert callback.handle.model is model.encoder
+    assert _metrics(trainer)["s2a/compression"] > 4
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("s2a_prompt" in n for n in trainable)
+    assert all(n.endswith(("bias", ".A", ".B")) or n.startswith("classifier.") for n in trainable)
+
+
+def test_backbone_missing_names_the_attribute(tmp_path):
+    with pytest.raises(ValueError, match=r"EncoderClassifier.trunk does not exist"):
+        _fit(tmp_path, EncoderClassifier(), S2ACallback(backbone="trunk"))
+
+
+def test_new_trainer_and_callback_take_up_a_fitted_model(tmp_path):
+    model = EncoderClassifier()
+    first = S2ACallback(S2AConfig(modules=("bias", "prompt")), backbone="encoder")
+    _fit(tmp_path / "a", model, first)
+    second = S2ACallback(S2AConfig(modules=("bias", "prompt")), backbone="encoder")
+    _trainer(tmp_path / "b", [second]).test(model, _data(8))
+    assert second.handle is first.handle
+    third = S2ACallback(S2AConfig(modules=("bias", "prompt")), backbone="encoder")
+    trainer = _fit(tmp_path / "c", model, third)
+    assert third.handle is first.handle and _metrics(trainer)["s2a/compression"] > 4
+    other = S2ACallback(S2AConfig(modules=("bias",)), backbone="encoder")
+    with pytest.raises(ValueError, match=r"fields \['modules'\] differ.*get_handle"):
+        _fit(tmp_path / "d", model, other)
+
+
+def test_an_exception_during_fit_takes_the_hooks_off(tmp_path):
+    model = EncoderClassifier(fail_at=1)
+    callback = S2ACallback(backbone="encoder")
+    with pytest.raises(RuntimeError, match="user error"):
+        _fit(tmp_path, model, callback)
+    assert not callback.handle.engine.attached
+    before = callback.handle.stats()
+    model(X).sum().backward()
+    assert callback.handle.stats() == before  # nothing recorded: no hooks left
+
+
+def test_fp32_forward_after_a_bf16_frozen_fit(tmp_path):
+    pl.seed_everything(0)
+    model = EncoderClassifier()
+    frozen = {n: p.clone() for n, p in model.encoder.named_parameters() if p.dim() >= 2}
+    callback = S2ACallback(frozen_dtype="bfloat16", backbone="encoder")
+    _fit(tmp_path, model, callback, precision="bf16-mixed")
+    out = model(X)  # plain fp32, no autocast
+    assert out.dtype == torch.float32
+    after = dict(model.encoder.named_parameters())
+    assert all(
+        after[n].dtype == torch.float32 and torch.equal(after[n], v) for n, v in frozen.items()
+    )
+
+
+# 6. Prompt and side fit the model as built ------------------------------------------------
+def test_prompt_sized_from_the_model_img_size():
+    import timm
+
+    from lightning_s2a import apply_s2a
+
+    model = timm.create_model("vit_tiny_patch16_224", depth=2, img_size=32, num_classes=4)
+    with apply_s2a(model, modules=["bias", "prompt"]) as handle:
+        model(X).sum().backward()
+        assert handle.structure.blocks[0].shape == (5, 192)  # 4 patches + class token
+
+
+def test_side_with_the_head_outside_the_backbone(tmp_path):
+    model = EncoderClassifier()
+    head = model.classifier.weight.clone()
+    callback = S2ACallback(S2AConfig(modules=("side",)), backbone="encoder")
+    _fit(tmp_path, model, callback)
+    stats = callback.handle.stats()["by_part"]
+    assert stats.get("backbone", {"raw_bytes": 0})["raw_bytes"] == 0
+    assert stats["side"]["raw_bytes"] > 0
+    assert not torch.equal(model.classifier.weight, head)  # the user's head trained
+    with pytest.raises(RuntimeError, match=r"'side' runs .* forward_features"):
+        model.encoder.forward_features(X)
+
+
+def test_side_needs_pooled_features_without_a_head():
+    import timm
+
+    from lightning_s2a import apply_s2a
+
+    encoder = timm.create_model(
+        "vit_tiny_patch16_224", num_classes=0, global_pool="", depth=2, img_size=32
+    )
+    with pytest.raises(ValueError, match=r"\(batch, features\); it is \(5, 192\)"):
+        apply_s2a(encoder, modules=["side"], head=None)
+
+
+def test_no_warnings_on_an_ordinary_fit(tmp_path):
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _fit(tmp_path, EncoderClassifier(), S2ACallback(backbone="encoder"))
+    assert not [w for w in record if "S2A" in str(w.message)]
