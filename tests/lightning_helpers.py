@@ -85,7 +85,7 @@ class EncoderClassifier(pl.LightningModule):
             with torch.no_grad():
                 h = self.features(x)
             return F.cross_entropy(self.classifier(h), y)
-        return F.cross_entropy(self(x), y)
+        return F.cross_entropy(self.classifier(self.features(x)), y)  # its parts, not self(x)
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
