@@ -116,6 +116,11 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
             state.parts.append((f"{block.name}.{PROMPT_NAME}", "prompt"))
     if "side" in modules:
         _apply_side(model, config, state)
+    if state.added_modules or state.added_biases:
+        # A fresh model has none of the injected weights; its load_state_dict then fails on
+        # torch's "Unexpected key(s)" error, and this entry makes that error say what to do.
+        state.hooks.append(model.register_state_dict_post_hook(_marker_out))
+        state.hooks.append(model.register_load_state_dict_pre_hook(_marker_in))
     if config.bn_mode == "eval":
         state.batch_norms = [
             m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
@@ -243,6 +248,19 @@ def undo_structure(model: nn.Module, state: StructureState) -> None:
         if name in state.flags:
             p.requires_grad_(state.flags[name])
     state.cast_originals.clear()
+
+
+#: State-dict entry of a model with injected S2A weights; named so that loading it into a model
+#: without them fails with an error that names the call that loads it.
+STATE_DICT_MARKER = "s2a_injected(load with lightning_s2a.load_from_checkpoint, or apply_s2a first)"
+
+
+def _marker_out(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    state_dict[prefix + STATE_DICT_MARKER] = torch.zeros(0)
+
+
+def _marker_in(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    state_dict.pop(prefix + STATE_DICT_MARKER, None)
 
 
 def _originals_out(state: StructureState):
