@@ -60,11 +60,7 @@ class S2ACallback(pl.Callback):
             return pl_module, self.config
         target = getattr(pl_module, name, None)
         if not isinstance(target, nn.Module):
-            what = (
-                "does not exist"
-                if not hasattr(pl_module, name)
-                else (f"is a {type(target).__name__}")
-            )
+            what = f"is a {type(target).__name__}" if hasattr(pl_module, name) else "does not exist"
             raise ValueError(
                 f"S2ACallback(backbone={name!r}): {type(pl_module).__name__}.{name} {what}, not "
                 "an nn.Module, when S2A is applied (in setup, or right after configure_model "
@@ -102,7 +98,9 @@ class S2ACallback(pl.Callback):
     # -- Lightning hooks -------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _check_single_s2a(trainer)
-        if self.config.frozen_dtype and "mixed" not in str(trainer.precision):
+        if self._module is not pl_module:
+            self.handle = None  # a reused callback: the new module's S2A is found or applied
+        if stage == "fit" and self.config.frozen_dtype and "mixed" not in str(trainer.precision):
             raise ValueError(
                 f"S2AConfig(frozen_dtype={self.config.frozen_dtype!r}) needs mixed precision so "
                 "activations meet the low-precision weights under autocast; use "
