@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from .config import S2AConfig
+from .engine.compile_guard import check_not_compiled
 from .engine.hooks import SavedTensorEngine
-from .structure.rewrites import REWRITES
+from .structure.rewrites import rewrites_for
 from .structure.surgery import StructureState, apply_structure, cast_frozen, undo_structure
 
 _APPLIED: weakref.WeakKeyDictionary[nn.Module, S2AHandle] = weakref.WeakKeyDictionary()
@@ -27,7 +28,7 @@ class S2AHandle:
         self.engine = SavedTensorEngine(
             model,
             config,
-            rewrites=REWRITES if config.surgery else None,
+            rewrites=rewrites_for(config.surgery, config.compress),
             parts=structure.parts,
         )
         self.engine.attach()
@@ -120,6 +121,7 @@ def apply_s2a(model: nn.Module, config: S2AConfig | None = None, **overrides: An
             "apply_s2a was already applied to this model; call handle.remove() before "
             "applying it again."
         )
+    check_not_compiled(model, config.compress)
     structure = apply_structure(model, config)
     handle = S2AHandle(model, config, structure)
     _APPLIED[model] = handle

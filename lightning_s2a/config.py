@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +16,7 @@ BNB_QUANT_TYPES = ("nf4", "fp4")
 BN_MODES = ("eval", "train")
 FROZEN_DTYPES = (None, "bfloat16", "float16")
 LAYOUTS = ("auto", "tokens", "nhwc", "nchw")
+GROUP_SIZES = (8, 16, 32, 64, 128, 256)
 
 
 @dataclass
@@ -24,7 +25,9 @@ class S2AConfig:
 
     ``modules`` picks the structural activation modules that train; ``bits`` is the width
     of the saved-activation codes for the non-parametric operators. The remaining fields tune
-    the compression engine; their defaults follow the S2A method.
+    the compression engine; their defaults follow the S2A method. Every field is checked at
+    construction (and by :meth:`replace`): a wrong value or type, such as ``bits="4"`` or
+    ``compress=1``, raises a ``ValueError`` naming the field and what it allows.
     """
 
     #: Code width for saved activations: 1, 2, 4 or 8.
@@ -87,6 +90,11 @@ class S2AConfig:
         check_bits(self.bits, "bits")
         if isinstance(self.modules, str):
             self.modules = tuple(m for m in self.modules.replace("+", ",").split(",") if m)
+        if not _is_sequence(self.modules):
+            raise ValueError(
+                f"modules: expected a list of module kinds or a string such as 'bias+prompt', "
+                f"got {self.modules!r}; allowed: {MODULE_KINDS}."
+            )
         self.modules = tuple(self.modules)
         for m in self.modules:
             if m not in MODULE_KINDS:
@@ -95,6 +103,23 @@ class S2AConfig:
             raise ValueError(f"modules: {self.modules!r} lists a module kind twice.")
         if not self.modules:
             raise ValueError(f"modules: choose at least one of {MODULE_KINDS}.")
+        if self.head is not None and (not isinstance(self.head, str) or not self.head):
+            raise ValueError(
+                f"head: {self.head!r} ({type(self.head).__name__}) is not a submodule name; "
+                "allowed: 'auto', the name of a submodule such as 'fc', or None for no head."
+            )
+        for name in ("compress", "stochastic_rounding", "add_bias", "surgery"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(
+                    f"{name}: {value!r} ({type(value).__name__}) is not a bool; "
+                    "allowed: True, False."
+                )
+        if not isinstance(self.op_bits, Mapping):
+            raise ValueError(
+                f"op_bits: expected a mapping from operator kind to code width, e.g. "
+                f"{{'softmax': 8}}, got {self.op_bits!r}."
+            )
         self.op_bits = dict(self.op_bits)
         for kind, b in self.op_bits.items():
             if kind not in KINDS:
@@ -104,45 +129,59 @@ class S2AConfig:
             check_bits(self.trainable_input_bits, "trainable_input_bits")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend: unknown backend {self.backend!r}; allowed: {BACKENDS}.")
-        if self.backend == "bnb":
-            if self.bnb_quant_type not in BNB_QUANT_TYPES:
-                raise ValueError(
-                    f"bnb_quant_type: {self.bnb_quant_type!r} is not one of {BNB_QUANT_TYPES}."
-                )
-            if self.bits != 4:
-                raise ValueError(
-                    f"bits={self.bits} with backend='bnb': bitsandbytes quantizes in 4 bits only; "
-                    "use bits=4 or backend='torch'."
-                )
-        if self.group_size not in (8, 16, 32, 64, 128, 256):
+        # Checked whatever the backend, so a typo is not silently ignored until "bnb" is chosen.
+        if self.bnb_quant_type not in BNB_QUANT_TYPES:
             raise ValueError(
-                f"group_size: {self.group_size} is not one of (8, 16, 32, 64, 128, 256)."
+                f"bnb_quant_type: {self.bnb_quant_type!r} is not one of {BNB_QUANT_TYPES}."
             )
+        if self.backend == "bnb" and self.bits != 4:
+            raise ValueError(
+                f"bits={self.bits} with backend='bnb': bitsandbytes quantizes in 4 bits only; "
+                "use bits=4 or backend='torch'."
+            )
+        if not _is_int(self.group_size):
+            raise ValueError(
+                f"group_size: {self.group_size!r} ({type(self.group_size).__name__}) is not an "
+                f"int; allowed: {GROUP_SIZES}."
+            )
+        if self.group_size not in GROUP_SIZES:
+            raise ValueError(f"group_size: {self.group_size} is not one of {GROUP_SIZES}.")
         if self.frozen_dtype not in FROZEN_DTYPES:
             raise ValueError(f"frozen_dtype: {self.frozen_dtype!r} is not one of {FROZEN_DTYPES}.")
         if self.bn_mode not in BN_MODES:
             raise ValueError(f"bn_mode: {self.bn_mode!r} is not one of {BN_MODES}.")
         if self.block_layout not in LAYOUTS:
             raise ValueError(f"block_layout: {self.block_layout!r} is not one of {LAYOUTS}.")
-        if self.side_width is not None and (
-            isinstance(self.side_width, bool)
-            or not isinstance(self.side_width, int)
-            or self.side_width < 1
-        ):
+        if self.side_width is not None and (not _is_int(self.side_width) or self.side_width < 1):
             raise ValueError(
                 f"side_width: must be a positive integer or None, got {self.side_width!r}."
             )
         if self.input_size is not None:
-            self.input_size = tuple(self.input_size)
-            if not self.input_size or not all(
-                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in self.input_size
+            if _is_sequence(self.input_size):
+                self.input_size = tuple(self.input_size)
+            if (
+                not isinstance(self.input_size, tuple)
+                or not self.input_size
+                or not all(_is_int(v) and v > 0 for v in self.input_size)
             ):
                 raise ValueError(
                     f"input_size: expected the shape of one sample, e.g. (3, 224, 224), "
                     f"got {self.input_size!r}."
                 )
-        if self.blocks is not None and not isinstance(self.blocks, str):
-            self.blocks = tuple(self.blocks)
+        if self.blocks is not None:
+            if _is_sequence(self.blocks):
+                self.blocks = tuple(self.blocks)
+            names = (self.blocks,) if isinstance(self.blocks, str) else self.blocks
+            if (
+                not isinstance(names, tuple)
+                or not names
+                or not all(isinstance(n, str) and n for n in names)
+            ):
+                raise ValueError(
+                    f"blocks: expected a pattern such as 'encoder.layer.*' or a list of module "
+                    f"names, got {self.blocks!r}; allowed: a non-empty str, a non-empty list of "
+                    "non-empty str, or None."
+                )
         for name in (
             "min_numel",
             "codebook_samples",
@@ -151,8 +190,10 @@ class S2AConfig:
             "side_reduction",
         ):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}.")
+        if not _is_int(self.seed) or self.seed < 0:
+            raise ValueError(f"seed: must be a non-negative integer, got {self.seed!r}.")
 
     def bits_for(self, kind: str) -> int | None:
         """Code width for an operator kind; None means stored exact."""
@@ -162,13 +203,37 @@ class S2AConfig:
 
     def replace(self, **overrides: Any) -> S2AConfig:
         """A copy with some fields changed (validated again)."""
-        names = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise ValueError(
-                f"unknown S2AConfig field(s) {unknown}; known fields: {sorted(names)}."
-            )
+        check_field_names(overrides)
         return dataclasses.replace(self, **overrides)
 
 
-__all__ = ["BACKENDS", "MODULE_KINDS", "SUPPORTED_BITS", "S2AConfig"]
+def check_field_names(
+    names: Iterable[str], also: Iterable[str] = (), also_from: str = "the caller"
+) -> None:
+    """Raise a ``ValueError`` naming every name that is not an :class:`S2AConfig` field.
+
+    ``also`` lists other names the caller accepts (e.g. a Lightning strategy's own arguments,
+    described by ``also_from``); they are not reported, and the message lists them after the
+    known fields.
+    """
+    fields = {f.name for f in dataclasses.fields(S2AConfig)}
+    extra = set(also) - fields
+    unknown = sorted(set(names) - fields - extra)
+    if unknown:
+        more = f" Also accepted by {also_from}: {sorted(extra)}." if extra else ""
+        raise ValueError(
+            f"unknown S2AConfig field(s) {unknown}; known fields: {sorted(fields)}.{more}"
+        )
+
+
+def _is_int(value: Any) -> bool:
+    """A real ``int``: not a bool (``True == 1``) and not a float (``4.0 == 4``)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_sequence(value: Any) -> bool:
+    """A list, tuple or other sequence that is not a string."""
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+
+__all__ = ["BACKENDS", "MODULE_KINDS", "SUPPORTED_BITS", "S2AConfig", "check_field_names"]

@@ -28,6 +28,24 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return F.cosine_similarity(a.double(), b.double(), dim=0).item()
 
 
+def assert_close_in_norm(
+    actual: torch.Tensor, expected: torch.Tensor, rel: float, msg: str = ""
+) -> None:
+    """``‖actual − expected‖ ≤ rel · ‖expected‖``: a tolerance scaled to the tensor's norm.
+
+    Element-wise ``rtol``/``atol`` fail on whichever element another reduction order (another
+    CPU model, thread count or kernel) happens to move most, typically one near zero after
+    cancellation; the norm of the difference does not depend on which elements moved. Exactness
+    is checked in float64 with a tiny ``rel``: paths that agree to rounding differ there by
+    ~1e-15, while a real bug (a wrong eps, a lost term) moves the result by far more.
+    """
+    assert actual.shape == expected.shape, (msg, actual.shape, expected.shape)
+    assert actual.dtype == expected.dtype, (msg, actual.dtype, expected.dtype)
+    a, e = actual.detach().double(), expected.detach().double()
+    err, scale = (a - e).norm().item(), e.norm().item()
+    assert err <= rel * scale, f"{msg}: ‖a − e‖ = {err:.3g} > {rel:g} · ‖e‖ = {rel * scale:.3g}"
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -69,8 +69,9 @@ def test_reconstruction_points_hit_the_optimal_values():
 
 def test_codebook_is_optimal_against_a_perturbed_split():
     g = torch.Generator().manual_seed(0)
-    s = torch.randn(8192, generator=g, dtype=torch.float64)
-    cb = fit_codebook(s, GELU_D, 2, cells=8192)
+    # One cell per sample: the DP then searches every split, so no boundary move can do better.
+    s = torch.randn(2048, generator=g, dtype=torch.float64)
+    cb = fit_codebook(s, GELU_D, 2, cells=2048)
 
     def sse(boundaries):
         idx = torch.bucketize(s, boundaries)

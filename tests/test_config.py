@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_s2a import S2AConfig, apply_s2a
+from lightning_s2a import S2ACallback, S2AConfig, S2ADDPStrategy, S2AStrategy, apply_s2a
+from lightning_s2a.engine.bitpack import check_bits
 
 
 @pytest.mark.parametrize(
@@ -29,6 +30,125 @@ from lightning_s2a import S2AConfig, apply_s2a
 def test_invalid_config_values_raise_value_error(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         S2AConfig(**kwargs)
+
+
+# Values of the wrong type: each compares equal to or looks like a valid one (4.0 == 4, a
+# non-empty string is truthy), so without a type check they were accepted and misbehaved later.
+@pytest.mark.parametrize(
+    "kwargs,pattern",
+    [
+        ({"bits": 4.0}, r"bits=4\.0 is not supported: expected an int \(float given\); choose one"),
+        ({"bits": True}, r"bits=True is not supported: expected an int \(bool given\)"),
+        ({"op_bits": {"softmax": 8.0}}, r"op_bits\['softmax'\]=8\.0 is not supported: expected an"),
+        ({"op_bits": [("softmax", 8)]}, r"op_bits: expected a mapping from operator kind"),
+        ({"trainable_input_bits": 8.0}, r"trainable_input_bits=8\.0 is not supported"),
+        ({"compress": "no"}, r"compress: 'no' \(str\) is not a bool; allowed: True, False"),
+        ({"surgery": "false"}, r"surgery: 'false' \(str\) is not a bool; allowed: True, False"),
+        ({"stochastic_rounding": 1}, r"stochastic_rounding: 1 \(int\) is not a bool"),
+        ({"add_bias": None}, r"add_bias: None \(NoneType\) is not a bool"),
+        ({"group_size": 64.0}, r"group_size: 64\.0 \(float\) is not an int; allowed: \(8, 16"),
+        ({"seed": 1.5}, r"seed: must be a non-negative integer, got 1\.5"),
+        ({"seed": -1}, r"seed: must be a non-negative integer, got -1"),
+        ({"seed": True}, r"seed: must be a non-negative integer, got True"),
+        ({"min_numel": True}, r"min_numel: must be a positive integer, got True"),
+        ({"codebook_samples": 1e4}, r"codebook_samples: must be a positive integer"),
+        ({"codebook_refresh": "1000"}, r"codebook_refresh: must be a positive integer"),
+        ({"prompt_rank": 8.0}, r"prompt_rank: must be a positive integer"),
+        ({"side_width": True}, r"side_width: must be a positive integer or None"),
+        ({"head": False}, r"head: False \(bool\) is not a submodule name; allowed: 'auto'"),
+        ({"head": ""}, r"head: '' \(str\) is not a submodule name"),  # would be the whole model
+        ({"modules": None}, r"modules: expected a list of module kinds or a string"),
+        ({"modules": [1]}, r"modules: unknown module kind 1; allowed:"),
+        ({"backend": 1}, r"backend: unknown backend 1; allowed:"),
+        ({"bnb_quant_type": "int4"}, r"bnb_quant_type: 'int4' is not one of"),  # any backend
+        ({"frozen_dtype": torch.bfloat16}, r"frozen_dtype: torch\.bfloat16 is not one of"),
+        ({"bn_mode": True}, r"bn_mode: True is not one of"),
+        ({"block_layout": None}, r"block_layout: None is not one of"),
+        ({"blocks": []}, r"blocks: expected a pattern .* or a list of module names, got \(\)"),
+        ({"blocks": ["encoder.0", 1]}, r"blocks: expected a pattern"),
+        ({"blocks": ""}, r"blocks: expected a pattern"),
+        ({"input_size": 224}, r"input_size: expected the shape of one sample, .* got 224"),
+        ({"input_size": (3, 224.0, 224)}, r"input_size: expected the shape of one sample"),
+    ],
+)
+def test_values_of_the_wrong_type_raise_value_error(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        S2AConfig(**kwargs)
+    with pytest.raises(ValueError, match=pattern):  # replace validates again
+        S2AConfig().replace(**kwargs)
+
+
+@pytest.mark.parametrize("bits", [4.0, True, "4", None])
+def test_check_bits_wants_a_real_int(bits):
+    with pytest.raises(ValueError, match=r"field=.* is not supported: expected an int"):
+        check_bits(bits, "field")
+    assert check_bits(4) == 4
+
+
+def test_valid_values_of_every_field_are_kept():
+    cfg = S2AConfig(
+        bits=2,
+        modules=["bias", "prompt"],
+        head=None,
+        compress=False,
+        op_bits={"softmax": 8},
+        trainable_input_bits=8,
+        group_size=32,
+        stochastic_rounding=True,
+        backend="torch",
+        bnb_quant_type="fp4",
+        seed=0,
+        side_width=16,
+        blocks=["encoder.0", "encoder.1"],
+        input_size=[3, 32, 32],
+        add_bias=True,
+        surgery=False,
+        frozen_dtype="bfloat16",
+    )
+    assert cfg.modules == ("bias", "prompt") and cfg.blocks == ("encoder.0", "encoder.1")
+    assert cfg.input_size == (3, 32, 32) and cfg.op_bits == {"softmax": 8}
+    assert S2AConfig(blocks="encoder.*").blocks == "encoder.*"
+
+
+_UNKNOWN = r"unknown S2AConfig field\(s\) \['bitz'\]; known fields: \['add_bias', 'backend', 'bits'"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: S2AStrategy(bitz=4),
+        lambda: S2ADDPStrategy(bitz=4),
+        lambda: S2ACallback(bitz=4),
+        lambda: S2AConfig().replace(bitz=4),
+    ],
+    ids=["S2AStrategy", "S2ADDPStrategy", "S2ACallback", "replace"],
+)
+def test_unknown_keyword_names_the_field_and_lists_the_known_ones(make):
+    # Not Lightning's obscure TypeError (strategy), nor DDP's at the first fit (s2a_ddp).
+    with pytest.raises(ValueError, match=_UNKNOWN):
+        make()
+
+
+def test_strategies_still_take_their_lightning_arguments():
+    import datetime
+
+    strategy = S2AStrategy(bits=2, device="cpu", checkpoint_io=None, precision_plugin=None)
+    assert strategy.s2a_callback.config.bits == 2
+    ddp = S2ADDPStrategy(
+        bits=2,
+        process_group_backend="gloo",
+        timeout=datetime.timedelta(seconds=60),
+        find_unused_parameters=True,  # DDPStrategy hands this on to DistributedDataParallel
+        static_graph=True,
+    )
+    assert ddp.s2a_callback.config.bits == 2
+    assert ddp._ddp_kwargs == {"find_unused_parameters": True, "static_graph": True}
+    with pytest.raises(
+        ValueError, match=r"Also accepted by DDPStrategy .*'find_unused_parameters'"
+    ):
+        S2ADDPStrategy(find_unused_parameter=True)
+    with pytest.raises(ValueError, match=r"compress: 'no' \(str\) is not a bool"):
+        S2AStrategy(compress="no")
 
 
 def test_modules_accept_plus_and_comma_strings():

@@ -147,9 +147,9 @@ def test_accounting_matches_an_independent_count(name):
 def test_vit_base_bias_only_stores_at_most_a_sixth():
     model = timm.create_model("vit_base_patch16_224").train()
     with apply_s2a(model, bits=4) as handle:
-        model(torch.randn(8, 3, 224, 224))
+        model(torch.randn(2, 3, 224, 224))  # the ratio does not depend on the batch
         stats = handle.stats()
-    assert stats["raw_bytes"] > 500 * 2**20
+    assert stats["raw_bytes"] > 125 * 2**20  # a real ViT-B/16: 140 MiB per two images
     assert stats["stored_bytes"] * 6 <= stats["raw_bytes"]
 
 

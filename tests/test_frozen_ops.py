@@ -18,8 +18,12 @@ from lightning_s2a.structure.frozen_ops import (
     frozen_batch_norm,
     frozen_conv,
 )
+from tests.conftest import assert_close_in_norm
 
-RTOL, ATOL = 1e-5, 1e-6
+# Every comparison runs twice: in float64, where a rewrite and the original agree to ~1e-16
+# (so 1e-12 proves them the same function), and in float32 with a tolerance scaled to the
+# tensor's norm (1e-5; observed ~1e-7), which holds whatever order a CPU's kernels sum in.
+EXACT = ((torch.float64, 1e-12), (torch.float32, 1e-5))
 
 
 class RewriteMode(TorchFunctionMode):
@@ -104,10 +108,11 @@ def _step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: RewriteMode 
 
 
 # fp32 differs only by rounding: eval BN's native kernel fuses the multiply-add, the rewrite
-# rounds twice, and ~50 BN layers of a randomly initialised network accumulate that. In fp64 the
-# same comparison is exact to near machine precision (resnet18 only: CPU fp64 depthwise
-# convolutions run group by group and take minutes on a loaded 2-core machine).
-_MODEL_TOL = {torch.float32: (1e-4, 1e-5), torch.float64: (1e-10, 1e-12)}
+# rounds twice, and ~50 BN layers of a randomly initialised network accumulate that (observed:
+# 2e-6 of a gradient's norm). In fp64 the same comparison is exact to ~1e-15 (resnet18 only
+# here: CPU fp64 depthwise convolutions are slow; the fp64 check of ConvNeXt and a pretrained
+# EfficientNet-Lite0 through apply_s2a is tests/test_structure.py::test_surgery_is_exact).
+_MODEL_REL = {torch.float32: 1e-4, torch.float64: 1e-10}
 
 
 @pytest.mark.parametrize(
@@ -132,11 +137,11 @@ def test_timm_models_exact(name: str, dtype: torch.dtype) -> None:
     assert mode.applied["conv2d"] > 0
     if name != "convnext_atto":
         assert mode.applied["batch_norm"] > 0
-    rtol, atol = _MODEL_TOL[dtype]
-    torch.testing.assert_close(out_new, out_ref, rtol=rtol, atol=atol)
+    rel = _MODEL_REL[dtype]
+    assert_close_in_norm(out_new, out_ref, rel, "logits")
     assert grads_new.keys() == grads_ref.keys() and len(grads_ref) > 2
     for key, g in grads_ref.items():
-        torch.testing.assert_close(grads_new[key], g, rtol=rtol, atol=atol, msg=key)
+        assert_close_in_norm(grads_new[key], g, rel, key)
 
 
 # -- 2. memory: no activation saved ------------------------------------------------------------
@@ -229,24 +234,31 @@ def test_frozen_conv_matches_conv(case, bias: str) -> None:
     ndim, cin, cout, k, kwargs = case
     conv = _CONVS[ndim]
     groups = kwargs.get("groups", 1)
-    x = torch.randn(2, cin, *([11] * ndim))
-    w = torch.randn(cout, cin // groups, *([k] * ndim))
-    b = None if bias == "none" else torch.randn(cout).requires_grad_(bias == "trainable")
+    x64 = torch.randn(2, cin, *([11] * ndim), dtype=torch.float64)
+    w64 = torch.randn(cout, cin // groups, *([k] * ndim), dtype=torch.float64)
+    b64 = None if bias == "none" else torch.randn(cout, dtype=torch.float64)
 
     def rewritten(*args, **kw):
         out = frozen_conv(conv, args, kw)
         assert out is not NotImplemented
         return out
 
-    counter = SavedCounter()
-    with counter.hooks():
-        out_new, grads_new = _conv_grads(rewritten, x, w, b, kwargs)
-    out_ref, grads_ref = _conv_grads(conv, x, w, b, kwargs)
-    assert counter.numels == [w.numel()]  # the weight only
-    torch.testing.assert_close(out_new, out_ref, rtol=RTOL, atol=ATOL)
-    assert len(grads_new) == len(grads_ref) == (2 if bias == "trainable" else 1)
-    for a, r in zip(grads_new, grads_ref, strict=True):
-        torch.testing.assert_close(a, r, rtol=RTOL, atol=ATOL)
+    for dtype, rel in EXACT:
+        x, w = x64.to(dtype), w64.to(dtype)
+        b = None if b64 is None else b64.to(dtype, copy=True).requires_grad_(bias == "trainable")
+        counter = SavedCounter()
+        with counter.hooks():
+            out_new, grads_new = _conv_grads(rewritten, x, w, b, kwargs)
+        out_ref, grads_ref = _conv_grads(conv, x, w, b, kwargs)
+        assert counter.numels == [w.numel()]  # the weight only
+        assert_close_in_norm(out_new, out_ref, rel, f"{dtype} output")
+        assert len(grads_new) == len(grads_ref) == (2 if bias == "trainable" else 1)
+        for a, r in zip(grads_new, grads_ref, strict=True):
+            assert_close_in_norm(a, r, rel, f"{dtype} gradient")
+
+
+# About one unit in the last place of each dtype, measured over the whole tensor.
+_LOW_PRECISION_REL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -262,12 +274,14 @@ def test_frozen_conv_channels_last_and_dtypes(dtype: torch.dtype) -> None:
     out_new, grads_new = _conv_grads(
         lambda *a, **kw: frozen_conv(torch.conv2d, a, kw), x, w, b, kwargs
     )
-    # Both paths run the same ATen kernels in the same layout: default dtype tolerances, and
-    # the input gradient keeps the channels-last layout.
-    torch.testing.assert_close(out_new, out_ref, check_stride=True)
-    assert out_new.dtype == dtype
+    # Both paths run the same ATen kernels in the same layout (values agree to the dtype's
+    # precision, in norm), and the input gradient keeps the channels-last layout.
+    rel = _LOW_PRECISION_REL[dtype]
+    assert_close_in_norm(out_new, out_ref, rel, "output")
+    assert out_new.dtype == dtype and out_new.stride() == out_ref.stride()
     for a, r in zip(grads_new, grads_ref, strict=True):
-        torch.testing.assert_close(a, r, check_stride=True)
+        assert_close_in_norm(a, r, rel, "gradient")
+        assert a.stride() == r.stride()
 
 
 def test_frozen_conv_under_autocast_matches() -> None:
@@ -306,25 +320,31 @@ def test_frozen_conv_under_autocast_matches() -> None:
     out_new, grads_new = run(mode)
     assert mode.applied["conv2d"] == 2 and mode.applied["batch_norm"] == 2
     assert out_new.dtype == out_ref.dtype == torch.bfloat16
-    torch.testing.assert_close(out_new, out_ref)
+    # The bf16 values may differ in the last place where the BN rewrite's fp32 result rounds
+    # differently from the fused kernel's; that moves the fp32 gradients by ~1e-4 of their norm,
+    # while element-wise fp32 tolerances would fail on the elements it touches.
+    assert_close_in_norm(out_new, out_ref, 1e-3, "output")
     for a, r in zip(grads_new, grads_ref, strict=True):
         assert a.dtype == r.dtype == torch.float32
-        torch.testing.assert_close(a, r)
+        assert_close_in_norm(a, r, 1e-3, "gradient")
 
 
 def test_frozen_conv_bias_only() -> None:
     """An input without grad (e.g. the image) and a trainable bias: only the bias gradient."""
-    x = torch.randn(2, 3, 10, 10)
-    w = torch.randn(5, 3, 3, 3)
-    b = torch.randn(5, requires_grad=True)
-    counter = SavedCounter()
-    with counter.hooks():
-        out = frozen_conv(F.conv2d, (x, w, b, 2), {})
-    assert counter.numels == [w.numel()]
-    g = torch.randn(out.shape)
-    (grad_new,) = torch.autograd.grad(out, b, g)
-    (grad_ref,) = torch.autograd.grad(F.conv2d(x, w, b, 2), b, g)
-    torch.testing.assert_close(grad_new, grad_ref, rtol=RTOL, atol=ATOL)
+    x64, w64, b64 = (
+        torch.randn(shape, dtype=torch.float64) for shape in [(2, 3, 10, 10), (5, 3, 3, 3), (5,)]
+    )
+    g64 = torch.randn(2, 5, 4, 4, dtype=torch.float64)
+    for dtype, rel in EXACT:
+        x, w, g = x64.to(dtype), w64.to(dtype), g64.to(dtype)
+        b = b64.to(dtype, copy=True).requires_grad_(True)
+        counter = SavedCounter()
+        with counter.hooks():
+            out = frozen_conv(F.conv2d, (x, w, b, 2), {})
+        assert counter.numels == [w.numel()]
+        (grad_new,) = torch.autograd.grad(out, b, g)
+        (grad_ref,) = torch.autograd.grad(F.conv2d(x, w, b, 2), b, g)
+        assert_close_in_norm(grad_new, grad_ref, rel, str(dtype))
 
 
 def test_frozen_conv_declines() -> None:
@@ -352,33 +372,38 @@ def test_frozen_conv_declines() -> None:
 @pytest.mark.parametrize("affine", [True, False])
 def test_frozen_batch_norm_matches(shape, affine: bool) -> None:
     c = shape[1]
-    rm, rv = torch.randn(c) * 0.3, torch.rand(c) + 0.5
-    w = torch.rand(c) + 0.5 if affine else None
-    b = torch.randn(c).requires_grad_(True) if affine else None
-
-    def grads(fn, x):
-        x = x.detach().requires_grad_(True)
-        out = fn(x, rm, rv, w, b, False, 0.1, 1e-3)
-        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
-        return out, torch.autograd.grad(out, [x] if b is None else [x, b], g)
-
-    x = torch.randn(shape)
-    if len(shape) == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
+    stats64 = (torch.randn(c, dtype=torch.float64) * 0.3, torch.rand(c, dtype=torch.float64) + 0.5)
+    w64 = torch.rand(c, dtype=torch.float64) + 0.5 if affine else None
+    b64 = torch.randn(c, dtype=torch.float64) if affine else None
+    x64 = torch.randn(shape, dtype=torch.float64)
 
     def rewritten(*args):
         out = frozen_batch_norm(F.batch_norm, args, {})
         assert out is not NotImplemented
         return out
 
-    counter = SavedCounter()
-    with counter.hooks():
-        out_new, grads_new = grads(rewritten, x)
-    out_ref, grads_ref = grads(F.batch_norm, x)
-    assert all(n <= c for n in counter.numels)
-    torch.testing.assert_close(out_new, out_ref, rtol=RTOL, atol=ATOL)
-    for a, r in zip(grads_new, grads_ref, strict=True):
-        torch.testing.assert_close(a, r, rtol=RTOL, atol=ATOL)
+    for dtype, rel in EXACT:
+        rm, rv = (t.to(dtype) for t in stats64)
+        w = None if w64 is None else w64.to(dtype)
+        b = None if b64 is None else b64.to(dtype, copy=True).requires_grad_(True)
+
+        def grads(fn, x, rm=rm, rv=rv, w=w, b=b):
+            x = x.detach().requires_grad_(True)
+            out = fn(x, rm, rv, w, b, False, 0.1, 1e-3)
+            g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(x.dtype)
+            return out, torch.autograd.grad(out, [x] if b is None else [x, b], g)
+
+        x = x64.to(dtype)
+        if len(shape) == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        counter = SavedCounter()
+        with counter.hooks():
+            out_new, grads_new = grads(rewritten, x)
+        out_ref, grads_ref = grads(F.batch_norm, x)
+        assert all(n <= c for n in counter.numels)
+        assert_close_in_norm(out_new, out_ref, rel, f"{dtype} output")
+        for a, r in zip(grads_new, grads_ref, strict=True):
+            assert_close_in_norm(a, r, rel, f"{dtype} gradient")
 
 
 def test_frozen_batch_norm_aten_signature_and_low_precision() -> None:
@@ -386,14 +411,15 @@ def test_frozen_batch_norm_aten_signature_and_low_precision() -> None:
     rm, rv, w = torch.randn(c), torch.rand(c) + 0.5, torch.rand(c)
     b = torch.randn(c).requires_grad_(True)
     x = torch.randn(2, c, 4, 4, requires_grad=True)
-    args = (x, w, b, rm, rv, False, 0.1, 1e-5, True)
-    out = frozen_batch_norm(torch.batch_norm, args, {})
-    torch.testing.assert_close(out, torch.batch_norm(*args), rtol=RTOL, atol=ATOL)
+    for dtype, rel in EXACT:
+        args = (*(t.to(dtype) for t in (x, w, b, rm, rv)), False, 0.1, 1e-5, True)
+        out = frozen_batch_norm(torch.batch_norm, args, {})
+        assert_close_in_norm(out, torch.batch_norm(*args), rel, str(dtype))
 
     xb = x.detach().bfloat16().requires_grad_(True)
     out = frozen_batch_norm(F.batch_norm, (xb, rm, rv), {"weight": w, "bias": b})
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out, F.batch_norm(xb, rm, rv, w, b))
+    assert_close_in_norm(out, F.batch_norm(xb, rm, rv, w, b), _LOW_PRECISION_REL[torch.bfloat16])
 
 
 def test_frozen_batch_norm_declines() -> None:

@@ -26,7 +26,7 @@ def test_pack_bits_roundtrip_and_size(bits, n, seed):
     assert torch.equal(unpack_bits(packed, bits, n), codes)
 
 
-@pytest.mark.parametrize("bits", [0, 3, 5, 16, True])
+@pytest.mark.parametrize("bits", [0, 3, 5, 16, True, 4.0])
 def test_unsupported_bits_raise(bits):
     with pytest.raises(ValueError, match=r"bits=.*not supported.*\(1, 2, 4, 8\)"):
         pack_bits(torch.zeros(4, dtype=torch.uint8), bits)

@@ -11,7 +11,7 @@ from torch import nn
 from lightning_s2a import S2AConfig, apply_s2a
 from lightning_s2a.engine.accounting import SavedBytesCounter
 from lightning_s2a.pretrained import efficientnet_lite0_imagenet
-from tests.conftest import trainable_grads
+from tests.conftest import assert_close_in_norm, trainable_grads
 
 SMALL = {
     "vit": lambda: timm.create_model("vit_tiny_patch16_224", num_classes=10, depth=3, img_size=64),
@@ -45,8 +45,12 @@ def _full_finetune_bytes(model, x) -> int:
     ids=["resnet18", "convnext_atto", "lite0(imagenet)"],
 )
 def test_surgery_is_exact(factory):
-    model = factory().train()
-    x, y = torch.randn(2, *SIZE), torch.tensor([1, 7])
+    # In float64: the two paths differ only by rounding (eval BatchNorm's native kernel fuses
+    # its multiply-add, the rewrite rounds twice), but in float32 a pretrained network with
+    # small running variances amplifies that to ~6e-4 on some CPUs. In float64 they agree to
+    # ~1e-14, so a real difference (a wrong eps, a lost gradient term) cannot hide.
+    model = factory().train().double()
+    x, y = torch.randn(2, *SIZE, dtype=torch.float64), torch.tensor([1, 7])
     cfg = S2AConfig(compress=False, modules=("bias",))
     with apply_s2a(model, cfg.replace(surgery=False)) as handle:
         out_plain = model(x)
@@ -56,8 +60,8 @@ def test_surgery_is_exact(factory):
         out_cut = model(x)
         cut = trainable_grads(model, x, y)
         cut_kinds = handle.stats()["by_kind"]
-    torch.testing.assert_close(out_cut, out_plain, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(cut, plain, rtol=1e-4, atol=1e-6)
+    assert_close_in_norm(out_cut, out_plain, 1e-10, "logits")
+    assert_close_in_norm(cut, plain, 1e-10, "gradients")
     # frozen convs stored their inputs before and store nothing now; eval BatchNorm keeps only
     # its per-channel scale
     assert plain_kinds["linear"]["raw_bytes"] > 0 and "linear" not in cut_kinds
@@ -74,7 +78,8 @@ def test_surgery_is_exact(factory):
 )
 def test_bias_only_cnn_stores_a_twentieth_of_full_finetuning(factory):
     model = factory().train()
-    x = torch.randn(8, 3, 224, 224)
+    # Saved bytes grow linearly with the batch on both sides, so batch 2 gives batch 8's ratio.
+    x = torch.randn(2, 3, 224, 224)
     full = _full_finetune_bytes(model, x)
     with apply_s2a(model, modules="bias", bits=4) as handle:
         model(x)
@@ -84,7 +89,7 @@ def test_bias_only_cnn_stores_a_twentieth_of_full_finetuning(factory):
 
 def test_vit_base_bias_prompt_memory_and_trainable_fraction():
     model = timm.create_model("vit_base_patch16_224", num_classes=100).train()
-    x = torch.randn(8, 3, 224, 224)
+    x = torch.randn(2, 3, 224, 224)  # the ratio does not depend on the batch
     full = _full_finetune_bytes(model, x)
     with apply_s2a(model, modules="bias+prompt", bits=4) as handle:
         model(x)
@@ -103,15 +108,20 @@ def test_prompt_starts_as_identity_and_learns(family):
     with apply_s2a(model, modules="prompt", input_size=SIZE) as handle:
         prompts = [m for n, m in model.named_modules() if n.endswith("s2a_prompt")]
         assert prompts and len(prompts) == len(handle.structure.blocks)
-        torch.testing.assert_close(model(x), before)  # B = 0: the model is unchanged
+        # B = 0: the model is unchanged (up to fp32 rounding: surgery rewrites eval BatchNorm)
+        assert_close_in_norm(model(x), before, 1e-5)
         F.cross_entropy(model(x), torch.tensor([1, 2])).backward()
         assert all(p.B.grad is not None and p.B.grad.abs().sum() > 0 for p in prompts)
         head = {id(p) for p in model.get_classifier().parameters()}
         backbone = [p for n, p in model.named_parameters() if "s2a_" not in n and id(p) not in head]
         assert not any(p.requires_grad for p in backbone)  # prompt alone: biases stay frozen
+        # A random B, not a constant: a constant shifts all channels of a position equally,
+        # and the next LayerNorm takes that shift out again.
         with torch.no_grad():
-            prompts[0].B.add_(0.1)
-        assert not torch.allclose(model(x), before)
+            g = torch.Generator().manual_seed(1)
+            prompts[0].B.copy_(torch.randn(prompts[0].B.shape, generator=g) * 0.1)
+        change = (model(x) - before).norm() / before.norm()
+        assert change > 1e-2, change  # a thousand times the rounding allowed above
         kinds = handle.stats()["by_part"]
         assert kinds.get("prompt", {"stored_bytes": 0})["stored_bytes"] == 0
     assert not any("s2a_prompt" in n for n, _ in model.named_modules())
@@ -178,6 +188,45 @@ def test_bias_works_on_any_module_without_blocks():
     with apply_s2a(model, head="fc") as handle:
         model(torch.randn(3, 5, 16)).sum().backward()
         assert handle.stats()["by_kind"]["elementwise"]["tensors"] == 3
+
+
+class Recurrent(nn.Module):
+    def __init__(self, rnn: type[nn.RNNBase]):
+        super().__init__()
+        self.rnn = rnn(6, 8, num_layers=2, bidirectional=True, batch_first=True)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc(self.rnn(x)[0].mean(1))
+
+
+@pytest.mark.parametrize("rnn", [nn.LSTM, nn.GRU])
+def test_recurrent_biases_train_under_bias(rnn):
+    """nn.LSTM/GRU name their biases bias_ih_l0, bias_hh_l1_reverse, ...: biases all the same."""
+    model = Recurrent(rnn)
+    biases = {
+        f"rnn.bias_{g}_l{k}{d}" for g in ("ih", "hh") for k in (0, 1) for d in ("", "_reverse")
+    }
+    assert biases <= {n for n, _ in model.named_parameters()}
+    with apply_s2a(model, modules=["bias"], head="fc"):
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable == biases | {"fc.weight", "fc.bias"}
+        model(torch.randn(2, 5, 6)).sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(grads[n] is not None and grads[n].abs().sum() > 0 for n in biases)
+    frozen = [n for n in grads if n.startswith("rnn.weight_")]
+    assert len(frozen) == 8 and all(grads[n] is None for n in frozen)
+
+
+def test_is_bias_knows_recurrent_names():
+    from lightning_s2a.engine.hooks import is_bias
+
+    cell = {n for n, _ in nn.LSTMCell(3, 4).named_parameters() if is_bias(n)}
+    assert cell == {"bias_ih", "bias_hh"}
+    for name in ("bias", "fc.bias", "rnn.bias_ih_l0", "rnn.bias_hh_l12_reverse"):
+        assert is_bias(name), name
+    for name in ("rnn.weight_ih_l0", "bias_ih_l", "bias_ih_lx", "biases", "fc.bias_scale"):
+        assert not is_bias(name), name
 
 
 def test_add_bias_and_remove_restore_the_model():

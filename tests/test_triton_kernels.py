@@ -104,6 +104,49 @@ def _compare(x: torch.Tensor, bits: int, group_size: int, label: str) -> list[st
     return bad
 
 
+def _nonfinite_input() -> torch.Tensor:
+    """NaN, +-inf and beyond-fp16 values among ordinary ones, each case in its own 256 block."""
+    g = torch.Generator().manual_seed(8)
+    blocks = [torch.randn(256, generator=g) for _ in range(7)]
+    blocks[0][3::50] = float("nan")  # a few NaNs
+    blocks[1][:] = float("nan")  # all NaN
+    blocks[2][::61] = float("inf")
+    blocks[3][7::45] = float("-inf")
+    blocks[4][::3] = torch.finfo(torch.float32).min  # an additive attention mask
+    blocks[5][::77] = 1e5  # finite, beyond the fp16 range
+    blocks[6][[0, 200]] = torch.tensor([float("-inf"), float("nan")])
+    blocks.append(torch.randn(256, generator=g) * 3e4)  # fits at 2+ bits, not at 1 bit
+    blocks.append(torch.randn(77, generator=g))  # ragged tail (fits)
+    return torch.cat(blocks)
+
+
+def _compare_fits(x: torch.Tensor, bits: int, group_size: int, label: str) -> list[str]:
+    """Per-group ``fits`` flags agree exactly; stats and codes agree on the groups that fit."""
+    from lightning_s2a.engine.triton_minmax import triton_quantize_minmax
+
+    ref = quantize_minmax(x, bits, group_size, with_fits=True)
+    got = triton_quantize_minmax(x, bits, group_size, with_fits=True)
+    plain = triton_quantize_minmax(x, bits, group_size)
+    fits = ref[3]
+    bad = []
+    if fits.dtype != torch.bool or not torch.equal(fits, got[3]):
+        bad.append(f"{label}: fits flags")
+        return bad
+    if bool(fits.all()) or not bool(fits.any()):
+        bad.append(f"{label}: test data has no group of each kind")
+    per_group = group_size * bits // 8
+    codes_ref, codes_got = ref[0].view(-1, per_group), got[0].view(-1, per_group)
+    if not _same_bits(codes_ref[fits], codes_got[fits]):
+        bad.append(f"{label}: codes of fitting groups")
+    if not _same_bits(_zero_sign_free(ref[1][fits]), _zero_sign_free(got[1][fits])):
+        bad.append(f"{label}: offset of fitting groups")
+    if not _same_bits(ref[2][fits], got[2][fits]):
+        bad.append(f"{label}: scale of fitting groups")
+    if not all(_same_bits(a, b) for a, b in zip(plain, got[:3], strict=True)):
+        bad.append(f"{label}: with_fits changed the codes or stats")
+    return bad
+
+
 def check_against_reference(device: str) -> dict[str, dict[str, Any]]:
     """Run every deterministic comparison on ``device``; returns case counts and failures."""
     results: dict[str, dict[str, Any]] = {}
@@ -143,6 +186,18 @@ def check_against_reference(device: str) -> dict[str, dict[str, Any]]:
                 bad += _compare(x, bits, group_size, f"{name} {dtype} bits={bits} g={group_size}")
                 cases += 1
     results["noncontiguous"] = {"cases": cases, "failures": bad}
+
+    cases, bad = 0, []
+    nonfinite = _nonfinite_input()
+    for dtype in (torch.float32, torch.bfloat16):
+        x = nonfinite.to(device, dtype)
+        for bits in BITS:
+            for group_size in (32, 256):
+                bad += _compare_fits(
+                    x, bits, group_size, f"fits {dtype} bits={bits} g={group_size}"
+                )
+                cases += 1
+    results["fits"] = {"cases": cases, "failures": bad}
     return results
 
 
@@ -221,9 +276,22 @@ def _assert_stochastic(stats: dict[str, float | bool]) -> None:
 N_RANDOM = len(DTYPES) * len(BITS) * len(GROUP_SIZES) * len(SIZES)
 N_SPECIAL = len(DTYPES) * (len(BITS) * len(SPECIAL_GROUP_SIZES) + 1)
 N_NONCONTIGUOUS = len(DTYPES) * 2 * 3
+N_FITS = 2 * len(BITS) * 2
 
 
 # --------------------------------------------------------------------------- interpreter (CPU)
+
+
+# The script needs torch, triton and lightning_s2a.engine only. The package's __init__ imports
+# Lightning and timm, which took half of the subprocess's time, so the script runs under a
+# bare ``lightning_s2a`` package module (subpackages still import from their files).
+_BARE_PACKAGE = """
+import runpy, sys, types
+package = types.ModuleType("lightning_s2a")
+package.__path__ = [sys.argv[1]]
+sys.modules["lightning_s2a"] = package
+runpy.run_path(sys.argv[2], run_name="__main__")
+"""
 
 
 @pytest.fixture(scope="module")
@@ -231,8 +299,9 @@ def interpreted() -> dict[str, Any]:
     """Run this file as a script under ``TRITON_INTERPRET=1`` once; return its JSON report."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    script = [str(ROOT / "lightning_s2a"), str(Path(__file__).resolve())]
     proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve())],
+        [sys.executable, "-c", _BARE_PACKAGE, *script],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -243,6 +312,7 @@ def interpreted() -> dict[str, Any]:
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["interpreting"] is True
+    assert report["bare_package"] is True, "the script imported Lightning after all"
     return report
 
 
@@ -262,6 +332,13 @@ def test_interpreted_noncontiguous_bit_identical(interpreted: dict[str, Any]) ->
 
 
 @needs_triton
+def test_interpreted_nonfinite_groups_flagged_like_the_reference(
+    interpreted: dict[str, Any],
+) -> None:
+    _assert_exact(interpreted["exact"], "fits", N_FITS)
+
+
+@needs_triton
 def test_interpreted_stochastic_rounding_unbiased(interpreted: dict[str, Any]) -> None:
     _assert_stochastic(interpreted["stochastic"])
 
@@ -278,6 +355,7 @@ def test_cuda_matches_reference() -> None:
         ("random", N_RANDOM),
         ("special", N_SPECIAL),
         ("noncontiguous", N_NONCONTIGUOUS),
+        ("fits", N_FITS),
     ):
         _assert_exact(results, part, expected)
     _assert_stochastic(stochastic_stats("cuda"))
@@ -337,6 +415,7 @@ if __name__ == "__main__":
     torch.manual_seed(0)
     report = {
         "interpreting": triton_minmax._interpreting(),
+        "bare_package": "lightning" not in sys.modules,
         "exact": check_against_reference("cpu"),
         "stochastic": stochastic_stats("cpu"),
     }

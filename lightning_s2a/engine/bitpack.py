@@ -14,8 +14,17 @@ SUPPORTED_BITS = (1, 2, 4, 8)
 
 
 def check_bits(bits: int, field: str = "bits") -> int:
-    """Return ``bits`` if it is a supported width, else raise a ``ValueError`` naming the field."""
-    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+    """Return ``bits`` if it is a supported width, else raise a ``ValueError`` naming the field.
+
+    Only a real ``int`` is a width: ``4.0`` and ``True`` compare equal to supported widths but
+    would fail later, inside the packing arithmetic.
+    """
+    if not isinstance(bits, int) or isinstance(bits, bool):
+        raise ValueError(
+            f"{field}={bits!r} is not supported: expected an int ({type(bits).__name__} given); "
+            f"choose one of {SUPPORTED_BITS}."
+        )
+    if bits not in SUPPORTED_BITS:
         raise ValueError(
             f"{field}={bits!r} is not supported: choose one of {SUPPORTED_BITS} "
             "(codes are packed densely into uint8)."

@@ -30,6 +30,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .accounting import ForwardAccount, part_of
 from .codebook import Codebook, fit_codebook
+from .compile_guard import check_not_compiling
 from .ops import OP_KINDS, ElementwiseSpec, canonical_name, elementwise_spec
 from .quantizers import QUANTIZERS, PackOptions
 
@@ -222,9 +223,13 @@ class SavedTensorEngine:
     # -- forward boundaries ------------------------------------------------------------
     def _entry_hook(self, name: str, is_root: bool):
         def enter(module: nn.Module, args: Any) -> None:
-            if self._depth == 0 and torch.is_grad_enabled() and not _foreign_autograd_context():
-                self._activate(is_root)
+            # Depth first: if activating raises, the always-called forward hook still pops
+            # this level, so the count never goes negative.
             self._depth += 1
+            if self._depth == 1 and torch.is_grad_enabled():
+                check_not_compiling(self.model, self.config.compress)  # before any change
+                if not _foreign_autograd_context():
+                    self._activate(is_root)
             if self._active:
                 self._frames.append([name, {}])
 
@@ -352,6 +357,9 @@ class SavedTensorEngine:
         if kind == "elementwise" and call.site is not None:
             self._attach_codebook(t, call, opts)
         packed = QUANTIZERS[kind](t.detach(), opts)
+        if packed.raw is not None:  # no code could hold it faithfully: kept as it is
+            account.add(kind, t, None, part)  # counted like any kept tensor (views once)
+            return t
         account.add(kind, t, packed.nbytes, part)
         return packed
 

@@ -5,6 +5,13 @@ last dimension that is a multiple of the group size each group lies along the la
 Each group stores an fp16 offset (its minimum) and an fp16 scale. Codes are rounded to nearest
 (``floor(v + 0.5)``) or stochastically, and packed with :mod:`.bitpack`.
 
+Codes cannot hold a value the fp16 stats cannot reach: a NaN, an infinity, or a finite value
+beyond the fp16 range (``|x| > 65504``, such as a ``torch.finfo(torch.float32).min`` attention
+mask). Such groups are saturated here, and flagged: with ``with_fits=True`` the quantizer also
+returns one boolean per group that is False where the group's codes are not faithful, computed
+from the group's minimum and maximum that quantization needs anyway (no extra pass over the
+data). :class:`.quantizers.MinMaxPacked` keeps a tensor with any such group exactly as it is.
+
 This pure-PyTorch version is the reference; the Triton kernels must match it bit for bit.
 """
 
@@ -19,12 +26,29 @@ FP16_MAX = 65504.0
 
 def group_stats(groups: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Return the fp16 ``(offset, scale)`` for each row of ``groups`` (float32, shape (G, S))."""
-    levels = (1 << bits) - 1
-    lo = groups.amin(dim=1).clamp(-FP16_MAX, FP16_MAX)
-    hi = groups.amax(dim=1).clamp(-FP16_MAX, FP16_MAX)
-    offset = lo.to(torch.float16)
-    scale = ((hi - offset.float()) / levels).clamp(0.0, FP16_MAX).to(torch.float16)
+    offset, scale, _ = _group_stats(groups, bits)
     return offset, scale
+
+
+def _group_stats(
+    groups: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(offset, scale, fits)`` per row: ``fits`` is False where the fp16 stats saturate.
+
+    A group fits if it holds no NaN (``amin``/``amax`` propagate NaN, and every comparison with
+    NaN is False), no value beyond +-65504 (infinities included), and its step is within the
+    fp16 range too (at 1 bit the step is the whole span, up to twice 65504).
+    """
+    levels = (1 << bits) - 1
+    lo_raw = groups.amin(dim=1)
+    hi_raw = groups.amax(dim=1)
+    lo = lo_raw.clamp(-FP16_MAX, FP16_MAX)
+    hi = hi_raw.clamp(-FP16_MAX, FP16_MAX)
+    offset = lo.to(torch.float16)
+    span = (hi - offset.float()) / levels
+    scale = span.clamp(0.0, FP16_MAX).to(torch.float16)
+    fits = (lo_raw >= -FP16_MAX) & (hi_raw <= FP16_MAX) & (span <= FP16_MAX)
+    return offset, scale, fits
 
 
 def quantize_minmax(
@@ -33,8 +57,15 @@ def quantize_minmax(
     group_size: int = 64,
     stochastic: bool = False,
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantize ``x`` (any float dtype/shape) to ``(packed_codes, offset_fp16, scale_fp16)``."""
+    *,
+    with_fits: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Quantize ``x`` (any float dtype/shape) to ``(packed_codes, offset_fp16, scale_fp16)``.
+
+    With ``with_fits=True`` a fourth tensor is returned: one bool per group, False where the
+    group holds a NaN, an infinity or a value beyond the fp16 range, whose codes are not
+    faithful (see the module docstring).
+    """
     levels = (1 << bits) - 1
     flat = x.detach().reshape(-1).float()
     n = flat.numel()
@@ -42,7 +73,7 @@ def quantize_minmax(
     if pad:
         flat = torch.cat([flat, flat[-1:].expand(pad)])
     groups = flat.view(-1, group_size)
-    offset, scale = group_stats(groups, bits)
+    offset, scale, fits = _group_stats(groups, bits)
     s = scale.float().unsqueeze(1)
     # In-place chain: fresh full-size temporaries cost more than the arithmetic on CPU.
     v = groups - offset.float().unsqueeze(1)
@@ -55,6 +86,8 @@ def quantize_minmax(
     codes = v.to(torch.uint8).reshape(-1)
     if pad:
         codes[n:] = 0
+    if with_fits:
+        return pack_bits(codes, bits), offset, scale, fits
     return pack_bits(codes, bits), offset, scale
 
 

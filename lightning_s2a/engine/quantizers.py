@@ -3,6 +3,13 @@
 Each quantizer turns a tensor into a packed object with ``unpack()`` (returns the same data
 every call) and ``nbytes`` (bytes actually kept). :data:`QUANTIZERS` maps an operator kind from
 :mod:`.ops` to its quantizer; the engine looks the kind up there and nowhere else.
+
+Non-finite values never become finite ones (or spread to their neighbours): a tensor that a
+code cannot represent is kept as it is. Min-max codes learn this from the group minimum and
+maximum they compute anyway (NaN, +-inf, or beyond the fp16 range of the group stats);
+derivative codes and bitsandbytes from one float32 sum of the tensor (a NaN or an infinity
+makes it non-finite). Softmax rows need no check: a softmax row with a NaN is all NaN, and its
+row maximum, NaN, gives back an all-NaN row.
 """
 
 from __future__ import annotations
@@ -72,8 +79,41 @@ class PackOptions:
     seed: int = 0
 
 
-class MinMaxPacked:
-    """Per-group min-max codes with fp16 offset and scale (torch or Triton backend)."""
+class Packed:
+    """Base of the packed objects: ``raw`` is the tensor itself when it was kept exact."""
+
+    #: The original tensor, when no code could represent it faithfully (else None).
+    raw: torch.Tensor | None = None
+
+
+class KeptPacked(Packed):
+    """A tensor kept exactly as it is, because a code could not represent it faithfully."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.raw = t
+
+    @property
+    def nbytes(self) -> int:
+        t = self.raw
+        assert t is not None
+        return min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
+
+    def unpack(self) -> torch.Tensor:
+        assert self.raw is not None
+        return self.raw
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """True if ``t`` holds no NaN and no infinity (one float32 sum; overflow reads as False)."""
+    return t.numel() == 0 or bool(torch.isfinite(t.sum(dtype=torch.float32)))
+
+
+class MinMaxPacked(Packed):
+    """Per-group min-max codes with fp16 offset and scale (torch or Triton backend).
+
+    A tensor with a group the fp16 stats cannot represent (a NaN, an infinity, a value beyond
+    +-65504) is kept as it is instead (``raw``): its codes would saturate or turn NaN.
+    """
 
     def __init__(self, t: torch.Tensor, opts: PackOptions) -> None:
         self.geometry = Geometry.of(t)
@@ -83,22 +123,30 @@ class MinMaxPacked:
         if self.triton:
             from .triton_minmax import triton_quantize_minmax
 
-            self.codes, self.offset, self.scale = triton_quantize_minmax(
-                t, self.bits, self.group, opts.stochastic, seed=opts.seed
+            self.codes, self.offset, self.scale, fits = triton_quantize_minmax(
+                t, self.bits, self.group, opts.stochastic, seed=opts.seed, with_fits=True
             )
         else:
             gen = None
             if opts.stochastic:
                 gen = torch.Generator(device=t.device).manual_seed(opts.seed)
-            self.codes, self.offset, self.scale = quantize_minmax(
-                t, self.bits, self.group, opts.stochastic, gen
+            self.codes, self.offset, self.scale, fits = quantize_minmax(
+                t, self.bits, self.group, opts.stochastic, gen, with_fits=True
             )
+        if not bool(fits.all()):
+            self.raw = t.detach()
+            empty = self.codes.new_empty(0)
+            self.codes, self.offset, self.scale = empty, empty, empty
 
     @property
     def nbytes(self) -> int:
+        if self.raw is not None:
+            return KeptPacked(self.raw).nbytes
         return _nbytes(self.codes, self.offset, self.scale)
 
     def unpack(self) -> torch.Tensor:
+        if self.raw is not None:
+            return self.raw
         args = (self.codes, self.offset, self.scale, self.n, self.bits, self.group)
         if self.triton:
             from .triton_minmax import triton_dequantize_minmax
@@ -109,7 +157,7 @@ class MinMaxPacked:
         return self.geometry.restore(flat)
 
 
-class BnbPacked:
+class BnbPacked(Packed):
     """bitsandbytes ``quantize_4bit`` (nf4 or fp4, symmetric absmax per block)."""
 
     def __init__(self, t: torch.Tensor, opts: PackOptions) -> None:
@@ -132,7 +180,7 @@ class BnbPacked:
         return self.geometry.restore(flat)
 
 
-class CodePacked:
+class CodePacked(Packed):
     """k-bit interval indices into a lookup table of points (derivative codes, exact masks)."""
 
     def __init__(self, codes: torch.Tensor, bits: int, table: torch.Tensor, t: torch.Tensor):
@@ -150,7 +198,7 @@ class CodePacked:
         return self.geometry.restore(unpack_lookup(self.codes, self.bits, self.n, self.table))
 
 
-class RowMaxPacked:
+class RowMaxPacked(Packed):
     """Softmax outputs: per row along ``dim``, unsigned codes over ``[0, row max]``."""
 
     def __init__(self, t: torch.Tensor, opts: PackOptions) -> None:
@@ -186,7 +234,7 @@ class RowMaxPacked:
         return self.geometry.restore(out.reshape(-1))
 
 
-class TwoLevelPacked:
+class TwoLevelPacked(Packed):
     """Dropout noise ``{0, 1/(1-p)}`` (or any boolean mask): one exact bit per element."""
 
     def __init__(self, t: torch.Tensor) -> None:
@@ -216,14 +264,15 @@ def _nbytes(*tensors: torch.Tensor) -> int:
     return sum(x.numel() * x.element_size() for x in tensors)
 
 
-def pack_minmax(t: torch.Tensor, opts: PackOptions) -> MinMaxPacked | BnbPacked:
+def pack_minmax(t: torch.Tensor, opts: PackOptions) -> MinMaxPacked | BnbPacked | KeptPacked:
     """Generic quantizer: per-group min-max (torch/Triton) or bitsandbytes 4-bit."""
     if opts.backend == "bnb":
-        return BnbPacked(t, opts)
+        # absmax blocks: an infinity makes its block NaN, and a NaN may come back finite.
+        return BnbPacked(t, opts) if _all_finite(t) else KeptPacked(t)
     return MinMaxPacked(t, opts)
 
 
-def pack_elementwise(t: torch.Tensor, opts: PackOptions) -> CodePacked:
+def pack_elementwise(t: torch.Tensor, opts: PackOptions) -> CodePacked | KeptPacked:
     """Derivative-aware code for a smooth op, or an exact 1-bit code for a step derivative."""
     spec = opts.spec
     assert spec is not None
@@ -232,6 +281,9 @@ def pack_elementwise(t: torch.Tensor, opts: PackOptions) -> CodePacked:
         assert spec.mask is not None
         table = torch.tensor(spec.mask_points, dtype=t.dtype, device=t.device)
         return CodePacked(spec.mask(flat).to(torch.uint8), 1, table, t)
+    if not _all_finite(flat):
+        # Interval codes would send a NaN (and +-inf) to an end interval's finite point.
+        return KeptPacked(t)
     assert opts.codebook is not None, "derivative codes need a fitted codebook"
     boundaries, points = opts.codebook
     return CodePacked(encode(flat, boundaries), opts.bits, points, t)

@@ -16,7 +16,10 @@ Numerical details that make the results bit-identical to the reference:
 * in dequantization ``code * scale`` is exact in fp32 (an 8-bit integer times an fp16 value), so
   a fused multiply-add gives the same result as PyTorch's separate multiply and add;
 * the sign of a zero offset is not specified (``torch.amin`` itself returns whichever of
-  ``0.0``/``-0.0`` it meets first); it compares equal and never changes dequantized values.
+  ``0.0``/``-0.0`` it meets first); it compares equal and never changes dequantized values;
+* the per-group ``fits`` flags (False for a group with a NaN, an infinity or a value beyond the
+  fp16 range) test for NaN explicitly, since ``tl.min``/``tl.max`` need not propagate it; the
+  stats and codes of such a group are not specified (the caller keeps that tensor as it is).
 
 The module imports without Triton (``HAS_TRITON`` is then False) and on CPU-only machines; the
 kernels run on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before import.
@@ -71,6 +74,7 @@ if HAS_TRITON:
         packed_ptr,
         offset_ptr,
         scale_ptr,
+        fits_ptr,
         n,
         n_groups,
         seed,
@@ -79,6 +83,7 @@ if HAS_TRITON:
         BLOCK_G: tl.constexpr,
         IN_KIND: tl.constexpr,
         STOCHASTIC: tl.constexpr,
+        WITH_FITS: tl.constexpr,
     ):
         # Each program owns BLOCK_G whole groups, loaded as a contiguous [BLOCK_G, GROUP] tile.
         PER_BYTE: tl.constexpr = 8 // BITS
@@ -100,10 +105,10 @@ if HAS_TRITON:
             x = raw.to(tl.float32)
 
         # Group statistics; padding is ignored, which equals replicating the last element.
-        lo = tl.min(tl.where(valid, x, float("inf")), axis=1)
-        hi = tl.max(tl.where(valid, x, float("-inf")), axis=1)
-        lo = tl.minimum(tl.maximum(lo, -_FP16_MAX_C), _FP16_MAX_C)
-        hi = tl.minimum(tl.maximum(hi, -_FP16_MAX_C), _FP16_MAX_C)
+        lo_raw = tl.min(tl.where(valid, x, float("inf")), axis=1)
+        hi_raw = tl.max(tl.where(valid, x, float("-inf")), axis=1)
+        lo = tl.minimum(tl.maximum(lo_raw, -_FP16_MAX_C), _FP16_MAX_C)
+        hi = tl.minimum(tl.maximum(hi_raw, -_FP16_MAX_C), _FP16_MAX_C)
         offset16 = lo.to(tl.float16)
         offset = offset16.to(tl.float32)
         span = tl.div_rn(hi - offset, tl.full(hi.shape, LEVELS, tl.float32))
@@ -113,6 +118,12 @@ if HAS_TRITON:
         gmask = g < n_groups
         tl.store(offset_ptr + g, offset16, mask=gmask)
         tl.store(scale_ptr + g, scale16, mask=gmask)
+        if WITH_FITS:
+            # Same test as the reference's: within +-FP16_MAX and no NaN (checked explicitly).
+            nans = tl.sum(tl.where(valid & (x != x), 1, 0), axis=1)
+            fits = (lo_raw >= -_FP16_MAX_C) & (hi_raw <= _FP16_MAX_C) & (span <= _FP16_MAX_C)
+            fits = fits & (nans == 0)
+            tl.store(fits_ptr + g, fits.to(tl.int8), mask=gmask)
 
         # Codes: floor((x - offset) / scale + noise), clamped; 0 for constant groups and padding.
         s = scale[:, None]
@@ -216,12 +227,15 @@ def triton_quantize_minmax(
     group_size: int = 64,
     stochastic: bool = False,
     seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    *,
+    with_fits: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Quantize ``x`` to ``(packed_uint8, offset_fp16, scale_fp16)`` with one fused kernel.
 
     Same contract as :func:`.minmax.quantize_minmax` and bit-identical to it for
     ``stochastic=False``. With ``stochastic=True`` the rounding noise is ``tl.rand(seed, i)`` for
-    element ``i`` (deterministic for a given seed, unrelated to ``torch.rand``).
+    element ``i`` (deterministic for a given seed, unrelated to ``torch.rand``). With
+    ``with_fits=True`` the per-group ``fits`` flags (bool) come fourth, as in the reference.
     """
     _check_launch(x, bits, group_size)
     flat = x.detach().reshape(-1)
@@ -237,8 +251,9 @@ def triton_quantize_minmax(
     packed = torch.empty(n_groups * group_size * bits // 8, dtype=torch.uint8, device=dev)
     offset = torch.empty(n_groups, dtype=torch.float16, device=dev)
     scale = torch.empty(n_groups, dtype=torch.float16, device=dev)
+    fits = torch.empty(n_groups if with_fits else 1, dtype=torch.int8, device=dev)
     if n_groups == 0:
-        return packed, offset, scale
+        return (packed, offset, scale, fits.bool()) if with_fits else (packed, offset, scale)
     block_g = _block_groups(n_groups, group_size)
     grid = (triton.cdiv(n_groups, block_g),)
     _quantize_kernel[grid](
@@ -246,6 +261,7 @@ def triton_quantize_minmax(
         packed,
         offset,
         scale,
+        fits,
         n,
         n_groups,
         int(seed),
@@ -254,7 +270,10 @@ def triton_quantize_minmax(
         BLOCK_G=block_g,
         IN_KIND=kind,
         STOCHASTIC=bool(stochastic),
+        WITH_FITS=bool(with_fits),
     )
+    if with_fits:
+        return packed, offset, scale, fits.bool()
     return packed, offset, scale
 
 

@@ -1,0 +1,124 @@
+"""``torch.compile`` and saved-activation compression do not mix: say so, never crash inside it.
+
+The engine compresses what autograd saves through ``saved_tensors_hooks`` and recognises the
+operator that saves each tensor with a ``TorchFunctionMode``. Under ``torch.compile`` neither
+works as intended: the hooks of a compiled region only see its saved tensors after the whole
+region's forward has run (so the peak is not reduced), the operator mode sees no operator
+inside compiled code (every tensor would get the generic code, including the exact ones), and
+Inductor's compiled backward expects the exact strides of the tensors it saved, which a
+quantized copy does not have: training crashes inside Inductor.
+
+So compression refuses compilation, early and clearly:
+
+* :func:`check_not_compiled` at setup (``apply_s2a``): the model, or one of its submodules, is
+  a ``torch.compile`` result, was compiled in place with ``module.compile()``, had its
+  ``forward`` replaced by a compiled one, or is a LightningModule that Lightning compiled;
+* :func:`check_not_compiling` when a forward starts: the engine is being traced by Dynamo
+  (compiled after ``apply_s2a``), or runs eagerly inside a compiled call (after a graph break).
+
+With ``S2AConfig(compress=False)`` (only the structural part, e.g. plain BitFit) compilation
+is left alone: nothing is packed.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+MESSAGE = (
+    "S2A's saved-activation compression cannot run under torch.compile (compiled code bypasses "
+    "the hooks that compress saved tensors, and Inductor's backward cannot take the "
+    "compressed ones). Either don't compile the model (drop torch.compile / module.compile() "
+    "and pass the uncompiled module), or keep compiling and turn compression off with "
+    "S2AConfig(compress=False)."
+)
+
+
+class S2ACompileError(RuntimeError):
+    """Raised when saved-activation compression meets ``torch.compile``."""
+
+
+def _optimized_module_type() -> type | None:
+    # torch._dynamo is imported by torch.compile itself; if it never was, nothing is compiled
+    # (and importing it here would cost a second per apply_s2a).
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return getattr(eval_frame, "OptimizedModule", None)
+
+
+def _how_compiled(module: nn.Module, optimized: type | None) -> str | None:
+    # Instance attributes are read from __dict__: nn.Module.__getattr__ is slow on a miss.
+    attrs = module.__dict__
+    if optimized is not None and isinstance(module, optimized):
+        return "is a torch.compile(...) result"
+    if attrs.get("_compiled_call_impl") is not None:
+        return "was compiled in place with .compile()"
+    if attrs.get("_compiler_ctx"):
+        return "is a LightningModule compiled by Lightning (a torch.compile result given to fit)"
+    if hasattr(attrs.get("forward"), "_torchdynamo_orig_callable"):
+        return "has its forward replaced by torch.compile(module.forward)"
+    return None
+
+
+def compiled_part(module: nn.Module) -> str | None:
+    """Where ``module`` is compiled, in words (``"Net.blocks.0 was compiled ..."``), or None."""
+    optimized = _optimized_module_type()
+    stack = [module]
+    while stack:  # a plain walk: named_modules() builds every name, several times slower
+        sub = stack.pop()
+        stack.extend(m for m in sub._modules.values() if m is not None)
+        how = _how_compiled(sub, optimized)
+        if how is not None:
+            name = next(n for n, m in module.named_modules() if m is sub)
+            where = f"{type(module).__name__}.{name}" if name else type(module).__name__
+            return f"{where} {how}"
+    return None
+
+
+def check_not_compiled(module: nn.Module, compress: bool = True) -> None:
+    """Raise :class:`S2ACompileError` if ``compress`` and any part of ``module`` is compiled."""
+    if not compress:
+        return
+    where = compiled_part(module)
+    if where is not None:
+        raise S2ACompileError(f"{MESSAGE} Found: {where}.")
+
+
+def _raise_compiling() -> None:
+    raise S2ACompileError(MESSAGE)
+
+
+# Dynamo does not trace a disabled function: it breaks the graph there and calls it eagerly,
+# so the error reaches the user as it is (a `raise` traced by Dynamo would only make it fall
+# back to eager and run on). With fullgraph=True, Dynamo refuses instead, quoting the reason.
+try:
+    _raise_when_traced = torch.compiler.disable(_raise_compiling, reason=MESSAGE)
+except TypeError:  # pragma: no cover - torch < 2.7 has no `reason`
+    _raise_when_traced = torch.compiler.disable(_raise_compiling)
+
+
+def _inside_compiled_call() -> bool:
+    """True while eager code runs inside a ``torch.compile``d call (after a graph break)."""
+    eval_frame = getattr(torch._C, "_dynamo", None)
+    get = getattr(getattr(eval_frame, "eval_frame", None), "get_eval_frame_callback", None)
+    return get is not None and get() not in (None, False)
+
+
+def check_not_compiling(model: nn.Module | None = None, compress: bool = True) -> None:
+    """Raise :class:`S2ACompileError` if ``compress`` and this forward runs under torch.compile.
+
+    Called when the engine is about to install its hooks, once per forward. Besides Dynamo
+    tracing this very call, it catches ``model`` (or a part of it) compiled after ``apply_s2a``
+    in a way whose hooks still run eagerly (``model.forward = torch.compile(model.forward)``, a
+    submodule replaced by its ``torch.compile`` result): one walk over the modules, tens of
+    microseconds.
+    """
+    if not compress:
+        return
+    if torch.compiler.is_compiling():
+        _raise_when_traced()
+    elif _inside_compiled_call():
+        raise S2ACompileError(MESSAGE)
+    elif model is not None:
+        check_not_compiled(model)

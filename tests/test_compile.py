@@ -1,0 +1,162 @@
+"""torch.compile with saved-activation compression: a clear error, never a crash inside Inductor.
+
+Compiling is refused when ``compress=True`` however it is done: a ``torch.compile`` result
+(or a model with a compiled part) given to ``apply_s2a``, a model compiled after
+``apply_s2a``, or a compiled LightningModule given to ``Trainer.fit``. With
+``compress=False`` compiling is left alone.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_s2a import S2ACallback, S2AConfig, apply_s2a
+from lightning_s2a.engine.compile_guard import S2ACompileError
+from tests.lightning_helpers import UserModule
+
+FIX = r"compress=False"
+
+
+def _vit() -> nn.Module:
+    # Small, but its compiled backward crashed inside Inductor before the guard existed.
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=4, depth=2, img_size=32, patch_size=8
+    )
+
+
+def _step(model, x, y) -> None:
+    F.cross_entropy(model(x), y).backward()
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, 3, 32, 32, generator=g), torch.tensor([1, 3])
+
+
+def _compile_model(model):
+    return torch.compile(model)
+
+
+def _compile_in_place(model):
+    model.compile()
+    return model
+
+
+def _compile_forward(model):
+    model.forward = torch.compile(model.forward)
+    return model
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    "compile_",
+    [_compile_model, _compile_in_place, _compile_forward],
+    ids=["torch.compile", "module.compile", "forward"],
+)
+def test_compiling_after_apply_s2a_is_a_clear_error(compile_):
+    torch.manual_seed(0)
+    model = _vit()
+    handle = apply_s2a(model, S2AConfig())
+    compiled = compile_(model)
+    x, y = _batch()
+    with pytest.raises(S2ACompileError, match=FIX):
+        _step(compiled, x, y)
+    # Nothing is left half-installed: the uncompiled model still trains, compressed.
+    handle.remove()
+    torch._dynamo.reset()
+    model = _vit()
+    with apply_s2a(model, S2AConfig()) as handle:
+        _step(model, x, y)
+        assert handle.stats()["ratio"] < 0.5
+
+
+def test_a_compiled_train_step_is_a_clear_error():
+    model = _vit()
+    apply_s2a(model, S2AConfig())
+
+    @torch.compile
+    def train_step(x, y):
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(S2ACompileError, match=FIX):
+        train_step(*_batch())
+
+
+@pytest.mark.parametrize(
+    "compile_",
+    [
+        _compile_model,
+        _compile_in_place,
+        _compile_forward,
+        lambda m: setattr(m, "blocks", torch.compile(m.blocks)) or m,
+        lambda m: m.blocks[1].compile() or m,
+    ],
+    ids=["torch.compile", "module.compile", "forward", "submodule", "submodule.compile"],
+)
+def test_a_compiled_model_given_to_apply_s2a_is_a_clear_error(compile_):
+    model = compile_(_vit())
+    with pytest.raises(S2ACompileError, match=FIX):
+        apply_s2a(model, S2AConfig())
+
+
+def test_lightning_fit_of_a_compiled_module_is_a_clear_error(tmp_path):
+    pl.seed_everything(0)
+    trainer = pl.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[S2ACallback(S2AConfig(modules=("bias",)))],
+    )
+    with pytest.raises(S2ACompileError, match=FIX):
+        trainer.fit(torch.compile(UserModule()), DataLoader(TensorDataset(*_batch()), batch_size=2))
+
+
+def test_compress_false_still_compiles_and_trains():
+    torch.manual_seed(0)
+    model = _vit()
+    x, y = _batch()
+    with apply_s2a(model, S2AConfig(compress=False)):
+        _step(model, x, y)
+        eager = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        model.zero_grad(set_to_none=True)
+        _step(torch.compile(model, backend="aot_eager"), x, y)
+        compiled = [p.grad for p in model.parameters() if p.requires_grad]
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_the_same_model_compresses_again_once_uncompiled():
+    """The refusal happens in the root's entry hook; it must leave the engine's state whole."""
+    torch.manual_seed(0)
+    model = _vit()
+    handle = apply_s2a(model, S2AConfig())
+    block = model.blocks[1]
+    model.blocks[1] = torch.compile(block)  # compiled after apply_s2a: refused at forward
+    x, y = _batch()
+    with pytest.raises(S2ACompileError, match=FIX):
+        _step(model, x, y)
+    model.blocks[1] = block
+    forwards = handle.engine.forwards
+    _step(model, x, y)
+    assert handle.engine.forwards == forwards + 1
+    assert handle.stats()["ratio"] < 0.5
+    handle.remove()

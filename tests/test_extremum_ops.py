@@ -1,0 +1,101 @@
+"""amax/amin and full max/min keep only the 1-bit mask ``x == out``: PyTorch's exact gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_s2a import S2AConfig, apply_s2a
+from lightning_s2a.structure.extremum_ops import masked_extremum
+from tests.conftest import assert_close_in_norm
+
+CASES = [
+    (torch.amax, {"dim": 1}),
+    (torch.amin, {"dim": (0, 2), "keepdim": True}),
+    (torch.Tensor.amax, {"dim": -1, "keepdim": False}),
+    (torch.amax, {}),  # dim=(): every dimension
+    (torch.max, {}),
+    (torch.Tensor.min, {}),
+]
+
+
+@pytest.mark.parametrize(("func", "kwargs"), CASES)
+def test_rewrite_matches_pytorch_gradient_with_ties(func, kwargs):
+    torch.manual_seed(0)
+    # Rounded values make ties, which the gradient splits evenly between them.
+    x = (torch.randn(4, 6, 5, dtype=torch.float64) * 2).round()
+    a = x.clone().requires_grad_(True)
+    b = x.clone().requires_grad_(True)
+    out = masked_extremum(func, (a,), kwargs)
+    ref = func(b, **kwargs)
+    assert out is not NotImplemented
+    assert out.grad_fn is not None and "MaskedExtremum" in type(out.grad_fn).__name__
+    assert torch.equal(out, ref)
+    # Only the boolean mask is saved: neither the input nor the output.
+    assert [t.dtype for t in out.grad_fn.saved_tensors] == [torch.bool]
+    w = torch.randn_like(ref)
+    (out * w).sum().backward()
+    (ref * w).sum().backward()
+    assert_close_in_norm(a.grad, b.grad, 1e-14)
+
+
+def test_nan_gradients_follow_pytorch():
+    x = torch.tensor([[1.0, float("nan"), 3.0], [4.0, 5.0, 5.0]], dtype=torch.float64)
+    for func, kwargs in ((torch.max, {}), (torch.amax, {"dim": 1})):
+        a = x.clone().requires_grad_(True)
+        b = x.clone().requires_grad_(True)
+        masked_extremum(func, (a,), kwargs).sum().backward()
+        func(b, **kwargs).sum().backward()
+        assert torch.equal(a.grad.isnan(), b.grad.isnan()), func
+        assert torch.equal(a.grad.nan_to_num(-7.0), b.grad.nan_to_num(-7.0)), func
+
+
+@pytest.mark.parametrize(
+    ("func", "args", "kwargs"),
+    [
+        (torch.max, (1,), {}),  # max(x, dim) saves indices, not values
+        (torch.max, (), {"dim": 1}),
+        (torch.amax, (), {"dim": 1.5}),
+    ],
+)
+def test_rewrite_declines_other_forms(func, args, kwargs):
+    x = torch.randn(3, 4, requires_grad=True)
+    assert masked_extremum(func, (x, *args), kwargs) is NotImplemented
+    assert masked_extremum(torch.amax, (x.detach(),), {"dim": 1}) is NotImplemented
+
+
+class _Pool(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 32)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fc(x).amax(dim=1))
+
+
+@pytest.mark.parametrize("surgery", [True, False])
+def test_engine_uses_the_rewrite_whenever_it_compresses(surgery):
+    torch.manual_seed(0)
+    model = _Pool().double()
+    x = torch.randn(4, 16, 8, dtype=torch.float64)
+    config = S2AConfig(modules=["bias"], head=None, surgery=surgery)
+
+    def grads() -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        model(x).square().sum().backward()
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
+
+    with apply_s2a(model, config.replace(compress=False)):
+        exact = grads()
+    with apply_s2a(model, config) as handle:
+        approx = grads()
+        masks = handle.stats()["by_kind"]["mask"]
+    assert torch.isfinite(approx).all()
+    # The only saved tensor before fc's bias is the amax mask, packed to one exact bit per
+    # element, so the bias gradient is exact; fc's output is never saved.
+    numel = 4 * 16 * 32
+    assert masks["raw_bytes"] == numel  # a bool per element
+    assert masks["stored_bytes"] == numel // 8
+    assert_close_in_norm(approx, exact, 1e-12)

@@ -1,0 +1,250 @@
+"""Non-finite saved values: never turned into finite ones, never spread to their neighbours.
+
+A saved tensor holding NaN, +-inf, or a finite value beyond the fp16 range of the min-max
+stats (an additive attention mask of ``-inf`` or ``torch.finfo(dtype).min``) is kept as it is;
+every other tensor is still compressed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_s2a import S2AConfig, apply_s2a
+from lightning_s2a.engine.codebook import fit_codebook
+from lightning_s2a.engine.ops import elementwise_spec
+from lightning_s2a.engine.quantizers import QUANTIZERS, MinMaxPacked, PackOptions
+from tests.conftest import cosine
+
+INF = float("inf")
+NAN = float("nan")
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape, strides and bit pattern (so NaN == NaN, and -0.0 != 0.0)."""
+    if a.dtype != b.dtype or a.shape != b.shape or a.stride() != b.stride():
+        return False
+    as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.contiguous().view(as_int), b.contiguous().view(as_int))
+
+
+def _with_specials(case: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (16, 96) tensor with ``case`` values at a few places, and the same without them."""
+    g = torch.Generator().manual_seed(5)
+    clean = torch.randn(16, 96, generator=g).to(dtype)
+    x = clean.clone()
+    big = torch.finfo(dtype).min if dtype != torch.float16 else -INF
+    values = {
+        "nan": [NAN],
+        "+inf": [INF],
+        "-inf": [-INF],
+        "mixed": [NAN, INF, -INF],
+        "beyond-fp16": [big, 1e5 if dtype != torch.float16 else INF],
+    }[case]
+    for i, v in enumerate(values):
+        x.view(-1)[7 + 301 * i :: 97 * (i + 2)] = v
+    return x, clean
+
+
+@pytest.mark.parametrize("case", ["nan", "+inf", "-inf", "mixed", "beyond-fp16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [1, 4, 8])
+def test_minmax_keeps_a_tensor_with_nonfinite_values_exactly(case, dtype, bits):
+    x, clean = _with_specials(case, dtype)
+    packed = MinMaxPacked(x, PackOptions(bits=bits))
+    assert _same_bits(packed.unpack(), x)
+    assert packed.nbytes == x.numel() * x.element_size()
+    # the same tensor without those values is still compressed
+    compressed = MinMaxPacked(clean, PackOptions(bits=bits))
+    assert compressed.nbytes < clean.numel() * clean.element_size()
+    assert torch.isfinite(compressed.unpack()).all()
+
+
+def test_minmax_keeps_strided_layout_when_kept():
+    x, _ = _with_specials("-inf", torch.float32)
+    xt = x.t()  # non-contiguous
+    out = QUANTIZERS["generic"](xt, PackOptions(bits=4)).unpack()
+    assert _same_bits(out, xt)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed"
+)
+@pytest.mark.parametrize("case", ["nan", "+inf", "mixed"])
+def test_bitsandbytes_backend_keeps_nonfinite_values(case):
+    x, _ = _with_specials(case, torch.float32)
+    packed = QUANTIZERS["generic"](x, PackOptions(bits=4, backend="bnb"))
+    assert _same_bits(packed.unpack(), x)
+
+
+@pytest.mark.parametrize("case", ["nan", "+inf", "-inf", "mixed"])
+def test_derivative_codes_keep_nonfinite_values(case):
+    x, clean = _with_specials(case, torch.float32)
+    spec = elementwise_spec(F.gelu, (x,), {})
+    codebook = fit_codebook(clean.reshape(-1), spec.derivative, 4).to(x.device, x.dtype)
+    opts = PackOptions(bits=4, spec=spec, codebook=codebook)
+    packed = QUANTIZERS["elementwise"](x, opts)
+    assert _same_bits(packed.unpack(), x)
+    # finite tensors still get 4-bit interval codes
+    assert QUANTIZERS["elementwise"](clean, opts).nbytes == clean.numel() // 2
+
+
+# --------------------------------------------------------------------- masked attention models
+
+
+class _Block(nn.Module):
+    def __init__(self, mode: str, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.mode, self.heads = mode, heads
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(self.norm(x)).view(b, n, 3, self.heads, d // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        if self.mode == "sdpa":  # the additive mask is saved by SDPA for its backward
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:  # logsumexp saves the masked scores, -inf included
+            scores = q @ k.transpose(-1, -2) * (d // self.heads) ** -0.5 + mask
+            a = torch.exp(scores - torch.logsumexp(scores, -1, keepdim=True)) @ v
+        x = x + self.proj(a.transpose(1, 2).reshape(b, n, d))
+        return x + self.fc2(F.relu(self.fc1(x)))
+
+
+class _MaskedNet(nn.Module):
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 32)
+        self.blocks = nn.ModuleList(_Block(mode) for _ in range(2))
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.head(x.mean(1))
+
+
+def _grads(model: nn.Module, x, mask, y) -> torch.Tensor:
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x, mask), y).backward()
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
+
+
+@pytest.mark.parametrize(
+    ("mode", "fill"),
+    [("sdpa", -INF), ("sdpa", torch.finfo(torch.float64).min), ("logsumexp", -INF)],
+    ids=["sdpa-inf", "sdpa-finfo-min", "logsumexp-inf"],
+)
+def test_masked_attention_gradients_match_uncompressed(mode, fill):
+    torch.manual_seed(0)
+    model = _MaskedNet(mode).double()
+    b, n = 4, 48
+    x = torch.randn(b, n, 8, dtype=torch.float64)
+    y = torch.randint(0, 5, (b,))
+    padding = torch.arange(n)[None, :] >= torch.tensor([48, 40, 30, 20])[:, None]
+    causal = torch.ones(n, n, dtype=torch.bool).triu(1)
+    blocked = padding[:, None, None, :] | causal  # (b, 1, n, n): no row is fully masked
+    mask = torch.zeros(b, 1, n, n, dtype=torch.float64).masked_fill(blocked, fill)
+    config = S2AConfig(modules=["bias"], head=None)
+    with apply_s2a(model, config.replace(compress=False)):
+        exact = _grads(model, x, mask, y)
+    with apply_s2a(model, config) as handle:
+        approx = _grads(model, x, mask, y)
+        assert handle.stats()["ratio"] < 0.5  # everything else is still compressed
+    assert torch.isfinite(exact).all()
+    assert torch.isfinite(approx).all()
+    assert cosine(exact, approx) > 0.999
+
+
+# --------------------------------------------------------------------- amax / amin reductions
+
+
+class _AmaxPoolNet(nn.Module):
+    """Max-pooling over token groups with ``amax``, as timm's Hiera does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 64)
+        self.fc2 = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        h = self.fc1(x)
+        h = h.view(b, 4, n // 4, -1).amax(dim=1)  # saves h and the pooled output
+        h = self.fc2(h)
+        return self.head(h.amin(dim=1))
+
+
+def test_amax_pooling_gradients_are_finite_and_match():
+    torch.manual_seed(0)
+    model = _AmaxPoolNet().double()
+    x = torch.randn(8, 64, 16, dtype=torch.float64)
+    y = torch.randint(0, 5, (8,))
+    config = S2AConfig(modules=["bias"], head=None)
+
+    def grads() -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
+
+    with apply_s2a(model, config.replace(compress=False)):
+        exact = grads()
+    with apply_s2a(model, config):
+        approx = grads()
+    assert torch.isfinite(exact).all()
+    assert torch.isfinite(approx).all()
+    assert cosine(exact, approx) > 0.99
+
+
+@pytest.mark.slow
+def test_hiera_gradients_are_finite():
+    torch.manual_seed(0)
+    model = timm.create_model("hiera_tiny_224", pretrained=False, img_size=64, num_classes=5)
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    y = torch.tensor([1, 3])
+
+    def grads() -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
+
+    config = S2AConfig(modules=["bias"], bits=4)
+    with apply_s2a(model, config.replace(compress=False)):
+        exact = grads()
+    with apply_s2a(model, config):
+        approx = grads()
+    assert torch.isfinite(exact).all()
+    assert torch.isfinite(approx).all()
+    assert cosine(exact, approx) > 0.99
+
+
+class _Square(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x) * 1e6  # beyond the fp16 range of min-max stats: kept exactly
+        return (h * h).sum()  # saves h twice: one allocation in an uncompressed run
+
+
+def test_a_kept_tensor_saved_twice_is_counted_once():
+    model = _Square().double()
+    with apply_s2a(model, S2AConfig(modules=["bias"], head=None)) as handle:
+        model(torch.randn(64, 8, dtype=torch.float64)).backward()
+        generic = handle.stats()["by_kind"]["generic"]
+    assert generic["tensors"] == 2
+    assert generic["raw_bytes"] == 64 * 64 * 8
+    assert generic["stored_bytes"] == generic["raw_bytes"]
