@@ -48,7 +48,9 @@ class S2AConfig:
     group_size: int = 64
     #: Stochastic rounding for min-max and softmax codes (unbiased, noisier).
     stochastic_rounding: bool = False
-    #: Min-max backend: "auto" (Triton on CUDA, PyTorch elsewhere), "torch", "triton", "bnb".
+    #: Pack/unpack backend: "auto" (Triton kernels on CUDA where a one-time probe shows they
+    #: match the PyTorch reference, PyTorch elsewhere), "torch", "triton" (every kind), or
+    #: "bnb" (bitsandbytes 4-bit for the min-max kinds).
     backend: str = "auto"
     #: bitsandbytes 4-bit format when ``backend="bnb"``: "nf4" or "fp4".
     bnb_quant_type: str = "nf4"

@@ -74,3 +74,21 @@ def test_lora_baseline_builds_on_a_depthwise_cnn():
     trainable = [n for n, p in meter.model.named_parameters() if p.requires_grad]
     assert any("lora_A" in n for n in trainable) and any("classifier" in n for n in trainable)
     assert not any("conv_dw.lora" in n for n in trainable)
+
+
+def test_overhead_bench_times_each_part_of_the_engine(tmp_path):
+    from lightning_s2a.bench import overhead
+
+    cli_main(
+        ["bench", "--overhead", "--models", "convnext_atto", "--steps", "1", "--out",
+         str(tmp_path)]
+    )  # fmt: skip
+    text = (tmp_path / "overhead.md").read_text()
+    assert "| convnext_atto |" in text and "1 thread(s)" in text
+    row = overhead.measure("convnext_atto", bits=4, steps=1, resolution=32)
+    assert set(row["ms"]) == {"bitfit", "bookkeeping", "s2a"}
+    assert all(v > 0 for v in row["ms"].values())
+    # every part of the engine ran inside the instrumented s2a steps, and it compressed
+    assert set(row["parts"]) == {"recognition", "pack", "unpack", "accounting"}
+    assert all(v > 0 for v in row["parts"].values())
+    assert row["saved_tensors"] > 10 and row["ratio"] < 0.5

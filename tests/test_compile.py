@@ -144,17 +144,29 @@ def test_compress_false_still_compiles_and_trains():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_the_same_model_compresses_again_once_uncompiled():
-    """The refusal happens in the root's entry hook; it must leave the engine's state whole."""
+def _replace_block(model):
+    block = model.blocks[1]
+    model.blocks[1] = torch.compile(block)
+    return lambda: model.blocks.__setitem__(1, block)
+
+
+def _compile_block_in_place(model):
+    block = model.blocks[1]
+    block.compile()
+    return lambda: block.__dict__.__setitem__("_compiled_call_impl", None)
+
+
+@pytest.mark.parametrize("compile_", [_replace_block, _compile_block_in_place])
+def test_the_same_model_compresses_again_once_uncompiled(compile_):
+    """A part compiled after apply_s2a is refused at forward; the engine's state stays whole."""
     torch.manual_seed(0)
     model = _vit()
     handle = apply_s2a(model, S2AConfig())
-    block = model.blocks[1]
-    model.blocks[1] = torch.compile(block)  # compiled after apply_s2a: refused at forward
+    undo = compile_(model)
     x, y = _batch()
     with pytest.raises(S2ACompileError, match=FIX):
         _step(model, x, y)
-    model.blocks[1] = block
+    undo()
     forwards = handle.engine.forwards
     _step(model, x, y)
     assert handle.engine.forwards == forwards + 1

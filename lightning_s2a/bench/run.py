@@ -1,6 +1,7 @@
 """Run the benchmark: every method in a fresh process, then one table, CSV and plot.
 
     lightning-s2a bench --model vit_base_patch16_224 --batch-size 8
+    lightning-s2a bench --overhead          # the engine's host cost per step (bench/overhead.py)
 
 Each method runs in its own subprocess (``python -m lightning_s2a.bench.run --worker``) so
 that memory peaks do not leak between methods. Ratios are against full fine-tuning measured in
@@ -145,7 +146,16 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse ``lightning-s2a bench`` options and run every method in its own process."""
+    """Parse ``lightning-s2a bench`` options and run every method in its own process.
+
+    ``--overhead`` runs the engine's host-overhead benchmark instead (:mod:`.overhead`).
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--overhead" in argv:
+        from .overhead import main as overhead_main
+
+        overhead_main([a for a in argv if a != "--overhead"])
+        return
     from .methods import METHODS, expand
 
     parser = argparse.ArgumentParser(prog="lightning-s2a bench", description=__doc__.split("\n")[0])

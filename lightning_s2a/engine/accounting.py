@@ -10,26 +10,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
-
-
-def tensor_bytes(t: torch.Tensor) -> int:
-    """Bytes a saved tensor holds: its elements, capped by its storage (broadcast views)."""
-    return min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
-
-
-def view_key(t: torch.Tensor) -> tuple:
-    """Identity of a saved view's data: storage address, geometry, dtype and version."""
-    return (
-        t.untyped_storage().data_ptr(),
-        t.storage_offset(),
-        tuple(t.shape),
-        tuple(t.stride()),
-        t.dtype,
-        t._version,
-    )
 
 
 @dataclass
@@ -51,20 +35,24 @@ class ForwardAccount:
     _seen_kept: dict[tuple, StorageWeakRef] = field(default_factory=dict)
 
     @staticmethod
-    def _first_sighting(seen: dict[tuple, StorageWeakRef], t: torch.Tensor) -> bool:
-        key = view_key(t)
+    def _first_sighting(seen: dict[tuple, StorageWeakRef], key: tuple, storage: Any) -> bool:
         ref = seen.get(key)
         if ref is not None and not ref.expired():
             return False
-        seen[key] = StorageWeakRef(t.untyped_storage())
+        seen[key] = StorageWeakRef(storage)
         return True
 
     def add(self, kind: str, t: torch.Tensor, stored: int | None, part: str = "backbone") -> None:
         """Record a saved tensor; ``stored`` is its packed size, or None if kept as it is."""
-        nbytes = tensor_bytes(t)
-        raw = nbytes if self._first_sighting(self._seen_raw, t) else 0
+        # The key identifies a saved view's data: storage address, geometry, dtype and version.
+        # One storage lookup serves it, the size (capped by the storage: broadcast views) and
+        # the weak reference; this runs for every saved tensor.
+        storage = t.untyped_storage()
+        nbytes = min(t.numel() * t.element_size(), storage.nbytes())
+        key = (storage.data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype, t._version)
+        raw = nbytes if self._first_sighting(self._seen_raw, key, storage) else 0
         if stored is None:
-            stored = nbytes if self._first_sighting(self._seen_kept, t) else 0
+            stored = nbytes if self._first_sighting(self._seen_kept, key, storage) else 0
         for entry in (self.by_kind[kind], self.by_part[part]):
             entry.tensors += 1
             entry.raw_bytes += raw

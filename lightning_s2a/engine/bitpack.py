@@ -7,6 +7,7 @@ Layout: code ``i`` lives in byte ``i // (8 // bits)`` at bit offset ``(i % (8 //
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 
@@ -49,12 +50,32 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     pad = (-n) % per_byte
     if pad:
         codes = torch.cat([codes, codes.new_zeros(pad)])
+    if bits == 1 and _LITTLE_ENDIAN and codes.storage_offset() % 8 == 0:
+        return _pack_ones(codes)
     codes = codes.view(-1, per_byte)
     # OR of strided slices: a few small passes, much faster than a uint8 sum on CPU.
-    out = codes[:, 0].clone()
-    for i in range(1, per_byte):
-        out.bitwise_or_(codes[:, i] << (i * bits))
+    out = codes[:, per_byte - 1] << ((per_byte - 1) * bits)
+    for i in range(per_byte - 1):
+        out.bitwise_or_(codes[:, i] << (i * bits) if i else codes[:, 0])
     return out
+
+
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+
+def _pack_ones(codes: torch.Tensor) -> torch.Tensor:
+    """Pack 0/1 bytes (a multiple of 8, contiguous) eight to a byte, in eight small ops.
+
+    Each int64 word holds eight codes, code ``i`` at bit ``8 i``; three shift-ORs move it to
+    bit ``i`` (shifts by 7, 14 and 28 add up to ``7 i``), and nothing else lands in the low
+    byte. Slicing the eight codes out one by one takes 21 ops: this is the mask path (ReLU,
+    dropout, boolean masks), where the op count is the cost.
+    """
+    words = codes.view(torch.int64)
+    x = words | (words >> 7)
+    x.bitwise_or_(x >> 14)
+    x.bitwise_or_(x >> 28)
+    return x.bitwise_and_(0xFF).to(torch.uint8)
 
 
 @functools.lru_cache(maxsize=32)
@@ -65,6 +86,12 @@ def _byte_table(bits: int, device: torch.device) -> torch.Tensor:
     return table.to(device)
 
 
+@functools.lru_cache(maxsize=32)
+def _byte_index(bits: int, device: torch.device) -> torch.Tensor:
+    """:func:`_byte_table` as int64, ready to index with (cached: built once per device)."""
+    return _byte_table(bits, device).long()
+
+
 def unpack_lookup(packed: torch.Tensor, bits: int, n: int, values: torch.Tensor) -> torch.Tensor:
     """Decode the first ``n`` codes straight into ``values[code]`` (any dtype).
 
@@ -72,7 +99,7 @@ def unpack_lookup(packed: torch.Tensor, bits: int, n: int, values: torch.Tensor)
     instead of unpack, widen and gather.
     """
     check_bits(bits)
-    table = values[_byte_table(bits, packed.device).long()] if bits < 8 else values.unsqueeze(1)
+    table = values[_byte_index(bits, packed.device)] if bits < 8 else values.unsqueeze(1)
     return table.index_select(0, packed.long()).view(-1)[:n]
 
 

@@ -29,9 +29,10 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from .accounting import ForwardAccount, part_of
+from .backend import resolve_backend
 from .codebook import Codebook, fit_codebook
-from .compile_guard import check_not_compiling
-from .ops import OP_KINDS, ElementwiseSpec, canonical_name, elementwise_spec
+from .compile_guard import check_not_compiling, check_not_traced
+from .ops import ELEMENTWISE, OP_KINDS, ElementwiseSpec, canonical_name
 from .quantizers import QUANTIZERS, PackOptions
 
 if TYPE_CHECKING:
@@ -99,7 +100,7 @@ class _OperatorMode(TorchFunctionMode):
         if engine._busy:
             return func(*args, **kwargs)
         call = engine._classify(func, args, kwargs)
-        rewrite = engine.rewrites.get(canonical_name(func))
+        rewrite = engine._func_info(func)[3]
         if call is None and rewrite is None:
             return func(*args, **kwargs)
         previous, engine._call = engine._call, call
@@ -144,6 +145,8 @@ class SavedTensorEngine:
         self._param_ids: set[int] = set()
         self._weight_ids: set[int] = set()
         self._contexts: list[Any] = []
+        self._funcs: dict[Any, tuple] = {}
+        self._modules: list[nn.Module] = []
         self._unpacked = False
         #: Forwards that ran with autograd and so engaged the engine (for "did it engage?").
         self.forwards = 0
@@ -165,6 +168,7 @@ class SavedTensorEngine:
         """
         if self.attached:
             return
+        self._modules = list(self.model.modules())
         for name, module in self.model.named_modules():
             is_root = module is self.model
             pre = module.register_forward_pre_hook(self._entry_hook(name, is_root), prepend=True)
@@ -222,10 +226,13 @@ class SavedTensorEngine:
 
     # -- forward boundaries ------------------------------------------------------------
     def _entry_hook(self, name: str, is_root: bool):
+        compress = self.config.compress
+
         def enter(module: nn.Module, args: Any) -> None:
             # Depth first: if activating raises, the always-called forward hook still pops
             # this level, so the count never goes negative.
             self._depth += 1
+            check_not_traced(compress)
             if self._depth == 1 and torch.is_grad_enabled():
                 check_not_compiling(self.model, self.config.compress)  # before any change
                 if not _foreign_autograd_context():
@@ -272,23 +279,43 @@ class SavedTensorEngine:
     def _refresh_parameters(self) -> None:
         # Parameters may have moved device since apply_s2a (Lightning moves the model after
         # setup), so their storages are collected per forward. Views of a parameter (W.t())
-        # share its storage; that is how they are recognised.
+        # share its storage; that is how they are recognised. The module dicts are read
+        # directly: named_parameters() builds every name, several times slower.
         storages, ids, weights = set(), set(), set()
-        for name, p in self.model.named_parameters():
-            storages.add(p.untyped_storage().data_ptr())
-            ids.add(id(p))
-            if p.requires_grad and not is_bias(name):
-                weights.add(id(p))
-        for b in self.model.buffers():
-            storages.add(b.untyped_storage().data_ptr())
+        for module in self._modules:
+            for leaf, p in module._parameters.items():
+                if p is None:
+                    continue
+                storages.add(p.untyped_storage().data_ptr())
+                ids.add(id(p))
+                if p.requires_grad and not is_bias(leaf):
+                    weights.add(id(p))
+            for b in module._buffers.values():
+                if b is not None:
+                    storages.add(b.untyped_storage().data_ptr())
         self._param_storages, self._param_ids, self._weight_ids = storages, ids, weights
 
     # -- operator recognition --------------------------------------------------------------
+    def _func_info(self, func: Any) -> tuple:
+        """``(raw name, elementwise factory, op kind, rewrite)`` of a torch function, cached:
+        the tables are looked up once per function, not once per call."""
+        info = self._funcs.get(func)
+        if info is None:
+            name = canonical_name(func)
+            raw = getattr(func, "__name__", "")
+            info = (raw, ELEMENTWISE.get(name), OP_KINDS.get(name), self.rewrites.get(name))
+            self._funcs[func] = info
+        return info
+
     def _classify(self, func: Any, args: tuple, kwargs: dict) -> _Call | None:
-        name = canonical_name(func)
-        spec = elementwise_spec(func, args, kwargs)
-        kind = "elementwise" if spec is not None else OP_KINDS.get(name)
-        params = [a for a in (*args, *kwargs.values()) if id(a) in self._param_ids]
+        raw, factory, kind, _ = self._func_info(func)
+        spec = factory(raw, args, kwargs) if factory is not None else None
+        if spec is not None:
+            kind = "elementwise"
+        param_ids = self._param_ids
+        params = [a for a in args if id(a) in param_ids]
+        if kwargs:
+            params += [a for a in kwargs.values() if id(a) in param_ids]
         if kind is None and not params:
             return None
         if any(id(p) in self._weight_ids for p in params):
@@ -315,7 +342,9 @@ class SavedTensorEngine:
             return t  # parameters and buffers are not activations: never touched
         self._busy = True
         try:
-            return self._pack_activation(t)
+            # The quantizers' own torch calls skip the operator mode (and its Python frame).
+            with torch._C.DisableTorchFunction():
+                return self._pack_activation(t)
         finally:
             self._busy = False
 
@@ -367,12 +396,7 @@ class SavedTensorEngine:
         return part_of(self._frames[-1][0] if self._frames else "", self.parts)
 
     def _backend(self, t: torch.Tensor) -> str:
-        backend = self.config.backend
-        if backend == "auto":
-            from .triton_minmax import HAS_TRITON
-
-            return "triton" if (t.is_cuda and HAS_TRITON) else "torch"
-        return backend
+        return resolve_backend(self.config.backend, t.device)
 
     def _attach_codebook(self, t: torch.Tensor, call: _Call, opts: PackOptions) -> None:
         cfg = self.config

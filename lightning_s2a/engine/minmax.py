@@ -40,14 +40,17 @@ def _group_stats(
     fp16 range too (at 1 bit the step is the whole span, up to twice 65504).
     """
     levels = (1 << bits) - 1
-    lo_raw = groups.amin(dim=1)
-    hi_raw = groups.amax(dim=1)
+    lo_raw, hi_raw = torch.aminmax(groups, dim=1)
     lo = lo_raw.clamp(-FP16_MAX, FP16_MAX)
     hi = hi_raw.clamp(-FP16_MAX, FP16_MAX)
     offset = lo.to(torch.float16)
-    span = (hi - offset.float()) / levels
+    span = hi.sub_(offset.float()).div_(levels)
     scale = span.clamp(0.0, FP16_MAX).to(torch.float16)
-    fits = (lo_raw >= -FP16_MAX) & (hi_raw <= FP16_MAX) & (span <= FP16_MAX)
+    # max(hi, -lo) <= 65504 is both bounds at once, and False for a NaN (maximum propagates
+    # it). With 2 or more bits the step of a group within bounds is at most 2 * 65504 / 3.
+    fits = torch.maximum(hi_raw, lo_raw.neg()) <= FP16_MAX
+    if levels == 1:
+        fits.logical_and_(span <= FP16_MAX)
     return offset, scale, fits
 
 
@@ -75,14 +78,16 @@ def quantize_minmax(
     groups = flat.view(-1, group_size)
     offset, scale, fits = _group_stats(groups, bits)
     s = scale.float().unsqueeze(1)
-    # In-place chain: fresh full-size temporaries cost more than the arithmetic on CPU.
+    positive = s > 0
+    # In-place chain: fresh full-size temporaries cost more than the arithmetic on CPU, and
+    # on small tensors every op counts.
     v = groups - offset.float().unsqueeze(1)
-    v.div_(torch.where(s > 0, s, torch.ones_like(s)))
+    v.div_(torch.where(positive, s, 1.0))
     if stochastic:
         v.add_(torch.rand(v.shape, device=v.device, generator=generator))
     else:
         v.add_(0.5)
-    v.floor_().clamp_(0, levels).mul_(s > 0)  # a constant group (scale 0) codes as 0
+    v.floor_().clamp_(0, levels).mul_(positive)  # a constant group (scale 0) codes as 0
     codes = v.to(torch.uint8).reshape(-1)
     if pad:
         codes[n:] = 0

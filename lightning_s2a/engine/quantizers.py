@@ -10,10 +10,15 @@ maximum they compute anyway (NaN, +-inf, or beyond the fp16 range of the group s
 derivative codes and bitsandbytes from one float32 sum of the tensor (a NaN or an infinity
 makes it non-finite). Softmax rows need no check: a softmax row with a NaN is all NaN, and its
 row maximum, NaN, gives back an all-NaN row.
+
+This PyTorch code is the reference. With ``backend="triton"`` (CUDA) every quantizer but
+bitsandbytes packs and unpacks with fused Triton kernels instead (:mod:`.triton_minmax`,
+:mod:`.triton_codes`), which store the same bytes and give back the same values bit for bit.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -181,21 +186,41 @@ class BnbPacked(Packed):
 
 
 class CodePacked(Packed):
-    """k-bit interval indices into a lookup table of points (derivative codes, exact masks)."""
+    """k-bit interval indices into a lookup table of points (derivative codes, exact masks).
 
-    def __init__(self, codes: torch.Tensor, bits: int, table: torch.Tensor, t: torch.Tensor):
+    ``codes`` are one code per element, or with ``packed=True`` the packed bytes themselves (as
+    the Triton kernels produce them); ``triton=True`` decodes with the Triton kernel too.
+    """
+
+    def __init__(
+        self,
+        codes: torch.Tensor,
+        bits: int,
+        table: torch.Tensor,
+        t: torch.Tensor,
+        *,
+        packed: bool = False,
+        triton: bool = False,
+    ):
         self.geometry = Geometry.of(t)
         self.n = t.numel()
         self.bits = bits
-        self.codes = pack_bits(codes, bits)
+        self.codes = codes if packed else pack_bits(codes, bits)
         self.table = table  # shared per codebook; not counted per tensor
+        self.triton = triton
 
     @property
     def nbytes(self) -> int:
         return _nbytes(self.codes)
 
     def unpack(self) -> torch.Tensor:
-        return self.geometry.restore(unpack_lookup(self.codes, self.bits, self.n, self.table))
+        if self.triton:
+            from .triton_codes import triton_unpack_lookup
+
+            flat = triton_unpack_lookup(self.codes, self.bits, self.n, self.table)
+        else:
+            flat = unpack_lookup(self.codes, self.bits, self.n, self.table)
+        return self.geometry.restore(flat)
 
 
 class RowMaxPacked(Packed):
@@ -206,6 +231,16 @@ class RowMaxPacked(Packed):
         self.bits, self.dim = opts.bits, opts.dim
         rows = t.detach().movedim(self.dim, -1)
         self.row_shape = rows.shape
+        self.triton = opts.backend == "triton"
+        if self.triton:  # one fused kernel; a view (no copy) when ``dim`` is already last
+            from .triton_codes import triton_quantize_rows
+
+            width = self.row_shape[-1]
+            rows = rows.reshape(math.prod(self.row_shape[:-1]), width)
+            self.codes, self.scale = triton_quantize_rows(
+                rows, self.bits, opts.stochastic, seed=opts.seed
+            )
+            return
         rows = (rows.flatten(0, -2) if rows.dim() > 1 else rows.unsqueeze(0)).float()
         levels = (1 << self.bits) - 1
         rowmax = rows.amax(dim=1) if rows.shape[1] else rows.new_zeros(rows.shape[0])
@@ -226,6 +261,14 @@ class RowMaxPacked(Packed):
 
     def unpack(self) -> torch.Tensor:
         width = self.row_shape[-1]
+        if self.triton:
+            from .triton_codes import triton_dequantize_rows
+
+            rows = triton_dequantize_rows(
+                self.codes, self.scale, width, self.bits, self.geometry.dtype
+            ).view(self.row_shape)
+            out = rows.movedim(-1, self.dim)
+            return self.geometry.restore(out.reshape(-1))
         levels = torch.arange(1 << self.bits, dtype=torch.float32, device=self.codes.device)
         codes = unpack_lookup(self.codes, self.bits, self.scale.numel() * width, levels)
         codes = codes.view(self.scale.numel(), width)
@@ -237,10 +280,17 @@ class RowMaxPacked(Packed):
 class TwoLevelPacked(Packed):
     """Dropout noise ``{0, 1/(1-p)}`` (or any boolean mask): one exact bit per element."""
 
-    def __init__(self, t: torch.Tensor) -> None:
+    def __init__(self, t: torch.Tensor, triton: bool = False) -> None:
         self.geometry = Geometry.of(t)
         self.n = t.numel()
         self.is_bool = t.dtype == torch.bool
+        # The kernels take bool, fp32, fp16 and bf16; other dtypes stay on the torch path.
+        self.triton = triton and (self.is_bool or t.dtype in _TRITON_FLOATS)
+        if self.triton:
+            from .triton_codes import triton_pack_nonzero
+
+            self.codes, self.high = triton_pack_nonzero(t)
+            return
         if self.is_bool:
             self.high = None
         else:  # the single nonzero value, taken from the data so it is bit-exact
@@ -257,7 +307,14 @@ class TwoLevelPacked(Packed):
             values = torch.tensor([False, True], device=self.codes.device)
         else:
             values = torch.cat([torch.zeros_like(self.high), self.high])
+        if self.triton:
+            from .triton_codes import triton_unpack_lookup
+
+            return self.geometry.restore(triton_unpack_lookup(self.codes, 1, self.n, values))
         return self.geometry.restore(unpack_lookup(self.codes, 1, self.n, values))
+
+
+_TRITON_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _nbytes(*tensors: torch.Tensor) -> int:
@@ -277,15 +334,26 @@ def pack_elementwise(t: torch.Tensor, opts: PackOptions) -> CodePacked | KeptPac
     spec = opts.spec
     assert spec is not None
     flat = t.detach().reshape(-1)
+    triton = opts.backend == "triton"
     if spec.exact:
         assert spec.mask is not None
         table = torch.tensor(spec.mask_points, dtype=t.dtype, device=t.device)
+        if triton:  # the mask is a Python function: computed first, then packed by the kernel
+            from .triton_codes import triton_pack_codes
+
+            codes = triton_pack_codes(spec.mask(flat), 1)
+            return CodePacked(codes, 1, table, t, packed=True, triton=True)
         return CodePacked(spec.mask(flat).to(torch.uint8), 1, table, t)
     if not _all_finite(flat):
         # Interval codes would send a NaN (and +-inf) to an end interval's finite point.
         return KeptPacked(t)
     assert opts.codebook is not None, "derivative codes need a fitted codebook"
     boundaries, points = opts.codebook
+    if triton:  # interval search and packing fused in one kernel
+        from .triton_codes import triton_encode_intervals
+
+        codes = triton_encode_intervals(flat, boundaries, opts.bits)
+        return CodePacked(codes, opts.bits, points, t, packed=True, triton=True)
     return CodePacked(encode(flat, boundaries), opts.bits, points, t)
 
 
@@ -296,7 +364,7 @@ def pack_softmax(t: torch.Tensor, opts: PackOptions) -> RowMaxPacked:
 
 def pack_two_level(t: torch.Tensor, opts: PackOptions) -> TwoLevelPacked:
     """Masks and dropout noise: exact, one bit per element."""
-    return TwoLevelPacked(t)
+    return TwoLevelPacked(t, triton=opts.backend == "triton")
 
 
 Quantizer = Callable[[torch.Tensor, PackOptions], Any]

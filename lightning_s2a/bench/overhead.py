@@ -1,0 +1,204 @@
+"""Host cost of the engine per training step, where compute is negligible.
+
+    lightning-s2a bench --overhead
+
+On a GPU, kernels run asynchronously while Python runs on the host: if the engine's host work
+per step exceeds the GPU's compute, the step waits on Python. This measures that host work on
+the CPU, with compute made negligible (one thread, batch 1, a small input), for three variants
+of the same model and trainable set, alternating step by step in one process:
+
+* ``bitfit``: biases and head train, plain PyTorch (S2A's structure, no engine hooks);
+* ``bookkeeping``: the engine attached with ``compress=False`` (module hooks, the operator
+  mode, rewrites and byte accounting, nothing packed);
+* ``s2a``: the engine compressing at ``--bits``, every saved tensor through its quantizer
+  (``min_numel=1``: at this input most would otherwise be small enough to keep as they are).
+
+A second, instrumented pass times the engine's parts inside ``s2a`` steps: operator
+recognition, pack (quantizers included), unpack and accounting. Instrumentation adds its own
+cost, so the parts are reported per step from that pass and the totals from the plain pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import os
+import platform
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+MODELS = (
+    "vit_tiny_patch16_224",
+    "swin_tiny_patch4_window7_224",
+    "resnet50",
+    "convnext_atto",
+    "tf_efficientnet_lite0",
+)
+
+#: Keyword arguments that give each model a small input, so that compute is negligible.
+_SMALL = {
+    "vit_tiny_patch16_224": {"img_size": 32},
+    "swin_tiny_patch4_window7_224": {"img_size": 32, "window_size": 2},
+}
+
+
+def _build(name: str, resolution: int) -> Any:
+    import timm
+
+    kwargs = dict(_SMALL.get(name, {}))
+    if "img_size" in kwargs:
+        kwargs["img_size"] = resolution
+    return timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+
+
+class _Timers:
+    """Accumulated seconds per engine part, installed by wrapping the engine's methods."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def wrap(self, part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        seconds, calls, clock = self.seconds, self.calls, time.perf_counter
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = clock()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                seconds[part] += clock() - start
+                calls[part] += 1
+
+        return timed
+
+
+@contextlib.contextmanager
+def _instrumented(engine: Any, timers: _Timers) -> Iterator[None]:
+    """Time recognition, pack, unpack and accounting inside ``engine`` (and restore after)."""
+    from ..engine import accounting
+
+    add = accounting.ForwardAccount.add
+    engine._classify = timers.wrap("recognition", engine._classify)
+    engine._pack = timers.wrap("pack", engine._pack)
+    engine._unpack = timers.wrap("unpack", engine._unpack)
+    accounting.ForwardAccount.add = timers.wrap("accounting", add)
+    try:
+        yield
+    finally:
+        for name in ("_classify", "_pack", "_unpack"):
+            del engine.__dict__[name]
+        accounting.ForwardAccount.add = add
+
+
+def measure(name: str, bits: int, steps: int, resolution: int) -> dict[str, Any]:
+    """Median ms per step of each variant, and the engine's parts, for one model."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..api import apply_s2a
+    from ..config import S2AConfig
+
+    torch.manual_seed(0)
+    base = _build(name, resolution).train()
+    x = torch.randn(1, 3, resolution, resolution)
+    y = torch.tensor([3])
+    configs = {
+        "bitfit": S2AConfig(compress=False),
+        "bookkeeping": S2AConfig(compress=False),
+        # Every saved tensor through its quantizer, as at real sizes (at this tiny input most
+        # would fall under the default min_numel and be kept as they are).
+        "s2a": S2AConfig(bits=bits, min_numel=1),
+    }
+    # One copy of the model per variant, each S2A'd once, as in a training run (codebooks
+    # are fitted on the first forward and kept).
+    models, handles = {}, {}
+    for key, cfg in configs.items():
+        models[key] = copy.deepcopy(base)
+        handles[key] = apply_s2a(models[key], cfg)
+    handles["bitfit"].engine.detach()  # plain PyTorch: no hooks, no mode, no rewrites
+
+    def step(model: Any) -> float:
+        start = time.perf_counter()
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        return time.perf_counter() - start
+
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    for i in range(steps + 2):  # two warm-up rounds (the first fits the codebooks)
+        for key, model in models.items():
+            elapsed = step(model)
+            if i >= 2:
+                times[key].append(elapsed)
+    stats = handles["s2a"].stats()
+    saved = sum(k["tensors"] for k in stats["by_kind"].values())
+    timers = _Timers()
+    with _instrumented(handles["s2a"].engine, timers):
+        for _ in range(steps):
+            step(models["s2a"])
+    for handle in handles.values():
+        handle.remove()
+    ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
+    parts = {k: 1000 * v / steps for k, v in timers.seconds.items()}
+    return {
+        "model": name,
+        "ms": ms,
+        "parts": parts,
+        "saved_tensors": saved,
+        "ratio": stats["ratio"],
+    }
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| model | bitfit ms | bookkeeping ms | s2a ms | s2a / bitfit | saved tensors | "
+        "recognition ms | pack ms | unpack ms | accounting ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ms, parts = r["ms"], r["parts"]
+        lines.append(
+            f"| {r['model']} | {ms['bitfit']:.1f} | {ms['bookkeeping']:.1f} | {ms['s2a']:.1f} | "
+            f"{ms['s2a'] / ms['bitfit']:.2f}x | {r['saved_tensors']} | "
+            f"{parts.get('recognition', 0):.1f} | {parts.get('pack', 0):.1f} | "
+            f"{parts.get('unpack', 0):.1f} | {parts.get('accounting', 0):.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse ``lightning-s2a bench --overhead`` options, measure every model, print a table."""
+    parser = argparse.ArgumentParser(
+        prog="lightning-s2a bench --overhead", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=15, help="timed steps per variant")
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="bench_results", help="folder for overhead.md")
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    header = (
+        f"engine host overhead: batch 1, {args.resolution}px, fp32, {args.threads} thread(s), "
+        f"bits={args.bits}, median of {args.steps} steps, CPU ({platform.machine()}, "
+        f"{os.cpu_count()} cores), torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+    )
+    print(header, flush=True)
+    rows = []
+    for name in args.models:
+        rows.append(measure(name, args.bits, args.steps, args.resolution))
+        print(f"  {name}: ok", flush=True)
+    table = _table(rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "overhead.md").write_text(f"{header}\n\n{table}\n")
+    print()
+    print(table)
+    print(f"\nwritten: {out}/overhead.md")
