@@ -219,7 +219,7 @@ def test_recurrent_biases_train_under_bias(rnn):
 
 
 def test_is_bias_knows_recurrent_names():
-    from lightning_s2a.engine.hooks import is_bias
+    from lightning_s2a.engine.ops import is_bias
 
     cell = {n for n, _ in nn.LSTMCell(3, 4).named_parameters() if is_bias(n)}
     assert cell == {"bias_ih", "bias_hh"}

@@ -95,7 +95,9 @@ def _instrumented(engine: Any, timers: _Timers) -> Iterator[None]:
         accounting.ForwardAccount.add = add
 
 
-def measure(name: str, bits: int, steps: int, resolution: int) -> dict[str, Any]:
+def measure(
+    name: str, bits: int, steps: int, resolution: int, batch_size: int = 1
+) -> dict[str, Any]:
     """Median ms per step of each variant, and the engine's parts, for one model."""
     import torch
     import torch.nn.functional as F
@@ -105,8 +107,8 @@ def measure(name: str, bits: int, steps: int, resolution: int) -> dict[str, Any]
 
     torch.manual_seed(0)
     base = _build(name, resolution).train()
-    x = torch.randn(1, 3, resolution, resolution)
-    y = torch.tensor([3])
+    x = torch.randn(batch_size, 3, resolution, resolution)
+    y = torch.arange(batch_size) % 10
     configs = {
         "bitfit": S2AConfig(compress=False),
         "bookkeeping": S2AConfig(compress=False),
@@ -179,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--steps", type=int, default=15, help="timed steps per variant")
     parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="bench_results", help="folder for overhead.md")
     args = parser.parse_args(argv)
@@ -186,14 +189,15 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     header = (
-        f"engine host overhead: batch 1, {args.resolution}px, fp32, {args.threads} thread(s), "
-        f"bits={args.bits}, median of {args.steps} steps, CPU ({platform.machine()}, "
-        f"{os.cpu_count()} cores), torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+        f"engine host overhead: batch {args.batch_size}, {args.resolution}px, fp32, "
+        f"{args.threads} thread(s), bits={args.bits}, median of {args.steps} steps, "
+        f"CPU ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}, "
+        f"{time.strftime('%Y-%m-%d')}"
     )
     print(header, flush=True)
     rows = []
     for name in args.models:
-        rows.append(measure(name, args.bits, args.steps, args.resolution))
+        rows.append(measure(name, args.bits, args.steps, args.resolution, args.batch_size))
         print(f"  {name}: ok", flush=True)
     table = _table(rows)
     out = Path(args.out)

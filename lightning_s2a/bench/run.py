@@ -3,7 +3,8 @@
     lightning-s2a bench --model vit_base_patch16_224 --batch-size 8
     lightning-s2a bench --overhead          # the engine's host cost per step (bench/overhead.py)
 
-Each method runs in its own subprocess (``python -m lightning_s2a.bench.run --worker``) so
+Each method runs in a process of its own, forked from a server that imported everything once
+(``multiprocessing``'s forkserver; elsewhere ``python -m lightning_s2a.bench.run --worker``), so
 that memory peaks do not leak between methods. Ratios are against full fine-tuning measured in
 the same run.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import multiprocessing as mp
 import os
 import platform
 import resource
@@ -79,7 +81,52 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _run(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+def _forkserver() -> Any | None:
+    """A ``forkserver`` context whose server imports torch, timm and the methods once.
+
+    Every method still runs in a process of its own (memory peaks must not leak between
+    methods), but forked from a server that has already imported everything, instead of a
+    fresh interpreter paying ~20 s of imports per method. The server never runs torch code,
+    so its children start with clean thread pools and no CUDA context. None where the
+    platform has no forkserver: a subprocess per method then.
+    """
+    if "forkserver" not in mp.get_all_start_methods():
+        return None
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["timm", "lightning_s2a.bench.methods", "lightning_s2a.bench.run"])
+    return ctx
+
+
+def _child(spec: dict[str, Any], conn: Any) -> None:
+    try:
+        result = _worker(spec)
+    except Exception as err:  # reported in the table, like a failed subprocess
+        result = {"method": spec["method"], "error": f"{type(err).__name__}: {err}"}
+    conn.send(result)
+    conn.close()
+
+
+def _run_forked(ctx: Any, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(spec, send))
+    proc.start()
+    send.close()
+    try:
+        if not receive.poll(timeout):
+            return {"method": spec["method"], "error": f"timed out after {timeout:.0f} s"}
+        return receive.recv()
+    except EOFError:
+        return {"method": spec["method"], "error": f"worker died (exit code {proc.exitcode})"}
+    finally:
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
+def _run(spec: dict[str, Any], timeout: float, ctx: Any | None = None) -> dict[str, Any]:
+    if ctx is not None:
+        return _run_forked(ctx, spec, timeout)
     cmd = [sys.executable, "-m", "lightning_s2a.bench.run", "--worker", json.dumps(spec)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
@@ -198,8 +245,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(header, flush=True)
     rows = []
+    ctx = _forkserver()
     for method, bits in runs:
-        row = _run({**base, "method": method, "bits": bits}, args.timeout)
+        row = _run({**base, "method": method, "bits": bits}, args.timeout, ctx)
         print(f"  {row['method']}: " + ("failed" if "error" in row else "ok"), flush=True)
         rows.append(row)
     full = next((r for r in rows if r["method"] == "full" and "error" not in r), None)

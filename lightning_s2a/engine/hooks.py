@@ -32,7 +32,8 @@ from .accounting import ForwardAccount, part_of
 from .backend import resolve_backend
 from .codebook import Codebook, fit_codebook
 from .compile_guard import check_not_compiling, check_not_traced
-from .ops import ELEMENTWISE, OP_KINDS, ElementwiseSpec, canonical_name
+from .deferred import DeferredChecks
+from .ops import ELEMENTWISE, OP_KINDS, ElementwiseSpec, canonical_name, is_bias
 from .quantizers import QUANTIZERS, PackOptions
 
 if TYPE_CHECKING:
@@ -41,25 +42,6 @@ if TYPE_CHECKING:
 # Kinds whose operators also save reduced statistics (mean, rstd, logsumexp): those are tiny
 # and precision-critical, so only tensors shaped like one of the op's inputs are quantized.
 _STATS_KINDS = ("norm", "attention")
-
-
-def is_bias(name: str) -> bool:
-    """True for a bias parameter: what BitFit trains, and whose gradient needs no saved
-    activation (so its op's inputs are not kept exact for it).
-
-    That is ``*.bias``, and the recurrent layers' biases: ``bias_ih_l0``, ``bias_hh_l1``,
-    ``bias_ih_l0_reverse`` (nn.RNN, nn.LSTM, nn.GRU) and ``bias_ih``, ``bias_hh`` (their cells).
-    """
-    leaf = name.rsplit(".", 1)[-1]
-    if leaf == "bias":
-        return True
-    if not leaf.startswith(("bias_ih", "bias_hh")):
-        return False
-    layer = leaf[len("bias_ih") :]
-    if not layer:  # a cell's
-        return True
-    layer = layer.removesuffix("_reverse")
-    return layer.startswith("_l") and layer[2:].isdecimal()
 
 
 def _foreign_autograd_context() -> bool:
@@ -150,6 +132,9 @@ class SavedTensorEngine:
         self._unpacked = False
         #: Forwards that ran with autograd and so engaged the engine (for "did it engage?").
         self.forwards = 0
+        #: Device types whose "does the code hold it" answers are read without a sync.
+        self.defer_on: tuple[str, ...] = ("cuda",)
+        self._deferred = DeferredChecks()
 
     # -- installation --------------------------------------------------------------------
     @property
@@ -273,6 +258,7 @@ class SavedTensorEngine:
             ctx.__exit__(None, None, None)
         self._contexts = []
         self._call = None
+        self._deferred.flush()  # every saved tensor is counted before the forward's summary
         assert self._account is not None
         self._last = self._account.summary()
 
@@ -382,15 +368,24 @@ class SavedTensorEngine:
             spec=call.spec,
             dim=call.dim,
             seed=cfg.seed + self.step,
+            defer=t.device.type in self.defer_on,
         )
         if kind == "elementwise" and call.site is not None:
             self._attach_codebook(t, call, opts)
         packed = QUANTIZERS[kind](t.detach(), opts)
+        if packed.pending is not None:  # counted once the device says whether codes hold it
+            self._deferred.add(packed, lambda p: self._count(account, kind, t, p, part))
+            return packed
         if packed.raw is not None:  # no code could hold it faithfully: kept as it is
             account.add(kind, t, None, part)  # counted like any kept tensor (views once)
             return t
         account.add(kind, t, packed.nbytes, part)
         return packed
+
+    @staticmethod
+    def _count(account: ForwardAccount, kind: str, t: torch.Tensor, packed: Any, part: str):
+        """Count a deferred tensor: kept as it is (views once), or its codes."""
+        account.add(kind, t, None if packed.raw is not None else packed.nbytes, part)
 
     def _part(self) -> str:
         return part_of(self._frames[-1][0] if self._frames else "", self.parts)

@@ -251,3 +251,22 @@ def elementwise_spec(func: Any, args: tuple, kwargs: Mapping[str, Any]) -> Eleme
     raw = getattr(func, "__name__", "")
     factory = ELEMENTWISE.get(canonical_name(func))
     return None if factory is None else factory(raw, args, kwargs)
+
+
+def is_bias(name: str) -> bool:
+    """True for a bias parameter: what BitFit trains, and whose gradient needs no saved
+    activation (so its op's inputs are not kept exact for it).
+
+    That is ``*.bias``, and the recurrent layers' biases: ``bias_ih_l0``, ``bias_hh_l1``,
+    ``bias_ih_l0_reverse`` (nn.RNN, nn.LSTM, nn.GRU) and ``bias_ih``, ``bias_hh`` (their cells).
+    """
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf == "bias":
+        return True
+    if not leaf.startswith(("bias_ih", "bias_hh")):
+        return False
+    layer = leaf[len("bias_ih") :]
+    if not layer:  # a cell's
+        return True
+    layer = layer.removesuffix("_reverse")
+    return layer.startswith("_l") and layer[2:].isdecimal()

@@ -27,45 +27,9 @@ import torch
 
 from .bitpack import pack_bits, unpack_lookup
 from .codebook import encode
+from .geometry import Geometry
 from .minmax import dequantize_minmax, quantize_minmax
 from .ops import ElementwiseSpec
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Shape, strides and dtype of the saved tensor, so unpack can rebuild it faithfully."""
-
-    shape: torch.Size
-    stride: tuple[int, ...] | None  # None: rebuild contiguous
-    dtype: torch.dtype
-    device: torch.device
-
-    @staticmethod
-    def of(t: torch.Tensor) -> Geometry:
-        """Record ``t``'s geometry; strides are kept for dense permuted layouts (channels-last)."""
-        stride = None if t.is_contiguous() or not _dense_permutation(t) else tuple(t.stride())
-        return Geometry(t.shape, stride, t.dtype, t.device)
-
-    def restore(self, flat: torch.Tensor) -> torch.Tensor:
-        """Reshape a flat tensor (logical order) back to the recorded shape and strides."""
-        out = flat.to(self.dtype).view(self.shape)
-        if self.stride is None:
-            return out
-        return torch.empty_strided(
-            self.shape, self.stride, dtype=self.dtype, device=self.device
-        ).copy_(out)
-
-
-def _dense_permutation(t: torch.Tensor) -> bool:
-    """True if ``t`` covers its memory exactly once in some dimension order (e.g. channels-last)."""
-    expected = 1
-    for size, stride in sorted(zip(t.shape, t.stride(), strict=True), key=lambda d: d[1]):
-        if size == 1:
-            continue
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 @dataclass
@@ -82,13 +46,50 @@ class PackOptions:
     codebook: tuple[torch.Tensor, torch.Tensor] | None = None
     dim: int = -1
     seed: int = 0
+    #: Leave "does the code hold it" on the device for :mod:`.deferred` (CUDA: no sync).
+    defer: bool = False
 
 
 class Packed:
-    """Base of the packed objects: ``raw`` is the tensor itself when it was kept exact."""
+    """Base of the packed objects: ``raw`` is the tensor itself when it was kept exact.
+
+    Whether a code holds a tensor faithfully is known on the tensor's device. Reading it
+    (``bool(flag)``) stalls a CUDA queue, so with ``PackOptions.defer`` the answer stays on the
+    device (``holds``) and the tensor is kept (``pending``) until :mod:`.deferred` reads it
+    without stalling and calls :meth:`resolve`; :meth:`settle` reads it at once if unpack or
+    ``nbytes`` come first.
+    """
 
     #: The original tensor, when no code could represent it faithfully (else None).
     raw: torch.Tensor | None = None
+    #: The original tensor until ``holds`` is read (else None).
+    pending: torch.Tensor | None = None
+    #: A bool on the tensor's device: True if the codes hold the tensor faithfully.
+    holds: torch.Tensor | None = None
+
+    def decide(self, t: torch.Tensor, holds: torch.Tensor, defer: bool) -> None:
+        """Keep ``t`` as it is unless ``holds``; with ``defer``, decide when it is read."""
+        if defer:
+            self.pending, self.holds = t.detach(), holds
+        elif not bool(holds):
+            self.keep(t.detach())
+
+    def resolve(self, holds: bool) -> None:
+        """The deferred answer: drop the kept tensor, or the codes if they do not hold it."""
+        t, self.pending, self.holds = self.pending, None, None
+        if t is not None and not holds:
+            self.keep(t)
+
+    def settle(self) -> None:
+        """Read a deferred answer now (a device sync), if there is one."""
+        if self.pending is not None:
+            assert self.holds is not None
+            self.resolve(bool(self.holds))
+
+    def keep(self, t: torch.Tensor) -> None:
+        """Keep ``t`` exactly and drop the codes."""
+        self.raw = t
+        self.codes = self.codes.new_empty(0)
 
 
 class KeptPacked(Packed):
@@ -108,9 +109,10 @@ class KeptPacked(Packed):
         return self.raw
 
 
-def _all_finite(t: torch.Tensor) -> bool:
-    """True if ``t`` holds no NaN and no infinity (one float32 sum; overflow reads as False)."""
-    return t.numel() == 0 or bool(torch.isfinite(t.sum(dtype=torch.float32)))
+def _finite(t: torch.Tensor) -> torch.Tensor:
+    """On ``t``'s device: True if it holds no NaN and no infinity (one float32 sum; overflow
+    reads as False)."""
+    return torch.isfinite(t.sum(dtype=torch.float32))
 
 
 class MinMaxPacked(Packed):
@@ -138,18 +140,21 @@ class MinMaxPacked(Packed):
             self.codes, self.offset, self.scale, fits = quantize_minmax(
                 t, self.bits, self.group, opts.stochastic, gen, with_fits=True
             )
-        if not bool(fits.all()):
-            self.raw = t.detach()
-            empty = self.codes.new_empty(0)
-            self.codes, self.offset, self.scale = empty, empty, empty
+        self.decide(t, fits.all(), opts.defer)
+
+    def keep(self, t: torch.Tensor) -> None:
+        super().keep(t)
+        self.offset, self.scale = self.codes, self.codes
 
     @property
     def nbytes(self) -> int:
+        self.settle()
         if self.raw is not None:
             return KeptPacked(self.raw).nbytes
         return _nbytes(self.codes, self.offset, self.scale)
 
     def unpack(self) -> torch.Tensor:
+        self.settle()
         if self.raw is not None:
             return self.raw
         args = (self.codes, self.offset, self.scale, self.n, self.bits, self.group)
@@ -176,11 +181,17 @@ class BnbPacked(Packed):
 
     @property
     def nbytes(self) -> int:
+        self.settle()
+        if self.raw is not None:
+            return KeptPacked(self.raw).nbytes
         return _nbytes(self.codes, self.state.absmax)
 
     def unpack(self) -> torch.Tensor:
         import bitsandbytes.functional as bnbf
 
+        self.settle()
+        if self.raw is not None:
+            return self.raw
         flat = bnbf.dequantize_4bit(self.codes, self.state).reshape(-1)
         return self.geometry.restore(flat)
 
@@ -211,9 +222,15 @@ class CodePacked(Packed):
 
     @property
     def nbytes(self) -> int:
+        self.settle()
+        if self.raw is not None:
+            return KeptPacked(self.raw).nbytes
         return _nbytes(self.codes)
 
     def unpack(self) -> torch.Tensor:
+        self.settle()
+        if self.raw is not None:
+            return self.raw
         if self.triton:
             from .triton_codes import triton_unpack_lookup
 
@@ -325,7 +342,13 @@ def pack_minmax(t: torch.Tensor, opts: PackOptions) -> MinMaxPacked | BnbPacked 
     """Generic quantizer: per-group min-max (torch/Triton) or bitsandbytes 4-bit."""
     if opts.backend == "bnb":
         # absmax blocks: an infinity makes its block NaN, and a NaN may come back finite.
-        return BnbPacked(t, opts) if _all_finite(t) else KeptPacked(t)
+        finite = _finite(t)
+        if not opts.defer and not bool(finite):
+            return KeptPacked(t)
+        packed = BnbPacked(t, opts)
+        if opts.defer:
+            packed.decide(t, finite, defer=True)
+        return packed
     return MinMaxPacked(t, opts)
 
 
@@ -344,8 +367,9 @@ def pack_elementwise(t: torch.Tensor, opts: PackOptions) -> CodePacked | KeptPac
             codes = triton_pack_codes(spec.mask(flat), 1)
             return CodePacked(codes, 1, table, t, packed=True, triton=True)
         return CodePacked(spec.mask(flat).to(torch.uint8), 1, table, t)
-    if not _all_finite(flat):
-        # Interval codes would send a NaN (and +-inf) to an end interval's finite point.
+    # Interval codes would send a NaN (and +-inf) to an end interval's finite point.
+    finite = _finite(flat)
+    if not opts.defer and not bool(finite):
         return KeptPacked(t)
     assert opts.codebook is not None, "derivative codes need a fitted codebook"
     boundaries, points = opts.codebook
@@ -353,8 +377,12 @@ def pack_elementwise(t: torch.Tensor, opts: PackOptions) -> CodePacked | KeptPac
         from .triton_codes import triton_encode_intervals
 
         codes = triton_encode_intervals(flat, boundaries, opts.bits)
-        return CodePacked(codes, opts.bits, points, t, packed=True, triton=True)
-    return CodePacked(encode(flat, boundaries), opts.bits, points, t)
+        packed = CodePacked(codes, opts.bits, points, t, packed=True, triton=True)
+    else:
+        packed = CodePacked(encode(flat, boundaries), opts.bits, points, t)
+    if opts.defer:
+        packed.decide(t, finite, defer=True)
+    return packed
 
 
 def pack_softmax(t: torch.Tensor, opts: PackOptions) -> RowMaxPacked:

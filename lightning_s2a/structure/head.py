@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..engine.hooks import is_bias
+from ..engine.ops import is_bias
 
 __all__ = ["find_head", "is_bias"]
 

@@ -1,0 +1,143 @@
+"""Deferred "does the code hold it" answers: no device sync per tensor, same bytes and values."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_s2a import S2AConfig, apply_s2a
+from lightning_s2a.engine.deferred import DeferredChecks
+from lightning_s2a.engine.quantizers import QUANTIZERS, PackOptions
+from tests.conftest import assert_close_in_norm
+
+
+class _Event:
+    """Stands in for a CUDA event: not done until waited for (or marked done)."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self.waited = False
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.waited = self.done = True
+
+
+def _slow_device():
+    events: list[_Event] = []
+
+    def record(holds: torch.Tensor):
+        events.append(_Event())
+        return holds.clone(), events[-1]
+
+    return record, events
+
+
+def _pack(t: torch.Tensor, defer: bool):
+    return QUANTIZERS["norm"](t, PackOptions(bits=4, defer=defer))
+
+
+def test_a_deferred_pack_gives_the_same_codes_and_keeps_what_codes_cannot_hold():
+    torch.manual_seed(0)
+    x = torch.randn(8, 64)
+    bad = x.clone()
+    bad[3, 5] = 1e6  # beyond the fp16 statistics
+    for t in (x, bad):
+        now, later = _pack(t, defer=False), _pack(t, defer=True)
+        assert later.pending is t or torch.equal(later.pending, t)
+        assert later.raw is None  # undecided: both the codes and the tensor are alive
+        later.resolve(bool(later.holds))
+        assert later.pending is None and later.holds is None
+        assert (later.raw is None) == (now.raw is None) == (t is x)
+        assert later.nbytes == now.nbytes
+        assert torch.equal(later.unpack(), now.unpack())
+    assert torch.equal(_pack(bad, defer=True).unpack(), bad)  # unpack reads it if need be
+
+
+def test_derivative_codes_defer_their_finiteness_check_too():
+    from lightning_s2a.engine.codebook import fit_codebook
+    from lightning_s2a.engine.ops import elementwise_spec
+
+    x = torch.randn(4096)
+    spec = elementwise_spec(F.gelu, (x,), {})
+    cb = fit_codebook(x, spec.derivative, 4).to(x.device, x.dtype)
+    nan = x.clone()
+    nan[7] = float("nan")
+    for t in (x, nan):
+        now = QUANTIZERS["elementwise"](t, PackOptions(bits=4, spec=spec, codebook=cb))
+        later = QUANTIZERS["elementwise"](
+            t, PackOptions(bits=4, spec=spec, codebook=cb, defer=True)
+        )
+        assert later.pending is not None
+        out_now, out_later = now.unpack(), later.unpack()
+        assert torch.equal(out_now.isnan(), out_later.isnan())
+        assert torch.equal(out_now.nan_to_num(), out_later.nan_to_num())
+        assert later.nbytes == now.nbytes
+
+
+def test_at_most_lag_answers_stay_open_and_they_are_read_in_order():
+    record, events = _slow_device()
+    checks = DeferredChecks(lag=2, record=record)
+    counted = []
+    packs = [_pack(torch.randn(256) * (1 if i != 3 else 1e6), defer=True) for i in range(6)]
+    for i, p in enumerate(packs):
+        checks.add(p, counted.append)
+        assert len(checks) == min(i + 1, 2)
+    # the oldest were waited for, in order, once more than two were open
+    assert counted == packs[:4]
+    assert [e.waited for e in events] == [True] * 4 + [False] * 2
+    assert packs[3].raw is not None and all(p.raw is None for p in packs[:3])
+    events[4].done = True  # the device got there: read without waiting
+    checks.poll()
+    assert counted == packs[:5] and not events[4].waited
+    checks.flush()
+    assert counted == packs and len(checks) == 0
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 64)
+        self.norm = nn.LayerNorm(64)
+        self.fc2 = nn.Linear(64, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.fc1(x))
+        big = h * 1e6  # min-max cannot hold it: kept as it is
+        h = self.norm(h + big.softmax(-1) + big.square() * 1e-12)
+        return self.fc2(h).mean(1)
+
+
+def test_engine_defers_answers_and_counts_every_tensor_by_the_end_of_forward():
+    torch.manual_seed(0)
+    model = _Net().double()
+    x = torch.randn(4, 32, 16, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3])
+    config = S2AConfig(modules=["bias"], head="fc2", min_numel=1)
+
+    def run(defer: bool):
+        with apply_s2a(model, config) as handle:
+            engine = handle.engine
+            if defer:
+                record, events = _slow_device()
+                engine.defer_on = ("cpu",)
+                engine._deferred = DeferredChecks(lag=1, record=record)
+            model.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            assert len(engine._deferred) == 0  # all read when the forward ended
+            loss.backward()
+            grads = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
+            if defer:
+                assert len(events) >= 3 and all(e.done for e in events)
+            return grads, handle.stats()
+
+    grads_now, stats_now = run(defer=False)
+    grads_later, stats_later = run(defer=True)
+    assert stats_later == stats_now
+    generic = stats_now["by_kind"]["generic"]  # big.square() saved big: kept as it is
+    assert generic["stored_bytes"] == generic["raw_bytes"] > 0
+    assert stats_now["by_kind"]["elementwise"]["stored_bytes"] * 8 <= 65536
+    assert_close_in_norm(grads_later, grads_now, 1e-14)
