@@ -263,3 +263,27 @@ def test_summary_table():
     for part in ("backbone", "prompt", "head", "total"):
         assert any(line.startswith(part) for line in text.splitlines()), part
     assert f"{count:,}" in text
+
+
+@pytest.mark.parametrize("name", ["deit_tiny_distilled_patch16_224", "levit_128s"])
+def test_distilled_models_train_both_heads(name):
+    """``get_classifier()`` of a distilled model returns two heads: both stay trainable."""
+    torch.manual_seed(0)
+    kwargs = {"img_size": 32, "depth": 2} if name.startswith("deit") else {}
+    model = timm.create_model(name, pretrained=False, num_classes=5, **kwargs).train()
+    size = 32 if name.startswith("deit") else 224
+    x = torch.randn(2, 3, size, size)
+    heads = [model.head, model.head_dist]
+    with apply_s2a(model, S2AConfig(modules=["bias"])) as handle:
+        for head in heads:
+            assert all(p.requires_grad for p in head.parameters())
+        F.cross_entropy(model(x), torch.tensor([1, 3])).backward()
+        assert all(p.grad is not None for h in heads for p in h.parameters())
+        assert set(handle.stats()["by_part"]) == {"backbone", "head"}
+        weights = [n for n, p in model.named_parameters() if p.requires_grad and p.dim() > 1]
+        assert {n.split(".")[0] for n in weights} == {"head", "head_dist"}
+    blocks = "blocks.*" if name.startswith("deit") else "stages.*"
+    side = S2AConfig(modules=["side"], input_size=(3, size, size), blocks=blocks)
+    with pytest.raises(ValueError, match=r"2 heads .*distilled.*S2AConfig\(head='head'\)"):
+        apply_s2a(model, side)
+    assert all(p.requires_grad for p in model.parameters())  # undone: flags as they were

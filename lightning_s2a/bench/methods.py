@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from ..api import apply_s2a
 from ..engine.accounting import SavedBytesCounter
 from ..structure.families import find_blocks
-from ..structure.head import find_head
+from ..structure.head import find_head, head_modules
 
 
 class CounterMeter:
@@ -82,14 +82,18 @@ def lora_targets(model: nn.Module) -> list[str]:
     """Full names of the layers LoRA adapts: every Linear except the head, or, in a model
     whose only Linear is the head (a CNN), every ungrouped convolution. peft cannot give a
     rank-8 update to grouped (depthwise) convolutions, so they stay frozen."""
-    head = find_head(model, "auto")
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+    heads = head_modules(find_head(model, "auto"))
+    linears = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and not any(m is h for h in heads)
+    ]
     if linears:
         return linears
     return [
         n
         for n, m in model.named_modules()
-        if isinstance(m, nn.Conv2d) and m.groups == 1 and m is not head
+        if isinstance(m, nn.Conv2d) and m.groups == 1 and not any(m is h for h in heads)
     ]
 
 
@@ -100,11 +104,10 @@ def _lora(model: nn.Module, bits: int) -> CounterMeter:
         raise ImportError(
             "the LoRA baseline needs peft: uv sync --group bench (or pip install peft)"
         ) from err
-    head = find_head(model, "auto")
-    head_name = next(n for n, m in model.named_modules() if m is head)
-    config = LoraConfig(
-        r=8, lora_alpha=16, target_modules=lora_targets(model), modules_to_save=[head_name]
-    )
+    heads = head_modules(find_head(model, "auto"))
+    names = [n for n, m in model.named_modules() if any(m is h for h in heads)]
+    targets = lora_targets(model)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=targets, modules_to_save=names)
     return CounterMeter(get_peft_model(model, config))
 
 

@@ -6,13 +6,26 @@ from torch import nn
 
 from ..engine.ops import is_bias
 
-__all__ = ["find_head", "is_bias"]
+__all__ = ["HeadGroup", "find_head", "head_modules", "is_bias"]
+
+
+class HeadGroup(nn.ModuleList):
+    """Several heads from one ``get_classifier()``: a distilled model's class and distillation
+    heads (timm's DeiT-distilled, LeViT, EfficientFormer). All of them stay trainable."""
+
+
+def head_modules(head: nn.Module | None) -> list[nn.Module]:
+    """The head modules themselves: the members of a :class:`HeadGroup`, else ``[head]``."""
+    if head is None:
+        return []
+    return list(head) if isinstance(head, HeadGroup) else [head]
 
 
 def find_head(model: nn.Module, head: str | None) -> nn.Module | None:
     """The head that stays trainable: timm's ``get_classifier()``, a named submodule, or None.
 
-    A ``get_classifier()`` without parameters (timm's ``num_classes=0`` Identity) is no head.
+    A ``get_classifier()`` without parameters (timm's ``num_classes=0`` Identity) is no head;
+    one that returns several modules (distilled models) gives a :class:`HeadGroup`.
     """
     if head is None:
         return None
@@ -25,6 +38,15 @@ def find_head(model: nn.Module, head: str | None) -> nn.Module | None:
                 "or pass head=None to train no head."
             )
         found = get()
+        if (
+            isinstance(found, (tuple, list))
+            and found
+            and all(isinstance(h, nn.Module) for h in found)
+        ):
+            heads = [h for h in found if any(True for _ in h.parameters())]
+            if len(heads) <= 1:
+                return heads[0] if heads else None
+            return HeadGroup(heads)
         if not isinstance(found, nn.Module):
             raise ValueError(
                 f"{type(model).__name__}.get_classifier() returned {type(found).__name__}, "

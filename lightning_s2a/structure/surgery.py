@@ -16,7 +16,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..config import S2AConfig
 from .families import Block, block_output_shapes, default_input_size, find_blocks
-from .head import find_head, is_bias
+from .head import HeadGroup, find_head, head_modules, is_bias
 from .modules import LowRankPrompt, SideNetwork, channel_average_pool
 
 PROMPT_NAME = "s2a_prompt"
@@ -106,8 +106,8 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
         # becomes the new original: a resumed run's weights are never replaced by stale ones.
         state.hooks.append(model.register_state_dict_post_hook(_originals_out(state)))
         state.hooks.append(model.register_load_state_dict_pre_hook(_originals_in(state)))
-    if state.head is not None:
-        state.parts.append((_name_of(model, state.head), "head"))
+    for head in head_modules(state.head):
+        state.parts.append((_name_of(model, head), "head"))
     if "prompt" in modules:
         for block in state.blocks:
             prompt = LowRankPrompt(block.shape, block.layout, config.prompt_rank)
@@ -183,6 +183,13 @@ def _apply_side(model: nn.Module, config: S2AConfig, state: StructureState) -> N
 
 def _side_outputs(model: nn.Module, state: StructureState) -> int:
     """Width of the side network's output: the head's classes, or the model's feature width."""
+    if isinstance(state.head, HeadGroup):
+        raise ValueError(
+            f"'side' replaces the task head's output with the side network's, but "
+            f"{type(model).__name__}.get_classifier() gives {len(state.head)} heads (a distilled "
+            "model's class and distillation heads). Name the one to replace, e.g. "
+            "S2AConfig(head='head'), or use modules=['bias'] or ['prompt'], which train both."
+        )
     if state.head is not None:
         classes = getattr(state.head, "out_features", None)
         if not isinstance(classes, int):
