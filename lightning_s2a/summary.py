@@ -52,6 +52,8 @@ def format_summary(handle: S2AHandle) -> str:
     lines.append(
         f"{'total':<10} {count:>12,} " + bytes_cells(stats["raw_bytes"], stats["stored_bytes"])
     )
+    if handle.structure.block_rule:
+        lines.append(f"blocks ({len(handle.structure.blocks)}): {handle.structure.block_rule}")
     if not measured:
         lines.append("(bytes: none measured yet; they are filled in after a training forward)")
     lines.append(

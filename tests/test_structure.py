@@ -287,3 +287,70 @@ def test_distilled_models_train_both_heads(name):
     with pytest.raises(ValueError, match=r"2 heads .*distilled.*S2AConfig\(head='head'\)"):
         apply_s2a(model, side)
     assert all(p.requires_grad for p in model.parameters())  # undone: flags as they were
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "size", "rule"),
+    [
+        ("eva02_tiny_patch14_224", {"img_size": 28}, 28, "12 x EvaBlock"),
+        ("cait_xxs24_224", {"img_size": 32}, 32, "24 x LayerScaleBlock"),  # not its 2 class-attn
+        ("xcit_nano_12_p16_224", {"img_size": 32}, 32, "12 x XCABlock"),
+        ("pvt_v2_b0", {}, 64, "8 x Block"),  # stages.*.blocks.*
+        ("levit_128s", {"img_size": 64}, 64, "9 x LevitBlock"),
+    ],
+)
+def test_prompt_finds_the_repeated_blocks_of_families_outside_the_table(name, kwargs, size, rule):
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=5, **kwargs)
+    config = S2AConfig(modules=["bias", "prompt"], input_size=(3, size, size))
+    with apply_s2a(model, config) as handle:
+        F.cross_entropy(model(torch.randn(2, 3, size, size)), torch.tensor([1, 2])).backward()
+        grad_by_block: dict[str, float] = {}
+        for n, p in model.named_parameters():
+            if ".s2a_prompt." in n:
+                block = n.split(".s2a_prompt.")[0]
+                grad_by_block[block] = grad_by_block.get(block, 0.0) + float(p.grad.abs().sum())
+        assert len(grad_by_block) == int(rule.split()[0])
+        assert all(g > 0 for g in grad_by_block.values())  # every block's prompt learns
+        assert f"repeated blocks: {rule}" in handle.summary()
+
+
+class _Stacked(nn.Module):
+    """A user's own model: a ModuleList of blocks, and a Sequential of activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 16)
+        self.acts = nn.Sequential(nn.GELU(), nn.GELU(), nn.GELU())
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(3))
+        self.trunk = nn.ModuleList(_Residual() for _ in range(4))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.acts(self.embed(x))
+        for block in self.trunk:
+            h = block(h)
+        return self.head(h.mean(1))
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc(x).relu()
+
+
+def test_repeated_blocks_of_a_user_model_are_its_largest_block_list():
+    from lightning_s2a.structure.families import find_blocks
+
+    model = _Stacked()
+    blocks, _, rule = find_blocks(model, None)
+    # trunk's 4 blocks win over layers' 3 Sequentials (lists of lists are stages, not blocks)
+    # and over the parameter-free activations.
+    assert [b.name for b in blocks] == [f"trunk.{i}" for i in range(4)]
+    assert rule == "repeated blocks: 4 x _Residual"
+    handle = apply_s2a(model, S2AConfig(modules=["prompt"], head="head", input_size=(5, 6)))
+    assert "blocks (4): repeated blocks: 4 x _Residual" in handle.summary()
+    handle.remove()

@@ -67,7 +67,7 @@ def _bitfit(model: nn.Module, bits: int) -> HandleMeter:
 
 
 def _checkpointed(model: nn.Module, bits: int) -> CounterMeter:
-    blocks, _ = find_blocks(model, None)
+    blocks, _, _ = find_blocks(model, None)
     for block in blocks:
         forward = block.module.forward
 

@@ -1,8 +1,10 @@
-"""Where the blocks are: one small table per model family, plus name patterns for the rest.
+"""Where the blocks are: one small table per model family, repeated blocks for the rest.
 
 ``prompt`` and ``side`` attach to the outputs of a model's blocks. For the timm families below
-the blocks are known; any other model names them with ``S2AConfig(blocks=...)``: a list of
-module names, or a pattern where ``*`` matches one name component (``"encoder.layer.*"``).
+the blocks are known; any other model's are found as its most repeated block class in a
+``ModuleList``/``Sequential`` (:func:`repeated_blocks`), or named with
+``S2AConfig(blocks=...)``: a list of module names, or a pattern where ``*`` matches one name
+component (``"encoder.layer.*"``). The rule that found them is in ``handle.summary()``.
 """
 
 from __future__ import annotations
@@ -67,26 +69,65 @@ def _layout_of(shape: torch.Size, declared: str) -> str:
     )
 
 
+def repeated_blocks(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], str]:
+    """The model's repeated blocks, for a model outside the family table.
+
+    Every ``nn.ModuleList`` or ``nn.Sequential`` whose children (two or more) share one class
+    is a list of blocks; the class with the most such blocks in the whole model wins, so a
+    hierarchical model's stages (``stages.*.blocks.*``) give all their blocks, and a model's
+    few class-attention blocks lose to its main blocks. Returns the blocks in model order and
+    the rule, in words.
+    """
+    by_class: dict[type, list[tuple[str, nn.Module]]] = {}
+    for name, container in model.named_modules():
+        if not isinstance(container, (nn.ModuleList, nn.Sequential)):
+            continue
+        children = list(container.named_children())
+        kinds = {type(m) for _, m in children}
+        if len(children) < 2 or len(kinds) != 1:
+            continue
+        kind = kinds.pop()
+        if issubclass(kind, (nn.ModuleList, nn.Sequential)):
+            continue  # a list of stages: their own block lists are counted instead
+        if not any(True for _ in children[0][1].parameters()):
+            continue  # activations or pools repeated in a Sequential are not blocks
+        prefix = f"{name}." if name else ""
+        by_class.setdefault(kind, []).extend((prefix + n, m) for n, m in children)
+    if not by_class:
+        return [], ""
+    kind, found = max(by_class.items(), key=lambda item: len(item[1]))
+    return found, f"repeated blocks: {len(found)} x {kind.__name__}"
+
+
 def find_blocks(
     model: nn.Module, blocks: str | Sequence[str] | None, layout: str = "auto"
-) -> tuple[list[Block], str]:
-    """The model's blocks and the family's declared layout ("auto" when named by the user)."""
+) -> tuple[list[Block], str, str]:
+    """The model's blocks, the declared layout ("auto" unless the family table has one), and
+    the rule that found them: the family table, the user's ``blocks``, or repeated blocks."""
     family = FAMILIES.get(type(model).__name__)
     if blocks is None and family is None:
-        raise ValueError(
-            f"cannot find the blocks of {type(model).__name__}: 'prompt' and 'side' attach to "
-            f"block outputs, and only these timm families are known: {sorted(FAMILIES)}. "
-            "Name the blocks, e.g. S2AConfig(blocks='encoder.layers.*') or "
-            "S2AConfig(blocks=['layer1', 'layer2'])."
-        )
-    pattern = blocks if blocks is not None else family[0]  # type: ignore[index]
-    declared = layout if (layout != "auto" or blocks is not None) else family[1]  # type: ignore[index]
+        found, rule = repeated_blocks(model)
+        if not found:
+            raise ValueError(
+                f"cannot find the blocks of {type(model).__name__}: 'prompt' and 'side' attach "
+                f"to block outputs; it is not one of the known timm families "
+                f"{sorted(FAMILIES)} and has no ModuleList or Sequential of repeated blocks. "
+                "Name the blocks, e.g. S2AConfig(blocks='encoder.layers.*') or "
+                "S2AConfig(blocks=['layer1', 'layer2'])."
+            )
+        return [Block(n, m, layout) for n, m in found], layout, rule
+    if blocks is not None:
+        pattern, declared, rule = blocks, layout, f"named: blocks={blocks!r}"
+    else:
+        pattern, declared = family  # type: ignore[misc]
+        declared = layout if layout != "auto" else declared
+        rule = f"family table: {type(model).__name__} -> {pattern!r}"
     found = match_modules(model, pattern)
     if not found:
         raise ValueError(f"blocks={pattern!r} matches no submodule of {type(model).__name__}.")
     # Keep only outermost matches (a pattern may also match sub-blocks of a block).
     outer = [(n, m) for n, m in found if not any(n.startswith(o + ".") for o, _ in found)]
-    return [Block(n, m, declared) for n, m in outer], declared
+    return [Block(n, m, declared) for n, m in outer], declared, rule
 
 
 @torch.no_grad()

@@ -43,6 +43,8 @@ class StructureState:
     parts: list[tuple[str, str]] = field(default_factory=list)
     #: The model's output shape without the batch dimension, when prompt/side measured it.
     output_shape: tuple[int, ...] | None = None
+    #: How the blocks were found (the summary prints it): family table, named, or repeated.
+    block_rule: str = ""
 
 
 def check_composition(modules: tuple[str, ...]) -> None:
@@ -62,12 +64,14 @@ def apply_structure(model: nn.Module, config: S2AConfig) -> StructureState:
     head = find_head(model, config.head)
     blocks: list[Block] = []
     output_shape: tuple[int, ...] | None = None
+    block_rule = ""
     if "prompt" in modules or "side" in modules:
-        found, _ = find_blocks(model, config.blocks, config.block_layout)
+        found, _, block_rule = find_blocks(model, config.blocks, config.block_layout)
         size = default_input_size(model, config.input_size)
         blocks, output_shape = block_output_shapes(model, found, size)
     state = StructureState(flags={n: p.requires_grad for n, p in model.named_parameters()})
     state.head, state.blocks, state.output_shape = head, blocks, output_shape
+    state.block_rule = block_rule if blocks else ""
     try:
         _apply(model, config, state, modules)
     except Exception:
