@@ -354,3 +354,31 @@ def test_repeated_blocks_of_a_user_model_are_its_largest_block_list():
     handle = apply_s2a(model, S2AConfig(modules=["prompt"], head="head", input_size=(5, 6)))
     assert "blocks (4): repeated blocks: 4 x _Residual" in handle.summary()
     handle.remove()
+
+
+class _PairBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.fc(x), x
+
+
+class _PairNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(_PairBlock() for _ in range(3))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x, _ = block(x)
+        return self.head(x)
+
+
+def test_blocks_that_return_tuples_are_a_clear_error():
+    model = _PairNet()
+    with pytest.raises(ValueError, match=r"blocks \['blocks.0', .*return \['tuple'\].*blocks="):
+        apply_s2a(model, S2AConfig(modules=["prompt"], head="head", input_size=(4, 8)))
+    assert all(p.requires_grad for p in model.parameters())

@@ -142,8 +142,8 @@ def block_output_shapes(
     shapes: dict[str, torch.Size] = {}
 
     def recorder(name: str):
-        def hook(module: nn.Module, args: object, output: torch.Tensor) -> None:
-            shapes.setdefault(name, output.shape)
+        def hook(module: nn.Module, args: object, output: object) -> None:
+            shapes.setdefault(name, output.shape if isinstance(output, torch.Tensor) else output)
 
         return hook
 
@@ -167,6 +167,15 @@ def block_output_shapes(
     missing = [b.name for b in blocks if b.name not in shapes]
     if missing:
         raise ValueError(f"blocks {missing} did not run in a forward pass; name blocks that do.")
+    not_tensors = {b.name: type(shapes[b.name]).__name__ for b in blocks}
+    not_tensors = {n: t for n, t in not_tensors.items() if t != "Size"}
+    if not_tensors:
+        raise ValueError(
+            f"'prompt' and 'side' read and change a block's output tensor, but blocks "
+            f"{sorted(not_tensors)} of {type(model).__name__} return "
+            f"{sorted(set(not_tensors.values()))}. Name blocks that return a tensor: "
+            "S2AConfig(blocks='...')."
+        )
     found = [
         Block(b.name, b.module, _layout_of(shapes[b.name], b.layout), tuple(shapes[b.name][1:]))
         for b in blocks
