@@ -7,6 +7,7 @@ every other tensor is still compressed.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import pytest
@@ -19,7 +20,7 @@ from lightning_s2a import S2AConfig, apply_s2a
 from lightning_s2a.engine.codebook import fit_codebook
 from lightning_s2a.engine.ops import elementwise_spec
 from lightning_s2a.engine.quantizers import QUANTIZERS, MinMaxPacked, PackOptions
-from tests.conftest import cosine
+from tests.conftest import cosine, trainable_grads
 
 INF = float("inf")
 NAN = float("nan")
@@ -134,10 +135,17 @@ class _MaskedNet(nn.Module):
         return self.head(x.mean(1))
 
 
-def _grads(model: nn.Module, x, mask, y) -> torch.Tensor:
-    model.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x, mask), y).backward()
-    return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
+def _exact_and_compressed(model: nn.Module, config: S2AConfig, x, y):
+    """Trainable gradients uncompressed and compressed (both finite), and the stored/raw
+    ratio of the compressed forward."""
+    with apply_s2a(model, config.replace(compress=False)):
+        exact = trainable_grads(model, x, y)
+    with apply_s2a(model, config) as handle:
+        approx = trainable_grads(model, x, y)
+        ratio = handle.stats()["ratio"]
+    assert torch.isfinite(exact).all()
+    assert torch.isfinite(approx).all()
+    return exact, approx, ratio
 
 
 @pytest.mark.parametrize(
@@ -155,14 +163,10 @@ def test_masked_attention_gradients_match_uncompressed(mode, fill):
     causal = torch.ones(n, n, dtype=torch.bool).triu(1)
     blocked = padding[:, None, None, :] | causal  # (b, 1, n, n): no row is fully masked
     mask = torch.zeros(b, 1, n, n, dtype=torch.float64).masked_fill(blocked, fill)
+    model.forward = functools.partial(model.forward, mask=mask)
     config = S2AConfig(modules=["bias"], head=None)
-    with apply_s2a(model, config.replace(compress=False)):
-        exact = _grads(model, x, mask, y)
-    with apply_s2a(model, config) as handle:
-        approx = _grads(model, x, mask, y)
-        assert handle.stats()["ratio"] < 0.5  # everything else is still compressed
-    assert torch.isfinite(exact).all()
-    assert torch.isfinite(approx).all()
+    exact, approx, ratio = _exact_and_compressed(model, config, x, y)
+    assert ratio < 0.5  # everything else is still compressed
     assert cosine(exact, approx) > 0.999
 
 
@@ -191,19 +195,7 @@ def test_amax_pooling_gradients_are_finite_and_match():
     model = _AmaxPoolNet().double()
     x = torch.randn(8, 64, 16, dtype=torch.float64)
     y = torch.randint(0, 5, (8,))
-    config = S2AConfig(modules=["bias"], head=None)
-
-    def grads() -> torch.Tensor:
-        model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
-
-    with apply_s2a(model, config.replace(compress=False)):
-        exact = grads()
-    with apply_s2a(model, config):
-        approx = grads()
-    assert torch.isfinite(exact).all()
-    assert torch.isfinite(approx).all()
+    exact, approx, _ = _exact_and_compressed(model, S2AConfig(modules=["bias"], head=None), x, y)
     assert cosine(exact, approx) > 0.99
 
 
@@ -214,19 +206,7 @@ def test_hiera_gradients_are_finite():
     model.eval()
     x = torch.randn(2, 3, 64, 64)
     y = torch.tensor([1, 3])
-
-    def grads() -> torch.Tensor:
-        model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
-
-    config = S2AConfig(modules=["bias"], bits=4)
-    with apply_s2a(model, config.replace(compress=False)):
-        exact = grads()
-    with apply_s2a(model, config):
-        approx = grads()
-    assert torch.isfinite(exact).all()
-    assert torch.isfinite(approx).all()
+    exact, approx, _ = _exact_and_compressed(model, S2AConfig(modules=["bias"], bits=4), x, y)
     assert cosine(exact, approx) > 0.99
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
-import sys
 from typing import Any
 
 import pytest
@@ -23,7 +22,7 @@ from lightning_s2a.engine.bitpack import pack_bits, unpack_lookup
 from lightning_s2a.engine.codebook import encode, fit_codebook
 from lightning_s2a.engine.ops import ELEMENTWISE, ElementwiseSpec
 from lightning_s2a.engine.quantizers import QUANTIZERS, PackOptions, RowMaxPacked, TwoLevelPacked
-from tests.triton_interpret import bare_imports, diff, run_interpreted
+from tests.triton_interpret import bare_imports, diff, import_without_triton, run_interpreted
 
 MODULE = "lightning_s2a.engine.triton_codes"
 BITS = (1, 2, 4, 8)
@@ -388,16 +387,8 @@ def test_unsupported_two_level_dtype_stays_on_torch() -> None:
 
 
 def test_imports_without_triton(monkeypatch: pytest.MonkeyPatch) -> None:
-    import lightning_s2a.engine as engine
-    import lightning_s2a.engine.triton_minmax  # noqa: F401 - cached as it is, not re-imported
-
-    monkeypatch.setitem(sys.modules, MODULE, None)
-    monkeypatch.setattr(engine, "triton_codes", None, raising=False)
-    del sys.modules[MODULE]
-    monkeypatch.setitem(sys.modules, "triton", None)
-    monkeypatch.setitem(sys.modules, "triton.language", None)
-
-    mod = importlib.import_module(MODULE)
+    # The kernels share triton_minmax's import of Triton, so both are imported afresh.
+    _, mod = import_without_triton(monkeypatch, "lightning_s2a.engine.triton_minmax", MODULE)
     assert mod.HAS_TRITON is False
     for call in _CALLS.values():
         with pytest.raises(RuntimeError, match="triton"):

@@ -11,8 +11,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import pytest
 import torch
 
 from lightning_s2a.engine.minmax import dequantize_minmax, quantize_minmax
+from tests.triton_interpret import import_without_triton, run_interpreted
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = "lightning_s2a.engine.triton_minmax"
@@ -282,35 +281,10 @@ N_FITS = 2 * len(BITS) * 2
 # --------------------------------------------------------------------------- interpreter (CPU)
 
 
-# The script needs torch, triton and lightning_s2a.engine only. The package's __init__ imports
-# Lightning and timm, which took half of the subprocess's time, so the script runs under a
-# bare ``lightning_s2a`` package module (subpackages still import from their files).
-_BARE_PACKAGE = """
-import runpy, sys, types
-package = types.ModuleType("lightning_s2a")
-package.__path__ = [sys.argv[1]]
-sys.modules["lightning_s2a"] = package
-runpy.run_path(sys.argv[2], run_name="__main__")
-"""
-
-
 @pytest.fixture(scope="module")
 def interpreted() -> dict[str, Any]:
     """Run this file as a script under ``TRITON_INTERPRET=1`` once; return its JSON report."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    script = [str(ROOT / "lightning_s2a"), str(Path(__file__).resolve())]
-    proc = subprocess.run(
-        [sys.executable, "-c", _BARE_PACKAGE, *script],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = run_interpreted(__file__)
     assert report["interpreting"] is True
     assert report["bare_package"] is True, "the script imported Lightning after all"
     return report
@@ -383,16 +357,7 @@ def test_cpu_tensor_without_interpreter_is_a_clear_error() -> None:
 
 
 def test_imports_without_triton(monkeypatch: pytest.MonkeyPatch) -> None:
-    import lightning_s2a.engine as engine
-
-    # Record the current state so monkeypatch restores it, then hide triton and re-import.
-    monkeypatch.setitem(sys.modules, MODULE, None)
-    monkeypatch.setattr(engine, "triton_minmax", None, raising=False)
-    del sys.modules[MODULE]
-    monkeypatch.setitem(sys.modules, "triton", None)
-    monkeypatch.setitem(sys.modules, "triton.language", None)
-
-    mod = importlib.import_module(MODULE)
+    (mod,) = import_without_triton(monkeypatch, MODULE)
     assert mod.HAS_TRITON is False
     with pytest.raises(RuntimeError, match="triton"):
         mod.triton_quantize_minmax(torch.zeros(64), 4)

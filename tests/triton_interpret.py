@@ -9,13 +9,16 @@ prints a JSON report as its last line. The script runs under bare ``lightning_s2
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,3 +74,21 @@ def run_interpreted(script: str | Path) -> dict[str, Any]:
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def import_without_triton(monkeypatch: pytest.MonkeyPatch, *names: str) -> list[ModuleType]:
+    """Import the engine modules ``names`` afresh, in order, as if Triton were not installed.
+
+    ``monkeypatch`` records the modules as they are (in ``sys.modules`` and as attributes of
+    ``lightning_s2a.engine``) and puts them back after the test.
+    """
+    import lightning_s2a.engine as engine
+
+    for name in names:
+        importlib.import_module(name)
+        monkeypatch.setitem(sys.modules, name, None)
+        monkeypatch.setattr(engine, name.rsplit(".", 1)[-1], None, raising=False)
+        del sys.modules[name]
+    monkeypatch.setitem(sys.modules, "triton", None)
+    monkeypatch.setitem(sys.modules, "triton.language", None)
+    return [importlib.import_module(name) for name in names]

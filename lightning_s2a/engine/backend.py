@@ -25,8 +25,9 @@ from .quantizers import QUANTIZERS, PackOptions
 from .triton_minmax import HAS_TRITON
 
 
-def _probes(device: torch.device) -> list[tuple[str, torch.Tensor, PackOptions]]:
-    """One small tensor per kind (and bit width that the defaults use), with its options."""
+def _probes(device: torch.device) -> list[tuple[str, str, torch.Tensor, PackOptions]]:
+    """``(label, quantizer kind, tensor, options)``: one small tensor per kind of code (and the
+    bit widths the defaults use)."""
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(4, 77, 33, generator=g) * 3).to(device)
     gelu = elementwise_spec(torch.nn.functional.gelu, (x,), {})
@@ -38,34 +39,29 @@ def _probes(device: torch.device) -> list[tuple[str, torch.Tensor, PackOptions]]
         t = x.to(dtype)
         cb = codebook.to(device, dtype)
         probes += [
-            (f"min-max {dtype}", t, PackOptions(bits=4)),
-            (f"min-max 1-bit {dtype}", t, PackOptions(bits=1, group_size=32)),
-            (f"softmax {dtype}", t.softmax(-1), PackOptions(bits=4, dim=-1)),
-            (f"softmax dim=1 {dtype}", t.softmax(1), PackOptions(bits=8, dim=1)),
-            (f"derivative codes {dtype}", t, PackOptions(bits=4, spec=gelu, codebook=cb)),
-            (f"step mask {dtype}", t, PackOptions(bits=1, spec=relu)),
-            (f"two-level {dtype}", (t > 0).to(dtype) * 2, PackOptions(bits=1)),
+            (f"min-max {dtype}", "norm", t, PackOptions(bits=4)),
+            (f"min-max 1-bit {dtype}", "norm", t, PackOptions(bits=1, group_size=32)),
+            (f"softmax {dtype}", "softmax", t.softmax(-1), PackOptions(bits=4, dim=-1)),
+            (f"softmax dim=1 {dtype}", "softmax", t.softmax(1), PackOptions(bits=8, dim=1)),
+            (
+                f"derivative codes {dtype}",
+                "elementwise",
+                t,
+                PackOptions(bits=4, spec=gelu, codebook=cb),
+            ),
+            (f"step mask {dtype}", "elementwise", t, PackOptions(bits=1, spec=relu)),
+            (f"two-level {dtype}", "dropout", (t > 0).to(dtype) * 2, PackOptions(bits=1)),
         ]
-    probes.append(("boolean mask", x > 0, PackOptions(bits=1)))
+    probes.append(("boolean mask", "mask", x > 0, PackOptions(bits=1)))
     return probes
-
-
-_KIND_OF_PROBE = {
-    "min-max": "norm",
-    "softmax": "softmax",
-    "derivative": "elementwise",
-    "step": "elementwise",
-    "two-level": "dropout",
-    "boolean": "mask",
-}
 
 
 @functools.cache
 def kernel_mismatches(device: torch.device) -> tuple[str, ...]:
     """The probes whose Triton packing on ``device`` does not give the reference's values."""
     bad = []
-    for label, t, opts in _probes(device):
-        quantize = QUANTIZERS[_KIND_OF_PROBE[label.split()[0]]]
+    for label, kind, t, opts in _probes(device):
+        quantize = QUANTIZERS[kind]
         reference = quantize(t, opts).unpack()
         opts.backend = "triton"
         try:

@@ -81,8 +81,9 @@ class _OperatorMode(TorchFunctionMode):
         engine = self.engine
         if engine._busy:
             return func(*args, **kwargs)
-        call = engine._classify(func, args, kwargs)
-        rewrite = engine._func_info(func)[3]
+        info = engine._func_info(func)
+        call = engine._classify(info, args, kwargs)
+        rewrite = info[3]
         if call is None and rewrite is None:
             return func(*args, **kwargs)
         previous, engine._call = engine._call, call
@@ -293,8 +294,8 @@ class SavedTensorEngine:
             self._funcs[func] = info
         return info
 
-    def _classify(self, func: Any, args: tuple, kwargs: dict) -> _Call | None:
-        raw, factory, kind, _ = self._func_info(func)
+    def _classify(self, info: tuple, args: tuple, kwargs: dict) -> _Call | None:
+        raw, factory, kind, _ = info
         spec = factory(raw, args, kwargs) if factory is not None else None
         if spec is not None:
             kind = "elementwise"

@@ -91,22 +91,32 @@ class Packed:
         self.raw = t
         self.codes = self.codes.new_empty(0)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes actually kept: the tensor itself where it was kept, else the codes."""
+        self.settle()
+        t = self.raw
+        if t is not None:
+            return min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
+        return self._code_bytes()
+
+    def unpack(self) -> torch.Tensor:
+        """The saved tensor again (the same data on every call)."""
+        self.settle()
+        return self.raw if self.raw is not None else self._decode()
+
+    def _code_bytes(self) -> int:
+        raise NotImplementedError
+
+    def _decode(self) -> torch.Tensor:
+        raise NotImplementedError
+
 
 class KeptPacked(Packed):
     """A tensor kept exactly as it is, because a code could not represent it faithfully."""
 
     def __init__(self, t: torch.Tensor) -> None:
         self.raw = t
-
-    @property
-    def nbytes(self) -> int:
-        t = self.raw
-        assert t is not None
-        return min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
-
-    def unpack(self) -> torch.Tensor:
-        assert self.raw is not None
-        return self.raw
 
 
 def _finite(t: torch.Tensor) -> torch.Tensor:
@@ -146,17 +156,10 @@ class MinMaxPacked(Packed):
         super().keep(t)
         self.offset, self.scale = self.codes, self.codes
 
-    @property
-    def nbytes(self) -> int:
-        self.settle()
-        if self.raw is not None:
-            return KeptPacked(self.raw).nbytes
+    def _code_bytes(self) -> int:
         return _nbytes(self.codes, self.offset, self.scale)
 
-    def unpack(self) -> torch.Tensor:
-        self.settle()
-        if self.raw is not None:
-            return self.raw
+    def _decode(self) -> torch.Tensor:
         args = (self.codes, self.offset, self.scale, self.n, self.bits, self.group)
         if self.triton:
             from .triton_minmax import triton_dequantize_minmax
@@ -179,19 +182,12 @@ class BnbPacked(Packed):
             flat, blocksize=opts.group_size, quant_type=opts.bnb_quant_type
         )
 
-    @property
-    def nbytes(self) -> int:
-        self.settle()
-        if self.raw is not None:
-            return KeptPacked(self.raw).nbytes
+    def _code_bytes(self) -> int:
         return _nbytes(self.codes, self.state.absmax)
 
-    def unpack(self) -> torch.Tensor:
+    def _decode(self) -> torch.Tensor:
         import bitsandbytes.functional as bnbf
 
-        self.settle()
-        if self.raw is not None:
-            return self.raw
         flat = bnbf.dequantize_4bit(self.codes, self.state).reshape(-1)
         return self.geometry.restore(flat)
 
@@ -220,17 +216,10 @@ class CodePacked(Packed):
         self.table = table  # shared per codebook; not counted per tensor
         self.triton = triton
 
-    @property
-    def nbytes(self) -> int:
-        self.settle()
-        if self.raw is not None:
-            return KeptPacked(self.raw).nbytes
+    def _code_bytes(self) -> int:
         return _nbytes(self.codes)
 
-    def unpack(self) -> torch.Tensor:
-        self.settle()
-        if self.raw is not None:
-            return self.raw
+    def _decode(self) -> torch.Tensor:
         if self.triton:
             from .triton_codes import triton_unpack_lookup
 
@@ -272,11 +261,10 @@ class RowMaxPacked(Packed):
         v.floor_().clamp_(0, levels).mul_(s > 0)
         self.codes = pack_bits(v, self.bits)
 
-    @property
-    def nbytes(self) -> int:
+    def _code_bytes(self) -> int:
         return _nbytes(self.codes, self.scale)
 
-    def unpack(self) -> torch.Tensor:
+    def _decode(self) -> torch.Tensor:
         width = self.row_shape[-1]
         if self.triton:
             from .triton_codes import triton_dequantize_rows
@@ -315,11 +303,10 @@ class TwoLevelPacked(Packed):
             self.high = flat.amax(dim=0, keepdim=True) if flat.numel() else flat.new_zeros(1)
         self.codes = pack_bits(t.detach().reshape(-1) != 0, 1)
 
-    @property
-    def nbytes(self) -> int:
+    def _code_bytes(self) -> int:
         return _nbytes(self.codes, *([] if self.high is None else [self.high]))
 
-    def unpack(self) -> torch.Tensor:
+    def _decode(self) -> torch.Tensor:
         if self.is_bool:
             values = torch.tensor([False, True], device=self.codes.device)
         else:

@@ -32,17 +32,15 @@ import math
 import torch
 
 from .bitpack import check_bits, packed_numel
-from .triton_minmax import _interpreting
-
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - depends on the environment
-    triton = None
-    tl = None
-    HAS_TRITON = False
+from .triton_minmax import (  # one import of Triton, and one set of element kinds
+    _KIND_BF16,
+    _KIND_F16,
+    _KIND_F32,
+    HAS_TRITON,
+    _interpreting,
+    tl,
+    triton,
+)
 
 #: Elements per program of the elementwise kernels, and the largest [rows, width] tile of the
 #: softmax kernel (powers of two). A tile holds whole rows, at least as many as fill whole bytes
@@ -50,7 +48,6 @@ except ImportError:  # pragma: no cover - depends on the environment
 BLOCK_ELEMS = 4096
 ROW_TILE = 4096
 
-_KIND_F32, _KIND_F16, _KIND_BF16 = 0, 1, 2
 _MODE_CODES, _MODE_INTERVALS, _MODE_NONZERO = 0, 1, 2
 _FLOAT_KINDS = {torch.float32: _KIND_F32, torch.float16: _KIND_F16, torch.bfloat16: _KIND_BF16}
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
