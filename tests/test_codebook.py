@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_s2a.engine.codebook import encode, fit_codebook
+from lightning_s2a.engine.codebook import IntervalGrid, encode, fit_codebook
 from lightning_s2a.engine.minmax import dequantize_minmax, quantize_minmax
 from lightning_s2a.engine.ops import ELEMENTWISE
 
@@ -49,8 +49,8 @@ def test_derivative_codes_beat_uniform_minmax(name, fn, scale, bits):
     # derivative-aware: fitted on a 16k sample, evaluated on all of x through the real backward
     sample = x[torch.randint(N, (16384,), generator=g)]
     cb = fit_codebook(sample, ELEMENTWISE[name](name, (), {}).derivative, bits)
-    boundaries, points = cb.to(x.device, x.dtype)
-    x_tilde = points[encode(x, boundaries).long()]
+    boundaries, points, grid = cb.to(x.device, x.dtype)
+    x_tilde = points[encode(x, boundaries, grid).long()]
     mse_code = (_autograd_derivative(fn, x_tilde) - true_d).pow(2).mean().item()
     assert mse_code < mse_uniform, (mse_code, mse_uniform)
 
@@ -104,3 +104,63 @@ def test_step_derivatives_have_exact_one_bit_codes(name, fn):
     saved = F.relu(x) if name == "relu" else x  # relu saves its output
     x_tilde = torch.tensor(spec.mask_points)[spec.mask(saved).long()]
     assert torch.equal(_autograd_derivative(fn, x_tilde), _autograd_derivative(fn, x))
+
+
+def _edge_values(b: torch.Tensor, scale: float, shift: float, g) -> torch.Tensor:
+    """Random values over and beyond the boundaries, the boundaries themselves and their float32
+    neighbours on both sides, and the extremes."""
+    finite = b[torch.isfinite(b)]
+    up, down = torch.tensor(float("inf")), torch.tensor(-float("inf"))
+    extremes = torch.tensor([float("inf"), -float("inf"), 3e38, -3e38, 0.0])
+    return torch.cat(
+        [
+            torch.randn(4096, generator=g) * scale * 2 + shift,
+            finite,
+            torch.nextafter(finite, up),
+            torch.nextafter(finite, down),
+            extremes,
+        ]
+    )
+
+
+def test_interval_grid_counts_exactly_like_bucketize():
+    """The grid's two lookups give bucketize's interval for every value, the boundaries and
+    their float32 neighbours included, at scales from 1e-3 to 1e3 and offsets up to 1e4."""
+    g = torch.Generator().manual_seed(0)
+    built = 0
+    for trial in range(200):
+        k = int(torch.randint(2, 16, (1,), generator=g))
+        scale = 10 ** float(torch.empty(1).uniform_(-3, 3, generator=g))
+        shift = float(torch.randn(1, generator=g)) * 10 ** float(
+            torch.empty(1).uniform_(-2, 4, generator=g)
+        )
+        b = (torch.randn(k, generator=g).sort().values * scale + shift).float()
+        if trial % 3 == 0:  # unused levels of a codebook are trailing infinities
+            b = torch.cat([b, torch.full((3,), float("inf"))])
+        grid = IntervalGrid.build(b)
+        if grid is None:
+            continue
+        built += 1
+        x = _edge_values(b, scale, shift, g)
+        expected = torch.bucketize(x, b, out_int32=True).to(torch.uint8)
+        assert torch.equal(encode(x, b, grid), expected), trial
+    assert built > 100  # most random boundary sets get a grid
+
+
+def test_interval_grid_declines_uneven_or_too_few_boundaries():
+    assert IntervalGrid.build(torch.tensor([0.0, 1.0, 1.0 + 1e-4])) is None  # too close
+    assert IntervalGrid.build(torch.tensor([0.0, 0.0, 1.0])) is None  # repeated
+    assert IntervalGrid.build(torch.tensor([0.5])) is None  # one boundary: nothing to gain
+    assert IntervalGrid.build(torch.tensor([0.0, float("inf"), 1.0])) is None  # not trailing
+    grid = IntervalGrid.build(torch.tensor([0.0, 1.0, 3.0]))
+    assert grid is not None and grid.cells <= 4096
+
+
+def test_fitted_codebooks_get_a_grid_and_encode_the_same():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(65536, generator=g) * 3
+    for bits in (2, 4):
+        device_cb = fit_codebook(x[:16384], GELU_D, bits).to(x.device, x.dtype)
+        assert device_cb.grid is not None
+        expected = torch.bucketize(x, device_cb.boundaries, out_int32=True).to(torch.uint8)
+        assert torch.equal(encode(x, device_cb.boundaries, device_cb.grid), expected)

@@ -67,6 +67,31 @@ def test_minmax_pack_does_not_modify_input():
     assert torch.equal(x, before)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_minmax_reads_strided_and_low_precision_input_like_a_float32_copy(dtype):
+    """q, k and v sliced out of one qkv tensor (groups along a contiguous last dimension) and
+    bf16/fp16 inputs are read in place, and give exactly the codes and stats of a contiguous
+    float32 copy, deterministic or stochastic."""
+    g = torch.Generator().manual_seed(0)
+    qkv = (torch.randn(2, 7, 3 * 4 * 64, generator=g) * 3).to(dtype)
+    k = qkv.reshape(2, 7, 3, 4, 64).permute(2, 0, 3, 1, 4)[1]  # the middle third
+    assert not k.is_contiguous()
+    for stochastic in (False, True):
+        got = quantize_minmax(
+            k, 4, 64, stochastic, torch.Generator().manual_seed(1), with_fits=True
+        )
+        want = quantize_minmax(
+            k.float().contiguous(),
+            4,
+            64,
+            stochastic,
+            torch.Generator().manual_seed(1),
+            with_fits=True,
+        )
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b)
+
+
 def test_minmax_constant_and_extreme_values():
     x = torch.full((130,), 7.25)
     p, o, s = quantize_minmax(x, 4)

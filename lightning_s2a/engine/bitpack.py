@@ -96,11 +96,12 @@ def unpack_lookup(packed: torch.Tensor, bits: int, n: int, values: torch.Tensor)
     """Decode the first ``n`` codes straight into ``values[code]`` (any dtype).
 
     One ``index_select`` per packed byte against a 256-entry table of decoded bytes: one pass
-    instead of unpack, widen and gather.
+    instead of unpack, widen and gather. The index is int32: an int64 copy of the bytes costs
+    more on CPU than the lookup itself.
     """
     check_bits(bits)
     table = values[_byte_index(bits, packed.device)] if bits < 8 else values.unsqueeze(1)
-    return table.index_select(0, packed.long()).view(-1)[:n]
+    return table.index_select(0, packed.int()).view(-1)[:n]
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -108,4 +109,4 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     check_bits(bits)
     if bits == 8:
         return packed[:n]
-    return _byte_table(bits, packed.device).index_select(0, packed.long()).view(-1)[:n]
+    return _byte_table(bits, packed.device).index_select(0, packed.int()).view(-1)[:n]

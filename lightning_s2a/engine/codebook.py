@@ -10,7 +10,9 @@ backward formula computes exactly the approximation.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -27,12 +29,79 @@ class Codebook:
     bits: int
     fitted_at: int = 0
 
-    def to(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Boundaries and points on ``device``: boundaries in float32, points in ``dtype``."""
-        return (
-            self.boundaries.to(device=device, dtype=torch.float32),
-            self.points.to(device=device, dtype=dtype),
+    def to(self, device: torch.device, dtype: torch.dtype) -> DeviceCodebook:
+        """Boundaries (float32) and points (``dtype``) on ``device``, with their interval grid."""
+        boundaries = self.boundaries.to(device=device, dtype=torch.float32)
+        return DeviceCodebook(
+            boundaries, self.points.to(device=device, dtype=dtype), IntervalGrid.build(boundaries)
         )
+
+
+class DeviceCodebook(NamedTuple):
+    """A codebook ready to encode and decode on one device."""
+
+    boundaries: torch.Tensor  # float32, ascending
+    points: torch.Tensor  # in the saved tensor's dtype
+    grid: IntervalGrid | None = None  # the fast exact interval search, where one exists
+
+
+#: Below this many elements one ``torch.bucketize`` is cheaper than the grid's nine ops (CPU).
+GRID_MIN_NUMEL = 2048
+
+
+@dataclass(frozen=True)
+class IntervalGrid:
+    """Uniform cells over the finite boundaries, so that the interval search is a few
+    elementwise passes and two table lookups instead of a binary search per element.
+
+    The cells are at most a quarter of the smallest gap between boundaries wide. ``base[j]``
+    counts the boundaries below cell ``j - 1``'s lower edge, and ``next_boundary[j]`` is the
+    boundary after those. An element that lands in cell ``j`` (give or take the rounding of its
+    cell index, far below one cell) lies within cells ``j - 1`` to ``j + 1``, a window that
+    holds at most one boundary: that one. Its interval is ``base[j] + (x > next_boundary[j])``,
+    exactly :func:`torch.bucketize`'s answer. Boundaries that would need more than ``max_cells``
+    cells (a gap under about ``4 / max_cells`` of their span) have no grid, and are searched
+    with :func:`torch.bucketize`.
+    """
+
+    lo: float
+    inv_width: float
+    cells: int
+    base: torch.Tensor  # uint8, (cells,)
+    next_boundary: torch.Tensor  # float32, (cells,)
+
+    @staticmethod
+    def build(boundaries: torch.Tensor, max_cells: int = 4096) -> IntervalGrid | None:
+        """The grid for ``boundaries`` (ascending float32, trailing infinities allowed), or
+        None where their gaps are too uneven for ``max_cells`` cells."""
+        b = boundaries.detach().to(device="cpu", dtype=torch.float64)
+        finite = b[torch.isfinite(b)]
+        if finite.numel() < 2 or not torch.equal(finite, b[: finite.numel()]):
+            return None
+        gap = float((finite[1:] - finite[:-1]).min())
+        lo, span = float(finite[0]), float(finite[-1] - finite[0])
+        if not gap > 0 or span / gap * 4 + 2 > max_cells:
+            return None
+        width = gap / 4
+        cells = math.ceil(span / width) + 2
+        lower = lo + (torch.arange(cells, dtype=torch.float64) - 1) * width
+        base = (finite.unsqueeze(0) < lower.unsqueeze(1)).sum(1)
+        ends = torch.cat([b.float(), torch.tensor([math.inf])])
+        return IntervalGrid(
+            lo=lo,
+            inv_width=1.0 / width,
+            cells=cells,
+            base=base.to(torch.uint8).to(boundaries.device),
+            next_boundary=ends[base].to(boundaries.device),
+        )
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Interval index of every element of float32 ``x`` as ``uint8`` (a NaN gets some
+        index: the engine keeps such tensors exact)."""
+        cell = (x - self.lo).mul_(self.inv_width).clamp_(0, self.cells - 1).nan_to_num_(0.0)
+        index = cell.to(torch.int32)  # truncation is floor here: cells are not negative
+        codes = self.base.index_select(0, index)
+        return codes.add_(x > self.next_boundary.index_select(0, index))
 
 
 def _segment_costs(d_sorted: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
@@ -129,6 +198,12 @@ def fit_codebook(samples: torch.Tensor, deriv: Derivative, bits: int, cells: int
     )
 
 
-def encode(x: torch.Tensor, boundaries: torch.Tensor) -> torch.Tensor:
-    """Interval index of every element of ``x`` (``boundaries`` ascending) as ``uint8``."""
+def encode(
+    x: torch.Tensor, boundaries: torch.Tensor, grid: IntervalGrid | None = None
+) -> torch.Tensor:
+    """Interval index of every element of ``x`` (``boundaries`` ascending) as ``uint8``: the
+    number of boundaries below it, as ``torch.bucketize`` counts, through ``grid`` if given and
+    ``x`` is large enough for its fixed cost of nine ops to pay off."""
+    if grid is not None and x.numel() >= GRID_MIN_NUMEL:
+        return grid.encode(x.float())
     return torch.bucketize(x.float(), boundaries, out_int32=True).to(torch.uint8)

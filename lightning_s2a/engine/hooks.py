@@ -30,7 +30,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .accounting import ForwardAccount, part_of
 from .backend import resolve_backend
-from .codebook import Codebook, fit_codebook
+from .codebook import Codebook, DeviceCodebook, fit_codebook
 from .compile_guard import check_not_compiling, check_not_traced
 from .deferred import DeferredChecks
 from .ops import ELEMENTWISE, OP_KINDS, ElementwiseSpec, canonical_name, is_bias
@@ -115,7 +115,7 @@ class SavedTensorEngine:
         self.parts = list(parts)
         self.step = 0
         self.codebooks: dict[tuple, Codebook] = {}
-        self._device_codebooks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._device_codebooks: dict[tuple, DeviceCodebook] = {}
         self._last: dict | None = None
         self._account: ForwardAccount | None = None
         self._handles: list[RemovableHandle] = []

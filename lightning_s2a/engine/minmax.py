@@ -25,7 +25,8 @@ FP16_MAX = 65504.0
 
 
 def group_stats(groups: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return the fp16 ``(offset, scale)`` for each row of ``groups`` (float32, shape (G, S))."""
+    """Return the fp16 ``(offset, scale)`` for each row of ``groups`` (a float tensor, groups
+    along the last dimension)."""
     offset, scale, _ = _group_stats(groups, bits)
     return offset, scale
 
@@ -40,7 +41,7 @@ def _group_stats(
     fp16 range too (at 1 bit the step is the whole span, up to twice 65504).
     """
     levels = (1 << bits) - 1
-    lo_raw, hi_raw = torch.aminmax(groups, dim=1)
+    lo_raw, hi_raw = (m.reshape(-1).float() for m in torch.aminmax(groups, dim=-1))
     lo = lo_raw.clamp(-FP16_MAX, FP16_MAX)
     hi = hi_raw.clamp(-FP16_MAX, FP16_MAX)
     offset = lo.to(torch.float16)
@@ -70,24 +71,34 @@ def quantize_minmax(
     faithful (see the module docstring).
     """
     levels = (1 << bits) - 1
-    flat = x.detach().reshape(-1).float()
-    n = flat.numel()
+    x = x.detach()
+    n = x.numel()
     pad = (-n) % group_size
-    if pad:
-        flat = torch.cat([flat, flat[-1:].expand(pad)])
-    groups = flat.view(-1, group_size)
+    if not pad and x.dim() and x.shape[-1] % group_size == 0 and x.stride(-1) == 1:
+        # Groups lie along the last dimension: a view, whatever the other strides (q, k, v
+        # sliced out of one qkv tensor), so no copy is made before the first pass.
+        groups = x.unflatten(-1, (-1, group_size))
+    else:
+        flat = x.reshape(-1)
+        if pad:
+            flat = torch.cat([flat, flat[-1:].expand(pad)])
+        groups = flat.view(-1, group_size)
     offset, scale, fits = _group_stats(groups, bits)
     s = scale.float().unsqueeze(1)
     positive = s > 0
     # In-place chain: fresh full-size temporaries cost more than the arithmetic on CPU, and
-    # on small tensors every op counts.
-    v = groups - offset.float().unsqueeze(1)
-    v.div_(torch.where(positive, s, 1.0))
+    # on small tensors every op counts. The subtraction reads ``x`` in its own dtype and
+    # writes float32 in logical order (exactly what converting first would give).
+    v = torch.empty(groups.shape, dtype=torch.float32, device=x.device)
+    torch.sub(groups, offset.float().view(*groups.shape[:-1], 1), out=v)
+    v = v.view(-1, group_size)
+    # A group whose scale is 0 divides by infinity: codes 0, even with stochastic rounding.
+    v.div_(torch.where(positive, s, torch.inf))
     if stochastic:
         v.add_(torch.rand(v.shape, device=v.device, generator=generator))
     else:
         v.add_(0.5)
-    v.floor_().clamp_(0, levels).mul_(positive)  # a constant group (scale 0) codes as 0
+    v.floor_().clamp_(0, levels)
     codes = v.to(torch.uint8).reshape(-1)
     if pad:
         codes[n:] = 0

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .bitpack import pack_bits, unpack_lookup
-from .codebook import encode
+from .codebook import DeviceCodebook, encode
 from .geometry import Geometry
 from .minmax import dequantize_minmax, quantize_minmax
 from .ops import ElementwiseSpec
@@ -42,8 +42,8 @@ class PackOptions:
     backend: str = "torch"  # "torch" | "triton" | "bnb"
     bnb_quant_type: str = "nf4"
     spec: ElementwiseSpec | None = None
-    #: Derivative code for this call site on this device: (boundaries fp32, points in dtype).
-    codebook: tuple[torch.Tensor, torch.Tensor] | None = None
+    #: Derivative code for this call site on this device (boundaries, points, interval grid).
+    codebook: DeviceCodebook | None = None
     dim: int = -1
     seed: int = 0
     #: Leave "does the code hold it" on the device for :mod:`.deferred` (CUDA: no sync).
@@ -359,14 +359,14 @@ def pack_elementwise(t: torch.Tensor, opts: PackOptions) -> CodePacked | KeptPac
     if not opts.defer and not bool(finite):
         return KeptPacked(t)
     assert opts.codebook is not None, "derivative codes need a fitted codebook"
-    boundaries, points = opts.codebook
+    boundaries, points, grid = opts.codebook
     if triton:  # interval search and packing fused in one kernel
         from .triton_codes import triton_encode_intervals
 
         codes = triton_encode_intervals(flat, boundaries, opts.bits)
         packed = CodePacked(codes, opts.bits, points, t, packed=True, triton=True)
     else:
-        packed = CodePacked(encode(flat, boundaries), opts.bits, points, t)
+        packed = CodePacked(encode(flat, boundaries, grid), opts.bits, points, t)
     if opts.defer:
         packed.decide(t, finite, defer=True)
     return packed
