@@ -23,6 +23,7 @@ from torch import nn
 
 from .api import _APPLIED, S2AHandle, apply_s2a, config_differences, get_handle
 from .config import S2AConfig
+from .structure.four_bit import named_held
 
 FORMAT = "lightning_s2a.adapter"
 VERSION = 1
@@ -53,11 +54,13 @@ def backbone_identity(model: nn.Module, handle: S2AHandle | None = None) -> dict
     """
     before = handle.structure.flags if handle is not None else None
     digest, count = hashlib.sha256(), 0
-    for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
+    # Weights held in 4 bits (frozen_dtype="nf4") are parameters of the backbone all the same.
+    shapes = [(n, p.shape) for n, p in model.named_parameters()] + named_held(model)
+    for name, shape in sorted(shapes, key=lambda item: item[0]):
         if "s2a_" in name or (before is not None and name not in before):
             continue
-        digest.update(f"{name}:{tuple(p.shape)}\n".encode())
-        count += p.numel()
+        digest.update(f"{name}:{tuple(shape)}\n".encode())
+        count += shape.numel()
     cfg = getattr(model, "pretrained_cfg", None)
     arch = cfg.get("architecture") if isinstance(cfg, dict) else None
     return {

@@ -9,9 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import S2AConfig
+from .config import FOUR_BIT_DTYPES, S2AConfig
 from .engine.compile_guard import check_not_compiled
 from .engine.hooks import SavedTensorEngine
+from .structure import four_bit
 from .structure.rewrites import rewrites_for
 from .structure.surgery import StructureState, apply_structure, cast_frozen, undo_structure
 
@@ -28,7 +29,9 @@ class S2AHandle:
         self.engine = SavedTensorEngine(
             model,
             config,
-            rewrites=rewrites_for(config.surgery, config.compress),
+            rewrites=rewrites_for(
+                config.surgery, config.compress, config.frozen_dtype in FOUR_BIT_DTYPES
+            ),
             parts=structure.parts,
         )
         self.engine.attach()
@@ -61,8 +64,13 @@ class S2AHandle:
         if self.removed:
             raise RuntimeError("this S2A handle was removed; call apply_s2a again.")
         if self.config.frozen_dtype is not None:
-            cast_frozen(self.model, self.structure, getattr(torch, self.config.frozen_dtype))
+            cast_frozen(self.model, self.structure, self.config.frozen_dtype)
         self.engine.attach()
+
+    def weight_bytes(self) -> tuple[int, int]:
+        """Bytes of the model's weights as held now (4-bit codes and scales, cast or plain
+        parameters and buffers) and as the user built them: what ``frozen_dtype`` saves."""
+        return weight_bytes(self.model, self.structure.cast_originals)
 
     def summary(self) -> str:
         """A readable table: per part, trainable parameters and the last forward's bytes."""
@@ -86,9 +94,24 @@ class S2AHandle:
         self.remove()
 
 
+def weight_bytes(model: nn.Module, originals: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """``(held, as built)`` bytes of ``model``'s parameters, buffers and 4-bit weights;
+    ``originals`` are the exact values of the weights ``frozen_dtype`` changed, by name."""
+    held4, built4 = four_bit.held_bytes(model)
+    held, built = held4, built4
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if four_bit.is_buffer_name(name):
+            continue  # counted with the 4-bit weights
+        held += t.numel() * t.element_size()
+        original = originals.get(name, t)
+        built += original.numel() * original.element_size()
+    return held, built
+
+
 def count_trainable(module: nn.Module) -> tuple[int, float]:
-    """Number of parameters of ``module`` that train, and their fraction of all parameters."""
-    total = sum(p.numel() for p in module.parameters())
+    """Number of parameters of ``module`` that train, and their fraction of all parameters
+    (weights held in 4 bits by ``frozen_dtype`` count: they are frozen parameters to a user)."""
+    total = sum(p.numel() for p in module.parameters()) + four_bit.held_numel(module)
     train = sum(p.numel() for p in module.parameters() if p.requires_grad)
     return train, (train / total if total else 0.0)
 

@@ -14,7 +14,9 @@ MODULE_KINDS = ("bias", "prompt", "side")
 BACKENDS = ("auto", "torch", "triton", "bnb")
 BNB_QUANT_TYPES = ("nf4", "fp4")
 BN_MODES = ("eval", "train")
-FROZEN_DTYPES = (None, "bfloat16", "float16")
+FROZEN_DTYPES = (None, "bfloat16", "float16", "nf4", "fp4")
+#: Frozen dtypes that hold weights in 4 bits (bitsandbytes) rather than cast them.
+FOUR_BIT_DTYPES = ("nf4", "fp4")
 LAYOUTS = ("auto", "tokens", "nhwc", "nchw")
 GROUP_SIZES = (8, 16, 32, 64, 128, 256)
 
@@ -86,6 +88,8 @@ class S2AConfig:
     surgery: bool = True
     #: Keep frozen weight matrices and kernels in "bfloat16" or "float16" (None: as they are).
     #: Use with mixed precision: autocast then needs no per-step low-precision weight copies.
+    #: "nf4" / "fp4" hold frozen Linear and Conv weights in 4 bits (bitsandbytes, blocks of
+    #: 64), dequantized one layer at a time in forward and again in backward; any precision.
     frozen_dtype: str | None = None
 
     def __post_init__(self) -> None:
@@ -150,6 +154,11 @@ class S2AConfig:
             raise ValueError(f"group_size: {self.group_size} is not one of {GROUP_SIZES}.")
         if self.frozen_dtype not in FROZEN_DTYPES:
             raise ValueError(f"frozen_dtype: {self.frozen_dtype!r} is not one of {FROZEN_DTYPES}.")
+        if self.frozen_dtype in FOUR_BIT_DTYPES and not self.surgery:
+            raise ValueError(
+                f"frozen_dtype={self.frozen_dtype!r} needs surgery=True: the frozen-conv rewrite "
+                "is what keeps each conv's weight in 4 bits through backward."
+            )
         if self.bn_mode not in BN_MODES:
             raise ValueError(f"bn_mode: {self.bn_mode!r} is not one of {BN_MODES}.")
         if self.block_layout not in LAYOUTS:

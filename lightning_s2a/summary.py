@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .engine.accounting import part_of
+from .structure.four_bit import held_numel
 
 if TYPE_CHECKING:
     from .api import S2AHandle
@@ -26,6 +27,7 @@ def format_summary(handle: S2AHandle) -> str:
         if not p.requires_grad:
             continue
         trainable[part_of(name, prefixes)] += p.numel()
+    total += held_numel(handle.model)  # weights held in 4 bits are frozen parameters too
     stats = handle.stats()
     parts = stats.get("by_part", {})
     cfg = handle.config
@@ -58,5 +60,10 @@ def format_summary(handle: S2AHandle) -> str:
         lines.append("(bytes: none measured yet; they are filled in after a training forward)")
     lines.append(
         f"trainable: {count:,} of {total:,} parameters ({100 * count / max(total, 1):.3f}%)"
+    )
+    held, built = handle.weight_bytes()
+    lines.append(
+        f"weights: {_mib(held)} MiB held, {_mib(built)} MiB as built "
+        f"(frozen_dtype={cfg.frozen_dtype})"
     )
     return "\n".join(lines)

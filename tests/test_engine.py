@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lightning_s2a import S2AConfig, apply_s2a
-from tests.conftest import cosine
+from tests.conftest import assert_close_in_norm, cosine
 
 
 class GELUActivation(nn.Module):
@@ -202,6 +202,49 @@ def test_autocast_weight_copies_are_left_alone_and_grads_match():
     ]
     assert weight_copies, "frozen weights' bf16 copies reach the hook and must pass unchanged"
     assert cosine(exact, approx) > 0.99
+
+
+class StdConvNet(nn.Module):
+    """Weight-standardized convolutions, as timm's StdConv2d and NF-ResNet's ScaledStdConv2d:
+    the weight the conv sees is computed from the parameter in every forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Linear(16, 10)
+
+    @staticmethod
+    def _std_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        w = conv.weight
+        flat = w.reshape(w.shape[0], -1)
+        w = ((flat - flat.mean(1, keepdim=True)) / flat.std(1, keepdim=True)).reshape_as(w)
+        return F.conv2d(x, w, conv.bias, padding=1)
+
+    def forward(self, x):
+        h = F.relu(self._std_conv(self.conv1, x))
+        h = F.relu(self._std_conv(self.conv2, h))
+        return self.head(h.mean((2, 3)))
+
+    def get_classifier(self):
+        return self.head
+
+
+def test_weights_computed_in_forward_are_kept_exact():
+    """A standardized weight has no grad_fn: it is a constant of the trained graph, not an
+    activation. The frozen conv saves it for the input gradient; coding it in 4 bits (as an
+    activation) bent NF-ResNet's backbone gradient to cosine 0.993. Here every other saved
+    tensor is exact (ReLU masks, the head's input), so the gradients must match exactly."""
+    torch.manual_seed(0)
+    model = StdConvNet().double()
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    with apply_s2a(model, S2AConfig(compress=False)):
+        exact = _grads(model, x)
+    with apply_s2a(model, bits=4) as handle:
+        approx = _grads(model, x)
+        stats = handle.stats()
+    assert_close_in_norm(approx, exact, rel=1e-12)
+    assert stats["stored_bytes"] < stats["raw_bytes"]  # the ReLU masks are still 1-bit codes
 
 
 @pytest.mark.parametrize("reentrant", [False, True])

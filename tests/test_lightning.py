@@ -193,6 +193,23 @@ def test_frozen_dtype_without_mixed_precision_is_an_error(tmp_path):
         _fit(tmp_path, epochs=1, callbacks=[S2ACallback(frozen_dtype="bfloat16")])
 
 
+def test_four_bit_frozen_weights_train_in_fp32_and_log_weight_bytes(tmp_path):
+    """nf4 needs no mixed precision (each layer dequantizes to its own dtype); the epoch
+    metrics report the weights held against the weights as built, and after fit the model
+    has its exact fp32 weights back."""
+    pl.seed_everything(0)
+    initial = UserModule().state_dict()
+    callback = S2ACallback(S2AConfig(**S2A, frozen_dtype="nf4"))
+    model, trainer = _fit(tmp_path, epochs=1, callbacks=[callback])
+    with open(f"{trainer.logger.log_dir}/metrics.csv") as f:
+        row = next(r for r in csv.DictReader(f) if r.get("s2a/weights_mb"))
+    held, built = float(row["s2a/weights_mb"]), float(row["s2a/weights_built_mb"])
+    assert 0 < 4 * held < built  # Linear weights dominate this backbone: well over 4x
+    state = model.state_dict()
+    frozen = [k for k, v in initial.items() if v.dim() >= 2 and k.startswith("backbone.blocks")]
+    assert frozen and all(torch.equal(state[k], initial[k]) for k in frozen)
+
+
 def test_a_reused_callback_applies_s2a_to_a_new_module(tmp_path):
     callback = S2ACallback(S2AConfig(**S2A))
     first, _ = _fit(tmp_path / "a", epochs=1, callbacks=[callback])

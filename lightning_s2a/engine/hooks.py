@@ -57,6 +57,11 @@ def _foreign_autograd_context() -> bool:
     )
 
 
+def _constant(t: torch.Tensor) -> bool:
+    """True for a floating tensor computed without autograd: nothing trained reaches it."""
+    return t.grad_fn is None and not t.requires_grad and t.is_floating_point()
+
+
 @dataclass
 class _Call:
     """The recognised operator that is running while tensors get saved."""
@@ -65,7 +70,6 @@ class _Call:
     spec: ElementwiseSpec | None = None
     site: tuple | None = None
     arg_shapes: frozenset = frozenset()
-    weight_numels: frozenset = frozenset()
     dim: int = -1
 
 
@@ -308,7 +312,6 @@ class SavedTensorEngine:
         if any(id(p) in self._weight_ids for p in params):
             kind = "trainable"  # its saved input feeds a trainable weight's gradient
         call = _Call(kind=kind or "generic", spec=spec)
-        call.weight_numels = frozenset(p.numel() for p in params)
         if kind in _STATS_KINDS:
             call.arg_shapes = frozenset(
                 tuple(a.shape) for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)
@@ -352,8 +355,10 @@ class SavedTensorEngine:
             or not (t.is_floating_point() or t.dtype == torch.bool)  # indices stay exact
             or t.numel() < cfg.min_numel
             or t.device.type == "meta"
-            # an autocast copy of a weight: not an activation, left as autocast made it
-            or (t.grad_fn is None and not t.requires_grad and t.numel() in call.weight_numels)
+            # computed without autograd (an autocast copy of a weight, a standardized or
+            # dequantized weight): a constant of the trained graph, not an activation.
+            # Dropout noise is one too, but its 1-bit code is exact.
+            or (_constant(t) and kind != "dropout")
             or (kind in _STATS_KINDS and tuple(t.shape) not in call.arg_shapes)
         )
         part = self._part()

@@ -17,7 +17,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from ..api import S2AHandle, apply_s2a, config_differences, count_trainable, get_handle
-from ..config import S2AConfig
+from ..config import FOUR_BIT_DTYPES, S2AConfig
 from .metrics import EpochMeter, reset_peak_memory
 
 
@@ -100,7 +100,8 @@ class S2ACallback(pl.Callback):
         _check_single_s2a(trainer)
         if self._module is not pl_module:
             self.handle = None  # a reused callback: the new module's S2A is found or applied
-        if stage == "fit" and self.config.frozen_dtype and "mixed" not in str(trainer.precision):
+        cast = self.config.frozen_dtype not in (None, *FOUR_BIT_DTYPES)  # 4-bit: any precision
+        if stage == "fit" and cast and "mixed" not in str(trainer.precision):
             raise ValueError(
                 f"S2AConfig(frozen_dtype={self.config.frozen_dtype!r}) needs mixed precision so "
                 "activations meet the low-precision weights under autocast; use "
@@ -164,7 +165,8 @@ class S2ACallback(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Counted on the whole LightningModule: a head outside the backbone trains too.
-        metrics = self._meter.metrics(pl_module.device, count_trainable(pl_module))
+        weights = self.handle.weight_bytes() if self.handle is not None else (0, 0)
+        metrics = self._meter.metrics(pl_module.device, count_trainable(pl_module), weights)
         for key, value in metrics.items():
             pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True)
 

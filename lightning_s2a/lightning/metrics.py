@@ -41,8 +41,14 @@ class EpochMeter:
             self.raw += stats["raw_bytes"]
             self.stored += stats["stored_bytes"]
 
-    def metrics(self, device: torch.device, trainable: tuple[int, float]) -> dict[str, float]:
-        """The ``s2a/*`` metrics logged at the end of each training epoch."""
+    def metrics(
+        self,
+        device: torch.device,
+        trainable: tuple[int, float],
+        weights: tuple[int, int] = (0, 0),
+    ) -> dict[str, float]:
+        """The ``s2a/*`` metrics logged at the end of each training epoch; ``weights`` is
+        ``S2AHandle.weight_bytes()`` (held, as built)."""
         steps = max(self.steps, 1)
         raw, stored = self.raw / steps / MB, self.stored / steps / MB
         return {
@@ -52,4 +58,6 @@ class EpochMeter:
             "s2a/peak_memory_mb": peak_memory_mb(device),
             "s2a/trainable_params": float(trainable[0]),
             "s2a/trainable_pct": 100.0 * trainable[1],
+            "s2a/weights_mb": weights[0] / MB,
+            "s2a/weights_built_mb": weights[1] / MB,
         }

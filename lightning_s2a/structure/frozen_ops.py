@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .four_bit import dequantize, source_of
+
 Rewrite = Callable[[Any, tuple, dict], Any]
 """``rewrite(func, args, kwargs)`` returns the replacement result or ``NotImplemented``."""
 
@@ -98,7 +100,7 @@ def expand_ints(value: Any, n: int) -> tuple[int, ...] | None:
     return None
 
 
-def _autocast_cast(t: torch.Tensor | None, device_type: str, dtype: torch.dtype) -> Any:
+def autocast_cast(t: torch.Tensor | None, device_type: str, dtype: torch.dtype) -> Any:
     """Cast ``t`` the way autocast casts an argument of a lower-precision op (no-op otherwise)."""
     if (
         t is None
@@ -142,7 +144,8 @@ class _ConvGeometry:
 
 
 class _FrozenWeightConv(torch.autograd.Function):
-    """Convolution that saves only its (frozen) weight for backward, not its input."""
+    """Convolution that saves only its (frozen) weight for backward, not its input; a weight
+    dequantized from 4 bits (``source``, see :mod:`.four_bit`) is not even saved."""
 
     @staticmethod
     def forward(
@@ -150,20 +153,26 @@ class _FrozenWeightConv(torch.autograd.Function):
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         geom: _ConvGeometry,
+        source: nn.Module | None = None,
     ) -> torch.Tensor:
         return geom.func(input, weight, bias, geom.stride, geom.padding, geom.dilation, geom.groups)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        input, weight, _, geom = inputs
-        ctx.save_for_backward(weight)  # the only tensor kept: no activation
+        input, weight, _, geom, source = inputs
+        if source is None:
+            ctx.save_for_backward(weight)  # the only tensor kept: no activation
+        ctx.source, ctx.weight_dtype = source, weight.dtype
         ctx.geom = geom
         ctx.input_shape = tuple(input.shape)
         ctx.memory_format = _channels_last_format(input)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
-        (weight,) = ctx.saved_tensors
+        if ctx.source is not None:
+            weight = dequantize(ctx.source, ctx.weight_dtype)
+        else:
+            (weight,) = ctx.saved_tensors
         geom: _ConvGeometry = ctx.geom
         need_input, _, need_bias = ctx.needs_input_grad[:3]
         # convolution_backward reads only the shape of ``input`` when the weight's gradient is
@@ -188,7 +197,7 @@ class _FrozenWeightConv(torch.autograd.Function):
             geom.groups,
             [need_input, False, need_bias],
         )
-        return grad_input, None, grad_bias, None
+        return grad_input, None, grad_bias, None, None
 
 
 def _conv_padding(
@@ -240,12 +249,13 @@ def frozen_conv(func: Any, args: tuple, kwargs: dict) -> Any:
     padding = _conv_padding(bound["padding"], weight.shape[2:], stride, dilation)
     if padding is None:
         return NotImplemented
+    source = source_of(weight)  # read before autocast makes a copy without the mark
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-        x, weight, bias = (_autocast_cast(t, device_type, dtype) for t in (x, weight, bias))
+        x, weight, bias = (autocast_cast(t, device_type, dtype) for t in (x, weight, bias))
     geom = _ConvGeometry(func, stride, padding, dilation, bound["groups"])
-    return _FrozenWeightConv.apply(x, weight, bias, geom)
+    return _FrozenWeightConv.apply(x, weight, bias, geom, source)
 
 
 def frozen_batch_norm(func: Any, args: tuple, kwargs: dict) -> Any:

@@ -4,19 +4,27 @@ The engine calls these in place of the original function while a model's forward
 returns ``NotImplemented`` where it does not apply, and the original call runs instead.
 :data:`REWRITES` save memory and come with the structural surgery (``S2AConfig.surgery``);
 :data:`COMPRESS_REWRITES` keep gradients right under compression and come with it
-(``S2AConfig.compress``).
+(``S2AConfig.compress``). :data:`FOUR_BIT_REWRITES` keep 4-bit frozen weights
+(``S2AConfig(frozen_dtype="nf4")``) out of what backward saves.
 """
 
 from __future__ import annotations
 
 from .extremum_ops import EXTREMUM_REWRITES
+from .four_bit import four_bit_linear
 from .frozen_ops import FROZEN_REWRITES, Rewrite
 from .pool_ops import compact_max_pool2d
 
 REWRITES: dict[str, Rewrite] = {**FROZEN_REWRITES, "max_pool2d": compact_max_pool2d}
 COMPRESS_REWRITES: dict[str, Rewrite] = dict(EXTREMUM_REWRITES)
+FOUR_BIT_REWRITES: dict[str, Rewrite] = {"linear": four_bit_linear}
 
 
-def rewrites_for(surgery: bool, compress: bool) -> dict[str, Rewrite]:
-    """The rewrites a model's forward needs under these config switches."""
-    return {**(REWRITES if surgery else {}), **(COMPRESS_REWRITES if compress else {})}
+def rewrites_for(surgery: bool, compress: bool, four_bit: bool = False) -> dict[str, Rewrite]:
+    """The rewrites a model's forward needs under these config switches (4-bit convs go
+    through the surgery's frozen conv, which the config requires with 4-bit weights)."""
+    return {
+        **(REWRITES if surgery else {}),
+        **(COMPRESS_REWRITES if compress else {}),
+        **(FOUR_BIT_REWRITES if four_bit else {}),
+    }

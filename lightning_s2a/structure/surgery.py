@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ..config import S2AConfig
+from ..config import FOUR_BIT_DTYPES, S2AConfig
+from . import four_bit
 from .families import Block, block_output_shapes, default_input_size, find_blocks
 from .head import HeadGroup, find_head, head_modules, is_bias
 from .modules import LowRankPrompt, SideNetwork, channel_average_pool
@@ -23,6 +24,9 @@ PROMPT_NAME = "s2a_prompt"
 SIDE_NAME = "s2a_side"
 #: Default side width cap: the side branch stays lite on wide CNNs (ResNet-50: 2048 channels).
 SIDE_MAX_WIDTH = 128
+#: Also the layers whose weight ``frozen_dtype="nf4"`` holds in 4 bits. A subclass that
+#: computes with its weight in its own way (timm's StdConv2d standardizes it first) reads the
+#: dequantized values; the engine then keeps what it derives exact, whole until backward.
 _CONVS_AND_LINEARS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -100,16 +104,26 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
         train_bias = "bias" in modules and is_bias(name)
         p.requires_grad_(train_bias or (id(p) in head_ids and "side" not in modules))
     if config.frozen_dtype is not None:
+        in_four_bits = config.frozen_dtype in FOUR_BIT_DTYPES
+        layers = {
+            f"{n}.weight" if n else "weight"
+            for n, m in model.named_modules()
+            if isinstance(m, _CONVS_AND_LINEARS)
+        }
         for name, p in model.named_parameters():
             # Matrices and kernels only: 1-D norm parameters stay in full precision, where
-            # autocast runs the norms.
-            if not p.requires_grad and p.dim() >= 2 and p.is_floating_point():
+            # autocast runs the norms. 4 bits: the weights of Linear and Conv layers only,
+            # whose calls the engine rewrites, where 4 bits take fewer bytes.
+            frozen = not p.requires_grad and p.dim() >= 2 and p.is_floating_point()
+            if in_four_bits:
+                frozen = frozen and name in layers and four_bit.worth_holding(p)
+            if frozen:
                 state.cast_originals[name] = p.detach().to("cpu", copy=True)
-        cast_frozen(model, state, getattr(torch, config.frozen_dtype))
+        cast_frozen(model, state, config.frozen_dtype)
         # Checkpoints hold the weights as the user built them, and a loaded state dict
         # becomes the new original: a resumed run's weights are never replaced by stale ones.
         state.hooks.append(model.register_state_dict_post_hook(_originals_out(state)))
-        state.hooks.append(model.register_load_state_dict_pre_hook(_originals_in(state)))
+        state.hooks.append(model.register_load_state_dict_pre_hook(_originals_in(state, config)))
     for head in head_modules(state.head):
         state.parts.append((_name_of(model, head), "head"))
     if "prompt" in modules:
@@ -277,26 +291,41 @@ def _marker_in(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> 
 def _originals_out(state: StructureState):
     def hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
         for name, original in state.cast_originals.items():
-            if prefix + name in state_dict:
-                state_dict[prefix + name] = original.clone()
+            # A 4-bit weight is no parameter, so its entry is added here.
+            state_dict[prefix + name] = original.clone()
 
     return hook
 
 
-def _originals_in(state: StructureState):
-    def hook(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+def _originals_in(state: StructureState, config: S2AConfig):
+    def hook(model: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
         for name, original in state.cast_originals.items():
             value = state_dict.get(prefix + name)
             if isinstance(value, torch.Tensor) and value.shape == original.shape:
                 state.cast_originals[name] = value.detach().to("cpu", original.dtype, copy=True)
+                owner = model.get_submodule(name.rpartition(".")[0])
+                if four_bit.is_held(owner):  # no parameter to load into: quantized from here
+                    state_dict.pop(prefix + name)
+                    new = state.cast_originals[name].to(four_bit.device_of(owner))
+                    four_bit.hold(owner, new, str(config.frozen_dtype))
 
     return hook
 
 
-def cast_frozen(model: nn.Module, state: StructureState, dtype: torch.dtype | None) -> None:
-    """Hold the frozen weights ``frozen_dtype`` names in ``dtype``; None puts the exact
+def cast_frozen(model: nn.Module, state: StructureState, frozen_dtype: str | None) -> None:
+    """Hold the frozen weights in ``frozen_dtype`` (cast, or 4 bits); None puts the exact
     originals back (after fit, so a plain fp32 forward works again)."""
-    for name, p in model.named_parameters():
-        original = state.cast_originals.get(name)
-        if original is not None:
-            p.data = original.to(p.device, dtype or original.dtype)
+    for name, original in state.cast_originals.items():
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner)
+        if four_bit.is_held(module):
+            device = four_bit.device_of(module)
+            if frozen_dtype not in FOUR_BIT_DTYPES:
+                four_bit.release(module, original.to(device))
+        else:
+            device = getattr(module, leaf).device
+        if frozen_dtype in FOUR_BIT_DTYPES:
+            four_bit.hold(module, original.to(device), frozen_dtype)
+        elif not four_bit.is_held(module):
+            dtype = getattr(torch, frozen_dtype) if frozen_dtype else original.dtype
+            getattr(module, leaf).data = original.to(device, dtype)

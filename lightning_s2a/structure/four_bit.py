@@ -1,0 +1,223 @@
+"""Frozen weights held in 4 bits, as QST does: ``S2AConfig(frozen_dtype="nf4")`` or ``"fp4"``.
+
+bitsandbytes quantizes each frozen Linear and Conv weight in blocks of 64 (one absmax scale per
+block, nf4 or fp4 codes, two to a byte). Blocks never straddle two output channels: each row
+(one output channel's weights) is padded with zeros to a multiple of 64 first. Channels of one
+layer can differ in scale by orders of magnitude (a CNN's conv weights with BatchNorm behind
+them), and a block shared across channels would flatten the small ones: on ImageNet
+EfficientNet-Lite0, flat blocks gave logits cosine 0.64 to the fp32 model. A layer is held only
+where this saves bytes (a 3x3 depthwise kernel, 9 weights a row, would not). The codes and
+scales become non-persistent buffers of
+the module, so they follow ``model.to(device)`` and never enter a checkpoint, and the module's
+``weight`` becomes a property that dequantizes on every read. Whatever reads it (``nn.Linear``'s
+forward, timm's ``Conv2dSame``, EVA's ``F.linear(x, self.qkv.weight, ...)``) computes with the
+4-bit weights' values, in the original dtype.
+
+While a training forward runs, the engine's rewrites (``four_bit_linear`` here, and the frozen
+conv in :mod:`.frozen_ops`) see that the weight came from 4 bits and save nothing for backward:
+backward dequantizes it again. So a layer's full-precision weight exists only while that layer
+computes, never for all layers at once. Double quantization of the scales is not offered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FOUR_BIT_TYPES = ("nf4", "fp4")
+BLOCK_SIZE = 64
+_CODES, _ABSMAX, _META = "s2a_weight_codes", "s2a_weight_absmax", "_s2a_four_bit"
+_SOURCE = "_s2a_four_bit_source"
+
+
+@dataclass(frozen=True)
+class _Meta:
+    shape: torch.Size
+    dtype: torch.dtype
+    quant_type: str
+
+    @property
+    def row(self) -> int:
+        """Weights per output channel."""
+        return self.shape[1:].numel()
+
+    @property
+    def padded_row(self) -> int:
+        return -(-self.row // BLOCK_SIZE) * BLOCK_SIZE
+
+
+def held_size(shape: torch.Size) -> int:
+    """Bytes a weight of ``shape`` takes in 4 bits: padded rows of codes plus fp32 scales."""
+    padded = -(-shape[1:].numel() // BLOCK_SIZE) * BLOCK_SIZE
+    return shape[0] * padded // 2 + shape[0] * padded // BLOCK_SIZE * 4
+
+
+def worth_holding(weight: torch.Tensor) -> bool:
+    """True where 4 bits (with padded rows) take fewer bytes than the weight as it is."""
+    return weight.dim() >= 2 and held_size(weight.shape) < weight.numel() * weight.element_size()
+
+
+class FourBitWeight:
+    """Mixin put in front of a module's class while its weight is held in 4 bits."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The 4-bit weight, dequantized in its original dtype (a fresh tensor every read)."""
+        w = dequantize(self)
+        setattr(w, _SOURCE, self)  # lets the engine's rewrites save the codes, not ``w``
+        return w
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _held_class(cls: type) -> type:
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(cls.__name__, (FourBitWeight, cls), {"__module__": cls.__module__})
+    return _CLASSES[cls]
+
+
+def is_held(module: nn.Module) -> bool:
+    """True while ``module``'s weight is held in 4 bits."""
+    return isinstance(module, FourBitWeight)
+
+
+def hold(module: nn.Module, weight: torch.Tensor, quant_type: str) -> None:
+    """Quantize ``weight`` (the module's frozen weight values) and hold the module's weight in
+    4 bits, on the device ``weight`` is on. Holding again re-quantizes from ``weight``."""
+    import bitsandbytes.functional as bnbf
+
+    if quant_type not in FOUR_BIT_TYPES:
+        raise ValueError(f"4-bit weights: {quant_type!r} is not one of {FOUR_BIT_TYPES}.")
+    w = weight.detach()
+    meta = _Meta(w.shape, w.dtype, quant_type)
+    rows = F.pad(w.reshape(w.shape[0], meta.row), (0, meta.padded_row - meta.row)).contiguous()
+    codes, state = bnbf.quantize_4bit(rows, blocksize=BLOCK_SIZE, quant_type=quant_type)
+    if not is_held(module):
+        module._parameters.pop("weight", None)
+        module.__class__ = _held_class(type(module))
+    module.register_buffer(_CODES, codes, persistent=False)
+    module.register_buffer(_ABSMAX, state.absmax, persistent=False)
+    setattr(module, _META, meta)
+
+
+def release(module: nn.Module, weight: torch.Tensor) -> None:
+    """Give the module back a plain frozen ``weight`` parameter (the original values)."""
+    if not is_held(module):
+        return
+    module.__class__ = next(c for c in type(module).__mro__[1:] if c is not FourBitWeight)
+    for name in (_CODES, _ABSMAX):
+        delattr(module, name)
+    delattr(module, _META)
+    module.register_parameter("weight", nn.Parameter(weight, requires_grad=False))
+
+
+def device_of(module: nn.Module) -> torch.device:
+    """The device a held weight's codes are on."""
+    return getattr(module, _CODES).device
+
+
+def dequantize(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The held weight's values, in ``dtype`` (default: the weight's original dtype)."""
+    import bitsandbytes.functional as bnbf
+
+    meta: _Meta = getattr(module, _META)
+    state = bnbf.QuantState(
+        absmax=getattr(module, _ABSMAX),
+        shape=torch.Size((meta.shape[0], meta.padded_row)),
+        blocksize=BLOCK_SIZE,
+        quant_type=meta.quant_type,
+        dtype=dtype or meta.dtype,
+    )
+    rows = bnbf.dequantize_4bit(getattr(module, _CODES), state)
+    if meta.padded_row != meta.row:
+        rows = rows[:, : meta.row]
+    return rows.reshape(meta.shape)
+
+
+def source_of(weight: Any) -> nn.Module | None:
+    """The module whose 4-bit weight ``weight`` was dequantized from, if it was."""
+    return getattr(weight, _SOURCE, None) if isinstance(weight, torch.Tensor) else None
+
+
+def held_bytes(model: nn.Module) -> tuple[int, int]:
+    """``(bytes held, bytes in the original dtype)`` of every 4-bit weight in ``model``."""
+    held = original = 0
+    for module in model.modules():
+        if is_held(module):
+            meta: _Meta = getattr(module, _META)
+            held += sum(
+                t.numel() * t.element_size()
+                for t in (getattr(module, _CODES), getattr(module, _ABSMAX))
+            )
+            original += meta.shape.numel() * meta.dtype.itemsize
+    return held, original
+
+
+def is_buffer_name(name: str) -> bool:
+    """True for the state-dict-free buffers that hold 4-bit codes and scales."""
+    return name.rpartition(".")[2] in (_CODES, _ABSMAX)
+
+
+def named_held(model: nn.Module) -> list[tuple[str, torch.Size]]:
+    """``(parameter name, shape)`` of every weight held in 4 bits in ``model``: parameters to
+    the user, though not to ``named_parameters()`` while they are held."""
+    return [
+        (f"{n}.weight" if n else "weight", getattr(m, _META).shape)
+        for n, m in model.named_modules()
+        if is_held(m)
+    ]
+
+
+def held_numel(model: nn.Module) -> int:
+    """Number of weights held in 4 bits in ``model`` (they are no longer parameters)."""
+    return sum(shape.numel() for _, shape in named_held(model))
+
+
+class _FourBitLinear(torch.autograd.Function):
+    """``F.linear`` with a 4-bit frozen weight: saves nothing; backward dequantizes again."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, source: Any):
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        _, weight, _, source = inputs
+        ctx.source, ctx.dtype = source, weight.dtype
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        need_x, _, need_bias, _ = ctx.needs_input_grad
+        grad_x = grad @ dequantize(ctx.source, ctx.dtype) if need_x else None
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if need_bias else None
+        return grad_x, None, grad_bias, None
+
+
+def four_bit_linear(func: Any, args: tuple, kwargs: dict) -> Any:
+    """Rewrite ``linear`` whose weight comes from 4 bits so backward keeps only the codes.
+
+    Declines (``NotImplemented``) for any other weight, without grad mode, and where nothing
+    needs a gradient (then nothing is saved anyway). Under autocast the input, weight and bias
+    are cast as autocast would cast them, before the Function.
+    """
+    from .frozen_ops import autocast_cast, bind_args
+
+    bound = bind_args(args, kwargs, ("input", "weight", "bias"), {"bias": None})
+    if bound is None or not torch.is_grad_enabled():
+        return NotImplemented
+    x, weight, bias = bound["input"], bound["weight"], bound["bias"]
+    source = source_of(weight)
+    if source is None or not isinstance(x, torch.Tensor):
+        return NotImplemented
+    if not (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return NotImplemented
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight, bias = (autocast_cast(t, device_type, dtype) for t in (x, weight, bias))
+    return _FourBitLinear.apply(x, weight, bias, source)

@@ -1,0 +1,215 @@
+"""Frozen weights held in 4 bits (``frozen_dtype="nf4"`` / ``"fp4"``), as QST does."""
+
+from __future__ import annotations
+
+import copy
+
+import bitsandbytes.functional as bnbf
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_s2a import S2AConfig, apply_s2a, load_adapter, save_adapter
+from lightning_s2a.structure import four_bit
+from tests.conftest import assert_close_in_norm
+
+
+class ConvMixer(nn.Module):
+    """A small user backbone: a conv stem, a Linear MLP with GELU and LayerNorm, a head."""
+
+    def __init__(self, classes: int = 5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 64, 4, stride=4)
+        self.norm = nn.LayerNorm(64)
+        self.fc1 = nn.Linear(64, 256)
+        self.fc2 = nn.Linear(256, 64)
+        self.head = nn.Linear(64, classes)
+
+    def forward(self, x):
+        h = self.stem(x).flatten(2).transpose(1, 2)  # (B, tokens, 64)
+        h = h + self.fc2(F.gelu(self.fc1(self.norm(h))))
+        return self.head(h.mean(1))
+
+    def get_classifier(self):
+        return self.head
+
+
+FROZEN = ("stem", "fc1", "fc2")
+
+
+def _reference(model: nn.Module, quant_type: str) -> nn.Module:
+    """A copy whose frozen weights are bitsandbytes' own dequantized 4-bit values, in fp32:
+    each output channel's row zero-padded to whole blocks of 64, so no block spans two."""
+    ref = copy.deepcopy(model)
+    for name in FROZEN:
+        layer = getattr(ref, name)
+        w = layer.weight.data
+        rows = w.reshape(w.shape[0], -1)
+        width = rows.shape[1]
+        padded = torch.zeros(w.shape[0], -(-width // 64) * 64)
+        padded[:, :width] = rows
+        codes, state = bnbf.quantize_4bit(padded, blocksize=64, quant_type=quant_type)
+        layer.weight.data = bnbf.dequantize_4bit(codes, state)[:, :width].reshape(w.shape)
+    return ref
+
+
+def _step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    F.cross_entropy(out, y).backward()
+    grads = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
+    return out.detach(), grads
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 5, (4,), generator=g)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("compress", [False, True])
+def test_forward_and_backward_match_a_bnb_dequantized_reference(quant_type, compress):
+    torch.manual_seed(0)
+    model = ConvMixer()
+    ref = _reference(model, quant_type)
+    x, y = _data()
+    with apply_s2a(ref, S2AConfig(compress=compress)):
+        ref_out, ref_grads = _step(ref, x, y)
+    with apply_s2a(model, S2AConfig(frozen_dtype=quant_type, compress=compress)):
+        assert all(four_bit.is_held(getattr(model, n)) for n in FROZEN)
+        assert not four_bit.is_held(model.head)  # the head trains: never held
+        out, grads = _step(model, x, y)
+    assert_close_in_norm(out, ref_out, rel=1e-6)
+    assert_close_in_norm(grads, ref_grads, rel=1e-5)
+    # and the 4-bit weights are far from the fp32 ones: the comparison could fail
+    assert (ref.fc1.weight - model.fc1.weight).norm() > 1e-2 * model.fc1.weight.norm()
+
+
+def test_backward_saves_no_dequantized_weight():
+    """Each layer dequantizes inside its forward and again in backward: no weight-shaped
+    tensor reaches the saved-tensor hook, and the saved bytes equal a plain run's."""
+    torch.manual_seed(0)
+    model = ConvMixer()
+    x, y = _data()
+    with apply_s2a(copy.deepcopy(model), S2AConfig(compress=False)) as plain:
+        plain.model(x).sum().backward()
+        plain_raw = plain.stats()["raw_bytes"]
+    with apply_s2a(model, S2AConfig(frozen_dtype="nf4", compress=False)) as handle:
+        seen = []
+        real = handle.engine._pack_activation
+        handle.engine._pack_activation = lambda t: seen.append(tuple(t.shape)) or real(t)
+        F.cross_entropy(model(x), y).backward()
+        stats = handle.stats()
+    weight_shapes = {(64, 3, 4, 4), (256, 64), (64, 256)}
+    assert seen and not weight_shapes & set(seen)
+    assert stats["raw_bytes"] == plain_raw
+
+
+def test_weight_bytes_are_counted_exactly():
+    """Codes are half a byte per weight and each block of 64 has one fp32 scale: 0.5625 bytes
+    per weight against 4 in fp32 (7.1x); everything else is counted as it is."""
+    torch.manual_seed(0)
+    model = ConvMixer()
+    built = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    frozen = sum(getattr(model, n).weight.numel() for n in FROZEN)
+    with apply_s2a(model, frozen_dtype="nf4") as handle:
+        held, as_built = handle.weight_bytes()
+        assert handle.trainable_parameters()[0] + frozen + sum(
+            p.numel() for p in model.parameters() if not p.requires_grad
+        ) == sum(p.numel() for p in ConvMixer().parameters())
+        assert "weights: " in handle.summary() and "frozen_dtype=nf4" in handle.summary()
+    assert as_built == built
+    # the stem's rows (3 x 4 x 4 = 48 weights) are padded to one block of 64 each
+    stem_padded = 64 * 64
+    blocks = stem_padded + 256 * 64 + 64 * 256
+    assert held == built - 4 * frozen + blocks // 2 + 4 * (blocks // 64)
+
+
+def test_blocks_never_span_two_output_channels():
+    """One channel a thousand times smaller than its neighbours keeps its own scale: with
+    blocks shared across channels it would come back as zeros."""
+    layer = nn.Conv2d(8, 4, 3)  # rows of 72 weights: a shared block would mix channels
+    with torch.no_grad():
+        layer.weight[1] *= 1e-3
+    original = layer.weight.detach().clone()
+    four_bit.hold(layer, original, "nf4")
+    back = layer.weight
+    small = (back[1] - original[1]).norm() / original[1].norm()
+    assert small < 0.2
+    four_bit.release(layer, original)
+    assert torch.equal(layer.weight, original) and type(layer) is nn.Conv2d
+
+
+def test_layers_where_four_bits_save_nothing_stay_as_they_are():
+    """A 3x3 depthwise kernel (9 weights a row, padded to 64) would take as many bytes in 4
+    bits as in fp32: it is not held. A 5x5 one (25 a row) is."""
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 8, 5, groups=8))
+    model.add_module("head", nn.Linear(8, 2))
+    with apply_s2a(model, S2AConfig(frozen_dtype="nf4", head="head")):
+        assert not four_bit.is_held(model[0]) and four_bit.is_held(model[1])
+        assert four_bit.held_size(model[1].weight.shape) == 8 * 32 + 8 * 4
+
+
+def test_state_dict_holds_the_originals_and_loading_requantizes():
+    torch.manual_seed(0)
+    model, other = ConvMixer(), ConvMixer()
+    originals = {k: v.clone() for k, v in other.state_dict().items()}
+    with apply_s2a(model, frozen_dtype="nf4"):
+        sd = model.state_dict()
+        assert torch.equal(sd["fc1.weight"], model.fc1.weight) is False  # originals, not codes
+        model.load_state_dict(originals)  # strict: no missing or unexpected keys
+        for name in FROZEN:
+            want = _reference(other, "nf4")
+            assert torch.equal(getattr(model, name).weight, getattr(want, name).weight)
+        assert torch.equal(model.state_dict()["fc1.weight"], originals["fc1.weight"])
+    # remove() puts the loaded originals back, exactly, as plain frozen parameters
+    assert type(model.fc1) is nn.Linear and isinstance(model.fc1.weight, nn.Parameter)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in originals.items())
+
+
+def test_adapter_trained_with_nf4_loads_on_a_fresh_model(tmp_path):
+    torch.manual_seed(0)
+    model = ConvMixer()
+    fresh = copy.deepcopy(model)
+    x, y = _data()
+    handle = apply_s2a(model, frozen_dtype="nf4")
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    path = tmp_path / "task.safetensors"
+    save_adapter(model, path, handle)
+    assert path.stat().st_size < 0.1 * sum(
+        t.numel() * t.element_size() for t in fresh.state_dict().values()
+    )
+    load_adapter(fresh, path)
+    assert four_bit.is_held(fresh.fc1)  # the adapter's config rebuilt the 4-bit backbone
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), fresh(x))
+
+
+def test_autocast_computes_in_bf16_and_matches_the_reference():
+    torch.manual_seed(0)
+    model = ConvMixer()
+    ref = _reference(model, "nf4")
+    x, y = _data()
+    with apply_s2a(ref, S2AConfig(compress=False)), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_out, ref_grads = _step(ref, x, y)
+    with (
+        apply_s2a(model, S2AConfig(frozen_dtype="nf4", compress=False)),
+        torch.autocast("cpu", dtype=torch.bfloat16),
+    ):
+        out, grads = _step(model, x, y)
+    assert out.dtype == torch.bfloat16
+    assert_close_in_norm(out.float(), ref_out.float(), rel=1e-2)
+    assert_close_in_norm(grads, ref_grads, rel=2e-2)
+
+
+def test_four_bit_needs_the_surgery_and_names_are_checked():
+    with pytest.raises(ValueError, match=r"frozen_dtype='nf4' needs surgery=True"):
+        S2AConfig(frozen_dtype="nf4", surgery=False)
+    with pytest.raises(ValueError, match=r"frozen_dtype: 'int4' is not one of .*'nf4', 'fp4'"):
+        S2AConfig(frozen_dtype="int4")
