@@ -34,6 +34,7 @@ class S2AHandle:
             ),
             parts=structure.parts,
         )
+        self.engine.extra_weight_numels = lambda: [s.numel() for _, s in four_bit.named_held(model)]
         self.engine.attach()
         self.removed = False
 

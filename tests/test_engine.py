@@ -247,6 +247,42 @@ def test_weights_computed_in_forward_are_kept_exact():
     assert stats["stored_bytes"] < stats["raw_bytes"]  # the ReLU masks are still 1-bit codes
 
 
+class BiasedAttention(nn.Module):
+    """Attention with a learned-position float mask (as TinyViT and Swin-V2 pass one): SDPA's
+    math path on CPU then saves the attention probabilities, a tensor shaped like no input."""
+
+    def __init__(self, tokens=49, dim=32, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.bias = nn.Parameter(torch.randn(heads, tokens, tokens))
+        self.proj = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
+        return self.head(self.proj(out.transpose(1, 2).reshape(b, n, c)).mean(1))
+
+    def get_classifier(self):
+        return self.head
+
+
+def test_attention_probabilities_are_compressed_and_statistics_kept():
+    torch.manual_seed(0)
+    model = BiasedAttention()
+    x = torch.randn(4, 49, 32)
+    with apply_s2a(model, S2AConfig(compress=False)):
+        exact = _grads(model, x)
+    with apply_s2a(model, bits=4) as handle:
+        approx = _grads(model, x)
+        attention = handle.stats()["by_kind"]["attention"]
+    # kept whole as "statistics" before (shaped like no input): stored equalled raw
+    assert attention["stored_bytes"] * 4 < attention["raw_bytes"]
+    assert cosine(exact, approx) > 0.995
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_checkpoint_regions_compose(reentrant):
     class Blocks(nn.Module):
@@ -357,3 +393,30 @@ def test_bitsandbytes_backend():
         softmax = handle.stats()["by_kind"]["softmax"]
     assert cosine(exact, approx) > 0.99
     assert softmax["stored_bytes"] < softmax["raw_bytes"] / 6
+
+
+class FrozenEmbedding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(100, 48)
+        self.norm = nn.LayerNorm(48)
+        self.fc = nn.Linear(48, 48)
+        self.head = nn.Linear(48, 10)
+
+    def forward(self, tokens):
+        return self.head(self.fc(self.norm(self.embed(tokens))).mean(1))
+
+    def get_classifier(self):
+        return self.head
+
+
+def test_activations_computed_without_autograd_are_still_compressed():
+    """A frozen embedding's output has no grad_fn, like a weight computed in forward, but it
+    is an activation (no weight has its size): the LayerNorm input is coded in 4 bits."""
+    torch.manual_seed(0)
+    model = FrozenEmbedding()
+    tokens = torch.randint(0, 100, (8, 64))
+    with apply_s2a(model, bits=4) as handle:
+        model(tokens).sum().backward()
+        norm = handle.stats()["by_kind"]["norm"]
+    assert norm["stored_bytes"] * 4 < norm["raw_bytes"]

@@ -68,3 +68,18 @@ def test_pretrained_lite0_weights_are_real():
     assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
     fresh = timm.create_model("tf_efficientnet_lite0")
     assert not torch.equal(model.conv_stem.weight, fresh.conv_stem.weight)
+
+
+def test_family_fidelity_script_reports_a_measured_row():
+    """``examples/family_fidelity.py`` (the per-family table in docs/benchmarks.md)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "family_fidelity.py"
+    spec = importlib.util.spec_from_file_location("family_fidelity", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    cells = [c.strip() for c in script.measure("resnet10t").strip("|").split("|")]
+    assert cells[0] == "resnet10t"
+    assert float(cells[1]) > 0.999 and float(cells[2]) > 0.99
+    assert float(cells[3].rstrip("x")) > 4

@@ -213,3 +213,74 @@ def test_four_bit_needs_the_surgery_and_names_are_checked():
         S2AConfig(frozen_dtype="nf4", surgery=False)
     with pytest.raises(ValueError, match=r"frozen_dtype: 'int4' is not one of .*'nf4', 'fp4'"):
         S2AConfig(frozen_dtype="int4")
+
+
+def test_weights_follow_a_dtype_conversion_after_apply():
+    """model.to(bf16) / .double() after apply_s2a (Lightning's "bf16-true" converts the model
+    after the callback's setup): the 4-bit weights come back in the new dtype, and the exact
+    originals go back in it too."""
+    torch.manual_seed(0)
+    x, y = _data()
+    for dtype in (torch.bfloat16, torch.float64):
+        model = ConvMixer()
+        handle = apply_s2a(model, frozen_dtype="nf4")
+        values = model.fc1.weight.clone()
+        model.to(dtype)
+        assert model.fc1.weight.dtype == dtype
+        assert torch.equal(model.fc1.weight, values.to(dtype))  # the scales stayed exact fp32
+        F.cross_entropy(model(x.to(dtype)), y).backward()
+        assert model.fc1.bias.grad.dtype == dtype
+        handle.stop_engine()
+        assert isinstance(model.fc1.weight, nn.Parameter) and model.fc1.weight.dtype == dtype
+        handle.remove()
+
+
+class Shared(nn.Module):
+    """One layer under two names, a pair of tied layers, and a backbone submodule."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64))
+        self.alias = self.backbone[0]
+        self.enc, self.dec = nn.Linear(64, 128), nn.Linear(128, 64)
+        self.tied = nn.Linear(64, 64)
+        self.tied.weight = self.backbone[2].weight
+        self.head = nn.Linear(64, 5)
+
+    def forward(self, x):
+        return self.head(self.tied(self.dec(self.enc(self.backbone(x)))))
+
+    def get_classifier(self):
+        return self.head
+
+
+def test_state_dicts_of_submodules_and_shared_layers_hold_their_weights():
+    torch.manual_seed(0)
+    model, plain = Shared(), Shared()
+    expected = model.state_dict()
+    with apply_s2a(model, frozen_dtype="nf4"):
+        assert four_bit.is_held(model.backbone[0]) and four_bit.is_held(model.enc)
+        full = model.state_dict()
+        assert set(full) == set(expected)  # alias.weight too: one layer, both names
+        assert all(torch.equal(full[k], v) for k, v in expected.items())
+        sub = model.backbone.state_dict()
+        assert torch.equal(sub["0.weight"], expected["backbone.0.weight"])
+        model.backbone.load_state_dict(plain.backbone.state_dict())  # strict, from below
+        want = _reference_weight(plain.backbone[0].weight)
+        assert torch.equal(model.backbone[0].weight, want)
+        model.load_state_dict(plain.state_dict())  # strict, with the alias's entry
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in plain.state_dict().items())
+
+
+def test_tied_weights_are_not_held_and_stay_tied():
+    model = Shared()
+    with apply_s2a(model, frozen_dtype="nf4") as handle:
+        assert not four_bit.is_held(model.tied) and not four_bit.is_held(model.backbone[2])
+        handle.stop_engine()
+        handle.start_engine()
+    assert model.tied.weight is model.backbone[2].weight
+
+
+def _reference_weight(w: torch.Tensor) -> torch.Tensor:
+    codes, state = bnbf.quantize_4bit(w.detach().contiguous(), blocksize=64, quant_type="nf4")
+    return bnbf.dequantize_4bit(codes, state)

@@ -19,7 +19,7 @@ Lightning.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +40,9 @@ if TYPE_CHECKING:
     from ..config import S2AConfig
 
 # Kinds whose operators also save reduced statistics (mean, rstd, logsumexp): those are tiny
-# and precision-critical, so only tensors shaped like one of the op's inputs are quantized.
+# and precision-critical, so they are kept exact: tensors shaped like none of the op's inputs
+# and smaller than the largest. Larger ones (the attention probabilities that SDPA's math path
+# saves, with a float mask on CPU) are no statistics and are quantized like its inputs.
 _STATS_KINDS = ("norm", "attention")
 
 
@@ -57,9 +59,21 @@ def _foreign_autograd_context() -> bool:
     )
 
 
-def _constant(t: torch.Tensor) -> bool:
-    """True for a floating tensor computed without autograd: nothing trained reaches it."""
-    return t.grad_fn is None and not t.requires_grad and t.is_floating_point()
+def _constant(t: torch.Tensor, weight_numels: set[int]) -> bool:
+    """True for a floating tensor computed without autograd (nothing trained reaches it) with
+    as many elements as a weight of the model: a weight in another form. A frozen embedding's
+    output or the model's input is no weight: it is coded like any activation."""
+    return (
+        t.grad_fn is None
+        and not t.requires_grad
+        and t.is_floating_point()
+        and t.numel() in weight_numels
+    )
+
+
+def _statistics(t: torch.Tensor, call: _Call) -> bool:
+    """True for reduced statistics of a norm or attention op (see ``_STATS_KINDS``)."""
+    return tuple(t.shape) not in call.arg_shapes and t.numel() < call.arg_numel
 
 
 @dataclass
@@ -70,6 +84,7 @@ class _Call:
     spec: ElementwiseSpec | None = None
     site: tuple | None = None
     arg_shapes: frozenset = frozenset()
+    arg_numel: int = 0
     dim: int = -1
 
 
@@ -131,6 +146,10 @@ class SavedTensorEngine:
         self._param_storages: set[int] = set()
         self._param_ids: set[int] = set()
         self._weight_ids: set[int] = set()
+        self._weight_numels: set[int] = set()
+        #: Element counts of weights that are no parameters (4-bit weights), for the rule
+        #: that keeps weights computed in forward exact; set by whoever holds them.
+        self.extra_weight_numels: Callable[[], Iterable[int]] = tuple
         self._contexts: list[Any] = []
         self._funcs: dict[Any, tuple] = {}
         self._modules: list[nn.Module] = []
@@ -273,18 +292,21 @@ class SavedTensorEngine:
         # share its storage; that is how they are recognised. The module dicts are read
         # directly: named_parameters() builds every name, several times slower.
         storages, ids, weights = set(), set(), set()
+        numels = set(self.extra_weight_numels())
         for module in self._modules:
             for leaf, p in module._parameters.items():
                 if p is None:
                     continue
                 storages.add(p.untyped_storage().data_ptr())
                 ids.add(id(p))
+                numels.add(p.numel())
                 if p.requires_grad and not is_bias(leaf):
                     weights.add(id(p))
             for b in module._buffers.values():
                 if b is not None:
                     storages.add(b.untyped_storage().data_ptr())
         self._param_storages, self._param_ids, self._weight_ids = storages, ids, weights
+        self._weight_numels = numels
 
     # -- operator recognition --------------------------------------------------------------
     def _func_info(self, func: Any) -> tuple:
@@ -313,9 +335,9 @@ class SavedTensorEngine:
             kind = "trainable"  # its saved input feeds a trainable weight's gradient
         call = _Call(kind=kind or "generic", spec=spec)
         if kind in _STATS_KINDS:
-            call.arg_shapes = frozenset(
-                tuple(a.shape) for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)
-            )
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            call.arg_shapes = frozenset(tuple(a.shape) for a in tensors)
+            call.arg_numel = max((a.numel() for a in tensors), default=0)
         elif kind == "softmax":
             dim = kwargs.get("dim", args[1] if len(args) > 1 else -1)
             call.dim = -1 if dim is None else int(dim)
@@ -358,8 +380,8 @@ class SavedTensorEngine:
             # computed without autograd (an autocast copy of a weight, a standardized or
             # dequantized weight): a constant of the trained graph, not an activation.
             # Dropout noise is one too, but its 1-bit code is exact.
-            or (_constant(t) and kind != "dropout")
-            or (kind in _STATS_KINDS and tuple(t.shape) not in call.arg_shapes)
+            or (kind != "dropout" and _constant(t, self._weight_numels))
+            or (kind in _STATS_KINDS and _statistics(t, call))
         )
         part = self._part()
         if keep:

@@ -31,13 +31,18 @@ from torch import nn
 FOUR_BIT_TYPES = ("nf4", "fp4")
 BLOCK_SIZE = 64
 _CODES, _ABSMAX, _META = "s2a_weight_codes", "s2a_weight_absmax", "_s2a_four_bit"
+#: A 0-element buffer in the weight's dtype: it follows ``model.half()`` / ``.to(dtype)``, so
+#: the weight comes back in whatever dtype the model was converted to. The absmax scales are
+#: stored as int32 bits, which dtype conversions leave alone (they stay exact fp32).
+_DTYPE = "s2a_weight_dtype"
+#: Dtypes bitsandbytes quantizes and dequantizes; others go through float32.
+_BNB_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SOURCE = "_s2a_four_bit_source"
 
 
 @dataclass(frozen=True)
 class _Meta:
     shape: torch.Size
-    dtype: torch.dtype
     quant_type: str
 
     @property
@@ -66,7 +71,7 @@ class FourBitWeight:
 
     @property
     def weight(self) -> torch.Tensor:
-        """The 4-bit weight, dequantized in its original dtype (a fresh tensor every read)."""
+        """The 4-bit weight, dequantized in the module's dtype (a fresh tensor every read)."""
         w = dequantize(self)
         setattr(w, _SOURCE, self)  # lets the engine's rewrites save the codes, not ``w``
         return w
@@ -94,14 +99,16 @@ def hold(module: nn.Module, weight: torch.Tensor, quant_type: str) -> None:
     if quant_type not in FOUR_BIT_TYPES:
         raise ValueError(f"4-bit weights: {quant_type!r} is not one of {FOUR_BIT_TYPES}.")
     w = weight.detach()
-    meta = _Meta(w.shape, w.dtype, quant_type)
-    rows = F.pad(w.reshape(w.shape[0], meta.row), (0, meta.padded_row - meta.row)).contiguous()
+    meta = _Meta(w.shape, quant_type)
+    rows = F.pad(w.reshape(w.shape[0], meta.row), (0, meta.padded_row - meta.row))
+    rows = rows.to(w.dtype if w.dtype in _BNB_DTYPES else torch.float32).contiguous()
     codes, state = bnbf.quantize_4bit(rows, blocksize=BLOCK_SIZE, quant_type=quant_type)
     if not is_held(module):
         module._parameters.pop("weight", None)
         module.__class__ = _held_class(type(module))
     module.register_buffer(_CODES, codes, persistent=False)
-    module.register_buffer(_ABSMAX, state.absmax, persistent=False)
+    module.register_buffer(_ABSMAX, state.absmax.float().view(torch.int32), persistent=False)
+    module.register_buffer(_DTYPE, w.new_empty(0), persistent=False)
     setattr(module, _META, meta)
 
 
@@ -109,11 +116,12 @@ def release(module: nn.Module, weight: torch.Tensor) -> None:
     """Give the module back a plain frozen ``weight`` parameter (the original values)."""
     if not is_held(module):
         return
+    dtype = dtype_of(module)  # the model may have been converted meanwhile
     module.__class__ = next(c for c in type(module).__mro__[1:] if c is not FourBitWeight)
-    for name in (_CODES, _ABSMAX):
+    for name in (_CODES, _ABSMAX, _DTYPE):
         delattr(module, name)
     delattr(module, _META)
-    module.register_parameter("weight", nn.Parameter(weight, requires_grad=False))
+    module.register_parameter("weight", nn.Parameter(weight.to(dtype), requires_grad=False))
 
 
 def device_of(module: nn.Module) -> torch.device:
@@ -121,22 +129,28 @@ def device_of(module: nn.Module) -> torch.device:
     return getattr(module, _CODES).device
 
 
+def dtype_of(module: nn.Module) -> torch.dtype:
+    """The dtype a held weight comes back in (the module's, after any conversion)."""
+    return getattr(module, _DTYPE).dtype
+
+
 def dequantize(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The held weight's values, in ``dtype`` (default: the weight's original dtype)."""
+    """The held weight's values, in ``dtype`` (default: the module's dtype)."""
     import bitsandbytes.functional as bnbf
 
     meta: _Meta = getattr(module, _META)
+    dtype = dtype or dtype_of(module)
     state = bnbf.QuantState(
-        absmax=getattr(module, _ABSMAX),
+        absmax=getattr(module, _ABSMAX).view(torch.float32),
         shape=torch.Size((meta.shape[0], meta.padded_row)),
         blocksize=BLOCK_SIZE,
         quant_type=meta.quant_type,
-        dtype=dtype or meta.dtype,
+        dtype=dtype if dtype in _BNB_DTYPES else torch.float32,
     )
     rows = bnbf.dequantize_4bit(getattr(module, _CODES), state)
     if meta.padded_row != meta.row:
         rows = rows[:, : meta.row]
-    return rows.reshape(meta.shape)
+    return rows.reshape(meta.shape).to(dtype)
 
 
 def source_of(weight: Any) -> nn.Module | None:
@@ -154,13 +168,13 @@ def held_bytes(model: nn.Module) -> tuple[int, int]:
                 t.numel() * t.element_size()
                 for t in (getattr(module, _CODES), getattr(module, _ABSMAX))
             )
-            original += meta.shape.numel() * meta.dtype.itemsize
+            original += meta.shape.numel() * dtype_of(module).itemsize
     return held, original
 
 
 def is_buffer_name(name: str) -> bool:
     """True for the state-dict-free buffers that hold 4-bit codes and scales."""
-    return name.rpartition(".")[2] in (_CODES, _ABSMAX)
+    return name.rpartition(".")[2] in (_CODES, _ABSMAX, _DTYPE)
 
 
 def named_held(model: nn.Module) -> list[tuple[str, torch.Size]]:

@@ -105,10 +105,11 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
         p.requires_grad_(train_bias or (id(p) in head_ids and "side" not in modules))
     if config.frozen_dtype is not None:
         in_four_bits = config.frozen_dtype in FOUR_BIT_DTYPES
+        tied = _tied(model)
         layers = {
             f"{n}.weight" if n else "weight"
             for n, m in model.named_modules()
-            if isinstance(m, _CONVS_AND_LINEARS)
+            if isinstance(m, _CONVS_AND_LINEARS) and id(m.weight) not in tied
         }
         for name, p in model.named_parameters():
             # Matrices and kernels only: 1-D norm parameters stay in full precision, where
@@ -122,8 +123,15 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
         cast_frozen(model, state, config.frozen_dtype)
         # Checkpoints hold the weights as the user built them, and a loaded state dict
         # becomes the new original: a resumed run's weights are never replaced by stale ones.
-        state.hooks.append(model.register_state_dict_post_hook(_originals_out(state)))
-        state.hooks.append(model.register_load_state_dict_pre_hook(_originals_in(state, config)))
+        if in_four_bits:  # on each layer: a submodule's own state dict has its weights too
+            for name in state.cast_originals:
+                layer = model.get_submodule(name.rpartition(".")[0])
+                state.hooks.append(layer.register_state_dict_post_hook(_held_out(state, name)))
+                hook = _held_in(state, name, str(config.frozen_dtype))
+                state.hooks.append(layer.register_load_state_dict_pre_hook(hook))
+        else:
+            state.hooks.append(model.register_state_dict_post_hook(_originals_out(state)))
+            state.hooks.append(model.register_load_state_dict_pre_hook(_originals_in(state)))
     for head in head_modules(state.head):
         state.parts.append((_name_of(model, head), "head"))
     if "prompt" in modules:
@@ -291,41 +299,78 @@ def _marker_in(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> 
 def _originals_out(state: StructureState):
     def hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
         for name, original in state.cast_originals.items():
-            # A 4-bit weight is no parameter, so its entry is added here.
-            state_dict[prefix + name] = original.clone()
+            if prefix + name in state_dict:
+                state_dict[prefix + name] = original.clone()
 
     return hook
 
 
-def _originals_in(state: StructureState, config: S2AConfig):
-    def hook(model: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+def _originals_in(state: StructureState):
+    def hook(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
         for name, original in state.cast_originals.items():
             value = state_dict.get(prefix + name)
             if isinstance(value, torch.Tensor) and value.shape == original.shape:
                 state.cast_originals[name] = value.detach().to("cpu", original.dtype, copy=True)
-                owner = model.get_submodule(name.rpartition(".")[0])
-                if four_bit.is_held(owner):  # no parameter to load into: quantized from here
-                    state_dict.pop(prefix + name)
-                    new = state.cast_originals[name].to(four_bit.device_of(owner))
-                    four_bit.hold(owner, new, str(config.frozen_dtype))
 
     return hook
 
 
+def _held_out(state: StructureState, name: str):
+    """A 4-bit layer's state dict: its weight as built (it is no parameter while held)."""
+
+    def hook(layer: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+        if four_bit.is_held(layer):
+            state_dict[prefix + "weight"] = state.cast_originals[name].clone()
+
+    return hook
+
+
+def _held_in(state: StructureState, name: str, quant_type: str):
+    """Loading a 4-bit layer: the loaded weight becomes its original and is quantized."""
+
+    def hook(layer: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        if not four_bit.is_held(layer) or prefix + "weight" not in state_dict:
+            return
+        value, original = state_dict[prefix + "weight"], state.cast_originals[name]
+        if not isinstance(value, torch.Tensor) or value.shape != original.shape:
+            got = getattr(value, "shape", type(value).__name__)
+            raise RuntimeError(
+                f"size mismatch for {prefix}weight: the checkpoint has {got}, the model "
+                f"{tuple(original.shape)} (held in 4 bits by frozen_dtype={quant_type!r})."
+            )
+        del state_dict[prefix + "weight"]  # no parameter to load it into
+        state.cast_originals[name] = value.detach().to("cpu", original.dtype, copy=True)
+        weight = value.detach().to(four_bit.device_of(layer), four_bit.dtype_of(layer))
+        four_bit.hold(layer, weight, quant_type)
+
+    return hook
+
+
+def _tied(model: nn.Module) -> set[int]:
+    """Ids of parameters that more than one module owns (weight tying). Such a weight is not
+    held in 4 bits: giving it back would untie it."""
+    owners: dict[int, set[int]] = {}
+    for m in model.modules():
+        for p in m._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), set()).add(id(m))
+    return {i for i, o in owners.items() if len(o) > 1}
+
+
 def cast_frozen(model: nn.Module, state: StructureState, frozen_dtype: str | None) -> None:
     """Hold the frozen weights in ``frozen_dtype`` (cast, or 4 bits); None puts the exact
-    originals back (after fit, so a plain fp32 forward works again)."""
+    originals back (after fit, so a plain fp32 forward works again), in the dtype the model
+    has now where it was converted while they were held in 4 bits."""
     for name, original in state.cast_originals.items():
         owner, _, leaf = name.rpartition(".")
         module = model.get_submodule(owner)
         if four_bit.is_held(module):
-            device = four_bit.device_of(module)
             if frozen_dtype not in FOUR_BIT_DTYPES:
-                four_bit.release(module, original.to(device))
+                four_bit.release(module, original.to(four_bit.device_of(module)))
+        elif frozen_dtype in FOUR_BIT_DTYPES:
+            current = getattr(module, leaf)
+            four_bit.hold(module, original.to(current.device, current.dtype), frozen_dtype)
         else:
-            device = getattr(module, leaf).device
-        if frozen_dtype in FOUR_BIT_DTYPES:
-            four_bit.hold(module, original.to(device), frozen_dtype)
-        elif not four_bit.is_held(module):
             dtype = getattr(torch, frozen_dtype) if frozen_dtype else original.dtype
-            getattr(module, leaf).data = original.to(device, dtype)
+            current = getattr(module, leaf)
+            current.data = original.to(current.device, dtype)
