@@ -382,3 +382,37 @@ def test_blocks_that_return_tuples_are_a_clear_error():
     with pytest.raises(ValueError, match=r"blocks \['blocks.0', .*return \['tuple'\].*blocks="):
         apply_s2a(model, S2AConfig(modules=["prompt"], head="head", input_size=(4, 8)))
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_a_deep_copy_runs_its_own_side_network():
+    """An EMA/SWA-style copy made after apply_s2a: its hooks must use the copy's side network,
+    not the original's (closures kept pointing at the original)."""
+    torch.manual_seed(0)
+    model = SMALL[next(iter(SMALL))]().eval()
+    handle = apply_s2a(model, modules="side", input_size=SIZE)
+    copy_ = __import__("copy").deepcopy(model)
+    with torch.no_grad():
+        for p in copy_.s2a_side.parameters():
+            p.add_(0.5)
+        x = torch.randn(2, *SIZE)
+        assert not torch.allclose(copy_(x), model(x))
+        before = model(x)
+        copy_(x)
+        assert torch.equal(model(x), before)
+    handle.remove()
+
+
+def test_loading_into_a_deep_copy_leaves_the_original_alone():
+    """frozen_dtype keeps the exact originals for checkpoints and undo; a copy's load must
+    write into the copy's, or stop_engine would give the original the copy's weights."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=3)
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    other = timm.create_model("resnet18", num_classes=3).state_dict()
+    handle = apply_s2a(model, frozen_dtype="bfloat16")
+    ema = __import__("copy").deepcopy(model)
+    ema.load_state_dict(other)
+    assert torch.equal(ema.state_dict()["conv1.weight"], other["conv1.weight"])
+    handle.stop_engine()
+    assert torch.equal(model.conv1.weight, own["conv1.weight"])
+    handle.remove()

@@ -8,6 +8,7 @@ keeps the task head trainable and fixes BatchNorm's mode. Every change is record
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -18,7 +19,8 @@ from ..config import FOUR_BIT_DTYPES, S2AConfig
 from . import four_bit
 from .families import Block, block_output_shapes, default_input_size, find_blocks
 from .head import HeadGroup, find_head, head_modules, is_bias
-from .modules import LowRankPrompt, SideNetwork, channel_average_pool
+from .model_hooks import HeldLayerHooks, OriginalsHooks, SideHooks
+from .modules import LowRankPrompt, SideNetwork
 
 PROMPT_NAME = "s2a_prompt"
 SIDE_NAME = "s2a_side"
@@ -126,12 +128,14 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
         if in_four_bits:  # on each layer: a submodule's own state dict has its weights too
             for name in state.cast_originals:
                 layer = model.get_submodule(name.rpartition(".")[0])
-                state.hooks.append(layer.register_state_dict_post_hook(_held_out(state, name)))
-                hook = _held_in(state, name, str(config.frozen_dtype))
-                state.hooks.append(layer.register_load_state_dict_pre_hook(hook))
+                held = HeldLayerHooks(state.cast_originals, name, str(config.frozen_dtype))
+                # partial: torch marks the hook with an attribute, which a method cannot take
+                state.hooks.append(layer.register_state_dict_post_hook(partial(held.state_dict)))
+                state.hooks.append(layer.register_load_state_dict_pre_hook(held.load))
         else:
-            state.hooks.append(model.register_state_dict_post_hook(_originals_out(state)))
-            state.hooks.append(model.register_load_state_dict_pre_hook(_originals_in(state)))
+            cast = OriginalsHooks(state.cast_originals)
+            state.hooks.append(model.register_state_dict_post_hook(partial(cast.state_dict)))
+            state.hooks.append(model.register_load_state_dict_pre_hook(cast.load))
     for head in head_modules(state.head):
         state.parts.append((_name_of(model, head), "head"))
     if "prompt" in modules:
@@ -167,44 +171,15 @@ def _apply_side(model: nn.Module, config: S2AConfig, state: StructureState) -> N
     side = SideNetwork(channels, config.side_reduction, width, outputs)
     _add_module(state, model, SIDE_NAME, side, _like(replaced))
     state.parts.append((SIDE_NAME, "side"))
-    taps: list[torch.Tensor] = []
-    grad_was: list[bool] = []
-
-    def enter(module: nn.Module, args: Any) -> None:
-        taps.clear()
-        grad_was.append(torch.is_grad_enabled())
-        torch.set_grad_enabled(False)  # the backbone runs without autograd: stores nothing
-
-    def exit_(module: nn.Module, args: Any, output: Any) -> None:
-        if grad_was:
-            torch.set_grad_enabled(grad_was.pop())
-
-    def tap(block: Block):
-        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
-            if not grad_was:
-                raise RuntimeError(
-                    f"'side' runs {type(model).__name__}'s blocks inside its own forward, "
-                    f"without autograd, and reads them there; block {block.name!r} ran outside "
-                    "it (through forward_features or another method, or through the model's "
-                    "parts one by one), so the trained side network would be skipped. Call "
-                    "the model itself, model(x), or use modules=['bias'] / ['prompt']."
-                )
-            taps.append(channel_average_pool(output, block.layout, config.side_reduction))
-
-        return hook
-
-    def read_side(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
-        with torch.set_grad_enabled(bool(grad_was) and grad_was[-1]):
-            out = side(list(taps))
-        taps.clear()
-        return out.to(output.dtype)
-
+    hooks = SideHooks(type(model).__name__, side, config.side_reduction)
     # Order matters: the backbone's no-grad region opens after the engine's hooks start (the
     # engine registers its pre-hook first) and closes before they end.
-    state.hooks.append(model.register_forward_pre_hook(enter))
-    state.hooks.extend(b.module.register_forward_hook(tap(b)) for b in state.blocks)
-    state.hooks.append(replaced.register_forward_hook(read_side))
-    state.hooks.append(model.register_forward_hook(exit_, always_call=True))
+    state.hooks.append(model.register_forward_pre_hook(hooks.enter))
+    state.hooks.extend(
+        b.module.register_forward_hook(partial(hooks.tap, b.name, b.layout)) for b in state.blocks
+    )
+    state.hooks.append(replaced.register_forward_hook(hooks.read_side))
+    state.hooks.append(model.register_forward_hook(hooks.exit, always_call=True))
 
 
 def _side_outputs(model: nn.Module, state: StructureState) -> int:
@@ -294,56 +269,6 @@ def _marker_out(module: nn.Module, state_dict: dict, prefix: str, local_metadata
 
 def _marker_in(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
     state_dict.pop(prefix + STATE_DICT_MARKER, None)
-
-
-def _originals_out(state: StructureState):
-    def hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
-        for name, original in state.cast_originals.items():
-            if prefix + name in state_dict:
-                state_dict[prefix + name] = original.clone()
-
-    return hook
-
-
-def _originals_in(state: StructureState):
-    def hook(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-        for name, original in state.cast_originals.items():
-            value = state_dict.get(prefix + name)
-            if isinstance(value, torch.Tensor) and value.shape == original.shape:
-                state.cast_originals[name] = value.detach().to("cpu", original.dtype, copy=True)
-
-    return hook
-
-
-def _held_out(state: StructureState, name: str):
-    """A 4-bit layer's state dict: its weight as built (it is no parameter while held)."""
-
-    def hook(layer: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
-        if four_bit.is_held(layer):
-            state_dict[prefix + "weight"] = state.cast_originals[name].clone()
-
-    return hook
-
-
-def _held_in(state: StructureState, name: str, quant_type: str):
-    """Loading a 4-bit layer: the loaded weight becomes its original and is quantized."""
-
-    def hook(layer: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-        if not four_bit.is_held(layer) or prefix + "weight" not in state_dict:
-            return
-        value, original = state_dict[prefix + "weight"], state.cast_originals[name]
-        if not isinstance(value, torch.Tensor) or value.shape != original.shape:
-            got = getattr(value, "shape", type(value).__name__)
-            raise RuntimeError(
-                f"size mismatch for {prefix}weight: the checkpoint has {got}, the model "
-                f"{tuple(original.shape)} (held in 4 bits by frozen_dtype={quant_type!r})."
-            )
-        del state_dict[prefix + "weight"]  # no parameter to load it into
-        state.cast_originals[name] = value.detach().to("cpu", original.dtype, copy=True)
-        weight = value.detach().to(four_bit.device_of(layer), four_bit.dtype_of(layer))
-        four_bit.hold(layer, weight, quant_type)
-
-    return hook
 
 
 def _tied(model: nn.Module) -> set[int]:

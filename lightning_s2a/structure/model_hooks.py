@@ -1,0 +1,100 @@
+"""The hooks the structural surgery puts on a model, as methods of small objects.
+
+A hook that is a closure keeps pointing at what it closed over: after ``copy.deepcopy(model)``
+(an EMA or SWA copy) the copy's hooks would still read and write the original's side network
+and saved weights, silently. A bound method is deep-copied with its object, and the object's
+references (the side network, the saved originals) map onto the copy's own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import four_bit
+from .modules import channel_average_pool
+
+
+class SideHooks:
+    """Run the backbone without autograd, pool each block's output, and replace the head's
+    (or the model's) output with the side network's."""
+
+    def __init__(self, model_name: str, side: nn.Module, reduction: int) -> None:
+        self.model_name, self.side, self.reduction = model_name, side, reduction
+        self.taps: list[torch.Tensor] = []
+        self.grad_was: list[bool] = []
+
+    def enter(self, module: nn.Module, args: Any) -> None:
+        self.taps.clear()
+        self.grad_was.append(torch.is_grad_enabled())
+        torch.set_grad_enabled(False)  # the backbone runs without autograd: stores nothing
+
+    def exit(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.grad_was:
+            torch.set_grad_enabled(self.grad_was.pop())
+
+    def tap(self, name: str, layout: str, module: nn.Module, args: Any, output: Any) -> None:
+        """Forward hook of block ``name`` (bind the first two with ``functools.partial``)."""
+        if not self.grad_was:
+            raise RuntimeError(
+                f"'side' runs {self.model_name}'s blocks inside its own forward, without "
+                f"autograd, and reads them there; block {name!r} ran outside it (through "
+                "forward_features or another method, or through the model's parts one by "
+                "one), so the trained side network would be skipped. Call the model itself, "
+                "model(x), or use modules=['bias'] / ['prompt']."
+            )
+        self.taps.append(channel_average_pool(output, layout, self.reduction))
+
+    def read_side(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(bool(self.grad_was) and self.grad_was[-1]):
+            out = self.side(list(self.taps))
+        self.taps.clear()
+        return out.to(output.dtype)
+
+
+class OriginalsHooks:
+    """Checkpoints hold frozen weights cast by ``frozen_dtype`` as the user built them, and a
+    loaded state dict becomes the new original (a resumed run never gets stale weights)."""
+
+    def __init__(self, originals: dict[str, torch.Tensor]) -> None:
+        self.originals = originals
+
+    def state_dict(self, module: nn.Module, state_dict: dict, prefix: str, meta: Any) -> None:
+        for name, original in self.originals.items():
+            if prefix + name in state_dict:
+                state_dict[prefix + name] = original.clone()
+
+    def load(self, module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        for name, original in self.originals.items():
+            value = state_dict.get(prefix + name)
+            if isinstance(value, torch.Tensor) and value.shape == original.shape:
+                self.originals[name] = value.detach().to("cpu", original.dtype, copy=True)
+
+
+class HeldLayerHooks:
+    """The same for one layer held in 4 bits, on the layer itself: its weight is no parameter
+    while held, so its entry is added on save and taken out (and quantized) on load."""
+
+    def __init__(self, originals: dict[str, torch.Tensor], name: str, quant_type: str) -> None:
+        self.originals, self.name, self.quant_type = originals, name, quant_type
+
+    def state_dict(self, layer: nn.Module, state_dict: dict, prefix: str, meta: Any) -> None:
+        if four_bit.is_held(layer):
+            state_dict[prefix + "weight"] = self.originals[self.name].clone()
+
+    def load(self, layer: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        if not four_bit.is_held(layer) or prefix + "weight" not in state_dict:
+            return
+        value, original = state_dict[prefix + "weight"], self.originals[self.name]
+        if not isinstance(value, torch.Tensor) or value.shape != original.shape:
+            got = getattr(value, "shape", type(value).__name__)
+            raise RuntimeError(
+                f"size mismatch for {prefix}weight: the checkpoint has {got}, the model "
+                f"{tuple(original.shape)} (held in 4 bits by frozen_dtype={self.quant_type!r})."
+            )
+        del state_dict[prefix + "weight"]  # no parameter to load it into
+        self.originals[self.name] = value.detach().to("cpu", original.dtype, copy=True)
+        weight = value.detach().to(four_bit.device_of(layer), four_bit.dtype_of(layer))
+        four_bit.hold(layer, weight, self.quant_type)
