@@ -138,8 +138,9 @@ def apply_s2a(model: nn.Module, config: S2AConfig | None = None, **overrides: An
     config = config if config is not None else S2AConfig()
     if not isinstance(config, S2AConfig):
         raise TypeError(f"config must be an S2AConfig, got {type(config).__name__}.")
-    if overrides:
-        config = config.replace(**overrides)
+    # Always through replace(): it validates again, so fields set after construction
+    # (config.modules = "bias+prompt", config.bits = 3) get the same checks and parsing.
+    config = config.replace(**overrides)
     if model in _APPLIED:
         raise RuntimeError(
             "apply_s2a was already applied to this model; call handle.remove() before "

@@ -156,6 +156,22 @@ def test_modules_accept_plus_and_comma_strings():
     assert S2AConfig(modules="bias+prompt").modules == ("bias", "prompt")
 
 
+def test_fields_set_after_construction_are_validated_by_apply_s2a():
+    """A field assigned after construction skips __post_init__; apply_s2a validates again, so
+    a string of modules is parsed (not read letter by letter) and a bad width is named."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 2))
+    config = S2AConfig(head="2")
+    config.modules = "bias+prompt"
+    config.blocks, config.input_size = ["0"], (4, 8)  # tokens: (batch, 4, 8)
+    with apply_s2a(model, config) as handle:
+        assert handle.config.modules == ("bias", "prompt")
+        assert hasattr(model[0], "s2a_prompt")  # the prompt module went in
+    config = S2AConfig(head="2")
+    config.bits = 3
+    with pytest.raises(ValueError, match=r"bits=3 is not supported"):
+        apply_s2a(model, config)
+
+
 def test_unknown_override_names_the_field():
     with pytest.raises(ValueError, match=r"unknown S2AConfig field\(s\) \['bitz'\]"):
         apply_s2a(nn.Linear(4, 4), bitz=4)
