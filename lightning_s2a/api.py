@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
+from functools import partial
 from typing import Any
 
 import torch
@@ -34,7 +35,8 @@ class S2AHandle:
             ),
             parts=structure.parts,
         )
-        self.engine.extra_weight_numels = lambda: [s.numel() for _, s in four_bit.named_held(model)]
+        if config.frozen_dtype in FOUR_BIT_DTYPES:  # read per forward: only where they exist
+            self.engine.extra_weight_numels = partial(four_bit.held_numels, model)
         self.engine.attach()
         self.removed = False
 
@@ -98,8 +100,7 @@ class S2AHandle:
 def weight_bytes(model: nn.Module, originals: dict[str, torch.Tensor]) -> tuple[int, int]:
     """``(held, as built)`` bytes of ``model``'s parameters, buffers and 4-bit weights;
     ``originals`` are the exact values of the weights ``frozen_dtype`` changed, by name."""
-    held4, built4 = four_bit.held_bytes(model)
-    held, built = held4, built4
+    held, built = four_bit.held_bytes(model)
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if four_bit.is_buffer_name(name):
             continue  # counted with the 4-bit weights

@@ -16,7 +16,7 @@ BNB_QUANT_TYPES = ("nf4", "fp4")
 BN_MODES = ("eval", "train")
 FROZEN_DTYPES = (None, "bfloat16", "float16", "nf4", "fp4")
 #: Frozen dtypes that hold weights in 4 bits (bitsandbytes) rather than cast them.
-FOUR_BIT_DTYPES = ("nf4", "fp4")
+FOUR_BIT_DTYPES = BNB_QUANT_TYPES
 LAYOUTS = ("auto", "tokens", "nhwc", "nchw")
 GROUP_SIZES = (8, 16, 32, 64, 128, 256)
 

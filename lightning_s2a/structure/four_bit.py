@@ -7,11 +7,11 @@ layer can differ in scale by orders of magnitude (a CNN's conv weights with Batc
 them), and a block shared across channels would flatten the small ones: on ImageNet
 EfficientNet-Lite0, flat blocks gave logits cosine 0.64 to the fp32 model. A layer is held only
 where this saves bytes (a 3x3 depthwise kernel, 9 weights a row, would not). The codes and
-scales become non-persistent buffers of
-the module, so they follow ``model.to(device)`` and never enter a checkpoint, and the module's
-``weight`` becomes a property that dequantizes on every read. Whatever reads it (``nn.Linear``'s
-forward, timm's ``Conv2dSame``, EVA's ``F.linear(x, self.qkv.weight, ...)``) computes with the
-4-bit weights' values, in the original dtype.
+scales become non-persistent buffers of the module, so they follow ``model.to(device)`` and never
+enter a checkpoint, and the module's ``weight`` becomes a property that dequantizes on every
+read. Whatever reads it (``nn.Linear``'s forward, timm's ``Conv2dSame``, EVA's
+``F.linear(x, self.qkv.weight, ...)``) computes with the 4-bit weights' values, in the module's
+dtype.
 
 While a training forward runs, the engine's rewrites (``four_bit_linear`` here, and the frozen
 conv in :mod:`.frozen_ops`) see that the weight came from 4 bits and save nothing for backward:
@@ -21,6 +21,7 @@ computes, never for all layers at once. Double quantization of the scales is not
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FOUR_BIT_TYPES = ("nf4", "fp4")
+from ..config import FOUR_BIT_DTYPES
+
 BLOCK_SIZE = 64
 _CODES, _ABSMAX, _META = "s2a_weight_codes", "s2a_weight_absmax", "_s2a_four_bit"
 #: A 0-element buffer in the weight's dtype: it follows ``model.half()`` / ``.to(dtype)``, so
@@ -52,13 +54,18 @@ class _Meta:
 
     @property
     def padded_row(self) -> int:
-        return -(-self.row // BLOCK_SIZE) * BLOCK_SIZE
+        """Weights per output channel, padded to whole blocks."""
+        return _whole_blocks(self.row)
+
+
+def _whole_blocks(n: int) -> int:
+    return -(-n // BLOCK_SIZE) * BLOCK_SIZE
 
 
 def held_size(shape: torch.Size) -> int:
     """Bytes a weight of ``shape`` takes in 4 bits: padded rows of codes plus fp32 scales."""
-    padded = -(-shape[1:].numel() // BLOCK_SIZE) * BLOCK_SIZE
-    return shape[0] * padded // 2 + shape[0] * padded // BLOCK_SIZE * 4
+    padded = shape[0] * _whole_blocks(shape[1:].numel())
+    return padded // 2 + padded // BLOCK_SIZE * 4
 
 
 def worth_holding(weight: torch.Tensor) -> bool:
@@ -96,8 +103,8 @@ def hold(module: nn.Module, weight: torch.Tensor, quant_type: str) -> None:
     4 bits, on the device ``weight`` is on. Holding again re-quantizes from ``weight``."""
     import bitsandbytes.functional as bnbf
 
-    if quant_type not in FOUR_BIT_TYPES:
-        raise ValueError(f"4-bit weights: {quant_type!r} is not one of {FOUR_BIT_TYPES}.")
+    if quant_type not in FOUR_BIT_DTYPES:
+        raise ValueError(f"4-bit weights: {quant_type!r} is not one of {FOUR_BIT_DTYPES}.")
     w = weight.detach()
     meta = _Meta(w.shape, quant_type)
     rows = F.pad(w.reshape(w.shape[0], meta.row), (0, meta.padded_row - meta.row))
@@ -158,18 +165,25 @@ def source_of(weight: Any) -> nn.Module | None:
     return getattr(weight, _SOURCE, None) if isinstance(weight, torch.Tensor) else None
 
 
-def held_bytes(model: nn.Module) -> tuple[int, int]:
-    """``(bytes held, bytes in the original dtype)`` of every 4-bit weight in ``model``."""
-    held = original = 0
+def _held(model: nn.Module) -> Iterator[tuple[nn.Module, _Meta]]:
     for module in model.modules():
         if is_held(module):
-            meta: _Meta = getattr(module, _META)
-            held += sum(
-                t.numel() * t.element_size()
-                for t in (getattr(module, _CODES), getattr(module, _ABSMAX))
-            )
-            original += meta.shape.numel() * dtype_of(module).itemsize
+            yield module, getattr(module, _META)
+
+
+def held_bytes(model: nn.Module) -> tuple[int, int]:
+    """``(bytes held, bytes in the module's dtype)`` of every 4-bit weight in ``model``."""
+    held = original = 0
+    for module, meta in _held(model):
+        codes, absmax = getattr(module, _CODES), getattr(module, _ABSMAX)
+        held += codes.numel() * codes.element_size() + absmax.numel() * absmax.element_size()
+        original += meta.shape.numel() * dtype_of(module).itemsize
     return held, original
+
+
+def held_numels(model: nn.Module) -> list[int]:
+    """Element counts of the weights held in 4 bits in ``model``."""
+    return [meta.shape.numel() for _, meta in _held(model)]
 
 
 def is_buffer_name(name: str) -> bool:
@@ -189,7 +203,7 @@ def named_held(model: nn.Module) -> list[tuple[str, torch.Size]]:
 
 def held_numel(model: nn.Module) -> int:
     """Number of weights held in 4 bits in ``model`` (they are no longer parameters)."""
-    return sum(shape.numel() for _, shape in named_held(model))
+    return sum(held_numels(model))
 
 
 class _FourBitLinear(torch.autograd.Function):
@@ -219,7 +233,7 @@ def four_bit_linear(func: Any, args: tuple, kwargs: dict) -> Any:
     needs a gradient (then nothing is saved anyway). Under autocast the input, weight and bias
     are cast as autocast would cast them, before the Function.
     """
-    from .frozen_ops import autocast_cast, bind_args
+    from .frozen_ops import autocast_inputs, bind_args
 
     bound = bind_args(args, kwargs, ("input", "weight", "bias"), {"bias": None})
     if bound is None or not torch.is_grad_enabled():
@@ -230,8 +244,5 @@ def four_bit_linear(func: Any, args: tuple, kwargs: dict) -> Any:
         return NotImplemented
     if not (x.requires_grad or (bias is not None and bias.requires_grad)):
         return NotImplemented
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        x, weight, bias = (autocast_cast(t, device_type, dtype) for t in (x, weight, bias))
+    x, weight, bias = autocast_inputs(x, weight, bias)
     return _FourBitLinear.apply(x, weight, bias, source)

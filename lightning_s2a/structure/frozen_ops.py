@@ -100,7 +100,17 @@ def expand_ints(value: Any, n: int) -> tuple[int, ...] | None:
     return None
 
 
-def autocast_cast(t: torch.Tensor | None, device_type: str, dtype: torch.dtype) -> Any:
+def autocast_inputs(x: torch.Tensor, *others: torch.Tensor | None) -> tuple[Any, ...]:
+    """``x`` and ``others`` cast as autocast casts the arguments of a lower-precision op on
+    ``x``'s device (unchanged when autocast is off there)."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return (x, *others)
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(_autocast_cast(t, device_type, dtype) for t in (x, *others))
+
+
+def _autocast_cast(t: torch.Tensor | None, device_type: str, dtype: torch.dtype) -> Any:
     """Cast ``t`` the way autocast casts an argument of a lower-precision op (no-op otherwise)."""
     if (
         t is None
@@ -250,10 +260,7 @@ def frozen_conv(func: Any, args: tuple, kwargs: dict) -> Any:
     if padding is None:
         return NotImplemented
     source = source_of(weight)  # read before autocast makes a copy without the mark
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        x, weight, bias = (autocast_cast(t, device_type, dtype) for t in (x, weight, bias))
+    x, weight, bias = autocast_inputs(x, weight, bias)
     geom = _ConvGeometry(func, stride, padding, dilation, bound["groups"])
     return _FrozenWeightConv.apply(x, weight, bias, geom, source)
 
