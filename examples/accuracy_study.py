@@ -15,9 +15,14 @@ Datasets (nothing downloads; each ships inside a package of the ``study`` group)
 - ``elpv``: 2,624 electroluminescence images of solar cells, 300x300, 4 defect-probability
   classes (0, 1/3, 2/3, 1). Its data licence is CC-BY-NC-SA: use it for benchmarks only.
 
-Every run uses the same seeded 80/20 split of a dataset; the seed varies the new head, the
-modules' initialisation and the batch order. Accuracy is the validation accuracy after the last
-epoch (no early stopping, no choice of epoch on the validation set). Methods that freeze the
+Every run uses the same seeded 80/20 split of a dataset; the seed (0 and 1 by default) varies
+the new head, the modules' initialisation and the batch order. Each method's learning rate is
+first searched over ``LR_GRID`` on digits: trained on 80% of digits' training split, scored on
+the other 20% (seed 0), so no reported image chooses a rate; ``--lr METHOD=LR`` fixes one,
+``--no-search`` uses ``METHOD_LR``. A method name may carry S2A fields for a row of its own,
+e.g. ``s2a_side[side=hierarchical]`` or ``s2a_bias[frozen_dtype=nf4]``. Accuracy is the
+validation accuracy after the last epoch (no early stopping, no choice of epoch on the
+validation set). Methods that freeze the
 backbone keep its BatchNorm layers in eval mode (S2A's default); full fine-tuning trains them.
 Each (dataset, method) runs in its own process, so that the peak memory is its own.
 """
@@ -44,9 +49,10 @@ from lightning_s2a.lightning.data import IMAGENET_MEAN, IMAGENET_STD
 
 MB = 2**20
 
-#: Study methods (names from ``lightning-s2a bench``) -> AdamW learning rate. One rate for all,
-#: no per-method search: on digits (seed 0, 2 epochs) 3e-3 beat 1e-2 for bias tuning and
-#: 1e-3 for full fine-tuning. Override with ``--lr METHOD=LR``.
+#: Study methods -> AdamW learning rate when no search runs (``--no-search``). A name is a
+#: ``lightning-s2a bench`` method, optionally with S2A fields in brackets for its own row:
+#: ``s2a_side[side=hierarchical]``. By default each method's rate is searched on digits over
+#: ``LR_GRID`` (see :func:`search_rates`); ``--lr METHOD=LR`` fixes one.
 METHOD_LR = {
     "full": 3e-3,
     "linear_probe": 3e-3,
@@ -56,7 +62,21 @@ METHOD_LR = {
     "s2a_prompt": 3e-3,
     "s2a_bias+prompt": 3e-3,
     "s2a_side": 3e-3,
+    "s2a_side[side=hierarchical]": 3e-3,
+    "s2a_bias[frozen_dtype=nf4]": 3e-3,
 }
+LR_GRID = (1e-3, 3e-3, 1e-2, 3e-2)
+
+
+def parse_method(name: str) -> tuple[str, dict[str, Any]]:
+    """``"s2a_bias[frozen_dtype=nf4 bn_mode=train]"`` -> ``("s2a_bias", {"frozen_dtype": ...})``."""
+    base, _, rest = name.partition("[")
+    fields: dict[str, Any] = {}
+    for item in rest.removesuffix("]").split():
+        key, _, value = item.partition("=")
+        fields[key] = field_value(value)
+    return base, fields
+
 
 #: Dataset -> default image size (pixels, square) and epochs.
 DATASET_DEFAULTS = {"elpv": (64, 5), "mnist5k": (64, 3), "digits": (64, 5)}
@@ -213,9 +233,14 @@ def train_once(
 
 
 def _worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Every seed at ``spec["lr"]``, or (a search) every rate of ``spec["lrs"]`` at each seed."""
     torch.set_num_threads(spec["threads"])
     data = torch.load(spec["data"], weights_only=True)
-    runs = [train_once(spec, data, seed)[0] for seed in spec["seeds"]]
+    runs = []
+    for lr in spec.get("lrs", [spec["lr"]]):
+        for seed in spec["seeds"]:
+            row, _ = train_once({**spec, "lr": lr}, data, seed)
+            runs.append({**row, "lr": lr})
     return {
         "dataset": spec["dataset"],
         "method": spec["label"],
@@ -225,13 +250,35 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def prepare_search_split(source: Path, path: Path) -> None:
+    """The learning-rate search's data: a seeded 80/20 split of ``source``'s training split, so
+    the rate is never chosen on the images the study reports."""
+    data = torch.load(source, weights_only=True)
+    x, y = data["train"]
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(1))
+    n_val = round(0.2 * len(y))
+    val, train = perm[:n_val], perm[n_val:]
+    torch.save(
+        {"train": (x[train], y[train]), "val": (x[val], y[val]), "classes": data["classes"]}, path
+    )
+
+
+def pick_rate(runs: list[dict[str, Any]]) -> float:
+    """The rate with the best mean accuracy over its runs; on a tie, the smaller rate."""
+    by_lr: dict[float, list[float]] = {}
+    for r in runs:
+        by_lr.setdefault(r["lr"], []).append(r["acc"])
+    return max(sorted(by_lr), key=lambda lr: statistics.fmean(by_lr[lr]))
+
+
 # -- the study ---------------------------------------------------------------------------------
 def _mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    """Markdown: per dataset and method, accuracy mean ± sd, memory, time, trainable share.
+    """Markdown: per dataset and method, the learning rate, accuracy mean ± sd and its share of
+    full fine-tuning's, memory, time, trainable share.
 
     The peak column (resident memory while training, the maximum over seeds) appears when
     every run measured it.
@@ -239,11 +286,13 @@ def table(results: list[dict[str, Any]]) -> str:
     ok = [r for r in results if "runs" in r]
     with_peak = bool(ok) and all(x.get("train_peak_mib") for r in ok for x in r["runs"])
     lines = [
-        "| dataset | method | val acc % (mean ± sd) | vs full (points) | saved act. MiB "
-        + "| vs full | "
+        "| dataset | method | lr | val acc % (mean ± sd) | vs full (points) | of full % "
+        + "| saved act. MiB | vs full | "
         + ("train peak RSS MiB | " if with_peak else "")
         + "step s | train s/run | trainable |",
-        "|---|---|---:|---:|---:|---:|" + ("---:|" if with_peak else "") + "---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|"
+        + ("---:|" if with_peak else "")
+        + "---:|---:|---:|",
     ]
     for dataset in dict.fromkeys(r["dataset"] for r in results):
         rows = [r for r in results if r["dataset"] == dataset]
@@ -251,17 +300,20 @@ def table(results: list[dict[str, Any]]) -> str:
         full_acc = _mean_sd([100 * x["acc"] for x in full["runs"]])[0] if full else None
         for r in rows:
             if "error" in r:
-                lines.append(f"| {dataset} | {r['method']} | failed: {r['error']} |" + "|" * 7)
+                cells = 11 + with_peak - 3  # the columns after "failed: ..."
+                lines.append(f"| {dataset} | {r['method']} | failed: {r['error']} |" + "|" * cells)
                 continue
             runs = r["runs"]
             acc, sd = _mean_sd([100 * x["acc"] for x in runs])
             saved = runs[0]["saved_mib"]
             delta = "-" if full_acc is None else "0" if r is full else f"{acc - full_acc:+.1f}"
+            share = f"{100 * acc / full_acc:.1f}" if full_acc else "-"
             less = f"{full['runs'][0]['saved_mib'] / saved:.1f}x less" if full and saved else "-"
             peak = f"{max(x['train_peak_mib'] for x in runs):.0f} | " if with_peak else ""
+            lr = f"{runs[0]['lr']:g}" if "lr" in runs[0] else "-"
             lines.append(
-                f"| {dataset} | {r['method']} | {acc:.1f} ± {sd:.1f} (n={len(runs)}) | {delta} | "
-                f"{saved:.1f} | {less} | {peak}"
+                f"| {dataset} | {r['method']} | {lr} | {acc:.1f} ± {sd:.1f} (n={len(runs)}) | "
+                f"{delta} | {share} | {saved:.1f} | {less} | {peak}"
                 f"{statistics.median(x['step_s'] for x in runs):.3f} | "
                 f"{statistics.fmean(x['train_s'] for x in runs):.0f} | "
                 f"{runs[0]['trainable']:,} ({runs[0]['trainable_pct']:.2f}%) |"
@@ -317,17 +369,33 @@ def field_value(text: str) -> Any:
         return text
 
 
+def _run_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One (dataset, method) in its own process, so that its peak memory is its own."""
+    done = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True
+    )
+    if done.returncode == 0:
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    tail = done.stderr.strip().splitlines()[-1:] or ["(no output)"]
+    return {"dataset": spec["dataset"], "method": spec["label"], "error": tail[0]}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--datasets", nargs="+", default=list(DATASET_DEFAULTS))
     parser.add_argument("--methods", nargs="+", default=list(METHOD_LR))
     parser.add_argument("--bits", type=int, default=4, help="code width of the S2A methods")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--epochs", type=int, default=None, help="default: per dataset")
     parser.add_argument("--image-size", type=int, default=None, help="default: per dataset")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(
-        "--lr", nargs="+", default=[], metavar="METHOD=LR", help="override METHOD_LR entries"
+        "--lr", nargs="+", default=[], metavar="METHOD=LR", help="fix a method's rate (no search)"
+    )
+    parser.add_argument("--lr-grid", nargs="+", type=float, default=list(LR_GRID))
+    parser.add_argument("--search-dataset", default="digits", choices=list(DATASET_DEFAULTS))
+    parser.add_argument(
+        "--no-search", action="store_true", help="use METHOD_LR (and --lr) without a search"
     )
     parser.add_argument(
         "--s2a",
@@ -355,22 +423,25 @@ def main(argv: list[str] | None = None) -> None:
             f"unknown method or dataset {unknown}; methods: {list(METHOD_LR)}, "
             f"datasets: {list(DATASET_DEFAULTS)}"
         )
-    lrs = dict(METHOD_LR)
+    fixed: dict[str, float] = {}
     for item in args.lr:
-        method, _, value = item.partition("=")
-        if method not in lrs or not value:
-            parser.error(f"--lr {item!r}: expected METHOD=LR with METHOD one of {list(lrs)}")
-        lrs[method] = float(value)
+        method, _, value = item.rpartition("=")
+        if method not in METHOD_LR or not value:
+            parser.error(f"--lr {item!r}: expected METHOD=LR with METHOD one of {list(METHOD_LR)}")
+        fixed[method] = float(value)
     fields = {}
     for item in args.s2a:
         name, _, value = item.partition("=")
         if not value:
             parser.error(f"--s2a {item!r}: expected FIELD=VALUE")
         fields[name] = field_value(value)
+    methods = {m: parse_method(m) for m in args.methods}
     try:
         from lightning_s2a import S2AConfig
 
-        S2AConfig(**fields)
+        for base, own in methods.values():  # each S2A method's config, as it will run
+            if base.startswith("s2a_"):
+                S2AConfig(modules=base.removeprefix("s2a_"), **{**own, **fields})
     except (TypeError, ValueError) as err:
         parser.error(f"--s2a: {err}")
     out = Path(args.out)
@@ -379,64 +450,102 @@ def main(argv: list[str] | None = None) -> None:
         report(saved["headers"], saved["results"], out)
         return
     out.mkdir(parents=True, exist_ok=True)
-    rates = ", ".join(f"{m} {lrs[m]:g}" for m in args.methods)
+    searching = not args.no_search and any(m not in fixed for m in args.methods)
+    used = [*([args.search_dataset] if searching else []), *args.datasets]
     plan = {
         d: (args.image_size or DATASET_DEFAULTS[d][0], args.epochs or DATASET_DEFAULTS[d][1])
-        for d in args.datasets
+        for d in dict.fromkeys(used)
     }
+    paths = {d: out / f"data_{d}_{size}px.pt" for d, (size, _) in plan.items()}
+    for d, path in paths.items():
+        if not path.exists():
+            prepare_dataset(d, plan[d][0], path)
+
+    def spec_for(method: str, dataset: str, data: Path) -> dict[str, Any]:
+        base, own = methods[method]
+        s2a = base.startswith("s2a_")
+        overridden = set(fields)  # a --s2a field replaces the method's own in the label too
+        own_text = [f"{k}={v}" for k, v in own.items() if k not in overridden]
+        extra = [*own_text, *args.s2a] if s2a else []
+        return {
+            "dataset": dataset,
+            "data": str(data),
+            "method": base,
+            "label": base
+            + (f"@{args.bits}bit" if s2a else "")
+            + (f"[{' '.join(extra)}]" if extra else ""),
+            "fields": {**own, **fields} if s2a else {},
+            "bits": args.bits if s2a else None,
+            "lr": fixed.get(method, METHOD_LR[method]),
+            "size": plan[dataset][0],
+            "epochs": plan[dataset][1],
+            "batch_size": args.batch_size,
+            "seeds": args.seeds,
+            "threads": args.threads,
+        }
+
+    rates = {m: fixed.get(m, METHOD_LR[m]) for m in args.methods}
+    searched: dict[str, dict[str, float]] = {}
+    failed: list[str] = []
+    if searching:
+        d = args.search_dataset
+        split = out / f"search_{d}_{plan[d][0]}px.pt"
+        if not split.exists():
+            prepare_search_split(paths[d], split)
+        for method in (m for m in args.methods if m not in fixed):
+            spec = {**spec_for(method, d, split), "lrs": args.lr_grid, "seeds": [0]}
+            result = _run_worker(spec)
+            if "error" in result:
+                print(f"  search {spec['label']}: failed: {result['error']}", flush=True)
+                failed.append(method)
+                continue
+            rates[method] = pick_rate(result["runs"])
+            searched[spec["label"]] = {f"{r['lr']:g}": r["acc"] for r in result["runs"]}
+            accs = ", ".join(f"{lr} {100 * a:.1f}" for lr, a in searched[spec["label"]].items())
+            print(f"  search {spec['label']}: {accs} -> {rates[method]:g}", flush=True)
+    how = "fixed"
+    if searching:
+        how = (
+            f"searched over {args.lr_grid} on an 80/20 split of {args.search_dataset}'s "
+            "training split (seed 0)"
+            + (f", except {sorted(fixed)} (fixed)" if fixed else "")
+            + (f", search failed for {failed} (default rate)" if failed else "")
+        )
     settings = ", ".join(f"{d} {size}px {epochs} epochs" for d, (size, epochs) in plan.items())
     header = (
         f"tf_efficientnet_lite0 (ImageNet weights), batch {args.batch_size}, fp32, AdamW + "
-        f"cosine (lr: {rates}), S2A at {args.bits} bits"
+        f"cosine, lr {how}: {', '.join(f'{m} {r:g}' for m, r in rates.items())}; "
+        f"S2A at {args.bits} bits"
         + (f" with {' '.join(args.s2a)}" if args.s2a else "")
         + f", seeds {args.seeds}; {settings}; "
         f"CPU ({platform.machine()}, {args.threads} threads), torch {torch.__version__}, "
         f"{time.strftime('%Y-%m-%d')}"
     )
     print(header, flush=True)
-    headers, results = [header], []
+    headers, results, search = [header], [], {}
     if args.append and (out / "results.json").exists():
         saved = json.loads((out / "results.json").read_text())
         headers, results = [*saved["headers"], header], saved["results"]
-    for dataset, (size, epochs) in plan.items():
-        path = out / f"data_{dataset}_{size}px.pt"
-        if not path.exists():
-            prepare_dataset(dataset, size, path)
+        search = saved.get("search", {})
+    search.update(searched)
+    for dataset in args.datasets:
         for method in args.methods:
-            s2a = method.startswith("s2a_")
-            spec = {
-                "dataset": dataset,
-                "data": str(path),
-                "method": method,
-                "label": method
-                + (f"@{args.bits}bit" if s2a else "")
-                + (f"[{' '.join(args.s2a)}]" if s2a and args.s2a else ""),
-                "fields": fields if s2a else {},
-                "bits": args.bits if s2a else None,
-                "lr": lrs[method],
-                "size": size,
-                "epochs": epochs,
-                "batch_size": args.batch_size,
-                "seeds": args.seeds,
-                "threads": args.threads,
-            }
-            cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode == 0:
-                result = json.loads(done.stdout.strip().splitlines()[-1])
-                accs = ", ".join(f"{100 * r['acc']:.1f}" for r in result["runs"])
-                print(f"  {dataset} {spec['label']} ({size}px, {epochs} ep): {accs}", flush=True)
+            spec = {**spec_for(method, dataset, paths[dataset]), "lr": rates[method]}
+            result = _run_worker(spec)
+            if "error" in result:
+                print(f"  {dataset} {spec['label']}: failed: {result['error']}", flush=True)
             else:
-                tail = done.stderr.strip().splitlines()[-1:] or ["(no output)"]
-                result = {"dataset": dataset, "method": spec["label"], "error": tail[0]}
-                print(f"  {dataset} {spec['label']}: failed: {tail[0]}", flush=True)
+                accs = ", ".join(f"{100 * r['acc']:.1f}" for r in result["runs"])
+                print(f"  {dataset} {spec['label']} lr {rates[method]:g}: {accs}", flush=True)
             key = (result["dataset"], result["method"])
             same = [i for i, r in enumerate(results) if (r["dataset"], r["method"]) == key]
             if same:
                 results[same[0]] = result
             else:
                 results.append(result)
-            (out / "results.json").write_text(json.dumps({"headers": headers, "results": results}))
+            (out / "results.json").write_text(
+                json.dumps({"headers": headers, "results": results, "search": search})
+            )
     report(headers, results, out)
 
 

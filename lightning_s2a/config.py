@@ -11,6 +11,8 @@ from .engine.bitpack import SUPPORTED_BITS, check_bits
 from .engine.ops import KINDS
 
 MODULE_KINDS = ("bias", "prompt", "side")
+SIDE_KINDS = ("pooled", "hierarchical")
+DEFAULT_SIDE_STRIDES = (8, 16, 32)
 BACKENDS = ("auto", "torch", "triton", "bnb")
 BNB_QUANT_TYPES = ("nf4", "fp4")
 BN_MODES = ("eval", "train")
@@ -70,6 +72,12 @@ class S2AConfig:
     side_reduction: int = 4
     #: Side network width; None uses the last tap's pooled width, at most 128.
     side_width: int | None = None
+    #: Side network: "pooled" (block outputs averaged over positions; classification) or
+    #: "hierarchical" (after HST: keeps the spatial layout and builds a feature pyramid at
+    #: ``side_strides``; its output without a head is the pyramid, for dense prediction).
+    side: str = "pooled"
+    #: Strides of the hierarchical side's pyramid levels, relative to the input, finest first.
+    side_strides: Sequence[int] = DEFAULT_SIDE_STRIDES
     #: Blocks that prompt/side attach to, for models outside the known timm families:
     #: a list of module names, or a pattern with ``*`` per name component ("encoder.layer.*").
     blocks: str | Sequence[str] | None = None
@@ -167,6 +175,31 @@ class S2AConfig:
             raise ValueError(
                 f"side_width: must be a positive integer or None, got {self.side_width!r}."
             )
+        if self.side not in SIDE_KINDS:
+            raise ValueError(f"side: {self.side!r} is not one of {SIDE_KINDS}.")
+        if self.side != "pooled" and "side" not in self.modules:
+            raise ValueError(
+                f"side={self.side!r} chooses the side network, but modules={list(self.modules)} "
+                "trains none; use modules=['side']."
+            )
+        if _is_sequence(self.side_strides):
+            self.side_strides = tuple(self.side_strides)
+        strides = self.side_strides
+        if (
+            not isinstance(strides, tuple)
+            or not strides
+            or not all(_is_int(s) and s > 0 for s in strides)
+            or list(strides) != sorted(set(strides))
+        ):
+            raise ValueError(
+                f"side_strides: expected increasing positive integers, finest first, e.g. "
+                f"(8, 16, 32), got {self.side_strides!r}."
+            )
+        if strides != DEFAULT_SIDE_STRIDES and self.side != "hierarchical":
+            raise ValueError(
+                f"side_strides={strides} sets the hierarchical side's pyramid; it has no "
+                f"effect with side={self.side!r}. Use side='hierarchical'."
+            )
         if self.input_size is not None:
             if _is_sequence(self.input_size):
                 self.input_size = tuple(self.input_size)
@@ -247,4 +280,11 @@ def _is_sequence(value: Any) -> bool:
     return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
 
 
-__all__ = ["BACKENDS", "MODULE_KINDS", "SUPPORTED_BITS", "S2AConfig", "check_field_names"]
+__all__ = [
+    "BACKENDS",
+    "MODULE_KINDS",
+    "SIDE_KINDS",
+    "SUPPORTED_BITS",
+    "S2AConfig",
+    "check_field_names",
+]

@@ -56,6 +56,8 @@ def format_summary(handle: S2AHandle) -> str:
     )
     if handle.structure.block_rule:
         lines.append(f"blocks ({len(handle.structure.blocks)}): {handle.structure.block_rule}")
+    if handle.structure.side_rule:
+        lines.append(f"side: {handle.structure.side_rule}")
     if not measured:
         lines.append("(bytes: none measured yet; they are filled in after a training forward)")
     lines.append(

@@ -107,6 +107,7 @@ def test_report_gives_mean_spread_and_ratios_against_full(tmp_path):
             "train_peak_mib": 700.0 + saved,
             "trainable": 100,
             "trainable_pct": 1.0,
+            "lr": 0.003,
         }
 
     results = [
@@ -123,9 +124,9 @@ def test_report_gives_mean_spread_and_ratios_against_full(tmp_path):
     text = (tmp_path / "results.md").read_text()
     assert text.startswith("- H\n\n| dataset | method |")
     row = next(line for line in text.splitlines() if "s2a_bias@4bit" in line)
-    assert "85.0 ± 7.1 (n=2)" in row and "| -5.0 |" in row and "25.0x less" in row
+    assert "85.0 ± 7.1 (n=2)" in row and "| -5.0 | 94.4 |" in row and "25.0x less" in row
     assert "| 702 |" in row  # the training peak, maximum over seeds
-    assert "| d | full | 90.0 ± 0.0 (n=2) | 0 | 50.0 | 1.0x less | 760 |" in text
+    assert "| d | full | 0.003 | 90.0 ± 0.0 (n=2) | 0 | 100.0 | 50.0 | 1.0x less | 760 |" in text
     assert "| d | lora | failed: ImportError: peft" in text
 
 
@@ -145,3 +146,51 @@ def test_unknown_method_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         study.main(["--s2a", "bn_mode=sometimes"])
     assert "--s2a: bn_mode: 'sometimes' is not one of" in capsys.readouterr().err
+
+
+def test_method_names_carry_their_own_fields():
+    assert study.parse_method("s2a_bias") == ("s2a_bias", {})
+    assert study.parse_method("s2a_side[side=hierarchical]") == (
+        "s2a_side",
+        {"side": "hierarchical"},
+    )
+    assert study.parse_method("s2a_bias[frozen_dtype=nf4 bits=8]") == (
+        "s2a_bias",
+        {"frozen_dtype": "nf4", "bits": 8},
+    )
+    for name in study.METHOD_LR:  # every default row is a valid config
+        base, fields = study.parse_method(name)
+        if base.startswith("s2a_"):
+            from lightning_s2a import S2AConfig
+
+            S2AConfig(modules=base.removeprefix("s2a_"), **fields)
+
+
+def test_the_rate_with_the_best_mean_wins_and_ties_go_to_the_smaller():
+    runs = [{"lr": 1e-2, "acc": 0.8}, {"lr": 1e-3, "acc": 0.9}, {"lr": 3e-3, "acc": 0.9}]
+    assert study.pick_rate(runs) == 1e-3
+    runs.append({"lr": 1e-3, "acc": 0.5})  # mean 0.7 now
+    assert study.pick_rate(runs) == 3e-3
+
+
+def test_the_search_split_is_cut_from_the_training_split(digits, tmp_path):
+    study.prepare_search_split(digits, tmp_path / "search.pt")
+    data = torch.load(digits, weights_only=True)
+    search = torch.load(tmp_path / "search.pt", weights_only=True)
+    (st, _), (sv, _) = search["train"], search["val"]
+    n = len(data["train"][1])
+    assert (len(st) + len(sv), len(sv)) == (n, round(0.2 * n))
+
+    def rows(x: torch.Tensor) -> set[bytes]:
+        return {bytes(r.flatten().tolist()) for r in x}
+
+    assert rows(st) | rows(sv) == rows(data["train"][0])  # never the reported images
+
+
+def test_a_fixed_rate_takes_a_bracketed_method_name(tmp_path, capsys):
+    results = [{"dataset": "d", "method": "full", "error": "not run"}]
+    (tmp_path / "results.json").write_text(json.dumps({"headers": ["H"], "results": results}))
+    study.main(["--lr", "s2a_side[side=hierarchical]=1e-2", "--report", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        study.main(["--lr", "s2a_sid[side=hierarchical]=1e-2", "--out", str(tmp_path)])
+    assert "expected METHOD=LR" in capsys.readouterr().err

@@ -402,6 +402,39 @@ def test_a_deep_copy_runs_its_own_side_network():
     handle.remove()
 
 
+@pytest.mark.parametrize(
+    "family, fields",
+    [
+        ("vit", {"modules": "bias"}),
+        ("resnet", {"modules": "side"}),
+        ("vit", {"modules": "side", "side": "hierarchical"}),
+    ],
+    ids=["bias", "side", "hierarchical"],
+)
+def test_a_deep_copy_after_training_steps_trains_like_the_original(family, fields):
+    """EMA/SWA copies are made after training has run. The engine's cache then held torch's
+    own descriptors (a deep copy failed on them), and a copy that shared the original's engine
+    had its weights coded like activations and overwrote the original's stats."""
+    torch.manual_seed(0)
+    model = SMALL[family]().train()
+    x, y = torch.randn(2, *SIZE), torch.tensor([1, 2])
+    handle = apply_s2a(model, input_size=SIZE, **fields)
+    F.cross_entropy(model(x), y).backward()
+    copy_ = __import__("copy").deepcopy(model)
+    with torch.no_grad():
+        assert torch.equal(copy_.eval()(x), model.eval()(x))
+    model.train(), copy_.train()
+    original = trainable_grads(model, x, y)
+    stats = handle.stats()
+    copied = trainable_grads(copy_, x, y)
+    assert_close_in_norm(copied, original, 1e-6, "the copy's gradients")
+    assert handle.stats() == stats  # the copy counts its bytes in its own engine
+    handle.remove()
+    assert not hasattr(model, "s2a_side") and hasattr(copy_, "s2a_side") == (
+        "side" in fields.values()
+    )
+
+
 def test_loading_into_a_deep_copy_leaves_the_original_alone():
     """frozen_dtype keeps the exact originals for checkpoints and undo; a copy's load must
     write into the copy's, or stop_engine would give the original the copy's weights."""

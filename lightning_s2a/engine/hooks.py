@@ -19,8 +19,10 @@ Lightning.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -160,6 +162,30 @@ class SavedTensorEngine:
         self.defer_on: tuple[str, ...] = ("cuda",)
         self._deferred = DeferredChecks()
 
+    def __deepcopy__(self, memo: dict) -> SavedTensorEngine:
+        """A deep copy of the model (an EMA or SWA copy) gets an engine of its own.
+
+        Its hooks are bound methods (and partials of them), so they are copied with the model
+        and reach the copy's engine, which then sees the copy's parameters and counts the
+        copy's bytes. Caches and the open account start anew: the operator cache holds
+        torch's own descriptors and the account weak references to storages, and neither
+        can be copied (a copied storage reference is released twice). The copy's hooks stay
+        as long as the copy lives.
+        """
+        fresh = {
+            "_account": None,
+            "_funcs": {},
+            "_device_codebooks": {},
+            "_handles": [],
+            "_contexts": [],
+            "_deferred": DeferredChecks(),
+        }
+        clone = object.__new__(type(self))
+        memo[id(self)] = clone
+        for key, value in self.__dict__.items():
+            setattr(clone, key, fresh[key] if key in fresh else copy.deepcopy(value, memo))
+        return clone
+
     # -- installation --------------------------------------------------------------------
     @property
     def attached(self) -> bool:
@@ -180,7 +206,9 @@ class SavedTensorEngine:
         self._modules = list(self.model.modules())
         for name, module in self.model.named_modules():
             is_root = module is self.model
-            pre = module.register_forward_pre_hook(self._entry_hook(name, is_root), prepend=True)
+            pre = module.register_forward_pre_hook(
+                partial(self._enter, name, is_root), prepend=True
+            )
             self._handles.append(pre)
             self._handles.append(module.register_forward_hook(self._leave, always_call=True))
 
@@ -234,22 +262,18 @@ class SavedTensorEngine:
         return self._last
 
     # -- forward boundaries ------------------------------------------------------------
-    def _entry_hook(self, name: str, is_root: bool):
-        compress = self.config.compress
-
-        def enter(module: nn.Module, args: Any) -> None:
-            # Depth first: if activating raises, the always-called forward hook still pops
-            # this level, so the count never goes negative.
-            self._depth += 1
-            check_not_traced(compress)
-            if self._depth == 1 and torch.is_grad_enabled():
-                check_not_compiling(self.model, self.config.compress)  # before any change
-                if not _foreign_autograd_context():
-                    self._activate(is_root)
-            if self._active:
-                self._frames.append([name, {}])
-
-        return enter
+    def _enter(self, name: str, is_root: bool, module: nn.Module, args: Any) -> None:
+        """Forward pre-hook of module ``name`` (bound with ``functools.partial``)."""
+        # Depth first: if activating raises, the always-called forward hook still pops
+        # this level, so the count never goes negative.
+        self._depth += 1
+        check_not_traced(self.config.compress)
+        if self._depth == 1 and torch.is_grad_enabled():
+            check_not_compiling(self.model, self.config.compress)  # before any change
+            if not _foreign_autograd_context():
+                self._activate(is_root)
+        if self._active:
+            self._frames.append([name, {}])
 
     def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._active and self._frames:

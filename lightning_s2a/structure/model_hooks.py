@@ -14,20 +14,31 @@ import torch
 from torch import nn
 
 from . import four_bit
-from .modules import channel_average_pool
 
 
 class SideHooks:
-    """Run the backbone without autograd, pool each block's output, and replace the head's
-    (or the model's) output with the side network's."""
+    """Run the backbone without autograd, prepare each block's output as a tap, and replace
+    the head's (or the model's) output with the side network's.
 
-    def __init__(self, model_name: str, side: nn.Module, reduction: int) -> None:
-        self.model_name, self.side, self.reduction = model_name, side, reduction
+    The side network (pooled or hierarchical) says how a tap is prepared (``prepare``) and
+    reads the image size: the spatial size of the first 4-D tensor among the model's
+    arguments, positional or keyword, else ``image``, the size S2A was applied for (None where
+    the side needs none). The hierarchical side checks it against each block's map.
+    """
+
+    def __init__(self, model_name: str, side: nn.Module, image: tuple[int, int] | None) -> None:
+        self.model_name, self.side, self.default_image = model_name, side, image
+        self.image = image
         self.taps: list[torch.Tensor] = []
         self.grad_was: list[bool] = []
 
-    def enter(self, module: nn.Module, args: Any) -> None:
+    def enter(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         self.taps.clear()
+        self.image = self.default_image
+        for value in (*args, *kwargs.values()):  # model(x) and model(pixel_values=x) alike
+            if isinstance(value, torch.Tensor) and value.dim() == 4:
+                self.image = (int(value.shape[-2]), int(value.shape[-1]))
+                break
         self.grad_was.append(torch.is_grad_enabled())
         torch.set_grad_enabled(False)  # the backbone runs without autograd: stores nothing
 
@@ -35,7 +46,7 @@ class SideHooks:
         if self.grad_was:
             torch.set_grad_enabled(self.grad_was.pop())
 
-    def tap(self, name: str, layout: str, module: nn.Module, args: Any, output: Any) -> None:
+    def tap(self, name: str, index: int, module: nn.Module, args: Any, output: Any) -> None:
         """Forward hook of block ``name`` (bind the first two with ``functools.partial``)."""
         if not self.grad_was:
             raise RuntimeError(
@@ -45,13 +56,24 @@ class SideHooks:
                 "one), so the trained side network would be skipped. Call the model itself, "
                 "model(x), or use modules=['bias'] / ['prompt']."
             )
-        self.taps.append(channel_average_pool(output, layout, self.reduction))
+        if index != len(self.taps):
+            raise RuntimeError(
+                f"'side' reads each block once per forward, in order; block {name!r} (number "
+                f"{index}) ran after {len(self.taps)} taps. Name blocks that run once each, "
+                "in order, with S2AConfig(blocks=...)."
+            )
+        self.taps.append(self.side.prepare(index, output, self.image))
 
-    def read_side(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+    def read_side(self, module: nn.Module, args: Any, output: Any) -> Any:
+        # The cast to the output's dtype is part of the side's graph: inside the grad region
+        # (without a head this hook runs before ``exit`` turns autograd back on).
+        dtype = output.dtype if isinstance(output, torch.Tensor) else None
         with torch.set_grad_enabled(bool(self.grad_was) and self.grad_was[-1]):
-            out = self.side(list(self.taps))
+            out = self.side(list(self.taps), self.image)
+            if dtype is not None:
+                out = out.to(dtype) if isinstance(out, torch.Tensor) else [f.to(dtype) for f in out]
         self.taps.clear()
-        return out.to(output.dtype)
+        return out
 
 
 class OriginalsHooks:

@@ -5,7 +5,8 @@ Both are chosen because their backward needs (almost) no stored activation:
 * ``LowRankPrompt`` adds ``A @ B`` to a block's output. The term does not depend on the input,
   so its gradient is a sum of the incoming gradient, and the addition saves nothing.
 * ``SideNetwork`` reads pooled, r-times-narrower copies of the block outputs of a backbone
-  that runs without autograd; only its own small vectors are kept for backward.
+  that runs without autograd; only its own small vectors are kept for backward. Its
+  hierarchical sibling, which keeps the spatial layout, is in ``hierarchical.py``.
 """
 
 from __future__ import annotations
@@ -59,6 +60,18 @@ class LowRankPrompt(nn.Module):
         return f"shape={self.shape}, layout={self.layout}, rank={self.B.shape[0]}"
 
 
+def average_channel_groups(x: torch.Tensor, reduction: int, dim: int) -> torch.Tensor:
+    """Average groups of ``reduction`` neighbouring channels along ``dim`` (parameter-free);
+    a channel count that ``reduction`` does not divide is pooled adaptively."""
+    c = x.shape[dim]
+    out = max(1, c // reduction)
+    if c == out * reduction:
+        return x.unflatten(dim, (out, reduction)).mean(dim + 1 if dim >= 0 else dim)
+    moved = x.movedim(dim, -1)
+    pooled = F.adaptive_avg_pool1d(moved.reshape(-1, 1, c), out)
+    return pooled.reshape(*moved.shape[:-1], out).movedim(-1, dim)
+
+
 def channel_average_pool(h: torch.Tensor, layout: str, reduction: int) -> torch.Tensor:
     """Parameter-free tap: average over positions, then over groups of ``reduction`` channels."""
     if layout == "tokens":
@@ -67,8 +80,7 @@ def channel_average_pool(h: torch.Tensor, layout: str, reduction: int) -> torch.
         v = h.mean(dim=(1, 2))
     else:
         v = h.mean(dim=(2, 3))
-    width = max(1, v.shape[-1] // reduction)
-    return F.adaptive_avg_pool1d(v.unsqueeze(1), width).squeeze(1)
+    return average_channel_groups(v, reduction, -1)
 
 
 class SideNetwork(nn.Module):
@@ -79,15 +91,29 @@ class SideNetwork(nn.Module):
     """
 
     def __init__(
-        self, tap_channels: list[int], reduction: int, width: int, num_classes: int
+        self,
+        tap_channels: list[int],
+        reduction: int,
+        width: int,
+        num_classes: int,
+        layouts: list[str],
     ) -> None:
         super().__init__()
+        if len(layouts) != len(tap_channels):
+            raise ValueError(f"{len(tap_channels)} taps but {len(layouts)} layouts.")
         self.reduction = reduction
+        self.layouts = tuple(layouts)
         self.proj = nn.ModuleList(nn.Linear(max(1, c // reduction), width) for c in tap_channels)
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, num_classes)
 
-    def forward(self, taps: list[torch.Tensor]) -> torch.Tensor:
+    def prepare(self, index: int, output: torch.Tensor, image: tuple[int, int]) -> torch.Tensor:
+        """Parameter-free part of tap ``index``, run with the backbone (no autograd)."""
+        return channel_average_pool(output, self.layouts[index], self.reduction)
+
+    def forward(
+        self, taps: list[torch.Tensor], image: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         if len(taps) != len(self.proj):
             raise RuntimeError(f"side network expects {len(self.proj)} taps, got {len(taps)}.")
         s = 0

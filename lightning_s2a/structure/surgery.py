@@ -19,6 +19,7 @@ from ..config import FOUR_BIT_DTYPES, S2AConfig
 from . import four_bit
 from .families import Block, block_output_shapes, default_input_size, find_blocks
 from .head import HeadGroup, find_head, head_modules, is_bias
+from .hierarchical import HierarchicalSide, Tap, token_grid
 from .model_hooks import HeldLayerHooks, OriginalsHooks, SideHooks
 from .modules import LowRankPrompt, SideNetwork
 
@@ -51,6 +52,10 @@ class StructureState:
     output_shape: tuple[int, ...] | None = None
     #: How the blocks were found (the summary prints it): family table, named, or repeated.
     block_rule: str = ""
+    #: The (C, H, W) prompt and side were sized for.
+    input_size: tuple[int, ...] = ()
+    #: What the side network is (the summary prints it).
+    side_rule: str = ""
 
 
 def check_composition(modules: tuple[str, ...]) -> None:
@@ -71,12 +76,14 @@ def apply_structure(model: nn.Module, config: S2AConfig) -> StructureState:
     blocks: list[Block] = []
     output_shape: tuple[int, ...] | None = None
     block_rule = ""
+    size: tuple[int, ...] = ()
     if "prompt" in modules or "side" in modules:
         found, _, block_rule = find_blocks(model, config.blocks, config.block_layout)
         size = default_input_size(model, config.input_size)
         blocks, output_shape = block_output_shapes(model, found, size)
     state = StructureState(flags={n: p.requires_grad for n, p in model.named_parameters()})
     state.head, state.blocks, state.output_shape = head, blocks, output_shape
+    state.input_size = size
     state.block_rule = block_rule if blocks else ""
     try:
         _apply(model, config, state, modules)
@@ -163,33 +170,85 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
 def _apply_side(model: nn.Module, config: S2AConfig, state: StructureState) -> None:
     # The side network's output replaces the head's; with no head in the model (the user's
     # own head sits outside it), it replaces the model's own output: features of the same
-    # width, which the user's head then reads.
+    # width (pooled), or the feature pyramid (hierarchical), which the user's head then reads.
     replaced = state.head if state.head is not None else model
-    outputs = _side_outputs(model, state)
+    hierarchical = config.side == "hierarchical"
+    outputs = _side_outputs(model, state, hierarchical)
     channels = [b.shape[-1] if b.layout in ("tokens", "nhwc") else b.shape[0] for b in state.blocks]
     width = config.side_width or max(1, min(SIDE_MAX_WIDTH, channels[-1] // config.side_reduction))
-    side = SideNetwork(channels, config.side_reduction, width, outputs)
+    image = _image_size(model, state.input_size) if hierarchical else None
+    side: nn.Module
+    if hierarchical:
+        assert image is not None
+        taps = _taps(model, state.blocks, channels, image)
+        side = HierarchicalSide(taps, config.side_strides, config.side_reduction, width, outputs)
+        state.side_rule = (
+            f"hierarchical, width {width}, strides {tuple(config.side_strides)}, "
+            f"blocks per level {side.per_level}, output "
+            + (f"{outputs} classes" if outputs is not None else "the pyramid (a list of maps)")
+        )
+    else:
+        assert outputs is not None
+        layouts = [b.layout for b in state.blocks]
+        side = SideNetwork(channels, config.side_reduction, width, outputs, layouts)
+        state.side_rule = f"pooled, width {width}, {len(channels)} blocks, {outputs} outputs"
     _add_module(state, model, SIDE_NAME, side, _like(replaced))
     state.parts.append((SIDE_NAME, "side"))
-    hooks = SideHooks(type(model).__name__, side, config.side_reduction)
+    hooks = SideHooks(type(model).__name__, side, image)
     # Order matters: the backbone's no-grad region opens after the engine's hooks start (the
     # engine registers its pre-hook first) and closes before they end.
-    state.hooks.append(model.register_forward_pre_hook(hooks.enter))
+    state.hooks.append(model.register_forward_pre_hook(hooks.enter, with_kwargs=True))
     state.hooks.extend(
-        b.module.register_forward_hook(partial(hooks.tap, b.name, b.layout)) for b in state.blocks
+        b.module.register_forward_hook(partial(hooks.tap, b.name, i))
+        for i, b in enumerate(state.blocks)
     )
     state.hooks.append(replaced.register_forward_hook(hooks.read_side))
     state.hooks.append(model.register_forward_hook(hooks.exit, always_call=True))
 
 
-def _side_outputs(model: nn.Module, state: StructureState) -> int:
-    """Width of the side network's output: the head's classes, or the model's feature width."""
+def _image_size(model: nn.Module, input_size: tuple[int, ...]) -> tuple[int, int]:
+    if len(input_size) != 3:
+        raise ValueError(
+            f"side='hierarchical' lays {type(model).__name__}'s block outputs out on an image "
+            f"grid, so it needs an image input (C, H, W), "
+            f"but the input size is {input_size}. Pass S2AConfig(input_size=(C, H, W))."
+        )
+    return int(input_size[1]), int(input_size[2])
+
+
+def _taps(
+    model: nn.Module, blocks: list[Block], channels: list[int], image: tuple[int, int]
+) -> list[Tap]:
+    """Each block's layout as a map; token blocks get their patch stride and prefix tokens."""
+    prefix = next(
+        (
+            m.num_prefix_tokens
+            for m in model.modules()
+            if isinstance(getattr(m, "num_prefix_tokens", None), int)
+        ),
+        None,
+    )
+    taps = []
+    for block, c in zip(blocks, channels, strict=True):
+        if block.layout == "tokens":
+            stride, skip = token_grid(block.shape[0], image, prefix)
+            taps.append(Tap("tokens", c, stride, skip))
+        else:
+            rows = block.shape[1] if block.layout == "nchw" else block.shape[0]
+            taps.append(Tap(block.layout, c, stride=max(1, round(image[0] / rows))))
+    return taps
+
+
+def _side_outputs(model: nn.Module, state: StructureState, hierarchical: bool) -> int | None:
+    """Width of the side network's output: the head's classes, the model's feature width
+    (pooled side without a head), or None (hierarchical side without a head: the pyramid)."""
     if isinstance(state.head, HeadGroup):
         raise ValueError(
             f"'side' replaces the task head's output with the side network's, but "
             f"{type(model).__name__}.get_classifier() gives {len(state.head)} heads (a distilled "
             "model's class and distillation heads). Name the one to replace, e.g. "
-            "S2AConfig(head='head'), or use modules=['bias'] or ['prompt'], which train both."
+            "S2AConfig(head='head'); or use modules=['bias'] or ['prompt'], which train both, "
+            "or side='hierarchical' with head=None for the feature pyramid."
         )
     if state.head is not None:
         classes = getattr(state.head, "out_features", None)
@@ -200,13 +259,16 @@ def _side_outputs(model: nn.Module, state: StructureState) -> int:
                 f"{type(state.head).__name__}. Name a Linear head with S2AConfig(head='...')."
             )
         return classes
+    if hierarchical:
+        return None
     shape = state.output_shape
     if shape is None or len(shape) != 1:
         raise ValueError(
             f"'side' without a head replaces {type(model).__name__}'s own output with the side "
             f"network's, which must then be (batch, features); it is {shape}. Build the "
             "backbone without its pooling removed (e.g. timm num_classes=0 gives pooled "
-            "features), or name a Linear head inside it with S2AConfig(head='...')."
+            "features), name a Linear head inside it with S2AConfig(head='...'), or use "
+            "side='hierarchical', whose output without a head is the feature pyramid."
         )
     return shape[0]
 

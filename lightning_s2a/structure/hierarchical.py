@@ -1,0 +1,188 @@
+"""The hierarchical side network (``S2AConfig(side="hierarchical")``), after HST.
+
+The pooled side (:class:`~lightning_s2a.structure.modules.SideNetwork`) averages each block
+output over its positions, which suits classification only. This one keeps the spatial layout:
+every tap becomes a feature map, the taps are shared out over pyramid levels (earlier blocks to
+finer levels, for example strides 8, 16 and 32 of the input), and each level mixes what it got
+with the level above it. Its output is the pyramid, or class scores pooled from it.
+
+The backbone still runs without autograd. What a tap needs before training starts (token grid,
+channel averaging, downsampling to its level) is done there too, so only the reduced maps the
+side network's own layers read are kept for backward.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .modules import average_channel_groups
+
+#: How many leading non-patch tokens (class, distillation, register tokens) are tried when the
+#: model does not say (timm's ``num_prefix_tokens``).
+MAX_PREFIX_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class Tap:
+    """How to turn one block's output into a (B, C, H, W) map: its layout, its stride against
+    the input, and for tokens the number of leading non-patch tokens."""
+
+    layout: str
+    channels: int
+    stride: int = 0
+    prefix: int = 0
+
+
+def token_grid(tokens: int, image: tuple[int, int], prefix: int | None) -> tuple[int, int]:
+    """(patch stride, prefix tokens) that lay ``tokens`` out as a grid over an ``image`` (H, W).
+
+    The model's own count ``prefix`` (timm's ``num_prefix_tokens``) is tried first, then the
+    fewest leading tokens (up to :data:`MAX_PREFIX_TOKENS`) that leave a whole grid
+    ``(H // s) x (W // s)``; strides that divide the image are tried first.
+    """
+    h, w = image
+    # The model's own count first; then the search (CaiT says 1, but its main blocks carry
+    # no class token: that is added for its class-attention blocks only).
+    prefixes = [*([] if prefix is None else [prefix]), *range(MAX_PREFIX_TOKENS + 1)]
+    for exact in (True, False):  # a stride that divides the image first (16 before 15 at 224)
+        for p in prefixes:
+            for s in range(1, min(h, w) + 1):
+                if exact and (h % s or w % s):
+                    continue
+                if (h // s) * (w // s) == tokens - p:
+                    return s, p
+    tried = f"0..{MAX_PREFIX_TOKENS}"
+    raise ValueError(
+        f"side='hierarchical' lays token blocks out on the image grid, but {tokens} tokens do "
+        f"not make a (H/s) x (W/s) grid of a {h}x{w} input after any of {tried} leading "
+        "tokens. Pass the "
+        "size your data have with S2AConfig(input_size=(C, H, W)), or use side='pooled'."
+    )
+
+
+def as_map(h: torch.Tensor, tap: Tap, image: tuple[int, int]) -> torch.Tensor:
+    """A block output as a (B, C, H, W) map, checked against the input size."""
+    if tap.layout in ("nchw", "nhwc"):
+        x = h if tap.layout == "nchw" else h.permute(0, 3, 1, 2)
+        expected = (image[0] / tap.stride, image[1] / tap.stride)
+        if any(abs(n - e) >= 1 for n, e in zip(x.shape[-2:], expected, strict=True)):
+            raise RuntimeError(
+                f"side='hierarchical' took the input size {image[0]}x{image[1]} from the model's "
+                f"first 4-D argument, but a block at stride {tap.stride} gave a "
+                f"{x.shape[-2]}x{x.shape[-1]} map. Pass the image batch (B, C, H, W) as the "
+                "model's first 4-D argument."
+            )
+        return x
+    gh, gw = image[0] // tap.stride, image[1] // tap.stride
+    if gh * gw + tap.prefix != h.shape[1]:
+        raise RuntimeError(
+            f"side='hierarchical' expected {gh}x{gw} patch tokens after {tap.prefix} leading "
+            f"ones for a {image[0]}x{image[1]} input, got {h.shape[1]} tokens. Call the model "
+            "with an image tensor (B, C, H, W) as its first argument, or apply S2A with "
+            "S2AConfig(input_size=...) for the size your data have."
+        )
+    return h[:, tap.prefix :].transpose(1, 2).reshape(h.shape[0], h.shape[2], gh, gw)
+
+
+def level_sizes(image: tuple[int, int], strides: Sequence[int]) -> list[tuple[int, int]]:
+    """Each pyramid level's (H, W): the input's size over the level's stride, rounded up."""
+    return [(math.ceil(image[0] / s), math.ceil(image[1] / s)) for s in strides]
+
+
+class LevelBlock(nn.Module):
+    """One pyramid level's mixing: ``x + pw(gelu(dw(norm(x))))``, a 3x3 depthwise then 1x1
+    convolution; light, and it spreads information across neighbouring positions."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(1, width)
+        self.dw = nn.Conv2d(width, width, 3, padding=1, groups=width)
+        self.pw = nn.Conv2d(width, width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.pw(F.gelu(self.dw(self.norm(x))))
+
+
+class HierarchicalSide(nn.Module):
+    """A side network that keeps the taps' spatial layout and builds a feature pyramid.
+
+    Tap ``i`` of ``n`` feeds level ``i * L // n`` of ``L = len(strides)``: a 1x1 projection
+    to ``width`` channels, resized to the level. Each level adds the level above it (average
+    pooled) and runs a :class:`LevelBlock`. With ``num_classes`` the levels are averaged over
+    positions, concatenated and classified; without, the output is the pyramid: one
+    (B, width, H / stride, W / stride) map per stride.
+    """
+
+    def __init__(
+        self,
+        taps: Sequence[Tap],
+        strides: Sequence[int],
+        reduction: int,
+        width: int,
+        num_classes: int | None,
+    ) -> None:
+        super().__init__()
+        self.taps, self.strides, self.reduction = tuple(taps), tuple(strides), reduction
+        self.level_of = tuple(i * len(strides) // len(taps) for i in range(len(taps)))
+        self.proj = nn.ModuleList(
+            nn.Conv2d(max(1, t.channels // reduction), width, 1) for t in self.taps
+        )
+        self.levels = nn.ModuleList(LevelBlock(width) for _ in strides)
+        self.head: nn.Module | None = None
+        if num_classes is not None:
+            self.head = nn.Sequential(
+                nn.LayerNorm(width * len(strides)), nn.Linear(width * len(strides), num_classes)
+            )
+
+    def prepare(self, index: int, output: torch.Tensor, image: tuple[int, int]) -> torch.Tensor:
+        """Parameter-free part of tap ``index``, run with the backbone (no autograd): the map,
+        shrunk to its level where it is finer, with its channels averaged."""
+        x = as_map(output, self.taps[index], image)
+        size = level_sizes(image, self.strides)[self.level_of[index]]
+        if x.shape[-2] > size[0] or x.shape[-1] > size[1]:
+            x = F.adaptive_avg_pool2d(x, size)
+        return average_channel_groups(x, self.reduction, 1)
+
+    def features(self, taps: Sequence[torch.Tensor], image: tuple[int, int]) -> list[torch.Tensor]:
+        """The pyramid, finest level first."""
+        if len(taps) != len(self.proj):
+            raise RuntimeError(f"side network expects {len(self.proj)} taps, got {len(taps)}.")
+        dtype = self.proj[0].weight.dtype
+        pyramid: list[torch.Tensor] = []
+        s: torch.Tensor | None = None
+        for level, (size, block) in enumerate(
+            zip(level_sizes(image, self.strides), self.levels, strict=True)
+        ):
+            if s is not None:
+                s = F.adaptive_avg_pool2d(s, size)
+            for i in (i for i, lv in enumerate(self.level_of) if lv == level):
+                z = self.proj[i](taps[i].to(dtype))
+                if z.shape[-2:] != size:
+                    z = F.interpolate(z, size=size, mode="bilinear", align_corners=False)
+                s = z if s is None else s + z
+            assert s is not None  # tap 0 always feeds level 0
+            s = block(s)
+            pyramid.append(s)
+        return pyramid
+
+    def forward(
+        self, taps: Sequence[torch.Tensor], image: tuple[int, int]
+    ) -> torch.Tensor | list[torch.Tensor]:
+        pyramid = self.features(taps, image)
+        if self.head is None:
+            return pyramid
+        return self.head(torch.cat([f.mean(dim=(2, 3)) for f in pyramid], dim=1))
+
+    @property
+    def per_level(self) -> list[int]:
+        """How many taps feed each level."""
+        return [self.level_of.count(i) for i in range(len(self.strides))]
+
+    def extra_repr(self) -> str:
+        return f"strides={self.strides}, taps per level={self.per_level}"

