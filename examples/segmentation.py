@@ -107,7 +107,7 @@ class SegHead(nn.Module):
 class Segmenter(nn.Module):
     """Backbone plus :class:`SegHead`; ``method`` says where the pyramid comes from."""
 
-    def __init__(self, method: str, bits: int, size: int) -> None:
+    def __init__(self, method: str, bits: int, size: int, side_reduction: int = 4) -> None:
         super().__init__()
         self.backbone = efficientnet_lite0_imagenet(num_classes=0)
         # The pyramid ends at the last block: the 1x1 head convolution to 1280 channels is cut.
@@ -120,6 +120,7 @@ class Segmenter(nn.Module):
                 modules=["side"],
                 side="hierarchical",
                 side_strides=STRIDES,
+                side_reduction=side_reduction,
                 head=None,
                 bits=bits,
                 input_size=(3, size, size),
@@ -171,7 +172,7 @@ def train(
     method: str, lr: float, data: dict[str, Any], args: argparse.Namespace, seed: int
 ) -> tuple[nn.Module, dict[str, Any]]:
     torch.manual_seed(seed)
-    model = Segmenter(method, args.bits, args.size)
+    model = Segmenter(method, args.bits, args.size, args.side_reduction)
     model.train()
     if method == "head":  # a frozen backbone keeps its BatchNorm statistics, as S2A does
         model.backbone.eval()
@@ -220,6 +221,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument(
+        "--side-reduction", type=int, default=4, help="S2AConfig.side_reduction of 'side'"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)

@@ -176,10 +176,10 @@ def _apply_side(model: nn.Module, config: S2AConfig, state: StructureState) -> N
     outputs = _side_outputs(model, state, hierarchical)
     channels = [b.shape[-1] if b.layout in ("tokens", "nhwc") else b.shape[0] for b in state.blocks]
     width = config.side_width or max(1, min(SIDE_MAX_WIDTH, channels[-1] // config.side_reduction))
-    image = _image_size(model, state.input_size) if hierarchical else None
     side: nn.Module
+    image: tuple[int, int] | None = None  # the pooled side needs no image size
     if hierarchical:
-        assert image is not None
+        image = _image_size(model, state.input_size)
         taps = _taps(model, state.blocks, channels, image)
         side = HierarchicalSide(taps, config.side_strides, config.side_reduction, width, outputs)
         state.side_rule = (
