@@ -191,3 +191,36 @@ def test_a_fixed_rate_takes_a_bracketed_method_name(tmp_path, capsys):
     with pytest.raises(SystemExit):
         study.main(["--lr", "s2a_sid[side=hierarchical]=1e-2", "--out", str(tmp_path)])
     assert "expected METHOD=LR" in capsys.readouterr().err
+
+
+def test_main_searches_on_the_inner_split_then_reports_with_the_chosen_rate(tmp_path, monkeypatch):
+    specs: list[dict] = []
+
+    def fake_worker(spec: dict) -> dict:
+        specs.append(spec)
+        lrs = spec.get("lrs", [spec["lr"]])
+        best = {"full": 1e-2, "s2a_bias": 3e-2}[spec["method"]]
+        runs = [
+            {"seed": s, "lr": lr, "acc": 0.9 if lr == best else 0.5, "saved_mib": 1.0}
+            | {"step_s": 0.1, "train_s": 1.0, "train_peak_mib": 1.0, "trainable": 1}
+            | {"trainable_pct": 1.0}
+            for lr in lrs
+            for s in spec["seeds"]
+        ]
+        return {"dataset": spec["dataset"], "method": spec["label"], "runs": runs}
+
+    monkeypatch.setattr(study, "_run_worker", fake_worker)
+    argv = ["--datasets", "digits", "--methods", "full", "s2a_bias", "--image-size", "32"]
+    study.main([*argv, "--search-epochs", "2", "--epochs", "4", "--out", str(tmp_path)])
+    search, report = specs[:2], specs[2:]
+    assert [s["epochs"] for s in search] == [2, 2] and all(s["seeds"] == [0] for s in search)
+    assert all(s["data"].endswith("search_digits_32px.pt") for s in search)
+    assert [(s["method"], s["lr"], s["epochs"]) for s in report] == [
+        ("full", 1e-2, 4),
+        ("s2a_bias", 3e-2, 4),
+    ]
+    assert all(s["seeds"] == [0, 1] and s["data"].endswith("data_digits_32px.pt") for s in report)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert "(seed 0, 2 epochs)" in saved["headers"][0]
+    grid = {"0.001": 0.5, "0.003": 0.5, "0.01": 0.5, "0.03": 0.9}
+    assert saved["search"]["s2a_bias@4bit"] == grid
