@@ -218,12 +218,48 @@ def test_recurrent_biases_train_under_bias(rnn):
     assert len(frozen) == 8 and all(grads[n] is None for n in frozen)
 
 
+class UserAttention(nn.Module):
+    """A user's encoder on ``nn.MultiheadAttention``, whose q/k/v bias is ``in_proj_bias``."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(6, 32)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+        self.classifier = nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        return self.classifier((h + self.mlp(h)).mean(1))
+
+
+def test_multihead_attention_in_proj_bias_trains_under_bias():
+    """BitFit trains every additive bias: MHA's packed ``in_proj_bias`` too, with the
+    uncompressed run's gradient (float64, 8 bits, so the codes' error is small)."""
+    torch.manual_seed(0)
+    model = UserAttention().double()
+    x = torch.randn(4, 40, 6, dtype=torch.float64)
+    grads = {}
+    for compress in (False, True):
+        cfg = S2AConfig(modules=["bias"], head="classifier", bits=8, compress=compress)
+        with apply_s2a(model, cfg):
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            model.zero_grad(set_to_none=True)
+            model(x).square().sum().backward()
+            grads[compress] = model.attn.in_proj_bias.grad.clone()
+    assert "attn.in_proj_bias" in trainable and "attn.in_proj_weight" not in trainable
+    exact, coded = grads[False], grads[True]
+    assert exact.abs().sum() > 0
+    assert (coded - exact).norm() <= 0.02 * exact.norm()
+
+
 def test_is_bias_knows_recurrent_names():
     from lightning_s2a.engine.ops import is_bias
 
     cell = {n for n, _ in nn.LSTMCell(3, 4).named_parameters() if is_bias(n)}
     assert cell == {"bias_ih", "bias_hh"}
-    for name in ("bias", "fc.bias", "rnn.bias_ih_l0", "rnn.bias_hh_l12_reverse"):
+    for name in ("bias", "fc.bias", "rnn.bias_ih_l0", "rnn.bias_hh_l12_reverse", "in_proj_bias"):
         assert is_bias(name), name
     for name in ("rnn.weight_ih_l0", "bias_ih_l", "bias_ih_lx", "biases", "fc.bias_scale"):
         assert not is_bias(name), name

@@ -257,11 +257,14 @@ def is_bias(name: str) -> bool:
     """True for a bias parameter: what BitFit trains, and whose gradient needs no saved
     activation (so its op's inputs are not kept exact for it).
 
-    That is ``*.bias``, and the recurrent layers' biases: ``bias_ih_l0``, ``bias_hh_l1``,
-    ``bias_ih_l0_reverse`` (nn.RNN, nn.LSTM, nn.GRU) and ``bias_ih``, ``bias_hh`` (their cells).
+    That is ``*.bias``, ``nn.MultiheadAttention``'s packed query/key/value bias
+    ``in_proj_bias`` (the additive bias of its input projection; left frozen, bias tuning of
+    a model built on it would silently not be BitFit), and the recurrent layers' biases:
+    ``bias_ih_l0``, ``bias_hh_l1``, ``bias_ih_l0_reverse`` (nn.RNN, nn.LSTM, nn.GRU) and
+    ``bias_ih``, ``bias_hh`` (their cells).
     """
     leaf = name.rsplit(".", 1)[-1]
-    if leaf == "bias":
+    if leaf in ("bias", "in_proj_bias"):
         return True
     if not leaf.startswith(("bias_ih", "bias_hh")):
         return False
