@@ -2,9 +2,12 @@
 uncompressed run: one row per model, in Markdown.
 
     uv run python examples/family_fidelity.py efficientvit_b0 tiny_vit_5m_224
+    uv run python examples/family_fidelity.py --calibrate efficientvit_b0
 
 Random init, eval mode (no dropout or drop-path), batch 2 at the model's own input size.
 A zero-initialised head (sequencer2d) is re-drawn: with it no gradient reaches the backbone.
+``--calibrate`` runs ``handle.calibrate`` first, on another random batch than the measured
+one, and adds the number of modules it widened.
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return F.cosine_similarity(a.double(), b.double(), dim=0).item()
 
 
-def measure(name: str) -> str:
-    """One table row: cosine over all trainable gradients, over the backbone's, compression."""
+def measure(name: str, calibrate: bool = False) -> str:
+    """One table row: cosine over all trainable gradients, over the backbone's, compression
+    (and with ``calibrate``, the modules widened of those that save tensors)."""
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=10).eval()
     for p in model.get_classifier().parameters():
@@ -39,21 +43,31 @@ def measure(name: str) -> str:
             torch.nn.init.normal_(p, std=0.02)
     x = torch.randn(2, *model.pretrained_cfg.get("input_size", (3, 224, 224)))
     y = torch.randint(0, 10, (2,))
+    x_other, y_other = torch.randn_like(x), torch.randint(0, 10, (2,))
     runs = {}
+    widened = ""
     for compress in (False, True):
         with apply_s2a(model, S2AConfig(bits=4, compress=compress)) as handle:
+            if calibrate and compress:
+                errors = handle.calibrate(lambda: F.cross_entropy(model(x_other), y_other))
+                widened = f" {len(handle.engine.module_bits)} of {len(errors)} |"
             runs[compress] = (_grads(model, x, y, False), _grads(model, x, y, True))
             stats = handle.stats()
     (exact, exact_bb), (approx, approx_bb) = runs[False], runs[True]
     return (
         f"| {name} | {_cosine(exact, approx):.4f} | {_cosine(exact_bb, approx_bb):.4f} | "
-        f"{1 / stats['ratio']:.1f}x |"
+        f"{1 / stats['ratio']:.1f}x |{widened}"
     )
 
 
 if __name__ == "__main__":
     torch.set_num_threads(2)
-    print("| model | gradient cosine | backbone cosine | compression |")
-    print("|---|---:|---:|---:|")
-    for model_name in sys.argv[1:]:
-        print(measure(model_name), flush=True)
+    calibrated = "--calibrate" in sys.argv
+    names = [a for a in sys.argv[1:] if a != "--calibrate"]
+    print(
+        "| model | gradient cosine | backbone cosine | compression |"
+        + (" widened modules |" if calibrated else "")
+    )
+    print("|---|---:|---:|---:|" + ("---:|" if calibrated else ""))
+    for model_name in names:
+        print(measure(model_name, calibrated), flush=True)

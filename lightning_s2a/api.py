@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -48,6 +49,20 @@ class S2AHandle:
         the model: "backbone", "prompt", "side", "head").
         """
         return self.engine.stats()
+
+    def calibrate(
+        self, loss_fn: Callable[[], torch.Tensor], tol: float | None = None
+    ) -> dict[str, float]:
+        """Find the modules whose codes bend their gradient and keep what they save at 8 bits.
+
+        ``loss_fn`` runs the model on one batch and returns its scalar loss, e.g.
+        ``lambda: F.cross_entropy(model(x), y)``. It is called twice (saved tensors exact,
+        then coded) with the same random state; buffers and statistics are put back, and
+        nothing reaches ``.grad``. Modules whose local relative gradient error exceeds ``tol``
+        (default ``config.calibration_tol()``) are widened; returns every module's error.
+        ``S2ACallback`` calls this on the first training batch when ``config.calibrate``.
+        """
+        return self.engine.calibrate(loss_fn, self.config.calibration_tol() if tol is None else tol)
 
     def trainable_parameters(self) -> tuple[int, float]:
         """Number of trainable parameters and their fraction of all parameters."""

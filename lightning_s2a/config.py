@@ -99,6 +99,14 @@ class S2AConfig:
     #: "nf4" / "fp4" hold frozen Linear and Conv weights in 4 bits (bitsandbytes, blocks of
     #: 64), dequantized one layer at a time in forward and again in backward; any precision.
     frozen_dtype: str | None = None
+    #: Calibrate on the first training batch (``S2ACallback``) or on
+    #: ``handle.calibrate(loss_fn)``: modules whose codes change their local gradient by more
+    #: than ``calibrate_tol`` (relative) keep what they save at 8 bits. Costs one exact and
+    #: one coded forward with their graphs alive, once.
+    calibrate: bool = False
+    #: Local relative gradient error above which calibration widens a module; None: 0.05 at
+    #: 4 bits (a 4-bit GELU loses about 0.035), doubled per bit fewer, halved per bit more.
+    calibrate_tol: float | None = None
 
     def __post_init__(self) -> None:
         check_bits(self.bits, "bits")
@@ -122,7 +130,7 @@ class S2AConfig:
                 f"head: {self.head!r} ({type(self.head).__name__}) is not a submodule name; "
                 "allowed: 'auto', the name of a submodule such as 'fc', or None for no head."
             )
-        for name in ("compress", "stochastic_rounding", "add_bias", "surgery"):
+        for name in ("compress", "stochastic_rounding", "add_bias", "surgery", "calibrate"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(
@@ -236,6 +244,19 @@ class S2AConfig:
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}.")
+        tol = self.calibrate_tol
+        if tol is not None and (
+            isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1
+        ):
+            raise ValueError(
+                f"calibrate_tol: expected a relative error between 0 and 1 (exclusive), e.g. "
+                f"0.05, or None (scaled to bits), got {tol!r}."
+            )
+        if self.calibrate and not self.compress:
+            raise ValueError(
+                "calibrate=True measures the codes' error, but compress=False stores every "
+                "saved tensor exact; drop one of them."
+            )
         if not _is_int(self.seed) or self.seed < 0:
             raise ValueError(f"seed: must be a non-negative integer, got {self.seed!r}.")
 
@@ -244,6 +265,13 @@ class S2AConfig:
         if kind == "trainable":
             return self.trainable_input_bits
         return self.op_bits.get(kind, self.bits)
+
+    def calibration_tol(self) -> float:
+        """The local gradient error above which calibration widens a module (see
+        ``calibrate_tol``): a code's error halves with each bit, and so does the default."""
+        if self.calibrate_tol is not None:
+            return float(self.calibrate_tol)
+        return 0.05 * 2.0 ** (4 - self.bits)
 
     def replace(self, **overrides: Any) -> S2AConfig:
         """A copy with some fields changed (validated again)."""

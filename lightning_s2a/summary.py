@@ -9,6 +9,7 @@ from .structure.four_bit import held_numel
 
 if TYPE_CHECKING:
     from .api import S2AHandle
+    from .engine.hooks import SavedTensorEngine
 
 PARTS = ("backbone", "prompt", "side", "head")
 
@@ -58,6 +59,8 @@ def format_summary(handle: S2AHandle) -> str:
         lines.append(f"blocks ({len(handle.structure.blocks)}): {handle.structure.block_rule}")
     if handle.structure.side_rule:
         lines.append(f"side: {handle.structure.side_rule}")
+    if cfg.calibrate or handle.engine.calibrated:
+        lines.append(calibration_line(handle.engine))
     if not measured:
         lines.append("(bytes: none measured yet; they are filled in after a training forward)")
     lines.append(
@@ -69,3 +72,18 @@ def format_summary(handle: S2AHandle) -> str:
         f"(frozen_dtype={cfg.frozen_dtype})"
     )
     return "\n".join(lines)
+
+
+def calibration_line(engine: SavedTensorEngine, show: int = 3) -> str:
+    """One line on calibration: how many modules it widened, the worst errors it measured."""
+    if not engine.calibrated:
+        return "calibration: pending (runs on the first training batch)"
+    errors = engine.calibration
+    wide = engine.module_bits
+    worst = sorted(wide, key=lambda n: -errors.get(n, 0.0))[:show]
+    named = ", ".join(f"{n or '(model)'} {100 * errors.get(n, 0.0):.1f}%" for n in worst)
+    return (
+        f"calibration: {len(wide)} of {len(errors)} modules widened to "
+        f"{max(wide.values(), default=8)} bits (local gradient error above tolerance)"
+        + (f": {named}" + (", ..." if len(wide) > show else "") if wide else "")
+    )

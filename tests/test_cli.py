@@ -59,6 +59,10 @@ def test_flags_build_the_s2a_config(tmp_path):
         "4",
         "--s2a.op_bits",
         "{softmax: 8}",
+        "--s2a.calibrate",
+        "true",
+        "--s2a.calibrate_tol",
+        "0.08",
     )
     config = cli.s2a_config
     assert isinstance(config, S2AConfig)
@@ -66,6 +70,7 @@ def test_flags_build_the_s2a_config(tmp_path):
     assert config.modules == ("bias", "prompt")
     assert config.prompt_rank == 4
     assert config.op_bits == {"softmax": 8}
+    assert config.calibrate and config.calibration_tol() == 0.08
     assert config.input_size == (3, 32, 32)  # taken from the data, so prompts fit them
     (callback,) = _s2a_callbacks(cli.trainer)
     assert callback is cli.s2a_callback

@@ -161,6 +161,15 @@ class SavedTensorEngine:
         #: Device types whose "does the code hold it" answers are read without a sync.
         self.defer_on: tuple[str, ...] = ("cuda",)
         self._deferred = DeferredChecks()
+        #: Module name -> code width for what it saves, raised by calibration
+        #: (:mod:`.calibration`); a module absent here uses the config's widths.
+        self.module_bits: dict[str, int] = {}
+        #: Local gradient error per module from the last calibration (empty before one).
+        self.calibration: dict[str, float] = {}
+        #: True once calibration ran (or a checkpoint of a calibrated run was loaded).
+        self.calibrated = False
+        self._exact = False  # calibration's exact forward: every saved tensor kept as is
+        self._saving: set[str] | None = None  # calibration: modules that saved something
 
     def __deepcopy__(self, memo: dict) -> SavedTensorEngine:
         """A deep copy of the model (an EMA or SWA copy) gets an engine of its own.
@@ -222,6 +231,9 @@ class SavedTensorEngine:
         """Forward counter and fitted codebooks, so a resumed run quantizes like the original."""
         return {
             "step": self.step,
+            "module_bits": dict(self.module_bits),
+            "calibrated": self.calibrated,
+            "calibration": dict(self.calibration),
             "codebooks": [
                 {
                     "site": list(site),
@@ -238,6 +250,9 @@ class SavedTensorEngine:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved."""
         self.step = int(state["step"])
+        self.module_bits = {str(k): int(v) for k, v in state.get("module_bits", {}).items()}
+        self.calibrated = bool(state.get("calibrated", False))
+        self.calibration = {str(k): float(v) for k, v in state.get("calibration", {}).items()}
         self.codebooks = {
             tuple(c["site"]): Codebook(
                 boundaries=c["boundaries"],
@@ -249,6 +264,13 @@ class SavedTensorEngine:
             for c in state["codebooks"]
         }
         self._device_codebooks.clear()
+
+    def calibrate(self, loss_fn: Callable[[], torch.Tensor], tol: float) -> dict[str, float]:
+        """Widen the modules whose codes bend their local gradient by more than ``tol``
+        (see :mod:`.calibration`); returns every saving module's local error."""
+        from .calibration import calibrate
+
+        return calibrate(self, loss_fn, tol)
 
     def stats(self) -> dict:
         """Accounting of the most recent forward that recorded autograd (zeros before one).
@@ -395,8 +417,16 @@ class SavedTensorEngine:
         account = self._account
         assert account is not None
         bits = cfg.bits_for(kind)
+        if self._saving is not None or self.module_bits:
+            frame = self._frames[-1][0] if self._frames else ""
+            if self._saving is not None:
+                self._saving.add(frame)
+            wide = self.module_bits.get(frame)
+            if wide is not None and bits is not None and wide > bits:
+                bits = wide
         keep = (
             not cfg.compress
+            or self._exact
             or bits is None
             or not (t.is_floating_point() or t.dtype == torch.bool)  # indices stay exact
             or t.numel() < cfg.min_numel

@@ -9,15 +9,19 @@ only what trains. Metrics are logged through ``LightningModule.log`` so every lo
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from ..api import S2AHandle, apply_s2a, config_differences, count_trainable, get_handle
 from ..config import FOUR_BIT_DTYPES, S2AConfig
+from ..summary import calibration_line
 from .metrics import EpochMeter, reset_peak_memory
 
 
@@ -127,10 +131,37 @@ class S2ACallback(pl.Callback):
         reset_peak_memory(pl_module.device)
 
     def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         assert self.handle is not None
+        if self.handle.config.calibrate and not self.handle.engine.calibrated:
+            self._calibrate(trainer, pl_module, batch, batch_idx)
         self._forwards_before = self.handle.engine.forwards
+
+    def _calibrate(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """``config.calibrate``: measure on the first training batch, through the user's own
+        ``training_step`` (its logging muted), under the run's precision; every rank takes
+        rank 0's result, so all of them code alike."""
+        assert self.handle is not None
+        if not pl_module.automatic_optimization:
+            raise RuntimeError(
+                "S2AConfig(calibrate=True) runs training_step twice to measure, which manual "
+                "optimization would step; call lightning_s2a.get_handle(module).calibrate("
+                "loss_fn) yourself before training, and set calibrate=False."
+            )
+
+        def loss_fn() -> torch.Tensor:
+            with trainer.precision_plugin.train_step_context():
+                out = pl_module.training_step(batch, batch_idx)
+            return out["loss"] if isinstance(out, Mapping) else out
+
+        with _muted(pl_module):
+            self.handle.calibrate(loss_fn)
+        engine = self.handle.engine
+        engine.module_bits = trainer.strategy.broadcast(engine.module_bits, src=0)
+        rank_zero_info(calibration_line(engine))
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
@@ -211,6 +242,16 @@ class S2ACallback(pl.Callback):
 
 
 _CONFIGURE_MODEL_WRAPPED = "_s2a_configure_model"
+
+
+@contextmanager
+def _muted(pl_module: pl.LightningModule) -> Iterator[None]:
+    """``self.log``/``self.log_dict`` do nothing inside: calibration's forwards are no steps."""
+    pl_module.log = pl_module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del pl_module.log, pl_module.log_dict
 
 
 def _run_after_configure_model(pl_module: pl.LightningModule, then: Any) -> None:

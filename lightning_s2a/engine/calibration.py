@@ -1,0 +1,182 @@
+"""First-step calibration: find the modules whose codes bend the gradient, and widen them.
+
+Most modules lose a few percent of their local gradient to 4-bit codes (a GELU about 3.5%),
+and that is what S2A is built on. A few lose far more: a linear attention that divides by a
+saved sum (EfficientViT's LiteMLA), an operand with one outlying column. No table of
+operators can know them all, so calibration measures them on a real batch:
+
+1. the loss is computed twice on the same batch, with the same random numbers and the same
+   BatchNorm statistics: once with every saved tensor exact, once with the codes;
+2. the exact run's gradient at each module's outputs is pushed back through that one module
+   in both graphs (a local vector-Jacobian product to the module's inputs and parameters),
+   so the comparison sees the module's own codes, not the error arriving from later layers;
+3. modules whose local relative error exceeds ``tol`` keep what they save at
+   :data:`WIDE_BITS` from then on. A module's local gradient also runs through its
+   submodules, so the innermost modules above ``tol`` are widened first; if an outer one
+   was left out, a second measurement widens whatever is still above ``tol``.
+
+The engine's random state, buffers and statistics are as before the calibration; only its
+widened modules change. The engine knows nothing of Lightning: the callback calls this
+through :meth:`lightning_s2a.S2AHandle.calibrate` on the first training batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from .hooks import SavedTensorEngine
+
+#: Code width of a module that calibration widens (the widest code; exact is the next step).
+WIDE_BITS = 8
+
+_Call = tuple[str, list[torch.Tensor], list[torch.Tensor]]
+
+
+def calibrate(
+    engine: SavedTensorEngine, loss_fn: Callable[[], torch.Tensor], tol: float
+) -> dict[str, float]:
+    """Measure every module's local gradient error under its codes; widen those above ``tol``.
+
+    ``loss_fn`` runs the model's forward on one batch and returns a scalar loss (no
+    backward). Returns the local relative error per module that saves tensors for backward;
+    the modules above ``tol`` are in ``engine.module_bits`` afterwards.
+    """
+    if not engine.attached:
+        raise RuntimeError("calibrate: the S2A engine is detached; call handle.start_engine().")
+    if not engine.config.compress:
+        raise RuntimeError("calibrate: compress=False stores every tensor exact already.")
+    if not torch.is_grad_enabled():
+        raise RuntimeError("calibrate: needs autograd; call it outside torch.no_grad().")
+    before, engine.module_bits = engine.module_bits, {}  # measure the configured widths
+    try:
+        errors = _measure(engine, loss_fn)
+        above = {n for n, e in errors.items() if e > tol}
+        # A module's local gradient runs through its submodules too: widen the innermost
+        # modules above tol first, then whatever is still above it once they are wide.
+        engine.module_bits = {n: WIDE_BITS for n in above if not _has_inside(n, above)}
+        if engine.module_bits != dict.fromkeys(above, WIDE_BITS):
+            again = _measure(engine, loss_fn)
+            engine.module_bits |= {n: WIDE_BITS for n, e in again.items() if e > tol}
+    except BaseException:
+        engine.module_bits = before
+        raise
+    engine.calibration = errors
+    engine.calibrated = True
+    return errors
+
+
+def _has_inside(name: str, names: set[str]) -> bool:
+    """True if one of ``names`` is a submodule of module ``name`` ("" is the model)."""
+    prefix = f"{name}." if name else ""
+    return any(n != name and n.startswith(prefix) for n in names)
+
+
+def _measure(engine: SavedTensorEngine, loss_fn: Callable[[], torch.Tensor]) -> dict[str, float]:
+    model = engine.model
+    params = {n: [p for p in m.parameters() if p.requires_grad] for n, m in model.named_modules()}
+    with _same_state(engine):
+        exact_calls, exact_loss = _record(engine, loss_fn, exact=True)
+    with _same_state(engine):
+        coded_calls, _ = _record(engine, loss_fn, exact=False)
+    _check_scalar(exact_loss)
+    shape = [(n, len(i), len(o)) for n, i, o in exact_calls]
+    if shape != [(n, len(i), len(o)) for n, i, o in coded_calls]:
+        raise RuntimeError(
+            "calibrate: the two forwards on the same batch called different modules; the "
+            "model's control flow depends on something besides its input and random state."
+        )
+    outputs = [t for _, _, outs in exact_calls for t in outs]
+    grads = iter(torch.autograd.grad(exact_loss, outputs, retain_graph=True, allow_unused=True))
+    errors: dict[str, float] = {}
+    for (name, ins_e, outs_e), (_, ins_c, outs_c) in zip(exact_calls, coded_calls, strict=True):
+        g = [next(grads) for _ in outs_e]
+        kept = [i for i, gi in enumerate(g) if gi is not None]
+        if not kept:
+            continue  # nothing of this call reaches the loss
+        g = [g[i] for i in kept]
+        local_e = _vjp([outs_e[i] for i in kept], ins_e + params[name], g)
+        local_c = _vjp([outs_c[i] for i in kept], ins_c + params[name], g)
+        scale = local_e.norm()
+        if scale > 0:
+            error = ((local_c - local_e).norm() / scale).item()
+            errors[name] = max(errors.get(name, 0.0), error)
+    return errors
+
+
+def _vjp(outs: list[torch.Tensor], ins: list[torch.Tensor], g: list[torch.Tensor]) -> torch.Tensor:
+    got = torch.autograd.grad(outs, ins, g, retain_graph=True, allow_unused=True)
+    flat = [v.detach().reshape(-1).double() for v in got if v is not None]
+    return torch.cat(flat) if flat else torch.zeros(1, dtype=torch.float64)
+
+
+def _check_scalar(loss: Any) -> None:
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
+        raise TypeError(
+            "calibrate: loss_fn must return the batch's scalar loss with a gradient, e.g. "
+            f"lambda: F.cross_entropy(model(x), y); got {type(loss).__name__}"
+            + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else "")
+            + "."
+        )
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """Tensors that carry a gradient in a module's arguments or output (one level deep)."""
+    items = value if isinstance(value, (tuple, list)) else (value,)
+    if isinstance(value, dict):
+        items = tuple(value.values())
+    return [t for t in items if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+def _record(
+    engine: SavedTensorEngine, loss_fn: Callable[[], torch.Tensor], exact: bool
+) -> tuple[list[_Call], torch.Tensor]:
+    """Run ``loss_fn`` with every module call's gradient-carrying inputs and outputs noted,
+    for the modules that save tensors themselves (the innermost module running at a save)."""
+    calls: list[_Call] = []
+    handles = []
+    for name, module in engine.model.named_modules():
+
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, out: Any, name: str = name) -> None:
+            outs = _tensors(out)
+            if outs and engine._saving is not None and name in engine._saving:
+                calls.append((name, _tensors(args) + _tensors(kwargs), outs))
+
+        handles.append(module.register_forward_hook(hook, with_kwargs=True))
+    engine._saving = set()
+    engine._exact = exact
+    try:
+        loss = loss_fn()
+    finally:
+        engine._exact, engine._saving = False, None
+        for h in handles:
+            h.remove()
+    return calls, loss
+
+
+@contextmanager
+def _same_state(engine: SavedTensorEngine):
+    """Run a calibration forward and put back what it changes: the random generators (so
+    both forwards draw the same dropout), buffers (BatchNorm running statistics), and the
+    engine's step, forward count and last account."""
+    model = engine.model
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    cuda = torch.cuda.is_initialized()
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if cuda else None
+    saved = (engine.step, engine.forwards, engine._last, engine._account, engine._unpacked)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in buffers:
+                b.copy_(value)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        engine.step, engine.forwards, engine._last, engine._account, engine._unpacked = saved
