@@ -472,3 +472,68 @@ def test_rewrite_table() -> None:
         "alpha_dropout",
         "feature_alpha_dropout",
     }
+
+
+# -- weights standardized in forward (StdConv2d, ScaledStdConv2d) -----------------------------
+
+
+def _std_convs() -> nn.Sequential:
+    from timm.layers import ScaledStdConv2d, StdConv2d
+
+    torch.manual_seed(0)
+    return nn.Sequential(
+        StdConv2d(3, 8, 3, padding=1, bias=True),
+        nn.GELU(),
+        ScaledStdConv2d(8, 8, 3, padding=1),
+        nn.GELU(),
+        nn.Flatten(),
+        nn.Linear(8 * 8 * 8, 4),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_standardized_weights_are_rebuilt_not_kept(dtype: torch.dtype) -> None:
+    """A frozen StdConv2d/ScaledStdConv2d keeps nothing for its weight: its backward runs the
+    standardization again. Same gradients as without the rewrite; fewer bytes by exactly the
+    two standardized weights and the two convs' inputs."""
+    model = _std_convs().to(dtype)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith("bias") or name.startswith("5."))
+    x = torch.randn(2, 3, 8, 8, dtype=dtype)
+    y = torch.tensor([0, 3])
+    runs = {}
+    for rewrite in (False, True):
+        counter = SavedCounter(model)
+        mode = RewriteMode() if rewrite else None
+        with counter.hooks():
+            runs[rewrite] = (_step(model, x, y, mode), counter.bytes, mode)
+    (_, grads_ref), bytes_ref, _ = runs[False]
+    (_, grads_new), bytes_new, mode = runs[True]
+    assert mode.applied["conv2d"] == 2 and mode.applied["batch_norm"] == 2
+    weights = sum(model[i].weight.numel() * model[i].weight.element_size() for i in (0, 2))
+    inputs = (x.numel() + 2 * 8 * 8 * 8) * x.element_size()  # what each conv keeps besides
+    assert bytes_ref - bytes_new == weights + inputs
+    rel = dict(EXACT)[dtype]
+    for name in grads_ref:
+        assert_close_in_norm(grads_new[name], grads_ref[name], rel, name)
+
+
+def test_standardized_weight_recipes_live_as_long_as_their_weight() -> None:
+    from lightning_s2a.structure.derived_weights import _RECIPES, rebuild_of
+
+    model = _std_convs()
+    weight = model[0].weight.requires_grad_(False)
+    before = len(_RECIPES)
+    with RewriteMode():
+        std = F.batch_norm(
+            weight.reshape(1, 8, -1), None, None, training=True, momentum=0.0, eps=1e-6
+        ).reshape_as(weight)
+    rebuild = rebuild_of(std)
+    assert rebuild is not None and len(_RECIPES) == before + 1
+    assert torch.equal(rebuild(torch.float32), std)  # bit for bit, same shape and strides
+    assert rebuild_of(std.clone()) is None  # a copy is no view of the recorded weight
+    del std
+    assert len(_RECIPES) == before  # gone with the weight: a reused address finds nothing
+    with RewriteMode():  # an activation (not a frozen parameter) is no weight to rebuild
+        out = F.batch_norm(torch.randn(1, 8, 9), None, None, training=True)
+    assert rebuild_of(out) is None and len(_RECIPES) == before

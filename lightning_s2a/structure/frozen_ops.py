@@ -21,11 +21,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
+from .derived_weights import rebuild_of, standardized_weight
 from .four_bit import dequantize, source_of
 
 Rewrite = Callable[[Any, tuple, dict], Any]
@@ -154,8 +156,9 @@ class _ConvGeometry:
 
 
 class _FrozenWeightConv(torch.autograd.Function):
-    """Convolution that saves only its (frozen) weight for backward, not its input; a weight
-    dequantized from 4 bits (``source``, see :mod:`.four_bit`) is not even saved."""
+    """Convolution that saves only its (frozen) weight for backward, not its input. A weight
+    that can be computed again (``rebuild``: dequantized from 4 bits, see :mod:`.four_bit`, or
+    standardized, see :mod:`.derived_weights`) is not even saved."""
 
     @staticmethod
     def forward(
@@ -163,24 +166,24 @@ class _FrozenWeightConv(torch.autograd.Function):
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         geom: _ConvGeometry,
-        source: nn.Module | None = None,
+        rebuild: Callable[[torch.dtype], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         return geom.func(input, weight, bias, geom.stride, geom.padding, geom.dilation, geom.groups)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        input, weight, _, geom, source = inputs
-        if source is None:
+        input, weight, _, geom, rebuild = inputs
+        if rebuild is None:
             ctx.save_for_backward(weight)  # the only tensor kept: no activation
-        ctx.source, ctx.weight_dtype = source, weight.dtype
+        ctx.rebuild, ctx.weight_dtype = rebuild, weight.dtype
         ctx.geom = geom
         ctx.input_shape = tuple(input.shape)
         ctx.memory_format = _channels_last_format(input)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
-        if ctx.source is not None:
-            weight = dequantize(ctx.source, ctx.weight_dtype)
+        if ctx.rebuild is not None:
+            weight = ctx.rebuild(ctx.weight_dtype)
         else:
             (weight,) = ctx.saved_tensors
         geom: _ConvGeometry = ctx.geom
@@ -259,14 +262,17 @@ def frozen_conv(func: Any, args: tuple, kwargs: dict) -> Any:
     padding = _conv_padding(bound["padding"], weight.shape[2:], stride, dilation)
     if padding is None:
         return NotImplemented
-    source = source_of(weight)  # read before autocast makes a copy without the mark
+    # Read before autocast makes a copy that is neither marked nor a view of the original.
+    source = source_of(weight)
+    rebuild = partial(dequantize, source) if source is not None else rebuild_of(weight)
     x, weight, bias = autocast_inputs(x, weight, bias)
     geom = _ConvGeometry(func, stride, padding, dilation, bound["groups"])
-    return _FrozenWeightConv.apply(x, weight, bias, geom, source)
+    return _FrozenWeightConv.apply(x, weight, bias, geom, rebuild)
 
 
 def frozen_batch_norm(func: Any, args: tuple, kwargs: dict) -> Any:
-    """Rewrite eval-mode ``batch_norm`` as ``x * scale + shift`` so the input is not saved.
+    """Rewrite eval-mode ``batch_norm`` as ``x * scale + shift`` so the input is not saved
+    (and hand a weight-standardizing one to :func:`.derived_weights.standardized_weight`).
 
     Applies when ``training`` is False, both running statistics are present and frozen, the
     weight is absent or frozen, and the input or the bias requires grad. ``scale`` and the
@@ -282,8 +288,10 @@ def frozen_batch_norm(func: Any, args: tuple, kwargs: dict) -> Any:
         bound = bind_args(args, kwargs, _BN_ARGS, _BN_DEFAULTS)
     else:
         return NotImplemented
-    if bound is None or not torch.is_grad_enabled() or bool(bound["training"]):
+    if bound is None or not torch.is_grad_enabled():
         return NotImplemented
+    if bool(bound["training"]):
+        return standardized_weight(func, args, kwargs, bound)
     x, mean, var = bound["input"], bound["running_mean"], bound["running_var"]
     weight, bias = bound["weight"], bound["bias"]
     tensors = [t for t in (x, mean, var, weight, bias) if t is not None]
