@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import timm
 import torch
@@ -252,6 +254,48 @@ def test_multihead_attention_in_proj_bias_trains_under_bias():
     exact, coded = grads[False], grads[True]
     assert exact.abs().sum() > 0
     assert (coded - exact).norm() <= 0.02 * exact.norm()
+
+
+@pytest.mark.parametrize("rnn", [nn.LSTM, nn.GRU])
+def test_recurrent_layers_save_only_codable_tensors(rnn):
+    """oneDNN's LSTM (CPU) saves an opaque uint8 workspace no code can hold; while the engine
+    compresses, recurrent layers run on PyTorch's own kernels, whose float gates and states
+    are coded: every saved tensor the engine sees is floating, and the gradient stays close
+    to the uncompressed run's."""
+    torch.manual_seed(0)
+    model = Recurrent(rnn)
+    model.rnn = rnn(32, 64, num_layers=2, bidirectional=True, batch_first=True)
+    model.fc = nn.Linear(128, 3)
+    x = torch.randn(32, 20, 32)
+    dtypes = Counter()
+    with apply_s2a(model, modules=["bias"], head="fc", compress=False):
+        model.zero_grad(set_to_none=True)
+        model(x).square().sum().backward()
+        exact = trainable_grads_of(model)
+    with apply_s2a(model, modules=["bias"], head="fc") as handle:
+        pack = handle.engine._pack_activation
+
+        def spy(t):
+            dtypes[t.dtype] += t.numel()
+            return pack(t)
+
+        handle.engine._pack_activation = spy
+        model.zero_grad(set_to_none=True)
+        model(x).square().sum().backward()
+        coded = trainable_grads_of(model)
+        stats = handle.stats()
+    assert set(dtypes) == {torch.float32} and mkldnn_state_is_kept()
+    assert stats["stored_bytes"] < 0.3 * stats["raw_bytes"]
+    assert_close_in_norm(coded, exact, rel=0.01)
+
+
+def trainable_grads_of(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def mkldnn_state_is_kept() -> bool:
+    """The rewrite puts oneDNN's and cuDNN's switches back as they were."""
+    return torch._C._get_mkldnn_enabled() and torch._C._get_cudnn_enabled()
 
 
 def test_is_bias_knows_recurrent_names():

@@ -3,9 +3,10 @@
 The engine calls these in place of the original function while a model's forward runs; each
 returns ``NotImplemented`` where it does not apply, and the original call runs instead.
 :data:`REWRITES` save memory and come with the structural surgery (``S2AConfig.surgery``);
-:data:`COMPRESS_REWRITES` keep gradients right under compression and come with it
-(``S2AConfig.compress``). :data:`FOUR_BIT_REWRITES` keep 4-bit frozen weights
-(``S2AConfig(frozen_dtype="nf4")``) out of what backward saves.
+:data:`COMPRESS_REWRITES` keep gradients right under compression, or keep what backward saves
+codable (recurrent layers), and come with it (``S2AConfig.compress``).
+:data:`FOUR_BIT_REWRITES` keep 4-bit frozen weights (``S2AConfig(frozen_dtype="nf4")``) out of
+what backward saves.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from .extremum_ops import EXTREMUM_REWRITES
 from .four_bit import four_bit_linear
 from .frozen_ops import FROZEN_REWRITES, Rewrite
 from .pool_ops import compact_max_pool2d
+from .rnn_ops import RNN_REWRITES
 
 REWRITES: dict[str, Rewrite] = {**FROZEN_REWRITES, "max_pool2d": compact_max_pool2d}
-COMPRESS_REWRITES: dict[str, Rewrite] = dict(EXTREMUM_REWRITES)
+COMPRESS_REWRITES: dict[str, Rewrite] = {**EXTREMUM_REWRITES, **RNN_REWRITES}
 FOUR_BIT_REWRITES: dict[str, Rewrite] = {"linear": four_bit_linear}
 
 
