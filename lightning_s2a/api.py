@@ -51,18 +51,25 @@ class S2AHandle:
         return self.engine.stats()
 
     def calibrate(
-        self, loss_fn: Callable[[], torch.Tensor], tol: float | None = None
+        self,
+        loss_fn: Callable[[], torch.Tensor],
+        tol: float | None = None,
+        scope: nn.Module | None = None,
+        remeasure: bool = False,
     ) -> dict[str, float]:
         """Find the modules whose codes bend their gradient and keep what they save at 8 bits.
 
         ``loss_fn`` runs the model on one batch and returns its scalar loss, e.g.
-        ``lambda: F.cross_entropy(model(x), y)``. It is called twice (saved tensors exact,
-        then coded) with the same random state; buffers and statistics are put back, and
-        nothing reaches ``.grad``. Modules whose local relative gradient error exceeds ``tol``
+        ``lambda: F.cross_entropy(model(x), y)``. It is called two to four times (saved tensors
+        exact, then coded) with the same random state; the buffers of the model (or of
+        ``scope``, a module around it that ``loss_fn`` also runs) are put back, and nothing
+        reaches ``.grad``. Modules whose local relative gradient error exceeds ``tol``
         (default ``config.calibration_tol()``) are widened; returns every module's error.
+        ``remeasure`` always runs the second measurement (same forwards on every process).
         ``S2ACallback`` calls this on the first training batch when ``config.calibrate``.
         """
-        return self.engine.calibrate(loss_fn, self.config.calibration_tol() if tol is None else tol)
+        tol = self.config.calibration_tol() if tol is None else tol
+        return self.engine.calibrate(loss_fn, tol, scope=scope, remeasure=remeasure)
 
     def trainable_parameters(self) -> tuple[int, float]:
         """Number of trainable parameters and their fraction of all parameters."""

@@ -257,6 +257,11 @@ class S2AConfig:
                 "calibrate=True measures the codes' error, but compress=False stores every "
                 "saved tensor exact; drop one of them."
             )
+        if self.calibrate and min([self.bits, *self.op_bits.values()]) >= 8:
+            raise ValueError(
+                f"calibrate=True widens modules to 8 bits, but bits={self.bits} codes "
+                "everything in 8 bits already; use fewer bits or calibrate=False."
+            )
         if not _is_int(self.seed) or self.seed < 0:
             raise ValueError(f"seed: must be a non-negative integer, got {self.seed!r}.")
 

@@ -77,7 +77,10 @@ def format_summary(handle: S2AHandle) -> str:
 def calibration_line(engine: SavedTensorEngine, show: int = 3) -> str:
     """One line on calibration: how many modules it widened, the worst errors it measured."""
     if not engine.calibrated:
-        return "calibration: pending (runs on the first training batch)"
+        return (
+            "calibration: not run yet (S2ACallback runs it on the first training batch; "
+            "without Lightning, call handle.calibrate(loss_fn))"
+        )
     errors = engine.calibration
     wide = engine.module_bits
     worst = sorted(wide, key=lambda n: -errors.get(n, 0.0))[:show]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+import torchmetrics
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -107,6 +110,7 @@ def test_calibration_leaves_training_state_as_it_was():
         F.cross_entropy(model(x), y).backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         stats, step, forwards = handle.stats(), handle.engine.step, handle.engine.forwards
+        unpacked = handle.engine._unpacked
         running = model.encoder.norm.running_mean.clone()
         torch.manual_seed(5)
         handle.calibrate(lambda: F.cross_entropy(model(x), y))
@@ -120,6 +124,7 @@ def test_calibration_leaves_training_state_as_it_was():
             )
         assert handle.stats() == stats
         assert (handle.engine.step, handle.engine.forwards) == (step, forwards)
+        assert handle.engine._unpacked == unpacked
 
 
 def test_calibration_survives_a_checkpoint():
@@ -153,32 +158,95 @@ def test_calibration_errors_are_clear():
             S2AConfig(calibrate_tol=tol)
     with pytest.raises(ValueError, match="compress=False"):
         S2AConfig(calibrate=True, compress=False)
+    with pytest.raises(ValueError, match="8 bits already"):
+        S2AConfig(calibrate=True, bits=8)
+    with (
+        apply_s2a(model, head="classifier", bits=8) as handle,
+        pytest.raises(RuntimeError, match="8 bits already"),
+    ):
+        handle.calibrate(lambda: F.cross_entropy(model(x), y))
     assert (
         S2AConfig(bits=2).calibration_tol() == 0.2
         and S2AConfig(bits=8).calibration_tol() == 0.003125
     )
 
 
-class UserModule(pl.LightningModule):
-    """A user's project: the encoder under its own name, an own head and optimizer."""
+def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x), y)
 
-    def __init__(self, manual: bool = False):
+
+class Gate(nn.Module):
+    """A gate whose codes matter at 2 bits, in place or not, returning a nested output."""
+
+    def __init__(self, inplace: bool, nested: bool):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.act = nn.SiLU(inplace=inplace)
+        self.nested = nested
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.act(self.fc(x))
+        pair = (x, (h,)) if self.nested else (x, h)
+        return self.out(pair[1][0] if self.nested else pair[1]).mean(1)
+
+
+@pytest.mark.parametrize(("inplace", "nested"), [(True, False), (False, True)])
+def test_in_place_and_nested_outputs_are_measured_like_the_rest(inplace, nested):
+    """An in-place activation returns its input: its error would read 0 (its input's). A
+    nested output would go unseen. Both measure as the plain module does, and are widened."""
+    errors = {}
+    for variant in ((False, False), (inplace, nested)):
+        torch.manual_seed(0)
+        model = Gate(*variant).double()
+        x = torch.randn(8, 64, 16, dtype=torch.float64)
+        y = torch.randint(0, 3, (8,))
+        with apply_s2a(model, head="out", bits=2) as handle:
+            loss = partial(_loss, model, x, y)
+            errors[variant] = handle.calibrate(loss, tol=0.05)
+            assert "act" in handle.engine.module_bits
+    plain, other = errors[(False, False)], errors[(inplace, nested)]
+    assert plain["act"] > 0.05
+    assert other["act"] == pytest.approx(plain["act"], rel=1e-9)
+
+
+class UserModule(pl.LightningModule):
+    """A user's project: the encoder under its own name, an own head (with a BatchNorm), a
+    torchmetrics metric and an optimizer; ``returns`` picks what training_step returns."""
+
+    def __init__(self, manual: bool = False, returns: str = "dict"):
         super().__init__()
         torch.manual_seed(0)
         self.encoder = Encoder()
+        self.norm = nn.BatchNorm1d(16)
         self.head = nn.Linear(16, 3)
+        self.seen = torchmetrics.SumMetric()
         self.automatic_optimization = not manual
+        self.returns = returns
         self.steps = 0
+        self.logged = 0
+
+    def log(self, name, *args, **kwargs):
+        self.logged += name == "train_loss"
+        super().log(name, *args, **kwargs)
 
     def training_step(self, batch, batch_idx):
         self.steps += 1
         x, y = batch
-        loss = F.cross_entropy(self.head(self.encoder(x)), y)
+        loss = F.cross_entropy(self.head(self.norm(self.encoder(x))), y)
+        self.seen.update(len(y))
         self.log("train_loss", loss)
-        return {"loss": loss}
+        if self.returns == "none-first" and self.steps == 1:
+            return None  # Lightning skips this batch
+        return {"loss": loss} if self.returns != "no-loss" else {"total": loss}
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class StepWithoutIndex(UserModule):
+    def training_step(self, batch):
+        return super().training_step(batch, 0)
 
 
 def _fit(module: pl.LightningModule, batches: int = 2) -> pl.Trainer:
@@ -203,10 +271,49 @@ def test_the_callback_calibrates_on_the_first_batch_through_the_users_step():
     assert handle is not None and handle.engine.calibrated
     assert handle.engine.module_bits == {"attn": 8}  # names inside the S2A'd encoder
     assert module.steps == 2 + 2  # two real steps, and calibration's two forwards once
-    assert "train_loss" in trainer.callback_metrics
-    assert "log" not in vars(module)  # logging is the module's own again
+    assert module.logged == 2  # calibration's forwards log nothing
+    assert "train_loss" in trainer.callback_metrics and "log" not in vars(module)
+    # state outside the S2A'd encoder counts the two real steps only
+    assert module.norm.num_batches_tracked.item() == 2
+    assert module.seen.compute().item() == 2 * 4
 
 
-def test_the_callback_refuses_to_calibrate_under_manual_optimization():
+def test_calibration_state_matches_a_run_without_it_outside_the_encoder():
+    runs = {}
+    for calibrate in (False, True):
+        module = UserModule()
+        x, y = _batch(0)
+        data = DataLoader(TensorDataset(x.float(), y), batch_size=4)
+        trainer = pl.Trainer(
+            max_steps=1,
+            callbacks=[S2ACallback(backbone="encoder", calibrate=calibrate, bits=8 - 4)],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(module, data)
+        runs[calibrate] = module.norm.running_mean.clone()
+    assert torch.equal(runs[False], runs[True])  # the BatchNorm outside saw one batch
+
+
+def test_the_callback_takes_a_training_step_without_batch_idx():
+    module = StepWithoutIndex()
+    _fit(module)
+    assert get_handle(module.encoder).engine.module_bits == {"attn": 8}
+
+
+def test_a_skipped_batch_defers_calibration_to_the_next():
+    module = UserModule(returns="none-first")
+    _fit(module, batches=2)
+    # batch 1: calibration's first call returned None, so it waited; the real step trained.
+    # Batch 2: calibration (two calls), then the real step.
+    assert get_handle(module.encoder).engine.calibrated
+    assert module.steps == 1 + 1 + 2 + 1
+
+
+def test_the_callback_errors_are_clear():
     with pytest.raises(RuntimeError, match="manual optimization"):
         _fit(UserModule(manual=True))
+    with pytest.raises(TypeError, match="without 'loss'"):
+        _fit(UserModule(returns="no-loss"))

@@ -15,9 +15,16 @@ operators can know them all, so calibration measures them on a real batch:
    submodules, so the innermost modules above ``tol`` are widened first; if an outer one
    was left out, a second measurement widens whatever is still above ``tol``.
 
-The engine's random state, buffers and statistics are as before the calibration; only its
-widened modules change. The engine knows nothing of Lightning: the callback calls this
-through :meth:`lightning_s2a.S2AHandle.calibrate` on the first training batch.
+A module that works in place (``nn.SiLU(inplace=True)``, timm's ``BatchNormAct2d``) returns
+its input, whose gradient then reads as its own: its error would be invisible. Such modules
+are found in the first forward; the measurement then runs again with their inputs copied
+first, so that their codes are measured like any other module's.
+
+The random state, the buffers of the model (or of a wider ``scope``, such as the
+LightningModule around it), ``.grad`` and the engine's statistics are as before the
+calibration; only its widened modules change. The engine knows nothing of Lightning: the
+callback calls this through :meth:`lightning_s2a.S2AHandle.calibrate` on the first training
+batch.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 if TYPE_CHECKING:
     from .hooks import SavedTensorEngine
@@ -39,33 +47,50 @@ _Call = tuple[str, list[torch.Tensor], list[torch.Tensor]]
 
 
 def calibrate(
-    engine: SavedTensorEngine, loss_fn: Callable[[], torch.Tensor], tol: float
+    engine: SavedTensorEngine,
+    loss_fn: Callable[[], torch.Tensor],
+    tol: float,
+    scope: nn.Module | None = None,
+    remeasure: bool = False,
 ) -> dict[str, float]:
     """Measure every module's local gradient error under its codes; widen those above ``tol``.
 
     ``loss_fn`` runs the model's forward on one batch and returns a scalar loss (no
-    backward). Returns the local relative error per module that saves tensors for backward;
-    the modules above ``tol`` are in ``engine.module_bits`` afterwards.
+    backward). ``scope`` is the module whose buffers ``loss_fn`` may change (default: the
+    model). ``remeasure`` always runs the second measurement, so that every process of a
+    distributed run makes the same number of forwards. Returns the local relative error per
+    module that saves tensors for backward; the modules above ``tol`` are in
+    ``engine.module_bits`` afterwards.
     """
     if not engine.attached:
         raise RuntimeError("calibrate: the S2A engine is detached; call handle.start_engine().")
-    if not engine.config.compress:
+    cfg = engine.config
+    if not cfg.compress:
         raise RuntimeError("calibrate: compress=False stores every tensor exact already.")
+    if min([cfg.bits, *cfg.op_bits.values()]) >= WIDE_BITS:
+        raise RuntimeError(
+            f"calibrate: every code is {WIDE_BITS} bits already, and calibration widens to "
+            f"{WIDE_BITS}; use fewer bits (e.g. bits=4) or leave calibration out."
+        )
     if not torch.is_grad_enabled():
         raise RuntimeError("calibrate: needs autograd; call it outside torch.no_grad().")
-    before, engine.module_bits = engine.module_bits, {}  # measure the configured widths
+    scope = engine.model if scope is None else scope
+    before, unpacked = engine.module_bits, engine._unpacked
+    engine.module_bits = {}  # measure the configured widths
     try:
-        errors = _measure(engine, loss_fn)
+        errors, copied = _measure(engine, loss_fn, scope, set())
         above = {n for n, e in errors.items() if e > tol}
         # A module's local gradient runs through its submodules too: widen the innermost
         # modules above tol first, then whatever is still above it once they are wide.
         engine.module_bits = {n: WIDE_BITS for n in above if not _has_inside(n, above)}
-        if engine.module_bits != dict.fromkeys(above, WIDE_BITS):
-            again = _measure(engine, loss_fn)
+        if remeasure or len(engine.module_bits) != len(above):
+            again, _ = _measure(engine, loss_fn, scope, copied)
             engine.module_bits |= {n: WIDE_BITS for n, e in again.items() if e > tol}
     except BaseException:
         engine.module_bits = before
         raise
+    finally:
+        engine._unpacked = unpacked  # the measurement's backwards are no training backward
     engine.calibration = errors
     engine.calibrated = True
     return errors
@@ -77,13 +102,22 @@ def _has_inside(name: str, names: set[str]) -> bool:
     return any(n != name and n.startswith(prefix) for n in names)
 
 
-def _measure(engine: SavedTensorEngine, loss_fn: Callable[[], torch.Tensor]) -> dict[str, float]:
-    model = engine.model
-    params = {n: [p for p in m.parameters() if p.requires_grad] for n, m in model.named_modules()}
-    with _same_state(engine):
-        exact_calls, exact_loss = _record(engine, loss_fn, exact=True)
-    with _same_state(engine):
-        coded_calls, _ = _record(engine, loss_fn, exact=False)
+def _measure(
+    engine: SavedTensorEngine,
+    loss_fn: Callable[[], torch.Tensor],
+    scope: nn.Module,
+    copied: set[str],
+) -> tuple[dict[str, float], set[str]]:
+    """Local errors per module, and the in-place modules whose inputs had to be copied."""
+    in_place: set[str] = set()
+    with _same_state(engine, scope):
+        exact_calls, exact_loss = _record(engine, loss_fn, True, copied, in_place)
+    if in_place - copied:  # their gradients read as their inputs': measure again, copied
+        copied = copied | in_place
+        with _same_state(engine, scope):
+            exact_calls, exact_loss = _record(engine, loss_fn, True, copied, set())
+    with _same_state(engine, scope):
+        coded_calls, _ = _record(engine, loss_fn, False, copied, set())
     _check_scalar(exact_loss)
     shape = [(n, len(i), len(o)) for n, i, o in exact_calls]
     if shape != [(n, len(i), len(o)) for n, i, o in coded_calls]:
@@ -91,6 +125,9 @@ def _measure(engine: SavedTensorEngine, loss_fn: Callable[[], torch.Tensor]) -> 
             "calibrate: the two forwards on the same batch called different modules; the "
             "model's control flow depends on something besides its input and random state."
         )
+    params = {
+        n: [p for p in m.parameters() if p.requires_grad] for n, m in engine.model.named_modules()
+    }
     outputs = [t for _, _, outs in exact_calls for t in outs]
     grads = iter(torch.autograd.grad(exact_loss, outputs, retain_graph=True, allow_unused=True))
     errors: dict[str, float] = {}
@@ -106,7 +143,7 @@ def _measure(engine: SavedTensorEngine, loss_fn: Callable[[], torch.Tensor]) -> 
         if scale > 0:
             error = ((local_c - local_e).norm() / scale).item()
             errors[name] = max(errors.get(name, 0.0), error)
-    return errors
+    return errors, copied
 
 
 def _vjp(outs: list[torch.Tensor], ins: list[torch.Tensor], g: list[torch.Tensor]) -> torch.Tensor:
@@ -126,28 +163,47 @@ def _check_scalar(loss: Any) -> None:
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
-    """Tensors that carry a gradient in a module's arguments or output (one level deep)."""
-    items = value if isinstance(value, (tuple, list)) else (value,)
-    if isinstance(value, dict):
-        items = tuple(value.values())
-    return [t for t in items if isinstance(t, torch.Tensor) and t.requires_grad]
+    """Tensors that carry a gradient anywhere in a module's arguments or output."""
+    leaves, _ = tree_flatten(value)
+    return [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
 
 
 def _record(
-    engine: SavedTensorEngine, loss_fn: Callable[[], torch.Tensor], exact: bool
+    engine: SavedTensorEngine,
+    loss_fn: Callable[[], torch.Tensor],
+    exact: bool,
+    copied: set[str],
+    in_place: set[str],
 ) -> tuple[list[_Call], torch.Tensor]:
     """Run ``loss_fn`` with every module call's gradient-carrying inputs and outputs noted,
-    for the modules that save tensors themselves (the innermost module running at a save)."""
+    for the modules that save tensors themselves (the innermost module running at a save).
+    Modules in ``copied`` work on copies of their inputs (their originals are noted, so the
+    local gradient runs through the in-place op); modules found returning one of their inputs
+    are added to ``in_place``."""
     calls: list[_Call] = []
+    originals: dict[str, list[list[torch.Tensor]]] = {}
     handles = []
     for name, module in engine.model.named_modules():
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict, out: Any, name: str = name) -> None:
+            stacked = originals.get(name)
+            ins = stacked.pop() if stacked else _tensors(args) + _tensors(kwargs)
             outs = _tensors(out)
-            if outs and engine._saving is not None and name in engine._saving:
-                calls.append((name, _tensors(args) + _tensors(kwargs), outs))
+            if not outs or engine._saving is None or name not in engine._saving:
+                return
+            if any(o is i for o in outs for i in ins):
+                in_place.add(name)
+            calls.append((name, ins, outs))
+
+        def copy_inputs(mod: nn.Module, args: tuple, name: str = name) -> tuple:
+            originals.setdefault(name, []).append(_tensors(args))
+            return tuple(
+                a.clone() if isinstance(a, torch.Tensor) and a.requires_grad else a for a in args
+            )
 
         handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        if name in copied:
+            handles.append(module.register_forward_pre_hook(copy_inputs))
     engine._saving = set()
     engine._exact = exact
     try:
@@ -160,12 +216,23 @@ def _record(
 
 
 @contextmanager
-def _same_state(engine: SavedTensorEngine):
+def _same_state(engine: SavedTensorEngine, scope: nn.Module):
     """Run a calibration forward and put back what it changes: the random generators (so
-    both forwards draw the same dropout), buffers (BatchNorm running statistics), and the
-    engine's step, forward count and last account."""
-    model = engine.model
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    both forwards draw the same dropout), ``scope``'s buffers (BatchNorm running statistics),
+    and the engine's step, forward count and last account.
+
+    Each forward runs on copies of the buffers, swapped in, and the originals are swapped
+    back untouched: copying old values into the buffers instead would change tensors that
+    the forward's graph saved (a training BatchNorm saves its running statistics), and the
+    measurement's backward would refuse them."""
+    swapped = [
+        (module, name, buffer)
+        for module in scope.modules()
+        for name, buffer in module._buffers.items()
+        if buffer is not None
+    ]
+    for module, name, buffer in swapped:
+        module._buffers[name] = buffer.clone()
     cuda = torch.cuda.is_initialized()
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if cuda else None
@@ -173,9 +240,8 @@ def _same_state(engine: SavedTensorEngine):
     try:
         yield
     finally:
-        with torch.no_grad():
-            for b, value in buffers:
-                b.copy_(value)
+        for module, name, buffer in swapped:
+            module._buffers[name] = buffer
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)

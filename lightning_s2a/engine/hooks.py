@@ -265,12 +265,18 @@ class SavedTensorEngine:
         }
         self._device_codebooks.clear()
 
-    def calibrate(self, loss_fn: Callable[[], torch.Tensor], tol: float) -> dict[str, float]:
+    def calibrate(
+        self,
+        loss_fn: Callable[[], torch.Tensor],
+        tol: float,
+        scope: nn.Module | None = None,
+        remeasure: bool = False,
+    ) -> dict[str, float]:
         """Widen the modules whose codes bend their local gradient by more than ``tol``
         (see :mod:`.calibration`); returns every saving module's local error."""
         from .calibration import calibrate
 
-        return calibrate(self, loss_fn, tol)
+        return calibrate(self, loss_fn, tol, scope=scope, remeasure=remeasure)
 
     def stats(self) -> dict:
         """Accounting of the most recent forward that recorded autograd (zeros before one).

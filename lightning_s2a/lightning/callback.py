@@ -8,6 +8,7 @@ only what trains. Metrics are logged through ``LightningModule.log`` so every lo
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import nn
 
 from ..api import S2AHandle, apply_s2a, config_differences, count_trainable, get_handle
@@ -142,8 +144,9 @@ class S2ACallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         """``config.calibrate``: measure on the first training batch, through the user's own
-        ``training_step`` (its logging muted), under the run's precision; every rank takes
-        rank 0's result, so all of them code alike."""
+        ``training_step`` (its logging muted, its module's buffers and torchmetrics states put
+        back), under the run's precision; every rank takes rank 0's result, so all of them
+        code alike. A batch that ``training_step`` skips (returns None) defers it."""
         assert self.handle is not None
         if not pl_module.automatic_optimization:
             raise RuntimeError(
@@ -151,14 +154,30 @@ class S2ACallback(pl.Callback):
                 "optimization would step; call lightning_s2a.get_handle(module).calibrate("
                 "loss_fn) yourself before training, and set calibrate=False."
             )
+        step_args = (batch, batch_idx)
+        if not is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2):
+            step_args = (batch,)
 
         def loss_fn() -> torch.Tensor:
             with trainer.precision_plugin.train_step_context():
-                out = pl_module.training_step(batch, batch_idx)
-            return out["loss"] if isinstance(out, Mapping) else out
+                out = pl_module.training_step(*step_args)
+            if out is None:
+                raise _Skipped
+            if isinstance(out, Mapping):
+                if "loss" not in out:
+                    raise TypeError(
+                        "S2AConfig(calibrate=True): training_step returned a dict without "
+                        f"'loss' (keys {sorted(out)}); calibration needs the step's loss."
+                    )
+                out = out["loss"]
+            return out
 
-        with _muted(pl_module):
-            self.handle.calibrate(loss_fn)
+        try:
+            with _muted(pl_module), _metrics_kept(pl_module):
+                self.handle.calibrate(loss_fn, scope=pl_module, remeasure=trainer.world_size > 1)
+        except _Skipped:
+            rank_zero_info("S2A calibration: training_step skipped this batch; trying the next.")
+            return
         engine = self.handle.engine
         engine.module_bits = trainer.strategy.broadcast(engine.module_bits, src=0)
         rank_zero_info(calibration_line(engine))
@@ -242,6 +261,31 @@ class S2ACallback(pl.Callback):
 
 
 _CONFIGURE_MODEL_WRAPPED = "_s2a_configure_model"
+
+
+class _Skipped(Exception):
+    """training_step returned None on the calibration batch (Lightning skips such a batch)."""
+
+
+@contextmanager
+def _metrics_kept(pl_module: pl.LightningModule) -> Iterator[None]:
+    """torchmetrics states inside: what calibration's extra training_step calls add to
+    them is taken back out."""
+    from torchmetrics import Metric
+
+    metrics = [m for m in pl_module.modules() if isinstance(m, Metric)]
+    saved = [
+        (m, copy.deepcopy({k: getattr(m, k) for k in m._defaults}), m._update_count)
+        for m in metrics
+    ]
+    try:
+        yield
+    finally:
+        for m, states, count in saved:
+            for k, v in states.items():
+                setattr(m, k, v)
+            m._update_count = count
+            m._computed = None
 
 
 @contextmanager
