@@ -537,3 +537,56 @@ def test_standardized_weight_recipes_live_as_long_as_their_weight() -> None:
     with RewriteMode():  # an activation (not a frozen parameter) is no weight to rebuild
         out = F.batch_norm(torch.randn(1, 8, 9), None, None, training=True)
     assert rebuild_of(out) is None and len(_RECIPES) == before
+
+
+def test_a_standardized_weight_changed_in_place_is_kept_not_rebuilt() -> None:
+    """``w = std(W); w *= 0.5`` before the conv: the recipe would rebuild the unscaled weight."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3, padding=1).double()
+    conv.weight.requires_grad_(False)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+
+    def run(mode: RewriteMode | None) -> torch.Tensor:
+        x.grad = None
+        with mode if mode is not None else torch.enable_grad():
+            w = F.batch_norm(conv.weight.reshape(1, 8, -1), None, None, training=True)
+            w = w.reshape_as(conv.weight)
+            w.mul_(0.5)
+            out = F.conv2d(x, w, conv.bias, padding=1)
+        out.square().sum().backward()
+        return x.grad.clone()
+
+    assert_close_in_norm(run(RewriteMode()), run(None), 1e-12, "input gradient")
+
+
+def test_a_parameter_changed_before_backward_is_an_error_not_another_weights_gradient():
+    model = _std_convs().double()
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith("bias") or name.startswith("5."))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with RewriteMode():
+        loss = model(x).square().sum()
+    with torch.no_grad():
+        model[2].weight.mul_(-1)  # e.g. weights reloaded between forward and backward
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_recurrent_switches_come_back_after_nested_and_failing_calls() -> None:
+    from lightning_s2a.structure.rnn_ops import native_rnn
+
+    seen = []
+
+    def inner(*args):
+        seen.append((torch._C._get_mkldnn_enabled(), torch._C._get_cudnn_enabled()))
+        return args
+
+    def outer():
+        native_rnn(inner, (), {})
+        seen.append((torch._C._get_mkldnn_enabled(), torch._C._get_cudnn_enabled()))
+        raise ValueError("a failing recurrent call")
+
+    with pytest.raises(ValueError):
+        native_rnn(lambda: outer(), (), {})
+    assert seen == [(False, False), (False, False)]  # still off inside the outer call
+    assert torch._C._get_mkldnn_enabled() and torch._C._get_cudnn_enabled()

@@ -289,6 +289,44 @@ def test_recurrent_layers_save_only_codable_tensors(rnn):
     assert_close_in_norm(coded, exact, rel=0.01)
 
 
+def test_beit_separate_q_and_v_biases_train_under_bias():
+    model = timm.create_model(
+        "beit_base_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2
+    )
+    with apply_s2a(model, modules=["bias"]):
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"blocks.0.attn.q_bias", "blocks.0.attn.v_bias"} <= trainable
+    assert "blocks.0.attn.relative_position_bias_table" not in trainable  # no additive bias
+
+
+class RecurrentHead(nn.Module):
+    """A frozen encoder and a trainable LSTM head: its weights reach the op inside a list."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(8, 32), nn.GELU())
+        self.head = nn.LSTM(32, 16, batch_first=True)
+
+    def forward(self, x):
+        return self.head(self.encoder(x))[0].mean(1)
+
+
+def test_a_trainable_recurrent_heads_inputs_stay_exact():
+    """The head's weight gradients need its exact inputs and gates: the op is recognised as
+    trainable although its weights arrive in a list (float64: the codes elsewhere do not
+    touch the head's own gradients)."""
+    torch.manual_seed(0)
+    model = RecurrentHead().double()
+    x = torch.randn(32, 12, 8, dtype=torch.float64)
+    grads = {}
+    for compress in (False, True):
+        with apply_s2a(model, modules=["bias"], head="head", compress=compress):
+            model.zero_grad(set_to_none=True)
+            model(x).square().sum().backward()
+            grads[compress] = torch.cat([p.grad.flatten() for p in model.head.parameters()])
+    assert_close_in_norm(grads[True], grads[False], rel=1e-12)
+
+
 def trainable_grads_of(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
@@ -303,7 +341,8 @@ def test_is_bias_knows_recurrent_names():
 
     cell = {n for n, _ in nn.LSTMCell(3, 4).named_parameters() if is_bias(n)}
     assert cell == {"bias_ih", "bias_hh"}
-    for name in ("bias", "fc.bias", "rnn.bias_ih_l0", "rnn.bias_hh_l12_reverse", "in_proj_bias"):
+    names = ("bias", "fc.bias", "rnn.bias_ih_l0", "rnn.bias_hh_l12_reverse", "in_proj_bias")
+    for name in (*names, "blocks.0.attn.q_bias", "blocks.0.attn.v_bias"):
         assert is_bias(name), name
     for name in ("rnn.weight_ih_l0", "bias_ih_l", "bias_ih_lx", "biases", "fc.bias_scale"):
         assert not is_bias(name), name

@@ -378,9 +378,12 @@ class SavedTensorEngine:
         if spec is not None:
             kind = "elementwise"
         param_ids = self._param_ids
-        params = [a for a in args if id(a) in param_ids]
-        if kwargs:
-            params += [a for a in kwargs.values() if id(a) in param_ids]
+        params = []
+        for a in (*args, *kwargs.values()) if kwargs else args:
+            if type(a) in (list, tuple):  # an RNN's weights come as one list
+                params += [b for b in a if id(b) in param_ids]
+            elif id(a) in param_ids:
+                params.append(a)
         if kind is None and not params:
             return None
         if any(id(p) in self._weight_ids for p in params):

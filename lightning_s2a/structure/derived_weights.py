@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-#: Storage address -> (weak reference to the standardized weight, its recipe). An entry
-#: lives exactly as long as the weight it describes (a finalizer removes it), so an address
-#: reused by another tensor never finds a stale recipe.
-_RECIPES: dict[int, tuple[weakref.ref, Callable[[], torch.Tensor]]] = {}
+#: Storage address -> (weak reference to the standardized weight, its version then, its
+#: recipe). An entry lives exactly as long as the weight it describes (a finalizer removes
+#: it), so an address reused by another tensor never finds a stale recipe.
+_RECIPES: dict[int, tuple[weakref.ref, int, Callable[[], torch.Tensor]]] = {}
 
 
 def _forget(key: int, ref: weakref.ref) -> None:
@@ -57,20 +57,39 @@ def standardized_weight(func: Any, args: tuple, kwargs: dict, bound: dict[str, A
     if isinstance(out, torch.Tensor) and out._base is None:
         ref = weakref.ref(out)
         key = out.untyped_storage().data_ptr()
-        _RECIPES[key] = (ref, partial(func, *args, **kwargs))
+        sources = [t for t in (x, weight, bias) if t is not None]
+        recipe = partial(_run_unchanged, func, args, kwargs, sources, [t._version for t in sources])
+        _RECIPES[key] = (ref, out._version, recipe)
         weakref.finalize(out, _forget, key, ref)
     return out
 
 
+def _run_unchanged(
+    func: Any, args: tuple, kwargs: dict, sources: list[torch.Tensor], versions: list[int]
+) -> torch.Tensor:
+    """Run the recipe again; refuse, as autograd refuses a saved tensor changed in place, if
+    the parameter or the affine tensors changed since forward (a reloaded or swapped-in
+    weight would otherwise give another weight's gradient)."""
+    if [t._version for t in sources] != versions:
+        raise RuntimeError(
+            "one of the variables needed for gradient computation has been modified by an "
+            "inplace operation: a frozen parameter of a weight-standardized convolution "
+            "(StdConv2d) changed between forward and backward, so S2A cannot rebuild its "
+            "weight; change frozen weights only between training steps."
+        )
+    return func(*args, **kwargs)
+
+
 def rebuild_of(weight: torch.Tensor) -> Callable[[torch.dtype], torch.Tensor] | None:
     """For a weight that is (a view of) a standardized weight still alive: a function that
-    computes it again in a given dtype, with the same shape and strides. Else ``None``."""
+    computes it again in a given dtype, with the same shape and strides. Else ``None``, also
+    for one changed in place after it was computed (the conv then keeps it)."""
     entry = _RECIPES.get(weight.untyped_storage().data_ptr())
     base = weight._base if weight._base is not None else weight
-    if entry is None or entry[0]() is not base:
-        return None
+    if entry is None or entry[0]() is not base or base._version != entry[1]:
+        return None  # not a recorded weight, or changed in place since: saved as usual
     geometry = (tuple(weight.shape), weight.stride(), weight.storage_offset())
-    return partial(_rebuild, entry[1], geometry)
+    return partial(_rebuild, entry[2], geometry)
 
 
 def _rebuild(
