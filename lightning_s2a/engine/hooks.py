@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from .accounting import ForwardAccount, part_of
@@ -35,87 +33,19 @@ from .backend import resolve_backend
 from .codebook import Codebook, DeviceCodebook, fit_codebook
 from .compile_guard import check_not_compiling, check_not_traced
 from .deferred import DeferredChecks
-from .ops import ELEMENTWISE, OP_KINDS, ElementwiseSpec, canonical_name, is_bias
+from .ops import ELEMENTWISE, OP_KINDS, canonical_name, is_bias
 from .quantizers import QUANTIZERS, PackOptions
+from .recognition import (
+    STATS_KINDS,
+    Call,
+    OperatorMode,
+    constant,
+    foreign_autograd_context,
+    statistics,
+)
 
 if TYPE_CHECKING:
     from ..config import S2AConfig
-
-# Kinds whose operators also save reduced statistics (mean, rstd, logsumexp): those are tiny
-# and precision-critical, so they are kept exact: tensors shaped like none of the op's inputs
-# and smaller than the largest. Larger ones (the attention probabilities that SDPA's math path
-# saves, with a float mask on CPU) are no statistics and are quantized like its inputs.
-_STATS_KINDS = ("norm", "attention")
-
-
-def _foreign_autograd_context() -> bool:
-    """True inside a backward pass (e.g. a checkpoint recomputing its region) or while other
-    saved-tensor hooks are installed (activation checkpointing, ``save_on_cpu``).
-
-    Only the innermost saved-tensor hooks apply, so pushing ours there would take tensors
-    from the other owner; such regions are left to it, uncompressed.
-    """
-    return (
-        torch._C._current_graph_task_id() != -1
-        or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
-    )
-
-
-def _constant(t: torch.Tensor, weight_numels: set[int]) -> bool:
-    """True for a floating tensor computed without autograd (nothing trained reaches it) with
-    as many elements as a weight of the model: a weight in another form. A frozen embedding's
-    output or the model's input is no weight: it is coded like any activation."""
-    return (
-        t.grad_fn is None
-        and not t.requires_grad
-        and t.is_floating_point()
-        and t.numel() in weight_numels
-    )
-
-
-def _statistics(t: torch.Tensor, call: _Call) -> bool:
-    """True for reduced statistics of a norm or attention op (see ``_STATS_KINDS``)."""
-    return tuple(t.shape) not in call.arg_shapes and t.numel() < call.arg_numel
-
-
-@dataclass
-class _Call:
-    """The recognised operator that is running while tensors get saved."""
-
-    kind: str
-    spec: ElementwiseSpec | None = None
-    site: tuple | None = None
-    arg_shapes: frozenset = frozenset()
-    arg_numel: int = 0
-    dim: int = -1
-
-
-class _OperatorMode(TorchFunctionMode):
-    """Records the operator being called, for the pack hook; otherwise transparent."""
-
-    def __init__(self, engine: SavedTensorEngine) -> None:
-        super().__init__()
-        self.engine = engine
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        engine = self.engine
-        if engine._busy:
-            return func(*args, **kwargs)
-        info = engine._func_info(func)
-        call = engine._classify(info, args, kwargs)
-        rewrite = info[3]
-        if call is None and rewrite is None:
-            return func(*args, **kwargs)
-        previous, engine._call = engine._call, call
-        try:
-            if rewrite is not None:
-                result = rewrite(func, args, kwargs)
-                if result is not NotImplemented:
-                    return result
-            return func(*args, **kwargs)
-        finally:
-            engine._call = previous
 
 
 class SavedTensorEngine:
@@ -143,7 +73,7 @@ class SavedTensorEngine:
         self._depth = 0
         self._active = False
         self._busy = False
-        self._call: _Call | None = None
+        self._call: Call | None = None
         self._frames: list[list[Any]] = []
         self._param_storages: set[int] = set()
         self._param_ids: set[int] = set()
@@ -298,7 +228,7 @@ class SavedTensorEngine:
         check_not_traced(self.config.compress)
         if self._depth == 1 and torch.is_grad_enabled():
             check_not_compiling(self.model, self.config.compress)  # before any change
-            if not _foreign_autograd_context():
+            if not foreign_autograd_context():
                 self._activate(is_root)
         if self._active:
             self._frames.append([name, {}])
@@ -322,7 +252,7 @@ class SavedTensorEngine:
         self.forwards += 1
         self._frames = []
         hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-        mode = _OperatorMode(self)
+        mode = OperatorMode(self)
         hooks.__enter__()
         mode.__enter__()
         self._contexts = [hooks, mode]
@@ -372,7 +302,7 @@ class SavedTensorEngine:
             self._funcs[func] = info
         return info
 
-    def _classify(self, info: tuple, args: tuple, kwargs: dict) -> _Call | None:
+    def _classify(self, info: tuple, args: tuple, kwargs: dict) -> Call | None:
         raw, factory, kind, _ = info
         spec = factory(raw, args, kwargs) if factory is not None else None
         if spec is not None:
@@ -388,8 +318,8 @@ class SavedTensorEngine:
             return None
         if any(id(p) in self._weight_ids for p in params):
             kind = "trainable"  # its saved input feeds a trainable weight's gradient
-        call = _Call(kind=kind or "generic", spec=spec)
-        if kind in _STATS_KINDS:
+        call = Call(kind=kind or "generic", spec=spec)
+        if kind in STATS_KINDS:
             tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
             call.arg_shapes = frozenset(tuple(a.shape) for a in tensors)
             call.arg_numel = max((a.numel() for a in tensors), default=0)
@@ -421,7 +351,7 @@ class SavedTensorEngine:
 
     def _pack_activation(self, t: torch.Tensor) -> Any:
         cfg = self.config
-        call = self._call or _Call(kind="generic")
+        call = self._call or Call(kind="generic")
         kind = "mask" if t.dtype == torch.bool else call.kind
         account = self._account
         assert account is not None
@@ -443,8 +373,8 @@ class SavedTensorEngine:
             # computed without autograd (an autocast copy of a weight, a standardized or
             # dequantized weight): a constant of the trained graph, not an activation.
             # Dropout noise is one too, but its 1-bit code is exact.
-            or (kind != "dropout" and _constant(t, self._weight_numels))
-            or (kind in _STATS_KINDS and _statistics(t, call))
+            or (kind != "dropout" and constant(t, self._weight_numels))
+            or (kind in STATS_KINDS and statistics(t, call))
         )
         part = self._part()
         if keep:
@@ -484,7 +414,7 @@ class SavedTensorEngine:
     def _backend(self, t: torch.Tensor) -> str:
         return resolve_backend(self.config.backend, t.device)
 
-    def _attach_codebook(self, t: torch.Tensor, call: _Call, opts: PackOptions) -> None:
+    def _attach_codebook(self, t: torch.Tensor, call: Call, opts: PackOptions) -> None:
         cfg = self.config
         assert call.spec is not None and call.spec.derivative is not None
         site = call.site
