@@ -66,8 +66,9 @@ METHOD_LR = {
     "s2a_bias[frozen_dtype=nf4]": 3e-3,
 }
 LR_GRID = (1e-3, 3e-3, 1e-2, 3e-2)
-#: Epochs of each search run: fewer than the reported runs' so that the whole study (search of
-#: every method on the grid, then two seeds on three datasets) fits in 90 minutes on 2 cores.
+#: Epochs of each search run: fewer than the reported runs', to shorten the study (search of
+#: every method on the grid, then two seeds on three datasets): it still took about 2 hours
+#: on 2 cores (docs/benchmarks.md, "With searched learning rates").
 SEARCH_EPOCHS = 3
 
 
@@ -401,7 +402,7 @@ def main(argv: list[str] | None = None) -> None:
         "--search-epochs",
         type=int,
         default=SEARCH_EPOCHS,
-        help="epochs of each search run (fewer than reported runs', to fit the study in 90 min)",
+        help="epochs of each search run (fewer than the reported runs', to shorten the study)",
     )
     parser.add_argument(
         "--no-search", action="store_true", help="use METHOD_LR (and --lr) without a search"
