@@ -112,13 +112,13 @@ def _measure(
     in_place: set[str] = set()
     with _same_state(engine, scope):
         exact_calls, exact_loss = _record(engine, loss_fn, True, copied, in_place)
+    _check_scalar(exact_loss)
     if in_place - copied:  # their gradients read as their inputs': measure again, copied
         copied = copied | in_place
         with _same_state(engine, scope):
             exact_calls, exact_loss = _record(engine, loss_fn, True, copied, set())
     with _same_state(engine, scope):
         coded_calls, _ = _record(engine, loss_fn, False, copied, set())
-    _check_scalar(exact_loss)
     shape = [(n, len(i), len(o)) for n, i, o in exact_calls]
     if shape != [(n, len(i), len(o)) for n, i, o in coded_calls]:
         raise RuntimeError(
@@ -187,10 +187,13 @@ def _record(
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict, out: Any, name: str = name) -> None:
             stacked = originals.get(name)
-            ins = stacked.pop() if stacked else _tensors(args) + _tensors(kwargs)
+            copied_ins = stacked.pop() if stacked else None
+            if engine._saving is None or name not in engine._saving:
+                return  # saves nothing itself: not measured
             outs = _tensors(out)
-            if not outs or engine._saving is None or name not in engine._saving:
+            if not outs:
                 return
+            ins = copied_ins if copied_ins is not None else _tensors(args) + _tensors(kwargs)
             if any(o is i for o in outs for i in ins):
                 in_place.add(name)
             calls.append((name, ins, outs))
