@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .engine.bitpack import SUPPORTED_BITS, check_bits
+from .engine.calibration import WIDE_BITS
 from .engine.ops import KINDS
 
 MODULE_KINDS = ("bias", "prompt", "side")
@@ -257,9 +258,9 @@ class S2AConfig:
                 "calibrate=True measures the codes' error, but compress=False stores every "
                 "saved tensor exact; drop one of them."
             )
-        if self.calibrate and min([self.bits, *self.op_bits.values()]) >= 8:
+        if self.calibrate and min([self.bits, *self.op_bits.values()]) >= WIDE_BITS:
             raise ValueError(
-                f"calibrate=True widens modules to 8 bits, but bits={self.bits} codes "
+                f"calibrate=True widens modules to {WIDE_BITS} bits, but bits={self.bits} codes "
                 "everything in 8 bits already; use fewer bits or calibrate=False."
             )
         if not _is_int(self.seed) or self.seed < 0:
