@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -193,34 +194,75 @@ def test_a_fixed_rate_takes_a_bracketed_method_name(tmp_path, capsys):
     assert "expected METHOD=LR" in capsys.readouterr().err
 
 
-def test_main_searches_on_the_inner_split_then_reports_with_the_chosen_rate(tmp_path, monkeypatch):
-    specs: list[dict] = []
+def _fake_worker(specs: list[dict], delay: dict[str, float] | None = None):
+    """A stand-in worker: rate 1e-2 wins for full, 3e-3 for s2a_bias; records each spec and
+    sleeps ``delay[method]`` seconds, so workers run side by side end out of order."""
+    best = {"full": 1e-2, "s2a_bias": 3e-3}
 
-    def fake_worker(spec: dict) -> dict:
+    def worker(spec: dict) -> dict:
         specs.append(spec)
+        time.sleep((delay or {}).get(spec["method"], 0.0))
         lrs = spec.get("lrs", [spec["lr"]])
-        best = {"full": 1e-2, "s2a_bias": 3e-2}[spec["method"]]
         runs = [
-            {"seed": s, "lr": lr, "acc": 0.9 if lr == best else 0.5, "saved_mib": 1.0}
-            | {"step_s": 0.1, "train_s": 1.0, "train_peak_mib": 1.0, "trainable": 1}
-            | {"trainable_pct": 1.0}
+            {"seed": s, "lr": lr, "acc": 0.9 if lr == best[spec["method"]] else 0.5}
+            | {"saved_mib": 1.0, "step_s": 0.1, "train_s": 1.0, "train_peak_mib": 1.0}
+            | {"trainable": 1, "trainable_pct": 1.0}
             for lr in lrs
             for s in spec["seeds"]
         ]
         return {"dataset": spec["dataset"], "method": spec["label"], "runs": runs}
 
-    monkeypatch.setattr(study, "_run_worker", fake_worker)
+    return worker
+
+
+def test_main_searches_on_the_inner_split_then_reports_with_the_chosen_rate(tmp_path, monkeypatch):
+    specs: list[dict] = []
+    monkeypatch.setattr(study, "_run_worker", _fake_worker(specs))
     argv = ["--datasets", "digits", "--methods", "full", "s2a_bias", "--image-size", "32"]
-    study.main([*argv, "--search-epochs", "2", "--epochs", "4", "--out", str(tmp_path)])
+    study.main(
+        [*argv, "--search-epochs", "2", "--epochs", "4", "--jobs", "1", "--out", str(tmp_path)]
+    )
     search, report = specs[:2], specs[2:]
     assert [s["epochs"] for s in search] == [2, 2] and all(s["seeds"] == [0] for s in search)
+    assert all(s["lrs"] == [1e-3, 3e-3, 1e-2] for s in search)  # 3e-2 never won: not searched
     assert all(s["data"].endswith("search_digits_32px.pt") for s in search)
     assert [(s["method"], s["lr"], s["epochs"]) for s in report] == [
         ("full", 1e-2, 4),
-        ("s2a_bias", 3e-2, 4),
+        ("s2a_bias", 3e-3, 4),
     ]
     assert all(s["seeds"] == [0, 1] and s["data"].endswith("data_digits_32px.pt") for s in report)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert "(seed 0, 2 epochs)" in saved["headers"][0]
-    grid = {"0.001": 0.5, "0.003": 0.5, "0.01": 0.5, "0.03": 0.9}
-    assert saved["search"]["s2a_bias@4bit"] == grid
+    assert "1 worker(s) at once" in saved["headers"][0]
+    assert saved["search"]["s2a_bias@4bit"] == {"0.001": 0.5, "0.003": 0.9, "0.01": 0.5}
+
+
+def test_workers_side_by_side_report_in_plan_order(tmp_path, monkeypatch):
+    # full's worker takes longest, so with two at once s2a_bias's ends first, in the search
+    # and in each dataset; rates, search record and rows must still follow the plan.
+    specs: list[dict] = []
+    monkeypatch.setattr(study, "_run_worker", _fake_worker(specs, {"full": 0.3}))
+    monkeypatch.setattr(study.torch, "get_num_threads", lambda: 4)
+    argv = [
+        "--datasets",
+        "digits",
+        "--image-size",
+        "32",
+        "--methods",
+        "full",
+        "s2a_bias",
+        "--jobs",
+        "2",
+        "--out",
+        str(tmp_path),
+    ]
+    study.main(argv)
+    assert [s["method"] for s in specs[:2]] == ["full", "s2a_bias"]  # both started at once
+    assert {s["threads"] for s in specs} == {2}  # cores shared out over the jobs
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert list(saved["search"]) == ["full", "s2a_bias@4bit"]
+    assert [r["method"] for r in saved["results"]] == ["full", "s2a_bias@4bit"]
+    assert [r["runs"][0]["lr"] for r in saved["results"]] == [1e-2, 3e-3]
+    assert "2 worker(s) at once, 2 thread(s) each" in saved["headers"][0]
+    with pytest.raises(SystemExit):
+        study.main([*argv, "--jobs", "0"])
