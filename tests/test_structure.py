@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 
 import pytest
@@ -183,6 +184,73 @@ def test_unknown_model_needs_named_blocks_for_prompt():
         assert [b.layout for b in h.structure.blocks] == ["tokens"] * 3
     with pytest.raises(ValueError, match=r"blocks=.*matches no submodule"):
         apply_s2a(Plain(), modules="prompt", head="fc", blocks="decoder.*", input_size=(5, 16))
+
+
+class _Dense(nn.ModuleDict):
+    """A DenseNet-style block (timm's DenseBlock): its forward runs every child it holds."""
+
+    def __init__(self) -> None:
+        super().__init__({"l1": nn.Linear(16, 16), "l2": nn.Linear(16, 16)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.values():
+            x = x + torch.tanh(layer(x))
+        return x
+
+
+def test_a_prompt_on_a_container_block_is_added_once_and_held_outside_it(tmp_path):
+    # A prompt module added to a Sequential block ran as its last layer, and the hook added
+    # the prompt a second time; a DenseNet-style block called it with its own input.
+    from lightning_s2a import load_adapter, save_adapter
+
+    torch.manual_seed(0)
+    model = Plain().double()
+    model.encoder[1] = _Dense().double()
+    base = copy.deepcopy(model)
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    config = S2AConfig(modules="prompt", head="fc", blocks="encoder.*", input_size=(5, 16))
+    handle = apply_s2a(model, config)
+    names = [f"s2a_prompt_encoder_{i}" for i in range(3)]
+    assert sorted(n for n, _ in model.named_children() if n.startswith("s2a")) == names
+    assert all("s2a" not in n for n, _ in model.encoder.named_modules())
+    prompts = [getattr(model, n) for n in names]
+    with torch.no_grad():
+        for prompt in prompts:
+            prompt.B.normal_()  # B starts at zero: make each prompt count
+    h = x
+    for block, prompt in zip(base.encoder, prompts, strict=True):
+        h = block(h) + prompt.prompt()  # each prompt added once, after its block
+    torch.testing.assert_close(model(x), base.fc(h.mean(1)), rtol=0, atol=1e-12)
+    model(x).sum().backward()
+    assert all(p.A.grad.abs().sum() > 0 and p.B.grad.abs().sum() > 0 for p in prompts)
+    assert "prompt" in handle.summary().split("part")[1]
+    path = tmp_path / "adapter.safetensors"
+    save_adapter(model, path)
+    fresh = copy.deepcopy(base)
+    load_adapter(fresh, path)
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+    handle.remove()
+    assert not any(n.startswith("s2a") for n, _ in model.named_children())
+
+
+def test_a_model_that_runs_its_children_cannot_hold_a_prompt_or_side():
+    def unit() -> nn.Sequential:
+        return nn.Sequential(nn.Linear(16, 16), nn.GELU())
+
+    model = nn.Sequential(unit(), unit(), nn.Linear(16, 4))
+    for modules in ("prompt", "side"):
+        config = S2AConfig(modules=modules, head="2", blocks=["0", "1"], input_size=(5, 16))
+        with pytest.raises(ValueError, match=r"is an nn.Sequential.*Wrap the model in an nn.Mod"):
+            apply_s2a(model, config)
+        assert len(model) == 3 and all(p.requires_grad for p in model.parameters())  # undone
+    # A block that is no container holds its own prompt, whatever its parent is.
+    config = S2AConfig(modules="prompt", head="2", blocks=["0.0", "1.0"], input_size=(5, 16))
+    with apply_s2a(model, config):
+        assert [n for n, _ in model.named_modules() if n.endswith("s2a_prompt")] == [
+            "0.0.s2a_prompt",
+            "1.0.s2a_prompt",
+        ]
+        assert model(torch.randn(2, 5, 16)).shape == (2, 5, 4)
 
 
 def test_bias_works_on_any_module_without_blocks():
@@ -411,11 +479,16 @@ def test_distilled_models_train_both_heads(name):
 @pytest.mark.parametrize(
     ("name", "kwargs", "size", "rule"),
     [
-        ("eva02_tiny_patch14_224", {"img_size": 28}, 28, "12 x EvaBlock"),
-        ("cait_xxs24_224", {"img_size": 32}, 32, "24 x LayerScaleBlock"),  # not its 2 class-attn
-        ("xcit_nano_12_p16_224", {"img_size": 32}, 32, "12 x XCABlock"),
-        ("pvt_v2_b0", {}, 64, "8 x Block"),  # stages.*.blocks.*
-        ("levit_128s", {"img_size": 64}, 64, "9 x LevitBlock"),
+        ("eva02_tiny_patch14_224", {"img_size": 28}, 28, "repeated blocks: 12 x EvaBlock"),
+        # its 24 main blocks, not its 2 class-attention blocks
+        ("cait_xxs24_224", {"img_size": 32}, 32, "repeated blocks: 24 x LayerScaleBlock"),
+        ("xcit_nano_12_p16_224", {"img_size": 32}, 32, "repeated blocks: 12 x XCABlock"),
+        ("pvt_v2_b0", {}, 64, "repeated blocks: 8 x Block"),  # stages.*.blocks.*
+        ("levit_128s", {"img_size": 64}, 64, "repeated blocks: 9 x LevitBlock"),
+        # each stage a Sequential of a downsampling conv, then its blocks (one alone in 3 of 4)
+        ("starnet_s050", {}, 32, "repeated blocks: 6 x Block"),
+        # blocks are attributes b1, b2... of a stage, in no list: the stages feature_info names
+        ("regnetx_002", {}, 32, "timm feature_info: 5 levels"),
     ],
 )
 def test_prompt_finds_the_repeated_blocks_of_families_outside_the_table(name, kwargs, size, rule):
@@ -429,9 +502,9 @@ def test_prompt_finds_the_repeated_blocks_of_families_outside_the_table(name, kw
             if ".s2a_prompt." in n:
                 block = n.split(".s2a_prompt.")[0]
                 grad_by_block[block] = grad_by_block.get(block, 0.0) + float(p.grad.abs().sum())
-        assert len(grad_by_block) == int(rule.split()[0])
+        assert len(grad_by_block) == int(rule.split(": ")[1].split()[0])
         assert all(g > 0 for g in grad_by_block.values())  # every block's prompt learns
-        assert f"repeated blocks: {rule}" in handle.summary()
+        assert rule in handle.summary()
 
 
 class _Stacked(nn.Module):
@@ -473,6 +546,110 @@ def test_repeated_blocks_of_a_user_model_are_its_largest_block_list():
     handle = apply_s2a(model, S2AConfig(modules=["prompt"], head="head", input_size=(5, 6)))
     assert "blocks (4): repeated blocks: 4 x _Residual" in handle.summary()
     handle.remove()
+
+
+class _Staged(nn.Module):
+    """A model with no repeated blocks (each stage a different class), whose timm-style
+    ``feature_info`` names its stages."""
+
+    def __init__(self, names: list[str] | None = None) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.stage1 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.stage2 = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.GELU())
+        self.head = nn.Linear(16, 3)
+        names = names or ["stage1", "stage2"]
+        self.feature_info = [
+            {"num_chs": 8, "reduction": 1, "module": names[0]},
+            {"num_chs": 16, "reduction": 2, "module": names[1]},
+        ]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stage2(self.stage1(self.stem(x))).mean((2, 3)))
+
+
+def test_blocks_of_a_model_without_repeated_blocks_come_from_its_feature_info():
+    from lightning_s2a.structure.families import find_blocks
+
+    torch.manual_seed(0)
+    model = _Staged()
+    blocks, _, rule = find_blocks(model, None)
+    assert [b.name for b in blocks] == ["stage1", "stage2"]
+    assert rule == "timm feature_info: 2 levels"
+    config = S2AConfig(modules=["prompt"], head="head", input_size=(3, 8, 8))
+    with apply_s2a(model, config) as handle:
+        assert "blocks (2): timm feature_info: 2 levels" in handle.summary()
+        model(torch.randn(2, 3, 8, 8)).sum().backward()
+        # the stages are Sequentials, so the model holds their prompts
+        prompted = {
+            n.removesuffix(".B")
+            for n, p in model.named_parameters()
+            if n.endswith(".B") and p.grad is not None and p.grad.abs().sum() > 0
+        }
+        assert prompted == {"s2a_prompt_stage1", "s2a_prompt_stage2"}  # both prompts learn
+    # timm's features_only models keep the list in FeatureInfo.info
+    wrapped = _Staged()
+    wrapped.feature_info = type("FeatureInfo", (), {"info": wrapped.feature_info})()
+    assert [b.name for b in find_blocks(wrapped, None)[0]] == ["stage1", "stage2"]
+    with pytest.raises(ValueError, match=r"feature_info names \['stage9'\].*S2AConfig\(blocks="):
+        find_blocks(_Staged(["stage1", "stage9"]), None)
+    no_info = _Staged()
+    del no_info.feature_info
+    with pytest.raises(ValueError, match=r"cannot find the blocks of _Staged.*feature_info"):
+        find_blocks(no_info, None)
+
+
+class _ConvUnit(nn.Module):
+    """A conv-norm-act unit (timm's ConvNormAct): one weight layer."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class _Branchy(nn.Module):
+    """An Inception-like block: a branch of three conv units beside a 1x1 conv."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.branch = nn.Sequential(*[_ConvUnit(c) for _ in range(3)])
+        self.skip = nn.Conv2d(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.branch(x) + self.skip(x)
+
+
+class _Inceptionish(nn.Module):
+    def __init__(self, with_info: bool) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(_ConvUnit(4), _ConvUnit(4))
+        # blocks between reduction convs: no two of one class in a row
+        self.features = nn.Sequential(
+            nn.Conv2d(4, 4, 1), _Branchy(), nn.Conv2d(4, 4, 1), _Branchy()
+        )
+        if with_info:
+            self.feature_info = [{"module": "stem"}, {"module": "features"}]
+
+
+def test_blocks_of_several_weight_layers_win_over_more_numerous_conv_units():
+    from lightning_s2a.structure.families import find_blocks
+
+    # Two blocks of 4 convolutions each, never two in a row, beside 8 conv-norm-act units:
+    # with feature_info its stages are taken, without it the units (what repeats most).
+    found, _, rule = find_blocks(_Inceptionish(with_info=True), None)
+    assert [b.name for b in found] == ["stem", "features"]
+    assert rule == "timm feature_info: 2 levels"
+    found, _, rule = find_blocks(_Inceptionish(with_info=False), None)
+    assert rule == "repeated blocks: 8 x _ConvUnit"
+    # Blocks in a row win over the more numerous units inside them, also after another layer.
+    model = _Inceptionish(with_info=True)
+    model.features = nn.Sequential(nn.Conv2d(4, 4, 1), _Branchy(), _Branchy(), _Branchy())
+    found, _, rule = find_blocks(model, None)
+    assert [b.name for b in found] == ["features.1", "features.2", "features.3"]
+    assert rule == "repeated blocks: 3 x _Branchy"
 
 
 class _PairBlock(nn.Module):

@@ -2,7 +2,8 @@
 
 ``prompt`` and ``side`` attach to the outputs of a model's blocks. For the timm families below
 the blocks are known; any other model's are found as its most repeated block class in a
-``ModuleList``/``Sequential`` (:func:`repeated_blocks`), or named with
+``ModuleList``/``Sequential`` (:func:`repeated_blocks`), else as the modules its timm
+``feature_info`` names (:func:`feature_info_blocks`), or named with
 ``S2AConfig(blocks=...)``: a list of module names, or a pattern where ``*`` matches one name
 component (``"encoder.layer.*"``). The rule that found them is in ``handle.summary()``.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import groupby
 
 import torch
 from torch import nn
@@ -69,49 +71,105 @@ def _layout_of(shape: torch.Size, declared: str) -> str:
     )
 
 
-def repeated_blocks(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], str]:
+_WEIGHT_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+def _weight_layers(module: nn.Module) -> int:
+    return sum(isinstance(m, _WEIGHT_LAYERS) for m in module.modules())
+
+
+def repeated_blocks(
+    model: nn.Module, single_layers: bool = True
+) -> tuple[list[tuple[str, nn.Module]], str]:
     """The model's repeated blocks, for a model outside the family table.
 
-    Every ``nn.ModuleList`` or ``nn.Sequential`` whose children (two or more) share one class
-    is a list of blocks; the class with the most such blocks in the whole model wins, so a
-    hierarchical model's stages (``stages.*.blocks.*``) give all their blocks, and a model's
-    few class-attention blocks lose to its main blocks. Returns the blocks in model order and
-    the rule, in words.
+    Two or more consecutive children of one class in an ``nn.ModuleList`` or ``nn.Sequential``
+    are blocks (a stage's blocks after its downsampling layer too), unless they have no
+    parameters (activations, pools). The class with the most such blocks in the whole model
+    wins, so a hierarchical model's stages (``stages.*.blocks.*``) give all their blocks, and
+    a model's few class-attention blocks lose to its main blocks. Every block of that class
+    in a list is taken, also one that is alone in its stage.
+
+    Blocks with two or more weight layers (linear or convolution) come first: single layers
+    and conv-norm-act units, the branches of an Inception block or the layers of a VoVNet
+    block, outnumber the blocks they sit in. They count only where nothing else repeats (a
+    user's plain stack of convolutions), and not at all with ``single_layers=False``.
+    Returns the blocks in model order and the rule, in words.
     """
-    by_class: dict[type, list[tuple[str, nn.Module]]] = {}
+    blocks: dict[type, int] = {}  # class -> blocks in runs of two or more
+    units: dict[type, int] = {}
+    members: dict[type, list[tuple[str, nn.Module]]] = {}  # every child of a list, by class
     for name, container in model.named_modules():
         if not isinstance(container, (nn.ModuleList, nn.Sequential)):
             continue
-        children = list(container.named_children())
-        kinds = {type(m) for _, m in children}
-        if len(children) < 2 or len(kinds) != 1:
-            continue
-        kind = kinds.pop()
-        if issubclass(kind, (nn.ModuleList, nn.Sequential)):
-            continue  # a list of stages: their own block lists are counted instead
-        if not any(True for _ in children[0][1].parameters()):
-            continue  # activations or pools repeated in a Sequential are not blocks
         prefix = f"{name}." if name else ""
-        by_class.setdefault(kind, []).extend((prefix + n, m) for n, m in children)
+        for kind, run in groupby(container.named_children(), key=lambda child: type(child[1])):
+            children = [(prefix + n, m) for n, m in run]  # consecutive children of one class
+            members.setdefault(kind, []).extend(children)
+            if len(children) < 2 or issubclass(kind, (nn.ModuleList, nn.Sequential)):
+                continue  # a list of stages: their own block lists are counted instead
+            first = children[0][1]
+            if next(first.parameters(), None) is None:
+                continue  # activations or pools repeated in a Sequential are no blocks
+            counts = blocks if _weight_layers(first) >= 2 else units
+            counts[kind] = counts.get(kind, 0) + len(children)
+    by_class = blocks or (units if single_layers else {})
     if not by_class:
         return [], ""
-    kind, found = max(by_class.items(), key=lambda item: len(item[1]))
+    kind = max(by_class, key=by_class.__getitem__)
+    # Every block of the winning class in a list, also one alone in its stage, outermost only.
+    found = members[kind]
+    found = [(n, m) for n, m in found if not any(n.startswith(o + ".") for o, _ in found)]
     return found, f"repeated blocks: {len(found)} x {kind.__name__}"
+
+
+def feature_info_blocks(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], str]:
+    """The modules a timm model's ``feature_info`` names (one per feature level: its stages),
+    for a model with no repeated blocks; ``([], "")`` without one.
+
+    timm sets ``feature_info`` on its models as a list of dicts with a ``"module"`` name, and
+    on ``features_only`` models as an object holding that list in ``.info``. A name that is
+    no submodule is an error: the blocks would silently be fewer than the model says.
+    """
+    info = getattr(model, "feature_info", None)
+    info = getattr(info, "info", info)
+    if not isinstance(info, (list, tuple)):
+        return [], ""
+    names = [i.get("module") for i in info if isinstance(i, dict) and i.get("module")]
+    if not names:
+        return [], ""
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise ValueError(
+            f"{type(model).__name__}.feature_info names {missing}, which are no submodules of "
+            "it. Name the blocks, e.g. S2AConfig(blocks='stages.*')."
+        )
+    names = list(dict.fromkeys(names))
+    return [(n, modules[n]) for n in names], f"timm feature_info: {len(names)} levels"
 
 
 def find_blocks(
     model: nn.Module, blocks: str | Sequence[str] | None, layout: str = "auto"
 ) -> tuple[list[Block], str, str]:
     """The model's blocks, the declared layout ("auto" unless the family table has one), and
-    the rule that found them: the family table, the user's ``blocks``, or repeated blocks."""
+    the rule that found them: the family table, the user's ``blocks``, repeated blocks, or
+    timm's ``feature_info``."""
     family = FAMILIES.get(type(model).__name__)
     if blocks is None and family is None:
-        found, rule = repeated_blocks(model)
+        # Blocks of two or more weight layers, else the stages timm's feature_info names,
+        # else repeated single-weight units (a user's small model).
+        found, rule = repeated_blocks(model, single_layers=False)
+        if not found:
+            found, rule = feature_info_blocks(model)
+        if not found:
+            found, rule = repeated_blocks(model)
         if not found:
             raise ValueError(
                 f"cannot find the blocks of {type(model).__name__}: 'prompt' and 'side' attach "
                 f"to block outputs; it is not one of the known timm families "
-                f"{sorted(FAMILIES)} and has no ModuleList or Sequential of repeated blocks. "
+                f"{sorted(FAMILIES)}, has no ModuleList or Sequential of repeated blocks and "
+                "no timm feature_info naming its stages. "
                 "Name the blocks, e.g. S2AConfig(blocks='encoder.layers.*') or "
                 "S2AConfig(blocks=['layer1', 'layer2'])."
             )

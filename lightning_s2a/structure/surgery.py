@@ -148,9 +148,11 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
     if "prompt" in modules:
         for block in state.blocks:
             prompt = LowRankPrompt(block.shape, block.layout, config.prompt_rank)
-            _add_module(state, block.module, PROMPT_NAME, prompt, _like(block.module))
-            state.hooks.append(block.module.register_forward_hook(_prompt_hook))
-            state.parts.append((f"{block.name}.{PROMPT_NAME}", "prompt"))
+            owner, owner_name, attr = _home(model, block.name, PROMPT_NAME, "prompt")
+            _add_module(state, owner, attr, prompt, _like(block.module))
+            hook = partial(_prompt_hook, prompt)
+            state.hooks.append(block.module.register_forward_hook(hook))
+            state.parts.append((f"{owner_name}.{attr}" if owner_name else attr, "prompt"))
     if "side" in modules:
         _apply_side(model, config, state)
     if state.added_modules or state.added_biases:
@@ -192,6 +194,7 @@ def _apply_side(model: nn.Module, config: S2AConfig, state: StructureState) -> N
         layouts = [b.layout for b in state.blocks]
         side = SideNetwork(channels, config.side_reduction, width, outputs, layouts)
         state.side_rule = f"pooled, width {width}, {len(channels)} blocks, {outputs} outputs"
+    _home(model, "", SIDE_NAME, "side")  # a model that runs its children cannot hold it
     _add_module(state, model, SIDE_NAME, side, _like(replaced))
     state.parts.append((SIDE_NAME, "side"))
     hooks = SideHooks(type(model).__name__, side, image)
@@ -273,8 +276,38 @@ def _side_outputs(model: nn.Module, state: StructureState, hierarchical: bool) -
     return shape[0]
 
 
-def _prompt_hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
-    return getattr(module, PROMPT_NAME)(output)
+def _prompt_hook(
+    prompt: LowRankPrompt, module: nn.Module, args: Any, output: torch.Tensor
+) -> torch.Tensor:
+    return prompt(output)
+
+
+#: Modules whose forward runs their children (``Sequential``; subclasses of ``ModuleList`` and
+#: ``ModuleDict``, such as timm's DenseNet blocks): a module added to one would run too.
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _home(model: nn.Module, name: str, attr: str, what: str) -> tuple[nn.Module, str, str]:
+    """Where a module added for submodule ``name`` lives: ``(owner, owner's name, attribute)``.
+
+    The submodule itself (``blocks.3.s2a_prompt``), unless it is a container, whose forward
+    would run an added child as one of its layers (a prompt added twice, or a DenseNet
+    block calling the prompt with its list of features); then the nearest ancestor that is
+    none, under an attribute that spells the path (``s2a_prompt_encoder_0``).
+    """
+    path = name.split(".") if name else []
+    for i in range(len(path), -1, -1):
+        owner_name = ".".join(path[:i])
+        if not isinstance(model.get_submodule(owner_name), _CONTAINERS):
+            rest = "_".join(path[i:])
+            return model.get_submodule(owner_name), owner_name, attr + (f"_{rest}" if rest else "")
+    kind = next(c.__name__ for c in _CONTAINERS if isinstance(model, c))
+    raise ValueError(
+        f"{what} needs a module to hold its weights, but {type(model).__name__} is an "
+        f"nn.{kind}, as is every module down to {name or 'it'}, and a container's forward "
+        "would run an added module as one of its layers. Wrap the model in an nn.Module "
+        "whose forward calls it, and apply S2A to that."
+    )
 
 
 def _hold_eval(module: nn.Module, args: Any) -> None:
