@@ -116,7 +116,8 @@ def repeated_blocks(
     by_class = blocks or (units if single_layers else {})
     if not by_class:
         return [], ""
-    kind = max(by_class, key=by_class.__getitem__)
+    # On a tie the finer blocks win: a model's blocks over stages holding as many of them.
+    kind = max(by_class, key=lambda k: (by_class[k], members[k][0][0].count(".")))
     # Every block of the winning class in a list, also one alone in its stage, outermost only.
     found = members[kind]
     found = [(n, m) for n, m in found if not any(n.startswith(o + ".") for o, _ in found)]
