@@ -652,6 +652,30 @@ def test_blocks_of_several_weight_layers_win_over_more_numerous_conv_units():
     assert rule == "repeated blocks: 3 x _Branchy"
 
 
+class _Stage(nn.Module):
+    def __init__(self, first: nn.Module) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(first, _Branchy())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
+def test_on_a_tie_the_finer_blocks_win_and_a_lone_block_of_their_class_is_taken():
+    from lightning_s2a.structure.families import find_blocks
+
+    # Two stages, and two blocks in a row in the first only: 2 stages against 2 blocks.
+    model = nn.Module()
+    model.stages = nn.Sequential(_Stage(_Branchy()), _Stage(nn.Conv2d(4, 4, 1)))
+    found, _, rule = find_blocks(model, None)
+    assert rule == "repeated blocks: 3 x _Branchy"
+    assert [b.name for b in found] == [
+        "stages.0.blocks.0",
+        "stages.0.blocks.1",
+        "stages.1.blocks.1",
+    ]
+
+
 class _PairBlock(nn.Module):
     def __init__(self) -> None:
         super().__init__()
