@@ -378,14 +378,26 @@ def field_value(text: str) -> Any:
         return text
 
 
+#: Worker processes running now, so that an interrupted study stops them.
+_RUNNING: set[subprocess.Popen] = set()
+
+
 def _run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """One (dataset, method) in its own process, so that its peak memory is its own."""
-    done = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--worker", json.dumps(spec)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    if done.returncode == 0:
-        return json.loads(done.stdout.strip().splitlines()[-1])
-    tail = done.stderr.strip().splitlines()[-1:] or ["(no output)"]
+    _RUNNING.add(proc)
+    try:
+        stdout, stderr = proc.communicate()
+    finally:
+        _RUNNING.discard(proc)
+    if proc.returncode == 0:
+        return json.loads(stdout.strip().splitlines()[-1])
+    tail = stderr.strip().splitlines()[-1:] or [f"(no output, exit status {proc.returncode})"]
     return {"dataset": spec["dataset"], "method": spec["label"], "error": tail[0]}
 
 
@@ -393,11 +405,20 @@ def run_workers(
     specs: list[dict[str, Any]], jobs: int, done: Callable[[int, dict[str, Any]], None]
 ) -> None:
     """Run each spec's worker process, ``jobs`` at once; ``done(index, result)`` as each ends
-    (in this thread, so callbacks need no lock)."""
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+    (in this thread, so callbacks need no lock). If anything goes wrong here (Ctrl-C, a
+    callback's error), workers not yet started never start and running ones are stopped."""
+    pool = ThreadPoolExecutor(max_workers=max(1, jobs))
+    try:
         futures = {pool.submit(_run_worker, spec): i for i, spec in enumerate(specs)}
         for future in as_completed(futures):
             done(futures[future], future.result())
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in list(_RUNNING):
+            proc.kill()
+        raise
+    finally:
+        pool.shutdown(wait=True)
 
 
 def merged(results: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -266,3 +266,21 @@ def test_workers_side_by_side_report_in_plan_order(tmp_path, monkeypatch):
     assert "2 worker(s) at once, 2 thread(s) each" in saved["headers"][0]
     with pytest.raises(SystemExit):
         study.main([*argv, "--jobs", "0"])
+
+
+def test_an_interrupted_study_starts_no_more_workers(monkeypatch):
+    started: list[int] = []
+
+    def slow_worker(spec: dict) -> dict:
+        started.append(spec["i"])
+        time.sleep(0.2)
+        return {"i": spec["i"]}
+
+    def done(i: int, result: dict) -> None:
+        raise KeyboardInterrupt  # Ctrl-C while the first results come in
+
+    monkeypatch.setattr(study, "_run_worker", slow_worker)
+    with pytest.raises(KeyboardInterrupt):
+        study.run_workers([{"i": i} for i in range(8)], 2, done)
+    time.sleep(0.5)  # a worker queued behind the running ones would have started by now
+    assert len(started) <= 4, started

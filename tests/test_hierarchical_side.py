@@ -251,9 +251,22 @@ def test_config_errors(fields, match):
         S2AConfig(**fields)
 
 
+class _Tokens(nn.Module):
+    """Token input, no image (not a Sequential: its forward would run the side network)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
 def test_a_non_image_input_is_a_clear_error():
-    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8))
-    cfg = S2AConfig(modules=["side"], side="hierarchical", head="2", input_size=(4, 8))
+    model = _Tokens()
+    cfg = S2AConfig(
+        modules=["side"], side="hierarchical", head="layers.2", blocks="layers.*", input_size=(4, 8)
+    )
     with pytest.raises(ValueError, match=r"needs an image input \(C, H, W\)"):
         apply_s2a(model, cfg)
 

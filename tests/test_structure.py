@@ -240,7 +240,10 @@ def test_a_model_that_runs_its_children_cannot_hold_a_prompt_or_side():
     model = nn.Sequential(unit(), unit(), nn.Linear(16, 4))
     for modules in ("prompt", "side"):
         config = S2AConfig(modules=modules, head="2", blocks=["0", "1"], input_size=(5, 16))
-        with pytest.raises(ValueError, match=r"is an nn.Sequential.*Wrap the model in an nn.Mod"):
+        with pytest.raises(
+            ValueError,
+            match=r"forward of Sequential.*runs its children.*Wrap the model in an nn.Mod",
+        ):
             apply_s2a(model, config)
         assert len(model) == 3 and all(p.requires_grad for p in model.parameters())  # undone
     # A block that is no container holds its own prompt, whatever its parent is.
@@ -251,6 +254,54 @@ def test_a_model_that_runs_its_children_cannot_hold_a_prompt_or_side():
             "1.0.s2a_prompt",
         ]
         assert model(torch.randn(2, 5, 16)).shape == (2, 5, 4)
+
+
+class _LoopStage(nn.Module):
+    """timm's RegStage: no container, but its forward runs every child it holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b1 = nn.Linear(16, 16)
+        self.b2 = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.children():
+            x = torch.tanh(block(x))
+        return x
+
+
+class _Looped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.s1, self.s2 = _LoopStage(), _LoopStage()
+        self.act = nn.ReLU()  # a block without parameters
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.act(self.s2(self.s1(x))).mean(1))
+
+
+def test_a_prompt_on_a_block_that_runs_its_children_is_held_by_its_parent():
+    torch.manual_seed(0)
+    model = _Looped().double()
+    base = copy.deepcopy(model)
+    blocks = ["s1", "s2", "act", "s1"]  # s1 named twice: one prompt
+    config = S2AConfig(modules="prompt", head="fc", blocks=blocks, input_size=(5, 16))
+    with apply_s2a(model, config) as handle:
+        held = sorted(n for n, _ in model.named_modules() if "s2a_prompt" in n)
+        # the loops' prompts live in the model; the ReLU holds its own, in the model's dtype
+        assert held == ["act.s2a_prompt", "s2a_prompt_s1", "s2a_prompt_s2"]
+        assert model.act.s2a_prompt.A.dtype == torch.float64
+        assert [b.name for b in handle.structure.blocks] == ["s1", "s2", "act"]
+        prompts = [model.s2a_prompt_s1, model.s2a_prompt_s2, model.act.s2a_prompt]
+        with torch.no_grad():
+            for prompt in prompts:
+                prompt.B.normal_()
+        x = torch.randn(3, 5, 16, dtype=torch.float64)
+        h = base.s1(x) + prompts[0].prompt()  # each prompt once, after its block
+        h = base.s2(h) + prompts[1].prompt()
+        h = base.act(h) + prompts[2].prompt()
+        torch.testing.assert_close(model(x), base.fc(h.mean(1)), rtol=0, atol=1e-12)
 
 
 def test_bias_works_on_any_module_without_blocks():
@@ -497,10 +548,10 @@ def test_prompt_finds_the_repeated_blocks_of_families_outside_the_table(name, kw
     config = S2AConfig(modules=["bias", "prompt"], input_size=(3, size, size))
     with apply_s2a(model, config) as handle:
         F.cross_entropy(model(torch.randn(2, 3, size, size)), torch.tensor([1, 2])).backward()
-        grad_by_block: dict[str, float] = {}
+        grad_by_block: dict[str, float] = {}  # by prompt: blocks.3.s2a_prompt, s2a_prompt_s1
         for n, p in model.named_parameters():
-            if ".s2a_prompt." in n:
-                block = n.split(".s2a_prompt.")[0]
+            if "s2a_prompt" in n:
+                block = n.rpartition(".")[0]
                 grad_by_block[block] = grad_by_block.get(block, 0.0) + float(p.grad.abs().sum())
         assert len(grad_by_block) == int(rule.split(": ")[1].split()[0])
         assert all(g > 0 for g in grad_by_block.values())  # every block's prompt learns
@@ -632,6 +683,17 @@ class _Inceptionish(nn.Module):
         )
         if with_info:
             self.feature_info = [{"module": "stem"}, {"module": "features"}]
+
+
+def test_feature_info_names_of_a_flattened_features_only_model_are_found():
+    from lightning_s2a.structure.families import find_blocks
+
+    model = _Staged()  # timm's features_only models flatten "stage.1" to "stage_1"
+    model.stage_1 = model.stage1
+    del model.stage1
+    model.feature_info = [{"module": "stage.1"}, {"module": "stage2"}]
+    found, _, _ = find_blocks(model, None)
+    assert [b.name for b in found] == ["stage_1", "stage2"]
 
 
 def test_blocks_of_several_weight_layers_win_over_more_numerous_conv_units():

@@ -119,7 +119,7 @@ def repeated_blocks(
     # On a tie the finer blocks win: a model's blocks over stages holding as many of them.
     kind = max(by_class, key=lambda k: (by_class[k], members[k][0][0].count(".")))
     # Every block of the winning class in a list, also one alone in its stage, outermost only.
-    found = members[kind]
+    found = _distinct(members[kind])
     found = [(n, m) for n, m in found if not any(n.startswith(o + ".") for o, _ in found)]
     return found, f"repeated blocks: {len(found)} x {kind.__name__}"
 
@@ -140,13 +140,15 @@ def feature_info_blocks(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], 
     if not names:
         return [], ""
     modules = dict(model.named_modules())
+    # timm's features_only models flatten their first level ("features.denseblock1" is
+    # module "features_denseblock1") but keep the names in feature_info.
+    names = [n if n in modules else n.replace(".", "_", 1) for n in dict.fromkeys(names)]
     missing = [n for n in names if n not in modules]
     if missing:
         raise ValueError(
             f"{type(model).__name__}.feature_info names {missing}, which are no submodules of "
-            "it. Name the blocks, e.g. S2AConfig(blocks='stages.*')."
+            "it. Name the blocks with S2AConfig(blocks=[...])."
         )
-    names = list(dict.fromkeys(names))
     return [(n, modules[n]) for n in names], f"timm feature_info: {len(names)} levels"
 
 
@@ -174,7 +176,7 @@ def find_blocks(
                 "Name the blocks, e.g. S2AConfig(blocks='encoder.layers.*') or "
                 "S2AConfig(blocks=['layer1', 'layer2'])."
             )
-        return [Block(n, m, layout) for n, m in found], layout, rule
+        return [Block(n, m, layout) for n, m in _distinct(found)], layout, rule
     if blocks is not None:
         pattern, declared, rule = blocks, layout, f"named: blocks={blocks!r}"
     else:
@@ -186,17 +188,46 @@ def find_blocks(
         raise ValueError(f"blocks={pattern!r} matches no submodule of {type(model).__name__}.")
     # Keep only outermost matches (a pattern may also match sub-blocks of a block).
     outer = [(n, m) for n, m in found if not any(n.startswith(o + ".") for o, _ in found)]
-    return [Block(n, m, declared) for n, m in outer], declared, rule
+    return [Block(n, m, declared) for n, m in _distinct(outer)], declared, rule
+
+
+def _distinct(found: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """Each module once, under its first name: a block reachable under two names (a list of
+    blocks and stage views of it, or a name given twice) gets one prompt, not two."""
+    seen: set[int] = set()
+    return [(n, m) for n, m in found if not (id(m) in seen or seen.add(id(m)))]
+
+
+#: The attribute a probe takes on a module during the dry forward (see :class:`_Probe`).
+PROBE_NAME = "s2a_probe"
+
+
+class _Probe(nn.Module):
+    """Added to a module that is to hold an injected module, for the dry forward only: if it
+    runs, the module's forward runs its children (timm's ``RegStage`` loops over
+    ``self.children()``), and a prompt added there would run as one of its layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ran = False
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        self.ran = True
+        return args[0] if args else None
 
 
 @torch.no_grad()
 def block_output_shapes(
-    model: nn.Module, blocks: list[Block], input_size: tuple[int, ...]
-) -> tuple[list[Block], tuple[int, ...] | None]:
+    model: nn.Module,
+    blocks: list[Block],
+    input_size: tuple[int, ...],
+    owners: Sequence[str] = (),
+) -> tuple[list[Block], tuple[int, ...] | None, set[str]]:
     """Run one sample through the model to learn each block's output shape and layout.
 
     Also returns the shape of the model's own output without the batch dimension (None when
-    it is not a tensor), which the side branch needs when there is no head to replace.
+    it is not a tensor), which the side branch needs when there is no head to replace, and
+    which of the modules named in ``owners`` ran a child added to them (:class:`_Probe`).
     """
     shapes: dict[str, torch.Size] = {}
 
@@ -207,12 +238,18 @@ def block_output_shapes(
         return hook
 
     handles = [b.module.register_forward_hook(recorder(b.name)) for b in blocks]
+    probes = {name: _Probe() for name in owners}
+    for name, probe in probes.items():
+        model.get_submodule(name).add_module(PROBE_NAME, probe)
     param = next(model.parameters())
     was_training = model.training
     try:
         model.eval()
         out = model(torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
     except Exception as err:
+        ran = {name for name, probe in probes.items() if probe.ran}
+        if ran:  # a probe that ran may have made the forward fail: the caller moves it
+            return blocks, None, ran
         raise ValueError(
             f"'prompt' and 'side' size their parameters from one forward of "
             f"{type(model).__name__} at input size {tuple(input_size)}, which failed "
@@ -223,6 +260,9 @@ def block_output_shapes(
         model.train(was_training)
         for h in handles:
             h.remove()
+        for name in probes:
+            delattr(model.get_submodule(name), PROBE_NAME)
+    ran = {name for name, probe in probes.items() if probe.ran}
     missing = [b.name for b in blocks if b.name not in shapes]
     if missing:
         raise ValueError(f"blocks {missing} did not run in a forward pass; name blocks that do.")
@@ -239,7 +279,7 @@ def block_output_shapes(
         Block(b.name, b.module, _layout_of(shapes[b.name], b.layout), tuple(shapes[b.name][1:]))
         for b in blocks
     ]
-    return found, (tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else None)
+    return found, (tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else None), ran
 
 
 def default_input_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[int, ...]:

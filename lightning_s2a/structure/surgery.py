@@ -54,6 +54,9 @@ class StructureState:
     block_rule: str = ""
     #: The (C, H, W) prompt and side were sized for.
     input_size: tuple[int, ...] = ()
+    #: Modules whose forward runs their children, found by the dry forward: they hold no
+    #: added module (see ``_home``).
+    runners: set[str] = field(default_factory=set)
     #: What the side network is (the summary prints it).
     side_rule: str = ""
 
@@ -77,11 +80,24 @@ def apply_structure(model: nn.Module, config: S2AConfig) -> StructureState:
     output_shape: tuple[int, ...] | None = None
     block_rule = ""
     size: tuple[int, ...] = ()
+    runners: set[str] = set()  # modules whose forward runs their children
     if "prompt" in modules or "side" in modules:
         found, _, block_rule = find_blocks(model, config.blocks, config.block_layout)
         size = default_input_size(model, config.input_size)
-        blocks, output_shape = block_output_shapes(model, found, size)
+        # The dry forward that sizes the blocks also probes where added modules would live;
+        # a module found to run its children passes its prompt to its parent, tried again.
+        while True:
+            owners = (
+                {_home(model, "", SIDE_NAME, "side", runners)[1]} if "side" in modules else set()
+            )
+            if "prompt" in modules:
+                owners |= {_home(model, b.name, PROMPT_NAME, "prompt", runners)[1] for b in found}
+            blocks, output_shape, ran = block_output_shapes(model, found, size, sorted(owners))
+            if not ran:
+                break
+            runners |= ran
     state = StructureState(flags={n: p.requires_grad for n, p in model.named_parameters()})
+    state.runners = runners
     state.head, state.blocks, state.output_shape = head, blocks, output_shape
     state.input_size = size
     state.block_rule = block_rule if blocks else ""
@@ -148,8 +164,8 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
     if "prompt" in modules:
         for block in state.blocks:
             prompt = LowRankPrompt(block.shape, block.layout, config.prompt_rank)
-            owner, owner_name, attr = _home(model, block.name, PROMPT_NAME, "prompt")
-            _add_module(state, owner, attr, prompt, _like(block.module))
+            owner, owner_name, attr = _home(model, block.name, PROMPT_NAME, "prompt", state.runners)
+            _add_module(state, owner, attr, prompt, _like(block.module) or _like(model))
             hook = partial(_prompt_hook, prompt)
             state.hooks.append(block.module.register_forward_hook(hook))
             state.parts.append((f"{owner_name}.{attr}" if owner_name else attr, "prompt"))
@@ -194,7 +210,7 @@ def _apply_side(model: nn.Module, config: S2AConfig, state: StructureState) -> N
         layouts = [b.layout for b in state.blocks]
         side = SideNetwork(channels, config.side_reduction, width, outputs, layouts)
         state.side_rule = f"pooled, width {width}, {len(channels)} blocks, {outputs} outputs"
-    _home(model, "", SIDE_NAME, "side")  # a model that runs its children cannot hold it
+    _home(model, "", SIDE_NAME, "side", state.runners)  # one that runs its children cannot
     _add_module(state, model, SIDE_NAME, side, _like(replaced))
     state.parts.append((SIDE_NAME, "side"))
     hooks = SideHooks(type(model).__name__, side, image)
@@ -287,26 +303,30 @@ def _prompt_hook(
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
-def _home(model: nn.Module, name: str, attr: str, what: str) -> tuple[nn.Module, str, str]:
+def _home(
+    model: nn.Module, name: str, attr: str, what: str, runners: set[str]
+) -> tuple[nn.Module, str, str]:
     """Where a module added for submodule ``name`` lives: ``(owner, owner's name, attribute)``.
 
-    The submodule itself (``blocks.3.s2a_prompt``), unless it is a container, whose forward
-    would run an added child as one of its layers (a prompt added twice, or a DenseNet
-    block calling the prompt with its list of features); then the nearest ancestor that is
-    none, under an attribute that spells the path (``s2a_prompt_encoder_0``).
+    The submodule itself (``blocks.3.s2a_prompt``), unless its forward runs its children: a
+    container, or a module the dry forward found doing so (``runners``), would run an added
+    child as one of its layers (a prompt added twice, or a DenseNet block calling it with
+    its list of features). Then the nearest ancestor that does not, under an attribute that
+    spells the path (``s2a_prompt_encoder_0``).
     """
     path = name.split(".") if name else []
     for i in range(len(path), -1, -1):
         owner_name = ".".join(path[:i])
-        if not isinstance(model.get_submodule(owner_name), _CONTAINERS):
+        owner = model.get_submodule(owner_name)
+        if not isinstance(owner, _CONTAINERS) and owner_name not in runners:
             rest = "_".join(path[i:])
-            return model.get_submodule(owner_name), owner_name, attr + (f"_{rest}" if rest else "")
-    kind = next(c.__name__ for c in _CONTAINERS if isinstance(model, c))
+            return owner, owner_name, attr + (f"_{rest}" if rest else "")
     raise ValueError(
-        f"{what} needs a module to hold its weights, but {type(model).__name__} is an "
-        f"nn.{kind}, as is every module down to {name or 'it'}, and a container's forward "
-        "would run an added module as one of its layers. Wrap the model in an nn.Module "
-        "whose forward calls it, and apply S2A to that."
+        f"{what} needs a module to hold its weights, but the forward of "
+        f"{type(model).__name__}, and of every module down to {name or 'it'}, runs its "
+        "children (a Sequential, or a loop over its children), so an added module would run "
+        "as one of its layers. Wrap the model in an nn.Module whose forward calls it, and "
+        "apply S2A to that."
     )
 
 
@@ -324,7 +344,11 @@ def _add_module(
     state: StructureState, parent: nn.Module, name: str, child: nn.Module, like: dict
 ) -> None:
     if hasattr(parent, name):
-        raise RuntimeError(f"{type(parent).__name__} already has an attribute {name!r}.")
+        raise RuntimeError(
+            f"{type(parent).__name__} already has an attribute {name!r}: the model has one of "
+            "that name, or two blocks whose names spell the same one (a.b and a_b). Name the "
+            "blocks with S2AConfig(blocks=[...])."
+        )
     parent.add_module(name, child.to(**like))
     state.added_modules.append((parent, name))
 
