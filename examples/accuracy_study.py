@@ -37,6 +37,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -378,19 +379,25 @@ def field_value(text: str) -> Any:
         return text
 
 
-#: Worker processes running now, so that an interrupted study stops them.
+#: Worker processes running now, so that an interrupted study stops them; the lock makes
+#: "start one" and "stop them all" exclusive, so that none starts after the stop.
 _RUNNING: set[subprocess.Popen] = set()
+_STARTING = threading.Lock()
+_STOPPED = threading.Event()
 
 
 def _run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """One (dataset, method) in its own process, so that its peak memory is its own."""
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--worker", json.dumps(spec)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    _RUNNING.add(proc)
+    with _STARTING:
+        if _STOPPED.is_set():
+            return {"dataset": spec["dataset"], "method": spec["label"], "error": "stopped"}
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--worker", json.dumps(spec)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        _RUNNING.add(proc)
     try:
         stdout, stderr = proc.communicate()
     finally:
@@ -408,14 +415,17 @@ def run_workers(
     (in this thread, so callbacks need no lock). If anything goes wrong here (Ctrl-C, a
     callback's error), workers not yet started never start and running ones are stopped."""
     pool = ThreadPoolExecutor(max_workers=max(1, jobs))
+    _STOPPED.clear()
     try:
         futures = {pool.submit(_run_worker, spec): i for i, spec in enumerate(specs)}
         for future in as_completed(futures):
             done(futures[future], future.result())
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
-        for proc in list(_RUNNING):
-            proc.kill()
+        with _STARTING:
+            _STOPPED.set()
+            for proc in list(_RUNNING):
+                proc.kill()
         raise
     finally:
         pool.shutdown(wait=True)

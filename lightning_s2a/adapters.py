@@ -197,10 +197,19 @@ def load_adapter(module: nn.Module, path: str | os.PathLike, strict: bool = True
     if mismatched or (strict and (missing or unexpected)):
         if created:
             handle.remove()  # leave the model as it was found
+        moved = any("s2a_prompt_" in k for k in missing) and any(
+            ".s2a_prompt." in k for k in unexpected
+        )
         raise ValueError(
             f"adapter {path} does not fit {type(module).__name__}: missing keys {missing}, "
-            f"unexpected keys {unexpected}, shape mismatches {mismatched}. Load it into the "
-            "same LightningModule or model class it was saved from."
+            f"unexpected keys {unexpected}, shape mismatches {mismatched}. "
+            + (
+                "Its prompts sit inside blocks that run their children, where a prompt ran "
+                "twice; this version holds them outside such blocks (docs/structure.md), so "
+                "an adapter saved before that cannot be loaded: train it again."
+                if moved
+                else "Load it into the same LightningModule or model class it was saved from."
+            )
         )
     with torch.no_grad():
         for key, tensor in tensors.items():

@@ -284,3 +284,26 @@ def test_an_interrupted_study_starts_no_more_workers(monkeypatch):
         study.run_workers([{"i": i} for i in range(8)], 2, done)
     time.sleep(0.5)  # a worker queued behind the running ones would have started by now
     assert len(started) <= 4, started
+
+
+def test_an_interrupted_study_stops_its_running_and_starting_workers(tmp_path, monkeypatch):
+    # Real worker processes: the first ends at once, the others would run for a minute; the
+    # interrupt at the first result must not wait for any of them, nor let one start after.
+    script = tmp_path / "rv_worker.py"
+    script.write_text(
+        "import json, sys, time\n"
+        "spec = json.loads(sys.argv[2])\n"
+        "time.sleep(0.1 if spec['i'] == 0 else 60)\n"
+        "print(json.dumps({'dataset': 'd', 'method': 'm', 'runs': []}))\n"
+    )
+    monkeypatch.setattr(study, "__file__", str(script))
+
+    def done(i: int, result: dict) -> None:
+        raise KeyboardInterrupt
+
+    specs = [{"i": i, "dataset": "d", "label": f"m{i}"} for i in range(6)]
+    start = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        study.run_workers(specs, 2, done)
+    assert time.perf_counter() - start < 20  # not the 60 s of a worker left running
+    assert not study._RUNNING

@@ -304,6 +304,50 @@ def test_a_prompt_on_a_block_that_runs_its_children_is_held_by_its_parent():
         torch.testing.assert_close(model(x), base.fc(h.mean(1)), rtol=0, atol=1e-12)
 
 
+def test_an_adapter_with_prompts_inside_a_looping_block_says_why_it_does_not_load(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from lightning_s2a import load_adapter, save_adapter
+
+    torch.manual_seed(0)
+    model = _Looped()
+    base = copy.deepcopy(model)
+    config = S2AConfig(modules="prompt", head="fc", blocks=["s1", "s2"], input_size=(5, 16))
+    with apply_s2a(model, config):
+        save_adapter(model, tmp_path / "new.safetensors")
+    # the names the previous version gave these prompts (inside s1 and s2, run twice)
+    tensors = load_file(tmp_path / "new.safetensors")
+    with safe_open(tmp_path / "new.safetensors", "pt") as f:
+        metadata = f.metadata()
+    old = {
+        k.replace("s2a_prompt_s1.", "s1.s2a_prompt.").replace("s2a_prompt_s2.", "s2.s2a_prompt."): v
+        for k, v in tensors.items()
+    }
+    save_file(old, tmp_path / "old.safetensors", metadata=metadata)
+    with pytest.raises(ValueError, match=r"prompts sit inside blocks that run their children"):
+        load_adapter(copy.deepcopy(base), tmp_path / "old.safetensors")
+    load_adapter(copy.deepcopy(base), tmp_path / "new.safetensors").remove()
+
+
+def test_prompts_are_made_like_their_block_output_before_frozen_weights_are_cast():
+    # A prompt took the dtype of its block's first parameter after the cast (bf16 on a
+    # Linear block), or of the model's (a ReLU block): trainable parameters in bf16/fp16,
+    # which a GradScaler refuses to unscale.
+    model = _Looped()
+    config = S2AConfig(
+        modules="prompt",
+        head="fc",
+        blocks=["s2", "act"],
+        input_size=(5, 16),
+        frozen_dtype="bfloat16",
+    )
+    with apply_s2a(model, config):
+        assert model.s2.b1.weight.dtype == torch.bfloat16  # the frozen weights were cast
+        prompts = {n: p.dtype for n, p in model.named_parameters() if "s2a_prompt" in n}
+        assert len(prompts) == 4 and set(prompts.values()) == {torch.float32}
+
+
 def test_bias_works_on_any_module_without_blocks():
     model = Plain()
     with apply_s2a(model, head="fc") as handle:

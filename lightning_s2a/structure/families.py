@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import groupby
 
 import torch
@@ -39,6 +39,9 @@ class Block:
     module: nn.Module
     layout: str
     shape: tuple[int, ...] = ()  # output shape without the batch dimension
+    #: Device and dtype of the output in the dry forward, before any cast of frozen weights:
+    #: what a prompt added to it is made in.
+    like: dict = field(default_factory=dict, compare=False)
 
 
 def _pattern_regex(pattern: str) -> re.Pattern[str]:
@@ -230,20 +233,24 @@ def block_output_shapes(
     which of the modules named in ``owners`` ran a child added to them (:class:`_Probe`).
     """
     shapes: dict[str, torch.Size] = {}
+    likes: dict[str, dict] = {}
 
     def recorder(name: str):
         def hook(module: nn.Module, args: object, output: object) -> None:
             shapes.setdefault(name, output.shape if isinstance(output, torch.Tensor) else output)
+            if isinstance(output, torch.Tensor):
+                likes.setdefault(name, {"device": output.device, "dtype": output.dtype})
 
         return hook
 
-    handles = [b.module.register_forward_hook(recorder(b.name)) for b in blocks]
+    handles: list = []
     probes = {name: _Probe() for name in owners}
-    for name, probe in probes.items():
-        model.get_submodule(name).add_module(PROBE_NAME, probe)
-    param = next(model.parameters())
     was_training = model.training
     try:
+        handles = [b.module.register_forward_hook(recorder(b.name)) for b in blocks]
+        for name, probe in probes.items():
+            model.get_submodule(name).add_module(PROBE_NAME, probe)
+        param = next(model.parameters())
         model.eval()
         out = model(torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
     except Exception as err:
@@ -261,7 +268,9 @@ def block_output_shapes(
         for h in handles:
             h.remove()
         for name in probes:
-            delattr(model.get_submodule(name), PROBE_NAME)
+            holder = model.get_submodule(name)
+            if PROBE_NAME in holder._modules:
+                delattr(holder, PROBE_NAME)
     ran = {name for name, probe in probes.items() if probe.ran}
     missing = [b.name for b in blocks if b.name not in shapes]
     if missing:
@@ -276,7 +285,13 @@ def block_output_shapes(
             "S2AConfig(blocks='...')."
         )
     found = [
-        Block(b.name, b.module, _layout_of(shapes[b.name], b.layout), tuple(shapes[b.name][1:]))
+        Block(
+            b.name,
+            b.module,
+            _layout_of(shapes[b.name], b.layout),
+            tuple(shapes[b.name][1:]),
+            likes[b.name],
+        )
         for b in blocks
     ]
     return found, (tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else None), ran

@@ -165,7 +165,8 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
         for block in state.blocks:
             prompt = LowRankPrompt(block.shape, block.layout, config.prompt_rank)
             owner, owner_name, attr = _home(model, block.name, PROMPT_NAME, "prompt", state.runners)
-            _add_module(state, owner, attr, prompt, _like(block.module) or _like(model))
+            # made like the block's output in the dry forward, before frozen weights were cast
+            _add_module(state, owner, attr, prompt, block.like)
             hook = partial(_prompt_hook, prompt)
             state.hooks.append(block.module.register_forward_hook(hook))
             state.parts.append((f"{owner_name}.{attr}" if owner_name else attr, "prompt"))
