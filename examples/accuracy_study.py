@@ -24,7 +24,9 @@ e.g. ``s2a_side[side=hierarchical]`` or ``s2a_bias[frozen_dtype=nf4]``. Accuracy
 validation accuracy after the last epoch (no early stopping, no choice of epoch on the
 validation set). Methods that freeze the
 backbone keep its BatchNorm layers in eval mode (S2A's default); full fine-tuning trains them.
-Each (dataset, method) runs in its own process, so that the peak memory is its own.
+Each (dataset, method) runs in its own process, so that the peak memory is its own; two such
+workers run side by side with one thread each (``--jobs``), which on 2 cores finishes the whole
+default study in about 80 minutes (docs/benchmarks.md, "With searched learning rates").
 """
 
 from __future__ import annotations
