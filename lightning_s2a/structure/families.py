@@ -18,6 +18,8 @@ from itertools import groupby
 import torch
 from torch import nn
 
+from .holders import PROBE_NAME, Probe
+
 #: timm class name -> (block name pattern, layout of each block's output).
 #: Layouts: "tokens" (B, N, D), "nhwc" (B, H, W, C), "nchw" (B, C, H, W).
 FAMILIES: dict[str, tuple[str, str]] = {
@@ -201,24 +203,6 @@ def _distinct(found: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]
     return [(n, m) for n, m in found if not (id(m) in seen or seen.add(id(m)))]
 
 
-#: The attribute a probe takes on a module during the dry forward (see :class:`_Probe`).
-PROBE_NAME = "s2a_probe"
-
-
-class _Probe(nn.Module):
-    """Added to a module that is to hold an injected module, for the dry forward only: if it
-    runs, the module's forward runs its children (timm's ``RegStage`` loops over
-    ``self.children()``), and a prompt added there would run as one of its layers."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ran = False
-
-    def forward(self, *args: object, **kwargs: object) -> object:
-        self.ran = True
-        return args[0] if args else None
-
-
 @torch.no_grad()
 def block_output_shapes(
     model: nn.Module,
@@ -230,7 +214,7 @@ def block_output_shapes(
 
     Also returns the shape of the model's own output without the batch dimension (None when
     it is not a tensor), which the side branch needs when there is no head to replace, and
-    which of the modules named in ``owners`` ran a child added to them (:class:`_Probe`).
+    which of the modules named in ``owners`` ran a child added to them (:class:`~.holders.Probe`).
     """
     shapes: dict[str, torch.Size] = {}
     likes: dict[str, dict] = {}
@@ -244,7 +228,7 @@ def block_output_shapes(
         return hook
 
     handles: list = []
-    probes = {name: _Probe() for name in owners}
+    probes = {name: Probe() for name in owners}
     was_training = model.training
     try:
         handles = [b.module.register_forward_hook(recorder(b.name)) for b in blocks]

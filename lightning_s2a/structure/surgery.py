@@ -20,6 +20,7 @@ from . import four_bit
 from .families import Block, block_output_shapes, default_input_size, find_blocks
 from .head import HeadGroup, find_head, head_modules, is_bias
 from .hierarchical import HierarchicalSide, Tap, token_grid
+from .holders import home
 from .model_hooks import HeldLayerHooks, OriginalsHooks, SideHooks
 from .modules import LowRankPrompt, SideNetwork
 
@@ -55,7 +56,7 @@ class StructureState:
     #: The (C, H, W) prompt and side were sized for.
     input_size: tuple[int, ...] = ()
     #: Modules whose forward runs their children, found by the dry forward: they hold no
-    #: added module (see ``_home``).
+    #: added module (see ``holders.home``).
     runners: set[str] = field(default_factory=set)
     #: What the side network is (the summary prints it).
     side_rule: str = ""
@@ -88,10 +89,10 @@ def apply_structure(model: nn.Module, config: S2AConfig) -> StructureState:
         # a module found to run its children passes its prompt to its parent, tried again.
         while True:
             owners = (
-                {_home(model, "", SIDE_NAME, "side", runners)[1]} if "side" in modules else set()
+                {home(model, "", SIDE_NAME, "side", runners)[1]} if "side" in modules else set()
             )
             if "prompt" in modules:
-                owners |= {_home(model, b.name, PROMPT_NAME, "prompt", runners)[1] for b in found}
+                owners |= {home(model, b.name, PROMPT_NAME, "prompt", runners)[1] for b in found}
             blocks, output_shape, ran = block_output_shapes(model, found, size, sorted(owners))
             if not ran:
                 break
@@ -164,7 +165,7 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
     if "prompt" in modules:
         for block in state.blocks:
             prompt = LowRankPrompt(block.shape, block.layout, config.prompt_rank)
-            owner, owner_name, attr = _home(model, block.name, PROMPT_NAME, "prompt", state.runners)
+            owner, owner_name, attr = home(model, block.name, PROMPT_NAME, "prompt", state.runners)
             # made like the block's output in the dry forward, before frozen weights were cast
             _add_module(state, owner, attr, prompt, block.like)
             hook = partial(_prompt_hook, prompt)
@@ -211,7 +212,6 @@ def _apply_side(model: nn.Module, config: S2AConfig, state: StructureState) -> N
         layouts = [b.layout for b in state.blocks]
         side = SideNetwork(channels, config.side_reduction, width, outputs, layouts)
         state.side_rule = f"pooled, width {width}, {len(channels)} blocks, {outputs} outputs"
-    _home(model, "", SIDE_NAME, "side", state.runners)  # one that runs its children cannot
     _add_module(state, model, SIDE_NAME, side, _like(replaced))
     state.parts.append((SIDE_NAME, "side"))
     hooks = SideHooks(type(model).__name__, side, image)
@@ -297,38 +297,6 @@ def _prompt_hook(
     prompt: LowRankPrompt, module: nn.Module, args: Any, output: torch.Tensor
 ) -> torch.Tensor:
     return prompt(output)
-
-
-#: Modules whose forward runs their children (``Sequential``; subclasses of ``ModuleList`` and
-#: ``ModuleDict``, such as timm's DenseNet blocks): a module added to one would run too.
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-
-
-def _home(
-    model: nn.Module, name: str, attr: str, what: str, runners: set[str]
-) -> tuple[nn.Module, str, str]:
-    """Where a module added for submodule ``name`` lives: ``(owner, owner's name, attribute)``.
-
-    The submodule itself (``blocks.3.s2a_prompt``), unless its forward runs its children: a
-    container, or a module the dry forward found doing so (``runners``), would run an added
-    child as one of its layers (a prompt added twice, or a DenseNet block calling it with
-    its list of features). Then the nearest ancestor that does not, under an attribute that
-    spells the path (``s2a_prompt_encoder_0``).
-    """
-    path = name.split(".") if name else []
-    for i in range(len(path), -1, -1):
-        owner_name = ".".join(path[:i])
-        owner = model.get_submodule(owner_name)
-        if not isinstance(owner, _CONTAINERS) and owner_name not in runners:
-            rest = "_".join(path[i:])
-            return owner, owner_name, attr + (f"_{rest}" if rest else "")
-    raise ValueError(
-        f"{what} needs a module to hold its weights, but the forward of "
-        f"{type(model).__name__}, and of every module down to {name or 'it'}, runs its "
-        "children (a Sequential, or a loop over its children), so an added module would run "
-        "as one of its layers. Wrap the model in an nn.Module whose forward calls it, and "
-        "apply S2A to that."
-    )
 
 
 def _hold_eval(module: nn.Module, args: Any) -> None:
