@@ -70,8 +70,9 @@ METHOD_LR = {
     "s2a_side[side=hierarchical]": 3e-3,
     "s2a_bias[frozen_dtype=nf4]": 3e-3,
 }
-#: The search grid. 3e-2 was on it once and won for no method (docs/benchmarks.md, "With
-#: searched learning rates"), so it is left out: a quarter of the search's time.
+#: The search grid. 3e-2 won for no method in a 3-epoch search (docs/benchmarks.md, "With
+#: searched learning rates"; it did for three in an older 5-epoch one), so it is left out: a
+#: quarter of the search's time. ``--lr-grid`` sets another grid.
 LR_GRID = (1e-3, 3e-3, 1e-2)
 #: Epochs of each search run: fewer than the reported runs', to shorten the study.
 SEARCH_EPOCHS = 3
