@@ -348,6 +348,17 @@ def test_prompts_are_made_like_their_block_output_before_frozen_weights_are_cast
         assert len(prompts) == 4 and set(prompts.values()) == {torch.float32}
 
 
+def test_the_dry_forward_puts_back_each_module_s_own_mode():
+    # model.train(was_training) after the dry forward turned a user's eval-mode submodule
+    # (a frozen BatchNorm, a disabled dropout) back to training.
+    model = _Looped()
+    model.s1.eval()
+    config = S2AConfig(modules="prompt", head="fc", blocks=["s1", "s2"], input_size=(5, 16))
+    with apply_s2a(model, config):
+        assert model.training and model.s2.training
+        assert not model.s1.training and not model.s1.b1.training
+
+
 def test_bias_works_on_any_module_without_blocks():
     model = Plain()
     with apply_s2a(model, head="fc") as handle:

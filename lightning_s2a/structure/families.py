@@ -229,7 +229,7 @@ def block_output_shapes(
 
     handles: list = []
     probes = {name: Probe() for name in owners}
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}  # each module's own, to put back as is
     try:
         handles = [b.module.register_forward_hook(recorder(b.name)) for b in blocks]
         for name, probe in probes.items():
@@ -248,7 +248,8 @@ def block_output_shapes(
             "S2AConfig(input_size=(C, H, W))."
         ) from err
     finally:
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
         for h in handles:
             h.remove()
         for name in probes:
