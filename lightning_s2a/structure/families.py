@@ -124,8 +124,7 @@ def repeated_blocks(
     # On a tie the finer blocks win: a model's blocks over stages holding as many of them.
     kind = max(by_class, key=lambda k: (by_class[k], members[k][0][0].count(".")))
     # Every block of the winning class in a list, also one alone in its stage, outermost only.
-    found = _distinct(members[kind])
-    found = [(n, m) for n, m in found if not any(n.startswith(o + ".") for o, _ in found)]
+    found = _outermost(_distinct(members[kind]))
     return found, f"repeated blocks: {len(found)} x {kind.__name__}"
 
 
@@ -192,8 +191,12 @@ def find_blocks(
     if not found:
         raise ValueError(f"blocks={pattern!r} matches no submodule of {type(model).__name__}.")
     # Keep only outermost matches (a pattern may also match sub-blocks of a block).
-    outer = [(n, m) for n, m in found if not any(n.startswith(o + ".") for o, _ in found)]
-    return [Block(n, m, declared) for n, m in _distinct(outer)], declared, rule
+    return [Block(n, m, declared) for n, m in _distinct(_outermost(found))], declared, rule
+
+
+def _outermost(found: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """Drop the entries that lie inside another entry (``blocks.1.attn`` inside ``blocks.1``)."""
+    return [(n, m) for n, m in found if not any(n.startswith(o + ".") for o, _ in found)]
 
 
 def _distinct(found: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
