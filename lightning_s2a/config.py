@@ -13,6 +13,7 @@ from .engine.ops import KINDS
 
 MODULE_KINDS = ("bias", "prompt", "side")
 SIDE_KINDS = ("pooled", "hierarchical")
+SIDE_MERGES = ("replace", "add")
 DEFAULT_SIDE_STRIDES = (8, 16, 32)
 BACKENDS = ("auto", "torch", "triton", "bnb")
 BNB_QUANT_TYPES = ("nf4", "fp4")
@@ -77,6 +78,11 @@ class S2AConfig:
     #: "hierarchical" (after HST: keeps the spatial layout and builds a feature pyramid at
     #: ``side_strides``; its output without a head is the pyramid, for dense prediction).
     side: str = "pooled"
+    #: What the side network's output does with the frozen backbone's: "replace" the head's
+    #: output (the head stays frozen and unused), or "add" to it (classic side-tuning: the
+    #: head trains on the backbone's final features, so the side starts from a linear probe;
+    #: without a head, the side's output is added to the model's own features).
+    side_merge: str = "replace"
     #: Strides of the hierarchical side's pyramid levels, relative to the input, finest first.
     side_strides: Sequence[int] = DEFAULT_SIDE_STRIDES
     #: Blocks that prompt/side attach to, for models outside the known timm families:
@@ -190,6 +196,13 @@ class S2AConfig:
             raise ValueError(
                 f"side={self.side!r} chooses the side network, but modules={list(self.modules)} "
                 "trains none; use modules=['side']."
+            )
+        if self.side_merge not in SIDE_MERGES:
+            raise ValueError(f"side_merge: {self.side_merge!r} is not one of {SIDE_MERGES}.")
+        if self.side_merge != "replace" and "side" not in self.modules:
+            raise ValueError(
+                f"side_merge={self.side_merge!r} says what the side network's output does, but "
+                f"modules={list(self.modules)} trains none; use modules=['side']."
             )
         if _is_sequence(self.side_strides):
             self.side_strides = tuple(self.side_strides)
@@ -318,6 +331,7 @@ __all__ = [
     "BACKENDS",
     "MODULE_KINDS",
     "SIDE_KINDS",
+    "SIDE_MERGES",
     "SUPPORTED_BITS",
     "S2AConfig",
     "check_field_names",

@@ -26,8 +26,10 @@ class SideHooks:
     the side needs none). The hierarchical side checks it against each block's map.
     """
 
-    def __init__(self, model_name: str, side: nn.Module, image: tuple[int, int] | None) -> None:
-        self.model_name, self.side, self.default_image = model_name, side, image
+    def __init__(
+        self, model_name: str, side: nn.Module, image: tuple[int, int] | None, add: bool = False
+    ) -> None:
+        self.model_name, self.side, self.default_image, self.add = model_name, side, image, add
         self.image = image
         self.taps: list[torch.Tensor] = []
         self.grad_was: list[bool] = []
@@ -64,6 +66,10 @@ class SideHooks:
             )
         self.taps.append(self.side.prepare(index, output, self.image))
 
+    def open_head(self, module: nn.Module, args: Any) -> None:
+        """Pre-hook of a head that trains (``side_merge="add"``): it runs with autograd."""
+        torch.set_grad_enabled(bool(self.grad_was) and self.grad_was[-1])
+
     def read_side(self, module: nn.Module, args: Any, output: Any) -> Any:
         # The cast to the output's dtype is part of the side's graph: inside the grad region
         # (without a head this hook runs before ``exit`` turns autograd back on).
@@ -72,6 +78,13 @@ class SideHooks:
             out = self.side(list(self.taps), self.image)
             if dtype is not None:
                 out = out.to(dtype) if isinstance(out, torch.Tensor) else [f.to(dtype) for f in out]
+            if self.add:  # the trained head's output, or the model's own (a constant)
+                out = output + out
+        if self.grad_was:
+            # What the model does after its head (a log_softmax, a scale) works on the side's
+            # output: it runs with autograd as the caller asked, or the side would get no
+            # gradient. Every block ran before (a block after it would break the tap order).
+            torch.set_grad_enabled(self.grad_was[-1])
         self.taps.clear()
         return out
 

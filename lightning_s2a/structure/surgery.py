@@ -128,7 +128,10 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
                 state.added_biases.append(module)
     for name, p in model.named_parameters():
         train_bias = "bias" in modules and is_bias(name)
-        p.requires_grad_(train_bias or (id(p) in head_ids and "side" not in modules))
+        # 'side' replacing the head's output leaves the head unused: it trains only when the
+        # side's output is added to it
+        head_trains = "side" not in modules or config.side_merge == "add"
+        p.requires_grad_(train_bias or (id(p) in head_ids and head_trains))
     if config.frozen_dtype is not None:
         in_four_bits = config.frozen_dtype in FOUR_BIT_DTYPES
         tied = _tied(model)
@@ -193,7 +196,7 @@ def _apply_side(model: nn.Module, config: S2AConfig, state: StructureState) -> N
     # width (pooled), or the feature pyramid (hierarchical), which the user's head then reads.
     replaced = state.head if state.head is not None else model
     hierarchical = config.side == "hierarchical"
-    outputs = _side_outputs(model, state, hierarchical)
+    outputs = _side_outputs(model, state, config)
     channels = [b.shape[-1] if b.layout in ("tokens", "nhwc") else b.shape[0] for b in state.blocks]
     width = config.side_width or max(1, min(SIDE_MAX_WIDTH, channels[-1] // config.side_reduction))
     side: nn.Module
@@ -212,9 +215,15 @@ def _apply_side(model: nn.Module, config: S2AConfig, state: StructureState) -> N
         layouts = [b.layout for b in state.blocks]
         side = SideNetwork(channels, config.side_reduction, width, outputs, layouts)
         state.side_rule = f"pooled, width {width}, {len(channels)} blocks, {outputs} outputs"
+    if config.side_merge == "add":
+        state.side_rule += (
+            ", added to the trained head's output"
+            if state.head is not None
+            else f", added to {type(model).__name__}'s output"
+        )
     _add_module(state, model, SIDE_NAME, side, _like(replaced))
     state.parts.append((SIDE_NAME, "side"))
-    hooks = SideHooks(type(model).__name__, side, image)
+    hooks = SideHooks(type(model).__name__, side, image, config.side_merge == "add")
     # Order matters: the backbone's no-grad region opens after the engine's hooks start (the
     # engine registers its pre-hook first) and closes before they end.
     state.hooks.append(model.register_forward_pre_hook(hooks.enter, with_kwargs=True))
@@ -222,6 +231,9 @@ def _apply_side(model: nn.Module, config: S2AConfig, state: StructureState) -> N
         b.module.register_forward_hook(partial(hooks.tap, b.name, i))
         for i, b in enumerate(state.blocks)
     )
+    if config.side_merge == "add" and state.head is not None:
+        # the head runs with autograd (it trains), on the backbone's no-grad features
+        state.hooks.append(state.head.register_forward_pre_hook(hooks.open_head))
     state.hooks.append(replaced.register_forward_hook(hooks.read_side))
     state.hooks.append(model.register_forward_hook(hooks.exit, always_call=True))
 
@@ -259,9 +271,10 @@ def _taps(
     return taps
 
 
-def _side_outputs(model: nn.Module, state: StructureState, hierarchical: bool) -> int | None:
+def _side_outputs(model: nn.Module, state: StructureState, config: S2AConfig) -> int | None:
     """Width of the side network's output: the head's classes, the model's feature width
     (pooled side without a head), or None (hierarchical side without a head: the pyramid)."""
+    hierarchical = config.side == "hierarchical"
     if isinstance(state.head, HeadGroup):
         raise ValueError(
             f"'side' replaces the task head's output with the side network's, but "
@@ -280,6 +293,13 @@ def _side_outputs(model: nn.Module, state: StructureState, hierarchical: bool) -
             )
         return classes
     if hierarchical:
+        if config.side_merge == "add":
+            raise ValueError(
+                f"side_merge='add' adds the side network's output to the head's, but "
+                f"{type(model).__name__} has no head here and the hierarchical side's output "
+                "without one is the feature pyramid, which has no model output to add to. "
+                "Name a Linear head with S2AConfig(head='...'), or use side_merge='replace'."
+            )
         return None
     shape = state.output_shape
     if shape is None or len(shape) != 1:

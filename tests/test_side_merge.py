@@ -1,0 +1,195 @@
+"""``side_merge="add"``: the side network's output added to the trained head's (classic
+side-tuning), or to the model's own features without a head; against the frozen model and
+the ``"replace"`` side built with the same weights."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_s2a import S2AConfig, apply_s2a, load_adapter, save_adapter
+from tests.conftest import assert_close_in_norm
+from tests.test_structure import SIZE, SMALL
+
+HEADS = {"vit": "head", "resnet": "fc", "effnet": "classifier"}
+
+
+def _side_last(model) -> torch.nn.Linear:
+    """The side network's last Linear (its output layer), pooled or hierarchical."""
+    return [m for m in model.s2a_side.modules() if isinstance(m, torch.nn.Linear)][-1]
+
+
+def _pair(family: str, side: str, head: bool, **fields):
+    """The frozen model, and two copies with the same side weights: merge 'add', 'replace'."""
+    torch.manual_seed(0)
+    frozen = SMALL[family]().double().eval()
+    if not head:
+        frozen.reset_classifier(0)
+    cfg = S2AConfig(modules=["side"], side=side, input_size=SIZE, **fields)
+    models = {}
+    for merge in ("add", "replace"):
+        model = copy.deepcopy(frozen)
+        torch.manual_seed(1)
+        models[merge] = (model, apply_s2a(model, cfg.replace(side_merge=merge)))
+    return frozen, models
+
+
+@pytest.mark.parametrize(
+    "family, side, head",
+    [
+        ("vit", "pooled", True),
+        ("resnet", "hierarchical", True),
+        ("effnet", "pooled", False),
+    ],
+    ids=["vit-pooled", "resnet-hierarchical", "effnet-pooled-no-head"],
+)
+def test_the_output_is_the_frozen_models_plus_the_sides(family, side, head):
+    frozen, models = _pair(family, side, head, compress=False)
+    (added, _), (replaced, _) = models["add"], models["replace"]
+    x = torch.randn(2, *SIZE, dtype=torch.float64)
+    with torch.no_grad():
+        base = frozen(x)
+        assert_close_in_norm(added(x), base + replaced(x), rel=1e-12)
+        _side_last(added).weight.zero_()
+        _side_last(added).bias.zero_()
+        assert_close_in_norm(added(x), base, rel=1e-12)  # a zero side leaves the frozen model
+
+
+@pytest.mark.parametrize("family", ["vit", "effnet"])
+def test_the_head_trains_on_the_backbones_features_and_only_its_input_is_stored(family):
+    _, models = _pair(family, "pooled", True)  # compressed at 4 bits
+    model, handle = models["add"]
+    model.train()
+    head = model.get_submodule(HEADS[family])
+    features = []
+    head.register_forward_hook(lambda m, args, out: features.append(args[0].detach()))
+    x, y = torch.randn(2, *SIZE, dtype=torch.float64), torch.tensor([1, 2])
+    out = model(x)
+    assert torch.is_grad_enabled()  # the backbone's no-grad region closed again
+    out.retain_grad()
+    F.cross_entropy(out, y).backward()
+    # the head's gradient is the linear probe's: dL/dW = g^T f, dL/db = sum g
+    g, f = out.grad, features[0]
+    assert_close_in_norm(head.weight.grad, g.T @ f, rel=1e-12)
+    assert_close_in_norm(head.bias.grad, g.sum(0), rel=1e-12)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {f"{HEADS[family]}.weight", f"{HEADS[family]}.bias"} | {
+        f"s2a_side.{n}" for n, _ in model.s2a_side.named_parameters()
+    }
+    # the backbone stores nothing; the head keeps its input (exact: trainable_input_bits)
+    parts = handle.stats()["by_part"]
+    assert set(parts) == {"side", "head"}
+    assert parts["head"]["stored_bytes"] == f.numel() * f.element_size()
+    assert "added to the trained head's output" in handle.summary()
+
+
+class _LogSoftmaxHead(nn.Module):
+    """A user's model that works on its head's output: log-probabilities, scaled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(
+            *[nn.Sequential(nn.Conv2d(c, 16, 3, padding=1), nn.GELU()) for c in (3, 16, 16)]
+        )
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x).mean((2, 3))).log_softmax(-1) * 0.5
+
+
+@pytest.mark.parametrize("merge", ["replace", "add"])
+def test_what_the_model_does_after_its_head_has_the_sides_gradient(merge):
+    torch.manual_seed(0)
+    model, x = _LogSoftmaxHead().double(), torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    cfg = S2AConfig(
+        modules=["side"], head="head", blocks="blocks.*", input_size=(3, 16, 16), side_merge=merge
+    )
+    with apply_s2a(model, cfg, compress=False) as handle:
+        out = model(x)
+        assert out.requires_grad
+        F.nll_loss(out, torch.tensor([1, 2])).backward()
+        side = _side_last(model)
+        assert side.weight.grad is not None and side.weight.grad.abs().sum() > 0
+        if merge == "add":
+            assert model.head.weight.grad.abs().sum() > 0
+        # the blocks stored nothing; on the model's own frame ('backbone') only log_softmax's
+        # output was saved (the scale by a number saves nothing)
+        parts = handle.stats()["by_part"]
+        assert set(parts) == {"side", "backbone"} | ({"head"} if merge == "add" else set())
+        assert parts["backbone"]["stored_bytes"] == out.numel() * out.element_size()
+
+
+def test_replace_leaves_the_head_frozen_and_unused():
+    _, models = _pair("vit", "pooled", True)
+    model, handle = models["replace"]
+    assert not any(p.requires_grad for p in model.head.parameters())
+    model(torch.randn(2, *SIZE, dtype=torch.float64)).sum().backward()
+    assert set(handle.stats()["by_part"]) == {"side"}
+    assert "added to" not in handle.summary()
+
+
+def test_without_a_head_the_features_stay_a_constant_and_the_side_trains():
+    _, models = _pair("effnet", "pooled", False)
+    model, handle = models["add"]
+    model.train()
+    model(torch.randn(2, *SIZE, dtype=torch.float64)).square().mean().backward()
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all(n.startswith("s2a_side.") for n in trained)
+    assert all(p.grad is not None for p in model.s2a_side.parameters())
+    assert set(handle.stats()["by_part"]) == {"side"}
+    assert "added to EfficientNet's output" in handle.summary()
+
+
+def test_a_hierarchical_side_without_a_head_has_nothing_to_add_to():
+    model = SMALL["resnet"]()
+    model.reset_classifier(0)
+    cfg = S2AConfig(
+        modules=["side"], side="hierarchical", side_merge="add", head=None, input_size=SIZE
+    )
+    with pytest.raises(ValueError, match=r"no model output to add to.*side_merge='replace'"):
+        apply_s2a(model, cfg)
+    assert all(p.requires_grad for p in model.parameters())  # left as it was
+
+
+def test_a_trained_head_is_not_cast_to_the_frozen_dtype():
+    model = SMALL["vit"]()
+    with apply_s2a(model, modules="side", side_merge="add", frozen_dtype="bfloat16"):
+        assert model.head.weight.dtype == torch.float32 and model.head.weight.requires_grad
+        assert model.blocks[0].mlp.fc1.weight.dtype == torch.bfloat16
+    with apply_s2a(model, modules="side", frozen_dtype="bfloat16"):
+        assert model.head.weight.dtype == torch.bfloat16  # unused: frozen and cast
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        ({"modules": ["side"], "side_merge": "sum"}, r"side_merge: 'sum' is not one of"),
+        ({"modules": ["bias"], "side_merge": "add"}, r"modules=\['bias'\] trains none"),
+    ],
+)
+def test_config_errors(fields, match):
+    with pytest.raises(ValueError, match=match):
+        S2AConfig(**fields)
+
+
+def test_adapter_round_trip_keeps_the_trained_head(tmp_path):
+    torch.manual_seed(0)
+    model = SMALL["resnet"]().eval()
+    apply_s2a(model, modules="side", side_merge="add", input_size=SIZE)
+    with torch.no_grad():
+        for p in [*model.s2a_side.parameters(), *model.fc.parameters()]:
+            p.add_(torch.randn_like(p) * 0.1)
+    x = torch.randn(2, *SIZE)
+    with torch.no_grad():
+        before = model(x)
+    save_adapter(model, tmp_path / "a.safetensors")
+    torch.manual_seed(0)
+    fresh = SMALL["resnet"]().eval()
+    load_adapter(fresh, tmp_path / "a.safetensors")
+    with torch.no_grad():
+        assert torch.equal(fresh.fc.weight, model.fc.weight)
+        assert torch.equal(fresh(x), before)
