@@ -20,10 +20,11 @@ the new head, the modules' initialisation and the batch order. Each method's lea
 first searched over ``LR_GRID`` on digits: trained on 80% of digits' training split, scored on
 the other 20% (seed 0), so no reported image chooses a rate; ``--lr METHOD=LR`` fixes one,
 ``--no-search`` uses ``METHOD_LR``. A method name may carry S2A fields for a row of its own,
-e.g. ``s2a_side[side=hierarchical]`` or ``s2a_bias[frozen_dtype=nf4]``. Accuracy is the
-validation accuracy after the last epoch (no early stopping, no choice of epoch on the
-validation set). Methods that freeze the
-backbone keep its BatchNorm layers in eval mode (S2A's default); full fine-tuning trains them.
+e.g. ``s2a_side[side=hierarchical]`` or ``s2a_bias[frozen_dtype=nf4]``; any S2A method with
+fields runs (``s2a_side[side_merge=add]``), at its base method's rate without a search.
+Accuracy is the validation accuracy after the last epoch (no early stopping, no choice of
+epoch on the validation set). Methods that freeze the backbone keep its BatchNorm layers in
+eval mode (S2A's default); full fine-tuning trains them.
 Each (dataset, method) runs in its own process, so that the peak memory is its own; two such
 workers run side by side with one thread each (``--jobs``), which on 2 cores finishes the whole
 default study in about 80 minutes (docs/benchmarks.md, "With searched learning rates").
@@ -89,6 +90,17 @@ def parse_method(name: str) -> tuple[str, dict[str, Any]]:
         key, _, value = item.partition("=")
         fields[key] = field_value(value)
     return base, fields
+
+
+def known_method(name: str) -> bool:
+    """A study method, or an S2A study method with other S2A fields (``s2a_side[...]``)."""
+    base = parse_method(name)[0]
+    return name in METHOD_LR or (base in METHOD_LR and base.startswith("s2a_") and "[" in name)
+
+
+def default_rate(name: str) -> float:
+    """The rate without a search: the method's own, else its base method's."""
+    return METHOD_LR.get(name, METHOD_LR[parse_method(name)[0]])
 
 
 #: Dataset -> default image size (pixels, square) and epochs.
@@ -497,18 +509,19 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--jobs {args.jobs}: expected at least 1")
     if args.threads is None:
         args.threads = max(1, torch.get_num_threads() // args.jobs)
-    unknown = [m for m in args.methods if m not in METHOD_LR] + [
+    unknown = [m for m in args.methods if not known_method(m)] + [
         d for d in args.datasets if d not in DATASET_DEFAULTS
     ]
     if unknown:
         parser.error(
-            f"unknown method or dataset {unknown}; methods: {list(METHOD_LR)}, "
+            f"unknown method or dataset {unknown}; methods: {list(METHOD_LR)}, or an S2A "
+            "method with S2A fields (s2a_side[side_merge=add]), "
             f"datasets: {list(DATASET_DEFAULTS)}"
         )
     fixed: dict[str, float] = {}
     for item in args.lr:
         method, _, value = item.rpartition("=")
-        if method not in METHOD_LR or not value:
+        if not known_method(method) or not value:
             parser.error(f"--lr {item!r}: expected METHOD=LR with METHOD one of {list(METHOD_LR)}")
         fixed[method] = float(value)
     fields = {}
@@ -559,7 +572,7 @@ def main(argv: list[str] | None = None) -> None:
             + (f"[{' '.join(extra)}]" if extra else ""),
             "fields": {**own, **fields} if s2a else {},
             "bits": args.bits if s2a else None,
-            "lr": fixed.get(method, METHOD_LR[method]),
+            "lr": fixed.get(method, default_rate(method)),
             "size": plan[dataset][0],
             "epochs": plan[dataset][1],
             "batch_size": args.batch_size,
@@ -567,7 +580,7 @@ def main(argv: list[str] | None = None) -> None:
             "threads": args.threads,
         }
 
-    rates = {m: fixed.get(m, METHOD_LR[m]) for m in args.methods}
+    rates = {m: fixed.get(m, default_rate(m)) for m in args.methods}
     searched: dict[str, dict[str, float]] = {}
     failed: list[str] = []
     if searching:

@@ -144,6 +144,24 @@ def test_unknown_method_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         study.main(["--s2a", "bn_mode=sometimes"])
     assert "--s2a: bn_mode: 'sometimes' is not one of" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # fields on a method that is not S2A's
+        study.main(["--methods", "full[side_merge=add]"])
+    assert "unknown method or dataset ['full[side_merge=add]']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # an S2A method with fields, but a wrong one
+        study.main(["--methods", "s2a_side[side_merge=sum]"])
+    assert "side_merge: 'sum' is not one of" in capsys.readouterr().err
+
+
+def test_any_s2a_method_with_fields_runs_at_its_base_rate():
+    assert study.known_method("s2a_side[side_merge=add]")
+    assert study.known_method("s2a_side[side=hierarchical]")  # a default row
+    assert not study.known_method("qlora[side=hierarchical]")
+    assert not study.known_method("lora[r=4]")  # fields apply to S2A methods only
+    assert study.default_rate("s2a_side[side_merge=add]") == study.METHOD_LR["s2a_side"]
+    assert (
+        study.default_rate("s2a_side[side=hierarchical]")
+        == (study.METHOD_LR["s2a_side[side=hierarchical]"])
+    )
 
 
 def test_method_names_carry_their_own_fields():
