@@ -521,9 +521,16 @@ def main(argv: list[str] | None = None) -> None:
     fixed: dict[str, float] = {}
     for item in args.lr:
         method, _, value = item.rpartition("=")
-        if not known_method(method) or not value:
-            parser.error(f"--lr {item!r}: expected METHOD=LR with METHOD one of {list(METHOD_LR)}")
-        fixed[method] = float(value)
+        try:
+            rate = float(value)
+        except ValueError:
+            rate = None
+        if not known_method(method) or rate is None:
+            parser.error(
+                f"--lr {item!r}: expected METHOD=LR with METHOD one of {list(METHOD_LR)} or an "
+                "S2A method with fields, e.g. 's2a_side[side_merge=add]=0.01'"
+            )
+        fixed[method] = rate
     fields = {}
     for item in args.s2a:
         name, _, value = item.partition("=")
@@ -531,14 +538,15 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--s2a {item!r}: expected FIELD=VALUE")
         fields[name] = field_value(value)
     methods = {m: parse_method(m) for m in args.methods}
-    try:
-        from lightning_s2a import S2AConfig
+    from lightning_s2a import S2AConfig
 
-        for base, own in methods.values():  # each S2A method's config, as it will run
-            if base.startswith("s2a_"):
+    for method, (base, own) in methods.items():  # each S2A method's config, as it will run
+        if base.startswith("s2a_"):
+            try:
                 S2AConfig(modules=base.removeprefix("s2a_"), **{**own, **fields})
-    except (TypeError, ValueError) as err:
-        parser.error(f"--s2a: {err}")
+            except (TypeError, ValueError) as err:
+                where = f"--s2a {' '.join(args.s2a)}" if args.s2a else ""
+                parser.error(f"{' with '.join(filter(None, [method, where]))}: {err}")
     out = Path(args.out)
     began = time.perf_counter()
     if args.report:

@@ -143,13 +143,17 @@ def test_unknown_method_is_a_clear_error(capsys):
     assert "expected METHOD=LR" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         study.main(["--s2a", "bn_mode=sometimes"])
-    assert "--s2a: bn_mode: 'sometimes' is not one of" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "s2a_bias with --s2a bn_mode=sometimes: bn_mode: 'sometimes' is not one of" in err
+    with pytest.raises(SystemExit):  # a method with fields and no rate after them
+        study.main(["--lr", "s2a_side[side=hierarchical]"])
+    assert "expected METHOD=LR" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # fields on a method that is not S2A's
         study.main(["--methods", "full[side_merge=add]"])
     assert "unknown method or dataset ['full[side_merge=add]']" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # an S2A method with fields, but a wrong one
         study.main(["--methods", "s2a_side[side_merge=sum]"])
-    assert "side_merge: 'sum' is not one of" in capsys.readouterr().err
+    assert "s2a_side[side_merge=sum]: side_merge: 'sum' is not one of" in capsys.readouterr().err
 
 
 def test_any_s2a_method_with_fields_runs_at_its_base_rate():

@@ -123,6 +123,18 @@ def test_what_the_model_does_after_its_head_has_the_sides_gradient(merge):
         assert parts["backbone"]["stored_bytes"] == out.numel() * out.element_size()
 
 
+@pytest.mark.parametrize("merge", ["replace", "add"])
+def test_the_head_run_on_its_own_is_a_clear_error_that_leaves_autograd_on(merge):
+    model = SMALL["resnet"]()
+    with apply_s2a(model, modules="side", side_merge=merge, input_size=SIZE):
+        features = torch.randn(2, model.num_features, 2, 2)
+        with pytest.raises(RuntimeError, match=r"the head ran outside it.*model\(x\)"):
+            model.forward_head(features)
+        assert torch.is_grad_enabled()
+        model(torch.randn(2, *SIZE)).sum().backward()  # the model itself still trains
+        assert model.s2a_side.proj[0].weight.grad is not None
+
+
 def test_replace_leaves_the_head_frozen_and_unused():
     _, models = _pair("vit", "pooled", True)
     model, handle = models["replace"]

@@ -50,14 +50,7 @@ class SideHooks:
 
     def tap(self, name: str, index: int, module: nn.Module, args: Any, output: Any) -> None:
         """Forward hook of block ``name`` (bind the first two with ``functools.partial``)."""
-        if not self.grad_was:
-            raise RuntimeError(
-                f"'side' runs {self.model_name}'s blocks inside its own forward, without "
-                f"autograd, and reads them there; block {name!r} ran outside it (through "
-                "forward_features or another method, or through the model's parts one by "
-                "one), so the trained side network would be skipped. Call the model itself, "
-                "model(x), or use modules=['bias'] / ['prompt']."
-            )
+        self._inside(f"block {name!r}")
         if index != len(self.taps):
             raise RuntimeError(
                 f"'side' reads each block once per forward, in order; block {name!r} (number "
@@ -66,25 +59,37 @@ class SideHooks:
             )
         self.taps.append(self.side.prepare(index, output, self.image))
 
+    def _inside(self, what: str) -> None:
+        """Raise, before touching the grad mode, if ``what`` runs outside the model's forward."""
+        if not self.grad_was:
+            raise RuntimeError(
+                f"'side' runs {self.model_name}'s blocks inside its own forward, without "
+                f"autograd, and reads them there; {what} ran outside it (through "
+                "forward_features, forward_head or another method, or through the model's "
+                "parts one by one), so the trained side network would be skipped. Call the "
+                "model itself, model(x), or use modules=['bias'] / ['prompt']."
+            )
+
     def open_head(self, module: nn.Module, args: Any) -> None:
         """Pre-hook of a head that trains (``side_merge="add"``): it runs with autograd."""
-        torch.set_grad_enabled(bool(self.grad_was) and self.grad_was[-1])
+        self._inside("the head")
+        torch.set_grad_enabled(self.grad_was[-1])
 
     def read_side(self, module: nn.Module, args: Any, output: Any) -> Any:
+        self._inside("the head")  # (the model's own forward hook always runs inside)
         # The cast to the output's dtype is part of the side's graph: inside the grad region
         # (without a head this hook runs before ``exit`` turns autograd back on).
         dtype = output.dtype if isinstance(output, torch.Tensor) else None
-        with torch.set_grad_enabled(bool(self.grad_was) and self.grad_was[-1]):
+        with torch.set_grad_enabled(self.grad_was[-1]):
             out = self.side(list(self.taps), self.image)
             if dtype is not None:
                 out = out.to(dtype) if isinstance(out, torch.Tensor) else [f.to(dtype) for f in out]
             if self.add:  # the trained head's output, or the model's own (a constant)
                 out = output + out
-        if self.grad_was:
-            # What the model does after its head (a log_softmax, a scale) works on the side's
-            # output: it runs with autograd as the caller asked, or the side would get no
-            # gradient. Every block ran before (a block after it would break the tap order).
-            torch.set_grad_enabled(self.grad_was[-1])
+        # What the model does after its head (a log_softmax, a scale) works on the side's
+        # output: it runs with autograd as the caller asked, or the side would get no
+        # gradient. Every block ran before (a block after it would break the tap order).
+        torch.set_grad_enabled(self.grad_was[-1])
         self.taps.clear()
         return out
 

@@ -280,8 +280,12 @@ def _side_outputs(model: nn.Module, state: StructureState, config: S2AConfig) ->
             f"'side' replaces the task head's output with the side network's, but "
             f"{type(model).__name__}.get_classifier() gives {len(state.head)} heads (a distilled "
             "model's class and distillation heads). Name the one to replace, e.g. "
-            "S2AConfig(head='head'); or use modules=['bias'] or ['prompt'], which train both, "
-            "or side='hierarchical' with head=None for the feature pyramid."
+            "S2AConfig(head='head'); or use modules=['bias'] or ['prompt'], which train both"
+            + (
+                ", or side='hierarchical' with head=None for the feature pyramid."
+                if config.side_merge == "replace"
+                else "."
+            )
         )
     if state.head is not None:
         classes = getattr(state.head, "out_features", None)
