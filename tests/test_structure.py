@@ -746,9 +746,14 @@ def test_feature_info_names_of_a_flattened_features_only_model_are_found():
     model = _Staged()  # timm's features_only models flatten "stage.1" to "stage_1"
     model.stage_1 = model.stage1
     del model.stage1
-    model.feature_info = [{"module": "stage.1"}, {"module": "stage2"}]
+    info = [{"module": "stage.1"}, {"module": "stage2"}]
+    model.feature_info = type("FeatureInfo", (), {"info": info})()  # as features_only has it
     found, _, _ = find_blocks(model, None)
     assert [b.name for b in found] == ["stage_1", "stage2"]
+    # a plain model's list is taken as it is: "stage.1" is missing, "stage_1" is not it
+    model.feature_info = info
+    with pytest.raises(ValueError, match=r"feature_info names \['stage.1'\]"):
+        find_blocks(model, None)
 
 
 def test_blocks_of_several_weight_layers_win_over_more_numerous_conv_units():

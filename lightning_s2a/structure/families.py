@@ -136,17 +136,22 @@ def feature_info_blocks(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], 
     on ``features_only`` models as an object holding that list in ``.info``. A name that is
     no submodule is an error: the blocks would silently be fewer than the model says.
     """
-    info = getattr(model, "feature_info", None)
-    info = getattr(info, "info", info)
+    declared = getattr(model, "feature_info", None)
+    info = getattr(declared, "info", declared)
     if not isinstance(info, (list, tuple)):
         return [], ""
     names = [i.get("module") for i in info if isinstance(i, dict) and i.get("module")]
     if not names:
         return [], ""
     modules = dict(model.named_modules())
-    # timm's features_only models flatten their first level ("features.denseblock1" is
-    # module "features_denseblock1") but keep the names in feature_info.
-    names = [n if n in modules else n.replace(".", "_", 1) for n in dict.fromkeys(names)]
+    # timm's features_only models (their feature_info a FeatureInfo, not a list) flatten
+    # their first level ("features.denseblock1" is module "features_denseblock1") but keep
+    # the names in feature_info. Elsewhere a name is taken as it is: a missing "a.b" must not
+    # silently become an unrelated module "a_b".
+    flattened = info is not declared
+    names = [
+        n if n in modules or not flattened else n.replace(".", "_", 1) for n in dict.fromkeys(names)
+    ]
     missing = [n for n in names if n not in modules]
     if missing:
         raise ValueError(
