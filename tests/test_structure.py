@@ -891,3 +891,30 @@ def test_loading_into_a_deep_copy_leaves_the_original_alone():
     handle.stop_engine()
     assert torch.equal(model.conv1.weight, own["conv1.weight"])
     handle.remove()
+
+
+class _TwoLayer(nn.Module):
+    """A block of two weight layers."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(c, c, 1), nn.Conv2d(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))
+
+
+class _TwoLinear(_TwoLayer):
+    """Another class of block of two weight layers."""
+
+
+def test_a_block_listed_in_two_containers_votes_once():
+    from lightning_s2a.structure.families import repeated_blocks
+
+    model = nn.Module()
+    model.blocks = nn.ModuleList(_TwoLayer() for _ in range(3))
+    model.encoder = nn.Sequential(*model.blocks)  # the same three blocks again
+    model.other = nn.ModuleList(_TwoLinear() for _ in range(4))
+    found, rule = repeated_blocks(model)
+    assert rule == "repeated blocks: 4 x _TwoLinear"  # 4 distinct blocks beat 3 (not 6)
+    assert [n for n, _ in found] == [f"other.{i}" for i in range(4)]

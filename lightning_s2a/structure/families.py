@@ -101,8 +101,10 @@ def repeated_blocks(
     user's plain stack of convolutions), and not at all with ``single_layers=False``.
     Returns the blocks in model order and the rule, in words.
     """
-    blocks: dict[type, int] = {}  # class -> blocks in runs of two or more
-    units: dict[type, int] = {}
+    # class -> the distinct blocks in runs of two or more (by id: a block listed in two
+    # containers, aliased, votes once)
+    blocks: dict[type, set[int]] = {}
+    units: dict[type, set[int]] = {}
     members: dict[type, list[tuple[str, nn.Module]]] = {}  # every child of a list, by class
     for name, container in model.named_modules():
         if not isinstance(container, (nn.ModuleList, nn.Sequential)):
@@ -117,12 +119,12 @@ def repeated_blocks(
             if next(first.parameters(), None) is None:
                 continue  # activations or pools repeated in a Sequential are no blocks
             counts = blocks if _weight_layers(first) >= 2 else units
-            counts[kind] = counts.get(kind, 0) + len(children)
+            counts.setdefault(kind, set()).update(id(m) for _, m in children)
     by_class = blocks or (units if single_layers else {})
     if not by_class:
         return [], ""
     # On a tie the finer blocks win: a model's blocks over stages holding as many of them.
-    kind = max(by_class, key=lambda k: (by_class[k], members[k][0][0].count(".")))
+    kind = max(by_class, key=lambda k: (len(by_class[k]), members[k][0][0].count(".")))
     # Every block of the winning class in a list, also one alone in its stage, outermost only.
     found = _outermost(_distinct(members[kind]))
     return found, f"repeated blocks: {len(found)} x {kind.__name__}"
