@@ -9,6 +9,7 @@ import pytest
 import timm
 import torch
 from lightning.pytorch.loggers import CSVLogger
+from torch import nn
 
 from lightning_s2a import S2ACallback, S2AConfig, S2AStrategy
 from tests.lightning_helpers import UserModule, _data
@@ -129,6 +130,48 @@ def test_whole_module_needs_a_findable_head(tmp_path):
     assert (
         model.net.head.weight.requires_grad and not model.net.patch_embed.proj.weight.requires_grad
     )
+
+
+class _TorchvisionLike(nn.Module):
+    """A backbone with its classifier inside and no timm get_classifier() (torchvision's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+def test_a_backbone_holding_the_only_classifier_must_name_it(tmp_path):
+    quiet = {"logger": False, "enable_progress_bar": False, "default_root_dir": tmp_path}
+
+    class Whole(UserModule):
+        def __init__(self, own_head: bool = False):
+            super().__init__()
+            self.backbone = _TorchvisionLike()
+            self.own = nn.Linear(4, 4) if own_head else None
+
+        def forward(self, x):
+            out = self.backbone(x)
+            return self.own(out) if self.own is not None else out
+
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", callbacks=[S2ACallback()], **quiet)
+    with pytest.raises(ValueError, match=r"classifier is inside the backbone.*head='fc'"):
+        trainer.fit(Whole(), _data(8))
+    model = Whole()
+    trainer = pl.Trainer(
+        max_epochs=1, accelerator="cpu", callbacks=[S2ACallback(head="fc")], **quiet
+    )
+    before = model.backbone.fc.weight.detach().clone()
+    trainer.fit(model, _data(8))
+    assert not torch.equal(model.backbone.fc.weight, before)  # the named head trained
+    # the user's own head outside the backbone: the backbone's fc is taken as frozen
+    model = Whole(own_head=True)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", callbacks=[S2ACallback()], **quiet)
+    trainer.fit(model, _data(8))
+    assert model.own.weight.requires_grad and not model.backbone.fc.weight.requires_grad
 
 
 def _compression(trainer) -> float:

@@ -918,3 +918,39 @@ def test_a_block_listed_in_two_containers_votes_once():
     found, rule = repeated_blocks(model)
     assert rule == "repeated blocks: 4 x _TwoLinear"  # 4 distinct blocks beat 3 (not 6)
     assert [n for n, _ in found] == [f"other.{i}" for i in range(4)]
+
+
+@pytest.mark.parametrize("arch", ["vit", "convnext"])
+def test_torchvision_classes_named_like_timm_ones_get_the_general_rules(arch):
+    """torchvision's VisionTransformer and ConvNeXt share timm's class names, not its layout:
+    the family table (timm's patterns) is for timm's classes only."""
+    from torchvision.models import VisionTransformer
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    from lightning_s2a.structure.families import find_blocks
+
+    torch.manual_seed(0)
+    if arch == "vit":
+        model = VisionTransformer(
+            image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64
+        )
+        nn.init.normal_(model.heads.head.weight)  # torchvision zeroes it: no gradient behind
+        head, names = "heads.head", [f"encoder.layers.encoder_layer_{i}" for i in range(2)]
+    else:
+        model = ConvNeXt([CNBlockConfig(16, 32, 2), CNBlockConfig(32, None, 2)], num_classes=5)
+        head, names = (
+            "classifier.2",
+            ["features.1.0", "features.1.1", "features.3.0", "features.3.1"],
+        )
+    blocks, _, rule = find_blocks(model, None)
+    assert rule.startswith("repeated blocks") and [b.name for b in blocks] == names
+    cfg = S2AConfig(modules=["prompt"], head=head, input_size=(3, 32, 32), compress=False)
+    with apply_s2a(model, cfg):
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+        prompts = {n: p for n, p in model.named_parameters() if "s2a_prompt" in n}
+        assert len(prompts) == 2 * len(names)  # A and B of each block's prompt
+        assert all(p.grad is not None for p in prompts.values())
+        # B starts at zero (the prompt adds nothing at first), so B's gradient moves first
+        assert all(p.grad.abs().sum() > 0 for n, p in prompts.items() if n.endswith(".B"))
+    timm_vit = SMALL["vit"]()  # timm's own class still uses the table
+    assert find_blocks(timm_vit, None)[2] == "family table: VisionTransformer -> 'blocks.*'"

@@ -74,6 +74,10 @@ class S2ACallback(pl.Callback):
             )
         config = self.config
         if config.head == "auto" and not callable(getattr(target, "get_classifier", None)):
+            # No timm head to find: the task head is taken to be the module's own, outside the
+            # backbone. If nothing trains there, the backbone's own last layer is the head,
+            # and freezing it with the rest would train a random classifier's bias only.
+            _check_head_outside(pl_module, target, name)
             config = config.replace(head=None)
         return target, config
 
@@ -330,3 +334,19 @@ def _check_single_s2a(trainer: pl.Trainer) -> None:
             + ": use either Trainer(strategy='s2a') or Trainer(callbacks=[S2ACallback()]), "
             "not both."
         )
+
+
+def _check_head_outside(pl_module: nn.Module, target: nn.Module, name: str) -> None:
+    """Raise if nothing outside the backbone ``target`` trains: its head would be frozen."""
+    inside = {id(p) for p in target.parameters()}
+    if any(p.requires_grad and id(p) not in inside for p in pl_module.parameters()):
+        return
+    linears = [n for n, m in target.named_modules() if isinstance(m, nn.Linear)]
+    hint = f"head={linears[-1]!r} (its last Linear)" if linears else "head='...'"
+    raise ValueError(
+        f"S2ACallback(backbone={name!r}): {type(target).__name__} has no timm "
+        f"get_classifier() to find its head, and nothing in {type(pl_module).__name__} outside "
+        f"it trains, so the model's classifier is inside the backbone and would stay frozen. "
+        f"Name it: S2ACallback(backbone={name!r}, {hint}); or, to train no head at all, "
+        "head=None."
+    )

@@ -20,7 +20,9 @@ from torch import nn
 
 from .holders import PROBE_NAME, Probe
 
-#: timm class name -> (block name pattern, layout of each block's output).
+#: timm class name -> (block name pattern, layout of each block's output), for classes defined
+#: in timm only: torchvision's VisionTransformer, ConvNeXt, ResNet... share the names, not the
+#: layouts, and go through the rules for any model.
 #: Layouts: "tokens" (B, N, D), "nhwc" (B, H, W, C), "nchw" (B, C, H, W).
 FAMILIES: dict[str, tuple[str, str]] = {
     "VisionTransformer": ("blocks.*", "tokens"),  # ViT and DeiT
@@ -169,7 +171,7 @@ def find_blocks(
     """The model's blocks, the declared layout ("auto" unless the family table has one), and
     the rule that found them: the family table, the user's ``blocks``, repeated blocks, or
     timm's ``feature_info``."""
-    family = FAMILIES.get(type(model).__name__)
+    family = family_of(model)
     if blocks is None and family is None:
         # Blocks of two or more weight layers, else the stages timm's feature_info names,
         # else repeated single-weight units (a user's small model).
@@ -199,6 +201,12 @@ def find_blocks(
         raise ValueError(f"blocks={pattern!r} matches no submodule of {type(model).__name__}.")
     # Keep only outermost matches (a pattern may also match sub-blocks of a block).
     return [Block(n, m, declared) for n, m in _distinct(_outermost(found))], declared, rule
+
+
+def family_of(model: nn.Module) -> tuple[str, str] | None:
+    """The family table's entry for a timm model's class, else None."""
+    cls = type(model)
+    return FAMILIES.get(cls.__name__) if cls.__module__.startswith("timm.") else None
 
 
 def _outermost(found: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
