@@ -144,6 +144,66 @@ def test_accounting_matches_an_independent_count(name):
         assert handle.stats()["raw_bytes"] == counted
 
 
+def test_a_kept_slice_does_not_keep_its_whole_storage():
+    """timm's ViT feeds its head ``x[:, 0]`` of the final norm's output, kept exact for the
+    head's gradient: kept as a view it would hold every token; counted, only the slice."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", num_classes=4, depth=2, img_size=32, patch_size=8
+    ).double()
+    x, y = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.tensor([1, 2])
+    refs = []
+    model.norm.register_forward_hook(
+        lambda m, a, out: refs.append(StorageWeakRef(out.untyped_storage()))
+    )
+    grads = {}
+    for compress in (False, True):
+        with apply_s2a(model, S2AConfig(bits=4, compress=compress)) as handle:
+            model.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            # while autograd holds the graph: the tokens stay alive only uncompressed
+            assert refs.pop().expired() == compress
+            trainable = handle.stats()["by_kind"]["trainable"]
+            loss.backward()
+            grads[compress] = model.head.weight.grad.clone()
+        if compress:  # the head's input, 2 x 192 float64, kept and counted as such
+            assert trainable["stored_bytes"] == 2 * 192 * 8
+    assert_close_in_norm(grads[True], grads[False], rel=1e-12)  # the head input stays exact
+
+
+@pytest.mark.parametrize("width", [48, 96])
+def test_layer_norm_rows_of_another_width_than_the_group_keep_their_gradient(width):
+    """A ViT whose width is no multiple of 64: its class token (timm starts it at 1e-6)
+    shared groups with patch tokens, and the backbone's gradient fell to cosine 0.10 (48)
+    and 0.89 (96) against the uncompressed run."""
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        num_classes=4,
+        depth=2,
+        img_size=32,
+        patch_size=8,
+        embed_dim=width,
+        num_heads=2,
+    ).double()
+    x, y = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
+    grads = {}
+    for compress in (False, True):
+        with apply_s2a(model, S2AConfig(bits=4, compress=compress)):
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            grads[compress] = torch.cat(
+                [
+                    p.grad.reshape(-1)
+                    for n, p in model.named_parameters()
+                    if p.requires_grad and not n.startswith("head")
+                ]
+            )
+    assert cosine(grads[True], grads[False]) > 0.98
+
+
 def test_vit_base_bias_only_stores_at_most_a_sixth():
     model = timm.create_model("vit_base_patch16_224").train()
     with apply_s2a(model, bits=4) as handle:

@@ -138,3 +138,22 @@ def test_masks_and_dropout_noise_are_exact_in_one_bit(n, dtype):
     packed = TwoLevelPacked(x)
     assert torch.equal(packed.unpack(), x)
     assert packed.codes.numel() == -(-n // 8)
+
+
+@pytest.mark.parametrize(
+    "width, rows, group", [(96, True, 32), (48, True, 16), (192, True, 64), (96, False, 64)]
+)
+def test_layer_norm_groups_never_span_two_rows(width, rows, group):
+    from lightning_s2a.engine.quantizers import pack_norm
+
+    torch.manual_seed(0)
+    x = torch.randn(5, width, dtype=torch.float64)
+    x[2] = 1e-6 * torch.randn(width, dtype=torch.float64)  # a near-constant row (a class token)
+    packed = pack_norm(x, PackOptions(bits=4, rows=rows))
+    n_groups = -(-x.numel() // group)
+    assert packed.nbytes == n_groups * group // 2 + n_groups * 4  # codes, fp16 offset + scale
+    err = (packed.unpack() - x)[2].abs().max() / x[2].abs().max()
+    if rows:  # the small row keeps its own range
+        assert err < 0.2
+    else:  # sharing a group with a normal row, its values are lost
+        assert err > 0.9

@@ -18,6 +18,7 @@ bitsandbytes packs and unpacks with fused Triton kernels instead (:mod:`.triton_
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ class PackOptions:
     #: Derivative code for this call site on this device (boundaries, points, interval grid).
     codebook: DeviceCodebook | None = None
     dim: int = -1
+    #: The op normalizes each row of the last dimension on its own (layer norm, RMS norm).
+    rows: bool = False
     seed: int = 0
     #: Leave "does the code hold it" on the device for :mod:`.deferred` (CUDA: no sync).
     defer: bool = False
@@ -339,6 +342,23 @@ def pack_minmax(t: torch.Tensor, opts: PackOptions) -> MinMaxPacked | BnbPacked 
     return MinMaxPacked(t, opts)
 
 
+def pack_norm(t: torch.Tensor, opts: PackOptions) -> MinMaxPacked | BnbPacked | KeptPacked:
+    """Norm inputs: min-max codes whose groups never span two rows of a layer norm.
+
+    Its backward scales each row's error by that row's inverse standard deviation: a
+    near-constant row (a class token at its initial 1e-6) sharing a group with a normal one
+    gets a step far wider than itself, and its gradient is lost. Where the row length is no
+    multiple of ``group_size`` (96 channels: Swin-T, ConvNeXt-T), groups shrink to the largest
+    power of two dividing it, down to 8 (a shorter row keeps ``group_size``).
+    """
+    d = t.shape[-1] if opts.rows and t.dim() else 0
+    if d and d % opts.group_size:
+        row = d & -d  # the largest power of two dividing d
+        if row >= 8:
+            opts = dataclasses.replace(opts, group_size=row)
+    return pack_minmax(t, opts)
+
+
 def pack_elementwise(t: torch.Tensor, opts: PackOptions) -> CodePacked | KeptPacked:
     """Derivative-aware code for a smooth op, or an exact 1-bit code for a step derivative."""
     spec = opts.spec
@@ -390,7 +410,7 @@ QUANTIZERS: dict[str, Quantizer] = {
     "mask": pack_two_level,
     "dropout": pack_two_level,
     "softmax": pack_softmax,
-    "norm": pack_minmax,
+    "norm": pack_norm,
     "attention": pack_minmax,
     "matmul": pack_minmax,
     "linear": pack_minmax,

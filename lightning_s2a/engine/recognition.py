@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 # and smaller than the largest. Larger ones (the attention probabilities that SDPA's math path
 # saves, with a float mask on CPU) are no statistics and are quantized like its inputs.
 STATS_KINDS = ("norm", "attention")
+#: Norms over the last dimension, given its size as ``normalized_shape`` (a one-entry shape).
+ROW_NORMS = ("layer_norm", "native_layer_norm", "rms_norm")
 
 
 def foreign_autograd_context() -> bool:
@@ -66,6 +68,8 @@ class Call:
     arg_shapes: frozenset = frozenset()
     arg_numel: int = 0
     dim: int = -1
+    #: A norm over each row of the last dimension alone (see ``quantizers.pack_norm``).
+    rows: bool = False
 
 
 class OperatorMode(TorchFunctionMode):
