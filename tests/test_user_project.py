@@ -7,6 +7,7 @@ docs/lightning.md, "Layouts".
 from __future__ import annotations
 
 import csv
+import os
 import warnings
 
 import lightning.pytorch as pl
@@ -156,6 +157,43 @@ def test_cli_keeps_the_user_classes_defaults(tmp_path):
     )
     cli = S2ALightningCLI(run=False, args=["--config", str(config)])
     assert cli.model.hparams.lr == 1e-3 and cli.datamodule.batch_size == 8
+
+
+class _KwargsClassifier(EncoderClassifier):
+    """A user's subclass that passes its parent's arguments on through ``**kwargs``."""
+
+    def __init__(self, depth: int = 1, **kwargs):
+        super().__init__(**kwargs)
+
+
+class _NeedsClasses(EncoderClassifier):
+    """A user's class with an argument that has no default."""
+
+    def __init__(self, lr: float, **kwargs):
+        super().__init__(lr=lr, **kwargs)
+
+
+def test_cli_a_class_named_over_a_config_files_keeps_its_own_defaults(tmp_path, capsys):
+    """jsonargparse hands the config file's init_args for ImageClassifier to the class named
+    on the command line: the quickstart's lr 3e-3 and batch 32 replaced the user's 1e-3 and 8."""
+    quickstart = os.path.join(os.path.dirname(__file__), "..", "examples", "quickstart.yaml")
+    base = ["--config", quickstart, f"--trainer.default_root_dir={tmp_path}"]
+    user = ["--data=tests.lightning_helpers.FourWayData", "--s2a.backbone=encoder"]
+    args = [*base, "--model=tests.lightning_helpers.EncoderClassifier", *user]
+    cli = S2ALightningCLI(run=False, args=[*args, "--model.scheduler=true"])
+    assert cli.model.hparams.lr == 1e-3  # its own default, not the quickstart's 3e-3
+    assert cli.model.hparams.scheduler is True  # what the command line sets stays
+    assert cli.datamodule.batch_size == 8  # FourWayData's own, not DigitsDataModule's 32
+    cli = S2ALightningCLI(run=False, args=[*args, "--model.lr", "0.05"])
+    assert cli.model.hparams.lr == 0.05
+    # a default passed on through **kwargs is found up the class hierarchy
+    kw = [*base, "--model=tests.test_user_project._KwargsClassifier", *user]
+    assert S2ALightningCLI(run=False, args=kw).model.hparams.lr == 1e-3
+    # no default to fall back to: a clear error, not the other class's value
+    needs = [*base, "--model=tests.test_user_project._NeedsClasses", *user]
+    with pytest.raises(SystemExit):
+        S2ALightningCLI(run=False, args=needs)
+    assert "has no default for it: set it, --model.lr VALUE" in capsys.readouterr().err
 
 
 # 4. Checkpoints load in one call ---------------------------------------------------------

@@ -13,6 +13,7 @@ baseline without S2A, and ``--s2a.adapter_path PATH`` writes the trained adapter
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import os
 import re
@@ -132,23 +133,66 @@ def with_default_classes(args: Any, defaults: dict[str, type]) -> Any:
     return [*args[:at], *extra, *args[at:]]
 
 
-def _classes_in_config(path: str, keys: dict[str, type]) -> set[str]:
-    """Which of ``keys`` a YAML config file names a class for (top level or per subcommand)."""
+def _config_sections(path: str) -> list[dict]:
+    """A YAML config file's top level and its per-subcommand sections ([] if unreadable)."""
     try:
         with open(path) as f:
             loaded = yaml.safe_load(f)
     except (OSError, yaml.YAMLError):
-        return set()  # jsonargparse reports an unreadable config itself
+        return []  # jsonargparse reports an unreadable config itself
     if not isinstance(loaded, dict):
-        return set()
-    sections = [loaded, *(loaded[c] for c in SUBCOMMANDS if isinstance(loaded.get(c), dict))]
+        return []
+    return [loaded, *(loaded[c] for c in SUBCOMMANDS if isinstance(loaded.get(c), dict))]
+
+
+def _classes_in_config(path: str, keys: dict[str, type]) -> set[str]:
+    """Which of ``keys`` a YAML config file names a class for (top level or per subcommand)."""
     return {
         key
-        for section in sections
+        for section in _config_sections(path)
         for key in keys
         if isinstance(section.get(key), str)
         or (isinstance(section.get(key), dict) and "class_path" in section[key])
     }
+
+
+def carried_init_args(args: list[str], key: str, class_path: str) -> dict[str, Any]:
+    """The ``init_args`` a config file wrote for another class under ``key``, which
+    jsonargparse hands to ``class_path`` when the command line names that class instead
+    (``--config quickstart.yaml --model my.Module``: my.Module would get ImageClassifier's
+    lr), less the ones the command line sets itself."""
+    written: dict[str, Any] = {}
+    typed: set[str] = set()
+    for i, token in enumerate(args):
+        flag, _, value = token.partition("=")
+        if flag in ("--config", "-c"):
+            for section in _config_sections(value or (args[i + 1] if i + 1 < len(args) else "")):
+                entry = section.get(key)
+                if isinstance(entry, dict) and "class_path" in entry:
+                    init = entry.get("init_args")
+                    written = dict(init) if isinstance(init, dict) else {}
+                    written_class = str(entry["class_path"])
+        elif flag.startswith(f"--{key}."):
+            typed.add(flag.removeprefix(f"--{key}.").removeprefix("init_args.").split(".")[0])
+    if not written or _same_class(written_class, class_path):
+        return {}
+    return {k: v for k, v in written.items() if k not in typed}
+
+
+def _default_of(cls: type, name: str) -> Any:
+    """The default of ``cls``'s init argument ``name``, looked up the class hierarchy (an
+    argument passed on through ``**kwargs``); ``inspect.Parameter.empty`` if it has none."""
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass):
+            param = inspect.signature(klass.__init__).parameters.get(name)
+            if param is not None and param.kind is not param.VAR_KEYWORD:
+                return param.default
+    return inspect.Parameter.empty
+
+
+def _same_class(written: str, resolved: str) -> bool:
+    """A config's class path (in full, or the class name alone) names the resolved one."""
+    return written == resolved or ("." not in written and resolved.endswith("." + written))
 
 
 class S2ALightningCLI(LightningCLI):
@@ -179,6 +223,7 @@ class S2ALightningCLI(LightningCLI):
             defaults["data"] = DigitsDataModule
         argv = kwargs.get("args")
         kwargs["args"] = with_default_classes(sys.argv[1:] if argv is None else argv, defaults)
+        self._argv = kwargs["args"] if isinstance(kwargs["args"], list) else []
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -186,6 +231,7 @@ class S2ALightningCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         parser = self._parser(self.subcommand)
+        self._restore_own_defaults(parser)
         try:
             enabled, config, callback_kwargs = s2a_config_from_namespace(
                 self._get(self.config, S2A_KEY)
@@ -203,6 +249,32 @@ class S2ALightningCLI(LightningCLI):
                     "set --s2a.enabled false to configure S2A through the strategy, or use a "
                     "plain strategy."
                 )
+
+    def _restore_own_defaults(self, parser: LightningArgumentParser) -> None:
+        """A class named on the command line in place of a config file's keeps its own
+        defaults: the file's init_args for the other class are not handed over."""
+        for key in ("model", "data"):
+            section = self._get(self.config, key, default=None)
+            class_path = getattr(section, "class_path", None)
+            if not isinstance(class_path, str):
+                continue
+            carried = carried_init_args(self._argv, key, class_path)
+            init_args = section.init_args
+            if not carried or init_args is None:
+                continue
+            module, _, name = class_path.rpartition(".")
+            cls = getattr(importlib.import_module(module), name)
+            for field_name in carried:
+                if field_name not in init_args:
+                    continue
+                default = _default_of(cls, field_name)
+                if default is inspect.Parameter.empty:
+                    parser.error(
+                        f"--{key} {class_path} replaces the config file's class, whose "
+                        f"init_args would give it {field_name}={carried[field_name]!r}; "
+                        f"{name} has no default for it: set it, --{key}.{field_name} VALUE."
+                    )
+                init_args[field_name] = default
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         if self.s2a_config is not None:
