@@ -454,5 +454,5 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
     anyway, the copy is an allocation of its own, counted as one.
     """
     if t.numel() * t.element_size() * 2 <= t.untyped_storage().nbytes():
-        return t.clone()
+        return t.detach().clone()  # values only, as every packed tensor: no graph recorded
     return t
