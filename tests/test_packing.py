@@ -157,3 +157,19 @@ def test_layer_norm_groups_never_span_two_rows(width, rows, group):
         assert err < 0.2
     else:  # sharing a group with a normal row, its values are lost
         assert err > 0.9
+
+
+@pytest.mark.parametrize("defer", [False, True])
+def test_a_tensor_kept_as_it_is_holds_no_larger_storage(defer):
+    from lightning_s2a.engine.quantizers import pack_minmax
+
+    base = torch.randn(8, 256)
+    base[0, 3] = float("inf")  # no code holds it: kept as it is
+    view = base[:2]  # a quarter of base's storage
+    packed = pack_minmax(view, PackOptions(bits=4, defer=defer))
+    packed.settle()  # the deferred answer read (a no-op without defer)
+    assert packed.raw is not None and torch.equal(packed.unpack(), view)
+    assert packed.raw.untyped_storage().nbytes() == view.numel() * 4  # not base's 8 rows
+    whole = pack_minmax(base, PackOptions(bits=4, defer=defer))
+    whole.settle()
+    assert whole.raw.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()  # no copy

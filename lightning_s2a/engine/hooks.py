@@ -34,7 +34,7 @@ from .codebook import Codebook, DeviceCodebook, fit_codebook
 from .compile_guard import check_not_compiling, check_not_traced
 from .deferred import DeferredChecks
 from .ops import ELEMENTWISE, OP_KINDS, canonical_name, is_bias
-from .quantizers import QUANTIZERS, PackOptions
+from .quantizers import QUANTIZERS, PackOptions, compact
 from .recognition import (
     ROW_NORMS,
     STATS_KINDS,
@@ -383,7 +383,7 @@ class SavedTensorEngine:
         part = self._part()
         if keep:
             if cfg.compress and not self._exact:
-                t = _compact(t)
+                t = compact(t)
             account.add(kind, t, None, part)
             return t
         opts = PackOptions(
@@ -405,9 +405,8 @@ class SavedTensorEngine:
             self._deferred.add(packed, lambda p: self._count(account, kind, t, p, part))
             return packed
         if packed.raw is not None:  # no code could hold it faithfully: kept as it is
-            t = _compact(t)
-            account.add(kind, t, None, part)  # counted like any kept tensor (views once)
-            return t
+            account.add(kind, packed.raw, None, part)  # counted like any kept tensor
+            return packed.raw
         account.add(kind, t, packed.nbytes, part)
         return packed
 
@@ -442,17 +441,3 @@ class SavedTensorEngine:
         if key not in self._device_codebooks:
             self._device_codebooks[key] = cb.to(t.device, t.dtype)
         opts.codebook = self._device_codebooks[key]
-
-
-def _compact(t: torch.Tensor) -> torch.Tensor:
-    """A kept tensor that is a small view of a larger storage, copied.
-
-    Autograd keeps a saved view's whole storage alive: timm's ViT pools its class token as
-    ``x[:, 0]`` of the final norm's output, and keeping that slice for the head's gradient
-    would keep all tokens (4.6 MiB at ViT-B/16, batch 8), while the accounting counts the
-    slice. A copy keeps, and counts, only the slice; where something else keeps the storage
-    anyway, the copy is an allocation of its own, counted as one.
-    """
-    if t.numel() * t.element_size() * 2 <= t.untyped_storage().nbytes():
-        return t.detach().clone()  # values only, as every packed tensor: no graph recorded
-    return t
