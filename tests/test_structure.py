@@ -538,12 +538,18 @@ def test_add_bias_and_remove_restore_the_model():
 @pytest.mark.parametrize("bn_mode", ["eval", "train"])
 def test_batch_norm_mode(bn_mode):
     model = timm.create_model("resnet18", num_classes=10).train()
+    model.layer1[0].bn1.eval()  # a user's own choice: this one stays in eval mode
     before = model.bn1.running_mean.clone()
+    seen = []
     with apply_s2a(model, bn_mode=bn_mode):
-        model.train()(torch.randn(2, *SIZE))
-        assert model.bn1.training == (bn_mode == "train")
+        # registered after S2A's own hook: sees the mode the call runs in
+        model.bn1.register_forward_pre_hook(lambda m, a: seen.append(m.training))
+        model(torch.randn(2, *SIZE))
+        assert seen == [bn_mode == "train"]
+        assert model.bn1.training  # outside the call: the mode model.train() set
+        assert not model.layer1[0].bn1.training
     assert torch.equal(model.bn1.running_mean, before) == (bn_mode == "eval")
-    assert model.bn1.training  # restored to the model's mode
+    assert model.bn1.training and not model.layer1[0].bn1.training  # as the user left them
 
 
 def test_summary_table():

@@ -138,3 +138,19 @@ class HeldLayerHooks:
         self.originals[self.name] = value.detach().to("cpu", original.dtype, copy=True)
         weight = value.detach().to(four_bit.device_of(layer), four_bit.dtype_of(layer))
         four_bit.hold(layer, weight, self.quant_type)
+
+
+_HELD_MODE = "_s2a_mode_before_hold"
+
+
+def hold_eval(module: nn.Module, args: Any) -> None:
+    """Pre-hook of a frozen BatchNorm (``bn_mode="eval"``): eval mode for this call only."""
+    # Each call, because Lightning and users call model.train() at will. The mode is kept on
+    # the module itself, so a deep copy of the model (EMA) holds its own.
+    module.__dict__[_HELD_MODE] = module.training
+    module.training = False
+
+
+def release_eval(module: nn.Module, args: Any, output: Any) -> None:
+    """Always-called forward hook of the same BatchNorm: its own mode back."""
+    module.training = module.__dict__.pop(_HELD_MODE, module.training)

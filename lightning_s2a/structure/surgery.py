@@ -21,7 +21,7 @@ from .families import Block, block_output_shapes, default_input_size, find_block
 from .head import HeadGroup, find_head, head_modules, is_bias
 from .hierarchical import HierarchicalSide, Tap, token_grid
 from .holders import home
-from .model_hooks import HeldLayerHooks, OriginalsHooks, SideHooks
+from .model_hooks import HeldLayerHooks, OriginalsHooks, SideHooks, hold_eval, release_eval
 from .modules import LowRankPrompt, SideNetwork
 
 PROMPT_NAME = "s2a_prompt"
@@ -187,7 +187,11 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
         ]
         # On each BatchNorm itself, not on the root's forward: a model driven through
         # ``forward_features`` or through its parts must never update frozen statistics.
-        state.hooks.extend(bn.register_forward_pre_hook(_hold_eval) for bn in state.batch_norms)
+        # In eval mode for the call only: outside it each keeps the mode the user or
+        # Lightning set (a user's own eval BatchNorm stays eval after undo).
+        for bn in state.batch_norms:
+            state.hooks.append(bn.register_forward_pre_hook(hold_eval))
+            state.hooks.append(bn.register_forward_hook(release_eval, always_call=True))
 
 
 def _apply_side(model: nn.Module, config: S2AConfig, state: StructureState) -> None:
@@ -323,11 +327,6 @@ def _prompt_hook(
     return prompt(output)
 
 
-def _hold_eval(module: nn.Module, args: Any) -> None:
-    # Re-applied every forward because Lightning and users call model.train() at will.
-    module.training = False
-
-
 def _like(module: nn.Module) -> dict[str, Any]:
     p = next(module.parameters(), None)
     return {} if p is None else {"device": p.device, "dtype": p.dtype}
@@ -361,8 +360,6 @@ def undo_structure(model: nn.Module, state: StructureState) -> None:
     for module in state.added_biases:
         module.register_parameter("bias", None)
     state.added_biases.clear()
-    for bn in state.batch_norms:
-        bn.training = model.training
     cast_frozen(model, state, None)
     for name, p in model.named_parameters():
         if name in state.flags:
