@@ -34,7 +34,7 @@ from .codebook import Codebook, DeviceCodebook, fit_codebook
 from .compile_guard import check_not_compiling, check_not_traced
 from .deferred import DeferredChecks
 from .ops import ELEMENTWISE, OP_KINDS, canonical_name, is_bias
-from .quantizers import QUANTIZERS, PackOptions, compact
+from .quantizers import QUANTIZERS, Kept, PackOptions, compact
 from .recognition import (
     ROW_NORMS,
     STATS_KINDS,
@@ -339,8 +339,10 @@ class SavedTensorEngine:
 
     # -- pack / unpack -------------------------------------------------------------------
     def _pack(self, t: torch.Tensor) -> Any:
-        if self._busy or t.untyped_storage().data_ptr() in self._param_storages:
-            return t  # parameters and buffers are not activations: never touched
+        if self._busy:
+            return t  # the quantizers' own saves (none record autograd)
+        if t.untyped_storage().data_ptr() in self._param_storages:
+            return Kept(t)  # parameters and buffers are not activations: never coded
         self._busy = True
         try:
             # The quantizers' own torch calls skip the operator mode (and its Python frame).
@@ -385,7 +387,7 @@ class SavedTensorEngine:
             if cfg.compress and not self._exact:
                 t = compact(t)
             account.add(kind, t, None, part)
-            return t
+            return Kept(t)
         opts = PackOptions(
             bits=bits,
             group_size=cfg.group_size,
@@ -406,7 +408,7 @@ class SavedTensorEngine:
             return packed
         if packed.raw is not None:  # no code could hold it faithfully: kept as it is
             account.add(kind, packed.raw, None, part)  # counted like any kept tensor
-            return packed.raw
+            return packed
         account.add(kind, t, packed.nbytes, part)
         return packed
 

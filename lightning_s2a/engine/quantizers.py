@@ -67,6 +67,35 @@ def compact(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def check_version(t: torch.Tensor, version: int) -> torch.Tensor:
+    """``t``, unless it changed in place since it was saved: then autograd's own error.
+
+    Once saved-tensor hooks are installed PyTorch checks no versions, so a tensor kept as it
+    is and then changed in place (``y = x.sigmoid(); y.mul_(2)``) would silently give wrong
+    gradients. Codes need no check: they hold the values from when the tensor was saved.
+    """
+    if t._version != version:
+        raise RuntimeError(
+            "one of the variables needed for gradient computation has been modified by an "
+            f"inplace operation: a saved tensor of shape {list(t.shape)} is at version "
+            f"{t._version}; expected version {version} instead (S2A keeps it as it is; "
+            "without S2A PyTorch raises the same error). Use the out-of-place op instead."
+        )
+    return t
+
+
+class Kept:
+    """A saved tensor kept as it is, with its version when saved (see :func:`check_version`)."""
+
+    __slots__ = ("t", "version")
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t, self.version = t, t._version
+
+    def unpack(self) -> torch.Tensor:
+        return check_version(self.t, self.version)
+
+
 class Packed:
     """Base of the packed objects: ``raw`` is the tensor itself when it was kept exact.
 
@@ -79,6 +108,8 @@ class Packed:
 
     #: The original tensor, when no code could represent it faithfully (else None).
     raw: torch.Tensor | None = None
+    #: ``raw``'s version when it was kept (see :func:`check_version`).
+    raw_version: int = 0
     #: The original tensor until ``holds`` is read (else None).
     pending: torch.Tensor | None = None
     #: A bool on the tensor's device: True if the codes hold the tensor faithfully.
@@ -106,6 +137,7 @@ class Packed:
     def keep(self, t: torch.Tensor) -> None:
         """Keep ``t`` exactly and drop the codes."""
         self.raw = compact(t)
+        self.raw_version = self.raw._version
         self.codes = self.codes.new_empty(0)
 
     @property
@@ -120,7 +152,9 @@ class Packed:
     def unpack(self) -> torch.Tensor:
         """The saved tensor again (the same data on every call)."""
         self.settle()
-        return self.raw if self.raw is not None else self._decode()
+        if self.raw is not None:
+            return check_version(self.raw, self.raw_version)
+        return self._decode()
 
     def _code_bytes(self) -> int:
         raise NotImplementedError
@@ -134,6 +168,7 @@ class KeptPacked(Packed):
 
     def __init__(self, t: torch.Tensor) -> None:
         self.raw = compact(t)
+        self.raw_version = self.raw._version
 
 
 def _finite(t: torch.Tensor) -> torch.Tensor:
