@@ -249,6 +249,33 @@ def test_a_coded_tensor_changed_in_place_keeps_its_values_from_the_save():
     assert_close_in_norm(model.a.bias.grad, reference.a.bias.grad, rel=0.05)
 
 
+class _TorchAttention(nn.Module):
+    """torch's own nn.MultiheadAttention (torchvision's ViT uses it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha, self.head = nn.MultiheadAttention(64, 4, batch_first=True), nn.Linear(64, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mha(x, x, x, need_weights=False)[0].mean(1))
+
+
+def test_torch_multihead_attention_is_compressed():
+    """Its in_proj_weight (3 x 64 x 64) is an argument of the attention op; it made every
+    smaller tensor look like a statistic, kept whole (stored equalled raw)."""
+    torch.manual_seed(0)
+    model, x = _TorchAttention().double(), torch.randn(2, 16, 64, dtype=torch.float64)
+    grads = {}
+    for compress in (False, True):
+        with apply_s2a(model, S2AConfig(head="head", compress=compress)) as handle:
+            model.zero_grad()
+            model(x).square().sum().backward()
+            grads[compress] = model.mha.in_proj_bias.grad.clone()
+            attention = handle.stats()["by_kind"]["attention"]
+    assert attention["stored_bytes"] * 4 < attention["raw_bytes"]
+    assert cosine(grads[True], grads[False]) > 0.99
+
+
 def test_vit_base_bias_only_stores_at_most_a_sixth():
     model = timm.create_model("vit_base_patch16_224").train()
     with apply_s2a(model, bits=4) as handle:

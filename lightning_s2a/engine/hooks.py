@@ -321,7 +321,13 @@ class SavedTensorEngine:
             kind = "trainable"  # its saved input feeds a trainable weight's gradient
         call = Call(kind=kind or "generic", spec=spec)
         if kind in STATS_KINDS:
-            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            # The op's data, not its weights: nn.MultiheadAttention passes in_proj_weight
+            # (3 E^2), and every tensor smaller than it looked like a statistic.
+            tensors = [
+                a
+                for a in (*args, *kwargs.values())
+                if isinstance(a, torch.Tensor) and id(a) not in param_ids
+            ]
             call.arg_shapes = frozenset(tuple(a.shape) for a in tensors)
             call.arg_numel = max((a.numel() for a in tensors), default=0)
             if raw in ROW_NORMS:
