@@ -41,6 +41,12 @@ def foreign_autograd_context() -> bool:
     )
 
 
+def engine_saves(engine: SavedTensorEngine) -> bool:
+    """True while the innermost saved-tensor hooks are ``engine``'s own."""
+    top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return top is not None and getattr(top[0], "__self__", None) is engine
+
+
 def constant(t: torch.Tensor, weight_numels: set[int]) -> bool:
     """True for a floating tensor computed without autograd (nothing trained reaches it) with
     as many elements as a weight of the model: a weight in another form. A frozen embedding's
@@ -87,6 +93,11 @@ class OperatorMode(TorchFunctionMode):
         info = engine._func_info(func)
         call = engine._classify(info, args, kwargs)
         rewrite = info[3]
+        if rewrite is not None and not engine_saves(engine):
+            # Inside another owner's saved-tensor hooks (a non-reentrant checkpoint) the
+            # engine saves nothing, and the recomputation in backward runs without this
+            # mode: a rewrite here would save other tensors than the recomputation.
+            rewrite = None
         if call is None and rewrite is None:
             return func(*args, **kwargs)
         previous, engine._call = engine._call, call
