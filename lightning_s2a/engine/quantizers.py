@@ -398,7 +398,8 @@ def pack_norm(t: torch.Tensor, opts: PackOptions) -> MinMaxPacked | BnbPacked | 
     near-constant row (a class token at its initial 1e-6) sharing a group with a normal one
     gets a step far wider than itself, and its gradient is lost. Where the row length is no
     multiple of ``group_size`` (96 channels: Swin-T, ConvNeXt-T), groups shrink to the largest
-    power of two dividing it, down to 8 (a shorter row keeps ``group_size``).
+    power of two dividing it, if that is 8 or more; a row length without one (100, 196)
+    keeps ``group_size``, its groups still spanning rows.
     """
     d = t.shape[-1] if opts.rows and t.dim() else 0
     if d and d % opts.group_size:
