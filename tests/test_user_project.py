@@ -186,6 +186,11 @@ def test_cli_a_class_named_over_a_config_files_keeps_its_own_defaults(tmp_path, 
     assert cli.datamodule.batch_size == 8  # FourWayData's own, not DigitsDataModule's 32
     cli = S2ALightningCLI(run=False, args=[*args, "--model.lr", "0.05"])
     assert cli.model.hparams.lr == 0.05
+    as_dict = (
+        '{"class_path": "tests.lightning_helpers.EncoderClassifier", "init_args": {"lr": 0.02}}'
+    )
+    cli = S2ALightningCLI(run=False, args=[*base, "--model", as_dict, *user])
+    assert cli.model.hparams.lr == 0.02  # set in the class's own dict: kept
     # a default passed on through **kwargs is found up the class hierarchy
     kw = [*base, "--model=tests.test_user_project._KwargsClassifier", *user]
     assert S2ALightningCLI(run=False, args=kw).model.hparams.lr == 1e-3

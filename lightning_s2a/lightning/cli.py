@@ -174,6 +174,14 @@ def carried_init_args(args: list[str], key: str, class_path: str) -> dict[str, A
                     written_class = str(entry["class_path"])
         elif flag.startswith(f"--{key}."):
             typed.add(flag.removeprefix(f"--{key}.").removeprefix("init_args.").split(".")[0])
+        elif flag == f"--{key}":  # a class as a dict may carry its own init_args
+            given = value or (args[i + 1] if i + 1 < len(args) else "")
+            try:
+                loaded = yaml.safe_load(given) if given.lstrip().startswith("{") else None
+            except yaml.YAMLError:
+                loaded = None
+            if isinstance(loaded, dict) and isinstance(loaded.get("init_args"), dict):
+                typed |= set(loaded["init_args"])
     if not written or _same_class(written_class, class_path):
         return {}
     return {k: v for k, v in written.items() if k not in typed}
