@@ -66,3 +66,23 @@ def assert_close_in_norm(
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def adapter_round_trip(factory, config, tmp_path, size):
+    """Apply ``config`` to ``factory()``, move every trainable parameter off its initial
+    value, save an adapter and load it into a fresh ``factory()`` built with the same seed.
+    Returns ``(model, fresh, x)``: both should give the same outputs on ``x``."""
+    from lightning_s2a import apply_s2a, load_adapter, save_adapter
+
+    torch.manual_seed(0)
+    model = factory().eval()
+    apply_s2a(model, config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    save_adapter(model, tmp_path / "a.safetensors")
+    torch.manual_seed(0)
+    fresh = factory().eval()
+    load_adapter(fresh, tmp_path / "a.safetensors")
+    return model, fresh, torch.randn(2, *size)

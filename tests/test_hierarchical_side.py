@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_s2a import S2ACallback, S2AConfig, apply_s2a, load_adapter, save_adapter
+from lightning_s2a import S2ACallback, S2AConfig, apply_s2a
 from lightning_s2a.structure.hierarchical import Tap, as_map, token_grid
-from tests.conftest import assert_close_in_norm, cosine
+from tests.conftest import adapter_round_trip, assert_close_in_norm, cosine
 from tests.test_structure import SIZE, SMALL
 
 STRIDES = (8, 16, 32)
@@ -292,22 +292,10 @@ def test_blocks_that_run_out_of_order_are_a_clear_error():
 
 
 def test_adapter_round_trip(tmp_path):
-    torch.manual_seed(0)
     cfg = S2AConfig(modules=["side"], side="hierarchical", input_size=SIZE)
-    model = SMALL["resnet"]().eval()
-    apply_s2a(model, cfg)
+    model, fresh, x = adapter_round_trip(SMALL["resnet"], cfg, tmp_path, SIZE)
     with torch.no_grad():
-        for p in model.s2a_side.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    x = torch.randn(2, *SIZE)
-    with torch.no_grad():
-        before = model(x)
-    save_adapter(model, tmp_path / "a.safetensors")
-    torch.manual_seed(0)
-    fresh = SMALL["resnet"]().eval()
-    load_adapter(fresh, tmp_path / "a.safetensors")
-    with torch.no_grad():
-        assert torch.equal(fresh(x), before)
+        assert torch.equal(fresh(x), model(x))
 
 
 class SegModule(pl.LightningModule):
