@@ -173,3 +173,33 @@ def test_a_tensor_kept_as_it_is_holds_no_larger_storage(defer):
     whole = pack_minmax(base, PackOptions(bits=4, defer=defer))
     whole.settle()
     assert whole.raw.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()  # no copy
+
+
+@pytest.mark.parametrize("shape", [(4, 16, 7, 7), (4, 16, 1, 1), (5, 16)])
+def test_batch_norm_groups_stay_inside_one_channel(shape):
+    from lightning_s2a.engine.quantizers import pack_norm
+
+    torch.manual_seed(0)
+    means = torch.arange(16, dtype=torch.float64).view(1, 16, *[1] * (len(shape) - 2)) * 10
+    x = torch.randn(shape, dtype=torch.float64) + means  # channels with far apart means
+    packed = pack_norm(x, PackOptions(bits=4, channels=True))
+    length = x.numel() // 16
+    group = 64 if length >= 64 else max(8, 1 << (length - 1).bit_length())
+    padded = -(-length // group) * group  # each channel's values padded to whole groups
+    assert packed.nbytes == 16 * padded // 2 + 16 * padded // group * 4
+    out = packed.unpack()
+    assert out.shape == x.shape and out.dtype == x.dtype
+    # each channel coded against its own range: the error is a fraction of its own spread
+    err = (out - x).movedim(1, 0).reshape(16, -1).abs().amax(1)
+    spread = (x - means).movedim(1, 0).reshape(16, -1)
+    assert (err <= (spread.amax(1) - spread.amin(1)) / 15 / 2 * 1.01).all()
+    plain = pack_norm(x, PackOptions(bits=4))  # groups in memory order mix channels
+    assert (plain.unpack() - x).abs().max() > 4 * err.max()
+
+
+def test_batch_norm_rows_keep_a_channels_last_layout():
+    from lightning_s2a.engine.quantizers import pack_norm
+
+    x = torch.randn(2, 8, 7, 7).contiguous(memory_format=torch.channels_last)
+    out = pack_norm(x, PackOptions(bits=8, channels=True)).unpack()
+    assert out.stride() == x.stride() and (out - x).abs().max() < 0.05

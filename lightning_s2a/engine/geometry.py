@@ -43,3 +43,37 @@ def _dense_permutation(t: torch.Tensor) -> bool:
             return False
         expected *= size
     return True
+
+
+@dataclass(frozen=True)
+class ChannelRows:
+    """Dimension 1 (BatchNorm's channels) as rows: channel ``c``'s values over the batch and
+    positions become row ``c``, padded with its last value to whole groups of ``group``, so
+    that no min-max group mixes two channels (BatchNorm's backward scales each channel's
+    error by that channel's inverse std)."""
+
+    channels: int
+    length: int
+    padded: int
+    group: int
+
+    @staticmethod
+    def of(t: torch.Tensor, group: int) -> ChannelRows:
+        """Rows for ``t``; a row shorter than ``group`` gets the next power of two (>= 8)."""
+        channels = t.shape[1]
+        length = t.numel() // channels
+        if length < group:
+            group = max(8, 1 << (length - 1).bit_length())
+        return ChannelRows(channels, length, -(-length // group) * group, group)
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` as contiguous padded rows, one per channel."""
+        rows = t.detach().movedim(1, 0).reshape(self.channels, self.length)
+        if self.padded > self.length:
+            rows = torch.cat([rows, rows[:, -1:].expand(-1, self.padded - self.length)], 1)
+        return rows.contiguous()
+
+    def scatter(self, flat: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Inverse of :meth:`gather`: the flat values in ``shape``'s logical order."""
+        rows = flat.view(self.channels, self.padded)[:, : self.length]
+        return rows.reshape(shape[1], shape[0], *shape[2:]).movedim(0, 1).reshape(-1)

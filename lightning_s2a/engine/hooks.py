@@ -36,6 +36,7 @@ from .deferred import DeferredChecks
 from .ops import ELEMENTWISE, OP_KINDS, canonical_name, is_bias
 from .quantizers import QUANTIZERS, Kept, PackOptions, compact
 from .recognition import (
+    CHANNEL_NORMS,
     ROW_NORMS,
     STATS_KINDS,
     Call,
@@ -333,6 +334,7 @@ class SavedTensorEngine:
             if raw in ROW_NORMS:
                 shape = args[1] if len(args) > 1 else kwargs.get("normalized_shape", ())
                 call.rows = isinstance(shape, (list, tuple)) and len(shape) == 1
+            call.channels = raw in CHANNEL_NORMS
         elif kind == "softmax":
             dim = kwargs.get("dim", args[1] if len(args) > 1 else -1)
             call.dim = -1 if dim is None else int(dim)
@@ -403,6 +405,7 @@ class SavedTensorEngine:
             spec=call.spec,
             dim=call.dim,
             rows=call.rows,
+            channels=call.channels,
             seed=cfg.seed + self.step,
             defer=t.device.type in self.defer_on,
         )

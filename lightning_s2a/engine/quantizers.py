@@ -28,7 +28,7 @@ import torch
 
 from .bitpack import pack_bits, unpack_lookup
 from .codebook import DeviceCodebook, encode
-from .geometry import Geometry
+from .geometry import ChannelRows, Geometry
 from .minmax import dequantize_minmax, quantize_minmax
 from .ops import ElementwiseSpec
 
@@ -48,6 +48,8 @@ class PackOptions:
     dim: int = -1
     #: The op normalizes each row of the last dimension on its own (layer norm, RMS norm).
     rows: bool = False
+    #: The op normalizes each channel (dimension 1) over the batch (BatchNorm in training).
+    channels: bool = False
     seed: int = 0
     #: Leave "does the code hold it" on the device for :mod:`.deferred` (CUDA: no sync).
     defer: bool = False
@@ -184,23 +186,28 @@ class MinMaxPacked(Packed):
     +-65504) is kept as it is instead (``raw``): its codes would saturate or turn NaN.
     """
 
-    def __init__(self, t: torch.Tensor, opts: PackOptions) -> None:
+    def __init__(
+        self, t: torch.Tensor, opts: PackOptions, channel_rows: ChannelRows | None = None
+    ) -> None:
         self.geometry = Geometry.of(t)
-        self.bits, self.group = opts.bits, opts.group_size
-        self.n = t.numel()
+        self.channel_rows = channel_rows  # groups inside one channel (see ChannelRows)
+        x = channel_rows.gather(t) if channel_rows is not None else t
+        self.bits = opts.bits
+        self.group = channel_rows.group if channel_rows is not None else opts.group_size
+        self.n = x.numel()
         self.triton = opts.backend == "triton"
         if self.triton:
             from .triton_minmax import triton_quantize_minmax
 
             self.codes, self.offset, self.scale, fits = triton_quantize_minmax(
-                t, self.bits, self.group, opts.stochastic, seed=opts.seed, with_fits=True
+                x, self.bits, self.group, opts.stochastic, seed=opts.seed, with_fits=True
             )
         else:
             gen = None
             if opts.stochastic:
                 gen = torch.Generator(device=t.device).manual_seed(opts.seed)
             self.codes, self.offset, self.scale, fits = quantize_minmax(
-                t, self.bits, self.group, opts.stochastic, gen, with_fits=True
+                x, self.bits, self.group, opts.stochastic, gen, with_fits=True
             )
         self.decide(t, fits.all(), opts.defer)
 
@@ -219,6 +226,8 @@ class MinMaxPacked(Packed):
             flat = triton_dequantize_minmax(*args, self.geometry.dtype)
         else:
             flat = dequantize_minmax(*args, self.geometry.dtype)
+        if self.channel_rows is not None:
+            flat = self.channel_rows.scatter(flat, self.geometry.shape)
         return self.geometry.restore(flat)
 
 
@@ -406,6 +415,13 @@ def pack_norm(t: torch.Tensor, opts: PackOptions) -> MinMaxPacked | BnbPacked | 
         row = d & -d  # the largest power of two dividing d
         if row >= 8:
             opts = dataclasses.replace(opts, group_size=row)
+    if opts.channels and opts.backend != "bnb" and t.dim() >= 2 and t.numel():
+        # BatchNorm in training: groups in memory order stay inside one channel only where
+        # each channel's plane is a multiple of the group; elsewhere (7x7, 1x1, (N, C)) the
+        # groups are taken along each channel instead.
+        plane = t.numel() // (t.shape[0] * t.shape[1])
+        if plane % opts.group_size:
+            return MinMaxPacked(t, opts, ChannelRows.of(t, opts.group_size))
     return pack_minmax(t, opts)
 
 

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 STATS_KINDS = ("norm", "attention")
 #: Norms over the last dimension, given its size as ``normalized_shape`` (a one-entry shape).
 ROW_NORMS = ("layer_norm", "native_layer_norm", "rms_norm")
+#: Norms over each channel (dimension 1) across the batch: BatchNorm.
+CHANNEL_NORMS = ("batch_norm", "native_batch_norm")
 
 
 def foreign_autograd_context() -> bool:
@@ -76,6 +78,8 @@ class Call:
     dim: int = -1
     #: A norm over each row of the last dimension alone (see ``quantizers.pack_norm``).
     rows: bool = False
+    #: A norm over each channel across the batch (see ``quantizers.pack_norm``).
+    channels: bool = False
 
 
 class OperatorMode(TorchFunctionMode):
