@@ -8,7 +8,8 @@ from torch import nn
 
 from lightning_s2a import S2AConfig, apply_s2a
 from lightning_s2a.engine.deferred import DeferredChecks
-from lightning_s2a.engine.quantizers import QUANTIZERS, PackOptions
+from lightning_s2a.engine.packed import PackOptions
+from lightning_s2a.engine.quantizers import QUANTIZERS
 from tests.conftest import assert_close_in_norm
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lightning_s2a import S2AConfig, apply_s2a
-from lightning_s2a.engine.quantizers import Kept
+from lightning_s2a.engine.packed import Kept
 from tests.conftest import assert_close_in_norm, cosine
 
 

@@ -19,7 +19,8 @@ from torch import nn
 from lightning_s2a import S2AConfig, apply_s2a
 from lightning_s2a.engine.codebook import fit_codebook
 from lightning_s2a.engine.ops import elementwise_spec
-from lightning_s2a.engine.quantizers import QUANTIZERS, MinMaxPacked, PackOptions
+from lightning_s2a.engine.packed import MinMaxPacked, PackOptions
+from lightning_s2a.engine.quantizers import QUANTIZERS
 from tests.conftest import cosine, trainable_grads
 
 INF = float("inf")

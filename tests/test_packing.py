@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from lightning_s2a.engine.bitpack import pack_bits, packed_numel, unpack_bits
 from lightning_s2a.engine.minmax import dequantize_minmax, quantize_minmax
-from lightning_s2a.engine.quantizers import MinMaxPacked, PackOptions, RowMaxPacked, TwoLevelPacked
+from lightning_s2a.engine.packed import MinMaxPacked, PackOptions, RowMaxPacked, TwoLevelPacked
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 shapes = st.lists(st.integers(0, 37), min_size=1, max_size=4)

@@ -21,7 +21,8 @@ import torch
 from lightning_s2a.engine.bitpack import pack_bits, unpack_lookup
 from lightning_s2a.engine.codebook import encode, fit_codebook
 from lightning_s2a.engine.ops import ELEMENTWISE, ElementwiseSpec
-from lightning_s2a.engine.quantizers import QUANTIZERS, PackOptions, RowMaxPacked, TwoLevelPacked
+from lightning_s2a.engine.packed import PackOptions, RowMaxPacked, TwoLevelPacked
+from lightning_s2a.engine.quantizers import QUANTIZERS
 from tests.triton_interpret import bare_imports, diff, import_without_triton, run_interpreted
 
 MODULE = "lightning_s2a.engine.triton_codes"

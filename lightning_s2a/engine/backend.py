@@ -21,7 +21,8 @@ import torch
 
 from .codebook import fit_codebook
 from .ops import elementwise_spec
-from .quantizers import QUANTIZERS, PackOptions
+from .packed import PackOptions
+from .quantizers import QUANTIZERS
 from .triton_minmax import HAS_TRITON
 
 

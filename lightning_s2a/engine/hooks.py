@@ -34,7 +34,8 @@ from .codebook import Codebook, DeviceCodebook, fit_codebook
 from .compile_guard import check_not_compiling, check_not_traced
 from .deferred import DeferredChecks
 from .ops import ELEMENTWISE, OP_KINDS, canonical_name, is_bias
-from .quantizers import QUANTIZERS, Kept, PackOptions, compact
+from .packed import Kept, PackOptions, compact
+from .quantizers import QUANTIZERS
 from .recognition import (
     CHANNEL_NORMS,
     ROW_NORMS,

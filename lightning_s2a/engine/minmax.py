@@ -10,7 +10,7 @@ beyond the fp16 range (``|x| > 65504``, such as a ``torch.finfo(torch.float32).m
 mask). Such groups are saturated here, and flagged: with ``with_fits=True`` the quantizer also
 returns one boolean per group that is False where the group's codes are not faithful, computed
 from the group's minimum and maximum that quantization needs anyway (no extra pass over the
-data). :class:`.quantizers.MinMaxPacked` keeps a tensor with any such group exactly as it is.
+data). :class:`.packed.MinMaxPacked` keeps a tensor with any such group exactly as it is.
 
 This pure-PyTorch version is the reference; the Triton kernels must match it bit for bit.
 """

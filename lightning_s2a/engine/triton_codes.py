@@ -365,7 +365,7 @@ def triton_quantize_rows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row codes over ``[0, row max]`` of a 2-D ``(R, W)`` tensor: ``(packed, scale_fp16)``.
 
-    Same as :class:`.quantizers.RowMaxPacked` (rows along the last dim). ``tile`` (a power of
+    Same as :class:`.packed.RowMaxPacked` (rows along the last dim). ``tile`` (a power of
     two >= 64) bounds the elements a program holds; wider rows take a second read.
     """
     if tile < 64 or tile & (tile - 1):
