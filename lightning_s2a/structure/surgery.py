@@ -126,11 +126,11 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
                 w = module.weight
                 module.bias = nn.Parameter(torch.zeros(w.shape[0], device=w.device, dtype=w.dtype))
                 state.added_biases.append(module)
+    # 'side' replacing the head's output leaves the head unused: it trains only when the
+    # side's output is added to it
+    head_trains = "side" not in modules or config.side_merge == "add"
     for name, p in model.named_parameters():
         train_bias = "bias" in modules and is_bias(name)
-        # 'side' replacing the head's output leaves the head unused: it trains only when the
-        # side's output is added to it
-        head_trains = "side" not in modules or config.side_merge == "add"
         p.requires_grad_(train_bias or (id(p) in head_ids and head_trains))
     if config.frozen_dtype is not None:
         in_four_bits = config.frozen_dtype in FOUR_BIT_DTYPES
