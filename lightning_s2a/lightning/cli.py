@@ -124,13 +124,18 @@ def with_default_classes(args: Any, defaults: dict[str, type]) -> Any:
             if flag in (f"--{key}", f"--{key}.class_path"):
                 named.add(key)
         if flag in ("--config", "-c"):
-            path = value or (args[i + 1] if i + 1 < len(args) else "")
+            path = _flag_value(args, i, value)
             named |= _classes_in_config(path, defaults)
     extra = [
         t for k, cls in defaults.items() if k not in named for t in (f"--{k}", _class_path(cls))
     ]
     at = next((i + 1 for i, t in enumerate(args) if t in SUBCOMMANDS), 0)
     return [*args[:at], *extra, *args[at:]]
+
+
+def _flag_value(args: list[str], i: int, value: str) -> str:
+    """The value of flag ``args[i]``: after its ``=``, else the next argument ("" if none)."""
+    return value or (args[i + 1] if i + 1 < len(args) else "")
 
 
 def _config_sections(path: str) -> list[dict]:
@@ -166,7 +171,7 @@ def carried_init_args(args: list[str], key: str, class_path: str) -> dict[str, A
     for i, token in enumerate(args):
         flag, _, value = token.partition("=")
         if flag in ("--config", "-c"):
-            for section in _config_sections(value or (args[i + 1] if i + 1 < len(args) else "")):
+            for section in _config_sections(_flag_value(args, i, value)):
                 entry = section.get(key)
                 if isinstance(entry, dict) and "class_path" in entry:
                     init = entry.get("init_args")
@@ -175,7 +180,7 @@ def carried_init_args(args: list[str], key: str, class_path: str) -> dict[str, A
         elif flag.startswith(f"--{key}."):
             typed.add(flag.removeprefix(f"--{key}.").removeprefix("init_args.").split(".")[0])
         elif flag == f"--{key}":  # a class as a dict may carry its own init_args
-            given = value or (args[i + 1] if i + 1 < len(args) else "")
+            given = _flag_value(args, i, value)
             try:
                 loaded = yaml.safe_load(given) if given.lstrip().startswith("{") else None
             except yaml.YAMLError:
