@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_s2a.engine.bitpack import pack_bits, packed_numel, unpack_bits
+from lightning_s2a.engine.bitpack import pack_bits, packed_numel, unpack_bits, unpack_levels
 from lightning_s2a.engine.minmax import dequantize_minmax, quantize_minmax
 from lightning_s2a.engine.packed import MinMaxPacked, PackOptions, RowMaxPacked, TwoLevelPacked
 
@@ -24,6 +24,21 @@ def test_pack_bits_roundtrip_and_size(bits, n, seed):
     assert packed.dtype == torch.uint8
     assert packed.numel() == packed_numel(n, bits) == -(-n * bits // 8)
     assert torch.equal(unpack_bits(packed, bits, n), codes)
+
+
+@given(bits=st.sampled_from([1, 2, 4, 8]), n=st.integers(0, 300), seed=st.integers(0, 99))
+@settings(max_examples=40, deadline=None)
+def test_unpack_levels_is_the_codes_as_numbers(bits, n, seed):
+    # Decoding from the cached float table gives each code's value, and the table is not
+    # handed out: changing the result leaves the next decode as it was.
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (n,), generator=g, dtype=torch.uint8)
+    packed = pack_bits(codes, bits)
+    got = unpack_levels(packed, bits, n)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, codes.float())
+    got.add_(1)
+    assert torch.equal(unpack_levels(packed, bits, n), codes.float())
 
 
 @pytest.mark.parametrize("bits", [0, 3, 5, 16, True, 4.0])

@@ -92,6 +92,21 @@ def _byte_index(bits: int, device: torch.device) -> torch.Tensor:
     return _byte_table(bits, device).long()
 
 
+@functools.lru_cache(maxsize=32)
+def _level_table(bits: int, device: torch.device) -> torch.Tensor:
+    """(256, 8 // bits) float32: each possible byte's codes as numbers (cached per device)."""
+    return _byte_table(bits, device).float()
+
+
+def unpack_levels(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """The first ``n`` codes as float32 numbers (``unpack_lookup`` with ``values = arange``),
+    from a cached table: no table is built per call."""
+    check_bits(bits)
+    if bits == 8:
+        return packed[:n].float()
+    return _level_table(bits, packed.device).index_select(0, packed.int()).view(-1)[:n]
+
+
 def unpack_lookup(packed: torch.Tensor, bits: int, n: int, values: torch.Tensor) -> torch.Tensor:
     """Decode the first ``n`` codes straight into ``values[code]`` (any dtype).
 

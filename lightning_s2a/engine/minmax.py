@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .bitpack import pack_bits, unpack_lookup
+from .bitpack import pack_bits, unpack_levels
 
 FP16_MAX = 65504.0
 
@@ -27,14 +27,15 @@ FP16_MAX = 65504.0
 def group_stats(groups: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Return the fp16 ``(offset, scale)`` for each row of ``groups`` (a float tensor, groups
     along the last dimension)."""
-    offset, scale, _ = _group_stats(groups, bits)
+    offset, scale, _, _ = _group_stats(groups, bits)
     return offset, scale
 
 
 def _group_stats(
     groups: torch.Tensor, bits: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(offset, scale, fits)`` per row: ``fits`` is False where the fp16 stats saturate.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(offset, scale, fits, offset_float32)`` per row: ``fits`` is False where the fp16
+    stats saturate; the offset comes in float32 too, converted once for both of its uses.
 
     A group fits if it holds no NaN (``amin``/``amax`` propagate NaN, and every comparison with
     NaN is False), no value beyond +-65504 (infinities included), and its step is within the
@@ -45,14 +46,15 @@ def _group_stats(
     lo = lo_raw.clamp(-FP16_MAX, FP16_MAX)
     hi = hi_raw.clamp(-FP16_MAX, FP16_MAX)
     offset = lo.to(torch.float16)
-    span = hi.sub_(offset.float()).div_(levels)
+    offset_f = offset.float()
+    span = hi.sub_(offset_f).div_(levels)
     scale = span.clamp(0.0, FP16_MAX).to(torch.float16)
     # max(hi, -lo) <= 65504 is both bounds at once, and False for a NaN (maximum propagates
     # it). With 2 or more bits the step of a group within bounds is at most 2 * 65504 / 3.
     fits = torch.maximum(hi_raw, lo_raw.neg()) <= FP16_MAX
     if levels == 1:
         fits.logical_and_(span <= FP16_MAX)
-    return offset, scale, fits
+    return offset, scale, fits, offset_f
 
 
 def quantize_minmax(
@@ -83,14 +85,14 @@ def quantize_minmax(
         if pad:
             flat = torch.cat([flat, flat[-1:].expand(pad)])
         groups = flat.view(-1, group_size)
-    offset, scale, fits = _group_stats(groups, bits)
+    offset, scale, fits, offset_f = _group_stats(groups, bits)
     s = scale.float().unsqueeze(1)
     positive = s > 0
     # In-place chain: fresh full-size temporaries cost more than the arithmetic on CPU, and
     # on small tensors every op counts. The subtraction reads ``x`` in its own dtype and
     # writes float32 in logical order (exactly what converting first would give).
     v = torch.empty(groups.shape, dtype=torch.float32, device=x.device)
-    torch.sub(groups, offset.float().view(*groups.shape[:-1], 1), out=v)
+    torch.sub(groups, offset_f.view(*groups.shape[:-1], 1), out=v)
     v = v.view(-1, group_size)
     # A group whose scale is 0 divides by infinity: codes 0, even with stochastic rounding.
     v.div_(torch.where(positive, s, torch.inf))
@@ -117,8 +119,7 @@ def dequantize_minmax(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_minmax`: a flat tensor of ``n`` values in ``dtype``."""
-    levels = torch.arange(1 << bits, dtype=torch.float32, device=packed.device)
-    codes = unpack_lookup(packed, bits, offset.numel() * group_size, levels)
+    codes = unpack_levels(packed, bits, offset.numel() * group_size)
     out = codes.view(-1, group_size).mul_(scale.float().unsqueeze(1))
     out.add_(offset.float().unsqueeze(1))
     return out.reshape(-1)[:n].to(dtype)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .bitpack import pack_bits, unpack_lookup
+from .bitpack import pack_bits, unpack_levels, unpack_lookup
 from .codebook import DeviceCodebook
 from .geometry import ChannelRows, Geometry
 from .minmax import dequantize_minmax, quantize_minmax
@@ -317,8 +317,7 @@ class RowMaxPacked(Packed):
             ).view(self.row_shape)
             out = rows.movedim(-1, self.dim)
             return self.geometry.restore(out.reshape(-1))
-        levels = torch.arange(1 << self.bits, dtype=torch.float32, device=self.codes.device)
-        codes = unpack_lookup(self.codes, self.bits, self.scale.numel() * width, levels)
+        codes = unpack_levels(self.codes, self.bits, self.scale.numel() * width)
         codes = codes.view(self.scale.numel(), width)
         rows = codes.mul_(self.scale.float().unsqueeze(1)).view(self.row_shape)
         out = rows.movedim(-1, self.dim).to(self.geometry.dtype)

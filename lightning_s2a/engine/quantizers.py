@@ -20,6 +20,7 @@ bitsandbytes packs and unpacks with fused Triton kernels instead (:mod:`.triton_
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -91,7 +92,7 @@ def pack_elementwise(t: torch.Tensor, opts: PackOptions) -> CodePacked | KeptPac
     triton = opts.backend == "triton"
     if spec.exact:
         assert spec.mask is not None
-        table = torch.tensor(spec.mask_points, dtype=t.dtype, device=t.device)
+        table = _mask_table(spec.mask_points, t.dtype, t.device)
         if triton:  # the mask is a Python function: computed first, then packed by the kernel
             from .triton_codes import triton_pack_codes
 
@@ -114,6 +115,13 @@ def pack_elementwise(t: torch.Tensor, opts: PackOptions) -> CodePacked | KeptPac
     if opts.defer:
         packed.decide(t, finite, defer=True)
     return packed
+
+
+@functools.lru_cache(maxsize=64)
+def _mask_table(points: tuple[float, float], dtype: torch.dtype, device: torch.device):
+    """The two values an exact 1-bit code decodes to, built once per dtype and device (read
+    only: every decode indexes it into a new tensor)."""
+    return torch.tensor(points, dtype=dtype, device=device)
 
 
 def pack_softmax(t: torch.Tensor, opts: PackOptions) -> RowMaxPacked:
