@@ -96,6 +96,58 @@ def test_derivative_codes_keep_nonfinite_values(case):
     assert QUANTIZERS["elementwise"](clean, opts).nbytes == clean.numel() // 2
 
 
+class _Step(nn.Module):
+    """``op(x + bias)`` for a step nonlinearity, so its saved tensor gets a 1-bit mask code."""
+
+    def __init__(self, op) -> None:
+        super().__init__()
+        self.op = op
+        self.bias = nn.Parameter(torch.zeros(96))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x + self.bias)
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        F.relu,
+        torch.relu_,
+        nn.ReLU(),
+        F.relu6,
+        functools.partial(F.hardtanh, min_val=-2.0, max_val=3.0),
+        functools.partial(F.threshold, threshold=0.5, value=0.0),
+        functools.partial(F.leaky_relu, negative_slope=0.1),
+        F.hardsigmoid,
+    ],
+    ids=["relu", "relu_", "ReLU", "relu6", "hardtanh", "threshold", "leaky_relu", "hardsigmoid"],
+)
+def test_step_masks_pass_gradients_at_nonfinite_values_as_pytorch(op):
+    # Each step op's backward decides from a comparison, and a NaN fails every comparison:
+    # ReLU passes the gradient at a NaN, hard-sigmoid zeroes it. The 1-bit code must decode
+    # to the side PyTorch takes, for NaN and +-inf as for ordinary values.
+    x, _ = _with_specials("mixed", torch.float32)
+    x.view(-1)[::5] = 0.0  # the boundary itself
+    if getattr(op, "func", op) in (F.relu6, F.hardtanh):
+        # PyTorch's hardtanh backward zeroes a NaN's gradient in its vectorized loop and
+        # passes it in its scalar loop: which one runs depends on the CPU, so no NaN here.
+        x = x.nan_to_num(nan=7.0)
+    upstream = torch.randn(16, 96, generator=torch.Generator().manual_seed(2))
+
+    def input_grad(compress: bool) -> tuple[torch.Tensor, dict]:
+        model = _Step(op)
+        with apply_s2a(model, S2AConfig(compress=compress, head=None)) as handle:
+            xi = x.clone().requires_grad_()
+            (model(xi) * upstream).sum().backward()
+            return xi.grad, handle.stats()["by_kind"]
+
+    exact, _ = input_grad(False)
+    coded, kinds = input_grad(True)
+    assert kinds["elementwise"]["stored_bytes"] == x.numel() // 8  # one bit each: coded
+    assert torch.equal(exact.isnan(), coded.isnan())
+    assert torch.equal(exact.nan_to_num(), coded.nan_to_num())
+
+
 # --------------------------------------------------------------------- masked attention models
 
 

@@ -134,6 +134,8 @@ def _hardtanh(n: str, a: tuple, k: Mapping[str, Any]) -> ElementwiseSpec:
         lo = float(_arg(a, k, 1, "min_val", -1.0))
         hi = float(_arg(a, k, 2, "max_val", 1.0))
     # Backward passes the gradient where lo < s < hi (s is the input, or the clamped output).
+    # At a NaN, PyTorch's own kernel disagrees with itself (its vectorized loop zeroes the
+    # gradient, its scalar loop passes it): the code follows the vectorized loop.
     return ElementwiseSpec(
         f"hardtanh({lo:g},{hi:g})",
         mask=lambda s: (s > lo) & (s < hi),
@@ -143,10 +145,12 @@ def _hardtanh(n: str, a: tuple, k: Mapping[str, Any]) -> ElementwiseSpec:
 
 def _threshold(n: str, a: tuple, k: Mapping[str, Any]) -> ElementwiseSpec:
     th = float(_arg(a, k, 1, "threshold", 0.0))
+    # Backward zeroes the gradient where s <= th and passes it elsewhere, NaN included, so
+    # the code marks "at or below" (a NaN is not), as ReLU's does.
     return ElementwiseSpec(
         f"threshold({th:g})",
-        mask=lambda s: s > th,
-        mask_points=(th - 1.0 - abs(th), th + 1.0 + abs(th)),
+        mask=lambda s: s <= th,
+        mask_points=(th + 1.0 + abs(th), th - 1.0 - abs(th)),
     )
 
 
@@ -154,7 +158,9 @@ def _fixed(spec: ElementwiseSpec) -> Callable[[str, tuple, Mapping[str, Any]], E
     return lambda n, a, k: spec
 
 
-_RELU = ElementwiseSpec("relu", mask=lambda s: s > 0, mask_points=(0.0, 1.0))
+# ReLU's backward zeroes the gradient where its output is <= 0 and passes it elsewhere, NaN
+# included: the code marks "<= 0", so a NaN decodes to 1 and its gradient passes as in PyTorch.
+_RELU = ElementwiseSpec("relu", mask=lambda s: s <= 0, mask_points=(1.0, 0.0))
 _LEAKY = ElementwiseSpec("leaky_relu", mask=lambda s: s > 0, mask_points=(-1.0, 1.0))
 _HARDSIGMOID = ElementwiseSpec(
     "hardsigmoid", mask=lambda s: (s > -3.0) & (s < 3.0), mask_points=(4.0, 0.0)
@@ -179,6 +185,7 @@ ELEMENTWISE: dict[str, Callable[[str, tuple, Mapping[str, Any]], ElementwiseSpec
     "hardtanh": _hardtanh,
     "hardsigmoid": _fixed(_HARDSIGMOID),
     "threshold": _threshold,
+    "_threshold": _threshold,  # F.threshold's __name__
 }
 
 #: Non-elementwise operators: function name -> operator kind.
