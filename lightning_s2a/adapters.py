@@ -80,7 +80,7 @@ def adapter_tensors(module: nn.Module, handle: S2AHandle) -> dict[str, torch.Ten
     a trainable parameter and of BatchNorms in train mode (running statistics); BatchNorms
     that S2A holds in eval mode never change and are left out.
     """
-    held = {id(bn) for bn in handle.structure.batch_norms}
+    held = {id(bn) for bn in handle.held_batch_norms()}
     found: dict[str, torch.Tensor] = {}
     for name, m in module.named_modules():
         dot = f"{name}." if name else ""

@@ -15,6 +15,7 @@ from .config import FOUR_BIT_DTYPES, S2AConfig
 from .engine.compile_guard import check_not_compiled
 from .engine.hooks import SavedTensorEngine
 from .structure import four_bit
+from .structure.model_hooks import is_held
 from .structure.rewrites import rewrites_for
 from .structure.surgery import StructureState, apply_structure, cast_frozen, undo_structure
 
@@ -74,6 +75,11 @@ class S2AHandle:
     def trainable_parameters(self) -> tuple[int, float]:
         """Number of trainable parameters and their fraction of all parameters."""
         return count_trainable(self.model)
+
+    def held_batch_norms(self) -> list[nn.Module]:
+        """The BatchNorms S2A holds in eval mode now (``bn_mode="eval"``): frozen ones; one
+        whose weight was unfrozen since keeps its own mode and updates its statistics."""
+        return [bn for bn in self.structure.batch_norms if is_held(bn)]
 
     def stop_engine(self) -> None:
         """Stop compressing saved tensors; the structural modules stay (e.g. after fit).

@@ -25,7 +25,7 @@ from lightning_s2a import (
     load_from_checkpoint,
 )
 from lightning_s2a.lightning.cli import S2ALightningCLI
-from tests.lightning_helpers import EncoderClassifier, FourWayData, LateEncoder, _data
+from tests.lightning_helpers import EncoderClassifier, FourWayData, LateEncoder, UserModule, _data
 
 X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
@@ -319,3 +319,98 @@ def test_no_warnings_on_an_ordinary_fit(tmp_path):
         warnings.simplefilter("always")
         _fit(tmp_path, EncoderClassifier(), S2ACallback(backbone="encoder"))
     assert not [w for w in record if "S2A" in str(w.message)]
+
+
+# 7. BatchNorms held frozen only while frozen, and callbacks that would undo it ----------------
+def _head_with_batch_norm(affine: bool = True) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(512, 16), nn.BatchNorm1d(16, affine=affine), nn.ReLU(), nn.Linear(16, 4)
+    )
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+def test_a_batch_norm_in_a_named_head_trains_its_statistics(tmp_path, affine):
+    # Whole-module layout with the head named: the head's BatchNorm trains (weights and
+    # running statistics, as without S2A), the backbone's stay frozen, and the adapter holds
+    # the head's statistics.
+    pl.seed_everything(0)
+    model = EncoderClassifier(arch="resnet")
+    model.classifier = _head_with_batch_norm(affine)
+    frozen = {k: v.clone() for k, v in model.encoder.state_dict().items() if "running" in k}
+    path = tmp_path / "task.safetensors"
+    callback = S2ACallback(S2AConfig(head="classifier"), adapter_path=str(path))
+    _fit(tmp_path, model, callback)
+    head_bn = model.classifier[1]
+    assert int(head_bn.num_batches_tracked) == 2  # 16 samples, batches of 8
+    assert head_bn.running_mean.abs().sum() > 0
+    after = model.encoder.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in frozen.items())
+    pl.seed_everything(0)
+    fresh = EncoderClassifier(arch="resnet")
+    fresh.classifier = _head_with_batch_norm(affine)
+    load_adapter(fresh, path)
+    assert torch.equal(fresh.classifier[1].running_mean, head_bn.running_mean)
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(model(X), fresh(X))
+
+
+def test_a_batch_norm_unfrozen_after_s2a_updates_its_statistics():
+    # A second, fully fine-tuned phase (or BatchNorm weights unfrozen by hand): S2A no longer
+    # holds them in eval mode; frozen again, they are held again.
+    import timm
+
+    from lightning_s2a import apply_s2a
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=4)
+    handle = apply_s2a(model, S2AConfig())
+    bn = model.bn1
+    assert bn in handle.held_batch_norms()
+    before = bn.running_mean.clone()
+    model.train()
+    model(X)
+    assert torch.equal(bn.running_mean, before)  # frozen: held
+    model.requires_grad_(True)
+    assert not handle.held_batch_norms()
+    model(X)
+    assert not torch.equal(bn.running_mean, before)  # unfrozen: trains as in PyTorch
+    assert bn.training
+    model.requires_grad_(False)
+    updated = bn.running_mean.clone()
+    model(X)
+    assert torch.equal(bn.running_mean, updated)
+    handle.remove()
+
+
+def test_statistics_re_estimation_of_a_held_batch_norm_is_an_error():
+    # torch's update_bn resets each BatchNorm's statistics and re-estimates them with
+    # momentum=None; held in eval mode they would stay reset, and the model would be wrong.
+    import timm
+    from torch.optim.swa_utils import AveragedModel, update_bn
+
+    from lightning_s2a import apply_s2a
+
+    model = timm.create_model("resnet10t", num_classes=4)
+    apply_s2a(model, S2AConfig())
+    with pytest.raises(RuntimeError, match=r"re-estimation.*S2AConfig\(bn_mode='train'\)"):
+        update_bn([X], AveragedModel(model))
+
+
+def test_callbacks_that_would_undo_s2a_are_refused(tmp_path):
+    from lightning.pytorch.callbacks import BackboneFinetuning, StochasticWeightAveraging
+
+    swa = StochasticWeightAveraging(swa_lrs=1e-2, swa_epoch_start=1)
+    with pytest.raises(ValueError, match=r"holds the frozen backbone's \d+ BatchNorms"):
+        _trainer(tmp_path, [S2ACallback(backbone="encoder"), swa], epochs=2).fit(
+            EncoderClassifier(arch="resnet"), _data(16)
+        )
+    for order in (0, 1):  # whichever runs first: BackboneFinetuning freezes in its setup
+        callbacks = [S2ACallback(), BackboneFinetuning(unfreeze_backbone_at_epoch=10)]
+        with pytest.raises(ValueError, match=r"BackboneFinetuning freezes and unfreezes"):
+            _trainer(tmp_path, callbacks[order:] + callbacks[:order]).fit(UserModule(), _data(16))
+    # A backbone without BatchNorm averages as usual.
+    swa = StochasticWeightAveraging(swa_lrs=1e-2, swa_epoch_start=1)
+    _trainer(tmp_path, [S2ACallback(backbone="encoder"), swa], epochs=2).fit(
+        EncoderClassifier(), _data(16)
+    )

@@ -108,6 +108,8 @@ class S2ACallback(pl.Callback):
     # -- Lightning hooks -------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _check_single_s2a(trainer)
+        if stage == "fit":
+            _check_no_finetuning(trainer)
         if self._module is not pl_module:
             self.handle = None  # a reused callback: the new module's S2A is found or applied
         cast = self.config.frozen_dtype not in (None, *FOUR_BIT_DTYPES)  # 4-bit: any precision
@@ -130,6 +132,7 @@ class S2ACallback(pl.Callback):
             raise RuntimeError(
                 f"S2A was not applied: {type(pl_module).__name__}.configure_model did not run."
             )
+        _check_no_swa(trainer, self.handle)
         rank_zero_info(self.handle.summary())
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -333,6 +336,39 @@ def _check_single_s2a(trainer: pl.Trainer) -> None:
             + (" (strategy='s2a' and an S2ACallback)" if via_strategy else " (two S2ACallbacks)")
             + ": use either Trainer(strategy='s2a') or Trainer(callbacks=[S2ACallback()]), "
             "not both."
+        )
+
+
+def _check_no_finetuning(trainer: pl.Trainer) -> None:
+    """A ``BaseFinetuning`` callback (``BackboneFinetuning``) freezes the backbone, biases S2A
+    trains included, until an epoch of its own, then unfreezes all of it: refused up front."""
+    from lightning.pytorch.callbacks import BaseFinetuning
+
+    finetuning = [c for c in trainer.callbacks if isinstance(c, BaseFinetuning)]
+    if finetuning:
+        raise ValueError(
+            f"{type(finetuning[0]).__name__} freezes and unfreezes the backbone on its own "
+            "schedule, but S2A decides what trains in it (the parameters S2A trains would be "
+            "frozen until it unfreezes everything, which then trains in full). Use one of the "
+            "two: leave the finetuning callback out, or S2A out."
+        )
+
+
+def _check_no_swa(trainer: pl.Trainer, handle: S2AHandle) -> None:
+    """``StochasticWeightAveraging`` resets every BatchNorm's statistics after its last epoch
+    and re-estimates them: frozen ones held in eval mode would stay reset. Said before fitting
+    instead of found after it."""
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    if not any(isinstance(c, StochasticWeightAveraging) for c in trainer.callbacks):
+        return
+    held = handle.held_batch_norms()
+    if held:
+        raise ValueError(
+            f"StochasticWeightAveraging resets the running statistics of every BatchNorm after "
+            f"training and re-estimates them, but S2A holds the frozen backbone's {len(held)} "
+            "BatchNorms in eval mode (bn_mode='eval'), so theirs would stay reset. Leave SWA "
+            "out, or train with S2AConfig(bn_mode='train') (batch statistics, re-estimated)."
         )
 
 

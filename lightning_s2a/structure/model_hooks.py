@@ -143,12 +143,45 @@ class HeldLayerHooks:
 _HELD_MODE = "_s2a_mode_before_hold"
 
 
+def is_held(bn: nn.Module) -> bool:
+    """True while a BatchNorm that S2A holds in eval mode is frozen: its scale trains in no
+    way (a BatchNorm whose weight trains, unfrozen after S2A, keeps its own mode)."""
+    weight = getattr(bn, "weight", None)
+    return not (isinstance(weight, torch.Tensor) and weight.requires_grad)
+
+
 def hold_eval(module: nn.Module, args: Any) -> None:
-    """Pre-hook of a frozen BatchNorm (``bn_mode="eval"``): eval mode for this call only."""
+    """Pre-hook of a frozen BatchNorm (``bn_mode="eval"``): eval mode for this call only.
+
+    Decided per call: a BatchNorm whose weight was unfrozen since (``BackboneFinetuning``, a
+    second, fully fine-tuned phase) trains as PyTorch would. A re-estimation of its statistics
+    (``momentum=None`` after a reset, as ``StochasticWeightAveraging`` and
+    ``torch.optim.swa_utils.update_bn`` run it) is an error: held, the statistics would stay
+    reset.
+    """
     # Each call, because Lightning and users call model.train() at will. The mode is kept on
     # the module itself, so a deep copy of the model (EMA) holds its own.
+    if not is_held(module):
+        return
+    if module.training and module.momentum is None and _reset_statistics(module):
+        raise RuntimeError(
+            f"a statistics re-estimation pass (momentum=None, statistics reset: "
+            "StochasticWeightAveraging or torch.optim.swa_utils.update_bn) reached a frozen "
+            f"{type(module).__name__} that S2A holds in eval mode (bn_mode='eval'): its running "
+            "statistics were reset and would not be re-estimated. Leave the re-estimation out "
+            "(the backbone trained with its frozen statistics), or train with "
+            "S2AConfig(bn_mode='train')."
+        )
     module.__dict__[_HELD_MODE] = module.training
     module.training = False
+
+
+def _reset_statistics(bn: nn.Module) -> bool:
+    """True if ``bn``'s running statistics are the freshly reset ones (mean 0, variance 1)."""
+    mean, var = bn.running_mean, bn.running_var
+    if mean is None or var is None:
+        return False
+    return not bool(mean.any()) and bool(var.eq(1).all())
 
 
 def release_eval(module: nn.Module, args: Any, output: Any) -> None:

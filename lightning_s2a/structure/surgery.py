@@ -182,8 +182,12 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
         state.hooks.append(model.register_state_dict_post_hook(_marker_out))
         state.hooks.append(model.register_load_state_dict_pre_hook(_marker_in))
     if config.bn_mode == "eval":
+        # The head's own BatchNorms train with it (affine or not), as without S2A.
+        in_head = {id(m) for head in head_modules(state.head) for m in head.modules()}
         state.batch_norms = [
-            m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            m
+            for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in in_head
         ]
         # On each BatchNorm itself, not on the root's forward: a model driven through
         # ``forward_features`` or through its parts must never update frozen statistics.
