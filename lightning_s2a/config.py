@@ -283,6 +283,8 @@ class S2AConfig:
         """Code width for an operator kind; None means stored exact."""
         if kind == "trainable":
             return self.trainable_input_bits
+        if kind == "loss":  # exact unless asked for: small, after the head, bends with codes
+            return self.op_bits.get(kind)
         return self.op_bits.get(kind, self.bits)
 
     def calibration_tol(self) -> float:

@@ -407,6 +407,53 @@ def test_weights_computed_in_forward_are_kept_exact():
     assert stats["stored_bytes"] < stats["raw_bytes"]  # the ReLU masks are still 1-bit codes
 
 
+class LossInside(nn.Module):
+    """A model that computes its own loss in forward (HF's ``model(x, labels=y).loss``)."""
+
+    def __init__(self, loss: str) -> None:
+        super().__init__()
+        self.loss = loss
+        self.body = nn.Sequential(nn.Linear(16, 256), nn.GELU(), nn.LayerNorm(256))
+        self.head = nn.Linear(256, 1000)
+
+    def forward(self, x, labels):
+        logits = self.head(self.body(x))
+        if self.loss == "cross_entropy":
+            return F.cross_entropy(logits, labels)
+        if self.loss == "bce":
+            target = F.one_hot(labels, 1000).to(logits.dtype)
+            return F.binary_cross_entropy_with_logits(logits, target)
+        return -F.log_softmax(logits, -1).gather(1, labels[:, None]).mean()
+
+    def get_classifier(self):
+        return self.head
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "bce", "log_softmax"])
+def test_a_loss_computed_inside_forward_is_kept_exact(loss):
+    # What a loss saves comes after the trainable head; coded in 4 bits it bent an HF ViT's
+    # head gradient to cosine 0.94. Kept exact, the head's gradient is the uncompressed one.
+    torch.manual_seed(0)
+    model = LossInside(loss).double()
+    x = torch.randn(8, 16, dtype=torch.float64)
+    labels = torch.randint(0, 1000, (8,))
+
+    def head_grad(config):
+        with apply_s2a(model, config) as handle:
+            model.zero_grad()
+            model(x, labels).backward()
+            return model.head.weight.grad.clone(), handle.stats()["by_kind"]
+
+    exact, _ = head_grad(S2AConfig(compress=False))
+    coded, kinds = head_grad(S2AConfig(bits=4))
+    assert torch.equal(coded, exact)
+    assert kinds["loss"]["stored_bytes"] == kinds["loss"]["raw_bytes"] >= 8 * 1000 * 8
+    assert kinds["elementwise"]["stored_bytes"] < kinds["elementwise"]["raw_bytes"]  # GELU coded
+    # op_bits can still ask for codes
+    _, kinds = head_grad(S2AConfig(bits=4, op_bits={"loss": 8}))
+    assert kinds["loss"]["stored_bytes"] < kinds["loss"]["raw_bytes"]
+
+
 class BiasedAttention(nn.Module):
     """Attention with a learned-position float mask (as TinyViT and Swin-V2 pass one): SDPA's
     math path on CPU then saves the attention probabilities, a tensor shaped like no input."""

@@ -147,5 +147,6 @@ QUANTIZERS: dict[str, Quantizer] = {
     "matmul": pack_minmax,
     "linear": pack_minmax,
     "trainable": pack_minmax,
+    "loss": pack_minmax,
     "generic": pack_minmax,
 }
