@@ -454,6 +454,54 @@ def test_a_loss_computed_inside_forward_is_kept_exact(loss):
     assert kinds["loss"]["stored_bytes"] < kinds["loss"]["raw_bytes"]
 
 
+class HeadForms(nn.Module):
+    """A body and a head whose trainable weight reaches its op in another form."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.body = nn.Sequential(nn.Linear(16, 256), nn.GELU())
+        self.head = nn.Linear(256, 10)
+        if form == "weight_norm":
+            self.head = nn.utils.parametrizations.weight_norm(self.head)
+
+    def forward(self, x):
+        h, w = self.body(x), self.head.weight
+        if self.form == "transposed":
+            return h @ w.T + self.head.bias
+        if self.form == "scaled":
+            return F.linear(h, w * 0.5, self.head.bias)
+        if self.form == "cosine":
+            return F.linear(F.normalize(h, dim=-1), F.normalize(w, dim=-1)) * 10
+        return self.head(h)  # weight_norm: the weight is computed from two parameters
+
+    def get_classifier(self):
+        return self.head
+
+
+@pytest.mark.parametrize("form", ["transposed", "scaled", "cosine", "weight_norm"])
+def test_a_head_weight_in_another_form_keeps_its_input_exact(form):
+    # The head's input feeds the head weight's gradient, and is kept exact; recognised only by
+    # the Parameter itself, a view (W.T) or a computed weight (weight norm, cosine classifier)
+    # left it to 4-bit codes (head gradient cosine 0.996, 10% relative error).
+    torch.manual_seed(0)
+    model = HeadForms(form).double()
+    x = torch.randn(8, 16, dtype=torch.float64)
+
+    def head_grads(config):
+        with apply_s2a(model, config) as handle:
+            model.zero_grad()
+            model(x).square().sum().backward()
+            grads = [p.grad.clone() for p in model.head.parameters() if p.grad is not None]
+            return grads, handle.stats()["by_kind"]
+
+    exact, _ = head_grads(S2AConfig(compress=False))
+    coded, kinds = head_grads(S2AConfig(bits=4))
+    assert len(exact) >= 1 and all(torch.equal(a, b) for a, b in zip(coded, exact, strict=True))
+    assert kinds["trainable"]["stored_bytes"] == kinds["trainable"]["raw_bytes"] > 0
+    assert kinds["elementwise"]["stored_bytes"] < kinds["elementwise"]["raw_bytes"]
+
+
 class BiasedAttention(nn.Module):
     """Attention with a learned-position float mask (as TinyViT and Swin-V2 pass one): SDPA's
     math path on CPU then saves the attention probabilities, a tensor shaped like no input."""

@@ -82,6 +82,8 @@ class SavedTensorEngine:
         self._param_ids: set[int] = set()
         self._weight_ids: set[int] = set()
         self._weight_numels: set[int] = set()
+        self._trained_storages: set[int] = set()
+        self._trained_numels: set[int] = set()
         #: Element counts of weights that are no parameters (4-bit weights), for the rule
         #: that keeps weights computed in forward exact; set by whoever holds them.
         self.extra_weight_numels: Callable[[], Iterable[int]] = tuple
@@ -277,21 +279,26 @@ class SavedTensorEngine:
         # share its storage; that is how they are recognised. The module dicts are read
         # directly: named_parameters() builds every name, several times slower.
         storages, ids, weights = set(), set(), set()
+        trained_storages, trained_numels = set(), set()
         numels = set(self.extra_weight_numels())
         for module in self._modules:
             for leaf, p in module._parameters.items():
                 if p is None:
                     continue
-                storages.add(p.untyped_storage().data_ptr())
+                storage = p.untyped_storage().data_ptr()
+                storages.add(storage)
                 ids.add(id(p))
                 numels.add(p.numel())
                 if p.requires_grad and not is_bias(leaf):
                     weights.add(id(p))
+                    trained_storages.add(storage)
+                    trained_numels.add(p.numel())
             for b in module._buffers.values():
                 if b is not None:
                     storages.add(b.untyped_storage().data_ptr())
         self._param_storages, self._param_ids, self._weight_ids = storages, ids, weights
         self._weight_numels = numels
+        self._trained_storages, self._trained_numels = trained_storages, trained_numels
 
     # -- operator recognition --------------------------------------------------------------
     def _func_info(self, func: Any) -> tuple:
@@ -319,7 +326,9 @@ class SavedTensorEngine:
                 params.append(a)
         if kind is None and not params:
             return None
-        if any(id(p) in self._weight_ids for p in params):
+        if any(id(p) in self._weight_ids for p in params) or (
+            kind in ("linear", "matmul") and self._derived_weight(args)
+        ):
             kind = "trainable"  # its saved input feeds a trainable weight's gradient
         call = Call(kind=kind or "generic", spec=spec)
         if kind in STATS_KINDS:
@@ -345,6 +354,18 @@ class SavedTensorEngine:
             frame[1][spec.name] = count + 1
             call.site = (frame[0], spec.name, count)
         return call
+
+    def _derived_weight(self, args: tuple) -> bool:
+        """True if a linear or matmul call gets a trainable weight in another form: a view
+        (``x @ self.weight.T``, same storage) or computed from it with autograd (weight norm,
+        a cosine classifier's normalized weight: as many elements, and a gradient to take)."""
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.requires_grad and id(a) not in self._param_ids:
+                if a.untyped_storage().data_ptr() in self._trained_storages:
+                    return True
+                if a.grad_fn is not None and a.numel() in self._trained_numels:
+                    return True
+        return False
 
     # -- pack / unpack -------------------------------------------------------------------
     def _pack(self, t: torch.Tensor) -> Any:
