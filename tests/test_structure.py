@@ -186,6 +186,45 @@ def test_unknown_model_needs_named_blocks_for_prompt():
         apply_s2a(Plain(), modules="prompt", head="fc", blocks="decoder.*", input_size=(5, 16))
 
 
+class _MlpBlock(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return x + F.gelu(self.fc(self.norm(x)))
+
+
+class ChannelsLast(nn.Module):
+    """Swin-V2 / MambaOut style: a conv stem, then blocks on (B, H, W, C) maps."""
+
+    def __init__(self, dim: int = 24) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 4, stride=4)
+        self.blocks = nn.Sequential(*[_MlpBlock(dim) for _ in range(3)])
+        self.fc = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        return self.fc(self.blocks(self.stem(x).permute(0, 2, 3, 1)).mean((1, 2)))
+
+
+@pytest.mark.parametrize("size", [(3, 32, 32), (3, 32, 48)], ids=["square", "wide"])
+def test_channels_last_blocks_are_read_as_channels_last(size):
+    # (B, 8, 8, 24) blocks were taken for (B, C=8, H=8, W=24): a pooled side network of
+    # width 8 // 4 = 2 read each image row as a channel, and nothing said so.
+    model = ChannelsLast()
+    with apply_s2a(model, modules="side", head="fc", input_size=size) as h:
+        assert [b.layout for b in h.structure.blocks] == ["nhwc"] * 3
+        assert h.structure.side_rule.startswith("pooled, width 6,")  # 24 channels // 4
+        x = torch.randn(2, *size)
+        assert model(x).shape == (2, 5)
+    # channels-first maps of the same sizes stay channels first
+    resnet = timm.create_model("resnet10t", num_classes=5)
+    with apply_s2a(resnet, modules="side", input_size=size) as h:
+        assert {b.layout for b in h.structure.blocks} == {"nchw"}
+        assert resnet(torch.randn(2, *size)).shape == (2, 5)
+
+
 class _Dense(nn.ModuleDict):
     """A DenseNet-style block (timm's DenseBlock): its forward runs every child it holds."""
 

@@ -65,17 +65,38 @@ def match_modules(model: nn.Module, pattern: str | Sequence[str]) -> list[tuple[
     return [(n, modules[n]) for n in pattern]
 
 
-def _layout_of(shape: torch.Size, declared: str) -> str:
+def _layout_of(shape: torch.Size, declared: str, hw: tuple[int, int] | None = None) -> str:
+    """The layout of a block's output: declared, or read from its shape.
+
+    A 4-D map is (B, C, H, W) or (B, H, W, C) (Swin-V2, TinyViT, MambaOut, Sequencer,
+    torchvision's Swin): channels last where only its middle pair is shaped like the input
+    ``hw``. Taken for channels first, a channels-last map gave a side network of width 1.
+    """
     if declared != "auto":
         return declared
     if len(shape) == 3:
         return "tokens"
     if len(shape) == 4:
-        return "nchw"  # PyTorch's convention; channels-last models set block_layout="nhwc"
+        if hw is None:
+            return "nchw"
+        if _spatial(shape[1:3], hw) and not _spatial(shape[2:], hw):
+            return "nhwc"
+        # Channels first otherwise, PyTorch's convention: also when both pairs fit (C == H
+        # == W), or neither does (MobileViT-V2's (B, C, patch, patches) blocks).
+        return "nchw"
     raise ValueError(
         f"cannot place a prompt on a block output of shape {tuple(shape)}: expected "
         "(B, N, D) tokens or a 4-D feature map."
     )
+
+
+def _spatial(pair: Sequence[int], hw: tuple[int, int]) -> bool:
+    """True if ``pair`` could be the (H, W) of a feature map of an ``hw`` input: no larger,
+    and the input's aspect ratio up to one cell of rounding (``|H w - W h| <= max(H, W)``)."""
+    h, w = int(pair[0]), int(pair[1])
+    if not (0 < h <= hw[0] and 0 < w <= hw[1]):
+        return False
+    return abs(hw[0] * w - hw[1] * h) <= max(hw)
 
 
 _WEIGHT_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
@@ -291,7 +312,7 @@ def block_output_shapes(
         Block(
             b.name,
             b.module,
-            _layout_of(shapes[b.name], b.layout),
+            _layout_of(shapes[b.name], b.layout, tuple(input_size[-2:])),
             tuple(shapes[b.name][1:]),
             likes[b.name],
         )
