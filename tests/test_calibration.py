@@ -99,6 +99,34 @@ def test_calibration_widens_the_module_that_bends_the_gradient_and_only_it():
     assert stored_after > stored_before  # the attention's codes are wider now
 
 
+class _InfNorm(nn.Module):
+    """Normalised by the largest |value| per row: without its rewrite, coded gradients are
+    NaN (the backward compares |x| with the norm)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 64)
+        self.head = nn.Linear(64, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return self.head((h / h.norm(p=float("inf"), dim=-1, keepdim=True)).mean(1))
+
+
+def test_a_module_whose_codes_give_nan_gradients_counts_as_worst():
+    # A NaN local error compared as below every tolerance (max(0.0, nan) is 0.0): the module
+    # that broke the gradient was the one calibration left alone.
+    torch.manual_seed(0)
+    model = _InfNorm().double()
+    x = torch.randn(4, 16, 8, dtype=torch.float64)
+    with apply_s2a(model, S2AConfig(head="head")) as handle:
+        for name in ("norm", "linalg_vector_norm"):  # the rewrite off: NaN gradients
+            handle.engine.rewrites.pop(name, None)
+        errors = handle.calibrate(lambda: model(x).square().sum())
+    assert errors[""] == float("inf")
+    assert handle.engine.module_bits.get("") == 8
+
+
 def test_calibration_leaves_training_state_as_it_was():
     """Same random stream, BatchNorm statistics, gradients, step and statistics after it."""
     model = _model()

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lightning_s2a import S2AConfig, apply_s2a
-from lightning_s2a.structure.extremum_ops import masked_extremum
+from lightning_s2a.structure.extremum_ops import masked_extremum, masked_inf_norm
 from tests.conftest import assert_close_in_norm
 
 CASES = [
@@ -99,3 +99,70 @@ def test_engine_uses_the_rewrite_whenever_it_compresses(surgery):
     assert masks["raw_bytes"] == numel  # a bool per element
     assert masks["stored_bytes"] == numel // 8
     assert_close_in_norm(approx, exact, 1e-12)
+
+
+NORMS = [
+    (torch.linalg.vector_norm, {"ord": float("inf"), "dim": -1, "keepdim": True}),
+    (torch.linalg.vector_norm, {"ord": -float("inf"), "dim": (0, 2)}),
+    (torch.linalg.vector_norm, {"ord": float("inf")}),  # every dimension
+    (torch.Tensor.norm, {"p": float("inf"), "dim": 1}),
+    (torch.linalg.norm, {"ord": float("inf"), "dim": -1}),
+]
+
+
+@pytest.mark.parametrize(("func", "kwargs"), NORMS)
+def test_inf_norm_rewrite_matches_pytorch_gradient_with_ties(func, kwargs):
+    # A vector norm of order +-inf is amax/amin of |x|: its backward compares |x| with the
+    # norm as amax's does, and coded the two never met (NaN gradients).
+    torch.manual_seed(0)
+    x = (torch.randn(4, 6, 5, dtype=torch.float64) * 2).round()
+    a = x.clone().requires_grad_(True)
+    b = x.clone().requires_grad_(True)
+    out = masked_inf_norm(func, (a,), kwargs)
+    ref = func(b, **kwargs)
+    assert out is not NotImplemented and torch.equal(out, ref)
+    w = torch.randn_like(ref)
+    (out * w).sum().backward()
+    (ref * w).sum().backward()
+    assert_close_in_norm(a.grad, b.grad, 1e-14)
+
+
+@pytest.mark.parametrize(
+    ("func", "kwargs"),
+    [
+        (torch.linalg.vector_norm, {"ord": 2, "dim": -1}),
+        (torch.Tensor.norm, {}),  # Frobenius
+        (torch.linalg.norm, {"ord": float("inf")}),  # a matrix norm of a 3-D input: refused
+        (torch.linalg.norm, {"ord": float("inf"), "dim": (0, 1)}),  # a matrix norm
+    ],
+)
+def test_inf_norm_rewrite_declines_other_norms(func, kwargs):
+    x = torch.randn(3, 4, 5, requires_grad=True)
+    assert masked_inf_norm(func, (x,), kwargs) is NotImplemented
+
+
+class _InfNormalized(_Pool):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        return self.head(
+            (h / torch.linalg.vector_norm(h, ord=float("inf"), dim=-1, keepdim=True)).mean(1)
+        )
+
+
+def test_engine_gradients_through_an_inf_norm_are_finite_and_close():
+    torch.manual_seed(0)
+    model = _InfNormalized().double()
+    x = torch.randn(4, 16, 8, dtype=torch.float64)
+    config = S2AConfig(modules=["bias"], head=None)
+
+    def grads() -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        model(x).square().sum().backward()
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
+
+    with apply_s2a(model, config.replace(compress=False)):
+        exact = grads()
+    with apply_s2a(model, config):
+        approx = grads()
+    assert torch.isfinite(approx).all()
+    assert_close_in_norm(approx, exact, 0.05)

@@ -29,6 +29,7 @@ batch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -142,6 +143,8 @@ def _measure(
         scale = local_e.norm()
         if scale > 0:
             error = ((local_c - local_e).norm() / scale).item()
+            if not math.isfinite(error):  # codes that turn a finite gradient NaN: worst
+                error = math.inf
             errors[name] = max(errors.get(name, 0.0), error)
     return errors, copied
 

@@ -85,5 +85,43 @@ def masked_extremum(func: Any, args: tuple, kwargs: dict) -> Any:
     return _MaskedExtremum.apply(x, _ATEN[name], list(dims), bound["keepdim"], full)
 
 
+_NORM_ARGS = {
+    "linalg_vector_norm": ("input", "ord", "dim", "keepdim"),
+    "linalg_norm": ("input", "ord", "dim", "keepdim"),
+    "norm": ("input", "p", "dim", "keepdim"),
+}
+
+
+def masked_inf_norm(func: Any, args: tuple, kwargs: dict) -> Any:
+    """Rewrite of a vector norm of order +-inf (``linalg.vector_norm(x, ord=inf)``,
+    ``x.norm(p=inf)``): the largest or smallest ``|x|``, with the same 1-bit mask.
+
+    Its backward compares ``|x|`` with the saved norm just as ``amax`` does, and coded, the
+    two no longer met: every gradient through it was NaN.
+    """
+    name = getattr(func, "__name__", "")
+    names = _NORM_ARGS.get(name)
+    kwargs = {k: v for k, v in kwargs.items() if not (k == "dtype" and v is None)}
+    bound = bind_args(args, kwargs, names, {"dim": None, "keepdim": False}) if names else None
+    if bound is None:
+        return NotImplemented
+    x, order, dim = bound["input"], bound[names[1]], bound["dim"]
+    if (
+        not isinstance(x, torch.Tensor)
+        or not x.requires_grad
+        or not isinstance(order, (int, float))
+        or abs(order) != float("inf")
+    ):
+        return NotImplemented
+    dims = () if dim is None else (dim,) if isinstance(dim, int) else tuple(dim)
+    if name == "linalg_norm" and (len(dims) > 1 or (not dims and x.dim() > 1)):
+        return NotImplemented  # a matrix norm
+    reduce = torch.amax if order > 0 else torch.amin
+    return masked_extremum(reduce, (x.abs(), dims, bound["keepdim"]), {})
+
+
 #: Rewrites the engine needs for a correct gradient whenever it compresses.
-EXTREMUM_REWRITES = {name: masked_extremum for name in _ATEN}
+EXTREMUM_REWRITES = {
+    **{name: masked_extremum for name in _ATEN},
+    **{name: masked_inf_norm for name in _NORM_ARGS},
+}
