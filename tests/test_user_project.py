@@ -13,6 +13,7 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
@@ -133,6 +134,37 @@ def test_standalone_forward_features_accounts_every_part_until_backward():
     assert parts["raw_bytes"] > 0
     assert parts["raw_bytes"] == whole["raw_bytes"]
     assert parts["stored_bytes"] == whole["stored_bytes"]
+
+
+class TwoViews(EncoderClassifier):
+    """Two augmented views of each batch through the encoder, one loss (SimCLR-style)."""
+
+    def __init__(self, views: int = 2) -> None:
+        super().__init__()
+        self.views = views
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = [self.classifier(self.encoder(x.flip(-1) if i else x)) for i in range(self.views)]
+        return sum(F.cross_entropy(z, y) for z in logits)
+
+
+@pytest.mark.parametrize("backbone", ["encoder", None], ids=["named", "whole-module"])
+def test_every_forward_of_a_step_is_counted(tmp_path, backbone):
+    # Both views' saved tensors are alive until the one backward: the named backbone's
+    # second forward started a new account, and the logged bytes were one view's.
+    raw = {}
+    for views in (1, 2):
+        pl.seed_everything(0)
+        model = TwoViews(views)
+        kwargs = {"backbone": backbone} if backbone else {"config": S2AConfig(head="classifier")}
+        callback = S2ACallback(**kwargs)
+        trainer = _fit(tmp_path / str(views), model, callback)
+        raw[views] = (callback.handle.stats()["raw_bytes"], _metrics(trainer))
+    assert raw[2][0] == 2 * raw[1][0] > 0
+    assert raw[2][1]["s2a/activation_raw_mb"] == pytest.approx(
+        2 * raw[1][1]["s2a/activation_raw_mb"]
+    )
 
 
 # 3. The CLI respects the user's own classes ---------------------------------------------

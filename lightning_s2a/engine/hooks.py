@@ -91,6 +91,8 @@ class SavedTensorEngine:
         self._funcs: dict[Any, tuple] = {}
         self._modules: list[nn.Module] = []
         self._unpacked = False
+        self._per_step = False  # set by begin_step: accounts per training step
+        self._fresh = False  # the next forward starts a new account (a step began)
         #: Forwards that ran with autograd and so engaged the engine (for "did it engage?").
         self.forwards = 0
         #: Device types whose "does the code hold it" answers are read without a sync.
@@ -218,7 +220,9 @@ class SavedTensorEngine:
 
         A forward of the model itself is one account. When the model is driven through its
         submodules instead (``forward_features``, or a LightningModule calling its parts),
-        the account covers every such forward since the last backward.
+        the account covers every such forward since the last backward; within a training
+        step marked by :meth:`begin_step` (the Lightning callback marks each), every forward
+        of the step until a backward, two views through the model included.
         """
         if self._last is None:
             return ForwardAccount().summary()
@@ -245,11 +249,19 @@ class SavedTensorEngine:
         if self._depth == 0 and self._active:
             self._deactivate()
 
+    def begin_step(self) -> None:
+        """Mark a training step's start: from now on every forward until the next step adds
+        to one account (two views of a batch through the model are alive together), not only
+        forwards of submodules. The Lightning callback calls it before each batch."""
+        self._per_step = True
+        self._fresh = True
+
     def _activate(self, is_root: bool) -> None:
-        # A forward of the whole model starts a new account. Forwards of submodules (the
-        # model driven through its parts) add up until a backward has run, because all of
-        # their saved tensors are alive together.
-        if is_root or self._account is None or self._unpacked:
+        # A forward of the whole model starts a new account (outside steps marked by
+        # begin_step). Forwards of submodules (the model driven through its parts) add up
+        # until a backward has run, because all of their saved tensors are alive together.
+        fresh, self._fresh = self._fresh, False
+        if fresh or self._account is None or self._unpacked or (is_root and not self._per_step):
             self._refresh_parameters()
             self.step += 1
             self._account = ForwardAccount()

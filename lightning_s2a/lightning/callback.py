@@ -146,6 +146,7 @@ class S2ACallback(pl.Callback):
         if self.handle.config.calibrate and not self.handle.engine.calibrated:
             self._calibrate(trainer, pl_module, batch, batch_idx)
         self._forwards_before = self.handle.engine.forwards
+        self.handle.engine.begin_step()  # the step's forwards add up (two views of a batch)
 
     def _calibrate(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
