@@ -84,11 +84,16 @@ class S2AHandle:
     def stop_engine(self) -> None:
         """Stop compressing saved tensors; the structural modules stay (e.g. after fit).
 
-        Frozen weights held in ``frozen_dtype`` get their original values and dtype back, so
-        a plain full-precision forward works after training.
+        Frozen weights cast to ``frozen_dtype="bfloat16"``/``"float16"`` get their original
+        values and dtype back, so a plain full-precision forward works after training. Weights
+        held in 4 bits stay so (they run in any precision): the model after fit, validated,
+        tested or loaded from an adapter or checkpoint is the one that trained, not its
+        exact-weight twin (EfficientNet-Lite0's logits differ at cosine 0.97).
+        ``remove()`` puts the exact weights back.
         """
         self.engine.detach()
-        cast_frozen(self.model, self.structure, None)
+        if self.config.frozen_dtype not in FOUR_BIT_DTYPES:
+            cast_frozen(self.model, self.structure, None)
 
     def start_engine(self) -> None:
         """Resume compressing saved tensors (and ``frozen_dtype``) after :meth:`stop_engine`."""

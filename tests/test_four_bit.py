@@ -218,7 +218,7 @@ def test_four_bit_needs_the_surgery_and_names_are_checked():
 def test_weights_follow_a_dtype_conversion_after_apply():
     """model.to(bf16) / .double() after apply_s2a (Lightning's "bf16-true" converts the model
     after the callback's setup): the 4-bit weights come back in the new dtype, and the exact
-    originals go back in it too."""
+    originals go back in it too on remove()."""
     torch.manual_seed(0)
     x, y = _data()
     for dtype in (torch.bfloat16, torch.float64):
@@ -230,9 +230,10 @@ def test_weights_follow_a_dtype_conversion_after_apply():
         assert torch.equal(model.fc1.weight, values.to(dtype))  # the scales stayed exact fp32
         F.cross_entropy(model(x.to(dtype)), y).backward()
         assert model.fc1.bias.grad.dtype == dtype
-        handle.stop_engine()
-        assert isinstance(model.fc1.weight, nn.Parameter) and model.fc1.weight.dtype == dtype
+        handle.stop_engine()  # the model as trained: still in 4 bits, in the new dtype
+        assert four_bit.is_held(model.fc1) and model.fc1.weight.dtype == dtype
         handle.remove()
+        assert isinstance(model.fc1.weight, nn.Parameter) and model.fc1.weight.dtype == dtype
 
 
 class Shared(nn.Module):

@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from lightning_s2a import S2ACallback, S2AConfig, S2AStrategy
+from lightning_s2a.structure import four_bit
 from tests.lightning_helpers import UserModule, _data
 
 
@@ -238,8 +239,9 @@ def test_frozen_dtype_without_mixed_precision_is_an_error(tmp_path):
 
 def test_four_bit_frozen_weights_train_in_fp32_and_log_weight_bytes(tmp_path):
     """nf4 needs no mixed precision (each layer dequantizes to its own dtype); the epoch
-    metrics report the weights held against the weights as built, and after fit the model
-    has its exact fp32 weights back."""
+    metrics report the weights held against the weights as built; after fit the model keeps
+    its weights in 4 bits, as it trained (validated after fit as during it), and its state
+    dict holds the exact fp32 weights."""
     pl.seed_everything(0)
     initial = UserModule().state_dict()
     callback = S2ACallback(S2AConfig(**S2A, frozen_dtype="nf4"))
@@ -251,6 +253,12 @@ def test_four_bit_frozen_weights_train_in_fp32_and_log_weight_bytes(tmp_path):
     state = model.state_dict()
     frozen = [k for k, v in initial.items() if v.dim() >= 2 and k.startswith("backbone.blocks")]
     assert frozen and all(torch.equal(state[k], initial[k]) for k in frozen)
+    # Validated after fit on the weights it trained with: the loss it logged in its last
+    # validation (before 2026-12-06 the exact weights came back after fit, a different model).
+    during = trainer.callback_metrics["val/loss"].item()
+    after = trainer.validate(model, _data(8), verbose=False)[0]["val/loss"]
+    assert after == pytest.approx(during, abs=1e-6)
+    assert any(four_bit.is_held(m) for m in model.backbone.modules())
 
 
 def test_a_reused_callback_applies_s2a_to_a_new_module(tmp_path):
