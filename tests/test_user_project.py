@@ -21,6 +21,7 @@ from torch import nn
 from lightning_s2a import (
     S2ACallback,
     S2AConfig,
+    S2AStrategy,
     get_handle,
     load_adapter,
     load_from_checkpoint,
@@ -446,3 +447,20 @@ def test_callbacks_that_would_undo_s2a_are_refused(tmp_path):
     _trainer(tmp_path, [S2ACallback(backbone="encoder"), swa], epochs=2).fit(
         EncoderClassifier(), _data(16)
     )
+
+
+def test_weight_averaging_listed_before_s2a_with_prompts_is_refused(tmp_path):
+    # EMAWeightAveraging copies the model in its setup: listed first, its copy had no prompts,
+    # and its first update failed on "size of tensor a (192) must match ... (8)".
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    config = S2AConfig(modules=("bias", "prompt"))
+    with pytest.raises(ValueError, match=r"List S2ACallback first"):
+        _trainer(tmp_path, [EMAWeightAveraging(), S2ACallback(config)]).fit(UserModule(), _data(16))
+    for callbacks, strategy in (
+        ([S2ACallback(config), EMAWeightAveraging()], "auto"),
+        ([EMAWeightAveraging()], S2AStrategy(config)),  # the strategy puts S2A first
+    ):
+        model = UserModule()
+        _trainer(tmp_path, callbacks, strategy=strategy).fit(model, _data(16))
+        assert any("s2a_prompt" in n for n, _ in model.named_modules())

@@ -133,6 +133,7 @@ class S2ACallback(pl.Callback):
                 f"S2A was not applied: {type(pl_module).__name__}.configure_model did not run."
             )
         _check_no_swa(trainer, self.handle)
+        _check_averaging_after(trainer, self)
         rank_zero_info(self.handle.summary())
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -352,6 +353,26 @@ def _check_no_finetuning(trainer: pl.Trainer) -> None:
             "schedule, but S2A decides what trains in it (the parameters S2A trains would be "
             "frozen until it unfreezes everything, which then trains in full). Use one of the "
             "two: leave the finetuning callback out, or S2A out."
+        )
+
+
+def _check_averaging_after(trainer: pl.Trainer, callback: S2ACallback) -> None:
+    """A weight-averaging callback (``EMAWeightAveraging``) copies the model in its setup: run
+    before S2A's, its copy lacks the prompt and side modules S2A adds, and its first update
+    fails on mismatched tensors. Said here, with the order that works."""
+    from lightning.pytorch.callbacks import WeightAveraging
+
+    assert callback.handle is not None
+    if not callback.handle.structure.added_modules:
+        return  # biases only: the copy has every tensor the model has
+    ours = trainer.callbacks.index(callback)
+    before = [c for c in trainer.callbacks[:ours] if isinstance(c, WeightAveraging)]
+    if before:
+        raise ValueError(
+            f"{type(before[0]).__name__} is listed before S2ACallback, so it copied the model "
+            "before S2A added its prompt/side modules, and cannot average them. List "
+            f"S2ACallback first: Trainer(callbacks=[S2ACallback(...), {type(before[0]).__name__}"
+            "(...)])."
         )
 
 

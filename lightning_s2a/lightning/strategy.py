@@ -38,7 +38,9 @@ class S2AStrategyMixin:
         super().connect(model)  # type: ignore[misc]
         trainer = model._trainer
         if trainer is not None and self.s2a_callback not in trainer.callbacks:
-            trainer.callbacks.append(self.s2a_callback)
+            # First: callbacks that copy the model in their setup (EMAWeightAveraging) must
+            # copy it with S2A's prompt and side modules in it.
+            trainer.callbacks.insert(0, self.s2a_callback)
 
 
 def _keyword_names(*functions: Callable[..., Any], skip: tuple[str, ...] = ()) -> frozenset[str]:
