@@ -85,43 +85,103 @@ def masked_extremum(func: Any, args: tuple, kwargs: dict) -> Any:
     return _MaskedExtremum.apply(x, _ATEN[name], list(dims), bound["keepdim"], full)
 
 
+class _MaskedInfNorm(torch.autograd.Function):
+    """``max |x|`` or ``min |x|`` over ``dims``, saving two exact bits per element: where
+    ``|x|`` is the norm (and not 0), and the sign of ``x`` there."""
+
+    @staticmethod
+    def forward(ctx, x, op, dims, keepdim):
+        out = op(x.abs(), dims, keepdim)
+        reduced = sorted(d % x.dim() for d in dims) if dims else list(range(x.dim()))
+        full = out
+        if not keepdim:
+            for d in reduced:
+                full = full.unsqueeze(d)
+        hits = torch.ops.aten.eq.Tensor(x.abs(), full) & (x != 0)  # sgn(0) = 0, as PyTorch
+        ctx.save_for_backward(hits, x > 0)
+        ctx.reduced, ctx.keepdim = reduced, keepdim
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        hits, positive = ctx.saved_tensors
+        if not ctx.keepdim:
+            for d in ctx.reduced:
+                grad = grad.unsqueeze(d)
+        weights = hits.to(grad.dtype)
+        count = weights.sum(dim=ctx.reduced, keepdim=True).clamp_min(1)
+        sign = positive.to(grad.dtype).mul_(2).sub_(1)
+        return weights * sign * (grad / count), None, None, None
+
+
 _NORM_ARGS = {
-    "linalg_vector_norm": ("input", "ord", "dim", "keepdim"),
-    "linalg_norm": ("input", "ord", "dim", "keepdim"),
-    "norm": ("input", "p", "dim", "keepdim"),
+    "linalg_vector_norm": ("input", "ord", "dim", "keepdim", "out", "dtype"),
+    "linalg_norm": ("input", "ord", "dim", "keepdim", "out", "dtype"),
+    "norm": ("input", "p", "dim", "keepdim", "out", "dtype"),
 }
+_NORM_DEFAULTS: dict[str, Any] = {"dim": None, "keepdim": False, "out": None, "dtype": None}
 
 
 def masked_inf_norm(func: Any, args: tuple, kwargs: dict) -> Any:
     """Rewrite of a vector norm of order +-inf (``linalg.vector_norm(x, ord=inf)``,
-    ``x.norm(p=inf)``): the largest or smallest ``|x|``, with the same 1-bit mask.
+    ``x.norm(p=inf)``, ``torch.norm(x, p=inf, dim=...)``): the largest or smallest ``|x|``.
 
-    Its backward compares ``|x|`` with the saved norm just as ``amax`` does, and coded, the
-    two no longer met: every gradient through it was NaN.
+    Its backward compares ``|x|`` with the saved norm just as ``amax`` does, and takes the
+    sign of ``x`` there: coded, the two no longer met (every gradient through it was NaN), and
+    near zero the sign flips (the element that sets a ``-inf`` norm is the smallest). Two
+    exact bits per element are saved instead: where ``|x|`` is the norm, and its sign.
     """
     name = getattr(func, "__name__", "")
     names = _NORM_ARGS.get(name)
-    kwargs = {k: v for k, v in kwargs.items() if not (k == "dtype" and v is None)}
-    bound = bind_args(args, kwargs, names, {"dim": None, "keepdim": False}) if names else None
-    if bound is None:
+    bound = bind_args(args, kwargs, names, _NORM_DEFAULTS) if names else None
+    if bound is None or bound["out"] is not None:
         return NotImplemented
-    x, order, dim = bound["input"], bound[names[1]], bound["dim"]
+    x, order, dim, dtype = bound["input"], bound[names[1]], bound["dim"], bound["dtype"]
     if (
-        not isinstance(x, torch.Tensor)
+        type(x) is not torch.Tensor
+        or x.layout != torch.strided
         or not x.requires_grad
         or not isinstance(order, (int, float))
         or abs(order) != float("inf")
+        or not isinstance(bound["keepdim"], bool)
     ):
         return NotImplemented
     dims = () if dim is None else (dim,) if isinstance(dim, int) else tuple(dim)
+    if not all(isinstance(d, int) for d in dims):
+        return NotImplemented
     if name == "linalg_norm" and (len(dims) > 1 or (not dims and x.dim() > 1)):
         return NotImplemented  # a matrix norm
-    reduce = torch.amax if order > 0 else torch.amin
-    return masked_extremum(reduce, (x.abs(), dims, bound["keepdim"]), {})
+    if dtype is not None:
+        x = x.to(dtype)  # as the norm does first (saves nothing)
+    if not x.is_floating_point() or x.dim() == 0:
+        return NotImplemented
+    reduce = torch.ops.aten.amax.default if order > 0 else torch.ops.aten.amin.default
+    return _MaskedInfNorm.apply(x, reduce, list(dims), bound["keepdim"])
+
+
+def normalize_inf(func: Any, args: tuple, kwargs: dict) -> Any:
+    """``F.normalize(x, p=+-inf)``: ``x`` over its ±inf norm (from :func:`masked_inf_norm`)
+    clamped to ``eps``, as ``F.normalize`` computes it; other orders run as they are."""
+    bound = bind_args(
+        args,
+        kwargs,
+        ("input", "p", "dim", "eps", "out"),
+        {"p": 2.0, "dim": 1, "eps": 1e-12, "out": None},
+    )
+    if bound is None or bound["out"] is not None:
+        return NotImplemented
+    x, p, dim = bound["input"], bound["p"], bound["dim"]
+    if not isinstance(p, (int, float)) or abs(p) != float("inf") or not isinstance(dim, int):
+        return NotImplemented
+    norm = masked_inf_norm(torch.linalg.vector_norm, (x,), {"ord": p, "dim": dim, "keepdim": True})
+    if norm is NotImplemented:
+        return NotImplemented
+    return x / norm.clamp_min(bound["eps"]).expand_as(x)
 
 
 #: Rewrites the engine needs for a correct gradient whenever it compresses.
 EXTREMUM_REWRITES = {
     **{name: masked_extremum for name in _ATEN},
     **{name: masked_inf_norm for name in _NORM_ARGS},
+    "normalize": normalize_inf,
 }
