@@ -285,3 +285,26 @@ def test_tied_weights_are_not_held_and_stay_tied():
 def _reference_weight(w: torch.Tensor) -> torch.Tensor:
     codes, state = bnbf.quantize_4bit(w.detach().contiguous(), blocksize=64, quant_type="nf4")
     return bnbf.dequantize_4bit(codes, state)
+
+
+def test_a_model_holding_4_bit_weights_pickles_and_deep_copies():
+    # The model after fit keeps its 4-bit weights; their class is made at run time under the
+    # original's name, and torch.save(model) failed on it ("not the same object").
+    import io
+
+    torch.manual_seed(0)
+    x, _ = _data()
+    model = ConvMixer()
+    handle = apply_s2a(model, frozen_dtype="nf4")
+    handle.stop_engine()
+    with torch.no_grad():
+        want = model(x)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for copy_ in (loaded, copy.deepcopy(model)):
+        assert four_bit.is_held(copy_.fc1) and type(copy_.fc1) is type(model.fc1)
+        with torch.no_grad():
+            assert torch.equal(copy_(x), want)
+    handle.remove()

@@ -83,6 +83,20 @@ class FourBitWeight:
         setattr(w, _SOURCE, self)  # lets the engine's rewrites save the codes, not ``w``
         return w
 
+    def __reduce_ex__(self, protocol: Any) -> tuple:
+        # The held class is made at run time under the original's name, which pickle would
+        # find instead (``torch.save(model)`` failed); it is rebuilt from the original.
+        return (_rebuild_held, (_original_class(type(self)),), self.__dict__)
+
+
+def _original_class(cls: type) -> type:
+    return next(c for c in cls.__mro__[1:] if c is not FourBitWeight)
+
+
+def _rebuild_held(cls: type) -> nn.Module:
+    """An empty held module of class ``cls`` (unpickling fills in its state)."""
+    return object.__new__(_held_class(cls))
+
 
 _CLASSES: dict[type, type] = {}
 
@@ -124,7 +138,7 @@ def release(module: nn.Module, weight: torch.Tensor) -> None:
     if not is_held(module):
         return
     dtype = dtype_of(module)  # the model may have been converted meanwhile
-    module.__class__ = next(c for c in type(module).__mro__[1:] if c is not FourBitWeight)
+    module.__class__ = _original_class(type(module))
     for name in (_CODES, _ABSMAX, _DTYPE):
         delattr(module, name)
     delattr(module, _META)
