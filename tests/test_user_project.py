@@ -430,6 +430,23 @@ def test_statistics_re_estimation_of_a_held_batch_norm_is_an_error():
         update_bn([X], AveragedModel(model))
 
 
+def test_a_batch_norm_built_with_cumulative_statistics_is_held_without_error():
+    # momentum=None with fresh statistics is also what a re-estimation pass looks like; one
+    # built so is held as any other, and its statistics stay.
+    import timm
+
+    from lightning_s2a import apply_s2a
+
+    model = timm.create_model("resnet10t", num_classes=4)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None
+    with apply_s2a(model, S2AConfig()):
+        model.train()
+        model(X).sum().backward()
+        assert int(model.bn1.num_batches_tracked) == 0
+
+
 def test_callbacks_that_would_undo_s2a_are_refused(tmp_path):
     from lightning.pytorch.callbacks import BackboneFinetuning, StochasticWeightAveraging
 
@@ -455,11 +472,14 @@ def test_weight_averaging_listed_before_s2a_with_prompts_is_refused(tmp_path):
     from lightning.pytorch.callbacks import EMAWeightAveraging
 
     config = S2AConfig(modules=("bias", "prompt"))
-    with pytest.raises(ValueError, match=r"List S2ACallback first"):
-        _trainer(tmp_path, [EMAWeightAveraging(), S2ACallback(config)]).fit(UserModule(), _data(16))
+    for refused in (config, S2AConfig(frozen_dtype="nf4")):  # 4 bits: weights taken out
+        with pytest.raises(ValueError, match=r"List S2ACallback first"):
+            _trainer(tmp_path, [EMAWeightAveraging(), S2ACallback(refused)]).fit(
+                UserModule(), _data(16)
+            )
     for callbacks, strategy in (
         ([S2ACallback(config), EMAWeightAveraging()], "auto"),
-        ([EMAWeightAveraging()], S2AStrategy(config)),  # the strategy puts S2A first
+        ([EMAWeightAveraging()], S2AStrategy(config)),  # the strategy puts S2A before it
     ):
         model = UserModule()
         _trainer(tmp_path, callbacks, strategy=strategy).fit(model, _data(16))

@@ -159,10 +159,11 @@ class SavedTensorEngine:
             self._handles.append(module.register_forward_hook(self._leave, always_call=True))
 
     def detach(self) -> None:
-        """Remove every hook this engine registered."""
+        """Remove every hook this engine registered (and end per-step accounting)."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._per_step = self._fresh = False
 
     def state_dict(self) -> dict[str, Any]:
         """Forward counter and fitted codebooks, so a resumed run quantizes like the original."""

@@ -358,19 +358,27 @@ def _check_no_finetuning(trainer: pl.Trainer) -> None:
 
 def _check_averaging_after(trainer: pl.Trainer, callback: S2ACallback) -> None:
     """A weight-averaging callback (``EMAWeightAveraging``) copies the model in its setup: run
-    before S2A's, its copy lacks the prompt and side modules S2A adds, and its first update
-    fails on mismatched tensors. Said here, with the order that works."""
+    before S2A's, its copy lacks the prompt, side and bias parameters S2A adds (and has the
+    weights 4-bit holding takes out), and its first update fails on mismatched tensors. Said
+    here, with the order that works."""
     from lightning.pytorch.callbacks import WeightAveraging
 
-    assert callback.handle is not None
-    if not callback.handle.structure.added_modules:
-        return  # biases only: the copy has every tensor the model has
+    handle = callback.handle
+    assert handle is not None
+    structure = handle.structure
+    if not (
+        structure.added_modules
+        or structure.added_biases
+        or handle.config.frozen_dtype in FOUR_BIT_DTYPES  # weights taken out of parameters
+    ):
+        return  # the copy has every tensor the model has
     ours = trainer.callbacks.index(callback)
     before = [c for c in trainer.callbacks[:ours] if isinstance(c, WeightAveraging)]
     if before:
         raise ValueError(
             f"{type(before[0]).__name__} is listed before S2ACallback, so it copied the model "
-            "before S2A added its prompt/side modules, and cannot average them. List "
+            "before S2A changed its parameters (prompt/side modules, added biases, 4-bit "
+            "weights), and cannot average them. List "
             f"S2ACallback first: Trainer(callbacks=[S2ACallback(...), {type(before[0]).__name__}"
             "(...)])."
         )

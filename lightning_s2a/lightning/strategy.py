@@ -38,9 +38,16 @@ class S2AStrategyMixin:
         super().connect(model)  # type: ignore[misc]
         trainer = model._trainer
         if trainer is not None and self.s2a_callback not in trainer.callbacks:
-            # First: callbacks that copy the model in their setup (EMAWeightAveraging) must
-            # copy it with S2A's prompt and side modules in it.
-            trainer.callbacks.insert(0, self.s2a_callback)
+            # Before the first weight-averaging callback, which copies the model in its setup
+            # and must copy it as S2A made it; after the others, as a listed callback would.
+            from lightning.pytorch.callbacks import WeightAveraging
+
+            callbacks = trainer.callbacks
+            at = next(
+                (i for i, c in enumerate(callbacks) if isinstance(c, WeightAveraging)),
+                len(callbacks),
+            )
+            callbacks.insert(at, self.s2a_callback)
 
 
 def _keyword_names(*functions: Callable[..., Any], skip: tuple[str, ...] = ()) -> frozenset[str]:

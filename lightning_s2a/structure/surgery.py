@@ -194,7 +194,8 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
         # In eval mode for the call only: outside it each keeps the mode the user or
         # Lightning set (a user's own eval BatchNorm stays eval after undo).
         for bn in state.batch_norms:
-            state.hooks.append(bn.register_forward_pre_hook(hold_eval))
+            hold = partial(hold_eval, bn.momentum is None)  # built cumulative: no sign
+            state.hooks.append(bn.register_forward_pre_hook(hold))
             state.hooks.append(bn.register_forward_hook(release_eval, always_call=True))
 
 
