@@ -110,12 +110,26 @@ def test_yaml_config(tmp_path):
     assert cli.datamodule.image_size == 32  # kept from the flags: the file sets only batch_size
 
 
-def test_disabled_adds_no_callback(tmp_path):
-    cli = _cli(tmp_path, "--s2a.enabled", "false", "--s2a.bits", "2")
+def test_disabled_adds_no_callback(tmp_path, capsys):
+    cli = _cli(tmp_path, "--s2a.enabled", "false")
     assert cli.s2a_config is None
     assert cli.s2a_callback is None
     assert _s2a_callbacks(cli.trainer) == []
     assert all(p.requires_grad for p in cli.model.parameters())
+    # other s2a options with enabled=false were dropped without a word: an error now
+    adapter = str(tmp_path / "a.safetensors")
+    with pytest.raises(SystemExit):
+        _cli(tmp_path, "--s2a.enabled", "false", "--s2a.bits", "2", "--s2a.adapter_path", adapter)
+    assert "also sets ['bits', 'adapter_path'], which would be ignored" in capsys.readouterr().err
+
+
+def test_s2a_section_from_its_own_file(tmp_path):
+    # --s2a FILE (listed by --help) passed jsonargparse's __path__ on as an S2A field
+    path = tmp_path / "s2a.yaml"
+    path.write_text("bits: 2\nmodules: [bias, prompt]\nop_bits: {softmax: 8}\n")
+    cli = _cli(tmp_path, "--s2a", str(path))
+    assert cli.s2a_config.bits == 2 and cli.s2a_config.modules == ("bias", "prompt")
+    assert cli.s2a_config.op_bits == {"softmax": 8}
 
 
 @pytest.mark.parametrize(

@@ -224,6 +224,22 @@ def test_cli_a_class_named_over_a_config_files_keeps_its_own_defaults(tmp_path, 
     )
     cli = S2ALightningCLI(run=False, args=[*base, "--model", as_dict, *user])
     assert cli.model.hparams.lr == 0.02  # set in the class's own dict: kept
+    # the same from files: a second config naming the classes, and a --model file
+    second = tmp_path / "user.yaml"
+    second.write_text(
+        "model:\n  class_path: tests.lightning_helpers.EncoderClassifier\n"
+        "data:\n  class_path: tests.lightning_helpers.FourWayData\n"
+    )
+    cli = S2ALightningCLI(
+        run=False, args=[*base, "--config", str(second), "--s2a.backbone=encoder"]
+    )
+    assert cli.model.hparams.lr == 1e-3 and cli.datamodule.batch_size == 8
+    section = tmp_path / "model.yaml"
+    section.write_text(
+        "class_path: tests.lightning_helpers.EncoderClassifier\ninit_args:\n  lr: 0.5\n"
+    )
+    cli = S2ALightningCLI(run=False, args=[*base, "--model", str(section), *user])
+    assert cli.model.hparams.lr == 0.5  # written in the class's own file: kept
     # a default passed on through **kwargs is found up the class hierarchy
     kw = [*base, "--model=tests.test_user_project._KwargsClassifier", *user]
     assert S2ALightningCLI(run=False, args=kw).model.hparams.lr == 1e-3
@@ -251,6 +267,25 @@ def test_prompt_checkpoint_loads_into_a_fresh_module(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(X), loaded(X))
     assert get_handle(loaded.encoder).config == callback.handle.config
+
+
+def test_a_checkpoint_restored_under_another_model_config_is_an_error(tmp_path):
+    # bn_mode, side_merge or frozen_dtype change no parameter shape: the weights loaded, and
+    # test --ckpt_path silently evaluated another model than the one trained.
+    pl.seed_everything(0)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = _trainer(tmp_path, [S2ACallback(backbone="encoder"), checkpoint])
+    trainer.fit(EncoderClassifier(arch="resnet"), _data(16))
+    last = str(tmp_path / "ckpt" / "last.ckpt")
+    other = S2ACallback(S2AConfig(bn_mode="train"), backbone="encoder")
+    with pytest.raises(ValueError, match=r"trained with S2A bn_mode='eval' \(this run: 'train'\)"):
+        _trainer(tmp_path, [other]).test(EncoderClassifier(arch="resnet"), _data(8), ckpt_path=last)
+    # the same model config with other storage (bits) restores, for test and for resume
+    same = S2ACallback(S2AConfig(bits=2), backbone="encoder")
+    _trainer(tmp_path, [same]).test(EncoderClassifier(arch="resnet"), _data(8), ckpt_path=last)
+    resumed = _trainer(tmp_path, [S2ACallback(S2AConfig(bits=2), backbone="encoder")], epochs=2)
+    resumed.fit(EncoderClassifier(arch="resnet"), _data(16), ckpt_path=last)
+    assert resumed.current_epoch == 2
 
 
 # 5. Lifecycle ----------------------------------------------------------------------------

@@ -263,6 +263,7 @@ class S2ACallback(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "engine" not in state_dict:
             return
+        _check_same_model(state_dict.get("config"), self.handle.config if self.handle else None)
         if self.handle is None:
             self._pending_state = state_dict["engine"]
         else:
@@ -353,6 +354,46 @@ def _check_no_finetuning(trainer: pl.Trainer) -> None:
             "schedule, but S2A decides what trains in it (the parameters S2A trains would be "
             "frozen until it unfreezes everything, which then trains in full). Use one of the "
             "two: leave the finetuning callback out, or S2A out."
+        )
+
+
+#: Fields that change the function the model computes; the rest change only how saved
+#: tensors are stored (bits, backend, calibration...), which a resumed run may change.
+MODEL_FIELDS = (
+    "modules",
+    "head",
+    "prompt_rank",
+    "side_reduction",
+    "side_width",
+    "side",
+    "side_merge",
+    "side_strides",
+    "blocks",
+    "block_layout",
+    "input_size",
+    "bn_mode",
+    "add_bias",
+    "frozen_dtype",
+)
+
+
+def _check_same_model(saved: Any, current: S2AConfig | None) -> None:
+    """A checkpoint restored (resume, ``test``/``validate --ckpt_path``) under an S2A config
+    that computes another function than the one it trained with is an error: its weights
+    load (``side_merge``, ``bn_mode``, ``frozen_dtype`` change no shape) and would silently
+    run another model."""
+    if not isinstance(saved, dict) or current is None:
+        return
+    trained = S2AConfig(**saved)
+    differ = [f for f in config_differences(trained, current) if f in MODEL_FIELDS]
+    if differ:
+        fields = ", ".join(
+            f"{f}={getattr(trained, f)!r} (this run: {getattr(current, f)!r})" for f in differ
+        )
+        raise ValueError(
+            f"the checkpoint was trained with S2A {fields}: restored under this run's config "
+            "its weights would compute another model. Use the config it trained with (CLI: "
+            f"--s2a.{differ[0]} ...), or start from its weights without --ckpt_path."
         )
 
 

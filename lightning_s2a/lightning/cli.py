@@ -24,6 +24,7 @@ import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
+from ..api import config_differences
 from ..config import S2AConfig
 from .callback import S2ACallback
 from .data import DigitsDataModule
@@ -99,9 +100,23 @@ def s2a_config_from_namespace(section: Any) -> tuple[bool, S2AConfig, dict[str, 
     ``callback_kwargs`` are the :class:`S2ACallback` arguments ``adapter_path`` and
     ``backbone``."""
     fields = dict(section.clone().as_dict() if hasattr(section, "as_dict") else section)
+    fields = {k: v for k, v in fields.items() if not k.startswith("__")}  # --s2a FILE's __path__
     enabled = bool(fields.pop("enabled", True))
     callback_kwargs = {k: fields.pop(k, None) for k in ("adapter_path", "backbone")}
-    return enabled, S2AConfig(**fields), callback_kwargs
+    config = S2AConfig(**fields)
+    if not enabled:
+        # Off means off: any other option given with it would be dropped without a word
+        # (an adapter never written, a strategy left at its own defaults).
+        given = config_differences(config, S2AConfig())
+        given += [k for k, v in callback_kwargs.items() if v is not None]
+        if given:
+            raise ValueError(
+                f"s2a.enabled=false turns the s2a section off, but it also sets {given}, "
+                "which would be ignored. Leave them out; to configure S2A through "
+                "trainer.strategy, set them in the strategy's own config "
+                "(init_args: {config: {...}})."
+            )
+    return enabled, config, callback_kwargs
 
 
 def with_default_classes(args: Any, defaults: dict[str, type]) -> Any:
@@ -162,34 +177,54 @@ def _classes_in_config(path: str, keys: dict[str, type]) -> set[str]:
 
 
 def carried_init_args(args: list[str], key: str, class_path: str) -> dict[str, Any]:
-    """The ``init_args`` a config file wrote for another class under ``key``, which
-    jsonargparse hands to ``class_path`` when the command line names that class instead
-    (``--config quickstart.yaml --model my.Module``: my.Module would get ImageClassifier's
-    lr), less the ones the command line sets itself."""
-    written: dict[str, Any] = {}
-    typed: set[str] = set()
+    """The ``init_args`` written for another class under ``key``, which jsonargparse hands to
+    ``class_path`` when a later source names that class instead (``--config quickstart.yaml
+    --model my.Module``: my.Module would get ImageClassifier's lr), less the ones written for
+    ``class_path`` itself or set on the command line.
+
+    Sources, in order: config files (``--config``), a class or a class with its init_args as
+    a dict or a YAML file (``--key``), single values (``--key.name``).
+    """
+    foreign: dict[str, Any] = {}
+    own: set[str] = set()
+
+    def entry(value: Any) -> None:
+        if isinstance(value, str):  # a class named alone
+            return
+        if not isinstance(value, dict):
+            return
+        init = value.get("init_args")
+        init = init if isinstance(init, dict) else {}
+        written_class = value.get("class_path")
+        if written_class is None or _same_class(str(written_class), class_path):
+            own.update(init)  # written for this class (or for whichever class it is)
+        else:
+            foreign.update(init)
+
     for i, token in enumerate(args):
         flag, _, value = token.partition("=")
         if flag in ("--config", "-c"):
             for section in _config_sections(_flag_value(args, i, value)):
-                entry = section.get(key)
-                if isinstance(entry, dict) and "class_path" in entry:
-                    init = entry.get("init_args")
-                    written = dict(init) if isinstance(init, dict) else {}
-                    written_class = str(entry["class_path"])
+                if key in section:
+                    entry(section[key])
         elif flag.startswith(f"--{key}."):
-            typed.add(flag.removeprefix(f"--{key}.").removeprefix("init_args.").split(".")[0])
-        elif flag == f"--{key}":  # a class as a dict may carry its own init_args
-            given = _flag_value(args, i, value)
-            try:
-                loaded = yaml.safe_load(given) if given.lstrip().startswith("{") else None
-            except yaml.YAMLError:
-                loaded = None
-            if isinstance(loaded, dict) and isinstance(loaded.get("init_args"), dict):
-                typed |= set(loaded["init_args"])
-    if not written or _same_class(written_class, class_path):
-        return {}
-    return {k: v for k, v in written.items() if k not in typed}
+            own.add(flag.removeprefix(f"--{key}.").removeprefix("init_args.").split(".")[0])
+        elif flag == f"--{key}":  # a class path, a dict, or a YAML file of one
+            entry(_loaded(_flag_value(args, i, value)))
+    return {k: v for k, v in foreign.items() if k not in own}
+
+
+def _loaded(given: str) -> Any:
+    """A ``--model``/``--data`` value: a dict given inline or in a YAML file, else the string."""
+    try:
+        if given.lstrip().startswith("{"):
+            return yaml.safe_load(given)
+        if os.path.isfile(given):
+            with open(given) as f:
+                return yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        pass  # jsonargparse reports it
+    return given
 
 
 def _default_of(cls: type, name: str) -> Any:
