@@ -187,7 +187,9 @@ def load_adapter(module: nn.Module, path: str | os.PathLike, strict: bool = True
         )
     expected = adapter_tensors(module, handle)
     everything = dict(module.named_parameters()) | dict(module.named_buffers())
-    missing = sorted(expected.keys() - tensors.keys())
+    # Adapters saved before 2026-12-06 hold no running statistics of a BatchNorm in the head
+    # (then held in eval mode on those of the model as built): the model's own stay.
+    missing = sorted(expected.keys() - tensors.keys() - _batch_norm_statistics(module))
     unexpected = sorted(tensors.keys() - everything.keys())
     mismatched = [
         f"{k}: file {tuple(t.shape)} vs model {tuple(everything[k].shape)}"
@@ -216,6 +218,16 @@ def load_adapter(module: nn.Module, path: str | os.PathLike, strict: bool = True
             if key in everything:
                 everything[key].copy_(tensor)
     return handle
+
+
+def _batch_norm_statistics(module: nn.Module) -> set[str]:
+    """Names of the running-statistics buffers of every BatchNorm under ``module``."""
+    return {
+        f"{name}.{leaf}" if name else leaf
+        for name, m in module.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        for leaf in ("running_mean", "running_var", "num_batches_tracked")
+    }
 
 
 __all__ = [

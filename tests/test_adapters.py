@@ -201,3 +201,33 @@ def test_error_keys_listed(vit_adapter, tmp_path):
     with pytest.raises(ValueError, match=r"head\.bias.*extra\.weight.*head\.weight"):
         load_adapter(model, bad)
     assert get_handle(model) is None  # the S2A applied for the load is taken back out
+
+
+def test_an_adapter_without_head_batch_norm_statistics_still_loads(tmp_path):
+    # Adapters saved before 2026-12-06 left out a head BatchNorm's running statistics (it was
+    # held in eval mode on the model's own); they load, and the model's own statistics stay.
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        head = nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.Linear(16, 4))
+        return nn.Sequential(nn.Linear(32, 64), nn.GELU(), head)
+
+    model = build()
+    apply_s2a(model, S2AConfig(head="2"))
+    model.train()
+    model(torch.randn(8, 32)).sum().backward()
+    path = tmp_path / "new.safetensors"
+    save_adapter(model, path)
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    assert "2.1.running_mean" in tensors  # saved now: it trained
+    old = {k: v for k, v in tensors.items() if "running" not in k and "batches" not in k}
+    save_file(old, str(tmp_path / "old.safetensors"), metadata=metadata)
+    fresh = build()
+    load_adapter(fresh, tmp_path / "old.safetensors")
+    assert torch.equal(fresh[2][1].running_mean, build()[2][1].running_mean)
+    assert torch.equal(fresh[2][0].weight, model[2][0].weight)  # the rest loaded
+    with pytest.raises(ValueError, match="missing keys"):  # anything else missing still fails
+        del old["2.0.weight"]
+        save_file(old, str(tmp_path / "broken.safetensors"), metadata=metadata)
+        load_adapter(build(), tmp_path / "broken.safetensors")
