@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 
 #: Code width of a module that calibration widens (the widest code; exact is the next step).
 WIDE_BITS = 8
+#: ``module_bits`` value for a module whose saved tensors are kept exact: its gradient was
+#: not finite even at ``WIDE_BITS`` (a backward that compares saved values for equality).
+EXACT_BITS = 32
 
 _Call = tuple[str, list[torch.Tensor], list[torch.Tensor]]
 
@@ -84,9 +87,12 @@ def calibrate(
         # A module's local gradient runs through its submodules too: widen the innermost
         # modules above tol first, then whatever is still above it once they are wide.
         engine.module_bits = {n: WIDE_BITS for n in above if not _has_inside(n, above)}
-        if remeasure or len(engine.module_bits) != len(above):
+        broken = any(math.isinf(errors[n]) for n in above)
+        if remeasure or broken or len(engine.module_bits) != len(above):
             again, _ = _measure(engine, loss_fn, scope, copied)
             engine.module_bits |= {n: WIDE_BITS for n, e in again.items() if e > tol}
+            # Still not finite at WIDE_BITS: no code width helps; its tensors are kept exact.
+            engine.module_bits |= {n: EXACT_BITS for n, e in again.items() if math.isinf(e)}
     except BaseException:
         engine.module_bits = before
         raise

@@ -411,7 +411,7 @@ class SavedTensorEngine:
                 self._saving.add(frame)
             wide = self.module_bits.get(frame)
             if wide is not None and bits is not None and wide > bits:
-                bits = wide
+                bits = wide if wide <= 8 else None  # above 8: kept exact (calibration)
         keep = (
             not cfg.compress
             or self._exact
