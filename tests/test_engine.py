@@ -473,13 +473,15 @@ class HeadForms(nn.Module):
             return F.linear(h, w * 0.5, self.head.bias)
         if self.form == "cosine":
             return F.linear(F.normalize(h, dim=-1), F.normalize(w, dim=-1)) * 10
+        if self.form == "keyword":
+            return F.linear(h, weight=F.normalize(w, dim=-1))
         return self.head(h)  # weight_norm: the weight is computed from two parameters
 
     def get_classifier(self):
         return self.head
 
 
-@pytest.mark.parametrize("form", ["transposed", "scaled", "cosine", "weight_norm"])
+@pytest.mark.parametrize("form", ["transposed", "scaled", "cosine", "keyword", "weight_norm"])
 def test_a_head_weight_in_another_form_keeps_its_input_exact(form):
     # The head's input feeds the head weight's gradient, and is kept exact; recognised only by
     # the Parameter itself, a view (W.T) or a computed weight (weight norm, cosine classifier)
@@ -500,6 +502,29 @@ def test_a_head_weight_in_another_form_keeps_its_input_exact(form):
     assert len(exact) >= 1 and all(torch.equal(a, b) for a, b in zip(coded, exact, strict=True))
     assert kinds["trainable"]["stored_bytes"] == kinds["trainable"]["raw_bytes"] > 0
     assert kinds["elementwise"]["stored_bytes"] < kinds["elementwise"]["raw_bytes"]
+
+
+class _ScoresHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.head = nn.Linear(64, 10)  # 640 weights: as many as q at batch 5
+
+    def forward(self, x):
+        s = self.q(x) @ self.k(x).transpose(-1, -2)
+        return self.head(s.softmax(-1).flatten(1))
+
+
+def test_an_activation_as_large_as_a_trainable_weight_is_still_coded():
+    # q (5, 8, 16) has as many elements as the head's weight; it is no weight (nothing
+    # trainable within a few autograd steps), so the matmul's operands stay coded.
+    torch.manual_seed(0)
+    model = _ScoresHead()
+    with apply_s2a(model, S2AConfig(head="head", min_numel=1)) as handle:
+        model(torch.randn(5, 8, 16)).sum().backward()
+        kinds = handle.stats()["by_kind"]
+    assert kinds["matmul"]["stored_bytes"] < kinds["matmul"]["raw_bytes"] / 4
+    assert kinds["trainable"]["raw_bytes"] == 5 * 64 * 4  # only the head's input
 
 
 class BiasedAttention(nn.Module):

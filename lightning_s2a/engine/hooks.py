@@ -340,7 +340,7 @@ class SavedTensorEngine:
         if kind is None and not params:
             return None
         if any(id(p) in self._weight_ids for p in params) or (
-            kind in ("linear", "matmul") and self._derived_weight(args)
+            kind in ("linear", "matmul") and self._derived_weight(args, kwargs)
         ):
             kind = "trainable"  # its saved input feeds a trainable weight's gradient
         call = Call(kind=kind or "generic", spec=spec)
@@ -368,16 +368,38 @@ class SavedTensorEngine:
             call.site = (frame[0], spec.name, count)
         return call
 
-    def _derived_weight(self, args: tuple) -> bool:
+    def _derived_weight(self, args: tuple, kwargs: dict) -> bool:
         """True if a linear or matmul call gets a trainable weight in another form: a view
-        (``x @ self.weight.T``, same storage) or computed from it with autograd (weight norm,
-        a cosine classifier's normalized weight: as many elements, and a gradient to take)."""
-        for a in args:
-            if isinstance(a, torch.Tensor) and a.requires_grad and id(a) not in self._param_ids:
-                if a.untyped_storage().data_ptr() in self._trained_storages:
+        (``x @ self.weight.T``, same storage) or computed from it with autograd within a few
+        steps (weight norm, a cosine classifier's normalized weight, ``W * s``; as many
+        elements). Positional, keyword and listed operands (``einsum``) alike."""
+        for a in (*args, *kwargs.values()):
+            for t in a if type(a) in (list, tuple) else (a,):
+                if not isinstance(t, torch.Tensor) or not t.requires_grad:
+                    continue
+                if id(t) in self._param_ids:
+                    continue
+                if t.untyped_storage().data_ptr() in self._trained_storages:
                     return True
-                if a.grad_fn is not None and a.numel() in self._trained_numels:
+                if t.numel() in self._trained_numels and self._from_weight(t.grad_fn):
                     return True
+        return False
+
+    def _from_weight(self, fn: Any, depth: int = 4) -> bool:
+        """True if a trainable weight is among the autograd inputs of ``fn`` within ``depth``
+        steps (an activation of the same size is computed through many more)."""
+        frontier, seen = [fn], set()
+        for _ in range(depth):
+            nxt = []
+            for f in frontier:
+                for g, _ in getattr(f, "next_functions", ()):
+                    if g is None or id(g) in seen:
+                        continue
+                    seen.add(id(g))
+                    if id(getattr(g, "variable", None)) in self._weight_ids:
+                        return True
+                    nxt.append(g)
+            frontier = nxt
         return False
 
     # -- pack / unpack -------------------------------------------------------------------
