@@ -389,6 +389,25 @@ def test_no_warnings_on_an_ordinary_fit(tmp_path):
     assert not [w for w in record if "S2A" in str(w.message)]
 
 
+class _SizedData(FourWayData):
+    input_size = (3, 32, 32)
+
+
+@pytest.mark.parametrize("via", ["callback", "strategy"])
+def test_prompts_are_sized_from_the_data_module(tmp_path, via):
+    # resnet10t's own default size is 224: its prompts sized for 56x56 maps met 8x8 ones.
+    # The CLI's s2a section took the data module's input_size; a callback or strategy not.
+    config = S2AConfig(modules=("bias", "prompt"))
+    pl.seed_everything(0)
+    model = EncoderClassifier(arch="resnet")
+    if via == "callback":
+        trainer = _trainer(tmp_path, [S2ACallback(config, backbone="encoder")])
+    else:
+        trainer = _trainer(tmp_path, [], strategy=S2AStrategy(config, backbone="encoder"))
+    trainer.fit(model, datamodule=_SizedData())
+    assert get_handle(model.encoder).config.input_size == (3, 32, 32)
+
+
 # 7. BatchNorms held frozen only while frozen, and callbacks that would undo it ----------------
 def _head_with_batch_norm(affine: bool = True) -> nn.Module:
     return nn.Sequential(

@@ -24,6 +24,14 @@ from torch import nn
 from ..api import S2AHandle, apply_s2a, config_differences, count_trainable, get_handle
 from ..config import FOUR_BIT_DTYPES, S2AConfig
 from ..summary import calibration_line
+from .checks import (
+    check_averaging_after,
+    check_head_outside,
+    check_no_finetuning,
+    check_no_swa,
+    check_same_model,
+    check_single_s2a,
+)
 from .metrics import EpochMeter, reset_peak_memory
 
 
@@ -77,12 +85,16 @@ class S2ACallback(pl.Callback):
             # No timm head to find: the task head is taken to be the module's own, outside the
             # backbone. If nothing trains there, the backbone's own last layer is the head,
             # and freezing it with the rest would train a random classifier's bias only.
-            _check_head_outside(pl_module, target, name)
+            check_head_outside(pl_module, target, name)
             config = config.replace(head=None)
         return target, config
 
     def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         target, config = self._target(pl_module)
+        size = getattr(trainer.datamodule, "input_size", None)
+        if config.input_size is None and size is not None:
+            # Prompts are sized for the resolution the data have (as the CLI's s2a section).
+            config = config.replace(input_size=tuple(size))
         existing = get_handle(target)
         if existing is None:
             self.handle = apply_s2a(target, config)
@@ -107,9 +119,9 @@ class S2ACallback(pl.Callback):
 
     # -- Lightning hooks -------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        _check_single_s2a(trainer)
+        check_single_s2a(trainer)
         if stage == "fit":
-            _check_no_finetuning(trainer)
+            check_no_finetuning(trainer)
         if self._module is not pl_module:
             self.handle = None  # a reused callback: the new module's S2A is found or applied
         cast = self.config.frozen_dtype not in (None, *FOUR_BIT_DTYPES)  # 4-bit: any precision
@@ -132,8 +144,8 @@ class S2ACallback(pl.Callback):
             raise RuntimeError(
                 f"S2A was not applied: {type(pl_module).__name__}.configure_model did not run."
             )
-        _check_no_swa(trainer, self.handle)
-        _check_averaging_after(trainer, self)
+        check_no_swa(trainer, self.handle)
+        check_averaging_after(trainer, self)
         rank_zero_info(self.handle.summary())
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -263,7 +275,7 @@ class S2ACallback(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "engine" not in state_dict:
             return
-        _check_same_model(state_dict.get("config"), self.handle.config if self.handle else None)
+        check_same_model(state_dict.get("config"), self.handle.config if self.handle else None)
         if self.handle is None:
             self._pending_state = state_dict["engine"]
         else:
@@ -325,135 +337,3 @@ def _run_after_configure_model(pl_module: pl.LightningModule, then: Any) -> None
 def _restore_configure_model(pl_module: pl.LightningModule) -> None:
     if pl_module.__dict__.pop(_CONFIGURE_MODEL_WRAPPED, False):
         pl_module.__dict__.pop("configure_model", None)
-
-
-def _check_single_s2a(trainer: pl.Trainer) -> None:
-    """Two S2A appliers on one trainer (two callbacks, or callback and strategy) is an error."""
-    owners = [c for c in trainer.callbacks if isinstance(c, S2ACallback)]
-    if len(owners) > 1:
-        from .strategy import S2AStrategyMixin
-
-        via_strategy = isinstance(trainer.strategy, S2AStrategyMixin)
-        raise ValueError(
-            "S2A is configured twice on this Trainer"
-            + (" (strategy='s2a' and an S2ACallback)" if via_strategy else " (two S2ACallbacks)")
-            + ": use either Trainer(strategy='s2a') or Trainer(callbacks=[S2ACallback()]), "
-            "not both."
-        )
-
-
-def _check_no_finetuning(trainer: pl.Trainer) -> None:
-    """A ``BaseFinetuning`` callback (``BackboneFinetuning``) freezes the backbone, biases S2A
-    trains included, until an epoch of its own, then unfreezes all of it: refused up front."""
-    from lightning.pytorch.callbacks import BaseFinetuning
-
-    finetuning = [c for c in trainer.callbacks if isinstance(c, BaseFinetuning)]
-    if finetuning:
-        raise ValueError(
-            f"{type(finetuning[0]).__name__} freezes and unfreezes the backbone on its own "
-            "schedule, but S2A decides what trains in it (the parameters S2A trains would be "
-            "frozen until it unfreezes everything, which then trains in full). Use one of the "
-            "two: leave the finetuning callback out, or S2A out."
-        )
-
-
-#: Fields that change the function the model computes; the rest change only how saved
-#: tensors are stored (bits, backend, calibration...), which a resumed run may change.
-MODEL_FIELDS = (
-    "modules",
-    "head",
-    "prompt_rank",
-    "side_reduction",
-    "side_width",
-    "side",
-    "side_merge",
-    "side_strides",
-    "blocks",
-    "block_layout",
-    "input_size",
-    "bn_mode",
-    "add_bias",
-    "frozen_dtype",
-)
-
-
-def _check_same_model(saved: Any, current: S2AConfig | None) -> None:
-    """A checkpoint restored (resume, ``test``/``validate --ckpt_path``) under an S2A config
-    that computes another function than the one it trained with is an error: its weights
-    load (``side_merge``, ``bn_mode``, ``frozen_dtype`` change no shape) and would silently
-    run another model."""
-    if not isinstance(saved, dict) or current is None:
-        return
-    trained = S2AConfig(**saved)
-    differ = [f for f in config_differences(trained, current) if f in MODEL_FIELDS]
-    if differ:
-        fields = ", ".join(
-            f"{f}={getattr(trained, f)!r} (this run: {getattr(current, f)!r})" for f in differ
-        )
-        raise ValueError(
-            f"the checkpoint was trained with S2A {fields}: restored under this run's config "
-            "its weights would compute another model. Use the config it trained with (CLI: "
-            f"--s2a.{differ[0]} ...), or start from its weights without --ckpt_path."
-        )
-
-
-def _check_averaging_after(trainer: pl.Trainer, callback: S2ACallback) -> None:
-    """A weight-averaging callback (``EMAWeightAveraging``) copies the model in its setup: run
-    before S2A's, its copy lacks the prompt, side and bias parameters S2A adds (and has the
-    weights 4-bit holding takes out), and its first update fails on mismatched tensors. Said
-    here, with the order that works."""
-    from lightning.pytorch.callbacks import WeightAveraging
-
-    handle = callback.handle
-    assert handle is not None
-    structure = handle.structure
-    if not (
-        structure.added_modules
-        or structure.added_biases
-        or handle.config.frozen_dtype in FOUR_BIT_DTYPES  # weights taken out of parameters
-    ):
-        return  # the copy has every tensor the model has
-    ours = trainer.callbacks.index(callback)
-    before = [c for c in trainer.callbacks[:ours] if isinstance(c, WeightAveraging)]
-    if before:
-        raise ValueError(
-            f"{type(before[0]).__name__} is listed before S2ACallback, so it copied the model "
-            "before S2A changed its parameters (prompt/side modules, added biases, 4-bit "
-            "weights), and cannot average them. List "
-            f"S2ACallback first: Trainer(callbacks=[S2ACallback(...), {type(before[0]).__name__}"
-            "(...)])."
-        )
-
-
-def _check_no_swa(trainer: pl.Trainer, handle: S2AHandle) -> None:
-    """``StochasticWeightAveraging`` resets every BatchNorm's statistics after its last epoch
-    and re-estimates them: frozen ones held in eval mode would stay reset. Said before fitting
-    instead of found after it."""
-    from lightning.pytorch.callbacks import StochasticWeightAveraging
-
-    if not any(isinstance(c, StochasticWeightAveraging) for c in trainer.callbacks):
-        return
-    held = handle.held_batch_norms()
-    if held:
-        raise ValueError(
-            f"StochasticWeightAveraging resets the running statistics of every BatchNorm after "
-            f"training and re-estimates them, but S2A holds the frozen backbone's {len(held)} "
-            "BatchNorms in eval mode (bn_mode='eval'), so theirs would stay reset. Leave SWA "
-            "out, or train with S2AConfig(bn_mode='train') (batch statistics, re-estimated)."
-        )
-
-
-def _check_head_outside(pl_module: nn.Module, target: nn.Module, name: str) -> None:
-    """Raise if nothing outside the backbone ``target`` trains: its head would be frozen."""
-    inside = {id(p) for p in target.parameters()}
-    if any(p.requires_grad and id(p) not in inside for p in pl_module.parameters()):
-        return
-    linears = [n for n, m in target.named_modules() if isinstance(m, nn.Linear)]
-    hint = f"head={linears[-1]!r} (its last Linear)" if linears else "head='...'"
-    raise ValueError(
-        f"S2ACallback(backbone={name!r}): {type(target).__name__} has no timm "
-        f"get_classifier() to find its head, and nothing in {type(pl_module).__name__} outside "
-        f"it trains, so the model's classifier is inside the backbone and would stay frozen. "
-        f"Name it: S2ACallback(backbone={name!r}, {hint}); or, to train no head at all, "
-        "head=None."
-    )
