@@ -378,8 +378,19 @@ def test_side_needs_pooled_features_without_a_head():
     encoder = timm.create_model(
         "vit_tiny_patch16_224", num_classes=0, global_pool="", depth=2, img_size=32
     )
-    with pytest.raises(ValueError, match=r"\(batch, features\); it is \(5, 192\)"):
+    with pytest.raises(ValueError, match=r"\(batch, features\); it is \(batch, 5, 192\)"):
         apply_s2a(encoder, modules=["side"], head=None)
+
+    class Outputs(nn.Module):  # an HF-style model: its output is no tensor
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, x):
+            return {"last_hidden_state": self.encoder(x)}
+
+    with pytest.raises(ValueError, match=r"it is not a tensor \(a tuple, dict or model-output"):
+        apply_s2a(Outputs(), modules=["side"], head=None, blocks="encoder.blocks.*")
 
 
 def test_no_warnings_on_an_ordinary_fit(tmp_path):

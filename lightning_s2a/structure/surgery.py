@@ -316,9 +316,14 @@ def _side_outputs(model: nn.Module, state: StructureState, config: S2AConfig) ->
         return None
     shape = state.output_shape
     if shape is None or len(shape) != 1:
+        got = (
+            "not a tensor (a tuple, dict or model-output object)"
+            if shape is None
+            else (f"(batch, {', '.join(map(str, shape))})")
+        )
         raise ValueError(
             f"'side' without a head replaces {type(model).__name__}'s own output with the side "
-            f"network's, which must then be (batch, features); it is {shape}. Build the "
+            f"network's, which must then be (batch, features); it is {got}. Build the "
             "backbone without its pooling removed (e.g. timm num_classes=0 gives pooled "
             "features), name a Linear head inside it with S2AConfig(head='...'), or use "
             "side='hierarchical', whose output without a head is the feature pyramid."
