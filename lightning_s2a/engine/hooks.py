@@ -368,21 +368,25 @@ class SavedTensorEngine:
             call.site = (frame[0], spec.name, count)
         return call
 
+    @torch.compiler.disable  # storage pointers and autograd nodes: eager, also under compile
     def _derived_weight(self, args: tuple, kwargs: dict) -> bool:
         """True if a linear or matmul call gets a trainable weight in another form: a view
         (``x @ self.weight.T``, same storage) or computed from it with autograd within a few
         steps (weight norm, a cosine classifier's normalized weight, ``W * s``; as many
         elements). Positional, keyword and listed operands (``einsum``) alike."""
+        operands: list[Any] = []
         for a in (*args, *kwargs.values()):
-            for t in a if type(a) in (list, tuple) else (a,):
-                if not isinstance(t, torch.Tensor) or not t.requires_grad:
-                    continue
-                if id(t) in self._param_ids:
-                    continue
-                if t.untyped_storage().data_ptr() in self._trained_storages:
-                    return True
-                if t.numel() in self._trained_numels and self._from_weight(t.grad_fn):
-                    return True
+            if type(a) in (list, tuple):
+                operands.extend(a)
+            else:
+                operands.append(a)
+        for t in operands:
+            if not isinstance(t, torch.Tensor) or not t.requires_grad or id(t) in self._param_ids:
+                continue
+            if t.untyped_storage().data_ptr() in self._trained_storages:
+                return True
+            if t.numel() in self._trained_numels and self._from_weight(t.grad_fn):
+                return True
         return False
 
     def _from_weight(self, fn: Any, depth: int = 4) -> bool:
