@@ -187,9 +187,11 @@ def load_adapter(module: nn.Module, path: str | os.PathLike, strict: bool = True
         )
     expected = adapter_tensors(module, handle)
     everything = dict(module.named_parameters()) | dict(module.named_buffers())
-    # Adapters saved before 2026-12-06 hold no running statistics of a BatchNorm in the head
-    # (then held in eval mode on those of the model as built): the model's own stay.
-    missing = sorted(expected.keys() - tensors.keys() - _batch_norm_statistics(module))
+    # Adapters saved before 2026-12-06 with bn_mode="eval" hold no running statistics of a
+    # BatchNorm in the head (then held in eval mode on those of the model as built): where all
+    # of one BatchNorm's are absent, the model's own stay.
+    legacy = _absent_statistics(module, tensors.keys()) if config.bn_mode == "eval" else set()
+    missing = sorted(expected.keys() - tensors.keys() - legacy)
     unexpected = sorted(tensors.keys() - everything.keys())
     mismatched = [
         f"{k}: file {tuple(t.shape)} vs model {tuple(everything[k].shape)}"
@@ -220,14 +222,16 @@ def load_adapter(module: nn.Module, path: str | os.PathLike, strict: bool = True
     return handle
 
 
-def _batch_norm_statistics(module: nn.Module) -> set[str]:
-    """Names of the running-statistics buffers of every BatchNorm under ``module``."""
-    return {
-        f"{name}.{leaf}" if name else leaf
-        for name, m in module.named_modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
-        for leaf in ("running_mean", "running_var", "num_batches_tracked")
-    }
+def _absent_statistics(module: nn.Module, present: Any) -> set[str]:
+    """Names of the running-statistics buffers of the BatchNorms under ``module`` of which
+    ``present`` (an adapter's keys) holds none at all."""
+    absent: set[str] = set()
+    for name, m in module.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            keys = {f"{name}.{leaf}" if name else leaf for leaf, _ in m.named_buffers()}
+            if not keys & set(present):
+                absent |= keys
+    return absent
 
 
 __all__ = [

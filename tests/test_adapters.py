@@ -231,3 +231,17 @@ def test_an_adapter_without_head_batch_norm_statistics_still_loads(tmp_path):
         del old["2.0.weight"]
         save_file(old, str(tmp_path / "broken.safetensors"), metadata=metadata)
         load_adapter(build(), tmp_path / "broken.safetensors")
+    # so do statistics that an adapter of this format always held: part of one BatchNorm's,
+    # or any with bn_mode="train"
+    partial = {k: v for k, v in tensors.items() if k != "2.1.running_var"}
+    save_file(partial, str(tmp_path / "partial.safetensors"), metadata=metadata)
+    with pytest.raises(ValueError, match=r"missing keys \['2.1.running_var'\]"):
+        load_adapter(build(), tmp_path / "partial.safetensors")
+    model = build()
+    apply_s2a(model, S2AConfig(head="2", bn_mode="train"))
+    save_adapter(model, tmp_path / "train.safetensors")
+    with safe_open(str(tmp_path / "train.safetensors"), "pt") as f:
+        train_metadata = f.metadata()
+    save_file(old, str(tmp_path / "train_old.safetensors"), metadata=train_metadata)
+    with pytest.raises(ValueError, match="running_mean"):
+        load_adapter(build(), tmp_path / "train_old.safetensors")

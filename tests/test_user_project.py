@@ -53,6 +53,10 @@ def _fit(tmp_path, model, callback, epochs=1, **kwargs):
     return trainer
 
 
+class _SizedData(FourWayData):
+    input_size = (3, 32, 32)
+
+
 def _metrics(trainer) -> dict[str, float]:
     with open(f"{trainer.logger.log_dir}/metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("s2a/compression")]
@@ -277,6 +281,11 @@ def test_a_checkpoint_restored_under_another_model_config_is_an_error(tmp_path):
     trainer = _trainer(tmp_path, [S2ACallback(backbone="encoder"), checkpoint])
     trainer.fit(EncoderClassifier(arch="resnet"), _data(16))
     last = str(tmp_path / "ckpt" / "last.ckpt")
+    # a data module with an input_size at test (none at fit) changes nothing here
+    plain = S2ACallback(backbone="encoder")
+    _trainer(tmp_path, [plain]).test(
+        EncoderClassifier(arch="resnet"), datamodule=_SizedData(), ckpt_path=last
+    )
     other = S2ACallback(S2AConfig(bn_mode="train"), backbone="encoder")
     with pytest.raises(ValueError, match=r"trained with S2A bn_mode='eval' \(this run: 'train'\)"):
         _trainer(tmp_path, [other]).test(EncoderClassifier(arch="resnet"), _data(8), ckpt_path=last)
@@ -400,10 +409,6 @@ def test_no_warnings_on_an_ordinary_fit(tmp_path):
     assert not [w for w in record if "S2A" in str(w.message)]
 
 
-class _SizedData(FourWayData):
-    input_size = (3, 32, 32)
-
-
 @pytest.mark.parametrize("via", ["callback", "strategy"])
 def test_prompts_are_sized_from_the_data_module(tmp_path, via):
     # resnet10t's own default size is 224: its prompts sized for 56x56 maps met 8x8 ones.
@@ -490,6 +495,8 @@ def test_statistics_re_estimation_of_a_held_batch_norm_is_an_error():
     from lightning_s2a import apply_s2a
 
     model = timm.create_model("resnet10t", num_classes=4)
+    with torch.no_grad():  # statistics of its own, as pretrained (fresh ones lose nothing)
+        model.bn1.running_mean.fill_(0.5)
     apply_s2a(model, S2AConfig())
     with pytest.raises(RuntimeError, match=r"re-estimation.*S2AConfig\(bn_mode='train'\)"):
         update_bn([X], AveragedModel(model))
@@ -510,6 +517,18 @@ def test_a_batch_norm_built_with_cumulative_statistics_is_held_without_error():
         model.train()
         model(X).sum().backward()
         assert int(model.bn1.num_batches_tracked) == 0
+    # with statistics of its own (pretrained), it trains as well, and a re-estimation that
+    # would reset them is still the error
+    from torch.optim.swa_utils import AveragedModel, update_bn
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_var.fill_(2.0)
+    with apply_s2a(model, S2AConfig()):
+        model(X).sum().backward()
+        with pytest.raises(RuntimeError, match=r"re-estimation"):
+            update_bn([X], AveragedModel(model))
 
 
 def test_callbacks_that_would_undo_s2a_are_refused(tmp_path):

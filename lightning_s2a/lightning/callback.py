@@ -91,14 +91,14 @@ class S2ACallback(pl.Callback):
 
     def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         target, config = self._target(pl_module)
-        size = getattr(trainer.datamodule, "input_size", None)
-        if config.input_size is None and size is not None:
-            # Prompts are sized for the resolution the data have (as the CLI's s2a section).
-            config = config.replace(input_size=tuple(size))
         existing = get_handle(target)
         if existing is None:
-            self.handle = apply_s2a(target, config)
-        elif stage != "fit" or existing.config == config:
+            self.handle = apply_s2a(target, _sized_from_data(config, trainer))
+        elif (
+            stage != "fit"
+            or existing.config == config
+            or (config.input_size is None and existing.config.replace(input_size=None) == config)
+        ):
             self.handle = existing  # an earlier fit or load_adapter: take it up as it is
         else:
             differ = config_differences(config, existing.config)
@@ -280,6 +280,19 @@ class S2ACallback(pl.Callback):
             self._pending_state = state_dict["engine"]
         else:
             self.handle.engine.load_state_dict(state_dict["engine"])
+
+
+def _sized_from_data(config: S2AConfig, trainer: pl.Trainer) -> S2AConfig:
+    """``config`` with the data module's ``input_size`` where prompts or a side network are
+    sized and the config gives none (as the CLI's s2a section does); a size that is no
+    (C, H, W) of ints is left alone."""
+    size = getattr(trainer.datamodule, "input_size", None)
+    sized = {"prompt", "side"} & set(config.modules)
+    if config.input_size is not None or not sized or not isinstance(size, (tuple, list)):
+        return config
+    if len(size) != 3 or not all(isinstance(v, int) and v > 0 for v in size):
+        return config
+    return config.replace(input_size=tuple(size))
 
 
 _CONFIGURE_MODEL_WRAPPED = "_s2a_configure_model"

@@ -8,6 +8,7 @@ a classifier left frozen inside the backbone.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
@@ -54,6 +55,7 @@ def check_no_finetuning(trainer: pl.Trainer) -> None:
 
 #: Fields that change the function the model computes; the rest change only how saved
 #: tensors are stored (bits, backend, calibration...), which a resumed run may change.
+#: ``input_size`` only sizes prompts: another size fails the strict load of their shapes.
 MODEL_FIELDS = (
     "modules",
     "head",
@@ -65,7 +67,6 @@ MODEL_FIELDS = (
     "side_strides",
     "blocks",
     "block_layout",
-    "input_size",
     "bn_mode",
     "add_bias",
     "frozen_dtype",
@@ -79,7 +80,13 @@ def check_same_model(saved: Any, current: S2AConfig | None) -> None:
     run another model."""
     if not isinstance(saved, dict) or current is None:
         return
-    trained = S2AConfig(**saved)
+    known = {f.name for f in dataclasses.fields(S2AConfig)}
+    try:
+        trained = S2AConfig(**{k: v for k, v in saved.items() if k in known})
+    except (TypeError, ValueError):
+        return  # written by another version: nothing to compare with
+    if trained.modules != current.modules and not (set(trained.modules) ^ set(current.modules)):
+        trained = trained.replace(modules=current.modules)  # the same modules, listed apart
     differ = [f for f in config_differences(trained, current) if f in MODEL_FIELDS]
     if differ:
         fields = ", ".join(

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 
 from ..api import config_differences
 from ..config import S2AConfig
@@ -105,16 +106,15 @@ def s2a_config_from_namespace(section: Any) -> tuple[bool, S2AConfig, dict[str, 
     callback_kwargs = {k: fields.pop(k, None) for k in ("adapter_path", "backbone")}
     config = S2AConfig(**fields)
     if not enabled:
-        # Off means off: any other option given with it would be dropped without a word
-        # (an adapter never written, a strategy left at its own defaults).
+        # Off means off (the same config file runs the plain baseline), but not without a
+        # word: an adapter is not written, a strategy keeps its own config.
         given = config_differences(config, S2AConfig())
         given += [k for k, v in callback_kwargs.items() if v is not None]
         if given:
-            raise ValueError(
-                f"s2a.enabled=false turns the s2a section off, but it also sets {given}, "
-                "which would be ignored. Leave them out; to configure S2A through "
-                "trainer.strategy, set them in the strategy's own config "
-                "(init_args: {config: {...}})."
+            rank_zero_warn(
+                f"s2a.enabled=false turns the s2a section off: its {given} are ignored (no "
+                "adapter is written). To configure S2A through trainer.strategy, set them in "
+                "the strategy's own config (init_args: {config: {...}})."
             )
     return enabled, config, callback_kwargs
 
@@ -185,21 +185,17 @@ def carried_init_args(args: list[str], key: str, class_path: str) -> dict[str, A
     Sources, in order: config files (``--config``), a class or a class with its init_args as
     a dict or a YAML file (``--key``), single values (``--key.name``).
     """
-    foreign: dict[str, Any] = {}
-    own: set[str] = set()
+    last: dict[str, tuple[bool, Any]] = {}  # name -> (written for another class, value)
 
     def entry(value: Any) -> None:
-        if isinstance(value, str):  # a class named alone
-            return
-        if not isinstance(value, dict):
+        if not isinstance(value, dict):  # a class named alone
             return
         init = value.get("init_args")
-        init = init if isinstance(init, dict) else {}
         written_class = value.get("class_path")
-        if written_class is None or _same_class(str(written_class), class_path):
-            own.update(init)  # written for this class (or for whichever class it is)
-        else:
-            foreign.update(init)
+        # written for this class, or for whichever class it is (no class_path), is the user's
+        foreign = written_class is not None and not _same_class(str(written_class), class_path)
+        for name, v in (init if isinstance(init, dict) else {}).items():
+            last[name] = (foreign, v)
 
     for i, token in enumerate(args):
         flag, _, value = token.partition("=")
@@ -208,10 +204,12 @@ def carried_init_args(args: list[str], key: str, class_path: str) -> dict[str, A
                 if key in section:
                     entry(section[key])
         elif flag.startswith(f"--{key}."):
-            own.add(flag.removeprefix(f"--{key}.").removeprefix("init_args.").split(".")[0])
+            name = flag.removeprefix(f"--{key}.").removeprefix("init_args.").split(".")[0]
+            last[name] = (False, None)
         elif flag == f"--{key}":  # a class path, a dict, or a YAML file of one
             entry(_loaded(_flag_value(args, i, value)))
-    return {k: v for k, v in foreign.items() if k not in own}
+    # the last source to write a value decides whose it is
+    return {name: v for name, (foreign, v) in last.items() if foreign}
 
 
 def _loaded(given: str) -> Any:

@@ -150,21 +150,27 @@ def is_held(bn: nn.Module) -> bool:
     return not (isinstance(weight, torch.Tensor) and weight.requires_grad)
 
 
-def hold_eval(cumulative: bool, module: nn.Module, args: Any) -> None:
+def hold_eval(fresh_at_apply: bool, module: nn.Module, args: Any) -> None:
     """Pre-hook of a frozen BatchNorm (``bn_mode="eval"``): eval mode for this call only.
 
     Decided per call: a BatchNorm whose weight was unfrozen since (``BackboneFinetuning``, a
     second, fully fine-tuned phase) trains as PyTorch would. A re-estimation of its statistics
     (``momentum=None`` after a reset, as ``StochasticWeightAveraging`` and
     ``torch.optim.swa_utils.update_bn`` run it) is an error: held, the statistics would stay
-    reset. ``cumulative`` is True for a BatchNorm built with ``momentum=None``: for it that
-    is no sign of a re-estimation.
+    reset. ``fresh_at_apply`` is True for a BatchNorm whose statistics were fresh (mean 0,
+    variance 1) when S2A was applied: held fresh, they lose nothing to a reset, and one built
+    with ``momentum=None`` trains without the error.
     """
     # Each call, because Lightning and users call model.train() at will. The mode is kept on
     # the module itself, so a deep copy of the model (EMA) holds its own.
     if not is_held(module):
         return
-    if module.training and module.momentum is None and not cumulative and _reset_statistics(module):
+    if (
+        module.training
+        and module.momentum is None
+        and not fresh_at_apply
+        and reset_statistics(module)
+    ):
         raise RuntimeError(
             f"a statistics re-estimation pass (momentum=None, statistics reset: "
             "StochasticWeightAveraging or torch.optim.swa_utils.update_bn) reached a frozen "
@@ -177,7 +183,7 @@ def hold_eval(cumulative: bool, module: nn.Module, args: Any) -> None:
     module.training = False
 
 
-def _reset_statistics(bn: nn.Module) -> bool:
+def reset_statistics(bn: nn.Module) -> bool:
     """True if ``bn``'s running statistics are the freshly reset ones (mean 0, variance 1)."""
     mean, var = bn.running_mean, bn.running_var
     if mean is None or var is None:

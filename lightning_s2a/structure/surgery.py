@@ -21,7 +21,14 @@ from .families import Block, block_output_shapes, default_input_size, find_block
 from .head import HeadGroup, find_head, head_modules, is_bias
 from .hierarchical import HierarchicalSide, Tap, token_grid
 from .holders import home
-from .model_hooks import HeldLayerHooks, OriginalsHooks, SideHooks, hold_eval, release_eval
+from .model_hooks import (
+    HeldLayerHooks,
+    OriginalsHooks,
+    SideHooks,
+    hold_eval,
+    release_eval,
+    reset_statistics,
+)
 from .modules import LowRankPrompt, SideNetwork
 
 PROMPT_NAME = "s2a_prompt"
@@ -194,7 +201,7 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
         # In eval mode for the call only: outside it each keeps the mode the user or
         # Lightning set (a user's own eval BatchNorm stays eval after undo).
         for bn in state.batch_norms:
-            hold = partial(hold_eval, bn.momentum is None)  # built cumulative: no sign
+            hold = partial(hold_eval, reset_statistics(bn))  # fresh: a reset loses nothing
             state.hooks.append(bn.register_forward_pre_hook(hold))
             state.hooks.append(bn.register_forward_hook(release_eval, always_call=True))
 
