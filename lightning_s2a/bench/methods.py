@@ -144,6 +144,10 @@ def expand(names: list[str], bits: list[int]) -> list[tuple[str, int | None]]:
 
 
 def trainable(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
+    """(trainable, total) parameter counts; weights held in 4 bits (``frozen_dtype="nf4"``)
+    count in the total, as the frozen parameters they are to a user."""
+    from ..structure.four_bit import held_numel
+
     params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    total = sum(p.numel() for p in params) + held_numel(model)
+    return sum(p.numel() for p in params if p.requires_grad), total

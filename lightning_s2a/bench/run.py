@@ -205,7 +205,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     from .methods import METHODS, expand
 
-    parser = argparse.ArgumentParser(prog="lightning-s2a bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="lightning-s2a bench",
+        description=__doc__.split("\n")[0],
+        epilog="lightning-s2a bench --overhead [--models ...] [--threads N] ... measures the "
+        "engine's host cost per step instead (lightning-s2a bench --overhead --help).",
+    )
     parser.add_argument("--model", default="vit_base_patch16_224")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--resolution", type=int, default=224)

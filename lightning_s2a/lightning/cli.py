@@ -18,6 +18,7 @@ import inspect
 import os
 import re
 import sys
+import warnings
 from typing import Any
 
 import yaml
@@ -270,7 +271,10 @@ class S2ALightningCLI(LightningCLI):
         argv = kwargs.get("args")
         kwargs["args"] = with_default_classes(sys.argv[1:] if argv is None else argv, defaults)
         self._argv = kwargs["args"] if isinstance(kwargs["args"], list) else []
-        super().__init__(*args, **kwargs)
+        with warnings.catch_warnings():
+            if argv is None:  # the command line itself, passed on with the default classes
+                warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         add_s2a_arguments(parser)
