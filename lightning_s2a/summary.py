@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .engine.accounting import part_of
+from .engine.calibration import WIDE_BITS
 from .structure.four_bit import held_numel
 
 if TYPE_CHECKING:
@@ -85,11 +86,12 @@ def calibration_line(engine: SavedTensorEngine, show: int = 3) -> str:
     wide = engine.module_bits
     worst = sorted(wide, key=lambda n: -errors.get(n, 0.0))[:show]
     named = ", ".join(f"{n or '(model)'} {100 * errors.get(n, 0.0):.1f}%" for n in worst)
-    exact = sum(b > 8 for b in wide.values())
+    exact = sum(b > WIDE_BITS for b in wide.values())
     return (
         f"calibration: {len(wide)} of {len(errors)} modules widened to "
-        f"{min((b for b in wide.values() if b <= 8), default=8)} bits (local gradient error "
+        f"{min((b for b in wide.values() if b <= WIDE_BITS), default=WIDE_BITS)} bits (local "
+        "gradient error "
         "above tolerance)"
-        + (f", {exact} of them kept exact (not finite at 8 bits)" if exact else "")
+        + (f", {exact} of them kept exact (not finite at {WIDE_BITS} bits)" if exact else "")
         + (f": {named}" + (", ..." if len(wide) > show else "") if wide else "")
     )

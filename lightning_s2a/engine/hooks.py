@@ -30,6 +30,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .accounting import ForwardAccount, part_of
 from .backend import resolve_backend
+from .calibration import WIDE_BITS
 from .codebook import Codebook, DeviceCodebook, fit_codebook
 from .compile_guard import check_not_compiling, check_not_traced
 from .deferred import DeferredChecks
@@ -437,7 +438,7 @@ class SavedTensorEngine:
                 self._saving.add(frame)
             wide = self.module_bits.get(frame)
             if wide is not None and bits is not None and wide > bits:
-                bits = wide if wide <= 8 else None  # above 8: kept exact (calibration)
+                bits = wide if wide <= WIDE_BITS else None  # wider: kept exact (calibration)
         keep = (
             not cfg.compress
             or self._exact

@@ -214,8 +214,9 @@ OP_KINDS: dict[str, str] = {
     },
     **{n: "dropout" for n in ("dropout", "dropout1d", "dropout2d", "dropout3d")},
     # Losses, and the log-probabilities they are made of: what they save sits after the
-    # trainable head (HF models compute their loss inside forward, ``labels=``), is small, and
-    # their gradient bends with any code (cosine 0.94 at 4 bits): kept exact.
+    # trainable head (HF models compute their loss inside forward, ``labels=``), is batch x
+    # classes for a classifier, and their gradient bends with any code (cosine 0.94 at 4 bits):
+    # kept exact unless op_bits names "loss" (a dense per-pixel loss is large).
     **{
         n: "loss"
         for n in (

@@ -29,15 +29,26 @@ _ATEN = {
 }
 
 
+def _reduced(x: torch.Tensor, dims: list[int]) -> list[int]:
+    """The dimensions a reduction over ``dims`` removes, sorted and non-negative (all for
+    ``dims == []``)."""
+    return sorted(d % x.dim() for d in dims) if dims else list(range(x.dim()))
+
+
+def _unreduce(t: torch.Tensor, reduced: list[int], keepdim: bool) -> torch.Tensor:
+    """``t`` (a reduction's output, or its gradient) with the reduced dimensions back as 1s."""
+    if not keepdim:
+        for d in reduced:
+            t = t.unsqueeze(d)
+    return t
+
+
 class _MaskedExtremum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, op, dims, keepdim, nan_hits):
         out = op(x, dims, keepdim)
-        reduced = sorted(d % x.dim() for d in dims) if dims else list(range(x.dim()))
-        full = out
-        if not keepdim:
-            for d in reduced:
-                full = full.unsqueeze(d)
+        reduced = _reduced(x, dims)
+        full = _unreduce(out, reduced, keepdim)
         mask = torch.ops.aten.eq.Tensor(x, full)
         if nan_hits:  # as PyTorch's full max/min: a NaN result's gradient goes to the NaNs
             mask |= x.isnan() & full.isnan()
@@ -48,9 +59,7 @@ class _MaskedExtremum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
-        if not ctx.keepdim:
-            for d in ctx.reduced:
-                grad = grad.unsqueeze(d)
+        grad = _unreduce(grad, ctx.reduced, ctx.keepdim)
         hits = mask.to(grad.dtype)
         count = hits.sum(dim=ctx.reduced, keepdim=True) if ctx.reduced else hits
         return hits * (grad / count), None, None, None, None
@@ -92,11 +101,8 @@ class _MaskedInfNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, op, dims, keepdim):
         out = op(x.abs(), dims, keepdim)
-        reduced = sorted(d % x.dim() for d in dims) if dims else list(range(x.dim()))
-        full = out
-        if not keepdim:
-            for d in reduced:
-                full = full.unsqueeze(d)
+        reduced = _reduced(x, dims)
+        full = _unreduce(out, reduced, keepdim)
         hits = torch.ops.aten.eq.Tensor(x.abs(), full) & (x != 0)  # sgn(0) = 0, as PyTorch
         ctx.save_for_backward(hits, x > 0)
         ctx.reduced, ctx.keepdim = reduced, keepdim
@@ -105,9 +111,7 @@ class _MaskedInfNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         hits, positive = ctx.saved_tensors
-        if not ctx.keepdim:
-            for d in ctx.reduced:
-                grad = grad.unsqueeze(d)
+        grad = _unreduce(grad, ctx.reduced, ctx.keepdim)
         weights = hits.to(grad.dtype)
         count = weights.sum(dim=ctx.reduced, keepdim=True).clamp_min(1)
         sign = positive.to(grad.dtype).mul_(2).sub_(1)
