@@ -93,7 +93,7 @@ class S2ACallback(pl.Callback):
         target, config = self._target(pl_module)
         existing = get_handle(target)
         if existing is None:
-            self.handle = apply_s2a(target, _sized_from_data(config, trainer))
+            self.handle = apply_s2a(target, sized_from_data(config, trainer.datamodule))
         elif (
             stage != "fit"
             or existing.config == config
@@ -282,11 +282,11 @@ class S2ACallback(pl.Callback):
             self.handle.engine.load_state_dict(state_dict["engine"])
 
 
-def _sized_from_data(config: S2AConfig, trainer: pl.Trainer) -> S2AConfig:
+def sized_from_data(config: S2AConfig, datamodule: Any) -> S2AConfig:
     """``config`` with the data module's ``input_size`` where prompts or a side network are
-    sized and the config gives none (as the CLI's s2a section does); a size that is no
-    (C, H, W) of ints is left alone."""
-    size = getattr(trainer.datamodule, "input_size", None)
+    sized and the config gives none, so they fit the resolution the data have; a size that
+    is no (C, H, W) of ints is left alone."""
+    size = getattr(datamodule, "input_size", None)
     sized = {"prompt", "side"} & set(config.modules)
     if config.input_size is not None or not sized or not isinstance(size, (tuple, list)):
         return config

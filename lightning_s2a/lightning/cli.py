@@ -28,7 +28,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from ..api import config_differences
 from ..config import S2AConfig
-from .callback import S2ACallback
+from .callback import S2ACallback, sized_from_data
 from .data import DigitsDataModule
 from .model import ImageClassifier
 
@@ -328,11 +328,7 @@ class S2ALightningCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         if self.s2a_config is not None:
-            config = self.s2a_config
-            input_size = getattr(self.datamodule, "input_size", None)
-            if config.input_size is None and input_size is not None:
-                # Prompts are sized for the resolution the data actually have.
-                config = config.replace(input_size=tuple(input_size))
+            config = sized_from_data(self.s2a_config, self.datamodule)
             self.s2a_config = config
             self.s2a_callback = S2ACallback(config=config, **(self.s2a_callback_kwargs or {}))
             trainer_config = self._get(self.config_init, "trainer", default={})
