@@ -38,11 +38,10 @@ from .ops import ELEMENTWISE, OP_KINDS, canonical_name, is_bias
 from .packed import Kept, PackOptions, compact
 from .quantizers import QUANTIZERS
 from .recognition import (
-    CHANNEL_NORMS,
-    ROW_NORMS,
     STATS_KINDS,
     Call,
     OperatorMode,
+    classify,
     constant,
     foreign_autograd_context,
     statistics,
@@ -327,85 +326,8 @@ class SavedTensorEngine:
         return info
 
     def _classify(self, info: tuple, args: tuple, kwargs: dict) -> Call | None:
-        raw, factory, kind, _ = info
-        spec = factory(raw, args, kwargs) if factory is not None else None
-        if spec is not None:
-            kind = "elementwise"
-        param_ids = self._param_ids
-        params = []
-        for a in (*args, *kwargs.values()) if kwargs else args:
-            if type(a) in (list, tuple):  # an RNN's weights come as one list
-                params += [b for b in a if id(b) in param_ids]
-            elif id(a) in param_ids:
-                params.append(a)
-        if kind is None and not params:
-            return None
-        if any(id(p) in self._weight_ids for p in params) or (
-            kind in ("linear", "matmul") and self._derived_weight(args, kwargs)
-        ):
-            kind = "trainable"  # its saved input feeds a trainable weight's gradient
-        call = Call(kind=kind or "generic", spec=spec)
-        if kind in STATS_KINDS:
-            # The op's data, not its weights: nn.MultiheadAttention passes in_proj_weight
-            # (3 E^2), and every tensor smaller than it looked like a statistic.
-            tensors = [
-                a
-                for a in (*args, *kwargs.values())
-                if isinstance(a, torch.Tensor) and id(a) not in param_ids
-            ]
-            call.arg_shapes = frozenset(tuple(a.shape) for a in tensors)
-            call.arg_numel = max((a.numel() for a in tensors), default=0)
-            if raw in ROW_NORMS:
-                shape = args[1] if len(args) > 1 else kwargs.get("normalized_shape", ())
-                call.rows = isinstance(shape, (list, tuple)) and len(shape) == 1
-            call.channels = raw in CHANNEL_NORMS
-        elif kind == "softmax":
-            dim = kwargs.get("dim", args[1] if len(args) > 1 else -1)
-            call.dim = -1 if dim is None else int(dim)
-        elif kind == "elementwise" and spec is not None and not spec.exact:
-            frame = self._frames[-1] if self._frames else ["", {}]
-            count = frame[1].get(spec.name, 0)
-            frame[1][spec.name] = count + 1
-            call.site = (frame[0], spec.name, count)
-        return call
-
-    @torch.compiler.disable  # storage pointers and autograd nodes: eager, also under compile
-    def _derived_weight(self, args: tuple, kwargs: dict) -> bool:
-        """True if a linear or matmul call gets a trainable weight in another form: a view
-        (``x @ self.weight.T``, same storage) or computed from it with autograd within a few
-        steps (weight norm, a cosine classifier's normalized weight, ``W * s``; as many
-        elements). Positional, keyword and listed operands (``einsum``) alike."""
-        operands: list[Any] = []
-        for a in (*args, *kwargs.values()):
-            if type(a) in (list, tuple):
-                operands.extend(a)
-            else:
-                operands.append(a)
-        for t in operands:
-            if not isinstance(t, torch.Tensor) or not t.requires_grad or id(t) in self._param_ids:
-                continue
-            if t.untyped_storage().data_ptr() in self._trained_storages:
-                return True
-            if t.numel() in self._trained_numels and self._from_weight(t.grad_fn):
-                return True
-        return False
-
-    def _from_weight(self, fn: Any, depth: int = 4) -> bool:
-        """True if a trainable weight is among the autograd inputs of ``fn`` within ``depth``
-        steps (an activation of the same size is computed through many more)."""
-        frontier, seen = [fn], set()
-        for _ in range(depth):
-            nxt = []
-            for f in frontier:
-                for g, _ in getattr(f, "next_functions", ()):
-                    if g is None or id(g) in seen:
-                        continue
-                    seen.add(id(g))
-                    if id(getattr(g, "variable", None)) in self._weight_ids:
-                        return True
-                    nxt.append(g)
-            frontier = nxt
-        return False
+        """The :class:`Call` a torch call is recognised as, or None (see :func:`.classify`)."""
+        return classify(self, info, args, kwargs)
 
     # -- pack / unpack -------------------------------------------------------------------
     def _pack(self, t: torch.Tensor) -> Any:

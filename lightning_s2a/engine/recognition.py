@@ -9,7 +9,7 @@ statistics) live here too.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -113,3 +113,89 @@ class OperatorMode(TorchFunctionMode):
             return func(*args, **kwargs)
         finally:
             engine._call = previous
+
+
+def classify(engine: SavedTensorEngine, info: tuple, args: tuple, kwargs: dict) -> Call | None:
+    """The :class:`Call` for one torch call with the engine's ``_func_info`` ``info``, or None
+    for a call that is no recognised operator and takes no parameter."""
+    raw, factory, kind, _ = info
+    spec = factory(raw, args, kwargs) if factory is not None else None
+    if spec is not None:
+        kind = "elementwise"
+    param_ids = engine._param_ids
+    params = []
+    for a in (*args, *kwargs.values()) if kwargs else args:
+        if type(a) in (list, tuple):  # an RNN's weights come as one list
+            params += [b for b in a if id(b) in param_ids]
+        elif id(a) in param_ids:
+            params.append(a)
+    if kind is None and not params:
+        return None
+    if any(id(p) in engine._weight_ids for p in params) or (
+        kind in ("linear", "matmul") and derived_weight(engine, args, kwargs)
+    ):
+        kind = "trainable"  # its saved input feeds a trainable weight's gradient
+    call = Call(kind=kind or "generic", spec=spec)
+    if kind in STATS_KINDS:
+        # The op's data, not its weights: nn.MultiheadAttention passes in_proj_weight
+        # (3 E^2), and every tensor smaller than it looked like a statistic.
+        tensors = [
+            a
+            for a in (*args, *kwargs.values())
+            if isinstance(a, torch.Tensor) and id(a) not in param_ids
+        ]
+        call.arg_shapes = frozenset(tuple(a.shape) for a in tensors)
+        call.arg_numel = max((a.numel() for a in tensors), default=0)
+        if raw in ROW_NORMS:
+            shape = args[1] if len(args) > 1 else kwargs.get("normalized_shape", ())
+            call.rows = isinstance(shape, (list, tuple)) and len(shape) == 1
+        call.channels = raw in CHANNEL_NORMS
+    elif kind == "softmax":
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else -1)
+        call.dim = -1 if dim is None else int(dim)
+    elif kind == "elementwise" and spec is not None and not spec.exact:
+        frame = engine._frames[-1] if engine._frames else ["", {}]
+        count = frame[1].get(spec.name, 0)
+        frame[1][spec.name] = count + 1
+        call.site = (frame[0], spec.name, count)
+    return call
+
+
+@torch.compiler.disable  # storage pointers and autograd nodes: eager, also under compile
+def derived_weight(engine: SavedTensorEngine, args: tuple, kwargs: dict) -> bool:
+    """True if a linear or matmul call gets a trainable weight in another form: a view
+    (``x @ self.weight.T``, same storage) or computed from it with autograd within a few
+    steps (weight norm, a cosine classifier's normalized weight, ``W * s``; as many
+    elements). Positional, keyword and listed operands (``einsum``) alike."""
+    operands: list[Any] = []
+    for a in (*args, *kwargs.values()):
+        if type(a) in (list, tuple):
+            operands.extend(a)
+        else:
+            operands.append(a)
+    for t in operands:
+        if not isinstance(t, torch.Tensor) or not t.requires_grad or id(t) in engine._param_ids:
+            continue
+        if t.untyped_storage().data_ptr() in engine._trained_storages:
+            return True
+        if t.numel() in engine._trained_numels and _from_weight(engine._weight_ids, t.grad_fn):
+            return True
+    return False
+
+
+def _from_weight(weight_ids: set[int], fn: Any, depth: int = 4) -> bool:
+    """True if a trainable weight is among the autograd inputs of ``fn`` within ``depth``
+    steps (an activation of the same size is computed through many more)."""
+    frontier, seen = [fn], set()
+    for _ in range(depth):
+        nxt = []
+        for f in frontier:
+            for g, _ in getattr(f, "next_functions", ()):
+                if g is None or id(g) in seen:
+                    continue
+                seen.add(id(g))
+                if id(getattr(g, "variable", None)) in weight_ids:
+                    return True
+                nxt.append(g)
+        frontier = nxt
+    return False
