@@ -76,6 +76,13 @@ class _Pool(nn.Module):
         return self.head(self.fc(x).amax(dim=1))
 
 
+def _grads(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The trainable parameters' gradients of ``sum(model(x)^2)``, flattened."""
+    model.zero_grad(set_to_none=True)
+    model(x).square().sum().backward()
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
+
+
 @pytest.mark.parametrize("surgery", [True, False])
 def test_engine_uses_the_rewrite_whenever_it_compresses(surgery):
     torch.manual_seed(0)
@@ -83,15 +90,10 @@ def test_engine_uses_the_rewrite_whenever_it_compresses(surgery):
     x = torch.randn(4, 16, 8, dtype=torch.float64)
     config = S2AConfig(modules=["bias"], head=None, surgery=surgery)
 
-    def grads() -> torch.Tensor:
-        model.zero_grad(set_to_none=True)
-        model(x).square().sum().backward()
-        return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
-
     with apply_s2a(model, config.replace(compress=False)):
-        exact = grads()
+        exact = _grads(model, x)
     with apply_s2a(model, config) as handle:
-        approx = grads()
+        approx = _grads(model, x)
         masks = handle.stats()["by_kind"]["mask"]
     assert torch.isfinite(approx).all()
     # The only saved tensor before fc's bias is the amax mask, packed to one exact bit per
@@ -169,14 +171,9 @@ def test_engine_gradients_through_an_inf_norm_are_finite_and_close(form):
     x = torch.randn(4, 16, 8, dtype=torch.float64)
     config = S2AConfig(modules=["bias"], head=None)
 
-    def grads() -> torch.Tensor:
-        model.zero_grad(set_to_none=True)
-        model(x).square().sum().backward()
-        return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
-
     with apply_s2a(model, config.replace(compress=False)):
-        exact = grads()
+        exact = _grads(model, x)
     with apply_s2a(model, config):
-        approx = grads()
+        approx = _grads(model, x)
     assert torch.isfinite(approx).all()
     assert_close_in_norm(approx, exact, 0.02)
