@@ -225,11 +225,11 @@ def load_adapter(module: nn.Module, path: str | os.PathLike, strict: bool = True
 def _absent_statistics(module: nn.Module, present: Any) -> set[str]:
     """Names of the running-statistics buffers of the BatchNorms under ``module`` of which
     ``present`` (an adapter's keys) holds none at all."""
-    absent: set[str] = set()
+    present, absent = set(present), set()
     for name, m in module.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             keys = {f"{name}.{leaf}" if name else leaf for leaf, _ in m.named_buffers()}
-            if not keys & set(present):
+            if not keys & present:
                 absent |= keys
     return absent
 

@@ -15,11 +15,16 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 shapes = st.lists(st.integers(0, 37), min_size=1, max_size=4)
 
 
+def _codes(bits: int, n: int, seed: int) -> torch.Tensor:
+    """``n`` random codes of ``bits`` bits, as uint8."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 1 << bits, (n,), generator=g, dtype=torch.uint8)
+
+
 @given(bits=st.sampled_from([1, 2, 4, 8]), n=st.integers(0, 300), seed=st.integers(0, 99))
 @settings(max_examples=60, deadline=None)
 def test_pack_bits_roundtrip_and_size(bits, n, seed):
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 1 << bits, (n,), generator=g, dtype=torch.uint8)
+    codes = _codes(bits, n, seed)
     packed = pack_bits(codes, bits)
     assert packed.dtype == torch.uint8
     assert packed.numel() == packed_numel(n, bits) == -(-n * bits // 8)
@@ -31,8 +36,7 @@ def test_pack_bits_roundtrip_and_size(bits, n, seed):
 def test_unpack_levels_is_the_codes_as_numbers(bits, n, seed):
     # Decoding from the cached float table gives each code's value, and the table is not
     # handed out: changing the result leaves the next decode as it was.
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 1 << bits, (n,), generator=g, dtype=torch.uint8)
+    codes = _codes(bits, n, seed)
     packed = pack_bits(codes, bits)
     got = unpack_levels(packed, bits, n)
     assert got.dtype == torch.float32
