@@ -297,6 +297,40 @@ def test_a_checkpoint_restored_under_another_model_config_is_an_error(tmp_path):
     assert resumed.current_epoch == 2
 
 
+def test_a_checkpoint_is_checked_before_its_weights_load(tmp_path):
+    # Lightning loads a checkpoint's weights before the callbacks' state: a config that
+    # changes the model's keys failed at PyTorch's unexpected-keys error, whose marker
+    # suggested lightning_s2a.load_from_checkpoint (S2A was applied already).
+    pl.seed_everything(0)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    prompted = S2AConfig(modules=["bias", "prompt"], input_size=(3, 32, 32))
+    _trainer(tmp_path, [S2ACallback(prompted, backbone="encoder"), checkpoint]).fit(
+        EncoderClassifier(), _data(16)
+    )
+    last = str(tmp_path / "ckpt" / "last.ckpt")
+    for run in ("test", "fit"):
+        bias_only = S2ACallback(backbone="encoder")
+        with pytest.raises(ValueError, match=r"trained with S2A modules=\('bias', 'prompt'\)"):
+            getattr(_trainer(tmp_path, [bias_only]), run)(
+                EncoderClassifier(), _data(8), ckpt_path=last
+            )
+    # a checkpoint saved without S2A cannot fill the prompts: said before the load fails
+    plain = str(tmp_path / "plain.ckpt")
+    trainer = _trainer(tmp_path, [])
+    trainer.fit(EncoderClassifier(), _data(8))
+    trainer.save_checkpoint(plain)
+    with pytest.raises(ValueError, match=r"holds none of the weights .*'prompt'"):
+        _trainer(tmp_path, [S2ACallback(prompted, backbone="encoder")]).test(
+            EncoderClassifier(), _data(8), ckpt_path=plain
+        )
+    # the hook is the module's own again after each run
+    module = EncoderClassifier()
+    _trainer(tmp_path, [S2ACallback(prompted, backbone="encoder")]).test(
+        module, _data(8), ckpt_path=last
+    )
+    assert "on_load_checkpoint" not in vars(module)
+
+
 # 5. Lifecycle ----------------------------------------------------------------------------
 def test_backbone_built_in_configure_model(tmp_path):
     model = LateEncoder()

@@ -26,6 +26,7 @@ from ..config import FOUR_BIT_DTYPES, S2AConfig
 from ..summary import calibration_line
 from .checks import (
     check_averaging_after,
+    check_checkpoint,
     check_head_outside,
     check_no_finetuning,
     check_no_swa,
@@ -131,15 +132,28 @@ class S2ACallback(pl.Callback):
                 "activations meet the low-precision weights under autocast; use "
                 f"Trainer(precision='bf16-mixed') or frozen_dtype=None (got {trainer.precision!r})."
             )
+        # Lightning restores a checkpoint's weights (resume, --ckpt_path) before this
+        # callback's state: the config it trained with is compared first, so a mismatch is
+        # this error, not the weights' missing-keys error or another model run silently.
+        _wrap(
+            pl_module,
+            "on_load_checkpoint",
+            before=lambda checkpoint: check_checkpoint(
+                checkpoint, checkpoint.get("callbacks", {}).get(self.state_key), self.handle
+            ),
+            once=False,
+        )
         if is_overridden("configure_model", pl_module):
             # Lightning calls configure_model after this hook and before the checkpoint
             # restore and the optimizers: the backbone may only exist from there on.
-            _run_after_configure_model(pl_module, lambda: self._apply(trainer, pl_module, stage))
+            _wrap(
+                pl_module, "configure_model", after=lambda: self._apply(trainer, pl_module, stage)
+            )
         else:
             self._apply(trainer, pl_module, stage)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _restore_configure_model(pl_module)
+        _unwrap(pl_module, "configure_model")
         if self.handle is None:
             raise RuntimeError(
                 f"S2A was not applied: {type(pl_module).__name__}.configure_model did not run."
@@ -250,7 +264,8 @@ class S2ACallback(pl.Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Hooks off; the trained modules stay, so validate/test/predict/checkpoints use them.
-        _restore_configure_model(pl_module)
+        _unwrap(pl_module, "configure_model")
+        _unwrap(pl_module, "on_load_checkpoint")
         if self.handle is not None:
             self.handle.stop_engine()
 
@@ -295,7 +310,7 @@ def sized_from_data(config: S2AConfig, datamodule: Any) -> S2AConfig:
     return config.replace(input_size=tuple(size))
 
 
-_CONFIGURE_MODEL_WRAPPED = "_s2a_configure_model"
+_WRAPPED = "_s2a_wrapped_{}"
 
 
 class _Skipped(Exception):
@@ -333,20 +348,32 @@ def _muted(pl_module: pl.LightningModule) -> Iterator[None]:
         del pl_module.log, pl_module.log_dict
 
 
-def _run_after_configure_model(pl_module: pl.LightningModule, then: Any) -> None:
-    """Make the module's next ``configure_model`` call ``then()`` once it has run."""
-    _restore_configure_model(pl_module)
-    original = pl_module.configure_model
+def _wrap(
+    pl_module: pl.LightningModule,
+    hook: str,
+    before: Any = None,
+    after: Any = None,
+    once: bool = True,
+) -> None:
+    """Make the module's ``hook`` run ``before(*args)`` first and ``after()`` last: on its next
+    call only (``once``), or until :func:`_unwrap` (teardown)."""
+    _unwrap(pl_module, hook)
+    original = getattr(pl_module, hook)
 
-    def configure_model() -> None:
-        original()
-        _restore_configure_model(pl_module)
-        then()
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        if once:
+            _unwrap(pl_module, hook)
+        if before is not None:
+            before(*args)
+        result = original(*args, **kwargs)
+        if after is not None:
+            after()
+        return result
 
-    pl_module.__dict__[_CONFIGURE_MODEL_WRAPPED] = True
-    pl_module.__dict__["configure_model"] = configure_model
+    pl_module.__dict__[_WRAPPED.format(hook)] = True
+    pl_module.__dict__[hook] = wrapped
 
 
-def _restore_configure_model(pl_module: pl.LightningModule) -> None:
-    if pl_module.__dict__.pop(_CONFIGURE_MODEL_WRAPPED, False):
-        pl_module.__dict__.pop("configure_model", None)
+def _unwrap(pl_module: pl.LightningModule, hook: str) -> None:
+    if pl_module.__dict__.pop(_WRAPPED.format(hook), False):
+        pl_module.__dict__.pop(hook, None)

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..api import S2AHandle, config_differences
 from ..config import FOUR_BIT_DTYPES, S2AConfig
+from ..structure.surgery import STATE_DICT_MARKER
 
 if TYPE_CHECKING:
     from .callback import S2ACallback
@@ -99,6 +100,23 @@ def check_same_model(saved: Any, current: S2AConfig | None) -> None:
         )
 
 
+def check_checkpoint(checkpoint: dict[str, Any], saved: Any, handle: S2AHandle | None) -> None:
+    """Before a checkpoint's weights load (resume, ``--ckpt_path``): ``saved``, the S2A state
+    it holds, must describe the model this run computes (:func:`check_same_model`), and a
+    checkpoint saved without S2A cannot fill the weights this run's S2A adds. Both would
+    otherwise surface as PyTorch's missing/unexpected-keys error, or not at all."""
+    current = handle.config if handle is not None else None
+    check_same_model(saved.get("config") if isinstance(saved, dict) else None, current)
+    marked = any(k.endswith(STATE_DICT_MARKER) for k in checkpoint.get("state_dict", {}))
+    if not saved and not marked and handle is not None and handle.structure.adds_weights:
+        raise ValueError(
+            "the checkpoint holds none of the weights this run's S2A config "
+            f"(modules={list(handle.config.modules)}) adds: it was saved without them. Start "
+            "from its weights without --ckpt_path (load them into the module before fit), or "
+            "restore it under the config it was saved with."
+        )
+
+
 def check_averaging_after(trainer: pl.Trainer, callback: S2ACallback) -> None:
     """A weight-averaging callback (``EMAWeightAveraging``) copies the model in its setup: run
     before S2A's, its copy lacks the prompt, side and bias parameters S2A adds (and has the
@@ -108,10 +126,8 @@ def check_averaging_after(trainer: pl.Trainer, callback: S2ACallback) -> None:
 
     handle = callback.handle
     assert handle is not None
-    structure = handle.structure
     if not (
-        structure.added_modules
-        or structure.added_biases
+        handle.structure.adds_weights
         or handle.config.frozen_dtype in FOUR_BIT_DTYPES  # weights taken out of parameters
     ):
         return  # the copy has every tensor the model has

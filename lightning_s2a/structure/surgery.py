@@ -68,6 +68,11 @@ class StructureState:
     #: What the side network is (the summary prints it).
     side_rule: str = ""
 
+    @property
+    def adds_weights(self) -> bool:
+        """Whether S2A added parameters (modules, biases) that the plain model lacks."""
+        return bool(self.added_modules or self.added_biases)
+
 
 def check_composition(modules: tuple[str, ...]) -> None:
     """Reject module combinations that cannot train, saying why."""
@@ -183,7 +188,7 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
             state.parts.append((f"{owner_name}.{attr}" if owner_name else attr, "prompt"))
     if "side" in modules:
         _apply_side(model, config, state)
-    if state.added_modules or state.added_biases:
+    if state.adds_weights:
         # A fresh model has none of the injected weights; its load_state_dict then fails on
         # torch's "Unexpected key(s)" error, and this entry makes that error say what to do.
         state.hooks.append(model.register_state_dict_post_hook(_marker_out))
