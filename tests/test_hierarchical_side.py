@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_s2a import S2ACallback, S2AConfig, apply_s2a
-from lightning_s2a.structure.hierarchical import Tap, as_map, token_grid
+from lightning_s2a.structure.hierarchical import Tap, as_map, map_stride, token_grid
 from tests.conftest import adapter_round_trip, assert_close_in_norm, cosine
 from tests.test_structure import SIZE, SMALL
 
@@ -160,6 +160,41 @@ def test_another_input_size_gives_a_pyramid_at_that_size():
     with apply_s2a(model, cfg):
         pyramid = model(torch.randn(1, 3, 96, 128))
     assert [tuple(f.shape[-2:]) for f in pyramid] == [(12, 16), (6, 8), (3, 4)]
+
+
+def test_map_strides_hold_at_sizes_other_than_the_probed_one():
+    # At 100 px ResNet's maps are 25, 13, 7 and 4 cells: strides were taken as 4, 8, 14
+    # and 25, and a 224 px batch (14 cells at stride 16) was refused as a wrong input.
+    model = _no_head("resnet")
+    cfg = S2AConfig(modules=["side"], side="hierarchical", head=None, input_size=(3, 100, 100))
+    with apply_s2a(model, cfg):
+        assert sorted({t.stride for t in model.s2a_side.taps}) == [4, 8, 16, 32]
+        for size in (100, 224, 70):
+            pyramid = model(torch.randn(1, 3, size, size))
+            assert [tuple(f.shape[-2:]) for f in pyramid] == [
+                (math.ceil(size / s),) * 2 for s in STRIDES
+            ]
+    assert map_stride(100, 7) == 16 and map_stride(300, 10) == 32 and map_stride(36, 3) == 12
+
+
+def test_a_padded_patch_grid_is_laid_out():
+    # timm's dynamic_img_pad pads 72 px to a 5x5 grid of 16-pixel patches: refused before,
+    # and applied at 72 px the stride was taken as 14 (72 // 14 == 5).
+    assert token_grid(26, (72, 72), 1) == (16, 1)
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        num_classes=0,
+        depth=2,
+        img_size=64,
+        dynamic_img_size=True,
+        dynamic_img_pad=True,
+    )
+    for applied in ((3, 64, 64), (3, 72, 72)):
+        cfg = S2AConfig(modules=["side"], side="hierarchical", head=None, input_size=applied)
+        with apply_s2a(model, cfg):
+            assert {t.stride for t in model.s2a_side.taps} == {16}
+            pyramid = model(torch.randn(1, 3, 72, 72))
+            assert [tuple(f.shape[-2:]) for f in pyramid] == [(9, 9), (5, 5), (3, 3)]
 
 
 def test_the_image_size_comes_from_keyword_arguments_too():

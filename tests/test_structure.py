@@ -225,6 +225,52 @@ def test_channels_last_blocks_are_read_as_channels_last(size):
         assert resnet(torch.randn(2, *size)).shape == (2, 5)
 
 
+class _TwoStagesChannelsLast(nn.Module):
+    """torchvision Swin at 384 px in small: a first stage whose (B, 8, 8, 8) maps read both
+    ways (C == H == W), then a merged stage on (B, 4, 4, 32) maps, channels last."""
+
+    def __init__(self, second_stage: bool = True) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 4, stride=4)
+        self.first = nn.Sequential(_MlpBlock(8), _MlpBlock(8))
+        self.second = nn.Sequential(_MlpBlock(32), _MlpBlock(32)) if second_stage else None
+        self.fc = nn.Linear(32 if second_stage else 8, 5)
+
+    def forward(self, x):
+        x = self.first(self.stem(x).permute(0, 2, 3, 1))
+        if self.second is not None:
+            b, h, w, c = x.shape  # 2x2 patch merging
+            x = x.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 2, 4, 5)
+            x = self.second(x.reshape(b, h // 2, w // 2, 4 * c))
+        return self.fc(x.mean((1, 2)))
+
+
+def test_a_map_that_reads_both_ways_takes_the_layout_of_the_other_blocks():
+    # (B, 8, 8, 8) was read channels first, PyTorch's convention: the side averaged image
+    # rows as channels, and nothing said so.
+    model = _TwoStagesChannelsLast()
+    blocks = ["first.0", "first.1", "second.0", "second.1"]
+    with apply_s2a(model, modules="side", head="fc", blocks=blocks, input_size=(3, 32, 32)) as h:
+        assert [b.layout for b in h.structure.blocks] == ["nhwc"] * 4
+    # nothing to settle it: an error naming the field that says it
+    alone = _TwoStagesChannelsLast(second_stage=False)
+    with pytest.raises(
+        ValueError,
+        match=r"reads as channels first or channels last alike.*"
+        r"block_layout='nchw'",
+    ):
+        apply_s2a(alone, modules="side", head="fc", blocks="first.*", input_size=(3, 32, 32))
+    with apply_s2a(
+        alone,
+        modules="side",
+        head="fc",
+        blocks="first.*",
+        block_layout="nhwc",
+        input_size=(3, 32, 32),
+    ) as h:
+        assert {b.layout for b in h.structure.blocks} == {"nhwc"}
+
+
 class _Dense(nn.ModuleDict):
     """A DenseNet-style block (timm's DenseBlock): its forward runs every child it holds."""
 

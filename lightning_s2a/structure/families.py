@@ -10,6 +10,7 @@ component (``"encoder.layer.*"``). The rule that found them is in ``handle.summa
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -71,6 +72,8 @@ def _layout_of(shape: torch.Size, declared: str, hw: tuple[int, int] | None = No
     A 4-D map is (B, C, H, W) or (B, H, W, C) (Swin-V2, TinyViT, MambaOut, Sequencer,
     torchvision's Swin): channels last where only its middle pair is shaped like the input
     ``hw``. Taken for channels first, a channels-last map gave a side network of width 1.
+    Where both pairs are (C == H == W) the answer is :data:`AMBIGUOUS`, settled by the
+    model's other blocks (:func:`_settle_layouts`).
     """
     if declared != "auto":
         return declared
@@ -79,15 +82,46 @@ def _layout_of(shape: torch.Size, declared: str, hw: tuple[int, int] | None = No
     if len(shape) == 4:
         if hw is None:
             return "nchw"
-        if _spatial(shape[1:3], hw) and not _spatial(shape[2:], hw):
+        first, last = _spatial(shape[2:], hw), _spatial(shape[1:3], hw)
+        if last and not first:
             return "nhwc"
-        # Channels first otherwise, PyTorch's convention: also when both pairs fit (C == H
-        # == W), or neither does (MobileViT-V2's (B, C, patch, patches) blocks).
+        if last and first:
+            return AMBIGUOUS
+        # Channels first otherwise, PyTorch's convention: also where neither pair fits
+        # (MobileViT-V2's (B, C, patch, patches) blocks).
         return "nchw"
     raise ValueError(
         f"cannot place a prompt on a block output of shape {tuple(shape)}: expected "
         "(B, N, D) tokens or a 4-D feature map."
     )
+
+
+#: A 4-D block output whose shape reads both ways (C == H == W at the probed size).
+AMBIGUOUS = "nchw or nhwc"
+
+
+def _settle_layouts(blocks: list[Block]) -> list[Block]:
+    """Blocks whose layout was :data:`AMBIGUOUS` take the one layout of the model's other
+    4-D blocks of their class, else of all its 4-D blocks. torchvision's swin_t at 384 px
+    has a 96-channel 96x96 first stage: read channels first, its side averaged image rows.
+    With no other block to agree with, or blocks that disagree, it is an error."""
+    known = [b for b in blocks if b.layout in ("nchw", "nhwc")]
+    settled = []
+    for b in blocks:
+        if b.layout == AMBIGUOUS:
+            same_class = {k.layout for k in known if type(k.module) is type(b.module)}
+            layouts = same_class or {k.layout for k in known}
+            if len(layouts) != 1:
+                raise ValueError(
+                    f"block {b.name!r} outputs shape {(1, *b.shape)}, which reads as channels "
+                    "first or channels last alike at this input size, and the other blocks "
+                    f"do not settle it ({sorted(layouts) or 'no other 4-D block'}). Say "
+                    "which: S2AConfig(block_layout='nchw') or 'nhwc', or apply S2A at "
+                    "another input_size."
+                )
+            b = dataclasses.replace(b, layout=layouts.pop())
+        settled.append(b)
+    return settled
 
 
 def _spatial(pair: Sequence[int], hw: tuple[int, int]) -> bool:
@@ -318,6 +352,7 @@ def block_output_shapes(
         )
         for b in blocks
     ]
+    found = _settle_layouts(found)
     return found, (tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else None), ran
 
 

@@ -44,18 +44,24 @@ def token_grid(tokens: int, image: tuple[int, int], prefix: int | None) -> tuple
 
     The model's own count ``prefix`` (timm's ``num_prefix_tokens``) is tried first, then the
     fewest leading tokens (up to :data:`MAX_PREFIX_TOKENS`) that leave a whole grid
-    ``(H // s) x (W // s)``; strides that divide the image are tried first.
+    ``(H // s) x (W // s)``; strides that divide the image are tried first. Then grids that
+    do not cut the image evenly: cut (floor) or padded (ceil, timm's ``dynamic_img_pad``),
+    powers of two first (72 px padded to a 5x5 grid of 16-pixel patches, not 14).
     """
     h, w = image
     # The model's own count first; then the search (CaiT says 1, but its main blocks carry
     # no class token: that is added for its class-attention blocks only).
-    prefixes = [*([] if prefix is None else [prefix]), *range(MAX_PREFIX_TOKENS + 1)]
-    for exact in (True, False):  # a stride that divides the image first (16 before 15 at 224)
+    strides = range(1, min(h, w) + 1)
+    uneven = sorted(strides, key=lambda s: (s & (s - 1) != 0, s))
+    searched = range(MAX_PREFIX_TOKENS + 1)
+    for prefixes in ([] if prefix is None else [prefix], searched):
+        for p in prefixes:  # a stride that divides the image first (16 before 15 at 224)
+            for s in strides:
+                if not (h % s or w % s) and (h // s) * (w // s) == tokens - p:
+                    return s, p
         for p in prefixes:
-            for s in range(1, min(h, w) + 1):
-                if exact and (h % s or w % s):
-                    continue
-                if (h // s) * (w // s) == tokens - p:
+            for s in uneven:
+                if tokens - p in ((h // s) * (w // s), -(-h // s) * -(-w // s)):
                     return s, p
     tried = f"0..{MAX_PREFIX_TOKENS}"
     raise ValueError(
@@ -66,12 +72,24 @@ def token_grid(tokens: int, image: tuple[int, int], prefix: int | None) -> tuple
     )
 
 
+def map_stride(size: int, cells: int) -> int:
+    """A feature map's stride from one probe: ``size`` input pixels over ``cells`` map cells.
+
+    The ratio at one size is blurred by rounding (ResNet at 100 px: 7 cells, 14.3 pixels
+    each, stride 32 / 2 / 2 = 16 in truth); a power of two less than a quarter off it is the
+    stride, so the map checks at other sizes hold (at 224 px: 14 cells, not 224 / 14 = 16)."""
+    ratio = size / cells
+    nearest = 2 ** round(math.log2(ratio)) if ratio >= 1 else 1
+    return nearest if abs(ratio / nearest - 1) < 0.25 else max(1, round(ratio))
+
+
 def as_map(h: torch.Tensor, tap: Tap, image: tuple[int, int]) -> torch.Tensor:
     """A block output as a (B, C, H, W) map, checked against the input size."""
     if tap.layout in ("nchw", "nhwc"):
         x = h if tap.layout == "nchw" else h.permute(0, 3, 1, 2)
         expected = (image[0] / tap.stride, image[1] / tap.stride)
-        if any(abs(n - e) >= 1 for n, e in zip(x.shape[-2:], expected, strict=True)):
+        # Convolutions round each stage up or down: a cell and an eighth of slack.
+        if any(abs(n - e) > 1 + e / 8 for n, e in zip(x.shape[-2:], expected, strict=True)):
             raise RuntimeError(
                 f"side='hierarchical' took the input size {image[0]}x{image[1]} from the model's "
                 f"first 4-D argument, but a block at stride {tap.stride} gave a "
@@ -79,14 +97,19 @@ def as_map(h: torch.Tensor, tap: Tap, image: tuple[int, int]) -> torch.Tensor:
                 "model's first 4-D argument."
             )
         return x
-    gh, gw = image[0] // tap.stride, image[1] // tap.stride
-    if gh * gw + tap.prefix != h.shape[1]:
+    h_img, w_img, s = image[0], image[1], tap.stride
+    # A patch grid cuts the image (floor) or pads it (ceil: timm's dynamic_img_pad).
+    grids = [(h_img // s, w_img // s), (-(-h_img // s), -(-w_img // s))]
+    found = [g for g in grids if g[0] * g[1] + tap.prefix == h.shape[1]]
+    if not found:
+        gh, gw = grids[0]
         raise RuntimeError(
             f"side='hierarchical' expected {gh}x{gw} patch tokens after {tap.prefix} leading "
-            f"ones for a {image[0]}x{image[1]} input, got {h.shape[1]} tokens. Call the model "
+            f"ones for a {h_img}x{w_img} input, got {h.shape[1]} tokens. Call the model "
             "with an image tensor (B, C, H, W) as its first argument, or apply S2A with "
             "S2AConfig(input_size=...) for the size your data have."
         )
+    gh, gw = found[0]
     return h[:, tap.prefix :].transpose(1, 2).reshape(h.shape[0], h.shape[2], gh, gw)
 
 

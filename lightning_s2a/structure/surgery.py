@@ -19,7 +19,7 @@ from ..config import FOUR_BIT_DTYPES, S2AConfig
 from . import four_bit
 from .families import Block, block_output_shapes, default_input_size, find_blocks
 from .head import HeadGroup, find_head, head_modules, is_bias
-from .hierarchical import HierarchicalSide, Tap, token_grid
+from .hierarchical import HierarchicalSide, Tap, map_stride, token_grid
 from .holders import home
 from .model_hooks import (
     HeldLayerHooks,
@@ -288,7 +288,7 @@ def _taps(
             taps.append(Tap("tokens", c, stride, skip))
         else:
             rows = block.shape[1] if block.layout == "nchw" else block.shape[0]
-            taps.append(Tap(block.layout, c, stride=max(1, round(image[0] / rows))))
+            taps.append(Tap(block.layout, c, stride=map_stride(image[0], rows)))
     return taps
 
 
