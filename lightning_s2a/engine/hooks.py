@@ -44,6 +44,7 @@ from .recognition import (
     classify,
     constant,
     foreign_autograd_context,
+    outside_call,
     statistics,
 )
 
@@ -349,7 +350,9 @@ class SavedTensorEngine:
 
     def _pack_activation(self, t: torch.Tensor) -> Any:
         cfg = self.config
-        call = self._call or Call(kind="generic")
+        call = self._call
+        if call is None:  # saved outside any operator: a custom Function, or a checkpoint
+            call = outside_call()
         kind = "mask" if t.dtype == torch.bool else call.kind
         account = self._account
         assert account is not None
@@ -365,6 +368,7 @@ class SavedTensorEngine:
             not cfg.compress
             or self._exact
             or bits is None
+            or kind == "checkpoint"  # a region's inputs: backward recomputes it from them
             or not (t.is_floating_point() or t.dtype == torch.bool)  # indices stay exact
             or t.numel() < cfg.min_numel
             or t.device.type == "meta"

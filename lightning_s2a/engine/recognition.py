@@ -8,10 +8,14 @@ statistics) live here too.
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.utils.checkpoint
 from torch.overrides import TorchFunctionMode
 
 from .ops import ElementwiseSpec
@@ -41,6 +45,46 @@ def foreign_autograd_context() -> bool:
         torch._C._current_graph_task_id() != -1
         or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
     )
+
+
+_CHECKPOINT_FILE = os.path.normcase(os.path.abspath(torch.utils.checkpoint.__file__))
+
+
+def checkpoint_input(depth: int = 8) -> bool:
+    """True while ``torch.utils.checkpoint`` saves a region's inputs (reentrant or not; HF's
+    ``gradient_checkpointing_enable`` and timm's ``set_grad_checkpointing`` call it): the
+    save happens outside any operator, under the engine's hooks, and backward recomputes the
+    whole region from these tensors. Coded, their error ran through every op of the region
+    (a ViT's backbone-gradient cosine fell to 0.89); they are kept exact, as without S2A.
+    Only the few frames above the pack hook are read, and only for saves outside operators.
+    """
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        if os.path.normcase(frame.f_code.co_filename) == _CHECKPOINT_FILE:
+            return True
+        frame = frame.f_back
+    return False
+
+
+#: Said once: checkpointing and S2A work against each other.
+CHECKPOINT_WARNING = (
+    "activation checkpointing under S2A: each checkpointed region's inputs are kept exact "
+    "(backward recomputes the region from them), which usually takes more memory than S2A's "
+    "codes of the whole region. Turn checkpointing off (timm: set_grad_checkpointing(False); "
+    "HF: gradient_checkpointing_disable()) to keep less."
+)
+
+
+def outside_call() -> Call:
+    """The :class:`Call` of a tensor saved outside any operator: a checkpoint's input
+    (kind "checkpoint", kept exact; warned about once), or what a custom autograd Function
+    saves ("generic")."""
+    if checkpoint_input():
+        warnings.warn(CHECKPOINT_WARNING, stacklevel=4)
+        return Call(kind="checkpoint")
+    return Call(kind="generic")
 
 
 def engine_saves(engine: SavedTensorEngine) -> bool:
