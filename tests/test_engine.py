@@ -690,6 +690,40 @@ class _Checkpointed(nn.Module):
         return x
 
 
+def test_second_order_gradients_through_derivative_codes_are_an_error():
+    # A derivative code's points make f' right, not f'': a gradient penalty through tanh got
+    # second-order gradients at cosine 0.73 to plain PyTorch, silently.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 1)).double()
+    x = torch.randn(32, 16, dtype=torch.float64, requires_grad=True)
+
+    def penalty() -> torch.Tensor:
+        (gx,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+        return gx.square().sum()
+
+    handle = apply_s2a(model, S2AConfig(head="2"))
+    with pytest.raises(RuntimeError, match=r"create_graph=True .* derivative code"):
+        penalty()
+    F.mse_loss(model(x), torch.zeros(32, 1, dtype=torch.float64)).backward()  # first order: fine
+    handle.stop_engine()  # the way out the error names
+    model.zero_grad()
+    penalty().backward()
+    around = [_grad_or_zero(p).clone() for p in model.parameters() if p.requires_grad]
+    handle.remove()
+    for p in model.parameters():
+        p.requires_grad_(p is model[0].bias or p is model[2].weight or p is model[2].bias)
+    model.zero_grad()
+    penalty().backward()
+    plain = [_grad_or_zero(p) for p in model.parameters() if p.requires_grad]
+    assert len(plain) == 3 and plain[0].abs().sum() > 0
+    for a, b in zip(around, plain, strict=True):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12 * float(b.norm()))
+
+
+def _grad_or_zero(p: torch.Tensor) -> torch.Tensor:
+    return p.grad if p.grad is not None else torch.zeros_like(p)
+
+
 def test_unpack_twice_returns_the_same_data():
     model = MLP(nn.GELU())
     x = torch.randn(32, 64)

@@ -235,6 +235,22 @@ class BnbPacked(Packed):
         return self.geometry.restore(flat)
 
 
+def in_backward() -> bool:
+    """True while autograd's engine runs a backward pass on this thread."""
+    return torch._C._current_graph_task_id() != -1
+
+
+#: Said where a backward that builds a graph (``create_graph=True``) reads a derivative code.
+SECOND_ORDER_ERROR = (
+    "a backward with create_graph=True (a gradient penalty, a Hessian-vector product) reads "
+    "a smooth operator's saved tensor (tanh, sigmoid, GELU, SiLU, ...) that S2A stored as a "
+    "derivative code: its values are chosen so the first derivative is right, not the second, "
+    "so second-order gradients would be silently wrong (a tanh MLP's: cosine 0.73). Run such "
+    "steps without compression: S2AConfig(compress=False), or handle.stop_engine() before "
+    "their forward and handle.start_engine() after."
+)
+
+
 class CodePacked(Packed):
     """k-bit interval indices into a lookup table of points (derivative codes, exact masks).
 
@@ -251,6 +267,7 @@ class CodePacked(Packed):
         *,
         packed: bool = False,
         triton: bool = False,
+        first_order: bool = False,
     ):
         self.geometry = Geometry.of(t)
         self.n = t.numel()
@@ -258,11 +275,15 @@ class CodePacked(Packed):
         self.codes = codes if packed else pack_bits(codes, bits)
         self.table = table  # shared per codebook; not counted per tensor
         self.triton = triton
+        #: Interval points of a derivative code: right for the first derivative only.
+        self.first_order = first_order
 
     def _code_bytes(self) -> int:
         return _nbytes(self.codes)
 
     def _decode(self) -> torch.Tensor:
+        if self.first_order and torch.is_grad_enabled() and in_backward():
+            raise RuntimeError(SECOND_ORDER_ERROR)
         if self.triton:
             from .triton_codes import triton_unpack_lookup
 

@@ -109,9 +109,9 @@ def pack_elementwise(t: torch.Tensor, opts: PackOptions) -> CodePacked | KeptPac
         from .triton_codes import triton_encode_intervals
 
         codes = triton_encode_intervals(flat, boundaries, opts.bits)
-        packed = CodePacked(codes, opts.bits, points, t, packed=True, triton=True)
+        packed = CodePacked(codes, opts.bits, points, t, packed=True, triton=True, first_order=True)
     else:
-        packed = CodePacked(encode(flat, boundaries, grid), opts.bits, points, t)
+        packed = CodePacked(encode(flat, boundaries, grid), opts.bits, points, t, first_order=True)
     if opts.defer:
         packed.decide(t, finite, defer=True)
     return packed

@@ -19,6 +19,7 @@ import torch.utils.checkpoint
 from torch.overrides import TorchFunctionMode
 
 from .ops import ElementwiseSpec
+from .packed import in_backward
 
 if TYPE_CHECKING:
     from .hooks import SavedTensorEngine
@@ -42,7 +43,7 @@ def foreign_autograd_context() -> bool:
     from the other owner; such regions are left to it, uncompressed.
     """
     return (
-        torch._C._current_graph_task_id() != -1
+        in_backward()
         or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
     )
 
