@@ -331,6 +331,21 @@ def test_a_checkpoint_is_checked_before_its_weights_load(tmp_path):
     assert "on_load_checkpoint" not in vars(module)
 
 
+class _ConvertsBatchNorms(pl.Callback):
+    """What Trainer(sync_batchnorm=True) does in DDP's setup, after S2A's setup hook."""
+
+    def setup(self, trainer, pl_module, stage):
+        pl_module.encoder = nn.SyncBatchNorm.convert_sync_batchnorm(pl_module.encoder)
+
+
+def test_batch_norms_replaced_after_s2a_are_an_error(tmp_path):
+    # The SyncBatchNorms that replaced S2A's held BatchNorms trained on batch statistics and
+    # changed the frozen running statistics (gradient cosine 0.5), silently, on a GPU.
+    trainer = _trainer(tmp_path, [S2ACallback(backbone="encoder"), _ConvertsBatchNorms()])
+    with pytest.raises(ValueError, match=r"were replaced after S2A.*drop sync_batchnorm=True"):
+        trainer.fit(EncoderClassifier(arch="resnet"), _data(16))
+
+
 # 5. Lifecycle ----------------------------------------------------------------------------
 def test_backbone_built_in_configure_model(tmp_path):
     model = LateEncoder()

@@ -42,10 +42,7 @@ def foreign_autograd_context() -> bool:
     Only the innermost saved-tensor hooks apply, so pushing ours there would take tensors
     from the other owner; such regions are left to it, uncompressed.
     """
-    return (
-        in_backward()
-        or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
-    )
+    return in_backward() or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
 
 
 _CHECKPOINT_FILE = os.path.normcase(os.path.abspath(torch.utils.checkpoint.__file__))

@@ -26,6 +26,7 @@ from ..config import FOUR_BIT_DTYPES, S2AConfig
 from ..summary import calibration_line
 from .checks import (
     check_averaging_after,
+    check_batch_norms_in_place,
     check_checkpoint,
     check_head_outside,
     check_no_finetuning,
@@ -158,6 +159,7 @@ class S2ACallback(pl.Callback):
             raise RuntimeError(
                 f"S2A was not applied: {type(pl_module).__name__}.configure_model did not run."
             )
+        check_batch_norms_in_place(self.handle)
         check_no_swa(trainer, self.handle)
         check_averaging_after(trainer, self)
         rank_zero_info(self.handle.summary())

@@ -117,6 +117,24 @@ def check_checkpoint(checkpoint: dict[str, Any], saved: Any, handle: S2AHandle |
         )
 
 
+def check_batch_norms_in_place(handle: S2AHandle) -> None:
+    """The BatchNorms S2A holds must still be the model's when fitting starts.
+    ``Trainer(sync_batchnorm=True)`` replaces them after S2A was applied (DDP's setup converts
+    every BatchNorm to SyncBatchNorm): the new modules trained on batch statistics and
+    updated the frozen running statistics (gradient cosine 0.5), and said nothing."""
+    present = {id(m) for m in handle.model.modules()}
+    replaced = [bn for bn in handle.structure.batch_norms if id(bn) not in present]
+    if replaced:
+        raise ValueError(
+            f"S2A holds {len(handle.structure.batch_norms)} frozen BatchNorms of "
+            f"{type(handle.model).__name__}, but {len(replaced)} were replaced after S2A was "
+            "applied (Trainer(sync_batchnorm=True) converts them to SyncBatchNorm then); the "
+            "new ones would train on batch statistics and change the frozen running "
+            "statistics. Convert in your module instead (nn.SyncBatchNorm.convert_sync_batchnorm"
+            " in __init__ or configure_model) and drop sync_batchnorm=True."
+        )
+
+
 def check_averaging_after(trainer: pl.Trainer, callback: S2ACallback) -> None:
     """A weight-averaging callback (``EMAWeightAveraging``) copies the model in its setup: run
     before S2A's, its copy lacks the prompt, side and bias parameters S2A adds (and has the
