@@ -346,6 +346,38 @@ def test_batch_norms_replaced_after_s2a_are_an_error(tmp_path):
         trainer.fit(EncoderClassifier(arch="resnet"), _data(16))
 
 
+class _LayerwiseRates(EncoderClassifier):
+    """A common fine-tuning recipe: one parameter group per submodule, another rate each."""
+
+    def configure_optimizers(self):
+        groups = [{"params": self.encoder.parameters(), "lr": 1e-4}]
+        return torch.optim.AdamW([*groups, {"params": self.classifier.parameters()}], lr=1e-2)
+
+
+class _ProbeOptimizer(EncoderClassifier):
+    """Linear-probe code reused: the optimizer holds the head only."""
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.classifier.parameters(), lr=1e-2)
+
+
+def test_parameters_s2a_trains_outside_every_optimizer_are_an_error(tmp_path):
+    # The whole module's side network sits at its root, outside both groups: it stayed at
+    # its random init (val loss unchanged over epochs) while s2a/trainable_params counted it.
+    whole_side = S2ACallback(S2AConfig(modules=["side"], head="classifier"))
+    with pytest.raises(
+        ValueError,
+        match=r"8 parameters that S2A trains are in no optimizer "
+        r"\(s2a_side\.proj\.0\.weight",
+    ):
+        _fit(tmp_path, _LayerwiseRates(), whole_side)
+    with pytest.raises(ValueError, match=r"in no optimizer \(encoder\.patch_embed\.proj\.bias"):
+        _fit(tmp_path, _ProbeOptimizer(), S2ACallback(backbone="encoder"))
+    # with the side inside the named encoder, the groups hold every parameter that trains
+    trainer = _fit(tmp_path, _LayerwiseRates(), S2ACallback(modules=["side"], backbone="encoder"))
+    assert trainer.state.finished
+
+
 # 5. Lifecycle ----------------------------------------------------------------------------
 def test_backbone_built_in_configure_model(tmp_path):
     model = LateEncoder()

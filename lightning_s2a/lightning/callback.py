@@ -31,6 +31,7 @@ from .checks import (
     check_head_outside,
     check_no_finetuning,
     check_no_swa,
+    check_optimized,
     check_same_model,
     check_single_s2a,
 )
@@ -160,6 +161,7 @@ class S2ACallback(pl.Callback):
                 f"S2A was not applied: {type(pl_module).__name__}.configure_model did not run."
             )
         check_batch_norms_in_place(self.handle)
+        check_optimized(trainer, pl_module, self.handle)
         check_no_swa(trainer, self.handle)
         check_averaging_after(trainer, self)
         rank_zero_info(self.handle.summary())

@@ -135,6 +135,28 @@ def check_batch_norms_in_place(handle: S2AHandle) -> None:
         )
 
 
+def check_optimized(trainer: pl.Trainer, pl_module: nn.Module, handle: S2AHandle) -> None:
+    """Every parameter S2A trains must be in an optimizer. An optimizer built from named
+    submodules (``self.encoder.parameters()``, ``self.fc.parameters()``) misses what S2A
+    adds outside them (a whole module's side network at its root) or freezes: the side
+    stayed at its random init while ``s2a/trainable_params`` counted it, silently."""
+    if not trainer.optimizers:
+        return  # Lightning warns about a fit without an optimizer itself
+    held = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
+    ours = {id(p) for p in handle.model.parameters() if p.requires_grad}
+    missing = [n for n, p in pl_module.named_parameters() if id(p) in ours and id(p) not in held]
+    if missing:
+        shown = ", ".join(missing[:4]) + (
+            f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+        )
+        raise ValueError(
+            f"{len(missing)} parameters that S2A trains are in no optimizer ({shown}): they "
+            "would stay as they are. Build the optimizer from the parameters that train, "
+            "e.g. torch.optim.AdamW(p for p in self.parameters() if p.requires_grad), or add "
+            "the modules S2A adds (s2a_side, s2a_prompt) to your parameter groups."
+        )
+
+
 def check_averaging_after(trainer: pl.Trainer, callback: S2ACallback) -> None:
     """A weight-averaging callback (``EMAWeightAveraging``) copies the model in its setup: run
     before S2A's, its copy lacks the prompt, side and bias parameters S2A adds (and has the
