@@ -273,6 +273,32 @@ def test_prompt_checkpoint_loads_into_a_fresh_module(tmp_path):
     assert get_handle(loaded.encoder).config == callback.handle.config
 
 
+def test_a_weights_only_checkpoint_loads_into_a_fresh_module(tmp_path):
+    # save_weights_only=True stores no callback state: load_from_checkpoint fell back to the
+    # ordinary call, whose error sent the user back to load_from_checkpoint.
+    pl.seed_everything(0)
+    model = EncoderClassifier()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_weights_only=True)
+    callback = S2ACallback(S2AConfig(modules=("bias", "prompt")), backbone="encoder")
+    trainer = _trainer(tmp_path, [callback, ckpt])
+    trainer.fit(model, _data(16))
+    loaded = load_from_checkpoint(EncoderClassifier, ckpt.last_model_path)
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(model(X), loaded(X))
+    # resumed under another config: still checked before the weights load
+    other = S2ACallback(S2AConfig(modules=("bias", "prompt"), prompt_rank=4), backbone="encoder")
+    with pytest.raises(ValueError, match=r"trained with S2A prompt_rank=8 \(this run: 4\)"):
+        _trainer(tmp_path, [other]).test(
+            EncoderClassifier(), _data(8), ckpt_path=ckpt.last_model_path
+        )
+    # saved after fit (no record): an error that says what the checkpoint lacks
+    after = str(tmp_path / "after_fit.ckpt")
+    trainer.save_checkpoint(after, weights_only=True)
+    with pytest.raises(ValueError, match=r"holds weights S2A added \(in encoder\) but not the S2A"):
+        load_from_checkpoint(EncoderClassifier, after)
+
+
 def test_a_checkpoint_restored_under_another_model_config_is_an_error(tmp_path):
     # bn_mode, side_merge or frozen_dtype change no parameter shape: the weights loaded, and
     # test --ckpt_path silently evaluated another model than the one trained.
@@ -376,6 +402,26 @@ def test_parameters_s2a_trains_outside_every_optimizer_are_an_error(tmp_path):
     # with the side inside the named encoder, the groups hold every parameter that trains
     trainer = _fit(tmp_path, _LayerwiseRates(), S2ACallback(modules=["side"], backbone="encoder"))
     assert trainer.state.finished
+
+
+def test_an_evaluation_alone_leaves_the_module_as_built(tmp_path):
+    # validate/test/predict on a module without S2A applied it for good: a later plain fit
+    # (full fine-tuning) silently trained biases only, its BatchNorms held in eval mode.
+    model = EncoderClassifier(arch="resnet")
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    callback = S2ACallback(backbone="encoder")
+    trainer = _trainer(tmp_path, [callback])
+    trainer.validate(model, _data(8))
+    assert get_handle(model.encoder) is None
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    trainer.predict(model, torch.utils.data.DataLoader(X, batch_size=4))
+    assert get_handle(model.encoder) is None
+    # after a fit, evaluations use the trained S2A model, which stays
+    trainer = _trainer(tmp_path, [callback])
+    trainer.fit(model, _data(16))
+    handle = get_handle(model.encoder)
+    trainer.test(model, _data(8))
+    assert get_handle(model.encoder) is handle is not None
 
 
 # 5. Lifecycle ----------------------------------------------------------------------------

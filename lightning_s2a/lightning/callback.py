@@ -24,6 +24,7 @@ from torch import nn
 from ..api import S2AHandle, apply_s2a, config_differences, count_trainable, get_handle
 from ..config import FOUR_BIT_DTYPES, S2AConfig
 from ..summary import calibration_line
+from .checkpoint import WEIGHTS_ONLY_KEY
 from .checks import (
     check_averaging_after,
     check_batch_norms_in_place,
@@ -69,6 +70,7 @@ class S2ACallback(pl.Callback):
         self._pending_state: dict[str, Any] | None = None
         self._forwards_before = 0
         self._warned = False
+        self._for_evaluation = False
 
     # -- where S2A goes ----------------------------------------------------------------
     def _target(self, pl_module: pl.LightningModule) -> tuple[nn.Module, S2AConfig]:
@@ -97,6 +99,9 @@ class S2ACallback(pl.Callback):
         existing = get_handle(target)
         if existing is None:
             self.handle = apply_s2a(target, sized_from_data(config, trainer.datamodule))
+            # Applied for an evaluation only (validate/test/predict): taken off at teardown,
+            # so a later fit without S2A trains the module as built.
+            self._for_evaluation = stage != "fit"
         elif (
             stage != "fit"
             or existing.config == config
@@ -141,10 +146,14 @@ class S2ACallback(pl.Callback):
             pl_module,
             "on_load_checkpoint",
             before=lambda checkpoint: check_checkpoint(
-                checkpoint, checkpoint.get("callbacks", {}).get(self.state_key), self.handle
+                checkpoint,
+                checkpoint.get("callbacks", {}).get(self.state_key)
+                or checkpoint.get(WEIGHTS_ONLY_KEY),
+                self.handle,
             ),
             once=False,
         )
+        _wrap(pl_module, "on_save_checkpoint", before=self._record_weights_only, once=False)
         if is_overridden("configure_model", pl_module):
             # Lightning calls configure_model after this hook and before the checkpoint
             # restore and the optimizers: the backbone may only exist from there on.
@@ -268,9 +277,14 @@ class S2ACallback(pl.Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Hooks off; the trained modules stay, so validate/test/predict/checkpoints use them.
+        # S2A applied for an evaluation alone is removed: the module is as it was built.
         _unwrap(pl_module, "configure_model")
         _unwrap(pl_module, "on_load_checkpoint")
-        if self.handle is not None:
+        _unwrap(pl_module, "on_save_checkpoint")
+        if self.handle is not None and self._for_evaluation:
+            self.handle.remove()
+            self.handle, self._for_evaluation = None, False
+        elif self.handle is not None:
             self.handle.stop_engine()
 
     def on_exception(
@@ -282,14 +296,23 @@ class S2ACallback(pl.Callback):
     # -- checkpoints -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         # The config and the S2A'd attribute let load_from_checkpoint rebuild the modules.
+        record = self._record()
+        if record:
+            record["engine"] = self.handle.engine.state_dict()
+        return record
+
+    def _record(self) -> dict[str, Any]:
+        """The S2A config and the S2A'd attribute, or {} before S2A is applied."""
         if self.handle is None or self._module is None:
             return {}
         target = next(n for n, m in self._module.named_modules() if m is self.handle.model)
-        return {
-            "engine": self.handle.engine.state_dict(),
-            "config": dataclasses.asdict(self.handle.config),
-            "target": target,
-        }
+        return {"config": dataclasses.asdict(self.handle.config), "target": target}
+
+    def _record_weights_only(self, checkpoint: dict[str, Any]) -> None:
+        """A weights-only checkpoint holds no callback state: the record goes at its top
+        level, so ``lightning_s2a.load_from_checkpoint`` can rebuild the modules."""
+        if "callbacks" not in checkpoint and self._record():
+            checkpoint[WEIGHTS_ONLY_KEY] = self._record()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "engine" not in state_dict:

@@ -19,12 +19,19 @@ import torch
 
 from ..api import apply_s2a, get_handle
 from ..config import S2AConfig
+from ..structure.surgery import STATE_DICT_MARKER
 
 M = TypeVar("M", bound=pl.LightningModule)
 
 
+#: Top-level checkpoint entry with the S2A config and target of a weights-only checkpoint
+#: (``ModelCheckpoint(save_weights_only=True)`` saves no callback state).
+WEIGHTS_ONLY_KEY = "lightning_s2a"
+
+
 def s2a_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
-    """The S2A callback's state in a loaded checkpoint (config, target, engine), or None."""
+    """The S2A callback's state in a loaded checkpoint (config, target, engine), or of a
+    weights-only checkpoint (config, target), or None."""
     found = [
         v for v in checkpoint.get("callbacks", {}).values() if isinstance(v, dict) and "config" in v
     ]
@@ -32,7 +39,13 @@ def s2a_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
         raise ValueError(
             "the checkpoint holds the state of several S2A callbacks; load it by hand."
         )
-    return found[0] if found else None
+    return found[0] if found else checkpoint.get(WEIGHTS_ONLY_KEY)
+
+
+def _marked_prefixes(checkpoint: dict[str, Any]) -> list[str]:
+    """Attributes whose S2A-injected weights the checkpoint holds (from the marker keys)."""
+    keys = checkpoint.get("state_dict", {})
+    return [k[: -len(STATE_DICT_MARKER)].rstrip(".") for k in keys if k.endswith(STATE_DICT_MARKER)]
 
 
 def load_from_checkpoint(
@@ -50,6 +63,16 @@ def load_from_checkpoint(
     """
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
     state = s2a_state(checkpoint)
+    if state is None and _marked_prefixes(checkpoint):
+        where = _marked_prefixes(checkpoint)[0] or "the module itself"
+        raise ValueError(
+            f"{os.fspath(checkpoint_path)!r} holds weights S2A added (in {where}) but not the "
+            "S2A config they trained with: a weights-only checkpoint saved without "
+            "S2ACallback's record (after fit, or by an older version). Build the module, "
+            "apply_s2a(<that attribute>, <the config it trained with>), then "
+            "module.load_state_dict(torch.load(path)['state_dict']); or save checkpoints "
+            "during fit."
+        )
     if state is None:
         return cls.load_from_checkpoint(checkpoint_path, map_location=map_location, **kwargs)
     with warnings.catch_warnings():
@@ -69,9 +92,10 @@ def load_from_checkpoint(
         ) from err
     handle = get_handle(target) or apply_s2a(target, S2AConfig(**state["config"]))
     handle.stop_engine()  # hooks on when a Trainer fits it again
-    handle.engine.load_state_dict(state["engine"])
+    if "engine" in state:  # a weights-only checkpoint has none (codebooks, forward count)
+        handle.engine.load_state_dict(state["engine"])
     model.load_state_dict(checkpoint["state_dict"], strict=True)
     return model
 
 
-__all__ = ["load_from_checkpoint", "s2a_state"]
+__all__ = ["WEIGHTS_ONLY_KEY", "load_from_checkpoint", "s2a_state"]
