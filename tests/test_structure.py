@@ -915,6 +915,11 @@ def test_blocks_that_return_tuples_are_a_clear_error():
     with pytest.raises(ValueError, match=r"blocks \['blocks.0', .*return \['tuple'\].*blocks="):
         apply_s2a(model, S2AConfig(modules=["prompt"], head="head", input_size=(4, 8)))
     assert all(p.requires_grad for p in model.parameters())
+    # no get_classifier(): the error names the model's last Linear as the likely head
+    with pytest.raises(
+        ValueError, match=r"Name the head, its last Linear: S2AConfig\(head='head'\)"
+    ):
+        apply_s2a(model, S2AConfig())
 
 
 def test_a_deep_copy_runs_its_own_side_network():

@@ -340,7 +340,8 @@ def block_output_shapes(
             f"'prompt' and 'side' read and change a block's output tensor, but blocks "
             f"{sorted(not_tensors)} of {type(model).__name__} return "
             f"{sorted(set(not_tensors.values()))}. Name blocks that return a tensor: "
-            "S2AConfig(blocks='...')."
+            "S2AConfig(blocks='...'); where none does (Hugging Face's Swin layers return "
+            "tuples), those modules cannot attach, and modules=['bias'] still trains."
         )
     found = [
         Block(

@@ -32,9 +32,15 @@ def find_head(model: nn.Module, head: str | None) -> nn.Module | None:
     if head == "auto":
         get = getattr(model, "get_classifier", None)
         if not callable(get):
+            linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+            guess = (
+                f"its last Linear: S2AConfig(head={linears[-1]!r})"
+                if linears
+                else ("e.g. S2AConfig(head='fc')")
+            )
             raise ValueError(
                 f"head='auto' needs a model with timm's get_classifier(); "
-                f"{type(model).__name__} has none. Name the head, e.g. S2AConfig(head='fc'), "
+                f"{type(model).__name__} has none. Name the head, {guess}, "
                 "or pass head=None to train no head."
             )
         found = get()
