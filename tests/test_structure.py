@@ -252,23 +252,49 @@ def test_a_map_that_reads_both_ways_takes_the_layout_of_the_other_blocks():
     blocks = ["first.0", "first.1", "second.0", "second.1"]
     with apply_s2a(model, modules="side", head="fc", blocks=blocks, input_size=(3, 32, 32)) as h:
         assert [b.layout for b in h.structure.blocks] == ["nhwc"] * 4
-    # nothing to settle it: an error naming the field that says it
+    # no other 4-D block: a forward at twice the size tells (spatial dimensions grow)
     alone = _TwoStagesChannelsLast(second_stage=False)
+    with apply_s2a(alone, modules="side", head="fc", blocks="first.*", input_size=(3, 32, 32)) as h:
+        assert {b.layout for b in h.structure.blocks} == {"nhwc"}
+    convs = _Wrapped(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)))
+    with apply_s2a(
+        convs, modules="prompt", head=None, blocks="inner.*", input_size=(3, 16, 16)
+    ) as h:
+        assert {b.layout for b in h.structure.blocks} == {"nchw"}
+    # a model that takes one size only: an error naming the field that says it
+    fixed = _FixedSize(alone)
     with pytest.raises(
         ValueError,
         match=r"reads as channels first or channels last alike.*"
         r"block_layout='nchw'",
     ):
-        apply_s2a(alone, modules="side", head="fc", blocks="first.*", input_size=(3, 32, 32))
+        apply_s2a(
+            fixed, modules="side", head="inner.fc", blocks="inner.first.*", input_size=(3, 32, 32)
+        )
     with apply_s2a(
-        alone,
+        fixed,
         modules="side",
-        head="fc",
-        blocks="first.*",
+        head="inner.fc",
+        blocks="inner.first.*",
         block_layout="nhwc",
         input_size=(3, 32, 32),
     ) as h:
         assert {b.layout for b in h.structure.blocks} == {"nhwc"}
+
+
+class _Wrapped(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+class _FixedSize(_Wrapped):
+    def forward(self, x):
+        assert x.shape[-2:] == (32, 32), "this model takes 32x32 images only"
+        return self.inner(x)
 
 
 class _Dense(nn.ModuleDict):

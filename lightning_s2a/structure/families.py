@@ -10,7 +10,6 @@ component (``"encoder.layer.*"``). The rule that found them is in ``handle.summa
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from .holders import PROBE_NAME, Probe
+from .layouts import layout_of, settle_layouts
 
 #: timm class name -> (block name pattern, layout of each block's output), for classes defined
 #: in timm only: torchvision's VisionTransformer, ConvNeXt, ResNet... share the names, not the
@@ -64,73 +64,6 @@ def match_modules(model: nn.Module, pattern: str | Sequence[str]) -> list[tuple[
     if missing:
         raise ValueError(f"blocks: {type(model).__name__} has no submodule(s) named {missing}.")
     return [(n, modules[n]) for n in pattern]
-
-
-def _layout_of(shape: torch.Size, declared: str, hw: tuple[int, int] | None = None) -> str:
-    """The layout of a block's output: declared, or read from its shape.
-
-    A 4-D map is (B, C, H, W) or (B, H, W, C) (Swin-V2, TinyViT, MambaOut, Sequencer,
-    torchvision's Swin): channels last where only its middle pair is shaped like the input
-    ``hw``. Taken for channels first, a channels-last map gave a side network of width 1.
-    Where both pairs are (C == H == W) the answer is :data:`AMBIGUOUS`, settled by the
-    model's other blocks (:func:`_settle_layouts`).
-    """
-    if declared != "auto":
-        return declared
-    if len(shape) == 3:
-        return "tokens"
-    if len(shape) == 4:
-        if hw is None:
-            return "nchw"
-        first, last = _spatial(shape[2:], hw), _spatial(shape[1:3], hw)
-        if last and not first:
-            return "nhwc"
-        if last and first:
-            return AMBIGUOUS
-        # Channels first otherwise, PyTorch's convention: also where neither pair fits
-        # (MobileViT-V2's (B, C, patch, patches) blocks).
-        return "nchw"
-    raise ValueError(
-        f"cannot place a prompt on a block output of shape {tuple(shape)}: expected "
-        "(B, N, D) tokens or a 4-D feature map."
-    )
-
-
-#: A 4-D block output whose shape reads both ways (C == H == W at the probed size).
-AMBIGUOUS = "nchw or nhwc"
-
-
-def _settle_layouts(blocks: list[Block]) -> list[Block]:
-    """Blocks whose layout was :data:`AMBIGUOUS` take the one layout of the model's other
-    4-D blocks of their class, else of all its 4-D blocks. torchvision's swin_t at 384 px
-    has a 96-channel 96x96 first stage: read channels first, its side averaged image rows.
-    With no other block to agree with, or blocks that disagree, it is an error."""
-    known = [b for b in blocks if b.layout in ("nchw", "nhwc")]
-    settled = []
-    for b in blocks:
-        if b.layout == AMBIGUOUS:
-            same_class = {k.layout for k in known if type(k.module) is type(b.module)}
-            layouts = same_class or {k.layout for k in known}
-            if len(layouts) != 1:
-                raise ValueError(
-                    f"block {b.name!r} outputs shape {(1, *b.shape)}, which reads as channels "
-                    "first or channels last alike at this input size, and the other blocks "
-                    f"do not settle it ({sorted(layouts) or 'no other 4-D block'}). Say "
-                    "which: S2AConfig(block_layout='nchw') or 'nhwc', or apply S2A at "
-                    "another input_size."
-                )
-            b = dataclasses.replace(b, layout=layouts.pop())
-        settled.append(b)
-    return settled
-
-
-def _spatial(pair: Sequence[int], hw: tuple[int, int]) -> bool:
-    """True if ``pair`` could be the (H, W) of a feature map of an ``hw`` input: no larger,
-    and the input's aspect ratio up to one cell of rounding (``|H w - W h| <= max(H, W)``)."""
-    h, w = int(pair[0]), int(pair[1])
-    if not (0 < h <= hw[0] and 0 < w <= hw[1]):
-        return False
-    return abs(hw[0] * w - hw[1] * h) <= max(hw)
 
 
 _WEIGHT_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
@@ -347,13 +280,13 @@ def block_output_shapes(
         Block(
             b.name,
             b.module,
-            _layout_of(shapes[b.name], b.layout, tuple(input_size[-2:])),
+            layout_of(shapes[b.name], b.layout, tuple(input_size[-2:])),
             tuple(shapes[b.name][1:]),
             likes[b.name],
         )
         for b in blocks
     ]
-    found = _settle_layouts(found)
+    found = settle_layouts(found, model, tuple(input_size))
     return found, (tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else None), ran
 
 

@@ -1,0 +1,133 @@
+"""Block-output layouts: tokens (B, N, D), channels-first (B, C, H, W) or channels-last
+(B, H, W, C) maps, read from the output's shape in the dry forward, and settled from the
+model's other blocks (or a second forward) where a shape reads both ways."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from .families import Block
+
+
+def layout_of(shape: torch.Size, declared: str, hw: tuple[int, int] | None = None) -> str:
+    """The layout of a block's output: declared, or read from its shape.
+
+    A 4-D map is (B, C, H, W) or (B, H, W, C) (Swin-V2, TinyViT, MambaOut, Sequencer,
+    torchvision's Swin): channels last where only its middle pair is shaped like the input
+    ``hw``. Taken for channels first, a channels-last map gave a side network of width 1.
+    Where both pairs are (C == H == W) the answer is :data:`AMBIGUOUS`, settled by the
+    model's other blocks (:func:`settle_layouts`).
+    """
+    if declared != "auto":
+        return declared
+    if len(shape) == 3:
+        return "tokens"
+    if len(shape) == 4:
+        if hw is None:
+            return "nchw"
+        first, last = _spatial(shape[2:], hw), _spatial(shape[1:3], hw)
+        if last and not first:
+            return "nhwc"
+        if last and first:
+            return AMBIGUOUS
+        # Channels first otherwise, PyTorch's convention: also where neither pair fits
+        # (MobileViT-V2's (B, C, patch, patches) blocks).
+        return "nchw"
+    raise ValueError(
+        f"cannot place a prompt on a block output of shape {tuple(shape)}: expected "
+        "(B, N, D) tokens or a 4-D feature map."
+    )
+
+
+#: A 4-D block output whose shape reads both ways (C == H == W at the probed size).
+AMBIGUOUS = "nchw or nhwc"
+
+
+def settle_layouts(
+    blocks: list[Block], model: nn.Module, input_size: tuple[int, ...]
+) -> list[Block]:
+    """Blocks whose layout was :data:`AMBIGUOUS` take the one layout of the model's other
+    4-D blocks of their class, else of all its 4-D blocks; with none to agree with, a second
+    dry forward at twice the size tells the spatial dimensions (they grow, channels do not).
+    torchvision's swin_t at 384 px has a 96-channel 96x96 first stage: read channels first,
+    its side averaged image rows. What nothing settles is an error."""
+    known = [b for b in blocks if b.layout in ("nchw", "nhwc")]
+    unsettled = [b for b in blocks if b.layout == AMBIGUOUS]
+    larger = None
+    if unsettled and not known:
+        larger = _shapes_at(model, unsettled, (*input_size[:-2], *(2 * v for v in input_size[-2:])))
+    settled = []
+    for b in blocks:
+        if b.layout == AMBIGUOUS:
+            same_class = {k.layout for k in known if type(k.module) is type(b.module)}
+            layouts = same_class or {k.layout for k in known}
+            if larger is not None and b.name in larger:
+                layouts = {_grown_layout(b.shape, larger[b.name])} - {None}
+            if len(layouts) != 1:
+                raise ValueError(
+                    f"block {b.name!r} outputs shape {(1, *b.shape)}, which reads as channels "
+                    "first or channels last alike at this input size, and neither the other "
+                    "blocks nor a forward at twice the size settle it. Say which: "
+                    "S2AConfig(block_layout='nchw') or 'nhwc', or apply S2A at another "
+                    "input_size."
+                )
+            b = dataclasses.replace(b, layout=layouts.pop())
+        settled.append(b)
+    return settled
+
+
+def _grown_layout(shape: tuple[int, ...], larger: tuple[int, ...]) -> str | None:
+    """The layout in which only the spatial pair of a (C, H, W)-or-(H, W, C) shape grew."""
+    if len(larger) != 3:
+        return None
+    if larger[0] == shape[0] and larger[1:] != shape[1:]:
+        return "nchw"
+    if larger[2] == shape[2] and larger[:2] != shape[:2]:
+        return "nhwc"
+    return None
+
+
+@torch.no_grad()
+def _shapes_at(
+    model: nn.Module, blocks: list[Block], input_size: tuple[int, ...]
+) -> dict[str, tuple[int, ...]] | None:
+    """Each block's output shape (without the batch) in an eval forward at ``input_size``,
+    or None where the model does not take that size."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def recorder(name: str):
+        def hook(module: nn.Module, args: object, output: object) -> None:
+            if isinstance(output, torch.Tensor):
+                shapes.setdefault(name, tuple(output.shape[1:]))
+
+        return hook
+
+    modes = {m: m.training for m in model.modules()}
+    handles = [b.module.register_forward_hook(recorder(b.name)) for b in blocks]
+    try:
+        param = next(model.parameters())
+        model.eval()
+        model(torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
+    except Exception:
+        return None
+    finally:
+        for module, training in modes.items():
+            module.training = training
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def _spatial(pair: Sequence[int], hw: tuple[int, int]) -> bool:
+    """True if ``pair`` could be the (H, W) of a feature map of an ``hw`` input: no larger,
+    and the input's aspect ratio up to one cell of rounding (``|H w - W h| <= max(H, W)``)."""
+    h, w = int(pair[0]), int(pair[1])
+    if not (0 < h <= hw[0] and 0 < w <= hw[1]):
+        return False
+    return abs(hw[0] * w - hw[1] * h) <= max(hw)
