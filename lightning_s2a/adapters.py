@@ -61,6 +61,11 @@ def backbone_identity(model: nn.Module, handle: S2AHandle | None = None) -> dict
             continue
         digest.update(f"{name}:{tuple(shape)}\n".encode())
         count += shape.numel()
+    # Persistent buffers too: a BatchNorm and a GroupNorm backbone share parameter shapes.
+    buffers = hashlib.sha256()
+    for name, shape in sorted(_persistent_buffers(model)):
+        if "s2a_" not in name:
+            buffers.update(f"{name}:{shape}\n".encode())
     cfg = getattr(model, "pretrained_cfg", None)
     arch = cfg.get("architecture") if isinstance(cfg, dict) else None
     return {
@@ -68,7 +73,18 @@ def backbone_identity(model: nn.Module, handle: S2AHandle | None = None) -> dict
         "architecture": arch,
         "num_params": count,
         "shape_sha256": digest.hexdigest(),
+        "buffer_sha256": buffers.hexdigest(),
     }
+
+
+def _persistent_buffers(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of the buffers a state dict holds (4-bit codes are not persistent)."""
+    return [
+        (f"{prefix}.{name}" if prefix else name, tuple(b.shape))
+        for prefix, m in model.named_modules()
+        for name, b in m._buffers.items()
+        if b is not None and name not in m._non_persistent_buffers_set
+    ]
 
 
 def adapter_tensors(module: nn.Module, handle: S2AHandle) -> dict[str, torch.Tensor]:
@@ -168,7 +184,12 @@ def load_adapter(module: nn.Module, path: str | os.PathLike, strict: bool = True
         raise ValueError(f"{path}: the adapter's S2A config cannot be read: {err}") from err
     handle = get_handle(target)
     saved, here = json.loads(metadata["backbone"]), backbone_identity(target, handle)
-    differs = [k for k in ("class", "num_params", "shape_sha256") if saved.get(k) != here[k]]
+    required = ("class", "num_params", "shape_sha256")
+    # Absent from adapters written before 2026-12-06 (buffers) or of non-timm models.
+    optional = ("architecture", "buffer_sha256")
+    differs = [k for k in required if saved.get(k) != here[k]] + [
+        k for k in optional if None not in (saved.get(k), here[k]) and saved[k] != here[k]
+    ]
     if differs:
         raise ValueError(
             f"adapter was trained on {_describe(saved)}, this backbone is {_describe(here)} "
@@ -177,6 +198,7 @@ def load_adapter(module: nn.Module, path: str | os.PathLike, strict: bool = True
         )
     created = handle is None
     if created:
+        before = {id(t) for t in (*module.parameters(), *module.buffers())}
         handle = apply_s2a(target, config)
     elif handle.config != config:
         fields = config_differences(config, handle.config)
@@ -218,6 +240,10 @@ def load_adapter(module: nn.Module, path: str | os.PathLike, strict: bool = True
     with torch.no_grad():
         for key, tensor in tensors.items():
             if key in everything:
+                if created and id(everything[key]) in before:  # the model's own: kept
+                    handle.structure.overwritten.append(
+                        (everything[key], everything[key].detach().clone())
+                    )
                 everything[key].copy_(tensor)
     return handle
 

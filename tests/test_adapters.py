@@ -112,6 +112,40 @@ def test_swap_adapters_on_one_backbone(tmp_path):
     assert torch.equal(out(backbone), outs["a"])
 
 
+def test_remove_after_load_adapter_puts_back_what_it_wrote_over(tmp_path):
+    # A bias adapter, remove() (as the other-config error says), then a side adapter: the
+    # side task ran on the first task's biases (outputs off by 0.14), silently.
+    paths = {}
+    for modules, seed in ((("bias",), 1), (("side",), 2)):
+        model = vit()
+        apply_s2a(model, S2AConfig(modules=modules, input_size=SIZE))
+        perturb(model, seed)
+        paths[modules] = (tmp_path / f"{modules[0]}.safetensors", out(model))
+        save_adapter(model, paths[modules][0])
+    backbone = vit()
+    built = {k: v.clone() for k, v in backbone.state_dict().items()}
+    load_adapter(backbone, paths["bias",][0]).remove()
+    assert all(torch.equal(v, built[k]) for k, v in backbone.state_dict().items())
+    load_adapter(backbone, paths["side",][0])
+    assert torch.equal(out(backbone), paths["side",][1])
+
+
+def test_error_other_weights_or_buffers_of_one_class(tmp_path):
+    # Only the class and parameter shapes were compared: a DeiT adapter loaded onto a ViT,
+    # a BatchNorm ResNet's onto a GroupNorm ResNet (same parameter shapes), silently.
+    for saved, other in (
+        (("deit_tiny_patch16_224", {"depth": 2, "img_size": 64}), "vit_tiny_patch16_224"),
+        (("resnet50", {}), "resnet50_gn"),
+    ):
+        name, kwargs = saved
+        model = timm.create_model(name, num_classes=5, **kwargs)
+        apply_s2a(model, S2AConfig(input_size=SIZE))
+        save_adapter(model, tmp_path / "a.safetensors")
+        target = timm.create_model(other, num_classes=5, **kwargs)
+        with pytest.raises(ValueError, match=rf"trained on {name}.*this backbone is {other}"):
+            load_adapter(target, tmp_path / "a.safetensors")
+
+
 def test_wrapper_prefix(tmp_path):
     wrapper = Wrapper(vit())
     apply_s2a(wrapper.backbone, CFG)

@@ -67,6 +67,9 @@ class StructureState:
     runners: set[str] = field(default_factory=set)
     #: What the side network is (the summary prints it).
     side_rule: str = ""
+    #: (tensor, value before) for what ``load_adapter`` wrote over when it applied S2A:
+    #: ``undo_structure`` puts the values back, so another task's adapter starts clean.
+    overwritten: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
     @property
     def adds_weights(self) -> bool:
@@ -383,6 +386,10 @@ def undo_structure(model: nn.Module, state: StructureState) -> None:
         module.register_parameter("bias", None)
     state.added_biases.clear()
     cast_frozen(model, state, None)
+    with torch.no_grad():
+        for tensor, value in reversed(state.overwritten):
+            tensor.copy_(value)
+    state.overwritten.clear()
     for name, p in model.named_parameters():
         if name in state.flags:
             p.requires_grad_(state.flags[name])
