@@ -93,8 +93,9 @@ def adapter_tensors(module: nn.Module, handle: S2AHandle) -> dict[str, torch.Ten
 
     Parameters count wherever they sit under ``module``, so a LightningModule's own head
     outside the S2A'd backbone is part of the adapter. Buffers are those of modules that own
-    a trainable parameter and of BatchNorms in train mode (running statistics); BatchNorms
-    that S2A holds in eval mode never change and are left out.
+    a trainable parameter and of norms with running statistics that may change (BatchNorms
+    in train mode, tracking InstanceNorms); BatchNorms that S2A holds in eval mode never
+    change and are left out.
     """
     held = {id(bn) for bn in handle.held_batch_norms()}
     found: dict[str, torch.Tensor] = {}
@@ -102,7 +103,9 @@ def adapter_tensors(module: nn.Module, handle: S2AHandle) -> dict[str, torch.Ten
         dot = f"{name}." if name else ""
         own = [(n, p) for n, p in m.named_parameters(recurse=False) if p.requires_grad]
         found.update((dot + n, p) for n, p in own)
-        if (own or isinstance(m, nn.modules.batchnorm._BatchNorm)) and id(m) not in held:
+        # Any norm with running statistics (BatchNorm; InstanceNorm with track_running_stats,
+        # which S2A does not hold and which updates them in training as without S2A).
+        if (own or isinstance(m, nn.modules.batchnorm._NormBase)) and id(m) not in held:
             skip = m._non_persistent_buffers_set
             found.update((dot + n, b) for n, b in m.named_buffers(recurse=False) if n not in skip)
     return found
