@@ -168,6 +168,21 @@ def test_state_dict_holds_the_originals_and_loading_requantizes():
     assert all(torch.equal(model.state_dict()[k], v) for k, v in originals.items())
 
 
+def test_remove_gives_back_the_same_parameter_objects_in_their_places():
+    # release() registered new Parameters after the bias: state-dict and parameters() order
+    # changed, and an optimizer or EMA copy made before apply held dead Parameters.
+    torch.manual_seed(0)
+    model = ConvMixer()
+    params = list(model.named_parameters())
+    keys = list(model.state_dict())
+    values = {n: p.detach().clone() for n, p in params}
+    with apply_s2a(model, frozen_dtype="nf4"):
+        assert all(four_bit.is_held(getattr(model, name)) for name in FROZEN)
+    assert [(n, id(p)) for n, p in model.named_parameters()] == [(n, id(p)) for n, p in params]
+    assert list(model.state_dict()) == keys
+    assert all(torch.equal(p, values[n]) for n, p in model.named_parameters())
+
+
 def test_adapter_trained_with_nf4_loads_on_a_fresh_model(tmp_path):
     torch.manual_seed(0)
     model = ConvMixer()

@@ -46,6 +46,11 @@ _SOURCE = "_s2a_four_bit_source"
 class _Meta:
     shape: torch.Size
     quant_type: str
+    #: The module's own weight Parameter (its values dropped while held) and the order of
+    #: its parameters, so release gives back the same object in the same place: optimizers
+    #: and EMA copies that hold it, and state-dict order, stay as they were.
+    original: nn.Parameter | None = None
+    order: tuple[str, ...] = ()
 
     @property
     def row(self) -> int:
@@ -124,9 +129,16 @@ def hold(module: nn.Module, weight: torch.Tensor, quant_type: str) -> None:
     rows = F.pad(w.reshape(w.shape[0], meta.row), (0, meta.padded_row - meta.row))
     rows = rows.to(w.dtype if w.dtype in _BNB_DTYPES else torch.float32).contiguous()
     codes, state = bnbf.quantize_4bit(rows, blocksize=BLOCK_SIZE, quant_type=quant_type)
-    if not is_held(module):
-        module._parameters.pop("weight", None)
+    if is_held(module):
+        previous: _Meta = getattr(module, _META)
+        original, order = previous.original, previous.order
+    else:
+        order = tuple(module._parameters)
+        original = module._parameters.pop("weight", None)
+        if original is not None:
+            original.data = original.data.new_empty(0)  # its values are the codes' now
         module.__class__ = _held_class(type(module))
+    meta = _Meta(w.shape, quant_type, original, order)
     module.register_buffer(_CODES, codes, persistent=False)
     module.register_buffer(_ABSMAX, state.absmax.float().view(torch.int32), persistent=False)
     module.register_buffer(_DTYPE, w.new_empty(0), persistent=False)
@@ -138,11 +150,19 @@ def release(module: nn.Module, weight: torch.Tensor) -> None:
     if not is_held(module):
         return
     dtype = dtype_of(module)  # the model may have been converted meanwhile
+    meta: _Meta = getattr(module, _META)
     module.__class__ = _original_class(type(module))
     for name in (_CODES, _ABSMAX, _DTYPE):
         delattr(module, name)
     delattr(module, _META)
-    module.register_parameter("weight", nn.Parameter(weight.to(dtype), requires_grad=False))
+    param = meta.original if meta.original is not None else nn.Parameter(weight.new_empty(0))
+    param.data = weight.to(dtype)
+    param.requires_grad_(False)
+    params = {**module._parameters, "weight": param}
+    module._parameters.clear()
+    for name in (*meta.order, *params):  # its own place first, then any added since
+        if name in params:
+            module._parameters[name] = params.pop(name)
 
 
 def device_of(module: nn.Module) -> torch.device:
