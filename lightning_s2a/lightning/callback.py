@@ -311,8 +311,9 @@ class S2ACallback(pl.Callback):
     def _record_weights_only(self, checkpoint: dict[str, Any]) -> None:
         """A weights-only checkpoint holds no callback state: the record goes at its top
         level, so ``lightning_s2a.load_from_checkpoint`` can rebuild the modules."""
-        if "callbacks" not in checkpoint and self._record():
-            checkpoint[WEIGHTS_ONLY_KEY] = self._record()
+        record = self._record()
+        if "callbacks" not in checkpoint and record:
+            checkpoint[WEIGHTS_ONLY_KEY] = record
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "engine" not in state_dict:

@@ -42,7 +42,7 @@ def s2a_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
     return found[0] if found else checkpoint.get(WEIGHTS_ONLY_KEY)
 
 
-def _marked_prefixes(checkpoint: dict[str, Any]) -> list[str]:
+def marked_prefixes(checkpoint: dict[str, Any]) -> list[str]:
     """Attributes whose S2A-injected weights the checkpoint holds (from the marker keys)."""
     keys = checkpoint.get("state_dict", {})
     return [k[: -len(STATE_DICT_MARKER)].rstrip(".") for k in keys if k.endswith(STATE_DICT_MARKER)]
@@ -63,8 +63,9 @@ def load_from_checkpoint(
     """
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
     state = s2a_state(checkpoint)
-    if state is None and _marked_prefixes(checkpoint):
-        where = _marked_prefixes(checkpoint)[0] or "the module itself"
+    marked = marked_prefixes(checkpoint)
+    if state is None and marked:
+        where = marked[0] or "the module itself"
         raise ValueError(
             f"{os.fspath(checkpoint_path)!r} holds weights S2A added (in {where}) but not the "
             "S2A config they trained with: a weights-only checkpoint saved without "
@@ -98,4 +99,4 @@ def load_from_checkpoint(
     return model
 
 
-__all__ = ["WEIGHTS_ONLY_KEY", "load_from_checkpoint", "s2a_state"]
+__all__ = ["WEIGHTS_ONLY_KEY", "load_from_checkpoint", "marked_prefixes", "s2a_state"]

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..api import S2AHandle, config_differences
 from ..config import FOUR_BIT_DTYPES, S2AConfig
-from ..structure.surgery import STATE_DICT_MARKER
+from .checkpoint import marked_prefixes
 
 if TYPE_CHECKING:
     from .callback import S2ACallback
@@ -107,8 +107,12 @@ def check_checkpoint(checkpoint: dict[str, Any], saved: Any, handle: S2AHandle |
     otherwise surface as PyTorch's missing/unexpected-keys error, or not at all."""
     current = handle.config if handle is not None else None
     check_same_model(saved.get("config") if isinstance(saved, dict) else None, current)
-    marked = any(k.endswith(STATE_DICT_MARKER) for k in checkpoint.get("state_dict", {}))
-    if not saved and not marked and handle is not None and handle.structure.adds_weights:
+    if (
+        not saved
+        and not marked_prefixes(checkpoint)
+        and handle is not None
+        and handle.structure.adds_weights
+    ):
         raise ValueError(
             "the checkpoint holds none of the weights this run's S2A config "
             f"(modules={list(handle.config.modules)}) adds: it was saved without them. Start "

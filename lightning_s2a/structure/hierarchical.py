@@ -75,9 +75,9 @@ def token_grid(tokens: int, image: tuple[int, int], prefix: int | None) -> tuple
 def map_stride(size: int, cells: int) -> int:
     """A feature map's stride from one probe: ``size`` input pixels over ``cells`` map cells.
 
-    The ratio at one size is blurred by rounding (ResNet at 100 px: 7 cells, 14.3 pixels
-    each, stride 32 / 2 / 2 = 16 in truth); a power of two less than a quarter off it is the
-    stride, so the map checks at other sizes hold (at 224 px: 14 cells, not 224 / 14 = 16)."""
+    The ratio at one size is blurred by rounding (ResNet's stride-16 stage at 100 px: 7
+    cells, 14.3 pixels each); a power of two less than a quarter off the ratio is the stride,
+    so the map checks at other sizes hold (at 224 px that stage has 14 cells, 224 / 16)."""
     ratio = size / cells
     nearest = 2 ** round(math.log2(ratio)) if ratio >= 1 else 1
     return nearest if abs(ratio / nearest - 1) < 0.25 else max(1, round(ratio))
