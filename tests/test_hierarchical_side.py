@@ -174,7 +174,28 @@ def test_map_strides_hold_at_sizes_other_than_the_probed_one():
             assert [tuple(f.shape[-2:]) for f in pyramid] == [
                 (math.ceil(size / s),) * 2 for s in STRIDES
             ]
-    assert map_stride(100, 7) == 16 and map_stride(300, 10) == 32 and map_stride(36, 3) == 12
+    assert map_stride(100, 7) == 16 and map_stride(300, 10) == 32 and map_stride(70, 17) == 4
+    # strides that are no power of two: ConvMixer-768/32 (patch 7), ConvMixer-1024/20 (patch 14)
+    assert map_stride(224, 32) == 7 and map_stride(672, 96) == 7 and map_stride(224, 16) == 14
+    patch7 = _PatchSeven()
+    cfg = S2AConfig(modules=["side"], side="hierarchical", head=None, input_size=(3, 70, 70))
+    with apply_s2a(patch7, cfg):
+        assert {t.stride for t in patch7.s2a_side.taps} == {7}
+        assert [tuple(f.shape[-2:]) for f in patch7(torch.randn(1, 3, 140, 140))] == [
+            (math.ceil(140 / s),) * 2 for s in STRIDES
+        ]
+
+
+class _PatchSeven(nn.Module):
+    """ConvMixer / Sequencer in small: 7-pixel patches, then maps at that stride."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 7, stride=7)
+        self.blocks = nn.Sequential(*[nn.Conv2d(8, 8, 3, padding=1) for _ in range(3)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.stem(x))
 
 
 def test_a_padded_patch_grid_is_laid_out():

@@ -46,9 +46,9 @@ def _trainer(tmp_path, callbacks, epochs=1, **kwargs):
     )
 
 
-def _fit(tmp_path, model, callback, epochs=1, **kwargs):
+def _fit(tmp_path, model, callback, epochs=1, callbacks_after=(), **kwargs):
     pl.seed_everything(0)
-    trainer = _trainer(tmp_path, [callback], epochs=epochs, **kwargs)
+    trainer = _trainer(tmp_path, [callback, *callbacks_after], epochs=epochs, **kwargs)
     trainer.fit(model, _data(16), _data(8))
     return trainer
 
@@ -349,12 +349,22 @@ def test_a_checkpoint_is_checked_before_its_weights_load(tmp_path):
         _trainer(tmp_path, [S2ACallback(prompted, backbone="encoder")]).test(
             EncoderClassifier(), _data(8), ckpt_path=plain
         )
-    # the hook is the module's own again after each run
+    # strict_loading=False: the user starts the prompts fresh on purpose
+    lenient = EncoderClassifier()
+    lenient.strict_loading = False
+    _trainer(tmp_path, [S2ACallback(prompted, backbone="encoder")]).test(
+        lenient, _data(8), ckpt_path=plain
+    )
+    # the hook is the module's own again after each run, and a module tested from a
+    # checkpoint keeps the checkpoint's model (S2A applied for the test was removed with it)
     module = EncoderClassifier()
     _trainer(tmp_path, [S2ACallback(prompted, backbone="encoder")]).test(
         module, _data(8), ckpt_path=last
     )
     assert "on_load_checkpoint" not in vars(module)
+    loaded = load_from_checkpoint(EncoderClassifier, last).eval()
+    with torch.no_grad():
+        assert torch.equal(module.eval()(X), loaded(X))
 
 
 class _ConvertsBatchNorms(pl.Callback):
@@ -387,6 +397,33 @@ class _ProbeOptimizer(EncoderClassifier):
         return torch.optim.AdamW(self.classifier.parameters(), lr=1e-2)
 
 
+class _NoOptimizer(EncoderClassifier):
+    def configure_optimizers(self):
+        return None  # Lightning runs the loop with a stand-in optimizer, and warns
+
+
+class _KeepsACopy(pl.Callback):
+    """An EMA- or teacher-style deep copy of the module made during fit."""
+
+    def on_fit_start(self, trainer, pl_module):
+        self.copy = __import__("copy").deepcopy(pl_module)
+
+
+class _NotesLoads(EncoderClassifier):
+    def on_load_checkpoint(self, checkpoint):
+        self.loaded = True
+
+
+def test_a_deep_copy_made_during_fit_runs_its_own_checkpoint_hook(tmp_path):
+    # The per-instance hook wrapper went with the copy, bound to the original: restoring the
+    # copy ran the original's hook and S2A's check on the original's handle.
+    keeper = _KeepsACopy()
+    model = _NotesLoads()
+    _fit(tmp_path, model, S2ACallback(backbone="encoder"), callbacks_after=[keeper])
+    keeper.copy.on_load_checkpoint({})
+    assert getattr(keeper.copy, "loaded", False) and not getattr(model, "loaded", False)
+
+
 def test_parameters_s2a_trains_outside_every_optimizer_are_an_error(tmp_path):
     # The whole module's side network sits at its root, outside both groups: it stayed at
     # its random init (val loss unchanged over epochs) while s2a/trainable_params counted it.
@@ -402,6 +439,9 @@ def test_parameters_s2a_trains_outside_every_optimizer_are_an_error(tmp_path):
     # with the side inside the named encoder, the groups hold every parameter that trains
     trainer = _fit(tmp_path, _LayerwiseRates(), S2ACallback(modules=["side"], backbone="encoder"))
     assert trainer.state.finished
+    # no optimizer at all is Lightning's own business (a warning), not this error
+    with pytest.warns(UserWarning, match="configure_optimizers"):
+        assert _fit(tmp_path, _NoOptimizer(), S2ACallback(backbone="encoder")).state.finished
 
 
 def test_an_evaluation_alone_leaves_the_module_as_built(tmp_path):

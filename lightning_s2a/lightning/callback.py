@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import types
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -142,17 +143,7 @@ class S2ACallback(pl.Callback):
         # Lightning restores a checkpoint's weights (resume, --ckpt_path) before this
         # callback's state: the config it trained with is compared first, so a mismatch is
         # this error, not the weights' missing-keys error or another model run silently.
-        _wrap(
-            pl_module,
-            "on_load_checkpoint",
-            before=lambda checkpoint: check_checkpoint(
-                checkpoint,
-                checkpoint.get("callbacks", {}).get(self.state_key)
-                or checkpoint.get(WEIGHTS_ONLY_KEY),
-                self.handle,
-            ),
-            once=False,
-        )
+        _wrap(pl_module, "on_load_checkpoint", before=self._restoring, once=False)
         _wrap(pl_module, "on_save_checkpoint", before=self._record_weights_only, once=False)
         if is_overridden("configure_model", pl_module):
             # Lightning calls configure_model after this hook and before the checkpoint
@@ -301,6 +292,15 @@ class S2ACallback(pl.Callback):
             record["engine"] = self.handle.engine.state_dict()
         return record
 
+    def _restoring(self, checkpoint: dict[str, Any]) -> None:
+        """Before a checkpoint's weights load into the module: check them against this run's
+        config. The module then holds the checkpoint's model, which an evaluation keeps
+        (``test(ckpt_path=...)`` then ``predict``), as Lightning keeps restored weights."""
+        saved = checkpoint.get("callbacks", {}).get(self.state_key)
+        strict = bool(getattr(self._module, "strict_loading", True))
+        check_checkpoint(checkpoint, saved or checkpoint.get(WEIGHTS_ONLY_KEY), self.handle, strict)
+        self._for_evaluation = False
+
     def _record(self) -> dict[str, Any]:
         """The S2A config and the S2A'd attribute, or {} before S2A is applied."""
         if self.handle is None or self._module is None:
@@ -388,7 +388,9 @@ def _wrap(
     _unwrap(pl_module, hook)
     original = getattr(pl_module, hook)
 
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
+    def wrapped(module: pl.LightningModule, *args: Any, **kwargs: Any) -> Any:
+        if module is not pl_module:  # a deep copy made meanwhile (EMA): its own hook only
+            return getattr(type(module), hook)(module, *args, **kwargs)
         if once:
             _unwrap(pl_module, hook)
         if before is not None:
@@ -399,7 +401,8 @@ def _wrap(
         return result
 
     pl_module.__dict__[_WRAPPED.format(hook)] = True
-    pl_module.__dict__[hook] = wrapped
+    # Bound, so that a deep copy's attribute binds to the copy (copy.deepcopy rebinds methods)
+    pl_module.__dict__[hook] = types.MethodType(wrapped, pl_module)
 
 
 def _unwrap(pl_module: pl.LightningModule, hook: str) -> None:

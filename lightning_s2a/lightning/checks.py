@@ -100,15 +100,19 @@ def check_same_model(saved: Any, current: S2AConfig | None) -> None:
         )
 
 
-def check_checkpoint(checkpoint: dict[str, Any], saved: Any, handle: S2AHandle | None) -> None:
+def check_checkpoint(
+    checkpoint: dict[str, Any], saved: Any, handle: S2AHandle | None, strict: bool = True
+) -> None:
     """Before a checkpoint's weights load (resume, ``--ckpt_path``): ``saved``, the S2A state
     it holds, must describe the model this run computes (:func:`check_same_model`), and a
-    checkpoint saved without S2A cannot fill the weights this run's S2A adds. Both would
-    otherwise surface as PyTorch's missing/unexpected-keys error, or not at all."""
+    checkpoint saved without S2A cannot fill the weights this run's S2A adds (unless the
+    module loads non-strictly, ``strict_loading=False``: then it starts them fresh). Both
+    would otherwise surface as PyTorch's missing/unexpected-keys error, or not at all."""
     current = handle.config if handle is not None else None
     check_same_model(saved.get("config") if isinstance(saved, dict) else None, current)
     if (
-        not saved
+        strict
+        and not saved
         and not marked_prefixes(checkpoint)
         and handle is not None
         and handle.structure.adds_weights
@@ -144,9 +148,11 @@ def check_optimized(trainer: pl.Trainer, pl_module: nn.Module, handle: S2AHandle
     submodules (``self.encoder.parameters()``, ``self.fc.parameters()``) misses what S2A
     adds outside them (a whole module's side network at its root) or freezes: the side
     stayed at its random init while ``s2a/trainable_params`` counted it, silently."""
-    if not trainer.optimizers:
-        return  # Lightning warns about a fit without an optimizer itself
-    held = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
+    # configure_optimizers returning None gets Lightning's own stand-in (and its warning).
+    optimizers = [o for o in trainer.optimizers if type(o).__name__ != "_MockOptimizer"]
+    if not optimizers:
+        return
+    held = {id(p) for opt in optimizers for g in opt.param_groups for p in g["params"]}
     ours = {id(p) for p in handle.model.parameters() if p.requires_grad}
     missing = [n for n, p in pl_module.named_parameters() if id(p) in ours and id(p) not in held]
     if missing:

@@ -76,11 +76,15 @@ def map_stride(size: int, cells: int) -> int:
     """A feature map's stride from one probe: ``size`` input pixels over ``cells`` map cells.
 
     The ratio at one size is blurred by rounding (ResNet's stride-16 stage at 100 px: 7
-    cells, 14.3 pixels each); a power of two less than a quarter off the ratio is the stride,
-    so the map checks at other sizes hold (at 224 px that stage has 14 cells, 224 / 16)."""
-    ratio = size / cells
-    nearest = 2 ** round(math.log2(ratio)) if ratio >= 1 else 1
-    return nearest if abs(ratio / nearest - 1) < 0.25 else max(1, round(ratio))
+    cells, 14.3 pixels each): a power of two whose exact cell count lies within one cell of
+    ``cells`` (rounding up or down at each stage) is the stride, so the map checks at other
+    sizes hold (at 224 px that stage has 14 cells, 224 / 16). Other strides (ConvMixer's and
+    Sequencer's patches of 7 or 14) are the ratio itself."""
+    powers = [2**k for k in range(size.bit_length())]
+    near = [s for s in powers if abs(cells - size / s) < 1]
+    if near:
+        return min(near, key=lambda s: abs(cells - size / s))
+    return max(1, round(size / cells))
 
 
 def as_map(h: torch.Tensor, tap: Tap, image: tuple[int, int]) -> torch.Tensor:
@@ -88,8 +92,7 @@ def as_map(h: torch.Tensor, tap: Tap, image: tuple[int, int]) -> torch.Tensor:
     if tap.layout in ("nchw", "nhwc"):
         x = h if tap.layout == "nchw" else h.permute(0, 3, 1, 2)
         expected = (image[0] / tap.stride, image[1] / tap.stride)
-        # Convolutions round each stage up or down: a cell and an eighth of slack.
-        if any(abs(n - e) > 1 + e / 8 for n, e in zip(x.shape[-2:], expected, strict=True)):
+        if any(abs(n - e) >= 1 for n, e in zip(x.shape[-2:], expected, strict=True)):
             raise RuntimeError(
                 f"side='hierarchical' took the input size {image[0]}x{image[1]} from the model's "
                 f"first 4-D argument, but a block at stride {tap.stride} gave a "
