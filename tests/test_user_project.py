@@ -223,6 +223,9 @@ def test_cli_a_class_named_over_a_config_files_keeps_its_own_defaults(tmp_path, 
     assert cli.datamodule.batch_size == 8  # FourWayData's own, not DigitsDataModule's 32
     cli = S2ALightningCLI(run=False, args=[*args, "--model.lr", "0.05"])
     assert cli.model.hparams.lr == 0.05
+    # several values at once, as a dict (the lr was taken for the quickstart's, dropped)
+    cli = S2ALightningCLI(run=False, args=[*args, "--model.init_args", '{"lr": 0.04}'])
+    assert cli.model.hparams.lr == 0.04
     as_dict = (
         '{"class_path": "tests.lightning_helpers.EncoderClassifier", "init_args": {"lr": 0.02}}'
     )

@@ -204,6 +204,10 @@ def carried_init_args(args: list[str], key: str, class_path: str) -> dict[str, A
             for section in _config_sections(_flag_value(args, i, value)):
                 if key in section:
                     entry(section[key])
+        elif flag == f"--{key}.init_args":  # several values at once: a dict or a YAML file
+            given = _loaded(_flag_value(args, i, value))
+            for name in given if isinstance(given, dict) else {}:
+                last[name] = (False, None)
         elif flag.startswith(f"--{key}."):
             name = flag.removeprefix(f"--{key}.").removeprefix("init_args.").split(".")[0]
             last[name] = (False, None)
