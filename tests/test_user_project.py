@@ -247,6 +247,15 @@ def test_cli_a_class_named_over_a_config_files_keeps_its_own_defaults(tmp_path, 
     )
     cli = S2ALightningCLI(run=False, args=[*base, "--model", str(section), *user])
     assert cli.model.hparams.lr == 0.5  # written in the class's own file: kept
+    # the same class by another import path (a re-export) is the class's own, not another's
+    reexported = tmp_path / "reexported.yaml"
+    reexported.write_text(
+        "model:\n  class_path: tests.test_user_project.EncoderClassifier\n"
+        "  init_args:\n    lr: 0.25\n"
+    )
+    named = ["--model=tests.lightning_helpers.EncoderClassifier", *user]
+    cli = S2ALightningCLI(run=False, args=[*base, "--config", str(reexported), *named])
+    assert cli.model.hparams.lr == 0.25
     # a default passed on through **kwargs is found up the class hierarchy
     kw = [*base, "--model=tests.test_user_project._KwargsClassifier", *user]
     assert S2ALightningCLI(run=False, args=kw).model.hparams.lr == 1e-3

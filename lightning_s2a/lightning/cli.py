@@ -242,8 +242,21 @@ def _default_of(cls: type, name: str) -> Any:
 
 
 def _same_class(written: str, resolved: str) -> bool:
-    """A config's class path (in full, or the class name alone) names the resolved one."""
-    return written == resolved or ("." not in written and resolved.endswith("." + written))
+    """A config's class path (in full, the class name alone, or another import path of the
+    same class, e.g. a package's re-export) names the resolved one."""
+    if written == resolved or ("." not in written and resolved.endswith("." + written)):
+        return True
+    found = [_import_class(path) for path in (written, resolved)]
+    return found[0] is not None and found[0] is found[1]
+
+
+def _import_class(path: str) -> Any:
+    """The object at a dotted ``module.Class`` path, or None where it does not import."""
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name, None) if module else None
+    except Exception:  # a path that does not import is no class to compare
+        return None
 
 
 class S2ALightningCLI(LightningCLI):
