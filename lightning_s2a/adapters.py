@@ -215,7 +215,7 @@ def load_adapter(module: nn.Module, path: str | os.PathLike, strict: bool = True
     # Adapters saved before 2026-12-06 with bn_mode="eval" hold no running statistics of a
     # BatchNorm in the head (then held in eval mode on those of the model as built): where all
     # of one BatchNorm's are absent, the model's own stay.
-    legacy = _absent_statistics(module, tensors.keys()) if config.bn_mode == "eval" else set()
+    legacy = _absent_statistics(module, tensors.keys(), config.bn_mode == "eval")
     missing = sorted(expected.keys() - tensors.keys() - legacy)
     unexpected = sorted(tensors.keys() - everything.keys())
     mismatched = [
@@ -243,20 +243,30 @@ def load_adapter(module: nn.Module, path: str | os.PathLike, strict: bool = True
     with torch.no_grad():
         for key, tensor in tensors.items():
             if key in everything:
-                if created and id(everything[key]) in before:  # the model's own: kept
-                    handle.structure.overwritten.append(
-                        (everything[key], everything[key].detach().clone())
-                    )
+                own = created and id(everything[key]) in before  # not one S2A added
+                old = everything[key].detach().clone() if own else None
                 everything[key].copy_(tensor)
+                if own:
+                    owner, _, leaf = key.rpartition(".")
+                    written = everything[key].detach().clone()
+                    handle.structure.overwritten.append(
+                        (module.get_submodule(owner), leaf, old, written)
+                    )
     return handle
 
 
-def _absent_statistics(module: nn.Module, present: Any) -> set[str]:
-    """Names of the running-statistics buffers of the BatchNorms under ``module`` of which
-    ``present`` (an adapter's keys) holds none at all."""
+def _absent_statistics(module: nn.Module, present: Any, batch_norms: bool) -> set[str]:
+    """Names of the running-statistics buffers of the norms under ``module`` of which
+    ``present`` (an adapter's keys) holds none at all: tracking InstanceNorms (adapters saved
+    before 2026-12-06 left them out), and BatchNorms where ``batch_norms``."""
     present, absent = set(present), set()
+    kinds = (
+        (nn.modules.batchnorm._NormBase,)
+        if batch_norms
+        else (nn.modules.instancenorm._InstanceNorm,)
+    )
     for name, m in module.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, kinds):
             keys = {f"{name}.{leaf}" if name else leaf for leaf, _ in m.named_buffers()}
             if not keys & present:
                 absent |= keys

@@ -126,8 +126,28 @@ def test_remove_after_load_adapter_puts_back_what_it_wrote_over(tmp_path):
     built = {k: v.clone() for k, v in backbone.state_dict().items()}
     load_adapter(backbone, paths["bias",][0]).remove()
     assert all(torch.equal(v, built[k]) for k, v in backbone.state_dict().items())
-    load_adapter(backbone, paths["side",][0])
+    handle = load_adapter(backbone, paths["side",][0])
     assert torch.equal(out(backbone), paths["side",][1])
+    handle.remove()
+    # what trained after the load stays (remove() after a fit keeps it); what did not is
+    # put back, also after the model changed dtype (buffers are new tensors then)
+    model = resnet()
+    apply_s2a(model, S2AConfig(bn_mode="train"))
+    perturb(model, 3)
+    model.train()(torch.randn(4, *SIZE))  # statistics move as well
+    save_adapter(model, tmp_path / "train.safetensors")
+    fresh = resnet()
+    built = {k: v.clone() for k, v in fresh.state_dict().items()}
+    handle = load_adapter(fresh, tmp_path / "train.safetensors")
+    with torch.no_grad():
+        fresh.fc.bias.add_(1.0)  # trained after the load
+    fresh.double()
+    handle.remove()
+    for key, value in fresh.state_dict().items():
+        if key == "fc.bias":
+            assert not torch.equal(value, built[key].double())
+        else:
+            assert torch.equal(value, built[key].to(value.dtype)), key
 
 
 def test_error_other_weights_or_buffers_of_one_class(tmp_path):

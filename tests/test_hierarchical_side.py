@@ -184,6 +184,11 @@ def test_map_strides_hold_at_sizes_other_than_the_probed_one():
         assert [tuple(f.shape[-2:]) for f in patch7(torch.randn(1, 3, 140, 140))] == [
             (math.ceil(140 / s),) * 2 for s in STRIDES
         ]
+    # probed where a stride of 7 and one of 8 read alike (97 px: 13 cells): the check
+    # bounds the stride by the probe instead of guessing one (8 refused 224 px)
+    with apply_s2a(patch7, cfg.replace(input_size=(3, 97, 97))):
+        for size in (97, 130, 224):
+            assert len(patch7(torch.randn(1, 3, size, size))) == len(STRIDES)
 
 
 class _PatchSeven(nn.Module):

@@ -468,6 +468,11 @@ def test_an_evaluation_alone_leaves_the_module_as_built(tmp_path):
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     trainer.predict(model, torch.utils.data.DataLoader(X, batch_size=4))
     assert get_handle(model.encoder) is None
+    # a checkpoint restored without S2A in it brings no S2A model to keep
+    plain = str(tmp_path / "plain.ckpt")
+    trainer.save_checkpoint(plain)
+    _trainer(tmp_path, [callback]).validate(model, _data(8), ckpt_path=plain)
+    assert get_handle(model.encoder) is None
     # after a fit, evaluations use the trained S2A model, which stays
     trainer = _trainer(tmp_path, [callback])
     trainer.fit(model, _data(16))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import types
+import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -25,7 +26,7 @@ from torch import nn
 from ..api import S2AHandle, apply_s2a, config_differences, count_trainable, get_handle
 from ..config import FOUR_BIT_DTYPES, S2AConfig
 from ..summary import calibration_line
-from .checkpoint import WEIGHTS_ONLY_KEY
+from .checkpoint import WEIGHTS_ONLY_KEY, marked_prefixes
 from .checks import (
     check_averaging_after,
     check_batch_norms_in_place,
@@ -72,6 +73,8 @@ class S2ACallback(pl.Callback):
         self._forwards_before = 0
         self._warned = False
         self._for_evaluation = False
+        self._restored_s2a = False
+        self._run = ""  # a token for this run's own checkpoints (a tuner's temporary ones)
 
     # -- where S2A goes ----------------------------------------------------------------
     def _target(self, pl_module: pl.LightningModule) -> tuple[nn.Module, S2AConfig]:
@@ -144,7 +147,8 @@ class S2ACallback(pl.Callback):
         # callback's state: the config it trained with is compared first, so a mismatch is
         # this error, not the weights' missing-keys error or another model run silently.
         _wrap(pl_module, "on_load_checkpoint", before=self._restoring, once=False)
-        _wrap(pl_module, "on_save_checkpoint", before=self._record_weights_only, once=False)
+        self._run = uuid.uuid4().hex
+        _wrap(pl_module, "on_save_checkpoint", before=self._saving, once=False)
         if is_overridden("configure_model", pl_module):
             # Lightning calls configure_model after this hook and before the checkpoint
             # restore and the optimizers: the backbone may only exist from there on.
@@ -272,11 +276,14 @@ class S2ACallback(pl.Callback):
         _unwrap(pl_module, "configure_model")
         _unwrap(pl_module, "on_load_checkpoint")
         _unwrap(pl_module, "on_save_checkpoint")
-        if self.handle is not None and self._for_evaluation:
+        # A checkpoint of an S2A model restored by the run's ckpt_path stays, as Lightning
+        # keeps restored weights: test(ckpt_path=...), then predict.
+        if self.handle is not None and self._for_evaluation and not self._restored_s2a:
             self.handle.remove()
-            self.handle, self._for_evaluation = None, False
+            self.handle = None
         elif self.handle is not None:
             self.handle.stop_engine()
+        self._for_evaluation = self._restored_s2a = False
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
@@ -294,12 +301,15 @@ class S2ACallback(pl.Callback):
 
     def _restoring(self, checkpoint: dict[str, Any]) -> None:
         """Before a checkpoint's weights load into the module: check them against this run's
-        config. The module then holds the checkpoint's model, which an evaluation keeps
-        (``test(ckpt_path=...)`` then ``predict``), as Lightning keeps restored weights."""
+        config, and note whether they are an S2A model's (an evaluation keeps that one)."""
         saved = checkpoint.get("callbacks", {}).get(self.state_key)
+        saved = saved or checkpoint.get(WEIGHTS_ONLY_KEY)
         strict = bool(getattr(self._module, "strict_loading", True))
-        check_checkpoint(checkpoint, saved or checkpoint.get(WEIGHTS_ONLY_KEY), self.handle, strict)
-        self._for_evaluation = False
+        check_checkpoint(checkpoint, saved, self.handle, strict)
+        # A checkpoint this run saved itself (BatchSizeFinder's, lr_find's temporary file)
+        # brings nothing from outside: only another's S2A model is kept after an evaluation.
+        if checkpoint.get(RUN_KEY) != self._run:
+            self._restored_s2a = bool(saved or marked_prefixes(checkpoint))
 
     def _record(self) -> dict[str, Any]:
         """The S2A config and the S2A'd attribute, or {} before S2A is applied."""
@@ -308,9 +318,11 @@ class S2ACallback(pl.Callback):
         target = next(n for n, m in self._module.named_modules() if m is self.handle.model)
         return {"config": dataclasses.asdict(self.handle.config), "target": target}
 
-    def _record_weights_only(self, checkpoint: dict[str, Any]) -> None:
-        """A weights-only checkpoint holds no callback state: the record goes at its top
-        level, so ``lightning_s2a.load_from_checkpoint`` can rebuild the modules."""
+    def _saving(self, checkpoint: dict[str, Any]) -> None:
+        """Mark the checkpoint as this run's. A weights-only one holds no callback state: the
+        record goes at its top level, so ``lightning_s2a.load_from_checkpoint`` can rebuild
+        the modules."""
+        checkpoint[RUN_KEY] = self._run
         record = self._record()
         if "callbacks" not in checkpoint and record:
             checkpoint[WEIGHTS_ONLY_KEY] = record
@@ -339,6 +351,8 @@ def sized_from_data(config: S2AConfig, datamodule: Any) -> S2AConfig:
 
 
 _WRAPPED = "_s2a_wrapped_{}"
+#: Checkpoint entry naming the run that saved it (see ``S2ACallback._saving``).
+RUN_KEY = "lightning_s2a_run"
 
 
 class _Skipped(Exception):

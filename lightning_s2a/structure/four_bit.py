@@ -135,8 +135,8 @@ def hold(module: nn.Module, weight: torch.Tensor, quant_type: str) -> None:
     else:
         order = tuple(module._parameters)
         original = module._parameters.pop("weight", None)
-        if original is not None:
-            original.data = original.data.new_empty(0)  # its values are the codes' now
+        if original is not None:  # its values are the codes' now; a frozen weight's stale
+            original.data, original.grad = original.data.new_empty(0), None  # grad goes too
         module.__class__ = _held_class(type(module))
     meta = _Meta(w.shape, quant_type, original, order)
     module.register_buffer(_CODES, codes, persistent=False)

@@ -37,6 +37,8 @@ class Tap:
     channels: int
     stride: int = 0
     prefix: int = 0
+    #: For maps: the probe's input (H, W) and the map's (H, W) then, which bound its stride.
+    probe: tuple[int, ...] = ()
 
 
 def token_grid(tokens: int, image: tuple[int, int], prefix: int | None) -> tuple[int, int]:
@@ -87,12 +89,27 @@ def map_stride(size: int, cells: int) -> int:
     return max(1, round(size / cells))
 
 
+def _fits_probe(cells: tuple[int, ...], image: tuple[int, int], tap: Tap) -> bool:
+    """Whether a map of ``cells`` can come from an ``image`` input, given the probe: there
+    ``c`` cells of an input of ``P`` pixels put the stride between ``P / (c + 1)`` and
+    ``P / (c - 1)`` (each stage rounds up or down), and at ``size`` pixels the map has
+    within one cell of ``size / stride``. No single stride is guessed: a stride of 7 and
+    one of 8 read alike at some sizes."""
+    if not tap.probe:
+        expected = (image[0] / tap.stride, image[1] / tap.stride)
+        return all(abs(n - e) < 1 for n, e in zip(cells, expected, strict=True))
+    probed, probed_cells = tap.probe[:2], tap.probe[2:]
+    for n, size, p, c in zip(cells, image, probed, probed_cells, strict=True):
+        if not size * (c - 1) / p - 1 <= n <= size * (c + 1) / p + 1:
+            return False
+    return True
+
+
 def as_map(h: torch.Tensor, tap: Tap, image: tuple[int, int]) -> torch.Tensor:
     """A block output as a (B, C, H, W) map, checked against the input size."""
     if tap.layout in ("nchw", "nhwc"):
         x = h if tap.layout == "nchw" else h.permute(0, 3, 1, 2)
-        expected = (image[0] / tap.stride, image[1] / tap.stride)
-        if any(abs(n - e) >= 1 for n, e in zip(x.shape[-2:], expected, strict=True)):
+        if not _fits_probe(tuple(x.shape[-2:]), image, tap):
             raise RuntimeError(
                 f"side='hierarchical' took the input size {image[0]}x{image[1]} from the model's "
                 f"first 4-D argument, but a block at stride {tap.stride} gave a "

@@ -67,9 +67,13 @@ class StructureState:
     runners: set[str] = field(default_factory=set)
     #: What the side network is (the summary prints it).
     side_rule: str = ""
-    #: (tensor, value before) for what ``load_adapter`` wrote over when it applied S2A:
-    #: ``undo_structure`` puts the values back, so another task's adapter starts clean.
-    overwritten: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    #: (owner module, attribute, value before, value written) for what ``load_adapter``
+    #: wrote over when it applied S2A: ``undo_structure`` puts back the values that still
+    #: are what the adapter wrote (what trained since stays), so another task's adapter
+    #: starts on the backbone as built.
+    overwritten: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = field(
+        default_factory=list
+    )
 
     @property
     def adds_weights(self) -> bool:
@@ -290,8 +294,9 @@ def _taps(
             stride, skip = token_grid(block.shape[0], image, prefix)
             taps.append(Tap("tokens", c, stride, skip))
         else:
-            rows = block.shape[1] if block.layout == "nchw" else block.shape[0]
-            taps.append(Tap(block.layout, c, stride=map_stride(image[0], rows)))
+            grid = block.shape[1:3] if block.layout == "nchw" else block.shape[0:2]
+            probe = (*image, *grid)
+            taps.append(Tap(block.layout, c, stride=map_stride(image[0], grid[0]), probe=probe))
     return taps
 
 
@@ -387,8 +392,12 @@ def undo_structure(model: nn.Module, state: StructureState) -> None:
     state.added_biases.clear()
     cast_frozen(model, state, None)
     with torch.no_grad():
-        for tensor, value in reversed(state.overwritten):
-            tensor.copy_(value)
+        for owner, leaf, before, written in reversed(state.overwritten):
+            # looked up now: .to()/.double() since replaced buffer tensors
+            tensor = owner._parameters.get(leaf, owner._buffers.get(leaf))
+            unchanged = tensor is not None and tensor.shape == written.shape
+            if unchanged and torch.equal(tensor, written.to(tensor.device, tensor.dtype)):
+                tensor.copy_(before)
     state.overwritten.clear()
     for name, p in model.named_parameters():
         if name in state.flags:
