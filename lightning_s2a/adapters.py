@@ -200,8 +200,9 @@ def load_adapter(module: nn.Module, path: str | os.PathLike, strict: bool = True
             "constructor arguments (num_classes, depth, img_size, ...) as the adapter's backbone."
         )
     created = handle is None
+    own_ids: set[int] = set()  # tensors of the model's own, before S2A adds any
     if created:
-        before = {id(t) for t in (*module.parameters(), *module.buffers())}
+        own_ids = {id(t) for t in (*module.parameters(), *module.buffers())}
         handle = apply_s2a(target, config)
     elif handle.config != config:
         fields = config_differences(config, handle.config)
@@ -240,18 +241,25 @@ def load_adapter(module: nn.Module, path: str | os.PathLike, strict: bool = True
                 else "Load it into the same LightningModule or model class it was saved from."
             )
         )
+    # What remove() puts back: the model's own values this load writes over when it applied
+    # S2A; a later load (a swap) updates what they are compared with (see undo_structure).
+    overwritten = handle.structure.overwritten
+    index = {(owner, leaf): i for i, (owner, leaf, _, _) in enumerate(overwritten)}
     with torch.no_grad():
         for key, tensor in tensors.items():
-            if key in everything:
-                own = created and id(everything[key]) in before  # not one S2A added
-                old = everything[key].detach().clone() if own else None
-                everything[key].copy_(tensor)
-                if own:
-                    owner, _, leaf = key.rpartition(".")
-                    written = everything[key].detach().clone()
-                    handle.structure.overwritten.append(
-                        (module.get_submodule(owner), leaf, old, written)
-                    )
+            if key not in everything:
+                continue
+            current = everything[key]
+            owner, _, leaf = key.rpartition(".")
+            place = (module.get_submodule(owner), leaf)
+            own = id(current) in own_ids  # not a tensor S2A added
+            old = current.detach().clone() if own else None
+            current.copy_(tensor)
+            if own:
+                overwritten.append((*place, old, current.detach().clone()))
+            elif place in index:
+                _, _, old, _ = overwritten[index[place]]
+                overwritten[index[place]] = (*place, old, current.detach().clone())
     return handle
 
 

@@ -126,6 +126,14 @@ def test_remove_after_load_adapter_puts_back_what_it_wrote_over(tmp_path):
     built = {k: v.clone() for k, v in backbone.state_dict().items()}
     load_adapter(backbone, paths["bias",][0]).remove()
     assert all(torch.equal(v, built[k]) for k, v in backbone.state_dict().items())
+    # after a swap (the same config, another task's values) too
+    other = vit()
+    apply_s2a(other, S2AConfig(modules=("bias",), input_size=SIZE))
+    perturb(other, 7)
+    save_adapter(other, tmp_path / "bias2.safetensors")
+    load_adapter(backbone, paths["bias",][0])
+    load_adapter(backbone, tmp_path / "bias2.safetensors").remove()
+    assert all(torch.equal(v, built[k]) for k, v in backbone.state_dict().items())
     handle = load_adapter(backbone, paths["side",][0])
     assert torch.equal(out(backbone), paths["side",][1])
     handle.remove()

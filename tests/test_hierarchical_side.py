@@ -250,8 +250,11 @@ def test_a_block_map_that_does_not_fit_the_input_size_is_a_clear_error():
     x = torch.randn(1, 3, 32, 32)
     with apply_s2a(model, cfg):
         model(aux=torch.randn(1, 1, 32, 32), x=x)  # aux happens to have the image's size
+        # a first 4-D argument without the image's channels is passed over for the image
+        pyramid = model(aux=torch.randn(1, 1, 5, 5), x=x)
+        assert [tuple(f.shape[-2:]) for f in pyramid] == [(4, 4), (2, 2), (1, 1)]
         with pytest.raises(RuntimeError, match=r"took the input size 5x5.*gave a 16x16 map"):
-            model(aux=torch.randn(1, 1, 5, 5), x=x)
+            model(aux=torch.randn(1, 3, 5, 5), x=x)
 
 
 @pytest.mark.parametrize("side", ["pooled", "hierarchical"])

@@ -473,6 +473,18 @@ def test_an_evaluation_alone_leaves_the_module_as_built(tmp_path):
     trainer.save_checkpoint(plain)
     _trainer(tmp_path, [callback]).validate(model, _data(8), ckpt_path=plain)
     assert get_handle(model.encoder) is None
+    # nor one that fails to load (another head's shapes)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    _trainer(tmp_path, [S2ACallback(backbone="encoder"), checkpoint]).fit(
+        EncoderClassifier(arch="resnet"), _data(16)
+    )
+    seven = EncoderClassifier(arch="resnet")
+    seven.classifier = nn.Linear(seven.classifier.in_features, 7)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        _trainer(tmp_path, [S2ACallback(backbone="encoder")]).validate(
+            seven, _data(8), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+        )
+    assert get_handle(seven.encoder) is None
     # after a fit, evaluations use the trained S2A model, which stays
     trainer = _trainer(tmp_path, [callback])
     trainer.fit(model, _data(16))

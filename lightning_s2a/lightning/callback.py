@@ -288,7 +288,9 @@ class S2ACallback(pl.Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        # Lightning skips teardown when fit raises; the hooks must not outlive the run.
+        # Lightning skips teardown when fit raises; the hooks must not outlive the run. A
+        # restore that failed (another head's shapes) brought no S2A model to keep.
+        self._restored_s2a = False
         self.teardown(trainer, pl_module, "fit")
 
     # -- checkpoints -------------------------------------------------------------------

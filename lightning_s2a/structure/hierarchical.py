@@ -89,20 +89,27 @@ def map_stride(size: int, cells: int) -> int:
     return max(1, round(size / cells))
 
 
+def _rounds_to(pixels: int, stride: int, cells: int) -> bool:
+    """Whether ``pixels`` over ``stride`` rounds down or up to ``cells``."""
+    return cells in (pixels // stride, -(-pixels // stride))
+
+
 def _fits_probe(cells: tuple[int, ...], image: tuple[int, int], tap: Tap) -> bool:
-    """Whether a map of ``cells`` can come from an ``image`` input, given the probe: there
-    ``c`` cells of an input of ``P`` pixels put the stride between ``P / (c + 1)`` and
-    ``P / (c - 1)`` (each stage rounds up or down), and at ``size`` pixels the map has
-    within one cell of ``size / stride``. No single stride is guessed: a stride of 7 and
-    one of 8 read alike at some sizes."""
+    """Whether a map of ``cells`` can come from an ``image`` input: some whole stride must
+    give the probe's map from the probe's input and this map from this input, each dimension
+    rounded down or up. No single stride is guessed from the probe: 13 cells of 97 pixels are
+    a stride of 7 or of 8 alike, and either must do where the other fails."""
     if not tap.probe:
         expected = (image[0] / tap.stride, image[1] / tap.stride)
         return all(abs(n - e) < 1 for n, e in zip(cells, expected, strict=True))
     probed, probed_cells = tap.probe[:2], tap.probe[2:]
-    for n, size, p, c in zip(cells, image, probed, probed_cells, strict=True):
-        if not size * (c - 1) / p - 1 <= n <= size * (c + 1) / p + 1:
-            return False
-    return True
+    return any(
+        all(
+            _rounds_to(p, s, c) and _rounds_to(size, s, n)
+            for n, size, p, c in zip(cells, image, probed, probed_cells, strict=True)
+        )
+        for s in range(1, max(probed) + 1)
+    )
 
 
 def as_map(h: torch.Tensor, tap: Tap, image: tuple[int, int]) -> torch.Tensor:

@@ -22,25 +22,35 @@ class SideHooks:
 
     The side network (pooled or hierarchical) says how a tap is prepared (``prepare``) and
     reads the image size: the spatial size of the first 4-D tensor among the model's
-    arguments, positional or keyword, else ``image``, the size S2A was applied for (None where
-    the side needs none). The hierarchical side checks it against each block's map.
+    arguments, positional or keyword, with the image's ``channels`` where one has them, else
+    ``image``, the size S2A was applied for (None where the side needs none). The
+    hierarchical side checks it against each block's map.
     """
 
     def __init__(
-        self, model_name: str, side: nn.Module, image: tuple[int, int] | None, add: bool = False
+        self,
+        model_name: str,
+        side: nn.Module,
+        image: tuple[int, int] | None,
+        add: bool = False,
+        channels: int | None = None,
     ) -> None:
         self.model_name, self.side, self.default_image, self.add = model_name, side, image, add
-        self.image = image
+        self.image, self.channels = image, channels
         self.taps: list[torch.Tensor] = []
         self.grad_was: list[bool] = []
 
     def enter(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         self.taps.clear()
         self.image = self.default_image
-        for value in (*args, *kwargs.values()):  # model(x) and model(pixel_values=x) alike
-            if isinstance(value, torch.Tensor) and value.dim() == 4:
-                self.image = (int(value.shape[-2]), int(value.shape[-1]))
-                break
+        # model(x) and model(pixel_values=x) alike; an image has the probe's channels, an
+        # auxiliary 4-D tensor passed first (a mask) usually not
+        maps = [
+            v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim() == 4
+        ]
+        images = [v for v in maps if v.shape[1] == self.channels] or maps
+        if images:
+            self.image = (int(images[0].shape[-2]), int(images[0].shape[-1]))
         self.grad_was.append(torch.is_grad_enabled())
         torch.set_grad_enabled(False)  # the backbone runs without autograd: stores nothing
 

@@ -251,7 +251,9 @@ def _apply_side(model: nn.Module, config: S2AConfig, state: StructureState) -> N
         )
     _add_module(state, model, SIDE_NAME, side, _like(replaced))
     state.parts.append((SIDE_NAME, "side"))
-    hooks = SideHooks(type(model).__name__, side, image, config.side_merge == "add")
+    hooks = SideHooks(
+        type(model).__name__, side, image, config.side_merge == "add", state.input_size[0]
+    )
     # Order matters: the backbone's no-grad region opens after the engine's hooks start (the
     # engine registers its pre-hook first) and closes before they end.
     state.hooks.append(model.register_forward_pre_hook(hooks.enter, with_kwargs=True))
