@@ -147,7 +147,7 @@ class S2ACallback(pl.Callback):
         # callback's state: the config it trained with is compared first, so a mismatch is
         # this error, not the weights' missing-keys error or another model run silently.
         _wrap(pl_module, "on_load_checkpoint", before=self._restoring, once=False)
-        self._run = uuid.uuid4().hex
+        self._run = trainer.strategy.broadcast(uuid.uuid4().hex)  # one token on every rank
         _wrap(pl_module, "on_save_checkpoint", before=self._saving, once=False)
         if is_overridden("configure_model", pl_module):
             # Lightning calls configure_model after this hook and before the checkpoint
