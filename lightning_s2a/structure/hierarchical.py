@@ -13,6 +13,7 @@ side network's own layers read are kept for backward.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -94,6 +95,7 @@ def _rounds_to(pixels: int, stride: int, cells: int) -> bool:
     return cells in (pixels // stride, -(-pixels // stride))
 
 
+@functools.lru_cache(maxsize=4096)  # per forward and tap: the same few sizes every step
 def _fits_probe(cells: tuple[int, ...], image: tuple[int, int], tap: Tap) -> bool:
     """Whether a map of ``cells`` can come from an ``image`` input: some whole stride must
     give the probe's map from the probe's input and this map from this input, each dimension
