@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .holders import PROBE_NAME, Probe
-from .layouts import layout_of, settle_layouts
+from .layouts import dry_forward, layout_of, settle_layouts
 
 #: timm class name -> (block name pattern, layout of each block's output), for classes defined
 #: in timm only: torchvision's VisionTransformer, ConvNeXt, ResNet... share the names, not the
@@ -222,27 +222,11 @@ def block_output_shapes(
     it is not a tensor), which the side branch needs when there is no head to replace, and
     which of the modules named in ``owners`` ran a child added to them (:class:`~.holders.Probe`).
     """
-    shapes: dict[str, torch.Size] = {}
-    likes: dict[str, dict] = {}
-
-    def recorder(name: str):
-        def hook(module: nn.Module, args: object, output: object) -> None:
-            shapes.setdefault(name, output.shape if isinstance(output, torch.Tensor) else output)
-            if isinstance(output, torch.Tensor):
-                likes.setdefault(name, {"device": output.device, "dtype": output.dtype})
-
-        return hook
-
-    handles: list = []
     probes = {name: Probe() for name in owners}
-    modes = {m: m.training for m in model.modules()}  # each module's own, to put back as is
     try:
-        handles = [b.module.register_forward_hook(recorder(b.name)) for b in blocks]
         for name, probe in probes.items():
             model.get_submodule(name).add_module(PROBE_NAME, probe)
-        param = next(model.parameters())
-        model.eval()
-        out = model(torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
+        outputs, out = dry_forward(model, blocks, input_size)
     except Exception as err:
         ran = {name for name, probe in probes.items() if probe.ran}
         if ran:  # a probe that ran may have made the forward fail: the caller moves it
@@ -254,15 +238,17 @@ def block_output_shapes(
             "S2AConfig(input_size=(C, H, W))."
         ) from err
     finally:
-        for module, training in modes.items():
-            module.training = training
-        for h in handles:
-            h.remove()
         for name in probes:
             holder = model.get_submodule(name)
             if PROBE_NAME in holder._modules:
                 delattr(holder, PROBE_NAME)
     ran = {name for name, probe in probes.items() if probe.ran}
+    shapes = {n: o.shape if isinstance(o, torch.Tensor) else o for n, o in outputs.items()}
+    likes = {
+        n: {"device": o.device, "dtype": o.dtype}
+        for n, o in outputs.items()
+        if isinstance(o, torch.Tensor)
+    }
     missing = [b.name for b in blocks if b.name not in shapes]
     if missing:
         raise ValueError(f"blocks {missing} did not run in a forward pass; name blocks that do.")

@@ -94,34 +94,43 @@ def _grown_layout(shape: tuple[int, ...], larger: tuple[int, ...]) -> str | None
 
 
 @torch.no_grad()
-def _shapes_at(
+def dry_forward(
     model: nn.Module, blocks: list[Block], input_size: tuple[int, ...]
-) -> dict[str, tuple[int, ...]] | None:
-    """Each block's output shape (without the batch) in an eval forward at ``input_size``,
-    or None where the model does not take that size."""
-    shapes: dict[str, tuple[int, ...]] = {}
+) -> tuple[dict[str, object], object]:
+    """One eval forward of a zero sample of ``input_size`` (C, H, W): each block's first
+    output and the model's. Every module's mode is put back; a failing forward raises."""
+    outputs: dict[str, object] = {}
 
     def recorder(name: str):
         def hook(module: nn.Module, args: object, output: object) -> None:
-            if isinstance(output, torch.Tensor):
-                shapes.setdefault(name, tuple(output.shape[1:]))
+            outputs.setdefault(name, output)
 
         return hook
 
-    modes = {m: m.training for m in model.modules()}
+    modes = {m: m.training for m in model.modules()}  # each module's own, to put back as is
     handles = [b.module.register_forward_hook(recorder(b.name)) for b in blocks]
     try:
         param = next(model.parameters())
         model.eval()
-        model(torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
-    except Exception:
-        return None
+        out = model(torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
     finally:
         for module, training in modes.items():
             module.training = training
         for h in handles:
             h.remove()
-    return shapes
+    return outputs, out
+
+
+def _shapes_at(
+    model: nn.Module, blocks: list[Block], input_size: tuple[int, ...]
+) -> dict[str, tuple[int, ...]] | None:
+    """Each block's output shape (without the batch) in an eval forward at ``input_size``,
+    or None where the model does not take that size."""
+    try:
+        outputs, _ = dry_forward(model, blocks, input_size)
+    except Exception:
+        return None
+    return {n: tuple(o.shape[1:]) for n, o in outputs.items() if isinstance(o, torch.Tensor)}
 
 
 def _spatial(pair: Sequence[int], hw: tuple[int, int]) -> bool:
