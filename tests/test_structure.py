@@ -948,6 +948,50 @@ def test_blocks_that_return_tuples_are_a_clear_error():
         apply_s2a(model, S2AConfig())
 
 
+class _SequenceNet(nn.Module):
+    """A user's transformer on (batch, tokens, features) input, built from PyTorch's
+    encoder layers (sequence first unless ``batch_first=True``)."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.embed = nn.Linear(6, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=batch_first)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x) if self.batch_first else self.embed(x).transpose(0, 1)
+        h = self.encoder(h)
+        return self.head(h.mean(1 if self.batch_first else 0))
+
+
+@pytest.mark.parametrize("modules", [["prompt"], ["side"]])
+def test_sequence_first_blocks_are_a_clear_error_and_batch_first_ones_keep_samples_apart(
+    modules,
+):
+    """Sequence-first blocks (S, N, D) were read as one sample of N tokens: a pooled side
+    averaged over the batch (one sample's output moved with another's, and came out per
+    token) and a prompt failed at the first batch of two with a message about resolution."""
+    torch.manual_seed(0)
+    config = S2AConfig(modules=modules, head="head", input_size=(5, 6))
+    model = _SequenceNet(batch_first=False).double()
+    with pytest.raises(ValueError, match=r"encoder.layers.0 \(5, 2, 16\).*batch_first=True"):
+        apply_s2a(model, config)
+    assert all(p.requires_grad for p in model.parameters())  # nothing was changed
+
+    model = _SequenceNet(batch_first=True).double()
+    apply_s2a(model, config)
+    x = torch.randn(3, 5, 6, dtype=torch.float64)
+    other = x.clone()
+    other[1:] += 1.0
+    with torch.no_grad():
+        out, moved = model(x), model(other)
+    assert out.shape == (3, 3)
+    assert_close_in_norm(moved[0], out[0], 1e-12)  # sample 0 does not see the others
+    assert (moved[1:] - out[1:]).abs().max() > 1e-3
+
+
 def test_a_deep_copy_runs_its_own_side_network():
     """An EMA/SWA-style copy made after apply_s2a: its hooks must use the copy's side network,
     not the original's (closures kept pointing at the original)."""

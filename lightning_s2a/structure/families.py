@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .holders import PROBE_NAME, Probe
-from .layouts import dry_forward, layout_of, settle_layouts
+from .layouts import DRY_BATCH, dry_forward, layout_of, settle_layouts
 
 #: timm class name -> (block name pattern, layout of each block's output), for classes defined
 #: in timm only: torchvision's VisionTransformer, ConvNeXt, ResNet... share the names, not the
@@ -262,6 +262,17 @@ def block_output_shapes(
             "S2AConfig(blocks='...'); where none does (Hugging Face's Swin layers return "
             "tuples), those modules cannot attach, and modules=['bias'] still trains."
         )
+    batch_second = {b.name: tuple(shapes[b.name]) for b in blocks}
+    batch_second = {n: s for n, s in batch_second.items() if not s or s[0] != DRY_BATCH}
+    if batch_second:
+        raise ValueError(
+            f"'prompt' and 'side' read a block's output with the batch first, but in a forward "
+            f"of {DRY_BATCH} samples blocks of {type(model).__name__} returned "
+            f"{_few(batch_second)}: the batch is not their first dimension (sequence first, as "
+            "nn.TransformerEncoderLayer gives without batch_first=True). Build the blocks "
+            "batch first, or name blocks whose outputs are: S2AConfig(blocks='...'); "
+            "modules=['bias'] does not depend on the layout."
+        )
     found = [
         Block(
             b.name,
@@ -274,6 +285,13 @@ def block_output_shapes(
     ]
     found = settle_layouts(found, model, tuple(input_size))
     return found, (tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else None), ran
+
+
+def _few(shapes: dict[str, tuple[int, ...]], most: int = 3) -> str:
+    """``name (shape)`` for the first few entries, and how many more."""
+    items = [f"{n} {s}" for n, s in list(shapes.items())[:most]]
+    more = len(shapes) - most
+    return ", ".join(items) + (f" and {more} more" if more > 0 else "")
 
 
 def default_input_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[int, ...]:
@@ -303,5 +321,6 @@ def default_input_size(model: nn.Module, input_size: Sequence[int] | None) -> tu
             return tuple(cfg["input_size"])
     raise ValueError(
         f"cannot tell the input size of {type(model).__name__}, which 'prompt' and 'side' "
-        "need to size their parameters; pass S2AConfig(input_size=(3, 224, 224))."
+        "need to size their parameters; pass the shape of one sample without the batch: "
+        "S2AConfig(input_size=(3, 224, 224)) for images, (tokens, features) for sequences."
     )

@@ -93,12 +93,18 @@ def _grown_layout(shape: tuple[int, ...], larger: tuple[int, ...]) -> str | None
     return None
 
 
+#: Samples in a dry forward: two, so that the batch dimension of each output shows (with one,
+#: a sequence-first block's (N, 1, D) read as one sample of N tokens).
+DRY_BATCH = 2
+
+
 @torch.no_grad()
 def dry_forward(
     model: nn.Module, blocks: list[Block], input_size: tuple[int, ...]
 ) -> tuple[dict[str, object], object]:
-    """One eval forward of a zero sample of ``input_size`` (C, H, W): each block's first
-    output and the model's. Every module's mode is put back; a failing forward raises."""
+    """One eval forward of :data:`DRY_BATCH` zero samples of ``input_size`` (C, H, W): each
+    block's first output and the model's. Every module's mode is put back; a failing forward
+    raises."""
     outputs: dict[str, object] = {}
 
     def recorder(name: str):
@@ -112,7 +118,7 @@ def dry_forward(
     try:
         param = next(model.parameters())
         model.eval()
-        out = model(torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
+        out = model(torch.zeros(DRY_BATCH, *input_size, device=param.device, dtype=param.dtype))
     finally:
         for module, training in modes.items():
             module.training = training
