@@ -12,6 +12,7 @@ import warnings
 
 import lightning.pytorch as pl
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -503,6 +504,58 @@ def test_backbone_built_in_configure_model(tmp_path):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("s2a_prompt" in n for n in trainable)
     assert all(n.endswith(("bias", ".A", ".B")) or n.startswith("classifier.") for n in trainable)
+
+
+class _BuildsInSetup(EncoderClassifier):
+    """Builds its encoder in its own ``setup`` (Lightning runs the callbacks' setup first)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        del self.encoder
+
+    def setup(self, stage):
+        if not hasattr(self, "encoder"):
+            self.encoder = timm.create_model(
+                "vit_tiny_patch16_224", num_classes=0, depth=2, img_size=32, patch_size=8
+            )
+
+
+class _ClassesFromData(UserModule):
+    """Sets its timm head for the data's classes in ``setup``, as timm users do."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone.reset_classifier(10)
+
+    def setup(self, stage):
+        if self.backbone.num_classes != 4:
+            self.backbone.reset_classifier(4)
+
+
+def test_what_the_module_s_own_setup_builds_is_s2ad(tmp_path):
+    """S2A was applied in the callback's setup, before the module's: an encoder built there
+    trained in full, uncompressed, while the metrics counted the head's input only; a head
+    replaced there had its input stored in 4 bits (head-weight gradient 10% off)."""
+    model = _BuildsInSetup()
+    callback = S2ACallback(head="classifier")
+    trainer = _fit(tmp_path / "a", model, callback)
+    assert callback.handle.model is model
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith("bias") or n.startswith("classifier.") for n in trainable)
+    assert _metrics(trainer)["s2a/compression"] > 4
+
+    model = _ClassesFromData()
+    callback = S2ACallback()
+    _fit(tmp_path / "b", model, callback, max_steps=1)
+    head = model.backbone.head
+    assert head.out_features == 4 and head.weight.requires_grad
+    by_part = callback.handle.stats()["by_part"]
+    assert by_part["head"]["stored_bytes"] == by_part["head"]["raw_bytes"] > 0  # kept exact
+
+    # Once S2A trained a model, a setup that changes it again is an error, not a new S2A.
+    model.backbone.num_classes = 10
+    with pytest.raises(RuntimeError, match=r"_ClassesFromData.setup changed the model.*once"):
+        _fit(tmp_path / "c", model, S2ACallback(), max_steps=1)
 
 
 def test_backbone_missing_names_the_attribute(tmp_path):

@@ -75,6 +75,7 @@ class S2ACallback(pl.Callback):
         self._for_evaluation = False
         self._restored_s2a = False
         self._run = ""  # a token for this run's own checkpoints (a tuner's temporary ones)
+        self._applied_here = False  # S2A applied by this run, not taken up from before
 
     # -- where S2A goes ----------------------------------------------------------------
     def _target(self, pl_module: pl.LightningModule) -> tuple[nn.Module, S2AConfig]:
@@ -101,6 +102,7 @@ class S2ACallback(pl.Callback):
     def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         target, config = self._target(pl_module)
         existing = get_handle(target)
+        self._applied_here = existing is None
         if existing is None:
             self.handle = apply_s2a(target, sized_from_data(config, trainer.datamodule))
             # Applied for an evaluation only (validate/test/predict): taken off at teardown,
@@ -155,10 +157,45 @@ class S2ACallback(pl.Callback):
             _wrap(
                 pl_module, "configure_model", after=lambda: self._apply(trainer, pl_module, stage)
             )
-        else:
-            self._apply(trainer, pl_module, stage)
+            return
+        self._apply(trainer, pl_module, stage)
+        if is_overridden("setup", pl_module):
+            # The module's own setup runs right after this hook (a weight-averaging callback
+            # copies the model in between, so S2A is applied here first). What it builds or
+            # replaces (a backbone, reset_classifier for the data's classes) was never S2A'd:
+            # then S2A is applied again to the model as setup left it.
+            before = _layout(self.handle.model)
+            _wrap(
+                pl_module,
+                "setup",
+                after=lambda: self._after_setup(trainer, pl_module, stage, before),
+            )
+
+    def _after_setup(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        stage: str,
+        before: list[tuple[str, int]],
+    ) -> None:
+        """Apply S2A again where the module's own setup changed the model it was applied to."""
+        assert self.handle is not None
+        target, _ = self._target(pl_module)
+        if target is self.handle.model and _layout(target) == before:
+            return
+        if not self._applied_here:
+            raise RuntimeError(
+                f"{type(pl_module).__name__}.setup changed the model, which already had S2A "
+                "applied (an earlier fit or load_adapter), so S2A cannot be applied again "
+                "without losing what it trained. Make setup build or replace modules only "
+                "once (e.g. `if not hasattr(self, 'encoder'): ...`)."
+            )
+        self.handle.remove()
+        self.handle = None
+        self._apply(trainer, pl_module, stage)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _unwrap(pl_module, "setup")
         _unwrap(pl_module, "configure_model")
         if self.handle is None:
             raise RuntimeError(
@@ -273,6 +310,7 @@ class S2ACallback(pl.Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Hooks off; the trained modules stay, so validate/test/predict/checkpoints use them.
         # S2A applied for an evaluation alone is removed: the module is as it was built.
+        _unwrap(pl_module, "setup")
         _unwrap(pl_module, "configure_model")
         _unwrap(pl_module, "on_load_checkpoint")
         _unwrap(pl_module, "on_save_checkpoint")
@@ -350,6 +388,13 @@ def sized_from_data(config: S2AConfig, datamodule: Any) -> S2AConfig:
     if len(size) != 3 or not all(isinstance(v, int) and v > 0 for v in size):
         return config
     return config.replace(input_size=tuple(size))
+
+
+def _layout(model: nn.Module) -> list[tuple[str, int]]:
+    """Every submodule and parameter of ``model`` by name and identity: what a module's own
+    setup may have added or replaced since S2A was applied."""
+    modules = [(n, id(m)) for n, m in model.named_modules()]
+    return modules + [(n, id(p)) for n, p in model.named_parameters()]
 
 
 _WRAPPED = "_s2a_wrapped_{}"
