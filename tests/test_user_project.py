@@ -23,6 +23,7 @@ from lightning_s2a import (
     S2ACallback,
     S2AConfig,
     S2AStrategy,
+    apply_s2a,
     get_handle,
     load_adapter,
     load_from_checkpoint,
@@ -810,6 +811,26 @@ def test_weight_averaging_listed_before_s2a_with_prompts_is_refused(tmp_path):
             _trainer(tmp_path, [EMAWeightAveraging(), S2ACallback(refused)]).fit(
                 UserModule(), _data(16)
             )
+    # Averaging buffers (its default) would round off the 4-bit codes and scales.
+    with pytest.raises(ValueError, match=r"EMAWeightAveraging\(use_buffers=False\)"):
+        _trainer(tmp_path, [S2ACallback(frozen_dtype="nf4"), EMAWeightAveraging()]).fit(
+            UserModule(), _data(16)
+        )
+    model = UserModule()
+    callback = S2ACallback(frozen_dtype="nf4")
+    averaging = EMAWeightAveraging(decay=0.9, use_buffers=False)
+    _trainer(tmp_path, [callback, averaging], max_steps=2).fit(model, _data(16))
+    held = [m for m in model.modules() if hasattr(m, "s2a_weight_codes")]
+    codes = [m.s2a_weight_codes.clone() for m in held]
+    scales = [m.s2a_weight_absmax.clone() for m in held]
+    callback.handle.remove()
+    fresh = UserModule()
+    fresh.load_state_dict(model.state_dict())
+    apply_s2a(fresh.backbone, callback.handle.config)  # the codes of the same weights
+    again = [m for m in fresh.modules() if hasattr(m, "s2a_weight_codes")]
+    assert held and len(again) == len(held)
+    assert all(torch.equal(a.s2a_weight_codes, c) for a, c in zip(again, codes, strict=True))
+    assert all(torch.equal(a.s2a_weight_absmax, s) for a, s in zip(again, scales, strict=True))
     for callbacks, strategy in (
         ([S2ACallback(config), EMAWeightAveraging()], "auto"),
         ([EMAWeightAveraging()], S2AStrategy(config)),  # the strategy puts S2A before it
