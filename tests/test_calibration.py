@@ -351,3 +351,48 @@ def test_the_callback_errors_are_clear():
         _fit(UserModule(manual=True))
     with pytest.raises(TypeError, match="without 'loss'"):
         _fit(UserModule(returns="no-loss"))
+
+
+class WithTeacher(UserModule):
+    """A BYOL/MoCo-style step: a frozen teacher head, updated in place as an EMA of the head
+    and used in the loss; ``renorm`` also renormalises the trained head in place."""
+
+    def __init__(self, renorm: bool = False):
+        super().__init__()
+        self.teacher = nn.Linear(16, 3).requires_grad_(False)
+        self.renorm = renorm
+
+    def training_step(self, batch, batch_idx):
+        with torch.no_grad():
+            for t, s in zip(self.teacher.parameters(), self.head.parameters(), strict=True):
+                t.mul_(0.5).add_(s, alpha=0.5)
+            if self.renorm:
+                self.head.weight.div_(self.head.weight.norm())
+        x, y = batch
+        features = self.norm(self.encoder(x))
+        loss = F.cross_entropy(self.head(features), y)
+        return loss + F.mse_loss(self.teacher(features.detach()), self.head(features).detach())
+
+
+def test_calibration_updates_no_teacher_and_refuses_steps_that_change_trained_weights():
+    """Calibration runs the step three times on the first batch: a teacher updated in place
+    there got three updates (or, used in the loss, autograd's in-place error)."""
+    teachers = {}
+    for calibrate in (False, True):
+        module = WithTeacher()
+        x, y = _batch(0)
+        data = DataLoader(TensorDataset(x.float(), y), batch_size=4)
+        trainer = pl.Trainer(
+            max_steps=1,
+            callbacks=[S2ACallback(backbone="encoder", calibrate=calibrate)],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(module, data)
+        teachers[calibrate] = module.teacher.weight.clone()
+    assert get_handle(module.encoder).engine.calibrated
+    assert torch.equal(teachers[False], teachers[True])  # one update in both
+    with pytest.raises(RuntimeError, match=r"changed parameters in place \(head.weight\)"):
+        _fit(WithTeacher(renorm=True))

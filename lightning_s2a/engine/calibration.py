@@ -236,7 +236,23 @@ def _same_state(engine: SavedTensorEngine, scope: nn.Module):
     Each forward runs on copies of the buffers, swapped in, and the originals are swapped
     back untouched: copying old values into the buffers instead would change tensors that
     the forward's graph saved (a training BatchNorm saves its running statistics), and the
-    measurement's backward would refuse them."""
+    measurement's backward would refuse them. Frozen parameters outside the S2A'd model (an
+    EMA teacher that ``loss_fn`` updates in place) run on copies too; the other parameters
+    cannot (their gradients are measured, or they are the backbone), and a forward that
+    changes one in place is an error: it would be changed once per measurement."""
+    inside = {id(p) for p in engine.model.parameters()}
+    names = {id(p): n for n, p in scope.named_parameters(remove_duplicate=False)}
+    copied_params, watched = [], []
+    for module in scope.modules():
+        for name, param in module._parameters.items():
+            if param is None:
+                continue
+            if not param.requires_grad and id(param) not in inside:
+                copied_params.append((module, name, param))
+            else:
+                watched.append((param, param._version))
+    for module, name, param in copied_params:
+        module._parameters[name] = nn.Parameter(param.detach().clone(), requires_grad=False)
     swapped = [
         (module, name, buffer)
         for module in scope.modules()
@@ -252,9 +268,20 @@ def _same_state(engine: SavedTensorEngine, scope: nn.Module):
     try:
         yield
     finally:
+        for module, name, param in copied_params:
+            module._parameters[name] = param
         for module, name, buffer in swapped:
             module._buffers[name] = buffer
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
         engine.step, engine.forwards, engine._last, engine._account, engine._unpacked = saved
+    changed = sorted({names.get(id(p), "?") for p, version in watched if p._version != version})
+    if changed:
+        raise RuntimeError(
+            f"calibrate: the step's forward changed parameters in place ({', '.join(changed[:4])}"
+            f"{' and more' if len(changed) > 4 else ''}), and calibration runs it two or three "
+            "times on one batch, so they would be changed that many times. Calibrate with a "
+            "loss_fn free of such updates, handle.calibrate(loss_fn), before training, and set "
+            "calibrate=False."
+        )
