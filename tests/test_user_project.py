@@ -175,6 +175,39 @@ def test_every_forward_of_a_step_is_counted(tmp_path, backbone):
 
 
 # 3. The CLI respects the user's own classes ---------------------------------------------
+class TwoPhases(EncoderClassifier):
+    """Manual optimization with a backward per phase (a GAN's two updates): ``phases`` lists
+    how many views of the batch each phase runs through the encoder."""
+
+    def __init__(self, phases: tuple[int, ...]) -> None:
+        super().__init__()
+        self.phases = phases
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        opt = self.optimizers()
+        for views in self.phases:
+            views_x = [x.flip(-1) if i else x for i in range(views)]
+            loss = sum(F.cross_entropy(self.classifier(self.encoder(v)), y) for v in views_x)
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+
+
+def test_a_step_with_several_backwards_reports_its_largest_account(tmp_path):
+    """Each backward frees what its forwards saved: the step keeps at most its largest
+    account. The logged bytes were the last phase's, so the same work in the other order
+    logged half."""
+    raw = {}
+    for phases in ((2,), (2, 1), (1, 2)):
+        pl.seed_everything(0)
+        callback = S2ACallback(backbone="encoder")
+        trainer = _fit(tmp_path / str(phases), TwoPhases(phases), callback)
+        raw[phases] = _metrics(trainer)["s2a/activation_raw_mb"]
+    assert raw[(2, 1)] == raw[(1, 2)] == raw[(2,)] > 0
+
+
 def test_cli_keeps_the_user_classes_defaults(tmp_path):
     cli = S2ALightningCLI(
         run=False,

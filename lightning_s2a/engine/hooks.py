@@ -93,6 +93,7 @@ class SavedTensorEngine:
         self._modules: list[nn.Module] = []
         self._unpacked = False
         self._per_step = False  # set by begin_step: accounts per training step
+        self._step_peak: dict | None = None  # the step's largest account (several backwards)
         self._fresh = False  # the next forward starts a new account (a step began)
         #: Forwards that ran with autograd and so engaged the engine (for "did it engage?").
         self.forwards = 0
@@ -224,8 +225,12 @@ class SavedTensorEngine:
         submodules instead (``forward_features``, or a LightningModule calling its parts),
         the account covers every such forward since the last backward; within a training
         step marked by :meth:`begin_step` (the Lightning callback marks each), every forward
-        of the step until a backward, two views through the model included.
+        of the step until a backward, two views through the model included; where the step
+        runs several backwards (manual optimization: a GAN's two phases), the largest of its
+        accounts, which is what the step keeps at most.
         """
+        if self._per_step and self._step_peak is not None:
+            return self._step_peak
         if self._last is None:
             return ForwardAccount().summary()
         return self._last
@@ -257,6 +262,7 @@ class SavedTensorEngine:
         forwards of submodules. The Lightning callback calls it before each batch."""
         self._per_step = True
         self._fresh = True
+        self._step_peak = None
 
     def _activate(self, is_root: bool) -> None:
         # A forward of the whole model starts a new account (outside steps marked by
@@ -286,6 +292,9 @@ class SavedTensorEngine:
         self._deferred.flush()  # every saved tensor is counted before the forward's summary
         assert self._account is not None
         self._last = self._account.summary()
+        peak = self._step_peak
+        if self._per_step and (peak is None or self._last["stored_bytes"] >= peak["stored_bytes"]):
+            self._step_peak = self._last
 
     def _refresh_parameters(self) -> None:
         # Parameters may have moved device since apply_s2a (Lightning moves the model after
