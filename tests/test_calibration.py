@@ -173,6 +173,13 @@ def test_calibration_survives_a_checkpoint():
         handle.engine.load_state_dict(state)
         assert handle.engine.calibrated and handle.engine.module_bits == {"encoder.attn": 8}
         assert handle.engine.calibration["encoder.attn"] > 0.05
+    # Resumed under other codes, the measurement is stale: calibrated again where the config
+    # calibrates (a run resumed at 2 bits kept the 4-bit widths, silently).
+    for other in ({"bits": 2}, {"calibrate_tol": 0.1}, {"op_bits": {"softmax": 8}}):
+        with apply_s2a(_model(), head="classifier", **other) as handle:
+            handle.engine.load_state_dict(state)
+            assert not handle.engine.calibrated, other
+            assert handle.engine.module_bits == {"encoder.attn": 8}  # kept until measured
 
 
 def test_calibration_errors_are_clear():

@@ -100,6 +100,7 @@ def calibrate(
         engine._unpacked = unpacked  # the measurement's backwards are no training backward
     engine.calibration = errors
     engine.calibrated = True
+    engine.calibrated_for = engine.calibration_key(tol)
     return errors
 
 

@@ -107,6 +107,8 @@ class SavedTensorEngine:
         self.calibration: dict[str, float] = {}
         #: True once calibration ran (or a checkpoint of a calibrated run was loaded).
         self.calibrated = False
+        #: The code settings calibration measured under (see :meth:`calibration_key`).
+        self.calibrated_for: dict[str, Any] | None = None
         self._exact = False  # calibration's exact forward: every saved tensor kept as is
         self._saving: set[str] | None = None  # calibration: modules that saved something
 
@@ -173,6 +175,7 @@ class SavedTensorEngine:
             "step": self.step,
             "module_bits": dict(self.module_bits),
             "calibrated": self.calibrated,
+            "calibrated_for": self.calibrated_for,
             "calibration": dict(self.calibration),
             "codebooks": [
                 {
@@ -192,6 +195,11 @@ class SavedTensorEngine:
         self.step = int(state["step"])
         self.module_bits = {str(k): int(v) for k, v in state.get("module_bits", {}).items()}
         self.calibrated = bool(state.get("calibrated", False))
+        self.calibrated_for = state.get("calibrated_for")
+        if self.calibrated_for not in (None, self.calibration_key()):
+            # Measured under other codes (a resumed run at other bits): to be measured again
+            # where the config calibrates; its widths stay until then.
+            self.calibrated = False
         self.calibration = {str(k): float(v) for k, v in state.get("calibration", {}).items()}
         self.codebooks = {
             tuple(c["site"]): Codebook(
@@ -204,6 +212,17 @@ class SavedTensorEngine:
             for c in state["codebooks"]
         }
         self._device_codebooks.clear()
+
+    def calibration_key(self, tol: float | None = None) -> dict[str, Any]:
+        """The settings a calibration's result depends on: code widths, group size and the
+        tolerance (the config's unless given)."""
+        cfg = self.config
+        return {
+            "bits": cfg.bits,
+            "op_bits": dict(sorted(cfg.op_bits.items())),
+            "group_size": cfg.group_size,
+            "tol": cfg.calibration_tol() if tol is None else float(tol),
+        }
 
     def calibrate(
         self,
