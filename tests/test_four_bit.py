@@ -323,3 +323,74 @@ def test_a_model_holding_4_bit_weights_pickles_and_deep_copies():
         with torch.no_grad():
             assert torch.equal(copy_(x), want)
     handle.remove()
+
+
+def _codes(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {
+        n: (getattr(model, n).s2a_weight_codes.clone(), getattr(model, n).s2a_weight_absmax.clone())
+        for n in FROZEN
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_model_converted_after_apply_requantizes_from_the_weights_as_built(dtype):
+    """A load (``trainer.test(ckpt_path=...)`` after a "bf16-true" fit) or a new hold (the
+    engine started again) on a model converted since quantized the weight rounded to the new
+    dtype: other codes and scales than training had (a reviewer: 196,828 of 921,600 held
+    weights changed). They are quantized from the original as built, in its dtype."""
+    from lightning_s2a.structure.surgery import cast_frozen
+
+    torch.manual_seed(0)
+    model = ConvMixer()
+    handle = apply_s2a(model, frozen_dtype="nf4")
+    trained = _codes(model)
+    model.to(dtype)
+    weights = {n: getattr(model, n).weight for n in FROZEN}
+    assert {w.dtype for w in weights.values()} == {dtype}
+    for step in ("load", "hold"):
+        if step == "load":  # what a restore of its own checkpoint does
+            model.load_state_dict(model.state_dict())
+        else:  # given back in the new dtype, then held again
+            cast_frozen(model, handle.structure, None)
+            assert not four_bit.is_held(model.fc1) and model.fc1.weight.dtype == dtype
+            cast_frozen(model, handle.structure, "nf4")
+        for name, (codes, absmax) in _codes(model).items():
+            assert torch.equal(codes, trained[name][0]), (step, name)
+            assert torch.equal(absmax, trained[name][1]), (step, name)
+            assert torch.equal(getattr(model, name).weight, weights[name])  # in dtype, bitwise
+    handle.remove()
+
+
+def test_a_weight_unfrozen_after_a_cast_keeps_its_training():
+    """frozen_dtype="bfloat16", part of the backbone unfrozen during fit: the end of fit
+    copied the stored original over the trained weight, and checkpoints held the original."""
+    torch.manual_seed(0)
+    model = ConvMixer()
+    built = {k: v.clone() for k, v in model.state_dict().items()}
+    handle = apply_s2a(model, frozen_dtype="bfloat16")
+    assert model.fc1.weight.dtype == model.fc2.weight.dtype == torch.bfloat16
+    model.fc1.weight.requires_grad_(True)  # a second phase trains it
+    x, y = _data()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        F.cross_entropy(model(x).float(), y).backward()
+    optimizer.step()
+    trained = model.fc1.weight.detach().double()
+    assert not torch.equal(trained, built["fc1.weight"].double())
+    state = model.state_dict()  # the trained value, in the dtype it was built in
+    assert state["fc1.weight"].dtype == torch.float32
+    assert torch.equal(state["fc1.weight"].double(), trained)
+    assert torch.equal(state["fc2.weight"], built["fc2.weight"])  # still frozen: as built
+    handle.stop_engine()  # the end of fit: originals back, the trained weight kept
+    assert model.fc1.weight.dtype == torch.float32
+    assert torch.equal(model.fc1.weight.double(), trained)
+    assert torch.equal(model.fc2.weight, built["fc2.weight"])
+    handle.start_engine()  # a second fit: the trained weight is left as it is
+    assert model.fc1.weight.dtype == torch.float32 and model.fc2.weight.dtype == torch.bfloat16
+    assert torch.equal(model.fc1.weight.double(), trained)
+    model.fc1.weight.requires_grad_(False)  # frozen again: its original is the trained value
+    handle.stop_engine()
+    assert torch.equal(model.fc1.weight.double(), trained)
+    handle.remove()
+    assert torch.equal(model.fc1.weight.double(), trained)
+    assert torch.equal(model.fc2.weight, built["fc2.weight"])

@@ -117,14 +117,23 @@ def is_held(module: nn.Module) -> bool:
     return isinstance(module, FourBitWeight)
 
 
-def hold(module: nn.Module, weight: torch.Tensor, quant_type: str) -> None:
+def hold(
+    module: nn.Module, weight: torch.Tensor, quant_type: str, dtype: torch.dtype | None = None
+) -> None:
     """Quantize ``weight`` (the module's frozen weight values) and hold the module's weight in
-    4 bits, on the device ``weight`` is on. Holding again re-quantizes from ``weight``."""
+    4 bits, on the device ``weight`` is on. Holding again re-quantizes from ``weight``.
+
+    The codes are quantized from ``weight`` in its own dtype; pass it in the dtype of the
+    weight as built (the stored original), so the same weight always gets the same codes and
+    scales. ``dtype`` is the dtype the weight comes back in (default: ``weight``'s), the
+    module's current one where the model was converted since (``"bf16-true"``, ``.half()``).
+    """
     import bitsandbytes.functional as bnbf
 
     if quant_type not in FOUR_BIT_DTYPES:
         raise ValueError(f"4-bit weights: {quant_type!r} is not one of {FOUR_BIT_DTYPES}.")
     w = weight.detach()
+    dtype = dtype or w.dtype
     meta = _Meta(w.shape, quant_type)
     rows = F.pad(w.reshape(w.shape[0], meta.row), (0, meta.padded_row - meta.row))
     rows = rows.to(w.dtype if w.dtype in _BNB_DTYPES else torch.float32).contiguous()
@@ -141,7 +150,7 @@ def hold(module: nn.Module, weight: torch.Tensor, quant_type: str) -> None:
     meta = _Meta(w.shape, quant_type, original, order)
     module.register_buffer(_CODES, codes, persistent=False)
     module.register_buffer(_ABSMAX, state.absmax.float().view(torch.int32), persistent=False)
-    module.register_buffer(_DTYPE, w.new_empty(0), persistent=False)
+    module.register_buffer(_DTYPE, w.new_empty(0, dtype=dtype), persistent=False)
     setattr(module, _META, meta)
 
 

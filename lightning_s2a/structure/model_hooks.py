@@ -106,14 +106,27 @@ class SideHooks:
 
 class OriginalsHooks:
     """Checkpoints hold frozen weights cast by ``frozen_dtype`` as the user built them, and a
-    loaded state dict becomes the new original (a resumed run never gets stale weights)."""
+    loaded state dict becomes the new original (a resumed run never gets stale weights).
+
+    A weight unfrozen since (it requires grad now: a second phase trains part of the
+    backbone) is no longer frozen: checkpoints hold its trained value, in the dtype it was
+    built in, not the stale original. Loading it still makes the loaded value its original,
+    so whatever puts originals back (the end of fit, ``remove()``) never gives it an older
+    one; torch loads its parameter as any other.
+    """
 
     def __init__(self, originals: dict[str, torch.Tensor]) -> None:
         self.originals = originals
 
     def state_dict(self, module: nn.Module, state_dict: dict, prefix: str, meta: Any) -> None:
         for name, original in self.originals.items():
-            if prefix + name in state_dict:
+            if prefix + name not in state_dict:
+                continue
+            if trains(module, name):  # its trained value, in the original's dtype
+                value = state_dict[prefix + name]
+                if value.dtype != original.dtype:
+                    state_dict[prefix + name] = value.detach().to(original.dtype)
+            else:
                 state_dict[prefix + name] = original.clone()
 
     def load(self, module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
@@ -121,6 +134,16 @@ class OriginalsHooks:
             value = state_dict.get(prefix + name)
             if isinstance(value, torch.Tensor) and value.shape == original.shape:
                 self.originals[name] = value.detach().to("cpu", original.dtype, copy=True)
+
+
+def trains(model: nn.Module, name: str) -> bool:
+    """True if ``model``'s parameter ``name`` requires grad now: a weight cast by
+    ``frozen_dtype`` and unfrozen since, which is no longer frozen."""
+    try:
+        param = model.get_parameter(name)
+    except AttributeError:  # held in 4 bits (no parameter then), or gone
+        return False
+    return param.requires_grad
 
 
 class HeldLayerHooks:
@@ -146,8 +169,10 @@ class HeldLayerHooks:
             )
         del state_dict[prefix + "weight"]  # no parameter to load it into
         self.originals[self.name] = value.detach().to("cpu", original.dtype, copy=True)
-        weight = value.detach().to(four_bit.device_of(layer), four_bit.dtype_of(layer))
-        four_bit.hold(layer, weight, self.quant_type)
+        # quantized in the original's dtype, as at apply: a model converted since (bf16-true)
+        # gets the codes it trained with, and the weight still comes back in its dtype
+        weight = value.detach().to(four_bit.device_of(layer), original.dtype)
+        four_bit.hold(layer, weight, self.quant_type, four_bit.dtype_of(layer))
 
 
 _HELD_MODE = "_s2a_mode_before_hold"

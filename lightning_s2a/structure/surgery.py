@@ -434,17 +434,29 @@ def _tied(model: nn.Module) -> set[int]:
 def cast_frozen(model: nn.Module, state: StructureState, frozen_dtype: str | None) -> None:
     """Hold the frozen weights in ``frozen_dtype`` (cast, or 4 bits); None puts the exact
     originals back (after fit, so a plain fp32 forward works again), in the dtype the model
-    has now where it was converted while they were held in 4 bits."""
-    for name, original in state.cast_originals.items():
+    has now where it was converted while they were held in 4 bits.
+
+    4 bits are always quantized from the original in its own dtype, as at apply, so a model
+    converted since (``"bf16-true"``) gets the same codes; the weight comes back in the
+    layer's dtype. A weight that requires grad now was unfrozen since and is no longer
+    frozen: casting leaves it as it is, and putting originals back keeps its trained values,
+    converted to the original's dtype, which become its original.
+    """
+    for name, original in list(state.cast_originals.items()):
         owner, _, leaf = name.rpartition(".")
         module = model.get_submodule(owner)
         if four_bit.is_held(module):
             if frozen_dtype not in FOUR_BIT_DTYPES:
                 four_bit.release(module, original.to(four_bit.device_of(module)))
+            continue
+        current = getattr(module, leaf)
+        if current.requires_grad:  # unfrozen since: it trains, and keeps what it learned
+            if frozen_dtype is None:
+                current.data = current.data.to(original.dtype)
+                state.cast_originals[name] = current.detach().to("cpu", copy=True)
         elif frozen_dtype in FOUR_BIT_DTYPES:
-            current = getattr(module, leaf)
-            four_bit.hold(module, original.to(current.device, current.dtype), frozen_dtype)
+            weight = original.to(current.device)
+            four_bit.hold(module, weight, frozen_dtype, current.dtype)
         else:
             dtype = getattr(torch, frozen_dtype) if frozen_dtype else original.dtype
-            current = getattr(module, leaf)
             current.data = original.to(current.device, dtype)
