@@ -39,6 +39,10 @@ class S2AHandle:
         )
         if config.frozen_dtype in FOUR_BIT_DTYPES:  # read per forward: only where they exist
             self.engine.extra_weight_numels = partial(four_bit.held_numels, model)
+            frozen = four_bit.frozen_names(model)
+            self.engine.step_checks.append(
+                partial(four_bit.check_unfrozen, model, frozen, config.frozen_dtype)
+            )
         self.engine.attach()
         self.removed = False
 

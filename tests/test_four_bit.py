@@ -394,3 +394,28 @@ def test_a_weight_unfrozen_after_a_cast_keeps_its_training():
     handle.remove()
     assert torch.equal(model.fc1.weight.double(), trained)
     assert torch.equal(model.fc2.weight, built["fc2.weight"])
+
+
+def test_unfreezing_around_weights_held_in_4_bits_is_an_error():
+    """Unfreezing the backbone reached its norm but not its 4-bit Linear and Conv weights,
+    which are no parameters: they stayed frozen while the rest trained, silently."""
+    x, y = _data()
+    torch.manual_seed(0)
+    model = ConvMixer()
+    handle = apply_s2a(model, S2AConfig(frozen_dtype="nf4"))
+    _step(model, x, y)
+    model.norm.weight.requires_grad_(True)
+    with torch.no_grad():
+        model(x)  # nothing trains without autograd
+    with pytest.raises(RuntimeError, match=r"norm.weight were frozen by S2A and train now.*nf4"):
+        _step(model, x, y)
+    handle.remove()  # the weights back as parameters: staged unfreezing works as usual
+    _step(model, x, y)
+
+    torch.manual_seed(0)
+    model = ConvMixer()
+    apply_s2a(model, S2AConfig(frozen_dtype=None))
+    for p in model.parameters():
+        p.requires_grad_(True)
+    _, grads = _step(model, x, y)  # exact weights: every weight trains
+    assert grads.numel() == sum(p.numel() for p in model.parameters())

@@ -88,6 +88,9 @@ class SavedTensorEngine:
         #: Element counts of weights that are no parameters (4-bit weights), for the rule
         #: that keeps weights computed in forward exact; set by whoever holds them.
         self.extra_weight_numels: Callable[[], Iterable[int]] = tuple
+        #: Called at the start of each account (each training step): checks that raise where
+        #: the model changed under what applied it (4-bit weights and an unfrozen backbone).
+        self.step_checks: list[Callable[[], None]] = []
         self._contexts: list[Any] = []
         self._funcs: dict[Any, tuple] = {}
         self._modules: list[nn.Module] = []
@@ -290,6 +293,8 @@ class SavedTensorEngine:
         fresh, self._fresh = self._fresh, False
         if fresh or self._account is None or self._unpacked or (is_root and not self._per_step):
             self._refresh_parameters()
+            for check in self.step_checks:
+                check()
             self.step += 1
             self._account = ForwardAccount()
             self._unpacked = False

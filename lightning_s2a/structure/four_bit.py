@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..config import FOUR_BIT_DTYPES
 
@@ -242,6 +243,38 @@ def named_held(model: nn.Module) -> list[tuple[str, torch.Size]]:
         for n, m in model.named_modules()
         if is_held(m)
     ]
+
+
+def frozen_names(model: nn.Module) -> WeakIdKeyDictionary:
+    """``model``'s frozen parameters and their names, held weakly (for :func:`check_unfrozen`:
+    a parameter freed since cannot be mistaken for a new one at its address)."""
+    frozen = WeakIdKeyDictionary()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            frozen[p] = name
+    return frozen
+
+
+def check_unfrozen(model: nn.Module, frozen: WeakIdKeyDictionary, quant_type: str) -> None:
+    """Refuse parameters frozen at apply that train now while weights are held in 4 bits.
+
+    Unfreezing part of the backbone (``for p in block.parameters(): p.requires_grad_(True)``)
+    reaches its norms but not its held Linear and Conv weights, which are no parameters: the
+    rest of the block would train around weights that stay frozen, silently. ``frozen`` holds
+    the parameters frozen at apply (:func:`frozen_names`)."""
+    unfrozen = [frozen[p] for p in model.parameters() if p.requires_grad and p in frozen]
+    if not unfrozen or not held_numel(model):
+        return
+    shown = ", ".join(unfrozen[:3]) + (
+        f" and {len(unfrozen) - 3} more" if len(unfrozen) > 3 else ""
+    )
+    raise RuntimeError(
+        f"{shown} were frozen by S2A and train now, but the frozen Linear and Conv weights are "
+        f"held in 4 bits (frozen_dtype={quant_type!r}): they are no parameters, so unfreezing "
+        "cannot reach them, and they would stay frozen while the rest trains. For staged "
+        "unfreezing train with frozen_dtype=None (or 'bfloat16'), or give the model its "
+        "weights back first with handle.remove()."
+    )
 
 
 def held_numel(model: nn.Module) -> int:
