@@ -25,15 +25,27 @@ LAYOUTS = ("auto", "tokens", "nhwc", "nchw")
 GROUP_SIZES = (8, 16, 32, 64, 128, 256)
 
 
+def check_composition(modules: tuple[str, ...]) -> None:
+    """Reject module combinations that cannot train, saying why."""
+    if "side" in modules and len(modules) > 1:
+        others = [m for m in modules if m != "side"]
+        raise ValueError(
+            f"modules={list(modules)}: 'side' runs the backbone without autograd, so no "
+            f"gradient reaches {others} inside it; use 'side' alone, or {others} without it."
+        )
+
+
 @dataclass
 class S2AConfig:
     """How to fine-tune a frozen backbone with S2A.
 
     ``modules`` picks the structural activation modules that train; ``bits`` is the width
     of the saved-activation codes for the non-parametric operators. The remaining fields tune
-    the compression engine; their defaults follow the S2A method. Every field is checked at
-    construction (and by :meth:`replace`): a wrong value or type, such as ``bits="4"`` or
-    ``compress=1``, raises a ``ValueError`` naming the field and what it allows.
+    the compression engine; their defaults follow the S2A method. Every field's value and type
+    is checked at construction (and by :meth:`replace`): a wrong one, such as ``bits="4"`` or
+    ``compress=1``, raises a ``ValueError`` naming the field and what it allows, and so does
+    ``side`` combined with other modules. What depends on the model (an ``input_size`` that
+    does not fit it) is checked by :func:`apply_s2a`, with an error as clear.
     """
 
     #: Code width for saved activations: 1, 2, 4 or 8.
@@ -91,8 +103,10 @@ class S2AConfig:
     #: Layout of block outputs: "auto" (the family's; else 3-D tokens, 4-D NCHW), "tokens",
     #: "nhwc" or "nchw".
     block_layout: str = "auto"
-    #: Shape of one input sample the prompts are sized for, e.g. (3, 224, 224); None uses
-    #: timm's pretrained_cfg["input_size"].
+    #: Shape of one input sample the prompts and side are sized for, e.g. (3, 224, 224), or
+    #: (tokens, features) for sequences; None: the data module's ``input_size`` (Lightning),
+    #: the patch embedding's ``img_size``, a Hugging Face ``config.image_size``, or timm's
+    #: pretrained_cfg["input_size"], in that order.
     input_size: Sequence[int] | None = None
     #: Backbone BatchNorm during training: "eval" (running statistics, as in the fine-tuning
     #: literature; then stores nothing) or "train" (batch statistics).
@@ -130,6 +144,7 @@ class S2AConfig:
                 raise ValueError(f"modules: unknown module kind {m!r}; allowed: {MODULE_KINDS}.")
         if len(set(self.modules)) != len(self.modules):
             raise ValueError(f"modules: {self.modules!r} lists a module kind twice.")
+        check_composition(self.modules)
         if not self.modules:
             raise ValueError(f"modules: choose at least one of {MODULE_KINDS}.")
         if self.head is not None and (not isinstance(self.head, str) or not self.head):

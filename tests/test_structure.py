@@ -161,6 +161,8 @@ def test_side_backbone_stores_nothing(family):
 def test_side_does_not_combine(mods):
     with pytest.raises(ValueError, match=r"'side' runs the backbone without autograd"):
         apply_s2a(SMALL["vit"](), modules=mods, input_size=SIZE)
+    with pytest.raises(ValueError, match=r"'side' runs the backbone without autograd"):
+        S2AConfig(modules=mods)  # at construction: the CLI says so before building anything
 
 
 class Plain(nn.Module):

@@ -30,22 +30,23 @@ MB = 2**20
 
 def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     """One method, in this process: prepare, train ``warmup + steps`` steps, measure."""
-    import timm
     import torch
     import torch.nn.functional as F
 
-    from .methods import METHODS, trainable
+    from .methods import METHODS, build_model, label, trainable
 
     torch.manual_seed(0)
     device = torch.device(spec["device"])
-    model = timm.create_model(spec["model"], num_classes=spec["classes"]).to(device).train()
+    res = spec["resolution"]
+    # One batch for every method, drawn before any method's set-up draws random numbers.
+    x = torch.randn(spec["batch_size"], 3, res, res, device=device)
+    y = torch.randint(0, spec["classes"], (spec["batch_size"],), device=device)
+    model = build_model(spec["model"], spec["classes"], res).to(device).train()
     prepare, uses_bits = METHODS[spec["method"]]
-    extra = {"input_size": (3, spec["resolution"], spec["resolution"])} if uses_bits else {}
+    extra = {"input_size": (3, res, res)} if uses_bits else {}
     meter = prepare(model, spec["bits"], **extra) if uses_bits else prepare(model, 0)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    x = torch.randn(spec["batch_size"], 3, spec["resolution"], spec["resolution"], device=device)
-    y = torch.randint(0, spec["classes"], (spec["batch_size"],), device=device)
     autocast = spec["dtype"] == "bf16-mixed"
     times, saved = [], 0
     for step in range(spec["warmup"] + spec["steps"]):
@@ -72,7 +73,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     n_train, n_total = trainable(model)
     return {
-        "method": spec["method"] + (f"@{spec['bits']}bit" if uses_bits else ""),
+        "method": label(spec["method"], spec["bits"]),
         "saved_mib": saved / MB,
         "peak_mib": peak,
         "trainable": n_train,
@@ -101,7 +102,7 @@ def _child(spec: dict[str, Any], conn: Any) -> None:
     try:
         result = _worker(spec)
     except Exception as err:  # reported in the table, like a failed subprocess
-        result = {"method": spec["method"], "error": f"{type(err).__name__}: {err}"}
+        result = {"method": _label(spec), "error": f"{type(err).__name__}: {err}"}
     conn.send(result)
     conn.close()
 
@@ -113,10 +114,10 @@ def _run_forked(ctx: Any, spec: dict[str, Any], timeout: float) -> dict[str, Any
     send.close()
     try:
         if not receive.poll(timeout):
-            return {"method": spec["method"], "error": f"timed out after {timeout:.0f} s"}
+            return {"method": _label(spec), "error": f"timed out after {timeout:.0f} s"}
         return receive.recv()
     except EOFError:
-        return {"method": spec["method"], "error": f"worker died (exit code {proc.exitcode})"}
+        return {"method": _label(spec), "error": f"worker died (exit code {proc.exitcode})"}
     finally:
         proc.join(10)
         if proc.is_alive():
@@ -131,8 +132,21 @@ def _run(spec: dict[str, Any], timeout: float, ctx: Any | None = None) -> dict[s
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         tail = done.stderr.strip().splitlines()[-1:] or ["(no output)"]
-        return {"method": spec["method"], "error": tail[0]}
+        return {"method": _label(spec), "error": tail[0]}
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _label(spec: dict[str, Any]) -> str:
+    from .methods import label
+
+    return label(spec["method"], spec["bits"])
+
+
+def _ratio(full: float, value: float) -> str:
+    """How many times less than full fine-tuning's ``value`` is (or more, where it is)."""
+    if not value:
+        return "-"
+    return f"{full / value:.1f}x less" if value <= full else f"{value / full:.1f}x more"
 
 
 def _table(rows: list[dict[str, Any]], full: dict[str, Any] | None) -> str:
@@ -147,7 +161,7 @@ def _table(rows: list[dict[str, Any]], full: dict[str, Any] | None) -> str:
             continue
 
         def ratio(key: str, r: dict[str, Any] = r) -> str:
-            return f"{full[key] / r[key]:.1f}x less" if full and r[key] else "-"
+            return _ratio(full[key], r[key]) if full else "-"
 
         step_ratio = f"{r['step_s'] / full['step_s']:.2f}x" if full else "-"
         lines.append(

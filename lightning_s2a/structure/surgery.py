@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ..config import FOUR_BIT_DTYPES, S2AConfig
+from ..config import FOUR_BIT_DTYPES, S2AConfig, check_composition
 from . import four_bit
 from .families import Block, block_output_shapes, default_input_size, find_blocks
 from .head import HeadGroup, find_head, head_modules, is_bias
@@ -79,16 +79,6 @@ class StructureState:
     def adds_weights(self) -> bool:
         """Whether S2A added parameters (modules, biases) that the plain model lacks."""
         return bool(self.added_modules or self.added_biases)
-
-
-def check_composition(modules: tuple[str, ...]) -> None:
-    """Reject module combinations that cannot train, saying why."""
-    if "side" in modules and len(modules) > 1:
-        others = [m for m in modules if m != "side"]
-        raise ValueError(
-            f"modules={list(modules)}: 'side' runs the backbone without autograd, so no "
-            f"gradient reaches {others} inside it; use 'side' alone, or {others} without it."
-        )
 
 
 def apply_structure(model: nn.Module, config: S2AConfig) -> StructureState:
