@@ -208,6 +208,46 @@ def test_a_step_with_several_backwards_reports_its_largest_account(tmp_path):
     assert raw[(2, 1)] == raw[(1, 2)] == raw[(2,)] > 0
 
 
+class _Gan(EncoderClassifier):
+    """A GAN step: its own generator with its own optimizer, the encoder plus classifier as
+    the discriminator."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.generator = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 3, 1))
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        opt_g, opt_d = self.optimizers()
+        fake = self.generator(x.flip(-1))
+        loss_g = -self.classifier(self.encoder(fake)).mean()
+        opt_g.zero_grad()
+        self.manual_backward(loss_g)
+        opt_g.step()
+        loss_d = self.classifier(self.encoder(fake.detach())).mean()
+        opt_d.zero_grad()
+        self.manual_backward(loss_d - self.classifier(self.encoder(x)).mean())
+        opt_d.step()
+
+    def configure_optimizers(self):
+        others = [p for n, p in self.named_parameters() if not n.startswith("generator.")]
+        return torch.optim.SGD(self.generator.parameters(), 0.1), torch.optim.SGD(others, 0.1)
+
+
+def test_an_optimizer_whose_weights_s2a_froze_on_the_whole_module_is_named(tmp_path):
+    """S2A on the whole module froze a GAN's generator (its own optimizer) but its biases,
+    silently; naming the backbone leaves it alone."""
+    with pytest.warns(UserWarning, match=r"optimizer 0 holds 2 weights \(generator.0.weight"):
+        _fit(tmp_path / "a", _Gan(), S2ACallback(head="classifier"), max_steps=1)
+    model = _Gan()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=".*(LeafSpec|log_every_n_steps|num_workers)")
+        _fit(tmp_path / "b", model, S2ACallback(backbone="encoder"), max_steps=1)
+    assert all(p.requires_grad for p in model.generator.parameters())
+
+
 def test_cli_keeps_the_user_classes_defaults(tmp_path):
     cli = S2ALightningCLI(
         run=False,

@@ -37,6 +37,7 @@ from .checks import (
     check_optimized,
     check_same_model,
     check_single_s2a,
+    warn_frozen_optimizers,
 )
 from .metrics import EpochMeter, reset_peak_memory
 
@@ -203,6 +204,7 @@ class S2ACallback(pl.Callback):
             )
         check_batch_norms_in_place(self.handle)
         check_optimized(trainer, pl_module, self.handle)
+        warn_frozen_optimizers(trainer, pl_module, self.handle)
         check_no_swa(trainer, self.handle)
         check_averaging_after(trainer, self)
         rank_zero_info(self.handle.summary())

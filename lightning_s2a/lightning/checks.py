@@ -12,6 +12,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from ..api import S2AHandle, config_differences
@@ -165,6 +166,29 @@ def check_optimized(trainer: pl.Trainer, pl_module: nn.Module, handle: S2AHandle
             "e.g. torch.optim.AdamW(p for p in self.parameters() if p.requires_grad), or add "
             "the modules S2A adds (s2a_side, s2a_prompt) to your parameter groups."
         )
+
+
+def warn_frozen_optimizers(trainer: pl.Trainer, pl_module: nn.Module, handle: S2AHandle) -> None:
+    """With S2A on the whole LightningModule and several optimizers, one whose every weight S2A
+    froze (only biases train now) most likely serves another model: a GAN's generator lost
+    its weights' training, and only the trainable count said so."""
+    optimizers = [o for o in trainer.optimizers if type(o).__name__ != "_MockOptimizer"]
+    if handle.model is not pl_module or len(optimizers) < 2:
+        return
+    names = {id(p): n for n, p in pl_module.named_parameters()}
+    flags = handle.structure.flags
+    for index, opt in enumerate(optimizers):
+        params = [p for g in opt.param_groups for p in g["params"] if id(p) in names]
+        weights = [p for p in params if p.dim() > 1 and flags.get(names[id(p)], False)]
+        if weights and not any(p.requires_grad for p in weights):
+            shown = ", ".join(names[id(p)] for p in weights[:3])
+            rank_zero_warn(
+                f"optimizer {index} holds {len(weights)} weights ({shown}, ...) that S2A froze: "
+                f"it was applied to the whole {type(pl_module).__name__} (no backbone "
+                "attribute), so they no longer train, only biases do. If they belong to a model "
+                "S2A should leave alone (a GAN's generator), name the backbone: "
+                "S2ACallback(backbone='...')."
+            )
 
 
 def check_averaging_after(trainer: pl.Trainer, callback: S2ACallback) -> None:
