@@ -361,45 +361,57 @@ def test_the_callback_errors_are_clear():
 
 
 class WithTeacher(UserModule):
-    """A BYOL/MoCo-style step: a frozen teacher head, updated in place as an EMA of the head
-    and used in the loss; ``renorm`` also renormalises the trained head in place."""
+    """A BYOL/MoCo-style step: a frozen teacher head (its two layers tied), updated in place
+    as an EMA of the head and used in the loss; ``head_update`` also changes trained weights
+    in place: "decay" the head on every call, "clamp" a temperature (CLIP-style), which
+    changes nothing here."""
 
-    def __init__(self, renorm: bool = False):
+    def __init__(self, head_update: str = ""):
         super().__init__()
-        self.teacher = nn.Linear(16, 3).requires_grad_(False)
-        self.renorm = renorm
+        self.teacher = nn.Sequential(nn.Linear(16, 3), nn.Linear(3, 3)).requires_grad_(False)
+        self.tied = nn.Linear(16, 3).requires_grad_(False)
+        self.tied.weight = self.teacher[0].weight  # one parameter object, twice
+        self.temperature = nn.Parameter(torch.tensor(1.0))
+        self.head_update = head_update
 
     def training_step(self, batch, batch_idx):
         with torch.no_grad():
-            for t, s in zip(self.teacher.parameters(), self.head.parameters(), strict=True):
+            for t, s in zip(self.teacher[0].parameters(), self.head.parameters(), strict=True):
                 t.mul_(0.5).add_(s, alpha=0.5)
-            if self.renorm:
-                self.head.weight.div_(self.head.weight.norm())
+            if self.head_update == "decay":
+                self.head.weight.mul_(0.9)
+            elif self.head_update == "clamp":
+                self.temperature.clamp_(0.5, 2.0)
         x, y = batch
         features = self.norm(self.encoder(x))
-        loss = F.cross_entropy(self.head(features), y)
-        return loss + F.mse_loss(self.teacher(features.detach()), self.head(features).detach())
+        loss = F.cross_entropy(self.head(features), y) * self.temperature.exp()
+        target = self.teacher(features.detach()) + self.tied(features.detach())
+        return loss + F.mse_loss(target, self.head(features).detach())
+
+
+def _fit_teacher(head_update: str, calibrate: bool) -> WithTeacher:
+    module = WithTeacher(head_update)
+    x, y = _batch(0)
+    data = DataLoader(TensorDataset(x.float(), y), batch_size=4)
+    trainer = pl.Trainer(
+        max_steps=1,
+        callbacks=[S2ACallback(backbone="encoder", calibrate=calibrate)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, data)
+    return module
 
 
 def test_calibration_updates_no_teacher_and_refuses_steps_that_change_trained_weights():
     """Calibration runs the step three times on the first batch: a teacher updated in place
     there got three updates (or, used in the loss, autograd's in-place error)."""
-    teachers = {}
-    for calibrate in (False, True):
-        module = WithTeacher()
-        x, y = _batch(0)
-        data = DataLoader(TensorDataset(x.float(), y), batch_size=4)
-        trainer = pl.Trainer(
-            max_steps=1,
-            callbacks=[S2ACallback(backbone="encoder", calibrate=calibrate)],
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
-        trainer.fit(module, data)
-        teachers[calibrate] = module.teacher.weight.clone()
-    assert get_handle(module.encoder).engine.calibrated
-    assert torch.equal(teachers[False], teachers[True])  # one update in both
+    for head_update in ("", "clamp"):  # a clamp that changes nothing is no update
+        plain, calibrated = (_fit_teacher(head_update, c) for c in (False, True))
+        assert get_handle(calibrated.encoder).engine.calibrated
+        assert calibrated.tied.weight is calibrated.teacher[0].weight  # still tied
+        assert torch.equal(plain.teacher[0].weight, calibrated.teacher[0].weight)  # one update
     with pytest.raises(RuntimeError, match=r"changed parameters in place \(head.weight\)"):
-        _fit(WithTeacher(renorm=True))
+        _fit_teacher("decay", calibrate=True)

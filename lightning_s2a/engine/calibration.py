@@ -30,7 +30,7 @@ batch.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -82,14 +82,15 @@ def calibrate(
     before, unpacked = engine.module_bits, engine._unpacked
     engine.module_bits = {}  # measure the configured widths
     try:
-        errors, copied = _measure(engine, loss_fn, scope, set())
+        watch = _Watch(engine, scope)
+        errors, copied = _measure(engine, loss_fn, watch, set())
         above = {n for n, e in errors.items() if e > tol}
         # A module's local gradient runs through its submodules too: widen the innermost
         # modules above tol first, then whatever is still above it once they are wide.
         engine.module_bits = {n: WIDE_BITS for n in above if not _has_inside(n, above)}
         broken = any(math.isinf(errors[n]) for n in above)
         if remeasure or broken or len(engine.module_bits) != len(above):
-            again, _ = _measure(engine, loss_fn, scope, copied)
+            again, _ = _measure(engine, loss_fn, watch, copied)
             engine.module_bits |= {n: WIDE_BITS for n, e in again.items() if e > tol}
             # Still not finite at WIDE_BITS: no code width helps; its tensors are kept exact.
             engine.module_bits |= {n: EXACT_BITS for n, e in again.items() if math.isinf(e)}
@@ -113,19 +114,19 @@ def _has_inside(name: str, names: set[str]) -> bool:
 def _measure(
     engine: SavedTensorEngine,
     loss_fn: Callable[[], torch.Tensor],
-    scope: nn.Module,
+    watch: _Watch,
     copied: set[str],
 ) -> tuple[dict[str, float], set[str]]:
     """Local errors per module, and the in-place modules whose inputs had to be copied."""
     in_place: set[str] = set()
-    with _same_state(engine, scope):
+    with _same_state(engine, watch):
         exact_calls, exact_loss = _record(engine, loss_fn, True, copied, in_place)
     _check_scalar(exact_loss)
     if in_place - copied:  # their gradients read as their inputs': measure again, copied
         copied = copied | in_place
-        with _same_state(engine, scope):
+        with _same_state(engine, watch):
             exact_calls, exact_loss = _record(engine, loss_fn, True, copied, set())
-    with _same_state(engine, scope):
+    with _same_state(engine, watch):
         coded_calls, _ = _record(engine, loss_fn, False, copied, set())
     shape = [(n, len(i), len(o)) for n, i, o in exact_calls]
     if shape != [(n, len(i), len(o)) for n, i, o in coded_calls]:
@@ -228,32 +229,80 @@ def _record(
     return calls, loss
 
 
+class _Watch:
+    """The parameters of ``scope`` that calibration's forwards may change in place (an EMA
+    teacher updated in ``training_step``, a clamped temperature), sorted by what can be done.
+
+    Frozen parameters outside the S2A'd model run each forward on a copy (one per parameter
+    object, so tied ones stay tied). Trained ones cannot (their gradients are measured): their
+    values are compared, and one changed by more than one forward is an error (a clamp or a
+    renormalisation repeats harmlessly; an update would be applied once per forward). Frozen
+    ones inside the S2A'd model must not change at all."""
+
+    def __init__(self, engine: SavedTensorEngine, scope: nn.Module) -> None:
+        inside = {id(p) for p in engine.model.parameters()}
+        self.names = {id(p): n for n, p in scope.named_parameters(remove_duplicate=False)}
+        self.slots: list[tuple[nn.Module, str, nn.Parameter]] = []
+        trained: dict[int, nn.Parameter] = {}
+        frozen: dict[int, nn.Parameter] = {}
+        for module in scope.modules():
+            for leaf, p in module._parameters.items():
+                if p is None:
+                    continue
+                if p.requires_grad:
+                    trained[id(p)] = p
+                elif id(p) in inside:
+                    frozen[id(p)] = p
+                else:
+                    self.slots.append((module, leaf, p))
+        self.trained, self.frozen = list(trained.values()), list(frozen.values())
+        self.scope = scope
+        self.changes: dict[int, int] = {}
+
+    @contextmanager
+    def forward(self) -> Iterator[None]:
+        """One calibration forward: copies swapped in, changes counted, errors raised."""
+        copies: dict[int, nn.Parameter] = {}
+        for module, leaf, p in self.slots:
+            if id(p) not in copies:
+                copies[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=False)
+            module._parameters[leaf] = copies[id(p)]
+        values = [(p, p._version, p.detach().clone()) for p in self.trained]
+        versions = [(p, p._version) for p in self.frozen]
+        try:
+            yield
+        finally:
+            for module, leaf, p in self.slots:
+                module._parameters[leaf] = p
+        for p, version, before in values:
+            moved = (p.detach() - before).norm() > 1e-6 * before.norm()
+            if p._version != version and moved:
+                self.changes[id(p)] = self.changes.get(id(p), 0) + 1
+        bad = [p for p, version in versions if p._version != version]
+        bad += [p for p in self.trained if self.changes.get(id(p), 0) > 1]
+        if bad:
+            changed = sorted({self.names.get(id(p), "?") for p in bad})
+            raise RuntimeError(
+                f"calibrate: the step's forward changed parameters in place "
+                f"({', '.join(changed[:4])}{' and more' if len(changed) > 4 else ''}) on every "
+                "call, and calibration runs it two or three times on one batch, so they would "
+                "change that many times. Calibrate with a loss_fn free of such updates, "
+                "handle.calibrate(loss_fn), before training, and set calibrate=False."
+            )
+
+
 @contextmanager
-def _same_state(engine: SavedTensorEngine, scope: nn.Module):
+def _same_state(engine: SavedTensorEngine, watch: _Watch):
     """Run a calibration forward and put back what it changes: the random generators (so
-    both forwards draw the same dropout), ``scope``'s buffers (BatchNorm running statistics),
-    and the engine's step, forward count and last account.
+    both forwards draw the same dropout), the scope's buffers (BatchNorm running statistics),
+    its frozen parameters outside the S2A'd model (see :class:`_Watch`), and the engine's
+    step, forward count and last account.
 
     Each forward runs on copies of the buffers, swapped in, and the originals are swapped
     back untouched: copying old values into the buffers instead would change tensors that
     the forward's graph saved (a training BatchNorm saves its running statistics), and the
-    measurement's backward would refuse them. Frozen parameters outside the S2A'd model (an
-    EMA teacher that ``loss_fn`` updates in place) run on copies too; the other parameters
-    cannot (their gradients are measured, or they are the backbone), and a forward that
-    changes one in place is an error: it would be changed once per measurement."""
-    inside = {id(p) for p in engine.model.parameters()}
-    names = {id(p): n for n, p in scope.named_parameters(remove_duplicate=False)}
-    copied_params, watched = [], []
-    for module in scope.modules():
-        for name, param in module._parameters.items():
-            if param is None:
-                continue
-            if not param.requires_grad and id(param) not in inside:
-                copied_params.append((module, name, param))
-            else:
-                watched.append((param, param._version))
-    for module, name, param in copied_params:
-        module._parameters[name] = nn.Parameter(param.detach().clone(), requires_grad=False)
+    measurement's backward would refuse them."""
+    scope = watch.scope
     swapped = [
         (module, name, buffer)
         for module in scope.modules()
@@ -265,24 +314,28 @@ def _same_state(engine: SavedTensorEngine, scope: nn.Module):
     cuda = torch.cuda.is_initialized()
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if cuda else None
-    saved = (engine.step, engine.forwards, engine._last, engine._account, engine._unpacked)
+    saved = (
+        engine.step,
+        engine.forwards,
+        engine._last,
+        engine._account,
+        engine._unpacked,
+        engine._step_peak,
+    )
     try:
-        yield
+        with watch.forward():
+            yield
     finally:
-        for module, name, param in copied_params:
-            module._parameters[name] = param
         for module, name, buffer in swapped:
             module._buffers[name] = buffer
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
-        engine.step, engine.forwards, engine._last, engine._account, engine._unpacked = saved
-    changed = sorted({names.get(id(p), "?") for p, version in watched if p._version != version})
-    if changed:
-        raise RuntimeError(
-            f"calibrate: the step's forward changed parameters in place ({', '.join(changed[:4])}"
-            f"{' and more' if len(changed) > 4 else ''}), and calibration runs it two or three "
-            "times on one batch, so they would be changed that many times. Calibrate with a "
-            "loss_fn free of such updates, handle.calibrate(loss_fn), before training, and set "
-            "calibrate=False."
-        )
+        (
+            engine.step,
+            engine.forwards,
+            engine._last,
+            engine._account,
+            engine._unpacked,
+            engine._step_peak,
+        ) = saved

@@ -247,15 +247,17 @@ class SavedTensorEngine:
         submodules instead (``forward_features``, or a LightningModule calling its parts),
         the account covers every such forward since the last backward; within a training
         step marked by :meth:`begin_step` (the Lightning callback marks each), every forward
-        of the step until a backward, two views through the model included; where the step
-        runs several backwards (manual optimization: a GAN's two phases), the largest of its
-        accounts, which is what the step keeps at most.
+        of the step until a backward, two views through the model included.
         """
-        if self._per_step and self._step_peak is not None:
-            return self._step_peak
         if self._last is None:
             return ForwardAccount().summary()
         return self._last
+
+    def step_stats(self) -> dict:
+        """The largest account since :meth:`begin_step`: what the step keeps at most. A step
+        that runs several backwards (manual optimization: a GAN's two updates) frees each
+        account's tensors in turn; :meth:`stats` is its last account only."""
+        return self._step_peak if self._step_peak is not None else self.stats()
 
     # -- forward boundaries ------------------------------------------------------------
     def _enter(self, name: str, is_root: bool, module: nn.Module, args: Any) -> None:

@@ -276,7 +276,7 @@ class S2ACallback(pl.Callback):
                 "training_step, outside torch.no_grad().",
             )
             return
-        stats = self.handle.stats()
+        stats = self.handle.engine.step_stats()  # several backwards: the largest account
         if not stats["raw_bytes"]:
             self._warn_once(
                 trainer,
