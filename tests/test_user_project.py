@@ -606,6 +606,13 @@ class _ClassesFromData(UserModule):
             self.backbone.reset_classifier(4)
 
 
+class _MetricInSetup(EncoderClassifier):
+    """Adds a loss module in its own ``setup`` (no parameters), once per fit."""
+
+    def setup(self, stage):
+        self.criterion = nn.CrossEntropyLoss()
+
+
 def test_what_the_module_s_own_setup_builds_is_s2ad(tmp_path):
     """S2A was applied in the callback's setup, before the module's: an encoder built there
     trained in full, uncompressed, while the metrics counted the head's input only; a head
@@ -630,6 +637,24 @@ def test_what_the_module_s_own_setup_builds_is_s2ad(tmp_path):
     model.backbone.num_classes = 10
     with pytest.raises(RuntimeError, match=r"_ClassesFromData.setup changed the model.*once"):
         _fit(tmp_path / "c", model, S2ACallback(), max_steps=1)
+
+    # Where S2A cannot apply before setup (no encoder yet to find blocks in, or to name), it
+    # waits for setup.
+    model = _BuildsInSetup()
+    callback = S2ACallback(S2AConfig(modules=("bias", "prompt")), backbone="encoder")
+    _fit(tmp_path / "d", model, callback, max_steps=1)
+    assert callback.handle.model is model.encoder
+    assert any("s2a_prompt" in n for n, p in model.named_parameters() if p.requires_grad)
+
+    # A setup that adds what holds no parameters (a metric, a loss) changes nothing S2A did:
+    # fitting again takes the model up as it is.
+    model = _MetricInSetup()
+    config = S2AConfig(head="classifier")
+    first = S2ACallback(config)
+    _fit(tmp_path / "e", model, first, max_steps=1)
+    second = S2ACallback(config)
+    _fit(tmp_path / "f", model, second, max_steps=1)
+    assert second.handle is first.handle
 
 
 def test_backbone_missing_names_the_attribute(tmp_path):

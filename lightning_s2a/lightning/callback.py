@@ -159,18 +159,27 @@ class S2ACallback(pl.Callback):
                 pl_module, "configure_model", after=lambda: self._apply(trainer, pl_module, stage)
             )
             return
-        self._apply(trainer, pl_module, stage)
-        if is_overridden("setup", pl_module):
-            # The module's own setup runs right after this hook (a weight-averaging callback
-            # copies the model in between, so S2A is applied here first). What it builds or
-            # replaces (a backbone, reset_classifier for the data's classes) was never S2A'd:
-            # then S2A is applied again to the model as setup left it.
-            before = _layout(self.handle.model)
-            _wrap(
-                pl_module,
-                "setup",
-                after=lambda: self._after_setup(trainer, pl_module, stage, before),
-            )
+        if not is_overridden("setup", pl_module):
+            self._apply(trainer, pl_module, stage)
+            return
+        # The module's own setup runs right after this hook (a weight-averaging callback
+        # copies the model in between, so S2A is applied here first where it can be). What
+        # setup builds or replaces (a backbone, reset_classifier for the data's classes) was
+        # never S2A'd: S2A is applied again to the model as setup left it. Where the model is
+        # not complete before it (no backbone yet), S2A waits for it.
+        try:
+            self._apply(trainer, pl_module, stage)
+        except Exception as err:  # raised again after setup if it still fails
+            self.handle, self._module = None, None
+            rank_zero_info(f"S2A waits for {type(pl_module).__name__}.setup: {err}")
+            _wrap(pl_module, "setup", after=lambda: self._apply(trainer, pl_module, stage))
+            return
+        before = _layout(self.handle.model)
+        _wrap(
+            pl_module,
+            "setup",
+            after=lambda: self._after_setup(trainer, pl_module, stage, before),
+        )
 
     def _after_setup(
         self,
@@ -200,7 +209,8 @@ class S2ACallback(pl.Callback):
         _unwrap(pl_module, "configure_model")
         if self.handle is None:
             raise RuntimeError(
-                f"S2A was not applied: {type(pl_module).__name__}.configure_model did not run."
+                f"S2A was not applied: {type(pl_module).__name__}.configure_model (or setup) "
+                "did not run."
             )
         check_batch_norms_in_place(self.handle)
         check_optimized(trainer, pl_module, self.handle)
@@ -393,10 +403,9 @@ def sized_from_data(config: S2AConfig, datamodule: Any) -> S2AConfig:
 
 
 def _layout(model: nn.Module) -> list[tuple[str, int]]:
-    """Every submodule and parameter of ``model`` by name and identity: what a module's own
-    setup may have added or replaced since S2A was applied."""
-    modules = [(n, id(m)) for n, m in model.named_modules()]
-    return modules + [(n, id(p)) for n, p in model.named_parameters()]
+    """Every parameter of ``model`` by name and identity: what a module's own setup may have
+    added or replaced since S2A was applied (a metric or a loss added there changes none)."""
+    return [(n, id(p)) for n, p in model.named_parameters()]
 
 
 _WRAPPED = "_s2a_wrapped_{}"
