@@ -994,6 +994,37 @@ def test_sequence_first_blocks_are_a_clear_error_and_batch_first_ones_keep_sampl
     assert (moved[1:] - out[1:]).abs().max() > 1e-3
 
 
+class _FoldedNet(nn.Module):
+    """Runs each of 4 patches of a sample through its blocks as a sample of its own
+    (MobileViT's transformer): the blocks' outputs have 4 rows per sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 4, 5, 6)
+        h = self.encoder(self.embed(x).flatten(0, 1))  # (4 B, 5, 16)
+        return self.head(h.unflatten(0, (-1, 4)).mean((1, 2)))
+
+
+def test_blocks_that_fold_the_batch_take_a_prompt_but_no_side():
+    torch.manual_seed(0)
+    model = _FoldedNet().double()
+    with pytest.raises(ValueError, match=r"encoder.layers.0 \(8, 5, 16\).*fold the batch"):
+        apply_s2a(model, modules=["side"], head="head", input_size=(4, 5, 6))
+    apply_s2a(model, modules=["prompt"], head="head", input_size=(4, 5, 6))
+    x = torch.randn(3, 4, 5, 6, dtype=torch.float64)
+    other = x.clone()
+    other[1:] += 1.0
+    with torch.no_grad():
+        out, moved = model(x), model(other)
+    assert out.shape == (3, 3)
+    assert_close_in_norm(moved[0], out[0], 1e-12)
+
+
 def test_a_deep_copy_runs_its_own_side_network():
     """An EMA/SWA-style copy made after apply_s2a: its hooks must use the copy's side network,
     not the original's (closures kept pointing at the original)."""

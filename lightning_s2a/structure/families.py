@@ -215,8 +215,10 @@ def block_output_shapes(
     blocks: list[Block],
     input_size: tuple[int, ...],
     owners: Sequence[str] = (),
+    side: bool = False,
 ) -> tuple[list[Block], tuple[int, ...] | None, set[str]]:
-    """Run one sample through the model to learn each block's output shape and layout.
+    """Run one sample through the model to learn each block's output shape and layout
+    (``side``: a side network reads them, which needs one row per sample).
 
     Also returns the shape of the model's own output without the batch dimension (None when
     it is not a tensor), which the side branch needs when there is no head to replace, and
@@ -262,17 +264,7 @@ def block_output_shapes(
             "S2AConfig(blocks='...'); where none does (Hugging Face's Swin layers return "
             "tuples), those modules cannot attach, and modules=['bias'] still trains."
         )
-    batch_second = {b.name: tuple(shapes[b.name]) for b in blocks}
-    batch_second = {n: s for n, s in batch_second.items() if not s or s[0] != DRY_BATCH}
-    if batch_second:
-        raise ValueError(
-            f"'prompt' and 'side' read a block's output with the batch first, but in a forward "
-            f"of {DRY_BATCH} samples blocks of {type(model).__name__} returned "
-            f"{_few(batch_second)}: the batch is not their first dimension (sequence first, as "
-            "nn.TransformerEncoderLayer gives without batch_first=True). Build the blocks "
-            "batch first, or name blocks whose outputs are: S2AConfig(blocks='...'); "
-            "modules=['bias'] does not depend on the layout."
-        )
+    check_batch_first({b.name: tuple(shapes[b.name]) for b in blocks}, model, side)
     found = [
         Block(
             b.name,
@@ -285,6 +277,49 @@ def block_output_shapes(
     ]
     found = settle_layouts(found, model, tuple(input_size))
     return found, (tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else None), ran
+
+
+def check_batch_first(shapes: dict[str, tuple[int, ...]], model: nn.Module, side: bool) -> None:
+    """Block outputs of the dry forward (:data:`DRY_BATCH` samples) must put the batch first.
+
+    Sequence-first outputs (N tokens, batch, D: ``nn.TransformerEncoderLayer`` without
+    ``batch_first=True``) were read as one sample of N tokens. Outputs that fold the batch
+    into their first dimension (MobileViT's transformer runs patches as samples: 8 rows for
+    2 samples) take a prompt, which broadcasts over that dimension, but no side network,
+    which pools each row as a sample."""
+    seq_first, folded, other = {}, {}, {}
+    for name, shape in shapes.items():
+        if shape and shape[0] == DRY_BATCH:
+            continue
+        if len(shape) >= 2 and shape[1] == DRY_BATCH:
+            seq_first[name] = shape
+        elif shape and shape[0] % DRY_BATCH == 0:
+            folded[name] = shape
+        else:
+            other[name] = shape
+    what = type(model).__name__
+    if seq_first or other:
+        raise ValueError(
+            f"'prompt' and 'side' read a block's output with the batch first, but in a forward "
+            f"of {DRY_BATCH} samples blocks of {what} returned {_few({**seq_first, **other})}"
+            ": the batch is not their first dimension"
+            + (
+                " (sequence first, as nn.TransformerEncoderLayer gives without "
+                "batch_first=True). Build the blocks batch first, or name"
+                if seq_first
+                else ". Name"
+            )
+            + " blocks whose outputs are: S2AConfig(blocks='...'); modules=['bias'] does not "
+            "depend on the layout."
+        )
+    if folded and side:
+        raise ValueError(
+            f"'side' pools each block's output per sample, but in a forward of {DRY_BATCH} "
+            f"samples blocks of {what} returned {_few(folded)}: they fold the batch into their "
+            "first dimension (patches run as samples), so the side would mix them. Name blocks "
+            "whose outputs put the batch first alone: S2AConfig(blocks='...'); 'prompt' and "
+            "'bias' take these blocks."
+        )
 
 
 def _few(shapes: dict[str, tuple[int, ...]], most: int = 3) -> str:

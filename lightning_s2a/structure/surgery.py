@@ -102,7 +102,9 @@ def apply_structure(model: nn.Module, config: S2AConfig) -> StructureState:
             )
             if "prompt" in modules:
                 owners |= {home(model, b.name, PROMPT_NAME, "prompt", runners)[1] for b in found}
-            blocks, output_shape, ran = block_output_shapes(model, found, size, sorted(owners))
+            blocks, output_shape, ran = block_output_shapes(
+                model, found, size, sorted(owners), side="side" in modules
+            )
             if not ran:
                 break
             runners |= ran
