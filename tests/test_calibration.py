@@ -175,7 +175,15 @@ def test_calibration_survives_a_checkpoint():
         assert handle.engine.calibration["encoder.attn"] > 0.05
     # Resumed under other codes, the measurement is stale: calibrated again where the config
     # calibrates (a run resumed at 2 bits kept the 4-bit widths, silently).
-    for other in ({"bits": 2}, {"calibrate_tol": 0.1}, {"op_bits": {"softmax": 8}}):
+    others = (
+        {"bits": 2},
+        {"calibrate_tol": 0.1},
+        {"op_bits": {"softmax": 8}},
+        {"trainable_input_bits": 8},
+        {"stochastic_rounding": True},
+        {"min_numel": 1},
+    )
+    for other in others:
         with apply_s2a(_model(), head="classifier", **other) as handle:
             handle.engine.load_state_dict(state)
             assert not handle.engine.calibrated, other

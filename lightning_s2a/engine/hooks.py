@@ -52,6 +52,21 @@ if TYPE_CHECKING:
     from ..config import S2AConfig
 
 
+#: Config fields that change a saved tensor's code or whether it is coded: a calibration
+#: measured under other values is stale.
+CODING_FIELDS = (
+    "bits",
+    "op_bits",
+    "trainable_input_bits",
+    "group_size",
+    "stochastic_rounding",
+    "backend",
+    "bnb_quant_type",
+    "min_numel",
+    "surgery",
+)
+
+
 class SavedTensorEngine:
     """Compresses a model's saved activations with per-operator quantizers, and counts bytes."""
 
@@ -217,15 +232,13 @@ class SavedTensorEngine:
         self._device_codebooks.clear()
 
     def calibration_key(self, tol: float | None = None) -> dict[str, Any]:
-        """The settings a calibration's result depends on: code widths, group size and the
-        tolerance (the config's unless given)."""
+        """The settings a calibration's result depends on: every field that changes the codes
+        or what is coded, and the tolerance (the config's unless given)."""
         cfg = self.config
-        return {
-            "bits": cfg.bits,
-            "op_bits": dict(sorted(cfg.op_bits.items())),
-            "group_size": cfg.group_size,
-            "tol": cfg.calibration_tol() if tol is None else float(tol),
-        }
+        key: dict[str, Any] = {name: getattr(cfg, name) for name in CODING_FIELDS}
+        key["op_bits"] = dict(sorted(cfg.op_bits.items()))
+        key["tol"] = cfg.calibration_tol() if tol is None else float(tol)
+        return key
 
     def calibrate(
         self,
