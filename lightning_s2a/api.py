@@ -17,7 +17,13 @@ from .engine.hooks import SavedTensorEngine
 from .structure import four_bit
 from .structure.model_hooks import is_held
 from .structure.rewrites import rewrites_for
-from .structure.surgery import StructureState, apply_structure, cast_frozen, undo_structure
+from .structure.surgery import (
+    StructureState,
+    apply_structure,
+    cast_frozen,
+    mark_unfrozen,
+    undo_structure,
+)
 
 _APPLIED: weakref.WeakKeyDictionary[nn.Module, S2AHandle] = weakref.WeakKeyDictionary()
 
@@ -37,6 +43,8 @@ class S2AHandle:
             ),
             parts=structure.parts,
         )
+        if config.frozen_dtype is not None and config.frozen_dtype not in FOUR_BIT_DTYPES:
+            self.engine.step_checks.append(partial(mark_unfrozen, model, structure))
         if config.frozen_dtype in FOUR_BIT_DTYPES:  # read per forward: only where they exist
             self.engine.extra_weight_numels = partial(four_bit.held_numels, model)
             frozen = four_bit.frozen_names(model)

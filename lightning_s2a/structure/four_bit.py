@@ -21,6 +21,7 @@ computes, never for all layers at once. Double quantization of the scales is not
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -256,24 +257,26 @@ def frozen_names(model: nn.Module) -> WeakIdKeyDictionary:
 
 
 def check_unfrozen(model: nn.Module, frozen: WeakIdKeyDictionary, quant_type: str) -> None:
-    """Refuse parameters frozen at apply that train now while weights are held in 4 bits.
+    """Warn about parameters frozen at apply that train now while weights are held in 4 bits.
 
     Unfreezing part of the backbone (``for p in block.parameters(): p.requires_grad_(True)``)
     reaches its norms but not its held Linear and Conv weights, which are no parameters: the
-    rest of the block would train around weights that stay frozen, silently. ``frozen`` holds
+    rest of the block would train around weights that stay frozen, silently. Tuning only the
+    norms looks the same from here, so it is a warning, once per parameter. ``frozen`` holds
     the parameters frozen at apply (:func:`frozen_names`)."""
-    unfrozen = [frozen[p] for p in model.parameters() if p.requires_grad and p in frozen]
+    unfrozen = [p for p in model.parameters() if p.requires_grad and p in frozen]
     if not unfrozen or not held_numel(model):
         return
-    shown = ", ".join(unfrozen[:3]) + (
-        f" and {len(unfrozen) - 3} more" if len(unfrozen) > 3 else ""
-    )
-    raise RuntimeError(
+    names = [frozen.pop(p) for p in unfrozen]
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    warnings.warn(
         f"{shown} were frozen by S2A and train now, but the frozen Linear and Conv weights are "
         f"held in 4 bits (frozen_dtype={quant_type!r}): they are no parameters, so unfreezing "
-        "cannot reach them, and they would stay frozen while the rest trains. For staged "
-        "unfreezing train with frozen_dtype=None (or 'bfloat16'), or give the model its "
-        "weights back first with handle.remove()."
+        "cannot reach them, and they stay frozen while these train. Where that is what you "
+        "want (norm tuning), ignore this; to unfreeze whole blocks, train with "
+        "frozen_dtype=None (or 'bfloat16'), or give the model its weights back first with "
+        "handle.remove().",
+        stacklevel=2,
     )
 
 

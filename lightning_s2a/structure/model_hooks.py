@@ -115,14 +115,14 @@ class OriginalsHooks:
     one; torch loads its parameter as any other.
     """
 
-    def __init__(self, originals: dict[str, torch.Tensor]) -> None:
-        self.originals = originals
+    def __init__(self, originals: dict[str, torch.Tensor], unfrozen: set[str]) -> None:
+        self.originals, self.unfrozen = originals, unfrozen
 
     def state_dict(self, module: nn.Module, state_dict: dict, prefix: str, meta: Any) -> None:
         for name, original in self.originals.items():
             if prefix + name not in state_dict:
                 continue
-            if trains(module, name):  # its trained value, in the original's dtype
+            if name in self.unfrozen or trains(module, name):  # trained: its value, as built
                 value = state_dict[prefix + name]
                 if value.dtype != original.dtype:
                     state_dict[prefix + name] = value.detach().to(original.dtype)

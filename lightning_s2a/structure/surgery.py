@@ -54,6 +54,9 @@ class StructureState:
     batch_norms: list[nn.Module] = field(default_factory=list)
     #: Original values of parameters cast by ``frozen_dtype`` (on CPU), for an exact undo.
     cast_originals: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: Cast weights seen training since (unfrozen during fit): no longer frozen, even if
+    #: frozen again later (see :func:`mark_unfrozen`).
+    unfrozen: set[str] = field(default_factory=set)
     #: (module-name prefix, part label) for per-part accounting and the summary table.
     parts: list[tuple[str, str]] = field(default_factory=list)
     #: The model's output shape without the batch dimension, when prompt/side measured it.
@@ -171,7 +174,7 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
                 state.hooks.append(layer.register_state_dict_post_hook(partial(held.state_dict)))
                 state.hooks.append(layer.register_load_state_dict_pre_hook(held.load))
         else:
-            cast = OriginalsHooks(state.cast_originals)
+            cast = OriginalsHooks(state.cast_originals, state.unfrozen)
             state.hooks.append(model.register_state_dict_post_hook(partial(cast.state_dict)))
             state.hooks.append(model.register_load_state_dict_pre_hook(cast.load))
     for head in head_modules(state.head):
@@ -397,6 +400,7 @@ def undo_structure(model: nn.Module, state: StructureState) -> None:
         if name in state.flags:
             p.requires_grad_(state.flags[name])
     state.cast_originals.clear()
+    state.unfrozen.clear()
 
 
 #: State-dict entry of a model with injected S2A weights; named so that loading it into a model
@@ -423,6 +427,14 @@ def _tied(model: nn.Module) -> set[int]:
     return {i for i, o in owners.items() if len(o) > 1}
 
 
+def mark_unfrozen(model: nn.Module, state: StructureState) -> None:
+    """Note the cast weights that train now (checked each training step): a weight unfrozen,
+    trained and frozen again keeps what it learned, where the original would come back."""
+    for name in state.cast_originals:
+        if name not in state.unfrozen and model.get_parameter(name).requires_grad:
+            state.unfrozen.add(name)
+
+
 def cast_frozen(model: nn.Module, state: StructureState, frozen_dtype: str | None) -> None:
     """Hold the frozen weights in ``frozen_dtype`` (cast, or 4 bits); None puts the exact
     originals back (after fit, so a plain fp32 forward works again), in the dtype the model
@@ -430,9 +442,10 @@ def cast_frozen(model: nn.Module, state: StructureState, frozen_dtype: str | Non
 
     4 bits are always quantized from the original in its own dtype, as at apply, so a model
     converted since (``"bf16-true"``) gets the same codes; the weight comes back in the
-    layer's dtype. A weight that requires grad now was unfrozen since and is no longer
-    frozen: casting leaves it as it is, and putting originals back keeps its trained values,
-    converted to the original's dtype, which become its original.
+    layer's dtype. A weight that requires grad now, or did at a training step since
+    (:func:`mark_unfrozen`), was unfrozen and is no longer frozen: casting leaves it as it is,
+    and putting originals back keeps its trained values, converted to the original's dtype,
+    which become its original.
     """
     for name, original in list(state.cast_originals.items()):
         owner, _, leaf = name.rpartition(".")
@@ -442,7 +455,7 @@ def cast_frozen(model: nn.Module, state: StructureState, frozen_dtype: str | Non
                 four_bit.release(module, original.to(four_bit.device_of(module)))
             continue
         current = getattr(module, leaf)
-        if current.requires_grad:  # unfrozen since: it trains, and keeps what it learned
+        if current.requires_grad or name in state.unfrozen:  # trained since: keeps it
             if frozen_dtype is None:
                 current.data = current.data.to(original.dtype)
                 state.cast_originals[name] = current.detach().to("cpu", copy=True)
