@@ -75,6 +75,11 @@ def test_lora_baseline_builds_on_a_depthwise_cnn():
     trainable = [n for n, p in meter.model.named_parameters() if p.requires_grad]
     assert any("lora_A" in n for n in trainable) and any("classifier" in n for n in trainable)
     assert not any("conv_dw.lora" in n for n in trainable)
+    from lightning_s2a.bench.methods import trainable as count
+
+    built = timm.create_model("tf_efficientnet_lite0", num_classes=10)
+    lora = sum(p.numel() for n, p in meter.model.named_parameters() if "lora_" in n)
+    assert count(meter.model)[1] == sum(p.numel() for p in built.parameters()) + lora
 
 
 def test_overhead_bench_times_each_part_of_the_engine(tmp_path):

@@ -167,9 +167,10 @@ def label(method: str, bits: int | None) -> str:
 
 def trainable(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; weights held in 4 bits (``frozen_dtype="nf4"``)
-    count in the total, as the frozen parameters they are to a user."""
+    count in the total, as the frozen parameters they are to a user. peft keeps a frozen
+    copy of each module it trains whole (the head), which the model has once."""
     from ..structure.four_bit import held_numel
 
-    params = list(model.parameters())
+    params = [p for n, p in model.named_parameters() if ".original_module." not in n]
     total = sum(p.numel() for p in params) + held_numel(model)
     return sum(p.numel() for p in params if p.requires_grad), total
