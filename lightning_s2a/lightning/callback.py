@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import types
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -40,6 +39,7 @@ from .checks import (
     warn_frozen_optimizers,
 )
 from .metrics import EpochMeter, reset_peak_memory
+from .module_hooks import parameter_layout, unwrap_hook, wrap_hook
 
 
 class S2ACallback(pl.Callback):
@@ -149,13 +149,13 @@ class S2ACallback(pl.Callback):
         # Lightning restores a checkpoint's weights (resume, --ckpt_path) before this
         # callback's state: the config it trained with is compared first, so a mismatch is
         # this error, not the weights' missing-keys error or another model run silently.
-        _wrap(pl_module, "on_load_checkpoint", before=self._restoring, once=False)
+        wrap_hook(pl_module, "on_load_checkpoint", before=self._restoring, once=False)
         self._run = trainer.strategy.broadcast(uuid.uuid4().hex)  # one token on every rank
-        _wrap(pl_module, "on_save_checkpoint", before=self._saving, once=False)
+        wrap_hook(pl_module, "on_save_checkpoint", before=self._saving, once=False)
         if is_overridden("configure_model", pl_module):
             # Lightning calls configure_model after this hook and before the checkpoint
             # restore and the optimizers: the backbone may only exist from there on.
-            _wrap(
+            wrap_hook(
                 pl_module, "configure_model", after=lambda: self._apply(trainer, pl_module, stage)
             )
             return
@@ -172,10 +172,10 @@ class S2ACallback(pl.Callback):
         except Exception as err:  # raised again after setup if it still fails
             self.handle, self._module = None, None
             rank_zero_info(f"S2A waits for {type(pl_module).__name__}.setup: {err}")
-            _wrap(pl_module, "setup", after=lambda: self._apply(trainer, pl_module, stage))
+            wrap_hook(pl_module, "setup", after=lambda: self._apply(trainer, pl_module, stage))
             return
-        before = _layout(self.handle.model)
-        _wrap(
+        before = parameter_layout(self.handle.model)
+        wrap_hook(
             pl_module,
             "setup",
             after=lambda: self._after_setup(trainer, pl_module, stage, before),
@@ -191,7 +191,7 @@ class S2ACallback(pl.Callback):
         """Apply S2A again where the module's own setup changed the model it was applied to."""
         assert self.handle is not None
         target, _ = self._target(pl_module)
-        if target is self.handle.model and _layout(target) == before:
+        if target is self.handle.model and parameter_layout(target) == before:
             return
         if not self._applied_here:
             raise RuntimeError(
@@ -205,8 +205,8 @@ class S2ACallback(pl.Callback):
         self._apply(trainer, pl_module, stage)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _unwrap(pl_module, "setup")
-        _unwrap(pl_module, "configure_model")
+        unwrap_hook(pl_module, "setup")
+        unwrap_hook(pl_module, "configure_model")
         if self.handle is None:
             raise RuntimeError(
                 f"S2A was not applied: {type(pl_module).__name__}.configure_model (or setup) "
@@ -322,10 +322,10 @@ class S2ACallback(pl.Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Hooks off; the trained modules stay, so validate/test/predict/checkpoints use them.
         # S2A applied for an evaluation alone is removed: the module is as it was built.
-        _unwrap(pl_module, "setup")
-        _unwrap(pl_module, "configure_model")
-        _unwrap(pl_module, "on_load_checkpoint")
-        _unwrap(pl_module, "on_save_checkpoint")
+        unwrap_hook(pl_module, "setup")
+        unwrap_hook(pl_module, "configure_model")
+        unwrap_hook(pl_module, "on_load_checkpoint")
+        unwrap_hook(pl_module, "on_save_checkpoint")
         # A checkpoint of an S2A model restored by the run's ckpt_path stays, as Lightning
         # keeps restored weights: test(ckpt_path=...), then predict.
         if self.handle is not None and self._for_evaluation and not self._restored_s2a:
@@ -402,13 +402,6 @@ def sized_from_data(config: S2AConfig, datamodule: Any) -> S2AConfig:
     return config.replace(input_size=tuple(size))
 
 
-def _layout(model: nn.Module) -> list[tuple[str, int]]:
-    """Every parameter of ``model`` by name and identity: what a module's own setup may have
-    added or replaced since S2A was applied (a metric or a loss added there changes none)."""
-    return [(n, id(p)) for n, p in model.named_parameters()]
-
-
-_WRAPPED = "_s2a_wrapped_{}"
 #: Checkpoint entry naming the run that saved it (see ``S2ACallback._saving``).
 RUN_KEY = "lightning_s2a_run"
 
@@ -446,37 +439,3 @@ def _muted(pl_module: pl.LightningModule) -> Iterator[None]:
         yield
     finally:
         del pl_module.log, pl_module.log_dict
-
-
-def _wrap(
-    pl_module: pl.LightningModule,
-    hook: str,
-    before: Any = None,
-    after: Any = None,
-    once: bool = True,
-) -> None:
-    """Make the module's ``hook`` run ``before(*args)`` first and ``after()`` last: on its next
-    call only (``once``), or until :func:`_unwrap` (teardown)."""
-    _unwrap(pl_module, hook)
-    original = getattr(pl_module, hook)
-
-    def wrapped(module: pl.LightningModule, *args: Any, **kwargs: Any) -> Any:
-        if module is not pl_module:  # a deep copy made meanwhile (EMA): its own hook only
-            return getattr(type(module), hook)(module, *args, **kwargs)
-        if once:
-            _unwrap(pl_module, hook)
-        if before is not None:
-            before(*args)
-        result = original(*args, **kwargs)
-        if after is not None:
-            after()
-        return result
-
-    pl_module.__dict__[_WRAPPED.format(hook)] = True
-    # Bound, so that a deep copy's attribute binds to the copy (copy.deepcopy rebinds methods)
-    pl_module.__dict__[hook] = types.MethodType(wrapped, pl_module)
-
-
-def _unwrap(pl_module: pl.LightningModule, hook: str) -> None:
-    if pl_module.__dict__.pop(_WRAPPED.format(hook), False):
-        pl_module.__dict__.pop(hook, None)
