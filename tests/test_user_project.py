@@ -606,6 +606,17 @@ class _ClassesFromData(UserModule):
             self.backbone.reset_classifier(4)
 
 
+class _LoadsInSetup(EncoderClassifier):
+    """Loads its encoder's pretrained weights in its own ``setup``, strictly."""
+
+    def __init__(self, weights: dict) -> None:
+        super().__init__()
+        self.weights = weights
+
+    def setup(self, stage):
+        self.encoder.load_state_dict(self.weights)
+
+
 class _MetricInSetup(EncoderClassifier):
     """Adds a loss module in its own ``setup`` (no parameters), once per fit."""
 
@@ -645,6 +656,15 @@ def test_what_the_module_s_own_setup_builds_is_s2ad(tmp_path):
     _fit(tmp_path / "d", model, callback, max_steps=1)
     assert callback.handle.model is model.encoder
     assert any("s2a_prompt" in n for n, p in model.named_parameters() if p.requires_grad)
+
+    # Pretrained weights loaded in setup: S2A applies after it (its prompts were missing keys).
+    weights = {k: v + 1.0 for k, v in EncoderClassifier().encoder.state_dict().items()}
+    model = _LoadsInSetup(weights)
+    callback = S2ACallback(S2AConfig(modules=("bias", "prompt")), backbone="encoder")
+    _fit(tmp_path / "g", model, callback, max_steps=1)
+    assert callback.handle.model is model.encoder
+    frozen = model.encoder.blocks[0].attn.qkv.weight
+    assert torch.equal(frozen, weights["blocks.0.attn.qkv.weight"])
 
     # A setup that adds what holds no parameters (a metric, a loss) changes nothing S2A did:
     # fitting again takes the model up as it is.

@@ -162,11 +162,25 @@ class S2ACallback(pl.Callback):
         if not is_overridden("setup", pl_module):
             self._apply(trainer, pl_module, stage)
             return
-        # The module's own setup runs right after this hook (a weight-averaging callback
-        # copies the model in between, so S2A is applied here first where it can be). What
-        # setup builds or replaces (a backbone, reset_classifier for the data's classes) was
-        # never S2A'd: S2A is applied again to the model as setup left it. Where the model is
-        # not complete before it (no backbone yet), S2A waits for it.
+        # The module's own setup runs right after this hook, and may build or replace parts
+        # of the model (a backbone, reset_classifier for the data's classes, pretrained
+        # weights loaded): S2A is applied right after it, to the model as it left it.
+        from lightning.pytorch.callbacks import WeightAveraging
+
+        if not any(isinstance(c, WeightAveraging) for c in trainer.callbacks):
+            existing = _existing_handle(self, pl_module)
+            before = parameter_layout(existing.model) if existing is not None else []
+
+            def after_setup() -> None:
+                if existing is not None:  # S2A from an earlier fit: setup must leave it be
+                    self._check_unchanged(pl_module, existing, before)
+                self._apply(trainer, pl_module, stage)
+
+            wrap_hook(pl_module, "setup", after=after_setup)
+            return
+        # A weight-averaging callback copies the model in between, so S2A is applied here
+        # first where it can be, and again after setup where that changed the model. Where
+        # the model is not complete before it (no backbone yet), S2A waits for it.
         try:
             self._apply(trainer, pl_module, stage)
         except Exception as err:  # raised again after setup if it still fails
@@ -194,15 +208,25 @@ class S2ACallback(pl.Callback):
         if target is self.handle.model and parameter_layout(target) == before:
             return
         if not self._applied_here:
+            self._check_unchanged(pl_module, self.handle, before)
+        self.handle.remove()
+        self.handle = None
+        self._apply(trainer, pl_module, stage)
+
+    def _check_unchanged(
+        self, pl_module: pl.LightningModule, existing: S2AHandle, before: list[tuple[str, int]]
+    ) -> None:
+        """A model that already had S2A (an earlier fit, load_adapter) must come out of the
+        module's own setup as it went in: S2A cannot be applied again without losing what it
+        trained, nor go on around parts it does not know."""
+        target, _ = self._target(pl_module)
+        if target is not existing.model or parameter_layout(target) != before:
             raise RuntimeError(
                 f"{type(pl_module).__name__}.setup changed the model, which already had S2A "
                 "applied (an earlier fit or load_adapter), so S2A cannot be applied again "
                 "without losing what it trained. Make setup build or replace modules only "
                 "once (e.g. `if not hasattr(self, 'encoder'): ...`)."
             )
-        self.handle.remove()
-        self.handle = None
-        self._apply(trainer, pl_module, stage)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         unwrap_hook(pl_module, "setup")
@@ -387,6 +411,16 @@ class S2ACallback(pl.Callback):
             self._pending_state = state_dict["engine"]
         else:
             self.handle.engine.load_state_dict(state_dict["engine"])
+
+
+def _existing_handle(callback: S2ACallback, pl_module: pl.LightningModule) -> S2AHandle | None:
+    """The S2A handle the module's target already has (an earlier fit), or None, also where
+    the target does not exist yet."""
+    try:
+        target, _ = callback._target(pl_module)
+    except ValueError:
+        return None
+    return get_handle(target)
 
 
 def sized_from_data(config: S2AConfig, datamodule: Any) -> S2AConfig:

@@ -50,6 +50,9 @@ def unwrap_hook(pl_module: pl.LightningModule, hook: str) -> None:
 
 
 def parameter_layout(model: nn.Module) -> list[tuple[str, int]]:
-    """Every parameter of ``model`` by name and identity: what a module's own setup may have
-    added or replaced since S2A was applied (a metric or a loss added there changes none)."""
-    return [(n, id(p)) for n, p in model.named_parameters()]
+    """Every parameter of ``model``, and every module that holds one, by name and identity:
+    what a module's own setup may have added or replaced since S2A was applied (a module
+    replaced around the same parameters, ``SyncBatchNorm.convert_sync_batchnorm``, counts; a
+    metric or a loss added there holds none)."""
+    params = [(n, id(p)) for n, p in model.named_parameters()]
+    return params + [(n, id(m)) for n, m in model.named_modules() if m._parameters]
