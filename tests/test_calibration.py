@@ -381,6 +381,7 @@ class WithTeacher(UserModule):
         self.tied.weight = self.teacher[0].weight  # one parameter object, twice
         self.temperature = nn.Parameter(torch.tensor(1.0))
         self.head_update = head_update
+        self.kept = list(self.teacher.parameters())
 
     def training_step(self, batch, batch_idx):
         with torch.no_grad():
@@ -388,6 +389,11 @@ class WithTeacher(UserModule):
                 t.mul_(0.5).add_(s, alpha=0.5)
             if self.head_update == "decay":
                 self.head.weight.mul_(0.9)
+            elif self.head_update == "decay-data":  # no version change: seen by value
+                self.head.weight.data.mul_(0.9)
+            elif self.head_update == "kept-list":  # the teacher's originals, not its copies
+                for t in self.kept:
+                    t.mul_(0.9)
             elif self.head_update == "clamp":
                 self.temperature.clamp_(0.5, 2.0)
         x, y = batch
@@ -421,5 +427,8 @@ def test_calibration_updates_no_teacher_and_refuses_steps_that_change_trained_we
         assert get_handle(calibrated.encoder).engine.calibrated
         assert calibrated.tied.weight is calibrated.teacher[0].weight  # still tied
         assert torch.equal(plain.teacher[0].weight, calibrated.teacher[0].weight)  # one update
-    with pytest.raises(RuntimeError, match=r"changed parameters in place \(head.weight\)"):
-        _fit_teacher("decay", calibrate=True)
+    for update in ("decay", "decay-data"):
+        with pytest.raises(RuntimeError, match=r"changed parameters in place \(head.weight\)"):
+            _fit_teacher(update, calibrate=True)
+    with pytest.raises(RuntimeError, match=r"in place \(teacher.0.bias, teacher.1.bias"):
+        _fit_teacher("kept-list", calibrate=True)

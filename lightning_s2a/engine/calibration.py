@@ -237,7 +237,8 @@ class _Watch:
     object, so tied ones stay tied). Trained ones cannot (their gradients are measured): their
     values are compared, and one changed by more than one forward is an error (a clamp or a
     renormalisation repeats harmlessly; an update would be applied once per forward). Frozen
-    ones inside the S2A'd model must not change at all."""
+    ones inside the S2A'd model must not change at all, nor the originals of the copied ones
+    (reached through a reference kept from before)."""
 
     def __init__(self, engine: SavedTensorEngine, scope: nn.Module) -> None:
         inside = {id(p) for p in engine.model.parameters()}
@@ -267,16 +268,18 @@ class _Watch:
             if id(p) not in copies:
                 copies[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=False)
             module._parameters[leaf] = copies[id(p)]
-        values = [(p, p._version, p.detach().clone()) for p in self.trained]
-        versions = [(p, p._version) for p in self.frozen]
+        values = [(p, p.detach().clone()) for p in self.trained]
+        # Frozen ones must not change; a copied one only through its copy (a list of the
+        # teacher's parameters kept from before reaches the original).
+        originals = {id(p): p for _, _, p in self.slots}
+        versions = [(p, p._version) for p in (*self.frozen, *originals.values())]
         try:
             yield
         finally:
             for module, leaf, p in self.slots:
                 module._parameters[leaf] = p
-        for p, version, before in values:
-            moved = (p.detach() - before).norm() > 1e-6 * before.norm()
-            if p._version != version and moved:
+        for p, before in values:  # by value: ``.data`` changes leave no version behind
+            if (p.detach() - before).norm() > 1e-6 * before.norm():
                 self.changes[id(p)] = self.changes.get(id(p), 0) + 1
         bad = [p for p, version in versions if p._version != version]
         bad += [p for p in self.trained if self.changes.get(id(p), 0) > 1]
