@@ -231,15 +231,26 @@ class _Gan(EncoderClassifier):
         opt_d.step()
 
     def configure_optimizers(self):
-        others = [p for n, p in self.named_parameters() if not n.startswith("generator.")]
-        return torch.optim.SGD(self.generator.parameters(), 0.1), torch.optim.SGD(others, 0.1)
+        def trained(prefix: str, inside: bool) -> list:
+            params = self.named_parameters()  # what trains, as check_optimized asks
+            return [p for n, p in params if p.requires_grad and n.startswith(prefix) == inside]
+
+        return (
+            torch.optim.SGD(trained("generator.", True), 0.1),
+            torch.optim.SGD(trained("generator.", False), 0.1),
+        )
 
 
 def test_an_optimizer_whose_weights_s2a_froze_on_the_whole_module_is_named(tmp_path):
     """S2A on the whole module froze a GAN's generator (its own optimizer) but its biases,
     silently; naming the backbone leaves it alone."""
-    with pytest.warns(UserWarning, match=r"optimizer 0 holds 2 weights \(generator.0.weight"):
-        _fit(tmp_path / "a", _Gan(), S2ACallback(head="classifier"), max_steps=1)
+    for config in (S2AConfig(head="classifier"), S2AConfig(head="classifier", frozen_dtype="nf4")):
+        with pytest.warns(UserWarning) as record:
+            _fit(tmp_path / "a", _Gan(), S2ACallback(config), max_steps=1)
+        said = [str(w.message) for w in record if "trains no weight" in str(w.message)]
+        # the discriminator's optimizer trains the head's weight: only the generator's is named
+        assert len(said) == 1 and said[0].startswith("optimizer 0"), said
+        assert "generator.0.weight" in said[0]
     model = _Gan()
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)

@@ -169,25 +169,35 @@ def check_optimized(trainer: pl.Trainer, pl_module: nn.Module, handle: S2AHandle
 
 
 def warn_frozen_optimizers(trainer: pl.Trainer, pl_module: nn.Module, handle: S2AHandle) -> None:
-    """With S2A on the whole LightningModule and several optimizers, one whose every weight S2A
-    froze (only biases train now) most likely serves another model: a GAN's generator lost
-    its weights' training, and only the trainable count said so."""
+    """With S2A on the whole LightningModule and several optimizers, one that trains no weight
+    while S2A froze weights of the modules it serves most likely serves another model: a
+    GAN's generator lost its weights' training, and only the trainable count said so. The
+    optimizer may list those weights or only what still trains (``requires_grad`` filter)."""
     optimizers = [o for o in trainer.optimizers if type(o).__name__ != "_MockOptimizer"]
     if handle.model is not pl_module or len(optimizers) < 2:
         return
-    names = {id(p): n for n, p in pl_module.named_parameters()}
-    flags = handle.structure.flags
+    current = dict(pl_module.named_parameters())
+    names = {id(p): n for n, p in current.items()}
     for index, opt in enumerate(optimizers):
-        params = [p for g in opt.param_groups for p in g["params"] if id(p) in names]
-        weights = [p for p in params if p.dim() > 1 and flags.get(names[id(p)], False)]
-        if weights and not any(p.requires_grad for p in weights):
-            shown = ", ".join(names[id(p)] for p in weights[:3])
+        listed = [names[id(p)] for g in opt.param_groups for p in g["params"] if id(p) in names]
+        if any(current[n].requires_grad and current[n].dim() > 1 for n in listed):
+            continue  # it trains weights (a head): S2A's own part
+        owners = {n.rpartition(".")[0] for n in listed}
+        frozen = [  # trainable as built, frozen (or held in 4 bits) now
+            n
+            for n, was in handle.structure.flags.items()
+            if was
+            and n.rpartition(".")[0] in owners
+            and not n.endswith("bias")
+            and not (n in current and current[n].requires_grad)
+        ]
+        if frozen:
             rank_zero_warn(
-                f"optimizer {index} holds {len(weights)} weights ({shown}, ...) that S2A froze: "
-                f"it was applied to the whole {type(pl_module).__name__} (no backbone "
-                "attribute), so they no longer train, only biases do. If they belong to a model "
-                "S2A should leave alone (a GAN's generator), name the backbone: "
-                "S2ACallback(backbone='...')."
+                f"optimizer {index} trains no weight: S2A was applied to the whole "
+                f"{type(pl_module).__name__} (no backbone attribute) and froze the "
+                f"{len(frozen)} weights of the modules it serves ({', '.join(frozen[:3])}, ...); "
+                "only their biases train. If they belong to a model S2A should leave alone (a "
+                "GAN's generator), name the backbone: S2ACallback(backbone='...')."
             )
 
 
