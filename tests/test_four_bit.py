@@ -405,6 +405,10 @@ def test_a_weight_unfrozen_after_a_cast_keeps_its_training():
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         F.cross_entropy(model(x).float(), y).backward()
+    # it trains in the dtype it was built in, from its exact value (bf16 rounded updates away)
+    assert model.fc1.weight.dtype == model.fc1.weight.grad.dtype == torch.float32
+    start = model.fc1.weight.detach().clone()
+    assert torch.equal(start, built["fc1.weight"])
     optimizer.step()
     trained = model.fc1.weight.detach().double()
     model.fc1.weight.requires_grad_(False)

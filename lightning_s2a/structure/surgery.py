@@ -429,10 +429,20 @@ def _tied(model: nn.Module) -> set[int]:
 
 def mark_unfrozen(model: nn.Module, state: StructureState) -> None:
     """Note the cast weights that train now (checked each training step): a weight unfrozen,
-    trained and frozen again keeps what it learned, where the original would come back."""
-    for name in state.cast_originals:
-        if name not in state.unfrozen and model.get_parameter(name).requires_grad:
+    trained and frozen again keeps what it learned, where the original would come back. It
+    trains in the dtype it was built in, from its exact value where it has not moved yet: in
+    bf16 small updates rounded away, and fp16 parameters stop a GradScaler."""
+    for name, original in state.cast_originals.items():
+        if name in state.unfrozen:
+            continue
+        try:
+            param = model.get_parameter(name)
+        except AttributeError:  # replaced by something that is no parameter
+            continue
+        if param.requires_grad:
             state.unfrozen.add(name)
+            untouched = torch.equal(param.detach(), original.to(param.device, param.dtype))
+            param.data = (original.to(param.device) if untouched else param.data).to(original.dtype)
 
 
 def cast_frozen(model: nn.Module, state: StructureState, frozen_dtype: str | None) -> None:
@@ -456,9 +466,10 @@ def cast_frozen(model: nn.Module, state: StructureState, frozen_dtype: str | Non
             continue
         current = getattr(module, leaf)
         if current.requires_grad or name in state.unfrozen:  # trained since: keeps it
-            if frozen_dtype is None:
+            if frozen_dtype is None:  # what it learned becomes its original
                 current.data = current.data.to(original.dtype)
                 state.cast_originals[name] = current.detach().to("cpu", copy=True)
+                state.unfrozen.discard(name)
         elif frozen_dtype in FOUR_BIT_DTYPES:
             weight = original.to(current.device)
             four_bit.hold(module, weight, frozen_dtype, current.dtype)
