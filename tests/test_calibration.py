@@ -298,12 +298,12 @@ class StepWithoutIndex(UserModule):
         return super().training_step(batch, 0)
 
 
-def _fit(module: pl.LightningModule, batches: int = 2) -> pl.Trainer:
+def _fit(module: pl.LightningModule, batches: int = 2, calibrate: bool = True) -> pl.Trainer:
     x, y = _batch(0)
     data = DataLoader(TensorDataset(x.float(), y), batch_size=4)  # divisor: 1,024 values
     trainer = pl.Trainer(
         max_steps=batches,
-        callbacks=[S2ACallback(backbone="encoder", calibrate=True)],
+        callbacks=[S2ACallback(backbone="encoder", calibrate=calibrate)],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -405,17 +405,7 @@ class WithTeacher(UserModule):
 
 def _fit_teacher(head_update: str, calibrate: bool) -> WithTeacher:
     module = WithTeacher(head_update)
-    x, y = _batch(0)
-    data = DataLoader(TensorDataset(x.float(), y), batch_size=4)
-    trainer = pl.Trainer(
-        max_steps=1,
-        callbacks=[S2ACallback(backbone="encoder", calibrate=calibrate)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, data)
+    _fit(module, batches=1, calibrate=calibrate)
     return module
 
 

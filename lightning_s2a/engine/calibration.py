@@ -294,6 +294,10 @@ class _Watch:
             )
 
 
+#: The engine's counters and accounts that a calibration forward changes and puts back.
+_ENGINE_STATE = ("step", "forwards", "_last", "_account", "_unpacked", "_step_peak")
+
+
 @contextmanager
 def _same_state(engine: SavedTensorEngine, watch: _Watch):
     """Run a calibration forward and put back what it changes: the random generators (so
@@ -317,14 +321,7 @@ def _same_state(engine: SavedTensorEngine, watch: _Watch):
     cuda = torch.cuda.is_initialized()
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if cuda else None
-    saved = (
-        engine.step,
-        engine.forwards,
-        engine._last,
-        engine._account,
-        engine._unpacked,
-        engine._step_peak,
-    )
+    saved = {name: getattr(engine, name) for name in _ENGINE_STATE}
     try:
         with watch.forward():
             yield
@@ -334,11 +331,5 @@ def _same_state(engine: SavedTensorEngine, watch: _Watch):
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
-        (
-            engine.step,
-            engine.forwards,
-            engine._last,
-            engine._account,
-            engine._unpacked,
-            engine._step_peak,
-        ) = saved
+        for name, value in saved.items():
+            setattr(engine, name, value)
