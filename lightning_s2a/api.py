@@ -43,14 +43,14 @@ class S2AHandle:
             ),
             parts=structure.parts,
         )
-        if config.frozen_dtype is not None and config.frozen_dtype not in FOUR_BIT_DTYPES:
-            self.engine.step_checks.append(partial(mark_unfrozen, model, structure))
         if config.frozen_dtype in FOUR_BIT_DTYPES:  # read per forward: only where they exist
             self.engine.extra_weight_numels = partial(four_bit.held_numels, model)
             frozen = four_bit.frozen_names(model)
             self.engine.step_checks.append(
                 partial(four_bit.check_unfrozen, model, frozen, config.frozen_dtype)
             )
+        elif config.frozen_dtype is not None:  # cast weights: note those unfrozen since
+            self.engine.step_checks.append(partial(mark_unfrozen, model, structure))
         self.engine.attach()
         self.removed = False
 

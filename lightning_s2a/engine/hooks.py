@@ -103,8 +103,9 @@ class SavedTensorEngine:
         #: Element counts of weights that are no parameters (4-bit weights), for the rule
         #: that keeps weights computed in forward exact; set by whoever holds them.
         self.extra_weight_numels: Callable[[], Iterable[int]] = tuple
-        #: Called at the start of each account (each training step): checks that raise where
-        #: the model changed under what applied it (4-bit weights and an unfrozen backbone).
+        #: Called at the start of each account (each training step), set by what applied S2A:
+        #: notes and warnings where the model changed under it (a backbone unfrozen around
+        #: 4-bit or cast weights).
         self.step_checks: list[Callable[[], None]] = []
         self._contexts: list[Any] = []
         self._funcs: dict[Any, tuple] = {}
