@@ -217,8 +217,8 @@ def block_output_shapes(
     owners: Sequence[str] = (),
     side: bool = False,
 ) -> tuple[list[Block], tuple[int, ...] | None, set[str]]:
-    """Run one sample through the model to learn each block's output shape and layout
-    (``side``: a side network reads them, which needs one row per sample).
+    """Run :data:`DRY_BATCH` samples through the model to learn each block's output shape and
+    layout (``side``: a side network reads them, which needs one row per sample).
 
     Also returns the shape of the model's own output without the batch dimension (None when
     it is not a tensor), which the side branch needs when there is no head to replace, and
