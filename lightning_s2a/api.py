@@ -21,7 +21,6 @@ from .structure.surgery import (
     StructureState,
     apply_structure,
     cast_frozen,
-    mark_unfrozen,
     undo_structure,
 )
 
@@ -49,8 +48,6 @@ class S2AHandle:
             self.engine.step_checks.append(
                 partial(four_bit.check_unfrozen, model, frozen, config.frozen_dtype)
             )
-        elif config.frozen_dtype is not None:  # cast weights: note those unfrozen since
-            self.engine.step_checks.append(partial(mark_unfrozen, model, structure))
         self.engine.attach()
         self.removed = False
 

@@ -108,42 +108,29 @@ class OriginalsHooks:
     """Checkpoints hold frozen weights cast by ``frozen_dtype`` as the user built them, and a
     loaded state dict becomes the new original (a resumed run never gets stale weights).
 
-    A weight unfrozen since (it requires grad now: a second phase trains part of the
-    backbone) is no longer frozen: checkpoints hold its trained value, in the dtype it was
-    built in, not the stale original. Loading it still makes the loaded value its original,
-    so whatever puts originals back (the end of fit, ``remove()``) never gives it an older
-    one; torch loads its parameter as any other.
+    A weight whose value moved since the cast (unfrozen and trained, also if frozen again
+    since: :func:`~.surgery.moved`) is held as it is now, in the dtype it was built in, not as
+    the stale original. Loading it still makes the loaded value its original, so whatever
+    puts originals back (the end of fit, ``remove()``) never gives it an older one; torch
+    loads its parameter as any other.
     """
 
-    def __init__(self, originals: dict[str, torch.Tensor], unfrozen: set[str]) -> None:
-        self.originals, self.unfrozen = originals, unfrozen
+    def __init__(self, originals: dict[str, torch.Tensor]) -> None:
+        self.originals = originals
 
     def state_dict(self, module: nn.Module, state_dict: dict, prefix: str, meta: Any) -> None:
         for name, original in self.originals.items():
-            if prefix + name not in state_dict:
+            value = state_dict.get(prefix + name)
+            if value is None:
                 continue
-            if name in self.unfrozen or trains(module, name):  # trained: its value, as built
-                value = state_dict[prefix + name]
-                if value.dtype != original.dtype:
-                    state_dict[prefix + name] = value.detach().to(original.dtype)
-            else:
-                state_dict[prefix + name] = original.clone()
+            same = torch.equal(value, original.to(value.device, value.dtype))
+            state_dict[prefix + name] = original.clone() if same else value.to(original.dtype)
 
     def load(self, module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
         for name, original in self.originals.items():
             value = state_dict.get(prefix + name)
             if isinstance(value, torch.Tensor) and value.shape == original.shape:
                 self.originals[name] = value.detach().to("cpu", original.dtype, copy=True)
-
-
-def trains(model: nn.Module, name: str) -> bool:
-    """True if ``model``'s parameter ``name`` requires grad now: a weight cast by
-    ``frozen_dtype`` and unfrozen since, which is no longer frozen."""
-    try:
-        param = model.get_parameter(name)
-    except AttributeError:  # held in 4 bits (no parameter then), or gone
-        return False
-    return param.requires_grad
 
 
 class HeldLayerHooks:

@@ -54,9 +54,6 @@ class StructureState:
     batch_norms: list[nn.Module] = field(default_factory=list)
     #: Original values of parameters cast by ``frozen_dtype`` (on CPU), for an exact undo.
     cast_originals: dict[str, torch.Tensor] = field(default_factory=dict)
-    #: Cast weights seen training since (unfrozen during fit): no longer frozen, even if
-    #: frozen again later (see :func:`mark_unfrozen`).
-    unfrozen: set[str] = field(default_factory=set)
     #: (module-name prefix, part label) for per-part accounting and the summary table.
     parts: list[tuple[str, str]] = field(default_factory=list)
     #: The model's output shape without the batch dimension, when prompt/side measured it.
@@ -174,7 +171,7 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
                 state.hooks.append(layer.register_state_dict_post_hook(partial(held.state_dict)))
                 state.hooks.append(layer.register_load_state_dict_pre_hook(held.load))
         else:
-            cast = OriginalsHooks(state.cast_originals, state.unfrozen)
+            cast = OriginalsHooks(state.cast_originals)
             state.hooks.append(model.register_state_dict_post_hook(partial(cast.state_dict)))
             state.hooks.append(model.register_load_state_dict_pre_hook(cast.load))
     for head in head_modules(state.head):
@@ -400,7 +397,6 @@ def undo_structure(model: nn.Module, state: StructureState) -> None:
         if name in state.flags:
             p.requires_grad_(state.flags[name])
     state.cast_originals.clear()
-    state.unfrozen.clear()
 
 
 #: State-dict entry of a model with injected S2A weights; named so that loading it into a model
@@ -427,22 +423,10 @@ def _tied(model: nn.Module) -> set[int]:
     return {i for i, o in owners.items() if len(o) > 1}
 
 
-def mark_unfrozen(model: nn.Module, state: StructureState) -> None:
-    """Note the cast weights that train now (checked each training step): a weight unfrozen,
-    trained and frozen again keeps what it learned, where the original would come back. It
-    trains in the dtype it was built in, from its exact value where it has not moved yet: in
-    bf16 small updates rounded away, and fp16 parameters stop a GradScaler."""
-    for name, original in state.cast_originals.items():
-        if name in state.unfrozen:
-            continue
-        try:
-            param = model.get_parameter(name)
-        except AttributeError:  # replaced by something that is no parameter
-            continue
-        if param.requires_grad:
-            state.unfrozen.add(name)
-            untouched = torch.equal(param.detach(), original.to(param.device, param.dtype))
-            param.data = (original.to(param.device) if untouched else param.data).to(original.dtype)
+def moved(current: torch.Tensor, original: torch.Tensor) -> bool:
+    """True if the cast weight ``current`` no longer holds its original's value in its own
+    dtype: it was unfrozen and trained since (or changed otherwise), and keeps what it has."""
+    return not torch.equal(current.detach(), original.to(current.device, current.dtype))
 
 
 def cast_frozen(model: nn.Module, state: StructureState, frozen_dtype: str | None) -> None:
@@ -452,10 +436,10 @@ def cast_frozen(model: nn.Module, state: StructureState, frozen_dtype: str | Non
 
     4 bits are always quantized from the original in its own dtype, as at apply, so a model
     converted since (``"bf16-true"``) gets the same codes; the weight comes back in the
-    layer's dtype. A weight that requires grad now, or did at a training step since
-    (:func:`mark_unfrozen`), was unfrozen and is no longer frozen: casting leaves it as it is,
-    and putting originals back keeps its trained values, converted to the original's dtype,
-    which become its original.
+    layer's dtype. A weight that requires grad now was unfrozen: casting leaves it as it is.
+    One whose value moved since (:func:`moved`: it trained, also if frozen again since) keeps
+    it when the originals are put back, converted to the original's dtype, which becomes its
+    original; one that did not move gets its exact original back.
     """
     for name, original in list(state.cast_originals.items()):
         owner, _, leaf = name.rpartition(".")
@@ -465,11 +449,11 @@ def cast_frozen(model: nn.Module, state: StructureState, frozen_dtype: str | Non
                 four_bit.release(module, original.to(four_bit.device_of(module)))
             continue
         current = getattr(module, leaf)
-        if current.requires_grad or name in state.unfrozen:  # trained since: keeps it
-            if frozen_dtype is None:  # what it learned becomes its original
-                current.data = current.data.to(original.dtype)
-                state.cast_originals[name] = current.detach().to("cpu", copy=True)
-                state.unfrozen.discard(name)
+        if frozen_dtype is None and moved(current, original):  # what it learned stays
+            current.data = current.data.to(original.dtype)
+            state.cast_originals[name] = current.detach().to("cpu", copy=True)
+        elif current.requires_grad and frozen_dtype is not None:
+            continue  # unfrozen: it trains as it is
         elif frozen_dtype in FOUR_BIT_DTYPES:
             weight = original.to(current.device)
             four_bit.hold(module, weight, frozen_dtype, current.dtype)
