@@ -394,6 +394,8 @@ class WithTeacher(UserModule):
             elif self.head_update == "kept-list":  # the teacher's originals, not its copies
                 for t in self.kept:
                     t.mul_(0.9)
+            elif self.head_update == "backbone-data":  # a frozen backbone weight, no version
+                self.encoder.attn.qkv.weight.data.mul_(0.9)
             elif self.head_update == "clamp":
                 self.temperature.clamp_(0.5, 2.0)
         x, y = batch
@@ -422,3 +424,5 @@ def test_calibration_updates_no_teacher_and_refuses_steps_that_change_trained_we
             _fit_teacher(update, calibrate=True)
     with pytest.raises(RuntimeError, match=r"in place \(teacher.0.bias, teacher.1.bias"):
         _fit_teacher("kept-list", calibrate=True)
+    with pytest.raises(RuntimeError, match=r"in place \(encoder.attn.qkv.weight\)"):
+        _fit_teacher("backbone-data", calibrate=True)

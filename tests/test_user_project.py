@@ -241,6 +241,15 @@ class _Gan(EncoderClassifier):
         )
 
 
+class _DecaySplit(_Gan):
+    """Two optimizers split by weight decay: every matrix (the head's too), and the rest."""
+
+    def configure_optimizers(self):
+        matrices = [p for p in self.parameters() if p.dim() > 1]
+        rest = [p for p in self.parameters() if p.dim() <= 1]
+        return torch.optim.SGD(matrices, 0.1), torch.optim.SGD(rest, 0.1)
+
+
 def test_an_optimizer_whose_weights_s2a_froze_on_the_whole_module_is_named(tmp_path):
     """S2A on the whole module froze a GAN's generator (its own optimizer) but its biases,
     silently; naming the backbone leaves it alone."""
@@ -251,6 +260,10 @@ def test_an_optimizer_whose_weights_s2a_froze_on_the_whole_module_is_named(tmp_p
         # the discriminator's optimizer trains the head's weight: only the generator's is named
         assert len(said) == 1 and said[0].startswith("optimizer 0"), said
         assert "generator.0.weight" in said[0]
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _fit(tmp_path / "c", _DecaySplit(), S2ACallback(head="classifier"), max_steps=1)
+    assert not [w for w in record if "trains no weight" in str(w.message)]
     model = _Gan()
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)

@@ -270,9 +270,12 @@ class _Watch:
             module._parameters[leaf] = copies[id(p)]
         values = [(p, p.detach().clone()) for p in self.trained]
         # Frozen ones must not change; a copied one only through its copy (a list of the
-        # teacher's parameters kept from before reaches the original).
+        # teacher's parameters kept from before reaches the original). Compared by version
+        # and by a fingerprint (``.data`` changes leave no version), not by a copy.
         originals = {id(p): p for _, _, p in self.slots}
-        versions = [(p, p._version) for p in (*self.frozen, *originals.values())]
+        fixed = [*self.frozen, *originals.values()]
+        versions = [(p, p._version) for p in fixed]
+        prints = _fingerprints(fixed)
         try:
             yield
         finally:
@@ -282,6 +285,9 @@ class _Watch:
             if (p.detach() - before).norm() > 1e-6 * before.norm():
                 self.changes[id(p)] = self.changes.get(id(p), 0) + 1
         bad = [p for p, version in versions if p._version != version]
+        if fixed and not torch.equal(prints, _fingerprints(fixed)):
+            after = _fingerprints(fixed)
+            bad += [p for i, p in enumerate(fixed) if not torch.equal(prints[i], after[i])]
         bad += [p for p in self.trained if self.changes.get(id(p), 0) > 1]
         if bad:
             changed = sorted({self.names.get(id(p), "?") for p in bad})
@@ -292,6 +298,18 @@ class _Watch:
                 "change that many times. Calibrate with a loss_fn free of such updates, "
                 "handle.calibrate(loss_fn), before training, and set calibrate=False."
             )
+
+
+def _fingerprints(params: list[nn.Parameter]) -> torch.Tensor:
+    """One row per parameter, (sum, sum of squares) in float64, on the CPU: a change of its
+    values in place, even through ``.data``, moves it (for all practical purposes)."""
+    if not params:
+        return torch.zeros(0, 2, dtype=torch.float64)
+    rows = [
+        torch.stack([p.detach().sum(dtype=torch.float64), p.detach().double().square().sum()])
+        for p in params
+    ]
+    return torch.stack([r.cpu() for r in rows])
 
 
 #: The engine's counters and accounts that a calibration forward changes and puts back.

@@ -178,8 +178,12 @@ def warn_frozen_optimizers(trainer: pl.Trainer, pl_module: nn.Module, handle: S2
         return
     current = dict(pl_module.named_parameters())
     names = {id(p): n for n, p in current.items()}
-    for index, opt in enumerate(optimizers):
-        listed = [names[id(p)] for g in opt.param_groups for p in g["params"] if id(p) in names]
+    lists = [
+        [names[id(p)] for g in opt.param_groups for p in g["params"] if id(p) in names]
+        for opt in optimizers
+    ]
+    for index, listed in enumerate(lists):
+        elsewhere = {n for i, other in enumerate(lists) if i != index for n in other}
         if any(current[n].requires_grad and current[n].dim() > 1 for n in listed):
             continue  # it trains weights (a head): S2A's own part
         owners = {n.rpartition(".")[0] for n in listed}
@@ -188,8 +192,9 @@ def warn_frozen_optimizers(trainer: pl.Trainer, pl_module: nn.Module, handle: S2
             for n, was in handle.structure.flags.items()
             if was
             and n.rpartition(".")[0] in owners
-            and not n.endswith("bias")
-            and not (n in current and current[n].requires_grad)
+            and n not in elsewhere  # another optimizer's (decay / no-decay groups)
+            # matrices and kernels (or held in 4 bits, no parameter now): not norms or biases
+            and (n not in current or (current[n].dim() > 1 and not current[n].requires_grad))
         ]
         if frozen:
             rank_zero_warn(
