@@ -641,6 +641,13 @@ class _LoadsInSetup(EncoderClassifier):
         self.encoder.load_state_dict(self.weights)
 
 
+class _CopiesInSetup(pl.Callback):
+    """A user's EMA-style callback: a deep copy of the module, made in its setup."""
+
+    def setup(self, trainer, pl_module, stage):
+        self.copy = __import__("copy").deepcopy(pl_module)
+
+
 class _MetricInSetup(EncoderClassifier):
     """Adds a loss module in its own ``setup`` (no parameters), once per fit."""
 
@@ -689,6 +696,17 @@ def test_what_the_module_s_own_setup_builds_is_s2ad(tmp_path):
     assert callback.handle.model is model.encoder
     frozen = model.encoder.blocks[0].attn.qkv.weight
     assert torch.equal(frozen, weights["blocks.0.attn.qkv.weight"])
+
+    # A callback of the user's own that copies the model in its setup (an EMA) runs before
+    # the module's setup: S2A is applied before it then, and its copy has the prompts.
+    model = _MetricInSetup()
+    copier = _CopiesInSetup()
+    callback = S2ACallback(S2AConfig(modules=("bias", "prompt"), head="classifier"))
+    _fit(tmp_path / "h", model, callback, callbacks_after=[copier], max_steps=1)
+    names = {n for n, _ in copier.copy.named_parameters()}
+    assert names == {n for n, _ in model.named_parameters()} and any(
+        "s2a_prompt" in n for n in names
+    )
 
     # A setup that adds what holds no parameters (a metric, a loss) changes nothing S2A did:
     # fitting again takes the model up as it is.

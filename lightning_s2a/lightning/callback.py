@@ -165,9 +165,7 @@ class S2ACallback(pl.Callback):
         # The module's own setup runs right after this hook, and may build or replace parts
         # of the model (a backbone, reset_classifier for the data's classes, pretrained
         # weights loaded): S2A is applied right after it, to the model as it left it.
-        from lightning.pytorch.callbacks import WeightAveraging
-
-        if not any(isinstance(c, WeightAveraging) for c in trainer.callbacks):
+        if not _copies_in_setup(trainer, self):
             existing = _existing_handle(self, pl_module)
             before = parameter_layout(existing.model) if existing is not None else []
 
@@ -178,9 +176,10 @@ class S2ACallback(pl.Callback):
 
             wrap_hook(pl_module, "setup", after=after_setup)
             return
-        # A weight-averaging callback copies the model in between, so S2A is applied here
-        # first where it can be, and again after setup where that changed the model. Where
-        # the model is not complete before it (no backbone yet), S2A waits for it.
+        # Another callback may copy the model in between (weight averaging, an EMA of the
+        # user's own), so S2A is applied here first where it can be, and again after setup
+        # where that changed the model. Where the model is not complete before it (no
+        # backbone yet), S2A waits for it.
         try:
             self._apply(trainer, pl_module, stage)
         except Exception as err:  # raised again after setup if it still fails
@@ -411,6 +410,22 @@ class S2ACallback(pl.Callback):
             self._pending_state = state_dict["engine"]
         else:
             self.handle.engine.load_state_dict(state_dict["engine"])
+
+
+def _copies_in_setup(trainer: pl.Trainer, ours: S2ACallback) -> bool:
+    """True if another callback may copy the model in its ``setup``, which Lightning runs
+    before the module's: a weight-averaging callback, or one of the user's own that has a
+    ``setup`` (an EMA copy). Lightning's other callbacks copy no model there."""
+    from lightning.pytorch.callbacks import WeightAveraging
+
+    for c in trainer.callbacks:
+        if c is ours or isinstance(c, S2ACallback):
+            continue
+        if isinstance(c, WeightAveraging):
+            return True
+        if not type(c).__module__.startswith("lightning.") and is_overridden("setup", c):
+            return True
+    return False
 
 
 def _existing_handle(callback: S2ACallback, pl_module: pl.LightningModule) -> S2AHandle | None:
