@@ -285,9 +285,8 @@ class _Watch:
             if (p.detach() - before).norm() > 1e-6 * before.norm():
                 self.changes[id(p)] = self.changes.get(id(p), 0) + 1
         bad = [p for p, version in versions if p._version != version]
-        if fixed and not torch.equal(prints, _fingerprints(fixed)):
-            after = _fingerprints(fixed)
-            bad += [p for i, p in enumerate(fixed) if not torch.equal(prints[i], after[i])]
+        after = _fingerprints(fixed)
+        bad += [p for i, p in enumerate(fixed) if not torch.equal(prints[i], after[i])]
         bad += [p for p in self.trained if self.changes.get(id(p), 0) > 1]
         if bad:
             changed = sorted({self.names.get(id(p), "?") for p in bad})

@@ -165,7 +165,7 @@ class S2ACallback(pl.Callback):
         # The module's own setup runs right after this hook, and may build or replace parts
         # of the model (a backbone, reset_classifier for the data's classes, pretrained
         # weights loaded): S2A is applied right after it, to the model as it left it.
-        if not _copies_in_setup(trainer, self):
+        if not _copies_in_setup(trainer):
             existing = _existing_handle(self, pl_module)
             before = parameter_layout(existing.model) if existing is not None else []
 
@@ -203,11 +203,12 @@ class S2ACallback(pl.Callback):
     ) -> None:
         """Apply S2A again where the module's own setup changed the model it was applied to."""
         assert self.handle is not None
+        if not self._applied_here:  # S2A from an earlier fit: setup must leave it be
+            self._check_unchanged(pl_module, self.handle, before)
+            return
         target, _ = self._target(pl_module)
         if target is self.handle.model and parameter_layout(target) == before:
             return
-        if not self._applied_here:
-            self._check_unchanged(pl_module, self.handle, before)
         self.handle.remove()
         self.handle = None
         self._apply(trainer, pl_module, stage)
@@ -412,14 +413,14 @@ class S2ACallback(pl.Callback):
             self.handle.engine.load_state_dict(state_dict["engine"])
 
 
-def _copies_in_setup(trainer: pl.Trainer, ours: S2ACallback) -> bool:
+def _copies_in_setup(trainer: pl.Trainer) -> bool:
     """True if another callback may copy the model in its ``setup``, which Lightning runs
     before the module's: a weight-averaging callback, or one of the user's own that has a
     ``setup`` (an EMA copy). Lightning's other callbacks copy no model there."""
     from lightning.pytorch.callbacks import WeightAveraging
 
     for c in trainer.callbacks:
-        if c is ours or isinstance(c, S2ACallback):
+        if isinstance(c, S2ACallback):  # this one, or another S2A's (an error of its own)
             continue
         if isinstance(c, WeightAveraging):
             return True

@@ -104,12 +104,18 @@ class SideHooks:
         return out
 
 
+def moved(current: torch.Tensor, original: torch.Tensor) -> bool:
+    """True if the cast weight ``current`` no longer holds its original's value in its own
+    dtype: it was unfrozen and trained since (or changed otherwise), and keeps what it has."""
+    return not torch.equal(current.detach(), original.to(current.device, current.dtype))
+
+
 class OriginalsHooks:
     """Checkpoints hold frozen weights cast by ``frozen_dtype`` as the user built them, and a
     loaded state dict becomes the new original (a resumed run never gets stale weights).
 
     A weight whose value moved since the cast (unfrozen and trained, also if frozen again
-    since: :func:`~.surgery.moved`) is held as it is now, in the dtype it was built in, not as
+    since: :func:`moved`) is held as it is now, in the dtype it was built in, not as
     the stale original. Loading it still makes the loaded value its original, so whatever
     puts originals back (the end of fit, ``remove()``) never gives it an older one; torch
     loads its parameter as any other.
@@ -123,8 +129,8 @@ class OriginalsHooks:
             value = state_dict.get(prefix + name)
             if value is None:
                 continue
-            same = torch.equal(value, original.to(value.device, value.dtype))
-            state_dict[prefix + name] = original.clone() if same else value.to(original.dtype)
+            trained = moved(value, original)
+            state_dict[prefix + name] = value.to(original.dtype) if trained else original.clone()
 
     def load(self, module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
         for name, original in self.originals.items():

@@ -26,6 +26,7 @@ from .model_hooks import (
     OriginalsHooks,
     SideHooks,
     hold_eval,
+    moved,
     release_eval,
     reset_statistics,
 )
@@ -421,12 +422,6 @@ def _tied(model: nn.Module) -> set[int]:
             if p is not None:
                 owners.setdefault(id(p), set()).add(id(m))
     return {i for i, o in owners.items() if len(o) > 1}
-
-
-def moved(current: torch.Tensor, original: torch.Tensor) -> bool:
-    """True if the cast weight ``current`` no longer holds its original's value in its own
-    dtype: it was unfrozen and trained since (or changed otherwise), and keeps what it has."""
-    return not torch.equal(current.detach(), original.to(current.device, current.dtype))
 
 
 def cast_frozen(model: nn.Module, state: StructureState, frozen_dtype: str | None) -> None:
