@@ -101,7 +101,11 @@ class IntervalGrid:
         cell = (x - self.lo).mul_(self.inv_width).clamp_(0, self.cells - 1).nan_to_num_(0.0)
         index = cell.to(torch.int32)  # truncation is floor here: cells are not negative
         codes = self.base.index_select(0, index)
-        return codes.add_(x > self.next_boundary.index_select(0, index))
+        # The next boundaries, and then the comparison, reuse the two buffers just read: fresh
+        # full-size tensors cost more than these passes on CPU.
+        nxt = torch.index_select(self.next_boundary, 0, index, out=cell)
+        above = torch.gt(x, nxt, out=index.view(torch.uint8)[: x.numel()].view(torch.bool))
+        return codes.add_(above)
 
 
 def _segment_costs(d_sorted: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:

@@ -100,8 +100,8 @@ def quantize_minmax(
         v.add_(torch.rand(v.shape, device=v.device, generator=generator))
     else:
         v.add_(0.5)
-    v.floor_().clamp_(0, levels)
-    codes = v.to(torch.uint8).reshape(-1)
+    # The uint8 conversion truncates, which is the floor of the clamped, non-negative values.
+    codes = v.clamp_(0, levels).to(torch.uint8).reshape(-1)
     if pad:
         codes[n:] = 0
     if with_fits:

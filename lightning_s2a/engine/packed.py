@@ -311,19 +311,22 @@ class RowMaxPacked(Packed):
                 rows, self.bits, opts.stochastic, seed=opts.seed
             )
             return
-        rows = (rows.flatten(0, -2) if rows.dim() > 1 else rows.unsqueeze(0)).float()
+        rows = rows.flatten(0, -2) if rows.dim() > 1 else rows.unsqueeze(0)
+        if rows.dtype == torch.float64:
+            rows = rows.float()  # half-precision rows convert inside the division below
         levels = (1 << self.bits) - 1
         rowmax = rows.amax(dim=1) if rows.shape[1] else rows.new_zeros(rows.shape[0])
-        self.scale = (rowmax.clamp(min=0.0) / levels).to(torch.float16)
+        self.scale = (rowmax.float().clamp(min=0.0) / levels).to(torch.float16)
         s = self.scale.float().unsqueeze(1)
-        v = rows / torch.where(s > 0, s, torch.ones_like(s))
+        # A row whose scale is 0 divides by infinity: codes 0, even with stochastic rounding.
+        v = rows / torch.where(s > 0, s, torch.inf)
         if opts.stochastic:
             gen = torch.Generator(device=t.device).manual_seed(opts.seed)
             v.add_(torch.rand(v.shape, device=v.device, generator=gen))
         else:
             v.add_(0.5)
-        v.floor_().clamp_(0, levels).mul_(s > 0)
-        self.codes = pack_bits(v, self.bits)
+        # The uint8 conversion truncates, which is the floor of the clamped, non-negative values.
+        self.codes = pack_bits(v.clamp_(0, levels).to(torch.uint8), self.bits)
 
     def _code_bytes(self) -> int:
         return _nbytes(self.codes, self.scale)
