@@ -76,7 +76,8 @@ class S2AConfig:
     min_numel: int = 1024
     #: Samples drawn from a call site's tensor to fit its derivative-aware codebook.
     codebook_samples: int = 16384
-    #: Refit each derivative-aware codebook after this many training forwards.
+    #: Refit each derivative-aware codebook after this many training forwards (the first
+    #: refits come sooner: 1, 2, 4, ... forwards after its first fit).
     codebook_refresh: int = 1000
     #: Seed for codebook sampling and stochastic rounding, so runs are reproducible.
     seed: int = 0

@@ -164,3 +164,45 @@ def test_fitted_codebooks_get_a_grid_and_encode_the_same():
         assert device_cb.grid is not None
         expected = torch.bucketize(x, device_cb.boundaries, out_int32=True).to(torch.uint8)
         assert torch.equal(encode(x, device_cb.boundaries, device_cb.grid), expected)
+
+
+JUMPS = [
+    ("hardswish", F.hardswish, {}, 3.0),
+    ("elu", lambda x: F.elu(x, 0.5), {"alpha": 0.5}, 1.0),
+    ("selu", F.selu, {}, 1.0),
+    ("softplus", lambda x: F.softplus(x, threshold=2.0), {"threshold": 2.0}, 1.0),
+]
+
+
+@pytest.mark.parametrize("name,fn,kwargs,scale", JUMPS, ids=[j[0] for j in JUMPS])
+def test_derivatives_that_jump_decode_to_their_own_side(name, fn, kwargs, scale):
+    """Across a jump of f' (Hardswish at +-3, ELU(0.5) and SELU at 0, Softplus at its
+    threshold) bisection closed in on the jump itself: every element above 3 decoded to the
+    point 3.0, where Hardswish' is 1.5 instead of 1. Points now carry their interval's value,
+    and a boundary lies exactly on each jump inside the data."""
+    spec = ELEMENTWISE[name](name, (), kwargs)
+    assert spec.jumps
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(65536, generator=g, dtype=torch.float64) * scale
+    cb = fit_codebook(x[:16384], spec.derivative, 4, jumps=spec.jumps)
+    torch.testing.assert_close(spec.derivative(cb.points), cb.values, atol=1e-9, rtol=0)
+    for jump in spec.jumps:
+        if x.min() < jump < x.max():
+            assert jump in cb.boundaries.tolist(), (jump, cb.boundaries)
+    boundaries, points, grid = cb.to(x.device, x.dtype)
+    x_tilde = points[encode(x, boundaries, grid).long()]
+    true_d = _autograd_derivative(fn, x)
+    err = (_autograd_derivative(fn, x_tilde) - true_d).norm() / true_d.norm()
+    assert err < 0.06, err.item()  # 0.19 to 0.5 with the jump point decoded
+
+
+def test_a_value_the_derivative_jumps_over_gets_the_closest_point():
+    """Hardswish' is about 1.5 just below 3 and 1 above: 1.002 is never reached. The best grid
+    point lies just above 3, its neighbour below: bisecting that sign change ended on the
+    jump, where the derivative is 1.5 (the helper's case: every element above 3 got 1.5)."""
+    from lightning_s2a.engine.codebook import _solve_point
+
+    d = ELEMENTWISE["hardswish"]("hardswish", (), {}).derivative
+    point = _solve_point(d, 1.002, 2.99, 5.0)
+    err = abs(d(torch.tensor([point], dtype=torch.float64)).item() - 1.002)
+    assert err < 0.0021, (point, err)

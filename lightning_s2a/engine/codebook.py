@@ -28,6 +28,17 @@ class Codebook:
     values: torch.Tensor  # float64, shape (levels,): the optimal derivative per interval
     bits: int
     fitted_at: int = 0
+    #: The forward of the call site's first fit: refits come 1, 2, 4, ... forwards after it,
+    #: then every ``codebook_refresh`` (see :meth:`due`).
+    first_fit: int = 0
+
+    def due(self, step: int, refresh: int) -> bool:
+        """True if the codebook should be fitted again at forward ``step``: the interval
+        between fits doubles from one forward up to ``refresh``, so a first forward on
+        untypical data (a shape check with autograd on, a blank batch) shapes the codes for a
+        forward, not for ``refresh`` of them."""
+        interval = min(refresh, max(1, self.fitted_at - self.first_fit))
+        return step - self.fitted_at >= interval
 
     def to(self, device: torch.device, dtype: torch.dtype) -> DeviceCodebook:
         """Boundaries (float32) and points (``dtype``) on ``device``, with their interval grid."""
@@ -122,15 +133,21 @@ def _segment_costs(d_sorted: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     return torch.where(idx[None, :] > idx[:, None], cost, torch.full_like(cost, float("inf")))
 
 
-def optimal_segments(d_sorted: torch.Tensor, levels: int, cells: int = 512) -> list[int]:
+def optimal_segments(
+    d_sorted: torch.Tensor, levels: int, cells: int = 512, extra_edges: tuple[int, ...] = ()
+) -> list[int]:
     """Cut positions (indices into the sorted samples) of the optimal ``levels``-piece split.
 
-    Samples are grouped into ``cells`` equal-mass cells; the DP over cell edges is
+    Samples are grouped into ``cells`` equal-mass cells, plus cells ending at
+    ``extra_edges`` (where the derivative jumps); the DP over cell edges is
     ``O(levels * cells^2)``, vectorised, a few milliseconds on CPU.
     """
     n = d_sorted.numel()
     cells = max(1, min(cells, n))
-    edges = torch.unique(torch.linspace(0, n, cells + 1).round().long())
+    edges = torch.linspace(0, n, cells + 1).round().long()
+    if extra_edges:
+        edges = torch.cat([edges, torch.tensor(extra_edges, dtype=torch.long)])
+    edges = torch.unique(edges)
     cost = _segment_costs(d_sorted, edges)
     g = len(edges) - 1
     best = cost[0].clone()
@@ -148,12 +165,19 @@ def optimal_segments(d_sorted: torch.Tensor, levels: int, cells: int = 512) -> l
 
 
 def _solve_point(deriv: Derivative, target: float, lo: float, hi: float) -> float:
-    """A point in ``[lo, hi]`` whose derivative is closest to ``target`` (bisection-refined)."""
+    """A point in ``[lo, hi]`` whose derivative is closest to ``target`` (bisection-refined).
+
+    A sign change of ``deriv - target`` between two grid points is a root only where the
+    derivative is continuous: across a jump, bisection closes in on the jump itself, whose
+    derivative may lie on the far side (Hardswish's 1.5 at 3 for an interval above 3, where
+    it is 1). So the refined point is kept only if it beats the grid's best.
+    """
     if hi <= lo:
         return lo
     grid = torch.linspace(lo, hi, 2049, dtype=torch.float64)
     err = deriv(grid) - target
     i = int(err.abs().argmin())
+    best, best_err = grid[i].item(), abs(float(err[i]))
     for j in (i - 1, i):  # refine inside a bracketing neighbour interval, if there is one
         if 0 <= j < len(grid) - 1 and float(err[j]) * float(err[j + 1]) < 0:
             a, b = grid[j].item(), grid[j + 1].item()
@@ -165,12 +189,26 @@ def _solve_point(deriv: Derivative, target: float, lo: float, hi: float) -> floa
                     b = m
                 else:
                     a, fa = m, fm
-            return 0.5 * (a + b)
-    return grid[i].item()
+            m = 0.5 * (a + b)
+            fm = abs(float(deriv(torch.tensor([m], dtype=torch.float64))[0]) - target)
+            if fm < best_err:
+                best, best_err = m, fm
+    return best
 
 
-def fit_codebook(samples: torch.Tensor, deriv: Derivative, bits: int, cells: int = 512) -> Codebook:
-    """Fit the optimal ``bits``-bit derivative code to ``samples`` of the saved tensor."""
+def fit_codebook(
+    samples: torch.Tensor,
+    deriv: Derivative,
+    bits: int,
+    cells: int = 512,
+    jumps: tuple[float, ...] = (),
+) -> Codebook:
+    """Fit the optimal ``bits``-bit derivative code to ``samples`` of the saved tensor.
+
+    ``jumps`` are where ``deriv`` is discontinuous: a cut may fall exactly there (the
+    boundary is the jump itself, not a midpoint between samples), so that no interval holds
+    elements from both sides of it.
+    """
     levels = 1 << bits
     s = samples.detach().reshape(-1).to(device="cpu", dtype=torch.float64)
     s = s[torch.isfinite(s)]
@@ -178,10 +216,17 @@ def fit_codebook(samples: torch.Tensor, deriv: Derivative, bits: int, cells: int
         s = torch.zeros(1, dtype=torch.float64)
     s = s.sort().values
     d = deriv(s)
-    cuts = optimal_segments(d, levels, cells)
+    # Cut c splits samples [.., c) from [c, ..): at a jump J, those <= J from those above, as
+    # the interval search does (an element equal to a boundary counts below it).
+    at_jump = {}
+    for jump in jumps:
+        c = int(torch.searchsorted(s, torch.tensor([jump], dtype=torch.float64), right=True))
+        if 0 < c < s.numel():
+            at_jump[c] = jump
+    cuts = optimal_segments(d, levels, cells, tuple(at_jump))
     starts = [0, *cuts]
     ends = [*cuts, s.numel()]
-    boundaries = [0.5 * (s[c - 1] + s[c]).item() for c in cuts]
+    boundaries = [at_jump.get(c, 0.5 * (s[c - 1] + s[c]).item()) for c in cuts]
     lows = [s[0].item(), *boundaries]
     highs = [*boundaries, s[-1].item()]
     values, points = [], []

@@ -43,8 +43,10 @@ from .recognition import (
     OperatorMode,
     classify,
     constant,
+    exact_code,
     foreign_autograd_context,
     outside_call,
+    reduced,
     statistics,
 )
 
@@ -113,6 +115,7 @@ class SavedTensorEngine:
         self._unpacked = False
         self._per_step = False  # set by begin_step: accounts per training step
         self._step_peak: dict | None = None  # the step's largest account (several backwards)
+        self._largest = 0  # most elements of a tensor saved in this account (see ``reduced``)
         self._fresh = False  # the next forward starts a new account (a step began)
         #: Forwards that ran with autograd and so engaged the engine (for "did it engage?").
         self.forwards = 0
@@ -204,6 +207,7 @@ class SavedTensorEngine:
                     "values": cb.values,
                     "bits": cb.bits,
                     "fitted_at": cb.fitted_at,
+                    "first_fit": cb.first_fit,
                 }
                 for site, cb in self.codebooks.items()
             ],
@@ -227,6 +231,8 @@ class SavedTensorEngine:
                 values=c["values"],
                 bits=int(c["bits"]),
                 fitted_at=int(c["fitted_at"]),
+                # Saved before 2026-12-06 (no first fit): the refresh interval at once.
+                first_fit=int(c.get("first_fit", int(c["fitted_at"]) - (1 << 30))),
             )
             for c in state["codebooks"]
         }
@@ -284,6 +290,11 @@ class SavedTensorEngine:
             check_not_compiling(self.model, self.config.compress)  # before any change
             if not foreign_autograd_context():
                 self._activate(is_root)
+                # The model's input is what a statistic is smaller than before anything is
+                # saved (a gate saved ahead of its feature map: see ``reduced``).
+                for a in args:
+                    if isinstance(a, torch.Tensor) and a.numel() > self._largest:
+                        self._largest = a.numel()
         if self._active:
             self._frames.append([name, {}])
 
@@ -313,6 +324,7 @@ class SavedTensorEngine:
                 check()
             self.step += 1
             self._account = ForwardAccount()
+            self._largest = 0
             self._unpacked = False
         self.forwards += 1
         self._frames = []
@@ -406,6 +418,9 @@ class SavedTensorEngine:
         account = self._account
         assert account is not None
         bits = cfg.bits_for(kind)
+        numel = t.numel()
+        if numel > self._largest:
+            self._largest = numel
         if self._saving is not None or self.module_bits:
             frame = self._frames[-1][0] if self._frames else ""
             if self._saving is not None:
@@ -419,13 +434,15 @@ class SavedTensorEngine:
             or bits is None
             or kind == "checkpoint"  # a region's inputs: backward recomputes it from them
             or not (t.is_floating_point() or t.dtype == torch.bool)  # indices stay exact
-            or t.numel() < cfg.min_numel
+            or numel < cfg.min_numel
             or t.device.type == "meta"
             # computed without autograd (an autocast copy of a weight, a standardized or
             # dequantized weight): a constant of the trained graph, not an activation.
             # Dropout noise is one too, but its 1-bit code is exact.
             or (kind != "dropout" and constant(t, self._weight_numels))
             or (kind in STATS_KINDS and statistics(t, call))
+            # a per-row statistic, unless its code is exact anyway (masks, ReLU's 1 bit)
+            or (reduced(t, self._largest) and not exact_code(kind, call))
         )
         part = self._part()
         if keep:
@@ -474,13 +491,14 @@ class SavedTensorEngine:
         assert call.spec is not None and call.spec.derivative is not None
         site = call.site
         cb = self.codebooks.get(site)
-        if cb is None or cb.bits != opts.bits or self.step - cb.fitted_at >= cfg.codebook_refresh:
+        if cb is None or cb.bits != opts.bits or cb.due(self.step, cfg.codebook_refresh):
             flat = t.detach().reshape(-1)
             gen = torch.Generator().manual_seed(cfg.seed)
             m = min(cfg.codebook_samples, flat.numel())
             idx = torch.randint(flat.numel(), (m,), generator=gen).to(flat.device)
-            cb = fit_codebook(flat[idx], call.spec.derivative, opts.bits)
-            cb.fitted_at = self.step
+            first = self.step if cb is None or cb.bits != opts.bits else cb.first_fit
+            cb = fit_codebook(flat[idx], call.spec.derivative, opts.bits, jumps=call.spec.jumps)
+            cb.fitted_at, cb.first_fit = self.step, first
             self.codebooks[site] = cb
             self._device_codebooks = {
                 k: v for k, v in self._device_codebooks.items() if k[0] != site

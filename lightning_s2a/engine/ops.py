@@ -43,6 +43,9 @@ class ElementwiseSpec:
     derivative: Derivative | None = None
     mask: Callable[[torch.Tensor], torch.Tensor] | None = None
     mask_points: tuple[float, float] = (0.0, 0.0)
+    #: Where ``derivative`` jumps (Hardswish at +-3, ELU with alpha != 1 at 0): codebooks may
+    #: put an interval boundary exactly there, so no interval straddles a jump.
+    jumps: tuple[float, ...] = ()
 
     @property
     def exact(self) -> bool:
@@ -103,18 +106,22 @@ def _elu_family(n: str, a: tuple, k: Mapping[str, Any]) -> ElementwiseSpec:
     else:
         alpha, scale, in_scale = float(_arg(a, k, 1, "alpha", 1.0)), 1.0, 1.0
     pos_inplace = 1 if base == "selu" else 2
+    # At 0 the derivative goes from scale * alpha * in_scale (left) to scale (right).
+    jump = () if alpha * in_scale == 1.0 else (0.0,)
     if _is_inplace(n, a, k, pos_inplace):
         # In-place variants save the result y; for y <= 0: d = in_scale * (y + scale * alpha).
         def d_out(y: torch.Tensor) -> torch.Tensor:
             return torch.where(y > 0, torch.full_like(y, scale), in_scale * (y + scale * alpha))
 
-        return ElementwiseSpec(f"{base}_out({alpha:g},{scale:g},{in_scale:g})", derivative=d_out)
+        return ElementwiseSpec(
+            f"{base}_out({alpha:g},{scale:g},{in_scale:g})", derivative=d_out, jumps=jump
+        )
 
     def d_in(x: torch.Tensor) -> torch.Tensor:
         neg = scale * alpha * in_scale * torch.exp(torch.clamp(x, max=0.0) * in_scale)
         return torch.where(x > 0, torch.full_like(x, scale), neg)
 
-    return ElementwiseSpec(f"{base}({alpha:g},{scale:g},{in_scale:g})", derivative=d_in)
+    return ElementwiseSpec(f"{base}({alpha:g},{scale:g},{in_scale:g})", derivative=d_in, jumps=jump)
 
 
 def _softplus(n: str, a: tuple, k: Mapping[str, Any]) -> ElementwiseSpec:
@@ -124,7 +131,10 @@ def _softplus(n: str, a: tuple, k: Mapping[str, Any]) -> ElementwiseSpec:
     def d(x: torch.Tensor) -> torch.Tensor:
         return torch.where(x * beta > threshold, torch.ones_like(x), torch.sigmoid(x * beta))
 
-    return ElementwiseSpec(f"softplus({beta:g},{threshold:g})", derivative=d)
+    # Above the threshold the derivative is 1, below sigmoid(threshold): a jump.
+    return ElementwiseSpec(
+        f"softplus({beta:g},{threshold:g})", derivative=d, jumps=(threshold / beta,)
+    )
 
 
 def _hardtanh(n: str, a: tuple, k: Mapping[str, Any]) -> ElementwiseSpec:
@@ -171,7 +181,7 @@ ELEMENTWISE: dict[str, Callable[[str, tuple, Mapping[str, Any]], ElementwiseSpec
     "gelu": _gelu,
     "silu": _fixed(ElementwiseSpec("silu", derivative=_silu_d)),
     "mish": _fixed(ElementwiseSpec("mish", derivative=_mish_d)),
-    "hardswish": _fixed(ElementwiseSpec("hardswish", derivative=_hardswish_d)),
+    "hardswish": _fixed(ElementwiseSpec("hardswish", derivative=_hardswish_d, jumps=(-3.0, 3.0))),
     # tanh and sigmoid save their *output* y; the derivative is written in terms of y.
     "tanh": _fixed(ElementwiseSpec("tanh", derivative=lambda y: 1.0 - y * y)),
     "sigmoid": _fixed(ElementwiseSpec("sigmoid", derivative=lambda y: y * (1.0 - y))),

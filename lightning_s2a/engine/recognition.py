@@ -108,6 +108,31 @@ def statistics(t: torch.Tensor, call: Call) -> bool:
     return tuple(t.shape) not in call.arg_shapes and t.numel() < call.arg_numel
 
 
+#: A tensor reduced along a dimension must be this many times smaller than the largest tensor
+#: saved before it in the forward to count as a statistic (see :func:`reduced`).
+REDUCED_RATIO = 16
+
+
+def reduced(t: torch.Tensor, largest: int) -> bool:
+    """True for a per-row or per-channel statistic that any op saves: a tensor with a size-1
+    dimension after the first (a ``keepdim`` reduction: a hand-written layer norm's standard
+    deviation ``(B, L, 1)``, a squeeze-excitation gate ``(N, C, 1, 1)``) and at least
+    ``REDUCED_RATIO`` times smaller than the largest tensor saved so far in the forward (or
+    than the model's input).
+
+    Broadcast back over its row, every element shares its error: min-max groups spanning
+    rows of different scale gave the small rows a step wider than themselves (a hand-written
+    layer norm's input-gradient cosine 0.65, a torchvision EfficientNet's SE biases 0.78).
+    Kept exact, it costs a fraction of its row's codes.
+    """
+    return t.numel() * REDUCED_RATIO <= largest and 1 in t.shape[1:]
+
+
+def exact_code(kind: str, call: Call) -> bool:
+    """True where the quantizer's code is exact: masks, dropout, and 1-bit derivative steps."""
+    return kind in ("mask", "dropout") or (call.spec is not None and call.spec.exact)
+
+
 @dataclass
 class Call:
     """The recognised operator that is running while tensors get saved."""
