@@ -207,6 +207,55 @@ def test_layer_norm_rows_of_another_width_than_the_group_keep_their_gradient(wid
     assert cosine(grads[True], grads[False]) > 0.98
 
 
+class _PlaneNormNet(nn.Module):
+    """Two convs, each followed by a norm over 14 x 14 planes (instance or group norm with
+    one channel per group), channel scales spread 0.1x to 10x."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.c1, self.n1 = nn.Conv2d(3, 32, 3, padding=1), norm(32)
+        self.c2, self.n2 = nn.Conv2d(32, 32, 3, padding=1), norm(32)
+        self.head = nn.Linear(32, 5)
+        with torch.no_grad():
+            scale = torch.exp(torch.linspace(-2.3, 2.3, 32))[torch.randperm(32)].view(-1, 1, 1, 1)
+            self.c1.weight.mul_(scale)
+            self.c2.weight.mul_(scale)
+
+    def forward(self, x):
+        x = F.gelu(self.n1(self.c1(x)))
+        x = F.gelu(self.n2(self.c2(x)))
+        return self.head(x.mean((2, 3)))
+
+    def get_classifier(self):
+        return self.head
+
+
+@pytest.mark.parametrize(
+    "norm",
+    [lambda c: nn.InstanceNorm2d(c, affine=True), lambda c: nn.GroupNorm(c, c)],
+    ids=["instance", "group"],
+)
+def test_norm_planes_of_no_power_of_two_keep_their_gradient(norm):
+    """A 14 x 14 plane (196 values) is no multiple of the 64-value group: groups spanned
+    planes of channels 100x apart, and the backbone's gradient cosine was 0.50."""
+    torch.manual_seed(0)
+    model = _PlaneNormNet(norm).double()
+    x = torch.randn(4, 3, 14, 14, dtype=torch.float64)
+    grads = {}
+    for compress in (False, True):
+        with apply_s2a(model, S2AConfig(bits=4, compress=compress)):
+            model.zero_grad()
+            model(x).square().sum().backward()
+            grads[compress] = torch.cat(
+                [
+                    p.grad.reshape(-1)
+                    for n, p in model.named_parameters()
+                    if p.requires_grad and not n.startswith("head")
+                ]
+            )
+    assert cosine(grads[True], grads[False]) > 0.995
+
+
 class _InPlaceAfterSave(nn.Module):
     """Changes sigmoid's saved output in place: autograd's error without S2A."""
 

@@ -168,7 +168,7 @@ def test_layer_norm_groups_never_span_two_rows(width, rows, group):
     torch.manual_seed(0)
     x = torch.randn(5, width, dtype=torch.float64)
     x[2] = 1e-6 * torch.randn(width, dtype=torch.float64)  # a near-constant row (a class token)
-    packed = pack_norm(x, PackOptions(bits=4, rows=rows))
+    packed = pack_norm(x, PackOptions(bits=4, row=width if rows else 0))
     n_groups = -(-x.numel() // group)
     assert packed.nbytes == n_groups * group // 2 + n_groups * 4  # codes, fp16 offset + scale
     err = (packed.unpack() - x)[2].abs().max() / x[2].abs().max()
@@ -176,6 +176,28 @@ def test_layer_norm_groups_never_span_two_rows(width, rows, group):
         assert err < 0.2
     else:  # sharing a group with a normal row, its values are lost
         assert err > 0.9
+
+
+@pytest.mark.parametrize("row, shape", [(196, (5, 196)), (100, (5, 100)), (49, (2, 5, 7, 7))])
+def test_norm_rows_without_a_power_of_two_factor_are_coded_each_on_its_own(row, shape):
+    """Rows of 196 tokens, 100 values or a 7 x 7 plane: no power of two of 8 or more divides
+    them, so groups spanned rows and a near-constant row lost its values; each row is now
+    padded to whole groups (rows shorter than a group: the next power of two, at least 8)."""
+    from lightning_s2a.engine.quantizers import pack_norm
+
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64)
+    flat = x.view(-1, row)
+    flat[2] = 1e-6 * torch.randn(row, dtype=torch.float64)
+    packed = pack_norm(x, PackOptions(bits=4, row=row))
+    out = packed.unpack()
+    assert out.shape == x.shape and out.dtype == x.dtype
+    group = 64  # 49 is below a group: its next power of two, 64
+    padded = -(-row // group) * group
+    rows = x.numel() // row
+    assert packed.nbytes == rows * (padded // 2 + padded // group * 4)  # codes, offset + scale
+    err = (out.view(-1, row)[2] - flat[2]).abs().max() / flat[2].abs().max()
+    assert err < 0.2  # the small row keeps its own range
 
 
 @pytest.mark.parametrize("defer", [False, True])

@@ -46,34 +46,50 @@ def _dense_permutation(t: torch.Tensor) -> bool:
 
 
 @dataclass(frozen=True)
-class ChannelRows:
-    """Dimension 1 (BatchNorm's channels) as rows: channel ``c``'s values over the batch and
-    positions become row ``c``, padded with its last value to whole groups of ``group``, so
-    that no min-max group mixes two channels (BatchNorm's backward scales each channel's
-    error by that channel's inverse std)."""
+class Rows:
+    """A norm's rows, each coded on its own: ``count`` rows of ``length`` values, each padded
+    with its last value to whole groups of ``group``, so that no min-max group mixes two rows
+    (a norm's backward scales each row's error by that row's inverse std).
 
-    channels: int
+    Rows are dimension 1 across the rest (BatchNorm's channels, ``channels=True``) or
+    ``length`` consecutive values in logical order (a layer, group or instance norm's rows
+    whose length is no multiple of the group: 196 tokens, 14 x 14 planes).
+    """
+
+    count: int
     length: int
     padded: int
     group: int
+    channels: bool
 
     @staticmethod
-    def of(t: torch.Tensor, group: int) -> ChannelRows:
-        """Rows for ``t``; a row shorter than ``group`` gets the next power of two (>= 8)."""
-        channels = t.shape[1]
-        length = t.numel() // channels
+    def of_channels(t: torch.Tensor, group: int) -> Rows:
+        """BatchNorm's rows: channel ``c``'s values over the batch and positions."""
+        return Rows._make(t.shape[1], t.numel() // t.shape[1], group, True)
+
+    @staticmethod
+    def of_length(t: torch.Tensor, length: int, group: int) -> Rows:
+        """Rows of ``length`` consecutive values (``t.numel()`` a multiple of it)."""
+        return Rows._make(t.numel() // length, length, group, False)
+
+    @staticmethod
+    def _make(count: int, length: int, group: int, channels: bool) -> Rows:
+        # A row shorter than a group gets the next power of two (at least 8) as its group.
         if length < group:
             group = max(8, 1 << (length - 1).bit_length())
-        return ChannelRows(channels, length, -(-length // group) * group, group)
+        return Rows(count, length, -(-length // group) * group, group, channels)
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` as contiguous padded rows, one per channel."""
-        rows = t.detach().movedim(1, 0).reshape(self.channels, self.length)
+        """``t`` as contiguous padded rows."""
+        t = t.detach()
+        rows = (t.movedim(1, 0) if self.channels else t).reshape(self.count, self.length)
         if self.padded > self.length:
             rows = torch.cat([rows, rows[:, -1:].expand(-1, self.padded - self.length)], 1)
         return rows.contiguous()
 
     def scatter(self, flat: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """Inverse of :meth:`gather`: the flat values in ``shape``'s logical order."""
-        rows = flat.view(self.channels, self.padded)[:, : self.length]
+        rows = flat.view(self.count, self.padded)[:, : self.length]
+        if not self.channels:
+            return rows.reshape(-1)
         return rows.reshape(shape[1], shape[0], *shape[2:]).movedim(0, 1).reshape(-1)

@@ -458,7 +458,7 @@ class SavedTensorEngine:
             bnb_quant_type=cfg.bnb_quant_type,
             spec=call.spec,
             dim=call.dim,
-            rows=call.rows,
+            row=call.row,
             channels=call.channels,
             seed=cfg.seed + self.step,
             defer=t.device.type in self.defer_on,

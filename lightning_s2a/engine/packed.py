@@ -16,7 +16,7 @@ import torch
 
 from .bitpack import pack_bits, unpack_levels, unpack_lookup
 from .codebook import DeviceCodebook
-from .geometry import ChannelRows, Geometry
+from .geometry import Geometry, Rows
 from .minmax import dequantize_minmax, quantize_minmax
 from .ops import ElementwiseSpec
 
@@ -34,8 +34,9 @@ class PackOptions:
     #: Derivative code for this call site on this device (boundaries, points, interval grid).
     codebook: DeviceCodebook | None = None
     dim: int = -1
-    #: The op normalizes each row of the last dimension on its own (layer norm, RMS norm).
-    rows: bool = False
+    #: The op normalizes rows of this many consecutive values each on its own (layer, RMS,
+    #: group and instance norms; 0: none).
+    row: int = 0
     #: The op normalizes each channel (dimension 1) over the batch (BatchNorm in training).
     channels: bool = False
     seed: int = 0
@@ -168,14 +169,12 @@ class MinMaxPacked(Packed):
     +-65504) is kept as it is instead (``raw``): its codes would saturate or turn NaN.
     """
 
-    def __init__(
-        self, t: torch.Tensor, opts: PackOptions, channel_rows: ChannelRows | None = None
-    ) -> None:
+    def __init__(self, t: torch.Tensor, opts: PackOptions, rows: Rows | None = None) -> None:
         self.geometry = Geometry.of(t)
-        self.channel_rows = channel_rows  # groups inside one channel (see ChannelRows)
-        x = channel_rows.gather(t) if channel_rows is not None else t
+        self.rows = rows  # groups inside one row of a norm (see Rows)
+        x = rows.gather(t) if rows is not None else t
         self.bits = opts.bits
-        self.group = channel_rows.group if channel_rows is not None else opts.group_size
+        self.group = rows.group if rows is not None else opts.group_size
         self.n = x.numel()
         self.triton = opts.backend == "triton"
         if self.triton:
@@ -208,8 +207,8 @@ class MinMaxPacked(Packed):
             flat = triton_dequantize_minmax(*args, self.geometry.dtype)
         else:
             flat = dequantize_minmax(*args, self.geometry.dtype)
-        if self.channel_rows is not None:
-            flat = self.channel_rows.scatter(flat, self.geometry.shape)
+        if self.rows is not None:
+            flat = self.rows.scatter(flat, self.geometry.shape)
         return self.geometry.restore(flat)
 
 

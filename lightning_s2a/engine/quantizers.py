@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .codebook import encode
-from .geometry import ChannelRows
+from .geometry import Rows
 from .packed import (
     BnbPacked,
     CodePacked,
@@ -60,27 +60,31 @@ def pack_minmax(t: torch.Tensor, opts: PackOptions) -> MinMaxPacked | BnbPacked 
 
 
 def pack_norm(t: torch.Tensor, opts: PackOptions) -> MinMaxPacked | BnbPacked | KeptPacked:
-    """Norm inputs: min-max codes whose groups never span two rows of a layer norm.
+    """Norm inputs: min-max codes whose groups never span two rows of the norm.
 
     Its backward scales each row's error by that row's inverse standard deviation: a
     near-constant row (a class token at its initial 1e-6) sharing a group with a normal one
-    gets a step far wider than itself, and its gradient is lost. Where the row length is no
-    multiple of ``group_size`` (96 channels: Swin-T, ConvNeXt-T), groups shrink to the largest
-    power of two dividing it, if that is 8 or more; a row length without one (100, 196)
-    keeps ``group_size``, its groups still spanning rows.
+    gets a step far wider than itself, and its gradient is lost. Where the row length (layer
+    norm: the normalized size; group norm: (C / G) x H x W; instance norm: H x W) is no
+    multiple of ``group_size``, groups shrink to the largest power of two dividing it, if that
+    is 8 or more (96 channels: Swin-T, ConvNeXt-T); otherwise (196 tokens, 14 x 14 planes)
+    each row is padded to whole groups and coded on its own (:class:`.geometry.Rows`).
     """
-    d = t.shape[-1] if opts.rows and t.dim() else 0
-    if d and d % opts.group_size:
-        row = d & -d  # the largest power of two dividing d
-        if row >= 8:
-            opts = dataclasses.replace(opts, group_size=row)
-    if opts.channels and opts.backend != "bnb" and t.dim() >= 2 and t.numel():
+    row = opts.row
+    n = t.numel()
+    if row and n and n % row == 0 and row % opts.group_size:
+        pow2 = row & -row  # the largest power of two dividing the row
+        if pow2 >= 8:
+            opts = dataclasses.replace(opts, group_size=pow2)
+        elif opts.backend != "bnb":
+            return MinMaxPacked(t, opts, Rows.of_length(t, row, opts.group_size))
+    if opts.channels and opts.backend != "bnb" and t.dim() >= 2 and n:
         # BatchNorm in training: groups in memory order stay inside one channel only where
         # each channel's plane is a multiple of the group; elsewhere (7x7, 1x1, (N, C)) the
         # groups are taken along each channel instead.
-        plane = t.numel() // (t.shape[0] * t.shape[1])
+        plane = n // (t.shape[0] * t.shape[1])
         if plane % opts.group_size:
-            return MinMaxPacked(t, opts, ChannelRows.of(t, opts.group_size))
+            return MinMaxPacked(t, opts, Rows.of_channels(t, opts.group_size))
     return pack_minmax(t, opts)
 
 

@@ -8,6 +8,7 @@ statistics) live here too.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
@@ -29,10 +30,31 @@ if TYPE_CHECKING:
 # and smaller than the largest. Larger ones (the attention probabilities that SDPA's math path
 # saves, with a float mask on CPU) are no statistics and are quantized like its inputs.
 STATS_KINDS = ("norm", "attention")
-#: Norms over the last dimension, given its size as ``normalized_shape`` (a one-entry shape).
+#: Norms over the trailing dimensions given as ``normalized_shape``.
 ROW_NORMS = ("layer_norm", "native_layer_norm", "rms_norm")
 #: Norms over each channel (dimension 1) across the batch: BatchNorm.
 CHANNEL_NORMS = ("batch_norm", "native_batch_norm")
+
+
+def norm_row(raw: str, args: tuple, kwargs: dict) -> int:
+    """How many consecutive values (in logical order) a norm normalizes together: the
+    ``normalized_shape`` of a layer or RMS norm, (C / G) x H x W of a group norm, H x W of an
+    instance norm; 0 for other ops (BatchNorm's rows are its channels)."""
+    x = args[0] if args else kwargs.get("input")
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or not x.numel():
+        return 0
+    if raw in ROW_NORMS:
+        shape = args[1] if len(args) > 1 else kwargs.get("normalized_shape", ())
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        return math.prod(int(d) for d in shape) if shape else 0
+    if raw == "group_norm":
+        groups = args[1] if len(args) > 1 else kwargs.get("num_groups", 0)
+        return x.numel() // (x.shape[0] * int(groups)) if x.dim() >= 2 and groups else 0
+    if raw == "native_group_norm":  # (input, weight, bias, N, C, HxW, group, eps)
+        return int(args[4]) // int(args[6]) * int(args[5]) if len(args) > 6 else 0
+    if raw == "instance_norm":
+        return math.prod(x.shape[2:]) if x.dim() >= 3 else 0
+    return 0
 
 
 def foreign_autograd_context() -> bool:
@@ -143,8 +165,8 @@ class Call:
     arg_shapes: frozenset = frozenset()
     arg_numel: int = 0
     dim: int = -1
-    #: A norm over each row of the last dimension alone (see ``quantizers.pack_norm``).
-    rows: bool = False
+    #: A norm over rows of this many consecutive values each (see ``quantizers.pack_norm``).
+    row: int = 0
     #: A norm over each channel across the batch (see ``quantizers.pack_norm``).
     channels: bool = False
 
@@ -213,9 +235,7 @@ def classify(engine: SavedTensorEngine, info: tuple, args: tuple, kwargs: dict) 
         ]
         call.arg_shapes = frozenset(tuple(a.shape) for a in tensors)
         call.arg_numel = max((a.numel() for a in tensors), default=0)
-        if raw in ROW_NORMS:
-            shape = args[1] if len(args) > 1 else kwargs.get("normalized_shape", ())
-            call.rows = isinstance(shape, (list, tuple)) and len(shape) == 1
+        call.row = norm_row(raw, args, kwargs)
         call.channels = raw in CHANNEL_NORMS
     elif kind == "softmax":
         dim = kwargs.get("dim", args[1] if len(args) > 1 else -1)
