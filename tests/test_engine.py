@@ -988,3 +988,16 @@ def test_a_gate_broadcast_over_its_feature_map_is_kept_exact():
     gate_bytes = 32 * 64 * 4
     assert kinds["elementwise"]["stored_bytes"] == kinds["elementwise"]["raw_bytes"] == gate_bytes
     assert kinds["generic"]["stored_bytes"] * 6 < kinds["generic"]["raw_bytes"]
+
+
+def test_only_reductions_of_saved_tensors_count_as_statistics():
+    """A size-1 dimension is no reduction by itself: a time-major batch of one (L, 1, E) or a
+    single-frame clip (N, C, 1, H, W) was kept whole once 16x smaller than the largest."""
+    from lightning_s2a.engine.recognition import reduced
+
+    big = torch.Size((8, 257, 64))
+    assert reduced(torch.empty(8, 257, 1), 8 * 257 * 64, {big})
+    assert reduced(torch.empty(8, 64, 1, 1), 8 * 64 * 196, {torch.Size((8, 64, 14, 14))})
+    assert not reduced(torch.empty(512, 1, 64), 512 * 512 * 16, {torch.Size((512, 512))})
+    assert not reduced(torch.empty(4, 512, 1, 8, 8), 4 * 64 * 1 * 64 * 64 * 16, {big})
+    assert not reduced(torch.empty(8, 257, 1), 8 * 257 * 8, {big})  # not 16x smaller

@@ -13,6 +13,7 @@ from torch import nn
 
 from lightning_s2a import S2AConfig, apply_s2a, load_adapter, save_adapter
 from lightning_s2a.structure import four_bit
+from lightning_s2a.structure.surgery import STATE_DICT_MARKER
 from tests.conftest import assert_close_in_norm
 
 
@@ -278,7 +279,8 @@ def test_state_dicts_of_submodules_and_shared_layers_hold_their_weights():
     with apply_s2a(model, frozen_dtype="nf4"):
         assert four_bit.is_held(model.backbone[0]) and four_bit.is_held(model.enc)
         full = model.state_dict()
-        assert set(full) == set(expected)  # alias.weight too: one layer, both names
+        # alias.weight too: one layer, both names; and the marker of a model S2A changed
+        assert set(full) == set(expected) | {STATE_DICT_MARKER}
         assert all(torch.equal(full[k], v) for k, v in expected.items())
         sub = model.backbone.state_dict()
         assert torch.equal(sub["0.weight"], expected["backbone.0.weight"])
@@ -451,3 +453,21 @@ def test_unfreezing_around_weights_held_in_4_bits_is_said():
         p.requires_grad_(True)
     _, grads = _step(model, x, y)  # exact weights: every weight trains
     assert grads.numel() == sum(p.numel() for p in model.parameters())
+
+
+def test_a_state_dict_of_4_bit_weights_does_not_load_silently_into_a_plain_model():
+    """Held weights are saved as built, so a bias-only checkpoint loaded the ordinary way gave
+    the exact-weight twin, not the model that trained (a Lite0's val accuracy 79.7% to 61.2%),
+    and said nothing. The state dict now carries the marker that makes torch's error name
+    lightning_s2a.load_from_checkpoint; an S2A'd model loads it strictly, as before."""
+    torch.manual_seed(0)
+    model, fresh, twin = ConvMixer(), ConvMixer(), ConvMixer()
+    x, _ = _data()
+    with apply_s2a(model, frozen_dtype="nf4"):
+        sd = model.state_dict()
+        trained = model(x)
+    with pytest.raises(RuntimeError, match=r"lightning_s2a\.load_from_checkpoint"):
+        fresh.load_state_dict(sd)
+    with apply_s2a(twin, frozen_dtype="nf4"):
+        twin.load_state_dict(sd)  # strict
+        assert torch.equal(twin(x), trained)

@@ -116,6 +116,7 @@ class SavedTensorEngine:
         self._per_step = False  # set by begin_step: accounts per training step
         self._step_peak: dict | None = None  # the step's largest account (several backwards)
         self._largest = 0  # most elements of a tensor saved in this account (see ``reduced``)
+        self._shapes: set[torch.Size] = set()  # shapes saved in this account (``reduced``)
         self._fresh = False  # the next forward starts a new account (a step began)
         #: Forwards that ran with autograd and so engaged the engine (for "did it engage?").
         self.forwards = 0
@@ -293,8 +294,9 @@ class SavedTensorEngine:
                 # The model's input is what a statistic is smaller than before anything is
                 # saved (a gate saved ahead of its feature map: see ``reduced``).
                 for a in args:
-                    if isinstance(a, torch.Tensor) and a.numel() > self._largest:
-                        self._largest = a.numel()
+                    if isinstance(a, torch.Tensor):
+                        self._shapes.add(a.shape)
+                        self._largest = max(self._largest, a.numel())
         if self._active:
             self._frames.append([name, {}])
 
@@ -325,6 +327,7 @@ class SavedTensorEngine:
             self.step += 1
             self._account = ForwardAccount()
             self._largest = 0
+            self._shapes = set()
             self._unpacked = False
         self.forwards += 1
         self._frames = []
@@ -421,6 +424,7 @@ class SavedTensorEngine:
         numel = t.numel()
         if numel > self._largest:
             self._largest = numel
+        self._shapes.add(t.shape)
         if self._saving is not None or self.module_bits:
             frame = self._frames[-1][0] if self._frames else ""
             if self._saving is not None:
@@ -442,7 +446,7 @@ class SavedTensorEngine:
             or (kind != "dropout" and constant(t, self._weight_numels))
             or (kind in STATS_KINDS and statistics(t, call))
             # a per-row statistic, unless its code is exact anyway (masks, ReLU's 1 bit)
-            or (reduced(t, self._largest) and not exact_code(kind, call))
+            or (reduced(t, self._largest, self._shapes) and not exact_code(kind, call))
         )
         part = self._part()
         if keep:

@@ -8,7 +8,6 @@ statistics) live here too.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import warnings
@@ -45,15 +44,19 @@ def norm_row(raw: str, args: tuple, kwargs: dict) -> int:
         return 0
     if raw in ROW_NORMS:
         shape = args[1] if len(args) > 1 else kwargs.get("normalized_shape", ())
-        shape = (shape,) if isinstance(shape, int) else tuple(shape)
-        return math.prod(int(d) for d in shape) if shape else 0
+        if isinstance(shape, int):
+            return shape
+        row = 1 if len(shape) else 0
+        for d in shape:  # no generator: torch.compile (compress=False) traces this
+            row *= int(d)
+        return row
     if raw == "group_norm":
         groups = args[1] if len(args) > 1 else kwargs.get("num_groups", 0)
         return x.numel() // (x.shape[0] * int(groups)) if x.dim() >= 2 and groups else 0
     if raw == "native_group_norm":  # (input, weight, bias, N, C, HxW, group, eps)
         return int(args[4]) // int(args[6]) * int(args[5]) if len(args) > 6 else 0
     if raw == "instance_norm":
-        return math.prod(x.shape[2:]) if x.dim() >= 3 else 0
+        return x[0, 0].numel() if x.dim() >= 3 else 0
     return 0
 
 
@@ -135,19 +138,36 @@ def statistics(t: torch.Tensor, call: Call) -> bool:
 REDUCED_RATIO = 16
 
 
-def reduced(t: torch.Tensor, largest: int) -> bool:
+def reduced(t: torch.Tensor, largest: int, shapes: set[torch.Size]) -> bool:
     """True for a per-row or per-channel statistic that any op saves: a tensor with a size-1
     dimension after the first (a ``keepdim`` reduction: a hand-written layer norm's standard
-    deviation ``(B, L, 1)``, a squeeze-excitation gate ``(N, C, 1, 1)``) and at least
-    ``REDUCED_RATIO`` times smaller than the largest tensor saved so far in the forward (or
-    than the model's input).
+    deviation ``(B, L, 1)``, a squeeze-excitation gate ``(N, C, 1, 1)``), at least
+    ``REDUCED_RATIO`` times smaller than the largest tensor saved so far in the account (the
+    forward, or the training step's forwards) or than the model's input, and the reduction of
+    one of those saved tensors or inputs: the same shape but larger where it has size 1.
 
     Broadcast back over its row, every element shares its error: min-max groups spanning
     rows of different scale gave the small rows a step wider than themselves (a hand-written
     layer norm's input-gradient cosine 0.65, a torchvision EfficientNet's SE biases 0.78).
-    Kept exact, it costs a fraction of its row's codes.
+    Kept exact, it costs a fraction of its row's codes. Activations laid out with a size-1
+    dimension (a time-major batch of 1, single-frame video) are no reduction of anything saved:
+    they stay coded.
     """
-    return t.numel() * REDUCED_RATIO <= largest and 1 in t.shape[1:]
+    shape = t.shape
+    if t.numel() * REDUCED_RATIO > largest or 1 not in shape[1:]:
+        return False
+    dims = len(shape)
+    for other in shapes:
+        if (
+            len(other) == dims
+            and other != shape
+            and all(
+                o == s or (s == 1 and i > 0)
+                for i, (o, s) in enumerate(zip(other, shape, strict=True))
+            )
+        ):
+            return True
+    return False
 
 
 def exact_code(kind: str, call: Call) -> bool:
@@ -228,13 +248,15 @@ def classify(engine: SavedTensorEngine, info: tuple, args: tuple, kwargs: dict) 
     if kind in STATS_KINDS:
         # The op's data, not its weights: nn.MultiheadAttention passes in_proj_weight
         # (3 E^2), and every tensor smaller than it looked like a statistic.
-        tensors = [
-            a
-            for a in (*args, *kwargs.values())
-            if isinstance(a, torch.Tensor) and id(a) not in param_ids
-        ]
-        call.arg_shapes = frozenset(tuple(a.shape) for a in tensors)
-        call.arg_numel = max((a.numel() for a in tensors), default=0)
+        # Plain loops over lists: torch.compile (compress=False) traces this, and its guards
+        # on a tuple iterator failed (a BatchNorm model did not compile).
+        shapes, numel = set(), 0
+        for a in [*args, *kwargs.values()]:
+            if isinstance(a, torch.Tensor) and id(a) not in param_ids:
+                shapes.add(tuple(a.shape))
+                numel = max(numel, a.numel())
+        call.arg_shapes = frozenset(shapes)
+        call.arg_numel = numel
         call.row = norm_row(raw, args, kwargs)
         call.channels = raw in CHANNEL_NORMS
     elif kind == "softmax":

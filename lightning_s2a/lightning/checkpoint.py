@@ -67,8 +67,9 @@ def load_from_checkpoint(
     if state is None and marked:
         where = marked[0] or "the module itself"
         raise ValueError(
-            f"{os.fspath(checkpoint_path)!r} holds weights S2A added (in {where}) but not the "
-            "S2A config they trained with: a weights-only checkpoint saved without "
+            f"{os.fspath(checkpoint_path)!r} holds weights S2A added or held in 4 bits (in "
+            f"{where}) but not the S2A config they trained with: a weights-only checkpoint "
+            "saved without "
             "S2ACallback's record (after fit, or by an older version). Build the module, "
             "apply_s2a(<that attribute>, <the config it trained with>), then "
             "module.load_state_dict(torch.load(path)['state_dict']); or save checkpoints "

@@ -188,9 +188,11 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
             state.parts.append((f"{owner_name}.{attr}" if owner_name else attr, "prompt"))
     if "side" in modules:
         _apply_side(model, config, state)
-    if state.adds_weights:
+    if state.adds_weights or (config.frozen_dtype in FOUR_BIT_DTYPES and state.cast_originals):
         # A fresh model has none of the injected weights; its load_state_dict then fails on
         # torch's "Unexpected key(s)" error, and this entry makes that error say what to do.
+        # Weights held in 4 bits are saved as built: loaded into a plain model they give the
+        # exact-weight twin, not the model that trained, so such a state dict is marked too.
         state.hooks.append(model.register_state_dict_post_hook(_marker_out))
         state.hooks.append(model.register_load_state_dict_pre_hook(_marker_in))
     if config.bn_mode == "eval":
