@@ -277,3 +277,14 @@ def test_main_goes_offline_and_lists_s2a_options(monkeypatch, capsys):
     out = capsys.readouterr().out
     for flag in ("--s2a.bits", "--s2a.modules", "--s2a.enabled", "--s2a.adapter_path", "--data"):
         assert flag in out
+
+
+def test_printing_a_config_whose_class_was_replaced_is_refused(tmp_path):
+    """--print_config prints while parsing, before a class named in place of the config
+    file's gets its own defaults back: it printed the quickstart's lr and num_classes for the
+    user's class, and a run from the printed file used them, silently."""
+    from lightning_s2a.lightning.cli import main
+
+    quickstart = os.path.join(os.path.dirname(__file__), "..", "examples", "quickstart.yaml")
+    with pytest.raises(SystemExit, match="own defaults"):
+        main(["fit", "--config", quickstart, "--model", "my_project.Module", "--print_config"])

@@ -217,6 +217,28 @@ def carried_init_args(args: list[str], key: str, class_path: str) -> dict[str, A
     return {name: v for name, (foreign, v) in last.items() if foreign}
 
 
+def _refuse_printing_carried_args(args: list[str]) -> None:
+    """``--print_config`` prints while parsing, before a class named in place of a config
+    file's gets its own defaults back: it printed the file's values for the other class, and
+    a run from the printed file used them, silently. Such a print is refused."""
+    if not any(a.partition("=")[0] == "--print_config" for a in args):
+        return
+    for key in ("model", "data"):
+        named = None
+        for i, token in enumerate(args):
+            flag, _, value = token.partition("=")
+            if flag == f"--{key}":
+                given = _loaded(_flag_value(args, i, value))
+                named = given.get("class_path") if isinstance(given, dict) else given
+        if isinstance(named, str) and carried_init_args(args, key, named):
+            raise SystemExit(
+                f"error: --print_config would print the config file's init_args for another "
+                f"class under {key} in place of {named}'s own defaults (they are restored only "
+                f"after printing). Print without --{key}, or run once and keep the config.yaml "
+                "Lightning saves next to the logs, which holds the values the run used."
+            )
+
+
 def _loaded(given: str) -> Any:
     """A ``--model``/``--data`` value: a dict given inline or in a YAML file, else the string."""
     try:
@@ -288,6 +310,7 @@ class S2ALightningCLI(LightningCLI):
         argv = kwargs.get("args")
         kwargs["args"] = with_default_classes(sys.argv[1:] if argv is None else argv, defaults)
         self._argv = kwargs["args"] if isinstance(kwargs["args"], list) else []
+        _refuse_printing_carried_args(self._argv)
         with warnings.catch_warnings():
             if argv is None:  # the command line itself, passed on with the default classes
                 warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
