@@ -175,6 +175,35 @@ JUMPS = [
 
 
 @pytest.mark.parametrize("name,fn,kwargs,scale", JUMPS, ids=[j[0] for j in JUMPS])
+def test_derivatives_with_jumps_match_autograd_at_and_around_them(name, fn, kwargs, scale):
+    """At the jump itself too: torch's Hardswish' is 0 at exactly -3 and 1 at exactly 3 (the
+    spec said -0.5 and 1.5: 0.1% of a bf16 activation is exactly 3.0); each such element
+    decodes to its own side."""
+    spec = ELEMENTWISE[name](name, (), kwargs)
+    edges = torch.tensor(spec.jumps, dtype=torch.float32)
+    x = torch.cat(
+        [
+            edges,
+            edges.nextafter(edges + 1),
+            edges.nextafter(edges - 1),
+            torch.tensor([3.0, -3.0, 0.0]),
+        ]
+    )
+    torch.testing.assert_close(spec.derivative(x), _autograd_derivative(fn, x), atol=1e-6, rtol=0)
+    cb = fit_codebook(
+        torch.randn(16384, generator=torch.Generator().manual_seed(0)) * 3,
+        spec.derivative,
+        4,
+        jumps=spec.jumps,
+    )
+    boundaries, points, grid = cb.to(x.device, x.dtype)
+    decoded = _autograd_derivative(fn, points[encode(x, boundaries, grid).long()])
+    true_d = _autograd_derivative(fn, x)
+    at_jumps = torch.isin(x, edges) | torch.isin(x, torch.tensor([3.0, -3.0]))
+    assert (decoded[at_jumps] - true_d[at_jumps]).abs().max() < 0.2, (x, decoded, true_d)
+
+
+@pytest.mark.parametrize("name,fn,kwargs,scale", JUMPS, ids=[j[0] for j in JUMPS])
 def test_derivatives_that_jump_decode_to_their_own_side(name, fn, kwargs, scale):
     """Across a jump of f' (Hardswish at +-3, ELU(0.5) and SELU at 0, Softplus at its
     threshold) bisection closed in on the jump itself: every element above 3 decoded to the

@@ -74,10 +74,16 @@ def _mish_d(x: torch.Tensor) -> torch.Tensor:
 
 
 def _hardswish_d(x: torch.Tensor) -> torch.Tensor:
+    # As PyTorch's backward: 0 at and below -3, 1 at and above 3.
     mid = x / 3.0 + 0.5
     return torch.where(
-        x < -3.0, torch.zeros_like(x), torch.where(x <= 3.0, mid, torch.ones_like(x))
+        x <= -3.0, torch.zeros_like(x), torch.where(x < 3.0, mid, torch.ones_like(x))
     )
+
+
+#: The float32 just below 3: an element equal to a boundary counts below it, and Hardswish's
+#: derivative at exactly 3 is the upper side's (1), at exactly -3 the lower side's (0).
+_BELOW_3 = float(torch.nextafter(torch.tensor(3.0), torch.tensor(0.0)))
 
 
 def _arg(args: tuple, kwargs: Mapping[str, Any], pos: int, name: str, default: Any) -> Any:
@@ -181,7 +187,9 @@ ELEMENTWISE: dict[str, Callable[[str, tuple, Mapping[str, Any]], ElementwiseSpec
     "gelu": _gelu,
     "silu": _fixed(ElementwiseSpec("silu", derivative=_silu_d)),
     "mish": _fixed(ElementwiseSpec("mish", derivative=_mish_d)),
-    "hardswish": _fixed(ElementwiseSpec("hardswish", derivative=_hardswish_d, jumps=(-3.0, 3.0))),
+    "hardswish": _fixed(
+        ElementwiseSpec("hardswish", derivative=_hardswish_d, jumps=(-3.0, _BELOW_3))
+    ),
     # tanh and sigmoid save their *output* y; the derivative is written in terms of y.
     "tanh": _fixed(ElementwiseSpec("tanh", derivative=lambda y: 1.0 - y * y)),
     "sigmoid": _fixed(ElementwiseSpec("sigmoid", derivative=lambda y: y * (1.0 - y))),
