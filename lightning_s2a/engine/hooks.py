@@ -295,8 +295,7 @@ class SavedTensorEngine:
                 # saved (a gate saved ahead of its feature map: see ``reduced``).
                 for a in args:
                     if isinstance(a, torch.Tensor):
-                        self._shapes.add(a.shape)
-                        self._largest = max(self._largest, a.numel())
+                        self._remember(a)
         if self._active:
             self._frames.append([name, {}])
 
@@ -421,10 +420,7 @@ class SavedTensorEngine:
         account = self._account
         assert account is not None
         bits = cfg.bits_for(kind)
-        numel = t.numel()
-        if numel > self._largest:
-            self._largest = numel
-        self._shapes.add(t.shape)
+        numel = self._remember(t)
         if self._saving is not None or self.module_bits:
             frame = self._frames[-1][0] if self._frames else ""
             if self._saving is not None:
@@ -478,6 +474,15 @@ class SavedTensorEngine:
             return packed
         account.add(kind, t, packed.nbytes, part)
         return packed
+
+    def _remember(self, t: torch.Tensor) -> int:
+        """Note ``t``'s shape and size for this account's statistics rule (``reduced``);
+        returns its element count."""
+        numel = t.numel()
+        if numel > self._largest:
+            self._largest = numel
+        self._shapes.add(t.shape)
+        return numel
 
     @staticmethod
     def _count(account: ForwardAccount, kind: str, t: torch.Tensor, packed: Any, part: str):

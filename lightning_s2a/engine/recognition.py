@@ -20,6 +20,7 @@ from torch.overrides import TorchFunctionMode
 
 from .ops import ElementwiseSpec
 from .packed import in_backward
+from .quantizers import QUANTIZERS, pack_two_level
 
 if TYPE_CHECKING:
     from .hooks import SavedTensorEngine
@@ -171,8 +172,9 @@ def reduced(t: torch.Tensor, largest: int, shapes: set[torch.Size]) -> bool:
 
 
 def exact_code(kind: str, call: Call) -> bool:
-    """True where the quantizer's code is exact: masks, dropout, and 1-bit derivative steps."""
-    return kind in ("mask", "dropout") or (call.spec is not None and call.spec.exact)
+    """True where the quantizer's code is exact: the two-level kinds of the quantizer table
+    (masks, dropout), and 1-bit derivative steps."""
+    return QUANTIZERS.get(kind) is pack_two_level or (call.spec is not None and call.spec.exact)
 
 
 @dataclass
