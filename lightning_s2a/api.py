@@ -170,6 +170,33 @@ def get_handle(module: nn.Module) -> S2AHandle | None:
     return _APPLIED.get(module)
 
 
+def check_no_s2a_inside(model: nn.Module) -> None:
+    """Refuse a model that already holds S2A's modules or 4-bit weights: S2A applied to a
+    part of it, or a copy of an S2A model (pickled, as ``ddp_spawn`` sends it to its
+    workers, or deep-copied), whose modules no live handle owns and which a second surgery
+    would stack on."""
+    for name, module in model.named_modules():
+        if module is not model and module in _APPLIED:
+            raise RuntimeError(
+                f"S2A is already applied to {name!r} inside this {type(model).__name__}; apply "
+                f"it to one of them only (get_handle(model.{name}).remove() takes it off)."
+            )
+    made = (
+        n
+        for n, _ in (*model.named_modules(), *model.named_parameters(), *model.named_buffers())
+        if n.rsplit(".", 1)[-1].startswith("s2a_")
+    )
+    name = next(made, None)
+    if name is not None:
+        raise RuntimeError(
+            f"{type(model).__name__} already holds S2A's {name!r}, but no S2A handle owns "
+            "it: the model is a copy of an S2A model (pickled, as ddp_spawn sends the model to "
+            "its workers, or copy.deepcopy). Apply S2A to the original model only, or build "
+            "the model afresh and load the trained weights with lightning_s2a.load_adapter / "
+            "lightning_s2a.load_from_checkpoint."
+        )
+
+
 def apply_s2a(model: nn.Module, config: S2AConfig | None = None, **overrides: Any) -> S2AHandle:
     """Freeze ``model``'s backbone, train only the S2A modules, and compress saved activations.
 
@@ -189,6 +216,7 @@ def apply_s2a(model: nn.Module, config: S2AConfig | None = None, **overrides: An
             "apply_s2a was already applied to this model; call handle.remove() before "
             "applying it again."
         )
+    check_no_s2a_inside(model)
     check_not_compiled(model, config.compress)
     structure = apply_structure(model, config)
     handle = S2AHandle(model, config, structure)

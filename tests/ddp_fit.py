@@ -1,7 +1,9 @@
 """Run by tests/test_ddp.py as a script: a 2-process CPU (gloo) DDP fit with S2A.
 
-Usage: python tests/ddp_fit.py {strategy|callback} OUT_DIR. Each rank writes its final
-trainable state and what DDP synchronises to OUT_DIR/rank{N}.pt.
+Usage: python tests/ddp_fit.py {strategy|callback|fork} OUT_DIR. Each rank writes its final
+trainable state and what DDP synchronises to OUT_DIR/rank{N}.pt. ``fork``: ddp_fork with S2A
+applied before fit in this process; the main process also writes its model's state after fit
+to OUT_DIR/main.pt (the workers' result copied back).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lightning_s2a import S2ACallback, S2AConfig, S2ADDPStrategy
+from lightning_s2a import S2ACallback, S2AConfig, S2ADDPStrategy, apply_s2a
 from tests.lightning_helpers import UserModule, _data
 
 
@@ -27,6 +29,10 @@ class RecordDDP(pl.Callback):
         self.synced = sum(p.numel() for p in ddp.parameters() if p.requires_grad)
         self.total = sum(p.numel() for p in ddp.parameters())
 
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.in_worker:  # a ddp_fork worker: its state goes before the process ends
+            save_rank(trainer, pl_module, self, self.out)
+
 
 def main() -> None:
     mode, out = sys.argv[1], sys.argv[2]
@@ -34,12 +40,17 @@ def main() -> None:
     pl.seed_everything(0)
     model = UserModule()
     initial = {k: v.clone() for k, v in model.state_dict().items()}
+    applied = None
+    if mode == "fork":  # the forked workers take up the S2A this process applied
+        apply_s2a(model.backbone, cfg)
+        applied = {k: v.clone() for k, v in model.state_dict().items()}
     kwargs = (
         {"strategy": S2ADDPStrategy(cfg)}
         if mode == "strategy"
-        else {"strategy": "ddp", "callbacks": [S2ACallback(cfg)]}
+        else {"strategy": "ddp_fork" if mode == "fork" else "ddp", "callbacks": [S2ACallback(cfg)]}
     )
     record = RecordDDP()
+    record.initial, record.out, record.in_worker = initial, out, mode == "fork"
     kwargs["callbacks"] = [*kwargs.get("callbacks", []), record]
     trainer = pl.Trainer(
         max_epochs=1,
@@ -52,10 +63,19 @@ def main() -> None:
         **kwargs,
     )
     trainer.fit(model, _data(), _data(8))
+    if mode == "fork":  # the main process: the model as Lightning copied the result back
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        torch.save({"state": state, "applied": applied}, os.path.join(out, "main.pt"))
+        return
+    save_rank(trainer, model, record, out)
+
+
+def save_rank(trainer: pl.Trainer, model: pl.LightningModule, record: RecordDDP, out: str) -> None:
+    """This rank's trained state, its initial one and what DDP synchronised."""
     torch.save(
         {
             "state": {k: v.clone() for k, v in model.state_dict().items()},
-            "initial": initial,
+            "initial": record.initial,
             "ddp_type": record.ddp_type,
             "synced_numel": record.synced,
             "total_numel": record.total,

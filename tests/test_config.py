@@ -206,6 +206,25 @@ def test_applying_twice_is_an_error():
     handle.remove()
 
 
+def test_applying_to_a_model_holding_s2a_already_is_an_error():
+    """A part already S2A'd, or a copy of an S2A model (deep copy, ddp_spawn's pickle): a
+    second surgery would stack on modules no live handle owns."""
+    import copy
+
+    import timm
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=3, depth=1, img_size=32)
+    outer = nn.Sequential(vit)
+    handle = apply_s2a(outer[0], modules="bias+prompt", input_size=(3, 32, 32))
+    with pytest.raises(RuntimeError, match=r"already applied to '0' inside this Sequential"):
+        apply_s2a(outer, head=None)
+    with pytest.raises(RuntimeError, match=r"holds S2A's 'blocks.0.s2a_prompt'.*a copy"):
+        apply_s2a(copy.deepcopy(outer[0]))
+    handle.remove()
+    apply_s2a(copy.deepcopy(outer[0])).remove()  # S2A taken off: nothing of it left to refuse
+
+
 @pytest.mark.parametrize(
     "kwargs,pattern",
     [

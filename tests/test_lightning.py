@@ -268,3 +268,32 @@ def test_a_reused_callback_applies_s2a_to_a_new_module(tmp_path):
     assert callback.handle.model is second.backbone
     assert any("s2a_prompt" in n for n, _ in second.named_modules())
     assert any("s2a_prompt" in n for n, _ in first.named_modules())  # the first keeps its own
+
+
+@pytest.mark.parametrize(
+    "strategy,fix", [("ddp_spawn", "ddp_notebook"), ("ddp_fork", "apply S2A before fit")]
+)
+def test_workers_copying_the_model_refuse_s2a_that_adds_weights(strategy, fix):
+    """ddp_spawn/ddp_fork workers train copies; Lightning loads their result back with
+    strict=False, which drops weights the caller's model lacks (S2A's prompts). Refused in
+    setup, before anything trains, with the model as it was; bias-only adds no weight."""
+    from lightning_s2a import get_handle
+
+    pl.seed_everything(0)
+    model = UserModule()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy=strategy, logger=False, enable_progress_bar=False
+    )
+    prompts = S2ACallback(S2AConfig(modules=("bias", "prompt"), input_size=(3, 32, 32)))
+    with pytest.raises(RuntimeError, match=rf"model.backbone.*s2a_prompt.*strategy='ddp'.*{fix}"):
+        prompts.setup(trainer, model, "fit")
+    assert get_handle(model.backbone) is None
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert all(p.requires_grad for p in model.parameters())
+    bias = S2ACallback(S2AConfig(modules=("bias",)))
+    bias.setup(trainer, model, "fit")
+    assert get_handle(model.backbone) is bias.handle is not None
+    bias.teardown(trainer, model, "fit")
+    bias.handle.remove()

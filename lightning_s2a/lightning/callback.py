@@ -24,6 +24,7 @@ from torch import nn
 
 from ..api import S2AHandle, apply_s2a, config_differences, count_trainable, get_handle
 from ..config import FOUR_BIT_DTYPES, S2AConfig
+from ..structure.surgery import STATE_DICT_MARKER
 from ..summary import calibration_line
 from .checkpoint import WEIGHTS_ONLY_KEY, marked_prefixes
 from .checks import (
@@ -105,7 +106,10 @@ class S2ACallback(pl.Callback):
         existing = get_handle(target)
         self._applied_here = existing is None
         if existing is None:
+            keys = set(target.state_dict())
             self.handle = apply_s2a(target, sized_from_data(config, trainer.datamodule))
+            if stage == "fit":
+                self._check_copied_back(trainer, pl_module, target, keys)
             # Applied for an evaluation only (validate/test/predict): taken off at teardown,
             # so a later fit without S2A trains the module as built.
             self._for_evaluation = stage != "fit"
@@ -131,6 +135,43 @@ class S2ACallback(pl.Callback):
             self.handle.start_engine()
         else:
             self.handle.stop_engine()
+
+    def _check_copied_back(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: nn.Module, keys: set
+    ) -> None:
+        """Refuse a fit whose workers are copies of the caller's model (``ddp_spawn``,
+        ``ddp_fork``, ``ddp_notebook``) when S2A adds weights: Lightning copies back into the
+        caller's model, without error, only the weights it already has."""
+        from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
+
+        launcher = trainer.strategy.launcher
+        added = sorted(k for k in set(target.state_dict()) - keys if STATE_DICT_MARKER not in k)
+        if not isinstance(launcher, _MultiProcessingLauncher) or not added:
+            return
+        assert self.handle is not None
+        self.handle.remove()
+        self.handle = None
+        name = next((f"model.{n}" for n, m in pl_module.named_modules() if m is target), "model")
+        name = "model" if name == "model." else name
+        start = launcher._start_method
+        if start == "spawn":
+            other = (
+                "in a notebook, strategy='ddp_notebook' with S2A applied before fit, "
+                f"lightning_s2a.apply_s2a({name}, <this callback's config>), which the callback "
+                "takes up"
+            )
+        else:  # forked workers inherit S2A applied in this process
+            other = (
+                f"or apply S2A before fit, lightning_s2a.apply_s2a({name}, <this callback's "
+                "config>), which the callback takes up"
+            )
+        raise RuntimeError(
+            f"S2A adds weights to {name} ({added[0]!r}, ...), and this strategy's workers "
+            f"(started by {start!r}) train copies of the model: Lightning loads their result "
+            "back into your model only where it already has the weight, so after fit it would "
+            f"silently lack what S2A trained. Use strategy='ddp' (this process trains as rank "
+            f"0); {other}."
+        )
 
     # -- Lightning hooks -------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
