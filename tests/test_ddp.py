@@ -6,8 +6,14 @@ import os
 import subprocess
 import sys
 
+import lightning.pytorch as pl
 import pytest
+import timm
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_s2a import S2AConfig, apply_s2a
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "ddp_fit.py")
 
@@ -51,3 +57,70 @@ def test_ddp_fork_with_s2a_applied_before_copies_back_the_trained_prompts(tmp_pa
     assert prompts and set(main) == set(rank0) == set(applied)
     assert all(not torch.equal(applied[k], rank0[k]) for k in prompts)  # they trained
     assert all(torch.equal(main[k], rank0[k]) for k in rank0)
+
+
+class _Whole(pl.LightningModule):
+    """The whole-module layout (no backbone attribute), with a loss term of its own outside
+    the model: tanh saves its output for backward in training_step."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = timm.create_model(
+            "vit_tiny_patch16_224", num_classes=0, depth=2, img_size=32, patch_size=8
+        )
+        self.classifier = nn.Linear(192, 4)
+
+    def forward(self, x):
+        return self.classifier(self.encoder(x))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        t = torch.tanh(logits.repeat(1, 1024))  # large enough to be coded if it were seen
+        self.loss_term_exact = torch.equal(t.grad_fn._saved_result, t)
+        return F.cross_entropy(logits, y) + t.pow(2).mean()
+
+
+class _Wrapper(nn.Module):
+    """What DDP does with its module in forward: calls it."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+@pytest.mark.parametrize("modules", [["bias"], ["side"]])
+def test_lightnings_ddp_redirection_is_no_forward_of_the_model(modules):
+    """Under DDP, Lightning runs training_step through the module's own call (its forward
+    patched on the instance), so S2A's hooks on the module saw the whole step as a forward:
+    the step's own loss terms were coded and counted, and 'side' turned autograd off for the
+    whole step ("element 0 of tensors does not require grad"). Only the real forward counts:
+    gradients and bytes as when training_step is called directly."""
+    from lightning.pytorch.strategies.strategy import _ForwardRedirection
+
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 4, (4,), generator=g))
+
+    def run(redirect):
+        torch.manual_seed(0)
+        model = _Whole()
+        handle = apply_s2a(model, S2AConfig(modules=modules, head="classifier"))
+        if redirect:
+            loss = _ForwardRedirection()(_Wrapper(model), model, "training_step", batch, 0)
+        else:
+            loss = model.training_step(batch, 0)
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        return model, handle, grads
+
+    direct, direct_handle, expected = run(False)
+    model, handle, grads = run(True)
+    assert expected and any("s2a_side" in n for n in expected) == (modules == ["side"])
+    assert direct.loss_term_exact and model.loss_term_exact
+    assert set(grads) == set(expected)
+    assert all(torch.equal(grads[n], expected[n]) for n in expected)
+    assert handle.engine.forwards == direct_handle.engine.forwards == 1
+    assert handle.stats() == direct_handle.stats()

@@ -46,6 +46,7 @@ from .recognition import (
     exact_code,
     foreign_autograd_context,
     outside_call,
+    redirected_call,
     reduced,
     statistics,
 )
@@ -92,6 +93,7 @@ class SavedTensorEngine:
         self._account: ForwardAccount | None = None
         self._handles: list[RemovableHandle] = []
         self._depth = 0
+        self._redirects: list[int] = []  # depths of redirected root calls (redirected_call)
         self._active = False
         self._busy = False
         self._call: Call | None = None
@@ -283,6 +285,11 @@ class SavedTensorEngine:
     # -- forward boundaries ------------------------------------------------------------
     def _enter(self, name: str, is_root: bool, module: nn.Module, args: Any) -> None:
         """Forward pre-hook of module ``name`` (bound with ``functools.partial``)."""
+        if is_root and redirected_call(module):
+            # Lightning's DDP step through the model's call: no forward (the loss, the
+            # metrics); the real one runs inside it. Its post-hook finds this depth again.
+            self._redirects.append(self._depth)
+            return
         # Depth first: if activating raises, the always-called forward hook still pops
         # this level, so the count never goes negative.
         self._depth += 1
@@ -300,6 +307,9 @@ class SavedTensorEngine:
             self._frames.append([name, {}])
 
     def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._redirects and self._redirects[-1] == self._depth and module is self.model:
+            self._redirects.pop()  # the redirected call's own end
+            return
         if self._active and self._frames:
             self._frames.pop()
         self._depth -= 1

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.utils.checkpoint
+from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .ops import ElementwiseSpec
@@ -59,6 +60,25 @@ def norm_row(raw: str, args: tuple, kwargs: dict) -> int:
     if raw == "instance_norm":
         return x[0, 0].numel() if x.dim() >= 3 else 0
     return 0
+
+
+#: Packages whose wrappers run another method through a module's ``forward``.
+_REDIRECTING = ("lightning.", "pytorch_lightning.", "lightning_fabric.")
+
+
+def redirected_call(module: nn.Module) -> bool:
+    """True in a pre-hook of ``module`` whose call runs another method through its forward:
+    under DDP, FSDP and DeepSpeed, Lightning (and Fabric) patch the LightningModule's
+    ``forward`` on the instance to run ``training_step`` and call the wrapper, so the
+    module's hooks see the whole step as one forward. The real forward runs inside it, as
+    its own call; the patch is gone by then (and in the post-hooks).
+    """
+    forward = module.__dict__.get("forward")
+    return (
+        forward is not None
+        and getattr(forward, "__name__", "") == "wrapped_forward"
+        and str(getattr(forward, "__module__", "")).startswith(_REDIRECTING)
+    )
 
 
 def foreign_autograd_context() -> bool:

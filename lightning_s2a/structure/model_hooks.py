@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..engine.recognition import redirected_call
 from . import four_bit
 
 
@@ -34,13 +35,17 @@ class SideHooks:
         image: tuple[int, int] | None,
         add: bool = False,
         channels: int | None = None,
+        replaces_model: bool = False,
     ) -> None:
         self.model_name, self.side, self.default_image, self.add = model_name, side, image, add
-        self.image, self.channels = image, channels
+        self.image, self.channels, self.replaces_model = image, channels, replaces_model
         self.taps: list[torch.Tensor] = []
-        self.grad_was: list[bool] = []
+        self.grad_was: list[bool | None] = []  # None: a redirected call (see enter)
 
     def enter(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        if redirected_call(module):  # Lightning's DDP step through the model's call
+            self.grad_was.append(None)  # the real forward runs inside, as its own call
+            return
         self.taps.clear()
         self.image = self.default_image
         # model(x) and model(pixel_values=x) alike; an image has the probe's channels, an
@@ -55,8 +60,9 @@ class SideHooks:
         torch.set_grad_enabled(False)  # the backbone runs without autograd: stores nothing
 
     def exit(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self.grad_was:
-            torch.set_grad_enabled(self.grad_was.pop())
+        was = self.grad_was.pop() if self.grad_was else None
+        if was is not None:
+            torch.set_grad_enabled(was)
 
     def tap(self, name: str, index: int, module: nn.Module, args: Any, output: Any) -> None:
         """Forward hook of block ``name`` (bind the first two with ``functools.partial``)."""
@@ -71,7 +77,7 @@ class SideHooks:
 
     def _inside(self, what: str) -> None:
         """Raise, before touching the grad mode, if ``what`` runs outside the model's forward."""
-        if not self.grad_was:
+        if not self.grad_was or self.grad_was[-1] is None:
             raise RuntimeError(
                 f"'side' runs {self.model_name}'s blocks inside its own forward, without "
                 f"autograd, and reads them there; {what} ran outside it (through "
@@ -86,6 +92,8 @@ class SideHooks:
         torch.set_grad_enabled(self.grad_was[-1])
 
     def read_side(self, module: nn.Module, args: Any, output: Any) -> Any:
+        if self.grad_was and self.grad_was[-1] is None and self.replaces_model:
+            return None  # the end of a redirected call of the model: its output is the step's
         self._inside("the head")  # (the model's own forward hook always runs inside)
         # The cast to the output's dtype is part of the side's graph: inside the grad region
         # (without a head this hook runs before ``exit`` turns autograd back on).

@@ -247,7 +247,12 @@ def _apply_side(model: nn.Module, config: S2AConfig, state: StructureState) -> N
     _add_module(state, model, SIDE_NAME, side, _like(replaced))
     state.parts.append((SIDE_NAME, "side"))
     hooks = SideHooks(
-        type(model).__name__, side, image, config.side_merge == "add", state.input_size[0]
+        type(model).__name__,
+        side,
+        image,
+        config.side_merge == "add",
+        state.input_size[0],
+        replaces_model=replaced is model,
     )
     # Order matters: the backbone's no-grad region opens after the engine's hooks start (the
     # engine registers its pre-hook first) and closes before they end.
