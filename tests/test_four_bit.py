@@ -7,6 +7,7 @@ import warnings
 
 import bitsandbytes.functional as bnbf
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -471,3 +472,43 @@ def test_a_state_dict_of_4_bit_weights_does_not_load_silently_into_a_plain_model
     with apply_s2a(twin, frozen_dtype="nf4"):
         twin.load_state_dict(sd)  # strict
         assert torch.equal(twin(x), trained)
+
+
+class _PooledByAttention(nn.Module):
+    """A ViT's tokens pooled by an ``nn.MultiheadAttention`` of the user's, then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.vit = timm.create_model(
+            "vit_tiny_patch16_224", num_classes=0, depth=2, img_size=32, patch_size=8
+        )
+        self.attn = nn.MultiheadAttention(192, 4, batch_first=True)
+        self.head = nn.Linear(192, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.vit.forward_features(x)
+        pooled = self.attn(tokens[:, :1], tokens, tokens, need_weights=False)[0]
+        return self.head(pooled[:, 0])
+
+
+def test_frozen_bfloat16_casts_only_what_autocast_casts():
+    """frozen_dtype="bfloat16" holds the Linear/Conv weights (and MultiheadAttention's input
+    projection) in bf16, exactly what autocast hands those ops; position embeddings and the
+    class token stay fp32, where they are added. So the model computes during fit what it
+    computes after (originals back) under the same autocast: until 2026-12-06 every frozen
+    parameter of 2 or more dims was cast, and the logits differed (by 0.003 here)."""
+    torch.manual_seed(0)
+    model = _PooledByAttention().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", torch.bfloat16), torch.no_grad():
+        expected = model(x).float()
+    handle = apply_s2a(model, frozen_dtype="bfloat16", head="head")
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    cast = ["attn.in_proj_weight", "attn.out_proj.weight", "vit.blocks.0.mlp.fc1.weight"]
+    assert all(dtypes[n] == torch.bfloat16 for n in [*cast, "vit.patch_embed.proj.weight"])
+    assert dtypes["vit.pos_embed"] == dtypes["vit.cls_token"] == torch.float32
+    with torch.autocast("cpu", torch.bfloat16), torch.no_grad():
+        during = model(x).float()
+    assert torch.equal(during, expected)
+    handle.remove()
+    assert all(p.dtype == torch.float32 for p in model.parameters())

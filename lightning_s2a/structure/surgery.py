@@ -153,12 +153,16 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
             if isinstance(m, _CONVS_AND_LINEARS) and id(m.weight) not in tied
         }
         for name, p in model.named_parameters():
-            # Matrices and kernels only: 1-D norm parameters stay in full precision, where
-            # autocast runs the norms. 4 bits: the weights of Linear and Conv layers only,
-            # whose calls the engine rewrites, where 4 bits take fewer bytes.
-            frozen = not p.requires_grad and p.dim() >= 2 and p.is_floating_point()
+            # Linear and Conv weights only. Cast, they are what autocast would hand the op
+            # anyway, so the model computes the same during fit as after it (with the
+            # originals back); position embeddings, class tokens and bias tables are added
+            # or indexed in full precision, and norms run there. 4 bits: where they take
+            # fewer bytes; the engine rewrites these calls.
+            frozen = not p.requires_grad and p.is_floating_point()
             if in_four_bits:
                 frozen = frozen and name in layers and four_bit.worth_holding(p)
+            else:
+                frozen = frozen and (name in layers or _in_projection(name, model))
             if frozen:
                 state.cast_originals[name] = p.detach().to("cpu", copy=True)
         cast_frozen(model, state, config.frozen_dtype)
@@ -418,6 +422,14 @@ def _marker_out(module: nn.Module, state_dict: dict, prefix: str, local_metadata
 
 def _marker_in(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
     state_dict.pop(prefix + STATE_DICT_MARKER, None)
+
+
+def _in_projection(name: str, model: nn.Module) -> bool:
+    """True for ``nn.MultiheadAttention``'s input projection weights, which it multiplies
+    with ``F.linear`` (autocast casts them as a Linear's)."""
+    owner, _, leaf = name.rpartition(".")
+    projections = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+    return leaf in projections and isinstance(model.get_submodule(owner), nn.MultiheadAttention)
 
 
 def _tied(model: nn.Module) -> set[int]:
