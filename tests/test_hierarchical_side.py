@@ -275,6 +275,26 @@ def test_under_autocast_without_a_head_the_side_still_trains(side):
         assert side_params and all(p.grad is not None for p in side_params)
 
 
+def test_a_tensor_operator_given_the_pyramid_says_what_it_is():
+    """A classifier of the user's outside the backbone reads the pyramid (a list) as if it
+    were features: the error names the pyramid and side='pooled', not torch's bare
+    "argument 'input' must be Tensor, not list". As a list it still works: pooled, cat."""
+    torch.manual_seed(0)
+    model = _no_head("vit").train()
+    classifier = nn.Linear(model.num_features, 3)
+    cfg = S2AConfig(modules=["side"], side="hierarchical", head=None, input_size=SIZE)
+    with apply_s2a(model, cfg), torch.autocast("cpu", dtype=torch.bfloat16):
+        pyramid = model(torch.randn(2, *SIZE))
+        assert isinstance(pyramid, list) and len(pyramid) == 3
+        with pytest.raises(TypeError, match=r"linear\(\) got S2A's feature pyramid.*'pooled'"):
+            classifier(pyramid)
+        with pytest.raises(AttributeError, match=r"\.mean got S2A's feature pyramid"):
+            pyramid.mean(dim=1)
+        pooled = torch.cat([f.mean(dim=(2, 3)) for f in pyramid], dim=1)
+        means = type(pyramid)(f.mean(dim=(2, 3)) for f in pyramid)
+        assert torch.equal(torch.cat(means, dim=1), pooled)  # list arguments take it as before
+
+
 def test_gradients_at_4_bits_follow_the_exact_ones():
     # The side network's own GELU, GroupNorm and resizing are coded at 4 bits; its gradients
     # must stay close to those of the uncompressed run (the backbone is exact either way).

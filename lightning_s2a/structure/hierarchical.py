@@ -29,6 +29,32 @@ from .modules import average_channel_groups
 MAX_PREFIX_TOKENS = 16
 
 
+class FeaturePyramid(list):
+    """The hierarchical side's output without a head: its maps, (B, C, H, W) each, finest
+    first. A list like any other to a dense head (indexing, iterating, ``torch.cat``), but
+    handed to an operator where a tensor goes (a classifier's ``nn.Linear`` outside the
+    backbone), or asked for a tensor's method, it says what it is and what to use instead
+    of torch's bare TypeError."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        raise TypeError(_misread(f"{getattr(func, '__name__', func)}()"))
+
+    def __getattr__(self, name: str) -> object:
+        if not name.startswith("__") and hasattr(torch.Tensor, name):
+            raise AttributeError(_misread(f".{name}"))
+        raise AttributeError(f"'FeaturePyramid' object has no attribute {name!r}")
+
+
+def _misread(what: str) -> str:
+    return (
+        f"{what} got S2A's feature pyramid where it takes a tensor: modules=['side'] with "
+        "side='hierarchical' and no head in the backbone outputs a list of maps (finest "
+        "first) for a dense head. For a classifier outside the backbone use side='pooled', "
+        "or give it pooled maps: torch.cat([f.mean(dim=(2, 3)) for f in pyramid], dim=1)."
+    )
+
+
 @dataclass(frozen=True)
 class Tap:
     """How to turn one block's output into a (B, C, H, W) map: its layout, its stride against
@@ -201,12 +227,12 @@ class HierarchicalSide(nn.Module):
             x = F.adaptive_avg_pool2d(x, size)
         return average_channel_groups(x, self.reduction, 1)
 
-    def features(self, taps: Sequence[torch.Tensor], image: tuple[int, int]) -> list[torch.Tensor]:
+    def features(self, taps: Sequence[torch.Tensor], image: tuple[int, int]) -> FeaturePyramid:
         """The pyramid, finest level first."""
         if len(taps) != len(self.proj):
             raise RuntimeError(f"side network expects {len(self.proj)} taps, got {len(taps)}.")
         dtype = self.proj[0].weight.dtype
-        pyramid: list[torch.Tensor] = []
+        pyramid = FeaturePyramid()
         s: torch.Tensor | None = None
         for level, (size, block) in enumerate(
             zip(level_sizes(image, self.strides), self.levels, strict=True)

@@ -101,7 +101,7 @@ class SideHooks:
         with torch.set_grad_enabled(self.grad_was[-1]):
             out = self.side(list(self.taps), self.image)
             if dtype is not None:
-                out = out.to(dtype) if isinstance(out, torch.Tensor) else [f.to(dtype) for f in out]
+                out = out.to(dtype) if isinstance(out, torch.Tensor) else _cast(out, dtype)
             if self.add:  # the trained head's output, or the model's own (a constant)
                 out = output + out
         # What the model does after its head (a log_softmax, a scale) works on the side's
@@ -110,6 +110,11 @@ class SideHooks:
         torch.set_grad_enabled(self.grad_was[-1])
         self.taps.clear()
         return out
+
+
+def _cast(pyramid: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Each map of a feature pyramid in ``dtype``, as the same kind of list."""
+    return type(pyramid)(f.to(dtype) for f in pyramid)
 
 
 def moved(current: torch.Tensor, original: torch.Tensor) -> bool:
