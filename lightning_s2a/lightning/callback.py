@@ -8,24 +8,18 @@ only what trains. Metrics are logged through ``LightningModule.log`` so every lo
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import nn
 
 from ..api import S2AHandle, apply_s2a, config_differences, count_trainable, get_handle
 from ..config import FOUR_BIT_DTYPES, S2AConfig
-from ..structure.surgery import STATE_DICT_MARKER
-from ..summary import calibration_line
+from .calibration import calibrate_on_batch
 from .checkpoint import WEIGHTS_ONLY_KEY, marked_prefixes
 from .checks import (
     check_averaging_after,
@@ -37,6 +31,7 @@ from .checks import (
     check_optimized,
     check_same_model,
     check_single_s2a,
+    copied_back_error,
     warn_frozen_optimizers,
 )
 from .metrics import EpochMeter, reset_peak_memory
@@ -108,8 +103,11 @@ class S2ACallback(pl.Callback):
         if existing is None:
             keys = set(target.state_dict())
             self.handle = apply_s2a(target, sized_from_data(config, trainer.datamodule))
-            if stage == "fit":
-                self._check_copied_back(trainer, pl_module, target, keys)
+            error = copied_back_error(trainer, pl_module, target, keys) if stage == "fit" else None
+            if error is not None:  # leave the model as it was
+                self.handle.remove()
+                self.handle = None
+                raise error
             # Applied for an evaluation only (validate/test/predict): taken off at teardown,
             # so a later fit without S2A trains the module as built.
             self._for_evaluation = stage != "fit"
@@ -135,43 +133,6 @@ class S2ACallback(pl.Callback):
             self.handle.start_engine()
         else:
             self.handle.stop_engine()
-
-    def _check_copied_back(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: nn.Module, keys: set
-    ) -> None:
-        """Refuse a fit whose workers are copies of the caller's model (``ddp_spawn``,
-        ``ddp_fork``, ``ddp_notebook``) when S2A adds weights: Lightning copies back into the
-        caller's model, without error, only the weights it already has."""
-        from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
-
-        launcher = trainer.strategy.launcher
-        added = sorted(k for k in set(target.state_dict()) - keys if STATE_DICT_MARKER not in k)
-        if not isinstance(launcher, _MultiProcessingLauncher) or not added:
-            return
-        assert self.handle is not None
-        self.handle.remove()
-        self.handle = None
-        name = next((f"model.{n}" for n, m in pl_module.named_modules() if m is target), "model")
-        name = "model" if name == "model." else name
-        start = launcher._start_method
-        if start == "spawn":
-            other = (
-                "in a notebook, strategy='ddp_notebook' with S2A applied before fit, "
-                f"lightning_s2a.apply_s2a({name}, <this callback's config>), which the callback "
-                "takes up"
-            )
-        else:  # forked workers inherit S2A applied in this process
-            other = (
-                f"or apply S2A before fit, lightning_s2a.apply_s2a({name}, <this callback's "
-                "config>), which the callback takes up"
-            )
-        raise RuntimeError(
-            f"S2A adds weights to {name} ({added[0]!r}, ...), and this strategy's workers "
-            f"(started by {start!r}) train copies of the model: Lightning loads their result "
-            "back into your model only where it already has the weight, so after fit it would "
-            f"silently lack what S2A trained. Use strategy='ddp' (this process trains as rank "
-            f"0); {other}."
-        )
 
     # -- Lightning hooks -------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -293,51 +254,9 @@ class S2ACallback(pl.Callback):
     ) -> None:
         assert self.handle is not None
         if self.handle.config.calibrate and not self.handle.engine.calibrated:
-            self._calibrate(trainer, pl_module, batch, batch_idx)
+            calibrate_on_batch(trainer, pl_module, self.handle, batch, batch_idx)
         self._forwards_before = self.handle.engine.forwards
         self.handle.engine.begin_step()  # the step's forwards add up (two views of a batch)
-
-    def _calibrate(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        """``config.calibrate``: measure on the first training batch, through the user's own
-        ``training_step`` (its logging muted, its module's buffers and torchmetrics states put
-        back), under the run's precision; every rank takes rank 0's result, so all of them
-        code alike. A batch that ``training_step`` skips (returns None) defers it."""
-        assert self.handle is not None
-        if not pl_module.automatic_optimization:
-            raise RuntimeError(
-                "S2AConfig(calibrate=True) runs training_step twice to measure, which manual "
-                "optimization would step; call lightning_s2a.get_handle(module).calibrate("
-                "loss_fn) yourself before training, and set calibrate=False."
-            )
-        step_args = (batch, batch_idx)
-        if not is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2):
-            step_args = (batch,)
-
-        def loss_fn() -> torch.Tensor:
-            with trainer.precision_plugin.train_step_context():
-                out = pl_module.training_step(*step_args)
-            if out is None:
-                raise _Skipped
-            if isinstance(out, Mapping):
-                if "loss" not in out:
-                    raise TypeError(
-                        "S2AConfig(calibrate=True): training_step returned a dict without "
-                        f"'loss' (keys {sorted(out)}); calibration needs the step's loss."
-                    )
-                out = out["loss"]
-            return out
-
-        try:
-            with _muted(pl_module), _metrics_kept(pl_module):
-                self.handle.calibrate(loss_fn, scope=pl_module, remeasure=trainer.world_size > 1)
-        except _Skipped:
-            rank_zero_info("S2A calibration: training_step skipped this batch; trying the next.")
-            return
-        engine = self.handle.engine
-        engine.module_bits = trainer.strategy.broadcast(engine.module_bits, src=0)
-        rank_zero_info(calibration_line(engine))
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
@@ -495,38 +414,3 @@ def sized_from_data(config: S2AConfig, datamodule: Any) -> S2AConfig:
 
 #: Checkpoint entry naming the run that saved it (see ``S2ACallback._saving``).
 RUN_KEY = "lightning_s2a_run"
-
-
-class _Skipped(Exception):
-    """training_step returned None on the calibration batch (Lightning skips such a batch)."""
-
-
-@contextmanager
-def _metrics_kept(pl_module: pl.LightningModule) -> Iterator[None]:
-    """torchmetrics states inside: what calibration's extra training_step calls add to
-    them is taken back out."""
-    from torchmetrics import Metric
-
-    metrics = [m for m in pl_module.modules() if isinstance(m, Metric)]
-    saved = [
-        (m, copy.deepcopy({k: getattr(m, k) for k in m._defaults}), m._update_count)
-        for m in metrics
-    ]
-    try:
-        yield
-    finally:
-        for m, states, count in saved:
-            for k, v in states.items():
-                setattr(m, k, v)
-            m._update_count = count
-            m._computed = None
-
-
-@contextmanager
-def _muted(pl_module: pl.LightningModule) -> Iterator[None]:
-    """``self.log``/``self.log_dict`` do nothing inside: calibration's forwards are no steps."""
-    pl_module.log = pl_module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        del pl_module.log, pl_module.log_dict

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..api import S2AHandle, config_differences
 from ..config import FOUR_BIT_DTYPES, S2AConfig
+from ..structure.surgery import STATE_DICT_MARKER
 from .checkpoint import marked_prefixes
 
 if TYPE_CHECKING:
@@ -280,4 +281,40 @@ def check_head_outside(pl_module: nn.Module, target: nn.Module, name: str) -> No
         f"it trains, so the model's classifier is inside the backbone and would stay frozen. "
         f"Name it: S2ACallback(backbone={name!r}, {hint}); or, to train no head at all, "
         "head=None."
+    )
+
+
+def copied_back_error(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, target: nn.Module, keys: set[str]
+) -> RuntimeError | None:
+    """The error for a fit whose workers are copies of the caller's model (``ddp_spawn``,
+    ``ddp_fork``, ``ddp_notebook``) where S2A added weights to ``target`` (state-dict keys
+    beyond ``keys``, those it had before): Lightning copies back into the caller's model,
+    without error, only the weights it already has. None where nothing is lost."""
+    from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
+
+    launcher = trainer.strategy.launcher
+    added = sorted(k for k in set(target.state_dict()) - keys if STATE_DICT_MARKER not in k)
+    if not isinstance(launcher, _MultiProcessingLauncher) or not added:
+        return None
+    name = next((f"model.{n}" for n, m in pl_module.named_modules() if m is target), "model")
+    name = "model" if name == "model." else name
+    start = launcher._start_method
+    if start == "spawn":
+        other = (
+            "in a notebook, strategy='ddp_notebook' with S2A applied before fit, "
+            f"lightning_s2a.apply_s2a({name}, <this callback's config>), which the callback "
+            "takes up"
+        )
+    else:  # forked workers inherit S2A applied in this process
+        other = (
+            f"or apply S2A before fit, lightning_s2a.apply_s2a({name}, <this callback's "
+            "config>), which the callback takes up"
+        )
+    return RuntimeError(
+        f"S2A adds weights to {name} ({added[0]!r}, ...), and this strategy's workers "
+        f"(started by {start!r}) train copies of the model: Lightning loads their result "
+        "back into your model only where it already has the weight, so after fit it would "
+        f"silently lack what S2A trained. Use strategy='ddp' (this process trains as rank "
+        f"0); {other}."
     )

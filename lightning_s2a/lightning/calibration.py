@@ -1,0 +1,98 @@
+"""``S2AConfig(calibrate=True)`` under Lightning: measure on the first training batch through
+the user's own ``training_step``, with its logging muted and its metrics' states put back."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+
+from ..api import S2AHandle
+from ..summary import calibration_line
+
+
+def calibrate_on_batch(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    handle: S2AHandle,
+    batch: Any,
+    batch_idx: int,
+) -> None:
+    """``config.calibrate``: measure on the first training batch, through the user's own
+    ``training_step`` (its logging muted, its module's buffers and torchmetrics states put
+    back), under the run's precision; every rank takes rank 0's result, so all of them
+    code alike. A batch that ``training_step`` skips (returns None) defers it."""
+    if not pl_module.automatic_optimization:
+        raise RuntimeError(
+            "S2AConfig(calibrate=True) runs training_step twice to measure, which manual "
+            "optimization would step; call lightning_s2a.get_handle(module).calibrate("
+            "loss_fn) yourself before training, and set calibrate=False."
+        )
+    step_args = (batch, batch_idx)
+    if not is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2):
+        step_args = (batch,)
+
+    def loss_fn() -> torch.Tensor:
+        with trainer.precision_plugin.train_step_context():
+            out = pl_module.training_step(*step_args)
+        if out is None:
+            raise _Skipped
+        if isinstance(out, Mapping):
+            if "loss" not in out:
+                raise TypeError(
+                    "S2AConfig(calibrate=True): training_step returned a dict without "
+                    f"'loss' (keys {sorted(out)}); calibration needs the step's loss."
+                )
+            out = out["loss"]
+        return out
+
+    try:
+        with _muted(pl_module), _metrics_kept(pl_module):
+            handle.calibrate(loss_fn, scope=pl_module, remeasure=trainer.world_size > 1)
+    except _Skipped:
+        rank_zero_info("S2A calibration: training_step skipped this batch; trying the next.")
+        return
+    engine = handle.engine
+    engine.module_bits = trainer.strategy.broadcast(engine.module_bits, src=0)
+    rank_zero_info(calibration_line(engine))
+
+
+class _Skipped(Exception):
+    """training_step returned None on the calibration batch (Lightning skips such a batch)."""
+
+
+@contextmanager
+def _metrics_kept(pl_module: pl.LightningModule) -> Iterator[None]:
+    """torchmetrics states inside: what calibration's extra training_step calls add to
+    them is taken back out."""
+    from torchmetrics import Metric
+
+    metrics = [m for m in pl_module.modules() if isinstance(m, Metric)]
+    saved = [
+        (m, copy.deepcopy({k: getattr(m, k) for k in m._defaults}), m._update_count)
+        for m in metrics
+    ]
+    try:
+        yield
+    finally:
+        for m, states, count in saved:
+            for k, v in states.items():
+                setattr(m, k, v)
+            m._update_count = count
+            m._computed = None
+
+
+@contextmanager
+def _muted(pl_module: pl.LightningModule) -> Iterator[None]:
+    """``self.log``/``self.log_dict`` do nothing inside: calibration's forwards are no steps."""
+    pl_module.log = pl_module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del pl_module.log, pl_module.log_dict
