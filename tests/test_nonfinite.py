@@ -119,13 +119,38 @@ class _Step(nn.Module):
         functools.partial(F.threshold, threshold=0.5, value=0.0),
         functools.partial(F.leaky_relu, negative_slope=0.1),
         F.hardsigmoid,
+        functools.partial(torch.clamp, min=-2.0, max=3.0),
+        lambda x: x.clamp(min=0),
+        lambda x: x.clamp(None, 0.5),
+        functools.partial(torch.clamp_min, min=0.0),
+        lambda x: x.clamp_max(1),
+        lambda x: torch.clip(x, -1, 1),
+        lambda x: x.clamp_(0.0, 2.0),
     ],
-    ids=["relu", "relu_", "ReLU", "relu6", "hardtanh", "threshold", "leaky_relu", "hardsigmoid"],
+    ids=[
+        "relu",
+        "relu_",
+        "ReLU",
+        "relu6",
+        "hardtanh",
+        "threshold",
+        "leaky_relu",
+        "hardsigmoid",
+        "clamp",
+        "clamp_min_kw",
+        "clamp_max_pos",
+        "clamp_min",
+        "clamp_max",
+        "clip",
+        "clamp_",
+    ],
 )
 def test_step_masks_pass_gradients_at_nonfinite_values_as_pytorch(op):
     # Each step op's backward decides from a comparison, and a NaN fails every comparison:
     # ReLU passes the gradient at a NaN, hard-sigmoid zeroes it. The 1-bit code must decode
-    # to the side PyTorch takes, for NaN and +-inf as for ordinary values.
+    # to the side PyTorch takes, for NaN and +-inf as for ordinary values. clamp with number
+    # bounds is such a step too (before 2026-12-06 its input was min-max coded at 4 bits,
+    # flipping the gradient of elements near a bound).
     x, _ = _with_specials("mixed", torch.float32)
     x.view(-1)[::5] = 0.0  # the boundary itself
     if getattr(op, "func", op) in (F.relu6, F.hardtanh):

@@ -170,6 +170,29 @@ def _threshold(n: str, a: tuple, k: Mapping[str, Any]) -> ElementwiseSpec:
     )
 
 
+def _clamp(n: str, a: tuple, k: Mapping[str, Any]) -> ElementwiseSpec | None:
+    """``clamp``/``clip``/``clamp_min``/``clamp_max`` with number bounds (tensor bounds are
+    saved too, and stay generic): backward passes the gradient strictly inside the bounds,
+    NaN not, so a 1-bit mask of the saved input (or, in place, the clamped output) is exact."""
+    name = n.rstrip("_")
+    lo = None if name == "clamp_max" else _arg(a, k, 1, "min", None)
+    hi = None if name == "clamp_min" else _arg(a, k, 1 if name == "clamp_max" else 2, "max", None)
+    if lo is None and hi is None:
+        return None
+    if not all(b is None or isinstance(b, (int, float)) for b in (lo, hi)):
+        return None
+    low = -math.inf if lo is None else float(lo)
+    high = math.inf if hi is None else float(hi)
+    # One bound compares once (an infinity on the open side passes its gradient).
+    if lo is None:
+        mask, points = (lambda s: s < high), (high + 1.0, high - 1.0)
+    elif hi is None:
+        mask, points = (lambda s: s > low), (low - 1.0, low + 1.0)
+    else:
+        mask, points = (lambda s: (s > low) & (s < high)), (high + 1.0, (low + high) / 2.0)
+    return ElementwiseSpec(f"clamp({low:g},{high:g})", mask=mask, mask_points=points)
+
+
 def _fixed(spec: ElementwiseSpec) -> Callable[[str, tuple, Mapping[str, Any]], ElementwiseSpec]:
     return lambda n, a, k: spec
 
@@ -204,6 +227,7 @@ ELEMENTWISE: dict[str, Callable[[str, tuple, Mapping[str, Any]], ElementwiseSpec
     "hardsigmoid": _fixed(_HARDSIGMOID),
     "threshold": _threshold,
     "_threshold": _threshold,  # F.threshold's __name__
+    **{n: _clamp for n in ("clamp", "clip", "clamp_min", "clamp_max")},
 }
 
 #: Non-elementwise operators: function name -> operator kind.
