@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from lightning_s2a import S2AConfig, apply_s2a
 from lightning_s2a.engine.codebook import IntervalGrid, encode, fit_codebook
 from lightning_s2a.engine.minmax import dequantize_minmax, quantize_minmax
 from lightning_s2a.engine.ops import ELEMENTWISE
@@ -235,3 +237,45 @@ def test_a_value_the_derivative_jumps_over_gets_the_closest_point():
     point = _solve_point(d, 1.002, 2.99, 5.0)
     err = abs(d(torch.tensor([point], dtype=torch.float64)).item() - 1.002)
     assert err < 0.0021, (point, err)
+
+
+class _Blocks(nn.Module):
+    """Residual blocks at different scales with one nn.GELU shared by all (``shared``), or
+    one each: the same model either way."""
+
+    def __init__(self, shared: bool) -> None:
+        super().__init__()
+        self.fc = nn.ModuleList(nn.Linear(64, 64) for _ in range(4))
+        self.act = nn.GELU() if shared else None
+        self.acts = nn.ModuleList(nn.GELU() for _ in range(4))
+        self.head = nn.Linear(64, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, (fc, scale) in enumerate(zip(self.fc, (0.3, 1.0, 3.0, 8.0), strict=True)):
+            h = fc(x) * scale
+            x = x + (self.act(h) if self.act is not None else self.acts[i](h))
+        return self.head(x)
+
+
+def test_a_module_called_several_times_in_a_forward_fits_a_codebook_per_call():
+    """One nn.GELU shared by blocks whose inputs differ in scale shared one codebook, fitted
+    to whichever call came first (gradient cosine 0.982 against 0.99997 with a GELU per
+    block, float64). Each call now has its own: the shared model's gradients are the
+    separate model's, bit for bit."""
+
+    def grads(shared: bool) -> tuple[torch.Tensor, int]:
+        torch.manual_seed(0)
+        model = _Blocks(shared).double()
+        x = torch.randn(256, 64, dtype=torch.float64)
+        y = torch.randint(0, 3, (256,))
+        with apply_s2a(model, S2AConfig(head="head")) as handle:
+            for _ in range(3):
+                model.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+            flat = [p.grad.flatten() for n, p in model.named_parameters() if p.grad is not None]
+            return torch.cat(flat), len(handle.engine.codebooks)
+
+    separate, separate_books = grads(False)
+    shared, shared_books = grads(True)
+    assert shared_books == separate_books == 4
+    assert torch.equal(shared, separate)

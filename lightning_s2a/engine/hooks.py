@@ -97,7 +97,8 @@ class SavedTensorEngine:
         self._active = False
         self._busy = False
         self._call: Call | None = None
-        self._frames: list[list[Any]] = []
+        self._frames: list[list[Any]] = []  # [module name, elementwise counts, occurrence]
+        self._entries: dict[str, int] = {}  # calls of each module in this forward so far
         self._param_storages: set[int] = set()
         self._param_ids: set[int] = set()
         self._weight_ids: set[int] = set()
@@ -304,7 +305,11 @@ class SavedTensorEngine:
                     if isinstance(a, torch.Tensor):
                         self._remember(a)
         if self._active:
-            self._frames.append([name, {}])
+            # A module called more than once in a forward (one nn.GELU shared by every
+            # block) sees other inputs each time: each call has codebooks of its own.
+            occurrence = self._entries.get(name, 0)
+            self._entries[name] = occurrence + 1
+            self._frames.append([name, {}, occurrence])
 
     def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._redirects and self._redirects[-1] == self._depth and module is self.model:
@@ -340,6 +345,7 @@ class SavedTensorEngine:
             self._unpacked = False
         self.forwards += 1
         self._frames = []
+        self._entries = {}
         hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         mode = OperatorMode(self)
         hooks.__enter__()

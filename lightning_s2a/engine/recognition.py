@@ -285,10 +285,12 @@ def classify(engine: SavedTensorEngine, info: tuple, args: tuple, kwargs: dict) 
         dim = kwargs.get("dim", args[1] if len(args) > 1 else -1)
         call.dim = -1 if dim is None else int(dim)
     elif kind == "elementwise" and spec is not None and not spec.exact:
-        frame = engine._frames[-1] if engine._frames else ["", {}]
+        frame = engine._frames[-1] if engine._frames else ["", {}, 0]
         count = frame[1].get(spec.name, 0)
         frame[1][spec.name] = count + 1
-        call.site = (frame[0], spec.name, count)
+        # The module's first call in a forward keeps its plain name (as saved before).
+        site = f"{frame[0]}#{frame[2]}" if frame[2] else frame[0]
+        call.site = (site, spec.name, count)
     return call
 
 
