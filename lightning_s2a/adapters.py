@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .api import _APPLIED, S2AHandle, apply_s2a, config_differences, get_handle
+from .api import S2AHandle, apply_s2a, config_differences, get_handle
 from .config import S2AConfig
 from .structure.four_bit import named_held
 
@@ -31,7 +31,8 @@ VERSION = 1
 
 def find_applied(module: nn.Module) -> tuple[str, S2AHandle]:
     """The one S2A'd submodule of ``module`` (itself included): its name and its handle."""
-    found = [(name, _APPLIED[m]) for name, m in module.named_modules() if m in _APPLIED]
+    handles = [(name, get_handle(m)) for name, m in module.named_modules()]
+    found = [(name, h) for name, h in handles if h is not None]
     if not found:
         raise ValueError(
             f"{type(module).__name__} has no S2A applied, on itself or any submodule; call "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -24,7 +23,10 @@ from .structure.surgery import (
     undo_structure,
 )
 
-_APPLIED: weakref.WeakKeyDictionary[nn.Module, S2AHandle] = weakref.WeakKeyDictionary()
+#: Where a model keeps its live handle: on the model itself, so that the two (and the engine
+#: its hooks reach) are one cycle the garbage collector frees with the model. A registry
+#: keyed weakly by the model would hold the handle, and through it the model, for ever.
+HANDLE_ATTR = "_s2a_handle"
 
 
 class S2AHandle:
@@ -129,8 +131,18 @@ class S2AHandle:
             return
         self.engine.detach()
         undo_structure(self.model, self.structure)
-        _APPLIED.pop(self.model, None)
+        self.model.__dict__.pop(HANDLE_ATTR, None)
         self.removed = True
+
+    def __deepcopy__(self, memo: dict) -> None:
+        """A copy of the model (an EMA copy) has no handle: this one belongs to the original
+        (``get_handle(copy)`` is None; the copy's own hooks still run its own engine)."""
+        return None
+
+    def __reduce__(self) -> tuple:
+        """Pickled with its model (``torch.save(model)``), a handle comes back as None, as in
+        a deep copy."""
+        return (type(None), ())
 
     def __enter__(self) -> S2AHandle:
         return self
@@ -167,7 +179,8 @@ def config_differences(a: S2AConfig, b: S2AConfig) -> list[str]:
 
 def get_handle(module: nn.Module) -> S2AHandle | None:
     """The live :class:`S2AHandle` of ``module`` if ``apply_s2a`` was applied to it, else None."""
-    return _APPLIED.get(module)
+    handle = module.__dict__.get(HANDLE_ATTR)
+    return handle if handle is not None and handle.model is module else None
 
 
 def check_no_s2a_inside(model: nn.Module) -> None:
@@ -176,7 +189,7 @@ def check_no_s2a_inside(model: nn.Module) -> None:
     workers, or deep-copied), whose modules no live handle owns and which a second surgery
     would stack on."""
     for name, module in model.named_modules():
-        if module is not model and module in _APPLIED:
+        if module is not model and get_handle(module) is not None:
             raise RuntimeError(
                 f"S2A is already applied to {name!r} inside this {type(model).__name__}; apply "
                 f"it to one of them only (get_handle(model.{name}).remove() takes it off)."
@@ -211,7 +224,7 @@ def apply_s2a(model: nn.Module, config: S2AConfig | None = None, **overrides: An
     # Always through replace(): it validates again, so fields set after construction
     # (config.modules = "bias+prompt", config.bits = 3) get the same checks and parsing.
     config = config.replace(**overrides)
-    if model in _APPLIED:
+    if get_handle(model) is not None:
         raise RuntimeError(
             "apply_s2a was already applied to this model; call handle.remove() before "
             "applying it again."
@@ -220,5 +233,5 @@ def apply_s2a(model: nn.Module, config: S2AConfig | None = None, **overrides: An
     check_not_compiled(model, config.compress)
     structure = apply_structure(model, config)
     handle = S2AHandle(model, config, structure)
-    _APPLIED[model] = handle
+    object.__setattr__(model, HANDLE_ATTR, handle)  # a plain attribute, not a submodule
     return handle

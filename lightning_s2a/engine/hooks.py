@@ -148,7 +148,22 @@ class SavedTensorEngine:
         can be copied (a copied storage reference is released twice). The copy's hooks stay
         as long as the copy lives.
         """
-        fresh = {
+        fresh = self._new_caches()
+        clone = object.__new__(type(self))
+        memo[id(self)] = clone
+        for key, value in self.__dict__.items():
+            setattr(clone, key, fresh[key] if key in fresh else copy.deepcopy(value, memo))
+        return clone
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled with its model (``torch.save(model)``): without the caches a deep copy
+        starts anew (torch's descriptors in the operator cache cannot be pickled)."""
+        return {**self.__dict__, **self._new_caches()}
+
+    @staticmethod
+    def _new_caches() -> dict[str, Any]:
+        """What a copy of the engine starts anew: caches and the open account."""
+        return {
             "_account": None,
             "_funcs": {},
             "_device_codebooks": {},
@@ -156,11 +171,6 @@ class SavedTensorEngine:
             "_contexts": [],
             "_deferred": DeferredChecks(),
         }
-        clone = object.__new__(type(self))
-        memo[id(self)] = clone
-        for key, value in self.__dict__.items():
-            setattr(clone, key, fresh[key] if key in fresh else copy.deepcopy(value, memo))
-        return clone
 
     # -- installation --------------------------------------------------------------------
     @property
