@@ -14,9 +14,12 @@ from .config import FOUR_BIT_DTYPES, S2AConfig
 from .engine.compile_guard import check_not_compiled
 from .engine.hooks import SavedTensorEngine
 from .structure import four_bit
+from .structure.holders import PROBE_NAME
 from .structure.model_hooks import is_held
 from .structure.rewrites import rewrites_for
 from .structure.surgery import (
+    PROMPT_NAME,
+    SIDE_NAME,
     StructureState,
     apply_structure,
     cast_frozen,
@@ -27,6 +30,9 @@ from .structure.surgery import (
 #: its hooks reach) are one cycle the garbage collector frees with the model. A registry
 #: keyed weakly by the model would hold the handle, and through it the model, for ever.
 HANDLE_ATTR = "_s2a_handle"
+
+#: Names of the modules and tensors S2A adds to a model.
+S2A_NAMES = frozenset({PROMPT_NAME, SIDE_NAME, PROBE_NAME, *four_bit.MADE_NAMES})
 
 
 class S2AHandle:
@@ -197,17 +203,30 @@ def check_no_s2a_inside(model: nn.Module) -> None:
     made = (
         n
         for n, _ in (*model.named_modules(), *model.named_parameters(), *model.named_buffers())
-        if n.rsplit(".", 1)[-1].startswith("s2a_")
+        if n.rsplit(".", 1)[-1] in S2A_NAMES
     )
     name = next(made, None)
+    if name is None and _engine_hooked(model):  # bias-only adds nothing but the hooks
+        name = "engine hooks"
     if name is not None:
         raise RuntimeError(
             f"{type(model).__name__} already holds S2A's {name!r}, but no S2A handle owns "
-            "it: the model is a copy of an S2A model (pickled, as ddp_spawn sends the model to "
-            "its workers, or copy.deepcopy). Apply S2A to the original model only, or build "
-            "the model afresh and load the trained weights with lightning_s2a.load_adapter / "
-            "lightning_s2a.load_from_checkpoint."
+            "it: S2A is applied to a model that contains it, or it is a copy of an S2A model "
+            "(pickled, as ddp_spawn sends the model to its workers, or copy.deepcopy). Apply "
+            "S2A once, to the original model; under Lightning use strategy='ddp' or a forked "
+            "one ('ddp_fork', 'ddp_notebook'), which keep S2A's handle, and evaluate a copy "
+            "without S2ACallback (it runs as it is); or build the model afresh and load the "
+            "trained weights with lightning_s2a.load_adapter / load_from_checkpoint."
         )
+
+
+def _engine_hooked(model: nn.Module) -> bool:
+    """True if an S2A engine's forward hooks are on ``model`` (a copy carries them)."""
+    for hook in model._forward_pre_hooks.values():
+        fn = hook.func if isinstance(hook, partial) else hook
+        if isinstance(getattr(fn, "__self__", None), SavedTensorEngine):
+            return True
+    return False
 
 
 def apply_s2a(model: nn.Module, config: S2AConfig | None = None, **overrides: Any) -> S2AHandle:

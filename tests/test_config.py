@@ -223,6 +223,14 @@ def test_applying_to_a_model_holding_s2a_already_is_an_error():
         apply_s2a(copy.deepcopy(outer[0]))
     handle.remove()
     apply_s2a(copy.deepcopy(outer[0])).remove()  # S2A taken off: nothing of it left to refuse
+    # S2A on the whole, then on a part: the part carries the whole's engine hooks
+    whole = apply_s2a(outer, head=None, modules="bias")
+    with pytest.raises(RuntimeError, match=r"applied to a model that contains it"):
+        apply_s2a(outer[0].blocks[0], head=None)
+    whole.remove()
+    own = nn.Sequential(nn.Linear(4, 4))
+    own.s2a_scale = nn.Parameter(torch.ones(4))  # the user's own name: no S2A of ours
+    apply_s2a(own, head=None).remove()
 
 
 @pytest.mark.parametrize(
@@ -284,6 +292,8 @@ def test_an_s2a_model_is_freed_when_dropped_and_pickles_after_a_step():
     loaded = torch.load(buffer, weights_only=False)
     assert get_handle(loaded) is None and get_handle(copy.deepcopy(model)) is None
     assert torch.equal(loaded.eval()(x), model.eval()(x))
+    with pytest.raises(RuntimeError, match=r"holds S2A's 'engine hooks'.*a copy"):
+        apply_s2a(loaded)  # bias-only: its engine's hooks came with it
     alive = weakref.ref(model)
     del model, handle, loaded
     gc.collect()

@@ -271,7 +271,7 @@ def test_a_reused_callback_applies_s2a_to_a_new_module(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "strategy,fix", [("ddp_spawn", "ddp_notebook"), ("ddp_fork", "apply S2A before fit")]
+    "strategy,fix", [("ddp_spawn", "ddp_notebook"), ("ddp_fork", "S2A applied before fit")]
 )
 def test_workers_copying_the_model_refuse_s2a_that_adds_weights(strategy, fix):
     """ddp_spawn/ddp_fork workers train copies; Lightning loads their result back with
@@ -297,3 +297,32 @@ def test_workers_copying_the_model_refuse_s2a_that_adds_weights(strategy, fix):
     assert get_handle(model.backbone) is bias.handle is not None
     bias.teardown(trainer, model, "fit")
     bias.handle.remove()
+
+
+def test_s2a_applied_before_fit_is_taken_up_after_an_averaging_callback(tmp_path):
+    """S2A applied before fit (as a forked DDP run needs) is taken up: an EMA listed before
+    S2ACallback copies a model that already has S2A (it was refused: "copied the model
+    before S2A changed its parameters"), and a config that names the size S2A took when
+    applied without one is the same config (it was refused: "fields ['input_size']")."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    from lightning_s2a import apply_s2a, get_handle
+
+    pl.seed_everything(0)
+    model = UserModule()
+    handle = apply_s2a(model.backbone, S2AConfig(modules=("bias", "prompt")))
+    size = tuple(handle.structure.input_size)
+    callback = S2ACallback(S2AConfig(modules=("bias", "prompt"), input_size=size))
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[EMAWeightAveraging(), callback],
+    )
+    prompt = model.backbone.blocks[0].s2a_prompt.A.detach().clone()
+    trainer.fit(model, _data())
+    assert callback.handle is handle and get_handle(model.backbone) is handle
+    assert not torch.equal(model.backbone.blocks[0].s2a_prompt.A, prompt)  # it trained

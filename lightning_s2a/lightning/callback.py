@@ -72,7 +72,7 @@ class S2ACallback(pl.Callback):
         self._for_evaluation = False
         self._restored_s2a = False
         self._run = ""  # a token for this run's own checkpoints (a tuner's temporary ones)
-        self._applied_here = False  # S2A applied by this run, not taken up from before
+        self.applied_here = False  # S2A applied by this run, not taken up from before
 
     # -- where S2A goes ----------------------------------------------------------------
     def _target(self, pl_module: pl.LightningModule) -> tuple[nn.Module, S2AConfig]:
@@ -99,7 +99,7 @@ class S2ACallback(pl.Callback):
     def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         target, config = self._target(pl_module)
         existing = get_handle(target)
-        self._applied_here = existing is None
+        self.applied_here = existing is None
         if existing is None:
             keys = set(target.state_dict())
             self.handle = apply_s2a(target, sized_from_data(config, trainer.datamodule))
@@ -115,6 +115,11 @@ class S2ACallback(pl.Callback):
             stage != "fit"
             or existing.config == config
             or (config.input_size is None and existing.config.replace(input_size=None) == config)
+            or (  # applied without a size, which it then took to be this one
+                existing.config.input_size is None
+                and tuple(existing.structure.input_size or ()) == tuple(config.input_size or ())
+                and existing.config == config.replace(input_size=None)
+            )
         ):
             self.handle = existing  # an earlier fit or load_adapter: take it up as it is
         else:
@@ -205,7 +210,7 @@ class S2ACallback(pl.Callback):
     ) -> None:
         """Apply S2A again where the module's own setup changed the model it was applied to."""
         assert self.handle is not None
-        if not self._applied_here:  # S2A from an earlier fit: setup must leave it be
+        if not self.applied_here:  # S2A from an earlier fit: setup must leave it be
             self._check_unchanged(pl_module, self.handle, before)
             return
         target, _ = self._target(pl_module)

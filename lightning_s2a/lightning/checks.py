@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from ..api import S2AHandle, config_differences
@@ -217,6 +218,8 @@ def check_averaging_after(trainer: pl.Trainer, callback: S2ACallback) -> None:
 
     handle = callback.handle
     assert handle is not None
+    if not callback.applied_here:
+        return  # S2A applied before fit: any copy made in setup has it
     if not (
         handle.structure.adds_weights
         or handle.config.frozen_dtype in FOUR_BIT_DTYPES  # weights taken out of parameters
@@ -297,24 +300,24 @@ def copied_back_error(
     added = sorted(k for k in set(target.state_dict()) - keys if STATE_DICT_MARKER not in k)
     if not isinstance(launcher, _MultiProcessingLauncher) or not added:
         return None
+    from .strategy import S2AStrategyMixin
+
     name = next((f"model.{n}" for n, m in pl_module.named_modules() if m is target), "model")
     name = "model" if name == "model." else name
     start = launcher._start_method
-    if start == "spawn":
-        other = (
-            "in a notebook, strategy='ddp_notebook' with S2A applied before fit, "
-            f"lightning_s2a.apply_s2a({name}, <this callback's config>), which the callback "
-            "takes up"
-        )
-    else:  # forked workers inherit S2A applied in this process
-        other = (
-            f"or apply S2A before fit, lightning_s2a.apply_s2a({name}, <this callback's "
-            "config>), which the callback takes up"
-        )
+    ours = isinstance(trainer.strategy, S2AStrategyMixin)
+    ddp = "S2ADDPStrategy(config) without start_method" if ours else "strategy='ddp'"
+    fork = "S2ADDPStrategy(config, start_method='fork')" if ours else "strategy='ddp_notebook'"
+    before = f"S2A applied before fit, lightning_s2a.apply_s2a({name}, <the same config>)"
+    if is_overridden("configure_model", pl_module) or is_overridden("setup", pl_module):
+        other = ""  # the target may not exist before fit: nothing to apply S2A to there
+    elif start == "spawn":
+        other = f"; in a notebook, {fork} with {before}, which the forked workers take up"
+    else:
+        other = f"; or {before}, which the forked workers take up"
     return RuntimeError(
         f"S2A adds weights to {name} ({added[0]!r}, ...), and this strategy's workers "
         f"(started by {start!r}) train copies of the model: Lightning loads their result "
         "back into your model only where it already has the weight, so after fit it would "
-        f"silently lack what S2A trained. Use strategy='ddp' (this process trains as rank "
-        f"0); {other}."
+        f"silently lack what S2A trained. Use {ddp} (this process trains as rank 0){other}."
     )

@@ -42,6 +42,8 @@ _DTYPE = "s2a_weight_dtype"
 #: Dtypes bitsandbytes quantizes and dequantizes; others go through float32.
 _BNB_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SOURCE = "_s2a_four_bit_source"
+#: Names of the buffers 4-bit holding adds to a layer.
+MADE_NAMES = (_CODES, _ABSMAX, _DTYPE)
 
 
 @dataclass(frozen=True)
