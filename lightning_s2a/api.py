@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .config import FOUR_BIT_DTYPES, S2AConfig
+from .engine.calibration import warn_uncalibrated
 from .engine.compile_guard import check_not_compiled
 from .engine.hooks import SavedTensorEngine
 from .structure import four_bit
@@ -56,6 +57,8 @@ class S2AHandle:
             self.engine.step_checks.append(
                 partial(four_bit.check_unfrozen, model, frozen, config.frozen_dtype)
             )
+        if config.calibrate:
+            self.engine.step_checks.append(partial(warn_uncalibrated, self.engine))
         self.engine.attach()
         self.removed = False
 

@@ -1001,3 +1001,60 @@ def test_only_reductions_of_saved_tensors_count_as_statistics():
     assert not reduced(torch.empty(512, 1, 64), 512 * 512 * 16, {torch.Size((512, 512))})
     assert not reduced(torch.empty(4, 512, 1, 8, 8), 4 * 64 * 1 * 64 * 64 * 16, {big})
     assert not reduced(torch.empty(8, 257, 1), 8 * 257 * 8, {big})  # not 16x smaller
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 3)).double()
+
+
+def test_a_forward_the_engine_stays_out_of_is_said_once():
+    """Under save_on_cpu (other saved-tensor hooks) the engine stays out: nothing compressed,
+    nothing counted, and stats() still shows the last forward it took. Said once, not
+    silently; torch.func.grad runs (its wrapped parameters have no storage to read: it
+    failed with "Cannot access storage of TensorWrapper", also with compress=False), with
+    PyTorch's own gradients."""
+    import warnings
+
+    model = _mlp()
+    x = torch.randn(32, 16, dtype=torch.float64)
+    with apply_s2a(model, head=None) as handle:
+        model(x).sum().backward()
+        before = handle.stats()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                with torch.autograd.graph.save_on_cpu():
+                    model(torch.cat([x, x])).sum().backward()
+        said = [w for w in caught if "S2A stays out" in str(w.message)]
+        assert len(said) == 1 and handle.stats() == before and handle.engine.forwards == 1
+
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            grads = torch.func.grad(lambda p: torch.func.functional_call(model, p, (x,)).sum())(
+                params
+            )
+    model.zero_grad()
+    model(x).sum().backward()
+    assert all(torch.equal(grads[n], p.grad) for n, p in model.named_parameters())
+
+
+def test_calibrate_true_without_anything_calibrating_is_said_once():
+    import warnings
+
+    model = _mlp()
+    x = torch.randn(32, 16, dtype=torch.float64)
+    with apply_s2a(model, head=None, calibrate=True) as handle:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                model(x).sum().backward()
+        said = [w for w in caught if "calibrate=True) is not carried out" in str(w.message)]
+        assert len(said) == 1 and not handle.engine.calibrated
+    with apply_s2a(model, head=None, calibrate=True) as handle:
+        handle.calibrate(lambda: model(x).sum())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model(x).sum().backward()
+        assert handle.engine.calibrated and not any("calibrate" in str(w.message) for w in caught)

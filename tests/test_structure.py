@@ -1153,3 +1153,42 @@ def test_torchvision_classes_named_like_timm_ones_get_the_general_rules(arch):
         assert all(p.grad.abs().sum() > 0 for n, p in prompts.items() if n.endswith(".B"))
     timm_vit = SMALL["vit"]()  # timm's own class still uses the table
     assert find_blocks(timm_vit, None)[2] == "family table: VisionTransformer -> 'blocks.*'"
+
+
+@pytest.mark.parametrize("modules", ["bias", "side"])
+def test_a_head_replaced_after_apply_is_a_clear_error(modules):
+    """reset_classifier after apply_s2a: the new head is no parameter S2A knows, so its input
+    and weight were coded as activations (a head-weight gradient 4-9% off, silently), and
+    'side' kept reading the old head (torch's bare "does not require grad"). Said at the
+    new head's first call, naming it; a parameter from outside the model passes."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=3, depth=2, img_size=32)
+    handle = apply_s2a(model, modules=modules, input_size=(3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    model(x).sum().backward()
+    model.reset_classifier(5)
+    with pytest.raises(RuntimeError, match=r"'head.weight' is not among the parameters.*reset_"):
+        model(x).sum().backward()
+    handle.remove()
+
+
+class _ScaledByOutside(nn.Module):
+    """A model that multiplies by a parameter it does not own (registered elsewhere)."""
+
+    def __init__(self, scale: nn.Parameter) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.__dict__["scale"] = scale  # not a registered parameter of this model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.fc(x)) * self.scale
+
+
+def test_a_parameter_from_outside_the_model_passes():
+    torch.manual_seed(0)
+    scale = nn.Parameter(torch.full((3,), 2.0))
+    model = _ScaledByOutside(scale)
+    with apply_s2a(model, head=None) as handle:
+        model(torch.randn(5, 4)).sum().backward()
+        model(torch.randn(5, 4)).sum().backward()
+        assert id(scale) in handle.engine._outside_ids and scale.grad is not None

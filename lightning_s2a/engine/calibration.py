@@ -30,6 +30,7 @@ batch.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -103,6 +104,22 @@ def calibrate(
     engine.calibrated = True
     engine.calibrated_for = engine.calibration_key(tol)
     return errors
+
+
+def warn_uncalibrated(engine: SavedTensorEngine) -> None:
+    """A step check for ``S2AConfig(calibrate=True)``: say once that a training forward
+    runs uncalibrated where nothing calibrates it (S2ACallback does, on the first training
+    batch; a plain loop must call ``handle.calibrate``)."""
+    if engine.calibrated or engine.calibrates_elsewhere or engine._saving is not None:
+        return
+    engine.calibrates_elsewhere = True  # said once
+    warnings.warn(
+        "S2AConfig(calibrate=True) is not carried out by itself: S2ACallback calibrates on "
+        "the first training batch, and outside Lightning call "
+        "handle.calibrate(lambda: loss_fn(model(x), y)) on one batch before training. Until "
+        "then every module codes at the configured widths (said once).",
+        stacklevel=4,
+    )
 
 
 def _has_inside(name: str, names: set[str]) -> bool:

@@ -20,6 +20,7 @@ Lightning.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -35,7 +36,7 @@ from .codebook import Codebook, DeviceCodebook, fit_codebook
 from .compile_guard import check_not_compiling, check_not_traced
 from .deferred import DeferredChecks
 from .ops import ELEMENTWISE, OP_KINDS, canonical_name, is_bias
-from .packed import Kept, PackOptions, compact
+from .packed import Kept, PackOptions, compact, in_backward
 from .quantizers import QUANTIZERS
 from .recognition import (
     STATS_KINDS,
@@ -45,6 +46,7 @@ from .recognition import (
     constant,
     exact_code,
     foreign_autograd_context,
+    functorch_transform,
     outside_call,
     redirected_call,
     reduced,
@@ -101,6 +103,10 @@ class SavedTensorEngine:
         self._entries: dict[str, int] = {}  # calls of each module in this forward so far
         self._param_storages: set[int] = set()
         self._param_ids: set[int] = set()
+        self._outside_ids: set[int] = set()  # parameters seen in calls, not the model's
+        self._warned: set[str] = set()
+        #: True where something else calibrates on the first training batch (S2ACallback).
+        self.calibrates_elsewhere = False
         self._weight_ids: set[int] = set()
         self._weight_numels: set[int] = set()
         self._trained_storages: set[int] = set()
@@ -307,7 +313,10 @@ class SavedTensorEngine:
         check_not_traced(self.config.compress)
         if self._depth == 1 and torch.is_grad_enabled():
             check_not_compiling(self.model, self.config.compress)  # before any change
-            if not foreign_autograd_context():
+            stay_out = foreign_autograd_context() or functorch_transform()
+            if stay_out and not in_backward():
+                self._warn_once("stays out")
+            if not stay_out:
                 self._activate(is_root)
                 # The model's input is what a statistic is smaller than before anything is
                 # saved (a gate saved ahead of its feature map: see ``reduced``).
@@ -320,6 +329,20 @@ class SavedTensorEngine:
             occurrence = self._entries.get(name, 0)
             self._entries[name] = occurrence + 1
             self._frames.append([name, {}, occurrence])
+
+    def _warn_once(self, what: str) -> None:
+        """Say once that a forward ran with autograd but uncompressed, uncounted."""
+        if what in self._warned:
+            return
+        self._warned.add(what)
+        warnings.warn(
+            f"S2A stays out of this forward of {type(self.model).__name__}: other saved-"
+            "tensor hooks are installed (torch.autograd.graph.save_on_cpu, or the whole "
+            "model inside torch.utils.checkpoint) or a torch.func transform (grad, vmap) "
+            "runs it, so its saved tensors are neither compressed nor counted, and stats() "
+            "still shows an earlier forward (said once).",
+            stacklevel=3,
+        )
 
     def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._redirects and self._redirects[-1] == self._depth and module is self.model:

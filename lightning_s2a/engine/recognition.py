@@ -81,6 +81,12 @@ def redirected_call(module: nn.Module) -> bool:
     )
 
 
+def functorch_transform() -> bool:
+    """True inside a ``torch.func`` transform (``grad``, ``vmap``): the model's parameters
+    are wrapped tensors there, whose storages cannot be read."""
+    return torch._C._functorch.maybe_current_level() is not None
+
+
 def foreign_autograd_context() -> bool:
     """True inside a backward pass (e.g. a checkpoint recomputing its region) or while other
     saved-tensor hooks are installed (activation checkpointing, ``save_on_cpu``).
@@ -260,6 +266,8 @@ def classify(engine: SavedTensorEngine, info: tuple, args: tuple, kwargs: dict) 
             params += [b for b in a if id(b) in param_ids]
         elif id(a) in param_ids:
             params.append(a)
+        elif isinstance(a, nn.Parameter) and id(a) not in engine._outside_ids:
+            check_known(engine, a)
     if kind is None and not params:
         return None
     if any(id(p) in engine._weight_ids for p in params) or (
@@ -292,6 +300,26 @@ def classify(engine: SavedTensorEngine, info: tuple, args: tuple, kwargs: dict) 
         site = f"{frame[0]}#{frame[2]}" if frame[2] else frame[0]
         call.site = (site, spec.name, count)
     return call
+
+
+def check_known(engine: SavedTensorEngine, p: nn.Parameter) -> None:
+    """Raise if ``p``, a parameter the engine did not see at ``apply_s2a``, is the model's:
+    a module added or replaced since (``reset_classifier``, a new head), which S2A neither
+    froze nor hooked (its saved input and weight were coded as activations, and 'side'
+    read the old head). A parameter from outside the model is noted and passed over."""
+    for name, module in engine.model.named_modules():
+        for leaf, q in module._parameters.items():
+            if q is p:
+                where = f"{name}.{leaf}" if name else leaf
+                raise RuntimeError(
+                    f"{type(engine.model).__name__}'s {where!r} is not among the parameters "
+                    "S2A was applied to: the module was added or replaced after apply_s2a "
+                    "(reset_classifier, a new head), so S2A neither froze nor hooked it and "
+                    "would code its tensors as activations. Build the model in its final "
+                    "form before apply_s2a (reset_classifier first), or call handle.remove() "
+                    "and apply_s2a again."
+                )
+    engine._outside_ids.add(id(p))
 
 
 @torch.compiler.disable  # storage pointers and autograd nodes: eager, also under compile

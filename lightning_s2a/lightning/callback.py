@@ -135,6 +135,7 @@ class S2ACallback(pl.Callback):
             self.handle.engine.load_state_dict(self._pending_state)
             self._pending_state = None
         if stage == "fit":
+            self.handle.engine.calibrates_elsewhere = True  # on the first training batch
             self.handle.start_engine()
         else:
             self.handle.stop_engine()
