@@ -26,6 +26,7 @@ from .structure.surgery import (
     cast_frozen,
     undo_structure,
 )
+from .structure.unstepped import UnsteppedCheck
 
 #: Where a model keeps its live handle: on the model itself, so that the two (and the engine
 #: its hooks reach) are one cycle the garbage collector frees with the model. A registry
@@ -253,7 +254,10 @@ def apply_s2a(model: nn.Module, config: S2AConfig | None = None, **overrides: An
         )
     check_no_s2a_inside(model)
     check_not_compiled(model, config.compress)
+    before = {id(p) for p in model.parameters()}
     structure = apply_structure(model, config)
     handle = S2AHandle(model, config, structure)
+    added = {id(p) for p in model.parameters()} - before  # prompts, side, added biases
+    handle.engine.step_checks.append(UnsteppedCheck(model, added))
     object.__setattr__(model, HANDLE_ATTR, handle)  # a plain attribute, not a submodule
     return handle
