@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
+from functools import partial
 
 import pytest
 import timm
@@ -677,6 +678,10 @@ def test_summary_table():
     assert f"{count:,}" in text
 
 
+def _record_output(into: dict, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+    into["side"] = out
+
+
 @pytest.mark.parametrize("name", ["deit_tiny_distilled_patch16_224", "levit_128s"])
 def test_distilled_models_train_both_heads(name):
     """``get_classifier()`` of a distilled model returns two heads: both stay trainable."""
@@ -686,6 +691,7 @@ def test_distilled_models_train_both_heads(name):
     size = 32 if name.startswith("deit") else 224
     x = torch.randn(2, 3, size, size)
     heads = [model.head, model.head_dist]
+    heads_names = {"head", "head_dist"}
     with apply_s2a(model, S2AConfig(modules=["bias"])) as handle:
         for head in heads:
             assert all(p.requires_grad for p in head.parameters())
@@ -694,10 +700,24 @@ def test_distilled_models_train_both_heads(name):
         assert set(handle.stats()["by_part"]) == {"backbone", "head"}
         weights = [n for n, p in model.named_parameters() if p.requires_grad and p.dim() > 1]
         assert {n.split(".")[0] for n in weights} == {"head", "head_dist"}
+    # 'side' replaces every head's output (the model averages them): the output is the
+    # side's; with side_merge="add" both heads train under it. Naming one head is refused:
+    # the other would be averaged in, frozen (it was, silently, before 2026-12-06).
     blocks = "blocks.*" if name.startswith("deit") else "stages.*"
     side = S2AConfig(modules=["side"], input_size=(3, size, size), blocks=blocks)
-    with pytest.raises(ValueError, match=r"2 heads .*distilled.*S2AConfig\(head='head'\)"):
-        apply_s2a(model, side)
+    model.eval()
+    for merge in ("replace", "add"):
+        with apply_s2a(model, side.replace(side_merge=merge)) as handle:
+            seen: dict = {}
+            model.s2a_side.register_forward_hook(partial(_record_output, seen))
+            out = model(x)
+            if merge == "replace":
+                assert torch.equal(out, seen["side"])
+            trained = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+            assert trained == ({"s2a_side"} if merge == "replace" else {"s2a_side", *heads_names})
+            assert handle.stats() is not None
+    with pytest.raises(ValueError, match=r"head='head'.*2 heads.*averages.*head='auto'"):
+        apply_s2a(model, side.replace(head="head"))
     assert all(p.requires_grad for p in model.parameters())  # undone: flags as they were
 
 

@@ -40,6 +40,7 @@ class SideHooks:
         self.model_name, self.side, self.default_image, self.add = model_name, side, image, add
         self.image, self.channels, self.replaces_model = image, channels, replaces_model
         self.taps: list[torch.Tensor] = []
+        self.last: Any = None  # the side's output in this forward, for every head it replaces
         self.grad_was: list[bool | None] = []  # None: a redirected call (see enter)
 
     def enter(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
@@ -47,6 +48,7 @@ class SideHooks:
             self.grad_was.append(None)  # the real forward runs inside, as its own call
             return
         self.taps.clear()
+        self.last = None
         self.image = self.default_image
         # model(x) and model(pixel_values=x) alike; an image has the probe's channels, an
         # auxiliary 4-D tensor passed first (a mask) usually not
@@ -62,6 +64,7 @@ class SideHooks:
     def exit(self, module: nn.Module, args: Any, output: Any) -> None:
         was = self.grad_was.pop() if self.grad_was else None
         if was is not None:
+            self.last = None
             torch.set_grad_enabled(was)
 
     def tap(self, name: str, index: int, module: nn.Module, args: Any, output: Any) -> None:
@@ -99,9 +102,13 @@ class SideHooks:
         # (without a head this hook runs before ``exit`` turns autograd back on).
         dtype = output.dtype if isinstance(output, torch.Tensor) else None
         with torch.set_grad_enabled(self.grad_was[-1]):
-            out = self.side(list(self.taps), self.image)
-            if dtype is not None:
-                out = out.to(dtype) if isinstance(out, torch.Tensor) else _cast(out, dtype)
+            if self.taps or self.last is None:
+                out = self.side(list(self.taps), self.image)
+                if dtype is not None:
+                    out = out.to(dtype) if isinstance(out, torch.Tensor) else _cast(out, dtype)
+                self.last = out
+            else:  # a distilled model's second head in the same forward: the same output
+                out = self.last
             if self.add:  # the trained head's output, or the model's own (a constant)
                 out = output + out
         # What the model does after its head (a log_softmax, a scale) works on the side's

@@ -18,7 +18,7 @@ from torch.utils.hooks import RemovableHandle
 from ..config import FOUR_BIT_DTYPES, S2AConfig, check_composition
 from . import four_bit
 from .families import Block, block_output_shapes, default_input_size, find_blocks
-from .head import HeadGroup, find_head, head_modules, is_bias
+from .head import find_head, head_modules, is_bias
 from .hierarchical import HierarchicalSide, Tap, map_stride, token_grid
 from .holders import home
 from .model_hooks import (
@@ -221,7 +221,7 @@ def _apply_side(model: nn.Module, config: S2AConfig, state: StructureState) -> N
     # The side network's output replaces the head's; with no head in the model (the user's
     # own head sits outside it), it replaces the model's own output: features of the same
     # width (pooled), or the feature pyramid (hierarchical), which the user's head then reads.
-    replaced = state.head if state.head is not None else model
+    replaced = head_modules(state.head)[0] if state.head is not None else model
     hierarchical = config.side == "hierarchical"
     outputs = _side_outputs(model, state, config)
     channels = [b.shape[-1] if b.layout in ("tokens", "nhwc") else b.shape[0] for b in state.blocks]
@@ -265,11 +265,41 @@ def _apply_side(model: nn.Module, config: S2AConfig, state: StructureState) -> N
         b.module.register_forward_hook(partial(hooks.tap, b.name, i))
         for i, b in enumerate(state.blocks)
     )
+    # A distilled model's heads (class and distillation) are all replaced, or all added to:
+    # one left as it was would be averaged into the output, frozen.
+    heads = head_modules(state.head) or [model]
     if config.side_merge == "add" and state.head is not None:
         # the head runs with autograd (it trains), on the backbone's no-grad features
-        state.hooks.append(state.head.register_forward_pre_hook(hooks.open_head))
-    state.hooks.append(replaced.register_forward_hook(hooks.read_side))
+        state.hooks.extend(h.register_forward_pre_hook(hooks.open_head) for h in heads)
+    state.hooks.extend(h.register_forward_hook(hooks.read_side) for h in heads)
     state.hooks.append(model.register_forward_hook(hooks.exit, always_call=True))
+
+
+def _classes(head: nn.Module) -> int | None:
+    """A head's outputs: its own ``out_features``, or its last Linear's (LeViT's NormLinear:
+    a BatchNorm then a Linear)."""
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    return getattr(head, "out_features", None) or (linears[-1].out_features if linears else None)
+
+
+def _check_other_heads(model: nn.Module, state: StructureState, config: S2AConfig) -> None:
+    """Refuse a named head that is one of a distilled model's heads: the side would replace
+    it alone, and the model would average the side's output with the other head's, frozen
+    (a class-count change leaves that one at its random initialisation)."""
+    get = getattr(model, "get_classifier", None)
+    if config.head == "auto" or state.head is None or not callable(get):
+        return
+    found = get()
+    if not isinstance(found, (tuple, list)):
+        return
+    others = [h for h in found if isinstance(h, nn.Module) and h is not state.head]
+    if state.head in found and any(any(True for _ in h.parameters()) for h in others):
+        raise ValueError(
+            f"'side' with head={config.head!r}: {type(model).__name__}.get_classifier() gives "
+            f"{len(found)} heads (a distilled model's class and distillation heads), and the "
+            "model averages their outputs, so the others would stay in it, frozen. Leave "
+            "head='auto': the side replaces (or, side_merge='add', adds to) every one."
+        )
 
 
 def _image_size(model: nn.Module, input_size: tuple[int, ...]) -> tuple[int, int]:
@@ -310,20 +340,10 @@ def _side_outputs(model: nn.Module, state: StructureState, config: S2AConfig) ->
     """Width of the side network's output: the head's classes, the model's feature width
     (pooled side without a head), or None (hierarchical side without a head: the pyramid)."""
     hierarchical = config.side == "hierarchical"
-    if isinstance(state.head, HeadGroup):
-        raise ValueError(
-            f"'side' replaces the task head's output with the side network's, but "
-            f"{type(model).__name__}.get_classifier() gives {len(state.head)} heads (a distilled "
-            "model's class and distillation heads). Name the one to replace, e.g. "
-            "S2AConfig(head='head'); or use modules=['bias'] or ['prompt'], which train both"
-            + (
-                ", or side='hierarchical' with head=None for the feature pyramid."
-                if config.side_merge == "replace"
-                else "."
-            )
-        )
+    _check_other_heads(model, state, config)
     if state.head is not None:
-        classes = getattr(state.head, "out_features", None)
+        found = {_classes(h) for h in head_modules(state.head)}
+        classes = found.pop() if len(found) == 1 else None
         if not isinstance(classes, int):
             raise ValueError(
                 "'side' replaces the task head's output with the side network's, so it needs a "
