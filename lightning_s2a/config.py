@@ -21,7 +21,8 @@ BN_MODES = ("eval", "train")
 FROZEN_DTYPES = (None, "bfloat16", "float16", "nf4", "fp4")
 #: Frozen dtypes that hold weights in 4 bits (bitsandbytes) rather than cast them.
 FOUR_BIT_DTYPES = BNB_QUANT_TYPES
-LAYOUTS = ("auto", "tokens", "nhwc", "nchw")
+#: Block output layouts: (B, N, D) tokens, (B, H, W, C), (B, C, H, W), (B, C, L) (1-D convs).
+LAYOUTS = ("auto", "tokens", "nhwc", "nchw", "ncl")
 GROUP_SIZES = (8, 16, 32, 64, 128, 256)
 
 
@@ -101,8 +102,8 @@ class S2AConfig:
     #: Blocks that prompt/side attach to, for models outside the known timm families:
     #: a list of module names, or a pattern with ``*`` per name component ("encoder.layer.*").
     blocks: str | Sequence[str] | None = None
-    #: Layout of block outputs: "auto" (the family's; else 3-D tokens, 4-D NCHW), "tokens",
-    #: "nhwc" or "nchw".
+    #: Layout of block outputs: "auto" (the family's; else read from the shape and the
+    #: block's layers), "tokens", "nhwc", "nchw" or "ncl" (1-D signals, channels first).
     block_layout: str = "auto"
     #: Shape of one input sample the prompts and side are sized for, e.g. (3, 224, 224), or
     #: (tokens, features) for sequences; None: the data module's ``input_size`` (Lightning),

@@ -512,3 +512,36 @@ def test_frozen_bfloat16_casts_only_what_autocast_casts():
     assert torch.equal(during, expected)
     handle.remove()
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+class _TinyAttention(nn.Module):
+    """An nn.MultiheadAttention block at a size where a weight outnumbers the activations
+    (batch x tokens x dim < dim^2), as at small batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(128, 4, batch_first=True)
+        self.fc = nn.Linear(128, 128)
+        self.head = nn.Linear(128, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        return self.head(F.gelu(self.fc(x)).mean(1))
+
+
+def test_a_dequantized_weight_does_not_make_attention_inputs_statistics():
+    """nf4 hands nn.MultiheadAttention its out_proj weight dequantized; counted as the op's
+    data, it outnumbered q, k and v, which were then kept exact as "statistics" (attention
+    stored 138,032 of 138,032 bytes on a torchvision ViT). They are coded as without nf4."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 128)
+    stored = {}
+    for frozen_dtype in (None, "nf4"):
+        model = _TinyAttention()
+        with apply_s2a(model, frozen_dtype=frozen_dtype, head="head") as handle:
+            model(x).sum().backward()
+            attention = handle.stats()["by_kind"]["attention"]
+            stored[frozen_dtype] = attention["stored_bytes"]
+    weight = 128 * 128 * 4  # out_proj's dequantized weight, kept for backward
+    assert stored[None] < 0.5 * 4 * 4 * 16 * 128 * 4  # q, k, v, out: coded
+    assert stored["nf4"] <= stored[None] + weight

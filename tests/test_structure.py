@@ -1241,3 +1241,52 @@ def test_an_optimizer_built_before_apply_s2a_is_said(modules, steps):
     name = "s2a_prompt" if modules == "bias+prompt" else "s2a_side"
     assert len(said) == 1 and name in said[0] and "optimizer built before" in said[0]
     assert run(before=False) == []
+
+
+class _SignalBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.c1, self.bn, self.c2 = (
+            nn.Conv1d(c, c, 3, padding=1),
+            nn.BatchNorm1d(c),
+            nn.Conv1d(c, c, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.c2(torch.relu(self.bn(self.c1(x))))
+
+
+class _SignalNet(nn.Module):
+    """An audio-style 1-D conv net: (B, channels, time) blocks, pooled over time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv1d(1, 32, 5, padding=2)
+        self.blocks = nn.Sequential(*[_SignalBlock(32) for _ in range(3)])
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)).mean(-1))
+
+
+def test_one_d_conv_blocks_are_channels_first_signals():
+    """(B, C, L) block outputs of Conv1d blocks were read as (B, N, D) tokens: the side
+    averaged over channels, its width followed the length, and another length failed.
+    Now the side pools over time (width C / side_reduction) at any length, the prompt is
+    (C, L), and a declared layout of the wrong rank is refused at apply."""
+    torch.manual_seed(0)
+    model = _SignalNet().eval()
+    x = torch.randn(2, 1, 100)
+    expected = model(x)
+    with apply_s2a(model, modules="side", head="head", input_size=(1, 100)) as handle:
+        assert {b.layout for b in handle.structure.blocks} == {"ncl"}
+        assert [p.in_features for p in model.s2a_side.proj] == [8, 8, 8]
+        assert model(torch.randn(2, 1, 300)).shape == (2, 4)
+    with apply_s2a(model, modules="prompt", head="head", input_size=(1, 100)) as handle:
+        assert model.blocks[0].s2a_prompt.prompt().shape == (32, 100)
+        assert torch.equal(model(x), expected)  # B starts at zero
+        model(x).sum().backward()
+        assert model.blocks[0].s2a_prompt.B.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"block_layout='nchw' describes 4-D.*'ncl' for 3-D"):
+        apply_s2a(model, modules="side", head="head", input_size=(1, 100), block_layout="nchw")
+    assert all(p.requires_grad for p in model.parameters())

@@ -280,9 +280,14 @@ def classify(engine: SavedTensorEngine, info: tuple, args: tuple, kwargs: dict) 
         # (3 E^2), and every tensor smaller than it looked like a statistic.
         # Plain loops over lists: torch.compile (compress=False) traces this, and its guards
         # on a tuple iterator failed (a BatchNorm model did not compile).
+        # A weight in another form (nf4's dequantized out_proj weight) is no data either.
         shapes, numel = set(), 0
         for a in [*args, *kwargs.values()]:
-            if isinstance(a, torch.Tensor) and id(a) not in param_ids:
+            if (
+                isinstance(a, torch.Tensor)
+                and id(a) not in param_ids
+                and not constant(a, engine._weight_numels)
+            ):
                 shapes.add(tuple(a.shape))
                 numel = max(numel, a.numel())
         call.arg_shapes = frozenset(shapes)

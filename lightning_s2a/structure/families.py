@@ -33,8 +33,6 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "EfficientNet": ("blocks.*.*", "nchw"),
 }
 
-LAYOUTS = ("auto", "tokens", "nhwc", "nchw")
-
 
 @dataclass(frozen=True)
 class Block:
@@ -269,7 +267,7 @@ def block_output_shapes(
         Block(
             b.name,
             b.module,
-            layout_of(shapes[b.name], b.layout, tuple(input_size[-2:])),
+            layout_of(shapes[b.name], b.layout, tuple(input_size[-2:]), b.module),
             tuple(shapes[b.name][1:]),
             likes[b.name],
         )

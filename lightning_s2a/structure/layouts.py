@@ -1,6 +1,7 @@
 """Block-output layouts: tokens (B, N, D), channels-first (B, C, H, W) or channels-last
-(B, H, W, C) maps, read from the output's shape in the dry forward, and settled from the
-model's other blocks (or a second forward) where a shape reads both ways."""
+(B, H, W, C) maps, 1-D channels-first signals (B, C, L), read from the output's shape (and
+the block's layers) in the dry forward, and settled from the model's other blocks (or a
+second forward) where a shape reads both ways."""
 
 from __future__ import annotations
 
@@ -15,8 +16,17 @@ if TYPE_CHECKING:
     from .families import Block
 
 
-def layout_of(shape: torch.Size, declared: str, hw: tuple[int, int] | None = None) -> str:
+def layout_of(
+    shape: torch.Size,
+    declared: str,
+    hw: tuple[int, int] | None = None,
+    block: nn.Module | None = None,
+) -> str:
     """The layout of a block's output: declared, or read from its shape.
+
+    A 3-D output is (B, N, D) tokens, or (B, C, L) where the block's last weight layer is a
+    1-D convolution (an audio or signal model; read as tokens, a side network averaged
+    over its channels and its width followed the sequence length).
 
     A 4-D map is (B, C, H, W) or (B, H, W, C) (Swin-V2, TinyViT, MambaOut, Sequencer,
     torchvision's Swin): channels last where only its middle pair is shaped like the input
@@ -25,9 +35,17 @@ def layout_of(shape: torch.Size, declared: str, hw: tuple[int, int] | None = Non
     model's other blocks (:func:`settle_layouts`).
     """
     if declared != "auto":
+        rank = 3 if declared in ("tokens", "ncl") else 4
+        if len(shape) != rank:
+            raise ValueError(
+                f"block_layout={declared!r} describes {rank}-D block outputs (batch "
+                f"included), but a block returns shape {tuple(shape)}; name the layout of "
+                "that shape: 'tokens' or 'ncl' for 3-D, 'nchw' or 'nhwc' for 4-D."
+            )
         return declared
     if len(shape) == 3:
-        return "tokens"
+        layers = [m for m in (block.modules() if block is not None else ()) if _weighted(m)]
+        return "ncl" if layers and isinstance(layers[-1], nn.Conv1d) else "tokens"
     if len(shape) == 4:
         if hw is None:
             return "nchw"
@@ -43,6 +61,10 @@ def layout_of(shape: torch.Size, declared: str, hw: tuple[int, int] | None = Non
         f"cannot place a prompt on a block output of shape {tuple(shape)}: expected "
         "(B, N, D) tokens or a 4-D feature map."
     )
+
+
+def _weighted(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
 
 
 #: A 4-D block output whose shape reads both ways (C == H == W at the probed size).

@@ -21,6 +21,8 @@ from torch import nn
 def _spatial_channels(shape: tuple[int, ...], layout: str) -> tuple[int, int]:
     if layout == "tokens":
         return shape[0], shape[1]
+    if layout == "ncl":
+        return shape[1], shape[0]
     if layout == "nhwc":
         return shape[0] * shape[1], shape[2]
     return shape[1] * shape[2], shape[0]  # nchw
@@ -30,7 +32,8 @@ class LowRankPrompt(nn.Module):
     """``h' = h + A @ B`` on one block's output; ``B`` starts at zero, so the model is unchanged.
 
     ``A`` is (positions x rank) and ``B`` is (rank x channels), where positions are tokens or
-    feature-map pixels, for any of the layouts (B, N, D), (B, H, W, C) and (B, C, H, W).
+    feature-map pixels or signal steps, for any of the layouts (B, N, D), (B, H, W, C),
+    (B, C, H, W) and (B, C, L).
     """
 
     def __init__(self, shape: tuple[int, ...], layout: str, rank: int) -> None:
@@ -46,13 +49,17 @@ class LowRankPrompt(nn.Module):
         if self.layout == "nchw":
             c, h, w = self.shape
             return p.t().reshape(c, h, w)
+        if self.layout == "ncl":
+            return p.t()
         return p.reshape(self.shape)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if tuple(h.shape[1:]) != self.shape:
             raise RuntimeError(
                 f"prompt sized for block outputs {self.shape} got {tuple(h.shape[1:])}: the "
-                "input resolution changed; apply S2A with S2AConfig(input_size=...) for it."
+                "input resolution changed (apply S2A with S2AConfig(input_size=...) for it), "
+                "or the model drops tokens in training (timm's patch_drop_rate), which a "
+                "prompt on fixed positions cannot follow: build it with patch_drop_rate=0."
             )
         return h + self.prompt().to(h.dtype)
 
@@ -76,6 +83,8 @@ def channel_average_pool(h: torch.Tensor, layout: str, reduction: int) -> torch.
     """Parameter-free tap: average over positions, then over groups of ``reduction`` channels."""
     if layout == "tokens":
         v = h.mean(dim=1)
+    elif layout == "ncl":
+        v = h.mean(dim=2)
     elif layout == "nhwc":
         v = h.mean(dim=(1, 2))
     else:

@@ -329,6 +329,11 @@ def _taps(
         if block.layout == "tokens":
             stride, skip = token_grid(block.shape[0], image, prefix)
             taps.append(Tap("tokens", c, stride, skip))
+        elif block.layout == "ncl":
+            raise ValueError(
+                f"side='hierarchical' lays block outputs out on an image grid, but block "
+                f"{block.name!r} returns a 1-D signal (C, L) = {block.shape}; use side='pooled'."
+            )
         else:
             grid = block.shape[1:3] if block.layout == "nchw" else block.shape[0:2]
             probe = (*image, *grid)
