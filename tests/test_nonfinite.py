@@ -306,3 +306,37 @@ def test_a_kept_tensor_saved_twice_is_counted_once():
     assert generic["tensors"] == 2
     assert generic["raw_bytes"] == 64 * 64 * 8
     assert generic["stored_bytes"] == generic["raw_bytes"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda x: x.clamp(max=65504),
+        lambda x: x.clamp(max=1e8) if x.dtype == torch.float32 else x.clamp(max=300),
+        lambda x: torch.clamp_min(x, -1e4),
+        lambda x: x.clamp(0, float("inf")),
+        lambda x: x.clamp(float("-inf"), float("inf")),
+        functools.partial(F.hardtanh, min_val=float("-inf"), max_val=2.0),
+    ],
+    ids=["max65504", "max_large", "min_-1e4", "0_inf", "-inf_inf", "hardtanh_-inf"],
+)
+def test_step_masks_with_large_or_infinite_bounds_pass_gradients_as_pytorch(op, dtype):
+    """A decode point next to a large or infinite bound rounded onto it in low precision (or
+    became inf/NaN): every element decoded to the outside, and the whole gradient was 0
+    (float16's overflow guard clamp(max=65504), hardtanh(-inf, 2)). Points now stand well
+    clear, and where one cannot in the dtype the tensor is kept exact."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(16, 96, generator=g) * 100).to(dtype)
+    x.view(-1)[::7] = 0.0
+    upstream = torch.randn(16, 96, generator=g).to(dtype)
+
+    def input_grad(compress: bool) -> torch.Tensor:
+        model = _Step(op).to(dtype)
+        with apply_s2a(model, S2AConfig(compress=compress, head=None)):
+            xi = x.clone().requires_grad_()
+            (model(xi) * upstream).sum().backward()
+            return xi.grad
+
+    exact, coded = input_grad(False), input_grad(True)
+    assert exact.abs().sum() > 0 and torch.equal(exact, coded)

@@ -177,20 +177,36 @@ def _clamp(n: str, a: tuple, k: Mapping[str, Any]) -> ElementwiseSpec | None:
     name = n.rstrip("_")
     lo = None if name == "clamp_max" else _arg(a, k, 1, "min", None)
     hi = None if name == "clamp_min" else _arg(a, k, 1 if name == "clamp_max" else 2, "max", None)
-    if lo is None and hi is None:
-        return None
     if not all(b is None or isinstance(b, (int, float)) for b in (lo, hi)):
         return None
     low = -math.inf if lo is None else float(lo)
     high = math.inf if hi is None else float(hi)
-    # One bound compares once (an infinity on the open side passes its gradient).
-    if lo is None:
-        mask, points = (lambda s: s < high), (high + 1.0, high - 1.0)
-    elif hi is None:
-        mask, points = (lambda s: s > low), (low - 1.0, low + 1.0)
+
+    # Decode points well inside and outside, by a margin that low precision keeps apart from
+    # the bound (a 16th of it: float16's clamp(max=65504) would round 65503 onto it); the
+    # quantizer checks them in the tensor's dtype and keeps the tensor exact where they fail.
+    def margin(b: float) -> float:
+        return max(1.0, abs(b) / 16.0)
+
+    if math.isfinite(low) and math.isfinite(high):
+        points = (high + margin(high), low / 2.0 + high / 2.0)
+    elif math.isfinite(high):
+        points = (high + margin(high), high - margin(high))
+    elif math.isfinite(low):
+        points = (low - margin(low), low + margin(low))
     else:
-        mask, points = (lambda s: (s > low) & (s < high)), (high + 1.0, (low + high) / 2.0)
-    return ElementwiseSpec(f"clamp({low:g},{high:g})", mask=mask, mask_points=points)
+        points = (math.nan, 0.0)  # nothing is outside (-inf, inf) but NaN
+    # One bound compares once (an infinity on the open side passes its gradient); two
+    # compare both ways, an infinite one included, as PyTorch's backward does.
+    if lo is None:
+        mask = lambda s: s < high  # noqa: E731
+    elif hi is None:
+        mask = lambda s: s > low  # noqa: E731
+    else:
+        mask = lambda s: (s > low) & (s < high)  # noqa: E731
+    return ElementwiseSpec(
+        f"clamp({low:g},{high:g},{lo is None},{hi is None})", mask=mask, mask_points=points
+    )
 
 
 def _fixed(spec: ElementwiseSpec) -> Callable[[str, tuple, Mapping[str, Any]], ElementwiseSpec]:

@@ -97,6 +97,8 @@ def pack_elementwise(t: torch.Tensor, opts: PackOptions) -> CodePacked | KeptPac
     if spec.exact:
         assert spec.mask is not None
         table = _mask_table(spec.mask_points, t.dtype, t.device)
+        if not _decodes_to_its_side(spec, table):
+            return KeptPacked(t)  # a point that rounds onto the step in this dtype
         if triton:  # the mask is a Python function: computed first, then packed by the kernel
             from .triton_codes import triton_pack_codes
 
@@ -119,6 +121,22 @@ def pack_elementwise(t: torch.Tensor, opts: PackOptions) -> CodePacked | KeptPac
     if opts.defer:
         packed.decide(t, finite, defer=True)
     return packed
+
+
+_SIDES: dict[tuple, bool] = {}
+
+
+def _decodes_to_its_side(spec: Any, table: torch.Tensor) -> bool:
+    """True if each of the two decode points lies on its own side of the step in the
+    tensor's dtype. A point next to a large or infinite bound (``clamp(max=65504)`` in
+    float16, ``hardtanh(-inf, 2)``) can round onto the bound or become inf/NaN, and every
+    element would decode to the other side: such tensors are kept exact instead."""
+    key = (spec.name, spec.mask_points, table.dtype, table.device)
+    known = _SIDES.get(key)
+    if known is None:
+        assert spec.mask is not None
+        known = _SIDES[key] = spec.mask(table).tolist() == [False, True]
+    return known
 
 
 @functools.lru_cache(maxsize=64)
