@@ -62,6 +62,7 @@ class S2AHandle:
             self.engine.step_checks.append(partial(warn_uncalibrated, self.engine))
         self.engine.attach()
         self.removed = False
+        self.unstepped: UnsteppedCheck | None = None  # set by apply_s2a
 
     def stats(self) -> dict[str, Any]:
         """Saved-activation bytes of the most recent forward that recorded autograd.
@@ -140,6 +141,8 @@ class S2AHandle:
         if self.removed:
             return
         self.engine.detach()
+        if self.unstepped is not None:
+            self.unstepped.remove()
         undo_structure(self.model, self.structure)
         self.model.__dict__.pop(HANDLE_ATTR, None)
         self.removed = True
@@ -210,8 +213,10 @@ def check_no_s2a_inside(model: nn.Module) -> None:
         if n.rsplit(".", 1)[-1] in S2A_NAMES
     )
     name = next(made, None)
-    if name is None and _engine_hooked(model):  # bias-only adds nothing but the hooks
-        name = "engine hooks"
+    hooked = (n for n, m in model.named_modules() if _engine_hooked(m))
+    where = next(hooked, None)  # bias-only adds nothing but the hooks
+    if name is None and where is not None:
+        name = f"engine hooks{' on ' + where if where else ''}"
     if name is not None:
         raise RuntimeError(
             f"{type(model).__name__} already holds S2A's {name!r}, but no S2A handle owns "
@@ -258,6 +263,6 @@ def apply_s2a(model: nn.Module, config: S2AConfig | None = None, **overrides: An
     structure = apply_structure(model, config)
     handle = S2AHandle(model, config, structure)
     added = {id(p) for p in model.parameters()} - before  # prompts, side, added biases
-    handle.engine.step_checks.append(UnsteppedCheck(model, added))
+    handle.unstepped = UnsteppedCheck(model, added)
     object.__setattr__(model, HANDLE_ATTR, handle)  # a plain attribute, not a submodule
     return handle

@@ -279,3 +279,28 @@ def test_a_module_called_several_times_in_a_forward_fits_a_codebook_per_call():
     shared, shared_books = grads(True)
     assert shared_books == separate_books == 4
     assert torch.equal(shared, separate)
+
+
+class _Unrolled(nn.Module):
+    """One nn.GELU applied 40 times in a forward, as a cell unrolled over a sequence."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.act, self.head = nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(40):
+            x = x + 0.1 * self.act(self.fc(x))
+        return self.head(x)
+
+
+def test_a_module_called_many_times_shares_codebooks_past_a_cap():
+    """Every codebook is fitted and refitted: a cell unrolled 64 times made 64 (first steps
+    28x slower). Calls past OWN_CODEBOOK_CALLS share the last one."""
+    from lightning_s2a.engine.recognition import OWN_CODEBOOK_CALLS
+
+    torch.manual_seed(0)
+    model = _Unrolled()
+    with apply_s2a(model, S2AConfig(head="head")) as handle:
+        model(torch.randn(64, 64)).sum().backward()
+        assert len(handle.engine.codebooks) == OWN_CODEBOOK_CALLS == 16

@@ -294,6 +294,12 @@ def test_an_s2a_model_is_freed_when_dropped_and_pickles_after_a_step():
     assert torch.equal(loaded.eval()(x), model.eval()(x))
     with pytest.raises(RuntimeError, match=r"holds S2A's 'engine hooks'.*a copy"):
         apply_s2a(loaded)  # bias-only: its engine's hooks came with it
+    with pytest.raises(RuntimeError, match=r"'engine hooks on 0'.*a copy"):
+        apply_s2a(nn.Sequential(loaded, nn.Linear(3, 2)), head=None)  # inside a wrapper
+    nf4 = timm.create_model("vit_tiny_patch16_224", num_classes=3, depth=1, img_size=32)
+    with apply_s2a(nf4, frozen_dtype="nf4"):
+        nf4(x).sum().backward()
+        torch.save(nf4, io.BytesIO())  # its step check's weak references stay behind
     alive = weakref.ref(model)
     del model, handle, loaded
     gc.collect()

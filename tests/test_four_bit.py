@@ -545,3 +545,33 @@ def test_a_dequantized_weight_does_not_make_attention_inputs_statistics():
     weight = 128 * 128 * 4  # out_proj's dequantized weight, kept for backward
     assert stored[None] < 0.5 * 4 * 4 * 16 * 128 * 4  # q, k, v, out: coded
     assert stored["nf4"] <= stored[None] + weight
+
+
+class Conv1D(nn.Module):
+    """Hugging Face's GPT-2 linear layer, as it is written there: ``addmm`` with a weight
+    stored (in, out)."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.02)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
+        return out.reshape(*x.shape[:-1], -1)
+
+
+def test_frozen_bfloat16_casts_transposed_convs_and_hugging_faces_conv1d():
+    """Weights autocast casts anyway, outside Linear and Conv: a transposed convolution's and
+    GPT-2's Conv1D's (8e5c0d0 left them fp32: nothing held on GPT-2). The model computes the
+    same under autocast during fit as after it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ConvTranspose2d(3, 8, 2, stride=2), nn.Flatten(2), Conv1D(5, 64))
+    model.eval()
+    x = torch.randn(2, 3, 4, 4)
+    with torch.autocast("cpu", torch.bfloat16), torch.no_grad():
+        expected = model(x).float()
+    with apply_s2a(model, frozen_dtype="bfloat16", head=None):
+        assert model[0].weight.dtype == model[2].weight.dtype == torch.bfloat16
+        with torch.autocast("cpu", torch.bfloat16), torch.no_grad():
+            assert torch.equal(model(x).float(), expected)

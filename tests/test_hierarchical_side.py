@@ -293,6 +293,10 @@ def test_a_tensor_operator_given_the_pyramid_says_what_it_is():
         pooled = torch.cat([f.mean(dim=(2, 3)) for f in pyramid], dim=1)
         means = type(pyramid)(f.mean(dim=(2, 3)) for f in pyramid)
         assert torch.equal(torch.cat(means, dim=1), pooled)  # list arguments take it as before
+        leaves, spec = torch.utils._pytree.tree_flatten(pyramid)  # DDP and compile flatten it
+        assert len(leaves) == 3 and type(torch.utils._pytree.tree_unflatten(leaves, spec)) is type(
+            pyramid
+        )
 
 
 def test_gradients_at_4_bits_follow_the_exact_ones():

@@ -163,8 +163,9 @@ class SavedTensorEngine:
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled with its model (``torch.save(model)``): without the caches a deep copy
-        starts anew (torch's descriptors in the operator cache cannot be pickled)."""
-        return {**self.__dict__, **self._new_caches()}
+        starts anew (torch's descriptors in the operator cache cannot be pickled), and
+        without the step checks (they hold weak references; a loaded copy has no handle)."""
+        return {**self.__dict__, **self._new_caches(), "step_checks": []}
 
     @staticmethod
     def _new_caches() -> dict[str, Any]:

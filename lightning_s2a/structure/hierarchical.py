@@ -46,6 +46,15 @@ class FeaturePyramid(list):
         raise AttributeError(f"'FeaturePyramid' object has no attribute {name!r}")
 
 
+# torch's pytree (DDP's output handling, torch.compile) flattens it as the list it is.
+torch.utils._pytree.register_pytree_node(
+    FeaturePyramid,
+    lambda pyramid: (list(pyramid), None),
+    lambda maps, _: FeaturePyramid(maps),
+    serialized_type_name="lightning_s2a.FeaturePyramid",
+)
+
+
 def _misread(what: str) -> str:
     return (
         f"{what} got S2A's feature pyramid where it takes a tensor: modules=['side'] with "

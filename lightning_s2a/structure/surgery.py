@@ -162,7 +162,7 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
             if in_four_bits:
                 frozen = frozen and name in layers and four_bit.worth_holding(p)
             else:
-                frozen = frozen and (name in layers or _in_projection(name, model))
+                frozen = frozen and (name in layers or _autocast_weight(name, model))
             if frozen:
                 state.cast_originals[name] = p.detach().to("cpu", copy=True)
         cast_frozen(model, state, config.frozen_dtype)
@@ -449,12 +449,21 @@ def _marker_in(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> 
     state_dict.pop(prefix + STATE_DICT_MARKER, None)
 
 
-def _in_projection(name: str, model: nn.Module) -> bool:
-    """True for ``nn.MultiheadAttention``'s input projection weights, which it multiplies
-    with ``F.linear`` (autocast casts them as a Linear's)."""
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _autocast_weight(name: str, model: nn.Module) -> bool:
+    """True for the other weights autocast hands its ops in low precision: those of
+    transposed convolutions, ``nn.MultiheadAttention``'s input projections (``F.linear``),
+    and Hugging Face's ``Conv1D`` (GPT-2's linear layers, an ``addmm``)."""
     owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner)
     projections = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
-    return leaf in projections and isinstance(model.get_submodule(owner), nn.MultiheadAttention)
+    if isinstance(module, nn.MultiheadAttention):
+        return leaf in projections
+    return leaf == "weight" and (
+        isinstance(module, _TRANSPOSED) or type(module).__name__ == "Conv1D"
+    )
 
 
 def _tied(model: nn.Module) -> set[int]:

@@ -1,62 +1,70 @@
-"""A step check for plain training loops: parameters S2A trains that no optimizer steps.
+"""A check for plain training loops: parameters S2A adds that no optimizer steps.
 
 An optimizer built before ``apply_s2a`` holds the parameters that existed then: the prompts,
-the side network and added biases S2A creates get gradients but never change, and the run
-quietly trains less than it says (BitFit instead of prompts; a side network that stays at
-its initialisation). Lightning builds optimizers after S2A (and checks them); a plain loop
-gets this warning instead.
+the side network and added biases S2A creates get gradients but no optimizer holds them, and
+the run quietly trains less than it says (BitFit instead of prompts; a side network that
+stays at its initialisation). Lightning builds optimizers after S2A (and checks them); a
+plain loop gets this warning instead.
 """
 
 from __future__ import annotations
 
 import warnings
+import weakref
+from typing import Any
 
+import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-#: Forwards after which parameters that never changed are named: a few optimizer steps with
-#: every trainable parameter's gradient nonzero by then (a low-rank prompt's first factor
-#: gets its first gradient after one step), or, where nothing moved at all, more than a
-#: usual gradient accumulation.
-SOME_MOVED_AFTER, NONE_MOVED_AFTER = 4, 16
+#: Steps of one optimizer after which the added parameters no stepping optimizer holds are
+#: named (several optimizers, one per part of the model, each step within them).
+STEPS = 3
 
 
 class UnsteppedCheck:
-    """Called at each forward's start (an engine step check): compares the trainable
-    parameters' version counters with the last forward's, and warns once if those S2A
-    added never changed while others did, or if nothing trainable changed at all."""
+    """An optimizer step pre-hook (PyTorch's global one, removed with the handle or the
+    model): notes which parameters the stepping optimizers hold, and warns once if, after a
+    few steps of one that holds some of the model's, added parameters with a gradient are
+    held by none. It reads what optimizers hold, not whether values changed: fused
+    optimizers, gradient accumulation and parameters without a gradient say nothing."""
 
     def __init__(self, model: nn.Module, added: set[int]) -> None:
-        self.model, self.added = model, added
-        self.last: dict[int, int] | None = None
-        self.moved: set[int] = set()
-        self.forwards = 0
-        self.done = False
+        self.model = weakref.ref(model)
+        self.added = added
+        self.held: set[int] = set()
+        self.steps: dict[int, int] = {}
+        self.done = not added
+        self.hook = register_optimizer_step_pre_hook(self)
+        weakref.finalize(model, self.hook.remove)
 
-    def __call__(self) -> None:
-        if self.done:
+    def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        model = self.model()
+        if self.done or model is None:
             return
-        trained = {id(p): p for p in self.model.parameters() if p.requires_grad}
-        versions = {i: p._version for i, p in trained.items()}
-        if self.last is not None:
-            self.moved |= {i for i, v in versions.items() if self.last.get(i, v) != v}
-        self.last = versions
-        self.forwards += 1
-        stuck = [i for i in trained if i in self.added and i not in self.moved]
-        if self.forwards > SOME_MOVED_AFTER and self.moved and stuck:
-            self._warn(stuck, "while the others trained")
-        elif self.forwards > NONE_MOVED_AFTER and not self.moved and trained:
-            self._warn(list(trained), "nor any other trainable parameter")
-        elif self.forwards > NONE_MOVED_AFTER or (self.moved and not stuck):
-            self.done = True
-
-    def _warn(self, ids: list[int], others: str) -> None:
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if not any(id(p) in held for p in model.parameters()):
+            return  # another model's optimizer
+        self.held |= held
+        self.steps[id(optimizer)] = steps = self.steps.get(id(optimizer), 0) + 1
+        if steps < STEPS:
+            return
         self.done = True
-        names = [n for n, p in self.model.named_parameters() if id(p) in set(ids)]
-        warnings.warn(
-            f"S2A: {len(names)} trainable parameters ({', '.join(names[:3])}"
-            f"{', ...' if len(names) > 3 else ''}) have not changed in {self.forwards - 1} "
-            f"steps, {others}: is the optimizer built before apply_s2a? It holds only the "
-            "parameters that existed then. Build it after apply_s2a, over the parameters "
-            "that require grad (said once).",
-            stacklevel=2,
-        )
+        missing = [
+            n
+            for n, p in model.named_parameters()
+            if id(p) in self.added and id(p) not in self.held and p.grad is not None
+        ]
+        if missing:
+            warnings.warn(
+                f"S2A: {len(missing)} parameters S2A added get gradients but no optimizer "
+                f"that steps holds them ({', '.join(missing[:3])}"
+                f"{', ...' if len(missing) > 3 else ''}): is the optimizer built before "
+                "apply_s2a? It holds only the parameters that existed then. Build it after "
+                "apply_s2a, over the parameters that require grad (said once).",
+                stacklevel=3,
+            )
+
+    def remove(self) -> None:
+        """Take the hook off (``handle.remove()``)."""
+        self.hook.remove()
