@@ -213,10 +213,10 @@ def check_no_s2a_inside(model: nn.Module) -> None:
         if n.rsplit(".", 1)[-1] in S2A_NAMES
     )
     name = next(made, None)
-    hooked = (n for n, m in model.named_modules() if _engine_hooked(m))
-    where = next(hooked, None)  # bias-only adds nothing but the hooks
-    if name is None and where is not None:
-        name = f"engine hooks{' on ' + where if where else ''}"
+    if name is None:  # bias-only adds nothing but the engine's hooks
+        where = next((n for n, m in model.named_modules() if _engine_hooked(m)), None)
+        if where is not None:
+            name = f"engine hooks{' on ' + where if where else ''}"
     if name is not None:
         raise RuntimeError(
             f"{type(model).__name__} already holds S2A's {name!r}, but no S2A handle owns "

@@ -104,7 +104,7 @@ class SavedTensorEngine:
         self._param_storages: set[int] = set()
         self._param_ids: set[int] = set()
         self._outside_ids: set[int] = set()  # parameters seen in calls, not the model's
-        self._warned: set[str] = set()
+        self._warned_out = False  # said that a forward ran without the engine
         #: True where something else calibrates on the first training batch (S2ACallback).
         self.calibrates_elsewhere = False
         self._weight_ids: set[int] = set()
@@ -316,7 +316,7 @@ class SavedTensorEngine:
             check_not_compiling(self.model, self.config.compress)  # before any change
             stay_out = foreign_autograd_context() or functorch_transform()
             if stay_out and not in_backward():
-                self._warn_once("stays out")
+                self._warn_staying_out()
             if not stay_out:
                 self._activate(is_root)
                 # The model's input is what a statistic is smaller than before anything is
@@ -331,11 +331,11 @@ class SavedTensorEngine:
             self._entries[name] = occurrence + 1
             self._frames.append([name, {}, occurrence])
 
-    def _warn_once(self, what: str) -> None:
+    def _warn_staying_out(self) -> None:
         """Say once that a forward ran with autograd but uncompressed, uncounted."""
-        if what in self._warned:
+        if self._warned_out:
             return
-        self._warned.add(what)
+        self._warned_out = True
         warnings.warn(
             f"S2A stays out of this forward of {type(self.model).__name__}: other saved-"
             "tensor hooks are installed (torch.autograd.graph.save_on_cpu, or the whole "
