@@ -575,3 +575,21 @@ def test_frozen_bfloat16_casts_transposed_convs_and_hugging_faces_conv1d():
         assert model[0].weight.dtype == model[2].weight.dtype == torch.bfloat16
         with torch.autocast("cpu", torch.bfloat16), torch.no_grad():
             assert torch.equal(model(x).float(), expected)
+
+
+@pytest.mark.parametrize("convert", ["float", "double"])
+def test_a_model_converted_after_a_bfloat16_cast_gets_its_exact_weights_back(convert):
+    """model.float() after frozen_dtype='bfloat16' looked like training to the end of fit
+    (the weights no longer equal their originals in fp32): the exact originals were replaced
+    by their bf16 roundings, for good. After model.double(), remove() put fp32 weights into
+    an fp64 model. Now both give the exact originals back, in the model's dtype."""
+    torch.manual_seed(0)
+    model = _PooledByAttention()
+    originals = {n: p.detach().clone() for n, p in model.named_parameters()}
+    handle = apply_s2a(model, frozen_dtype="bfloat16", head="head")
+    getattr(model, convert)()
+    handle.remove()
+    dtype = torch.float32 if convert == "float" else torch.float64
+    for n, p in model.named_parameters():
+        assert p.dtype == dtype and torch.equal(p.detach(), originals[n].to(dtype)), n
+    model(torch.randn(2, 3, 32, 32, dtype=dtype))

@@ -126,8 +126,14 @@ def _cast(pyramid: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]
 
 def moved(current: torch.Tensor, original: torch.Tensor) -> bool:
     """True if the cast weight ``current`` no longer holds its original's value in its own
-    dtype: it was unfrozen and trained since (or changed otherwise), and keeps what it has."""
-    return not torch.equal(current.detach(), original.to(current.device, current.dtype))
+    dtype: it was unfrozen and trained since (or changed otherwise), and keeps what it has.
+    The original rounded through a low-precision cast is no change: the model converted
+    since (``model.float()`` of a bf16-held weight) has trained nothing."""
+    value = current.detach()
+    return not any(
+        torch.equal(value, original.to(via).to(value.device, value.dtype))
+        for via in (original.dtype, torch.bfloat16, torch.float16)
+    )
 
 
 class OriginalsHooks:

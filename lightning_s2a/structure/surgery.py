@@ -506,5 +506,9 @@ def cast_frozen(model: nn.Module, state: StructureState, frozen_dtype: str | Non
             weight = original.to(current.device)
             four_bit.hold(module, weight, frozen_dtype, current.dtype)
         else:
-            dtype = getattr(torch, frozen_dtype) if frozen_dtype else original.dtype
+            # Put back: in the original's dtype, or in the one the model was converted to
+            # since (``model.double()``: not a low-precision cast of its own).
+            held = current.dtype in (torch.bfloat16, torch.float16)
+            dtype = original.dtype if held else current.dtype
+            dtype = getattr(torch, frozen_dtype) if frozen_dtype else dtype
             current.data = original.to(current.device, dtype)
