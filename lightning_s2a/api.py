@@ -263,6 +263,7 @@ def apply_s2a(model: nn.Module, config: S2AConfig | None = None, **overrides: An
     structure = apply_structure(model, config)
     handle = S2AHandle(model, config, structure)
     added = {id(p) for p in model.parameters()} - before  # prompts, side, added biases
-    handle.unstepped = UnsteppedCheck(model, added)
+    if added:  # bias-only adds nothing an older optimizer could miss
+        handle.unstepped = UnsteppedCheck(model, added)
     object.__setattr__(model, HANDLE_ATTR, handle)  # a plain attribute, not a submodule
     return handle

@@ -34,7 +34,7 @@ class UnsteppedCheck:
         self.added = added
         self.held: set[int] = set()
         self.steps: dict[int, int] = {}
-        self.done = not added
+        self.done = False
         self.hook = register_optimizer_step_pre_hook(self)
         weakref.finalize(model, self.hook.remove)
 
