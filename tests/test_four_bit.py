@@ -292,6 +292,46 @@ def test_state_dicts_of_submodules_and_shared_layers_hold_their_weights():
     assert all(torch.equal(model.state_dict()[k], v) for k, v in plain.state_dict().items())
 
 
+def test_bfloat16_state_dicts_of_submodules_and_shared_layers_hold_the_originals():
+    """frozen_dtype="bfloat16": the originals were put back in the root's state dict only, so
+    ``model.backbone.state_dict()`` and the second name of a shared layer held bf16-rounded
+    weights, and a checkpoint loaded the rounded copy over the exact one."""
+    torch.manual_seed(0)
+    model, plain = Shared(), Shared()
+    expected = model.state_dict()
+    with apply_s2a(model, frozen_dtype="bfloat16"):
+        assert model.backbone[0].weight.dtype == model.enc.weight.dtype == torch.bfloat16
+        full = model.state_dict()
+        assert set(full) == set(expected)  # bias-only: nothing added, no marker
+        for k, v in expected.items():  # alias.weight too
+            assert full[k].dtype == v.dtype and torch.equal(full[k], v), k
+        sub = model.backbone.state_dict()
+        assert sub["0.weight"].dtype == torch.float32
+        assert torch.equal(sub["0.weight"], expected["backbone.0.weight"])
+        fresh = Shared()
+        fresh.load_state_dict(full)  # the alias's entry loads last: it is exact too
+        assert torch.equal(fresh.backbone[0].weight, expected["backbone.0.weight"])
+        # loaded from below, the loaded value becomes the original
+        model.backbone.load_state_dict(plain.backbone.state_dict())
+        assert model.backbone[0].weight.dtype == torch.bfloat16
+        assert torch.equal(model.alias.state_dict()["weight"], plain.backbone[0].weight)
+    for k, v in plain.backbone.state_dict().items():
+        assert torch.equal(model.backbone.state_dict()[k], v), k
+
+
+def test_a_model_converted_to_half_after_a_bfloat16_cast_gets_its_weights_back_in_half():
+    """model.half() while weights were held in bf16: remove() put fp32 weights into an fp16
+    model (its next forward failed on mismatched dtypes); they come back in its dtype."""
+    torch.manual_seed(0)
+    model = Shared()
+    originals = {n: p.detach().clone() for n, p in model.named_parameters()}
+    handle = apply_s2a(model, frozen_dtype="bfloat16")
+    model.half()
+    handle.remove()
+    for n, p in model.named_parameters():
+        assert p.dtype == torch.float16 and torch.equal(p, originals[n].half()), n
+
+
 def test_tied_weights_are_not_held_and_stay_tied():
     model = Shared()
     with apply_s2a(model, frozen_dtype="nf4") as handle:

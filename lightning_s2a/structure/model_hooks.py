@@ -137,8 +137,10 @@ def moved(current: torch.Tensor, original: torch.Tensor) -> bool:
 
 
 class OriginalsHooks:
-    """Checkpoints hold frozen weights cast by ``frozen_dtype`` as the user built them, and a
-    loaded state dict becomes the new original (a resumed run never gets stale weights).
+    """Checkpoints hold a frozen weight cast by ``frozen_dtype`` as the user built it, and a
+    loaded state dict makes the loaded value its new original (a resumed run never gets a
+    stale weight). Registered on the layer that owns the weight, so the state dict of any
+    module above it, and every name the layer is registered under, holds the original.
 
     A weight whose value moved since the cast (unfrozen and trained, also if frozen again
     since: :func:`moved`) is held as it is now, in the dtype it was built in, not as
@@ -147,22 +149,25 @@ class OriginalsHooks:
     loads its parameter as any other.
     """
 
-    def __init__(self, originals: dict[str, torch.Tensor]) -> None:
-        self.originals = originals
+    def __init__(self, originals: dict[str, torch.Tensor], name: str) -> None:
+        self.originals, self.name = originals, name
+        self.leaf = name.rpartition(".")[2]
 
-    def state_dict(self, module: nn.Module, state_dict: dict, prefix: str, meta: Any) -> None:
-        for name, original in self.originals.items():
-            value = state_dict.get(prefix + name)
-            if value is None:
-                continue
-            trained = moved(value, original)
-            state_dict[prefix + name] = value.to(original.dtype) if trained else original.clone()
+    def state_dict(self, layer: nn.Module, state_dict: dict, prefix: str, meta: Any) -> None:
+        original = self.originals.get(self.name)
+        value = state_dict.get(prefix + self.leaf)
+        if original is None or value is None:
+            return
+        trained = moved(value, original)
+        state_dict[prefix + self.leaf] = value.to(original.dtype) if trained else original.clone()
 
-    def load(self, module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-        for name, original in self.originals.items():
-            value = state_dict.get(prefix + name)
-            if isinstance(value, torch.Tensor) and value.shape == original.shape:
-                self.originals[name] = value.detach().to("cpu", original.dtype, copy=True)
+    def load(self, layer: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        original = self.originals.get(self.name)
+        value = state_dict.get(prefix + self.leaf)
+        if original is None or not isinstance(value, torch.Tensor):
+            return
+        if value.shape == original.shape:
+            self.originals[self.name] = value.detach().to("cpu", original.dtype, copy=True)
 
 
 class HeldLayerHooks:

@@ -168,17 +168,17 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
         cast_frozen(model, state, config.frozen_dtype)
         # Checkpoints hold the weights as the user built them, and a loaded state dict
         # becomes the new original: a resumed run's weights are never replaced by stale ones.
-        if in_four_bits:  # on each layer: a submodule's own state dict has its weights too
-            for name in state.cast_originals:
-                layer = model.get_submodule(name.rpartition(".")[0])
+        # On each layer: a submodule's own state dict, and a layer under two names, hold
+        # the originals too.
+        for name in state.cast_originals:
+            layer = model.get_submodule(name.rpartition(".")[0])
+            if in_four_bits:
                 held = HeldLayerHooks(state.cast_originals, name, str(config.frozen_dtype))
-                # partial: torch marks the hook with an attribute, which a method cannot take
-                state.hooks.append(layer.register_state_dict_post_hook(partial(held.state_dict)))
-                state.hooks.append(layer.register_load_state_dict_pre_hook(held.load))
-        else:
-            cast = OriginalsHooks(state.cast_originals)
-            state.hooks.append(model.register_state_dict_post_hook(partial(cast.state_dict)))
-            state.hooks.append(model.register_load_state_dict_pre_hook(cast.load))
+            else:
+                held = OriginalsHooks(state.cast_originals, name)
+            # partial: torch marks the hook with an attribute, which a method cannot take
+            state.hooks.append(layer.register_state_dict_post_hook(partial(held.state_dict)))
+            state.hooks.append(layer.register_load_state_dict_pre_hook(held.load))
     for head in head_modules(state.head):
         state.parts.append((_name_of(model, head), "head"))
     if "prompt" in modules:
@@ -489,6 +489,7 @@ def cast_frozen(model: nn.Module, state: StructureState, frozen_dtype: str | Non
     it when the originals are put back, converted to the original's dtype, which becomes its
     original; one that did not move gets its exact original back.
     """
+    converted: list[torch.dtype | None] = []  # the model's dtype, looked up where needed
     for name, original in list(state.cast_originals.items()):
         owner, _, leaf = name.rpartition(".")
         module = model.get_submodule(owner)
@@ -507,8 +508,26 @@ def cast_frozen(model: nn.Module, state: StructureState, frozen_dtype: str | Non
             four_bit.hold(module, weight, frozen_dtype, current.dtype)
         else:
             # Put back: in the original's dtype, or in the one the model was converted to
-            # since (``model.double()``: not a low-precision cast of its own).
+            # since (``model.double()``, ``.half()``, "bf16-true": not a cast of its own).
             held = current.dtype in (torch.bfloat16, torch.float16)
-            dtype = original.dtype if held else current.dtype
+            if held and not converted:
+                converted.append(_model_dtype(model, state))
+            dtype = (converted[0] or original.dtype) if held else current.dtype
             dtype = getattr(torch, frozen_dtype) if frozen_dtype else dtype
             current.data = original.to(current.device, dtype)
+
+
+def _model_dtype(model: nn.Module, state: StructureState) -> torch.dtype | None:
+    """The one floating dtype of the model's tensors that ``frozen_dtype`` did not cast, or
+    None where they have several: a model converted while its weights were held
+    (``.half()`` after a bf16 cast) gets its weights back in its dtype, not the original's."""
+    cast = {
+        id(getattr(model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2], None))
+        for n in state.cast_originals
+    }
+    dtypes = {
+        t.dtype
+        for t in (*model.parameters(), *model.buffers())
+        if t.is_floating_point() and id(t) not in cast
+    }
+    return dtypes.pop() if len(dtypes) == 1 else None
