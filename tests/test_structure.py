@@ -1096,6 +1096,54 @@ def test_a_deep_copy_after_training_steps_trains_like_the_original(family, field
     )
 
 
+@pytest.mark.parametrize("frozen_dtype", [None, "bfloat16", "nf4"])
+def test_a_deep_copy_of_a_part_copies_only_that_part(frozen_dtype):
+    """copy.deepcopy(model.head) (a probe head, a teacher block) reached the engine through the
+    part's hooks, and the engine holds the model: every copy took the whole model with it
+    (~330 MB for a ViT-B head), and with frozen weights cast, every layer's original too."""
+    torch.manual_seed(0)
+    model = SMALL["vit"]().train()
+    handle = apply_s2a(model, input_size=SIZE, frozen_dtype=frozen_dtype)
+    originals = handle.structure.cast_originals
+    assert bool(originals) == (frozen_dtype is not None)
+    for name in ("head", "blocks.0"):
+        outside = [*model.patch_embed.parameters()]
+        outside += [t for n, t in originals.items() if not n.startswith(name + ".")]
+        memo: dict = {}
+        copy.deepcopy(model.get_submodule(name), memo)
+        assert not any(id(t) in memo for t in outside)  # nothing outside the part came along
+        assert id(model) not in memo
+        own = [t for n, t in originals.items() if n.startswith(name + ".")]
+        assert all(id(t) in memo for t in own)  # its own originals did: its state dict
+        copied = copy.deepcopy(model.get_submodule(name)).state_dict()
+        for k, v in model.get_submodule(name).state_dict().items():
+            assert torch.equal(copied[k], v), k
+    # the copy computes as the part does without S2A, with autograd
+    head_copy, x = copy.deepcopy(model.head), torch.randn(2, model.head.in_features)
+    plain = nn.Linear(model.head.in_features, model.head.out_features)
+    plain.load_state_dict(model.head.state_dict())
+    head_copy(x).square().sum().backward()
+    plain(x).square().sum().backward()
+    assert torch.equal(head_copy.weight.grad, plain.weight.grad)
+    handle.remove()
+
+
+def test_a_model_copied_through_a_second_name_of_a_part_is_refused_at_its_forward():
+    """A part registered under a second name ahead of the model: deepcopy reaches the engine
+    through the part first, so the copied model's engine is the inert one of a copied part.
+    Its forwards would run uncompressed and uncounted, so the copy says so at its forward."""
+    torch.manual_seed(0)
+    model = SMALL["vit"]()
+    handle = apply_s2a(model, input_size=SIZE)
+    holder = nn.Module()
+    holder.head = model.head  # registered first
+    holder.model = model
+    copied = copy.deepcopy(holder)
+    with pytest.raises(RuntimeError, match=r"copy of the S2A model \(VisionTransformer\) was"):
+        copied.model(torch.randn(2, *SIZE))
+    handle.remove()
+
+
 def test_loading_into_a_deep_copy_leaves_the_original_alone():
     """frozen_dtype keeps the exact originals for checkpoints and undo; a copy's load must
     write into the copy's, or stop_engine would give the original the copy's weights."""

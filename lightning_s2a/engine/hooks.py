@@ -153,10 +153,18 @@ class SavedTensorEngine:
         torch's own descriptors and the account weak references to storages, and neither
         can be copied (a copied storage reference is released twice). The copy's hooks stay
         as long as the copy lives.
+
+        A copy of a part of the model (``copy.deepcopy(model.head)``, a teacher copied from
+        a backbone the model holds) reaches the engine through that part's hooks, not
+        through the model: it gets an inert engine, not a copy of the whole model (a ViT-B
+        head's copy took ~330 MB), and computes as the part does without S2A.
         """
         fresh = self._new_caches()
         clone = object.__new__(type(self))
         memo[id(self)] = clone
+        if id(self.model) not in memo:
+            clone.__dict__.update(fresh, model=None, _inert_root=type(self.model).__name__)
+            return clone
         for key, value in self.__dict__.items():
             setattr(clone, key, fresh[key] if key in fresh else copy.deepcopy(value, memo))
         return clone
@@ -303,6 +311,17 @@ class SavedTensorEngine:
     # -- forward boundaries ------------------------------------------------------------
     def _enter(self, name: str, is_root: bool, module: nn.Module, args: Any) -> None:
         """Forward pre-hook of module ``name`` (bound with ``functools.partial``)."""
+        if self.model is None:  # the inert engine of a copied part (see __deepcopy__)
+            if is_root:
+                raise RuntimeError(
+                    f"This copy of the S2A model ({self._inert_root}) was made through one "
+                    "of its parts: copy.deepcopy reached a submodule registered under a "
+                    "second name before the model itself, and the copy's engine knows no "
+                    "model, so its saved tensors would be neither compressed nor counted. "
+                    "Copy the model S2A was applied to (or the object that registers it "
+                    "first), or apply_s2a to a copy made before."
+                )
+            return
         if is_root and redirected_call(module):
             # Lightning's DDP step through the model's call: no forward (the loss, the
             # metrics); the real one runs inside it. Its post-hook finds this depth again.
@@ -346,6 +365,8 @@ class SavedTensorEngine:
         )
 
     def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.model is None:  # the inert engine of a copied part
+            return
         if self._redirects and self._redirects[-1] == self._depth and module is self.model:
             self._redirects.pop()  # the redirected call's own end
             return

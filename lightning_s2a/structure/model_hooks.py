@@ -153,6 +153,9 @@ class OriginalsHooks:
         self.originals, self.name = originals, name
         self.leaf = name.rpartition(".")[2]
 
+    def __getstate__(self) -> dict[str, Any]:
+        return _own_original(self)
+
     def state_dict(self, layer: nn.Module, state_dict: dict, prefix: str, meta: Any) -> None:
         original = self.originals.get(self.name)
         value = state_dict.get(prefix + self.leaf)
@@ -177,6 +180,9 @@ class HeldLayerHooks:
     def __init__(self, originals: dict[str, torch.Tensor], name: str, quant_type: str) -> None:
         self.originals, self.name, self.quant_type = originals, name, quant_type
 
+    def __getstate__(self) -> dict[str, Any]:
+        return _own_original(self)
+
     def state_dict(self, layer: nn.Module, state_dict: dict, prefix: str, meta: Any) -> None:
         if four_bit.is_held(layer):
             state_dict[prefix + "weight"] = self.originals[self.name].clone()
@@ -197,6 +203,15 @@ class HeldLayerHooks:
         # gets the codes it trained with, and the weight still comes back in its dtype
         weight = value.detach().to(four_bit.device_of(layer), original.dtype)
         four_bit.hold(layer, weight, self.quant_type, four_bit.dtype_of(layer))
+
+
+def _own_original(hooks: OriginalsHooks | HeldLayerHooks) -> dict[str, Any]:
+    """A copied or pickled layer's hooks take their own original, not the whole model's: the
+    shared dict is read and written only under each hook's name, and only the handle (which
+    no copy has) puts them all back. ``copy.deepcopy(model.head)`` of a bf16-held ViT-B
+    copied every weight of the model (~330 MB) with it."""
+    own = {k: v for k, v in hooks.originals.items() if k == hooks.name}
+    return {**hooks.__dict__, "originals": own}
 
 
 _HELD_MODE = "_s2a_mode_before_hold"
