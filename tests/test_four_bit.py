@@ -186,6 +186,31 @@ def test_remove_gives_back_the_same_parameter_objects_in_their_places():
     assert all(torch.equal(p, values[n]) for n, p in model.named_parameters())
 
 
+def test_backward_after_remove_uses_the_weights_the_forward_used():
+    """``with apply_s2a(model) as h: loss = ...`` then ``loss.backward()`` after the block:
+    backward dequantized from the layer, which remove() had given its weight back, and
+    failed with "'Linear' object has no attribute '_s2a_four_bit'"."""
+    x, y = _data()
+    grads = []
+    for remove_first in (False, True):
+        torch.manual_seed(0)
+        model = ConvMixer()
+        handle = apply_s2a(model, frozen_dtype="nf4")
+        model.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        if remove_first:
+            handle.remove()
+            assert not four_bit.is_held(model.fc1)
+        loss.backward()
+        grads.append(
+            torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+        )
+        if not remove_first:
+            handle.remove()
+    assert grads[0].numel() == grads[1].numel() > 0
+    assert torch.equal(grads[1], grads[0])  # the 4-bit weights, not the exact ones
+
+
 def test_adapter_trained_with_nf4_loads_on_a_fresh_model(tmp_path):
     torch.manual_seed(0)
     model = ConvMixer()

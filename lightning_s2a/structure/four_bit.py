@@ -22,8 +22,9 @@ computes, never for all layers at once. Double quantization of the scales is not
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -190,18 +191,31 @@ def dtype_of(module: nn.Module) -> torch.dtype:
 
 def dequantize(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The held weight's values, in ``dtype`` (default: the module's dtype)."""
+    return rebuild_from(module)(dtype or dtype_of(module))
+
+
+def rebuild_from(module: nn.Module) -> Callable[[torch.dtype], torch.Tensor]:
+    """A function that dequantizes the weight ``module`` holds now, in a given dtype, for a
+    backward: it keeps these codes, so a backward after ``remove()`` (the module released)
+    or after the weight was quantized again still gets the weight its forward computed with
+    (it failed with an AttributeError)."""
+    codes, absmax, meta = getattr(module, _CODES), getattr(module, _ABSMAX), getattr(module, _META)
+    return partial(_dequantize, codes, absmax, meta)
+
+
+def _dequantize(
+    codes: torch.Tensor, absmax: torch.Tensor, meta: _Meta, dtype: torch.dtype
+) -> torch.Tensor:
     import bitsandbytes.functional as bnbf
 
-    meta: _Meta = getattr(module, _META)
-    dtype = dtype or dtype_of(module)
     state = bnbf.QuantState(
-        absmax=getattr(module, _ABSMAX).view(torch.float32),
+        absmax=absmax.view(torch.float32),
         shape=torch.Size((meta.shape[0], meta.padded_row)),
         blocksize=BLOCK_SIZE,
         quant_type=meta.quant_type,
         dtype=dtype if dtype in _BNB_DTYPES else torch.float32,
     )
-    rows = bnbf.dequantize_4bit(getattr(module, _CODES), state)
+    rows = bnbf.dequantize_4bit(codes, state)
     if meta.padded_row != meta.row:
         rows = rows[:, : meta.row]
     return rows.reshape(meta.shape).to(dtype)
@@ -297,12 +311,12 @@ class _FourBitLinear(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
         _, weight, _, source = inputs
-        ctx.source, ctx.dtype = source, weight.dtype
+        ctx.rebuild, ctx.dtype = rebuild_from(source), weight.dtype
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         need_x, _, need_bias, _ = ctx.needs_input_grad
-        grad_x = grad @ dequantize(ctx.source, ctx.dtype) if need_x else None
+        grad_x = grad @ ctx.rebuild(ctx.dtype) if need_x else None
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if need_bias else None
         return grad_x, None, grad_bias, None
 

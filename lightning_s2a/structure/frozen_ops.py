@@ -21,14 +21,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
 from .derived_weights import rebuild_of, standardized_weight
-from .four_bit import dequantize, source_of
+from .four_bit import rebuild_from, source_of
 
 Rewrite = Callable[[Any, tuple, dict], Any]
 """``rewrite(func, args, kwargs)`` returns the replacement result or ``NotImplemented``."""
@@ -264,7 +263,7 @@ def frozen_conv(func: Any, args: tuple, kwargs: dict) -> Any:
         return NotImplemented
     # Read before autocast makes a copy that is neither marked nor a view of the original.
     source = source_of(weight)
-    rebuild = partial(dequantize, source) if source is not None else rebuild_of(weight)
+    rebuild = rebuild_from(source) if source is not None else rebuild_of(weight)
     x, weight, bias = autocast_inputs(x, weight, bias)
     geom = _ConvGeometry(func, stride, padding, dilation, bound["groups"])
     return _FrozenWeightConv.apply(x, weight, bias, geom, rebuild)
