@@ -912,6 +912,61 @@ def test_statistics_re_estimation_of_a_held_batch_norm_is_an_error():
         update_bn([X], AveragedModel(model))
 
 
+def test_a_failed_re_estimation_puts_the_statistics_back():
+    """update_bn resets every BatchNorm before its pass, and the error at the first held one
+    left them reset: a notebook that went on after the error evaluated with mean 0, variance
+    1, silently. Statistics the reset alone changed are put back, with their momentum; ones
+    loaded since S2A last saw them are named as left reset."""
+    import timm
+    from torch.optim.swa_utils import update_bn
+
+    from lightning_s2a import apply_s2a
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=4)
+    with torch.no_grad():  # statistics of its own, as pretrained
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2), m.running_var.uniform_(0.5, 2.0)
+    model.layer1[0].bn1.momentum = 0.05  # one with a momentum of its own
+    handle = apply_s2a(model, S2AConfig())
+    held = handle.held_batch_norms()
+    assert len(held) > 10
+    model.train()
+    model(X).sum().backward()  # a step: statistics held
+    saved = {id(bn): (bn.running_mean.clone(), bn.running_var.clone(), bn.momentum) for bn in held}
+    model.eval()
+    with torch.no_grad():
+        want = model(X)
+    with pytest.raises(
+        RuntimeError, match=rf"statistics of the {len(held)} held BatchNorms were put back"
+    ):
+        update_bn([X], model)
+    for bn in held:
+        mean, var, momentum = saved[id(bn)]
+        assert torch.equal(bn.running_mean, mean) and torch.equal(bn.running_var, var)
+        assert bn.momentum == momentum
+    assert model.layer1[0].bn1.momentum == 0.05
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(X), want)
+
+    # A load between the last forward and the pass: what was loaded cannot be told from what
+    # S2A saw, so those stay reset, and the error says how many.
+    other = timm.create_model("resnet10t", num_classes=4)
+    with torch.no_grad():
+        for m in other.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.fill_(0.3)
+    model.layer1.load_state_dict(other.layer1.state_dict())
+    loaded = [bn for bn in held if any(bn is m for m in model.layer1.modules())]
+    with pytest.raises(RuntimeError, match=rf"{len(held) - len(loaded)} of the {len(held)} held"):
+        update_bn([X], model)
+    assert all(not bn.running_mean.any() for bn in loaded)  # reset: load them again
+    assert all(bn.running_mean.any() for bn in held if bn not in loaded)
+    handle.remove()
+
+
 def test_a_batch_norm_built_with_cumulative_statistics_is_held_without_error():
     # momentum=None with fresh statistics is also what a re-estimation pass looks like; one
     # built so is held as any other, and its statistics stay.

@@ -224,37 +224,112 @@ def is_held(bn: nn.Module) -> bool:
     return not (isinstance(weight, torch.Tensor) and weight.requires_grad)
 
 
-def hold_eval(fresh_at_apply: bool, module: nn.Module, args: Any) -> None:
-    """Pre-hook of a frozen BatchNorm (``bn_mode="eval"``): eval mode for this call only.
+class HeldStatistics:
+    """Pre-hooks of the frozen BatchNorms S2A holds in eval mode (``bn_mode="eval"``).
 
-    Decided per call: a BatchNorm whose weight was unfrozen since (``BackboneFinetuning``, a
-    second, fully fine-tuned phase) trains as PyTorch would. A re-estimation of its statistics
-    (``momentum=None`` after a reset, as ``StochasticWeightAveraging`` and
-    ``torch.optim.swa_utils.update_bn`` run it) is an error: held, the statistics would stay
-    reset. ``fresh_at_apply`` is True for a BatchNorm whose statistics were fresh (mean 0,
-    variance 1) when S2A was applied: held fresh, they lose nothing to a reset, and one built
-    with ``momentum=None`` trains without the error.
+    Each BatchNorm keeps a copy of its running statistics as last seen held (small: two
+    vectors per layer), so a re-estimation pass that fails on a held one can put back what
+    it reset in all of them (:meth:`hold`).
     """
-    # Each call, because Lightning and users call model.train() at will. The mode is kept on
-    # the module itself, so a deep copy of the model (EMA) holds its own.
-    if not is_held(module):
+
+    def __init__(self, batch_norms: list[nn.Module]) -> None:
+        self.batch_norms = batch_norms
+        for bn in batch_norms:
+            _save_statistics(bn)
+
+    def hold(self, fresh_at_apply: bool, module: nn.Module, args: Any) -> None:
+        """Eval mode for this call only.
+
+        Decided per call: a BatchNorm whose weight was unfrozen since (``BackboneFinetuning``,
+        a second, fully fine-tuned phase) trains as PyTorch would. A re-estimation of its
+        statistics (``momentum=None`` after a reset, as ``StochasticWeightAveraging`` and
+        ``torch.optim.swa_utils.update_bn`` run it) is an error: held, the statistics would
+        stay reset. Before raising, the statistics the pass reset are put back in every held
+        BatchNorm, with their momentum (the error left them reset: a notebook that went on
+        after it evaluated with mean 0, variance 1). ``fresh_at_apply`` is True for a
+        BatchNorm whose statistics were fresh (mean 0, variance 1) when S2A was applied:
+        held fresh, they lose nothing to a reset, and one built with ``momentum=None``
+        trains without the error.
+        """
+        # Each call, because Lightning and users call model.train() at will. The mode is kept
+        # on the module itself, so a deep copy of the model (EMA) holds its own.
+        if not is_held(module):
+            return
+        if (
+            module.training
+            and module.momentum is None
+            and not fresh_at_apply
+            and reset_statistics(module)
+        ):
+            kept = self._put_back()
+            raise RuntimeError(
+                "a statistics re-estimation pass (momentum=None, statistics reset: "
+                "StochasticWeightAveraging or torch.optim.swa_utils.update_bn) reached a "
+                f"frozen {type(module).__name__} that S2A holds in eval mode (bn_mode='eval'): "
+                "its running statistics were reset and would not be re-estimated. "
+                + (
+                    f"The statistics of the {kept} held BatchNorms were put back. "
+                    if kept == len(self.batch_norms)
+                    else f"The statistics of {kept} of the {len(self.batch_norms)} held "
+                    "BatchNorms were put back; the others changed since S2A last saw them "
+                    "(a load) and stay reset: load them again. "
+                )
+                + "Leave the re-estimation out (the backbone trained with its frozen "
+                "statistics), or train with S2AConfig(bn_mode='train')."
+            )
+        mean = module.running_mean
+        saved = module.__dict__.get(_SAVED)
+        if isinstance(mean, torch.Tensor) and (saved is None or saved[0] != mean._version):
+            _save_statistics(module)  # loaded, moved or trained while unfrozen since
+        module.__dict__[_HELD_MODE] = module.training
+        module.training = False
+
+    def _put_back(self) -> int:
+        """Put back the statistics a reset took from each held BatchNorm, where the reset is
+        the only change since they were saved; the number put back."""
+        kept = 0
+        for bn in self.batch_norms:
+            saved = bn.__dict__.get(_SAVED)
+            mean = bn.running_mean
+            if saved is None or not isinstance(mean, torch.Tensor) or not is_held(bn):
+                continue
+            version, saved_mean, saved_var, saved_count, momentum = saved
+            if not reset_statistics(bn):
+                kept += 1  # not reset (a pass over part of the model)
+            elif mean._version == version + 1 or reset_values(saved_mean, saved_var):
+                # reset_running_stats and nothing else since, or fresh when saved
+                with torch.no_grad():
+                    mean.copy_(saved_mean)
+                    bn.running_var.copy_(saved_var)
+                    if saved_count is not None and bn.num_batches_tracked is not None:
+                        bn.num_batches_tracked.copy_(saved_count)
+                bn.momentum = momentum
+                _save_statistics(bn)
+                kept += 1
+        return kept
+
+
+_SAVED = "_s2a_statistics_held"
+
+
+def _save_statistics(bn: nn.Module) -> None:
+    """Keep a copy of ``bn``'s running statistics and momentum, with the statistics' version."""
+    mean, count = bn.running_mean, getattr(bn, "num_batches_tracked", None)
+    if not isinstance(mean, torch.Tensor):
         return
-    if (
-        module.training
-        and module.momentum is None
-        and not fresh_at_apply
-        and reset_statistics(module)
-    ):
-        raise RuntimeError(
-            f"a statistics re-estimation pass (momentum=None, statistics reset: "
-            "StochasticWeightAveraging or torch.optim.swa_utils.update_bn) reached a frozen "
-            f"{type(module).__name__} that S2A holds in eval mode (bn_mode='eval'): its running "
-            "statistics were reset and would not be re-estimated. Leave the re-estimation out "
-            "(the backbone trained with its frozen statistics), or train with "
-            "S2AConfig(bn_mode='train')."
-        )
-    module.__dict__[_HELD_MODE] = module.training
-    module.training = False
+    count = count.clone() if isinstance(count, torch.Tensor) else None
+    momentum = bn.momentum if bn.momentum is not None else _saved_momentum(bn)
+    bn.__dict__[_SAVED] = (mean._version, mean.clone(), bn.running_var.clone(), count, momentum)
+
+
+def _saved_momentum(bn: nn.Module) -> float | None:
+    saved = bn.__dict__.get(_SAVED)
+    return saved[4] if saved is not None else None
+
+
+def forget_statistics(bn: nn.Module) -> None:
+    """Drop the copy :class:`HeldStatistics` kept on ``bn`` (S2A taken off)."""
+    bn.__dict__.pop(_SAVED, None)
 
 
 def reset_statistics(bn: nn.Module) -> bool:
@@ -262,6 +337,11 @@ def reset_statistics(bn: nn.Module) -> bool:
     mean, var = bn.running_mean, bn.running_var
     if mean is None or var is None:
         return False
+    return reset_values(mean, var)
+
+
+def reset_values(mean: torch.Tensor, var: torch.Tensor) -> bool:
+    """True for the statistics a reset leaves: mean 0, variance 1."""
     return not bool(mean.any()) and bool(var.eq(1).all())
 
 

@@ -23,9 +23,10 @@ from .hierarchical import HierarchicalSide, Tap, map_stride, token_grid
 from .holders import home
 from .model_hooks import (
     HeldLayerHooks,
+    HeldStatistics,
     OriginalsHooks,
     SideHooks,
-    hold_eval,
+    forget_statistics,
     moved,
     release_eval,
     reset_statistics,
@@ -211,8 +212,9 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
         # ``forward_features`` or through its parts must never update frozen statistics.
         # In eval mode for the call only: outside it each keeps the mode the user or
         # Lightning set (a user's own eval BatchNorm stays eval after undo).
+        held = HeldStatistics(state.batch_norms)
         for bn in state.batch_norms:
-            hold = partial(hold_eval, reset_statistics(bn))  # fresh: a reset loses nothing
+            hold = partial(held.hold, reset_statistics(bn))  # fresh: a reset loses nothing
             state.hooks.append(bn.register_forward_pre_hook(hold))
             state.hooks.append(bn.register_forward_hook(release_eval, always_call=True))
 
@@ -430,6 +432,8 @@ def undo_structure(model: nn.Module, state: StructureState) -> None:
             if unchanged and torch.equal(tensor, written.to(tensor.device, tensor.dtype)):
                 tensor.copy_(before)
     state.overwritten.clear()
+    for bn in state.batch_norms:
+        forget_statistics(bn)
     for name, p in model.named_parameters():
         if name in state.flags:
             p.requires_grad_(state.flags[name])
