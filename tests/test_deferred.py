@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -142,3 +143,34 @@ def test_engine_defers_answers_and_counts_every_tensor_by_the_end_of_forward():
     assert generic["stored_bytes"] == generic["raw_bytes"] > 0
     assert stats_now["by_kind"]["elementwise"]["stored_bytes"] * 8 <= 65536
     assert_close_in_norm(grads_later, grads_now, 1e-14)
+
+
+def test_a_deferred_tensor_changed_in_place_after_its_save_is_refused_as_pytorch_does():
+    """A deferred answer that the codes do not hold (an infinity) kept the tensor as it was
+    when the answer was read: a change in place after the save went into the gradient,
+    where plain PyTorch raises autograd's error."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.head = nn.Linear(64, 128), nn.Linear(128, 3)
+
+        def forward(self, x):
+            h = self.a(x).clone()
+            h[0, 0] = float("inf")  # the codes cannot hold it: kept
+            z = F.gelu(h)  # saves its input
+            h.mul_(0.5)  # changed after the save
+            return self.head(z.clamp(max=1e3))
+
+    torch.manual_seed(0)
+    model, x = Net().double(), torch.randn(32, 64, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        model(x).sum().backward()  # plain PyTorch
+    for defer in (False, True):
+        with apply_s2a(model, S2AConfig(head="head", min_numel=1)) as handle:
+            if defer:
+                record, _ = _slow_device()
+                handle.engine.defer_on = ("cpu",)
+                handle.engine._deferred = DeferredChecks(lag=10**6, record=record)
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                model(x).sum().backward()

@@ -340,3 +340,44 @@ def test_step_masks_with_large_or_infinite_bounds_pass_gradients_as_pytorch(op, 
 
     exact, coded = input_grad(False), input_grad(True)
     assert exact.abs().sum() > 0 and torch.equal(exact, coded)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_minmax_keeps_a_tensor_too_small_for_fp16_stats_exactly(bits):
+    """fp16 offsets and scales have an absolute step of 2**-24 below 2**-14: a tensor of
+    magnitude 1e-7 got zero scales and decoded to zeros (every gradient through it zero)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(16, 96, generator=g)
+    x = x / x.abs().max()  # largest magnitude exactly 1
+    bound = 2.0 ** (2 * bits - 24)
+    for scale in (bound / 2, 1e-7 * bound, 1e-30):
+        packed = MinMaxPacked(x * scale, PackOptions(bits=bits))
+        assert _same_bits(packed.unpack(), x * scale), scale
+        assert packed.nbytes == x.numel() * 4
+    for scale in (bound * 2, 1.0):
+        packed = MinMaxPacked(x * scale, PackOptions(bits=bits))
+        assert packed.nbytes < x.numel() * 4, scale
+        err = (packed.unpack() - x * scale).norm() / (x * scale).norm()
+        assert err < 2.0 ** (1 - bits), (scale, err)  # within the codes' own error
+    # stats that rounded to zero cannot tell zeros from a flattened tensor: zeros are kept
+    zeros = MinMaxPacked(torch.zeros(16, 96), PackOptions(bits=bits))
+    assert zeros.nbytes == x.numel() * 4 and not zeros.unpack().any()
+
+
+def test_gradients_through_tiny_activations_match_uncompressed():
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(64, 128), nn.Linear(64, 128), nn.Linear(128, 10)
+
+        def forward(self, x):
+            return self.head(self.a(x) * 1e-7 * self.b(x) / 1e-7)  # mul saves 1e-7-sized values
+
+    torch.manual_seed(0)
+    model = Scaled().double()
+    x, y = torch.randn(32, 64, dtype=torch.float64), torch.randint(0, 10, (32,))
+    with apply_s2a(model, S2AConfig(compress=False, head="head")):
+        want = trainable_grads(model, x, y)
+    with apply_s2a(model, S2AConfig(head="head")):
+        got = trainable_grads(model, x, y)
+    assert cosine(got, want) > 0.999

@@ -10,7 +10,8 @@ beyond the fp16 range (``|x| > 65504``, such as a ``torch.finfo(torch.float32).m
 mask). Such groups are saturated here, and flagged: with ``with_fits=True`` the quantizer also
 returns one boolean per group that is False where the group's codes are not faithful, computed
 from the group's minimum and maximum that quantization needs anyway (no extra pass over the
-data). :class:`.packed.MinMaxPacked` keeps a tensor with any such group exactly as it is.
+data). :class:`.packed.MinMaxPacked` keeps a tensor with any such group exactly as it is, and
+one so small that fp16's subnormal stats would flatten it (:func:`underflows`).
 
 This pure-PyTorch version is the reference; the Triton kernels must match it bit for bit.
 """
@@ -55,6 +56,26 @@ def _group_stats(
     if levels == 1:
         fits.logical_and_(span <= FP16_MAX)
     return offset, scale, fits, offset_f
+
+
+def underflows(offset: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """True (a 0-dim bool tensor) where the whole tensor is so small that fp16's subnormal
+    steps in its offsets and scales are no longer small beside the codes' own step.
+
+    Below 2**-14 fp16 keeps an absolute step of 2**-24: a tensor of magnitude 1e-7 got
+    scales of zero and decoded to zeros (gradient cosine 0.02, or exactly zero gradients).
+    The bound is the magnitude at which that rounding, times the levels, stays under half
+    a code step of a group spanning the tensor: 2**(2 * bits - 24) (1.5e-5 at 4 bits). It is
+    read from the stored stats, so every backend decides alike; stats that rounded to zero
+    cannot tell a tensor of zeros from one flattened, so a tensor of zeros is kept too.
+    """
+    if not offset.numel():
+        return torch.zeros((), dtype=torch.bool, device=offset.device)
+    levels = (1 << bits) - 1
+    low = offset.float()
+    top = low + scale.float() * levels
+    big = torch.maximum(low.abs().amax(), top.abs().amax())
+    return big < 2.0 ** (2 * bits - 24)
 
 
 def quantize_minmax(

@@ -17,7 +17,7 @@ import torch
 from .bitpack import pack_bits, unpack_levels, unpack_lookup
 from .codebook import DeviceCodebook
 from .geometry import Geometry, Rows
-from .minmax import dequantize_minmax, quantize_minmax
+from .minmax import dequantize_minmax, quantize_minmax, underflows
 from .ops import ElementwiseSpec
 
 
@@ -103,6 +103,8 @@ class Packed:
     raw_version: int = 0
     #: The original tensor until ``holds`` is read (else None).
     pending: torch.Tensor | None = None
+    #: ``pending``'s version when it was saved.
+    pending_version: int = 0
     #: A bool on the tensor's device: True if the codes hold the tensor faithfully.
     holds: torch.Tensor | None = None
 
@@ -110,14 +112,17 @@ class Packed:
         """Keep ``t`` as it is unless ``holds``; with ``defer``, decide when it is read."""
         if defer:
             self.pending, self.holds = t.detach(), holds
+            self.pending_version = t._version
         elif not bool(holds):
             self.keep(t.detach())
 
     def resolve(self, holds: bool) -> None:
-        """The deferred answer: drop the kept tensor, or the codes if they do not hold it."""
+        """The deferred answer: drop the kept tensor, or the codes if they do not hold it.
+        Kept, it is the tensor as saved: one changed in place since fails at unpack with
+        autograd's error (it was kept as changed, and its gradient computed from that)."""
         t, self.pending, self.holds = self.pending, None, None
         if t is not None and not holds:
-            self.keep(t)
+            self.keep(t, self.pending_version)
 
     def settle(self) -> None:
         """Read a deferred answer now (a device sync), if there is one."""
@@ -125,10 +130,13 @@ class Packed:
             assert self.holds is not None
             self.resolve(bool(self.holds))
 
-    def keep(self, t: torch.Tensor) -> None:
-        """Keep ``t`` exactly and drop the codes."""
-        self.raw = compact(t)
-        self.raw_version = self.raw._version
+    def keep(self, t: torch.Tensor, version: int | None = None) -> None:
+        """Keep ``t`` exactly and drop the codes. ``version``: ``t``'s when it was saved,
+        where that was earlier (a deferred answer); changed since, it is kept as it is, for
+        :func:`check_version` to refuse at unpack."""
+        changed = version is not None and t._version != version
+        self.raw = t if changed else compact(t)
+        self.raw_version = version if changed else self.raw._version
         self.codes = self.codes.new_empty(0)
 
     @property
@@ -190,10 +198,11 @@ class MinMaxPacked(Packed):
             self.codes, self.offset, self.scale, fits = quantize_minmax(
                 x, self.bits, self.group, opts.stochastic, gen, with_fits=True
             )
-        self.decide(t, fits.all(), opts.defer)
+        holds = fits.all() & ~underflows(self.offset, self.scale, self.bits)
+        self.decide(t, holds, opts.defer)
 
-    def keep(self, t: torch.Tensor) -> None:
-        super().keep(t)
+    def keep(self, t: torch.Tensor, version: int | None = None) -> None:
+        super().keep(t, version)
         self.offset, self.scale = self.codes, self.codes
 
     def _code_bytes(self) -> int:
