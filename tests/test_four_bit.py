@@ -166,6 +166,14 @@ def test_state_dict_holds_the_originals_and_loading_requantizes():
             want = _reference(other, "nf4")
             assert torch.equal(getattr(model, name).weight, getattr(want, name).weight)
         assert torch.equal(model.state_dict()["fc1.weight"], originals["fc1.weight"])
+        assert list(model.state_dict()) == [*originals, STATE_DICT_MARKER]  # in plain order
+        # A held weight is no parameter, so torch would not miss it: a strict load without
+        # it said "All keys matched" and kept the old weight.
+        lacking = {k: v for k, v in originals.items() if k != "fc1.weight"}
+        with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "fc1.weight"'):
+            model.load_state_dict(lacking)
+        result = model.load_state_dict(lacking, strict=False)
+        assert result.missing_keys == ["fc1.weight"] and not result.unexpected_keys
     # remove() puts the loaded originals back, exactly, as plain frozen parameters
     assert type(model.fc1) is nn.Linear and isinstance(model.fc1.weight, nn.Parameter)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in originals.items())

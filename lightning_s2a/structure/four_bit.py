@@ -179,6 +179,11 @@ def release(module: nn.Module, weight: torch.Tensor) -> None:
             module._parameters[name] = params.pop(name)
 
 
+def parameter_order(module: nn.Module) -> tuple[str, ...]:
+    """The names of a held module's parameters in the order it had them, ``weight`` included."""
+    return getattr(module, _META).order
+
+
 def device_of(module: nn.Module) -> torch.device:
     """The device a held weight's codes are on."""
     return getattr(module, _CODES).device

@@ -184,11 +184,21 @@ class HeldLayerHooks:
         return _own_original(self)
 
     def state_dict(self, layer: nn.Module, state_dict: dict, prefix: str, meta: Any) -> None:
-        if four_bit.is_held(layer):
-            state_dict[prefix + "weight"] = self.originals[self.name].clone()
+        if not four_bit.is_held(layer):
+            return
+        state_dict[prefix + "weight"] = self.originals[self.name].clone()
+        if hasattr(state_dict, "move_to_end"):  # the layer's entries come last: in its order
+            for name in four_bit.parameter_order(layer):
+                if prefix + name in state_dict:
+                    state_dict.move_to_end(prefix + name)
 
     def load(self, layer: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-        if not four_bit.is_held(layer) or prefix + "weight" not in state_dict:
+        if not four_bit.is_held(layer):
+            return
+        if prefix + "weight" not in state_dict:
+            # No parameter, so torch would not miss it: a strict load lacking the weight
+            # said "All keys matched" and kept the old one (args: metadata, strict, missing)
+            args[2].append(prefix + "weight")
             return
         value, original = state_dict[prefix + "weight"], self.originals[self.name]
         if not isinstance(value, torch.Tensor) or value.shape != original.shape:
