@@ -382,6 +382,19 @@ def test_prompt_checkpoint_loads_into_a_fresh_module(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(X), loaded(X))
     assert get_handle(loaded.encoder).config == callback.handle.config
+    # strict= as Lightning's takes it (it was passed twice: TypeError); False loads what fits
+    checkpoint = torch.load(ckpt.last_model_path, weights_only=False)
+    del checkpoint["state_dict"]["encoder.blocks.0.s2a_prompt.B"]
+    partial = str(tmp_path / "partial.ckpt")
+    torch.save(checkpoint, partial)
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\).*"encoder.blocks.0.s2a_prompt.B"'):
+        load_from_checkpoint(EncoderClassifier, partial, strict=True)
+    lenient = load_from_checkpoint(EncoderClassifier, partial, strict=False).eval()
+    prompts = [n for n, _ in lenient.named_parameters() if "s2a_prompt" in n]
+    for name, p in lenient.named_parameters():
+        if name != "encoder.blocks.0.s2a_prompt.B":
+            assert torch.equal(p, model.get_parameter(name)), name
+    assert len(prompts) > 2
 
 
 def test_a_weights_only_checkpoint_loads_into_a_fresh_module(tmp_path):

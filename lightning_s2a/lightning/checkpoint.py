@@ -52,14 +52,15 @@ def load_from_checkpoint(
     cls: type[M],
     checkpoint_path: str | os.PathLike,
     map_location: Any = None,
+    strict: bool = True,
     **kwargs: Any,
 ) -> M:
     """``cls.load_from_checkpoint(checkpoint_path, ...)`` for a module trained with S2A.
 
     Builds ``cls`` from the checkpoint's hyperparameters (and ``kwargs``) as Lightning does,
     applies S2A with the checkpoint's config to the attribute that was S2A'd, then loads every
-    weight with ``strict=True``: the trained outputs come back exactly. A checkpoint without
-    S2A state is loaded as Lightning would.
+    weight, with ``strict=True`` unless told otherwise (as Lightning's): the trained outputs
+    come back exactly. A checkpoint without S2A state is loaded as Lightning would.
     """
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
     state = s2a_state(checkpoint)
@@ -76,7 +77,9 @@ def load_from_checkpoint(
             "during fit."
         )
     if state is None:
-        return cls.load_from_checkpoint(checkpoint_path, map_location=map_location, **kwargs)
+        return cls.load_from_checkpoint(
+            checkpoint_path, map_location=map_location, strict=strict, **kwargs
+        )
     with warnings.catch_warnings():
         # The first pass builds the module and loads what it already has; the S2A keys it
         # reports as unexpected are loaded below, strictly.
@@ -96,7 +99,7 @@ def load_from_checkpoint(
     handle.stop_engine()  # hooks on when a Trainer fits it again
     if "engine" in state:  # a weights-only checkpoint has none (codebooks, forward count)
         handle.engine.load_state_dict(state["engine"])
-    model.load_state_dict(checkpoint["state_dict"], strict=True)
+    model.load_state_dict(checkpoint["state_dict"], strict=strict)
     return model
 
 
