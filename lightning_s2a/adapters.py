@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .api import S2AHandle, apply_s2a, config_differences, get_handle
+from .api import S2AHandle, apply_s2a, get_handle, model_differences
 from .config import S2AConfig
 from .structure.four_bit import named_held
 
@@ -167,10 +167,11 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tens
 def load_adapter(module: nn.Module, path: str | os.PathLike, strict: bool = True) -> S2AHandle:
     """Load an adapter written by :func:`save_adapter` into ``module`` and return its handle.
 
-    Applies S2A with the saved config if the target has none; reuses the handle if the same
-    config is already applied (swapping adapters on one backbone). ``strict`` requires the
-    file's keys to be exactly what :func:`adapter_tensors` lists for ``module`` (a head
-    outside the backbone included); shapes must always match.
+    Applies S2A with the saved config if the target has none; reuses the handle if a config
+    that computes the same function is already applied (swapping adapters on one backbone;
+    fields that only store saved tensors otherwise, such as ``bits``, stay as applied).
+    ``strict`` requires the file's keys to be exactly what :func:`adapter_tensors` lists for
+    ``module`` (a head outside the backbone included); shapes must always match.
     """
     metadata, tensors = _read(path)
     prefix = metadata.get("prefix", "")
@@ -205,8 +206,10 @@ def load_adapter(module: nn.Module, path: str | os.PathLike, strict: bool = True
     if created:
         own_ids = {id(t) for t in (*module.parameters(), *module.buffers())}
         handle = apply_s2a(target, config)
-    elif handle.config != config:
-        fields = config_differences(config, handle.config)
+    elif model_differences(config, handle.config):
+        # Only what changes the function the model computes: the fields that change how saved
+        # tensors are stored (bits, backend, calibration) may differ, as on a resumed fit.
+        fields = model_differences(config, handle.config)
         raise ValueError(
             f"this backbone already has S2A applied with a different config (fields {fields} "
             "differ from the adapter's); call handle.remove() first, then load_adapter applies "

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import FOUR_BIT_DTYPES, S2AConfig
+from .config import FOUR_BIT_DTYPES, MODEL_FIELDS, S2AConfig
 from .engine.calibration import warn_uncalibrated
 from .engine.compile_guard import check_not_compiled
 from .engine.hooks import SavedTensorEngine
@@ -188,6 +188,14 @@ def count_trainable(module: nn.Module) -> tuple[int, float]:
 def config_differences(a: S2AConfig, b: S2AConfig) -> list[str]:
     """Names of the fields in which two configs differ (for errors that say what differs)."""
     return [f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)]
+
+
+def model_differences(a: S2AConfig, b: S2AConfig) -> list[str]:
+    """The fields in which two configs make the model compute another function
+    (:data:`~lightning_s2a.config.MODEL_FIELDS`); the same modules listed apart are alike."""
+    if a.modules != b.modules and not (set(a.modules) ^ set(b.modules)):
+        a = a.replace(modules=b.modules)
+    return [f for f in config_differences(a, b) if f in MODEL_FIELDS]
 
 
 def get_handle(module: nn.Module) -> S2AHandle | None:

@@ -355,3 +355,23 @@ __all__ = [
     "S2AConfig",
     "check_field_names",
 ]
+
+
+#: Fields that change the function the model computes; the rest change only how saved
+#: tensors are stored (bits, backend, calibration...), which a resumed run may change.
+#: ``input_size`` only sizes prompts: another size fails the strict load of their shapes.
+MODEL_FIELDS = (
+    "modules",
+    "head",
+    "prompt_rank",
+    "side_reduction",
+    "side_width",
+    "side",
+    "side_merge",
+    "side_strides",
+    "blocks",
+    "block_layout",
+    "bn_mode",
+    "add_bias",
+    "frozen_dtype",
+)

@@ -257,6 +257,26 @@ def test_error_other_config(vit_adapter):
     assert load_adapter(model, vit_adapter).config == CFG
 
 
+def test_storage_fields_may_differ_from_the_adapters(tmp_path):
+    """A model S2A'd at bits=2 refused an adapter trained at bits=4, though bits change only
+    how saved tensors are stored (a resumed fit allows it); fields that change the function
+    still refuse."""
+    trained = vit()
+    apply_s2a(trained, CFG)
+    perturb(trained, seed=5)
+    path = tmp_path / "vit.safetensors"
+    save_adapter(trained, path)
+    model = vit()
+    storage = CFG.replace(bits=2, calibrate=False, group_size=32)
+    handle = apply_s2a(model, storage)
+    assert load_adapter(model, path) is handle and handle.config == storage  # kept as applied
+    assert torch.equal(out(model), out(trained))
+    other = vit()
+    apply_s2a(other, CFG.replace(prompt_rank=4, bits=2))
+    with pytest.raises(ValueError, match=r"fields \['prompt_rank'\] differ"):
+        load_adapter(other, path)
+
+
 def test_error_not_an_adapter(tmp_path):
     plain = tmp_path / "weights.safetensors"
     save_file({"w": torch.zeros(2)}, plain)

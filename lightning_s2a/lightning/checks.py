@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
-from ..api import S2AHandle, config_differences
+from ..api import S2AHandle, model_differences
 from ..config import FOUR_BIT_DTYPES, S2AConfig
 from ..structure.surgery import STATE_DICT_MARKER
 from .checkpoint import marked_prefixes
@@ -57,26 +57,6 @@ def check_no_finetuning(trainer: pl.Trainer) -> None:
         )
 
 
-#: Fields that change the function the model computes; the rest change only how saved
-#: tensors are stored (bits, backend, calibration...), which a resumed run may change.
-#: ``input_size`` only sizes prompts: another size fails the strict load of their shapes.
-MODEL_FIELDS = (
-    "modules",
-    "head",
-    "prompt_rank",
-    "side_reduction",
-    "side_width",
-    "side",
-    "side_merge",
-    "side_strides",
-    "blocks",
-    "block_layout",
-    "bn_mode",
-    "add_bias",
-    "frozen_dtype",
-)
-
-
 def check_same_model(saved: Any, current: S2AConfig | None) -> None:
     """A checkpoint restored (resume, ``test``/``validate --ckpt_path``) under an S2A config
     that computes another function than the one it trained with is an error: its weights
@@ -89,9 +69,7 @@ def check_same_model(saved: Any, current: S2AConfig | None) -> None:
         trained = S2AConfig(**{k: v for k, v in saved.items() if k in known})
     except (TypeError, ValueError):
         return  # written by another version: nothing to compare with
-    if trained.modules != current.modules and not (set(trained.modules) ^ set(current.modules)):
-        trained = trained.replace(modules=current.modules)  # the same modules, listed apart
-    differ = [f for f in config_differences(trained, current) if f in MODEL_FIELDS]
+    differ = model_differences(trained, current)
     if differ:
         fields = ", ".join(
             f"{f}={getattr(trained, f)!r} (this run: {getattr(current, f)!r})" for f in differ
