@@ -1058,3 +1058,56 @@ def test_calibrate_true_without_anything_calibrating_is_said_once():
             warnings.simplefilter("always")
             model(x).sum().backward()
         assert handle.engine.calibrated and not any("calibrate" in str(w.message) for w in caught)
+
+
+class _GraphNet(nn.Module):
+    """A graph network's layer: a sparse adjacency times GELU features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(16, 64), nn.Linear(64, 3)
+
+    def forward(self, x: torch.Tensor, adjacency: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.sparse.mm(adjacency, F.gelu(self.a(x))))
+
+
+def test_a_saved_sparse_tensor_is_kept_and_counted_by_its_parts():
+    """torch.sparse.mm saves its sparse operand: the engine read its storage and failed
+    ("Cannot access storage of SparseTensorImpl")."""
+    torch.manual_seed(0)
+    n = 50
+    index = torch.randint(0, n, (2, 200))
+    adjacency = torch.sparse_coo_tensor(index, torch.rand(200, dtype=torch.float64), (n, n))
+    adjacency = adjacency.coalesce()
+    model, x = _GraphNet().double(), torch.randn(n, 16, dtype=torch.float64)
+    grads = []
+    for compress in (False, True):
+        with apply_s2a(model, S2AConfig(compress=compress, head="head", min_numel=1)) as handle:
+            model.zero_grad(set_to_none=True)
+            model(x, adjacency).square().sum().backward()
+            grads.append(model.a.bias.grad.clone())
+            stats = handle.stats()
+    assert cosine(grads[1], grads[0]) > 0.999
+    # kept as it is, counted by its indices (int64) and values (float64), exactly
+    sparse = adjacency._indices().numel() * 8 + adjacency._values().numel() * 8
+    assert stats["by_kind"]["generic"] == {
+        "raw_bytes": sparse,
+        "stored_bytes": sparse,
+        "tensors": 1,
+    }
+
+
+def test_codes_work_under_a_float64_default_dtype():
+    """torch.set_default_dtype(torch.float64) made every derivative code fail
+    (index_select: the interval grid's last boundary took the default dtype)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 3))
+    x = torch.randn(32, 16)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with apply_s2a(model, S2AConfig(head="2", min_numel=1)) as handle:
+            model(x).square().sum().backward()
+            assert handle.stats()["by_kind"]["elementwise"]["stored_bytes"] > 0
+    finally:
+        torch.set_default_dtype(before)

@@ -58,6 +58,14 @@ class ForwardAccount:
             entry.raw_bytes += raw
             entry.stored_bytes += stored
 
+    def add_unstrided(self, kind: str, t: torch.Tensor, part: str = "backbone") -> None:
+        """Record a saved sparse tensor, kept as it is: its indices and values."""
+        nbytes = unstrided_nbytes(t)
+        for entry in (self.by_kind[kind], self.by_part[part]):
+            entry.tensors += 1
+            entry.raw_bytes += nbytes
+            entry.stored_bytes += nbytes
+
     def summary(self) -> dict:
         """Totals as a plain dict: ``raw_bytes``, ``stored_bytes``, ``ratio``, ``by_kind``."""
         raw = sum(k.raw_bytes for k in self.by_kind.values())
@@ -69,6 +77,19 @@ class ForwardAccount:
             "by_kind": _table(self.by_kind),
             "by_part": _table(self.by_part),
         }
+
+
+def unstrided_nbytes(t: torch.Tensor) -> int:
+    """Bytes of a sparse tensor's parts (indices and values); 0 for other layouts."""
+    if t.layout == torch.sparse_coo:
+        parts: tuple[torch.Tensor, ...] = (t._indices(), t._values())
+    elif t.layout in (torch.sparse_csr, torch.sparse_bsr):
+        parts = (t.crow_indices(), t.col_indices(), t.values())
+    elif t.layout in (torch.sparse_csc, torch.sparse_bsc):
+        parts = (t.ccol_indices(), t.row_indices(), t.values())
+    else:
+        parts = ()
+    return sum(p.numel() * p.element_size() for p in parts)
 
 
 def part_of(name: str, parts: list[tuple[str, str]] | tuple = ()) -> str:

@@ -97,7 +97,7 @@ class IntervalGrid:
         cells = math.ceil(span / width) + 2
         lower = lo + (torch.arange(cells, dtype=torch.float64) - 1) * width
         base = (finite.unsqueeze(0) < lower.unsqueeze(1)).sum(1)
-        ends = torch.cat([b.float(), torch.tensor([math.inf])])
+        ends = torch.cat([b.float(), torch.tensor([math.inf], dtype=torch.float32)])
         return IntervalGrid(
             lo=lo,
             inv_width=1.0 / width,

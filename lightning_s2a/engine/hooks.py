@@ -468,6 +468,11 @@ class SavedTensorEngine:
     def _pack(self, t: torch.Tensor) -> Any:
         if self._busy:
             return t  # the quantizers' own saves (none record autograd)
+        if t.layout != torch.strided:  # sparse (a graph's adjacency): no codes, no storage
+            if self._account is not None:
+                kind = self._call.kind if self._call is not None else "generic"
+                self._account.add_unstrided(kind, t, self._part())
+            return Kept(t)
         if t.untyped_storage().data_ptr() in self._param_storages:
             return Kept(t)  # parameters and buffers are not activations: never coded
         self._busy = True
