@@ -1111,3 +1111,57 @@ def test_codes_work_under_a_float64_default_dtype():
             assert handle.stats()["by_kind"]["elementwise"]["stored_bytes"] > 0
     finally:
         torch.set_default_dtype(before)
+
+
+class _Expanded(nn.Module):
+    """GELU of a per-sample mean, broadcast over the tokens before (or after) the op."""
+
+    def __init__(self, expand_first: bool) -> None:
+        super().__init__()
+        self.expand_first = expand_first
+        self.a, self.head = nn.Linear(16, 64), nn.Linear(64, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        m = h.mean(1, keepdim=True)
+        g = F.gelu(m.expand_as(h)) if self.expand_first else F.gelu(m).expand_as(h)
+        return self.head((g + h).mean(1))
+
+
+def test_an_expanded_view_is_packed_as_the_tensor_it_repeats():
+    """GELU of an expanded view saves the view: it was coded at its logical size (more than
+    the tensor itself: 25 KB for 16 KB), and a weight's autocast copy broadcast by matmul
+    (MultiheadAttention, batch_first) was coded as an activation, not kept as a weight."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 32, 16, dtype=torch.float64)
+    stats, grads = {}, {}
+    for expand_first in (True, False):
+        torch.manual_seed(1)
+        model = _Expanded(expand_first).double()
+        with apply_s2a(model, S2AConfig(head="head", min_numel=1)) as handle:
+            model(x).square().sum().backward()
+            stats[expand_first] = handle.stats()["by_kind"]["elementwise"]
+            grads[expand_first] = model.a.bias.grad.clone()
+    # the same bytes as GELU of the tensor itself, and the same codes: the same gradient
+    # (summed over the tokens in another order)
+    assert stats[True] == stats[False]
+    assert_close_in_norm(grads[True], grads[False], 1e-12)
+
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(64, 4, batch_first=True)
+    tokens = torch.randn(4, 20, 64)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn, self.head = attention, nn.Linear(64, 3)
+
+        def forward(self, t):
+            return self.head(self.attn(t, t, t, need_weights=False)[0].mean(1))
+
+    net = Net()
+    with apply_s2a(net, S2AConfig(head="head")) as handle:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            net(tokens).float().square().sum().backward()
+        kinds = handle.stats()["by_kind"]
+    assert all(k["stored_bytes"] <= k["raw_bytes"] for k in kinds.values()), kinds

@@ -36,9 +36,10 @@ from .codebook import Codebook, DeviceCodebook, fit_codebook
 from .compile_guard import check_not_compiling, check_not_traced
 from .deferred import DeferredChecks
 from .ops import ELEMENTWISE, OP_KINDS, canonical_name, is_bias
-from .packed import Kept, PackOptions, compact, in_backward
+from .packed import Broadcast, Kept, PackOptions, broadcast_base, compact, in_backward
 from .quantizers import QUANTIZERS
 from .recognition import (
+    ROW_KINDS,
     STATS_KINDS,
     Call,
     OperatorMode,
@@ -488,10 +489,21 @@ class SavedTensorEngine:
         return packed if isinstance(packed, torch.Tensor) else packed.unpack()
 
     def _pack_activation(self, t: torch.Tensor) -> Any:
-        cfg = self.config
         call = self._call
         if call is None:  # saved outside any operator: a custom Function, or a checkpoint
             call = outside_call()
+        if 0 in t.stride() and call.kind not in ROW_KINDS:
+            # An expanded view (a weight's autocast copy broadcast over the batch by matmul,
+            # ``x.mean(1, keepdim=True).expand_as(x)``): packed as the tensor it repeats, and
+            # expanded again when unpacked; coded at its logical size it took more than the
+            # tensor itself, and a weight in another form went unrecognised.
+            base = broadcast_base(t)
+            if base is not None:
+                return Broadcast(self._pack_call(base, call), t.shape)
+        return self._pack_call(t, call)
+
+    def _pack_call(self, t: torch.Tensor, call: Call) -> Any:
+        cfg = self.config
         kind = "mask" if t.dtype == torch.bool else call.kind
         account = self._account
         assert account is not None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -85,6 +86,29 @@ class Kept:
 
     def unpack(self) -> torch.Tensor:
         return check_version(self.t, self.version)
+
+
+def broadcast_base(t: torch.Tensor) -> torch.Tensor | None:
+    """The tensor an expanded view repeats (each stride-0 dimension of size > 1 narrowed to
+    one), or None for a tensor that repeats nothing."""
+    spread = [s == 0 and n > 1 for s, n in zip(t.stride(), t.shape, strict=True)]
+    if not any(spread):
+        return None
+    return t[tuple(slice(0, 1) if b else slice(None) for b in spread)]
+
+
+class Broadcast:
+    """A saved expanded view, packed as the tensor it repeats (:func:`broadcast_base`);
+    unpacked, expanded to its shape again: the same values, strides of 0 included."""
+
+    __slots__ = ("packed", "shape")
+
+    def __init__(self, packed: Any, shape: torch.Size) -> None:
+        self.packed, self.shape = packed, shape
+
+    def unpack(self) -> torch.Tensor:
+        base = self.packed if isinstance(self.packed, torch.Tensor) else self.packed.unpack()
+        return base.expand(self.shape)
 
 
 class Packed:

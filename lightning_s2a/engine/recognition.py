@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 # and smaller than the largest. Larger ones (the attention probabilities that SDPA's math path
 # saves, with a float mask on CPU) are no statistics and are quantized like its inputs.
 STATS_KINDS = ("norm", "attention")
+#: Kinds whose codes follow the tensor's rows (a norm's, softmax's): an expanded view of one
+#: is coded as it is, not as the tensor it repeats.
+ROW_KINDS = ("norm", "softmax")
 #: Norms over the trailing dimensions given as ``normalized_shape``.
 ROW_NORMS = ("layer_norm", "native_layer_norm", "rms_norm")
 #: Norms over each channel (dimension 1) across the batch: BatchNorm.
