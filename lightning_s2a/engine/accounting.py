@@ -2,8 +2,10 @@
 
 ``raw`` counts the bytes an uncompressed run keeps for backward. A tensor that two operators
 save is one allocation there, so a saved view is counted once while its storage is alive
-(checked with a storage weak reference, never by address alone: freed memory is reused).
-``stored`` counts what the compressed run actually keeps.
+(checked with a storage weak reference, never by address alone: freed memory is reused), and
+views of one storage in other shapes (Swin's attention saved 4-D by softmax and 3-D by the
+next matmul) together count at most the storage's bytes. ``stored`` counts what the
+compressed run actually keeps, with the same rule for what it keeps as it is.
 """
 
 from __future__ import annotations
@@ -33,14 +35,30 @@ class ForwardAccount:
     by_part: dict[str, KindBytes] = field(default_factory=lambda: defaultdict(KindBytes))
     _seen_raw: dict[tuple, StorageWeakRef] = field(default_factory=dict)
     _seen_kept: dict[tuple, StorageWeakRef] = field(default_factory=dict)
+    #: Per storage address: its weak reference and the bytes not yet counted in it.
+    _left_raw: dict[int, list[Any]] = field(default_factory=dict)
+    _left_kept: dict[int, list[Any]] = field(default_factory=dict)
 
     @staticmethod
-    def _first_sighting(seen: dict[tuple, StorageWeakRef], key: tuple, storage: Any) -> bool:
+    def _claim(
+        seen: dict[tuple, StorageWeakRef],
+        left: dict[int, list[Any]],
+        key: tuple,
+        storage: Any,
+        nbytes: int,
+    ) -> int:
+        """The bytes a saved view adds: 0 if this view was counted while its storage lives,
+        else its own bytes, up to what its storage has not counted yet."""
         ref = seen.get(key)
         if ref is not None and not ref.expired():
-            return False
+            return 0
         seen[key] = StorageWeakRef(storage)
-        return True
+        entry = left.get(key[0])
+        if entry is None or entry[0].expired():
+            entry = left[key[0]] = [StorageWeakRef(storage), storage.nbytes()]
+        claimed = min(nbytes, entry[1])
+        entry[1] -= claimed
+        return claimed
 
     def add(self, kind: str, t: torch.Tensor, stored: int | None, part: str = "backbone") -> None:
         """Record a saved tensor; ``stored`` is its packed size, or None if kept as it is."""
@@ -50,9 +68,9 @@ class ForwardAccount:
         storage = t.untyped_storage()
         nbytes = min(t.numel() * t.element_size(), storage.nbytes())
         key = (storage.data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype, t._version)
-        raw = nbytes if self._first_sighting(self._seen_raw, key, storage) else 0
+        raw = self._claim(self._seen_raw, self._left_raw, key, storage, nbytes)
         if stored is None:
-            stored = nbytes if self._first_sighting(self._seen_kept, key, storage) else 0
+            stored = self._claim(self._seen_kept, self._left_kept, key, storage, nbytes)
         for entry in (self.by_kind[kind], self.by_part[part]):
             entry.tensors += 1
             entry.raw_bytes += raw
