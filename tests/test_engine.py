@@ -66,6 +66,44 @@ def test_gelu_is_recognised_however_it_is_called(act):
     assert kinds["trainable"]["stored_bytes"] == kinds["trainable"]["raw_bytes"] == 32 * 256 * 4
 
 
+class ShrinkNet(nn.Module):
+    """Step derivatives beyond the ReLU family: hard/softshrink, PReLU with a frozen slope
+    (per channel), RReLU in eval. They got 4-bit min-max codes (input-gradient cosine
+    0.92-0.97) instead of exact 1-bit masks."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(128, 128) for _ in range(4))
+        self.acts = nn.ModuleList(
+            [nn.Hardshrink(0.3), nn.Softshrink(0.7), nn.PReLU(128, init=0.1), nn.RReLU()]
+        )
+        self.head = nn.Linear(128, 4)
+
+    def forward(self, x):
+        for layer, act in zip(self.layers, self.acts, strict=True):
+            x = act(layer(x))
+        return self.head(x)
+
+    def get_classifier(self):
+        return self.head
+
+
+def test_shrink_prelu_and_rrelu_masks_give_bit_identical_gradients():
+    torch.manual_seed(0)
+    model = ShrinkNet().eval()  # RReLU's slope is its mean in eval
+    x = torch.randn(64, 128) * 3
+    with apply_s2a(model, S2AConfig(compress=False)):
+        exact = _grads(model, x)
+    with apply_s2a(model, S2AConfig(bits=4)) as handle:
+        assert not model.acts[2].weight.requires_grad  # frozen: its slope needs no values
+        approx = _grads(model, x)
+        kinds = handle.stats()["by_kind"]
+    assert torch.equal(exact, approx)
+    elementwise = kinds["elementwise"]  # one bit for each tensor they save
+    assert elementwise["tensors"] >= 4
+    assert elementwise["stored_bytes"] == elementwise["tensors"] * 64 * 128 // 8
+
+
 class MaskNet(nn.Module):
     def __init__(self):
         super().__init__()

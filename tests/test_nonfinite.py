@@ -126,6 +126,10 @@ class _Step(nn.Module):
         lambda x: x.clamp_max(1),
         lambda x: torch.clip(x, -1, 1),
         lambda x: x.clamp_(0.0, 2.0),
+        functools.partial(F.hardshrink, lambd=0.5),
+        F.softshrink,
+        nn.PReLU(96, init=0.25),  # its slope frozen by S2A
+        F.rrelu,  # training=False: the mean slope
     ],
     ids=[
         "relu",
@@ -143,6 +147,10 @@ class _Step(nn.Module):
         "clamp_max",
         "clip",
         "clamp_",
+        "hardshrink",
+        "softshrink",
+        "prelu",
+        "rrelu",
     ],
 )
 def test_step_masks_pass_gradients_at_nonfinite_values_as_pytorch(op):
@@ -168,7 +176,8 @@ def test_step_masks_pass_gradients_at_nonfinite_values_as_pytorch(op):
 
     exact, _ = input_grad(False)
     coded, kinds = input_grad(True)
-    assert kinds["elementwise"]["stored_bytes"] == x.numel() // 8  # one bit each: coded
+    elementwise = kinds["elementwise"]  # one bit for each tensor saved: coded
+    assert elementwise["stored_bytes"] == elementwise["tensors"] * x.numel() // 8
     assert torch.equal(exact.isnan(), coded.isnan())
     assert torch.equal(exact.nan_to_num(), coded.nan_to_num())
 

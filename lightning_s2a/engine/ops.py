@@ -9,7 +9,8 @@ same way, whether called from an ``nn`` module, timm, HF transformers, or bare u
 * :data:`ELEMENTWISE` maps elementwise nonlinearities to an :class:`ElementwiseSpec`: what
   the op saves (its input or its output) and the derivative as a function of that saved
   value, which the derivative-aware codes approximate. Ops whose derivative takes at most
-  two values (ReLU, LeakyReLU, ReLU6, hardsigmoid, threshold) carry an exact 1-bit ``mask``.
+  two values (ReLU, LeakyReLU, ReLU6, hardsigmoid, threshold, clamp, hard- and softshrink,
+  PReLU with a frozen slope, RReLU in eval) carry an exact 1-bit ``mask``.
 """
 
 from __future__ import annotations
@@ -209,6 +210,32 @@ def _clamp(n: str, a: tuple, k: Mapping[str, Any]) -> ElementwiseSpec | None:
     )
 
 
+def _shrink(n: str, a: tuple, k: Mapping[str, Any]) -> ElementwiseSpec:
+    """Hardshrink and softshrink: backward passes the gradient where ``s < -lambd`` or
+    ``s > lambd`` (s the saved input) and zeroes it elsewhere, NaN included."""
+    lambd = float(_arg(a, k, 1, "lambd", 0.5))
+    return ElementwiseSpec(
+        f"shrink({lambd:g})",
+        mask=lambda s: (s < -lambd) | (s > lambd),
+        mask_points=(0.0, lambd + 1.0 + abs(lambd)),
+    )
+
+
+def _prelu(n: str, a: tuple, k: Mapping[str, Any]) -> ElementwiseSpec | None:
+    """PReLU with a frozen slope: backward scales the gradient by 1 or the slope, by the sign
+    of the saved input, as leaky ReLU does. A slope that trains needs the input's values."""
+    weight = _arg(a, k, 1, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.requires_grad:
+        return None
+    return _LEAKY
+
+
+def _rrelu(n: str, a: tuple, k: Mapping[str, Any]) -> ElementwiseSpec | None:
+    """RReLU in eval: leaky ReLU with the mean slope. In training its backward reads the
+    random slopes it saved, and the input is coded as any other tensor."""
+    return None if _arg(a, k, 3, "training", False) else _LEAKY
+
+
 def _fixed(spec: ElementwiseSpec) -> Callable[[str, tuple, Mapping[str, Any]], ElementwiseSpec]:
     return lambda n, a, k: spec
 
@@ -243,6 +270,10 @@ ELEMENTWISE: dict[str, Callable[[str, tuple, Mapping[str, Any]], ElementwiseSpec
     "hardsigmoid": _fixed(_HARDSIGMOID),
     "threshold": _threshold,
     "_threshold": _threshold,  # F.threshold's __name__
+    "hardshrink": _shrink,
+    "softshrink": _shrink,
+    "prelu": _prelu,
+    "rrelu": _rrelu,
     **{n: _clamp for n in ("clamp", "clip", "clamp_min", "clamp_max")},
 }
 
