@@ -397,6 +397,25 @@ def test_prompt_checkpoint_loads_into_a_fresh_module(tmp_path):
     assert len(prompts) > 2
 
 
+def test_evaluating_a_plain_checkpoint_in_4_bits_is_said(tmp_path):
+    """validate(ckpt_path=...) of a checkpoint saved without S2A, by a Trainer whose S2A holds
+    frozen weights in 4 bits: its weights are quantized on load, so the metrics are the 4-bit
+    model's (a reviewer's val loss 2.0509 against 2.0365 as saved), and nothing said so."""
+    pl.seed_everything(0)
+    plain = ModelCheckpoint(dirpath=tmp_path / "plain", save_last=True)
+    _trainer(tmp_path, [plain]).fit(EncoderClassifier(), _data(16))
+    callback = S2ACallback(S2AConfig(frozen_dtype="nf4"), backbone="encoder")
+    own = ModelCheckpoint(dirpath=tmp_path / "own", save_last=True)
+    model = EncoderClassifier()
+    trainer = _trainer(tmp_path, [callback, own])
+    trainer.fit(model, _data(16))
+    with pytest.warns(UserWarning, match=r"saved without S2A.*frozen_dtype='nf4'.*quantized"):
+        trainer.validate(model, _data(8), ckpt_path=plain.last_model_path, verbose=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*saved without S2A")
+        trainer.validate(model, _data(8), ckpt_path=own.last_model_path, verbose=False)
+
+
 def test_a_weights_only_checkpoint_loads_into_a_fresh_module(tmp_path):
     # save_weights_only=True stores no callback state: load_from_checkpoint fell back to the
     # ordinary call, whose error sent the user back to load_from_checkpoint.

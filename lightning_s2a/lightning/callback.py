@@ -33,6 +33,7 @@ from .checks import (
     check_single_s2a,
     copied_back_error,
     warn_frozen_optimizers,
+    warn_plain_checkpoint_in_four_bits,
 )
 from .metrics import EpochMeter, reset_peak_memory
 from .module_hooks import parameter_layout, unwrap_hook, wrap_hook
@@ -70,6 +71,7 @@ class S2ACallback(pl.Callback):
         self._forwards_before = 0
         self._warned = False
         self._for_evaluation = False
+        self._stage = ""  # the running Trainer call's stage (setup's)
         self._restored_s2a = False
         self._run = ""  # a token for this run's own checkpoints (a tuner's temporary ones)
         self.applied_here = False  # S2A applied by this run, not taken up from before
@@ -143,6 +145,7 @@ class S2ACallback(pl.Callback):
     # -- Lightning hooks -------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_single_s2a(trainer)
+        self._stage = stage
         if stage == "fit":
             check_no_finetuning(trainer)
         if self._module is not pl_module:
@@ -348,6 +351,8 @@ class S2ACallback(pl.Callback):
         saved = saved or checkpoint.get(WEIGHTS_ONLY_KEY)
         strict = bool(getattr(self._module, "strict_loading", True))
         check_checkpoint(checkpoint, saved, self.handle, strict)
+        if self._stage != "fit" and not saved and not marked_prefixes(checkpoint):
+            warn_plain_checkpoint_in_four_bits(self.handle)
         # A checkpoint this run saved itself (BatchSizeFinder's, lr_find's temporary file)
         # brings nothing from outside: only another's S2A model is kept after an evaluation.
         if checkpoint.get(RUN_KEY) != self._run:

@@ -106,6 +106,23 @@ def check_checkpoint(
         )
 
 
+def warn_plain_checkpoint_in_four_bits(handle: S2AHandle | None) -> None:
+    """An evaluation (``validate``/``test``/``predict`` with ``ckpt_path``) of a checkpoint
+    saved without S2A, by a run that holds frozen weights in 4 bits: the loaded weights are
+    quantized, so the metrics are the 4-bit model's, not the checkpoint's as saved (a
+    reviewer's val loss 2.0509 against 2.0365). Said, since that may be what is wanted."""
+    if handle is None or handle.config.frozen_dtype not in FOUR_BIT_DTYPES:
+        return
+    if not handle.structure.cast_originals:
+        return
+    rank_zero_warn(
+        "this checkpoint was saved without S2A, and this run's S2A config holds the frozen "
+        f"Linear and Conv weights in 4 bits (frozen_dtype={handle.config.frozen_dtype!r}): "
+        "it is evaluated with its weights quantized, not as it was saved. To evaluate it as "
+        "saved, use a Trainer without S2ACallback (or with frozen_dtype=None)."
+    )
+
+
 def check_batch_norms_in_place(handle: S2AHandle) -> None:
     """The BatchNorms S2A holds must still be the model's when fitting starts.
     ``Trainer(sync_batchnorm=True)`` replaces them after S2A was applied (DDP's setup converts
