@@ -649,6 +649,26 @@ def test_add_bias_and_remove_restore_the_model():
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
 
 
+def test_add_bias_adds_none_a_forward_never_reads():
+    """EVA's attention computes F.linear(x, qkv.weight, cat(q_bias, 0, v_bias)): a bias added
+    to qkv was a trainable parameter that never got a gradient, counted as trained."""
+    torch.manual_seed(0)
+    model = timm.create_model("eva02_tiny_patch14_224", num_classes=5, depth=2, img_size=28)
+    assert model.blocks[0].attn.qkv.bias is None and model.blocks[0].attn.q_bias is not None
+    with pytest.warns(UserWarning, match=r"add_bias: 2 layers' forwards never read a bias "):
+        handle = apply_s2a(model, add_bias=True)
+    assert all(block.attn.qkv.bias is None for block in model.blocks)
+    added = [m for m in handle.structure.added_biases]
+    model.train()
+    model(torch.randn(2, 3, 28, 28)).sum().backward()
+    # every trainable parameter trains: q_bias and v_bias among them, and what was added
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert model.blocks[0].attn.q_bias.grad is not None
+    assert all(m.bias.grad is not None for m in added)
+    handle.remove()
+    assert all(block.attn.qkv.bias is None for block in model.blocks)
+
+
 @pytest.mark.parametrize("bn_mode", ["eval", "train"])
 def test_batch_norm_mode(bn_mode):
     model = timm.create_model("resnet18", num_classes=10).train()

@@ -149,6 +149,31 @@ def dry_forward(
     return outputs, out
 
 
+class _Reads(torch.overrides.TorchFunctionMode):
+    """Notes the id of every tensor passed directly to a torch function."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read: set[int] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.read.update(id(a) for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        return func(*args, **kwargs)
+
+
+def tensors_read(model: nn.Module, input_size: tuple[int, ...]) -> set[int] | None:
+    """Ids of the tensors (parameters included) that one dry forward at ``input_size`` passes
+    to torch functions, or None where the model does not take that size."""
+    reads = _Reads()
+    try:
+        with torch.no_grad(), reads:
+            dry_forward(model, [], input_size)
+    except Exception:
+        return None
+    return reads.read
+
+
 def _shapes_at(
     model: nn.Module, blocks: list[Block], input_size: tuple[int, ...]
 ) -> dict[str, tuple[int, ...]] | None:

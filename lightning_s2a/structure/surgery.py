@@ -7,6 +7,7 @@ keeps the task head trainable and fixes BatchNorm's mode. Every change is record
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -21,6 +22,7 @@ from .families import Block, block_output_shapes, default_input_size, find_block
 from .head import find_head, head_modules, is_bias
 from .hierarchical import HierarchicalSide, Tap, map_stride, token_grid
 from .holders import home
+from .layouts import tensors_read
 from .model_hooks import (
     HeldLayerHooks,
     HeldStatistics,
@@ -139,6 +141,7 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
                 w = module.weight
                 module.bias = nn.Parameter(torch.zeros(w.shape[0], device=w.device, dtype=w.dtype))
                 state.added_biases.append(module)
+        _drop_unread_biases(model, config, state)
     # 'side' replacing the head's output leaves the head unused: it trains only when the
     # side's output is added to it
     head_trains = "side" not in modules or config.side_merge == "add"
@@ -406,6 +409,36 @@ def _add_module(
         )
     parent.add_module(name, child.to(**like))
     state.added_modules.append((parent, name))
+
+
+def _drop_unread_biases(model: nn.Module, config: S2AConfig, state: StructureState) -> None:
+    """Take out the added biases that the model's forward never reads (EVA's and BEiT's
+    attention build their qkv bias from ``q_bias`` and ``v_bias``, which train as biases
+    already): they would be trainable parameters that train nothing. Said, with the first
+    names. Where no dry forward can run (no input size known), all stay."""
+    if not state.added_biases:
+        return
+    try:
+        size = default_input_size(model, config.input_size)
+    except ValueError:
+        return
+    read = tensors_read(model, size)
+    if read is None:
+        return
+    unread = [m for m in state.added_biases if id(m.bias) not in read]
+    for module in unread:
+        module.register_parameter("bias", None)
+        state.added_biases.remove(module)
+    if unread:
+        names = [_name_of(model, m) for m in unread]
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        warnings.warn(
+            f"add_bias: {len(unread)} layers' forwards never read a bias ({shown}: their "
+            "module computes with a bias of its own, as EVA's and BEiT's attention build "
+            "qkv's from q_bias and v_bias, which train as biases already); none was added "
+            "there.",
+            stacklevel=4,
+        )
 
 
 def _name_of(model: nn.Module, target: nn.Module) -> str:
