@@ -1239,3 +1239,31 @@ def test_views_of_one_storage_in_other_shapes_count_its_bytes_once():
     # the matmul's other operand (v) is its own; the attention's 3-D view adds nothing
     assert matmul["tensors"] == 2
     assert matmul["raw_bytes"] == matmul["stored_bytes"] == 8 * 8 * 16 * 4
+
+
+class _OutsideScaled(nn.Module):
+    def __init__(self, scale: nn.Parameter) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(16, 64), nn.Linear(64, 3)
+        self.scales = [scale]  # not registered: from outside the model
+
+    def forward(self, x):
+        return self.head(F.gelu(self.a(x)) * self.scales[0])
+
+
+def test_a_model_that_met_an_outside_parameter_still_copies_and_pickles():
+    """Parameters from outside the model seen in calls are noted weakly (a freed one's
+    address may become a new parameter of the model's, which must still be checked): the
+    note is no state of the model's, so copies and pickles start without it."""
+    import io
+
+    outside = nn.Parameter(torch.ones(64))
+    torch.manual_seed(0)
+    model = _OutsideScaled(outside)
+    handle = apply_s2a(model, S2AConfig(head="head"))
+    model(torch.randn(8, 16)).sum().backward()
+    assert outside in handle.engine._outside_ids
+    copied = copy.deepcopy(model)
+    torch.save(model, io.BytesIO())
+    copied(torch.randn(8, 16)).sum().backward()
+    handle.remove()

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .accounting import ForwardAccount, part_of
 from .backend import resolve_backend
@@ -104,7 +105,9 @@ class SavedTensorEngine:
         self._entries: dict[str, int] = {}  # calls of each module in this forward so far
         self._param_storages: set[int] = set()
         self._param_ids: set[int] = set()
-        self._outside_ids: set[int] = set()  # parameters seen in calls, not the model's
+        # Parameters seen in calls, not the model's, held weakly: a freed one's address may
+        # be a new parameter of the model's (a replaced head) that must not be passed over.
+        self._outside_ids: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._warned_out = False  # said that a forward ran without the engine
         #: True where something else calibrates on the first training batch (S2ACallback).
         self.calibrates_elsewhere = False
@@ -160,7 +163,7 @@ class SavedTensorEngine:
         through the model: it gets an inert engine, not a copy of the whole model (a ViT-B
         head's copy took ~330 MB), and computes as the part does without S2A.
         """
-        fresh = self._new_caches()
+        fresh = {**self._new_caches(), "_outside_ids": WeakIdKeyDictionary()}
         clone = object.__new__(type(self))
         memo[id(self)] = clone
         if id(self.model) not in memo:
@@ -174,7 +177,13 @@ class SavedTensorEngine:
         """Pickled with its model (``torch.save(model)``): without the caches a deep copy
         starts anew (torch's descriptors in the operator cache cannot be pickled), and
         without the step checks (they hold weak references; a loaded copy has no handle)."""
-        return {**self.__dict__, **self._new_caches(), "step_checks": []}
+        state = {**self.__dict__, **self._new_caches(), "step_checks": []}
+        state.pop("_outside_ids", None)  # weak references: made anew on load
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._outside_ids = WeakIdKeyDictionary()
 
     @staticmethod
     def _new_caches() -> dict[str, Any]:

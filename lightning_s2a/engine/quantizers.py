@@ -135,6 +135,8 @@ def _decodes_to_its_side(spec: Any, table: torch.Tensor) -> bool:
     known = _SIDES.get(key)
     if known is None:
         assert spec.mask is not None
+        if len(_SIDES) >= 1024:  # bounds that change per call (a clamp to a running max)
+            _SIDES.clear()
         known = _SIDES[key] = spec.mask(table).tolist() == [False, True]
     return known
 

@@ -274,7 +274,7 @@ def classify(engine: SavedTensorEngine, info: tuple, args: tuple, kwargs: dict) 
             params += [b for b in a if id(b) in param_ids]
         elif id(a) in param_ids:
             params.append(a)
-        elif isinstance(a, nn.Parameter) and id(a) not in engine._outside_ids:
+        elif isinstance(a, nn.Parameter) and a not in engine._outside_ids:
             check_known(engine, a)
     if kind is None and not params:
         return None
@@ -334,7 +334,7 @@ def check_known(engine: SavedTensorEngine, p: nn.Parameter) -> None:
                     "form before apply_s2a (reset_classifier first), or call handle.remove() "
                     "and apply_s2a again."
                 )
-    engine._outside_ids.add(id(p))
+    engine._outside_ids[p] = True
 
 
 @torch.compiler.disable  # storage pointers and autograd nodes: eager, also under compile
