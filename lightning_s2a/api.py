@@ -15,6 +15,7 @@ from .engine.calibration import warn_uncalibrated
 from .engine.compile_guard import check_not_compiled
 from .engine.hooks import SavedTensorEngine
 from .structure import four_bit
+from .structure.frozen_weights import cast_frozen
 from .structure.holders import PROBE_NAME
 from .structure.model_hooks import is_held
 from .structure.rewrites import rewrites_for
@@ -23,7 +24,6 @@ from .structure.surgery import (
     SIDE_NAME,
     StructureState,
     apply_structure,
-    cast_frozen,
     undo_structure,
 )
 from .structure.unstepped import UnsteppedCheck

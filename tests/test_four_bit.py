@@ -415,7 +415,7 @@ def test_a_model_converted_after_apply_requantizes_from_the_weights_as_built(dty
     engine started again) on a model converted since quantized the weight rounded to the new
     dtype: other codes and scales than training had (a reviewer: 196,828 of 921,600 held
     weights changed). They are quantized from the original as built, in its dtype."""
-    from lightning_s2a.structure.surgery import cast_frozen
+    from lightning_s2a.structure.frozen_weights import cast_frozen
 
     torch.manual_seed(0)
     model = ConvMixer()
