@@ -178,9 +178,23 @@ class Plain(nn.Module):
         return self.fc(self.encoder(x).mean(1))
 
 
+class _Unrepeated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.LayerNorm(16))
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(self.encoder(x).mean(1))
+
+
 def test_unknown_model_needs_named_blocks_for_prompt():
-    with pytest.raises(ValueError, match=r"cannot find the blocks of Plain.*S2AConfig\(blocks="):
-        apply_s2a(Plain(), modules="prompt", head="fc", input_size=(5, 16, 1))
+    with pytest.raises(ValueError, match=r"cannot find the blocks of _Unrepeated.*S2AConfig\(b"):
+        apply_s2a(_Unrepeated(), modules="prompt", head="fc", input_size=(5, 16))
+    # a Sequential of Sequential blocks: the inner lists are the blocks (they were not found)
+    with apply_s2a(Plain(), modules="prompt", head="fc", input_size=(5, 16)) as h:
+        assert [b.name for b in h.structure.blocks] == ["encoder.0", "encoder.1", "encoder.2"]
+        assert h.structure.block_rule == "repeated blocks: 3 x Sequential"
     model = Plain()
     with apply_s2a(model, modules="prompt", head="fc", blocks="encoder.*", input_size=(5, 16)) as h:
         assert [b.name for b in h.structure.blocks] == ["encoder.0", "encoder.1", "encoder.2"]
@@ -1279,7 +1293,7 @@ def test_a_parameter_from_outside_the_model_passes():
     with apply_s2a(model, head=None) as handle:
         model(torch.randn(5, 4)).sum().backward()
         model(torch.randn(5, 4)).sum().backward()
-        assert id(scale) in handle.engine._outside_ids and scale.grad is not None
+        assert scale in handle.engine._outside_ids and scale.grad is not None
 
 
 @pytest.mark.parametrize("modules", ["bias+prompt", "side"])

@@ -83,6 +83,9 @@ def repeated_blocks(
     a model's few class-attention blocks lose to its main blocks. Every block of that class
     in a list is taken, also one that is alone in its stage.
 
+    Lists of lists count only where nothing else repeats: then the inner lists are the blocks
+    (a user's ``nn.Sequential`` of ``nn.Sequential(Linear, GELU, Linear)`` blocks).
+
     Blocks with two or more weight layers (linear or convolution) come first: single layers
     and conv-norm-act units, the branches of an Inception block or the layers of a VoVNet
     block, outnumber the blocks they sit in. They count only where nothing else repeats (a
@@ -93,6 +96,10 @@ def repeated_blocks(
     # containers, aliased, votes once)
     blocks: dict[type, set[int]] = {}
     units: dict[type, set[int]] = {}
+    # Lists of lists: a list of stages, whose own block lists count instead; or, where
+    # nothing else repeats, the blocks themselves (nn.Sequential(Linear, GELU, Linear) each).
+    nested_blocks: dict[type, set[int]] = {}
+    nested_units: dict[type, set[int]] = {}
     members: dict[type, list[tuple[str, nn.Module]]] = {}  # every child of a list, by class
     for name, container in model.named_modules():
         if not isinstance(container, (nn.ModuleList, nn.Sequential)):
@@ -101,14 +108,20 @@ def repeated_blocks(
         for kind, run in groupby(container.named_children(), key=lambda child: type(child[1])):
             children = [(prefix + n, m) for n, m in run]  # consecutive children of one class
             members.setdefault(kind, []).extend(children)
-            if len(children) < 2 or issubclass(kind, (nn.ModuleList, nn.Sequential)):
-                continue  # a list of stages: their own block lists are counted instead
+            if len(children) < 2:
+                continue
             first = children[0][1]
             if next(first.parameters(), None) is None:
                 continue  # activations or pools repeated in a Sequential are no blocks
-            counts = blocks if _weight_layers(first) >= 2 else units
+            nested = issubclass(kind, (nn.ModuleList, nn.Sequential))
+            if _weight_layers(first) >= 2:
+                counts = nested_blocks if nested else blocks
+            else:
+                counts = nested_units if nested else units
             counts.setdefault(kind, set()).update(id(m) for _, m in children)
     by_class = blocks or (units if single_layers else {})
+    if not by_class:
+        by_class = nested_blocks or (nested_units if single_layers else {})
     if not by_class:
         return [], ""
     # On a tie the finer blocks win: a model's blocks over stages holding as many of them.
