@@ -288,3 +288,10 @@ def test_printing_a_config_whose_class_was_replaced_is_refused(tmp_path):
     quickstart = os.path.join(os.path.dirname(__file__), "..", "examples", "quickstart.yaml")
     with pytest.raises(SystemExit, match="own defaults"):
         main(["fit", "--config", quickstart, "--model", "my_project.Module", "--print_config"])
+    # the class named by --model.class_path, or by a later config file, alike (they printed)
+    with pytest.raises(SystemExit, match="own defaults"):
+        main(["fit", "--config", quickstart, "--model.class_path", "my.Module", "--print_config"])
+    second = tmp_path / "mine.yaml"
+    second.write_text("model: my_project.Module\n")
+    with pytest.raises(SystemExit, match="own defaults"):
+        main(["fit", "--config", quickstart, "--config", str(second), "--print_config"])

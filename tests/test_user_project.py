@@ -355,6 +355,24 @@ def test_cli_a_class_named_over_a_config_files_keeps_its_own_defaults(tmp_path, 
     named = ["--model=tests.lightning_helpers.EncoderClassifier", *user]
     cli = S2ALightningCLI(run=False, args=[*base, "--config", str(reexported), *named])
     assert cli.model.hparams.lr == 0.25
+    # a config naming the class in a file of its own, beside it, and a config given inline
+    # (the class's own values were replaced by its defaults: the sources were not read)
+    nested_dir = tmp_path / "nested"
+    nested_dir.mkdir()
+    (nested_dir / "my_model.yaml").write_text(
+        "class_path: tests.lightning_helpers.EncoderClassifier\ninit_args:\n  lr: 0.05\n"
+    )
+    (nested_dir / "run.yaml").write_text(
+        "model: my_model.yaml\ndata: tests.lightning_helpers.FourWayData\n"
+    )
+    nested = ["--config", str(nested_dir / "run.yaml"), "--s2a.backbone=encoder"]
+    assert S2ALightningCLI(run=False, args=[*base, *nested]).model.hparams.lr == 0.05
+    inline = (
+        '{"model": {"class_path": "tests.lightning_helpers.EncoderClassifier", '
+        '"init_args": {"lr": 0.07}}, "data": "tests.lightning_helpers.FourWayData"}'
+    )
+    cli = S2ALightningCLI(run=False, args=[*base, "--config", inline, "--s2a.backbone=encoder"])
+    assert cli.model.hparams.lr == 0.07 and cli.datamodule.batch_size == 8
     # a default passed on through **kwargs is found up the class hierarchy
     kw = [*base, "--model=tests.test_user_project._KwargsClassifier", *user]
     assert S2ALightningCLI(run=False, args=kw).model.hparams.lr == 1e-3

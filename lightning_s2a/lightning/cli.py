@@ -154,16 +154,41 @@ def _flag_value(args: list[str], i: int, value: str) -> str:
     return value or (args[i + 1] if i + 1 < len(args) else "")
 
 
-def _config_sections(path: str) -> list[dict]:
-    """A YAML config file's top level and its per-subcommand sections ([] if unreadable)."""
-    try:
-        with open(path) as f:
-            loaded = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError):
-        return []  # jsonargparse reports an unreadable config itself
+def _config_sections(given: str) -> list[dict]:
+    """A ``--config`` value's top level and its per-subcommand sections ([] if unreadable):
+    a YAML file, or YAML/JSON given inline. A ``model``/``data`` value naming a YAML file
+    (``model: my_model.yaml``) is that file's content, found beside the config as
+    jsonargparse finds it."""
+    base = os.path.dirname(given) if os.path.isfile(given) else ""
+    loaded = _loaded(given) if os.path.isfile(given) else _inline(given)
     if not isinstance(loaded, dict):
-        return []
-    return [loaded, *(loaded[c] for c in SUBCOMMANDS if isinstance(loaded.get(c), dict))]
+        return []  # jsonargparse reports an unreadable config itself
+    sections = [loaded, *(loaded[c] for c in SUBCOMMANDS if isinstance(loaded.get(c), dict))]
+    return [
+        {k: _nested_file(v, base) if k in ("model", "data") else v for k, v in section.items()}
+        for section in sections
+    ]
+
+
+def _inline(given: str) -> Any:
+    """A config given inline (``--config '{"model": ...}'``), or None."""
+    if ":" not in given:
+        return None
+    try:
+        return yaml.safe_load(given)
+    except yaml.YAMLError:
+        return None
+
+
+def _nested_file(value: Any, base: str) -> Any:
+    """A section's value, or the content of the YAML file it names (beside the config
+    first, then as given)."""
+    if not isinstance(value, str) or not value.endswith((".yaml", ".yml", ".json")):
+        return value
+    for path in (os.path.join(base, value), value):
+        if os.path.isfile(path):
+            return _loaded(path)
+    return value
 
 
 def _classes_in_config(path: str, keys: dict[str, type]) -> set[str]:
@@ -217,19 +242,37 @@ def carried_init_args(args: list[str], key: str, class_path: str) -> dict[str, A
     return {name: v for name, (foreign, v) in last.items() if foreign}
 
 
+def _named_class(args: list[str], key: str) -> str | None:
+    """The class the last source names under ``key``: a config file or inline config (its
+    ``key`` a class path, a dict with one, or a YAML file of one), ``--key``, or
+    ``--key.class_path``."""
+    named = None
+
+    def of(value: Any) -> Any:
+        return value.get("class_path", None) if isinstance(value, dict) else value
+
+    for i, token in enumerate(args):
+        flag, _, value = token.partition("=")
+        if flag in ("--config", "-c"):
+            for section in _config_sections(_flag_value(args, i, value)):
+                if isinstance(of(section.get(key)), str):
+                    named = of(section[key])
+        elif flag == f"--{key}" and isinstance(of(_loaded(_flag_value(args, i, value))), str):
+            named = of(_loaded(_flag_value(args, i, value)))
+        elif flag == f"--{key}.class_path":
+            named = _flag_value(args, i, value)
+    return named
+
+
 def _refuse_printing_carried_args(args: list[str]) -> None:
     """``--print_config`` prints while parsing, before a class named in place of a config
     file's gets its own defaults back: it printed the file's values for the other class, and
-    a run from the printed file used them, silently. Such a print is refused."""
+    a run from the printed file used them, silently. Such a print is refused, whichever
+    source named the class (``--model``, ``--model.class_path``, a later config file)."""
     if not any(a.partition("=")[0] == "--print_config" for a in args):
         return
     for key in ("model", "data"):
-        named = None
-        for i, token in enumerate(args):
-            flag, _, value = token.partition("=")
-            if flag == f"--{key}":
-                given = _loaded(_flag_value(args, i, value))
-                named = given.get("class_path") if isinstance(given, dict) else given
+        named = _named_class(args, key)
         if isinstance(named, str) and carried_init_args(args, key, named):
             raise SystemExit(
                 f"error: --print_config would print the config file's init_args for another "
