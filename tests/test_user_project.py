@@ -415,6 +415,34 @@ def test_prompt_checkpoint_loads_into_a_fresh_module(tmp_path):
     assert len(prompts) > 2
 
 
+def test_resuming_a_plain_fit_under_s2a_is_refused_unless_the_same_set_trains(tmp_path):
+    """fit(ckpt_path=...) of a full fine-tune under S2A (the CLI's default) went on training
+    the biases only, silently (with a stateless optimizer nothing failed to load)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    pl.seed_everything(0)
+    full = ModelCheckpoint(dirpath=tmp_path / "full", save_last=True)
+    _trainer(tmp_path, [full]).fit(EncoderClassifier(), _data(16))
+    callback = S2ACallback(backbone="encoder")
+    with pytest.raises(ValueError, match=r"trained without S2A: \d+ parameters trained in it"):
+        _trainer(tmp_path, [callback], epochs=2).fit(
+            EncoderClassifier(), _data(16), ckpt_path=full.last_model_path
+        )
+    # A run that trained the same set (biases and the head, frozen by the user) resumes,
+    # compressed from then on. AdamW holds every parameter; those with state trained.
+    pl.seed_everything(0)
+    own = EncoderClassifier()
+    for name, p in own.encoder.named_parameters():
+        p.requires_grad_(name.endswith("bias"))
+    bitfit = ModelCheckpoint(dirpath=tmp_path / "bitfit", save_last=True)
+    _trainer(tmp_path, [bitfit]).fit(own, _data(16))
+    resumed = EncoderClassifier()
+    _trainer(tmp_path, [S2ACallback(backbone="encoder")], epochs=2).fit(
+        resumed, _data(16), ckpt_path=bitfit.last_model_path
+    )
+    assert get_handle(resumed.encoder) is not None
+
+
 def test_evaluating_a_plain_checkpoint_in_4_bits_is_said(tmp_path):
     """validate(ckpt_path=...) of a checkpoint saved without S2A, by a Trainer whose S2A holds
     frozen weights in 4 bits: its weights are quantized on load, so the metrics are the 4-bit

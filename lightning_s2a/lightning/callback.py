@@ -29,6 +29,7 @@ from .checks import (
     check_no_finetuning,
     check_no_swa,
     check_optimized,
+    check_plain_resume,
     check_same_model,
     check_single_s2a,
     copied_back_error,
@@ -351,8 +352,11 @@ class S2ACallback(pl.Callback):
         saved = saved or checkpoint.get(WEIGHTS_ONLY_KEY)
         strict = bool(getattr(self._module, "strict_loading", True))
         check_checkpoint(checkpoint, saved, self.handle, strict)
-        if self._stage != "fit" and not saved and not marked_prefixes(checkpoint):
+        plain = not saved and not marked_prefixes(checkpoint)
+        if plain and self._stage != "fit":
             warn_plain_checkpoint_in_four_bits(self.handle)
+        elif plain and self.handle is not None and self._module is not None:
+            check_plain_resume(checkpoint, self._module)
         # A checkpoint this run saved itself (BatchSizeFinder's, lr_find's temporary file)
         # brings nothing from outside: only another's S2A model is kept after an evaluation.
         if checkpoint.get(RUN_KEY) != self._run:

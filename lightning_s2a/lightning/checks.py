@@ -106,6 +106,29 @@ def check_checkpoint(
         )
 
 
+def check_plain_resume(checkpoint: dict[str, Any], module: nn.Module) -> None:
+    """Resuming a fit (``ckpt_path``) from a checkpoint trained without S2A, by a run that
+    applies S2A: where the checkpoint's optimizers held another number of parameters than
+    train now, the run would go on training another set (a full fine-tune resumed under the
+    CLI's default S2A trained 8,066 of 4.9M parameters, silently, with a stateless
+    optimizer). The same set (a BitFit run of your own, compressed from now on) resumes.
+    The parameters that trained are those with optimizer state (Adam's moments, momentum);
+    for stateless optimizers, those the optimizers held."""
+    states = [s for s in checkpoint.get("optimizer_states") or [] if isinstance(s, dict)]
+    with_state = sum(len(s.get("state", {})) for s in states)
+    held = sum(len(g.get("params", ())) for s in states for g in s.get("param_groups", ()))
+    trained = with_state or held
+    trainable = sum(1 for p in module.parameters() if p.requires_grad)
+    if states and trained != trainable:
+        raise ValueError(
+            f"resuming from a checkpoint trained without S2A: {trained} parameters trained "
+            f"in it, and with S2A {trainable} train now, so the run would go on training "
+            "another set. Resume without S2A (--s2a.enabled false, or no S2ACallback), or "
+            "fine-tune its weights with S2A from the start: load them into the module and "
+            "fit without ckpt_path."
+        )
+
+
 def warn_plain_checkpoint_in_four_bits(handle: S2AHandle | None) -> None:
     """An evaluation (``validate``/``test``/``predict`` with ``ckpt_path``) of a checkpoint
     saved without S2A, by a run that holds frozen weights in 4 bits: the loaded weights are
