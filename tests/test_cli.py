@@ -295,3 +295,13 @@ def test_printing_a_config_whose_class_was_replaced_is_refused(tmp_path):
     second.write_text("model: my_project.Module\n")
     with pytest.raises(SystemExit, match="own defaults"):
         main(["fit", "--config", quickstart, "--config", str(second), "--print_config"])
+
+
+@pytest.mark.parametrize("subcommand", ["test", "validate", "predict"])
+def test_an_adapter_path_outside_fit_is_an_error(tmp_path, capsys, subcommand):
+    """--s2a.adapter_path is where fit writes the adapter: ``test --s2a.adapter_path X``
+    evaluated the untrained model (test/acc 0.03 against the adapter's 0.55), silently."""
+    adapter = str(tmp_path / "a.safetensors")
+    with pytest.raises(SystemExit):
+        _cli(tmp_path, subcommand, "--s2a.adapter_path", adapter, run=True)
+    assert f"{subcommand} does not read it" in capsys.readouterr().err

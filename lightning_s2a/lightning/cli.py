@@ -373,6 +373,12 @@ class S2ALightningCLI(LightningCLI):
             parser.error(f"invalid s2a option: {err}")
         self.s2a_config = config if enabled else None
         self.s2a_callback_kwargs = callback_kwargs if enabled else None
+        if enabled and self.subcommand not in (None, "fit") and callback_kwargs.get("adapter_path"):
+            parser.error(
+                f"--s2a.adapter_path is where fit writes the trained adapter; {self.subcommand} "
+                "does not read it (it evaluated the untrained model). Evaluate a checkpoint "
+                "with --ckpt_path, or load the adapter in code (lightning_s2a.load_adapter)."
+            )
         if enabled:
             strategy = self._get(self.config, "trainer", default={}).get("strategy")
             name = strategy if isinstance(strategy, str) else getattr(strategy, "class_path", "")
