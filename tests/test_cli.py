@@ -305,3 +305,16 @@ def test_an_adapter_path_outside_fit_is_an_error(tmp_path, capsys, subcommand):
     with pytest.raises(SystemExit):
         _cli(tmp_path, subcommand, "--s2a.adapter_path", adapter, run=True)
     assert f"{subcommand} does not read it" in capsys.readouterr().err
+
+
+def test_a_step_budget_alone_is_not_cut_by_the_epoch_default(tmp_path):
+    """--trainer.max_steps 20 stopped at step 12: the CLI's max_epochs=3 ended it first
+    (Lightning's own default has no epoch limit when a step budget is set)."""
+    cli = _cli(tmp_path, "--trainer.max_steps", "20")
+    assert cli.trainer.max_steps == 20 and cli.trainer.max_epochs in (None, -1)  # no limit
+    cli = _cli(tmp_path, "--trainer.max_steps", "20", "--trainer.max_epochs", "2")
+    assert cli.trainer.max_epochs == 2  # both given: both hold
+    config = tmp_path / "steps.yaml"
+    config.write_text("trainer:\n  max_steps: 20\n")
+    assert _cli(tmp_path, "--config", str(config)).trainer.max_epochs in (None, -1)
+    assert _cli(tmp_path).trainer.max_epochs == 3  # the CLI's short fine-tune otherwise

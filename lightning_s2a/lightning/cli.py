@@ -282,6 +282,20 @@ def _refuse_printing_carried_args(args: list[str]) -> None:
             )
 
 
+def _sets_trainer(args: list[str], name: str) -> bool:
+    """True if the command line or a config file sets ``trainer.<name>``."""
+    for i, token in enumerate(args):
+        flag, _, value = token.partition("=")
+        if flag == f"--trainer.{name}":
+            return True
+        if flag in ("--config", "-c"):
+            for section in _config_sections(_flag_value(args, i, value)):
+                trainer = section.get("trainer")
+                if isinstance(trainer, dict) and name in trainer:
+                    return True
+    return False
+
+
 def _loaded(given: str) -> Any:
     """A ``--model``/``--data`` value: a dict given inline or in a YAML file, else the string."""
     try:
@@ -343,6 +357,14 @@ class S2ALightningCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("seed_everything_default", 0)
         kwargs["trainer_defaults"] = {**TRAINER_DEFAULTS, **(kwargs.get("trainer_defaults") or {})}
+        given = kwargs.get("args")
+        tokens = (
+            list(sys.argv[1:] if given is None else given) if not isinstance(given, dict) else []
+        )
+        if _sets_trainer(tokens, "max_steps") and not _sets_trainer(tokens, "max_epochs"):
+            # a step budget alone: our epoch default would end the run first (Lightning's
+            # own has no epoch limit then)
+            kwargs["trainer_defaults"].pop("max_epochs", None)
         model_class = kwargs.get("model_class", args[0] if args else None)
         data_class = kwargs.get("datamodule_class", args[1] if len(args) > 1 else None)
         defaults: dict[str, type] = {}
