@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_s2a.bench.run import _ratio
 from lightning_s2a.lightning.data import IMAGENET_MEAN, IMAGENET_STD
 
 MB = 2**20
@@ -333,7 +334,7 @@ def table(results: list[dict[str, Any]]) -> str:
             saved = runs[0]["saved_mib"]
             delta = "-" if full_acc is None else "0" if r is full else f"{acc - full_acc:+.1f}"
             share = f"{100 * acc / full_acc:.1f}" if full_acc else "-"
-            less = f"{full['runs'][0]['saved_mib'] / saved:.1f}x less" if full and saved else "-"
+            less = _ratio(full["runs"][0]["saved_mib"], saved) if full else "-"
             peak = f"{max(x['train_peak_mib'] for x in runs):.0f} | " if with_peak else ""
             lr = f"{runs[0]['lr']:g}" if "lr" in runs[0] else "-"
             lines.append(

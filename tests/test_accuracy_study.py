@@ -124,7 +124,7 @@ def test_report_gives_mean_spread_and_ratios_against_full(tmp_path):
     row = next(line for line in text.splitlines() if "s2a_bias@4bit" in line)
     assert "85.0 ± 7.1 (n=2)" in row and "| -5.0 | 94.4 |" in row and "25.0x less" in row
     assert "| 702 |" in row  # the training peak, maximum over seeds
-    assert "| d | full | 0.003 | 90.0 ± 0.0 (n=2) | 0 | 100.0 | 50.0 | 1.0x less | 760 |" in text
+    assert "| d | full | 0.003 | 90.0 ± 0.0 (n=2) | 0 | 100.0 | 50.0 | 1.0x | 760 |" in text
     assert "| d | lora | failed: ImportError: peft" in text
 
 

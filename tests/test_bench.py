@@ -133,8 +133,9 @@ def test_bench_methods_measure_what_their_labels_say():
     spec = {"method": "s2a_bias", "bits": 2, "model": "no_such_model", "device": "cpu"}
     _child({**spec, "resolution": 32, "classes": 10, "batch_size": 1}, conn)
     assert conn.value["method"] == "s2a_bias@2bit" and "no_such_model" in conn.value["error"]
-    assert (_ratio(10.0, 4.0), _ratio(10.0, 12.5), _ratio(10.0, 0.0)) == (
+    assert (_ratio(10.0, 4.0), _ratio(10.0, 12.5), _ratio(10.0, 0.0), _ratio(10.0, 10.0)) == (
         "2.5x less",
         "1.2x more",
         "-",
+        "1.0x",  # full fine-tuning's own row ("1.0x less" than itself)
     )

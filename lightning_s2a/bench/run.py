@@ -146,7 +146,9 @@ def _ratio(full: float, value: float) -> str:
     """How many times less than full fine-tuning's ``value`` is (or more, where it is)."""
     if not value:
         return "-"
-    return f"{full / value:.1f}x less" if value <= full else f"{value / full:.1f}x more"
+    if value == full:
+        return "1.0x"  # full fine-tuning's own row, or a method that keeps as much
+    return f"{full / value:.1f}x less" if value < full else f"{value / full:.1f}x more"
 
 
 def _table(rows: list[dict[str, Any]], full: dict[str, Any] | None) -> str:
