@@ -666,3 +666,18 @@ def test_a_model_converted_after_a_bfloat16_cast_gets_its_exact_weights_back(con
     for n, p in model.named_parameters():
         assert p.dtype == dtype and torch.equal(p.detach(), originals[n].to(dtype)), n
     model(torch.randn(2, 3, 32, 32, dtype=dtype))
+
+
+def test_a_bfloat16_cast_outside_autocast_says_what_to_do():
+    """frozen_dtype="bfloat16" (after load_adapter, or in a plain loop) run without autocast
+    failed in the first layer with torch's bare "Input type and weight type should be the
+    same"; the model's own pre-hook says why and names the fixes."""
+    torch.manual_seed(0)
+    model, x = ConvMixer(), torch.randn(2, 3, 16, 16)
+    with apply_s2a(model, frozen_dtype="bfloat16") as handle:
+        with pytest.raises(RuntimeError, match=r"frozen_dtype='bfloat16'.*outside autocast"):
+            model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model(x).dtype == torch.bfloat16
+        handle.stop_engine()  # the weights back in fp32: a plain forward works
+        assert model(x).dtype == torch.float32

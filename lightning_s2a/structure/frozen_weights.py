@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import FOUR_BIT_DTYPES, S2AConfig
 from . import four_bit
-from .model_hooks import HeldLayerHooks, OriginalsHooks, moved
+from .model_hooks import HeldLayerHooks, NeedsAutocast, OriginalsHooks, moved
 
 if TYPE_CHECKING:
     from .surgery import StructureState
@@ -48,6 +48,10 @@ def hold_frozen(
         if frozen:
             state.cast_originals[name] = p.detach().to("cpu", copy=True)
     cast_frozen(model, state, config.frozen_dtype)
+    if not in_four_bits and state.cast_originals:
+        dtype = getattr(torch, str(config.frozen_dtype))
+        check = NeedsAutocast(dtype, next(iter(state.cast_originals)))
+        state.hooks.append(model.register_forward_pre_hook(check, with_kwargs=True))
     # Checkpoints hold the weights as the user built them, and a loaded state dict
     # becomes the new original: a resumed run's weights are never replaced by stale ones.
     # On each layer: a submodule's own state dict, and a layer under two names, hold

@@ -215,6 +215,39 @@ class HeldLayerHooks:
         four_bit.hold(layer, weight, self.quant_type, four_bit.dtype_of(layer))
 
 
+class NeedsAutocast:
+    """Forward pre-hook of a model whose frozen weights ``frozen_dtype`` holds in bf16/fp16:
+    an input of another dtype outside autocast would meet them in the first layer with
+    torch's "Input type and weight type should be the same"; this says why and what to do.
+    Passes while the weights are back in full precision (after fit, ``stop_engine``)."""
+
+    def __init__(self, dtype: torch.dtype, weight: str) -> None:
+        self.dtype, self.weight = dtype, weight  # a name, read through the model called
+
+    def __call__(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        if redirected_call(module):
+            return
+        x = next(
+            (v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)),
+            None,
+        )
+        if x is None or not x.is_floating_point() or x.dtype == self.dtype:
+            return
+        if torch.is_autocast_enabled(x.device.type):
+            return
+        owner, _, leaf = self.weight.rpartition(".")
+        held = getattr(module.get_submodule(owner), leaf, None)
+        if isinstance(held, torch.Tensor) and held.dtype == self.dtype:
+            name = str(self.dtype).removeprefix("torch.")
+            raise RuntimeError(
+                f"S2AConfig(frozen_dtype={name!r}) holds the frozen weights in {name}, and "
+                f"this {str(x.dtype).removeprefix('torch.')} input runs outside autocast: "
+                f"run the model under torch.autocast({x.device.type!r}, dtype=torch.{name}) "
+                "(Lightning: precision='bf16-mixed'), or give the weights back first with "
+                "handle.stop_engine() (or train with frozen_dtype=None)."
+            )
+
+
 def _own_original(hooks: OriginalsHooks | HeldLayerHooks) -> dict[str, Any]:
     """A copied or pickled layer's hooks take their own original, not the whole model's: the
     shared dict is read and written only under each hook's name, and only the handle (which
