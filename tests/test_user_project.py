@@ -462,6 +462,29 @@ def test_evaluating_a_plain_checkpoint_in_4_bits_is_said(tmp_path):
         trainer.validate(model, _data(8), ckpt_path=own.last_model_path, verbose=False)
 
 
+class _Lenient(pl.LightningModule):
+    """A module that loads partial checkpoints (``strict_loading = False``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Linear(4, 2)
+        self.strict_loading = False
+
+
+def test_load_from_checkpoint_follows_the_modules_strict_loading(tmp_path):
+    """strict=True passed on by default contradicted a module's strict_loading=False, and
+    Lightning refused the load (it worked before strict= was taken)."""
+    path = tmp_path / "plain.ckpt"
+    checkpoint = {
+        "state_dict": {},
+        "hyper_parameters": {},
+        "pytorch-lightning_version": pl.__version__,
+    }
+    torch.save(checkpoint, path)  # partial: nothing in it
+    assert isinstance(load_from_checkpoint(_Lenient, path), _Lenient)
+
+
 def test_a_weights_only_checkpoint_loads_into_a_fresh_module(tmp_path):
     # save_weights_only=True stores no callback state: load_from_checkpoint fell back to the
     # ordinary call, whose error sent the user back to load_from_checkpoint.

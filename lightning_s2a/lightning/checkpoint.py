@@ -52,16 +52,20 @@ def load_from_checkpoint(
     cls: type[M],
     checkpoint_path: str | os.PathLike,
     map_location: Any = None,
-    strict: bool = True,
+    strict: bool | None = None,
     **kwargs: Any,
 ) -> M:
     """``cls.load_from_checkpoint(checkpoint_path, ...)`` for a module trained with S2A.
 
     Builds ``cls`` from the checkpoint's hyperparameters (and ``kwargs``) as Lightning does,
     applies S2A with the checkpoint's config to the attribute that was S2A'd, then loads every
-    weight, with ``strict=True`` unless told otherwise (as Lightning's): the trained outputs
-    come back exactly. A checkpoint without S2A state is loaded as Lightning would.
+    weight strictly unless told otherwise (``strict``; by default the module's own
+    ``strict_loading``, as Lightning's): the trained outputs come back exactly. A checkpoint
+    without S2A state is loaded as Lightning would.
     """
+    if strict is not None:
+        kwargs["strict"] = strict  # only where given: Lightning refuses one that contradicts
+        # the module's strict_loading
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
     state = s2a_state(checkpoint)
     marked = marked_prefixes(checkpoint)
@@ -77,16 +81,13 @@ def load_from_checkpoint(
             "during fit."
         )
     if state is None:
-        return cls.load_from_checkpoint(
-            checkpoint_path, map_location=map_location, strict=strict, **kwargs
-        )
+        return cls.load_from_checkpoint(checkpoint_path, map_location=map_location, **kwargs)
     with warnings.catch_warnings():
         # The first pass builds the module and loads what it already has; the S2A keys it
         # reports as unexpected are loaded below, strictly.
         warnings.simplefilter("ignore")
-        model = cls.load_from_checkpoint(
-            checkpoint_path, map_location=map_location, strict=False, **kwargs
-        )
+        first = {**kwargs, "strict": False}
+        model = cls.load_from_checkpoint(checkpoint_path, map_location=map_location, **first)
     target_name = state["target"]
     try:
         target = model.get_submodule(target_name) if target_name else model
@@ -99,6 +100,8 @@ def load_from_checkpoint(
     handle.stop_engine()  # hooks on when a Trainer fits it again
     if "engine" in state:  # a weights-only checkpoint has none (codebooks, forward count)
         handle.engine.load_state_dict(state["engine"])
+    if strict is None:
+        strict = bool(getattr(model, "strict_loading", True))
     model.load_state_dict(checkpoint["state_dict"], strict=strict)
     return model
 
