@@ -211,12 +211,14 @@ def _clamp(n: str, a: tuple, k: Mapping[str, Any]) -> ElementwiseSpec | None:
 
 
 def _shrink(n: str, a: tuple, k: Mapping[str, Any]) -> ElementwiseSpec:
-    """Hardshrink and softshrink: backward passes the gradient where ``s < -lambd`` or
-    ``s > lambd`` (s the saved input) and zeroes it elsewhere, NaN included."""
+    """Hardshrink and softshrink: backward zeroes the gradient where ``-lambd <= s <= lambd``
+    (s the saved input) and passes it elsewhere. At a NaN PyTorch disagrees with itself (its
+    CUDA kernel and CPU scalar loop pass the gradient, its vectorized CPU loop zeroes it):
+    the code follows CUDA."""
     lambd = float(_arg(a, k, 1, "lambd", 0.5))
     return ElementwiseSpec(
         f"shrink({lambd:g})",
-        mask=lambda s: (s < -lambd) | (s > lambd),
+        mask=lambda s: ~((s >= -lambd) & (s <= lambd)),
         mask_points=(0.0, lambd + 1.0 + abs(lambd)),
     )
 
