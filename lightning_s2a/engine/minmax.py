@@ -64,18 +64,19 @@ def underflows(offset: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Te
 
     Below 2**-14 fp16 keeps an absolute step of 2**-24: a tensor of magnitude 1e-7 got
     scales of zero and decoded to zeros (gradient cosine 0.02, or exactly zero gradients).
-    The bound is about the magnitude at which that rounding, times the levels, stays under
-    half a code step of a group spanning the tensor, 2**(2 * bits - 24) (1.5e-5 at 4 bits);
-    it is applied to each group's ``|offset| + span`` (between 1 and 3 times its largest
-    magnitude), under 2**(2 * bits - 23). It is read from the stored stats, so every backend
-    decides alike; stats that rounded to zero cannot tell a tensor of zeros from one
-    flattened, so a tensor of zeros is kept too.
+    The bound is about the magnitude at which that rounding of a scale, times the levels,
+    is 3% of the tensor's largest value, the error 4-bit codes have anyway: 2**(bits - 20)
+    (1.5e-5 at 4 bits, 2.4e-4 at 8; tensors above it keep their codes' fidelity, and at 8 bits
+    diffuse attention probabilities of 1e-3 stay coded). It is applied to each group's
+    ``|offset| + span`` (between 1 and 3 times its largest magnitude), under twice that. It
+    is read from the stored stats, so every backend decides alike; stats that rounded to
+    zero cannot tell a tensor of zeros from one flattened, so a tensor of zeros is kept too.
     """
     if not offset.numel():
         return torch.zeros((), dtype=torch.bool, device=offset.device)
     # In fp16, four ops (this runs per packed tensor); an overflow to inf only says "large".
     big = offset.abs().add_(scale, alpha=(1 << bits) - 1).amax()
-    return big < 2.0 ** (2 * bits - 23)
+    return big < 2.0 ** (bits - 19)
 
 
 def quantize_minmax(
