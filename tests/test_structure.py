@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections import Counter
 from functools import partial
 
@@ -681,6 +682,71 @@ def test_add_bias_adds_none_a_forward_never_reads():
     assert all(m.bias.grad is not None for m in added)
     handle.remove()
     assert all(block.attn.qkv.bias is None for block in model.blocks)
+
+
+class _AuxNet(nn.Module):
+    """An auxiliary head that only the training branch runs (Inception's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.aux = nn.Conv2d(3, 8, 3, bias=False), nn.Conv2d(8, 8, 1, bias=False)
+        self.head, self.aux_head = nn.Linear(8, 3), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = F.relu(self.stem(x))
+        out = self.head(h.mean((2, 3)))
+        if self.training:
+            return out + self.aux_head(F.relu(self.aux(h)).mean((2, 3)))
+        return out
+
+
+class _CatBias(nn.Module):
+    """Biases its forward reads through torch.cat (a list argument)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.v = nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = x.flatten(1)[:, :8]
+        b = torch.cat([self.q.bias, self.v.bias]) if self.q.bias is not None else 0
+        return self.head(torch.cat([x @ self.q.weight.T, x @ self.v.weight.T], 1) + b)
+
+
+class _MoE(nn.Module):
+    """Top-1 routing: a zero input sends every token to one expert."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = nn.Linear(12, 4)
+        self.experts = nn.ModuleList(nn.Linear(12, 12, bias=False) for _ in range(4))
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        x = x.flatten(1)[:, :12]
+        choice = self.router(x).argmax(-1)
+        out = torch.zeros_like(x)
+        for i, expert in enumerate(self.experts):
+            if (choice == i).any():
+                out[choice == i] = expert(x[choice == i])
+        return self.head(out)
+
+
+@pytest.mark.parametrize("model_class", [_AuxNet, _CatBias, _MoE])
+def test_add_bias_keeps_biases_the_dry_forward_cannot_rule_out(model_class):
+    """The first version dropped a bias the eval forward on zeros did not read: an auxiliary
+    head's (training only), one read through torch.cat, an expert's that zeros never route
+    to. A bias is dropped only where the layer's weight was read and its bias was not."""
+    torch.manual_seed(0)
+    model = model_class()
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    without = [m for m in layers if m.bias is None]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="add_bias")
+        handle = apply_s2a(model, add_bias=True, head="head", input_size=(3, 8, 8))
+    assert all(m.bias is not None and m.bias.requires_grad for m in without)
+    handle.remove()
 
 
 @pytest.mark.parametrize("bn_mode", ["eval", "train"])

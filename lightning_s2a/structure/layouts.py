@@ -150,7 +150,7 @@ def dry_forward(
 
 
 class _Reads(torch.overrides.TorchFunctionMode):
-    """Notes the id of every tensor passed directly to a torch function."""
+    """Notes the id of every tensor passed to a torch function (in lists and dicts too)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -158,7 +158,8 @@ class _Reads(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        self.read.update(id(a) for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))  # torch.cat([q, v]) too
+        self.read.update(id(a) for a in leaves if isinstance(a, torch.Tensor))
         return func(*args, **kwargs)
 
 

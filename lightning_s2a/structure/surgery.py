@@ -376,9 +376,12 @@ def _add_module(
 
 
 def _drop_unread_biases(model: nn.Module, config: S2AConfig, state: StructureState) -> None:
-    """Take out the added biases that the model's forward never reads (EVA's and BEiT's
-    attention build their qkv bias from ``q_bias`` and ``v_bias``, which train as biases
-    already): they would be trainable parameters that train nothing. Said, with the first
+    """Take out the added biases that the model's forward never reads where it reads the
+    layer's weight (EVA's and BEiT's attention compute ``F.linear(x, qkv.weight, qkv_bias)``
+    with a bias built from ``q_bias`` and ``v_bias``, which train as biases already): they
+    would be trainable parameters that train nothing. A layer whose weight the dry forward
+    (eval mode, zeros) does not read either keeps its bias: it may run in training only (an
+    auxiliary head) or for other inputs (an expert not routed to). Said, with the first
     names. Where no dry forward can run (no input size known), all stay."""
     if not state.added_biases:
         return
@@ -389,7 +392,7 @@ def _drop_unread_biases(model: nn.Module, config: S2AConfig, state: StructureSta
     read = tensors_read(model, size)
     if read is None:
         return
-    unread = [m for m in state.added_biases if id(m.bias) not in read]
+    unread = [m for m in state.added_biases if id(m.bias) not in read and id(m.weight) in read]
     for module in unread:
         module.register_parameter("bias", None)
         state.added_biases.remove(module)
