@@ -1267,3 +1267,29 @@ def test_a_model_that_met_an_outside_parameter_still_copies_and_pickles():
     torch.save(model, io.BytesIO())
     copied(torch.randn(8, 16)).sum().backward()
     handle.remove()
+
+
+class _SliceNet(nn.Module):
+    """GELU saves h (coded); the head saves h[:, 0] (kept, compacted into a copy)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.head(h[:, 0]) + self.b(F.gelu(h)).mean(1)[:, :3]
+
+
+def test_raw_bytes_do_not_depend_on_compression():
+    """A kept slice is copied (compact) before it is counted: its raw bytes were charged to
+    the copy's storage, not to what is left of the original's (one allocation uncompressed),
+    so the compressed run's raw bytes were 33792 where the uncompressed run's are 32768."""
+    raws = []
+    for compress in (False, True):
+        torch.manual_seed(0)
+        model = _SliceNet()
+        with apply_s2a(model, S2AConfig(compress=compress, head="head", min_numel=1)) as handle:
+            model(torch.randn(4, 32, 16)).sum().backward()
+            raws.append(handle.stats()["raw_bytes"])
+    assert raws[0] == raws[1] == 4 * 32 * 64 * 4  # h, whose slice adds nothing

@@ -60,8 +60,16 @@ class ForwardAccount:
         entry[1] -= claimed
         return claimed
 
-    def add(self, kind: str, t: torch.Tensor, stored: int | None, part: str = "backbone") -> None:
-        """Record a saved tensor; ``stored`` is its packed size, or None if kept as it is."""
+    def add(
+        self,
+        kind: str,
+        t: torch.Tensor,
+        stored: int | None,
+        part: str = "backbone",
+        kept: torch.Tensor | None = None,
+    ) -> None:
+        """Record a saved tensor; ``stored`` is its packed size, or None if kept as it is
+        (``kept``: the tensor kept in its place, a compacted copy; raw counts ``t``)."""
         # The key identifies a saved view's data: storage address, geometry, dtype and version.
         # One storage lookup serves it, the size (capped by the storage: broadcast views) and
         # the weak reference; this runs for every saved tensor.
@@ -69,6 +77,11 @@ class ForwardAccount:
         nbytes = min(t.numel() * t.element_size(), storage.nbytes())
         key = (storage.data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype, t._version)
         raw = self._claim(self._seen_raw, self._left_raw, key, storage, nbytes)
+        if stored is None and kept is not None and kept is not t:
+            storage = kept.untyped_storage()
+            nbytes = min(kept.numel() * kept.element_size(), storage.nbytes())
+            key = (storage.data_ptr(), kept.storage_offset(), kept.shape, kept.stride(),
+                   kept.dtype, kept._version)  # fmt: skip
         if stored is None:
             stored = self._claim(self._seen_kept, self._left_kept, key, storage, nbytes)
         for entry in (self.by_kind[kind], self.by_part[part]):

@@ -543,10 +543,9 @@ class SavedTensorEngine:
         )
         part = self._part()
         if keep:
-            if cfg.compress and not self._exact:
-                t = compact(t)
-            account.add(kind, t, None, part)
-            return Kept(t)
+            kept = compact(t) if cfg.compress and not self._exact else t
+            account.add(kind, t, None, part, kept)  # raw: the original's, as uncompressed
+            return Kept(kept)
         opts = PackOptions(
             bits=bits,
             group_size=cfg.group_size,
@@ -567,7 +566,7 @@ class SavedTensorEngine:
             self._deferred.add(packed, lambda p: self._count(account, kind, t, p, part))
             return packed
         if packed.raw is not None:  # no code could hold it faithfully: kept as it is
-            account.add(kind, packed.raw, None, part)  # counted like any kept tensor
+            account.add(kind, t, None, part, packed.raw)  # counted like any kept tensor
             return packed
         account.add(kind, t, packed.nbytes, part)
         return packed
