@@ -1228,6 +1228,33 @@ def test_a_deep_copy_of_a_part_copies_only_that_part(frozen_dtype):
     handle.remove()
 
 
+def test_a_deep_copy_of_a_part_copies_no_other_batch_norm():
+    """The held BatchNorms' hooks share one object listing all of them: a copy of one block
+    copied every held BatchNorm of the model with it."""
+    torch.manual_seed(0)
+    model = SMALL["resnet"]()
+    handle = apply_s2a(model)
+    part = model.layer1[0]
+    memo: dict = {}
+    copied = copy.deepcopy(part, memo)
+    inside = {id(m) for m in part.modules()}
+    outside = [bn for bn in handle.held_batch_norms() if id(bn) not in inside]
+    assert outside and not any(id(bn) in memo for bn in outside)
+    copied.train()
+    copied(torch.randn(2, 64, 8, 8)).sum().backward()  # runs, its BatchNorms held in eval
+    assert torch.equal(copied.bn1.running_mean, part.bn1.running_mean)
+    # a copy of the whole model holds its own BatchNorms (a failed pass puts back its own)
+    whole = copy.deepcopy(model)
+    hooks = whole.bn1._forward_pre_hooks.values()
+    held = next(
+        h.__self__ for h in hooks if type(getattr(h, "__self__", None)).__name__ == "HeldStatistics"
+    )
+    assert {id(bn) for bn in held.batch_norms} == {
+        id(m) for m in whole.modules() if isinstance(m, nn.BatchNorm2d)
+    } - {id(m) for m in whole.get_classifier().modules()}
+    handle.remove()
+
+
 def test_a_model_copied_through_a_second_name_of_a_part_is_refused_at_its_forward():
     """A part registered under a second name ahead of the model: deepcopy reaches the engine
     through the part first, so the copied model's engine is the inert one of a copied part.

@@ -1067,6 +1067,36 @@ def test_a_failed_re_estimation_puts_the_statistics_back():
     assert all(bn.running_mean.any() for bn in held if bn not in loaded)
     handle.remove()
 
+    # Converted since (.double(): new tensors, same values), no forward before the pass:
+    # the reset is still the only change, and they come back (they stayed reset).
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=4)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2)
+    handle = apply_s2a(model, S2AConfig())
+    model.double()
+    means = {id(bn): bn.running_mean.clone() for bn in handle.held_batch_norms()}
+    with pytest.raises(RuntimeError, match=r"statistics of the \d+ held BatchNorms were put back"):
+        update_bn([X.double()], model)
+    assert all(torch.equal(bn.running_mean, means[id(bn)]) for bn in handle.held_batch_norms())
+    handle.remove()
+
+    # Fresh when S2A was applied, loaded since (a checkpoint of pretrained statistics): the
+    # pass wiped what was loaded and said nothing, taking them for fresh ones.
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=4)
+    handle = apply_s2a(model, S2AConfig())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for k in state:
+        if k.endswith("running_mean"):
+            state[k].normal_()
+    model.load_state_dict(state)
+    with pytest.raises(RuntimeError, match=r"stay reset: load them again"):
+        update_bn([X], model)
+    handle.remove()
+
 
 def test_a_batch_norm_built_with_cumulative_statistics_is_held_without_error():
     # momentum=None with fresh statistics is also what a re-estimation pass looks like; one

@@ -8,6 +8,8 @@ references (the side network, the saved originals) map onto the copy's own.
 
 from __future__ import annotations
 
+import copy
+import weakref
 from typing import Any
 
 import torch
@@ -275,12 +277,29 @@ class HeldStatistics:
     it reset in all of them (:meth:`hold`).
     """
 
-    def __init__(self, batch_norms: list[nn.Module]) -> None:
+    def __init__(self, model: nn.Module, batch_norms: list[nn.Module]) -> None:
         self.batch_norms = batch_norms
+        self.root: weakref.ref | None = weakref.ref(model)
         for bn in batch_norms:
             _save_statistics(bn)
 
-    def hold(self, fresh_at_apply: bool, module: nn.Module, args: Any) -> None:
+    def __deepcopy__(self, memo: dict) -> HeldStatistics:
+        """A copy of the model holds its own BatchNorms; a copy of a part of it (reached
+        through one BatchNorm's hook) none: it would copy every held BatchNorm of the model."""
+        clone = object.__new__(type(self))
+        memo[id(self)] = clone
+        root = self.root() if self.root is not None else None
+        if root is not None and id(root) in memo:
+            clone.batch_norms = copy.deepcopy(self.batch_norms, memo)
+            clone.root = weakref.ref(memo[id(root)])
+        else:
+            clone.batch_norms, clone.root = [], None
+        return clone
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"batch_norms": self.batch_norms, "root": None}  # no weak reference pickles
+
+    def hold(self, module: nn.Module, args: Any) -> None:
         """Eval mode for this call only.
 
         Decided per call: a BatchNorm whose weight was unfrozen since (``BackboneFinetuning``,
@@ -289,40 +308,40 @@ class HeldStatistics:
         ``torch.optim.swa_utils.update_bn`` run it) is an error: held, the statistics would
         stay reset. Before raising, the statistics the pass reset are put back in every held
         BatchNorm, with their momentum (the error left them reset: a notebook that went on
-        after it evaluated with mean 0, variance 1). ``fresh_at_apply`` is True for a
-        BatchNorm whose statistics were fresh (mean 0, variance 1) when S2A was applied:
-        held fresh, they lose nothing to a reset, and one built with ``momentum=None``
-        trains without the error.
+        after it evaluated with mean 0, variance 1). Statistics that were fresh (mean 0,
+        variance 1) when last seen and only reset since lose nothing, and one built with
+        ``momentum=None`` whose fresh statistics are untouched trains without the error.
         """
         # Each call, because Lightning and users call model.train() at will. The mode is kept
         # on the module itself, so a deep copy of the model (EMA) holds its own.
         if not is_held(module):
             return
-        if (
-            module.training
-            and module.momentum is None
-            and not fresh_at_apply
-            and reset_statistics(module)
-        ):
-            kept = self._put_back()
-            raise RuntimeError(
-                "a statistics re-estimation pass (momentum=None, statistics reset: "
-                "StochasticWeightAveraging or torch.optim.swa_utils.update_bn) reached a "
-                f"frozen {type(module).__name__} that S2A holds in eval mode (bn_mode='eval'): "
-                "its running statistics were reset and would not be re-estimated. "
-                + (
-                    f"The statistics of the {kept} held BatchNorms were put back. "
-                    if kept == len(self.batch_norms)
-                    else f"The statistics of {kept} of the {len(self.batch_norms)} held "
-                    "BatchNorms were put back; the others changed since S2A last saw them "
-                    "(a load) and stay reset: load them again. "
-                )
-                + "Leave the re-estimation out (the backbone trained with its frozen "
-                "statistics), or train with S2AConfig(bn_mode='train')."
-            )
         mean = module.running_mean
-        saved = module.__dict__.get(_SAVED)
-        if isinstance(mean, torch.Tensor) and (saved is None or saved[0] != mean._version):
+        saved: _Saved | None = module.__dict__.get(_SAVED)
+        if module.training and module.momentum is None and reset_statistics(module):
+            untouched = saved is not None and saved.holds(mean) and mean._version == saved.version
+            lossless = saved is not None and saved.fresh() and saved.only_reset(mean)
+            if not (untouched or lossless):
+                kept = self._put_back()
+                raise RuntimeError(
+                    "a statistics re-estimation pass (momentum=None, statistics reset: "
+                    "StochasticWeightAveraging or torch.optim.swa_utils.update_bn) reached a "
+                    f"frozen {type(module).__name__} that S2A holds in eval mode "
+                    "(bn_mode='eval'): its running statistics were reset and would not be "
+                    "re-estimated. "
+                    + (
+                        f"The statistics of the {kept} held BatchNorms were put back. "
+                        if kept == len(self.batch_norms)
+                        else f"The statistics of {kept} of the {len(self.batch_norms)} held "
+                        "BatchNorms were put back; the others changed since S2A last saw "
+                        "them (a load) and stay reset: load them again. "
+                    )
+                    + "Leave the re-estimation out (the backbone trained with its frozen "
+                    "statistics), or train with S2AConfig(bn_mode='train')."
+                )
+        if isinstance(mean, torch.Tensor) and (
+            saved is None or not saved.holds(mean) or saved.version != mean._version
+        ):
             _save_statistics(module)  # loaded, moved or trained while unfrozen since
         module.__dict__[_HELD_MODE] = module.training
         module.training = False
@@ -332,21 +351,19 @@ class HeldStatistics:
         the only change since they were saved; the number put back."""
         kept = 0
         for bn in self.batch_norms:
-            saved = bn.__dict__.get(_SAVED)
+            saved: _Saved | None = bn.__dict__.get(_SAVED)
             mean = bn.running_mean
             if saved is None or not isinstance(mean, torch.Tensor) or not is_held(bn):
                 continue
-            version, saved_mean, saved_var, saved_count, momentum = saved
             if not reset_statistics(bn):
                 kept += 1  # not reset (a pass over part of the model)
-            elif mean._version == version + 1 or reset_values(saved_mean, saved_var):
-                # reset_running_stats and nothing else since, or fresh when saved
+            elif saved.only_reset(mean):
                 with torch.no_grad():
-                    mean.copy_(saved_mean)
-                    bn.running_var.copy_(saved_var)
-                    if saved_count is not None and bn.num_batches_tracked is not None:
-                        bn.num_batches_tracked.copy_(saved_count)
-                bn.momentum = momentum
+                    mean.copy_(saved.mean)
+                    bn.running_var.copy_(saved.var)
+                    if saved.count is not None and bn.num_batches_tracked is not None:
+                        bn.num_batches_tracked.copy_(saved.count)
+                bn.momentum = saved.momentum
                 _save_statistics(bn)
                 kept += 1
         return kept
@@ -355,19 +372,48 @@ class HeldStatistics:
 _SAVED = "_s2a_statistics_held"
 
 
+class _Saved:
+    """A BatchNorm's running statistics and momentum as last seen held, with the statistics
+    tensor (weakly: a move or conversion makes a new one) and its version then."""
+
+    __slots__ = ("count", "mean", "momentum", "ref", "var", "version")
+
+    def __init__(self, bn: nn.Module, momentum: float | None) -> None:
+        mean, count = bn.running_mean, getattr(bn, "num_batches_tracked", None)
+        self.ref: weakref.ref | None = weakref.ref(mean)
+        self.version, self.mean, self.var = mean._version, mean.clone(), bn.running_var.clone()
+        self.count = count.clone() if isinstance(count, torch.Tensor) else None
+        self.momentum = momentum
+
+    def __getstate__(self) -> dict[str, Any]:  # copies and pickles hold no weak reference
+        return {k: getattr(self, k) for k in self.__slots__ if k != "ref"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.ref = None
+        for k, v in state.items():
+            setattr(self, k, v)
+
+    def holds(self, mean: torch.Tensor) -> bool:
+        """True if ``mean`` is the tensor these statistics were read from."""
+        return self.ref is not None and self.ref() is mean
+
+    def only_reset(self, mean: torch.Tensor) -> bool:
+        """True if a reset is the only change since: one version on the same tensor, or the
+        first change of a tensor made since (``.double()``, ``.cuda()``: moves keep values)."""
+        return mean._version == (self.version + 1 if self.holds(mean) else 1)
+
+    def fresh(self) -> bool:
+        """True if the statistics were fresh (mean 0, variance 1) when saved."""
+        return reset_values(self.mean, self.var)
+
+
 def _save_statistics(bn: nn.Module) -> None:
-    """Keep a copy of ``bn``'s running statistics and momentum, with the statistics' version."""
-    mean, count = bn.running_mean, getattr(bn, "num_batches_tracked", None)
-    if not isinstance(mean, torch.Tensor):
+    """Keep a copy of ``bn``'s running statistics and momentum (see :class:`_Saved`)."""
+    if not isinstance(bn.running_mean, torch.Tensor):
         return
-    count = count.clone() if isinstance(count, torch.Tensor) else None
-    momentum = bn.momentum if bn.momentum is not None else _saved_momentum(bn)
-    bn.__dict__[_SAVED] = (mean._version, mean.clone(), bn.running_var.clone(), count, momentum)
-
-
-def _saved_momentum(bn: nn.Module) -> float | None:
-    saved = bn.__dict__.get(_SAVED)
-    return saved[4] if saved is not None else None
+    previous: _Saved | None = bn.__dict__.get(_SAVED)
+    momentum = bn.momentum if bn.momentum is not None else getattr(previous, "momentum", None)
+    bn.__dict__[_SAVED] = _Saved(bn, momentum)
 
 
 def forget_statistics(bn: nn.Module) -> None:

@@ -28,7 +28,6 @@ from .model_hooks import (
     SideHooks,
     forget_statistics,
     release_eval,
-    reset_statistics,
 )
 from .modules import LowRankPrompt, SideNetwork
 
@@ -179,10 +178,9 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
         # ``forward_features`` or through its parts must never update frozen statistics.
         # In eval mode for the call only: outside it each keeps the mode the user or
         # Lightning set (a user's own eval BatchNorm stays eval after undo).
-        held = HeldStatistics(state.batch_norms)
+        held = HeldStatistics(model, state.batch_norms)
         for bn in state.batch_norms:
-            hold = partial(held.hold, reset_statistics(bn))  # fresh: a reset loses nothing
-            state.hooks.append(bn.register_forward_pre_hook(hold))
+            state.hooks.append(bn.register_forward_pre_hook(held.hold))
             state.hooks.append(bn.register_forward_hook(release_eval, always_call=True))
 
 
