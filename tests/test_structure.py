@@ -1228,6 +1228,40 @@ def test_a_deep_copy_of_a_part_copies_only_that_part(frozen_dtype):
     handle.remove()
 
 
+class _DenseHead(nn.Module):
+    """A segmentation head: a Linear projection per pixel, then a 1x1 conv classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.classifier = nn.Linear(8, 32), nn.Conv2d(32, 4, 1)
+
+    def forward(self, x):
+        return self.classifier(self.proj(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+
+class _Segmenter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(
+            *[
+                nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1))
+                for _ in range(2)
+            ]
+        )
+        self.stem, self.head = nn.Conv2d(3, 8, 3, padding=1), _DenseHead()
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)))
+
+
+def test_side_refuses_a_dense_head():
+    """The side read the head's classes from its last Linear, an inner projection of
+    Segformer's decode head (32, not its 4 classes), and replaced (batch, 4, H, W) logits
+    with (batch, 32) features, silently."""
+    with pytest.raises(ValueError, match=r"needs a Linear head.*_DenseHead.*hierarchical"):
+        apply_s2a(_Segmenter(), modules="side", head="head", input_size=(3, 16, 16))
+
+
 def test_a_deep_copy_of_a_part_copies_no_other_batch_norm():
     """The held BatchNorms' hooks share one object listing all of them: a copy of one block
     copied every held BatchNorm of the model with it."""

@@ -244,9 +244,13 @@ def _apply_side(model: nn.Module, config: S2AConfig, state: StructureState) -> N
 
 def _classes(head: nn.Module) -> int | None:
     """A head's outputs: its own ``out_features``, or its last Linear's (LeViT's NormLinear:
-    a BatchNorm then a Linear)."""
-    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
-    return getattr(head, "out_features", None) or (linears[-1].out_features if linears else None)
+    a BatchNorm then a Linear). None where its last weight layer is no Linear: a dense head
+    (Segformer's decode head ends in a 1x1 conv; its last Linear is an inner projection, and
+    the side's (batch, classes) output would have replaced a (batch, classes, H, W) one)."""
+    layers = [m for m in head.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    if layers and not isinstance(layers[-1], nn.Linear):
+        return None
+    return getattr(head, "out_features", None) or (layers[-1].out_features if layers else None)
 
 
 def _check_other_heads(model: nn.Module, state: StructureState, config: S2AConfig) -> None:
@@ -320,7 +324,9 @@ def _side_outputs(model: nn.Module, state: StructureState, config: S2AConfig) ->
             raise ValueError(
                 "'side' replaces the task head's output with the side network's, so it needs a "
                 f"Linear head to read the number of outputs from; the head is a "
-                f"{type(state.head).__name__}. Name a Linear head with S2AConfig(head='...')."
+                f"{type(state.head).__name__}. Name a Linear head with S2AConfig(head='...'); "
+                "for a dense head (segmentation), side='hierarchical' with head=None gives the "
+                "feature pyramid to train your own head on."
             )
         return classes
     if hierarchical:
