@@ -54,7 +54,8 @@ class S2AConfig:
     #: Structural modules that train: any of "bias", "prompt", "side".
     modules: Sequence[str] = ("bias",)
     #: The task head that stays trainable: "auto" (timm's ``get_classifier()``), a submodule
-    #: name such as "fc", or None for no head.
+    #: name such as "fc" (several, comma-separated, for parallel heads a model combines), or
+    #: None for no head.
     head: str | None = "auto"
     #: Compress saved activations. False keeps only the structural part (e.g. plain BitFit).
     compress: bool = True

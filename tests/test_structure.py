@@ -1254,6 +1254,47 @@ class _Segmenter(nn.Module):
         return self.head(self.blocks(self.stem(x)))
 
 
+class _Averaged(nn.Module):
+    """Hugging Face's DeiT-with-teacher layout: no get_classifier(), two parallel heads whose
+    outputs the model averages."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(
+            *[nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 16)) for _ in range(2)]
+        )
+        self.cls_classifier, self.distillation_classifier = nn.Linear(16, 3), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.blocks(x).mean(1)
+        return (self.cls_classifier(h) + self.distillation_classifier(h)) / 2
+
+
+def test_parallel_heads_are_named_together():
+    """The side replaced the one head named, and half of every prediction came from the
+    other, frozen; head='auto' suggested naming the last Linear alone."""
+    both = "cls_classifier,distillation_classifier"
+    with pytest.raises(ValueError, match=rf"all of its last Linears: S2AConfig\(head='{both}'\)"):
+        apply_s2a(_Averaged(), input_size=(5, 16))
+    with pytest.raises(ValueError, match=rf"'side' with head='cls_classifier'.*head='{both}'"):
+        apply_s2a(_Averaged(), modules="side", head="cls_classifier", input_size=(5, 16))
+    with pytest.warns(UserWarning, match=r"\['distillation_classifier'\] beside it"):
+        apply_s2a(_Averaged(), modules="bias", head="cls_classifier").remove()
+    torch.manual_seed(0)
+    model, x = _Averaged(), torch.randn(2, 5, 16)
+    with apply_s2a(model, modules="side", head=both, input_size=(5, 16)) as handle:
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable and all(n.startswith("s2a_side") for n in trainable)
+        assert len(handle.structure.head) == 2
+        seen = []
+        model.s2a_side.register_forward_hook(lambda m, a, o: seen.append(o))
+        out = model(x)
+        # both heads replaced by the side's one output: their average is that output
+        assert len(seen) == 1 and torch.allclose(out, seen[0], atol=1e-6, rtol=0)
+        out.sum().backward()
+        assert all(p.grad is not None for n, p in model.named_parameters() if n in trainable)
+
+
 def test_side_refuses_a_dense_head():
     """The side read the head's classes from its last Linear, an inner projection of
     Segformer's decode head (32, not its 4 classes), and replaced (batch, 4, H, W) logits

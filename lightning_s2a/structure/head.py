@@ -32,12 +32,13 @@ def find_head(model: nn.Module, head: str | None) -> nn.Module | None:
     if head == "auto":
         get = getattr(model, "get_classifier", None)
         if not callable(get):
-            linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-            guess = (
-                f"its last Linear: S2AConfig(head={linears[-1]!r})"
-                if linears
-                else ("e.g. S2AConfig(head='fc')")
-            )
+            heads = _last_linears(model)
+            if len(heads) > 1:  # parallel heads whose outputs the model combines
+                guess = f"all of its last Linears: S2AConfig(head={','.join(heads)!r})"
+            elif heads:
+                guess = f"its last Linear: S2AConfig(head={heads[0]!r})"
+            else:
+                guess = "e.g. S2AConfig(head='fc')"
             raise ValueError(
                 f"head='auto' needs a model with timm's get_classifier(); "
                 f"{type(model).__name__} has none. Name the head, {guess}, "
@@ -60,6 +61,8 @@ def find_head(model: nn.Module, head: str | None) -> nn.Module | None:
             )
         # timm's num_classes=0 leaves an Identity there: the model has no head of its own.
         return found if any(True for _ in found.parameters()) else None
+    if "," in head:  # several heads by name: a model that combines parallel heads
+        return HeadGroup([find_head(model, name.strip()) for name in head.split(",")])
     try:
         return model.get_submodule(head)
     except AttributeError:
@@ -68,3 +71,37 @@ def find_head(model: nn.Module, head: str | None) -> nn.Module | None:
             f"head={head!r}: {type(model).__name__} has no submodule of that name; "
             f"its top-level children are {names}."
         ) from None
+
+
+def _last_linears(model: nn.Module) -> list[str]:
+    """The model's last Linear, with its siblings of the same shape (Hugging Face's
+    DeiT-with-teacher averages a class and a distillation head)."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        return []
+    last_name, last = linears[-1]
+    parent = last_name.rpartition(".")[0]
+    return [
+        n
+        for n, m in linears
+        if n.rpartition(".")[0] == parent
+        and (m.in_features, m.out_features) == (last.in_features, last.out_features)
+    ]
+
+
+def parallel_heads(model: nn.Module, head: nn.Module) -> list[str]:
+    """Names of Linears beside a named Linear head with its shape: heads the model may
+    combine with it (a class and a distillation head), which naming one leaves frozen."""
+    names = {id(m): n for n, m in model.named_modules()}
+    name = names.get(id(head))
+    if name is None or not isinstance(head, nn.Linear):
+        return []
+    parent = name.rpartition(".")[0]
+    return [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+        and m is not head
+        and n.rpartition(".")[0] == parent
+        and (m.in_features, m.out_features) == (head.in_features, head.out_features)
+    ]

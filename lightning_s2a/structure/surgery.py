@@ -19,7 +19,7 @@ from torch.utils.hooks import RemovableHandle
 from ..config import FOUR_BIT_DTYPES, S2AConfig, check_composition
 from .families import Block, block_output_shapes, default_input_size, find_blocks
 from .frozen_weights import cast_frozen, hold_frozen
-from .head import find_head, head_modules, is_bias
+from .head import find_head, head_modules, is_bias, parallel_heads
 from .hierarchical import HierarchicalSide, Tap, map_stride, token_grid
 from .holders import home
 from .layouts import tensors_read
@@ -127,7 +127,27 @@ def apply_structure(model: nn.Module, config: S2AConfig) -> StructureState:
     return state
 
 
+def _check_parallel_heads(model: nn.Module, state: StructureState, config: S2AConfig) -> None:
+    """A named Linear head with a sibling of its shape (Hugging Face's DeiT-with-teacher
+    averages a class and a distillation head): naming one leaves the other frozen, and half
+    of each prediction comes from it. An error for 'side' (which replaces the named one
+    alone), said otherwise."""
+    others = parallel_heads(model, state.head) if state.head is not None else []
+    if not others or config.head in (None, "auto") or "," in str(config.head):
+        return
+    both = ",".join([str(config.head), *others])
+    text = (
+        f"head={config.head!r} has {others} beside it with the same shape: a model that "
+        "combines parallel heads (a class and a distillation head) would keep the others "
+        f"frozen in its output. Name them all, S2AConfig(head={both!r})"
+    )
+    if "side" in config.modules:
+        raise ValueError(f"'side' with {text}.")
+    warnings.warn(f"{text}, unless the model does not combine them.", stacklevel=4)
+
+
 def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: tuple) -> None:
+    _check_parallel_heads(model, state, config)
     head_ids = {id(p) for p in state.head.parameters()} if state.head is not None else set()
     if config.add_bias and "bias" in modules:
         for module in model.modules():
