@@ -1295,6 +1295,21 @@ def test_parallel_heads_are_named_together():
         assert all(p.grad is not None for n, p in model.named_parameters() if n in trainable)
 
 
+class _NoForward(nn.Module):
+    """A LightningModule-style holder whose steps call its parts: no forward of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = _Averaged()
+
+
+def test_a_model_without_forward_is_told_where_to_apply():
+    """The dry forward's NotImplementedError was answered with 'pass the size your data
+    have', which cannot help a module that has no forward."""
+    with pytest.raises(ValueError, match=r"has no forward of its own.*backbone='<attribute>'"):
+        apply_s2a(_NoForward(), modules="prompt", head="model.cls_classifier", input_size=(5, 16))
+
+
 def test_side_refuses_a_dense_head():
     """The side read the head's classes from its last Linear, an inner projection of
     Segformer's decode head (32, not its 4 classes), and replaced (batch, 4, H, W) logits

@@ -244,11 +244,18 @@ def block_output_shapes(
         ran = {name for name, probe in probes.items() if probe.ran}
         if ran:  # a probe that ran may have made the forward fail: the caller moves it
             return blocks, None, ran
+        no_forward = isinstance(err, NotImplementedError) and "forward" in str(err)
+        advice = (
+            f"{type(model).__name__} has no forward of its own (a LightningModule whose "
+            "training_step calls its parts): S2A it where a forward runs the backbone, "
+            "S2ACallback(backbone='<attribute>')"
+            if no_forward
+            else "Pass the size your data have: S2AConfig(input_size=(C, H, W))"
+        )
         raise ValueError(
             f"'prompt' and 'side' size their parameters from one forward of "
             f"{type(model).__name__} at input size {tuple(input_size)}, which failed "
-            f"({type(err).__name__}: {err}). Pass the size your data have: "
-            "S2AConfig(input_size=(C, H, W))."
+            f"({type(err).__name__}: {err}). {advice}."
         ) from err
     finally:
         for name in probes:
