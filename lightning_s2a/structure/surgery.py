@@ -135,6 +135,10 @@ def _check_parallel_heads(model: nn.Module, state: StructureState, config: S2ACo
     others = parallel_heads(model, state.head) if state.head is not None else []
     if not others or config.head in (None, "auto") or "," in str(config.head):
         return
+    get = getattr(model, "get_classifier", None)
+    found = get() if callable(get) else None
+    if isinstance(found, (tuple, list)) and any(h is state.head for h in found):
+        return  # timm's distilled models: head='auto' takes both (see _check_other_heads)
     both = ",".join([str(config.head), *others])
     text = (
         f"head={config.head!r} has {others} beside it with the same shape: a model that "
