@@ -1280,6 +1280,11 @@ def test_parallel_heads_are_named_together():
         apply_s2a(_Averaged(), modules="side", head="cls_classifier", input_size=(5, 16))
     with pytest.warns(UserWarning, match=r"\['distillation_classifier'\] beside it"):
         apply_s2a(_Averaged(), modules="bias", head="cls_classifier").remove()
+    # Linears in one list are layers in turn, not heads side by side: nothing to say
+    stack = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.Linear(16, 16))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*beside it")
+        apply_s2a(stack, modules="bias", head="3").remove()
     torch.manual_seed(0)
     model, x = _Averaged(), torch.randn(2, 5, 16)
     with apply_s2a(model, modules="side", head=both, input_size=(5, 16)) as handle:

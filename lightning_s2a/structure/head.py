@@ -81,6 +81,8 @@ def _last_linears(model: nn.Module) -> list[str]:
         return []
     last_name, last = linears[-1]
     parent = last_name.rpartition(".")[0]
+    if isinstance(model.get_submodule(parent), _LISTS):
+        return [last_name]
     return [
         n
         for n, m in linears
@@ -89,14 +91,21 @@ def _last_linears(model: nn.Module) -> list[str]:
     ]
 
 
+_LISTS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
+
+
 def parallel_heads(model: nn.Module, head: nn.Module) -> list[str]:
     """Names of Linears beside a named Linear head with its shape: heads the model may
-    combine with it (a class and a distillation head), which naming one leaves frozen."""
+    combine with it (a class and a distillation head), which naming one leaves frozen.
+    Linears in one list (``nn.ModuleList``, ``nn.Sequential``) are layers in turn, not
+    heads side by side."""
     names = {id(m): n for n, m in model.named_modules()}
     name = names.get(id(head))
     if name is None or not isinstance(head, nn.Linear):
         return []
     parent = name.rpartition(".")[0]
+    if isinstance(model.get_submodule(parent), _LISTS):
+        return []
     return [
         n
         for n, m in model.named_modules()
