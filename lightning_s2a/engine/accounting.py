@@ -70,20 +70,12 @@ class ForwardAccount:
     ) -> None:
         """Record a saved tensor; ``stored`` is its packed size, or None if kept as it is
         (``kept``: the tensor kept in its place, a compacted copy; raw counts ``t``)."""
-        # The key identifies a saved view's data: storage address, geometry, dtype and version.
-        # One storage lookup serves it, the size (capped by the storage: broadcast views) and
-        # the weak reference; this runs for every saved tensor.
-        storage = t.untyped_storage()
-        nbytes = min(t.numel() * t.element_size(), storage.nbytes())
-        key = (storage.data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype, t._version)
-        raw = self._claim(self._seen_raw, self._left_raw, key, storage, nbytes)
-        if stored is None and kept is not None and kept is not t:
-            storage = kept.untyped_storage()
-            nbytes = min(kept.numel() * kept.element_size(), storage.nbytes())
-            key = (storage.data_ptr(), kept.storage_offset(), kept.shape, kept.stride(),
-                   kept.dtype, kept._version)  # fmt: skip
+        view = _view(t)
+        raw = self._claim(self._seen_raw, self._left_raw, *view)
         if stored is None:
-            stored = self._claim(self._seen_kept, self._left_kept, key, storage, nbytes)
+            if kept is not None and kept is not t:
+                view = _view(kept)
+            stored = self._claim(self._seen_kept, self._left_kept, *view)
         for entry in (self.by_kind[kind], self.by_part[part]):
             entry.tensors += 1
             entry.raw_bytes += raw
@@ -108,6 +100,16 @@ class ForwardAccount:
             "by_kind": _table(self.by_kind),
             "by_part": _table(self.by_part),
         }
+
+
+def _view(t: torch.Tensor) -> tuple[tuple, Any, int]:
+    """``(key, storage, bytes)`` of a saved view. The key identifies its data: storage
+    address, geometry, dtype and version; one storage lookup serves it, the size (capped by
+    the storage: broadcast views) and the weak reference. This runs for every saved tensor."""
+    storage = t.untyped_storage()
+    nbytes = min(t.numel() * t.element_size(), storage.nbytes())
+    key = (storage.data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype, t._version)
+    return key, storage, nbytes
 
 
 def unstrided_nbytes(t: torch.Tensor) -> int:

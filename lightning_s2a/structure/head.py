@@ -74,21 +74,14 @@ def find_head(model: nn.Module, head: str | None) -> nn.Module | None:
 
 
 def _last_linears(model: nn.Module) -> list[str]:
-    """The model's last Linear, with its siblings of the same shape (Hugging Face's
-    DeiT-with-teacher averages a class and a distillation head)."""
+    """The model's last Linear, with the heads beside it (:func:`parallel_heads`: Hugging
+    Face's DeiT-with-teacher averages a class and a distillation head), in model order."""
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         return []
     last_name, last = linears[-1]
-    parent = last_name.rpartition(".")[0]
-    if isinstance(model.get_submodule(parent), _LISTS):
-        return [last_name]
-    return [
-        n
-        for n, m in linears
-        if n.rpartition(".")[0] == parent
-        and (m.in_features, m.out_features) == (last.in_features, last.out_features)
-    ]
+    heads = {last_name, *parallel_heads(model, last)}
+    return [n for n, _ in linears if n in heads]
 
 
 _LISTS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
