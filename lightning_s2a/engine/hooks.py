@@ -30,29 +30,20 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .accounting import ForwardAccount, part_of
-from .backend import resolve_backend
-from .calibration import WIDE_BITS
-from .codebook import Codebook, DeviceCodebook, fit_codebook
+from .accounting import ForwardAccount
+from .codebook import Codebook, DeviceCodebook
 from .compile_guard import check_not_compiling, check_not_traced
 from .deferred import DeferredChecks
 from .ops import ELEMENTWISE, OP_KINDS, canonical_name, is_bias
-from .packed import Broadcast, Kept, PackOptions, broadcast_base, compact, in_backward
-from .quantizers import QUANTIZERS
+from .packed import in_backward
+from .packing import PackingMixin
 from .recognition import (
-    ROW_KINDS,
-    STATS_KINDS,
     Call,
     OperatorMode,
     classify,
-    constant,
-    exact_code,
     foreign_autograd_context,
     functorch_transform,
-    outside_call,
     redirected_call,
-    reduced,
-    statistics,
 )
 
 if TYPE_CHECKING:
@@ -74,7 +65,7 @@ CODING_FIELDS = (
 )
 
 
-class SavedTensorEngine:
+class SavedTensorEngine(PackingMixin):
     """Compresses a model's saved activations with per-operator quantizers, and counts bytes."""
 
     def __init__(
@@ -473,142 +464,3 @@ class SavedTensorEngine:
     def _classify(self, info: tuple, args: tuple, kwargs: dict) -> Call | None:
         """The :class:`Call` a torch call is recognised as, or None (see :func:`.classify`)."""
         return classify(self, info, args, kwargs)
-
-    # -- pack / unpack -------------------------------------------------------------------
-    def _pack(self, t: torch.Tensor) -> Any:
-        if self._busy:
-            return t  # the quantizers' own saves (none record autograd)
-        if t.layout != torch.strided:  # sparse (a graph's adjacency): no codes, no storage
-            if self._account is not None:
-                kind = self._call.kind if self._call is not None else "generic"
-                self._account.add_unstrided(kind, t, self._part())
-            return Kept(t)
-        if t.untyped_storage().data_ptr() in self._param_storages:
-            return Kept(t)  # parameters and buffers are not activations: never coded
-        self._busy = True
-        try:
-            # The quantizers' own torch calls skip the operator mode (and its Python frame).
-            with torch._C.DisableTorchFunction():
-                return self._pack_activation(t)
-        finally:
-            self._busy = False
-
-    def _unpack(self, packed: Any) -> torch.Tensor:
-        self._unpacked = True  # a backward ran: the next forward of a submodule starts anew
-        return packed if isinstance(packed, torch.Tensor) else packed.unpack()
-
-    def _pack_activation(self, t: torch.Tensor) -> Any:
-        call = self._call
-        if call is None:  # saved outside any operator: a custom Function, or a checkpoint
-            call = outside_call()
-        if 0 in t.stride() and call.kind not in ROW_KINDS:
-            # An expanded view (a weight's autocast copy broadcast over the batch by matmul,
-            # ``x.mean(1, keepdim=True).expand_as(x)``): packed as the tensor it repeats, and
-            # expanded again when unpacked; coded at its logical size it took more than the
-            # tensor itself, and a weight in another form went unrecognised.
-            base = broadcast_base(t)
-            if base is not None:
-                return Broadcast(self._pack_call(base, call), t.shape)
-        return self._pack_call(t, call)
-
-    def _pack_call(self, t: torch.Tensor, call: Call) -> Any:
-        cfg = self.config
-        kind = "mask" if t.dtype == torch.bool else call.kind
-        account = self._account
-        assert account is not None
-        bits = cfg.bits_for(kind)
-        numel = self._remember(t)
-        if self._saving is not None or self.module_bits:
-            frame = self._frames[-1][0] if self._frames else ""
-            if self._saving is not None:
-                self._saving.add(frame)
-            wide = self.module_bits.get(frame)
-            if wide is not None and bits is not None and wide > bits:
-                bits = wide if wide <= WIDE_BITS else None  # wider: kept exact (calibration)
-        keep = (
-            not cfg.compress
-            or self._exact
-            or bits is None
-            or kind == "checkpoint"  # a region's inputs: backward recomputes it from them
-            or not (t.is_floating_point() or t.dtype == torch.bool)  # indices stay exact
-            or numel < cfg.min_numel
-            or t.device.type == "meta"
-            # computed without autograd (an autocast copy of a weight, a standardized or
-            # dequantized weight): a constant of the trained graph, not an activation.
-            # Dropout noise is one too, but its 1-bit code is exact.
-            or (kind != "dropout" and constant(t, self._weight_numels))
-            or (kind in STATS_KINDS and statistics(t, call))
-            # a per-row statistic, unless its code is exact anyway (masks, ReLU's 1 bit)
-            or (reduced(t, self._largest, self._shapes) and not exact_code(kind, call))
-        )
-        part = self._part()
-        if keep:
-            kept = compact(t) if cfg.compress and not self._exact else t
-            account.add(kind, t, None, part, kept)  # raw: the original's, as uncompressed
-            return Kept(kept)
-        opts = PackOptions(
-            bits=bits,
-            group_size=cfg.group_size,
-            stochastic=cfg.stochastic_rounding,
-            backend=self._backend(t),
-            bnb_quant_type=cfg.bnb_quant_type,
-            spec=call.spec,
-            dim=call.dim,
-            row=call.row,
-            channels=call.channels,
-            seed=cfg.seed + self.step,
-            defer=t.device.type in self.defer_on,
-        )
-        if kind == "elementwise" and call.site is not None:
-            self._attach_codebook(t, call, opts)
-        packed = QUANTIZERS[kind](t.detach(), opts)
-        if packed.pending is not None:  # counted once the device says whether codes hold it
-            self._deferred.add(packed, lambda p: self._count(account, kind, t, p, part))
-            return packed
-        if packed.raw is not None:  # no code could hold it faithfully: kept as it is
-            account.add(kind, t, None, part, packed.raw)  # counted like any kept tensor
-            return packed
-        account.add(kind, t, packed.nbytes, part)
-        return packed
-
-    def _remember(self, t: torch.Tensor) -> int:
-        """Note ``t``'s shape and size for this account's statistics rule (``reduced``);
-        returns its element count."""
-        numel = t.numel()
-        if numel > self._largest:
-            self._largest = numel
-        self._shapes.add(t.shape)
-        return numel
-
-    @staticmethod
-    def _count(account: ForwardAccount, kind: str, t: torch.Tensor, packed: Any, part: str):
-        """Count a deferred tensor: kept as it is (views once), or its codes."""
-        account.add(kind, t, None if packed.raw is not None else packed.nbytes, part)
-
-    def _part(self) -> str:
-        return part_of(self._frames[-1][0] if self._frames else "", self.parts)
-
-    def _backend(self, t: torch.Tensor) -> str:
-        return resolve_backend(self.config.backend, t.device)
-
-    def _attach_codebook(self, t: torch.Tensor, call: Call, opts: PackOptions) -> None:
-        cfg = self.config
-        assert call.spec is not None and call.spec.derivative is not None
-        site = call.site
-        cb = self.codebooks.get(site)
-        if cb is None or cb.bits != opts.bits or cb.due(self.step, cfg.codebook_refresh):
-            flat = t.detach().reshape(-1)
-            gen = torch.Generator().manual_seed(cfg.seed)
-            m = min(cfg.codebook_samples, flat.numel())
-            idx = torch.randint(flat.numel(), (m,), generator=gen).to(flat.device)
-            first = self.step if cb is None or cb.bits != opts.bits else cb.first_fit
-            cb = fit_codebook(flat[idx], call.spec.derivative, opts.bits, jumps=call.spec.jumps)
-            cb.fitted_at, cb.first_fit = self.step, first
-            self.codebooks[site] = cb
-            self._device_codebooks = {
-                k: v for k, v in self._device_codebooks.items() if k[0] != site
-            }
-        key = (site, t.device, t.dtype)
-        if key not in self._device_codebooks:
-            self._device_codebooks[key] = cb.to(t.device, t.dtype)
-        opts.codebook = self._device_codebooks[key]
