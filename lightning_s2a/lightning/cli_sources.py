@@ -1,0 +1,244 @@
+"""What the command line and config files say, read before jsonargparse parses them.
+
+jsonargparse hands a config file's ``init_args`` for one class to whichever class a later
+source names instead, and ``--print_config`` prints while parsing. The ``lightning-s2a`` CLI
+(:mod:`.cli`) reads the sources itself, in order, to name its default classes only where the
+user names none, to give a class named in place of another its own defaults back, and to
+refuse a print that would show another class's values: config files (``--config``, as a file
+or inline, and the YAML files their ``model:``/``data:`` name), ``--model``/``--data`` (a
+class, a dict or a YAML file), and single values (``--model.lr``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+from typing import Any
+
+import yaml
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def class_path_of(cls: type) -> str:
+    """``module.Class`` of a class, as a config names it."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def with_default_classes(args: Any, defaults: dict[str, type]) -> Any:
+    """``args`` with the shipped default classes named where the user names none.
+
+    A jsonargparse default that carries a class_path hands its init_args to whichever class
+    the user names instead, wherever the names match (a user's lr 1e-3 became
+    ImageClassifier's 3e-3). A default written into the arguments, as if typed first, is
+    replaced whole when the user names a class, on the command line or in a config file.
+    """
+    if isinstance(args, dict) or not isinstance(args, (list, tuple)):
+        if isinstance(args, dict):
+            args = {**{k: {"class_path": class_path_of(c)} for k, c in defaults.items()}, **args}
+        return args
+    args = list(args)
+    named: set[str] = set()
+    for i, token in enumerate(args):
+        flag, _, value = token.partition("=")
+        for key in defaults:
+            if flag in (f"--{key}", f"--{key}.class_path"):
+                named.add(key)
+        if flag in ("--config", "-c"):
+            path = _flag_value(args, i, value)
+            named |= _classes_in_config(path, defaults)
+    extra = [
+        t for k, cls in defaults.items() if k not in named for t in (f"--{k}", class_path_of(cls))
+    ]
+    at = next((i + 1 for i, t in enumerate(args) if t in SUBCOMMANDS), 0)
+    return [*args[:at], *extra, *args[at:]]
+
+
+def _flag_value(args: list[str], i: int, value: str) -> str:
+    """The value of flag ``args[i]``: after its ``=``, else the next argument ("" if none)."""
+    return value or (args[i + 1] if i + 1 < len(args) else "")
+
+
+def _config_sections(given: str) -> list[dict]:
+    """A ``--config`` value's top level and its per-subcommand sections ([] if unreadable):
+    a YAML file, or YAML/JSON given inline. A ``model``/``data`` value naming a YAML file
+    (``model: my_model.yaml``) is that file's content, found beside the config as
+    jsonargparse finds it."""
+    base = os.path.dirname(given) if os.path.isfile(given) else ""
+    loaded = _loaded(given) if os.path.isfile(given) else _inline(given)
+    if not isinstance(loaded, dict):
+        return []  # jsonargparse reports an unreadable config itself
+    sections = [loaded, *(loaded[c] for c in SUBCOMMANDS if isinstance(loaded.get(c), dict))]
+    return [
+        {k: _nested_file(v, base) if k in ("model", "data") else v for k, v in section.items()}
+        for section in sections
+    ]
+
+
+def _inline(given: str) -> Any:
+    """A config given inline (``--config '{"model": ...}'``), or None."""
+    if ":" not in given:
+        return None
+    try:
+        return yaml.safe_load(given)
+    except yaml.YAMLError:
+        return None
+
+
+def _nested_file(value: Any, base: str) -> Any:
+    """A section's value, or the content of the YAML file it names (beside the config
+    first, then as given)."""
+    if not isinstance(value, str) or not value.endswith((".yaml", ".yml", ".json")):
+        return value
+    for path in (os.path.join(base, value), value):
+        if os.path.isfile(path):
+            return _loaded(path)
+    return value
+
+
+def _classes_in_config(path: str, keys: dict[str, type]) -> set[str]:
+    """Which of ``keys`` a YAML config file names a class for (top level or per subcommand)."""
+    return {
+        key
+        for section in _config_sections(path)
+        for key in keys
+        if isinstance(section.get(key), str)
+        or (isinstance(section.get(key), dict) and "class_path" in section[key])
+    }
+
+
+def carried_init_args(args: list[str], key: str, class_path: str) -> dict[str, Any]:
+    """The ``init_args`` written for another class under ``key``, which jsonargparse hands to
+    ``class_path`` when a later source names that class instead (``--config quickstart.yaml
+    --model my.Module``: my.Module would get ImageClassifier's lr), less the ones written for
+    ``class_path`` itself or set on the command line.
+
+    Sources, in order: config files (``--config``), a class or a class with its init_args as
+    a dict or a YAML file (``--key``), single values (``--key.name``).
+    """
+    last: dict[str, tuple[bool, Any]] = {}  # name -> (written for another class, value)
+
+    def entry(value: Any) -> None:
+        if not isinstance(value, dict):  # a class named alone
+            return
+        init = value.get("init_args")
+        written_class = value.get("class_path")
+        # written for this class, or for whichever class it is (no class_path), is the user's
+        foreign = written_class is not None and not _same_class(str(written_class), class_path)
+        for name, v in (init if isinstance(init, dict) else {}).items():
+            last[name] = (foreign, v)
+
+    for i, token in enumerate(args):
+        flag, _, value = token.partition("=")
+        if flag in ("--config", "-c"):
+            for section in _config_sections(_flag_value(args, i, value)):
+                if key in section:
+                    entry(section[key])
+        elif flag == f"--{key}.init_args":  # several values at once: a dict or a YAML file
+            given = _loaded(_flag_value(args, i, value))
+            for name in given if isinstance(given, dict) else {}:
+                last[name] = (False, None)
+        elif flag.startswith(f"--{key}."):
+            name = flag.removeprefix(f"--{key}.").removeprefix("init_args.").split(".")[0]
+            last[name] = (False, None)
+        elif flag == f"--{key}":  # a class path, a dict, or a YAML file of one
+            entry(_loaded(_flag_value(args, i, value)))
+    # the last source to write a value decides whose it is
+    return {name: v for name, (foreign, v) in last.items() if foreign}
+
+
+def _named_class(args: list[str], key: str) -> str | None:
+    """The class the last source names under ``key``: a config file or inline config (its
+    ``key`` a class path, a dict with one, or a YAML file of one), ``--key``, or
+    ``--key.class_path``."""
+    named = None
+
+    def of(value: Any) -> Any:
+        return value.get("class_path", None) if isinstance(value, dict) else value
+
+    for i, token in enumerate(args):
+        flag, _, value = token.partition("=")
+        if flag in ("--config", "-c"):
+            for section in _config_sections(_flag_value(args, i, value)):
+                if isinstance(of(section.get(key)), str):
+                    named = of(section[key])
+        elif flag == f"--{key}" and isinstance(of(_loaded(_flag_value(args, i, value))), str):
+            named = of(_loaded(_flag_value(args, i, value)))
+        elif flag == f"--{key}.class_path":
+            named = _flag_value(args, i, value)
+    return named
+
+
+def refuse_printing_carried_args(args: list[str]) -> None:
+    """``--print_config`` prints while parsing, before a class named in place of a config
+    file's gets its own defaults back: it printed the file's values for the other class, and
+    a run from the printed file used them, silently. Such a print is refused, whichever
+    source named the class (``--model``, ``--model.class_path``, a later config file)."""
+    if not any(a.partition("=")[0] == "--print_config" for a in args):
+        return
+    for key in ("model", "data"):
+        named = _named_class(args, key)
+        if isinstance(named, str) and carried_init_args(args, key, named):
+            raise SystemExit(
+                f"error: --print_config would print the config file's init_args for another "
+                f"class under {key} in place of {named}'s own defaults (they are restored only "
+                f"after printing). Print without --{key}, or run once and keep the config.yaml "
+                "Lightning saves next to the logs, which holds the values the run used."
+            )
+
+
+def sets_trainer(args: list[str], name: str) -> bool:
+    """True if the command line or a config file sets ``trainer.<name>``."""
+    for i, token in enumerate(args):
+        flag, _, value = token.partition("=")
+        if flag == f"--trainer.{name}":
+            return True
+        if flag in ("--config", "-c"):
+            for section in _config_sections(_flag_value(args, i, value)):
+                trainer = section.get("trainer")
+                if isinstance(trainer, dict) and name in trainer:
+                    return True
+    return False
+
+
+def _loaded(given: str) -> Any:
+    """A ``--model``/``--data`` value: a dict given inline or in a YAML file, else the string."""
+    try:
+        if given.lstrip().startswith("{"):
+            return yaml.safe_load(given)
+        if os.path.isfile(given):
+            with open(given) as f:
+                return yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        pass  # jsonargparse reports it
+    return given
+
+
+def default_of(cls: type, name: str) -> Any:
+    """The default of ``cls``'s init argument ``name``, looked up the class hierarchy (an
+    argument passed on through ``**kwargs``); ``inspect.Parameter.empty`` if it has none."""
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass):
+            param = inspect.signature(klass.__init__).parameters.get(name)
+            if param is not None and param.kind is not param.VAR_KEYWORD:
+                return param.default
+    return inspect.Parameter.empty
+
+
+def _same_class(written: str, resolved: str) -> bool:
+    """A config's class path (in full, the class name alone, or another import path of the
+    same class, e.g. a package's re-export) names the resolved one."""
+    if written == resolved or ("." not in written and resolved.endswith("." + written)):
+        return True
+    found = [_import_class(path) for path in (written, resolved)]
+    return found[0] is not None and found[0] is found[1]
+
+
+def _import_class(path: str) -> Any:
+    """The object at a dotted ``module.Class`` path, or None where it does not import."""
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name, None) if module else None
+    except Exception:  # a path that does not import is no class to compare
+        return None
