@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import yaml
@@ -40,14 +41,12 @@ def with_default_classes(args: Any, defaults: dict[str, type]) -> Any:
         return args
     args = list(args)
     named: set[str] = set()
-    for i, token in enumerate(args):
-        flag, _, value = token.partition("=")
+    for flag, value in _flags(args):
         for key in defaults:
             if flag in (f"--{key}", f"--{key}.class_path"):
                 named.add(key)
         if flag in ("--config", "-c"):
-            path = _flag_value(args, i, value)
-            named |= _classes_in_config(path, defaults)
+            named |= _classes_in_config(value, defaults)
     extra = [
         t for k, cls in defaults.items() if k not in named for t in (f"--{k}", class_path_of(cls))
     ]
@@ -55,9 +54,12 @@ def with_default_classes(args: Any, defaults: dict[str, type]) -> Any:
     return [*args[:at], *extra, *args[at:]]
 
 
-def _flag_value(args: list[str], i: int, value: str) -> str:
-    """The value of flag ``args[i]``: after its ``=``, else the next argument ("" if none)."""
-    return value or (args[i + 1] if i + 1 < len(args) else "")
+def _flags(args: list[str]) -> Iterator[tuple[str, str]]:
+    """``(flag, value)`` for each argument: the value after its ``=``, else the next
+    argument ("" if none)."""
+    for i, token in enumerate(args):
+        flag, _, value = token.partition("=")
+        yield flag, value or (args[i + 1] if i + 1 < len(args) else "")
 
 
 def _config_sections(given: str) -> list[dict]:
@@ -129,21 +131,20 @@ def carried_init_args(args: list[str], key: str, class_path: str) -> dict[str, A
         for name, v in (init if isinstance(init, dict) else {}).items():
             last[name] = (foreign, v)
 
-    for i, token in enumerate(args):
-        flag, _, value = token.partition("=")
+    for flag, value in _flags(args):
         if flag in ("--config", "-c"):
-            for section in _config_sections(_flag_value(args, i, value)):
+            for section in _config_sections(value):
                 if key in section:
                     entry(section[key])
         elif flag == f"--{key}.init_args":  # several values at once: a dict or a YAML file
-            given = _loaded(_flag_value(args, i, value))
+            given = _loaded(value)
             for name in given if isinstance(given, dict) else {}:
                 last[name] = (False, None)
         elif flag.startswith(f"--{key}."):
             name = flag.removeprefix(f"--{key}.").removeprefix("init_args.").split(".")[0]
             last[name] = (False, None)
         elif flag == f"--{key}":  # a class path, a dict, or a YAML file of one
-            entry(_loaded(_flag_value(args, i, value)))
+            entry(_loaded(value))
     # the last source to write a value decides whose it is
     return {name: v for name, (foreign, v) in last.items() if foreign}
 
@@ -157,16 +158,16 @@ def _named_class(args: list[str], key: str) -> str | None:
     def of(value: Any) -> Any:
         return value.get("class_path", None) if isinstance(value, dict) else value
 
-    for i, token in enumerate(args):
-        flag, _, value = token.partition("=")
+    for flag, value in _flags(args):
         if flag in ("--config", "-c"):
-            for section in _config_sections(_flag_value(args, i, value)):
+            for section in _config_sections(value):
                 if isinstance(of(section.get(key)), str):
                     named = of(section[key])
-        elif flag == f"--{key}" and isinstance(of(_loaded(_flag_value(args, i, value))), str):
-            named = of(_loaded(_flag_value(args, i, value)))
+        elif flag == f"--{key}":
+            given = of(_loaded(value))  # a class, or a dict or YAML file naming one
+            named = given if isinstance(given, str) else named
         elif flag == f"--{key}.class_path":
-            named = _flag_value(args, i, value)
+            named = value
     return named
 
 
@@ -190,12 +191,11 @@ def refuse_printing_carried_args(args: list[str]) -> None:
 
 def sets_trainer(args: list[str], name: str) -> bool:
     """True if the command line or a config file sets ``trainer.<name>``."""
-    for i, token in enumerate(args):
-        flag, _, value = token.partition("=")
+    for flag, value in _flags(args):
         if flag == f"--trainer.{name}":
             return True
         if flag in ("--config", "-c"):
-            for section in _config_sections(_flag_value(args, i, value)):
+            for section in _config_sections(value):
                 trainer = section.get("trainer")
                 if isinstance(trainer, dict) and name in trainer:
                     return True
