@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lightning_s2a import S2ACallback, S2AConfig, S2ADDPStrategy, apply_s2a
-from tests.lightning_helpers import UserModule, _data
+from tests.lightning_helpers import UserModule, _data, quiet_trainer
 
 
 class RecordDDP(pl.Callback):
@@ -52,16 +52,7 @@ def main() -> None:
     record = RecordDDP()
     record.initial, record.out, record.in_worker = initial, out, mode == "fork"
     kwargs["callbacks"] = [*kwargs.get("callbacks", []), record]
-    trainer = pl.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        devices=2,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
+    trainer = quiet_trainer(max_epochs=1, devices=2, **kwargs)
     trainer.fit(model, _data(), _data(8))
     if mode == "fork":  # the main process: the model as Lightning copied the result back
         state = {k: v.clone() for k, v in model.state_dict().items()}

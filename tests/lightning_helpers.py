@@ -35,6 +35,20 @@ class UserModule(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-2)  # all parameters, as users do
 
 
+def quiet_trainer(**kwargs) -> pl.Trainer:
+    """A one-device CPU Trainer that prints nothing and writes nothing unless a keyword says
+    so (a logger, checkpointing with a ``default_root_dir``): the tests' shared settings."""
+    options = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    return pl.Trainer(**{**options, **kwargs})
+
+
 def _data(n=32, batch_size=8):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 3, 32, 32, generator=g)

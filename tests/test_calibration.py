@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_s2a import S2ACallback, S2AConfig, apply_s2a, get_handle
+from tests.lightning_helpers import quiet_trainer
 
 
 class LinearAttention(nn.Module):
@@ -301,13 +302,8 @@ class StepWithoutIndex(UserModule):
 def _fit(module: pl.LightningModule, batches: int = 2, calibrate: bool = True) -> pl.Trainer:
     x, y = _batch(0)
     data = DataLoader(TensorDataset(x.float(), y), batch_size=4)  # divisor: 1,024 values
-    trainer = pl.Trainer(
-        max_steps=batches,
-        callbacks=[S2ACallback(backbone="encoder", calibrate=calibrate)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+    trainer = quiet_trainer(
+        max_steps=batches, callbacks=[S2ACallback(backbone="encoder", calibrate=calibrate)]
     )
     trainer.fit(module, data)
     return trainer
@@ -333,13 +329,9 @@ def test_calibration_state_matches_a_run_without_it_outside_the_encoder():
         module = UserModule()
         x, y = _batch(0)
         data = DataLoader(TensorDataset(x.float(), y), batch_size=4)
-        trainer = pl.Trainer(
+        trainer = quiet_trainer(
             max_steps=1,
             callbacks=[S2ACallback(backbone="encoder", calibrate=calibrate, bits=8 - 4)],
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
         )
         trainer.fit(module, data)
         runs[calibrate] = module.norm.running_mean.clone()

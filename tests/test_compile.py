@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_s2a import S2ACallback, S2AConfig, apply_s2a
 from lightning_s2a.engine.compile_guard import S2ACompileError
-from tests.lightning_helpers import UserModule
+from tests.lightning_helpers import UserModule, quiet_trainer
 
 FIX = r"compress=False"
 
@@ -115,14 +115,8 @@ def test_a_compiled_model_given_to_apply_s2a_is_a_clear_error(compile_):
 
 def test_lightning_fit_of_a_compiled_module_is_a_clear_error(tmp_path):
     pl.seed_everything(0)
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_steps=1,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         default_root_dir=tmp_path,
         callbacks=[S2ACallback(S2AConfig(modules=("bias",)))],
     )

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_s2a import S2ACallback, S2AConfig, apply_s2a
 from lightning_s2a.structure.hierarchical import Tap, as_map, map_stride, token_grid
 from tests.conftest import adapter_round_trip, assert_close_in_norm, cosine
+from tests.lightning_helpers import quiet_trainer
 from tests.test_structure import SIZE, SMALL
 
 STRIDES = (8, 16, 32)
@@ -425,15 +426,7 @@ def test_a_segmentation_project_trains_the_side_and_its_own_head(tmp_path):
         side_strides=(4, 8, 16),
         side_width=32,
     )
-    trainer = pl.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[callback],
-    )
+    trainer = quiet_trainer(max_epochs=1, callbacks=[callback])
     head_before = module.seg.weight.detach().clone()
     trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=4))
     handle = callback.handle

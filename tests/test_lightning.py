@@ -13,19 +13,16 @@ from torch import nn
 
 from lightning_s2a import S2ACallback, S2AConfig, S2AStrategy
 from lightning_s2a.structure import four_bit
-from tests.lightning_helpers import UserModule, _data
+from tests.lightning_helpers import UserModule, _data, quiet_trainer
 
 
 def _fit(tmp_path, epochs=2, ckpt_path=None, **trainer_kwargs):
     pl.seed_everything(0, workers=True)
     model = UserModule()
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
         logger=CSVLogger(tmp_path, name="log"),
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        enable_checkpointing=True,
         deterministic=True,
         **trainer_kwargs,
     )
@@ -109,7 +106,6 @@ def test_test_after_fit_does_not_inject_twice(tmp_path):
 
 
 def test_whole_module_needs_a_findable_head(tmp_path):
-    quiet = {"logger": False, "enable_progress_bar": False, "default_root_dir": tmp_path}
 
     class NoBackbone(UserModule):
         def __init__(self):
@@ -120,12 +116,12 @@ def test_whole_module_needs_a_findable_head(tmp_path):
         def forward(self, x):
             return self.net(x)
 
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", callbacks=[S2ACallback()], **quiet)
+    trainer = quiet_trainer(max_epochs=1, callbacks=[S2ACallback()], default_root_dir=tmp_path)
     with pytest.raises(ValueError, match=r"head='auto' needs a model with timm's get_classifier"):
         trainer.fit(NoBackbone(), _data(8))
     model = NoBackbone()
-    trainer = pl.Trainer(
-        max_epochs=1, accelerator="cpu", callbacks=[S2ACallback(head="net.head")], **quiet
+    trainer = quiet_trainer(
+        max_epochs=1, callbacks=[S2ACallback(head="net.head")], default_root_dir=tmp_path
     )
     trainer.fit(model, _data(8))
     assert (
@@ -146,7 +142,6 @@ class _TorchvisionLike(nn.Module):
 
 
 def test_a_backbone_holding_the_only_classifier_must_name_it(tmp_path):
-    quiet = {"logger": False, "enable_progress_bar": False, "default_root_dir": tmp_path}
 
     class Whole(UserModule):
         def __init__(self, own_head: bool = False):
@@ -158,19 +153,19 @@ def test_a_backbone_holding_the_only_classifier_must_name_it(tmp_path):
             out = self.backbone(x)
             return self.own(out) if self.own is not None else out
 
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", callbacks=[S2ACallback()], **quiet)
+    trainer = quiet_trainer(max_epochs=1, callbacks=[S2ACallback()], default_root_dir=tmp_path)
     with pytest.raises(ValueError, match=r"classifier is inside the backbone.*head='fc'"):
         trainer.fit(Whole(), _data(8))
     model = Whole()
-    trainer = pl.Trainer(
-        max_epochs=1, accelerator="cpu", callbacks=[S2ACallback(head="fc")], **quiet
+    trainer = quiet_trainer(
+        max_epochs=1, callbacks=[S2ACallback(head="fc")], default_root_dir=tmp_path
     )
     before = model.backbone.fc.weight.detach().clone()
     trainer.fit(model, _data(8))
     assert not torch.equal(model.backbone.fc.weight, before)  # the named head trained
     # the user's own head outside the backbone: the backbone's fc is taken as frozen
     model = Whole(own_head=True)
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", callbacks=[S2ACallback()], **quiet)
+    trainer = quiet_trainer(max_epochs=1, callbacks=[S2ACallback()], default_root_dir=tmp_path)
     trainer.fit(model, _data(8))
     assert model.own.weight.requires_grad and not model.backbone.fc.weight.requires_grad
 
@@ -282,9 +277,7 @@ def test_workers_copying_the_model_refuse_s2a_that_adds_weights(strategy, fix):
     pl.seed_everything(0)
     model = UserModule()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy=strategy, logger=False, enable_progress_bar=False
-    )
+    trainer = quiet_trainer(devices=2, strategy=strategy)
     prompts = S2ACallback(S2AConfig(modules=("bias", "prompt"), input_size=(3, 32, 32)))
     with pytest.raises(RuntimeError, match=rf"model.backbone.*s2a_prompt.*strategy='ddp'.*{fix}"):
         prompts.setup(trainer, model, "fit")
@@ -313,15 +306,7 @@ def test_s2a_applied_before_fit_is_taken_up_after_an_averaging_callback(tmp_path
     handle = apply_s2a(model.backbone, S2AConfig(modules=("bias", "prompt")))
     size = tuple(handle.structure.input_size)
     callback = S2ACallback(S2AConfig(modules=("bias", "prompt"), input_size=size))
-    trainer = pl.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        callbacks=[EMAWeightAveraging(), callback],
-    )
+    trainer = quiet_trainer(max_epochs=1, callbacks=[EMAWeightAveraging(), callback])
     prompt = model.backbone.blocks[0].s2a_prompt.A.detach().clone()
     trainer.fit(model, _data())
     assert callback.handle is handle and get_handle(model.backbone) is handle

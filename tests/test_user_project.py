@@ -29,19 +29,23 @@ from lightning_s2a import (
     load_from_checkpoint,
 )
 from lightning_s2a.lightning.cli import S2ALightningCLI
-from tests.lightning_helpers import EncoderClassifier, FourWayData, LateEncoder, UserModule, _data
+from tests.lightning_helpers import (
+    EncoderClassifier,
+    FourWayData,
+    LateEncoder,
+    UserModule,
+    _data,
+    quiet_trainer,
+)
 
 X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
 def _trainer(tmp_path, callbacks, epochs=1, **kwargs):
-    return pl.Trainer(
+    return quiet_trainer(
         max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
         logger=CSVLogger(tmp_path, name="log"),
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        enable_checkpointing=True,
         deterministic=True,
         callbacks=callbacks,
         **kwargs,
