@@ -19,13 +19,8 @@ from .structure.frozen_weights import cast_frozen
 from .structure.holders import PROBE_NAME
 from .structure.model_hooks import is_held
 from .structure.rewrites import rewrites_for
-from .structure.surgery import (
-    PROMPT_NAME,
-    SIDE_NAME,
-    StructureState,
-    apply_structure,
-    undo_structure,
-)
+from .structure.side import SIDE_NAME
+from .structure.surgery import PROMPT_NAME, StructureState, apply_structure, undo_structure
 from .structure.unstepped import UnsteppedCheck
 
 #: Where a model keeps its live handle: on the model itself, so that the two (and the engine

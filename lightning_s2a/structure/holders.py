@@ -10,6 +10,8 @@ the blocks (:func:`~.families.block_output_shapes`).
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 #: The attribute a probe takes on a module during the dry forward (see :class:`Probe`).
@@ -60,3 +62,25 @@ def home(
         "as one of its layers. Wrap the model in an nn.Module whose forward calls it, and "
         "apply S2A to that."
     )
+
+
+def like_parameters(module: nn.Module) -> dict[str, Any]:
+    """The device and dtype of ``module``'s first parameter (none: empty), to make an added
+    module like it."""
+    p = next(module.parameters(), None)
+    return {} if p is None else {"device": p.device, "dtype": p.dtype}
+
+
+def add_module(
+    added: list[tuple[nn.Module, str]], parent: nn.Module, name: str, child: nn.Module, like: dict
+) -> None:
+    """Add ``child`` to ``parent`` as ``name``, made ``like`` it, noted in ``added`` for the
+    undo; a name already taken is an error (never overwritten)."""
+    if hasattr(parent, name):
+        raise RuntimeError(
+            f"{type(parent).__name__} already has an attribute {name!r}: the model has one of "
+            "that name, or two blocks whose names spell the same one (a.b and a_b). Name the "
+            "blocks with S2AConfig(blocks=[...])."
+        )
+    parent.add_module(name, child.to(**like))
+    added.append((parent, name))

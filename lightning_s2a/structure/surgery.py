@@ -20,21 +20,17 @@ from ..config import FOUR_BIT_DTYPES, S2AConfig, check_composition
 from .families import Block, block_output_shapes, default_input_size, find_blocks
 from .frozen_weights import cast_frozen, hold_frozen
 from .head import find_head, head_modules, is_bias, parallel_heads
-from .hierarchical import HierarchicalSide, Tap, map_stride, token_grid
-from .holders import home
+from .holders import add_module, home
 from .layouts import tensors_read
 from .model_hooks import (
     HeldStatistics,
-    SideHooks,
     forget_statistics,
     release_eval,
 )
-from .modules import LowRankPrompt, SideNetwork
+from .modules import LowRankPrompt
+from .side import SIDE_NAME, apply_side
 
 PROMPT_NAME = "s2a_prompt"
-SIDE_NAME = "s2a_side"
-#: Default side width cap: the side branch stays lite on wide CNNs (ResNet-50: 2048 channels).
-SIDE_MAX_WIDTH = 128
 #: Also the layers whose weight ``frozen_dtype="nf4"`` holds in 4 bits. A subclass that
 #: computes with its weight in its own way (timm's StdConv2d standardizes it first) reads the
 #: dequantized values; the engine then keeps what it derives exact, whole until backward.
@@ -177,12 +173,12 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
             prompt = LowRankPrompt(block.shape, block.layout, config.prompt_rank)
             owner, owner_name, attr = home(model, block.name, PROMPT_NAME, "prompt", state.runners)
             # made like the block's output in the dry forward, before frozen weights were cast
-            _add_module(state, owner, attr, prompt, block.like)
+            add_module(state.added_modules, owner, attr, prompt, block.like)
             hook = partial(_prompt_hook, prompt)
             state.hooks.append(block.module.register_forward_hook(hook))
             state.parts.append((f"{owner_name}.{attr}" if owner_name else attr, "prompt"))
     if "side" in modules:
-        _apply_side(model, config, state)
+        apply_side(model, config, state)
     if state.adds_weights or (config.frozen_dtype in FOUR_BIT_DTYPES and state.cast_originals):
         # A fresh model has none of the injected weights; its load_state_dict then fails on
         # torch's "Unexpected key(s)" error, and this entry makes that error say what to do.
@@ -208,199 +204,10 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
             state.hooks.append(bn.register_forward_hook(release_eval, always_call=True))
 
 
-def _apply_side(model: nn.Module, config: S2AConfig, state: StructureState) -> None:
-    # The side network's output replaces the head's; with no head in the model (the user's
-    # own head sits outside it), it replaces the model's own output: features of the same
-    # width (pooled), or the feature pyramid (hierarchical), which the user's head then reads.
-    replaced = head_modules(state.head)[0] if state.head is not None else model
-    hierarchical = config.side == "hierarchical"
-    outputs = _side_outputs(model, state, config)
-    channels = [b.shape[-1] if b.layout in ("tokens", "nhwc") else b.shape[0] for b in state.blocks]
-    width = config.side_width or max(1, min(SIDE_MAX_WIDTH, channels[-1] // config.side_reduction))
-    side: nn.Module
-    image: tuple[int, int] | None = None  # the pooled side needs no image size
-    if hierarchical:
-        image = _image_size(model, state.input_size)
-        taps = _taps(model, state.blocks, channels, image)
-        side = HierarchicalSide(taps, config.side_strides, config.side_reduction, width, outputs)
-        state.side_rule = (
-            f"hierarchical, width {width}, strides {tuple(config.side_strides)}, "
-            f"blocks per level {side.per_level}, output "
-            + (f"{outputs} classes" if outputs is not None else "the pyramid (a list of maps)")
-        )
-    else:
-        assert outputs is not None
-        layouts = [b.layout for b in state.blocks]
-        side = SideNetwork(channels, config.side_reduction, width, outputs, layouts)
-        state.side_rule = f"pooled, width {width}, {len(channels)} blocks, {outputs} outputs"
-    if config.side_merge == "add":
-        state.side_rule += (
-            ", added to the trained head's output"
-            if state.head is not None
-            else f", added to {type(model).__name__}'s output"
-        )
-    _add_module(state, model, SIDE_NAME, side, _like(replaced))
-    state.parts.append((SIDE_NAME, "side"))
-    hooks = SideHooks(
-        type(model).__name__,
-        side,
-        image,
-        config.side_merge == "add",
-        state.input_size[0],
-        replaces_model=replaced is model,
-    )
-    # Order matters: the backbone's no-grad region opens after the engine's hooks start (the
-    # engine registers its pre-hook first) and closes before they end.
-    state.hooks.append(model.register_forward_pre_hook(hooks.enter, with_kwargs=True))
-    state.hooks.extend(
-        b.module.register_forward_hook(partial(hooks.tap, b.name, i))
-        for i, b in enumerate(state.blocks)
-    )
-    # A distilled model's heads (class and distillation) are all replaced, or all added to:
-    # one left as it was would be averaged into the output, frozen.
-    heads = head_modules(state.head) or [model]
-    if config.side_merge == "add" and state.head is not None:
-        # the head runs with autograd (it trains), on the backbone's no-grad features
-        state.hooks.extend(h.register_forward_pre_hook(hooks.open_head) for h in heads)
-    state.hooks.extend(h.register_forward_hook(hooks.read_side) for h in heads)
-    state.hooks.append(model.register_forward_hook(hooks.exit, always_call=True))
-
-
-def _classes(head: nn.Module) -> int | None:
-    """A head's outputs: its own ``out_features``, or its last Linear's (LeViT's NormLinear:
-    a BatchNorm then a Linear). None where its last weight layer is no Linear: a dense head
-    (Segformer's decode head ends in a 1x1 conv; its last Linear is an inner projection, and
-    the side's (batch, classes) output would have replaced a (batch, classes, H, W) one)."""
-    layers = [m for m in head.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
-    if layers and not isinstance(layers[-1], nn.Linear):
-        return None
-    return getattr(head, "out_features", None) or (layers[-1].out_features if layers else None)
-
-
-def _check_other_heads(model: nn.Module, state: StructureState, config: S2AConfig) -> None:
-    """Refuse a named head that is one of a distilled model's heads: the side would replace
-    it alone, and the model would average the side's output with the other head's, frozen
-    (a class-count change leaves that one at its random initialisation)."""
-    get = getattr(model, "get_classifier", None)
-    if config.head == "auto" or state.head is None or not callable(get):
-        return
-    found = get()
-    if not isinstance(found, (tuple, list)):
-        return
-    others = [h for h in found if isinstance(h, nn.Module) and h is not state.head]
-    if state.head in found and any(any(True for _ in h.parameters()) for h in others):
-        raise ValueError(
-            f"'side' with head={config.head!r}: {type(model).__name__}.get_classifier() gives "
-            f"{len(found)} heads (a distilled model's class and distillation heads), and the "
-            "model averages their outputs, so the others would stay in it, frozen. Leave "
-            "head='auto': the side replaces (or, side_merge='add', adds to) every one."
-        )
-
-
-def _image_size(model: nn.Module, input_size: tuple[int, ...]) -> tuple[int, int]:
-    if len(input_size) != 3:
-        raise ValueError(
-            f"side='hierarchical' lays {type(model).__name__}'s block outputs out on an image "
-            f"grid, so it needs an image input (C, H, W), "
-            f"but the input size is {input_size}. Pass S2AConfig(input_size=(C, H, W))."
-        )
-    return int(input_size[1]), int(input_size[2])
-
-
-def _taps(
-    model: nn.Module, blocks: list[Block], channels: list[int], image: tuple[int, int]
-) -> list[Tap]:
-    """Each block's layout as a map; token blocks get their patch stride and prefix tokens."""
-    prefix = next(
-        (
-            m.num_prefix_tokens
-            for m in model.modules()
-            if isinstance(getattr(m, "num_prefix_tokens", None), int)
-        ),
-        None,
-    )
-    taps = []
-    for block, c in zip(blocks, channels, strict=True):
-        if block.layout == "tokens":
-            stride, skip = token_grid(block.shape[0], image, prefix)
-            taps.append(Tap("tokens", c, stride, skip))
-        elif block.layout == "ncl":
-            raise ValueError(
-                f"side='hierarchical' lays block outputs out on an image grid, but block "
-                f"{block.name!r} returns a 1-D signal (C, L) = {block.shape}; use side='pooled'."
-            )
-        else:
-            grid = block.shape[1:3] if block.layout == "nchw" else block.shape[0:2]
-            probe = (*image, *grid)
-            taps.append(Tap(block.layout, c, stride=map_stride(image[0], grid[0]), probe=probe))
-    return taps
-
-
-def _side_outputs(model: nn.Module, state: StructureState, config: S2AConfig) -> int | None:
-    """Width of the side network's output: the head's classes, the model's feature width
-    (pooled side without a head), or None (hierarchical side without a head: the pyramid)."""
-    hierarchical = config.side == "hierarchical"
-    _check_other_heads(model, state, config)
-    if state.head is not None:
-        found = {_classes(h) for h in head_modules(state.head)}
-        classes = found.pop() if len(found) == 1 else None
-        if not isinstance(classes, int):
-            raise ValueError(
-                "'side' replaces the task head's output with the side network's, so it needs a "
-                f"Linear head to read the number of outputs from; the head is a "
-                f"{type(state.head).__name__}. Name a Linear head with S2AConfig(head='...'); "
-                "for a dense head (segmentation), side='hierarchical' with head=None gives the "
-                "feature pyramid to train your own head on."
-            )
-        return classes
-    if hierarchical:
-        if config.side_merge == "add":
-            raise ValueError(
-                f"side_merge='add' adds the side network's output to the head's, but "
-                f"{type(model).__name__} has no head here and the hierarchical side's output "
-                "without one is the feature pyramid, which has no model output to add to. "
-                "Name a Linear head with S2AConfig(head='...'), or use side_merge='replace'."
-            )
-        return None
-    shape = state.output_shape
-    if shape is None or len(shape) != 1:
-        got = (
-            "not a tensor (a tuple, dict or model-output object)"
-            if shape is None
-            else (f"(batch, {', '.join(map(str, shape))})")
-        )
-        raise ValueError(
-            f"'side' without a head replaces {type(model).__name__}'s own output with the side "
-            f"network's, which must then be (batch, features); it is {got}. Build the "
-            "backbone without its pooling removed (e.g. timm num_classes=0 gives pooled "
-            "features), name a Linear head inside it with S2AConfig(head='...'), or use "
-            "side='hierarchical', whose output without a head is the feature pyramid."
-        )
-    return shape[0]
-
-
 def _prompt_hook(
     prompt: LowRankPrompt, module: nn.Module, args: Any, output: torch.Tensor
 ) -> torch.Tensor:
     return prompt(output)
-
-
-def _like(module: nn.Module) -> dict[str, Any]:
-    p = next(module.parameters(), None)
-    return {} if p is None else {"device": p.device, "dtype": p.dtype}
-
-
-def _add_module(
-    state: StructureState, parent: nn.Module, name: str, child: nn.Module, like: dict
-) -> None:
-    if hasattr(parent, name):
-        raise RuntimeError(
-            f"{type(parent).__name__} already has an attribute {name!r}: the model has one of "
-            "that name, or two blocks whose names spell the same one (a.b and a_b). Name the "
-            "blocks with S2AConfig(blocks=[...])."
-        )
-    parent.add_module(name, child.to(**like))
-    state.added_modules.append((parent, name))
 
 
 def _drop_unread_biases(model: nn.Module, config: S2AConfig, state: StructureState) -> None:
