@@ -7,7 +7,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_s2a.engine.bitpack import pack_bits, packed_numel, unpack_bits, unpack_levels
+from lightning_s2a.engine.bitpack import (
+    pack_bits,
+    packed_numel,
+    unpack_bits,
+    unpack_levels,
+    unpack_lookup,
+)
 from lightning_s2a.engine.minmax import dequantize_minmax, quantize_minmax
 from lightning_s2a.engine.packed import MinMaxPacked, PackOptions, RowMaxPacked, TwoLevelPacked
 
@@ -29,6 +35,45 @@ def test_pack_bits_roundtrip_and_size(bits, n, seed):
     assert packed.dtype == torch.uint8
     assert packed.numel() == packed_numel(n, bits) == -(-n * bits // 8)
     assert torch.equal(unpack_bits(packed, bits, n), codes)
+
+
+def _layout(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """The documented layout, one code at a time: code i in byte i // (8 // bits), at bit
+    (i % (8 // bits)) * bits."""
+    per_byte = 8 // bits
+    out = [0] * -(-codes.numel() // per_byte)
+    for i, c in enumerate(codes.tolist()):
+        out[i // per_byte] |= int(c) << ((i % per_byte) * bits)
+    return torch.tensor(out, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("offset", [0, 1, 3, 8])
+@pytest.mark.parametrize("as_bool", [False, True])
+def test_pack_bits_writes_the_documented_layout_from_any_offset(bits, offset, as_bool):
+    # The word-wise packing paths read aligned storage; a slice starting mid-word (or a bool
+    # mask) takes the other path, and both write the layout the Triton kernels write.
+    if as_bool and bits != 1:
+        pytest.skip("bool codes are 1-bit")
+    codes = _codes(bits, 203 + offset, seed=bits + offset)[offset:]
+    codes = codes.bool() if as_bool else codes
+    assert torch.equal(pack_bits(codes, bits), _layout(codes.to(torch.uint8), bits))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize(
+    "dtype", [torch.bool, torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64]
+)
+def test_unpack_lookup_gives_each_codes_value_in_any_dtype(bits, dtype):
+    # Tables of 1 to 64 bytes per packed byte: rows read as one word, or column by column.
+    codes = _codes(bits, 211, seed=bits)
+    g = torch.Generator().manual_seed(7)
+    values = torch.randn(1 << bits, generator=g, dtype=torch.float64).to(dtype)
+    if dtype == torch.bool:
+        values = torch.arange(1 << bits) % 2 == 1
+    got = unpack_lookup(pack_bits(codes, bits), bits, codes.numel(), values)
+    assert got.dtype == dtype
+    assert torch.equal(got, values[codes.long()])
 
 
 @given(bits=st.sampled_from([1, 2, 4, 8]), n=st.integers(0, 300), seed=st.integers(0, 99))

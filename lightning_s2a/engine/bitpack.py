@@ -50,8 +50,8 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     pad = (-n) % per_byte
     if pad:
         codes = torch.cat([codes, codes.new_zeros(pad)])
-    if bits == 1 and _LITTLE_ENDIAN and codes.storage_offset() % 8 == 0:
-        return _pack_ones(codes)
+    if _LITTLE_ENDIAN and codes.storage_offset() % per_byte == 0:
+        return _pack_words(codes, bits) if bits > 1 else _pack_ones(codes)
     codes = codes.view(-1, per_byte)
     # OR of strided slices: a few small passes, much faster than a uint8 sum on CPU.
     out = codes[:, per_byte - 1] << ((per_byte - 1) * bits)
@@ -61,6 +61,20 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 _LITTLE_ENDIAN = sys.byteorder == "little"
+#: The integer dtype as wide as a row of bytes (a word), for reading rows as one element.
+_WORDS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _pack_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack 2- or 4-bit codes (contiguous, whole bytes' worth) by reading each byte's worth of
+    codes as one int16 or int32 word: code ``i`` at bit ``8 i`` moves to bit ``bits * i`` by
+    shift-ORs (4 bits: one shift by 4; 2 bits: by 6, then by 12), and nothing else lands in
+    the low byte. Three to five contiguous passes instead of strided slices per code."""
+    words = codes.view(_WORDS[8 // bits])
+    x = words | (words >> (8 - bits))
+    if bits == 2:
+        x.bitwise_or_(x >> 12)
+    return x.bitwise_and_(0xFF).to(torch.uint8)
 
 
 def _pack_ones(codes: torch.Tensor) -> torch.Tensor:
@@ -104,19 +118,18 @@ def unpack_levels(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     check_bits(bits)
     if bits == 8:
         return packed[:n].float()
-    return _level_table(bits, packed.device).index_select(0, packed.int()).view(-1)[:n]
+    return _rows(_level_table(bits, packed.device), packed)[:n]
 
 
 def unpack_lookup(packed: torch.Tensor, bits: int, n: int, values: torch.Tensor) -> torch.Tensor:
     """Decode the first ``n`` codes straight into ``values[code]`` (any dtype).
 
-    One ``index_select`` per packed byte against a 256-entry table of decoded bytes: one pass
-    instead of unpack, widen and gather. The index is int32: an int64 copy of the bytes costs
-    more on CPU than the lookup itself.
+    One lookup per packed byte in a 256-entry table of decoded bytes (:func:`_rows`): one
+    pass instead of unpack, widen and gather.
     """
     check_bits(bits)
     table = values[_byte_index(bits, packed.device)] if bits < 8 else values.unsqueeze(1)
-    return table.index_select(0, packed.int()).view(-1)[:n]
+    return _rows(table, packed)[:n]
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -124,4 +137,26 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     check_bits(bits)
     if bits == 8:
         return packed[:n]
-    return _byte_table(bits, packed.device).index_select(0, packed.int()).view(-1)[:n]
+    return _rows(_byte_table(bits, packed.device), packed)[:n]
+
+
+def _rows(table: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """``table[packed]`` flattened: the row of a (256, k) table for each byte, in order.
+
+    A row of 1, 2, 4 or 8 bytes is read as one integer word, so the lookup gathers single
+    elements (on CPU 4 to 10 times faster than ``index_select`` copying (256, k) rows); wider
+    rows (16 to 64 bytes: a power of two) are gathered one 8-byte column at a time into a
+    strided output (1-bit codes decoded to float32: 32-byte rows, twice as fast as whole
+    rows). The index is int32: an int64 copy of the bytes costs more on CPU than the lookup.
+    """
+    index = packed.int()
+    width = table.shape[1] * table.element_size()
+    table = table.contiguous()
+    word = _WORDS.get(width)
+    if word is not None:
+        return table.view(word).view(-1).index_select(0, index).view(table.dtype)
+    columns = table.view(torch.int64)
+    out = torch.empty(index.numel(), columns.shape[1], dtype=torch.int64, device=table.device)
+    for j in range(columns.shape[1]):
+        out[:, j] = columns[:, j].contiguous().index_select(0, index)
+    return out.view(table.dtype).view(-1)
