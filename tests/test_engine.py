@@ -1277,6 +1277,49 @@ def test_a_model_that_met_an_outside_parameter_still_copies_and_pickles():
     handle.remove()
 
 
+class _TextMatched(nn.Module):
+    """Frozen class embeddings from outside the model, passed to forward (CLIP-style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(64, 96), nn.Linear(96, 96), nn.Linear(96, 96)
+
+    def forward(self, x, text):
+        return self.head(self.fc2(F.relu(self.fc1(x)))) @ text.t()  # matmul saves text.t()
+
+    def get_classifier(self):
+        return self.head
+
+
+def test_a_parameter_from_outside_the_model_is_kept_not_coded():
+    """A frozen parameter handed to the forward was coded in 4 bits as if it were an
+    activation (its gradient through the head relerr 0.08) and counted as 153,600 raw
+    bytes of a 24,576-byte forward; it is alive anyway, so it is kept and not counted."""
+    torch.manual_seed(0)
+    text = nn.Parameter(torch.randn(200, 96, dtype=torch.float64), requires_grad=False)
+    x, y = torch.randn(16, 64, dtype=torch.float64), torch.arange(16)
+    grads, stats = {}, {}
+    for compress in (None, False, True):
+        torch.manual_seed(1)
+        model = _TextMatched().double()
+        handle = apply_s2a(model, S2AConfig(compress=bool(compress)))
+        if compress is None:
+            handle.remove()  # the same trainable set, plain PyTorch
+            for name, p in model.named_parameters():
+                p.requires_grad_(name.endswith("bias") or name.startswith("head"))
+        F.cross_entropy(model(x, text), y).backward()
+        grads[compress] = torch.cat(
+            [p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]
+        )
+        if compress is not None:
+            stats[compress] = handle.stats()
+    # the ReLU mask is exact and the head's input kept: nothing else is saved
+    assert torch.equal(grads[True], grads[None]) and torch.equal(grads[False], grads[None])
+    activations = 16 * 96 * 8 * 2  # fc1's output (its mask) and the head's input
+    assert stats[True]["raw_bytes"] == stats[False]["raw_bytes"] == activations
+    assert "matmul" not in stats[True]["by_kind"]
+
+
 class _SliceNet(nn.Module):
     """GELU saves h (coded); the head saves h[:, 0] (kept, compacted into a copy)."""
 

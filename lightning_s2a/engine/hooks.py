@@ -445,6 +445,9 @@ class SavedTensorEngine(PackingMixin):
             for b in module._buffers.values():
                 if b is not None:
                     storages.add(b.untyped_storage().data_ptr())
+        # Parameters from outside the model that its forward takes (frozen class embeddings
+        # passed in, a teacher's weights): no activations either, kept as they are.
+        storages.update(p.untyped_storage().data_ptr() for p in list(self._outside_ids.keys()))
         self._param_storages, self._param_ids, self._weight_ids = storages, ids, weights
         self._weight_numels = numels
         self._trained_storages, self._trained_numels = trained_storages, trained_numels

@@ -321,7 +321,8 @@ def check_known(engine: SavedTensorEngine, p: nn.Parameter) -> None:
     """Raise if ``p``, a parameter the engine did not see at ``apply_s2a``, is the model's:
     a module added or replaced since (``reset_classifier``, a new head), which S2A neither
     froze nor hooked (its saved input and weight were coded as activations, and 'side'
-    read the old head). A parameter from outside the model is noted and passed over."""
+    read the old head). A parameter from outside the model is noted, and its storage kept
+    as parameters' are (never coded as an activation, nor counted as one)."""
     for name, module in engine.model.named_modules():
         for leaf, q in module._parameters.items():
             if q is p:
@@ -335,6 +336,7 @@ def check_known(engine: SavedTensorEngine, p: nn.Parameter) -> None:
                     "and apply_s2a again."
                 )
     engine._outside_ids[p] = True
+    engine._param_storages.add(p.untyped_storage().data_ptr())
 
 
 @torch.compiler.disable  # storage pointers and autograd nodes: eager, also under compile
