@@ -1320,6 +1320,82 @@ def test_a_parameter_from_outside_the_model_is_kept_not_coded():
     assert "matmul" not in stats[True]["by_kind"]
 
 
+class _Interruptible(nn.Module):
+    """GELU blocks; ``interrupt`` raises KeyboardInterrupt inside the second (a Ctrl-C in a
+    notebook); a list input runs the model on each item (the model calling itself)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 3)
+        self.interrupt = False
+
+    def forward(self, x):
+        if isinstance(x, list):
+            return torch.cat([self(item) for item in x])
+        h = F.gelu(self.a(x))
+        if self.interrupt:
+            raise KeyboardInterrupt
+        return self.head(F.gelu(self.b(h)))
+
+
+def _installed() -> bool:
+    """True while any saved-tensor hooks or torch function mode is on this thread."""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return hooks is not None or torch._C._len_torch_function_stack() > 0
+
+
+def _mlp_grad(mlp, z):
+    mlp.zero_grad()
+    mlp(z).pow(2).sum().backward()
+    return mlp[0].weight.grad.clone()
+
+
+@pytest.mark.parametrize("then", ["forward", "remove", "stop_engine"])
+def test_a_forward_interrupted_by_keyboard_interrupt_leaves_nothing_installed(then):
+    """KeyboardInterrupt skips PyTorch's always-called forward hooks: the saved-tensor hooks
+    and the operator mode stayed on the thread, coding every later forward of any module
+    (an unrelated MLP's gradient 3% off), the model's next forward never opened an account
+    and remove() left them there. The next root forward, remove() or stop_engine() (what
+    the Lightning callback's on_exception calls) ends it."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 1)).double()
+    z = torch.randn(32, 16, dtype=torch.float64)
+    clean = _mlp_grad(mlp, z)
+    model = _Interruptible().double()
+    handle = apply_s2a(model, S2AConfig(head="head", min_numel=1))
+    x = torch.randn(8, 16, dtype=torch.float64)
+    model.interrupt = True
+    with pytest.raises(KeyboardInterrupt):
+        model(x)
+    model.interrupt = False
+    assert _installed()  # what PyTorch leaves: the reason for the fix
+    step = handle.engine.step
+    if then == "forward":
+        with pytest.warns(UserWarning, match="never returned"):
+            model(x[:4]).sum().backward()
+        assert handle.engine.step == step + 1 and handle.stats()["raw_bytes"] > 0
+    else:
+        getattr(handle, then)()
+    assert not _installed()
+    assert torch.equal(_mlp_grad(mlp, z), clean)
+    handle.remove()
+
+
+def test_a_model_calling_itself_is_no_interrupted_forward(recwarn):
+    torch.manual_seed(0)
+    model = _Interruptible().double()
+    handle = apply_s2a(model, S2AConfig(head="head", min_numel=1))
+    x = torch.randn(8, 16, dtype=torch.float64)
+    model([x[:4], x[4:]]).sum().backward()
+    assert not [w for w in recwarn if "never returned" in str(w.message)]
+    assert not _installed() and handle.engine._depth == 0
+    # both items' tensors are in the forward's one account
+    single = handle.stats()["raw_bytes"]
+    model(x).sum().backward()
+    assert handle.stats()["raw_bytes"] == single
+    handle.remove()
+
+
 class _SliceNet(nn.Module):
     """GELU saves h (coded); the head saves h[:, 0] (kept, compacted into a copy)."""
 

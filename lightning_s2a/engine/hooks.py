@@ -20,6 +20,7 @@ Lightning.
 from __future__ import annotations
 
 import copy
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
@@ -114,6 +115,9 @@ class SavedTensorEngine(PackingMixin):
         #: 4-bit or cast weights).
         self.step_checks: list[Callable[[], None]] = []
         self._contexts: list[Any] = []
+        #: The frame of torch's module call that activated the engine, while it is active:
+        #: held (a frame's id is reused at once), so an interrupted forward is told apart.
+        self._entry_frame: Any = None
         self._funcs: dict[Any, tuple] = {}
         self._modules: list[nn.Module] = []
         self._unpacked = False
@@ -186,6 +190,7 @@ class SavedTensorEngine(PackingMixin):
             "_handles": [],
             "_contexts": [],
             "_deferred": DeferredChecks(),
+            "_entry_frame": None,
         }
 
     # -- installation --------------------------------------------------------------------
@@ -215,11 +220,24 @@ class SavedTensorEngine(PackingMixin):
             self._handles.append(module.register_forward_hook(self._leave, always_call=True))
 
     def detach(self) -> None:
-        """Remove every hook this engine registered (and end per-step accounting)."""
+        """Remove every hook this engine registered (and end per-step accounting), and end a
+        forward left open (see :meth:`_end_interrupted`)."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
         self._per_step = self._fresh = False
+        self._end_interrupted()
+
+    def _end_interrupted(self) -> None:
+        """Uninstall what a forward that never returned left installed: a
+        ``KeyboardInterrupt`` (or ``SystemExit``) skips the always-called forward hooks
+        (torch runs them for ``Exception`` only), which left the saved-tensor hooks and the
+        operator mode on the thread, coding every later forward of any module."""
+        if self._active:
+            self._deactivate()
+        self._depth = 0
+        self._redirects.clear()
+        self._frames = []
 
     def state_dict(self) -> dict[str, Any]:
         """Forward counter and fitted codebooks, so a resumed run quantizes like the original."""
@@ -328,6 +346,16 @@ class SavedTensorEngine(PackingMixin):
             # metrics); the real one runs inside it. Its post-hook finds this depth again.
             self._redirects.append(self._depth)
             return
+        if is_root and self._depth and not _running(self._entry_frame):
+            # The forward this depth belongs to is no longer running: it was interrupted.
+            self._end_interrupted()
+            warnings.warn(
+                f"S2A: an earlier forward of {type(self.model).__name__} never returned (a "
+                "KeyboardInterrupt or SystemExit inside it skips PyTorch's forward hooks); "
+                "what it left installed is removed now. Until this forward, everything run "
+                "with autograd had its saved tensors coded by S2A.",
+                stacklevel=3,
+            )
         # Depth first: if activating raises, the always-called forward hook still pops
         # this level, so the count never goes negative.
         self._depth += 1
@@ -338,6 +366,7 @@ class SavedTensorEngine(PackingMixin):
             if stay_out and not in_backward():
                 self._warn_staying_out()
             if not stay_out:
+                self._entry_frame = sys._getframe(1)  # torch's module call
                 self._activate(is_root)
                 # The model's input is what a statistic is smaller than before anything is
                 # saved (a gate saved ahead of its feature map: see ``reduced``).
@@ -411,6 +440,7 @@ class SavedTensorEngine(PackingMixin):
 
     def _deactivate(self) -> None:
         self._active = False
+        self._entry_frame = None  # it holds the forward's locals
         for ctx in reversed(self._contexts):
             ctx.__exit__(None, None, None)
         self._contexts = []
@@ -467,3 +497,14 @@ class SavedTensorEngine(PackingMixin):
     def _classify(self, info: tuple, args: tuple, kwargs: dict) -> Call | None:
         """The :class:`Call` a torch call is recognised as, or None (see :func:`.classify`)."""
         return classify(self, info, args, kwargs)
+
+
+def _running(entry: Any) -> bool:
+    """True if frame ``entry`` is running in this thread (only asked where a root forward
+    starts inside another: a model calling itself, or a forward that was interrupted)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame is entry:
+            return True
+        frame = frame.f_back
+    return False
