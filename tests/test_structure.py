@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from collections import Counter
 from functools import partial
@@ -1298,6 +1299,31 @@ def test_parallel_heads_are_named_together():
         assert len(seen) == 1 and torch.allclose(out, seen[0], atol=1e-6, rtol=0)
         out.sum().backward()
         assert all(p.grad is not None for n, p in model.named_parameters() if n in trainable)
+
+
+@pytest.mark.parametrize(
+    ("head", "why"),
+    [
+        ("cls_classifier,", "an empty name"),
+        (" ,cls_classifier", "an empty name"),
+        ("", "is not a submodule name"),
+        (" ", "names _Averaged itself"),
+        ("cls_classifier,cls_classifier", "a name given twice"),
+    ],
+)
+def test_head_names_that_would_train_the_whole_model_or_a_head_twice_are_refused(head, why):
+    """A trailing comma named '' as a head, which is the model itself: everything trained
+    (full fine-tuning, silently); a head named twice had the side's output added twice."""
+    model = _Averaged()
+    with pytest.raises(ValueError, match=re.escape(why)):
+        apply_s2a(model, modules="bias", head=head)
+    assert all(p.requires_grad for p in model.parameters())  # untouched
+
+
+def test_a_head_inside_another_named_head_is_refused():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4)))
+    with pytest.raises(ValueError, match=r"'1\.1' inside '1'"):
+        apply_s2a(model, modules="bias", head="1,1.1")
 
 
 class _NoForward(nn.Module):

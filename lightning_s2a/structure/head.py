@@ -62,7 +62,12 @@ def find_head(model: nn.Module, head: str | None) -> nn.Module | None:
         # timm's num_classes=0 leaves an Identity there: the model has no head of its own.
         return found if any(True for _ in found.parameters()) else None
     if "," in head:  # several heads by name: a model that combines parallel heads
-        return HeadGroup([find_head(model, name.strip()) for name in head.split(",")])
+        return HeadGroup(_named_heads(model, head))
+    if not head.strip():
+        raise ValueError(
+            f"head={head!r} names {type(model).__name__} itself, and all of it would train. "
+            "Name the head submodule, S2AConfig(head='fc'), or pass head=None."
+        )
     try:
         return model.get_submodule(head)
     except AttributeError:
@@ -71,6 +76,33 @@ def find_head(model: nn.Module, head: str | None) -> nn.Module | None:
             f"head={head!r}: {type(model).__name__} has no submodule of that name; "
             f"its top-level children are {names}."
         ) from None
+
+
+def _named_heads(model: nn.Module, head: str) -> list[nn.Module]:
+    """The heads of ``head='a,b'``: each name once, none empty, none inside another (a head
+    named twice had the side's output added twice, an empty one was the whole model)."""
+    names = [name.strip() for name in head.split(",")]
+    heads = [find_head(model, name) for name in names if name]
+    repeated = len(set(names)) != len(names)
+    nested = [
+        (a, b)
+        for a, first in zip(names, heads, strict=False)
+        for b, second in zip(names, heads, strict=False)
+        if first is not second and any(m is second for m in first.modules())
+    ]
+    if len(heads) != len(names) or repeated or nested:
+        why = (
+            "an empty name"
+            if len(heads) != len(names)
+            else "a name given twice"
+            if repeated
+            else f"{nested[0][1]!r} inside {nested[0][0]!r}"
+        )
+        raise ValueError(
+            f"head={head!r} has {why}: name each head once, separated by commas "
+            "(S2AConfig(head='head,head_dist'))."
+        )
+    return heads
 
 
 def _last_linears(model: nn.Module) -> list[str]:
