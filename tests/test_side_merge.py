@@ -194,3 +194,38 @@ def test_adapter_round_trip_keeps_the_trained_head(tmp_path):
     with torch.no_grad():
         assert torch.equal(fresh.fc.weight, model.fc.weight)  # the trained head travels
         assert torch.equal(fresh(x), model(x))
+
+
+class _BatchNormHead(nn.Module):
+    """A user's model whose head normalizes its pooled features first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.blocks = nn.Sequential(
+            nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        )
+        self.head = nn.Sequential(nn.BatchNorm1d(16), nn.Linear(16, 5))
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("merge", ["replace", "add"])
+def test_a_replaced_heads_batch_norm_is_held_and_a_trained_heads_trains(merge):
+    """The head a 'replace' side stands in for trains not, but still runs in every training
+    forward: its BatchNorm's statistics moved (after remove() the model's output was 0.5
+    off at a scale of 0.6). Held now, as the backbone's; a head that trains ('add') keeps
+    its BatchNorm training, as without S2A."""
+    torch.manual_seed(0)
+    model = _BatchNormHead()
+    before = model.head[0].running_mean.clone()
+    handle = apply_s2a(
+        model, S2AConfig(modules=["side"], side_merge=merge, head="head", input_size=(3, 16, 16))
+    )
+    model.train()
+    model(torch.randn(8, 3, 16, 16) + 2.0).sum().backward()
+    held = any(bn is model.head[0] for bn in handle.held_batch_norms())
+    moved = not torch.equal(model.head[0].running_mean, before)
+    assert (held, moved) == ((True, False) if merge == "replace" else (False, True))
+    handle.remove()

@@ -187,8 +187,10 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
         state.hooks.append(model.register_state_dict_post_hook(_marker_out))
         state.hooks.append(model.register_load_state_dict_pre_hook(_marker_in))
     if config.bn_mode == "eval":
-        # The head's own BatchNorms train with it (affine or not), as without S2A.
-        in_head = {id(m) for head in head_modules(state.head) for m in head.modules()}
+        # The head's own BatchNorms train with it (affine or not), as without S2A; a head
+        # the side replaces trains not, and its BatchNorms are held as the backbone's.
+        heads = head_modules(state.head) if head_trains else []
+        in_head = {id(m) for head in heads for m in head.modules()}
         state.batch_norms = [
             m
             for m in model.modules()
