@@ -229,3 +229,20 @@ def test_a_replaced_heads_batch_norm_is_held_and_a_trained_heads_trains(merge):
     moved = not torch.equal(model.head[0].running_mean, before)
     assert (held, moved) == ((True, False) if merge == "replace" else (False, True))
     handle.remove()
+
+
+@pytest.mark.parametrize("merge", ["replace", "add"])
+def test_an_input_that_needs_a_gradient_is_refused_by_the_side(merge):
+    """The side runs the backbone without autograd: a generator trained through it (a GAN's
+    discriminator) got no gradient at all, silently (x.grad None every step)."""
+    torch.manual_seed(0)
+    model = SMALL["resnet"]()
+    handle = apply_s2a(model, S2AConfig(modules=["side"], side_merge=merge, input_size=SIZE))
+    x = torch.randn(2, *SIZE, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"no gradient reaches its input.*modules=\['bias'\]"):
+        model(x)
+    assert torch.is_grad_enabled()  # the refused call left autograd on
+    model(x.detach()).sum().backward()  # detached (or under no_grad) it runs
+    with torch.no_grad():
+        model(x)
+    handle.remove()

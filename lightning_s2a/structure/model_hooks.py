@@ -49,14 +49,22 @@ class SideHooks:
         if redirected_call(module):  # Lightning's DDP step through the model's call
             self.grad_was.append(None)  # the real forward runs inside, as its own call
             return
+        tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
+        if torch.is_grad_enabled() and any(v.requires_grad for v in tensors):
+            raise RuntimeError(
+                f"modules=['side'] runs {self.model_name} without autograd, so no gradient "
+                "reaches its input, which needs one here: a generator trained through this "
+                "discriminator, an adversarial example, or a trainable module before the "
+                "backbone would silently get none. Use modules=['bias'] or ['bias', 'prompt'] "
+                "(the backbone runs with autograd), or detach() the input if its gradient is "
+                "not wanted."
+            )
         self.taps.clear()
         self.last = None
         self.image = self.default_image
         # model(x) and model(pixel_values=x) alike; an image has the probe's channels, an
         # auxiliary 4-D tensor passed first (a mask) usually not
-        maps = [
-            v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim() == 4
-        ]
+        maps = [v for v in tensors if v.dim() == 4]
         images = [v for v in maps if v.shape[1] == self.channels] or maps
         if images:
             self.image = (int(images[0].shape[-2]), int(images[0].shape[-1]))
