@@ -20,7 +20,13 @@ from .structure.holders import PROBE_NAME
 from .structure.model_hooks import is_held
 from .structure.rewrites import rewrites_for
 from .structure.side import SIDE_NAME
-from .structure.surgery import PROMPT_NAME, StructureState, apply_structure, undo_structure
+from .structure.surgery import (
+    PROMPT_NAME,
+    StructureState,
+    UnfrozenCheck,
+    apply_structure,
+    undo_structure,
+)
 from .structure.unstepped import UnsteppedCheck
 
 #: Where a model keeps its live handle: on the model itself, so that the two (and the engine
@@ -55,6 +61,7 @@ class S2AHandle:
             )
         if config.calibrate:
             self.engine.step_checks.append(partial(warn_uncalibrated, self.engine))
+        self.engine.step_checks.append(UnfrozenCheck(model))
         self.engine.attach()
         self.removed = False
         self.unstepped: UnsteppedCheck | None = None  # set by apply_s2a

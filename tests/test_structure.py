@@ -1593,3 +1593,22 @@ def test_one_d_conv_blocks_are_channels_first_signals():
     with pytest.raises(ValueError, match=r"block_layout='nchw' describes 4-D.*'ncl' for 3-D"):
         apply_s2a(model, modules="side", head="head", input_size=(1, 100), block_layout="nchw")
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_unfreezing_everything_s2a_froze_is_warned_once(recwarn):
+    """A GAN's set_requires_grad(disc, True) after the generator's step made the whole
+    backbone train (full fine-tuning, silently: only s2a/trainable_pct said 100)."""
+    torch.manual_seed(0)
+    model = SMALL["vit"]()
+    handle = apply_s2a(model, S2AConfig(modules=("bias",)))
+    x = torch.randn(2, *SIZE)
+    for p in model.blocks[0].parameters():  # a stage unfrozen on purpose: nothing to say
+        p.requires_grad_(True)
+    model(x).sum().backward()
+    assert not [w for w in recwarn if "require grad again" in str(w.message)]
+    model.requires_grad_(True)
+    with pytest.warns(UserWarning, match=r"parameters S2A froze in VisionTransformer require"):
+        model(x).sum().backward()
+    model(x).sum().backward()  # once: the next step says nothing
+    assert not [w for w in recwarn if "require grad again" in str(w.message)]
+    handle.remove()

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..config import FOUR_BIT_DTYPES, S2AConfig, check_composition
 from .families import Block, block_output_shapes, default_input_size, find_blocks
@@ -247,6 +248,39 @@ def _drop_unread_biases(model: nn.Module, config: S2AConfig, state: StructureSta
 
 def _name_of(model: nn.Module, target: nn.Module) -> str:
     return next((n for n, m in model.named_modules() if m is target), "")
+
+
+class UnfrozenCheck:
+    """A step check: warn once where every parameter S2A froze trains again.
+
+    The GAN idiom ``set_requires_grad(disc, True)`` (pix2pix, CycleGAN) after a generator
+    step, or ``model.requires_grad_(True)``, unfreezes the whole backbone: the run became
+    full fine-tuning with compression, silently (only ``s2a/trainable_pct`` said 100).
+    Unfreezing a stage on purpose leaves others frozen and is not warned about.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model_name = type(model).__name__
+        self.frozen = WeakIdKeyDictionary()
+        for p in model.parameters():
+            if not p.requires_grad:
+                self.frozen[p] = True
+        self.said = False
+
+    def __call__(self) -> None:
+        frozen = list(self.frozen.keys())
+        if self.said or not frozen or not all(p.requires_grad for p in frozen):
+            return
+        self.said = True
+        warnings.warn(
+            f"all {len(frozen)} parameters S2A froze in {self.model_name} require grad again "
+            "(model.requires_grad_(True), as a GAN's set_requires_grad does after the "
+            "generator's step): the backbone trains in full, which is no longer S2A. To freeze "
+            "a model for another model's step, use LightningModule.toggle_optimizer, or "
+            "requires_grad_(False) and back on exactly the parameters that trained "
+            "(handle.trainable_parameters() counts them); said once.",
+            stacklevel=4,
+        )
 
 
 def undo_structure(model: nn.Module, state: StructureState) -> None:
