@@ -171,6 +171,12 @@ class S2AConfig:
         for kind, b in self.op_bits.items():
             if kind not in KINDS:
                 raise ValueError(f"op_bits: unknown operator kind {kind!r}; allowed: {KINDS}.")
+            if kind == "trainable":
+                raise ValueError(
+                    "op_bits['trainable']: the width of activations that feed a trainable "
+                    "weight's gradient is trainable_input_bits (None keeps them exact); set "
+                    f"S2AConfig(trainable_input_bits={b!r}) instead."
+                )
             check_bits(b, f"op_bits[{kind!r}]")
         if self.trainable_input_bits is not None:
             check_bits(self.trainable_input_bits, "trainable_input_bits")
@@ -193,6 +199,11 @@ class S2AConfig:
             )
         if self.group_size not in GROUP_SIZES:
             raise ValueError(f"group_size: {self.group_size} is not one of {GROUP_SIZES}.")
+        if self.backend == "bnb" and self.group_size < 32:
+            raise ValueError(
+                f"group_size={self.group_size} with backend='bnb': bitsandbytes codes blocks of "
+                "32 or more values; use group_size >= 32 or backend='torch'."
+            )
         if self.frozen_dtype not in FROZEN_DTYPES:
             raise ValueError(f"frozen_dtype: {self.frozen_dtype!r} is not one of {FROZEN_DTYPES}.")
         if self.frozen_dtype in FOUR_BIT_DTYPES and not self.surgery:

@@ -24,6 +24,8 @@ from lightning_s2a.engine.bitpack import check_bits
         ({"backend": "bnb", "bits": 2}, r"bitsandbytes quantizes in 4 bits only"),
         ({"backend": "bnb", "bnb_quant_type": "int4"}, r"bnb_quant_type: 'int4' is not one of"),
         ({"group_size": 48}, r"group_size: 48 is not one of"),
+        ({"backend": "bnb", "group_size": 16}, r"bitsandbytes codes blocks of 32 or more"),
+        ({"op_bits": {"trainable": 4}}, r"trainable_input_bits=4\) instead"),
         ({"min_numel": 0}, r"min_numel: must be a positive integer"),
     ],
 )

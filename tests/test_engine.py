@@ -930,6 +930,21 @@ def test_bitsandbytes_backend():
     assert softmax["stored_bytes"] < softmax["raw_bytes"] / 6
 
 
+def test_bitsandbytes_backend_keeps_the_widths_it_cannot_code_and_short_norm_rows():
+    """bitsandbytes codes 4 bits in blocks of 32 or more: op_bits (and calibration's 8 bits)
+    were coded in 4 bits whatever was asked, and a LayerNorm of width 48 (groups of 16)
+    failed inside bitsandbytes. Both take the min-max codes now."""
+    tokens = torch.randint(0, 100, (8, 16), generator=torch.Generator().manual_seed(0))
+    stored = {}
+    for backend, op_bits in (("bnb", {}), ("bnb", {"norm": 8}), ("torch", {"norm": 8})):
+        torch.manual_seed(0)
+        model = FrozenEmbedding()
+        with apply_s2a(model, backend=backend, op_bits=op_bits, min_numel=1) as handle:
+            model(tokens).sum().backward()  # the norm's 48-wide rows: groups of 16
+            stored[backend, len(op_bits)] = handle.stats()["by_kind"]["norm"]["stored_bytes"]
+    assert stored["bnb", 1] == stored["torch", 1] != stored["bnb", 0]
+
+
 class FrozenEmbedding(nn.Module):
     def __init__(self):
         super().__init__()

@@ -46,8 +46,13 @@ def _finite(t: torch.Tensor) -> torch.Tensor:
 
 
 def pack_minmax(t: torch.Tensor, opts: PackOptions) -> MinMaxPacked | BnbPacked | KeptPacked:
-    """Generic quantizer: per-group min-max (torch/Triton) or bitsandbytes 4-bit."""
-    if opts.backend == "bnb":
+    """Generic quantizer: per-group min-max (torch/Triton) or bitsandbytes 4-bit.
+
+    bitsandbytes codes 4 bits in blocks of 32 or more: other widths (``op_bits``,
+    ``trainable_input_bits``, modules calibration widened to 8 bits) and norm rows whose
+    groups shrink below 32 take the min-max codes instead (they were coded in 4 bits
+    whatever was asked, or failed in bitsandbytes)."""
+    if opts.backend == "bnb" and opts.bits == 4 and opts.group_size >= 32:
         # absmax blocks: an infinity makes its block NaN, and a NaN may come back finite.
         finite = _finite(t)
         if not opts.defer and not bool(finite):
@@ -76,7 +81,7 @@ def pack_norm(t: torch.Tensor, opts: PackOptions) -> MinMaxPacked | BnbPacked | 
         pow2 = row & -row  # the largest power of two dividing the row
         if pow2 >= 8:
             opts = dataclasses.replace(opts, group_size=pow2)
-        elif opts.backend != "bnb":
+        elif opts.backend != "bnb" or opts.bits != 4:
             return MinMaxPacked(t, opts, Rows.of_length(t, row, opts.group_size))
     if opts.channels and opts.backend != "bnb" and t.dim() >= 2 and n:
         # BatchNorm in training: groups in memory order stay inside one channel only where
