@@ -30,6 +30,8 @@ batch.
 from __future__ import annotations
 
 import math
+import random
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -144,7 +146,8 @@ def _measure(
         with _same_state(engine, watch):
             exact_calls, exact_loss = _record(engine, loss_fn, True, copied, set())
     with _same_state(engine, watch):
-        coded_calls, _ = _record(engine, loss_fn, False, copied, set())
+        coded_calls, coded_loss = _record(engine, loss_fn, False, copied, set())
+    _check_same_loss(exact_loss, coded_loss)
     shape = [(n, len(i), len(o)) for n, i, o in exact_calls]
     if shape != [(n, len(i), len(o)) for n, i, o in coded_calls]:
         raise RuntimeError(
@@ -332,12 +335,41 @@ def _fingerprints(params: list[nn.Parameter]) -> torch.Tensor:
 _ENGINE_STATE = ("step", "forwards", "_last", "_account", "_unpacked", "_step_peak")
 
 
+def _check_same_loss(exact: torch.Tensor, coded: torch.Tensor) -> None:
+    """The codes change no forward value: two losses that differ mean the step drew random
+    numbers calibration cannot replay, and every error it measured compares two inputs."""
+    a, b = float(exact.detach()), float(coded.detach())
+    if not (a == b or abs(a - b) <= 1e-4 * max(abs(a), abs(b))):
+        raise RuntimeError(
+            f"calibrate: the exact and the coded forward of the same batch gave the losses "
+            f"{a!r} and {b!r}, so they did not compute the same thing: the step draws random "
+            "numbers calibration cannot replay (it replays torch's, Python's and NumPy's global "
+            "generators and torch.Generator attributes of the modules). Draw them once outside "
+            "the loss function, or seed the generator inside it."
+        )
+
+
+def _generators(scope: nn.Module) -> list[tuple[Any, Any]]:
+    """``(generator, state)`` for what a forward may draw from besides torch's global
+    generators: Python's and NumPy's global ones, and ``torch.Generator`` attributes of the
+    scope's modules (a mixup drawn with ``self.gen``)."""
+    found: list[tuple[Any, Any]] = [(random, random.getstate())]
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        found.append((numpy.random, numpy.random.get_state()))
+    for module in scope.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Generator):
+                found.append((value, value.get_state()))
+    return found
+
+
 @contextmanager
 def _same_state(engine: SavedTensorEngine, watch: _Watch):
     """Run a calibration forward and put back what it changes: the random generators (so
-    both forwards draw the same dropout), the scope's buffers (BatchNorm running statistics),
-    its frozen parameters outside the S2A'd model (see :class:`_Watch`), and the engine's
-    step, forward count and last account.
+    both forwards draw the same dropout and the same mixup; see :func:`_generators`), the
+    scope's buffers (BatchNorm running statistics), its frozen parameters outside the S2A'd
+    model (see :class:`_Watch`), and the engine's step, forward count and last account.
 
     Each forward runs on copies of the buffers, swapped in, and the originals are swapped
     back untouched: copying old values into the buffers instead would change tensors that
@@ -355,6 +387,7 @@ def _same_state(engine: SavedTensorEngine, watch: _Watch):
     cuda = torch.cuda.is_initialized()
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if cuda else None
+    others = _generators(scope)
     saved = {name: getattr(engine, name) for name in _ENGINE_STATE}
     try:
         with watch.forward():
@@ -365,5 +398,10 @@ def _same_state(engine: SavedTensorEngine, watch: _Watch):
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
+        for generator, state in others:
+            if generator is random:
+                random.setstate(state)
+            else:
+                generator.set_state(state)
         for name, value in saved.items():
             setattr(engine, name, value)
