@@ -387,6 +387,16 @@ def report(headers: list[str], results: list[dict[str, Any]], out: Path) -> str:
     return text
 
 
+#: S2A fields every study run sets itself, and where to change them instead (given in --s2a
+#: or a method's brackets, every run failed after the full fine-tuning rows had run).
+STUDY_SET = {
+    "modules": "the method name (s2a_bias, s2a_bias+prompt, ...)",
+    "bits": "--bits",
+    "seed": "--seeds",
+    "input_size": "--image-size",
+}
+
+
 def field_value(text: str) -> Any:
     """An ``--s2a FIELD=VALUE`` value: JSON where it parses (8, false, [4, 2], {...}), else text."""
     try:
@@ -542,6 +552,10 @@ def main(argv: list[str] | None = None) -> None:
     from lightning_s2a import S2AConfig
 
     for method, (base, own) in methods.items():  # each S2A method's config, as it will run
+        taken = sorted(set(STUDY_SET) & {*own, *fields})
+        if base.startswith("s2a_") and taken:  # each run passes these itself
+            flags = ", ".join(f"{name}: {STUDY_SET[name]}" for name in taken)
+            parser.error(f"{method}: the study sets {flags}; leave them out of --s2a and [...]")
         if base.startswith("s2a_"):
             try:
                 S2AConfig(modules=base.removeprefix("s2a_"), **{**own, **fields})

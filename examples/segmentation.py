@@ -162,10 +162,17 @@ def confusion(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tenso
 
 
 def iou(matrix: torch.Tensor) -> list[float]:
-    """Per-class intersection over union from a (true, predicted) confusion matrix."""
+    """Per-class intersection over union from a (true, predicted) confusion matrix; NaN for
+    a class neither in the truth nor predicted (it scored 0 and pulled the mean down)."""
     tp = matrix.diag().double()
     union = matrix.sum(0).double() + matrix.sum(1).double() - tp
-    return (tp / union.clamp(min=1)).tolist()
+    return torch.where(union > 0, tp / union.clamp(min=1), torch.nan).tolist()
+
+
+def miou(per_class: list[float]) -> float:
+    """Mean IoU over the classes present in the truth or the prediction."""
+    present = [v for v in per_class if not math.isnan(v)]
+    return statistics.fmean(present) if present else math.nan
 
 
 def train(
@@ -249,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
             start = time.perf_counter()
             model, info = train(method, lr, data, args, args.seed)
             info["train_s"] = time.perf_counter() - start
-            val = statistics.fmean(iou(confusion(model, *data["val"])))
+            val = miou(iou(confusion(model, *data["val"])))
             print(
                 f"  {method} lr={lr:g}: val mIoU {100 * val:.1f} ({info['train_s']:.0f} s)",
                 flush=True,
@@ -262,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
                 "method": method,
                 "lr": lr,
                 "val_miou": 100 * val,
-                "test_miou": 100 * statistics.fmean(per_class),
+                "test_miou": 100 * miou(per_class),
                 "test_iou": {c: 100 * v for c, v in zip(CLASSES, per_class, strict=True)},
                 **info,
             }

@@ -154,6 +154,13 @@ def test_unknown_method_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):  # an S2A method with fields, but a wrong one
         study.main(["--methods", "s2a_side[side_merge=sum]"])
     assert "s2a_side[side_merge=sum]: side_merge: 'sum' is not one of" in capsys.readouterr().err
+    # fields every run sets itself: each S2A run failed ("got multiple values for 'seed'")
+    # after the full fine-tuning rows had taken their time
+    for given in (["--s2a", "seed=3"], ["--methods", "s2a_bias[bits=8]"]):
+        with pytest.raises(SystemExit):
+            study.main(given)
+        err = capsys.readouterr().err
+        assert "the study sets" in err and ("--seeds" in err or "bits: --bits" in err)
 
 
 def test_any_s2a_method_with_fields_runs_at_its_base_rate():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,6 +30,12 @@ def test_iou_from_a_confusion_matrix():
     # rows: true class, columns: predicted class
     matrix = torch.tensor([[8, 2], [2, 3]])
     assert seg.iou(matrix) == pytest.approx([8 / 12, 3 / 7])
+    # a class in neither the truth nor the prediction is left out of the mean (a perfect
+    # prediction of a test set without triangles scored 75 mIoU)
+    perfect = torch.diag(torch.tensor([5, 4, 3, 0]))
+    per_class = seg.iou(perfect)
+    assert per_class[:3] == [1.0, 1.0, 1.0] and math.isnan(per_class[3])
+    assert seg.miou(per_class) == 1.0
 
 
 @pytest.mark.parametrize("method", ["head", "bias", "side"])
