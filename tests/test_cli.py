@@ -14,6 +14,7 @@ from lightning_s2a.lightning.callback import S2ACallback
 from lightning_s2a.lightning.cli import S2ALightningCLI
 from lightning_s2a.lightning.data import DigitsDataModule, ImageFolderDataModule
 from lightning_s2a.lightning.model import ImageClassifier
+from tests.lightning_helpers import quiet_trainer
 
 pytest.importorskip("sklearn")
 
@@ -318,3 +319,24 @@ def test_a_step_budget_alone_is_not_cut_by_the_epoch_default(tmp_path):
     config.write_text("trainer:\n  max_steps: 20\n")
     assert _cli(tmp_path, "--config", str(config)).trainer.max_epochs in (None, -1)
     assert _cli(tmp_path).trainer.max_epochs == 3  # the CLI's short fine-tune otherwise
+
+
+def test_the_cosine_decays_per_step_over_a_step_budget_alone():
+    """With --trainer.max_steps and no epochs, ImageClassifier's cosine stopped the fit in
+    configure_optimizers (it decays over max_epochs, unset): it decays per step now."""
+    model = ImageClassifier(backbone="resnet10t", pretrained=False, lr=0.1)
+    model.trainer = quiet_trainer(max_steps=4, max_epochs=-1)
+    config = model.configure_optimizers()
+    assert config["lr_scheduler"]["interval"] == "step"
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    rates = []
+    for _ in range(5):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step(), scheduler.step()
+    assert rates == pytest.approx(
+        [0.1, 0.1 * (1 + 2**-0.5) / 2, 0.05, 0.1 * (1 - 2**-0.5) / 2, 0.0]
+    )
+    model = ImageClassifier(backbone="resnet10t", pretrained=False, warmup_epochs=1)
+    model.trainer = quiet_trainer(max_steps=4, max_epochs=-1)
+    with pytest.raises(ValueError, match=r"warmup_epochs=1 needs trainer\.max_epochs"):
+        model.configure_optimizers()

@@ -64,7 +64,8 @@ class ImageClassifier(pl.LightningModule):
         num_classes: outputs of the classification head.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
-        scheduler: "cosine" (per epoch, over ``trainer.max_epochs``) or "none".
+        scheduler: "cosine" (per epoch, over ``trainer.max_epochs``; per step over
+            ``trainer.max_steps`` where only a step budget is set) or "none".
         warmup_epochs: epochs of linear warm-up before the cosine decay.
     """
 
@@ -144,11 +145,7 @@ class ImageClassifier(pl.LightningModule):
             return optimizer
         max_epochs = self.trainer.max_epochs
         if max_epochs is None or max_epochs < 1:
-            raise ValueError(
-                "scheduler='cosine' decays over trainer.max_epochs, which is not set to a "
-                f"positive number ({max_epochs!r}); set trainer.max_epochs or use "
-                "model.scheduler none."
-            )
+            return self._cosine_over_steps(optimizer)
         warmup = self.hparams.warmup_epochs
         if warmup >= max_epochs:
             raise ValueError(
@@ -165,4 +162,27 @@ class ImageClassifier(pl.LightningModule):
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+        }
+
+    def _cosine_over_steps(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """A step budget alone (``--trainer.max_steps``, no epochs): the cosine decays per
+        optimizer step over ``trainer.max_steps`` (it stopped in this method before)."""
+        steps = self.trainer.max_steps
+        if steps is None or steps < 1:
+            raise ValueError(
+                "scheduler='cosine' decays over trainer.max_epochs (or, without them, "
+                "trainer.max_steps), and neither is set to a positive number; set one or "
+                "use model.scheduler none."
+            )
+        if self.hparams.warmup_epochs:
+            raise ValueError(
+                f"warmup_epochs={self.hparams.warmup_epochs} needs trainer.max_epochs; with a "
+                "step budget alone (trainer.max_steps) use warmup_epochs=0."
+            )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / steps))
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
