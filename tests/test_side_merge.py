@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -245,4 +246,20 @@ def test_an_input_that_needs_a_gradient_is_refused_by_the_side(merge):
     model(x.detach()).sum().backward()  # detached (or under no_grad) it runs
     with torch.no_grad():
         model(x)
+    handle.remove()
+
+
+@pytest.mark.parametrize("merge", ["replace", "add"])
+def test_a_head_whose_output_is_no_row_per_image_is_refused(merge):
+    """A per-token head (a ViT without pooling: (B, N, classes)) was replaced by the side's
+    (B, classes), silently; added to, it failed inside torch's broadcasting."""
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", num_classes=5, depth=2, img_size=32, patch_size=8, global_pool=""
+    )
+    handle = apply_s2a(model, S2AConfig(modules=["side"], side_merge=merge))
+    with pytest.raises(
+        RuntimeError, match=r"output of shape \(2, 17, 5\) with one of shape \(2, 5\)"
+    ):
+        model(torch.randn(2, 3, 32, 32))
     handle.remove()

@@ -54,8 +54,14 @@ def layout_of(
             return "nhwc"
         if last and first:
             return AMBIGUOUS
-        # Channels first otherwise, PyTorch's convention: also where neither pair fits
-        # (MobileViT-V2's (B, C, patch, patches) blocks).
+        # Neither pair fits: channels last where the block ends in a Linear of the last
+        # dimension's width (NesT's (B, blocks, tokens, C): read channels first, the side
+        # network was 1 wide and gave every image the same output); channels first
+        # otherwise, PyTorch's convention (MobileViT-V2's (B, C, patch, patches) blocks).
+        layers = [m for m in (block.modules() if block is not None else ()) if _weighted(m)]
+        last_linear = bool(layers) and isinstance(layers[-1], nn.Linear)
+        if last_linear and layers[-1].out_features == shape[-1]:
+            return "nhwc"
         return "nchw"
     raise ValueError(
         f"cannot place a prompt on a block output of shape {tuple(shape)}: expected "

@@ -119,6 +119,18 @@ class SideHooks:
                 self.last = out
             else:  # a distilled model's second head in the same forward: the same output
                 out = self.last
+            if (
+                isinstance(out, torch.Tensor)
+                and isinstance(output, torch.Tensor)
+                and out.shape != output.shape
+            ):
+                raise RuntimeError(
+                    f"modules=['side'] stands in for {type(module).__name__}'s output of shape "
+                    f"{tuple(output.shape)} with one of shape {tuple(out.shape)}: the side "
+                    "network gives one (batch, classes) row per image, and this head gives "
+                    "something else (per-token logits, a dense map). Name a head whose output "
+                    "is (batch, classes), or use modules=['bias'] / ['bias', 'prompt']."
+                )
             if self.add:  # the trained head's output, or the model's own (a constant)
                 out = output + out
         # What the model does after its head (a log_softmax, a scale) works on the side's
