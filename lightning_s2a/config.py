@@ -135,7 +135,11 @@ class S2AConfig:
     def __post_init__(self) -> None:
         check_bits(self.bits, "bits")
         if isinstance(self.modules, str):
-            self.modules = tuple(m for m in self.modules.replace("+", ",").split(",") if m)
+            self.modules = (self.modules,)
+        if _is_sequence(self.modules) and all(isinstance(m, str) for m in self.modules):
+            # "bias+prompt", "bias, prompt" and ["bias+prompt"] (the CLI's [bias+prompt]) alike
+            parts = (p.strip() for m in self.modules for p in m.replace("+", ",").split(","))
+            self.modules = tuple(p for p in parts if p)
         if not _is_sequence(self.modules):
             raise ValueError(
                 f"modules: expected a list of module kinds or a string such as 'bias+prompt', "
@@ -215,9 +219,11 @@ class S2AConfig:
             raise ValueError(f"bn_mode: {self.bn_mode!r} is not one of {BN_MODES}.")
         if self.block_layout not in LAYOUTS:
             raise ValueError(f"block_layout: {self.block_layout!r} is not one of {LAYOUTS}.")
-        if self.side_width is not None and (not _is_int(self.side_width) or self.side_width < 1):
+        if self.side_width is not None and (not _is_int(self.side_width) or self.side_width < 2):
             raise ValueError(
-                f"side_width: must be a positive integer or None, got {self.side_width!r}."
+                f"side_width: must be an integer of at least 2 or None, got {self.side_width!r} "
+                "(the side network normalizes over its width: at width 1 its output is the "
+                "same for every input)."
             )
         if self.side not in SIDE_KINDS:
             raise ValueError(f"side: {self.side!r} is not one of {SIDE_KINDS}.")

@@ -56,7 +56,7 @@ def test_invalid_config_values_raise_value_error(kwargs, pattern):
         ({"codebook_samples": 1e4}, r"codebook_samples: must be a positive integer"),
         ({"codebook_refresh": "1000"}, r"codebook_refresh: must be a positive integer"),
         ({"prompt_rank": 8.0}, r"prompt_rank: must be a positive integer"),
-        ({"side_width": True}, r"side_width: must be a positive integer or None"),
+        ({"side_width": True}, r"side_width: must be an integer of at least 2 or None"),
         ({"head": False}, r"head: False \(bool\) is not a submodule name; allowed: 'auto'"),
         ({"head": ""}, r"head: '' \(str\) is not a submodule name"),  # would be the whole model
         ({"modules": None}, r"modules: expected a list of module kinds or a string"),
@@ -156,6 +156,10 @@ def test_strategies_still_take_their_lightning_arguments():
 def test_modules_accept_plus_and_comma_strings():
     assert S2AConfig(modules="bias").modules == ("bias",)
     assert S2AConfig(modules="bias+prompt").modules == ("bias", "prompt")
+    # the README's value in a list (the CLI's [bias+prompt]) and spaces after commas: they
+    # were "unknown module kind 'bias+prompt'" and "' prompt'"
+    assert S2AConfig(modules=["bias+prompt"]).modules == ("bias", "prompt")
+    assert S2AConfig(modules="bias, prompt").modules == ("bias", "prompt")
 
 
 def test_fields_set_after_construction_are_validated_by_apply_s2a():
@@ -242,7 +246,8 @@ def test_applying_to_a_model_holding_s2a_already_is_an_error():
         ({"block_layout": "nwc"}, r"block_layout: 'nwc' is not one of"),
         ({"prompt_rank": 0}, r"prompt_rank: must be a positive integer"),
         ({"side_reduction": 2.5}, r"side_reduction: must be a positive integer"),
-        ({"side_width": -1}, r"side_width: must be a positive integer or None"),
+        ({"side_width": -1}, r"side_width: must be an integer of at least 2 or None"),
+        ({"side_width": 1}, r"at width 1 its output is the same for every input"),
         ({"input_size": (3, 0, 224)}, r"input_size: expected the shape of one sample"),
     ],
 )
@@ -266,6 +271,12 @@ def test_config_rejects_non_config():
         apply_s2a(nn.Linear(2, 2), {"bits": 4})
     with pytest.raises(TypeError, match=r"expects an nn\.Module"):
         apply_s2a(torch.zeros(2))
+    # the callback and the strategy: at construction, not an AttributeError at fit
+    for config in ({"bits": 2}, "bias"):
+        with pytest.raises(TypeError, match=r"must be an S2AConfig.*S2ACallback\(bits=2"):
+            S2ACallback(config)
+        with pytest.raises(TypeError, match=r"must be an S2AConfig"):
+            S2AStrategy(config)
 
 
 def test_an_s2a_model_is_freed_when_dropped_and_pickles_after_a_step():

@@ -234,7 +234,8 @@ def test_channels_last_blocks_are_read_as_channels_last(size):
     model = ChannelsLast()
     with apply_s2a(model, modules="side", head="fc", input_size=size) as h:
         assert [b.layout for b in h.structure.blocks] == ["nhwc"] * 3
-        assert h.structure.side_rule.startswith("pooled, width 6,")  # 24 channels // 4
+        assert h.structure.side_rule.startswith("pooled, width 8,")  # 24 // 4, at least 8
+        assert model.s2a_side.proj[0].in_features == 6  # each tap pooled to 24 // 4 channels
         x = torch.randn(2, *size)
         assert model(x).shape == (2, 5)
     # channels-first maps of the same sizes stay channels first
@@ -1612,3 +1613,98 @@ def test_unfreezing_everything_s2a_froze_is_warned_once(recwarn):
     model(x).sum().backward()  # once: the next step says nothing
     assert not [w for w in recwarn if "require grad again" in str(w.message)]
     handle.remove()
+
+
+class _NarrowBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return x + self.b(F.relu(self.a(x)))
+
+
+class _NarrowNet(nn.Module):
+    """A user's small CNN whose blocks have 6 channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.blocks = nn.ModuleList([_NarrowBlock(6), _NarrowBlock(6)])
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def test_the_default_side_width_is_never_one():
+    """6 channels at reduction 4 gave width 1: normalised over one feature, the side's
+    output was the same for every input, whatever it trained to."""
+    torch.manual_seed(0)
+    model = _NarrowNet()
+    with apply_s2a(model, modules=["side"], head="fc", input_size=(3, 16, 16)) as handle:
+        assert "width 8" in handle.structure.side_rule
+        with torch.no_grad():
+            for p in model.s2a_side.parameters():
+                p.normal_()
+            out = model(torch.randn(4, 3, 16, 16))
+        assert (out - out[0]).abs().amax() > 1e-3
+
+
+class _OwnStatistics(nn.Module):
+    """A norm of its own kind with a running variance (as timm's EvoNorm keeps one)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.register_buffer("running_var", torch.ones(1, c, 1, 1))
+
+    def forward(self, x):
+        if self.training:
+            with torch.no_grad():
+                self.running_var.lerp_(x.var(dim=(0, 2, 3), keepdim=True), 0.1)
+        return x / (self.running_var + 1e-5).sqrt()
+
+
+def test_instance_norms_with_running_statistics_are_held_and_other_kinds_said():
+    """bn_mode='eval' held _BatchNorm only: an InstanceNorm2d(track_running_stats=True) in
+    the frozen backbone normalized with the batch's statistics and updated its own (after
+    remove() the output was 0.2 off). A norm of another kind is said, by name."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        nn.InstanceNorm2d(8, affine=True, track_running_stats=True),
+        _OwnStatistics(8),
+        nn.Flatten(),
+        nn.LazyLinear(3),
+    )
+    model(torch.randn(2, 3, 8, 8))  # the lazy head takes its shape
+    before = model[1].running_var.clone()
+    with pytest.warns(UserWarning, match=r"bn_mode='eval' holds.*; 2 keep running statistics"):
+        handle = apply_s2a(model, modules=("bias",), head="4")
+    assert any(m is model[1] for m in handle.held_batch_norms())
+    model.train()
+    model(torch.randn(4, 3, 8, 8) + 3).sum().backward()
+    assert torch.equal(model[1].running_var, before)
+    handle.remove()
+
+
+def test_nest_blocks_are_read_channels_last():
+    """NesT's blocks return (B, blocks, tokens, C), neither pair an image grid: read
+    channels first, the side network was 1 wide and gave every image the same output."""
+    torch.manual_seed(0)
+    from timm.models.nest import Nest
+
+    model = Nest(
+        img_size=32, num_classes=3, embed_dims=(16, 32, 64), num_heads=(1, 2, 4), depths=(1, 1, 4)
+    )
+    with apply_s2a(model, modules=["side"], input_size=(3, 32, 32)) as handle:
+        blocks = handle.structure.blocks  # the transformer blocks: (blocks, tokens, C)
+        assert all(".transformer_encoder." in b.name for b in blocks)
+        assert {b.layout for b in blocks} == {"nhwc"}
+        assert "width 16" in handle.structure.side_rule  # 64 channels at reduction 4
+        with torch.no_grad():
+            out = model(torch.randn(4, 3, 32, 32))
+        assert (out - out[0]).abs().amax() > 1e-4

@@ -62,6 +62,12 @@ class S2ACallback(pl.Callback):
     ) -> None:
         super().__init__()
         config = config if config is not None else S2AConfig()
+        if not isinstance(config, S2AConfig):  # a dict or "bias" failed later, at fit
+            raise TypeError(
+                f"S2ACallback's config must be an S2AConfig, got {type(config).__name__} "
+                f"({config!r}); pass fields by name instead: S2ACallback(bits=2, "
+                "modules=['bias'])."
+            )
         self.config = config.replace(**fields) if fields else config
         self.backbone = backbone
         self.adapter_path = adapter_path
@@ -157,6 +163,15 @@ class S2ACallback(pl.Callback):
                 f"S2AConfig(frozen_dtype={self.config.frozen_dtype!r}) needs mixed precision so "
                 "activations meet the low-precision weights under autocast; use "
                 f"Trainer(precision='bf16-mixed') or frozen_dtype=None (got {trainer.precision!r})."
+            )
+        autocast = _AUTOCAST_DTYPES.get(str(trainer.precision))  # after Lightning's CPU remap
+        if stage == "fit" and cast and autocast not in (None, self.config.frozen_dtype):
+            raise ValueError(
+                f"S2AConfig(frozen_dtype={self.config.frozen_dtype!r}) under "
+                f"precision={str(trainer.precision)!r}, which autocasts to {autocast}: the "
+                "weights would be rounded twice, and the model during fit would not be the one "
+                f"after it. Use frozen_dtype={autocast!r} (on CPU Lightning runs '16-mixed' as "
+                "'bf16-mixed')."
             )
         # Lightning restores a checkpoint's weights (resume, --ckpt_path) before this
         # callback's state: the config it trained with is compared first, so a mismatch is
@@ -386,6 +401,10 @@ class S2ACallback(pl.Callback):
             self._pending_state = state_dict["engine"]
         else:
             self.handle.engine.load_state_dict(state_dict["engine"])
+
+
+#: The dtype each of Lightning's mixed precisions autocasts to, as ``frozen_dtype`` names it.
+_AUTOCAST_DTYPES = {"bf16-mixed": "bfloat16", "16-mixed": "float16"}
 
 
 def _copies_in_setup(trainer: pl.Trainer) -> bool:

@@ -290,16 +290,20 @@ def check_no_swa(trainer: pl.Trainer, handle: S2AHandle) -> None:
 
 
 def check_head_outside(pl_module: nn.Module, target: nn.Module, name: str) -> None:
-    """Raise if nothing outside the backbone ``target`` trains: its head would be frozen."""
+    """Raise if no weight outside the backbone ``target`` trains: its head would be frozen.
+    A weight is a matrix or a kernel (``dim() > 1``): a CLIP-style ``logit_scale`` or a
+    norm's vectors outside passed for a head, and the classifier inside stayed frozen."""
     inside = {id(p) for p in target.parameters()}
-    if any(p.requires_grad and id(p) not in inside for p in pl_module.parameters()):
+    outside = [p for p in pl_module.parameters() if p.requires_grad and id(p) not in inside]
+    if any(p.dim() > 1 for p in outside):
         return
     linears = [n for n, m in target.named_modules() if isinstance(m, nn.Linear)]
     hint = f"head={linears[-1]!r} (its last Linear)" if linears else "head='...'"
     raise ValueError(
         f"S2ACallback(backbone={name!r}): {type(target).__name__} has no timm "
-        f"get_classifier() to find its head, and nothing in {type(pl_module).__name__} outside "
-        f"it trains, so the model's classifier is inside the backbone and would stay frozen. "
+        f"get_classifier() to find its head, and no weight in {type(pl_module).__name__} "
+        "outside it trains (scalars and vectors only, if anything), so the model's classifier "
+        "is inside the backbone and would stay frozen. "
         f"Name it: S2ACallback(backbone={name!r}, {hint}); or, to train no head at all, "
         "head=None."
     )

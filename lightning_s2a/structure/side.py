@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 SIDE_NAME = "s2a_side"
 #: Default side width cap: the side branch stays lite on wide CNNs (ResNet-50: 2048 channels).
 SIDE_MAX_WIDTH = 128
+#: Default side width floor: a last block of 6 channels at reduction 4 gave width 1, whose
+#: normalization sent every input to the same output.
+SIDE_MIN_WIDTH = 8
 
 
 def apply_side(model: nn.Module, config: S2AConfig, state: StructureState) -> None:
@@ -36,7 +39,9 @@ def apply_side(model: nn.Module, config: S2AConfig, state: StructureState) -> No
     hierarchical = config.side == "hierarchical"
     outputs = _side_outputs(model, state, config)
     channels = [b.shape[-1] if b.layout in ("tokens", "nhwc") else b.shape[0] for b in state.blocks]
-    width = config.side_width or max(1, min(SIDE_MAX_WIDTH, channels[-1] // config.side_reduction))
+    width = config.side_width or min(
+        SIDE_MAX_WIDTH, max(SIDE_MIN_WIDTH, channels[-1] // config.side_reduction)
+    )
     side: nn.Module
     image: tuple[int, int] | None = None  # the pooled side needs no image size
     if hierarchical:

@@ -192,11 +192,14 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
         # the side replaces trains not, and its BatchNorms are held as the backbone's.
         heads = head_modules(state.head) if head_trains else []
         in_head = {id(m) for head in heads for m in head.modules()}
+        # BatchNorms and instance norms (with running statistics: InstanceNorm's
+        # track_running_stats=True normalized with batch statistics and updated them).
         state.batch_norms = [
             m
             for m in model.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in in_head
+            if isinstance(m, nn.modules.batchnorm._NormBase) and id(m) not in in_head
         ]
+        _warn_other_statistics(model, in_head)
         # On each BatchNorm itself, not on the root's forward: a model driven through
         # ``forward_features`` or through its parts must never update frozen statistics.
         # In eval mode for the call only: outside it each keeps the mode the user or
@@ -248,6 +251,27 @@ def _drop_unread_biases(model: nn.Module, config: S2AConfig, state: StructureSta
 
 def _name_of(model: nn.Module, target: nn.Module) -> str:
     return next((n for n, m in model.named_modules() if m is target), "")
+
+
+def _warn_other_statistics(model: nn.Module, in_head: set[int]) -> None:
+    """Say where a module keeps running statistics that S2A cannot hold: not a PyTorch norm
+    (timm's EvoNorm), whose own train mode goes on updating them in a frozen backbone."""
+    others = [
+        n
+        for n, m in model.named_modules()
+        if id(m) not in in_head
+        and not isinstance(m, nn.modules.batchnorm._NormBase)
+        and any(b in m._buffers for b in ("running_mean", "running_var"))
+    ]
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        warnings.warn(
+            f"bn_mode='eval' holds PyTorch's BatchNorm and InstanceNorm layers; {shown} keep "
+            "running statistics of their own kind, which update in every training forward of "
+            "the frozen backbone (and normalize with the batch's). Put them in eval mode "
+            "yourself after model.train() if they should stay as built.",
+            stacklevel=4,
+        )
 
 
 class UnfrozenCheck:
