@@ -192,6 +192,32 @@ def test_map_strides_hold_at_sizes_other_than_the_probed_one():
             assert len(patch7(torch.randn(1, 3, size, size))) == len(STRIDES)
 
 
+class _Unpadded(nn.Module):
+    """Inception-v3's stem in small: convolutions without padding lose pixels at each stage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2)
+        self.blocks = nn.Sequential(
+            nn.Conv2d(8, 8, 3), nn.Conv2d(8, 16, 3, stride=2), nn.Conv2d(16, 16, 3, stride=2)
+        )
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.stem(inputs[-1]))  # the image last: a first one is no image
+
+
+def test_maps_of_convolutions_without_padding_fit_their_input():
+    """At its own 299 px Inception-v3's stride-2 map has 147 cells, neither rounding of
+    299 / 2: the hierarchical side refused the very size it was probed at."""
+    model = _Unpadded()
+    cfg = S2AConfig(modules=["side"], side="hierarchical", head=None, input_size=(3, 99, 99))
+    with apply_s2a(model, cfg):
+        for size in (99, 131):
+            assert len(model(torch.randn(1, 3, size, size))) == len(STRIDES)
+        with pytest.raises(RuntimeError, match=r"took the input size 64x64"):  # a wrong size
+            model(torch.randn(1, 3, 64, 64), torch.randn(1, 3, 99, 99))
+
+
 class _PatchSeven(nn.Module):
     """ConvMixer / Sequencer in small: 7-pixel patches, then maps at that stride."""
 

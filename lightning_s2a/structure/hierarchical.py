@@ -125,24 +125,24 @@ def map_stride(size: int, cells: int) -> int:
     return max(1, round(size / cells))
 
 
-def _rounds_to(pixels: int, stride: int, cells: int) -> bool:
-    """Whether ``pixels`` over ``stride`` rounds down or up to ``cells``."""
-    return cells in (pixels // stride, -(-pixels // stride))
-
-
 @functools.lru_cache(maxsize=4096)  # per forward and tap: the same few sizes every step
 def _fits_probe(cells: tuple[int, ...], image: tuple[int, int], tap: Tap) -> bool:
-    """Whether a map of ``cells`` can come from an ``image`` input: some whole stride must
-    give the probe's map from the probe's input and this map from this input, each dimension
-    rounded down or up. No single stride is guessed from the probe: 13 cells of 97 pixels are
-    a stride of 7 or of 8 alike, and either must do where the other fails."""
+    """Whether a map of ``cells`` can come from an ``image`` input: for some whole stride
+    that gives the probe's map from the probe's input (rounded, or short of a few strides'
+    worth of pixels), the cells this map has beyond the probe's are the pixels this input has
+    beyond the probe's, over that stride, within the rounding of the two (each dimension).
+
+    Convolutions without padding (Inception-v3's stem) lose pixels at each stage: 299 pixels
+    give 147 cells at stride 2, which neither rounding of 299 / 2 is (that map was refused at
+    the very size it was probed at). No single stride is guessed: 13 cells of 97 pixels are a
+    stride of 7 or of 8 alike, and either must do where the other fails."""
     if not tap.probe:
         expected = (image[0] / tap.stride, image[1] / tap.stride)
         return all(abs(n - e) < 1 for n, e in zip(cells, expected, strict=True))
     probed, probed_cells = tap.probe[:2], tap.probe[2:]
     return any(
         all(
-            _rounds_to(p, s, c) and _rounds_to(size, s, n)
+            -s < p - c * s < 4 * s and abs((n - c) * s - (size - p)) < 2 * s
             for n, size, p, c in zip(cells, image, probed, probed_cells, strict=True)
         )
         for s in range(1, max(probed) + 1)
