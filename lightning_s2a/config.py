@@ -159,6 +159,12 @@ class S2AConfig:
                 f"head: {self.head!r} ({type(self.head).__name__}) is not a submodule name; "
                 "allowed: 'auto', the name of a submodule such as 'fc', or None for no head."
             )
+        for name in ("head", "frozen_dtype"):  # --s2a.head None on the command line
+            if getattr(self, name) in ("None", "none"):
+                raise ValueError(
+                    f"{name}: {getattr(self, name)!r} is the string; for None write null (YAML "
+                    f"and the command line: --s2a.{name} null) or None in Python."
+                )
         for name in ("compress", "stochastic_rounding", "add_bias", "surgery", "calibrate"):
             value = getattr(self, name)
             if not isinstance(value, bool):

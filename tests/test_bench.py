@@ -50,6 +50,14 @@ def test_unknown_bench_method_is_a_clear_error():
         expand(["full", "qlora"], [4])
 
 
+@pytest.mark.parametrize("flags", [["--steps", "0"], ["--overhead", "--steps", "0"]])
+def test_a_bench_of_no_steps_is_refused_before_anything_runs(flags, capsys):
+    """--steps 0 built every model and then failed in the statistics of no steps."""
+    with pytest.raises(SystemExit):
+        cli_main(["bench", *flags])
+    assert "--steps: must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_lora_targets_skip_the_head_and_grouped_convolutions():
     from lightning_s2a.bench.methods import lora_targets
 

@@ -26,6 +26,8 @@ from lightning_s2a.engine.bitpack import check_bits
         ({"group_size": 48}, r"group_size: 48 is not one of"),
         ({"backend": "bnb", "group_size": 16}, r"bitsandbytes codes blocks of 32 or more"),
         ({"op_bits": {"trainable": 4}}, r"trainable_input_bits=4\) instead"),
+        ({"head": "None"}, r"head: 'None' is the string; for None write null"),
+        ({"frozen_dtype": "None"}, r"--s2a\.frozen_dtype null"),
         ({"min_numel": 0}, r"min_numel: must be a positive integer"),
     ],
 )

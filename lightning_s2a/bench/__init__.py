@@ -1,1 +1,15 @@
 """``lightning-s2a bench``: S2A against the alternatives, side by side, one process per method."""
+
+import argparse
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (``--steps 0`` failed after building
+    every model, in the statistics of no steps)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value

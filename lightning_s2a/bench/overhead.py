@@ -32,6 +32,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from . import positive_int
+
 MODELS = (
     "vit_tiny_patch16_224",
     "swin_tiny_patch4_window7_224",
@@ -177,10 +179,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--bits", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=15, help="timed steps per variant")
-    parser.add_argument("--resolution", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=positive_int, default=15, help="timed steps per variant")
+    parser.add_argument("--resolution", type=positive_int, default=32)
+    parser.add_argument("--batch-size", type=positive_int, default=1)
+    parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--out", default="bench_results", help="folder for overhead.md")
     args = parser.parse_args(argv)
     import torch

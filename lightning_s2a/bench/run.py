@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import positive_int
+
 MB = 2**20
 
 
@@ -228,14 +230,14 @@ def main(argv: list[str] | None = None) -> None:
         "engine's host cost per step instead (lightning-s2a bench --overhead --help).",
     )
     parser.add_argument("--model", default="vit_base_patch16_224")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--resolution", type=int, default=224)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--resolution", type=positive_int, default=224)
     parser.add_argument("--dtype", choices=("fp32", "bf16-mixed"), default="fp32")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 2, 8])
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=positive_int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--classes", type=int, default=100)
+    parser.add_argument("--classes", type=positive_int, default=100)
     parser.add_argument("--device", default=None, help="cuda if available, else cpu")
     parser.add_argument("--out", default="bench_results", help="folder for results.md/csv/png")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per method")
