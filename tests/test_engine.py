@@ -1435,3 +1435,36 @@ def test_raw_bytes_do_not_depend_on_compression():
             model(torch.randn(4, 32, 16)).sum().backward()
             raws.append(handle.stats()["raw_bytes"])
     assert raws[0] == raws[1] == 4 * 32 * 64 * 4  # h, whose slice adds nothing
+
+
+class _TwoCopies(nn.Module):
+    """Saves two tensors of the same values in one forward (mul keeps both operands)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.head = nn.Linear(16, 64), nn.Linear(64, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return self.head(h.clone() * h.clone())
+
+
+def test_stochastic_rounding_draws_its_own_noise_for_each_tensor():
+    """Every tensor of a forward was rounded with the same seed: equal values got equal
+    codes and unrelated tensors correlated errors. A rerun still draws the same noise."""
+    torch.manual_seed(0)
+    model, x = _TwoCopies(), torch.randn(32, 16)
+    with apply_s2a(model, head="head", stochastic_rounding=True, min_numel=1) as handle:
+        decoded = []
+        for _ in range(2):
+            handle.engine.step = 5  # the same step twice: a resumed run
+            nodes, todo = [], [model(x).grad_fn]
+            while todo:  # the graph's nodes, breadth first
+                node = todo.pop(0)
+                nodes.append(node)
+                todo += [f for f, _ in node.next_functions if f is not None]
+            mul = next(n for n in nodes if type(n).__name__ == "MulBackward0")
+            decoded.append((mul._saved_self.clone(), mul._saved_other.clone()))
+        (first, second), again = decoded[0], decoded[1]
+        assert not torch.equal(first, second)  # same values, different noise
+        assert torch.equal(first, again[0]) and torch.equal(second, again[1])

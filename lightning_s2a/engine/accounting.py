@@ -38,6 +38,8 @@ class ForwardAccount:
     #: Per storage address: its weak reference and the bytes not yet counted in it.
     _left_raw: dict[int, list[Any]] = field(default_factory=dict)
     _left_kept: dict[int, list[Any]] = field(default_factory=dict)
+    #: Tensors coded so far: each gets a rounding seed of its own (see ``PackingMixin``).
+    coded: int = 0
 
     @staticmethod
     def _claim(

@@ -115,9 +115,12 @@ class PackingMixin:
             dim=call.dim,
             row=call.row,
             channels=call.channels,
-            seed=cfg.seed + self.step,
+            # Stochastic rounding: noise of its own per tensor (the same seed for every
+            # tensor of a forward correlated their rounding errors), the same on a rerun.
+            seed=((cfg.seed + self.step) * 1_000_003 + account.coded) % 2**63,
             defer=t.device.type in self.defer_on,
         )
+        account.coded += 1
         if kind == "elementwise" and call.site is not None:
             self._attach_codebook(t, call, opts)
         packed = QUANTIZERS[kind](t.detach(), opts)

@@ -8,6 +8,7 @@ statistics) live here too.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
@@ -335,8 +336,14 @@ def check_known(engine: SavedTensorEngine, p: nn.Parameter) -> None:
                     "form before apply_s2a (reset_classifier first), or call handle.remove() "
                     "and apply_s2a again."
                 )
+    _note_outside(engine, p)
+
+
+def _note_outside(engine: SavedTensorEngine, p: nn.Parameter) -> None:
     engine._outside_ids[p] = True
-    engine._param_storages.add(p.untyped_storage().data_ptr())
+    # Traced by torch.compile (compress=False, nothing packed): a fake tensor, no storage.
+    with contextlib.suppress(RuntimeError):
+        engine._param_storages.add(p.untyped_storage().data_ptr())
 
 
 @torch.compiler.disable  # storage pointers and autograd nodes: eager, also under compile
