@@ -149,13 +149,16 @@ def engine_saves(engine: SavedTensorEngine) -> bool:
 
 def constant(t: torch.Tensor, weight_numels: set[int]) -> bool:
     """True for a floating tensor computed without autograd (nothing trained reaches it) with
-    as many elements as a weight of the model: a weight in another form. A frozen embedding's
-    output or the model's input is no weight: it is coded like any activation."""
+    as many elements as a weight of the model, or a view of one: a weight in another form (a
+    4-bit weight dequantized, then sliced: a slimmable conv's ``W[:48, :48]``, split qkv
+    weights; such slices were coded as activations). A frozen embedding's output or the
+    model's input is no weight: it is coded like any activation."""
+    whole = t._base if t._base is not None else t
     return (
         t.grad_fn is None
         and not t.requires_grad
         and t.is_floating_point()
-        and t.numel() in weight_numels
+        and whole.numel() in weight_numels
     )
 
 

@@ -93,6 +93,16 @@ class FourBitWeight:
         setattr(w, _SOURCE, self)  # lets the engine's rewrites save the codes, not ``w``
         return w
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "weight":  # a new Parameter, torch.func.functional_call, an init
+            raise AttributeError(
+                f"{type(self).__name__}.weight is held in 4 bits by S2A (frozen_dtype='nf4' or "
+                "'fp4'): it is read from its codes and cannot be set while held (a new "
+                "Parameter was a KeyError, torch.func.functional_call an AttributeError). Call "
+                "handle.remove() first, or apply S2A with frozen_dtype=None."
+            )
+        super().__setattr__(name, value)
+
     def __reduce_ex__(self, protocol: Any) -> tuple:
         # The held class is made at run time under the original's name, which pickle would
         # find instead (``torch.save(model)`` failed); it is rebuilt from the original.

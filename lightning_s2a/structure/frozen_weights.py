@@ -32,7 +32,9 @@ def hold_frozen(
     layers = {
         f"{n}.weight" if n else "weight"
         for n, m in model.named_modules()
-        if isinstance(m, layer_types) and id(m.weight) not in tied
+        # the registered parameter, not m.weight: reading that runs a parametrization
+        # (spectral_norm's power iteration moved its buffers) or dequantizes a held weight
+        if isinstance(m, layer_types) and id(m._parameters.get("weight")) not in tied
     }
     for name, p in model.named_parameters():
         # Linear and Conv weights only. Cast, they are what autocast would hand the op
