@@ -1396,11 +1396,39 @@ def test_a_forward_interrupted_by_keyboard_interrupt_leaves_nothing_installed(th
     handle.remove()
 
 
+def test_a_forward_driven_through_parts_is_recovered_too():
+    """An interrupted forward that ran through the model's parts (forward_features, a
+    LightningModule calling its encoder) was never recovered: no root call comes."""
+    torch.manual_seed(0)
+    model = _Interruptible().double()
+    handle = apply_s2a(model, S2AConfig(head="head", min_numel=1))
+    x = torch.randn(8, 16, dtype=torch.float64)
+
+    def parts(interrupt: bool) -> torch.Tensor:
+        h = F.gelu(model.a(x))
+        if interrupt:
+            raise KeyboardInterrupt
+        return model.head(F.gelu(model.b(h)))
+
+    with pytest.raises(KeyboardInterrupt):
+        parts(True)
+    with pytest.raises(KeyboardInterrupt):  # interrupted inside a part, its hooks open
+        model.interrupt = True
+        model(x)
+    model.interrupt = False
+    with pytest.warns(UserWarning, match="never returned"):
+        parts(False).sum().backward()
+    assert not _installed() and handle.engine._depth == 0
+    handle.remove()
+
+
 def test_a_model_calling_itself_is_no_interrupted_forward(recwarn):
     torch.manual_seed(0)
     model = _Interruptible().double()
     handle = apply_s2a(model, S2AConfig(head="head", min_numel=1))
     x = torch.randn(8, 16, dtype=torch.float64)
+    with torch.no_grad():  # nothing activates: the nested call is still no interruption
+        model([x[:4], x[4:]])
     model([x[:4], x[4:]]).sum().backward()
     assert not [w for w in recwarn if "never returned" in str(w.message)]
     assert not _installed() and handle.engine._depth == 0
@@ -1408,6 +1436,39 @@ def test_a_model_calling_itself_is_no_interrupted_forward(recwarn):
     single = handle.stats()["raw_bytes"]
     model(x).sum().backward()
     assert handle.stats()["raw_bytes"] == single
+    handle.remove()
+
+
+def test_a_forward_in_another_thread_is_no_interrupted_forward(recwarn):
+    """DataParallel's replicas run forwards in threads: one thread's forward starting while
+    another's runs was taken for an interrupted forward (a RuntimeError popping an empty
+    mode stack, depth -1)."""
+    import threading
+
+    torch.manual_seed(0)
+    model = _Interruptible().double()
+    handle = apply_s2a(model, S2AConfig(head="head", min_numel=1))
+    x = torch.randn(8, 16, dtype=torch.float64)
+    started, release, errors = threading.Event(), threading.Event(), []
+
+    def wait(module, args, output):
+        started.set()
+        release.wait(10)
+
+    hook = model.a.register_forward_hook(wait)
+    first = threading.Thread(target=lambda: model(x))
+    first.start()
+    started.wait(10)
+    hook.remove()
+    try:
+        with torch.no_grad():
+            model(x)  # this thread, while the other's forward is open
+    except Exception as err:
+        errors.append(err)
+    release.set()
+    first.join(10)
+    assert not errors and not [w for w in recwarn if "never returned" in str(w.message)]
+    assert handle.engine._depth == 0 and not _installed()
     handle.remove()
 
 
@@ -1468,3 +1529,21 @@ def test_stochastic_rounding_draws_its_own_noise_for_each_tensor():
         (first, second), again = decoded[0], decoded[1]
         assert not torch.equal(first, second)  # same values, different noise
         assert torch.equal(first, again[0]) and torch.equal(second, again[1])
+
+
+def test_a_copy_made_inside_a_forward_starts_outside_one():
+    """A deep copy (an EMA copy taken in a hook) made while a forward ran carried its open
+    depth: the copy's first forward failed on an assertion."""
+    torch.manual_seed(0)
+    model = _Interruptible()
+    apply_s2a(model, S2AConfig(head="head", min_numel=1))
+    copies = []
+    hook = model.b.register_forward_hook(lambda m, a, o: copies.append(copy.deepcopy(model)))
+    model(torch.randn(4, 16)).sum().backward()
+    hook.remove()
+    twin = copies[0]
+    engine = next(iter(twin._forward_pre_hooks.values())).func.__self__  # the copy's own
+    assert engine is not next(iter(model._forward_pre_hooks.values())).func.__self__
+    twin(torch.randn(4, 16)).sum().backward()
+    assert twin.head.bias.grad is not None and not _installed()
+    assert engine._depth == 0 and engine.stats()["stored_bytes"] > 0

@@ -320,3 +320,19 @@ def test_s2a_applied_before_fit_is_taken_up_after_an_averaging_callback(tmp_path
     trainer.fit(model, _data())
     assert callback.handle is handle and get_handle(model.backbone) is handle
     assert not torch.equal(model.backbone.blocks[0].s2a_prompt.A, prompt)  # it trained
+
+
+def test_a_lazy_head_outside_the_backbone_counts_as_its_head():
+    """A LazyLinear head (not built before the first batch) was refused: its weight's
+    dim() raised."""
+    from lightning_s2a.lightning.checks import check_head_outside
+
+    module = UserModule()
+    module.classifier = nn.LazyLinear(4)
+    check_head_outside(module, module.backbone, "backbone")  # no error
+    module.classifier = nn.Identity()
+    module.scale = nn.Parameter(torch.ones(()))  # a scalar is no head
+    for p in module.backbone.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"no weight in UserModule outside it trains"):
+        check_head_outside(module, module.backbone, "backbone")

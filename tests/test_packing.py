@@ -54,9 +54,12 @@ def _layout(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def test_pack_bits_writes_the_documented_layout_from_any_offset(bits, offset, as_bool):
     # The word-wise packing paths read aligned storage; a slice starting mid-word (or a bool
     # mask) takes the other path, and both write the layout the Triton kernels write.
-    codes = _codes(bits, 203 + offset, seed=bits + offset)[offset:]
+    # 200 codes: whole bytes, so the slice itself is packed (no padded copy at offset 0)
+    codes = _codes(bits, 200 + offset, seed=bits + offset)[offset:]
     codes = codes.bool() if as_bool else codes
     assert torch.equal(pack_bits(codes, bits), _layout(codes.to(torch.uint8), bits))
+    strided = _codes(bits, 400, seed=bits)[::2]  # every other code: no word view
+    assert torch.equal(pack_bits(strided, bits), _layout(strided, bits))
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])

@@ -1673,18 +1673,23 @@ def test_instance_norms_with_running_statistics_are_held_and_other_kinds_said():
     the frozen backbone normalized with the batch's statistics and updated its own (after
     remove() the output was 0.2 off). A norm of another kind is said, by name."""
     torch.manual_seed(0)
+    frozen_bn = type("FrozenBatchNorm2d", (_OwnStatistics,), {})  # torchvision's never update
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3),
         nn.InstanceNorm2d(8, affine=True, track_running_stats=True),
         _OwnStatistics(8),
         nn.Flatten(),
         nn.LazyLinear(3),
+        nn.InstanceNorm1d(3),  # no running statistics: the same in either mode, not held
+        frozen_bn(3),
     )
+    model[6].forward = lambda x: x
     model(torch.randn(2, 3, 8, 8))  # the lazy head takes its shape
     before = model[1].running_var.clone()
-    with pytest.warns(UserWarning, match=r"bn_mode='eval' holds.*; 2 keep running statistics"):
-        handle = apply_s2a(model, modules=("bias",), head="4")
-    assert any(m is model[1] for m in handle.held_batch_norms())
+    with pytest.warns(UserWarning, match=r"bn_mode='eval' holds.*layers; 2 keep running"):
+        handle = apply_s2a(model, modules=("bias",), head="4")  # named: 2, not the frozen 6
+    held = handle.held_batch_norms()
+    assert any(m is model[1] for m in held) and not any(m is model[5] for m in held)
     model.train()
     model(torch.randn(4, 3, 8, 8) + 3).sum().backward()
     assert torch.equal(model[1].running_var, before)

@@ -50,7 +50,7 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     pad = (-n) % per_byte
     if pad:
         codes = torch.cat([codes, codes.new_zeros(pad)])
-    if _LITTLE_ENDIAN and codes.storage_offset() % per_byte == 0:
+    if _LITTLE_ENDIAN and codes.is_contiguous() and codes.storage_offset() % per_byte == 0:
         return _pack_words(codes, bits) if bits > 1 else _pack_ones(codes)
     codes = codes.view(-1, per_byte)
     # OR of strided slices: a few small passes, much faster than a uint8 sum on CPU.
@@ -145,9 +145,9 @@ def _rows(table: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 
     A row of 1, 2, 4 or 8 bytes is read as one integer word, so the lookup gathers single
     elements (on CPU 4 to 10 times faster than ``index_select`` copying (256, k) rows); wider
-    rows (16 to 64 bytes: a power of two) are gathered one 8-byte column at a time into a
-    strided output (1-bit codes decoded to float32: 32-byte rows, twice as fast as whole
-    rows). The index is int32: an int64 copy of the bytes costs more on CPU than the lookup.
+    rows (1-bit codes decoded to float32) are copied whole, which a column-by-column gather
+    did not beat at small sizes. The index is int32: an int64 copy of the bytes costs more on
+    CPU than the lookup.
     """
     index = packed.int()
     width = table.shape[1] * table.element_size()
@@ -155,8 +155,4 @@ def _rows(table: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     word = _WORDS.get(width)
     if word is not None:
         return table.view(word).view(-1).index_select(0, index).view(table.dtype)
-    columns = table.view(torch.int64)
-    out = torch.empty(index.numel(), columns.shape[1], dtype=torch.int64, device=table.device)
-    for j in range(columns.shape[1]):
-        out[:, j] = columns[:, j].contiguous().index_select(0, index)
-    return out.view(table.dtype).view(-1)
+    return table.index_select(0, index).view(-1)

@@ -115,8 +115,8 @@ class SavedTensorEngine(PackingMixin):
         #: 4-bit or cast weights).
         self.step_checks: list[Callable[[], None]] = []
         self._contexts: list[Any] = []
-        #: The frame of torch's module call that activated the engine, while it is active:
-        #: held (a frame's id is reused at once), so an interrupted forward is told apart.
+        #: The frame of torch's outermost module call while one runs: held (a frame's id
+        #: is reused at once), so an interrupted forward is told apart (see ``_running``).
         self._entry_frame: Any = None
         self._funcs: dict[Any, tuple] = {}
         self._modules: list[nn.Module] = []
@@ -191,6 +191,11 @@ class SavedTensorEngine(PackingMixin):
             "_contexts": [],
             "_deferred": DeferredChecks(),
             "_entry_frame": None,
+            # a copy made inside a forward (an EMA copy in a hook, torch.save) starts outside
+            "_depth": 0,
+            "_active": False,
+            "_frames": [],
+            "_redirects": [],
         }
 
     # -- installation --------------------------------------------------------------------
@@ -238,6 +243,7 @@ class SavedTensorEngine(PackingMixin):
         self._depth = 0
         self._redirects.clear()
         self._frames = []
+        self._entry_frame = None
 
     def state_dict(self) -> dict[str, Any]:
         """Forward counter and fitted codebooks, so a resumed run quantizes like the original."""
@@ -346,8 +352,7 @@ class SavedTensorEngine(PackingMixin):
             # metrics); the real one runs inside it. Its post-hook finds this depth again.
             self._redirects.append(self._depth)
             return
-        if is_root and self._depth and not _running(self._entry_frame):
-            # The forward this depth belongs to is no longer running: it was interrupted.
+        if self._depth and not _running(self._entry_frame):  # the open forward was interrupted
             self._end_interrupted()
             warnings.warn(
                 f"S2A: an earlier forward of {type(self.model).__name__} never returned (a "
@@ -356,6 +361,8 @@ class SavedTensorEngine(PackingMixin):
                 "with autograd had its saved tensors coded by S2A.",
                 stacklevel=3,
             )
+        if not self._depth:
+            self._entry_frame = sys._getframe(1)
         # Depth first: if activating raises, the always-called forward hook still pops
         # this level, so the count never goes negative.
         self._depth += 1
@@ -366,7 +373,6 @@ class SavedTensorEngine(PackingMixin):
             if stay_out and not in_backward():
                 self._warn_staying_out()
             if not stay_out:
-                self._entry_frame = sys._getframe(1)  # torch's module call
                 self._activate(is_root)
                 # The model's input is what a statistic is smaller than before anything is
                 # saved (a gate saved ahead of its feature map: see ``reduced``).
@@ -403,8 +409,10 @@ class SavedTensorEngine(PackingMixin):
         if self._active and self._frames:
             self._frames.pop()
         self._depth -= 1
-        if self._depth == 0 and self._active:
-            self._deactivate()
+        if self._depth == 0:
+            self._entry_frame = None  # it holds the forward's locals
+            if self._active:
+                self._deactivate()
 
     def begin_step(self) -> None:
         """Mark a training step's start: from now on every forward until the next step adds
@@ -440,7 +448,6 @@ class SavedTensorEngine(PackingMixin):
 
     def _deactivate(self) -> None:
         self._active = False
-        self._entry_frame = None  # it holds the forward's locals
         for ctx in reversed(self._contexts):
             ctx.__exit__(None, None, None)
         self._contexts = []
@@ -500,11 +507,13 @@ class SavedTensorEngine(PackingMixin):
 
 
 def _running(entry: Any) -> bool:
-    """True if frame ``entry`` is running in this thread (only asked where a root forward
-    starts inside another: a model calling itself, or a forward that was interrupted)."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame is entry:
-            return True
-        frame = frame.f_back
+    """True if frame ``entry`` is still executing, in any thread (a DataParallel replica's
+    forward is no interrupted one), in one step: CPython refuses to clear an executing
+    frame, and clearing a finished one only drops the locals it kept alive."""
+    if entry is None:
+        return False
+    try:
+        entry.clear()
+    except RuntimeError:
+        return True
     return False

@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from ..api import S2AHandle, model_differences
 from ..config import FOUR_BIT_DTYPES, S2AConfig
@@ -279,7 +280,8 @@ def check_no_swa(trainer: pl.Trainer, handle: S2AHandle) -> None:
 
     if not any(isinstance(c, StochasticWeightAveraging) for c in trainer.callbacks):
         return
-    held = handle.held_batch_norms()
+    # update_bn resets BatchNorms only (held instance norms keep theirs)
+    held = [m for m in handle.held_batch_norms() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if held:
         raise ValueError(
             f"StochasticWeightAveraging resets the running statistics of every BatchNorm after "
@@ -295,7 +297,7 @@ def check_head_outside(pl_module: nn.Module, target: nn.Module, name: str) -> No
     norm's vectors outside passed for a head, and the classifier inside stayed frozen."""
     inside = {id(p) for p in target.parameters()}
     outside = [p for p in pl_module.parameters() if p.requires_grad and id(p) not in inside]
-    if any(p.dim() > 1 for p in outside):
+    if any(is_lazy(p) or p.dim() > 1 for p in outside):  # a LazyLinear head: not built yet
         return
     linears = [n for n, m in target.named_modules() if isinstance(m, nn.Linear)]
     hint = f"head={linears[-1]!r} (its last Linear)" if linears else "head='...'"

@@ -192,13 +192,9 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
         # the side replaces trains not, and its BatchNorms are held as the backbone's.
         heads = head_modules(state.head) if head_trains else []
         in_head = {id(m) for head in heads for m in head.modules()}
-        # BatchNorms and instance norms (with running statistics: InstanceNorm's
+        # BatchNorms, and instance norms with running statistics (InstanceNorm's
         # track_running_stats=True normalized with batch statistics and updated them).
-        state.batch_norms = [
-            m
-            for m in model.modules()
-            if isinstance(m, nn.modules.batchnorm._NormBase) and id(m) not in in_head
-        ]
+        state.batch_norms = [m for m in model.modules() if _held_norm(m) and id(m) not in in_head]
         _warn_other_statistics(model, in_head)
         # On each BatchNorm itself, not on the root's forward: a model driven through
         # ``forward_features`` or through its parts must never update frozen statistics.
@@ -253,14 +249,26 @@ def _name_of(model: nn.Module, target: nn.Module) -> str:
     return next((n for n, m in model.named_modules() if m is target), "")
 
 
+def _held_norm(module: nn.Module) -> bool:
+    """A norm ``bn_mode="eval"`` holds: a BatchNorm, or an instance norm that tracks running
+    statistics (one without them computes the same in either mode)."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return True
+    return isinstance(module, nn.modules.instancenorm._InstanceNorm) and bool(
+        module.track_running_stats
+    )
+
+
 def _warn_other_statistics(model: nn.Module, in_head: set[int]) -> None:
     """Say where a module keeps running statistics that S2A cannot hold: not a PyTorch norm
-    (timm's EvoNorm), whose own train mode goes on updating them in a frozen backbone."""
+    (timm's EvoNorm), whose own train mode goes on updating them in a frozen backbone.
+    Frozen BatchNorms (torchvision's and timm's ``FrozenBatchNorm2d``) never update theirs."""
     others = [
         n
         for n, m in model.named_modules()
         if id(m) not in in_head
         and not isinstance(m, nn.modules.batchnorm._NormBase)
+        and not type(m).__name__.startswith("FrozenBatchNorm")
         and any(b in m._buffers for b in ("running_mean", "running_var"))
     ]
     if others:
