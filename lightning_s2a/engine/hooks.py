@@ -19,6 +19,7 @@ Lightning.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 import warnings
@@ -483,8 +484,11 @@ class SavedTensorEngine(PackingMixin):
                 if b is not None:
                     storages.add(b.untyped_storage().data_ptr())
         # Parameters from outside the model that its forward takes (frozen class embeddings
-        # passed in, a teacher's weights): no activations either, kept as they are.
-        storages.update(p.untyped_storage().data_ptr() for p in list(self._outside_ids.keys()))
+        # passed in, a teacher's weights): no activations either, kept as they are. (Fake
+        # tensors noted while torch.compile traced the model have no storage.)
+        for p in list(self._outside_ids.keys()):
+            with contextlib.suppress(RuntimeError):
+                storages.add(p.untyped_storage().data_ptr())
         self._param_storages, self._param_ids, self._weight_ids = storages, ids, weights
         self._weight_numels = numels
         self._trained_storages, self._trained_numels = trained_storages, trained_numels
