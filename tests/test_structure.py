@@ -1713,3 +1713,11 @@ def test_nest_blocks_are_read_channels_last():
         with torch.no_grad():
             out = model(torch.randn(4, 3, 32, 32))
         assert (out - out[0]).abs().amax() > 1e-4
+
+
+def test_block_names_inside_one_another_are_refused():
+    """blocks=['blocks.0', 'blocks.0.mlp'] dropped the inner name without a word."""
+    with pytest.raises(ValueError, match=r"blocks names 'blocks\.0\.mlp' inside 'blocks\.0'"):
+        apply_s2a(SMALL["vit"](), modules="prompt", blocks=["blocks.0", "blocks.0.mlp"])
+    with apply_s2a(SMALL["vit"](), modules="prompt", blocks="blocks.*") as handle:
+        assert len(handle.structure.blocks) == 3  # a pattern's sub-blocks: outermost only

@@ -190,6 +190,7 @@ def find_blocks(
             )
         return [Block(n, m, layout) for n, m in _distinct(found)], layout, rule
     if blocks is not None:
+        _check_not_nested(blocks)
         pattern, declared, rule = blocks, layout, f"named: blocks={blocks!r}"
     else:
         pattern, declared = family  # type: ignore[misc]
@@ -206,6 +207,22 @@ def family_of(model: nn.Module) -> tuple[str, str] | None:
     """The family table's entry for a timm model's class, else None."""
     cls = type(model)
     return FAMILIES.get(cls.__name__) if cls.__module__.startswith("timm.") else None
+
+
+def _check_not_nested(blocks: str | Sequence[str]) -> None:
+    """Refuse a list of block names one of which lies inside another (``["blocks.0",
+    "blocks.0.mlp"]``): the inner one was dropped without a word. Patterns (``*``) may match
+    sub-blocks; only the outermost of those are blocks, by design."""
+    names = [blocks] if isinstance(blocks, str) else list(blocks)
+    exact = [n for n in names if isinstance(n, str) and not any(c in n for c in "*?[")]
+    inner = [(o, n) for n in exact for o in exact if n.startswith(o + ".")]
+    if inner:
+        outer, name = inner[0]
+        raise ValueError(
+            f"blocks names {name!r} inside {outer!r}: a prompt or side tap goes on each "
+            "block's output, and a block inside another would be dropped. Name blocks that "
+            "do not contain one another."
+        )
 
 
 def _outermost(found: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
