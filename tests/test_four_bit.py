@@ -743,3 +743,19 @@ def test_setting_a_held_weight_says_it_is_held():
         with pytest.raises(AttributeError, match=r"held in 4 bits.*handle\.remove\(\)"):
             torch.func.functional_call(model, state, (x,))
         assert model(x).isfinite().all()  # the held weight is still there
+
+
+def test_layers_four_bits_do_not_hold_are_named(recwarn):
+    """A transposed convolution kept its full weight under nf4 and only the summary's byte
+    count showed it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 64, 3), nn.ConvTranspose2d(64, 64, 3), nn.Flatten(), nn.LazyLinear(5)
+    )
+    model(torch.randn(1, 3, 8, 8))
+    with pytest.warns(UserWarning, match=r"holds Linear and Conv1d/2d/3d.*; 1\.weight \("):
+        handle = apply_s2a(model, S2AConfig(frozen_dtype="nf4", head="3"))
+    assert four_bit.is_held(model[0]) and not four_bit.is_held(model[1])
+    handle.remove()
+    apply_s2a(ConvMixer(), S2AConfig(frozen_dtype="nf4")).remove()  # all held: nothing said
+    assert not [w for w in recwarn if "keep their full size" in str(w.message)]

@@ -8,6 +8,7 @@ stay on the CPU: checkpoints hold them, a load replaces them, and the end of fit
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -49,6 +50,8 @@ def hold_frozen(
             frozen = frozen and (name in layers or _autocast_weight(name, model))
         if frozen:
             state.cast_originals[name] = p.detach().to("cpu", copy=True)
+    if in_four_bits:
+        _warn_not_held(model, str(config.frozen_dtype))
     cast_frozen(model, state, config.frozen_dtype)
     if not in_four_bits and state.cast_originals:
         dtype = getattr(torch, str(config.frozen_dtype))
@@ -70,6 +73,29 @@ def hold_frozen(
 
 
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _warn_not_held(model: nn.Module, quant_type: str) -> None:
+    """Say which frozen weights of layer kinds 4 bits do not hold (transposed convolutions,
+    Hugging Face's ``Conv1D``) keep their full size: the summary's weight bytes showed it,
+    nothing said it."""
+    kept = [
+        name
+        for name, p in model.named_parameters()
+        if not p.requires_grad
+        and p.is_floating_point()
+        and four_bit.worth_holding(p)
+        and _autocast_weight(name, model)
+        and not isinstance(model.get_submodule(name.rpartition(".")[0]), nn.MultiheadAttention)
+    ]
+    if kept:
+        shown = ", ".join(kept[:3]) + (f" and {len(kept) - 3} more" if len(kept) > 3 else "")
+        warnings.warn(
+            f"frozen_dtype={quant_type!r} holds Linear and Conv1d/2d/3d weights in 4 bits; "
+            f"{shown} (transposed convolutions, Hugging Face Conv1D) keep their full size "
+            "(handle.summary() shows the weight bytes held).",
+            stacklevel=5,
+        )
 
 
 def _autocast_weight(name: str, model: nn.Module) -> bool:
