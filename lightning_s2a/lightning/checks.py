@@ -19,6 +19,7 @@ from torch.nn.parameter import is_lazy
 
 from ..api import S2AHandle, model_differences
 from ..config import FOUR_BIT_DTYPES, S2AConfig
+from ..messages import some_names
 from ..structure.surgery import STATE_DICT_MARKER
 from .checkpoint import marked_prefixes
 
@@ -178,9 +179,7 @@ def check_optimized(trainer: pl.Trainer, pl_module: nn.Module, handle: S2AHandle
     ours = {id(p) for p in handle.model.parameters() if p.requires_grad}
     missing = [n for n, p in pl_module.named_parameters() if id(p) in ours and id(p) not in held]
     if missing:
-        shown = ", ".join(missing[:4]) + (
-            f" and {len(missing) - 4} more" if len(missing) > 4 else ""
-        )
+        shown = some_names(missing, 4)
         raise ValueError(
             f"{len(missing)} parameters that S2A trains are in no optimizer ({shown}): they "
             "would stay as they are. Build the optimizer from the parameters that train, "

@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..config import FOUR_BIT_DTYPES
+from ..messages import some_names
 
 BLOCK_SIZE = 64
 _CODES, _ABSMAX, _META = "s2a_weight_codes", "s2a_weight_absmax", "_s2a_four_bit"
@@ -299,7 +300,7 @@ def check_unfrozen(model: nn.Module, frozen: WeakIdKeyDictionary, quant_type: st
     if not unfrozen or not held_numel(model):
         return
     names = [frozen.pop(p) for p in unfrozen]
-    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    shown = some_names(names)
     warnings.warn(
         f"{shown} were frozen by S2A and train now, but the frozen Linear and Conv weights are "
         f"held in 4 bits (frozen_dtype={quant_type!r}): they are no parameters, so unfreezing "

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..config import FOUR_BIT_DTYPES, S2AConfig
+from ..messages import some_names
 from . import four_bit
 from .model_hooks import HeldLayerHooks, NeedsAutocast, OriginalsHooks, moved
 
@@ -89,7 +90,7 @@ def _warn_not_held(model: nn.Module, quant_type: str) -> None:
         and not isinstance(model.get_submodule(name.rpartition(".")[0]), nn.MultiheadAttention)
     ]
     if kept:
-        shown = ", ".join(kept[:3]) + (f" and {len(kept) - 3} more" if len(kept) > 3 else "")
+        shown = some_names(kept)
         warnings.warn(
             f"frozen_dtype={quant_type!r} holds Linear and Conv1d/2d/3d weights in 4 bits; "
             f"{shown} (transposed convolutions, Hugging Face Conv1D) keep their full size "

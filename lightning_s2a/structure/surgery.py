@@ -18,6 +18,7 @@ from torch.utils.hooks import RemovableHandle
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..config import FOUR_BIT_DTYPES, S2AConfig, check_composition
+from ..messages import some_names
 from .families import Block, block_output_shapes, default_input_size, find_blocks
 from .frozen_weights import cast_frozen, hold_frozen
 from .head import find_head, head_modules, is_bias, parallel_heads
@@ -235,7 +236,7 @@ def _drop_unread_biases(model: nn.Module, config: S2AConfig, state: StructureSta
         state.added_biases.remove(module)
     if unread:
         names = [_name_of(model, m) for m in unread]
-        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        shown = some_names(names)
         warnings.warn(
             f"add_bias: {len(unread)} layers' forwards never read a bias ({shown}: their "
             "module computes with a bias of its own, as EVA's and BEiT's attention build "
@@ -272,7 +273,7 @@ def _warn_other_statistics(model: nn.Module, in_head: set[int]) -> None:
         and any(b in m._buffers for b in ("running_mean", "running_var"))
     ]
     if others:
-        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        shown = some_names(others)
         warnings.warn(
             f"bn_mode='eval' holds PyTorch's BatchNorm and InstanceNorm layers; {shown} keep "
             "running statistics of their own kind, which update in every training forward of "
