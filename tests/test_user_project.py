@@ -7,6 +7,7 @@ docs/lightning.md, "Layouts".
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import warnings
 
@@ -1188,3 +1189,19 @@ def test_weight_averaging_listed_before_s2a_with_prompts_is_refused(tmp_path):
         model = UserModule()
         _trainer(tmp_path, callbacks, strategy=strategy).fit(model, _data(16))
         assert any("s2a_prompt" in n for n, _ in model.named_modules())
+
+
+def test_a_checkpoint_config_of_another_version_is_still_compared_field_by_field():
+    """A saved config that no longer validates as a whole (a field this version dropped or
+    a value it no longer takes) skipped the comparison: a checkpoint trained with another
+    prompt rank was restored silently."""
+    from lightning_s2a.lightning.checks import check_same_model
+
+    current = S2AConfig(modules=("bias", "prompt"), prompt_rank=4)
+    saved = {**dataclasses.asdict(current), "prompt_rank": 8, "bits": 3}  # 3: no longer valid
+    with pytest.raises(ValueError, match=r"trained with S2A prompt_rank=8 \(this run: 4\)"):
+        check_same_model(saved, current)
+    saved = {**dataclasses.asdict(current), "bits": 3, "side": "spiral"}  # unreadable field
+    with pytest.warns(UserWarning, match=r"\['side'\] could not be read"):
+        check_same_model(saved, current)
+    check_same_model(dataclasses.asdict(current), current)  # the same: nothing to say

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 from ..api import S2AHandle, model_differences
-from ..config import FOUR_BIT_DTYPES, S2AConfig
+from ..config import FOUR_BIT_DTYPES, MODEL_FIELDS, S2AConfig
 from ..messages import some_names
 from ..structure.surgery import STATE_DICT_MARKER
 from .checkpoint import marked_prefixes
@@ -70,12 +70,30 @@ def check_same_model(saved: Any, current: S2AConfig | None) -> None:
     try:
         trained = S2AConfig(**{k: v for k, v in saved.items() if k in known})
     except (TypeError, ValueError):
-        return  # written by another version: nothing to compare with
-    differ = model_differences(trained, current)
+        # Written by another version, whole it does not validate: each model field it holds
+        # is compared on its own (the whole check was skipped before 2026-12-06).
+        trained = None
+    if trained is not None:
+        differ = model_differences(trained, current)
+        values = {f: getattr(trained, f) for f in differ}
+    else:
+        values, unread = {}, []
+        for name in (f for f in MODEL_FIELDS if f in saved):
+            try:
+                one = current.replace(**{name: saved[name]})
+            except (TypeError, ValueError):
+                unread.append(name)
+                continue
+            if model_differences(one, current):
+                values[name] = getattr(one, name)
+        differ = list(values)
+        if unread:
+            rank_zero_warn(
+                f"the checkpoint's S2A config was written by another version: {unread} could "
+                "not be read, so whether they match this run's is not checked."
+            )
     if differ:
-        fields = ", ".join(
-            f"{f}={getattr(trained, f)!r} (this run: {getattr(current, f)!r})" for f in differ
-        )
+        fields = ", ".join(f"{f}={values[f]!r} (this run: {getattr(current, f)!r})" for f in differ)
         raise ValueError(
             f"the checkpoint was trained with S2A {fields}: restored under this run's config "
             "its weights would compute another model. Use the config it trained with (CLI: "
