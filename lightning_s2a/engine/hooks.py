@@ -13,16 +13,13 @@ While the model's forward runs with grad enabled, two things are installed:
 Forward pre-hooks on every module push these when the outermost module call of the model
 starts (the model's own forward, or any submodule's when the model is driven through its
 parts, as ``forward_features`` does), and forward hooks registered with ``always_call=True``
-pop them, so an exception inside forward never leaves them installed. The engine knows nothing of
-Lightning.
+pop them, so an exception inside forward never leaves them installed (an interrupt is ended
+at the next call; :mod:`.boundaries`). The engine knows nothing of Lightning.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import sys
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -33,20 +30,12 @@ from torch.utils.hooks import RemovableHandle
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .accounting import ForwardAccount
+from .boundaries import BoundariesMixin
 from .codebook import Codebook, DeviceCodebook
-from .compile_guard import check_not_compiling, check_not_traced
 from .deferred import DeferredChecks
-from .ops import ELEMENTWISE, OP_KINDS, canonical_name, is_bias
-from .packed import in_backward
+from .ops import ELEMENTWISE, OP_KINDS, canonical_name
 from .packing import PackingMixin
-from .recognition import (
-    Call,
-    OperatorMode,
-    classify,
-    foreign_autograd_context,
-    functorch_transform,
-    redirected_call,
-)
+from .recognition import Call, classify
 
 if TYPE_CHECKING:
     from ..config import S2AConfig
@@ -67,7 +56,7 @@ CODING_FIELDS = (
 )
 
 
-class SavedTensorEngine(PackingMixin):
+class SavedTensorEngine(BoundariesMixin, PackingMixin):
     """Compresses a model's saved activations with per-operator quantizers, and counts bytes."""
 
     def __init__(
@@ -234,18 +223,6 @@ class SavedTensorEngine(PackingMixin):
         self._per_step = self._fresh = False
         self._end_interrupted()
 
-    def _end_interrupted(self) -> None:
-        """Uninstall what a forward that never returned left installed: a
-        ``KeyboardInterrupt`` (or ``SystemExit``) skips the always-called forward hooks
-        (torch runs them for ``Exception`` only), which left the saved-tensor hooks and the
-        operator mode on the thread, coding every later forward of any module."""
-        if self._active:
-            self._deactivate()
-        self._depth = 0
-        self._redirects.clear()
-        self._frames = []
-        self._entry_frame = None
-
     def state_dict(self) -> dict[str, Any]:
         """Forward counter and fitted codebooks, so a resumed run quantizes like the original."""
         return {
@@ -334,165 +311,6 @@ class SavedTensorEngine(PackingMixin):
         account's tensors in turn; :meth:`stats` is its last account only."""
         return self._step_peak if self._step_peak is not None else self.stats()
 
-    # -- forward boundaries ------------------------------------------------------------
-    def _enter(self, name: str, is_root: bool, module: nn.Module, args: Any) -> None:
-        """Forward pre-hook of module ``name`` (bound with ``functools.partial``)."""
-        if self.model is None:  # the inert engine of a copied part (see __deepcopy__)
-            if is_root:
-                raise RuntimeError(
-                    f"This copy of the S2A model ({self._inert_root}) was made through one "
-                    "of its parts: copy.deepcopy reached a submodule registered under a "
-                    "second name before the model itself, and the copy's engine knows no "
-                    "model, so its saved tensors would be neither compressed nor counted. "
-                    "Copy the model S2A was applied to (or the object that registers it "
-                    "first), or apply_s2a to a copy made before."
-                )
-            return
-        if is_root and redirected_call(module):
-            # Lightning's DDP step through the model's call: no forward (the loss, the
-            # metrics); the real one runs inside it. Its post-hook finds this depth again.
-            self._redirects.append(self._depth)
-            return
-        if self._depth and not _running(self._entry_frame):  # the open forward was interrupted
-            self._end_interrupted()
-            warnings.warn(
-                f"S2A: an earlier forward of {type(self.model).__name__} never returned (a "
-                "KeyboardInterrupt or SystemExit inside it skips PyTorch's forward hooks); "
-                "what it left installed is removed now. Until this forward, everything run "
-                "with autograd had its saved tensors coded by S2A.",
-                stacklevel=3,
-            )
-        if not self._depth:
-            self._entry_frame = sys._getframe(1)
-        # Depth first: if activating raises, the always-called forward hook still pops
-        # this level, so the count never goes negative.
-        self._depth += 1
-        check_not_traced(self.config.compress)
-        if self._depth == 1 and torch.is_grad_enabled():
-            check_not_compiling(self.model, self.config.compress)  # before any change
-            stay_out = foreign_autograd_context() or functorch_transform()
-            if stay_out and not in_backward():
-                self._warn_staying_out()
-            if not stay_out:
-                self._activate(is_root)
-                # The model's input is what a statistic is smaller than before anything is
-                # saved (a gate saved ahead of its feature map: see ``reduced``).
-                for a in args:
-                    if isinstance(a, torch.Tensor):
-                        self._remember(a)
-        if self._active:
-            # A module called more than once in a forward (one nn.GELU shared by every
-            # block) sees other inputs each time: each call has codebooks of its own.
-            occurrence = self._entries.get(name, 0)
-            self._entries[name] = occurrence + 1
-            self._frames.append([name, {}, occurrence])
-
-    def _warn_staying_out(self) -> None:
-        """Say once that a forward ran with autograd but uncompressed, uncounted."""
-        if self._warned_out:
-            return
-        self._warned_out = True
-        warnings.warn(
-            f"S2A stays out of this forward of {type(self.model).__name__}: other saved-"
-            "tensor hooks are installed (torch.autograd.graph.save_on_cpu, or the whole "
-            "model inside torch.utils.checkpoint) or a torch.func transform (grad, vmap) "
-            "runs it, so its saved tensors are neither compressed nor counted, and stats() "
-            "still shows an earlier forward (said once).",
-            stacklevel=3,
-        )
-
-    def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self.model is None:  # the inert engine of a copied part
-            return
-        if self._redirects and self._redirects[-1] == self._depth and module is self.model:
-            self._redirects.pop()  # the redirected call's own end
-            return
-        if self._active and self._frames:
-            self._frames.pop()
-        self._depth -= 1
-        if self._depth == 0:
-            self._entry_frame = None  # it holds the forward's locals
-            if self._active:
-                self._deactivate()
-
-    def begin_step(self) -> None:
-        """Mark a training step's start: from now on every forward until the next step adds
-        to one account (two views of a batch through the model are alive together), not only
-        forwards of submodules. The Lightning callback calls it before each batch."""
-        self._per_step = True
-        self._fresh = True
-        self._step_peak = None
-
-    def _activate(self, is_root: bool) -> None:
-        # A forward of the whole model starts a new account (outside steps marked by
-        # begin_step). Forwards of submodules (the model driven through its parts) add up
-        # until a backward has run, because all of their saved tensors are alive together.
-        fresh, self._fresh = self._fresh, False
-        if fresh or self._account is None or self._unpacked or (is_root and not self._per_step):
-            self._refresh_parameters()
-            for check in self.step_checks:
-                check()
-            self.step += 1
-            self._account = ForwardAccount()
-            self._largest = 0
-            self._shapes = set()
-            self._unpacked = False
-        self.forwards += 1
-        self._frames = []
-        self._entries = {}
-        hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-        mode = OperatorMode(self)
-        hooks.__enter__()
-        mode.__enter__()
-        self._contexts = [hooks, mode]
-        self._active = True
-
-    def _deactivate(self) -> None:
-        self._active = False
-        for ctx in reversed(self._contexts):
-            ctx.__exit__(None, None, None)
-        self._contexts = []
-        self._call = None
-        self._deferred.flush()  # every saved tensor is counted before the forward's summary
-        assert self._account is not None
-        self._last = self._account.summary()
-        peak = self._step_peak
-        if self._per_step and (peak is None or self._last["stored_bytes"] >= peak["stored_bytes"]):
-            self._step_peak = self._last
-
-    def _refresh_parameters(self) -> None:
-        # Parameters may have moved device since apply_s2a (Lightning moves the model after
-        # setup), so their storages are collected per forward. Views of a parameter (W.t())
-        # share its storage; that is how they are recognised. The module dicts are read
-        # directly: named_parameters() builds every name, several times slower.
-        storages, ids, weights = set(), set(), set()
-        trained_storages, trained_numels = set(), set()
-        numels = set(self.extra_weight_numels())
-        for module in self._modules:
-            for leaf, p in module._parameters.items():
-                if p is None:
-                    continue
-                storage = p.untyped_storage().data_ptr()
-                storages.add(storage)
-                ids.add(id(p))
-                numels.add(p.numel())
-                if p.requires_grad and not is_bias(leaf):
-                    weights.add(id(p))
-                    trained_storages.add(storage)
-                    trained_numels.add(p.numel())
-            for b in module._buffers.values():
-                if b is not None:
-                    storages.add(b.untyped_storage().data_ptr())
-        # Parameters from outside the model that its forward takes (frozen class embeddings
-        # passed in, a teacher's weights): no activations either, kept as they are. (Fake
-        # tensors noted while torch.compile traced the model have no storage.)
-        for p in list(self._outside_ids.keys()):
-            with contextlib.suppress(RuntimeError):
-                storages.add(p.untyped_storage().data_ptr())
-        self._param_storages, self._param_ids, self._weight_ids = storages, ids, weights
-        self._weight_numels = numels
-        self._trained_storages, self._trained_numels = trained_storages, trained_numels
-
     # -- operator recognition --------------------------------------------------------------
     def _func_info(self, func: Any) -> tuple:
         """``(raw name, elementwise factory, op kind, rewrite)`` of a torch function, cached:
@@ -508,16 +326,3 @@ class SavedTensorEngine(PackingMixin):
     def _classify(self, info: tuple, args: tuple, kwargs: dict) -> Call | None:
         """The :class:`Call` a torch call is recognised as, or None (see :func:`.classify`)."""
         return classify(self, info, args, kwargs)
-
-
-def _running(entry: Any) -> bool:
-    """True if frame ``entry`` is still executing, in any thread (a DataParallel replica's
-    forward is no interrupted one), in one step: CPython refuses to clear an executing
-    frame, and clearing a finished one only drops the locals it kept alive."""
-    if entry is None:
-        return False
-    try:
-        entry.clear()
-    except RuntimeError:
-        return True
-    return False
