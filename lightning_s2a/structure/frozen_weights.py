@@ -38,6 +38,7 @@ def hold_frozen(
         # (spectral_norm's power iteration moved its buffers) or dequantizes a held weight
         if isinstance(m, layer_types) and id(m._parameters.get("weight")) not in tied
     }
+    not_held = []  # 4 bits: frozen weights of the layer kinds they do not hold
     for name, p in model.named_parameters():
         # Linear and Conv weights only. Cast, they are what autocast would hand the op
         # anyway, so the model computes the same during fit as after it (with the
@@ -46,13 +47,16 @@ def hold_frozen(
         # fewer bytes; the engine rewrites these calls.
         frozen = not p.requires_grad and p.is_floating_point()
         if in_four_bits:
-            frozen = frozen and name in layers and four_bit.worth_holding(p)
+            worth = frozen and four_bit.worth_holding(p)
+            frozen = worth and name in layers
+            if worth and not frozen and _other_layer_weight(name, model):
+                not_held.append(name)
         else:
             frozen = frozen and (name in layers or _autocast_weight(name, model))
         if frozen:
             state.cast_originals[name] = p.detach().to("cpu", copy=True)
-    if in_four_bits:
-        _warn_not_held(model, str(config.frozen_dtype))
+    if not_held:
+        _warn_not_held(not_held, str(config.frozen_dtype))
     cast_frozen(model, state, config.frozen_dtype)
     if not in_four_bits and state.cast_originals:
         dtype = getattr(torch, str(config.frozen_dtype))
@@ -76,27 +80,16 @@ def hold_frozen(
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
-def _warn_not_held(model: nn.Module, quant_type: str) -> None:
+def _warn_not_held(names: list[str], quant_type: str) -> None:
     """Say which frozen weights of layer kinds 4 bits do not hold (transposed convolutions,
     Hugging Face's ``Conv1D``) keep their full size: the summary's weight bytes showed it,
     nothing said it."""
-    kept = [
-        name
-        for name, p in model.named_parameters()
-        if not p.requires_grad
-        and p.is_floating_point()
-        and four_bit.worth_holding(p)
-        and _autocast_weight(name, model)
-        and not isinstance(model.get_submodule(name.rpartition(".")[0]), nn.MultiheadAttention)
-    ]
-    if kept:
-        shown = some_names(kept)
-        warnings.warn(
-            f"frozen_dtype={quant_type!r} holds Linear and Conv1d/2d/3d weights in 4 bits; "
-            f"{shown} (transposed convolutions, Hugging Face Conv1D) keep their full size "
-            "(handle.summary() shows the weight bytes held).",
-            stacklevel=5,
-        )
+    warnings.warn(
+        f"frozen_dtype={quant_type!r} holds Linear and Conv1d/2d/3d weights in 4 bits; "
+        f"{some_names(names)} (transposed convolutions, Hugging Face Conv1D) keep their full "
+        "size (handle.summary() shows the weight bytes held).",
+        stacklevel=5,
+    )
 
 
 def _autocast_weight(name: str, model: nn.Module) -> bool:
@@ -104,10 +97,17 @@ def _autocast_weight(name: str, model: nn.Module) -> bool:
     transposed convolutions, ``nn.MultiheadAttention``'s input projections (``F.linear``),
     and Hugging Face's ``Conv1D`` (GPT-2's linear layers, an ``addmm``)."""
     owner, _, leaf = name.rpartition(".")
-    module = model.get_submodule(owner)
     projections = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
-    if isinstance(module, nn.MultiheadAttention):
+    if isinstance(model.get_submodule(owner), nn.MultiheadAttention):
         return leaf in projections
+    return _other_layer_weight(name, model)
+
+
+def _other_layer_weight(name: str, model: nn.Module) -> bool:
+    """True for the weight of a layer that computes like a Linear or Conv but is none:
+    a transposed convolution, Hugging Face's ``Conv1D``."""
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner)
     return leaf == "weight" and (
         isinstance(module, _TRANSPOSED) or type(module).__name__ == "Conv1D"
     )
