@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ..config import FOUR_BIT_DTYPES, S2AConfig, check_composition
 from ..messages import some_names
 from .families import Block, block_output_shapes, default_input_size, find_blocks
+from .four_bit import frozen_names
 from .frozen_weights import cast_frozen, hold_frozen
 from .head import find_head, head_modules, is_bias, parallel_heads
 from .holders import add_module, home
@@ -294,15 +294,14 @@ class UnfrozenCheck:
 
     def __init__(self, model: nn.Module) -> None:
         self.model_name = type(model).__name__
-        self.frozen = WeakIdKeyDictionary()
-        for p in model.parameters():
-            if not p.requires_grad:
-                self.frozen[p] = True
+        self.frozen = frozen_names(model)
         self.said = False
 
     def __call__(self) -> None:
+        if self.said:
+            return
         frozen = list(self.frozen.keys())
-        if self.said or not frozen or not all(p.requires_grad for p in frozen):
+        if not frozen or not all(p.requires_grad for p in frozen):
             return
         self.said = True
         warnings.warn(
