@@ -279,8 +279,9 @@ def named_held(model: nn.Module) -> list[tuple[str, torch.Size]]:
 
 
 def frozen_names(model: nn.Module) -> WeakIdKeyDictionary:
-    """``model``'s frozen parameters and their names, held weakly (for :func:`check_unfrozen`:
-    a parameter freed since cannot be mistaken for a new one at its address)."""
+    """``model``'s frozen parameters and their names, held weakly (for :func:`check_unfrozen`
+    and the surgery's ``UnfrozenCheck``: a parameter freed since cannot be mistaken for a new
+    one at its address)."""
     frozen = WeakIdKeyDictionary()
     for name, p in model.named_parameters():
         if not p.requires_grad:
