@@ -175,6 +175,18 @@ def miou(per_class: list[float]) -> float:
     return statistics.fmean(present) if present else math.nan
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN floats (the IoU of a class absent from the test set) as None: JSON
+    has no NaN, and ``json.dump`` would write a bare ``NaN`` that strict readers refuse."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def train(
     method: str, lr: float, data: dict[str, Any], args: argparse.Namespace, seed: int
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -288,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"header": header, "rows": rows}, f, indent=1)
+            json.dump(json_safe({"header": header, "rows": rows}), f, indent=1, allow_nan=False)
 
 
 if __name__ == "__main__":

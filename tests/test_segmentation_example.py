@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -59,3 +60,12 @@ def test_each_method_segments_and_trains_what_it_says(method):
         assert backbone and all(n.startswith("s2a_side.") for n in backbone)
         assert set(model.handle.stats()["by_part"]) == {"side"}  # the backbone stores nothing
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_results_json_has_no_nan():
+    # an absent class's IoU is NaN; strict JSON readers refuse a bare NaN
+    rows = [{"method": "bias", "test_iou": {"circle": 50.0, "triangle": math.nan}}]
+    safe = seg.json_safe({"header": "h", "rows": rows})
+    assert safe["rows"][0]["test_iou"] == {"circle": 50.0, "triangle": None}
+    text = json.dumps(safe, allow_nan=False)
+    assert json.loads(text)["rows"][0]["test_iou"]["triangle"] is None
