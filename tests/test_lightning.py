@@ -54,6 +54,30 @@ def test_callback_trains_only_s2a_parameters_and_logs_metrics(tmp_path):
     ):
         assert float(rows[-1][key]) > 0, key
     assert float(rows[-1]["s2a/compression"]) > 4
+    # the last epoch's metrics are also on the callback, as logged
+    callback = next(c for c in trainer.callbacks if isinstance(c, S2ACallback))
+    assert callback.epoch_metrics["s2a/compression"] == pytest.approx(
+        float(rows[-1]["s2a/compression"])
+    )
+
+
+class _Unlogged(UserModule):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)  # no self.log: barebones refuses it
+
+
+def test_barebones_trainer_gets_no_log_calls_and_keeps_the_metrics(recwarn):
+    # Lightning warns at every self.log under barebones=True; the metrics stay readable
+    pl.seed_everything(0)
+    callback = S2ACallback(S2AConfig(**S2A))
+    trainer = pl.Trainer(
+        barebones=True, max_epochs=1, accelerator="cpu", devices=1, callbacks=[callback]
+    )
+    trainer.fit(_Unlogged(), _data())
+    assert not [w for w in recwarn if "barebones" in str(w.message)]
+    assert callback.epoch_metrics["s2a/compression"] > 4
+    assert callback.epoch_metrics["s2a/trainable_params"] > 0
 
 
 def test_strategy_gives_the_same_weights_as_the_callback(tmp_path):

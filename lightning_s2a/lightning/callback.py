@@ -82,6 +82,9 @@ class S2ACallback(pl.Callback):
         self._restored_s2a = False
         self._run = ""  # a token for this run's own checkpoints (a tuner's temporary ones)
         self.applied_here = False  # S2A applied by this run, not taken up from before
+        #: The last training epoch's ``s2a/*`` metrics on this rank, also where nothing is
+        #: logged (``Trainer(barebones=True)``, or a run without a logger).
+        self.epoch_metrics: dict[str, float] = {}
 
     # -- where S2A goes ----------------------------------------------------------------
     def _target(self, pl_module: pl.LightningModule) -> tuple[nn.Module, S2AConfig]:
@@ -318,6 +321,9 @@ class S2ACallback(pl.Callback):
         # Counted on the whole LightningModule: a head outside the backbone trains too.
         weights = self.handle.weight_bytes() if self.handle is not None else (0, 0)
         metrics = self._meter.metrics(pl_module.device, count_trainable(pl_module), weights)
+        self.epoch_metrics = {key: float(value) for key, value in metrics.items()}
+        if trainer.barebones:  # logging is off there (Lightning warns at every self.log)
+            return
         for key, value in metrics.items():
             pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True)
 
