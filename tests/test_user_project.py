@@ -87,6 +87,22 @@ def test_adapter_holds_the_head_outside_the_backbone(tmp_path, modules):
         assert torch.equal(model(X), fresh(X))
 
 
+def test_summary_gives_the_whole_modules_trainable_count_as_logged(tmp_path, monkeypatch):
+    # The summary counts the S2A'd encoder; s2a/trainable_params the whole module, head too
+    from lightning_s2a.lightning import callback as callback_module
+
+    said = []
+    monkeypatch.setattr(callback_module, "rank_zero_info", said.append)
+    trainer = _fit(tmp_path, EncoderClassifier(), S2ACallback(backbone="encoder"))
+    summary = next(s for s in said if "trainable:" in s)
+    logged = int(_metrics(trainer)["s2a/trainable_params"])
+    line = next(x for x in summary.splitlines() if x.startswith("whole EncoderClassifier"))
+    assert f"{logged:,} trainable" in line
+    encoder_only = int(summary.split("trainable: ")[1].split(" of")[0].replace(",", ""))
+    head = trainer.lightning_module.classifier
+    assert logged == encoder_only + sum(p.numel() for p in head.parameters())
+
+
 def test_adapter_holds_batch_norm_statistics_that_trained(tmp_path):
     pl.seed_everything(0)
     model = EncoderClassifier(arch="resnet")

@@ -271,7 +271,21 @@ class S2ACallback(pl.Callback):
         warn_frozen_optimizers(trainer, pl_module, self.handle)
         check_no_swa(trainer, self.handle)
         check_averaging_after(trainer, self)
-        rank_zero_info(self.handle.summary())
+        rank_zero_info(self._summary(pl_module))
+
+    def _summary(self, pl_module: pl.LightningModule) -> str:
+        """The handle's summary; where S2A covers a part of the module (``backbone=``), plus
+        the whole module's trainable count, which ``s2a/trainable_params`` logs (a head
+        outside the backbone trains too, and the two counts differed without a word)."""
+        assert self.handle is not None
+        text = self.handle.summary()
+        if self.handle.model is not pl_module:
+            count, share = count_trainable(pl_module)
+            text += (
+                f"\nwhole {type(pl_module).__name__} (as s2a/trainable_params logs, the parts "
+                f"outside the S2A'd module included): {count:,} trainable ({100 * share:.3f}%)"
+            )
+        return text
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._meter.reset()
