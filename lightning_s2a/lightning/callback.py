@@ -8,7 +8,6 @@ only what trains. Metrics are logged through ``LightningModule.log`` so every lo
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
 from typing import Any
 
@@ -20,27 +19,24 @@ from torch import nn
 from ..api import S2AHandle, apply_s2a, config_differences, count_trainable, get_handle
 from ..config import FOUR_BIT_DTYPES, S2AConfig
 from .calibration import calibrate_on_batch
-from .checkpoint import WEIGHTS_ONLY_KEY, marked_prefixes
+from .callback_state import CheckpointState
 from .checks import (
     check_averaging_after,
     check_batch_norms_in_place,
-    check_checkpoint,
     check_head_outside,
     check_no_finetuning,
     check_no_swa,
     check_optimized,
-    check_plain_resume,
-    check_same_model,
     check_single_s2a,
     copied_back_error,
     warn_frozen_optimizers,
-    warn_plain_checkpoint_in_four_bits,
 )
+from .data import sized_from_data
 from .metrics import EpochMeter, reset_peak_memory
 from .module_hooks import parameter_layout, unwrap_hook, wrap_hook
 
 
-class S2ACallback(pl.Callback):
+class S2ACallback(CheckpointState, pl.Callback):
     """Apply S2A to a LightningModule's backbone, log its memory each epoch, save adapters.
 
     The backbone is the attribute named by ``backbone="..."``, else ``pl_module.backbone`` if
@@ -372,56 +368,6 @@ class S2ACallback(pl.Callback):
         self._restored_s2a = False
         self.teardown(trainer, pl_module, "fit")
 
-    # -- checkpoints -------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        # The config and the S2A'd attribute let load_from_checkpoint rebuild the modules.
-        record = self._record()
-        if record:
-            record["engine"] = self.handle.engine.state_dict()
-        return record
-
-    def _restoring(self, checkpoint: dict[str, Any]) -> None:
-        """Before a checkpoint's weights load into the module: check them against this run's
-        config, and note whether they are an S2A model's (an evaluation keeps that one)."""
-        saved = checkpoint.get("callbacks", {}).get(self.state_key)
-        saved = saved or checkpoint.get(WEIGHTS_ONLY_KEY)
-        strict = bool(getattr(self._module, "strict_loading", True))
-        check_checkpoint(checkpoint, saved, self.handle, strict)
-        plain = not saved and not marked_prefixes(checkpoint)
-        if plain and self._stage != "fit":
-            warn_plain_checkpoint_in_four_bits(self.handle)
-        elif plain and self.handle is not None and self._module is not None:
-            check_plain_resume(checkpoint, self._module)
-        # A checkpoint this run saved itself (BatchSizeFinder's, lr_find's temporary file)
-        # brings nothing from outside: only another's S2A model is kept after an evaluation.
-        if checkpoint.get(RUN_KEY) != self._run:
-            self._restored_s2a = bool(saved or marked_prefixes(checkpoint))
-
-    def _record(self) -> dict[str, Any]:
-        """The S2A config and the S2A'd attribute, or {} before S2A is applied."""
-        if self.handle is None or self._module is None:
-            return {}
-        target = next(n for n, m in self._module.named_modules() if m is self.handle.model)
-        return {"config": dataclasses.asdict(self.handle.config), "target": target}
-
-    def _saving(self, checkpoint: dict[str, Any]) -> None:
-        """Mark the checkpoint as this run's. A weights-only one holds no callback state: the
-        record goes at its top level, so ``lightning_s2a.load_from_checkpoint`` can rebuild
-        the modules."""
-        checkpoint[RUN_KEY] = self._run
-        record = self._record()
-        if "callbacks" not in checkpoint and record:
-            checkpoint[WEIGHTS_ONLY_KEY] = record
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "engine" not in state_dict:
-            return
-        check_same_model(state_dict.get("config"), self.handle.config if self.handle else None)
-        if self.handle is None:
-            self._pending_state = state_dict["engine"]
-        else:
-            self.handle.engine.load_state_dict(state_dict["engine"])
-
 
 #: The dtype each of Lightning's mixed precisions autocasts to, as ``frozen_dtype`` names it.
 _AUTOCAST_DTYPES = {"bf16-mixed": "bfloat16", "16-mixed": "float16"}
@@ -451,20 +397,3 @@ def _existing_handle(callback: S2ACallback, pl_module: pl.LightningModule) -> S2
     except ValueError:
         return None
     return get_handle(target)
-
-
-def sized_from_data(config: S2AConfig, datamodule: Any) -> S2AConfig:
-    """``config`` with the data module's ``input_size`` where prompts or a side network are
-    sized and the config gives none, so they fit the resolution the data have; a size that
-    is no (C, H, W) of ints is left alone."""
-    size = getattr(datamodule, "input_size", None)
-    sized = {"prompt", "side"} & set(config.modules)
-    if config.input_size is not None or not sized or not isinstance(size, (tuple, list)):
-        return config
-    if len(size) != 3 or not all(isinstance(v, int) and v > 0 for v in size):
-        return config
-    return config.replace(input_size=tuple(size))
-
-
-#: Checkpoint entry naming the run that saved it (see ``S2ACallback._saving``).
-RUN_KEY = "lightning_s2a_run"

@@ -27,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from ..api import config_differences
 from ..config import S2AConfig
-from .callback import S2ACallback, sized_from_data
+from .callback import S2ACallback
 from .cli_sources import (
     carried_init_args,
     default_of,
@@ -35,7 +35,7 @@ from .cli_sources import (
     sets_trainer,
     with_default_classes,
 )
-from .data import DigitsDataModule
+from .data import DigitsDataModule, sized_from_data
 from .model import ImageClassifier
 
 S2A_KEY = "s2a"

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from ..config import S2AConfig
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -231,3 +233,16 @@ class ImageFolderDataModule(_LoadersMixin, pl.LightningDataModule):
             self.train_set = Subset(train_view, train_idx)
             self.val_set = Subset(val_view, val_idx)
         self._generator = torch.Generator().manual_seed(self.seed)
+
+
+def sized_from_data(config: S2AConfig, datamodule: Any) -> S2AConfig:
+    """``config`` with the data module's ``input_size`` where prompts or a side network are
+    sized and the config gives none, so they fit the resolution the data have; a size that
+    is no (C, H, W) of ints is left alone."""
+    size = getattr(datamodule, "input_size", None)
+    sized = {"prompt", "side"} & set(config.modules)
+    if config.input_size is not None or not sized or not isinstance(size, (tuple, list)):
+        return config
+    if len(size) != 3 or not all(isinstance(v, int) and v > 0 for v in size):
+        return config
+    return config.replace(input_size=tuple(size))
