@@ -16,8 +16,8 @@ from .engine.compile_guard import check_not_compiled
 from .engine.hooks import SavedTensorEngine
 from .structure import four_bit
 from .structure.frozen_weights import cast_frozen
+from .structure.held_statistics import is_held
 from .structure.holders import PROBE_NAME
-from .structure.model_hooks import is_held
 from .structure.rewrites import rewrites_for
 from .structure.side import SIDE_NAME
 from .structure.surgery import (

@@ -22,13 +22,9 @@ from .families import Block, block_output_shapes, default_input_size, find_block
 from .four_bit import frozen_names
 from .frozen_weights import cast_frozen, hold_frozen
 from .head import find_head, head_modules, is_bias, parallel_heads
+from .held_statistics import HeldStatistics, forget_statistics, release_eval
 from .holders import add_module, home
 from .layouts import tensors_read
-from .model_hooks import (
-    HeldStatistics,
-    forget_statistics,
-    release_eval,
-)
 from .modules import LowRankPrompt
 from .side import SIDE_NAME, apply_side
 
