@@ -612,3 +612,27 @@ def test_recurrent_switches_come_back_after_nested_and_failing_calls() -> None:
         native_rnn(lambda: outer(), (), {})
     assert seen == [(False, False), (False, False)]  # still off inside the outer call
     assert torch._C._get_mkldnn_enabled() and torch._C._get_cudnn_enabled()
+
+
+def test_rewrites_skip_torchs_per_call_argument_binding(monkeypatch) -> None:
+    """torch binds a ``setup_context`` Function's arguments with ``inspect.signature`` on every
+    call (75 us on CPU, more than a small conv); the frozen conv and the 4-bit linear are
+    written without it. Counted, not timed: no call of a step reaches the binding."""
+    import torch.autograd.function as autograd_function
+
+    from lightning_s2a import apply_s2a
+
+    bound = []
+    binding = autograd_function._bind_default_args
+    monkeypatch.setattr(
+        autograd_function, "_bind_default_args", lambda *a: bound.append(1) or binding(*a)
+    )
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(288, 16), nn.Linear(16, 3)
+    )
+    for frozen_dtype in (None, "nf4"):
+        with apply_s2a(model, head="4", frozen_dtype=frozen_dtype) as handle:
+            model(torch.randn(2, 3, 8, 8)).sum().backward()
+            assert handle.stats()["raw_bytes"] > 0
+        assert not bound, frozen_dtype

@@ -319,16 +319,15 @@ def held_numel(model: nn.Module) -> int:
 
 
 class _FourBitLinear(torch.autograd.Function):
-    """``F.linear`` with a 4-bit frozen weight: saves nothing; backward dequantizes again."""
+    """``F.linear`` with a 4-bit frozen weight: saves nothing; backward dequantizes again.
+    (``forward(ctx, ...)`` for the reason :class:`.frozen_ops._FrozenWeightConv` gives.)"""
 
     @staticmethod
-    def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, source: Any):
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        _, weight, _, source = inputs
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, source: Any
+    ):
         ctx.rebuild, ctx.dtype = rebuild_from(source), weight.dtype
+        return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:

@@ -157,27 +157,30 @@ class _ConvGeometry:
 class _FrozenWeightConv(torch.autograd.Function):
     """Convolution that saves only its (frozen) weight for backward, not its input. A weight
     that can be computed again (``rebuild``: dequantized from 4 bits, see :mod:`.four_bit`, or
-    standardized, see :mod:`.derived_weights`) is not even saved."""
+    standardized, see :mod:`.derived_weights`) is not even saved.
+
+    Written with ``forward(ctx, ...)``, not ``setup_context``: torch binds a ``setup_context``
+    Function's arguments through ``inspect.signature`` on every call (75 us on CPU, more than
+    a small convolution). Under ``torch.func`` transforms, which need ``setup_context``, the
+    engine stays out and this rewrite does not run.
+    """
 
     @staticmethod
     def forward(
+        ctx: Any,
         input: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         geom: _ConvGeometry,
-        rebuild: Callable[[torch.dtype], torch.Tensor] | None = None,
+        rebuild: Callable[[torch.dtype], torch.Tensor] | None,
     ) -> torch.Tensor:
-        return geom.func(input, weight, bias, geom.stride, geom.padding, geom.dilation, geom.groups)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        input, weight, _, geom, rebuild = inputs
         if rebuild is None:
             ctx.save_for_backward(weight)  # the only tensor kept: no activation
         ctx.rebuild, ctx.weight_dtype = rebuild, weight.dtype
         ctx.geom = geom
         ctx.input_shape = tuple(input.shape)
         ctx.memory_format = _channels_last_format(input)
+        return geom.func(input, weight, bias, geom.stride, geom.padding, geom.dilation, geom.groups)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
