@@ -12,6 +12,10 @@ from .engine.calibration import WIDE_BITS
 from .engine.ops import KINDS
 
 MODULE_KINDS = ("bias", "prompt", "side")
+#: Operator kinds kept exact unless ``op_bits`` names them: what a loss saves (small, after
+#: the head, and it bends with codes), and what a custom autograd Function saves (the engine
+#: cannot see which operator it serves: a saved input compared in backward, a norm's rows).
+EXACT_UNLESS_ASKED = ("loss", "custom")
 SIDE_KINDS = ("pooled", "hierarchical")
 SIDE_MERGES = ("replace", "add")
 DEFAULT_SIDE_STRIDES = (8, 16, 32)
@@ -324,7 +328,7 @@ class S2AConfig:
         """Code width for an operator kind; None means stored exact."""
         if kind == "trainable":
             return self.trainable_input_bits
-        if kind == "loss":  # exact unless asked for: small, after the head, bends with codes
+        if kind in EXACT_UNLESS_ASKED:
             return self.op_bits.get(kind)
         return self.op_bits.get(kind, self.bits)
 

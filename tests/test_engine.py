@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import timm
@@ -1547,3 +1548,57 @@ def test_a_copy_made_inside_a_forward_starts_outside_one():
     twin(torch.randn(4, 16)).sum().backward()
     assert twin.head.bias.grad is not None and not _installed()
     assert engine._depth == 0 and engine.stats()["stored_bytes"] > 0
+
+
+class _MaxOverTokens(torch.autograd.Function):
+    """A user's own max over tokens: backward compares the saved input with the saved max."""
+
+    @staticmethod
+    def forward(ctx, x):
+        v = x.amax(dim=1)
+        ctx.save_for_backward(x, v)
+        return v
+
+    @staticmethod
+    def backward(ctx, g):
+        x, v = ctx.saved_tensors
+        return g.unsqueeze(1) * (x == v.unsqueeze(1))
+
+
+class _CustomPooled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(16, 32)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.head(_MaxOverTokens.apply(self.l1(x)))
+
+
+def _custom_grads(**overrides):
+    torch.manual_seed(0)
+    model = _CustomPooled().double()
+    x = torch.randn(4, 8, 16, dtype=torch.float64)
+    with apply_s2a(model, head="head", **overrides) as handle:
+        model(x).sum().backward()
+        kinds = handle.stats()["by_kind"]
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return grads, kinds
+
+
+def test_what_a_custom_function_saves_is_kept_exact_and_said():
+    """Coded as generic min-max, the saved input no longer equalled the saved max, and the
+    bias gradient below it was exactly zero, without a word."""
+    plain, _ = _custom_grads(compress=False)
+    with pytest.warns(UserWarning, match="custom autograd Function.*op_bits=\\{'custom': 4\\}"):
+        grads, kinds = _custom_grads()
+    assert plain["l1.bias"].abs().sum() > 0
+    assert all(torch.equal(grads[n], plain[n]) for n in plain)
+    assert kinds["custom"]["tensors"] == 2
+    assert kinds["custom"]["stored_bytes"] == kinds["custom"]["raw_bytes"] == (4 * 8 + 4) * 32 * 8
+    # asked for, they are coded, and nothing is said (nor where nothing is compressed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, coded = _custom_grads(op_bits={"custom": 4})
+        _custom_grads(compress=False)
+    assert coded["custom"]["stored_bytes"] < coded["custom"]["raw_bytes"]

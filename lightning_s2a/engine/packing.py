@@ -59,7 +59,8 @@ class PackingMixin:
     def _pack_activation(self, t: torch.Tensor) -> Any:
         call = self._call
         if call is None:  # saved outside any operator: a custom Function, or a checkpoint
-            call = outside_call()
+            cfg = self.config
+            call = outside_call(cfg.compress, cfg.bits_for("custom") is not None)
         if 0 in t.stride() and call.kind not in ROW_KINDS:
             # An expanded view (a weight's autocast copy broadcast over the batch by matmul,
             # ``x.mean(1, keepdim=True).expand_as(x)``): packed as the tensor it repeats, and

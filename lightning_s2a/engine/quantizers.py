@@ -177,5 +177,6 @@ QUANTIZERS: dict[str, Quantizer] = {
     "linear": pack_minmax,
     "trainable": pack_minmax,
     "loss": pack_minmax,
+    "custom": pack_minmax,
     "generic": pack_minmax,
 }

@@ -131,14 +131,35 @@ CHECKPOINT_WARNING = (
 )
 
 
-def outside_call() -> Call:
+def outside_call(compress: bool = True, custom_coded: bool = False) -> Call:
     """The :class:`Call` of a tensor saved outside any operator: a checkpoint's input
     (kind "checkpoint", kept exact; warned about once), or what a custom autograd Function
-    saves ("generic")."""
+    saves (kind "custom", kept exact unless ``op_bits`` names it; warned about once per
+    line that calls one). Coded as min-max "generic" until 2026-12-07, a Function comparing a saved
+    input in backward (a max written by hand) gave zero gradients, a fused LayerNorm
+    Function lost the norm's row-aligned groups (backbone cosine 0.37), and a head's
+    trainable input was coded. Nothing is said where nothing is compressed, nor where
+    ``op_bits`` asks for custom codes."""
     if checkpoint_input():
-        warnings.warn(CHECKPOINT_WARNING, stacklevel=4)
+        if compress:
+            warnings.warn(CHECKPOINT_WARNING, stacklevel=4)
         return Call(kind="checkpoint")
-    return Call(kind="generic")
+    if not compress or custom_coded:
+        return Call(kind="custom")
+    # Attributed to the line that called the Function (torch saves after its forward
+    # returns, from C++: no frame of the Function is left to name it by); once per line.
+    warnings.warn(CUSTOM_WARNING, stacklevel=4)
+    return Call(kind="custom")
+
+
+#: Said once per calling line: what a custom Function saves stays exact.
+CUSTOM_WARNING = (
+    "S2A keeps exact what a custom autograd Function (the one called on this line) saves for "
+    "backward: the engine cannot see which operator it computes, and codes that do not fit "
+    "its backward can silently change the gradient. Its bytes count as kind 'custom' in "
+    "stats(); op_bits={'custom': 4} codes them with min-max codes where you have checked "
+    "that its gradient tolerates them."
+)
 
 
 def engine_saves(engine: SavedTensorEngine) -> bool:
