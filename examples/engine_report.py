@@ -2,7 +2,8 @@
 
 Each model runs bias-only (biases + head train) twice in this process, uncompressed
 (``compress=False``, which still counts bytes) and compressed, alternating step by step so
-machine noise hits both alike. Prints a Markdown table; the numbers in docs/engine.md come
+machine noise hits both alike, each variant S2A'd once and warmed up past the
+codebook fits of its first forwards. Prints a Markdown table; the numbers in docs/engine.md come
 from this script.
 
     uv run python examples/engine_report.py --models vit_base_patch16_224 resnet50 --batch-size 8
@@ -11,6 +12,7 @@ from this script.
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import statistics
 import time
@@ -35,25 +37,31 @@ def step(model, x, y) -> float:
     return time.perf_counter() - start
 
 
-def measure(name: str, batch: int, steps: int, bits: int, device: str) -> dict:
+def measure(name: str, batch: int, steps: int, bits: int, device: str, warmup: int) -> dict:
     torch.manual_seed(0)
-    model = build(name).to(device).train()
+    base = build(name).to(device).train()
     x = torch.randn(batch, 3, 224, 224, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     configs = {"plain": S2AConfig(compress=False), "s2a": S2AConfig(bits=bits)}
+    # One copy per variant, S2A'd once, as in training: derivative codebooks are fitted at
+    # forwards 1, 2, 3, 5, 9, ... of an engine (applied per step, every step fitted them all).
+    models = {key: copy.deepcopy(base) for key in configs}
+    handles = {key: apply_s2a(models[key], cfg) for key, cfg in configs.items()}
     times: dict[str, list[float]] = {k: [] for k in configs}
-    stats = {}
-    for i in range(steps + 1):  # the first round is warm-up (and fits the codebooks)
-        for key, cfg in configs.items():
-            with apply_s2a(model, cfg) as handle:
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                t = step(model, x, y)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                if i:
-                    times[key].append(t)
-                stats[key] = handle.stats()
+    for i in range(warmup + steps):
+        for key, model in models.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t = step(model, x, y)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[key].append(t)
+    stats = {key: handle.stats() for key, handle in handles.items()}
+    codebooks = handles["s2a"].engine.codebooks.values()
+    refits = sum(cb.fitted_at > warmup for cb in codebooks)  # fitted at a timed forward
+    for handle in handles.values():
+        handle.remove()
     plain, s2a = statistics.median(times["plain"]), statistics.median(times["s2a"])
     return {
         "model": name,
@@ -62,6 +70,7 @@ def measure(name: str, batch: int, steps: int, bits: int, device: str) -> dict:
         "ratio": stats["s2a"]["ratio"],
         "overhead": s2a / plain,
         "by_kind": stats["s2a"]["by_kind"],
+        "timed_refits": refits,
     }
 
 
@@ -82,19 +91,23 @@ def main() -> None:
     )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument(
+        "--warmup", type=int, default=5, help="untimed steps: past the codebook fits at 1, 2, 3, 5"
+    )
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     print(
         f"device={args.device} torch={torch.__version__} timm={timm.__version__} "
         f"python={platform.python_version()} threads={torch.get_num_threads()} "
-        f"batch={args.batch_size} 224px fp32 bits={args.bits} steps={args.steps} (median)"
+        f"batch={args.batch_size} 224px fp32 bits={args.bits} steps={args.steps} (median) "
+        f"after {args.warmup} warm-up"
     )
     print()
     print("| model | raw saved MiB | stored MiB | stored/raw | step time, s2a / uncompressed |")
     print("|---|---:|---:|---:|---:|")
     for name in args.models:
-        r = measure(name, args.batch_size, args.steps, args.bits, args.device)
+        r = measure(name, args.batch_size, args.steps, args.bits, args.device, args.warmup)
         print(
             f"| {r['model']} | {r['raw_mib']:.1f} | {r['stored_mib']:.1f} | "
             f"{r['ratio']:.3f} (1/{1 / r['ratio']:.1f}) | {r['overhead']:.2f}x |",

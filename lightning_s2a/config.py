@@ -330,6 +330,9 @@ class S2AConfig:
             return self.trainable_input_bits
         if kind in EXACT_UNLESS_ASKED:
             return self.op_bits.get(kind)
+        if kind == "fused_attention":  # at least 8 bits unless asked: see fused_operands
+            wide = max(self.op_bits.get("attention", self.bits), WIDE_BITS)
+            return self.op_bits.get(kind, wide)
         return self.op_bits.get(kind, self.bits)
 
     def calibration_tol(self) -> float:

@@ -106,6 +106,9 @@ def test_overhead_bench_times_each_part_of_the_engine(tmp_path):
     assert set(row["parts"]) == {"recognition", "pack", "unpack", "accounting"}
     assert all(v > 0 for v in row["parts"].values())
     assert row["saved_tensors"] > 10 and row["ratio"] < 0.5
+    # the parts are timed on the same forward (plain functions as pack hooks turned the
+    # surgery's rewrites off there: frozen convs saved their inputs again)
+    assert row["instrumented_saved_tensors"] == row["saved_tensors"]
 
 
 class _Conn:
@@ -147,3 +150,27 @@ def test_bench_methods_measure_what_their_labels_say():
         "-",
         "1.0x",  # full fine-tuning's own row ("1.0x less" than itself)
     )
+
+
+def test_bench_times_steps_that_fit_codebooks_apart():
+    """With the defaults (1 warm-up, 3 steps) two of the three timed steps refitted every
+    GELU codebook (forwards 2 and 3), so the median was a refit step."""
+    from lightning_s2a.bench.run import _worker
+
+    spec = {
+        "method": "s2a_bias",
+        "bits": 4,
+        "model": "vit_tiny_patch16_224",
+        "device": "cpu",
+        "resolution": 32,
+        "classes": 10,
+        "batch_size": 1,
+        "dtype": "fp32",
+        "warmup": 1,
+        "steps": 3,
+    }
+    row = _worker(spec)
+    assert row["refit_steps"] == 2  # forwards 2 and 3 fitted, forward 4 did not
+    assert row["step_s"] > 0
+    plain = _worker({**spec, "method": "bitfit"})
+    assert plain["refit_steps"] == 0

@@ -27,6 +27,7 @@ import os
 import platform
 import statistics
 import time
+import types
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -79,9 +80,13 @@ def _instrumented(engine: Any, timers: _Timers) -> Iterator[None]:
     from ..engine import accounting
 
     add = accounting.ForwardAccount.add
-    engine._classify = timers.wrap("recognition", engine._classify)
-    engine._pack = timers.wrap("pack", engine._pack)
-    engine._unpack = timers.wrap("unpack", engine._unpack)
+    # Bound to the engine, as its own methods are: the operator mode applies the surgery's
+    # rewrites only while the innermost pack hook's ``__self__`` is the engine, and plain
+    # functions there timed a heavier forward (frozen convs saving their inputs: ResNet-50
+    # 263 saved tensors instead of 103).
+    for name, part in (("_classify", "recognition"), ("_pack", "pack"), ("_unpack", "unpack")):
+        timed = timers.wrap(part, getattr(type(engine), name))
+        setattr(engine, name, types.MethodType(timed, engine))
     accounting.ForwardAccount.add = timers.wrap("accounting", add)
     try:
         yield
@@ -138,6 +143,11 @@ def measure(
     with _instrumented(handles["s2a"].engine, timers):
         for _ in range(steps):
             step(models["s2a"])
+    timed = sum(k["tensors"] for k in handles["s2a"].stats()["by_kind"].values())
+    if timed != saved:  # the parts must come from the forward whose step time is reported
+        raise RuntimeError(
+            f"{name}: the instrumented s2a steps saved {timed} tensors, the timed ones {saved}"
+        )
     for handle in handles.values():
         handle.remove()
     ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
@@ -147,6 +157,7 @@ def measure(
         "ms": ms,
         "parts": parts,
         "saved_tensors": saved,
+        "instrumented_saved_tensors": timed,
         "ratio": stats["ratio"],
     }
 

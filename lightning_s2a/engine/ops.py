@@ -356,7 +356,9 @@ OP_KINDS: dict[str, str] = {
 #: Every operator kind the engine can report, in display order. "elementwise" covers
 #: :data:`ELEMENTWISE`; "mask" is any boolean tensor; "trainable" is an activation that feeds
 #: a trainable weight's gradient; "loss" what a loss function saves (kept exact unless
-#: ``op_bits`` names it); "custom" what a user's own ``torch.autograd.Function`` saves with
+#: ``op_bits`` names it); "fused_attention" the query, key, value and output a fused attention
+#: saves (its backward recomputes the probabilities: 8 bits unless ``op_bits`` names it);
+#: "custom" what a user's own ``torch.autograd.Function`` saves with
 #: ``ctx.save_for_backward`` (its operator cannot be seen: kept exact unless ``op_bits`` names
 #: it); "generic" any other operator's saved tensors.
 KINDS: tuple[str, ...] = (
@@ -365,6 +367,7 @@ KINDS: tuple[str, ...] = (
     "softmax",
     "norm",
     "attention",
+    "fused_attention",
     "matmul",
     "dropout",
     "linear",

@@ -24,6 +24,7 @@ from .recognition import (
     Call,
     constant,
     exact_code,
+    fused_operand,
     outside_call,
     reduced,
     statistics,
@@ -74,6 +75,8 @@ class PackingMixin:
     def _pack_call(self, t: torch.Tensor, call: Call) -> Any:
         cfg = self.config
         kind = "mask" if t.dtype == torch.bool else call.kind
+        if call.fused and kind == "attention" and fused_operand(t, call.fused):
+            kind = "fused_attention"  # its backward recomputes from it: see fused_operands
         account = self._account
         assert account is not None
         bits = cfg.bits_for(kind)

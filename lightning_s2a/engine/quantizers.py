@@ -173,6 +173,7 @@ QUANTIZERS: dict[str, Quantizer] = {
     "softmax": pack_softmax,
     "norm": pack_norm,
     "attention": pack_minmax,
+    "fused_attention": pack_minmax,
     "matmul": pack_minmax,
     "linear": pack_minmax,
     "trainable": pack_minmax,
