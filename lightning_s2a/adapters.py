@@ -202,9 +202,7 @@ def load_adapter(module: nn.Module, path: str | os.PathLike, strict: bool = True
             "constructor arguments (num_classes, depth, img_size, ...) as the adapter's backbone."
         )
     created = handle is None
-    own_ids: set[int] = set()  # tensors of the model's own, before S2A adds any
     if created:
-        own_ids = {id(t) for t in (*module.parameters(), *module.buffers())}
         handle = apply_s2a(target, config)
     elif model_differences(config, handle.config):
         # Only what changes the function the model computes: the fields that change how saved
@@ -245,9 +243,12 @@ def load_adapter(module: nn.Module, path: str | os.PathLike, strict: bool = True
                 else "Load it into the same LightningModule or model class it was saved from."
             )
         )
-    # What remove() puts back: the model's own values this load writes over when it applied
-    # S2A; a later load (a swap) updates what they are compared with (see undo_structure).
+    # What remove() puts back: the model's own values this load writes over, whether it
+    # applied S2A or found it applied (by the user or a fit: until 2026-12-07 those kept the
+    # adapter's values after remove()); a later load (a swap) updates what they are compared
+    # with (see undo_structure).
     overwritten = handle.structure.overwritten
+    added = handle.structure.added_tensor_ids()
     index = {(owner, leaf): i for i, (owner, leaf, _, _) in enumerate(overwritten)}
     with torch.no_grad():
         for key, tensor in tensors.items():
@@ -256,7 +257,7 @@ def load_adapter(module: nn.Module, path: str | os.PathLike, strict: bool = True
             current = everything[key]
             owner, _, leaf = key.rpartition(".")
             place = (module.get_submodule(owner), leaf)
-            own = id(current) in own_ids  # not a tensor S2A added
+            own = id(current) not in added
             old = current.detach().clone() if own else None
             current.copy_(tensor)
             if own:

@@ -137,6 +137,12 @@ def test_remove_after_load_adapter_puts_back_what_it_wrote_over(tmp_path):
     handle = load_adapter(backbone, paths["side",][0])
     assert torch.equal(out(backbone), paths["side",][1])
     handle.remove()
+    # onto S2A already applied (by the user, or a fit's callback) as well: until 2026-12-07
+    # the adapter's biases stayed after remove(), under the next task
+    apply_s2a(backbone, S2AConfig(modules=("bias",), input_size=SIZE))
+    load_adapter(backbone, paths["bias",][0]).remove()
+    assert all(torch.equal(v, built[k]) for k, v in backbone.state_dict().items())
+    load_adapter(backbone, paths["side",][0]).remove()
     # what trained after the load stays (remove() after a fit keeps it); what did not is
     # put back, also after the model changed dtype (buffers are new tensors then)
     model = resnet()

@@ -69,6 +69,15 @@ class StructureState:
         default_factory=list
     )
 
+    def added_tensor_ids(self) -> set[int]:
+        """``id``s of the parameters and buffers S2A added (injected modules, added biases):
+        what is not the model's own."""
+        ids = {id(m.bias) for m in self.added_biases}
+        for parent, name in self.added_modules:
+            added = getattr(parent, name)
+            ids |= {id(t) for t in (*added.parameters(), *added.buffers())}
+        return ids
+
     @property
     def adds_weights(self) -> bool:
         """Whether S2A added parameters (modules, biases) that the plain model lacks."""
