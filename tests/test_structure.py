@@ -1596,6 +1596,54 @@ def test_one_d_conv_blocks_are_channels_first_signals():
     assert all(p.requires_grad for p in model.parameters())
 
 
+class _ConvFeedForwardBlock(nn.Module):
+    """FastSpeech's block: (B, N, D) tokens, its feed-forward Conv1d applied transposed."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.norm, self.w1 = nn.LayerNorm(d), nn.Conv1d(d, 64, 3, padding=1)
+        self.w2 = nn.Conv1d(64, d, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.w2(torch.relu(self.w1(self.norm(x).transpose(1, 2)))).transpose(1, 2)
+
+
+class _LinearPointwiseBlock(nn.Module):
+    """Vocos' ConvNeXt-1D block: a (B, C, L) signal, Linear pointwise layers applied
+    transposed."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.dw, self.pw = nn.Conv1d(c, c, 7, padding=3, groups=c), nn.Linear(c, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.pw(torch.relu(self.dw(x)).transpose(1, 2)).transpose(1, 2)
+
+
+class _ThreeBlocks(nn.Module):
+    def __init__(self, block: type[nn.Module], pool: int) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*[block(32) for _ in range(3)])
+        self.pool, self.head = pool, nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x).mean(self.pool))
+
+
+@pytest.mark.parametrize(
+    ("block", "pool", "size", "layout"),
+    [(_ConvFeedForwardBlock, 1, (20, 32), "tokens"), (_LinearPointwiseBlock, -1, (32, 50), "ncl")],
+)
+def test_three_d_blocks_take_the_layout_their_last_layers_width_names(block, pool, size, layout):
+    """Read by the last weight layer's type alone, both were taken the other way round: the
+    side averaged channels and its width followed the sequence length (5 and 12, not 8)."""
+    torch.manual_seed(0)
+    model = _ThreeBlocks(block, pool).eval()
+    with apply_s2a(model, modules="side", head="head", input_size=size) as handle:
+        assert {b.layout for b in handle.structure.blocks} == {layout}
+        assert [p.in_features for p in model.s2a_side.proj] == [8, 8, 8]  # 32 channels / 4
+
+
 def test_unfreezing_everything_s2a_froze_is_warned_once(recwarn):
     """A GAN's set_requires_grad(disc, True) after the generator's step made the whole
     backbone train (full fine-tuning, silently: only s2a/trainable_pct said 100)."""

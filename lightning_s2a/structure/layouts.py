@@ -24,9 +24,10 @@ def layout_of(
 ) -> str:
     """The layout of a block's output: declared, or read from its shape.
 
-    A 3-D output is (B, N, D) tokens, or (B, C, L) where the block's last weight layer is a
-    1-D convolution (an audio or signal model; read as tokens, a side network averaged
-    over its channels and its width followed the sequence length).
+    A 3-D output is (B, N, D) tokens or (B, C, L) channels first: the dimension of the
+    block's last weight layer's width where only one matches it, else (B, C, L) where that
+    layer is a 1-D convolution (an audio or signal model; read as tokens, a side network
+    averaged over its channels and its width followed the sequence length).
 
     A 4-D map is (B, C, H, W) or (B, H, W, C) (Swin-V2, TinyViT, MambaOut, Sequencer,
     torchvision's Swin): channels last where only its middle pair is shaped like the input
@@ -45,6 +46,16 @@ def layout_of(
         return declared
     if len(shape) == 3:
         layers = [m for m in (block.modules() if block is not None else ()) if _weighted(m)]
+        if layers:
+            # The last weight layer's width names the channel dimension where only one of
+            # the two matches it: a FastSpeech block (tokens, Conv1d feed-forward applied
+            # transposed) and a Vocos block (a (B, C, L) signal, Linear pointwise layers)
+            # were read by the layer's type alone, their side averaging channels.
+            width = _out_width(layers[-1])
+            if shape[-1] == width != shape[1]:
+                return "tokens"
+            if shape[1] == width != shape[-1]:
+                return "ncl"
         return "ncl" if layers and isinstance(layers[-1], nn.Conv1d) else "tokens"
     if len(shape) == 4:
         if hw is None:
@@ -67,6 +78,10 @@ def layout_of(
         f"cannot place a prompt on a block output of shape {tuple(shape)}: expected "
         "(B, N, D) tokens or a 4-D feature map."
     )
+
+
+def _out_width(layer: nn.Module) -> int:
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
 def _weighted(module: nn.Module) -> bool:
