@@ -57,6 +57,16 @@ class SideHooks:
                 "(the backbone runs with autograd), or detach() the input if its gradient is "
                 "not wanted."
             )
+        masks = [k for k, v in kwargs.items() if "mask" in k.lower() and torch.is_tensor(v)]
+        masks += [f"argument {i}" for i, v in enumerate(args) if _token_mask(v)]
+        if masks:
+            raise ValueError(
+                f"modules=['side'] pools {self.model_name}'s block outputs over every "
+                f"position, and cannot read a mask ({', '.join(masks)}): padded positions "
+                "would enter the side network's features, and its output would change with "
+                "the padding. Use modules=['bias'] or ['bias', 'prompt'] (the model applies "
+                "its own mask), or call the model without a mask where nothing is padded."
+            )
         self.taps.clear()
         self.last = None
         self.image = self.default_image
@@ -137,6 +147,11 @@ class SideHooks:
         torch.set_grad_enabled(self.grad_was[-1])
         self.taps.clear()
         return out
+
+
+def _token_mask(value: Any) -> bool:
+    """True for a (B, N) boolean tensor: a sequence model's padding mask passed by position."""
+    return torch.is_tensor(value) and value.dtype == torch.bool and value.dim() == 2
 
 
 def _cast(pyramid: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
