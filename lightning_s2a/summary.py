@@ -72,6 +72,13 @@ def format_summary(handle: S2AHandle) -> str:
         f"weights: {_mib(held)} MiB held, {_mib(built)} MiB as built "
         f"(frozen_dtype={cfg.frozen_dtype})"
     )
+    copies = sum(t.numel() * t.element_size() for t in handle.structure.cast_originals.values())
+    if copies:
+        lines.append(
+            f"  plus {_mib(copies)} MiB of exact copies of those weights in host (CPU) memory, "
+            "for remove(), state_dict and adapters: on a GPU the device holds the saving; a "
+            "run on the CPU keeps both"
+        )
     return "\n".join(lines)
 
 

@@ -156,6 +156,9 @@ def test_weight_bytes_are_counted_exactly():
             p.numel() for p in model.parameters() if not p.requires_grad
         ) == sum(p.numel() for p in ConvMixer().parameters())
         assert "weights: " in handle.summary() and "frozen_dtype=nf4" in handle.summary()
+        # the exact fp32 copies kept in host memory are said, counted exactly
+        copies = f"plus {4 * frozen / 2**20:.2f} MiB of exact copies"
+        assert copies in handle.summary(), handle.summary()
     assert as_built == built
     # the stem's rows (3 x 4 x 4 = 48 weights) are padded to one block of 64 each
     stem_padded = 64 * 64
