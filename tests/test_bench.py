@@ -119,6 +119,22 @@ class _Conn:
         pass
 
 
+def _storages_kept(model, x):
+    """Bytes of the distinct storages a forward's saved tensors hold, parameters excluded."""
+    params = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    kept = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = (storage, storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(n for _, n in kept.values())
+
+
 def test_bench_methods_measure_what_their_labels_say():
     """A reviewer found: ViTs failed at any --resolution but 224; failed rows lost their bit
     width; 'bitfit' was timed under the engine's bookkeeping (8-12% slower than BitFit); a
@@ -138,7 +154,16 @@ def test_bench_methods_measure_what_their_labels_say():
     assert trainable and all(n.endswith("bias") or n.startswith("head.") for n in trainable)
     with meter.forward():
         model(x)
-    assert meter.saved_bytes() == reference.stats()["stored_bytes"] > 0  # same bytes
+    # the storages the saved tensors keep alive, each once, as an independent count finds
+    assert meter.saved_bytes() == _storages_kept(model, x) > 0
+    assert meter.saved_bytes() >= reference.stats()["stored_bytes"]  # views count whole
+    probe = build_model("vit_tiny_patch16_224", 10, 32)
+    probe_meter = METHODS["linear_probe"][0](probe, 0)
+    with probe_meter.forward():
+        probe(x)
+    # the head's saved x[:, 0] keeps the final norm's whole (2, 5, 192) output alive (it
+    # was counted as its own 2 x 192 floats: "40,000x less than full" on ViT-B)
+    assert probe_meter.saved_bytes() == _storages_kept(probe, x) == 2 * 5 * 192 * 4
 
     conn = _Conn()
     spec = {"method": "s2a_bias", "bits": 2, "model": "no_such_model", "device": "cpu"}

@@ -152,6 +152,11 @@ class SavedBytesCounter:
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
         self.account = ForwardAccount()
+        #: Bytes of the storages the saved tensors keep alive, each once: what plain PyTorch
+        #: holds (a saved view keeps its whole storage: timm's head saves ``x[:, 0]`` of the
+        #: final norm's (B, N, D) output), where ``raw_bytes`` counts each view's own bytes.
+        self.storage_bytes = 0
+        self._alive: dict[int, StorageWeakRef] = {}
 
     def __enter__(self) -> SavedBytesCounter:
         self._storages = {
@@ -163,8 +168,14 @@ class SavedBytesCounter:
         return self
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        if t.untyped_storage().data_ptr() not in self._storages:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in self._storages:
             self.account.add("all", t, None)
+            ref = self._alive.get(ptr)
+            if ref is None or ref.expired():
+                self._alive[ptr] = StorageWeakRef(storage)
+                self.storage_bytes += storage.nbytes()
         return t
 
     def __exit__(self, *exc: object) -> None:
