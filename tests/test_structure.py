@@ -854,6 +854,15 @@ def test_prompt_finds_the_repeated_blocks_of_families_outside_the_table(name, kw
         assert rule in handle.summary()
 
 
+def test_the_input_size_is_read_from_a_patch_embedding_of_several_convs():
+    """XCiT's ConvPatchEmbed projects with a stack of convs: built with img_size=32 it was
+    sized for 224 and refused its own 32 px as a changed resolution."""
+    model = timm.create_model("xcit_nano_12_p16_224", pretrained=False, img_size=32, num_classes=5)
+    with apply_s2a(model, modules="prompt") as handle:
+        assert handle.structure.input_size == (3, 32, 32)
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 5)
+
+
 class _Stacked(nn.Module):
     """A user's own model: a ModuleList of blocks, and a Sequential of activations."""
 

@@ -377,9 +377,17 @@ def default_input_size(model: nn.Module, input_size: Sequence[int] | None) -> tu
     modules = list(model.modules())
     for m in modules:
         size, proj = getattr(m, "img_size", None), getattr(m, "proj", None)
-        if size is not None and isinstance(proj, nn.Conv2d):
+        # The projection's first conv gives the channels: one conv, or a stack of them
+        # (XCiT's ConvPatchEmbed; built with img_size=32 it was sized for 224 and refused
+        # its own 32 px as "the input resolution changed").
+        convs = (
+            [c for c in proj.modules() if isinstance(c, nn.Conv2d)]
+            if isinstance(proj, nn.Module)
+            else []
+        )
+        if isinstance(size, (int, tuple, list)) and convs:
             hw = (size, size) if isinstance(size, int) else tuple(size)
-            return (proj.in_channels, *hw)
+            return (convs[0].in_channels, *hw)
     for m in modules:
         cfg = getattr(m, "config", None)
         size, chans = getattr(cfg, "image_size", None), getattr(cfg, "num_channels", None)
