@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from .accounting import ForwardAccount, part_of
 from .backend import resolve_backend
@@ -38,6 +39,10 @@ class PackingMixin:
     def _pack(self, t: torch.Tensor) -> Any:
         if self._busy:
             return t  # the quantizers' own saves (none record autograd)
+        if forward_ad._current_level >= 0:
+            # Forward-mode AD (a dual level open): what ops save there can be dual tensors
+            # whose storage cannot be read; left as they are, uncompressed and uncounted.
+            return t
         if t.layout != torch.strided:  # sparse (a graph's adjacency): no codes, no storage
             if self._account is not None:
                 kind = self._call.kind if self._call is not None else "generic"

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.utils.checkpoint
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -274,7 +275,10 @@ class OperatorMode(TorchFunctionMode):
         info = engine._func_info(func)
         call = engine._classify(info, args, kwargs)
         rewrite = info[3]
-        if rewrite is not None and not engine_saves(engine):
+        if rewrite is not None and (forward_ad._current_level >= 0 or not engine_saves(engine)):
+            # Under forward-mode AD (a dual level open) the rewrites' autograd Functions have
+            # no jvp: torch's own ops run, as without S2A (they failed with "You must
+            # implement the jvp function", S2A unnamed).
             # Inside another owner's saved-tensor hooks (a non-reentrant checkpoint) the
             # engine saves nothing, and the recomputation in backward runs without this
             # mode: a rewrite here would save other tensors than the recomputation.
