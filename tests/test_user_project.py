@@ -1221,3 +1221,31 @@ def test_a_checkpoint_config_of_another_version_is_still_compared_field_by_field
     with pytest.warns(UserWarning, match=r"\['side'\] could not be read"):
         check_same_model(saved, current)
     check_same_model(dataclasses.asdict(current), current)  # the same: nothing to say
+
+
+def test_evaluating_a_module_without_s2a_under_a_side_config_is_an_error(tmp_path):
+    """validate/test/predict of a module no fit, adapter or checkpoint gave S2A: a side
+    config added a new, untrained side network for the run, and its predictions were a
+    random network's (6% agreeing with the module's own), silently."""
+    from lightning_s2a import get_handle
+
+    torch.manual_seed(0)
+    model = EncoderClassifier()
+    x = torch.randn(8, 3, 32, 32)
+    before = model.eval()(x)
+    trainer = quiet_trainer(callbacks=[S2ACallback(modules=["side"], backbone="encoder")])
+    with pytest.raises(ValueError, match="new, untrained side network.*ckpt_path"):
+        trainer.validate(model, _data(8))
+    assert get_handle(model.encoder) is None and torch.equal(model.eval()(x), before)
+    # 4-bit weights for an evaluation alone: said, and the module is as built after it
+    trainer = quiet_trainer(callbacks=[S2ACallback(frozen_dtype="nf4", backbone="encoder")])
+    with pytest.warns(UserWarning, match="evaluated with its weights quantized"):
+        trainer.validate(model, _data(8))
+    assert torch.equal(model.eval()(x), before)
+    # after a fit, the side that trained is evaluated: no error
+    fitted = EncoderClassifier()
+    trainer = quiet_trainer(
+        max_epochs=1, callbacks=[S2ACallback(modules=["side"], backbone="encoder")]
+    )
+    trainer.fit(fitted, _data(8))
+    assert trainer.validate(fitted, _data(8))  # metrics of the side that trained

@@ -23,6 +23,7 @@ from .callback_state import CheckpointState
 from .checks import (
     check_averaging_after,
     check_batch_norms_in_place,
+    check_evaluation_alone,
     check_head_outside,
     check_no_finetuning,
     check_no_swa,
@@ -112,6 +113,11 @@ class S2ACallback(CheckpointState, pl.Callback):
             keys = set(target.state_dict())
             self.handle = apply_s2a(target, sized_from_data(config, trainer.datamodule))
             error = copied_back_error(trainer, pl_module, target, keys) if stage == "fit" else None
+            if stage != "fit" and trainer.ckpt_path is None:  # nothing trained comes in
+                try:
+                    check_evaluation_alone(self.handle)
+                except ValueError as err:
+                    error = err
             if error is not None:  # leave the model as it was
                 self.handle.remove()
                 self.handle = None

@@ -149,6 +149,31 @@ def check_plain_resume(checkpoint: dict[str, Any], module: nn.Module) -> None:
         )
 
 
+def check_evaluation_alone(handle: S2AHandle) -> None:
+    """``validate``/``test``/``predict`` of a module without S2A (no earlier fit, adapter or
+    ``ckpt_path``): S2A is applied for that run only. A side network would be new and
+    untrained, and its output would replace (or be added to) the head's: the metrics of a
+    random network, a different one at each call (a reviewer's ViT-Ti: 6% of predictions
+    agreeing with the module's own). An error. Weights held in 4 bits are said."""
+    if "side" in handle.config.modules:
+        how = "is added to" if handle.config.side_merge == "add" else "replaces"
+        raise ValueError(
+            "evaluating a module that has no S2A applied, under an S2A config with "
+            f"modules=['side']: S2A would add a new, untrained side network whose output {how} "
+            "the head's, and the metrics would be a random network's. Evaluate after fit "
+            "(the same module), pass the fit's checkpoint (ckpt_path=...), or load_adapter "
+            "first; to evaluate the module as it is, use a Trainer without S2A."
+        )
+    if handle.config.frozen_dtype in FOUR_BIT_DTYPES and handle.structure.cast_originals:
+        rank_zero_warn(
+            "evaluating a module that has no S2A applied, under an S2A config that holds the "
+            f"frozen Linear and Conv weights in 4 bits (frozen_dtype="
+            f"{handle.config.frozen_dtype!r}): it is evaluated with its weights quantized, "
+            "not as it is. To evaluate it as it is, use a Trainer without S2ACallback (or "
+            "with frozen_dtype=None)."
+        )
+
+
 def warn_plain_checkpoint_in_four_bits(handle: S2AHandle | None) -> None:
     """An evaluation (``validate``/``test``/``predict`` with ``ckpt_path``) of a checkpoint
     saved without S2A, by a run that holds frozen weights in 4 bits: the loaded weights are
