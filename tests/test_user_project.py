@@ -1234,7 +1234,7 @@ def test_evaluating_a_module_without_s2a_under_a_side_config_is_an_error(tmp_pat
     x = torch.randn(8, 3, 32, 32)
     before = model.eval()(x)
     trainer = quiet_trainer(callbacks=[S2ACallback(modules=["side"], backbone="encoder")])
-    with pytest.raises(ValueError, match="new, untrained side network.*ckpt_path"):
+    with pytest.raises(ValueError, match=r"new, untrained side network.*ckpt_path"):
         trainer.validate(model, _data(8))
     assert get_handle(model.encoder) is None and torch.equal(model.eval()(x), before)
     # 4-bit weights for an evaluation alone: said, and the module is as built after it

@@ -325,8 +325,13 @@ def classify(engine: SavedTensorEngine, info: tuple, args: tuple, kwargs: dict) 
         # Plain loops over lists: torch.compile (compress=False) traces this, and its guards
         # on a tuple iterator failed (a BatchNorm model did not compile).
         # A weight in another form (nf4's dequantized out_proj weight) is no data either.
+        # An attention's mask is no data either: a float bias larger than q (TinyViT's
+        # position biases, (heads, N, N)) made the math path's reshaped q, k and v look
+        # like statistics, kept whole (4.3 of 15.5 MiB stored).
+        data = list(args[:3]) if raw == "scaled_dot_product_attention" else list(args)
+        data += [v for k, v in kwargs.items() if k not in ATTENTION_MASKS]
         shapes, numel = set(), 0
-        for a in [*args, *kwargs.values()]:
+        for a in data:
             if (
                 isinstance(a, torch.Tensor)
                 and id(a) not in param_ids
@@ -340,6 +345,8 @@ def classify(engine: SavedTensorEngine, info: tuple, args: tuple, kwargs: dict) 
         call.channels = raw in CHANNEL_NORMS
         if raw in FUSED_ATTENTION:
             call.fused = fused_operands(args, kwargs)
+        elif raw == "multi_head_attention_forward":
+            call.fused = attention_without_weights(args, kwargs)
     elif kind == "softmax":
         dim = kwargs.get("dim", args[1] if len(args) > 1 else -1)
         call.dim = -1 if dim is None else int(dim)
@@ -354,6 +361,9 @@ def classify(engine: SavedTensorEngine, info: tuple, args: tuple, kwargs: dict) 
         call.site = (site, spec.name, count)
     return call
 
+
+#: Keyword arguments of attention ops that are masks, not data (see ``classify``).
+ATTENTION_MASKS = ("attn_mask", "key_padding_mask")
 
 #: Attention ops whose backward recomputes ``softmax(q k^T)`` from the saved query and key.
 FUSED_ATTENTION = ("scaled_dot_product_attention", "flex_attention")
@@ -374,26 +384,55 @@ def fused_operands(args: tuple, kwargs: dict) -> frozenset:
     for query and key alone gave 0.98, 0.86; for all four, 0.999, 0.998). An unfused attention
     saves ``q`` and ``k`` for a matmul and the probabilities for the softmax, where error
     enters linearly.
+
+    A float mask is added to the logits before that exponential and is read the same way
+    (a Swin-style bias and shift mask: backbone cosine 0.62 at 4 bits), so it is named too.
+    Under autocast the kernel saves its own casts of fp32 inputs, whose addresses are not the
+    arguments': a tensor of an argument's shape in another dtype is taken for its cast
+    (cross-attention's key and value were missed). ``nn.MultiheadAttention`` without
+    attention weights runs SDPA inside one call the mode sees whole: everything it saves but
+    statistics is named (``(ALL, None)``; torchvision's ViT kept 4 bits: cosine 0.016).
     """
-    found = set()
+    found: set[tuple] = set()
     shapes = []
     for position, name in ((0, "query"), (1, "key"), (2, "value")):
         t = args[position] if len(args) > position else kwargs.get(name)
         if not isinstance(t, torch.Tensor) or t.dim() < 2:
             return frozenset()
         found.add((t.data_ptr(), tuple(t.shape)))
+        found.add((t.dtype, tuple(t.shape)))
         shapes.append(tuple(t.shape))
     (*batch, length, _), value = shapes[0], shapes[2]
     found.add((None, (*batch, length, value[-1])))
+    mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+    if isinstance(mask, torch.Tensor) and mask.is_floating_point():
+        found.add((mask.data_ptr(), tuple(mask.shape)))
     return frozenset(found)
 
 
+#: In :func:`fused_operands`' set: every tensor the call saves (an MHA without weights).
+ALL = "all"
+
+
+def attention_without_weights(args: tuple, kwargs: dict) -> frozenset:
+    """:func:`fused_operands` of ``F.multi_head_attention_forward``: everything it saves
+    where it runs SDPA (``need_weights=False``); nothing where it computes and returns the
+    probabilities (they are saved by a softmax, and error enters linearly)."""
+    need_weights = kwargs.get("need_weights", args[15] if len(args) > 15 else True)
+    return frozenset() if need_weights else frozenset({(ALL, None)})
+
+
 def fused_operand(t: torch.Tensor, fused: frozenset) -> bool:
-    """True for a tensor a fused attention saves that :func:`fused_operands` names: its query,
-    key or value, or a tensor of its output's shape (the output; also the probabilities of a
-    math fallback where they have that shape, then coded wider than they need)."""
+    """True for a tensor a fused attention saves that :func:`fused_operands` names: its
+    query, key, value or float mask (or autocast's cast of them), or a tensor of its output's
+    shape (the output; also the probabilities of a math fallback where they have that shape,
+    then coded wider than they need)."""
     shape = tuple(t.shape)
-    return (t.data_ptr(), shape) in fused or (None, shape) in fused
+    if (t.data_ptr(), shape) in fused or (None, shape) in fused or (ALL, None) in fused:
+        return True
+    return any(
+        isinstance(key, torch.dtype) and key != t.dtype and size == shape for key, size in fused
+    )
 
 
 def check_known(engine: SavedTensorEngine, p: nn.Parameter) -> None:

@@ -293,4 +293,4 @@ def _own_original(hooks: OriginalsHooks | HeldLayerHooks) -> dict[str, Any]:
 
 
 # Whole models pickled before the BatchNorm hooks moved to their own file name them here.
-from .held_statistics import HeldStatistics, _Saved  # noqa: E402, F401
+from .held_statistics import HeldStatistics, _Saved, release_eval  # noqa: E402, F401
