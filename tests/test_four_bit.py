@@ -650,7 +650,8 @@ def test_a_dequantized_weight_does_not_make_attention_inputs_statistics():
         model = _TinyAttention()
         with apply_s2a(model, frozen_dtype=frozen_dtype, head="head") as handle:
             model(x).sum().backward()
-            attention = handle.stats()["by_kind"]["attention"]
+            # without attention weights MHA runs SDPA inside: fused attention, 8-bit codes
+            attention = handle.stats()["by_kind"]["fused_attention"]
             stored[frozen_dtype] = attention["stored_bytes"]
     weight = 128 * 128 * 4  # out_proj's dequantized weight, kept for backward
     assert stored[None] < 0.5 * 4 * 4 * 16 * 128 * 4  # q, k, v, out: coded

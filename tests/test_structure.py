@@ -1815,5 +1815,7 @@ def test_side_refuses_a_padding_mask_it_cannot_read():
             model(x, src_key_padding_mask=mask)
         with pytest.raises(ValueError, match="cannot read a mask \\(argument 1\\)"):
             model(x, mask)
+        # a mask that pads nothing (all False; HF's all-ones attention_mask) is no problem
+        assert model(x, src_key_padding_mask=torch.zeros_like(mask)).shape == (2, 3)
     with apply_s2a(model, modules="bias", head="head"):
         model(x, src_key_padding_mask=mask).sum().backward()  # the model applies its mask

@@ -80,7 +80,12 @@ class PackingMixin:
     def _pack_call(self, t: torch.Tensor, call: Call) -> Any:
         cfg = self.config
         kind = "mask" if t.dtype == torch.bool else call.kind
-        if call.fused and kind == "attention" and fused_operand(t, call.fused):
+        if (
+            call.fused
+            and kind == "attention"
+            and not statistics(t, call)  # the log-sum-exp stays exact
+            and fused_operand(t, call.fused)
+        ):
             kind = "fused_attention"  # its backward recomputes from it: see fused_operands
         account = self._account
         assert account is not None

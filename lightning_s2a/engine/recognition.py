@@ -407,6 +407,7 @@ def fused_operands(args: tuple, kwargs: dict) -> frozenset:
     mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
     if isinstance(mask, torch.Tensor) and mask.is_floating_point():
         found.add((mask.data_ptr(), tuple(mask.shape)))
+        found.add((mask.dtype, tuple(mask.shape)))  # autocast's cast of it
     return frozenset(found)
 
 

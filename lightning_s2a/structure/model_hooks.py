@@ -57,8 +57,8 @@ class SideHooks:
                 "(the backbone runs with autograd), or detach() the input if its gradient is "
                 "not wanted."
             )
-        masks = [k for k, v in kwargs.items() if "mask" in k.lower() and torch.is_tensor(v)]
-        masks += [f"argument {i}" for i, v in enumerate(args) if _token_mask(v)]
+        masks = [k for k, v in kwargs.items() if _padding_name(k) and _pads(v)]
+        masks += [f"argument {i}" for i, v in enumerate(args[1:], 1) if _token_mask(v)]
         if masks:
             raise ValueError(
                 f"modules=['side'] pools {self.model_name}'s block outputs over every "
@@ -150,8 +150,26 @@ class SideHooks:
 
 
 def _token_mask(value: Any) -> bool:
-    """True for a (B, N) boolean tensor: a sequence model's padding mask passed by position."""
-    return torch.is_tensor(value) and value.dtype == torch.bool and value.dim() == 2
+    """True for a (B, N) boolean tensor after the input that pads something: a sequence
+    model's padding mask passed by position."""
+    is_mask = torch.is_tensor(value) and value.dtype == torch.bool and value.dim() == 2
+    return is_mask and _pads(value)
+
+
+def _padding_name(name: str) -> bool:
+    """A keyword that names a padding mask (``src_key_padding_mask``, HF's
+    ``attention_mask``), not another mask (``head_mask``, ``bool_masked_pos``)."""
+    name = name.lower()
+    return "padding_mask" in name or name == "attention_mask"
+
+
+def _pads(mask: Any) -> bool:
+    """True for a tensor mask with more than one value: one that marks some positions apart
+    (all ones, HF's mask of an unpadded batch, pads nothing in either convention)."""
+    if not torch.is_tensor(mask) or not mask.numel():
+        return False
+    flat = mask.reshape(-1)
+    return bool((flat != flat[0]).any())
 
 
 def _cast(pyramid: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
