@@ -1719,7 +1719,7 @@ class _Attention(nn.Module):
             q, k, v = self.proj(x).view(*x.shape[:2], 3, 2, 8).permute(2, 0, 3, 1, 4)
             if self.how.startswith("float_mask"):
                 # per image and head, as large as q (a smaller one is kept whole)
-                bias = torch.linspace(-3, 3, q.numel(), dtype=x.dtype).view(q.shape[:-1] + (-1,))
+                bias = torch.linspace(-3, 3, q.numel(), dtype=x.dtype).view((*q.shape[:-1], -1))
                 with torch.autocast("cpu", torch.bfloat16, enabled=self.how.endswith("autocast")):
                     h = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).float()
             else:  # cross-attention: keys and values of half the tokens, cast by autocast
