@@ -1606,12 +1606,7 @@ def test_what_a_custom_function_saves_is_kept_exact_and_said():
     assert coded["custom"]["stored_bytes"] < coded["custom"]["raw_bytes"]
 
 
-class _Cumulative(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.l1 = nn.Linear(16, 32)
-        self.head = nn.Linear(32, 3)
-
+class _Cumulative(_CustomPooled):
     def forward(self, x):
         return self.head(torch.cumprod(torch.atan(self.l1(x)), dim=1))
 
