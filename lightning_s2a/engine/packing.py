@@ -14,6 +14,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 
 from .accounting import ForwardAccount, part_of
+from .attention import fused_operand
 from .backend import resolve_backend
 from .calibration import WIDE_BITS
 from .codebook import fit_codebook
@@ -25,7 +26,6 @@ from .recognition import (
     Call,
     constant,
     exact_code,
-    fused_operand,
     outside_call,
     reduced,
     statistics,
