@@ -89,3 +89,75 @@ def compact_max_pool2d(func: Any, args: tuple, kwargs: dict) -> Any:
     if None in (kernel, stride, padding, dilation) or kernel[0] * kernel[1] > 256:
         return NotImplemented
     return _CompactMaxPool2d.apply(x, kernel, stride, padding, dilation, bool(bound["ceil_mode"]))
+
+
+class _ShapeOnlyAvgPool2d(torch.autograd.Function):
+    """``avg_pool2d`` that keeps nothing for backward: its backward reads the input's shape
+    only, and PyTorch's kept the whole input (coded: 28.7% of a ResNet-D's stored bytes, the
+    average pools of its downsampling shortcuts)."""
+
+    @staticmethod
+    def forward(ctx, x, kernel, stride, padding, ceil_mode, count_include_pad, divisor):
+        ctx.geometry = (x.shape, kernel, stride, padding, ceil_mode, count_include_pad, divisor)
+        return torch.ops.aten.avg_pool2d(
+            x, kernel, stride, padding, ceil_mode, count_include_pad, divisor
+        )
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape, kernel, stride, padding, ceil_mode, count_include_pad, divisor = ctx.geometry
+        # The backward reads only the input's sizes: a zero-stride placeholder stands in.
+        placeholder = grad.new_empty(1).expand(shape)
+        grad_input = torch.ops.aten.avg_pool2d_backward(
+            grad, placeholder, kernel, stride, padding, ceil_mode, count_include_pad, divisor
+        )
+        return grad_input, None, None, None, None, None, None
+
+
+_AVG_ARGS = (
+    "input",
+    "kernel_size",
+    "stride",
+    "padding",
+    "ceil_mode",
+    "count_include_pad",
+    "divisor_override",
+)
+_AVG_DEFAULTS: dict[str, Any] = {
+    "stride": None,
+    "padding": 0,
+    "ceil_mode": False,
+    "count_include_pad": True,
+    "divisor_override": None,
+}
+
+
+def shape_only_avg_pool2d(func: Any, args: tuple, kwargs: dict) -> Any:
+    """Rewrite of ``avg_pool2d`` keeping nothing for backward; declines what it can't do."""
+    bound = bind_args(args, kwargs, _AVG_ARGS, _AVG_DEFAULTS)
+    if bound is None:
+        return NotImplemented
+    x = bound["input"]
+    if (
+        not isinstance(x, torch.Tensor)
+        or type(x) is not torch.Tensor
+        or x.dim() != 4
+        or not x.requires_grad
+        or not torch.is_grad_enabled()
+    ):
+        return NotImplemented
+    kernel = expand_ints(bound["kernel_size"], 2)
+    stride = expand_ints(bound["stride"] or bound["kernel_size"], 2)
+    padding = expand_ints(bound["padding"], 2)
+    divisor = bound["divisor_override"]
+    if None in (kernel, stride, padding) or not (divisor is None or isinstance(divisor, int)):
+        return NotImplemented
+    return _ShapeOnlyAvgPool2d.apply(
+        x,
+        kernel,
+        stride,
+        padding,
+        bool(bound["ceil_mode"]),
+        bool(bound["count_include_pad"]),
+        divisor,
+    )

@@ -15,10 +15,14 @@ from .extremum_ops import EXTREMUM_REWRITES
 from .four_bit import four_bit_linear
 from .frozen_ops import FROZEN_REWRITES, Rewrite
 from .periodic_ops import PERIODIC_REWRITES
-from .pool_ops import compact_max_pool2d
+from .pool_ops import compact_max_pool2d, shape_only_avg_pool2d
 from .rnn_ops import RNN_REWRITES
 
-REWRITES: dict[str, Rewrite] = {**FROZEN_REWRITES, "max_pool2d": compact_max_pool2d}
+REWRITES: dict[str, Rewrite] = {
+    **FROZEN_REWRITES,
+    "max_pool2d": compact_max_pool2d,
+    "avg_pool2d": shape_only_avg_pool2d,
+}
 COMPRESS_REWRITES: dict[str, Rewrite] = {**EXTREMUM_REWRITES, **PERIODIC_REWRITES, **RNN_REWRITES}
 FOUR_BIT_REWRITES: dict[str, Rewrite] = {"linear": four_bit_linear}
 
