@@ -67,11 +67,15 @@ _POOL_DEFAULTS: dict[str, Any] = {
 }
 
 
-def compact_max_pool2d(func: Any, args: tuple, kwargs: dict) -> Any:
-    """Rewrite of ``max_pool2d`` storing one-byte window offsets; declines what it can't do."""
-    bound = bind_args(args, kwargs, _POOL_ARGS, _POOL_DEFAULTS)
+def _pool_geometry(
+    args: tuple, kwargs: dict, names: tuple[str, ...], defaults: dict[str, Any]
+) -> tuple[dict[str, Any], tuple, tuple, tuple] | None:
+    """``(bound arguments, kernel, stride, padding)`` of a 2-D pooling call the rewrites can
+    take (a plain 4-D input that needs a gradient, grad mode on, integer geometry), else
+    None."""
+    bound = bind_args(args, kwargs, names, defaults)
     if bound is None:
-        return NotImplemented
+        return None
     x = bound["input"]
     if (
         not isinstance(x, torch.Tensor)
@@ -79,16 +83,28 @@ def compact_max_pool2d(func: Any, args: tuple, kwargs: dict) -> Any:
         or x.dim() != 4
         or not x.requires_grad
         or not torch.is_grad_enabled()
-        or bound["return_indices"]
     ):
-        return NotImplemented
+        return None
     kernel = expand_ints(bound["kernel_size"], 2)
     stride = expand_ints(bound["stride"] or bound["kernel_size"], 2)
     padding = expand_ints(bound["padding"], 2)
-    dilation = expand_ints(bound["dilation"], 2)
-    if None in (kernel, stride, padding, dilation) or kernel[0] * kernel[1] > 256:
+    if None in (kernel, stride, padding):
+        return None
+    return bound, kernel, stride, padding
+
+
+def compact_max_pool2d(func: Any, args: tuple, kwargs: dict) -> Any:
+    """Rewrite of ``max_pool2d`` storing one-byte window offsets; declines what it can't do."""
+    found = _pool_geometry(args, kwargs, _POOL_ARGS, _POOL_DEFAULTS)
+    if found is None or found[0]["return_indices"]:
         return NotImplemented
-    return _CompactMaxPool2d.apply(x, kernel, stride, padding, dilation, bool(bound["ceil_mode"]))
+    bound, kernel, stride, padding = found
+    dilation = expand_ints(bound["dilation"], 2)
+    if dilation is None or kernel[0] * kernel[1] > 256:
+        return NotImplemented
+    return _CompactMaxPool2d.apply(
+        bound["input"], kernel, stride, padding, dilation, bool(bound["ceil_mode"])
+    )
 
 
 class _ShapeOnlyAvgPool2d(torch.autograd.Function):
@@ -134,26 +150,15 @@ _AVG_DEFAULTS: dict[str, Any] = {
 
 def shape_only_avg_pool2d(func: Any, args: tuple, kwargs: dict) -> Any:
     """Rewrite of ``avg_pool2d`` keeping nothing for backward; declines what it can't do."""
-    bound = bind_args(args, kwargs, _AVG_ARGS, _AVG_DEFAULTS)
-    if bound is None:
+    found = _pool_geometry(args, kwargs, _AVG_ARGS, _AVG_DEFAULTS)
+    if found is None:
         return NotImplemented
-    x = bound["input"]
-    if (
-        not isinstance(x, torch.Tensor)
-        or type(x) is not torch.Tensor
-        or x.dim() != 4
-        or not x.requires_grad
-        or not torch.is_grad_enabled()
-    ):
-        return NotImplemented
-    kernel = expand_ints(bound["kernel_size"], 2)
-    stride = expand_ints(bound["stride"] or bound["kernel_size"], 2)
-    padding = expand_ints(bound["padding"], 2)
+    bound, kernel, stride, padding = found
     divisor = bound["divisor_override"]
-    if None in (kernel, stride, padding) or not (divisor is None or isinstance(divisor, int)):
+    if not (divisor is None or isinstance(divisor, int)):
         return NotImplemented
     return _ShapeOnlyAvgPool2d.apply(
-        x,
+        bound["input"],
         kernel,
         stride,
         padding,
