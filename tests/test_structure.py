@@ -1819,3 +1819,38 @@ def test_side_refuses_a_padding_mask_it_cannot_read():
         assert model(x, src_key_padding_mask=torch.zeros_like(mask)).shape == (2, 3)
     with apply_s2a(model, modules="bias", head="head"):
         model(x, src_key_padding_mask=mask).sum().backward()  # the model applies its mask
+
+
+def test_a_model_collected_during_an_optimizer_step_leaves_the_step_alone():
+    """The unstepped check's hook was removed by a finalizer; a garbage collection inside an
+    optimizer step (as a test run hit) removed it while torch iterated over the hooks:
+    "OrderedDict mutated during iteration". Now a later check takes it off."""
+    import gc
+
+    from torch.optim import optimizer as optim_module
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from lightning_s2a.structure import unstepped
+
+    holder = [nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 2))]
+    hooks_before = len(optim_module._global_optimizer_pre_hooks)
+
+    def drop(optimizer, args, kwargs):
+        holder.clear()
+        gc.collect()  # the model and its handle are a cycle: collected here
+
+    # registered first, so torch's iteration still has the check's hook ahead of it
+    dropping = register_optimizer_step_pre_hook(drop)
+    apply_s2a(holder[0], head="1", add_bias=True)  # adds a bias: the check is on
+    param = nn.Parameter(torch.zeros(2))
+    param.grad = torch.ones(2)
+    try:
+        torch.optim.SGD([param], lr=0.1).step()  # raised before
+    finally:
+        dropping.remove()
+    assert len(unstepped._retired) == 1
+    second = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 2))
+    handle = apply_s2a(second, head="1", add_bias=True)
+    assert not unstepped._retired  # swept by the next check
+    assert len(optim_module._global_optimizer_pre_hooks) == hooks_before + 1  # the next check
+    handle.remove()

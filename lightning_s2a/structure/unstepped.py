@@ -22,6 +22,16 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 STEPS = 3
 
 
+#: Hooks of checks whose model is gone, taken off by :func:`_sweep`.
+_retired: list[Any] = []
+
+
+def _sweep() -> None:
+    """Take off the hooks of checks whose model was collected (outside any optimizer step)."""
+    while _retired:
+        _retired.pop().remove()
+
+
 class UnsteppedCheck:
     """An optimizer step pre-hook (PyTorch's global one, removed with the handle or the
     model): notes which parameters the stepping optimizers hold, and warns once if, after a
@@ -35,8 +45,13 @@ class UnsteppedCheck:
         self.held: set[int] = set()
         self.steps: dict[int, int] = {}
         self.done = False
+        _sweep()
         self.hook = register_optimizer_step_pre_hook(self)
-        weakref.finalize(model, self.hook.remove)
+        # Not removed from the finalizer: the garbage collector may run it inside an
+        # optimizer's step, while torch iterates over these hooks ("OrderedDict mutated
+        # during iteration", seen in a test run). A dead model's hook does nothing and is
+        # taken off by the next check built.
+        weakref.finalize(model, _retired.append, self.hook)
 
     def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         model = self.model()
