@@ -1813,12 +1813,37 @@ def test_side_refuses_a_padding_mask_it_cannot_read():
         assert model(x).shape == (2, 3)  # no mask: nothing padded
         with pytest.raises(ValueError, match="cannot read a mask \\(src_key_padding_mask\\)"):
             model(x, src_key_padding_mask=mask)
-        with pytest.raises(ValueError, match="cannot read a mask \\(argument 1\\)"):
-            model(x, mask)
+        # by position: boolean, 0/1 integer or float (HF), additive (0 kept, -inf padded)
+        additive = torch.zeros(2, 10).masked_fill(mask, float("-inf"))
+        for positional in (mask, mask.long(), (~mask).float(), additive):
+            with pytest.raises(ValueError, match="cannot read a mask \\(argument 1\\)"):
+                model(x, positional)
         # a mask that pads nothing (all False; HF's all-ones attention_mask) is no problem
         assert model(x, src_key_padding_mask=torch.zeros_like(mask)).shape == (2, 3)
     with apply_s2a(model, modules="bias", head="head"):
         model(x, src_key_padding_mask=mask).sum().backward()  # the model applies its mask
+
+
+class _TokenWeighted(nn.Module):
+    """Per-token weights passed by position: data, not a mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8), nn.GELU())
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x, weights=None):
+        h = self.blocks(x)
+        return self.head((h if weights is None else h * weights[..., None]).mean(1))
+
+
+def test_side_takes_per_token_values_that_are_no_mask():
+    torch.manual_seed(0)
+    model = _TokenWeighted().train()
+    x, weights = torch.randn(2, 10, 8), torch.rand(2, 10)
+    blocks = ["blocks.0", "blocks.2"]
+    with apply_s2a(model, modules="side", head="head", input_size=(10, 8), blocks=blocks):
+        assert model(x, weights).shape == (2, 3)
 
 
 def test_a_model_collected_during_an_optimizer_step_leaves_the_step_alone():

@@ -150,10 +150,18 @@ class SideHooks:
 
 
 def _token_mask(value: Any) -> bool:
-    """True for a (B, N) boolean tensor after the input that pads something: a sequence
-    model's padding mask passed by position."""
-    is_mask = torch.is_tensor(value) and value.dtype == torch.bool and value.dim() == 2
-    return is_mask and _pads(value)
+    """True for a (B, N) tensor after the input that looks like a padding mask passed by
+    position and pads something: boolean, 0/1 integer or float (HF's ``attention_mask``), or
+    additive float (0 kept, -inf or a large negative number padded)."""
+    if not torch.is_tensor(value) or value.dim() != 2 or not _pads(value):
+        return False
+    if value.dtype == torch.bool:
+        return True
+    if value.is_complex():
+        return False
+    binary = bool(((value == 0) | (value == 1)).all())
+    additive = value.is_floating_point() and bool(((value == 0) | (value <= -1e4)).all())
+    return binary or additive
 
 
 def _padding_name(name: str) -> bool:
