@@ -65,7 +65,9 @@ class SideHooks:
                 f"position, and cannot read a mask ({', '.join(masks)}): padded positions "
                 "would enter the side network's features, and its output would change with "
                 "the padding. Use modules=['bias'] or ['bias', 'prompt'] (the model applies "
-                "its own mask), or call the model without a mask where nothing is padded."
+                "its own mask), or call the model without a mask where nothing is padded "
+                "(a 0/1 tensor by position that is no mask, such as token type ids: pass it "
+                "by keyword)."
             )
         self.taps.clear()
         self.last = None
