@@ -19,14 +19,10 @@ from torch import nn
 
 from .accounting import ForwardAccount
 from .compile_guard import check_not_compiling, check_not_traced
+from .contexts import foreign_autograd_context, functorch_transform, redirected_call
 from .ops import is_bias
 from .packed import in_backward
-from .recognition import (
-    OperatorMode,
-    foreign_autograd_context,
-    functorch_transform,
-    redirected_call,
-)
+from .recognition import OperatorMode
 
 
 class BoundariesMixin:

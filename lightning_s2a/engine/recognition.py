@@ -9,15 +9,12 @@ statistics) live here too.
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.autograd.forward_ad as forward_ad
-import torch.utils.checkpoint
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -27,8 +24,8 @@ from .attention import (
     attention_without_weights,
     fused_operands,
 )
+from .contexts import checkpoint_input, engine_saves
 from .ops import ElementwiseSpec
-from .packed import in_backward
 from .quantizers import QUANTIZERS, pack_two_level
 
 if TYPE_CHECKING:
@@ -73,62 +70,6 @@ def norm_row(raw: str, args: tuple, kwargs: dict) -> int:
     return 0
 
 
-#: Packages whose wrappers run another method through a module's ``forward``.
-_REDIRECTING = ("lightning.", "pytorch_lightning.", "lightning_fabric.")
-
-
-def redirected_call(module: nn.Module) -> bool:
-    """True in a pre-hook of ``module`` whose call runs another method through its forward:
-    under DDP, FSDP and DeepSpeed, Lightning (and Fabric) patch the LightningModule's
-    ``forward`` on the instance to run ``training_step`` and call the wrapper, so the
-    module's hooks see the whole step as one forward. The real forward runs inside it, as
-    its own call; the patch is gone by then (and in the post-hooks).
-    """
-    forward = module.__dict__.get("forward")
-    return (
-        forward is not None
-        and getattr(forward, "__name__", "") == "wrapped_forward"
-        and str(getattr(forward, "__module__", "")).startswith(_REDIRECTING)
-    )
-
-
-def functorch_transform() -> bool:
-    """True inside a ``torch.func`` transform (``grad``, ``vmap``): the model's parameters
-    are wrapped tensors there, whose storages cannot be read."""
-    return torch._C._functorch.maybe_current_level() is not None
-
-
-def foreign_autograd_context() -> bool:
-    """True inside a backward pass (e.g. a checkpoint recomputing its region) or while other
-    saved-tensor hooks are installed (activation checkpointing, ``save_on_cpu``).
-
-    Only the innermost saved-tensor hooks apply, so pushing ours there would take tensors
-    from the other owner; such regions are left to it, uncompressed.
-    """
-    return in_backward() or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
-
-
-_CHECKPOINT_FILE = os.path.normcase(os.path.abspath(torch.utils.checkpoint.__file__))
-
-
-def checkpoint_input(depth: int = 8) -> bool:
-    """True while ``torch.utils.checkpoint`` saves a region's inputs (reentrant or not; HF's
-    ``gradient_checkpointing_enable`` and timm's ``set_grad_checkpointing`` call it): the
-    save happens outside any operator, under the engine's hooks, and backward recomputes the
-    whole region from these tensors. Coded, their error ran through every op of the region
-    (a ViT's backbone-gradient cosine fell to 0.89); they are kept exact, as without S2A.
-    Only the few frames above the pack hook are read, and only for saves outside operators.
-    """
-    frame = sys._getframe(1)
-    for _ in range(depth):
-        if frame is None:
-            return False
-        if os.path.normcase(frame.f_code.co_filename) == _CHECKPOINT_FILE:
-            return True
-        frame = frame.f_back
-    return False
-
-
 #: Said once: checkpointing and S2A work against each other.
 CHECKPOINT_WARNING = (
     "activation checkpointing under S2A: each checkpointed region's inputs are kept exact "
@@ -167,12 +108,6 @@ CUSTOM_WARNING = (
     "stats(); op_bits={'custom': 4} codes them with min-max codes where you have checked "
     "that its gradient tolerates them."
 )
-
-
-def engine_saves(engine: SavedTensorEngine) -> bool:
-    """True while the innermost saved-tensor hooks are ``engine``'s own."""
-    top = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    return top is not None and getattr(top[0], "__self__", None) is engine
 
 
 def constant(t: torch.Tensor, weight_numels: set[int]) -> bool:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine.recognition import redirected_call
+from ..engine.contexts import redirected_call
 from . import four_bit
 
 
