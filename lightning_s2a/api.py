@@ -89,11 +89,12 @@ class S2AHandle:
         exact, then coded) with the same random state; the buffers of the model (or of
         ``scope``, a module around it that ``loss_fn`` also runs) are put back, and nothing
         reaches ``.grad``. Modules whose local relative gradient error exceeds ``tol``
-        (default ``config.calibration_tol()``) are widened; returns every module's error.
+        (default ``config.calibrate_tol``, or where that is None 0.05 at 4 bits doubled per
+        bit fewer, by the narrowest width each module's codes use) are widened; returns every
+        module's error.
         ``remeasure`` always runs the second measurement (same forwards on every process).
         ``S2ACallback`` calls this on the first training batch when ``config.calibrate``.
         """
-        tol = self.config.calibration_tol() if tol is None else tol
         return self.engine.calibrate(loss_fn, tol, scope=scope, remeasure=remeasure)
 
     def trainable_parameters(self) -> tuple[int, float]:

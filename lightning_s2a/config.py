@@ -316,10 +316,12 @@ class S2AConfig:
                 "calibrate=True measures the codes' error, but compress=False stores every "
                 "saved tensor exact; drop one of them."
             )
-        if self.calibrate and min([self.bits, *self.op_bits.values()]) >= WIDE_BITS:
+        if self.calibrate and min(self.coded_widths()) >= WIDE_BITS:
             raise ValueError(
-                f"calibrate=True widens modules to {WIDE_BITS} bits, but bits={self.bits} codes "
-                "everything in 8 bits already; use fewer bits or calibrate=False."
+                f"calibrate=True widens modules to {WIDE_BITS} bits, but every code is "
+                f"{WIDE_BITS} bits or more already (bits={self.bits}, op_bits="
+                f"{self.op_bits}, trainable_input_bits={self.trainable_input_bits}); use "
+                "fewer bits or calibrate=False."
             )
         if not _is_int(self.seed) or self.seed < 0:
             raise ValueError(f"seed: must be a non-negative integer, got {self.seed!r}.")
@@ -335,12 +337,19 @@ class S2AConfig:
             return self.op_bits.get(kind, wide)
         return self.op_bits.get(kind, self.bits)
 
-    def calibration_tol(self) -> float:
-        """The local gradient error above which calibration widens a module (see
-        ``calibrate_tol``): a code's error halves with each bit, and so does the default."""
+    def calibration_tol(self, bits: int | None = None) -> float:
+        """The local gradient error above which calibration widens a module whose codes are
+        ``bits`` wide (default ``self.bits``; see ``calibrate_tol``): a code's error halves
+        with each bit, and so does the default."""
         if self.calibrate_tol is not None:
             return float(self.calibrate_tol)
-        return 0.05 * 2.0 ** (4 - self.bits)
+        return 0.05 * 2.0 ** (4 - (self.bits if bits is None else bits))
+
+    def coded_widths(self) -> list[int]:
+        """Every code width the config asks for: ``bits``, ``op_bits`` and
+        ``trainable_input_bits``; calibration has something to widen below 8."""
+        widths = [self.bits, *self.op_bits.values()]
+        return widths + ([] if self.trainable_input_bits is None else [self.trainable_input_bits])
 
     def replace(self, **overrides: Any) -> S2AConfig:
         """A copy with some fields changed (validated again)."""

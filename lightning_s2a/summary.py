@@ -60,7 +60,7 @@ def format_summary(handle: S2AHandle) -> str:
         lines.append(f"blocks ({len(handle.structure.blocks)}): {handle.structure.block_rule}")
     if handle.structure.side_rule:
         lines.append(f"side: {handle.structure.side_rule}")
-    if cfg.calibrate or handle.engine.calibrated:
+    if cfg.calibrate or handle.engine.calibrated or handle.engine.module_bits:
         lines.append(calibration_line(handle.engine))
     if not measured:
         lines.append("(bytes: none measured yet; they are filled in after a training forward)")
@@ -84,13 +84,19 @@ def format_summary(handle: S2AHandle) -> str:
 
 def calibration_line(engine: SavedTensorEngine, show: int = 3) -> str:
     """One line on calibration: how many modules it widened, the worst errors it measured."""
+    wide = engine.module_bits
+    if not engine.calibrated and wide:
+        return (
+            f"calibration: {len(wide)} modules at {WIDE_BITS} bits or exact, restored from a "
+            "checkpoint measured under other code settings, in use until measured again "
+            "(calibrate=True: on the first training batch)"
+        )
     if not engine.calibrated:
         return (
-            "calibration: not run yet (S2ACallback runs it on the first training batch; "
-            "without Lightning, call handle.calibrate(loss_fn))"
+            "calibration: not run yet (S2ACallback runs it on the first training batch unless "
+            "a checkpoint restored holds it; without Lightning, call handle.calibrate(loss_fn))"
         )
     errors = engine.calibration
-    wide = engine.module_bits
     worst = sorted(wide, key=lambda n: -errors.get(n, 0.0))[:show]
     named = ", ".join(f"{n or '(model)'} {100 * errors.get(n, 0.0):.1f}%" for n in worst)
     exact = sum(b > WIDE_BITS for b in wide.values())

@@ -56,11 +56,12 @@ _Call = tuple[str, list[torch.Tensor], list[torch.Tensor]]
 def calibrate(
     engine: SavedTensorEngine,
     loss_fn: Callable[[], torch.Tensor],
-    tol: float,
+    tol: float | None = None,
     scope: nn.Module | None = None,
     remeasure: bool = False,
 ) -> dict[str, float]:
-    """Measure every module's local gradient error under its codes; widen those above ``tol``.
+    """Measure every module's local gradient error under its codes; widen those above ``tol``
+    (None: the config's tolerance at the narrowest width each module's codes use).
 
     ``loss_fn`` runs the model's forward on one batch and returns a scalar loss (no
     backward). ``scope`` is the module whose buffers ``loss_fn`` may change (default: the
@@ -74,7 +75,7 @@ def calibrate(
     cfg = engine.config
     if not cfg.compress:
         raise RuntimeError("calibrate: compress=False stores every tensor exact already.")
-    if min([cfg.bits, *cfg.op_bits.values()]) >= WIDE_BITS:
+    if min(cfg.coded_widths()) >= WIDE_BITS:
         raise RuntimeError(
             f"calibrate: every code is {WIDE_BITS} bits already, and calibration widens to "
             f"{WIDE_BITS}; use fewer bits (e.g. bits=4) or leave calibration out."
@@ -86,15 +87,30 @@ def calibrate(
     engine.module_bits = {}  # measure the configured widths
     try:
         watch = _Watch(engine, scope)
-        errors, copied = _measure(engine, loss_fn, watch, set())
-        above = {n for n, e in errors.items() if e > tol}
+        errors, copied, widths = _measure(engine, loss_fn, watch, set())
+
+        # Each module against the tolerance of its own width: an op_bits entry of 2 bits
+        # measured against 4 bits' tolerance was widened to 8 (more bytes than 4 bits). A
+        # module coded at WIDE_BITS already has nothing to widen (unless not finite).
+        def widen(measured: dict[str, float]) -> set[str]:
+            return {
+                n
+                for n, e in measured.items()
+                if math.isinf(e)
+                or (
+                    e > (cfg.calibration_tol(widths.get(n)) if tol is None else tol)
+                    and (widths.get(n) or cfg.bits) < WIDE_BITS
+                )
+            }
+
+        above = widen(errors)
         # A module's local gradient runs through its submodules too: widen the innermost
         # modules above tol first, then whatever is still above it once they are wide.
         engine.module_bits = {n: WIDE_BITS for n in above if not _has_inside(n, above)}
         broken = any(math.isinf(errors[n]) for n in above)
         if remeasure or broken or len(engine.module_bits) != len(above):
-            again, _ = _measure(engine, loss_fn, watch, copied)
-            engine.module_bits |= {n: WIDE_BITS for n, e in again.items() if e > tol}
+            again, _, _ = _measure(engine, loss_fn, watch, copied)
+            engine.module_bits |= {n: WIDE_BITS for n in widen(again)}
             # Still not finite at WIDE_BITS: no code width helps; its tensors are kept exact.
             engine.module_bits |= {n: EXACT_BITS for n, e in again.items() if math.isinf(e)}
     except BaseException:
@@ -135,18 +151,19 @@ def _measure(
     loss_fn: Callable[[], torch.Tensor],
     watch: _Watch,
     copied: set[str],
-) -> tuple[dict[str, float], set[str]]:
-    """Local errors per module, and the in-place modules whose inputs had to be copied."""
+) -> tuple[dict[str, float], set[str], dict[str, int | None]]:
+    """Local errors per module, the in-place modules whose inputs had to be copied, and the
+    narrowest width each module's codes use."""
     in_place: set[str] = set()
     with _same_state(engine, watch):
-        exact_calls, exact_loss = _record(engine, loss_fn, True, copied, in_place)
+        exact_calls, exact_loss, _ = _record(engine, loss_fn, True, copied, in_place)
     _check_scalar(exact_loss)
     if in_place - copied:  # their gradients read as their inputs': measure again, copied
         copied = copied | in_place
         with _same_state(engine, watch):
-            exact_calls, exact_loss = _record(engine, loss_fn, True, copied, set())
+            exact_calls, exact_loss, _ = _record(engine, loss_fn, True, copied, set())
     with _same_state(engine, watch):
-        coded_calls, coded_loss = _record(engine, loss_fn, False, copied, set())
+        coded_calls, coded_loss, widths = _record(engine, loss_fn, False, copied, set())
     _check_same_loss(exact_loss, coded_loss)
     shape = [(n, len(i), len(o)) for n, i, o in exact_calls]
     if shape != [(n, len(i), len(o)) for n, i, o in coded_calls]:
@@ -174,7 +191,7 @@ def _measure(
             if not math.isfinite(error):  # codes that turn a finite gradient NaN: worst
                 error = math.inf
             errors[name] = max(errors.get(name, 0.0), error)
-    return errors, copied
+    return errors, copied, widths
 
 
 def _vjp(outs: list[torch.Tensor], ins: list[torch.Tensor], g: list[torch.Tensor]) -> torch.Tensor:
@@ -205,7 +222,7 @@ def _record(
     exact: bool,
     copied: set[str],
     in_place: set[str],
-) -> tuple[list[_Call], torch.Tensor]:
+) -> tuple[list[_Call], torch.Tensor, dict[str, int | None]]:
     """Run ``loss_fn`` with every module call's gradient-carrying inputs and outputs noted,
     for the modules that save tensors themselves (the innermost module running at a save).
     Modules in ``copied`` work on copies of their inputs (their originals are noted, so the
@@ -238,7 +255,8 @@ def _record(
         handles.append(module.register_forward_hook(hook, with_kwargs=True))
         if name in copied:
             handles.append(module.register_forward_pre_hook(copy_inputs))
-    engine._saving = set()
+    saving: dict[str, int | None] = {}
+    engine._saving = saving
     engine._exact = exact
     try:
         loss = loss_fn()
@@ -246,7 +264,7 @@ def _record(
         engine._exact, engine._saving = False, None
         for h in handles:
             h.remove()
-    return calls, loss
+    return calls, loss, saving
 
 
 class _Watch:
@@ -332,7 +350,18 @@ def _fingerprints(params: list[nn.Parameter]) -> torch.Tensor:
 
 
 #: The engine's counters and accounts that a calibration forward changes and puts back.
-_ENGINE_STATE = ("step", "forwards", "_last", "_account", "_unpacked", "_step_peak")
+#: ``_fresh`` and ``_per_step`` too: each calibration forward starts the step's account as
+#: the real step will (see ``begin_step``).
+_ENGINE_STATE = (
+    "step",
+    "forwards",
+    "_last",
+    "_account",
+    "_unpacked",
+    "_step_peak",
+    "_fresh",
+    "_per_step",
+)
 
 
 def _check_same_loss(exact: torch.Tensor, coded: torch.Tensor) -> None:

@@ -20,6 +20,7 @@ at the next call; :mod:`.boundaries`). The engine knows nothing of Lightning.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -131,7 +132,9 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
         #: The code settings calibration measured under (see :meth:`calibration_key`).
         self.calibrated_for: dict[str, Any] | None = None
         self._exact = False  # calibration's exact forward: every saved tensor kept as is
-        self._saving: set[str] | None = None  # calibration: modules that saved something
+        #: Calibration: the modules that saved something, each with the narrowest width
+        #: its codes use (None: nothing coded).
+        self._saving: dict[str, int | None] | None = None
 
     def __deepcopy__(self, memo: dict) -> SavedTensorEngine:
         """A deep copy of the model (an EMA or SWA copy) gets an engine of its own.
@@ -253,8 +256,17 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
         self.calibrated_for = state.get("calibrated_for")
         if self.calibrated_for not in (None, self.calibration_key()):
             # Measured under other codes (a resumed run at other bits): to be measured again
-            # where the config calibrates; its widths stay until then.
+            # where the config calibrates; its widths stay until then, and are said.
             self.calibrated = False
+            if self.module_bits and not self.config.calibrate:
+                warnings.warn(
+                    f"the checkpoint loaded holds {len(self.module_bits)} modules that "
+                    "calibration widened under other code settings "
+                    f"({_changed(self.calibrated_for, self.calibration_key())}); they stay "
+                    "wide, with calibrate=False nothing measures them again. Set "
+                    "calibrate=True to measure under these settings.",
+                    stacklevel=2,
+                )
         self.calibration = {str(k): float(v) for k, v in state.get("calibration", {}).items()}
         self.codebooks = {
             tuple(c["site"]): Codebook(
@@ -282,12 +294,13 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
     def calibrate(
         self,
         loss_fn: Callable[[], torch.Tensor],
-        tol: float,
+        tol: float | None = None,
         scope: nn.Module | None = None,
         remeasure: bool = False,
     ) -> dict[str, float]:
         """Widen the modules whose codes bend their local gradient by more than ``tol``
-        (see :mod:`.calibration`); returns every saving module's local error."""
+        (None: the config's, scaled to each module's width; see :mod:`.calibration`);
+        returns every saving module's local error."""
         from .calibration import calibrate
 
         return calibrate(self, loss_fn, tol, scope=scope, remeasure=remeasure)
@@ -326,3 +339,12 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
     def _classify(self, info: tuple, args: tuple, kwargs: dict) -> Call | None:
         """The :class:`Call` a torch call is recognised as, or None (see :func:`.classify`)."""
         return classify(self, info, args, kwargs)
+
+
+def _changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """``field: old -> new`` for the calibration settings that differ."""
+    return ", ".join(
+        f"{'calibrate_tol' if k == 'tol' else k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in new
+        if old.get(k) != new.get(k)
+    )

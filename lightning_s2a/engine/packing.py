@@ -89,18 +89,18 @@ class PackingMixin:
             kind = "fused_attention"  # its backward recomputes from it: see fused_operands
         account = self._account
         assert account is not None
-        bits = cfg.bits_for(kind)
+        bits = configured = cfg.bits_for(kind)
         numel = self._remember(t)
+        frame = ""
         if self._saving is not None or self.module_bits:
             frame = self._frames[-1][0] if self._frames else ""
             if self._saving is not None:
-                self._saving.add(frame)
+                self._saving.setdefault(frame, None)
             wide = self.module_bits.get(frame)
             if wide is not None and bits is not None and wide > bits:
                 bits = wide if wide <= WIDE_BITS else None  # wider: kept exact (calibration)
         keep = (
             not cfg.compress
-            or self._exact
             or bits is None
             or kind == "checkpoint"  # a region's inputs: backward recomputes it from them
             or not (t.is_floating_point() or t.dtype == torch.bool)  # indices stay exact
@@ -114,6 +114,18 @@ class PackingMixin:
             # a per-row statistic, unless its code is exact anyway (masks, ReLU's 1 bit)
             or (reduced(t, self._largest, self._shapes) and not exact_code(kind, call))
         )
+        if (
+            self._saving is not None
+            and not keep
+            and configured is not None
+            and not exact_code(kind, call)
+        ):
+            # calibration: the narrowest width of the module's lossy codes, which its default
+            # tolerance follows (an op_bits entry of 2 bits is measured as 2 bits; a ReLU's
+            # exact mask is no 2-bit code)
+            was = self._saving[frame]
+            self._saving[frame] = configured if was is None else min(was, configured)
+        keep = keep or self._exact
         part = self._part()
         if keep:
             kept = compact(t) if cfg.compress and not self._exact else t

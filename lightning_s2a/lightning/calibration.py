@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+from lightning_utilities.core.apply_func import apply_to_collection
 
 from ..api import S2AHandle
 from ..summary import calibration_line
@@ -34,11 +35,14 @@ def calibrate_on_batch(
             "optimization would step; call lightning_s2a.get_handle(module).calibrate("
             "loss_fn) yourself before training, and set calibrate=False."
         )
-    step_args = (batch, batch_idx)
-    if not is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2):
-        step_args = (batch,)
+    with_index = is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2)
 
     def loss_fn() -> torch.Tensor:
+        # Each call on its own copy: a step that normalises its batch in place (x.sub_(m),
+        # batch["x"] = ...) would otherwise hand the real step a batch transformed once per
+        # calibration forward (a reviewer's parameters moved 28% after two steps).
+        fresh = _copy_batch(batch)
+        step_args = (fresh, batch_idx) if with_index else (fresh,)
         with trainer.precision_plugin.train_step_context():
             out = pl_module.training_step(*step_args)
         if out is None:
@@ -61,6 +65,16 @@ def calibrate_on_batch(
     engine = handle.engine
     engine.module_bits = trainer.strategy.broadcast(engine.module_bits, src=0)
     rank_zero_info(calibration_line(engine))
+
+
+def _copy_batch(batch: Any) -> Any:
+    """A copy of ``batch`` that ``training_step`` may change in place without touching the
+    batch the real step gets: a deep copy, or, for a batch that cannot be deep-copied, its
+    tensors cloned inside copies of its collections (Lightning's own traversal)."""
+    try:
+        return copy.deepcopy(batch)
+    except Exception:
+        return apply_to_collection(batch, torch.Tensor, torch.Tensor.clone)
 
 
 class _Skipped(Exception):

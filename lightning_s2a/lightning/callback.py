@@ -297,10 +297,13 @@ class S2ACallback(CheckpointState, pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         assert self.handle is not None
+        # The step's forwards add up (two views of a batch); calibration's forwards too,
+        # as the real step's will (before 2026-12-07 a second view opened an account of
+        # its own there and refitted a codebook that the real step then reused).
+        self.handle.engine.begin_step()
         if self.handle.config.calibrate and not self.handle.engine.calibrated:
             calibrate_on_batch(trainer, pl_module, self.handle, batch, batch_idx)
         self._forwards_before = self.handle.engine.forwards
-        self.handle.engine.begin_step()  # the step's forwards add up (two views of a batch)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
