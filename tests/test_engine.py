@@ -1695,6 +1695,68 @@ def test_forward_mode_ad_runs_as_without_s2a():
     assert torch.equal(got[0], expected[0]) and torch.allclose(got[1], expected[1], rtol=1e-10)
 
 
+class _ChangedAfterSave(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 2)
+
+    def forward(self, x):
+        h = torch.sigmoid(self.a(x))
+        z = self.b(h)  # saves h
+        return self.head(z + h.mul_(2))  # h changed in place after its save
+
+
+def test_a_tensor_changed_after_its_save_under_a_dual_level_is_refused_as_by_pytorch():
+    """With a forward-mode AD level open the pack hook returned tensors bare, which skips
+    autograd's version check: a bias gradient at cosine -0.72 to the right one, silently."""
+    import torch.autograd.forward_ad as forward_ad
+
+    torch.manual_seed(0)
+    model, x = _ChangedAfterSave().double(), torch.randn(4, 8, dtype=torch.float64)
+    with forward_ad.dual_level():
+        out = model(x)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()  # plain PyTorch
+    for compress in (False, True):
+        with apply_s2a(model, head="head", compress=compress):
+            with forward_ad.dual_level():
+                out = model(x)
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                out.sum().backward()
+
+
+class _GradInside(nn.Module):
+    """A forward that turns autograd on inside (called from a no_grad evaluation loop)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(8, 16), nn.Linear(16, 2)
+
+    def forward(self, x):
+        with torch.enable_grad():
+            return self.head(F.gelu(self.a(x)))
+
+
+def test_a_forward_that_turns_autograd_on_inside_is_said_to_run_uncompressed():
+    """Entered under no_grad, the engine never started: the forward's saves went
+    uncompressed and uncounted, stats() showing an earlier forward, without a word."""
+    torch.manual_seed(0)
+    model, x = _GradInside(), torch.randn(4, 8)
+    with apply_s2a(model, head="head") as handle:
+        model(x).sum().backward()  # compressed
+        before = handle.stats()
+        with torch.no_grad():
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                model.head(x[:, :2].repeat(1, 8))  # nothing with a gradient: nothing said
+            with pytest.warns(UserWarning, match="began without autograd"):
+                out = model(x)
+        assert out.requires_grad and handle.stats() == before
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model(x)  # said once
+
+
 class _Attention(nn.Module):
     """One attention layer three ways: nn.MultiheadAttention without weights, SDPA with a
     float mask, SDPA cross-attention on fp32 inputs under bf16 autocast."""

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from .accounting import ForwardAccount
 from .compile_guard import check_not_compiling, check_not_traced
@@ -75,6 +76,8 @@ class BoundariesMixin:
         # this level, so the count never goes negative.
         self._depth += 1
         check_not_traced(self.config.compress)
+        if self._depth == 1:
+            self._began_without_grad = not torch.is_grad_enabled()
         if self._depth == 1 and torch.is_grad_enabled():
             check_not_compiling(self.model, self.config.compress)  # before any change
             stay_out = foreign_autograd_context() or functorch_transform()
@@ -108,6 +111,23 @@ class BoundariesMixin:
             stacklevel=3,
         )
 
+    def _warn_grad_inside(self, output: Any) -> None:
+        """Say once that a forward begun without autograd turned it on inside (and returned
+        something with a gradient): the engine, which starts where a forward begins, was
+        not running, so what that forward saved is neither compressed nor counted."""
+        leaves, _ = tree_flatten(output)
+        if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves):
+            return
+        self._warned_grad_inside = True
+        warnings.warn(
+            f"S2A stays out of this forward of {type(self.model).__name__}: it began without "
+            "autograd (under torch.no_grad()) and turned autograd on inside "
+            "(torch.enable_grad), so what it saved for backward is neither compressed nor "
+            "counted, and stats() still shows an earlier forward. Call the model with "
+            "autograd on to compress it (said once).",
+            stacklevel=3,
+        )
+
     def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
         if self.model is None:  # the inert engine of a copied part
             return
@@ -121,6 +141,8 @@ class BoundariesMixin:
             self._entry_frame = None  # it holds the forward's locals
             if self._active:
                 self._deactivate()
+            elif self._began_without_grad and not self._warned_grad_inside:
+                self._warn_grad_inside(output)
 
     def begin_step(self) -> None:
         """Mark a training step's start: from now on every forward until the next step adds

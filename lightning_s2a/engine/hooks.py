@@ -92,6 +92,8 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
         # be a new parameter of the model's (a replaced head) that must not be passed over.
         self._outside_ids: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._warned_out = False  # said that a forward ran without the engine
+        self._warned_grad_inside = False  # said that autograd began inside a forward
+        self._began_without_grad = False  # the open forward began under no_grad
         #: True where something else calibrates on the first training batch (S2ACallback).
         self.calibrates_elsewhere = False
         self._weight_ids: set[int] = set()
@@ -170,6 +172,7 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update({"_warned_grad_inside": False, "_began_without_grad": False})
         self.__dict__.update(state)
         self._outside_ids = WeakIdKeyDictionary()
 

@@ -41,8 +41,10 @@ class PackingMixin:
             return t  # the quantizers' own saves (none record autograd)
         if forward_ad._current_level >= 0:
             # Forward-mode AD (a dual level open): what ops save there can be dual tensors
-            # whose storage cannot be read; left as they are, uncompressed and uncounted.
-            return t
+            # whose storage cannot be read; kept as they are, uncompressed and uncounted,
+            # with their version checked (returned bare, a tensor changed in place after
+            # its save gave wrong gradients where PyTorch raises).
+            return Kept(t)
         if t.layout != torch.strided:  # sparse (a graph's adjacency): no codes, no storage
             if self._account is not None:
                 kind = self._call.kind if self._call is not None else "generic"
