@@ -386,6 +386,46 @@ def test_a_non_image_input_is_a_clear_error():
         apply_s2a(model, cfg)
 
 
+@pytest.mark.parametrize(
+    "name, match",
+    [
+        ("hiera_tiny_224", "keeps its tokens in another order"),  # its maps were scrambled
+        ("nest_tiny", r"gives a 4x16 map of a 64x64 input \(strides 16 and 4\)"),
+    ],
+)
+def test_blocks_that_are_no_row_by_row_image_grid_are_refused(name, match):
+    """Hiera's unrolled tokens were laid out row by row, the right values in the wrong
+    places (silently); NesT's (blocks, tokens) outputs were accepted, then failed each call."""
+    model = timm.create_model(name, num_classes=0, img_size=64)
+    cfg = S2AConfig(modules=["side"], side="hierarchical", head=None, input_size=(3, 64, 64))
+    with pytest.raises(ValueError, match=match):
+        apply_s2a(model, cfg)
+    with apply_s2a(model, cfg.replace(side="pooled")):  # an average reads no order
+        assert model(torch.randn(1, 3, 64, 64)).dim() == 2
+
+
+class _SuffixToken(nn.Module):
+    """Tokens with one extra token and no ``num_prefix_tokens``: taken for a leading one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 8, 8)
+        self.cls = nn.Parameter(torch.zeros(1, 1, 8))
+        self.blocks = nn.Sequential(*(nn.Sequential(nn.Linear(8, 8), nn.GELU()) for _ in range(3)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        return self.blocks(torch.cat([t, self.cls.expand(len(t), -1, -1)], 1))[:, -1]
+
+
+def test_a_guessed_count_of_leading_tokens_is_said():
+    cfg = S2AConfig(modules=["side"], side="hierarchical", head=None, input_size=(3, 32, 32))
+    with apply_s2a(_SuffixToken(), cfg) as handle:
+        assert "1 leading token(s) taken for class/register tokens" in handle.summary()
+    with apply_s2a(timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=0), cfg) as h:
+        assert "leading token(s)" not in h.summary()  # timm's num_prefix_tokens says it
+
+
 class _Reversed(nn.Module):
     """Runs its blocks in reverse order: taps would meet the wrong projections."""
 

@@ -263,3 +263,42 @@ def test_a_head_whose_output_is_no_row_per_image_is_refused(merge):
     ):
         model(torch.randn(2, 3, 32, 32))
     handle.remove()
+
+
+class _LogProbs(nn.Module):
+    """A user's model whose head ends in LogSoftmax (trained with NLL), or, ``by_weight``,
+    runs its last Linear through ``F.linear`` with the layer's weight."""
+
+    def __init__(self, by_weight: bool = False) -> None:
+        super().__init__()
+        self.encoder = SMALL["resnet"]()
+        self.encoder.reset_classifier(0)
+        self.classifier = nn.Sequential(nn.Linear(self.encoder.num_features, 4), nn.LogSoftmax(1))
+        self.by_weight = by_weight
+
+    def forward(self, x):
+        h = self.encoder(x)
+        if self.by_weight:
+            fc = self.classifier[0]
+            return F.linear(h, fc.weight, fc.bias).log_softmax(1)
+        return self.classifier(h)
+
+
+@pytest.mark.parametrize("merge", ["replace", "add"])
+def test_what_the_head_does_after_its_last_linear_applies_to_the_sides_output(merge):
+    """The side's output replaced the whole head's, dropping its LogSoftmax: an NLL loss on
+    raw scores ran to -25 in ten steps, then NaN, silently."""
+    torch.manual_seed(0)
+    model = _LogProbs().double()
+    x = torch.randn(3, *SIZE, dtype=torch.float64)
+    cfg = S2AConfig(modules=["side"], head="classifier", side_merge=merge, input_size=SIZE)
+    with apply_s2a(model, cfg) as handle:
+        out = model(x)
+        assert "at the head's last Linear (0; the head's later ops follow)" in handle.summary()
+        # log-probabilities, whose gradient reaches the side network
+        assert torch.allclose(out.logsumexp(1), torch.zeros(3, dtype=torch.float64), atol=1e-12)
+        F.nll_loss(out, torch.tensor([0, 1, 2])).backward()
+        assert _side_last(model).weight.grad.abs().sum() > 0
+    model.by_weight = True
+    with apply_s2a(model, cfg), pytest.raises(RuntimeError, match="did not run as a module"):
+        model(x)

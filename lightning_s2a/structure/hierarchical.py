@@ -171,7 +171,8 @@ def as_map(h: torch.Tensor, tap: Tap, image: tuple[int, int]) -> torch.Tensor:
             f"side='hierarchical' expected {gh}x{gw} patch tokens after {tap.prefix} leading "
             f"ones for a {h_img}x{w_img} input, got {h.shape[1]} tokens. Call the model "
             "with an image tensor (B, C, H, W) as its first argument, or apply S2A with "
-            "S2AConfig(input_size=...) for the size your data have."
+            "S2AConfig(input_size=...) for the size your data have. Patch dropout in "
+            "training (timm's patch_drop_rate) drops tokens too: set it to 0 for this side."
         )
     gh, gw = found[0]
     return h[:, tap.prefix :].transpose(1, 2).reshape(h.shape[0], h.shape[2], gh, gw)

@@ -86,6 +86,16 @@ class SideHooks:
         if was is not None:
             self.last = None
             torch.set_grad_enabled(was)
+            if self.taps and output is not None:  # (None: the forward raised)
+                self.taps.clear()
+                raise RuntimeError(
+                    f"modules=['side']: {self.model_name}'s blocks ran, but the layer whose "
+                    "output the side network's stands in for did not run as a module in "
+                    "this forward (the head's last Linear used through F.linear with its "
+                    "weight, a head skipped, the blocks' output returned early), so the "
+                    "trained side network was skipped. Call the head's last Linear as a "
+                    "module, or use modules=['bias'] / ['bias', 'prompt']."
+                )
 
     def tap(self, name: str, index: int, module: nn.Module, args: Any, output: Any) -> None:
         """Forward hook of block ``name`` (bind the first two with ``functools.partial``)."""

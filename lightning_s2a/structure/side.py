@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from .surgery import StructureState
 
 SIDE_NAME = "s2a_side"
+#: Modules that put a model's tokens in another order than row by row (timm's Hiera unrolls
+#: them into mask units): its token blocks cannot be laid out on the image grid.
+TOKEN_REORDERING = ("Unroll",)
 #: Default side width cap: the side branch stays lite on wide CNNs (ResNet-50: 2048 channels).
 SIDE_MAX_WIDTH = 128
 #: Default side width floor: a last block of 6 channels at reduction 4 gave width 1, whose
@@ -53,6 +56,14 @@ def apply_side(model: nn.Module, config: S2AConfig, state: StructureState) -> No
             f"blocks per level {side.per_level}, output "
             + (f"{outputs} classes" if outputs is not None else "the pyramid (a list of maps)")
         )
+        guessed = {t.prefix for t in taps if t.layout == "tokens" and t.prefix}
+        if guessed and _prefix_tokens(model) is None:
+            # Said: a class token at the end of the sequence would shift every cell by one.
+            state.side_rule += (
+                f", {max(guessed)} leading token(s) taken for class/register tokens and "
+                f"left out ({type(model).__name__} names no num_prefix_tokens: set it if "
+                "they are elsewhere)"
+            )
     else:
         assert outputs is not None
         layouts = [b.layout for b in state.blocks]
@@ -87,8 +98,22 @@ def apply_side(model: nn.Module, config: S2AConfig, state: StructureState) -> No
     if config.side_merge == "add" and state.head is not None:
         # the head runs with autograd (it trains), on the backbone's no-grad features
         state.hooks.extend(h.register_forward_pre_hook(hooks.open_head) for h in heads)
-    state.hooks.extend(h.register_forward_hook(hooks.read_side) for h in heads)
+    # The side stands in for (or adds to) the output of each head's last Linear, so what
+    # the head does after it (a LogSoftmax, a temperature) applies to the side's output as
+    # to the head's: replacing the whole head's output dropped it (an NLL loss on raw
+    # scores ran to -25, then NaN).
+    outputs_at = [_last_linear(h) if state.head is not None else h for h in heads]
+    state.hooks.extend(o.register_forward_hook(hooks.read_side) for o in outputs_at)
+    if outputs_at[0] is not heads[0]:
+        name = next(n for n, m in heads[0].named_modules() if m is outputs_at[0])
+        state.side_rule += f", at the head's last Linear ({name}; the head's later ops follow)"
     state.hooks.append(model.register_forward_hook(hooks.exit, always_call=True))
+
+
+def _last_linear(head: nn.Module) -> nn.Module:
+    """The head's last Linear (itself for a Linear head): where the side's output goes."""
+    layers = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    return layers[-1] if layers else head
 
 
 def _classes(head: nn.Module) -> int | None:
@@ -136,14 +161,16 @@ def _taps(
     model: nn.Module, blocks: list[Block], channels: list[int], image: tuple[int, int]
 ) -> list[Tap]:
     """Each block's layout as a map; token blocks get their patch stride and prefix tokens."""
-    prefix = next(
-        (
-            m.num_prefix_tokens
-            for m in model.modules()
-            if isinstance(getattr(m, "num_prefix_tokens", None), int)
-        ),
-        None,
-    )
+    reordering = sorted({type(m).__name__ for m in model.modules()} & set(TOKEN_REORDERING))
+    if reordering:
+        raise ValueError(
+            f"side='hierarchical' lays token blocks out row by row, but "
+            f"{type(model).__name__} keeps its tokens in another order ({reordering[0]}: "
+            "Hiera's mask units), so the side's maps would hold the right values in the "
+            "wrong places. Use side='pooled' (its average reads no order), or modules="
+            "['bias'] / ['bias', 'prompt']."
+        )
+    prefix = _prefix_tokens(model)
     taps = []
     for block, c in zip(blocks, channels, strict=True):
         if block.layout == "tokens":
@@ -156,9 +183,31 @@ def _taps(
             )
         else:
             grid = block.shape[1:3] if block.layout == "nchw" else block.shape[0:2]
+            strides = map_stride(image[0], grid[0]), map_stride(image[1], grid[1])
+            if strides[0] != strides[1]:
+                raise ValueError(
+                    f"side='hierarchical' lays block outputs out on the image grid, but block "
+                    f"{block.name!r} gives a {grid[0]}x{grid[1]} map of a {image[0]}x"
+                    f"{image[1]} input (strides {strides[0]} and {strides[1]}): no image map "
+                    "(NesT's (blocks, tokens) layout), or one strided unevenly. Use "
+                    "side='pooled', or name other blocks with S2AConfig(blocks=...)."
+                )
             probe = (*image, *grid)
             taps.append(Tap(block.layout, c, stride=map_stride(image[0], grid[0]), probe=probe))
     return taps
+
+
+def _prefix_tokens(model: nn.Module) -> int | None:
+    """The model's own count of leading (class, register) tokens, timm's
+    ``num_prefix_tokens``; None where it names none (the count is then searched)."""
+    return next(
+        (
+            m.num_prefix_tokens
+            for m in model.modules()
+            if isinstance(getattr(m, "num_prefix_tokens", None), int)
+        ),
+        None,
+    )
 
 
 def _side_outputs(model: nn.Module, state: StructureState, config: S2AConfig) -> int | None:
