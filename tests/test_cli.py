@@ -319,6 +319,18 @@ def test_a_step_budget_alone_is_not_cut_by_the_epoch_default(tmp_path):
     config.write_text("trainer:\n  max_steps: 20\n")
     assert _cli(tmp_path, "--config", str(config)).trainer.max_epochs in (None, -1)
     assert _cli(tmp_path).trainer.max_epochs == 3  # the CLI's short fine-tune otherwise
+    # the trainer's settings in a file of their own: given as --trainer, or named by a
+    # config's trainer: (both stopped at 3 epochs until 2026-12-07), or a time budget
+    trainer_file = tmp_path / "trainer.yaml"
+    trainer_file.write_text("max_steps: 20\n")
+    names_it = tmp_path / "names.yaml"
+    names_it.write_text(f"trainer: {trainer_file}\n")
+    for given in (("--trainer", str(trainer_file)), ("--config", str(names_it))):
+        cli = _cli(tmp_path, *given)
+        assert cli.trainer.max_steps == 20 and cli.trainer.max_epochs in (None, -1), given
+    assert _cli(tmp_path, "--trainer.max_time", "00:00:01:00").trainer.max_epochs in (None, -1)
+    argv = {"trainer": {"max_steps": 20, "default_root_dir": str(tmp_path)}}
+    assert S2ALightningCLI(run=False, args=argv).trainer.max_epochs in (None, -1)
 
 
 def test_the_cosine_decays_per_step_over_a_step_budget_alone():

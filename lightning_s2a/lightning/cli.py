@@ -115,8 +115,8 @@ def s2a_config_from_namespace(section: Any) -> tuple[bool, S2AConfig, dict[str, 
         if given:
             rank_zero_warn(
                 f"s2a.enabled=false turns the s2a section off: its {given} are ignored (no "
-                "adapter is written). To configure S2A through trainer.strategy, set them in "
-                "the strategy's own config (init_args: {config: {...}})."
+                "adapter is written). S2A given in trainer.strategy or trainer.callbacks "
+                "runs with its own config (init_args: {config: {...}}): set them there."
             )
     return enabled, config, callback_kwargs
 
@@ -142,11 +142,12 @@ class S2ALightningCLI(LightningCLI):
         kwargs["trainer_defaults"] = {**TRAINER_DEFAULTS, **(kwargs.get("trainer_defaults") or {})}
         given = kwargs.get("args")
         tokens = (
-            list(sys.argv[1:] if given is None else given) if not isinstance(given, dict) else []
+            given if isinstance(given, dict) else list(sys.argv[1:] if given is None else given)
         )
-        if sets_trainer(tokens, "max_steps") and not sets_trainer(tokens, "max_epochs"):
-            # a step budget alone: our epoch default would end the run first (Lightning's
-            # own has no epoch limit then)
+        budget = sets_trainer(tokens, "max_steps") or sets_trainer(tokens, "max_time")
+        if budget and not sets_trainer(tokens, "max_epochs"):
+            # a step or time budget alone: our epoch default would end the run first
+            # (Lightning's own has no epoch limit then)
             kwargs["trainer_defaults"].pop("max_epochs", None)
         model_class = kwargs.get("model_class", args[0] if args else None)
         data_class = kwargs.get("datamodule_class", args[1] if len(args) > 1 else None)

@@ -73,7 +73,10 @@ def _config_sections(given: str) -> list[dict]:
         return []  # jsonargparse reports an unreadable config itself
     sections = [loaded, *(loaded[c] for c in SUBCOMMANDS if isinstance(loaded.get(c), dict))]
     return [
-        {k: _nested_file(v, base) if k in ("model", "data") else v for k, v in section.items()}
+        {
+            k: _nested_file(v, base) if k in ("model", "data", "trainer") else v
+            for k, v in section.items()
+        }
         for section in sections
     ]
 
@@ -189,17 +192,28 @@ def refuse_printing_carried_args(args: list[str]) -> None:
             )
 
 
-def sets_trainer(args: list[str], name: str) -> bool:
-    """True if the command line or a config file sets ``trainer.<name>``."""
+def sets_trainer(args: list[str] | dict[str, Any], name: str) -> bool:
+    """True if the command line or a config file sets ``trainer.<name>``: ``--trainer.<name>``,
+    ``--trainer`` with a YAML file or inline dict, a config's ``trainer:`` section (inline, or
+    a YAML file it names), or the ``trainer`` entry of arguments given as a dict."""
+    if isinstance(args, dict):
+        sections = [args, *(args[c] for c in SUBCOMMANDS if isinstance(args.get(c), dict))]
+        return any(_names(section.get("trainer"), name) for section in sections)
     for flag, value in _flags(args):
         if flag == f"--trainer.{name}":
             return True
-        if flag in ("--config", "-c"):
-            for section in _config_sections(value):
-                trainer = section.get("trainer")
-                if isinstance(trainer, dict) and name in trainer:
-                    return True
+        if flag == "--trainer" and _names(_loaded(value), name):
+            return True
+        if flag in ("--config", "-c") and any(
+            _names(s.get("trainer"), name) for s in _config_sections(value)
+        ):
+            return True
     return False
+
+
+def _names(trainer: Any, name: str) -> bool:
+    """True if a trainer section (a dict) sets ``name``."""
+    return isinstance(trainer, dict) and name in trainer
 
 
 def _loaded(given: str) -> Any:
