@@ -304,3 +304,79 @@ def test_a_module_called_many_times_shares_codebooks_past_a_cap():
     with apply_s2a(model, S2AConfig(head="head")) as handle:
         model(torch.randn(64, 64)).sum().backward()
         assert len(handle.engine.codebooks) == OWN_CODEBOOK_CALLS == 16
+
+
+def _tanh_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 256), nn.Tanh(), nn.Linear(256, 4)).double()
+
+
+def _bias_grad(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    model.zero_grad(set_to_none=True)
+    model(x).square().sum().backward()
+    return model[0].bias.grad.clone()
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return F.cosine_similarity(a.reshape(-1), b.reshape(-1), dim=0).item()
+
+
+def test_a_tensor_that_drifts_out_of_its_codebooks_range_gets_codes_fitted_again():
+    """A codebook fitted at scale 0.1 coded a tanh output at scale 3 in its end intervals
+    (points inside the old range): bias-gradient cosine 0.86 until the scheduled refit, up
+    to 1000 forwards later. Two distributions in turn settle on codes for both."""
+    torch.manual_seed(7)
+    x = torch.randn(64, 16, dtype=torch.float64)
+    with apply_s2a(_tanh_net(), head="2", compress=False) as handle:
+        exact = _bias_grad(handle.model, x * 3)
+    model = _tanh_net()
+    with apply_s2a(model, head="2") as handle:
+        for _ in range(40):
+            _bias_grad(model, x * 0.1)
+        (site,) = handle.engine.codebooks
+        fitted = handle.engine.codebooks[site].fitted_at
+        assert _cos(_bias_grad(model, x * 3), exact) > 0.998
+        assert handle.engine.codebooks[site].fitted_at == handle.engine.step > fitted
+        fits = set()
+        for i in range(12):  # small and large in turn: one more fit, for both, then none
+            _bias_grad(model, x * (0.1 if i % 2 else 3))
+            fits.add(handle.engine.codebooks[site].fitted_at)
+        assert len(fits) <= 2
+        state = handle.engine.state_dict()["codebooks"][0]
+        assert state["range"] == [
+            handle.engine.codebooks[site].lo,
+            handle.engine.codebooks[site].hi,
+        ]
+
+
+class _Event:
+    """A device event stand-in: ``ready`` says whether the device got there."""
+
+    ready = False
+
+    def query(self) -> bool:
+        return self.ready
+
+
+def test_a_drift_answer_from_the_device_is_read_at_a_later_call(monkeypatch):
+    """On CUDA the answer is copied behind an event and read once the device is there:
+    no wait in the pack path; the codes are fitted again at the site's next call."""
+    import lightning_s2a.engine.packing as packing
+
+    event = _Event()
+    monkeypatch.setattr(packing, "record_answer", lambda flag: (flag, event))
+    torch.manual_seed(7)
+    x = torch.randn(64, 16, dtype=torch.float64)
+    model = _tanh_net()
+    with apply_s2a(model, head="2") as handle:
+        for _ in range(9):  # fitted at forwards 1, 2, 3, 5 and 9; the next at 17
+            _bias_grad(model, x * 0.1)
+        (site,) = handle.engine.codebooks
+        fitted = handle.engine.codebooks[site].fitted_at
+        assert fitted == 9
+        _bias_grad(model, x * 3)  # answer open: these codes are the old ones
+        _bias_grad(model, x * 3)  # not read yet
+        assert handle.engine.codebooks[site].fitted_at == fitted
+        event.ready = True
+        _bias_grad(model, x * 3)
+        assert handle.engine.codebooks[site].fitted_at == handle.engine.step

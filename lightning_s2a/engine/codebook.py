@@ -31,6 +31,13 @@ class Codebook:
     #: The forward of the call site's first fit: refits come 1, 2, 4, ... forwards after it,
     #: then every ``codebook_refresh`` (see :meth:`due`).
     first_fit: int = 0
+    #: The central ``1 - 2 * DRIFT_TAIL`` of the fit's samples: a tensor with far more than
+    #: that outside has moved from what the codes were fitted to (see :func:`drifted`).
+    lo: float = -math.inf
+    hi: float = math.inf
+    #: The fit's samples (not saved): a refit for drift fits on half of them and half of the
+    #: new ones, so a site that sees two distributions in turn settles on codes for both.
+    sample: torch.Tensor | None = None
 
     def due(self, step: int, refresh: int) -> bool:
         """True if the codebook should be fitted again at forward ``step``: the interval
@@ -54,6 +61,26 @@ class DeviceCodebook(NamedTuple):
     boundaries: torch.Tensor  # float32, ascending
     points: torch.Tensor  # in the saved tensor's dtype
     grid: IntervalGrid | None = None  # the fast exact interval search, where one exists
+
+
+#: Share of a fit's samples below ``lo`` and above ``hi`` each.
+DRIFT_TAIL = 0.005
+#: Elements read (evenly spaced) to check a tensor against its codebook's range.
+DRIFT_SAMPLES = 1024
+#: A tensor with more than this share of its checked elements outside ``[lo, hi]`` (five
+#: times the fit's own 1%) has drifted: its codebook is fitted again at the site's next call.
+DRIFT_SHARE = 0.05
+
+
+def drifted(t: torch.Tensor, cb: Codebook) -> torch.Tensor:
+    """True (a bool tensor on ``t``'s device, not read here) where ``t`` has drifted out of
+    the range ``cb`` was fitted on: its end intervals, which run to infinity, give values far
+    outside the fit the derivative at a point inside it (a tanh fitted at scale 0.1 and fed
+    scale 3: gradient cosine 0.86 until the scheduled refit, up to 1000 forwards later)."""
+    flat = t.detach().reshape(-1)
+    checked = flat[:: max(1, flat.numel() // DRIFT_SAMPLES)]
+    outside = ((checked < cb.lo) | (checked > cb.hi)).sum()
+    return outside > DRIFT_SHARE * checked.numel()
 
 
 #: Below this many elements one ``torch.bucketize`` is cheaper than the grid's nine ops (CPU).
@@ -239,11 +266,14 @@ def fit_codebook(
         points.append(points[-1])
         values.append(values[-1])
         boundaries.append(float("inf"))
+    tail = int(DRIFT_TAIL * (s.numel() - 1))
     return Codebook(
         boundaries=torch.tensor(boundaries, dtype=torch.float64),
         points=torch.tensor(points, dtype=torch.float64),
         values=torch.tensor(values, dtype=torch.float64),
         bits=bits,
+        lo=s[tail].item(),
+        hi=s[s.numel() - 1 - tail].item(),
     )
 
 

@@ -20,6 +20,7 @@ at the next call; :mod:`.boundaries`). The engine knows nothing of Lightning.
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
@@ -76,6 +77,8 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
         self.step = 0
         self.codebooks: dict[tuple, Codebook] = {}
         self._device_codebooks: dict[tuple, DeviceCodebook] = {}
+        #: Per call site, the pending answer of its last drift check (see ``_drift_answer``).
+        self._drift_checks: dict[tuple, tuple] = {}
         self._last: dict | None = None
         self._account: ForwardAccount | None = None
         self._handles: list[RemovableHandle] = []
@@ -183,6 +186,7 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
             "_account": None,
             "_funcs": {},
             "_device_codebooks": {},
+            "_drift_checks": {},
             "_handles": [],
             "_contexts": [],
             "_deferred": DeferredChecks(),
@@ -246,6 +250,7 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
                     "bits": cb.bits,
                     "fitted_at": cb.fitted_at,
                     "first_fit": cb.first_fit,
+                    "range": [cb.lo, cb.hi],
                 }
                 for site, cb in self.codebooks.items()
             ],
@@ -280,6 +285,9 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
                 fitted_at=int(c["fitted_at"]),
                 # Saved before 2026-12-06 (no first fit): the refresh interval at once.
                 first_fit=int(c.get("first_fit", int(c["fitted_at"]) - (1 << 30))),
+                # Saved before 2026-12-07 (no range): never found drifted, as then.
+                lo=float(c.get("range", (-math.inf, math.inf))[0]),
+                hi=float(c.get("range", (-math.inf, math.inf))[1]),
             )
             for c in state["codebooks"]
         }

@@ -17,7 +17,8 @@ from .accounting import ForwardAccount, part_of
 from .attention import fused_operand
 from .backend import resolve_backend
 from .calibration import WIDE_BITS
-from .codebook import fit_codebook
+from .codebook import drifted, fit_codebook
+from .deferred import record_answer
 from .packed import Broadcast, Kept, PackOptions, broadcast_base, compact
 from .quantizers import QUANTIZERS
 from .recognition import (
@@ -181,19 +182,48 @@ class PackingMixin:
     def _backend(self, t: torch.Tensor) -> str:
         return resolve_backend(self.config.backend, t.device)
 
+    def _drift_answer(self, site: tuple) -> bool:
+        """Whether an earlier tensor of the site had drifted out of its codebook's range (see
+        :func:`.codebook.drifted`), as far as the device has answered: an answer it has not
+        reached yet waits for a later call."""
+        pending = self._drift_checks.get(site)
+        if pending is None or (pending[1] is not None and not pending[1].query()):
+            return False
+        del self._drift_checks[site]
+        return bool(pending[0])
+
     def _attach_codebook(self, t: torch.Tensor, call: Call, opts: PackOptions) -> None:
         cfg = self.config
         assert call.spec is not None and call.spec.derivative is not None
         site = call.site
         cb = self.codebooks.get(site)
-        if cb is None or cb.bits != opts.bits or cb.due(self.step, cfg.codebook_refresh):
+        fresh = cb is None or cb.bits != opts.bits or cb.due(self.step, cfg.codebook_refresh)
+        moved = False
+        if not fresh:
+            assert cb is not None
+            # An earlier call's answer, else this tensor's: read now where that costs no wait
+            # (CPU), else at the site's next call, once the device has got there.
+            moved = self._drift_answer(site)
+            if not moved:
+                host, event = record_answer(drifted(t, cb))
+                if event is None:
+                    moved = bool(host)
+                else:
+                    self._drift_checks[site] = (host, event)
+        if fresh or moved:
+            self._drift_checks.pop(site, None)
             flat = t.detach().reshape(-1)
             gen = torch.Generator().manual_seed(cfg.seed)
             m = min(cfg.codebook_samples, flat.numel())
             idx = torch.randint(flat.numel(), (m,), generator=gen).to(flat.device)
+            sample = flat[idx].to("cpu", torch.float64)  # as the fit reads it
+            if moved and cb is not None and cb.sample is not None:
+                # half the old samples, half the new: two distributions seen in turn
+                # settle on codes for both instead of a refit at every call
+                sample = torch.cat([cb.sample[: m - m // 2], sample[: m // 2]])
             first = self.step if cb is None or cb.bits != opts.bits else cb.first_fit
-            cb = fit_codebook(flat[idx], call.spec.derivative, opts.bits, jumps=call.spec.jumps)
-            cb.fitted_at, cb.first_fit = self.step, first
+            cb = fit_codebook(sample, call.spec.derivative, opts.bits, jumps=call.spec.jumps)
+            cb.fitted_at, cb.first_fit, cb.sample = self.step, first, sample
             self.codebooks[site] = cb
             self._device_codebooks = {
                 k: v for k, v in self._device_codebooks.items() if k[0] != site
