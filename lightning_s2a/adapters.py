@@ -139,6 +139,8 @@ def save_adapter(
         "s2a_config": json.dumps(dataclasses.asdict(handle.config)),
         "backbone": json.dumps(backbone_identity(handle.model, handle)),
         "prefix": prefix,
+        # the size prompts were sized for: another with as many positions loads by shape
+        "input_size": json.dumps(list(handle.structure.input_size)),
     }
     save_file(tensors, os.fspath(path), metadata=metadata)
 
@@ -212,6 +214,16 @@ def load_adapter(module: nn.Module, path: str | os.PathLike, strict: bool = True
             f"this backbone already has S2A applied with a different config (fields {fields} "
             "differ from the adapter's); call handle.remove() first, then load_adapter applies "
             "the adapter's config."
+        )
+    sized = json.loads(metadata.get("input_size", "[]"))  # absent before 2026-12-07
+    if "prompt" in config.modules and sized and sized != list(handle.structure.input_size):
+        if created:
+            handle.remove()
+        raise ValueError(
+            f"the adapter's prompts were sized for input {tuple(sized)}, and S2A here for "
+            f"{handle.structure.input_size}: with as many positions their shapes match, but "
+            "each row would sit on another patch or pixel. Apply S2A with S2AConfig("
+            f"input_size={tuple(sized)}) before loading (or load into a fresh model)."
         )
     expected = adapter_tensors(module, handle)
     everything = dict(module.named_parameters()) | dict(module.named_buffers())

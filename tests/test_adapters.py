@@ -360,3 +360,23 @@ def test_an_adapter_without_head_batch_norm_statistics_still_loads(tmp_path):
     save_file(old, str(tmp_path / "train_old.safetensors"), metadata=train_metadata)
     with pytest.raises(ValueError, match="running_mean"):
         load_adapter(build(), tmp_path / "train_old.safetensors")
+
+
+def test_error_prompts_sized_for_another_input(tmp_path):
+    """A resnet prompt trained at 32x64 loaded into S2A applied at 64x32: as many positions,
+    so the shapes matched, and the prompt was laid out on the transposed grid, silently."""
+    trained = resnet()
+    apply_s2a(trained, modules=("prompt",), input_size=(3, 32, 64))
+    perturb(trained, seed=5)
+    path = tmp_path / "prompt.safetensors"
+    save_adapter(trained, path)
+    model = resnet()
+    apply_s2a(model, modules=("prompt",), input_size=(3, 64, 32))
+    with pytest.raises(ValueError, match=r"sized for input \(3, 32, 64\).*\(3, 64, 32\)"):
+        load_adapter(model, path)
+    get_handle(model).remove()
+    apply_s2a(model, modules=("prompt",), input_size=(3, 32, 64))
+    load_adapter(model, path)
+    x = torch.randn(2, 3, 32, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), trained(x))

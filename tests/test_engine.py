@@ -1757,6 +1757,68 @@ def test_a_forward_that_turns_autograd_on_inside_is_said_to_run_uncompressed():
             model(x)  # said once
 
 
+class _CallsAnother(nn.Module):
+    """Calls a model it does not register (an S2A'd model of its own, or a trainable
+    module) inside its forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 3))
+
+    def forward(self, x):
+        return self.body(x) + self.__dict__["other"](x)
+
+
+def _inner() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 3)
+    )
+
+
+@pytest.mark.parametrize("inner_compress", [True, False])
+def test_an_s2a_model_inside_another_s2a_models_forward_runs_under_its_own_engine(
+    inner_compress,
+):
+    """The inner model's engine stood aside for the outer's hooks, and the outer engine coded
+    the inner's tensors at its own widths: the inner head's input at 4 bits (cosine 0.997),
+    its compress=False ignored, its stats 0."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8, dtype=torch.float64), torch.randint(0, 3, (64,))
+    grads = {}
+    for compress in (False, True):
+        torch.manual_seed(1)
+        outer, inner = _CallsAnother().double(), _inner().double()
+        outer.__dict__["other"] = inner
+        h_out = apply_s2a(outer, head="body.2", compress=compress)
+        h_in = apply_s2a(inner, head="4", compress=compress and inner_compress)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "S2A stays out"
+            F.cross_entropy(outer(x), y).backward()
+        grads[compress] = inner[4].weight.grad.clone()
+        stats = h_in.stats()
+        assert stats["raw_bytes"] > 0
+        assert (stats["stored_bytes"] < stats["raw_bytes"]) == (compress and inner_compress)
+        assert "trainable" in stats["by_kind"]
+        h_out.remove(), h_in.remove()
+    assert torch.equal(grads[True], grads[False])  # its head's input kept exact
+
+
+def test_a_trainable_module_from_outside_the_model_keeps_its_input_exact():
+    """An unregistered trainable Linear called inside the S2A'd forward had its saved input
+    coded as a frozen Linear's: its weight's gradient from 4-bit codes."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 8, dtype=torch.float64), torch.randint(0, 3, (16,))
+    grads = {}
+    for compress in (False, True):
+        torch.manual_seed(1)
+        outer, extra = _CallsAnother().double(), _inner().double()
+        outer.__dict__["other"] = extra  # trains in full, outside S2A
+        with apply_s2a(outer, head="body.2", compress=compress):
+            F.cross_entropy(outer(x), y).backward()
+        grads[compress] = [p.grad.clone() for p in extra.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(grads[True], grads[False], strict=True))
+
+
 class _Attention(nn.Module):
     """One attention layer three ways: nn.MultiheadAttention without weights, SDPA with a
     float mask, SDPA cross-attention on fp32 inputs under bf16 autocast."""

@@ -134,14 +134,26 @@ def test_prompt_starts_as_identity_and_learns(family):
 
 
 def test_prompt_on_another_resolution_is_a_clear_error():
+    """Another size with as many tokens (16x64 where the prompt was sized at 32x32, patch 8:
+    4x4 patches, then 2x8) passed the token-count check, and each prompt row was added to
+    another patch, silently; also through forward_features."""
     model = timm.create_model(
         "vit_tiny_patch16_224", num_classes=10, depth=2, img_size=64, dynamic_img_size=True
     )
     with (
         apply_s2a(model, modules="prompt", input_size=SIZE),
-        pytest.raises(RuntimeError, match=r"input resolution changed.*input_size"),
+        pytest.raises(RuntimeError, match=r"input_size"),
     ):
         model(torch.randn(1, 3, 32, 32))
+    model = timm.create_model(
+        "vit_tiny_patch16_224", num_classes=10, depth=2, img_size=32, patch_size=8,
+        dynamic_img_size=True,
+    )  # fmt: skip
+    with apply_s2a(model, modules="prompt", input_size=(3, 32, 32)):
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+        for call in (model, model.forward_features):
+            with pytest.raises(RuntimeError, match=r"a 4x4 grid .* makes a 2x8 grid"):
+                call(torch.randn(1, 3, 16, 64))
 
 
 @pytest.mark.parametrize("family", list(SMALL))
@@ -1670,6 +1682,23 @@ def test_unfreezing_everything_s2a_froze_is_warned_once(recwarn):
     model(x).sum().backward()  # once: the next step says nothing
     assert not [w for w in recwarn if "require grad again" in str(w.message)]
     handle.remove()
+
+
+def test_a_deep_copys_unfreeze_check_watches_the_copy(recwarn):
+    """The check held the original's parameters in a weak dictionary, which deepcopy keeps
+    as it is: an EMA copy unfrozen in full went unsaid, and the original's unfreezing was
+    said of the untouched copy."""
+    torch.manual_seed(0)
+    model = SMALL["vit"]()
+    apply_s2a(model, S2AConfig(modules=("bias",)))
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, *SIZE)
+    model.requires_grad_(True)
+    twin(x).sum().backward()  # the copy is as frozen as before
+    assert not [w for w in recwarn if "require grad again" in str(w.message)]
+    twin.requires_grad_(True)
+    with pytest.warns(UserWarning, match=r"parameters S2A froze in VisionTransformer require"):
+        twin(x).sum().backward()
 
 
 class _NarrowBlock(nn.Module):

@@ -50,7 +50,17 @@ def foreign_autograd_context() -> bool:
     Only the innermost saved-tensor hooks apply, so pushing ours there would take tensors
     from the other owner; such regions are left to it, uncompressed.
     """
-    return in_backward() or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return in_backward() or (top is not None and not _s2a_hooks(top))
+
+
+def _s2a_hooks(top: tuple) -> bool:
+    """True for another S2A engine's hooks: a model S2A'd on its own, called inside another
+    S2A'd model's forward, saves through its own engine, under its own config (it stood
+    aside, and the outer engine coded its trainable head's input at the outer's widths)."""
+    from .hooks import SavedTensorEngine
+
+    return isinstance(getattr(top[0], "__self__", None), SavedTensorEngine)
 
 
 _CHECKPOINT_FILE = os.path.normcase(os.path.abspath(torch.utils.checkpoint.__file__))

@@ -246,17 +246,22 @@ def classify(engine: SavedTensorEngine, info: tuple, args: tuple, kwargs: dict) 
         kind = "elementwise"
     param_ids = engine._param_ids
     params = []
+    outside_trained = False  # a trained parameter from outside the model (a module of its own)
     for a in (*args, *kwargs.values()) if kwargs else args:
         if type(a) in (list, tuple):  # an RNN's weights come as one list
             params += [b for b in a if id(b) in param_ids]
         elif id(a) in param_ids:
             params.append(a)
-        elif isinstance(a, nn.Parameter) and a not in engine._outside_ids:
-            check_known(engine, a)
-    if kind is None and not params:
+        elif isinstance(a, nn.Parameter):
+            if a not in engine._outside_ids:
+                check_known(engine, a)
+            outside_trained = outside_trained or a.requires_grad
+    if kind is None and not params and not outside_trained:
         return None
-    if any(id(p) in engine._weight_ids for p in params) or (
-        kind in ("linear", "matmul") and derived_weight(engine, args, kwargs)
+    if (
+        outside_trained
+        or any(id(p) in engine._weight_ids for p in params)
+        or (kind in ("linear", "matmul") and derived_weight(engine, args, kwargs))
     ):
         kind = "trainable"  # its saved input feeds a trainable weight's gradient
     call = Call(kind=kind or "generic", spec=spec)

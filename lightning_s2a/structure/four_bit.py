@@ -21,6 +21,7 @@ computes, never for all layers at once. Double quantization of the scales is not
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -278,11 +279,24 @@ def named_held(model: nn.Module) -> list[tuple[str, torch.Size]]:
     ]
 
 
-def frozen_names(model: nn.Module) -> WeakIdKeyDictionary:
+class FrozenNames(WeakIdKeyDictionary):
+    """Frozen parameters and their names, held weakly. A deep copy of the model (an EMA
+    copy) gets one of the copy's parameters: a weak dictionary is copied as it is, and the
+    copy's checks watched the original's (an unfrozen copy went unsaid; an unfrozen
+    original was said of the copy)."""
+
+    def __deepcopy__(self, memo: dict) -> FrozenNames:
+        clone = FrozenNames()
+        for p, name in self.items():
+            clone[copy.deepcopy(p, memo)] = name
+        return clone
+
+
+def frozen_names(model: nn.Module) -> FrozenNames:
     """``model``'s frozen parameters and their names, held weakly (for :func:`check_unfrozen`
     and the surgery's ``UnfrozenCheck``: a parameter freed since cannot be mistaken for a new
     one at its address)."""
-    frozen = WeakIdKeyDictionary()
+    frozen = FrozenNames()
     for name, p in model.named_parameters():
         if not p.requires_grad:
             frozen[p] = name

@@ -77,6 +77,19 @@ class Tap:
     probe: tuple[int, ...] = ()
 
 
+def prefix_tokens(model: nn.Module) -> int | None:
+    """The model's own count of leading (class, register) tokens, timm's
+    ``num_prefix_tokens``; None where it names none (the count is then searched)."""
+    return next(
+        (
+            m.num_prefix_tokens
+            for m in model.modules()
+            if isinstance(getattr(m, "num_prefix_tokens", None), int)
+        ),
+        None,
+    )
+
+
 def token_grid(tokens: int, image: tuple[int, int], prefix: int | None) -> tuple[int, int]:
     """(patch stride, prefix tokens) that lay ``tokens`` out as a grid over an ``image`` (H, W).
 

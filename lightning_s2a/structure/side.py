@@ -16,7 +16,7 @@ from torch import nn
 from ..config import S2AConfig
 from .families import Block
 from .head import head_modules
-from .hierarchical import HierarchicalSide, Tap, map_stride, token_grid
+from .hierarchical import HierarchicalSide, Tap, map_stride, prefix_tokens, token_grid
 from .holders import add_module, like_parameters
 from .model_hooks import SideHooks
 from .modules import SideNetwork
@@ -57,7 +57,7 @@ def apply_side(model: nn.Module, config: S2AConfig, state: StructureState) -> No
             + (f"{outputs} classes" if outputs is not None else "the pyramid (a list of maps)")
         )
         guessed = {t.prefix for t in taps if t.layout == "tokens" and t.prefix}
-        if guessed and _prefix_tokens(model) is None:
+        if guessed and prefix_tokens(model) is None:
             # Said: a class token at the end of the sequence would shift every cell by one.
             state.side_rule += (
                 f", {max(guessed)} leading token(s) taken for class/register tokens and "
@@ -170,7 +170,7 @@ def _taps(
             "wrong places. Use side='pooled' (its average reads no order), or modules="
             "['bias'] / ['bias', 'prompt']."
         )
-    prefix = _prefix_tokens(model)
+    prefix = prefix_tokens(model)
     taps = []
     for block, c in zip(blocks, channels, strict=True):
         if block.layout == "tokens":
@@ -195,19 +195,6 @@ def _taps(
             probe = (*image, *grid)
             taps.append(Tap(block.layout, c, stride=map_stride(image[0], grid[0]), probe=probe))
     return taps
-
-
-def _prefix_tokens(model: nn.Module) -> int | None:
-    """The model's own count of leading (class, register) tokens, timm's
-    ``num_prefix_tokens``; None where it names none (the count is then searched)."""
-    return next(
-        (
-            m.num_prefix_tokens
-            for m in model.modules()
-            if isinstance(getattr(m, "num_prefix_tokens", None), int)
-        ),
-        None,
-    )
 
 
 def _side_outputs(model: nn.Module, state: StructureState, config: S2AConfig) -> int | None:

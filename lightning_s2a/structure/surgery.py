@@ -23,9 +23,11 @@ from .four_bit import frozen_names
 from .frozen_weights import cast_frozen, hold_frozen
 from .head import find_head, head_modules, is_bias, parallel_heads
 from .held_statistics import HeldStatistics, forget_statistics, release_eval
+from .hierarchical import prefix_tokens
 from .holders import add_module, home
 from .layouts import tensors_read
 from .modules import LowRankPrompt
+from .prompt_grid import PromptGrid, attach_image_size
 from .side import SIDE_NAME, apply_side
 
 PROMPT_NAME = "s2a_prompt"
@@ -176,12 +178,13 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
     for head in head_modules(state.head):
         state.parts.append((_name_of(model, head), "head"))
     if "prompt" in modules:
+        grids = _token_grids(model, state)
         for block in state.blocks:
             prompt = LowRankPrompt(block.shape, block.layout, config.prompt_rank)
             owner, owner_name, attr = home(model, block.name, PROMPT_NAME, "prompt", state.runners)
             # made like the block's output in the dry forward, before frozen weights were cast
             add_module(state.added_modules, owner, attr, prompt, block.like)
-            hook = partial(_prompt_hook, prompt)
+            hook = partial(_prompt_hook, prompt, block.name, grids.get(block.name))
             state.hooks.append(block.module.register_forward_hook(hook))
             state.parts.append((f"{owner_name}.{attr}" if owner_name else attr, "prompt"))
     if "side" in modules:
@@ -213,9 +216,27 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
 
 
 def _prompt_hook(
-    prompt: LowRankPrompt, module: nn.Module, args: Any, output: torch.Tensor
+    prompt: LowRankPrompt,
+    name: str,
+    grid: PromptGrid | None,
+    module: nn.Module,
+    args: Any,
+    output: torch.Tensor,
 ) -> torch.Tensor:
+    if grid is not None:
+        grid.check(name)
     return prompt(output)
+
+
+def _token_grids(model: nn.Module, state: StructureState) -> dict[str, PromptGrid]:
+    """Per token block, the patch grid its prompt is sized for (see :mod:`.prompt_grid`)."""
+    tokens = [b for b in state.blocks if b.layout == "tokens"]
+    if not tokens or len(state.input_size) != 3:
+        return {}
+    image = attach_image_size(model, state.input_size[0], state.hooks)
+    size, prefix = (state.input_size[1], state.input_size[2]), prefix_tokens(model)
+    found = {b.name: PromptGrid.of(image, size, b.shape[0], prefix) for b in tokens}
+    return {name: grid for name, grid in found.items() if grid is not None}
 
 
 def _drop_unread_biases(model: nn.Module, config: S2AConfig, state: StructureState) -> None:
