@@ -1684,6 +1684,19 @@ def test_unfreezing_everything_s2a_froze_is_warned_once(recwarn):
     handle.remove()
 
 
+@pytest.mark.parametrize("frozen_dtype", ["bfloat16", "float16", "nf4"])
+@pytest.mark.parametrize("side", ["pooled", "hierarchical"])
+def test_the_side_network_is_made_in_the_models_own_dtype(frozen_dtype, side):
+    """Made like the head, which frozen_dtype had cast already: a bf16 side network whose
+    small updates rounded away (a reviewer's 5 AdamW steps moved 28% of its weights where
+    99% moved in fp32); under nf4 the head has no weight left to be like."""
+    torch.manual_seed(0)
+    model = SMALL["resnet"]().double()
+    cfg = S2AConfig(modules=["side"], side=side, input_size=SIZE, frozen_dtype=frozen_dtype)
+    with apply_s2a(model, cfg):
+        assert {p.dtype for p in model.s2a_side.parameters()} == {torch.float64}
+
+
 def test_a_deep_copys_unfreeze_check_watches_the_copy(recwarn):
     """The check held the original's parameters in a weak dictionary, which deepcopy keeps
     as it is: an EMA copy unfrozen in full went unsaid, and the original's unfreezing was

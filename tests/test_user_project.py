@@ -1248,4 +1248,21 @@ def test_evaluating_a_module_without_s2a_under_a_side_config_is_an_error(tmp_pat
         max_epochs=1, callbacks=[S2ACallback(modules=["side"], backbone="encoder")]
     )
     trainer.fit(fitted, _data(8))
-    assert trainer.validate(fitted, _data(8))  # metrics of the side that trained
+    metrics = trainer.validate(fitted, _data(8))  # metrics of the side that trained
+    assert metrics
+    # a fresh module with the fit's checkpoint: the side that trained comes in (refused
+    # until 2026-12-07: the check ran before Lightning said a checkpoint would come in)
+    path = tmp_path / "side.ckpt"
+    trainer.save_checkpoint(path)
+    trainer = quiet_trainer(callbacks=[S2ACallback(modules=["side"], backbone="encoder")])
+    assert trainer.validate(EncoderClassifier(), _data(8), ckpt_path=path) == metrics
+    # nor is a 4-bit run's checkpoint said to be a module evaluated without S2A
+    nf4 = S2ACallback(frozen_dtype="nf4", backbone="encoder")
+    trainer = quiet_trainer(max_epochs=1, callbacks=[nf4])
+    trainer.fit(EncoderClassifier(), _data(8))
+    trainer.save_checkpoint(path)
+    trainer = quiet_trainer(callbacks=[S2ACallback(frozen_dtype="nf4", backbone="encoder")])
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        trainer.validate(EncoderClassifier(), _data(8), ckpt_path=path)
+    assert not [w for w in said if "has no S2A applied" in str(w.message)]

@@ -75,6 +75,7 @@ class S2ACallback(CheckpointState, pl.Callback):
         self._forwards_before = 0
         self._warned = False
         self._for_evaluation = False
+        self._alone_pending = False  # an evaluation alone: checked once a restore is known
         self._stage = ""  # the running Trainer call's stage (setup's)
         self._restored_s2a = False
         self._run = ""  # a token for this run's own checkpoints (a tuner's temporary ones)
@@ -113,11 +114,9 @@ class S2ACallback(CheckpointState, pl.Callback):
             keys = set(target.state_dict())
             self.handle = apply_s2a(target, sized_from_data(config, trainer.datamodule))
             error = copied_back_error(trainer, pl_module, target, keys) if stage == "fit" else None
-            if stage != "fit" and trainer.ckpt_path is None:  # nothing trained comes in
-                try:
-                    check_evaluation_alone(self.handle)
-                except ValueError as err:
-                    error = err
+            # Whether a checkpoint comes in is known once Lightning restores it, after setup
+            # (trainer.ckpt_path is None here: test(ckpt_path=...) of a side run was refused)
+            self._alone_pending = stage != "fit"
             if error is not None:  # leave the model as it was
                 self.handle.remove()
                 self.handle = None
@@ -368,6 +367,15 @@ class S2ACallback(CheckpointState, pl.Callback):
         elif self.handle is not None:
             self.handle.stop_engine()
         self._for_evaluation = self._restored_s2a = False
+
+    def _evaluation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """An evaluation alone, with nothing trained coming in (no checkpoint restored): see
+        ``check_evaluation_alone``."""
+        if self._alone_pending and self.handle is not None and trainer.ckpt_path is None:
+            check_evaluation_alone(self.handle)
+        self._alone_pending = False
+
+    on_validation_start = on_test_start = on_predict_start = _evaluation_start
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException

@@ -75,7 +75,11 @@ def apply_side(model: nn.Module, config: S2AConfig, state: StructureState) -> No
             if state.head is not None
             else f", added to {type(model).__name__}'s output"
         )
-    add_module(state.added_modules, model, SIDE_NAME, side, like_parameters(replaced))
+    # Like the blocks' outputs in the dry forward, before frozen weights were cast: the head
+    # cast to bf16 by frozen_dtype made a bf16 side (its updates rounded away), and a head
+    # held in 4 bits has no weight left to be like.
+    like = state.blocks[-1].like if state.blocks else like_parameters(replaced)
+    add_module(state.added_modules, model, SIDE_NAME, side, like)
     state.parts.append((SIDE_NAME, "side"))
     hooks = SideHooks(
         type(model).__name__,
