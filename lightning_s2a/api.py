@@ -228,6 +228,14 @@ def check_no_s2a_inside(model: nn.Module) -> None:
         where = next((n for n, m in model.named_modules() if _engine_hooked(m)), None)
         if where is not None:
             name = f"engine hooks{' on ' + where if where else ''}"
+            owner = _engine_hooked(model.get_submodule(where))
+            outer = owner.model if isinstance(owner, SavedTensorEngine) else None
+            if outer is not None and outer is not model and get_handle(outer) is not None:
+                raise RuntimeError(
+                    f"S2A is already applied to a {type(outer).__name__} that contains this "
+                    f"{type(model).__name__}; apply it to one of them only "
+                    "(get_handle(that model).remove() takes it off)."
+                )
     if name is not None:
         raise RuntimeError(
             f"{type(model).__name__} already holds S2A's {name!r}, but no S2A handle owns "
@@ -240,13 +248,14 @@ def check_no_s2a_inside(model: nn.Module) -> None:
         )
 
 
-def _engine_hooked(model: nn.Module) -> bool:
-    """True if an S2A engine's forward hooks are on ``model`` (a copy carries them)."""
+def _engine_hooked(model: nn.Module) -> SavedTensorEngine | None:
+    """The S2A engine whose forward hooks are on ``model`` (a copy carries them), or None."""
     for hook in model._forward_pre_hooks.values():
         fn = hook.func if isinstance(hook, partial) else hook
-        if isinstance(getattr(fn, "__self__", None), SavedTensorEngine):
-            return True
-    return False
+        engine = getattr(fn, "__self__", None)
+        if isinstance(engine, SavedTensorEngine):
+            return engine
+    return None
 
 
 def apply_s2a(model: nn.Module, config: S2AConfig | None = None, **overrides: Any) -> S2AHandle:

@@ -1018,6 +1018,16 @@ def test_feature_info_names_of_a_flattened_features_only_model_are_found():
         find_blocks(model, None)
 
 
+def test_a_features_only_backbone_is_told_to_pass_head_none():
+    """head='auto' on timm's features_only ViT suggested its last Linear as the head: a
+    block's MLP layer, which would then have trained as one."""
+    model = timm.create_model("vit_tiny_patch16_224", features_only=True, img_size=32)
+    with pytest.raises(ValueError, match=r"Pass head=None .* a layer of a block, no head"):
+        apply_s2a(model)
+    with apply_s2a(model, head=None) as handle:
+        assert handle.trainable_parameters()[0] > 0  # its biases
+
+
 def test_blocks_of_several_weight_layers_win_over_more_numerous_conv_units():
     from lightning_s2a.structure.families import find_blocks
 

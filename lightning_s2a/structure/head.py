@@ -33,6 +33,13 @@ def find_head(model: nn.Module, head: str | None) -> nn.Module | None:
         get = getattr(model, "get_classifier", None)
         if not callable(get):
             heads = _last_linears(model)
+            if hasattr(model, "feature_info"):  # timm's features_only: feature maps out
+                raise ValueError(
+                    f"head='auto' needs a model with timm's get_classifier(); "
+                    f"{type(model).__name__} has none. Pass head=None (its feature maps go "
+                    "to your own head outside it)"
+                    + ("; its last Linear is a layer of a block, no head." if heads else ".")
+                )
             if len(heads) > 1:  # parallel heads whose outputs the model combines
                 guess = f"all of its last Linears: S2AConfig(head={','.join(heads)!r})"
             elif heads:

@@ -60,7 +60,8 @@ def home(
         f"{type(model).__name__}, and of every module down to {name or 'it'}, runs its "
         "children (a Sequential, or a loop over its children), so an added module would run "
         "as one of its layers. Wrap the model in an nn.Module whose forward calls it, and "
-        "apply S2A to that."
+        "apply S2A to that, naming the blocks inside it (S2AConfig(blocks=...), e.g. "
+        "'model.stages.*'): the wrapper has no block table or feature_info of its own."
     )
 
 
