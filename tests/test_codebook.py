@@ -321,6 +321,23 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return F.cosine_similarity(a.reshape(-1), b.reshape(-1), dim=0).item()
 
 
+def test_an_outlying_channel_is_no_drift():
+    """Evenly spaced checks lined up with the channels of a (16, 64, 64) tensor and read
+    one channel only; with that channel's bias at 6 the codes were fitted at every forward
+    (40 fits in 40 forwards, against the schedule's 7)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 4)).double()
+    with torch.no_grad():
+        model[0].bias[0] = 6.0
+    x = torch.randn(16, 64, 64, dtype=torch.float64)
+    fits = set()
+    with apply_s2a(model, head="2") as handle:
+        for _ in range(20):
+            model(x).sum().backward()
+            fits |= {cb.fitted_at for cb in handle.engine.codebooks.values()}
+    assert fits == {1, 2, 3, 5, 9, 17}  # the schedule's only
+
+
 def test_a_tensor_that_drifts_out_of_its_codebooks_range_gets_codes_fitted_again():
     """A codebook fitted at scale 0.1 coded a tanh output at scale 3 in its end intervals
     (points inside the old range): bias-gradient cosine 0.86 until the scheduled refit, up
@@ -350,17 +367,18 @@ def test_a_tensor_that_drifts_out_of_its_codebooks_range_gets_codes_fitted_again
 
 
 class _Event:
-    """A device event stand-in: ``ready`` says whether the device got there."""
+    """A device event stand-in that counts the waits for it."""
 
-    ready = False
+    waits = 0
 
-    def query(self) -> bool:
-        return self.ready
+    def synchronize(self) -> None:
+        self.waits += 1
 
 
-def test_a_drift_answer_from_the_device_is_read_at_a_later_call(monkeypatch):
-    """On CUDA the answer is copied behind an event and read once the device is there:
-    no wait in the pack path; the codes are fitted again at the site's next call."""
+def test_a_drift_answer_from_the_device_is_read_at_the_sites_next_call(monkeypatch):
+    """On CUDA the answer is copied behind an event and read at the site's next call (a
+    call later, the device is there already): the same call in every run. Read only when
+    the device had got there, the refit came a call or more later, or never, by timing."""
     import lightning_s2a.engine.packing as packing
 
     event = _Event()
@@ -374,9 +392,9 @@ def test_a_drift_answer_from_the_device_is_read_at_a_later_call(monkeypatch):
         (site,) = handle.engine.codebooks
         fitted = handle.engine.codebooks[site].fitted_at
         assert fitted == 9
+        event.waits = 0
         _bias_grad(model, x * 3)  # answer open: these codes are the old ones
-        _bias_grad(model, x * 3)  # not read yet
-        assert handle.engine.codebooks[site].fitted_at == fitted
-        event.ready = True
-        _bias_grad(model, x * 3)
-        assert handle.engine.codebooks[site].fitted_at == handle.engine.step
+        assert handle.engine.codebooks[site].fitted_at == fitted and event.waits == 0
+        _bias_grad(model, x * 3)  # read (waited for) at the next call: codes fitted again
+        assert handle.engine.codebooks[site].fitted_at == handle.engine.step == fitted + 2
+        assert event.waits == 1

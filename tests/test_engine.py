@@ -1725,6 +1725,31 @@ def test_a_tensor_changed_after_its_save_under_a_dual_level_is_refused_as_by_pyt
                 out.sum().backward()
 
 
+def test_an_engine_pickled_before_new_state_was_added_still_runs(monkeypatch):
+    """A model saved with torch.save by the previous version lacked the drift checks' state
+    and failed its first forward after loading with an AttributeError."""
+    import pickle
+
+    from lightning_s2a.engine.hooks import SavedTensorEngine
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.GELU(), nn.Linear(64, 2))
+    apply_s2a(model, head="2")
+    model(torch.randn(32, 8)).sum().backward()
+    getstate = SavedTensorEngine.__getstate__
+
+    def as_before(self):  # what the previous version pickled
+        state = getstate(self)
+        for name in ("_drift_checks", "_drift_positions", "_warned_grad_inside"):
+            state.pop(name)
+        return state
+
+    monkeypatch.setattr(SavedTensorEngine, "__getstate__", as_before)
+    loaded = pickle.loads(pickle.dumps(model))
+    for _ in range(3):  # past the codebook's first fits: the drift check runs
+        loaded(torch.randn(32, 8)).sum().backward()
+
+
 class _GradInside(nn.Module):
     """A forward that turns autograd on inside (called from a no_grad evaluation loop)."""
 
@@ -1807,11 +1832,12 @@ def test_a_trainable_module_from_outside_the_model_keeps_its_input_exact():
     """An unregistered trainable Linear called inside the S2A'd forward had its saved input
     coded as a frozen Linear's: its weight's gradient from 4-bit codes."""
     torch.manual_seed(0)
-    x, y = torch.randn(16, 8, dtype=torch.float64), torch.randint(0, 3, (16,))
+    x, y = torch.randn(256, 8, dtype=torch.float64), torch.randint(0, 3, (256,))
     grads = {}
     for compress in (False, True):
         torch.manual_seed(1)
-        outer, extra = _CallsAnother().double(), _inner().double()
+        outer = _CallsAnother().double()
+        extra = nn.Sequential(nn.Linear(8, 64), nn.Linear(64, 3)).double()
         outer.__dict__["other"] = extra  # trains in full, outside S2A
         with apply_s2a(outer, head="body.2", compress=compress):
             F.cross_entropy(outer(x), y).backward()

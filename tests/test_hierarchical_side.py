@@ -404,6 +404,19 @@ def test_blocks_that_are_no_row_by_row_image_grid_are_refused(name, match):
         assert model(torch.randn(1, 3, 64, 64)).dim() == 2
 
 
+def test_a_small_non_square_map_fits_a_common_stride():
+    """A ResNet's 2x2 last stage of a 40x48 input reads stride 16 or 32 by its height and 32
+    by its width: refused as strided unevenly by a first version of that check."""
+    model = timm.create_model("resnet18", num_classes=0)
+    cfg = S2AConfig(modules=["side"], side="hierarchical", head=None, input_size=(3, 40, 48))
+    with apply_s2a(model, cfg):
+        assert [tuple(f.shape[-2:]) for f in model(torch.randn(1, 3, 40, 48))] == [
+            (5, 6),
+            (3, 3),
+            (2, 2),
+        ]
+
+
 class _SuffixToken(nn.Module):
     """Tokens with one extra token and no ``num_prefix_tokens``: taken for a leading one."""
 

@@ -294,7 +294,7 @@ def test_what_the_head_does_after_its_last_linear_applies_to_the_sides_output(me
     cfg = S2AConfig(modules=["side"], head="classifier", side_merge=merge, input_size=SIZE)
     with apply_s2a(model, cfg) as handle:
         out = model(x)
-        assert "at the head's last Linear (0; the head's later ops follow)" in handle.summary()
+        assert "at the head's last Linear (0; the layers after it follow)" in handle.summary()
         # log-probabilities, whose gradient reaches the side network
         assert torch.allclose(out.logsumexp(1), torch.zeros(3, dtype=torch.float64), atol=1e-12)
         F.nll_loss(out, torch.tensor([0, 1, 2])).backward()
@@ -302,3 +302,31 @@ def test_what_the_head_does_after_its_last_linear_applies_to_the_sides_output(me
     model.by_weight = True
     with apply_s2a(model, cfg), pytest.raises(RuntimeError, match="did not run as a module"):
         model(x)
+
+
+class _TokenMean(nn.Module):
+    def forward(self, h):
+        return h.mean(1)
+
+
+class _PerToken(nn.Module):
+    """A head that classifies each token, then averages: its last Linear's output is no
+    (batch, classes) row, so the side stands in for the whole head's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = SMALL["vit"]()
+        self.encoder.reset_classifier(0)
+        self.encoder.global_pool = ""
+        self.classifier = nn.Sequential(nn.Linear(self.encoder.num_features, 4), _TokenMean())
+
+    def forward(self, x):
+        return self.classifier(self.encoder(x))
+
+
+def test_a_head_that_pools_after_its_last_linear_is_replaced_whole():
+    torch.manual_seed(0)
+    model = _PerToken()
+    cfg = S2AConfig(modules=["side"], head="classifier", input_size=SIZE)
+    with apply_s2a(model, cfg):
+        assert model(torch.randn(2, *SIZE)).shape == (2, 4)

@@ -156,6 +156,36 @@ def test_prompt_on_another_resolution_is_a_clear_error():
                 call(torch.randn(1, 3, 16, 64))
 
 
+class _Latents(nn.Module):
+    """Perceiver-style: patches cross-attended into 4 latent tokens, at any image size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 16, 8, 8)
+        self.queries = nn.Parameter(torch.randn(1, 4, 16))
+        self.pool = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.blocks = nn.Sequential(
+            *(nn.Sequential(nn.Linear(16, 16), nn.GELU()) for _ in range(3))
+        )
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        p = self.embed(x).flatten(2).transpose(1, 2)
+        z, _ = self.pool(self.queries.expand(len(x), -1, -1), p, p)
+        return self.head(self.blocks(z).mean(1))
+
+
+def test_prompts_on_tokens_that_are_no_patches_run_at_any_size():
+    """4 latents read as a 2x2 patch grid at 32 px were refused at 64 px (a review caught
+    the grid check, written for patches, refusing them)."""
+    torch.manual_seed(0)
+    model = _Latents()
+    cfg = S2AConfig(modules=["prompt"], head="head", input_size=(3, 32, 32), blocks="blocks.*")
+    with apply_s2a(model, cfg):
+        for size in (32, 64):
+            assert model(torch.randn(2, 3, size, size)).shape == (2, 3)
+
+
 @pytest.mark.parametrize("family", list(SMALL))
 def test_side_backbone_stores_nothing(family):
     model = SMALL[family]().train()

@@ -65,22 +65,31 @@ class DeviceCodebook(NamedTuple):
 
 #: Share of a fit's samples below ``lo`` and above ``hi`` each.
 DRIFT_TAIL = 0.005
-#: Elements read (evenly spaced) to check a tensor against its codebook's range.
+#: Elements read (at random positions) to check a tensor against its codebook's range.
 DRIFT_SAMPLES = 1024
 #: A tensor with more than this share of its checked elements outside ``[lo, hi]`` (five
 #: times the fit's own 1%) has drifted: its codebook is fitted again at the site's next call.
 DRIFT_SHARE = 0.05
 
 
-def drifted(t: torch.Tensor, cb: Codebook) -> torch.Tensor:
+def drifted(t: torch.Tensor, cb: Codebook, idx: torch.Tensor) -> torch.Tensor:
     """True (a bool tensor on ``t``'s device, not read here) where ``t`` has drifted out of
     the range ``cb`` was fitted on: its end intervals, which run to infinity, give values far
     outside the fit the derivative at a point inside it (a tanh fitted at scale 0.1 and fed
-    scale 3: gradient cosine 0.86 until the scheduled refit, up to 1000 forwards later)."""
-    flat = t.detach().reshape(-1)
-    checked = flat[:: max(1, flat.numel() // DRIFT_SAMPLES)]
+    scale 3: gradient cosine 0.86 until the scheduled refit, up to 1000 forwards later).
+    ``idx`` are the flat positions checked, random (see :func:`check_positions`)."""
+    checked = t.detach().reshape(-1)[idx]
     outside = ((checked < cb.lo) | (checked > cb.hi)).sum()
     return outside > DRIFT_SHARE * checked.numel()
+
+
+def check_positions(numel: int, seed: int, device: torch.device) -> torch.Tensor:
+    """:data:`DRIFT_SAMPLES` random flat positions of a tensor of ``numel`` elements, drawn
+    like the fit's samples. Evenly spaced ones lined up with the channels (a stride that is
+    a multiple of the width read one channel only), and one outlying channel refitted the
+    codes at every forward."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    return torch.randint(numel, (min(DRIFT_SAMPLES, numel),), generator=gen).to(device)
 
 
 #: Below this many elements one ``torch.bucketize`` is cheaper than the grid's nine ops (CPU).

@@ -79,6 +79,7 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
         self._device_codebooks: dict[tuple, DeviceCodebook] = {}
         #: Per call site, the pending answer of its last drift check (see ``_drift_answer``).
         self._drift_checks: dict[tuple, tuple] = {}
+        self._drift_positions: dict[tuple, torch.Tensor] = {}  # (numel, device) -> positions
         self._last: dict | None = None
         self._account: ForwardAccount | None = None
         self._handles: list[RemovableHandle] = []
@@ -175,7 +176,9 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update({"_warned_grad_inside": False, "_began_without_grad": False})
+        # what an engine pickled by an earlier version lacks
+        fill = {**self._new_caches(), "_warned_grad_inside": False, "_began_without_grad": False}
+        self.__dict__.update(fill)
         self.__dict__.update(state)
         self._outside_ids = WeakIdKeyDictionary()
 
@@ -187,6 +190,7 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
             "_funcs": {},
             "_device_codebooks": {},
             "_drift_checks": {},
+            "_drift_positions": {},
             "_handles": [],
             "_contexts": [],
             "_deferred": DeferredChecks(),

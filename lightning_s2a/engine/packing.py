@@ -17,7 +17,7 @@ from .accounting import ForwardAccount, part_of
 from .attention import fused_operand
 from .backend import resolve_backend
 from .calibration import WIDE_BITS
-from .codebook import drifted, fit_codebook
+from .codebook import check_positions, drifted, fit_codebook
 from .deferred import record_answer
 from .packed import Broadcast, Kept, PackOptions, broadcast_base, compact
 from .quantizers import QUANTIZERS
@@ -183,14 +183,26 @@ class PackingMixin:
         return resolve_backend(self.config.backend, t.device)
 
     def _drift_answer(self, site: tuple) -> bool:
-        """Whether an earlier tensor of the site had drifted out of its codebook's range (see
-        :func:`.codebook.drifted`), as far as the device has answered: an answer it has not
-        reached yet waits for a later call."""
-        pending = self._drift_checks.get(site)
-        if pending is None or (pending[1] is not None and not pending[1].query()):
+        """Whether the site's previous tensor had drifted out of its codebook's range (see
+        :func:`.codebook.drifted`). Read at the site's next call, waiting for the device if
+        it has not got there (it almost always has: the answer is a call old), so the codes
+        change at the same call in every run, as fast as the GPU goes."""
+        pending = self._drift_checks.pop(site, None)
+        if pending is None:
             return False
-        del self._drift_checks[site]
+        if pending[1] is not None:
+            pending[1].synchronize()
         return bool(pending[0])
+
+    def _check_positions(self, t: torch.Tensor) -> torch.Tensor:
+        """The flat positions a drift check reads, per size and device (cached)."""
+        key = (t.numel(), t.device)
+        idx = self._drift_positions.get(key)
+        if idx is None:
+            idx = self._drift_positions[key] = check_positions(
+                t.numel(), self.config.seed, t.device
+            )
+        return idx
 
     def _attach_codebook(self, t: torch.Tensor, call: Call, opts: PackOptions) -> None:
         cfg = self.config
@@ -205,7 +217,7 @@ class PackingMixin:
             # (CPU), else at the site's next call, once the device has got there.
             moved = self._drift_answer(site)
             if not moved:
-                host, event = record_answer(drifted(t, cb))
+                host, event = record_answer(drifted(t, cb, self._check_positions(t)))
                 if event is None:
                     moved = bool(host)
                 else:

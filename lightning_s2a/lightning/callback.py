@@ -156,7 +156,7 @@ class S2ACallback(CheckpointState, pl.Callback):
     # -- Lightning hooks -------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_single_s2a(trainer)
-        self._stage = stage
+        self._stage, self._alone_pending = stage, False
         if stage == "fit":
             check_no_finetuning(trainer)
         if self._module is not pl_module:

@@ -123,6 +123,13 @@ def token_grid(tokens: int, image: tuple[int, int], prefix: int | None) -> tuple
     )
 
 
+def plausible_strides(size: int, cells: int) -> set[int]:
+    """Every stride that gives ``cells`` map cells of ``size`` pixels within the rounding
+    of each stage (a 2-cell map of 40 pixels: 16 or 32), and the ratio itself."""
+    powers = {2**k for k in range(size.bit_length()) if abs(cells - size / 2**k) < 1}
+    return powers | {max(1, round(size / cells))}
+
+
 def map_stride(size: int, cells: int) -> int:
     """A feature map's stride from one probe: ``size`` input pixels over ``cells`` map cells.
 

@@ -42,6 +42,7 @@ class SideHooks:
         self.taps: list[torch.Tensor] = []
         self.last: Any = None  # the side's output in this forward, for every head it replaces
         self.grad_was: list[bool | None] = []  # None: a redirected call (see enter)
+        self.stood_in = False  # a head's last Linear took the side's output (read_at_linear)
 
     def enter(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         if redirected_call(module):  # Lightning's DDP step through the model's call
@@ -71,6 +72,7 @@ class SideHooks:
             )
         self.taps.clear()
         self.last = None
+        self.stood_in = False
         self.image = self.default_image
         # model(x) and model(pixel_values=x) alike; an image has the probe's channels, an
         # auxiliary 4-D tensor passed first (a mask) usually not
@@ -89,12 +91,11 @@ class SideHooks:
             if self.taps and output is not None:  # (None: the forward raised)
                 self.taps.clear()
                 raise RuntimeError(
-                    f"modules=['side']: {self.model_name}'s blocks ran, but the layer whose "
+                    f"modules=['side']: {self.model_name}'s blocks ran, but the head whose "
                     "output the side network's stands in for did not run as a module in "
-                    "this forward (the head's last Linear used through F.linear with its "
-                    "weight, a head skipped, the blocks' output returned early), so the "
-                    "trained side network was skipped. Call the head's last Linear as a "
-                    "module, or use modules=['bias'] / ['bias', 'prompt']."
+                    "this forward (skipped, its weight used through F.linear, the blocks' "
+                    "output returned early), so the trained side network was skipped. Call "
+                    "the head as a module, or use modules=['bias'] / ['bias', 'prompt']."
                 )
 
     def tap(self, name: str, index: int, module: nn.Module, args: Any, output: Any) -> None:
@@ -124,7 +125,20 @@ class SideHooks:
         self._inside("the head")
         torch.set_grad_enabled(self.grad_was[-1])
 
+    def read_at_linear(self, module: nn.Module, args: Any, output: Any) -> Any:
+        """Forward hook of the Linear a Sequential head ends in before layers without
+        weights: the side stands in there, and those layers follow. A per-token Linear
+        (the head pools after it) is left to the head's own hook."""
+        if not isinstance(output, torch.Tensor) or output.dim() != 2:
+            return None
+        out = self.read_side(module, args, output)
+        self.stood_in = True
+        return out
+
     def read_side(self, module: nn.Module, args: Any, output: Any) -> Any:
+        if self.stood_in:  # the head's own hook, after its last Linear took the side's
+            self.stood_in = False
+            return None
         if self.grad_was and self.grad_was[-1] is None and self.replaces_model:
             return None  # the end of a redirected call of the model: its output is the step's
         self._inside("the head")  # (the model's own forward hook always runs inside)

@@ -65,16 +65,23 @@ class PromptGrid:
         return cls(image, size, grid, stride)
 
     def check(self, name: str) -> None:
-        """Raise if this forward's image makes another grid at the prompt's patch stride."""
+        """Raise if this forward's image makes another grid of as many patches at the
+        prompt's stride: the tokens fit the prompt's shape and are patches elsewhere. Tokens
+        that are no patches (a Perceiver's latents: as many at any size) pass, and another
+        count is the prompt's own shape error."""
         now = self.image.now
-        if now is None or now == self.size or self.grid in _grids(now, self.stride):
+        if now is None or now == self.size:
             return
-        other = _grids(now, self.stride)[0]
+        grids = _grids(now, self.stride)
+        cells = self.grid[0] * self.grid[1]
+        if self.grid in grids or all(g[0] * g[1] != cells for g in grids):
+            return
+        other = next(g for g in grids if g[0] * g[1] == cells)
         raise RuntimeError(
             f"the prompt on block {name!r} was sized for a {self.size[0]}x{self.size[1]} input, "
             f"a {self.grid[0]}x{self.grid[1]} grid of patches; this forward's "
-            f"{now[0]}x{now[1]} input makes a {other[0]}x{other[1]} grid, on which the prompt's "
-            "rows would land on other patches (with as many tokens, silently). Apply S2A with "
+            f"{now[0]}x{now[1]} input makes a {other[0]}x{other[1]} grid of as many tokens, "
+            "on which the prompt's rows would land on other patches, silently. Apply S2A with "
             "S2AConfig(input_size=(C, H, W)) for the size your data have (one apply_s2a per "
             "resolution)."
         )

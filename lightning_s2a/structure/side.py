@@ -16,7 +16,14 @@ from torch import nn
 from ..config import S2AConfig
 from .families import Block
 from .head import head_modules
-from .hierarchical import HierarchicalSide, Tap, map_stride, prefix_tokens, token_grid
+from .hierarchical import (
+    HierarchicalSide,
+    Tap,
+    map_stride,
+    plausible_strides,
+    prefix_tokens,
+    token_grid,
+)
 from .holders import add_module, like_parameters
 from .model_hooks import SideHooks
 from .modules import SideNetwork
@@ -102,22 +109,31 @@ def apply_side(model: nn.Module, config: S2AConfig, state: StructureState) -> No
     if config.side_merge == "add" and state.head is not None:
         # the head runs with autograd (it trains), on the backbone's no-grad features
         state.hooks.extend(h.register_forward_pre_hook(hooks.open_head) for h in heads)
-    # The side stands in for (or adds to) the output of each head's last Linear, so what
-    # the head does after it (a LogSoftmax, a temperature) applies to the side's output as
-    # to the head's: replacing the whole head's output dropped it (an NLL loss on raw
-    # scores ran to -25, then NaN).
-    outputs_at = [_last_linear(h) if state.head is not None else h for h in heads]
-    state.hooks.extend(o.register_forward_hook(hooks.read_side) for o in outputs_at)
-    if outputs_at[0] is not heads[0]:
-        name = next(n for n, m in heads[0].named_modules() if m is outputs_at[0])
-        state.side_rule += f", at the head's last Linear ({name}; the head's later ops follow)"
+    state.hooks.extend(h.register_forward_hook(hooks.read_side) for h in heads)
+    # In a Sequential head whose last Linear is followed by layers without weights (a
+    # LogSoftmax for an NLL loss), the side stands in for (or adds to) that Linear's output,
+    # so they apply to the side's output too: replacing the whole head's output dropped
+    # them (an NLL loss on raw scores ran to -25, then NaN). Other heads, whose order of
+    # layers their registration need not tell, are replaced whole.
+    tails = [_tail_linear(h) for h in heads] if state.head is not None else []
+    state.hooks.extend(t.register_forward_hook(hooks.read_at_linear) for t in tails if t)
+    if tails and tails[0] is not None:
+        name = next(n for n, m in heads[0].named_modules() if m is tails[0])
+        state.side_rule += f", at the head's last Linear ({name}; the layers after it follow)"
     state.hooks.append(model.register_forward_hook(hooks.exit, always_call=True))
 
 
-def _last_linear(head: nn.Module) -> nn.Module:
-    """The head's last Linear (itself for a Linear head): where the side's output goes."""
-    layers = [m for m in head.modules() if isinstance(m, nn.Linear)]
-    return layers[-1] if layers else head
+def _tail_linear(head: nn.Module) -> nn.Linear | None:
+    """The Linear that a Sequential head (nested ones too) ends in, followed by layers
+    without weights; None where nothing follows it or the head is no such chain."""
+    module, follows = head, False
+    while isinstance(module, nn.Sequential):
+        weighted = [i for i, c in enumerate(module) if any(True for _ in c.parameters())]
+        if not weighted:
+            return None
+        follows = follows or weighted[-1] < len(module) - 1
+        module = module[weighted[-1]]
+    return module if follows and isinstance(module, nn.Linear) else None
 
 
 def _classes(head: nn.Module) -> int | None:
@@ -188,7 +204,9 @@ def _taps(
         else:
             grid = block.shape[1:3] if block.layout == "nchw" else block.shape[0:2]
             strides = map_stride(image[0], grid[0]), map_stride(image[1], grid[1])
-            if strides[0] != strides[1]:
+            # Refused where no stride fits both sides (a few cells are ambiguous: a ResNet's
+            # 2x2 last stage of a 40x48 input reads 16 or 32 by its height, 32 by its width)
+            if not plausible_strides(image[0], grid[0]) & plausible_strides(image[1], grid[1]):
                 raise ValueError(
                     f"side='hierarchical' lays block outputs out on the image grid, but block "
                     f"{block.name!r} gives a {grid[0]}x{grid[1]} map of a {image[0]}x"
