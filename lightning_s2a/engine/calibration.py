@@ -30,16 +30,15 @@ batch.
 from __future__ import annotations
 
 import math
-import random
-import sys
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
+
+from .calibration_state import Watch, same_state
 
 if TYPE_CHECKING:
     from .hooks import SavedTensorEngine
@@ -86,7 +85,7 @@ def calibrate(
     before, unpacked = engine.module_bits, engine._unpacked
     engine.module_bits = {}  # measure the configured widths
     try:
-        watch = _Watch(engine, scope)
+        watch = Watch(engine, scope)
         errors, copied, widths = _measure(engine, loss_fn, watch, set())
 
         # Each module against the tolerance of its own width: an op_bits entry of 2 bits
@@ -149,20 +148,20 @@ def _has_inside(name: str, names: set[str]) -> bool:
 def _measure(
     engine: SavedTensorEngine,
     loss_fn: Callable[[], torch.Tensor],
-    watch: _Watch,
+    watch: Watch,
     copied: set[str],
 ) -> tuple[dict[str, float], set[str], dict[str, int | None]]:
     """Local errors per module, the in-place modules whose inputs had to be copied, and the
     narrowest width each module's codes use."""
     in_place: set[str] = set()
-    with _same_state(engine, watch):
+    with same_state(engine, watch):
         exact_calls, exact_loss, _ = _record(engine, loss_fn, True, copied, in_place)
     _check_scalar(exact_loss)
     if in_place - copied:  # their gradients read as their inputs': measure again, copied
         copied = copied | in_place
-        with _same_state(engine, watch):
+        with same_state(engine, watch):
             exact_calls, exact_loss, _ = _record(engine, loss_fn, True, copied, set())
-    with _same_state(engine, watch):
+    with same_state(engine, watch):
         coded_calls, coded_loss, widths = _record(engine, loss_fn, False, copied, set())
     _check_same_loss(exact_loss, coded_loss)
     shape = [(n, len(i), len(o)) for n, i, o in exact_calls]
@@ -267,103 +266,6 @@ def _record(
     return calls, loss, saving
 
 
-class _Watch:
-    """The parameters of ``scope`` that calibration's forwards may change in place (an EMA
-    teacher updated in ``training_step``, a clamped temperature), sorted by what can be done.
-
-    Frozen parameters outside the S2A'd model run each forward on a copy (one per parameter
-    object, so tied ones stay tied). Trained ones cannot (their gradients are measured): their
-    values are compared, and one changed by more than one forward is an error (a clamp or a
-    renormalisation repeats harmlessly; an update would be applied once per forward). Frozen
-    ones inside the S2A'd model must not change at all, nor the originals of the copied ones
-    (reached through a reference kept from before)."""
-
-    def __init__(self, engine: SavedTensorEngine, scope: nn.Module) -> None:
-        inside = {id(p) for p in engine.model.parameters()}
-        self.names = {id(p): n for n, p in scope.named_parameters(remove_duplicate=False)}
-        self.slots: list[tuple[nn.Module, str, nn.Parameter]] = []
-        trained: dict[int, nn.Parameter] = {}
-        frozen: dict[int, nn.Parameter] = {}
-        for module in scope.modules():
-            for leaf, p in module._parameters.items():
-                if p is None:
-                    continue
-                if p.requires_grad:
-                    trained[id(p)] = p
-                elif id(p) in inside:
-                    frozen[id(p)] = p
-                else:
-                    self.slots.append((module, leaf, p))
-        self.trained, self.frozen = list(trained.values()), list(frozen.values())
-        self.scope = scope
-        self.changes: dict[int, int] = {}
-
-    @contextmanager
-    def forward(self) -> Iterator[None]:
-        """One calibration forward: copies swapped in, changes counted, errors raised."""
-        copies: dict[int, nn.Parameter] = {}
-        for module, leaf, p in self.slots:
-            if id(p) not in copies:
-                copies[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=False)
-            module._parameters[leaf] = copies[id(p)]
-        values = [(p, p.detach().clone()) for p in self.trained]
-        # Frozen ones must not change; a copied one only through its copy (a list of the
-        # teacher's parameters kept from before reaches the original). Compared by version
-        # and by a fingerprint (``.data`` changes leave no version), not by a copy.
-        originals = {id(p): p for _, _, p in self.slots}
-        fixed = [*self.frozen, *originals.values()]
-        versions = [(p, p._version) for p in fixed]
-        prints = _fingerprints(fixed)
-        try:
-            yield
-        finally:
-            for module, leaf, p in self.slots:
-                module._parameters[leaf] = p
-        for p, before in values:  # by value: ``.data`` changes leave no version behind
-            if (p.detach() - before).norm() > 1e-6 * before.norm():
-                self.changes[id(p)] = self.changes.get(id(p), 0) + 1
-        bad = [p for p, version in versions if p._version != version]
-        after = _fingerprints(fixed)
-        bad += [p for i, p in enumerate(fixed) if not torch.equal(prints[i], after[i])]
-        bad += [p for p in self.trained if self.changes.get(id(p), 0) > 1]
-        if bad:
-            changed = sorted({self.names.get(id(p), "?") for p in bad})
-            raise RuntimeError(
-                f"calibrate: the step's forward changed parameters in place "
-                f"({', '.join(changed[:4])}{' and more' if len(changed) > 4 else ''}) on every "
-                "call, and calibration runs it two or three times on one batch, so they would "
-                "change that many times. Calibrate with a loss_fn free of such updates, "
-                "handle.calibrate(loss_fn), before training, and set calibrate=False."
-            )
-
-
-def _fingerprints(params: list[nn.Parameter]) -> torch.Tensor:
-    """One row per parameter, (sum, sum of squares) in float64, on the CPU: a change of its
-    values in place, even through ``.data``, moves it (for all practical purposes)."""
-    if not params:
-        return torch.zeros(0, 2, dtype=torch.float64)
-    rows = [
-        torch.stack([p.detach().sum(dtype=torch.float64), p.detach().double().square().sum()])
-        for p in params
-    ]
-    return torch.stack([r.cpu() for r in rows])
-
-
-#: The engine's counters and accounts that a calibration forward changes and puts back.
-#: ``_fresh`` and ``_per_step`` too: each calibration forward starts the step's account as
-#: the real step will (see ``begin_step``).
-_ENGINE_STATE = (
-    "step",
-    "forwards",
-    "_last",
-    "_account",
-    "_unpacked",
-    "_step_peak",
-    "_fresh",
-    "_per_step",
-)
-
-
 def _check_same_loss(exact: torch.Tensor, coded: torch.Tensor) -> None:
     """The codes change no forward value: two losses that differ mean that something besides
     the batch changed between the two forwards, and the errors measured compare two
@@ -380,61 +282,3 @@ def _check_same_loss(exact: torch.Tensor, coded: torch.Tensor) -> None:
             "need it. Draw such numbers outside the loss function, or seed them inside it.",
             stacklevel=4,
         )
-
-
-def _generators(scope: nn.Module) -> list[tuple[Any, Any]]:
-    """``(generator, state)`` for what a forward may draw from besides torch's global
-    generators: Python's and NumPy's global ones, and ``torch.Generator`` attributes of the
-    scope's modules (a mixup drawn with ``self.gen``)."""
-    found: list[tuple[Any, Any]] = [(random, random.getstate())]
-    numpy = sys.modules.get("numpy")
-    if numpy is not None:
-        found.append((numpy.random, numpy.random.get_state()))
-    for module in scope.modules():
-        for value in vars(module).values():
-            if isinstance(value, torch.Generator):
-                found.append((value, value.get_state()))
-    return found
-
-
-@contextmanager
-def _same_state(engine: SavedTensorEngine, watch: _Watch):
-    """Run a calibration forward and put back what it changes: the random generators (so
-    both forwards draw the same dropout and the same mixup; see :func:`_generators`), the
-    scope's buffers (BatchNorm running statistics), its frozen parameters outside the S2A'd
-    model (see :class:`_Watch`), and the engine's step, forward count and last account.
-
-    Each forward runs on copies of the buffers, swapped in, and the originals are swapped
-    back untouched: copying old values into the buffers instead would change tensors that
-    the forward's graph saved (a training BatchNorm saves its running statistics), and the
-    measurement's backward would refuse them."""
-    scope = watch.scope
-    swapped = [
-        (module, name, buffer)
-        for module in scope.modules()
-        for name, buffer in module._buffers.items()
-        if buffer is not None
-    ]
-    for module, name, buffer in swapped:
-        module._buffers[name] = buffer.clone()
-    cuda = torch.cuda.is_initialized()
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if cuda else None
-    others = _generators(scope)
-    saved = {name: getattr(engine, name) for name in _ENGINE_STATE}
-    try:
-        with watch.forward():
-            yield
-    finally:
-        for module, name, buffer in swapped:
-            module._buffers[name] = buffer
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
-        for generator, state in others:
-            if generator is random:
-                random.setstate(state)
-            else:
-                generator.set_state(state)
-        for name, value in saved.items():
-            setattr(engine, name, value)
