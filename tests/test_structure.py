@@ -1939,6 +1939,8 @@ def test_a_model_collected_during_an_optimizer_step_leaves_the_step_alone():
 
     from lightning_s2a.structure import unstepped
 
+    gc.collect()  # models earlier tests left behind: retired now, not inside the step below
+    unstepped._sweep()
     holder = [nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 2))]
     hooks_before = len(optim_module._global_optimizer_pre_hooks)
 
