@@ -199,6 +199,8 @@ class PackingMixin:
         key = (t.numel(), t.device)
         idx = self._drift_positions.get(key)
         if idx is None:
+            if len(self._drift_positions) >= 64:  # sizes that change every step: bounded
+                self._drift_positions.clear()
             idx = self._drift_positions[key] = check_positions(
                 t.numel(), self.config.seed, t.device
             )
@@ -213,8 +215,8 @@ class PackingMixin:
         moved = False
         if not fresh:
             assert cb is not None
-            # An earlier call's answer, else this tensor's: read now where that costs no wait
-            # (CPU), else at the site's next call, once the device has got there.
+            # The previous call's answer (a device's, read now), else this tensor's: read
+            # at once on the CPU, at the site's next call on a device.
             moved = self._drift_answer(site)
             if not moved:
                 host, event = record_answer(drifted(t, cb, self._check_positions(t)))

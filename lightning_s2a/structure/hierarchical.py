@@ -112,7 +112,7 @@ def token_grid(tokens: int, image: tuple[int, int], prefix: int | None) -> tuple
                     return s, p
         for p in prefixes:
             for s in uneven:
-                if tokens - p in ((h // s) * (w // s), -(-h // s) * -(-w // s)):
+                if tokens - p in (gh * gw for gh, gw in patch_grids(image, s)):
                     return s, p
     tried = f"0..{MAX_PREFIX_TOKENS}"
     raise ValueError(
@@ -121,6 +121,13 @@ def token_grid(tokens: int, image: tuple[int, int], prefix: int | None) -> tuple
         "tokens. Pass the "
         "size your data have with S2AConfig(input_size=(C, H, W)), or use side='pooled'."
     )
+
+
+def patch_grids(image: tuple[int, int], stride: int) -> list[tuple[int, int]]:
+    """The patch grid of an (H, W) image at ``stride``: cut (floor), then padded (ceil,
+    timm's ``dynamic_img_pad``)."""
+    h, w = image
+    return [(h // stride, w // stride), (-(-h // stride), -(-w // stride))]
 
 
 def plausible_strides(size: int, cells: int) -> set[int]:
@@ -183,7 +190,7 @@ def as_map(h: torch.Tensor, tap: Tap, image: tuple[int, int]) -> torch.Tensor:
         return x
     h_img, w_img, s = image[0], image[1], tap.stride
     # A patch grid cuts the image (floor) or pads it (ceil: timm's dynamic_img_pad).
-    grids = [(h_img // s, w_img // s), (-(-h_img // s), -(-w_img // s))]
+    grids = patch_grids(image, s)
     found = [g for g in grids if g[0] * g[1] + tap.prefix == h.shape[1]]
     if not found:
         gh, gw = grids[0]

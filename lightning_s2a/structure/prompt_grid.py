@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .hierarchical import token_grid
+from .hierarchical import patch_grids, token_grid
 
 
 class ImageSize:
@@ -39,8 +39,8 @@ class ImageSize:
 
     @staticmethod
     def hooked(model: nn.Module) -> list[nn.Module]:
-        """The modules whose pre-hook reads the image: the model, then its 2-D convolutions
-        (the check of the channel count keeps a feature map out)."""
+        """The modules besides the model whose pre-hook reads the image: its 2-D
+        convolutions (the check of the channel count keeps a feature map out)."""
         return [m for m in model.modules() if isinstance(m, nn.Conv2d)]
 
 
@@ -60,7 +60,7 @@ class PromptGrid:
             stride, skip = token_grid(tokens, size, prefix)
         except ValueError:
             return None
-        grids = _grids(size, stride)
+        grids = patch_grids(size, stride)
         grid = next((g for g in grids if g[0] * g[1] == tokens - skip), grids[0])
         return cls(image, size, grid, stride)
 
@@ -72,7 +72,7 @@ class PromptGrid:
         now = self.image.now
         if now is None or now == self.size:
             return
-        grids = _grids(now, self.stride)
+        grids = patch_grids(now, self.stride)
         cells = self.grid[0] * self.grid[1]
         if self.grid in grids or all(g[0] * g[1] != cells for g in grids):
             return
@@ -85,12 +85,6 @@ class PromptGrid:
             "S2AConfig(input_size=(C, H, W)) for the size your data have (one apply_s2a per "
             "resolution)."
         )
-
-
-def _grids(size: tuple[int, int], stride: int) -> list[tuple[int, int]]:
-    """The patch grid of an image: cut (floor), or padded (ceil, timm's dynamic_img_pad)."""
-    h, w = size
-    return [(h // stride, w // stride), (-(-h // stride), -(-w // stride))]
 
 
 def attach_image_size(model: nn.Module, channels: int, hooks: list[Any]) -> ImageSize:
