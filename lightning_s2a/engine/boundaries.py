@@ -115,7 +115,8 @@ class BoundariesMixin:
         """Say once that a forward begun without autograd turned it on inside (and returned
         something with a gradient): the engine, which starts where a forward begins, was
         not running, so what that forward saved is neither compressed nor counted."""
-        leaves, _ = tree_flatten(output)
+        # (a tensor, the usual output of every no-grad evaluation forward, read directly)
+        leaves = [output] if isinstance(output, torch.Tensor) else tree_flatten(output)[0]
         if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves):
             return
         self._warned_grad_inside = True
