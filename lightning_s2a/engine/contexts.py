@@ -9,6 +9,7 @@ import sys
 from typing import TYPE_CHECKING
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.utils.checkpoint
 from torch import nn
 
@@ -35,6 +36,12 @@ def redirected_call(module: nn.Module) -> bool:
         and getattr(forward, "__name__", "") == "wrapped_forward"
         and str(getattr(forward, "__module__", "")).startswith(_REDIRECTING)
     )
+
+
+def dual_level_open() -> bool:
+    """True while forward-mode AD has a dual level open (``torch.autograd.forward_ad``): the
+    rewrites' Functions have no jvp there, and what ops save may be dual tensors."""
+    return forward_ad._current_level >= 0
 
 
 def functorch_transform() -> bool:

@@ -11,13 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.autograd.forward_ad as forward_ad
 
 from .accounting import ForwardAccount, part_of
 from .attention import fused_operand
 from .backend import resolve_backend
 from .calibration import WIDE_BITS
 from .codebook import check_positions, drifted, fit_codebook
+from .contexts import dual_level_open
 from .deferred import record_answer
 from .packed import Broadcast, Kept, PackOptions, broadcast_base, compact
 from .quantizers import QUANTIZERS
@@ -40,7 +40,7 @@ class PackingMixin:
     def _pack(self, t: torch.Tensor) -> Any:
         if self._busy:
             return t  # the quantizers' own saves (none record autograd)
-        if forward_ad._current_level >= 0:
+        if dual_level_open():
             # Forward-mode AD (a dual level open): what ops save there can be dual tensors
             # whose storage cannot be read; kept as they are, uncompressed and uncounted,
             # with their version checked (returned bare, a tensor changed in place after

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.autograd.forward_ad as forward_ad
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -24,7 +23,7 @@ from .attention import (
     attention_without_weights,
     fused_operands,
 )
-from .contexts import checkpoint_input, engine_saves
+from .contexts import checkpoint_input, dual_level_open, engine_saves
 from .ops import ElementwiseSpec
 from .quantizers import QUANTIZERS, pack_two_level
 
@@ -216,7 +215,7 @@ class OperatorMode(TorchFunctionMode):
         info = engine._func_info(func)
         call = engine._classify(info, args, kwargs)
         rewrite = info[3]
-        if rewrite is not None and (forward_ad._current_level >= 0 or not engine_saves(engine)):
+        if rewrite is not None and (dual_level_open() or not engine_saves(engine)):
             # Under forward-mode AD (a dual level open) the rewrites' autograd Functions have
             # no jvp: torch's own ops run, as without S2A (they failed with "You must
             # implement the jvp function", S2A unnamed).
