@@ -156,17 +156,18 @@ class IntervalGrid:
 
 
 def _segment_costs(d_sorted: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
-    """Sum of squared deviations of ``d`` within cells ``edges[i]..edges[j]``, for all i < j."""
+    """Sum of squared deviations of ``d`` within cells ``edges[i]..edges[j]``, for all i < j
+    (``inf`` elsewhere); computed in place, a full-size temporary per step cost more than the
+    arithmetic."""
     zero = torch.zeros(1, dtype=torch.float64)
     c1 = torch.cat([zero, d_sorted.cumsum(0)])[edges]
     c2 = torch.cat([zero, (d_sorted * d_sorted).cumsum(0)])[edges]
     cnt = edges.double()
-    n = cnt[None, :] - cnt[:, None]
+    n = (cnt[None, :] - cnt[:, None]).clamp_(min=1.0)
     s1 = c1[None, :] - c1[:, None]
-    s2 = c2[None, :] - c2[:, None]
-    cost = (s2 - s1 * s1 / n.clamp(min=1.0)).clamp(min=0.0)
+    cost = (c2[None, :] - c2[:, None]).sub_(s1.mul_(s1).div_(n)).clamp_(min=0.0)
     idx = torch.arange(len(edges))
-    return torch.where(idx[None, :] > idx[:, None], cost, torch.full_like(cost, float("inf")))
+    return cost.masked_fill_(idx[None, :] <= idx[:, None], float("inf"))
 
 
 def optimal_segments(
@@ -188,9 +189,12 @@ def optimal_segments(
     g = len(edges) - 1
     best = cost[0].clone()
     back: list[torch.Tensor] = []
+    # Row j of the transpose holds the costs of the cells ending at edge j: each step's
+    # minimum runs along contiguous rows (down the columns it was 4 times slower on CPU).
+    cost_t = cost.t().contiguous()
+    total = torch.empty_like(cost_t)
     for _ in range(1, min(levels, g)):
-        total = best[:, None] + cost
-        best, arg = total.min(dim=0)
+        best, arg = torch.add(cost_t, best, out=total).min(dim=1)
         back.append(arg)
     cuts = []
     j = g
@@ -201,35 +205,72 @@ def optimal_segments(
 
 
 def _solve_point(deriv: Derivative, target: float, lo: float, hi: float) -> float:
-    """A point in ``[lo, hi]`` whose derivative is closest to ``target`` (bisection-refined).
+    """A point in ``[lo, hi]`` whose derivative is closest to ``target`` (see
+    :func:`_solve_points`, which solves every interval of a codebook at once)."""
+    return _solve_points(deriv, [target], [lo], [hi])[0]
+
+
+def _solve_points(
+    deriv: Derivative, targets: list[float], lows: list[float], highs: list[float]
+) -> list[float]:
+    """For each interval ``[lows[k], highs[k]]``, a point whose derivative is closest to
+    ``targets[k]`` (bisection-refined), all intervals in the same tensor ops.
 
     A sign change of ``deriv - target`` between two grid points is a root only where the
     derivative is continuous: across a jump, bisection closes in on the jump itself, whose
     derivative may lie on the far side (Hardswish's 1.5 at 3 for an interval above 3, where
-    it is 1). So the refined point is kept only if it beats the grid's best.
+    it is 1). So a refined point is kept only if it beats the grid's best. Solved one interval
+    and one bisection step at a time, a 4-bit GELU fit made about 2,000 scalar derivative
+    calls: two thirds of the fit's time, on the host, at every refit of every site.
     """
-    if hi <= lo:
-        return lo
-    grid = torch.linspace(lo, hi, 2049, dtype=torch.float64)
-    err = deriv(grid) - target
-    i = int(err.abs().argmin())
-    best, best_err = grid[i].item(), abs(float(err[i]))
-    for j in (i - 1, i):  # refine inside a bracketing neighbour interval, if there is one
-        if 0 <= j < len(grid) - 1 and float(err[j]) * float(err[j + 1]) < 0:
-            a, b = grid[j].item(), grid[j + 1].item()
-            fa = float(err[j])
-            for _ in range(60):
-                m = 0.5 * (a + b)
-                fm = float(deriv(torch.tensor([m], dtype=torch.float64))[0]) - target
-                if fa * fm <= 0:
-                    b = m
-                else:
-                    a, fa = m, fm
-            m = 0.5 * (a + b)
-            fm = abs(float(deriv(torch.tensor([m], dtype=torch.float64))[0]) - target)
-            if fm < best_err:
-                best, best_err = m, fm
-    return best
+    steps = _SOLVE_GRID
+    grids = torch.stack(
+        [
+            torch.linspace(lo, max(hi, lo), steps, dtype=torch.float64)
+            for lo, hi in zip(lows, highs, strict=True)
+        ]
+    )
+    target = torch.tensor(targets, dtype=torch.float64)
+    err = deriv(grids) - target[:, None]
+    i = err.abs().argmin(dim=1)
+    rows = torch.arange(len(targets))
+    best = grids[rows, i].tolist()
+    best_err = err[rows, i].abs().tolist()
+    # Brackets: the grid intervals beside the best point (left one first) with a sign change.
+    owner, left = [], []
+    e = err.tolist()
+    for k, ik in enumerate(i.tolist()):
+        if highs[k] <= lows[k]:
+            continue
+        for j in (ik - 1, ik):
+            if 0 <= j < steps - 1 and e[k][j] * e[k][j + 1] < 0:
+                owner.append(k)
+                left.append(j)
+    points = [lo if hi <= lo else b for lo, hi, b in zip(lows, highs, best, strict=True)]
+    if not owner:
+        return points
+    own = torch.tensor(owner)
+    at = torch.tensor(left)
+    a, b = grids[own, at], grids[own, at + 1]
+    fa = err[own, at]
+    tgt = target[own]
+    for _ in range(60):
+        m = 0.5 * (a + b)
+        fm = deriv(m) - tgt
+        lower = fa * fm <= 0  # the root lies in [a, m]
+        b = torch.where(lower, m, b)
+        a = torch.where(lower, a, m)
+        fa = torch.where(lower, fa, fm)
+    m = 0.5 * (a + b)
+    fm = (deriv(m) - tgt).abs()
+    for k, mk, fk in zip(owner, m.tolist(), fm.tolist(), strict=True):
+        if fk < best_err[k]:
+            points[k], best_err[k] = mk, fk
+    return points
+
+
+#: Grid points per interval before bisection in :func:`_solve_points`.
+_SOLVE_GRID = 2049
 
 
 def fit_codebook(
@@ -265,11 +306,8 @@ def fit_codebook(
     boundaries = [at_jump.get(c, 0.5 * (s[c - 1] + s[c]).item()) for c in cuts]
     lows = [s[0].item(), *boundaries]
     highs = [*boundaries, s[-1].item()]
-    values, points = [], []
-    for a, b, lo, hi in zip(starts, ends, lows, highs, strict=True):
-        v = d[a:b].mean().item()
-        values.append(v)
-        points.append(_solve_point(deriv, v, lo, hi))
+    values = [d[a:b].mean().item() for a, b in zip(starts, ends, strict=True)]
+    points = _solve_points(deriv, values, lows, highs)
     # Unused levels (fewer distinct cells than levels) repeat the last interval.
     while len(points) < levels:
         points.append(points[-1])
