@@ -81,6 +81,7 @@ class S2AHandle:
         tol: float | None = None,
         scope: nn.Module | None = None,
         remeasure: bool = False,
+        combine: Callable[[dict[str, float]], dict[str, float]] | None = None,
     ) -> dict[str, float]:
         """Find the modules whose codes bend their gradient and keep what they save at 8 bits.
 
@@ -93,9 +94,14 @@ class S2AHandle:
         bit fewer, by the narrowest width each module's codes use) are widened; returns every
         module's error.
         ``remeasure`` always runs the second measurement (same forwards on every process).
+        ``combine`` maps each measurement's errors to the ones decided on: in a distributed
+        run, the largest over the processes (each measured its own share of the batch), so
+        that every process widens the same modules for the whole batch.
         ``S2ACallback`` calls this on the first training batch when ``config.calibrate``.
         """
-        return self.engine.calibrate(loss_fn, tol, scope=scope, remeasure=remeasure)
+        return self.engine.calibrate(
+            loss_fn, tol, scope=scope, remeasure=remeasure, combine=combine
+        )
 
     def trainable_parameters(self) -> tuple[int, float]:
         """Number of trainable parameters and their fraction of all parameters."""

@@ -1,9 +1,11 @@
 """Run by tests/test_ddp.py as a script: a 2-process CPU (gloo) DDP fit with S2A.
 
-Usage: python tests/ddp_fit.py {strategy|callback|fork} OUT_DIR. Each rank writes its final
-trainable state and what DDP synchronises to OUT_DIR/rank{N}.pt. ``fork``: ddp_fork with S2A
-applied before fit in this process; the main process also writes its model's state after fit
-to OUT_DIR/main.pt (the workers' result copied back).
+Usage: python tests/ddp_fit.py {strategy|callback|fork|calibrate} OUT_DIR. Each rank writes
+its final trainable state and what DDP synchronises to OUT_DIR/rank{N}.pt. ``fork``: ddp_fork
+with S2A applied before fit in this process; the main process also writes its model's state
+after fit to OUT_DIR/main.pt (the workers' result copied back). ``calibrate``: the callback
+with ``calibrate=True``; each rank also writes the errors it measured on its own share of
+the first batch, and those the engine decided on.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lightning_s2a import S2ACallback, S2AConfig, S2ADDPStrategy, apply_s2a
+from lightning_s2a import S2ACallback, S2AConfig, S2ADDPStrategy, apply_s2a, get_handle
+from lightning_s2a.engine import calibration
 from tests.lightning_helpers import UserModule, _data, quiet_trainer
 
 
@@ -37,6 +40,17 @@ class RecordDDP(pl.Callback):
 def main() -> None:
     mode, out = sys.argv[1], sys.argv[2]
     cfg = S2AConfig(modules=("bias", "prompt"), input_size=(3, 32, 32))
+    local: list[dict[str, float]] = []
+    if mode == "calibrate":
+        cfg = cfg.replace(calibrate=True, calibrate_tol=0.03)
+        measure = calibration._measure
+
+        def recorded(*args, **kwargs):
+            out = measure(*args, **kwargs)
+            local.append(dict(out[0]))
+            return out
+
+        calibration._measure = recorded
     pl.seed_everything(0)
     model = UserModule()
     initial = {k: v.clone() for k, v in model.state_dict().items()}
@@ -58,10 +72,16 @@ def main() -> None:
         state = {k: v.clone() for k, v in model.state_dict().items()}
         torch.save({"state": state, "applied": applied}, os.path.join(out, "main.pt"))
         return
-    save_rank(trainer, model, record, out)
+    extra = {}
+    if mode == "calibrate":
+        engine = get_handle(model.backbone).engine
+        extra = {"local": local, "decided": engine.calibration, "module_bits": engine.module_bits}
+    save_rank(trainer, model, record, out, **extra)
 
 
-def save_rank(trainer: pl.Trainer, model: pl.LightningModule, record: RecordDDP, out: str) -> None:
+def save_rank(
+    trainer: pl.Trainer, model: pl.LightningModule, record: RecordDDP, out: str, **extra
+) -> None:
     """This rank's trained state, its initial one and what DDP synchronised."""
     torch.save(
         {
@@ -70,6 +90,7 @@ def save_rank(trainer: pl.Trainer, model: pl.LightningModule, record: RecordDDP,
             "ddp_type": record.ddp_type,
             "synced_numel": record.synced,
             "total_numel": record.total,
+            **extra,
         },
         os.path.join(out, f"rank{trainer.global_rank}.pt"),
     )

@@ -121,6 +121,27 @@ def test_each_module_is_measured_against_the_tolerance_of_its_own_width():
         assert handle.engine.module_bits == {"encoder.attn": 8, "encoder.mlp.1": 8}
 
 
+def test_combined_errors_decide_what_is_widened():
+    """``combine`` is what a distributed run decides on (each module's largest error over the
+    ranks): a module above the tolerance in the combined errors is widened though its local
+    error is not, and both measurements go through it."""
+    model = _model()
+    xc, yc = _batch(1)
+    seen = []
+
+    def combine(errors):  # another rank's share put the GELU at 10%
+        seen.append(dict(errors))
+        return {**errors, "encoder.mlp.1": max(errors["encoder.mlp.1"], 0.1)}
+
+    with apply_s2a(model, head="classifier") as handle:
+        local = dict(handle.calibrate(partial(_loss, model, xc, yc)))
+        assert handle.engine.module_bits == {"encoder.attn": 8}
+        errors = handle.calibrate(partial(_loss, model, xc, yc), combine=combine, remeasure=True)
+        assert handle.engine.module_bits == {"encoder.attn": 8, "encoder.mlp.1": 8}
+    assert errors["encoder.mlp.1"] == 0.1 > local["encoder.mlp.1"]
+    assert len(seen) == 2 and seen[0] == pytest.approx(local)
+
+
 class _InfNorm(nn.Module):
     """Normalised by the largest |value| per row: without its rewrite, coded gradients are
     NaN (the backward compares |x| with the norm)."""

@@ -45,6 +45,23 @@ def test_ddp_two_processes(mode, tmp_path):
     assert 0 < ranks[0]["synced_numel"] < 0.1 * ranks[0]["total_numel"]
 
 
+def test_ddp_calibration_decides_on_every_ranks_share(tmp_path):
+    """Each rank measures its own share of the first batch; every rank widens by each
+    module's largest error over the ranks. Deciding on rank 0's share alone (broadcast to the
+    others) missed what only rank 1's share put above the tolerance, and rank 1 reported its
+    own errors beside rank 0's widths."""
+    _run("calibrate", tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    first = [r["local"][0] for r in ranks]  # each rank's first measurement, its own share
+    assert set(first[0]) == set(first[1]) and first[0] != first[1]
+    largest = {n: max(first[0][n], first[1][n]) for n in first[0]}
+    assert ranks[0]["decided"] == ranks[1]["decided"] == largest
+    assert ranks[0]["module_bits"] == ranks[1]["module_bits"]
+    assert {n for n, e in largest.items() if e > 0.03} <= set(ranks[0]["module_bits"])
+    assert all(len(r["local"]) == 2 for r in ranks)  # both measured twice, in step
+    assert all(torch.equal(ranks[0]["state"][k], ranks[1]["state"][k]) for k in ranks[0]["state"])
+
+
 def test_ddp_fork_with_s2a_applied_before_copies_back_the_trained_prompts(tmp_path):
     """ddp_fork trains copies of the model; with S2A applied in the main process first (as
     the callback's refusal says), Lightning's copy-back gives the main process's model the

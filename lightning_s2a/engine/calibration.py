@@ -58,6 +58,7 @@ def calibrate(
     tol: float | None = None,
     scope: nn.Module | None = None,
     remeasure: bool = False,
+    combine: Callable[[dict[str, float]], dict[str, float]] | None = None,
 ) -> dict[str, float]:
     """Measure every module's local gradient error under its codes; widen those above ``tol``
     (None: the config's tolerance at the narrowest width each module's codes use).
@@ -65,8 +66,10 @@ def calibrate(
     ``loss_fn`` runs the model's forward on one batch and returns a scalar loss (no
     backward). ``scope`` is the module whose buffers ``loss_fn`` may change (default: the
     model). ``remeasure`` always runs the second measurement, so that every process of a
-    distributed run makes the same number of forwards. Returns the local relative error per
-    module that saves tensors for backward; the modules above ``tol`` are in
+    distributed run makes the same number of forwards. ``combine`` maps each measurement's
+    errors to those decided on (a distributed run: the largest over its processes, each of
+    which measured its own share of the batch). Returns the (combined) local relative error
+    per module that saves tensors for backward; the modules above ``tol`` are in
     ``engine.module_bits`` afterwards.
     """
     if not engine.attached:
@@ -87,6 +90,8 @@ def calibrate(
     try:
         watch = Watch(engine, scope)
         errors, copied, widths = _measure(engine, loss_fn, watch, set())
+        if combine is not None:
+            errors = combine(errors)
 
         # Each module against the tolerance of its own width: an op_bits entry of 2 bits
         # measured against 4 bits' tolerance was widened to 8 (more bytes than 4 bits). A
@@ -109,6 +114,8 @@ def calibrate(
         broken = any(math.isinf(errors[n]) for n in above)
         if remeasure or broken or len(engine.module_bits) != len(above):
             again, _, _ = _measure(engine, loss_fn, watch, copied)
+            if combine is not None:
+                again = combine(again)
             engine.module_bits |= {n: WIDE_BITS for n in widen(again)}
             # Still not finite at WIDE_BITS: no code width helps; its tensors are kept exact.
             engine.module_bits |= {n: EXACT_BITS for n, e in again.items() if math.isinf(e)}

@@ -312,13 +312,14 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
         tol: float | None = None,
         scope: nn.Module | None = None,
         remeasure: bool = False,
+        combine: Callable[[dict[str, float]], dict[str, float]] | None = None,
     ) -> dict[str, float]:
         """Widen the modules whose codes bend their local gradient by more than ``tol``
         (None: the config's, scaled to each module's width; see :mod:`.calibration`);
         returns every saving module's local error."""
         from .calibration import calibrate
 
-        return calibrate(self, loss_fn, tol, scope=scope, remeasure=remeasure)
+        return calibrate(self, loss_fn, tol, scope=scope, remeasure=remeasure, combine=combine)
 
     def stats(self) -> dict:
         """Accounting of the most recent forward that recorded autograd (zeros before one).

@@ -27,8 +27,11 @@ def calibrate_on_batch(
 ) -> None:
     """``config.calibrate``: measure on the first training batch, through the user's own
     ``training_step`` (its logging muted, its module's buffers and torchmetrics states put
-    back), under the run's precision; every rank takes rank 0's result, so all of them
-    code alike. A batch that ``training_step`` skips (returns None) defers it."""
+    back), under the run's precision. In a distributed run each rank measures its own share
+    of the batch and every rank decides on the largest error of each module over the ranks,
+    so all of them widen the same modules, for the whole batch (deciding on rank 0's share
+    alone missed a module that only another rank's share pushed above the tolerance). A
+    batch that ``training_step`` skips (returns None) defers it."""
     if not pl_module.automatic_optimization:
         raise RuntimeError(
             "S2AConfig(calibrate=True) runs training_step twice to measure, which manual "
@@ -58,13 +61,39 @@ def calibrate_on_batch(
 
     try:
         with _muted(pl_module), _metrics_kept(pl_module):
-            handle.calibrate(loss_fn, scope=pl_module, remeasure=trainer.world_size > 1)
+            handle.calibrate(
+                loss_fn,
+                scope=pl_module,
+                remeasure=trainer.world_size > 1,
+                combine=_largest_over_ranks(trainer),
+            )
     except _Skipped:
         rank_zero_info("S2A calibration: training_step skipped this batch; trying the next.")
         return
     engine = handle.engine
     engine.module_bits = trainer.strategy.broadcast(engine.module_bits, src=0)
     rank_zero_info(calibration_line(engine))
+
+
+def _largest_over_ranks(trainer: pl.Trainer) -> Any:
+    """The ``combine`` of a distributed calibration: each module's largest error over the
+    ranks (a module one rank's forward did not reach counts with the others' errors); None
+    on one process. Without an initialised process group the ranks keep their own errors,
+    and rank 0's widths are broadcast after (see :func:`calibrate_on_batch`)."""
+    dist = torch.distributed
+    if trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return None
+
+    def combine(errors: dict[str, float]) -> dict[str, float]:
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, errors)
+        largest: dict[str, float] = {}
+        for part in gathered:
+            for name, err in part.items():
+                largest[name] = max(largest.get(name, err), err)
+        return largest
+
+    return combine
 
 
 def _copy_batch(batch: Any) -> Any:
