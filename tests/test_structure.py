@@ -1208,6 +1208,40 @@ def test_blocks_that_fold_the_batch_take_a_prompt_but_no_side():
     assert_close_in_norm(moved[0], out[0], 1e-12)
 
 
+class _PaddedEncoder(nn.Module):
+    """nn.TransformerEncoder as built by default (enable_nested_tensor=True), with a mask."""
+
+    def __init__(self, nested: bool) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=nested)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x), src_key_padding_mask=mask)[:, 0])
+
+
+def test_a_prompt_fed_a_nested_tensor_says_how_to_keep_the_positions():
+    """In eval mode without autograd, nn.TransformerEncoder packs a masked batch into a
+    nested tensor: a validation step failed on PyTorch's "NestedTensorImpl doesn't support
+    sizes. Please file an issue"."""
+    torch.manual_seed(0)
+    x, mask = torch.randn(3, 5, 6), torch.zeros(3, 5, dtype=torch.bool)
+    mask[1, 3:] = True
+    for nested in (True, False):
+        model = _PaddedEncoder(nested)
+        apply_s2a(model, modules=["prompt"], head="head", input_size=(5, 6))
+        model(x, mask).sum().backward()  # training: no nested tensor
+        model.eval()
+        with torch.no_grad():
+            if nested:
+                with pytest.raises(RuntimeError, match="enable_nested_tensor=False"):
+                    model(x, mask)
+            else:
+                assert model(x, mask).shape == (3, 3)
+
+
 def test_a_deep_copy_runs_its_own_side_network():
     """An EMA/SWA-style copy made after apply_s2a: its hooks must use the copy's side network,
     not the original's (closures kept pointing at the original)."""

@@ -54,6 +54,18 @@ class LowRankPrompt(nn.Module):
         return p.reshape(self.shape)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if h.is_nested:
+            # nn.TransformerEncoder packs its input into a nested tensor in eval mode without
+            # autograd when given a padding mask (enable_nested_tensor=True): its rows have
+            # lost their positions. PyTorch said "NestedTensorImpl doesn't support sizes".
+            raise RuntimeError(
+                "a prompt got a nested tensor: nn.TransformerEncoder packs padded sequences "
+                "into one when it runs without autograd in eval mode with "
+                "src_key_padding_mask, and a prompt on fixed positions cannot be added to "
+                "it. Build the encoder with nn.TransformerEncoder(..., "
+                "enable_nested_tensor=False) (its outputs at padded positions are then "
+                "computed, not zeros, as in training)."
+            )
         if tuple(h.shape[1:]) != self.shape:
             raise RuntimeError(
                 f"prompt sized for block outputs {self.shape} got {tuple(h.shape[1:])}: the "
