@@ -118,7 +118,8 @@ class S2AConfig:
     #: Backbone BatchNorm during training: "eval" (running statistics, as in the fine-tuning
     #: literature; then stores nothing) or "train" (batch statistics).
     bn_mode: str = "eval"
-    #: With "bias": give frozen Linear/Conv layers that have no bias a zero-initialised one.
+    #: With "bias": give frozen Linear/Conv layers that have no bias a zero-initialised one
+    #: (and nn.MultiheadAttention(bias=False) its in_proj_bias).
     add_bias: bool = False
     #: Exact frozen-op surgery: frozen convs, eval BatchNorm and p=0 dropout store nothing.
     surgery: bool = True

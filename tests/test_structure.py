@@ -717,15 +717,48 @@ def test_add_bias_adds_none_a_forward_never_reads():
     with pytest.warns(UserWarning, match=r"add_bias: 2 layers' forwards never read a bias "):
         handle = apply_s2a(model, add_bias=True)
     assert all(block.attn.qkv.bias is None for block in model.blocks)
-    added = [m for m in handle.structure.added_biases]
+    added = [getattr(m, attr) for m, attr in handle.structure.added_biases]
     model.train()
     model(torch.randn(2, 3, 28, 28)).sum().backward()
     # every trainable parameter trains: q_bias and v_bias among them, and what was added
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     assert model.blocks[0].attn.q_bias.grad is not None
-    assert all(m.bias.grad is not None for m in added)
+    assert all(b.grad is not None for b in added)
     handle.remove()
     assert all(block.attn.qkv.bias is None for block in model.blocks)
+
+
+class _BiasFreeAttention(nn.Module):
+    """nn.MultiheadAttention built with bias=False (packed or separate q/k/v weights)."""
+
+    def __init__(self, kdim: int | None) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, bias=False, batch_first=True, kdim=kdim, vdim=kdim)
+        self.keys = nn.Linear(8, kdim or 8, bias=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.keys(x)
+        return self.head(self.attn(x, k, k, need_weights=False)[0].mean(1))
+
+
+@pytest.mark.parametrize("kdim", [None, 6])
+def test_add_bias_gives_multihead_attention_its_in_projection_bias(kdim):
+    """Its q, k and v projections compute with ``in_proj_bias``, which is no Linear's bias:
+    add_bias gave out_proj one and left these three without, silently."""
+    torch.manual_seed(0)
+    model = _BiasFreeAttention(kdim).double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    before = model(x)
+    handle = apply_s2a(model, add_bias=True, head="head", input_size=(5, 8))
+    attn = model.attn
+    assert attn.in_proj_bias.shape == (24,) and attn.out_proj.bias.shape == (8,)
+    torch.testing.assert_close(model(x), before, rtol=1e-12, atol=1e-12)  # zero biases
+    model(x).sum().backward()
+    assert attn.in_proj_bias.grad is not None and attn.in_proj_bias.grad.abs().sum() > 0
+    assert "attn.in_proj_bias" in {n for n, p in model.named_parameters() if p.requires_grad}
+    handle.remove()
+    assert attn.in_proj_bias is None and attn.out_proj.bias is None and model.keys.bias is None
 
 
 class _AuxNet(nn.Module):

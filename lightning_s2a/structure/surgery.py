@@ -44,7 +44,9 @@ class StructureState:
     flags: dict[str, bool]
     head: nn.Module | None = None
     blocks: list[Block] = field(default_factory=list)
-    added_biases: list[nn.Module] = field(default_factory=list)
+    #: (module, attribute) of each bias ``add_bias`` added: ``bias`` of a Linear or conv,
+    #: ``in_proj_bias`` of an ``nn.MultiheadAttention`` built with ``bias=False``.
+    added_biases: list[tuple[nn.Module, str]] = field(default_factory=list)
     added_modules: list[tuple[nn.Module, str]] = field(default_factory=list)
     hooks: list[RemovableHandle] = field(default_factory=list)
     batch_norms: list[nn.Module] = field(default_factory=list)
@@ -74,7 +76,7 @@ class StructureState:
     def added_tensor_ids(self) -> set[int]:
         """``id``s of the parameters and buffers S2A added (injected modules, added biases):
         what is not the model's own."""
-        ids = {id(m.bias) for m in self.added_biases}
+        ids = {id(getattr(m, attr)) for m, attr in self.added_biases}
         for parent, name in self.added_modules:
             added = getattr(parent, name)
             ids |= {id(t) for t in (*added.parameters(), *added.buffers())}
@@ -160,12 +162,13 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
     head_ids = {id(p) for p in state.head.parameters()} if state.head is not None else set()
     if config.add_bias and "bias" in modules:
         for module in model.modules():
-            if isinstance(module, _CONVS_AND_LINEARS) and module.bias is None:
-                if any(id(p) in head_ids for p in module.parameters()):
-                    continue
-                w = module.weight
-                module.bias = nn.Parameter(torch.zeros(w.shape[0], device=w.device, dtype=w.dtype))
-                state.added_biases.append(module)
+            slot = _bias_slot(module)
+            if slot is None or any(id(p) in head_ids for p in module.parameters()):
+                continue
+            attr, size, like = slot
+            zeros = torch.zeros(size, device=like.device, dtype=like.dtype)
+            module.register_parameter(attr, nn.Parameter(zeros))
+            state.added_biases.append((module, attr))
         _drop_unread_biases(model, config, state)
     # 'side' replacing the head's output leaves the head unused: it trains only when the
     # side's output is added to it
@@ -239,6 +242,20 @@ def _token_grids(model: nn.Module, state: StructureState) -> dict[str, PromptGri
     return {name: grid for name, grid in found.items() if grid is not None}
 
 
+def _bias_slot(module: nn.Module) -> tuple[str, int, torch.Tensor] | None:
+    """Where ``add_bias`` gives ``module`` a bias it lacks: (attribute, size, a weight whose
+    device and dtype it takes), or None. ``nn.MultiheadAttention(bias=False)`` computes its
+    q, k and v projections with ``in_proj_bias`` (its ``out_proj`` is a Linear)."""
+    if isinstance(module, _CONVS_AND_LINEARS) and module.bias is None:
+        return "bias", module.weight.shape[0], module.weight
+    if isinstance(module, nn.MultiheadAttention) and module.in_proj_bias is None:
+        weight = module.in_proj_weight
+        if weight is None:  # separate q, k and v weights (kdim or vdim differ)
+            weight = module.q_proj_weight
+        return "in_proj_bias", 3 * module.embed_dim, weight
+    return None
+
+
 def _drop_unread_biases(model: nn.Module, config: S2AConfig, state: StructureState) -> None:
     """Take out the added biases that the model's forward never reads where it reads the
     layer's weight (EVA's and BEiT's attention compute ``F.linear(x, qkv.weight, qkv_bias)``
@@ -256,12 +273,16 @@ def _drop_unread_biases(model: nn.Module, config: S2AConfig, state: StructureSta
     read = tensors_read(model, size)
     if read is None:
         return
-    unread = [m for m in state.added_biases if id(m.bias) not in read and id(m.weight) in read]
-    for module in unread:
-        module.register_parameter("bias", None)
-        state.added_biases.remove(module)
+    unread = [
+        (m, attr)
+        for m, attr in state.added_biases
+        if id(getattr(m, attr)) not in read and any(id(w) in read for w in _weights(m))
+    ]
+    for module, attr in unread:
+        module.register_parameter(attr, None)
+        state.added_biases.remove((module, attr))
     if unread:
-        names = [_name_of(model, m) for m in unread]
+        names = [_name_of(model, m) for m, _ in unread]
         shown = some_names(names)
         warnings.warn(
             f"add_bias: {len(unread)} layers' forwards never read a bias ({shown}: their "
@@ -270,6 +291,12 @@ def _drop_unread_biases(model: nn.Module, config: S2AConfig, state: StructureSta
             "there.",
             stacklevel=4,
         )
+
+
+def _weights(module: nn.Module) -> list[torch.Tensor]:
+    """The weights a module with an added bias computes with (read in the dry forward)."""
+    names = ("weight", "in_proj_weight", "q_proj_weight")
+    return [w for w in (getattr(module, n, None) for n in names) if w is not None]
 
 
 def _name_of(model: nn.Module, target: nn.Module) -> str:
@@ -349,8 +376,8 @@ def undo_structure(model: nn.Module, state: StructureState) -> None:
     for parent, name in reversed(state.added_modules):
         delattr(parent, name)
     state.added_modules.clear()
-    for module in state.added_biases:
-        module.register_parameter("bias", None)
+    for module, attr in state.added_biases:
+        module.register_parameter(attr, None)
     state.added_biases.clear()
     cast_frozen(model, state, None)
     with torch.no_grad():
