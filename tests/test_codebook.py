@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import pytest
 import torch
 import torch.nn.functional as F
@@ -385,6 +386,47 @@ def test_a_tensor_that_drifts_out_of_its_codebooks_range_gets_codes_fitted_again
         ]
 
 
+def _gelu_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 256), nn.GELU(), nn.Linear(256, 4)).double()
+
+
+def test_a_resumed_run_refits_for_drift_as_the_uninterrupted_one():
+    """A refit for drift fits on half the codebook's samples and half the new ones; the
+    samples were not saved, so a run resumed from a checkpoint refitted on new ones only
+    (a reviewer's EfficientNet-B0 resumed mid-training: weights 10% apart after 6 steps)."""
+    torch.manual_seed(7)
+    x = torch.randn(64, 16, dtype=torch.float64)
+    scales = [0.1] * 20 + [3.0, 0.1, 3.0]  # a drift refit at forward 21: old and new samples
+    after = [30.0, 3.0, 0.1, 30.0]  # and another on the mixed samples at forward 24
+    model = _gelu_net()
+    with apply_s2a(model, head="2") as handle:
+        for scale in scales:
+            _bias_grad(model, x * scale)
+        state = copy.deepcopy(handle.engine.state_dict())
+        (site,) = handle.engine.codebooks
+        assert handle.engine.codebooks[site].fitted_at == 21
+        straight = [_bias_grad(model, x * scale) for scale in after]
+        assert handle.engine.codebooks[site].fitted_at == 24
+        refit = handle.engine.codebooks[site].boundaries
+    assert state["codebooks"][0]["sample"].dtype == torch.float64  # a float64 model's
+    resumed_model = _gelu_net()
+    with apply_s2a(resumed_model, head="2") as resumed:
+        resumed.engine.load_state_dict(state)
+        again = [_bias_grad(resumed_model, x * scale) for scale in after]
+        assert torch.equal(resumed.engine.codebooks[site].boundaries, refit)
+    assert all(torch.equal(a, b) for a, b in zip(straight, again, strict=True))
+
+
+def test_a_codebooks_samples_are_saved_in_float32_where_that_is_exact():
+    model = _gelu_net().float()
+    with apply_s2a(model, head="2") as handle:
+        model(torch.randn(64, 16)).sum().backward()
+        (saved,) = handle.engine.state_dict()["codebooks"]
+        (cb,) = handle.engine.codebooks.values()
+    assert saved["sample"].dtype == torch.float32 and torch.equal(saved["sample"].double(), cb.sample)
+
+
 class _Event:
     """A device event stand-in that counts the waits for it."""
 
@@ -417,3 +459,27 @@ def test_a_drift_answer_from_the_device_is_read_at_the_sites_next_call(monkeypat
         _bias_grad(model, x * 3)  # read (waited for) at the next call: codes fitted again
         assert handle.engine.codebooks[site].fitted_at == handle.engine.step == fitted + 2
         assert event.waits == 1
+
+
+def test_a_drift_answer_still_open_at_a_checkpoint_is_saved(monkeypatch):
+    """On a device the answer is read at the site's next call: a checkpoint taken between
+    the two calls must carry it, or the resumed run keeps the old codes where the original
+    refits."""
+    import lightning_s2a.engine.packing as packing
+
+    monkeypatch.setattr(packing, "record_answer", lambda flag: (flag, _Event()))
+    torch.manual_seed(7)
+    x = torch.randn(64, 16, dtype=torch.float64)
+    model = _tanh_net()
+    with apply_s2a(model, head="2") as handle:
+        for scale in [0.1] * 9 + [3.0]:  # the answer of the last call is still open
+            _bias_grad(model, x * scale)
+        state = copy.deepcopy(handle.engine.state_dict())
+        straight = _bias_grad(model, x * 3)  # refitted at this call
+        assert handle.engine.codebooks[next(iter(handle.engine.codebooks))].fitted_at == 11
+    assert len(state["drift_pending"]) == 1
+    resumed_model = _tanh_net()
+    with apply_s2a(resumed_model, head="2") as resumed:
+        resumed.engine.load_state_dict(state)
+        assert torch.equal(_bias_grad(resumed_model, x * 3), straight)
+        assert next(iter(resumed.engine.codebooks.values())).fitted_at == 11

@@ -238,7 +238,9 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
         self._end_interrupted()
 
     def state_dict(self) -> dict[str, Any]:
-        """Forward counter and fitted codebooks, so a resumed run quantizes like the original."""
+        """Forward counter and fitted codebooks, so a resumed run quantizes like the original:
+        with each codebook's samples (a refit for drift fits on half of them) and the drift
+        answers a device has not yet been asked for (read at the site's next call)."""
         return {
             "step": self.step,
             "module_bits": dict(self.module_bits),
@@ -255,10 +257,23 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
                     "fitted_at": cb.fitted_at,
                     "first_fit": cb.first_fit,
                     "range": [cb.lo, cb.hi],
+                    "sample": _stored_sample(cb.sample),
                 }
                 for site, cb in self.codebooks.items()
             ],
+            "drift_pending": [list(site) for site in self._drifted_sites()],
         }
+
+    def _drifted_sites(self) -> list[tuple]:
+        """The sites whose open drift answer (see ``PackingMixin._drift_answer``) says their
+        last tensor drifted: read now, waiting for the device where it must."""
+        sites = []
+        for site, (host, event) in self._drift_checks.items():
+            if event is not None:
+                event.synchronize()
+            if bool(host):
+                sites.append(site)
+        return sites
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved."""
@@ -292,10 +307,13 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
                 # Saved before 2026-12-07 (no range): never found drifted, as then.
                 lo=float(c.get("range", (-math.inf, math.inf))[0]),
                 hi=float(c.get("range", (-math.inf, math.inf))[1]),
+                # Saved before 2026-12-07 (no samples): a drift refit fits on new ones only.
+                sample=None if c.get("sample") is None else c["sample"].double(),
             )
             for c in state["codebooks"]
         }
         self._device_codebooks.clear()
+        self._drift_checks = {tuple(s): (True, None) for s in state.get("drift_pending", [])}
 
     def calibration_key(self, tol: float | None = None) -> dict[str, Any]:
         """The settings a calibration's result depends on: every field that changes the codes
@@ -355,6 +373,15 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
     def _classify(self, info: tuple, args: tuple, kwargs: dict) -> Call | None:
         """The :class:`Call` a torch call is recognised as, or None (see :func:`.classify`)."""
         return classify(self, info, args, kwargs)
+
+
+def _stored_sample(sample: torch.Tensor | None) -> torch.Tensor | None:
+    """A codebook's samples as saved: float32 where that holds them exactly (drawn from
+    float32 or narrower activations: half the bytes), float64 otherwise."""
+    if sample is None:
+        return None
+    narrow = sample.float()
+    return narrow if torch.equal(narrow.double(), sample) else sample.clone()
 
 
 def _changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
