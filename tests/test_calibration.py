@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import warnings
 from functools import partial
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import numpy as np
@@ -328,6 +329,7 @@ class UserModule(pl.LightningModule):
         self.automatic_optimization = not manual
         self.returns = returns
         self.steps = 0
+        self.calls = SimpleNamespace(n=0)  # an object calibration does not follow: every call
         self.logged = 0
 
     def log(self, name, *args, **kwargs):
@@ -336,6 +338,7 @@ class UserModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         self.steps += 1
+        self.calls.n += 1
         x, y = batch
         loss = F.cross_entropy(self.head(self.norm(self.encoder(x))), y)
         self.seen.update(len(y))
@@ -369,7 +372,8 @@ def test_the_callback_calibrates_on_the_first_batch_through_the_users_step():
     handle = get_handle(module.encoder)
     assert handle is not None and handle.engine.calibrated
     assert handle.engine.module_bits == {"attn": 8}  # names inside the S2A'd encoder
-    assert module.steps == 2 + 2  # two real steps, and calibration's two forwards once
+    assert module.calls.n == 2 + 2  # two real steps, and calibration's two forwards once
+    assert module.steps == 2  # what the step counts holds the real steps only
     assert module.logged == 2  # calibration's forwards log nothing
     assert "train_loss" in trainer.callback_metrics and "log" not in vars(module)
     # state outside the S2A'd encoder counts the two real steps only
@@ -401,10 +405,10 @@ def test_the_callback_takes_a_training_step_without_batch_idx():
 def test_a_skipped_batch_defers_calibration_to_the_next():
     module = UserModule(returns="none-first")
     _fit(module, batches=2)
-    # batch 1: calibration's first call returned None, so it waited; the real step trained.
-    # Batch 2: calibration (two calls), then the real step.
+    # batch 1: calibration's first call returned None, so it waited; the real step returned
+    # None too, as without calibration. Batch 2: calibration (two calls), then the real step.
     assert get_handle(module.encoder).engine.calibrated
-    assert module.steps == 1 + 1 + 2 + 1
+    assert module.calls.n == 1 + 1 + 2 + 1 and module.steps == 2
 
 
 def test_the_callback_errors_are_clear():
@@ -580,3 +584,46 @@ def test_a_run_that_widens_nothing_trains_as_without_calibration(how):
         )
     assert runs[True][1] == runs[False][1]
     assert torch.equal(runs[True][0], runs[False][0])
+
+
+class Bookkeeping(UserModule):
+    """Lightning's own pattern: outputs collected in the step, averaged at the epoch's end;
+    and a counter, a running tensor total and an attribute the step sets."""
+
+    def __init__(self):
+        super().__init__()
+        self.outputs, self.count, self.total = [], 0, torch.zeros(())
+        self.epoch_means = []
+
+    def training_step(self, batch, batch_idx):
+        out = super().training_step(batch, batch_idx)
+        self.outputs.append(out["loss"].detach())
+        self.count += len(batch[1])
+        self.total += out["loss"].detach()
+        self.last_batch = batch_idx
+        return out
+
+    def on_train_epoch_end(self):
+        self.epoch_means.append(torch.stack(self.outputs).mean())
+        self.outputs.clear()
+
+
+def test_calibration_takes_its_steps_out_of_the_modules_own_attributes():
+    """Calibration runs training_step two to four times more on the first batch: the outputs
+    a step appended, the samples it counted, held the extra runs (a reviewer's epoch mean
+    averaged the first batch three times; 48 samples counted of 32)."""
+    runs = {}
+    for calibrate in (False, True):
+        module = Bookkeeping()
+        outputs = module.outputs
+        _fit(module, calibrate=calibrate)
+        runs[calibrate] = module
+        assert module.outputs is outputs  # the list the module made, emptied at epoch end
+    plain, calibrated = runs[False], runs[True]
+    assert get_handle(calibrated.encoder).engine.calibrated
+    assert calibrated.count == plain.count == 8 and calibrated.steps == plain.steps == 2
+    assert calibrated.last_batch == 0  # two epochs of one batch
+    assert len(calibrated.epoch_means) == 2  # one loss each, the real step's
+    assert sum(calibrated.epoch_means).item() == pytest.approx(calibrated.total.item())
+    # the same losses, up to what the widened codes change
+    assert calibrated.total.item() == pytest.approx(plain.total.item(), rel=0.05)

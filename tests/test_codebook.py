@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -424,7 +425,8 @@ def test_a_codebooks_samples_are_saved_in_float32_where_that_is_exact():
         model(torch.randn(64, 16)).sum().backward()
         (saved,) = handle.engine.state_dict()["codebooks"]
         (cb,) = handle.engine.codebooks.values()
-    assert saved["sample"].dtype == torch.float32 and torch.equal(saved["sample"].double(), cb.sample)
+    assert saved["sample"].dtype == torch.float32
+    assert torch.equal(saved["sample"].double(), cb.sample)
 
 
 class _Event:

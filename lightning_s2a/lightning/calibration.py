@@ -60,7 +60,7 @@ def calibrate_on_batch(
         return out
 
     try:
-        with _muted(pl_module), _metrics_kept(pl_module):
+        with _muted(pl_module), _metrics_kept(pl_module), _attributes_kept(pl_module):
             handle.calibrate(
                 loss_fn,
                 scope=pl_module,
@@ -129,6 +129,50 @@ def _metrics_kept(pl_module: pl.LightningModule) -> Iterator[None]:
                 setattr(m, k, v)
             m._update_count = count
             m._computed = None
+
+
+#: What :func:`_attributes_kept` puts back: containers in place, the rest as they were.
+_CONTAINERS = (list, dict, set)
+_VALUES = (int, float, bool, str, bytes, tuple, frozenset, type(None))
+
+
+@contextmanager
+def _attributes_kept(pl_module: pl.LightningModule) -> Iterator[None]:
+    """The module's own plain attributes as before: what calibration's extra training_step
+    calls appended to a list (Lightning's ``self.training_step_outputs`` pattern), counted
+    (``self.seen += len(x)``) or set is taken back out (a reviewer's epoch mean averaged the
+    first batch three times; counters read 48 samples of 32). Lists, dicts and sets are
+    restored in place (references to them stay valid), numbers, strings, tuples and None
+    reassigned, attributes the step added removed; tensors that are no parameter or buffer
+    copied back. Other objects are not followed."""
+    state = vars(pl_module)
+    saved: dict[str, Any] = {}
+    for name, value in state.items():
+        if name.startswith("_"):
+            continue  # Lightning's and torch's own (the trainer, hooks, the module dicts)
+        if isinstance(value, _CONTAINERS):
+            saved[name] = (value, copy.copy(value))
+        elif isinstance(value, _VALUES):
+            saved[name] = (value, value)
+        elif isinstance(value, torch.Tensor):
+            saved[name] = (value, value.detach().clone())
+    before = set(state)
+    try:
+        yield
+    finally:
+        for name in set(state) - before:
+            if not name.startswith("_"):
+                delattr(pl_module, name)
+        for name, (obj, copied) in saved.items():
+            if isinstance(obj, list):
+                obj[:] = copied
+            elif isinstance(obj, (dict, set)):
+                obj.clear()
+                obj.update(copied)
+            elif isinstance(obj, torch.Tensor):
+                with torch.no_grad():
+                    obj.copy_(copied)
+            setattr(pl_module, name, obj)  # the same object, rebound if the step replaced it
 
 
 @contextmanager
