@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -65,6 +66,7 @@ class S2AHandle:
         self.engine.attach()
         self.removed = False
         self.unstepped: UnsteppedCheck | None = None  # set by apply_s2a
+        self._stopped_watch: Any = None  # see stop_engine(watch=True)
 
     def stats(self) -> dict[str, Any]:
         """Saved-activation bytes of the most recent forward that recorded autograd.
@@ -112,8 +114,13 @@ class S2AHandle:
         whose weight was unfrozen since keeps its own mode and updates its statistics."""
         return [bn for bn in self.structure.batch_norms if is_held(bn)]
 
-    def stop_engine(self) -> None:
+    def stop_engine(self, watch: bool = False) -> None:
         """Stop compressing saved tensors; the structural modules stay (e.g. after fit).
+
+        ``watch``: the first training-mode forward with autograd on while stopped warns
+        that it runs uncompressed with S2A's freezing still on (a plain ``Trainer.fit``
+        after an S2A fit trained biases only, silently). ``S2ACallback`` stops it so after
+        fit, and ``load_from_checkpoint`` after loading.
 
         Frozen weights cast to ``frozen_dtype="bfloat16"``/``"float16"`` get their original
         values and dtype back, so a plain full-precision forward works after training. Weights
@@ -125,6 +132,27 @@ class S2AHandle:
         self.engine.detach()
         if self.config.frozen_dtype not in FOUR_BIT_DTYPES:
             cast_frozen(self.model, self.structure, None)
+        self._unwatch()
+        if watch:
+            self._stopped_watch = self.model.register_forward_pre_hook(_StoppedWatch(self))
+
+    def _warn_stopped(self, module: nn.Module) -> None:
+        self._unwatch()  # said once
+        trainable, share = self.trainable_parameters()
+        warnings.warn(
+            f"{type(module).__name__} trains with S2A stopped: its engine was stopped after "
+            f"the last fit (or checkpoint load), so this forward is not compressed, and S2A's "
+            f"freezing still holds: only {trainable:,} parameters ({share:.2%}) train. Fit "
+            "with S2ACallback (or strategy='s2a') to train it with S2A, or call "
+            "lightning_s2a.get_handle(module).remove() first for the plain model with every "
+            "parameter trainable (S2A's added modules go).",
+            stacklevel=4,
+        )
+
+    def _unwatch(self) -> None:
+        if self._stopped_watch is not None:
+            self._stopped_watch.remove()
+            self._stopped_watch = None
 
     def start_engine(self) -> None:
         """Resume compressing saved tensors (and ``frozen_dtype``) after :meth:`stop_engine`."""
@@ -132,6 +160,7 @@ class S2AHandle:
             raise RuntimeError("this S2A handle was removed; call apply_s2a again.")
         if self.config.frozen_dtype is not None:
             cast_frozen(self.model, self.structure, self.config.frozen_dtype)
+        self._unwatch()
         self.engine.attach()
 
     def weight_bytes(self) -> tuple[int, int]:
@@ -149,6 +178,7 @@ class S2AHandle:
         """Undo everything: hooks off, injected modules out, ``requires_grad`` flags back."""
         if self.removed:
             return
+        self._unwatch()
         self.engine.detach()
         if self.unstepped is not None:
             self.unstepped.remove()
@@ -262,6 +292,24 @@ def _engine_hooked(model: nn.Module) -> SavedTensorEngine | None:
         if isinstance(engine, SavedTensorEngine):
             return engine
     return None
+
+
+class _StoppedWatch:
+    """The forward pre-hook of :meth:`S2AHandle.stop_engine` with ``watch=True``; a copy of
+    the model (an EMA copy, a pickle) gets one that watches nothing, as it gets no handle."""
+
+    def __init__(self, handle: S2AHandle | None) -> None:
+        self.handle = handle
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        if self.handle is not None and module.training and torch.is_grad_enabled():
+            self.handle._warn_stopped(module)  # evaluation runs the trained model: silent
+
+    def __deepcopy__(self, memo: dict) -> _StoppedWatch:
+        return _StoppedWatch(None)
+
+    def __reduce__(self) -> tuple:
+        return (_StoppedWatch, (None,))
 
 
 def apply_s2a(model: nn.Module, config: S2AConfig | None = None, **overrides: Any) -> S2AHandle:

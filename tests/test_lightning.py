@@ -360,3 +360,30 @@ def test_a_lazy_head_outside_the_backbone_counts_as_its_head():
         p.requires_grad_(False)
     with pytest.raises(ValueError, match=r"no weight in UserModule outside it trains"):
         check_head_outside(module, module.backbone, "backbone")
+
+
+def test_a_plain_fit_after_an_s2a_fit_says_what_it_trains():
+    """After an S2A fit the engine is stopped and S2A's freezing stays (the trained model is
+    kept for validate, test and checkpoints): a plain Trainer's fit then trained the biases
+    only, uncompressed, silently. Evaluation and a copy of the model stay quiet."""
+    import copy
+    import warnings
+
+    from lightning_s2a import get_handle
+
+    model = UserModule()
+    quiet_trainer(max_steps=1, callbacks=[S2ACallback()]).fit(model, _data())
+    handle = get_handle(model.backbone)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*S2A stopped")
+        quiet_trainer().validate(model, _data(8))
+        copy.deepcopy(model).train().backbone(torch.randn(2, 3, 32, 32)).sum().backward()
+    with pytest.warns(UserWarning, match=rf"S2A stopped.*only {trainable:,} parameters"):
+        quiet_trainer(max_steps=1).fit(model, _data())
+    with warnings.catch_warnings():  # said once; gone after remove()
+        warnings.filterwarnings("error", message=".*S2A stopped")
+        quiet_trainer(max_steps=1).fit(model, _data())
+        handle.remove()
+        quiet_trainer(max_steps=1).fit(model, _data())
+    assert all(p.requires_grad for p in model.parameters())

@@ -365,7 +365,8 @@ class S2ACallback(CheckpointState, pl.Callback):
             self.handle.remove()
             self.handle = None
         elif self.handle is not None:
-            self.handle.stop_engine()
+            # a training forward after this (a plain Trainer's fit) is told what it runs
+            self.handle.stop_engine(watch=stage == "fit")
         self._for_evaluation = self._restored_s2a = False
 
     def _evaluation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
