@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 
 import pytest
@@ -1920,3 +1921,69 @@ def test_an_attention_mask_is_no_data_for_the_statistics_rule():
         model(torch.randn(1, 8, 16)).sum().backward()
         attention = handle.stats()["by_kind"]["attention"]
     assert attention["stored_bytes"] * 2 < attention["raw_bytes"]  # 764 of 2304 (1424 before)
+
+
+class _FunctionalBody(nn.Module):
+    """A hand-written CNN whose ``forward_features`` applies its activations and norm with
+    functional ops between its submodule calls (a common style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.ln, self.fc = nn.LayerNorm(16), nn.Linear(16, 4)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.silu(self.c2(F.gelu(self.c1(x))))
+        return F.layer_norm(x.permute(0, 2, 3, 1), (16,), self.ln.weight, self.ln.bias)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(x).mean((1, 2)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+@pytest.mark.parametrize("entry", ["features_then_head", "forward"])
+def test_what_an_entry_method_saves_in_its_own_body_is_coded(entry):
+    """``model.forward_features(x)`` ran the ops written in its own body (between submodule
+    calls) with no hooks installed: kept full-size and uncounted, silently (a reviewer's
+    CNN: 10.6 MB kept, 4 KB reported). Every way in now codes and counts the same tensors."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    results = {}
+    for way in ("call", entry):
+        torch.manual_seed(1)
+        model = _FunctionalBody().double()
+        handle = apply_s2a(model, head="fc")
+        if way == "call":
+            out = model(x)
+        elif way == "features_then_head":
+            out = model.forward_head(model.forward_features(x))
+        else:
+            out = model.forward(x)
+        out.square().sum().backward()
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        results[way] = (handle.stats(), grads)
+        handle.remove()
+        assert "forward_features" not in vars(model)  # the class's method again
+    (ref_stats, ref_grads), (stats, grads) = results["call"], results[entry]
+    assert ref_stats["by_kind"]["elementwise"]["tensors"] >= 3  # GELU, SiLU, ReLU's mask
+    assert stats["raw_bytes"] == ref_stats["raw_bytes"]
+    assert stats["stored_bytes"] == ref_stats["stored_bytes"] < ref_stats["raw_bytes"] / 4
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads, strict=True))
+
+
+def test_an_entry_method_runs_the_copys_engine_and_leaves_with_remove():
+    torch.manual_seed(0)
+    model = _FunctionalBody()
+    handle = apply_s2a(model, head="fc")
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 3, 8, 8)
+    twin.forward_head(twin.forward_features(x)).sum().backward()
+    assert twin.forward_features.engine.model is twin and twin.forward_features.owner is twin
+    assert twin.forward_features.engine.stats()["stored_bytes"] > 0
+    assert handle.stats()["raw_bytes"] == 0  # the original's engine saw nothing
+    assert model.forward_features.__doc__ == _FunctionalBody.forward_features.__doc__
+    assert str(inspect.signature(model.forward_head)) == "(x: 'torch.Tensor') -> 'torch.Tensor'"
+    handle.remove()
+    assert "forward_features" not in vars(model) and "forward_head" not in vars(model)

@@ -32,7 +32,7 @@ from torch.utils.hooks import RemovableHandle
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .accounting import ForwardAccount
-from .boundaries import BoundariesMixin
+from .boundaries import BoundariesMixin, entry_methods, remove_entry_methods
 from .codebook import Codebook, DeviceCodebook
 from .deferred import DeferredChecks
 from .ops import ELEMENTWISE, OP_KINDS, canonical_name
@@ -227,6 +227,7 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
             )
             self._handles.append(pre)
             self._handles.append(module.register_forward_hook(self._leave, always_call=True))
+        self._entry_names = entry_methods(self)
 
     def detach(self) -> None:
         """Remove every hook this engine registered (and end per-step accounting), and end a
@@ -234,6 +235,8 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        remove_entry_methods(self, getattr(self, "_entry_names", []))
+        self._entry_names = []
         self._per_step = self._fresh = False
         self._end_interrupted()
 
