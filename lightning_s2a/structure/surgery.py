@@ -18,6 +18,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..config import FOUR_BIT_DTYPES, S2AConfig, check_composition
 from ..messages import some_names
+from .added_biases import CONVS_AND_LINEARS, add_biases
 from .families import Block, block_output_shapes, default_input_size, find_blocks
 from .four_bit import frozen_names
 from .frozen_weights import cast_frozen, hold_frozen
@@ -25,16 +26,15 @@ from .head import find_head, head_modules, is_bias, parallel_heads
 from .held_statistics import HeldStatistics, forget_statistics, release_eval
 from .hierarchical import prefix_tokens
 from .holders import add_module, home
-from .layouts import tensors_read
 from .modules import LowRankPrompt
 from .prompt_grid import PromptGrid, attach_image_size
 from .side import SIDE_NAME, apply_side
 
 PROMPT_NAME = "s2a_prompt"
-#: Also the layers whose weight ``frozen_dtype="nf4"`` holds in 4 bits. A subclass that
-#: computes with its weight in its own way (timm's StdConv2d standardizes it first) reads the
+#: The layers whose weight ``frozen_dtype="nf4"`` holds in 4 bits. A subclass that computes
+#: with its weight in its own way (timm's StdConv2d standardizes it first) reads the
 #: dequantized values; the engine then keeps what it derives exact, whole until backward.
-_CONVS_AND_LINEARS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONVS_AND_LINEARS = CONVS_AND_LINEARS
 
 
 @dataclass
@@ -161,15 +161,7 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
     _check_parallel_heads(model, state, config)
     head_ids = {id(p) for p in state.head.parameters()} if state.head is not None else set()
     if config.add_bias and "bias" in modules:
-        for module in model.modules():
-            slot = _bias_slot(module)
-            if slot is None or any(id(p) in head_ids for p in module.parameters()):
-                continue
-            attr, size, like = slot
-            zeros = torch.zeros(size, device=like.device, dtype=like.dtype)
-            module.register_parameter(attr, nn.Parameter(zeros))
-            state.added_biases.append((module, attr))
-        _drop_unread_biases(model, config, state)
+        state.added_biases = add_biases(model, config, head_ids)
     # 'side' replacing the head's output leaves the head unused: it trains only when the
     # side's output is added to it
     head_trains = "side" not in modules or config.side_merge == "add"
@@ -240,63 +232,6 @@ def _token_grids(model: nn.Module, state: StructureState) -> dict[str, PromptGri
     size, prefix = (state.input_size[1], state.input_size[2]), prefix_tokens(model)
     found = {b.name: PromptGrid.of(image, size, b.shape[0], prefix) for b in tokens}
     return {name: grid for name, grid in found.items() if grid is not None}
-
-
-def _bias_slot(module: nn.Module) -> tuple[str, int, torch.Tensor] | None:
-    """Where ``add_bias`` gives ``module`` a bias it lacks: (attribute, size, a weight whose
-    device and dtype it takes), or None. ``nn.MultiheadAttention(bias=False)`` computes its
-    q, k and v projections with ``in_proj_bias`` (its ``out_proj`` is a Linear)."""
-    if isinstance(module, _CONVS_AND_LINEARS) and module.bias is None:
-        return "bias", module.weight.shape[0], module.weight
-    if isinstance(module, nn.MultiheadAttention) and module.in_proj_bias is None:
-        weight = module.in_proj_weight
-        if weight is None:  # separate q, k and v weights (kdim or vdim differ)
-            weight = module.q_proj_weight
-        return "in_proj_bias", 3 * module.embed_dim, weight
-    return None
-
-
-def _drop_unread_biases(model: nn.Module, config: S2AConfig, state: StructureState) -> None:
-    """Take out the added biases that the model's forward never reads where it reads the
-    layer's weight (EVA's and BEiT's attention compute ``F.linear(x, qkv.weight, qkv_bias)``
-    with a bias built from ``q_bias`` and ``v_bias``, which train as biases already): they
-    would be trainable parameters that train nothing. A layer whose weight the dry forward
-    (eval mode, zeros) does not read either keeps its bias: it may run in training only (an
-    auxiliary head) or for other inputs (an expert not routed to). Said, with the first
-    names. Where no dry forward can run (no input size known), all stay."""
-    if not state.added_biases:
-        return
-    try:
-        size = default_input_size(model, config.input_size)
-    except ValueError:
-        return
-    read = tensors_read(model, size)
-    if read is None:
-        return
-    unread = [
-        (m, attr)
-        for m, attr in state.added_biases
-        if id(getattr(m, attr)) not in read and any(id(w) in read for w in _weights(m))
-    ]
-    for module, attr in unread:
-        module.register_parameter(attr, None)
-        state.added_biases.remove((module, attr))
-    if unread:
-        names = [_name_of(model, m) for m, _ in unread]
-        shown = some_names(names)
-        warnings.warn(
-            f"add_bias: {len(unread)} layers' forwards never read a bias ({shown}: their "
-            "module computes with a bias of its own, as EVA's and BEiT's attention build "
-            "qkv's from q_bias and v_bias, which train as biases already); none was added "
-            "there.",
-            stacklevel=4,
-        )
-
-
-def _weights(module: nn.Module) -> list[torch.Tensor]:
-    """The weights a module with an added bias computes with (read in the dry forward)."""
-    names = ("weight", "in_proj_weight", "q_proj_weight")
-    return [w for w in (getattr(module, n, None) for n in names) if w is not None]
 
 
 def _name_of(model: nn.Module, target: nn.Module) -> str:
