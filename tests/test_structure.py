@@ -2030,3 +2030,35 @@ def test_a_model_collected_during_an_optimizer_step_leaves_the_step_alone():
     assert not unstepped._retired  # swept by the next check
     assert len(optim_module._global_optimizer_pre_hooks) == hooks_before + 1  # the next check
     handle.remove()
+
+
+class _WithTeacher(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.student = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 16))
+        self.teacher = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 16))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.student(x))
+
+
+@pytest.mark.parametrize("frozen", ["teacher", "nothing", "everything"])
+def test_parameters_frozen_before_that_s2a_trains_are_named(frozen):
+    """S2A trains every bias of the model it is applied to: a teacher frozen inside a module
+    S2A'd whole trained its biases, silently. Said where part of the model was frozen; a
+    model frozen whole (a linear probe's leftover) or not at all is S2A's to train."""
+    model = _WithTeacher()
+    if frozen != "nothing":
+        (model.teacher if frozen == "teacher" else model).requires_grad_(False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        handle = apply_s2a(model, head="head", input_size=(8,))
+    said = [str(w.message) for w in caught if "were frozen before" in str(w.message)]
+    assert model.teacher[0].bias.requires_grad  # S2A's rule, as documented
+    if frozen == "teacher":
+        assert len(said) == 1 and "2 parameters" in said[0] and "teacher.0.bias" in said[0]
+    else:
+        assert not said
+    handle.remove()
+    assert model.teacher[0].bias.requires_grad == (frozen == "nothing")

@@ -168,6 +168,7 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
     for name, p in model.named_parameters():
         train_bias = "bias" in modules and is_bias(name)
         p.requires_grad_(train_bias or (id(p) in head_ids and head_trains))
+    _warn_thawed(model, state.flags)
     if config.frozen_dtype is not None:
         hold_frozen(model, config, state, _CONVS_AND_LINEARS)
     for head in head_modules(state.head):
@@ -232,6 +233,25 @@ def _token_grids(model: nn.Module, state: StructureState) -> dict[str, PromptGri
     size, prefix = (state.input_size[1], state.input_size[2]), prefix_tokens(model)
     found = {b.name: PromptGrid.of(image, size, b.shape[0], prefix) for b in tokens}
     return {name: grid for name, grid in found.items() if grid is not None}
+
+
+def _warn_thawed(model: nn.Module, flags: dict[str, bool]) -> None:
+    """Say which parameters the user had frozen before S2A and S2A made trainable (biases
+    and the head's): a teacher frozen inside a LightningModule S2A'd whole trained its
+    biases, silently. A model frozen whole before (a linear probe's leftover) is S2A's to
+    train, as is one with nothing frozen."""
+    if all(flags.values()) or not any(flags.values()):
+        return
+    thawed = [n for n, p in model.named_parameters() if p.requires_grad and not flags.get(n, True)]
+    if thawed:
+        warnings.warn(
+            f"S2A makes {len(thawed)} parameters trainable that were frozen before it was "
+            f"applied ({some_names(thawed)}): it trains every bias of the model it is applied "
+            "to, and its head. To keep a part frozen (a teacher, another tower), apply S2A "
+            "to the part that trains (S2ACallback(backbone=...), apply_s2a(model.student)), "
+            "or freeze that part again after applying it.",
+            stacklevel=5,
+        )
 
 
 def _name_of(model: nn.Module, target: nn.Module) -> str:
