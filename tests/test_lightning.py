@@ -387,3 +387,72 @@ def test_a_plain_fit_after_an_s2a_fit_says_what_it_trains():
         handle.remove()
         quiet_trainer(max_steps=1).fit(model, _data())
     assert all(p.requires_grad for p in model.parameters())
+
+
+class DualEncoder(pl.LightningModule):
+    """A CLIP-like project: the image encoder S2A'd by the callback, a second encoder S2A'd
+    by the user in ``__init__``, each with its projection, a contrastive loss."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.image_encoder = timm.create_model(
+            "vit_tiny_patch16_224", num_classes=0, depth=2, img_size=32, patch_size=8
+        )
+        self.text_encoder = nn.Sequential(nn.Linear(12, 64), nn.GELU(), nn.Linear(64, 64))
+        self.image_proj, self.text_proj = nn.Linear(192, 16), nn.Linear(64, 16)
+        from lightning_s2a import apply_s2a
+
+        apply_s2a(self.text_encoder, head=None, input_size=(12,))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        text = torch.nn.functional.one_hot(y, 12).float() + 0.1 * x.mean((2, 3)).repeat(1, 4)
+        a = self.image_proj(self.image_encoder(x))
+        b = self.text_proj(self.text_encoder(text))
+        logits = a @ b.t()
+        return torch.nn.functional.cross_entropy(logits, torch.arange(len(x)))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def test_other_s2a_modules_count_in_the_metrics_and_the_checkpoint(tmp_path):
+    """A second encoder S2A'd with apply_s2a beside the callback's: its bytes were missing
+    from s2a/* (2.10 MB logged where the step kept 4.2) and its codebooks from checkpoints
+    (a resumed run coded it afresh: weights 1.5e-3 apart from the uninterrupted run)."""
+    from lightning_s2a import get_handle
+    from lightning_s2a.lightning.metrics import MB
+
+    model = DualEncoder()
+    callback = S2ACallback(backbone="image_encoder")
+    trainer = quiet_trainer(max_steps=1, callbacks=[callback])
+    trainer.fit(model, _data())
+    own, other = get_handle(model.image_encoder), get_handle(model.text_encoder)
+    both = own.engine.step_stats()["raw_bytes"] + other.engine.step_stats()["raw_bytes"]
+    assert other.engine.step_stats()["raw_bytes"] > 0
+    assert callback.epoch_metrics["s2a/activation_raw_mb"] == pytest.approx(both / MB)
+    path = tmp_path / "dual.ckpt"
+    trainer.save_checkpoint(path)
+    saved = torch.load(path, weights_only=False)["callbacks"][callback.state_key]
+    assert set(saved["other_engines"]) == {"text_encoder"}
+    resumed = DualEncoder()
+    quiet_trainer(max_steps=1, callbacks=[S2ACallback(backbone="image_encoder")]).fit(
+        resumed, _data(), ckpt_path=path
+    )
+    engine = get_handle(resumed.text_encoder).engine
+    assert engine.step == other.engine.step > 0
+    assert engine.codebooks.keys() == other.engine.codebooks.keys()
+    assert all(
+        torch.equal(engine.codebooks[k].boundaries, other.engine.codebooks[k].boundaries)
+        for k in engine.codebooks
+    )
+
+
+def test_an_adapter_path_with_other_s2a_modules_is_refused_before_training(tmp_path):
+    model = DualEncoder()
+    before = model.text_proj.weight.clone()
+    callback = S2ACallback(backbone="image_encoder", adapter_path=str(tmp_path / "a.st"))
+    with pytest.raises(ValueError, match=r"other S2A'd modules beside the callback's \(text_enc"):
+        quiet_trainer(max_steps=1, callbacks=[callback]).fit(model, _data())
+    assert torch.equal(model.text_proj.weight, before)  # nothing trained

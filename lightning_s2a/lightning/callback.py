@@ -18,8 +18,9 @@ from torch import nn
 
 from ..api import S2AHandle, apply_s2a, config_differences, count_trainable, get_handle
 from ..config import FOUR_BIT_DTYPES, S2AConfig
+from ..messages import some_names
 from .calibration import calibrate_on_batch
-from .callback_state import CheckpointState
+from .callback_state import CheckpointState, other_handles
 from .checks import (
     check_averaging_after,
     check_batch_norms_in_place,
@@ -73,6 +74,9 @@ class S2ACallback(CheckpointState, pl.Callback):
         self._meter = EpochMeter()
         self._pending_state: dict[str, Any] | None = None
         self._forwards_before = 0
+        #: Other S2A'd modules under the LightningModule (``apply_s2a`` in its ``__init__``):
+        #: path -> (handle, forwards before the step); found at the first training batch.
+        self._others: dict[str, list[Any]] | None = None
         self._warned = False
         self._for_evaluation = False
         self._alone_pending = False  # an evaluation alone: checked once a restore is known
@@ -150,13 +154,22 @@ class S2ACallback(CheckpointState, pl.Callback):
         if stage == "fit":
             self.handle.engine.calibrates_elsewhere = True  # on the first training batch
             self.handle.start_engine()
+            others = [path for path, _ in other_handles(pl_module, self.handle)]
+            if self.adapter_path and others:  # save_adapter would refuse, after training
+                raise ValueError(
+                    f"S2ACallback(adapter_path=...) writes one adapter for "
+                    f"{type(pl_module).__name__}, which holds other S2A'd modules beside "
+                    f"the callback's ({some_names(others)}): after fit, save one per module "
+                    "with lightning_s2a.save_adapter(module, path, handle=get_handle(part)), "
+                    "and leave adapter_path out."
+                )
         else:
             self.handle.stop_engine()
 
     # -- Lightning hooks -------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_single_s2a(trainer)
-        self._stage, self._alone_pending = stage, False
+        self._stage, self._alone_pending, self._others = stage, False, None
         if stage == "fit":
             check_no_finetuning(trainer)
         if self._module is not pl_module:
@@ -303,6 +316,11 @@ class S2ACallback(CheckpointState, pl.Callback):
         if self.handle.config.calibrate and not self.handle.engine.calibrated:
             calibrate_on_batch(trainer, pl_module, self.handle, batch, batch_idx)
         self._forwards_before = self.handle.engine.forwards
+        if self._others is None:
+            self._others = {path: [h, 0] for path, h in other_handles(pl_module, self.handle)}
+        for entry in self._others.values():
+            entry[0].engine.begin_step()
+            entry[1] = entry[0].engine.forwards
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
@@ -317,6 +335,10 @@ class S2ACallback(CheckpointState, pl.Callback):
             )
             return
         stats = self.handle.engine.step_stats()  # several backwards: the largest account
+        for handle, before in (self._others or {}).values():  # their step's bytes, alongside
+            if handle.engine.forwards != before:
+                more = handle.engine.step_stats()
+                stats = {k: stats[k] + more[k] for k in ("raw_bytes", "stored_bytes")}
         if not stats["raw_bytes"]:
             self._warn_once(
                 trainer,
