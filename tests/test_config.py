@@ -199,6 +199,17 @@ def test_named_head_that_does_not_exist():
         apply_s2a(model, head="fc")
 
 
+def test_a_head_that_names_a_parameter_says_how_to_train_it():
+    """CLIP's ``logit_scale``: "has no submodule of that name" left no way to train it."""
+    model = nn.Sequential()
+    model.add_module("body", nn.Linear(4, 4))
+    model.register_parameter("logit_scale", nn.Parameter(torch.ones(())))
+    match = r"head='logit_scale' is a parameter.*model\.logit_scale\.requires_grad_\(True\)"
+    for head in ("logit_scale", "body,logit_scale"):
+        with pytest.raises(ValueError, match=match):
+            apply_s2a(model, head=head)
+
+
 def test_nothing_left_to_train_is_an_error_and_changes_nothing():
     model = nn.Sequential(nn.Linear(4, 4, bias=False))
     with pytest.raises(ValueError, match="nothing left to train"):

@@ -79,6 +79,14 @@ def find_head(model: nn.Module, head: str | None) -> nn.Module | None:
         return model.get_submodule(head)
     except AttributeError:
         names = [n for n, _ in model.named_children()]
+        if head in dict(model.named_parameters()):  # CLIP's logit_scale
+            raise ValueError(
+                f"head={head!r} is a parameter of {type(model).__name__}, not a module: a "
+                "head is a module whose output S2A knows. S2A freezes such a parameter with "
+                f"the backbone; to train it, set model.{head}.requires_grad_(True) after "
+                "apply_s2a (in a LightningModule: after the callback's setup, e.g. in "
+                "on_fit_start), and name only modules in head=."
+            ) from None
         raise ValueError(
             f"head={head!r}: {type(model).__name__} has no submodule of that name; "
             f"its top-level children are {names}."
