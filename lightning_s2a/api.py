@@ -66,7 +66,7 @@ class S2AHandle:
         self.engine.attach()
         self.removed = False
         self.unstepped: UnsteppedCheck | None = None  # set by apply_s2a
-        self._stopped_watch: Any = None  # see stop_engine(watch=True)
+        self._stopped_watch: list[Any] = []  # see stop_engine(watch=True)
 
     def stats(self) -> dict[str, Any]:
         """Saved-activation bytes of the most recent forward that recorded autograd.
@@ -117,10 +117,11 @@ class S2AHandle:
     def stop_engine(self, watch: bool = False) -> None:
         """Stop compressing saved tensors; the structural modules stay (e.g. after fit).
 
-        ``watch``: the first training-mode forward with autograd on while stopped warns
-        that it runs uncompressed with S2A's freezing still on (a plain ``Trainer.fit``
-        after an S2A fit trained biases only, silently). ``S2ACallback`` stops it so after
-        fit, and ``load_from_checkpoint`` after loading.
+        ``watch``: the first backward that reaches the model's trainable parameters while
+        stopped warns that it trained uncompressed with S2A's freezing still on (a plain
+        ``Trainer.fit`` after an S2A fit trained biases only, silently). ``S2ACallback``
+        stops it so after fit, and ``load_from_checkpoint`` after loading; the watch stays
+        through later stops (an evaluation) until :meth:`start_engine` or :meth:`remove`.
 
         Frozen weights cast to ``frozen_dtype="bfloat16"``/``"float16"`` get their original
         values and dtype back, so a plain full-precision forward works after training. Weights
@@ -132,27 +133,34 @@ class S2AHandle:
         self.engine.detach()
         if self.config.frozen_dtype not in FOUR_BIT_DTYPES:
             cast_frozen(self.model, self.structure, None)
-        self._unwatch()
-        if watch:
-            self._stopped_watch = self.model.register_forward_pre_hook(_StoppedWatch(self))
+        if watch and not self._stopped_watch:
+            # On the parameters' gradients, not a forward hook: evaluation stays silent, and
+            # the model stays scriptable (TorchScript compiles module hooks); copies and
+            # pickles carry no tensor hooks.
+            warn = _StoppedWatch(self)
+            self._stopped_watch = [
+                p.register_post_accumulate_grad_hook(warn)
+                for p in self.model.parameters()
+                if p.requires_grad
+            ]
 
-    def _warn_stopped(self, module: nn.Module) -> None:
+    def _warn_stopped(self) -> None:
         self._unwatch()  # said once
         trainable, share = self.trainable_parameters()
         warnings.warn(
-            f"{type(module).__name__} trains with S2A stopped: its engine was stopped after "
-            f"the last fit (or checkpoint load), so this forward is not compressed, and S2A's "
-            f"freezing still holds: only {trainable:,} parameters ({share:.2%}) train. Fit "
-            "with S2ACallback (or strategy='s2a') to train it with S2A, or call "
+            f"{type(self.model).__name__} trains with S2A stopped: its engine was stopped "
+            f"after the last fit (or checkpoint load), so this step was not compressed, and "
+            f"S2A's freezing still holds: only {trainable:,} parameters ({share:.2%}) train. "
+            "Fit with S2ACallback (or strategy='s2a') to train it with S2A, or call "
             "lightning_s2a.get_handle(module).remove() first for the plain model with every "
             "parameter trainable (S2A's added modules go).",
-            stacklevel=4,
+            stacklevel=2,
         )
 
     def _unwatch(self) -> None:
-        if self._stopped_watch is not None:
-            self._stopped_watch.remove()
-            self._stopped_watch = None
+        for hook in self._stopped_watch:
+            hook.remove()
+        self._stopped_watch = []
 
     def start_engine(self) -> None:
         """Resume compressing saved tensors (and ``frozen_dtype``) after :meth:`stop_engine`."""
@@ -295,15 +303,16 @@ def _engine_hooked(model: nn.Module) -> SavedTensorEngine | None:
 
 
 class _StoppedWatch:
-    """The forward pre-hook of :meth:`S2AHandle.stop_engine` with ``watch=True``; a copy of
-    the model (an EMA copy, a pickle) gets one that watches nothing, as it gets no handle."""
+    """The gradient hook of :meth:`S2AHandle.stop_engine` with ``watch=True``, on each
+    trainable parameter; a copy of the model gets one that watches nothing (as it gets no
+    handle), should a copy carry it."""
 
     def __init__(self, handle: S2AHandle | None) -> None:
         self.handle = handle
 
-    def __call__(self, module: nn.Module, args: Any) -> None:
-        if self.handle is not None and module.training and torch.is_grad_enabled():
-            self.handle._warn_stopped(module)  # evaluation runs the trained model: silent
+    def __call__(self, param: torch.Tensor) -> None:
+        if self.handle is not None and self.handle._stopped_watch:
+            self.handle._warn_stopped()
 
     def __deepcopy__(self, memo: dict) -> _StoppedWatch:
         return _StoppedWatch(None)

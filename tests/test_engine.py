@@ -1987,3 +1987,54 @@ def test_an_entry_method_runs_the_copys_engine_and_leaves_with_remove():
     assert str(inspect.signature(model.forward_head)) == "(x: 'torch.Tensor') -> 'torch.Tensor'"
     handle.remove()
     assert "forward_features" not in vars(model) and "forward_head" not in vars(model)
+
+
+def _decorated(method):
+    def wrapper(self, x):  # no functools.wraps: a local function pickle cannot name
+        return method(self, x)
+
+    return wrapper
+
+
+class _Decorated(_FunctionalBody):
+    @_decorated
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward_features(x)
+
+
+def test_entry_methods_follow_replicas_pickles_and_failed_entries(monkeypatch, tmp_path):
+    """nn.DataParallel's replicas copy the owner's __dict__ shallowly: a replica ran its
+    forward_features on the original module (its weights, its device). A forward_* that
+    pickle cannot name failed torch.save(model). An entry whose engine refused to start
+    (torch.compile) left the engine open: the next forward warned of an interrupted one."""
+    import lightning_s2a.engine.boundaries as boundaries
+
+    torch.manual_seed(0)
+    model = _Decorated()
+    apply_s2a(model, head="fc")
+    x = torch.randn(2, 3, 8, 8)
+    replica = model.__new__(type(model))
+    replica.__dict__ = model.__dict__.copy()  # as Module._replicate_for_data_parallel
+    replica._parameters = {}
+    replica._modules = {k: copy.deepcopy(m) for k, m in model._modules.items()}
+    twin = copy.deepcopy(model)  # its own module, the replica's weights
+    with torch.no_grad():
+        for p in (*replica.parameters(), *twin.parameters()):
+            p.mul_(2.0)
+        assert not torch.allclose(replica(x), model(x))
+        torch.testing.assert_close(replica(x), twin(x), rtol=0, atol=0)
+    torch.save(model, tmp_path / "model.pt")  # the decorated method is found again on load
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert torch.equal(loaded.forward_features(x), model.forward_features(x))
+
+    def refuse(*args):
+        raise RuntimeError("refused")
+
+    monkeypatch.setattr(boundaries, "check_not_traced", refuse)
+    with pytest.raises(RuntimeError, match="refused"):
+        model.forward_features(x)
+    assert model.forward_features.engine._depth == 0
+    monkeypatch.undo()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*never returned")
+        model(x).sum().backward()

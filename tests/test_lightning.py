@@ -365,20 +365,24 @@ def test_a_lazy_head_outside_the_backbone_counts_as_its_head():
 def test_a_plain_fit_after_an_s2a_fit_says_what_it_trains():
     """After an S2A fit the engine is stopped and S2A's freezing stays (the trained model is
     kept for validate, test and checkpoints): a plain Trainer's fit then trained the biases
-    only, uncompressed, silently. Evaluation and a copy of the model stay quiet."""
+    only, uncompressed, silently. Evaluation (also with the S2A trainer, which stops the
+    engine again), a copy and TorchScript stay quiet and work."""
     import copy
     import warnings
 
     from lightning_s2a import get_handle
 
     model = UserModule()
-    quiet_trainer(max_steps=1, callbacks=[S2ACallback()]).fit(model, _data())
+    trainer = quiet_trainer(max_steps=1, callbacks=[S2ACallback()])
+    trainer.fit(model, _data())
     handle = get_handle(model.backbone)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*S2A stopped")
+        trainer.validate(model, _data(8))  # the S2A trainer: stopped again, still watched
         quiet_trainer().validate(model, _data(8))
         copy.deepcopy(model).train().backbone(torch.randn(2, 3, 32, 32)).sum().backward()
+        torch.jit.script(copy.deepcopy(model.backbone.blocks[0].mlp))  # no module hook added
     with pytest.warns(UserWarning, match=rf"S2A stopped.*only {trainable:,} parameters"):
         quiet_trainer(max_steps=1).fit(model, _data())
     with warnings.catch_warnings():  # said once; gone after remove()

@@ -239,10 +239,22 @@ class EntryMethod:
 
     def __init__(self, engine: Any, owner: nn.Module, name: str) -> None:
         self.engine, self.owner, self.name = engine, owner, name
+        self._find()
+
+    def _find(self) -> None:
         # the class's function itself, found once (looked up per call under torch.compile,
         # dynamo's re-run found this object again and recursed)
-        self.function = inspect.getattr_static(type(owner), name)
+        self.function = inspect.getattr_static(type(self.owner), self.name)
         self.__doc__ = self.function.__doc__
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled without the function (a decorated method's wrapper cannot be pickled by
+        # name), found again on the owner's class.
+        return {"engine": self.engine, "owner": self.owner, "name": self.name}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._find()
 
     @property
     def __signature__(self) -> inspect.Signature:
@@ -251,11 +263,21 @@ class EntryMethod:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         owner, engine, function = self.owner, self.engine, self.function
+        # A shallow copy of the owner's __dict__ (nn.DataParallel's replicas) holds this
+        # object too: called from such a module's own method, run on that module.
+        caller = sys._getframe(1).f_locals.get("self")
+        replica = caller is not owner and isinstance(caller, nn.Module)
+        if replica and vars(caller).get(self.name) is self:
+            return function(caller, *args, **kwargs)
         if engine._depth or engine.model is not owner:
             return function(owner, *args, **kwargs)
         # Not the root's own call (no new account): like the model driven through its parts,
         # forward_features then forward_head add up until a backward runs.
-        engine._enter("", False, owner, args)
+        try:
+            engine._enter("", False, owner, args)
+        except BaseException:
+            engine._leave(owner, args, None)  # as PyTorch's always-called forward hooks do
+            raise
         out = None
         try:
             out = function(owner, *args, **kwargs)
