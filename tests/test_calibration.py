@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import random
 import warnings
 from functools import partial
@@ -594,14 +595,24 @@ class Bookkeeping(UserModule):
         super().__init__()
         self.outputs, self.count, self.total = [], 0, torch.zeros(())
         self.epoch_means = []
+        # one level down, as users write them too; an expanded tensor cannot be written to
+        self.running = {"n": torch.zeros(()), "by_split": {"train": []}}
+        self.recent = collections.deque(maxlen=100)
+        self.class_weight = torch.ones(1).expand(3)
 
     def training_step(self, batch, batch_idx):
         out = super().training_step(batch, batch_idx)
         self.outputs.append(out["loss"].detach())
         self.count += len(batch[1])
         self.total += out["loss"].detach()
+        self.running["n"] += len(batch[1])
+        self.running["by_split"]["train"].append(batch_idx)
+        self.recent.append(batch_idx)
         self.last_batch = batch_idx
         return out
+
+    def validation_step(self, batch, batch_idx):
+        self.last_val = self.head(self.norm(self.encoder(batch[0])))  # an inference tensor
 
     def on_train_epoch_end(self):
         self.epoch_means.append(torch.stack(self.outputs).mean())
@@ -616,12 +627,16 @@ def test_calibration_takes_its_steps_out_of_the_modules_own_attributes():
     for calibrate in (False, True):
         module = Bookkeeping()
         outputs = module.outputs
+        x, y = _batch(0)
+        quiet_trainer().validate(module, DataLoader(TensorDataset(x.float(), y), batch_size=4))
         _fit(module, calibrate=calibrate)
         runs[calibrate] = module
         assert module.outputs is outputs  # the list the module made, emptied at epoch end
     plain, calibrated = runs[False], runs[True]
     assert get_handle(calibrated.encoder).engine.calibrated
     assert calibrated.count == plain.count == 8 and calibrated.steps == plain.steps == 2
+    assert calibrated.running["n"].item() == 8 and calibrated.running["by_split"]["train"] == [0, 0]
+    assert list(calibrated.recent) == [0, 0]
     assert calibrated.last_batch == 0  # two epochs of one batch
     assert len(calibrated.epoch_means) == 2  # one loss each, the real step's
     assert sum(calibrated.epoch_means).item() == pytest.approx(calibrated.total.item())

@@ -3,6 +3,7 @@ the user's own ``training_step``, with its logging muted and its metrics' states
 
 from __future__ import annotations
 
+import collections
 import copy
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -10,7 +11,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from lightning_utilities.core.apply_func import apply_to_collection
 
@@ -131,31 +132,26 @@ def _metrics_kept(pl_module: pl.LightningModule) -> Iterator[None]:
             m._computed = None
 
 
-#: What :func:`_attributes_kept` puts back: containers in place, the rest as they were.
-_CONTAINERS = (list, dict, set)
-_VALUES = (int, float, bool, str, bytes, tuple, frozenset, type(None))
+#: Values :func:`_attributes_kept` reassigns as they were (they cannot change in place).
+_VALUES = (int, float, complex, bool, str, bytes, frozenset, type(None))
+#: Tensors up to this many elements are copied before calibration, so that one the step
+#: changes in place can be put back; a larger one changed in place is said instead.
+_COPIED_NUMEL = 1 << 22
 
 
 @contextmanager
 def _attributes_kept(pl_module: pl.LightningModule) -> Iterator[None]:
     """The module's own plain attributes as before: what calibration's extra training_step
     calls appended to a list (Lightning's ``self.training_step_outputs`` pattern), counted
-    (``self.seen += len(x)``) or set is taken back out (a reviewer's epoch mean averaged the
-    first batch three times; counters read 48 samples of 32). Lists, dicts and sets are
-    restored in place (references to them stay valid), numbers, strings, tuples and None
-    reassigned, attributes the step added removed; tensors that are no parameter or buffer
-    copied back. Other objects are not followed."""
+    (``self.seen += len(x)``, ``self.running["n"] += len(y)``) or set is taken back out (a
+    reviewer's epoch mean averaged the first batch three times; counters read 48 samples of
+    32). Lists, dicts, sets and deques are restored in place, at any depth (references to
+    them stay valid); tuples are followed; numbers and strings reassigned; attributes the
+    step added removed; tensors changed in place copied back. Other objects are not
+    followed."""
     state = vars(pl_module)
-    saved: dict[str, Any] = {}
-    for name, value in state.items():
-        if name.startswith("_"):
-            continue  # Lightning's and torch's own (the trainer, hooks, the module dicts)
-        if isinstance(value, _CONTAINERS):
-            saved[name] = (value, copy.copy(value))
-        elif isinstance(value, _VALUES):
-            saved[name] = (value, value)
-        elif isinstance(value, torch.Tensor):
-            saved[name] = (value, value.detach().clone())
+    names = [n for n in state if not n.startswith("_")]  # Lightning's and torch's own stay
+    saved = {n: _snapshot(state[n], 0) for n in names}
     before = set(state)
     try:
         yield
@@ -163,16 +159,70 @@ def _attributes_kept(pl_module: pl.LightningModule) -> Iterator[None]:
         for name in set(state) - before:
             if not name.startswith("_"):
                 delattr(pl_module, name)
-        for name, (obj, copied) in saved.items():
-            if isinstance(obj, list):
-                obj[:] = copied
-            elif isinstance(obj, (dict, set)):
-                obj.clear()
-                obj.update(copied)
-            elif isinstance(obj, torch.Tensor):
-                with torch.no_grad():
-                    obj.copy_(copied)
-            setattr(pl_module, name, obj)  # the same object, rebound if the step replaced it
+        for name, snap in saved.items():
+            setattr(pl_module, name, _restore(snap, name))
+
+
+def _snapshot(value: Any, depth: int) -> tuple:
+    """What :func:`_restore` needs to put ``value`` back as it is now."""
+    if depth > 8:  # a structure that deep (or one that holds itself) is not followed
+        return ("same", value)
+    if isinstance(value, torch.Tensor):
+        try:
+            version = value._version
+        except RuntimeError:  # an inference tensor: cannot change outside inference mode
+            return ("same", value)
+        small = value.numel() <= _COPIED_NUMEL
+        return ("tensor", value, version, value.detach().clone() if small else None)
+    if isinstance(value, (list, collections.deque)):
+        return ("sequence", value, [_snapshot(v, depth + 1) for v in value])
+    if isinstance(value, tuple):
+        return ("tuple", value, [_snapshot(v, depth + 1) for v in value])
+    if isinstance(value, dict):
+        return ("dict", value, {k: _snapshot(v, depth + 1) for k, v in value.items()})
+    if isinstance(value, set):
+        return ("set", value, set(value))
+    return ("same", value)  # numbers, strings, None and objects not followed
+
+
+def _restore(snap: tuple, name: str) -> Any:
+    """Put a :func:`_snapshot` back; returns the object to bind (the same one where it can
+    be restored in place)."""
+    kind, obj = snap[0], snap[1]
+    if kind == "tensor":
+        version, copied = snap[2], snap[3]
+        if obj._version == version:
+            return obj
+        if copied is None:
+            rank_zero_warn(
+                f"S2A calibration: training_step changed {name} ({obj.numel():,} elements) "
+                "in place; it is too large to have been copied, so it keeps what the extra "
+                "calibration steps did to it."
+            )
+            return obj
+        try:
+            with torch.no_grad():
+                obj.copy_(copied)
+        except RuntimeError:  # an expanded view cannot be written to: rebound to the copy
+            return copied
+        return obj
+    if kind == "sequence":
+        obj.clear()
+        obj.extend(_restore(s, name) for s in snap[2])
+        return obj
+    if kind == "tuple":
+        items = tuple(_restore(s, name) for s in snap[2])
+        if all(a is b for a, b in zip(items, obj, strict=True)):
+            return obj
+        return obj._make(items) if hasattr(obj, "_make") else type(obj)(items)  # namedtuple
+    if kind == "dict":
+        obj.clear()
+        obj.update({k: _restore(s, name) for k, s in snap[2].items()})
+        return obj
+    if kind == "set":
+        obj.clear()
+        obj.update(snap[2])
+    return obj
 
 
 @contextmanager
