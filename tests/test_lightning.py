@@ -451,6 +451,10 @@ def test_other_s2a_modules_count_in_the_metrics_and_the_checkpoint(tmp_path):
         torch.equal(engine.codebooks[k].boundaries, other.engine.codebooks[k].boundaries)
         for k in engine.codebooks
     )
+    from lightning_s2a import load_from_checkpoint
+
+    loaded = get_handle(load_from_checkpoint(DualEncoder, path).text_encoder).engine
+    assert loaded.step == other.engine.step and loaded.codebooks.keys() == engine.codebooks.keys()
 
 
 def test_an_adapter_path_with_other_s2a_modules_is_refused_before_training(tmp_path):

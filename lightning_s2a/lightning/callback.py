@@ -20,7 +20,8 @@ from ..api import S2AHandle, apply_s2a, config_differences, count_trainable, get
 from ..config import FOUR_BIT_DTYPES, S2AConfig
 from ..messages import some_names
 from .calibration import calibrate_on_batch
-from .callback_state import CheckpointState, other_handles
+from .callback_state import CheckpointState
+from .checkpoint import other_handles
 from .checks import (
     check_averaging_after,
     check_batch_norms_in_place,

@@ -8,27 +8,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from lightning.pytorch.utilities import rank_zero_warn
-from torch import nn
-
-from ..api import get_handle
-from .checkpoint import WEIGHTS_ONLY_KEY, marked_prefixes
+from .checkpoint import WEIGHTS_ONLY_KEY, load_other_engines, marked_prefixes, other_handles
 from .checks import (
     check_checkpoint,
     check_plain_resume,
     check_same_model,
     warn_plain_checkpoint_in_four_bits,
 )
-
-
-def other_handles(module: nn.Module | None, own: Any) -> list[tuple[str, Any]]:
-    """(path, handle) of every S2A'd module under ``module`` other than ``own``'s: models
-    the user S2A'd with ``apply_s2a`` beside the callback's (a second encoder)."""
-    if module is None:
-        return []
-    found = [(path, get_handle(m)) for path, m in module.named_modules()]
-    return [(path, h) for path, h in found if h is not None and h is not own and not h.removed]
-
 
 #: Checkpoint entry naming the run that saved it (see ``CheckpointState._saving``).
 RUN_KEY = "lightning_s2a_run"
@@ -58,18 +44,6 @@ class CheckpointState:
             if others:
                 record["other_engines"] = {p: h.engine.state_dict() for p, h in others}
         return record
-
-    def _load_others(self, states: dict[str, Any]) -> None:
-        """Restore the other S2A'd modules' engines (see :meth:`state_dict`)."""
-        found = dict(other_handles(self._module, self.handle))
-        for path, state in states.items():
-            if path in found:
-                found[path].engine.load_state_dict(state)
-            else:
-                rank_zero_warn(
-                    f"the checkpoint holds the S2A engine state of {path or 'the module'}, "
-                    "which has no S2A applied here: its codes start afresh."
-                )
 
     def _restoring(self, checkpoint: dict[str, Any]) -> None:
         """Before a checkpoint's weights load into the module: check them against this run's
@@ -108,7 +82,7 @@ class CheckpointState:
         if "engine" not in state_dict:
             return
         if state_dict.get("other_engines") and self._module is not None:
-            self._load_others(state_dict["other_engines"])
+            load_other_engines(self._module, self.handle, state_dict["other_engines"])
         check_same_model(state_dict.get("config"), self.handle.config if self.handle else None)
         if self.handle is None:
             self._pending_state = state_dict["engine"]

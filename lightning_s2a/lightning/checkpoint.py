@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
 
 from ..api import apply_s2a, get_handle
 from ..config import S2AConfig
@@ -100,10 +102,41 @@ def load_from_checkpoint(
     handle.stop_engine(watch=True)  # hooks on when a Trainer fits it with S2A again
     if "engine" in state:  # a weights-only checkpoint has none (codebooks, forward count)
         handle.engine.load_state_dict(state["engine"])
+    load_other_engines(model, handle, state.get("other_engines", {}))
     if strict is None:
         strict = bool(getattr(model, "strict_loading", True))
     model.load_state_dict(checkpoint["state_dict"], strict=strict)
     return model
 
 
-__all__ = ["WEIGHTS_ONLY_KEY", "load_from_checkpoint", "marked_prefixes", "s2a_state"]
+def other_handles(module: nn.Module | None, own: Any) -> list[tuple[str, Any]]:
+    """(path, handle) of every S2A'd module under ``module`` other than ``own``'s: models
+    the user S2A'd with ``apply_s2a`` beside the callback's (a second encoder)."""
+    if module is None:
+        return []
+    found = [(path, get_handle(m)) for path, m in module.named_modules()]
+    return [(path, h) for path, h in found if h is not None and h is not own and not h.removed]
+
+
+def load_other_engines(module: nn.Module, own: Any, states: dict[str, Any]) -> None:
+    """Restore the engines of the other S2A'd modules under ``module`` (a checkpoint's
+    ``other_engines``: their codebooks, widths and forward counts)."""
+    found = dict(other_handles(module, own))
+    for path, state in states.items():
+        if path in found:
+            found[path].engine.load_state_dict(state)
+        else:
+            rank_zero_warn(
+                f"the checkpoint holds the S2A engine state of {path or 'the module'}, which "
+                "has no S2A applied here: its codes start afresh."
+            )
+
+
+__all__ = [
+    "WEIGHTS_ONLY_KEY",
+    "load_from_checkpoint",
+    "load_other_engines",
+    "marked_prefixes",
+    "other_handles",
+    "s2a_state",
+]
