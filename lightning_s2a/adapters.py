@@ -261,6 +261,7 @@ def load_adapter(module: nn.Module, path: str | os.PathLike, strict: bool = True
     # with (see undo_structure).
     overwritten = handle.structure.overwritten
     added = handle.structure.added_tensor_ids()
+    _revert_absent(module, overwritten, [k for k in tensors if k in everything])
     index = {(owner, leaf): i for i, (owner, leaf, _, _) in enumerate(overwritten)}
     with torch.no_grad():
         for key, tensor in tensors.items():
@@ -278,6 +279,24 @@ def load_adapter(module: nn.Module, path: str | os.PathLike, strict: bool = True
                 _, _, old, _ = overwritten[index[place]]
                 overwritten[index[place]] = (*place, old, current.detach().clone())
     return handle
+
+
+def _revert_absent(module: nn.Module, overwritten: list, keys: list[str]) -> None:
+    """A swap: the model's own tensors an earlier adapter wrote that this one does not hold
+    (a norm task A unfroze and trained) go back to their values as built, as in a fresh
+    model; until 2026-12-07 they kept task A's (a reviewer's swapped ViT: logits 0.04 off
+    task B's)."""
+    places = set()
+    for key in keys:
+        owner, _, leaf = key.rpartition(".")
+        places.add((id(module.get_submodule(owner)), leaf))
+    stale = [e for e in overwritten if (id(e[0]), e[1]) not in places]
+    with torch.no_grad():
+        for owner, leaf, before, _ in reversed(stale):  # back to the first value: as built
+            tensor = owner._parameters.get(leaf, owner._buffers.get(leaf))
+            if tensor is not None and tensor.shape == before.shape:
+                tensor.copy_(before)
+    overwritten[:] = [e for e in overwritten if (id(e[0]), e[1]) in places]
 
 
 def _absent_statistics(module: nn.Module, present: Any, batch_norms: bool) -> set[str]:

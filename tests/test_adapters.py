@@ -112,6 +112,35 @@ def test_swap_adapters_on_one_backbone(tmp_path):
     assert torch.equal(out(backbone), outs["a"])
 
 
+@pytest.mark.parametrize("build, norm", [(vit, "norm"), (resnet, "bn1")])
+def test_a_swap_puts_back_what_the_first_adapter_trained_beyond_the_second(tmp_path, build, norm):
+    """Task A unfroze a backbone norm after apply_s2a (allowed) and trained it; task B did
+    not. Swapping A then B kept A's norm (and, for a BatchNorm, its running statistics):
+    logits 0.04 off B's own, silently."""
+    outs = {}
+    for name, seed, unfreeze in (("a", 1, True), ("b", 2, False)):
+        model = build()
+        apply_s2a(model, CFG if build is vit else S2AConfig(modules=["bias"]))
+        if unfreeze:
+            model.get_submodule(norm).requires_grad_(True)
+        perturb(model, seed)
+        if unfreeze:  # as training in train mode moves a BatchNorm's statistics
+            for b in model.get_submodule(norm).buffers():
+                b.add_(1)
+        outs[name] = out(model)
+        save_adapter(model, tmp_path / f"{name}.safetensors")
+    swapped = build()
+    load_adapter(swapped, tmp_path / "a.safetensors")
+    torch.testing.assert_close(out(swapped), outs["a"], rtol=0, atol=0)
+    load_adapter(swapped, tmp_path / "b.safetensors")
+    torch.testing.assert_close(out(swapped), outs["b"], rtol=0, atol=0)
+    fresh = build()
+    mine, built = swapped.get_submodule(norm).state_dict(), fresh.get_submodule(norm).state_dict()
+    assert all(torch.equal(v, built[k]) for k, v in mine.items() if k != "bias")  # B's bias
+    get_handle(swapped).remove()
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in swapped.state_dict().items())
+
+
 def test_remove_after_load_adapter_puts_back_what_it_wrote_over(tmp_path):
     # A bias adapter, remove() (as the other-config error says), then a side adapter: the
     # side task ran on the first task's biases (outputs off by 0.14), silently.
