@@ -24,6 +24,7 @@ from torch import nn
 from .api import S2AHandle, apply_s2a, get_handle, model_differences
 from .config import S2AConfig
 from .structure.four_bit import named_held
+from .structure.head import head_modules
 
 FORMAT = "lightning_s2a.adapter"
 VERSION = 1
@@ -94,11 +95,14 @@ def adapter_tensors(module: nn.Module, handle: S2AHandle) -> dict[str, torch.Ten
 
     Parameters count wherever they sit under ``module``, so a LightningModule's own head
     outside the S2A'd backbone is part of the adapter. Buffers are those of modules that own
-    a trainable parameter and of norms with running statistics that may change (BatchNorms
-    in train mode, tracking InstanceNorms); BatchNorms that S2A holds in eval mode never
-    change and are left out.
+    a trainable parameter, of norms with running statistics that may change (BatchNorms in
+    train mode, tracking InstanceNorms), and of every module of the head and outside the
+    S2A'd model (a prototype head's class centres, kept in a buffer of a module whose only
+    parameters are its child Linear's: until 2026-12-07 left out, a loaded model's logits
+    1.1 off); BatchNorms that S2A holds in eval mode never change and are left out.
     """
     held = {id(bn) for bn in handle.held_batch_norms()}
+    parts = _trained_parts(module, handle)
     found: dict[str, torch.Tensor] = {}
     for name, m in module.named_modules():
         dot = f"{name}." if name else ""
@@ -106,10 +110,24 @@ def adapter_tensors(module: nn.Module, handle: S2AHandle) -> dict[str, torch.Ten
         found.update((dot + n, p) for n, p in own)
         # Any norm with running statistics (BatchNorm; InstanceNorm with track_running_stats,
         # which S2A does not hold and which updates them in training as without S2A).
-        if (own or isinstance(m, nn.modules.batchnorm._NormBase)) and id(m) not in held:
+        norm = isinstance(m, nn.modules.batchnorm._NormBase)
+        if (own or norm or id(m) in parts) and id(m) not in held:
             skip = m._non_persistent_buffers_set
             found.update((dot + n, b) for n, b in m.named_buffers(recurse=False) if n not in skip)
     return found
+
+
+def _trained_parts(module: nn.Module, handle: S2AHandle) -> set[int]:
+    """``id``s of the modules of the head, and of those under ``module`` outside the S2A'd
+    model and not holding it: the parts the user's own training may change, buffers too."""
+    target = next(n for n, m in module.named_modules() if m is handle.model)
+    inside = {id(m) for m in handle.model.modules()}
+    parts = {id(m) for h in head_modules(handle.structure.head) for m in h.modules()}
+    for name, m in module.named_modules():
+        holds = name == "" or target == name or target.startswith(name + ".")
+        if id(m) not in inside and not holds:
+            parts.add(id(m))
+    return parts
 
 
 def save_adapter(
@@ -231,6 +249,7 @@ def load_adapter(module: nn.Module, path: str | os.PathLike, strict: bool = True
     # BatchNorm in the head (then held in eval mode on those of the model as built): where all
     # of one BatchNorm's are absent, the model's own stay.
     legacy = _absent_statistics(module, tensors.keys(), config.bn_mode == "eval")
+    legacy |= _absent_part_buffers(module, handle, tensors.keys())
     missing = sorted(expected.keys() - tensors.keys() - legacy)
     unexpected = sorted(tensors.keys() - everything.keys())
     mismatched = [
@@ -297,6 +316,19 @@ def _revert_absent(module: nn.Module, overwritten: list, keys: list[str]) -> Non
             if tensor is not None and tensor.shape == before.shape:
                 tensor.copy_(before)
     overwritten[:] = [e for e in overwritten if (id(e[0]), e[1]) in places]
+
+
+def _absent_part_buffers(module: nn.Module, handle: S2AHandle, present: Any) -> set[str]:
+    """Buffers of head and outside parts that own no trainable parameter, absent from an
+    adapter: adapters saved before 2026-12-07 left them out (see :func:`adapter_tensors`);
+    those keep the model's values, as then."""
+    parts, present, absent = _trained_parts(module, handle), set(present), set()
+    for name, m in module.named_modules():
+        if id(m) not in parts or any(p.requires_grad for p in m.parameters(recurse=False)):
+            continue
+        dot = f"{name}." if name else ""
+        absent |= {dot + n for n, _ in m.named_buffers(recurse=False)} - present
+    return absent
 
 
 def _absent_statistics(module: nn.Module, present: Any, batch_norms: bool) -> set[str]:

@@ -409,3 +409,58 @@ def test_error_prompts_sized_for_another_input(tmp_path):
     x = torch.randn(2, 3, 32, 64)
     with torch.no_grad():
         assert torch.equal(model(x), trained(x))
+
+
+class _ProtoHead(nn.Module):
+    """Class centres kept in a buffer, beside a child Linear: the module owns no parameter."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d, 8)
+        self.register_buffer("protos", torch.zeros(5, 8))
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        z = self.proj(f)
+        if self.training:
+            with torch.no_grad():
+                self.protos.mul_(0.5).add_(0.5 * z.mean(0, keepdim=True))
+        return z @ self.protos.T
+
+
+class _ProtoModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = timm.create_model(
+            "vit_tiny_patch16_224", num_classes=0, depth=1, img_size=32, patch_size=8
+        )
+        self.head = _ProtoHead(192)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+def test_buffers_a_head_updates_are_in_the_adapter(tmp_path):
+    """A prototype head's buffer sits on a module whose only parameters are its child's:
+    the adapter left it out, and a strict load gave zeros (logits 1.1 off), silently. An
+    adapter written without it still loads, keeping the model's values, as then."""
+    model = _ProtoModel()
+    apply_s2a(model.encoder, head=None)
+    model.train()(torch.randn(4, 3, 32, 32))  # the head's statistics move
+    perturb(model, 1)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        trained = model(x)
+    save_adapter(model, tmp_path / "proto.safetensors")
+    fresh = _ProtoModel()
+    load_adapter(fresh, tmp_path / "proto.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), trained, rtol=0, atol=0)
+    with safe_open(tmp_path / "proto.safetensors", "pt") as f:
+        names = [k for k in f.keys() if k != "head.protos"]  # noqa: SIM118 (no __iter__)
+        metadata, old = f.metadata(), {k: f.get_tensor(k) for k in names}
+    save_file(old, tmp_path / "old.safetensors", metadata=metadata)  # as saved before
+    older = _ProtoModel()
+    load_adapter(older, tmp_path / "old.safetensors")
+    assert torch.equal(older.head.protos, torch.zeros(5, 8))
