@@ -250,6 +250,14 @@ def load_adapter(module: nn.Module, path: str | os.PathLike, strict: bool = True
     # of one BatchNorm's are absent, the model's own stay.
     legacy = _absent_statistics(module, tensors.keys(), config.bn_mode == "eval")
     legacy |= _absent_part_buffers(module, handle, tensors.keys())
+    # add_bias gave nn.MultiheadAttention(bias=False) no in_proj_bias before 2026-12-07:
+    # absent, it stays zero, the function that adapter trained with.
+    added = {id(getattr(m, attr)) for m, attr in handle.structure.added_biases}
+    legacy |= {
+        k
+        for k, t in expected.items()
+        if k.endswith("in_proj_bias") and id(t) in added and k not in tensors
+    }
     missing = sorted(expected.keys() - tensors.keys() - legacy)
     unexpected = sorted(tensors.keys() - everything.keys())
     mismatched = [

@@ -464,3 +464,31 @@ def test_buffers_a_head_updates_are_in_the_adapter(tmp_path):
     older = _ProtoModel()
     load_adapter(older, tmp_path / "old.safetensors")
     assert torch.equal(older.head.protos, torch.zeros(5, 8))
+
+
+def test_an_add_bias_adapter_from_before_in_proj_biases_still_loads(tmp_path):
+    """add_bias gives nn.MultiheadAttention(bias=False) an in_proj_bias since 2026-12-07: an
+    adapter saved before lacks it and failed a strict load ("missing keys"); it loads, with
+    that bias zero, the function it trained with."""
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, bias=False, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+    torch.manual_seed(0)
+    model = Attention()
+    apply_s2a(model, add_bias=True, head="head", input_size=(5, 8))
+    save_adapter(model, tmp_path / "new.safetensors")
+    with safe_open(tmp_path / "new.safetensors", "pt") as f:
+        names = [k for k in f.keys() if k != "attn.in_proj_bias"]  # noqa: SIM118 (no __iter__)
+        metadata, old = f.metadata(), {k: f.get_tensor(k) for k in names}
+    save_file(old, tmp_path / "old.safetensors", metadata=metadata)
+    torch.manual_seed(0)
+    fresh = Attention()
+    load_adapter(fresh, tmp_path / "old.safetensors")
+    assert torch.equal(fresh.attn.in_proj_bias, torch.zeros(24))

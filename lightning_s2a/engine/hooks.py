@@ -311,7 +311,7 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
                 lo=float(c.get("range", (-math.inf, math.inf))[0]),
                 hi=float(c.get("range", (-math.inf, math.inf))[1]),
                 # Saved before 2026-12-07 (no samples): a drift refit fits on new ones only.
-                sample=None if c.get("sample") is None else c["sample"].double(),
+                sample=None if c.get("sample") is None else c["sample"].to("cpu", torch.float64),
             )
             for c in state["codebooks"]
         }
