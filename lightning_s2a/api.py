@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+import weakref
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -308,11 +309,15 @@ class _StoppedWatch:
     handle), should a copy carry it."""
 
     def __init__(self, handle: S2AHandle | None) -> None:
-        self.handle = handle
+        # Weakly: tensor hooks live in C++, where the garbage collector cannot see a cycle
+        # through them, and the handle holds the model (an armed model was never freed).
+        self.handle = None if handle is None else weakref.ref(handle)
 
     def __call__(self, param: torch.Tensor) -> None:
-        if self.handle is not None and self.handle._stopped_watch:
-            self.handle._warn_stopped()
+        handle = None if self.handle is None else self.handle()
+        # A backward of a model in eval mode trains nothing (saliency, adversarial inputs).
+        if handle is not None and handle._stopped_watch and handle.model.training:
+            handle._warn_stopped()
 
     def __deepcopy__(self, memo: dict) -> _StoppedWatch:
         return _StoppedWatch(None)

@@ -328,6 +328,7 @@ def test_an_s2a_model_is_freed_when_dropped_and_pickles_after_a_step():
     with apply_s2a(nf4, frozen_dtype="nf4"):
         nf4(x).sum().backward()
         torch.save(nf4, io.BytesIO())  # its step check's weak references stay behind
+    handle.stop_engine(watch=True)  # the watch's gradient hooks (C++) must not hold it
     alive = weakref.ref(model)
     del model, handle, loaded
     gc.collect()

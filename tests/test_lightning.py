@@ -381,6 +381,9 @@ def test_a_plain_fit_after_an_s2a_fit_says_what_it_trains():
         warnings.filterwarnings("error", message=".*S2A stopped")
         trainer.validate(model, _data(8))  # the S2A trainer: stopped again, still watched
         quiet_trainer().validate(model, _data(8))
+        x = torch.randn(2, 3, 32, 32, requires_grad=True)
+        model.eval()(x).sum().backward()  # a saliency map: eval mode trains nothing
+        model.train()
         copy.deepcopy(model).train().backbone(torch.randn(2, 3, 32, 32)).sum().backward()
         torch.jit.script(copy.deepcopy(model.backbone.blocks[0].mlp))  # no module hook added
     with pytest.warns(UserWarning, match=rf"S2A stopped.*only {trainable:,} parameters"):
@@ -433,6 +436,7 @@ def test_other_s2a_modules_count_in_the_metrics_and_the_checkpoint(tmp_path):
     trainer = quiet_trainer(max_steps=1, callbacks=[callback])
     trainer.fit(model, _data())
     own, other = get_handle(model.image_encoder), get_handle(model.text_encoder)
+    assert not other.engine._per_step  # back to per-forward accounting after the fit
     both = own.engine.step_stats()["raw_bytes"] + other.engine.step_stats()["raw_bytes"]
     assert other.engine.step_stats()["raw_bytes"] > 0
     assert callback.epoch_metrics["s2a/activation_raw_mb"] == pytest.approx(both / MB)
@@ -461,6 +465,11 @@ def test_an_adapter_path_with_other_s2a_modules_is_refused_before_training(tmp_p
     model = DualEncoder()
     before = model.text_proj.weight.clone()
     callback = S2ACallback(backbone="image_encoder", adapter_path=str(tmp_path / "a.st"))
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
     with pytest.raises(ValueError, match=r"other S2A'd modules beside the callback's \(text_enc"):
         quiet_trainer(max_steps=1, callbacks=[callback]).fit(model, _data())
     assert torch.equal(model.text_proj.weight, before)  # nothing trained
+    from lightning_s2a import get_handle
+
+    assert get_handle(model.image_encoder) is None  # nothing applied
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}

@@ -2043,7 +2043,7 @@ class _WithTeacher(nn.Module):
         return self.head(self.student(x))
 
 
-@pytest.mark.parametrize("frozen", ["teacher", "nothing", "everything"])
+@pytest.mark.parametrize("frozen", ["teacher", "nothing", "everything", "all but the head"])
 def test_parameters_frozen_before_that_s2a_trains_are_named(frozen):
     """S2A trains every bias of the model it is applied to: a teacher frozen inside a module
     S2A'd whole trained its biases, silently. Said where part of the model was frozen; a
@@ -2051,6 +2051,8 @@ def test_parameters_frozen_before_that_s2a_trains_are_named(frozen):
     model = _WithTeacher()
     if frozen != "nothing":
         (model.teacher if frozen == "teacher" else model).requires_grad_(False)
+    if frozen == "all but the head":  # a linear probe's leftover
+        model.head.requires_grad_(True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         handle = apply_s2a(model, head="head", input_size=(8,))
@@ -2062,3 +2064,4 @@ def test_parameters_frozen_before_that_s2a_trains_are_named(frozen):
         assert not said
     handle.remove()
     assert model.teacher[0].bias.requires_grad == (frozen == "nothing")
+    assert model.head.weight.requires_grad == (frozen != "everything")

@@ -157,6 +157,11 @@ class BoundariesMixin:
         self._fresh = True
         self._step_peak = None
 
+    def end_steps(self) -> None:
+        """Back to per-forward accounting after a run that marked steps (:meth:`begin_step`),
+        as :meth:`detach` does for an engine that stays attached."""
+        self._per_step = self._fresh = False
+
     def _activate(self, is_root: bool) -> None:
         # A forward of the whole model starts a new account (outside steps marked by
         # begin_step). Forwards of submodules (the model driven through its parts) add up

@@ -114,6 +114,15 @@ class S2ACallback(CheckpointState, pl.Callback):
     def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         target, config = self._target(pl_module)
         existing = get_handle(target)
+        others = [path for path, _ in other_handles(pl_module, existing)]
+        if stage == "fit" and self.adapter_path and others:  # before S2A changes anything
+            raise ValueError(
+                f"S2ACallback(adapter_path=...) writes one adapter for "
+                f"{type(pl_module).__name__}, which holds other S2A'd modules beside the "
+                f"callback's ({some_names(others)}): save_adapter would refuse after training. "
+                "After fit, save one per module with lightning_s2a.save_adapter(module, path, "
+                "handle=get_handle(part)), and leave adapter_path out."
+            )
         self.applied_here = existing is None
         if existing is None:
             keys = set(target.state_dict())
@@ -155,15 +164,6 @@ class S2ACallback(CheckpointState, pl.Callback):
         if stage == "fit":
             self.handle.engine.calibrates_elsewhere = True  # on the first training batch
             self.handle.start_engine()
-            others = [path for path, _ in other_handles(pl_module, self.handle)]
-            if self.adapter_path and others:  # save_adapter would refuse, after training
-                raise ValueError(
-                    f"S2ACallback(adapter_path=...) writes one adapter for "
-                    f"{type(pl_module).__name__}, which holds other S2A'd modules beside "
-                    f"the callback's ({some_names(others)}): after fit, save one per module "
-                    "with lightning_s2a.save_adapter(module, path, handle=get_handle(part)), "
-                    "and leave adapter_path out."
-                )
         else:
             self.handle.stop_engine()
 
@@ -378,6 +378,9 @@ class S2ACallback(CheckpointState, pl.Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Hooks off; the trained modules stay, so validate/test/predict/checkpoints use them.
         # S2A applied for an evaluation alone is removed: the module is as it was built.
+        for handle, _ in (self._others or {}).values():  # their own engines stay attached
+            handle.engine.end_steps()
+        self._others = None
         unwrap_hook(pl_module, "setup")
         unwrap_hook(pl_module, "configure_model")
         unwrap_hook(pl_module, "on_load_checkpoint")

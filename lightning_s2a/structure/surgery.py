@@ -168,7 +168,7 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
     for name, p in model.named_parameters():
         train_bias = "bias" in modules and is_bias(name)
         p.requires_grad_(train_bias or (id(p) in head_ids and head_trains))
-    _warn_thawed(model, state.flags)
+    _warn_thawed(model, state.flags, head_ids)
     if config.frozen_dtype is not None:
         hold_frozen(model, config, state, _CONVS_AND_LINEARS)
     for head in head_modules(state.head):
@@ -235,14 +235,16 @@ def _token_grids(model: nn.Module, state: StructureState) -> dict[str, PromptGri
     return {name: grid for name, grid in found.items() if grid is not None}
 
 
-def _warn_thawed(model: nn.Module, flags: dict[str, bool]) -> None:
-    """Say which parameters the user had frozen before S2A and S2A made trainable (biases
-    and the head's): a teacher frozen inside a LightningModule S2A'd whole trained its
-    biases, silently. A model frozen whole before (a linear probe's leftover) is S2A's to
+def _warn_thawed(model: nn.Module, flags: dict[str, bool], head_ids: set[int]) -> None:
+    """Say which parameters the user had frozen before S2A and S2A made trainable (biases):
+    a teacher frozen inside a LightningModule S2A'd whole trained its biases, silently. A
+    body frozen whole before (a linear probe's leftover, whatever its head) is S2A's to
     train, as is one with nothing frozen."""
-    if all(flags.values()) or not any(flags.values()):
+    body = {n: p for n, p in model.named_parameters() if id(p) not in head_ids and n in flags}
+    frozen = [not flags[n] for n in body]
+    if all(frozen) or not any(frozen):
         return
-    thawed = [n for n, p in model.named_parameters() if p.requires_grad and not flags.get(n, True)]
+    thawed = [n for n, p in body.items() if p.requires_grad and not flags[n]]
     if thawed:
         warnings.warn(
             f"S2A makes {len(thawed)} parameters trainable that were frozen before it was "
