@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import sys
+import types
 import warnings
 from typing import Any
 
@@ -60,6 +61,8 @@ class BoundariesMixin:
                     "first), or apply_s2a to a copy made before."
                 )
             return
+        if is_root and module is not self.model:
+            rebind_entry_methods(module)  # a shallow copy of the model (a replica)
         if is_root and redirected_call(module):
             # Lightning's DDP step through the model's call: no forward (the loss, the
             # metrics); the real one runs inside it. Its post-hook finds this depth again.
@@ -268,12 +271,6 @@ class EntryMethod:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         owner, engine, function = self.owner, self.engine, self.function
-        # A shallow copy of the owner's __dict__ (nn.DataParallel's replicas) holds this
-        # object too: called from such a module's own method, run on that module.
-        caller = sys._getframe(1).f_locals.get("self")
-        replica = caller is not owner and isinstance(caller, nn.Module)
-        if replica and vars(caller).get(self.name) is self:
-            return function(caller, *args, **kwargs)
         if engine._depth or engine.model is not owner:
             return function(owner, *args, **kwargs)
         # Not the root's own call (no new account): like the model driven through its parts,
@@ -306,6 +303,18 @@ def entry_methods(engine: Any) -> list[str]:
     for name in names:
         vars(model)[name] = EntryMethod(engine, model, name)
     return names
+
+
+def rebind_entry_methods(module: nn.Module) -> None:
+    """A shallow copy of the S2A'd model's ``__dict__`` (``nn.DataParallel``'s replicas,
+    ``copy.copy``) holds the model's :class:`EntryMethod` objects, which run the model
+    itself: called as the copy's root, its entries become the class's methods bound to the
+    copy (a replica's ``forward`` calling ``self.forward_features`` ran the original, its
+    weights and device). Such copies are not compressed (see the engine docs)."""
+    state = vars(module)
+    for name, value in list(state.items()):
+        if isinstance(value, EntryMethod) and value.owner is not module:
+            state[name] = types.MethodType(value.function, module)
 
 
 def remove_entry_methods(engine: Any, names: list[str]) -> None:
