@@ -599,6 +599,10 @@ class Bookkeeping(UserModule):
         self.running = {"n": torch.zeros(()), "by_split": {"train": []}}
         self.recent = collections.deque(maxlen=100)
         self.class_weight = torch.ones(1).expand(3)
+        self.center = torch.zeros(3)  # changed through .data: no version counted
+        self.loop = [1]
+        self.loop.append(self.loop)  # a structure that holds itself
+        self.weights = list(self.head.parameters())  # the model's own: not copied
 
     def training_step(self, batch, batch_idx):
         out = super().training_step(batch, batch_idx)
@@ -608,6 +612,8 @@ class Bookkeeping(UserModule):
         self.running["n"] += len(batch[1])
         self.running["by_split"]["train"].append(batch_idx)
         self.recent.append(batch_idx)
+        self.center.data.add_(1.0)
+        self.loop[0] += 1
         self.last_batch = batch_idx
         return out
 
@@ -637,6 +643,15 @@ def test_calibration_takes_its_steps_out_of_the_modules_own_attributes():
     assert calibrated.count == plain.count == 8 and calibrated.steps == plain.steps == 2
     assert calibrated.running["n"].item() == 8 and calibrated.running["by_split"]["train"] == [0, 0]
     assert list(calibrated.recent) == [0, 0]
+    assert torch.equal(calibrated.center, plain.center) and calibrated.center[0] == 2
+    assert (
+        len(calibrated.loop) == 2
+        and calibrated.loop[0] == 3
+        and calibrated.loop[1] is calibrated.loop
+    )
+    assert all(
+        a is b for a, b in zip(calibrated.weights, calibrated.head.parameters(), strict=True)
+    )
     assert calibrated.last_batch == 0  # two epochs of one batch
     assert len(calibrated.epoch_means) == 2  # one loss each, the real step's
     assert sum(calibrated.epoch_means).item() == pytest.approx(calibrated.total.item())

@@ -132,11 +132,12 @@ def _metrics_kept(pl_module: pl.LightningModule) -> Iterator[None]:
             m._computed = None
 
 
-#: Values :func:`_attributes_kept` reassigns as they were (they cannot change in place).
-_VALUES = (int, float, complex, bool, str, bytes, frozenset, type(None))
-#: Tensors up to this many elements are copied before calibration, so that one the step
-#: changes in place can be put back; a larger one changed in place is said instead.
-_COPIED_NUMEL = 1 << 22
+#: Tensors :func:`_attributes_kept` copies before calibration, at most this many elements
+#: in all (a list of the model's parameters is not copied: parameters and buffers are
+#: skipped); one changed in place that was not copied is said instead.
+_COPIED_NUMEL = 1 << 24
+#: Longer sequences and dicts are put back as they were, one level deep only.
+_FOLLOWED_LEN = 10_000
 
 
 @contextmanager
@@ -147,11 +148,13 @@ def _attributes_kept(pl_module: pl.LightningModule) -> Iterator[None]:
     reviewer's epoch mean averaged the first batch three times; counters read 48 samples of
     32). Lists, dicts, sets and deques are restored in place, at any depth (references to
     them stay valid); tuples are followed; numbers and strings reassigned; attributes the
-    step added removed; tensors changed in place copied back. Other objects are not
+    step added removed; tensors copied back where they changed. Other objects are not
     followed."""
     state = vars(pl_module)
     names = [n for n in state if not n.startswith("_")]  # Lightning's and torch's own stay
-    saved = {n: _snapshot(state[n], 0) for n in names}
+    weights = {id(t) for t in (*pl_module.parameters(), *pl_module.buffers())}
+    snap = _Snapshot(weights)
+    saved = {n: snap.take(state[n], 0) for n in names}
     before = set(state)
     try:
         yield
@@ -159,70 +162,100 @@ def _attributes_kept(pl_module: pl.LightningModule) -> Iterator[None]:
         for name in set(state) - before:
             if not name.startswith("_"):
                 delattr(pl_module, name)
-        for name, snap in saved.items():
-            setattr(pl_module, name, _restore(snap, name))
+        restored: dict[int, Any] = {}
+        for name, taken in saved.items():
+            setattr(pl_module, name, _restore(taken, name, restored))
 
 
-def _snapshot(value: Any, depth: int) -> tuple:
-    """What :func:`_restore` needs to put ``value`` back as it is now."""
-    if depth > 8:  # a structure that deep (or one that holds itself) is not followed
-        return ("same", value)
-    if isinstance(value, torch.Tensor):
-        try:
-            version = value._version
-        except RuntimeError:  # an inference tensor: cannot change outside inference mode
-            return ("same", value)
-        small = value.numel() <= _COPIED_NUMEL
-        return ("tensor", value, version, value.detach().clone() if small else None)
-    if isinstance(value, (list, collections.deque)):
-        return ("sequence", value, [_snapshot(v, depth + 1) for v in value])
-    if isinstance(value, tuple):
-        return ("tuple", value, [_snapshot(v, depth + 1) for v in value])
-    if isinstance(value, dict):
-        return ("dict", value, {k: _snapshot(v, depth + 1) for k, v in value.items()})
-    if isinstance(value, set):
-        return ("set", value, set(value))
-    return ("same", value)  # numbers, strings, None and objects not followed
+class _Snapshot:
+    """What :func:`_restore` needs to put attributes back; each object taken once (a
+    structure that holds itself, a tensor in two lists)."""
+
+    def __init__(self, weights: set[int]) -> None:
+        self.weights, self.seen, self.copied = weights, set(), 0
+
+    def take(self, value: Any, depth: int) -> tuple:
+        if id(value) in self.seen or depth > 8 or id(value) in self.weights:
+            return ("same", value)  # taken already, too deep, or the model's own tensors
+        if isinstance(value, torch.Tensor):
+            self.seen.add(id(value))
+            try:
+                version = value._version
+            except RuntimeError:  # an inference tensor: cannot change outside inference mode
+                return ("same", value)
+            copied = None
+            if self.copied + value.numel() <= _COPIED_NUMEL:
+                self.copied += value.numel()
+                copied = value.detach().clone()
+            return ("tensor", value, version, copied)
+        if isinstance(value, (list, collections.deque, tuple, dict, set)):
+            self.seen.add(id(value))
+            if isinstance(value, tuple) and len(value) > _FOLLOWED_LEN:
+                return ("same", value)  # its items cannot be put back into it
+            if len(value) > _FOLLOWED_LEN or isinstance(value, set):
+                items = dict(value) if isinstance(value, dict) else list(value)
+                return ("shallow", value, items)
+            if isinstance(value, dict):
+                return ("dict", value, {k: self.take(v, depth + 1) for k, v in value.items()})
+            kind = "tuple" if isinstance(value, tuple) else "sequence"
+            return (kind, value, [self.take(v, depth + 1) for v in value])
+        return ("same", value)  # numbers, strings, None and objects not followed
 
 
-def _restore(snap: tuple, name: str) -> Any:
-    """Put a :func:`_snapshot` back; returns the object to bind (the same one where it can
-    be restored in place)."""
-    kind, obj = snap[0], snap[1]
+def _restore(taken: tuple, name: str, restored: dict[int, Any]) -> Any:
+    """Put a :class:`_Snapshot` entry back; returns the object to bind (the same one where
+    it can be restored in place). ``restored``: objects put back already, by ``id``."""
+    kind, obj = taken[0], taken[1]
+    if kind == "same":
+        return obj
+    if id(obj) in restored:
+        return restored[id(obj)]
+    restored[id(obj)] = obj  # before the items: a structure that holds itself ends here
     if kind == "tensor":
-        version, copied = snap[2], snap[3]
-        if obj._version == version:
-            return obj
-        if copied is None:
+        result = _restore_tensor(obj, taken[2], taken[3], name)
+    elif kind == "shallow":
+        result = _refill(obj, taken[2])
+    elif kind == "dict":
+        result = _refill(obj, {k: _restore(t, name, restored) for k, t in taken[2].items()})
+    else:
+        items = [_restore(t, name, restored) for t in taken[2]]
+        result = _refill(obj, items) if kind == "sequence" else _tuple(obj, items)
+    restored[id(obj)] = result
+    return result
+
+
+def _restore_tensor(obj: torch.Tensor, version: int, copied: Any, name: str) -> torch.Tensor:
+    # Changed in place: its version moved, or its values (``.data.add_`` moves no version).
+    if copied is None:
+        if obj._version != version:
             rank_zero_warn(
-                f"S2A calibration: training_step changed {name} ({obj.numel():,} elements) "
-                "in place; it is too large to have been copied, so it keeps what the extra "
-                "calibration steps did to it."
+                f"S2A calibration: training_step changed {name} in place; it was too large to "
+                "copy first, so it keeps what the extra calibration steps did to it."
             )
-            return obj
-        try:
-            with torch.no_grad():
-                obj.copy_(copied)
-        except RuntimeError:  # an expanded view cannot be written to: rebound to the copy
-            return copied
         return obj
-    if kind == "sequence":
-        obj.clear()
-        obj.extend(_restore(s, name) for s in snap[2])
+    if obj._version == version and torch.equal(obj, copied):
         return obj
-    if kind == "tuple":
-        items = tuple(_restore(s, name) for s in snap[2])
-        if all(a is b for a, b in zip(items, obj, strict=True)):
-            return obj
-        return obj._make(items) if hasattr(obj, "_make") else type(obj)(items)  # namedtuple
-    if kind == "dict":
-        obj.clear()
-        obj.update({k: _restore(s, name) for k, s in snap[2].items()})
-        return obj
-    if kind == "set":
-        obj.clear()
-        obj.update(snap[2])
+    try:
+        with torch.no_grad():
+            obj.copy_(copied)
+    except RuntimeError:  # an expanded view cannot be written to: rebound to the copy
+        return copied
     return obj
+
+
+def _refill(obj: Any, items: Any) -> Any:
+    obj.clear()
+    if isinstance(obj, (dict, set)):
+        obj.update(items)
+    else:
+        obj.extend(items)
+    return obj
+
+
+def _tuple(obj: tuple, items: list) -> tuple:
+    if all(a is b for a, b in zip(items, obj, strict=True)):
+        return obj
+    return obj._make(items) if hasattr(obj, "_make") else type(obj)(items)  # namedtuple
 
 
 @contextmanager
