@@ -118,15 +118,22 @@ def adapter_tensors(module: nn.Module, handle: S2AHandle) -> dict[str, torch.Ten
 
 
 def _trained_parts(module: nn.Module, handle: S2AHandle) -> set[int]:
-    """``id``s of the modules of the head, and of those under ``module`` outside the S2A'd
-    model and not holding it: the parts the user's own training may change, buffers too."""
+    """``id``s of the modules whose buffers an adapter holds beyond the usual ones: the
+    head's; the modules holding the S2A'd model (``module`` itself, wrappers on the way: a
+    buffer the LightningModule registers); and the branches off that path with a trainable
+    parameter (the user's head, with its child Linear), not frozen ones (a teacher)."""
     target = next(n for n, m in module.named_modules() if m is handle.model)
     inside = {id(m) for m in handle.model.modules()}
     parts = {id(m) for h in head_modules(handle.structure.head) for m in h.modules()}
     for name, m in module.named_modules():
-        holds = name == "" or target == name or target.startswith(name + ".")
-        if id(m) not in inside and not holds:
-            parts.add(id(m))
+        if id(m) in inside or not (name == "" or target.startswith(f"{name}.")):
+            continue  # not on the path from module to the S2A'd model
+        parts.add(id(m))
+        for child_name, child in m.named_children():
+            path = f"{name}.{child_name}" if name else child_name
+            on_path = target == path or target.startswith(f"{path}.")
+            if not on_path and any(p.requires_grad for p in child.parameters()):
+                parts |= {id(x) for x in child.modules()}
     return parts
 
 
@@ -288,7 +295,8 @@ def load_adapter(module: nn.Module, path: str | os.PathLike, strict: bool = True
     # with (see undo_structure).
     overwritten = handle.structure.overwritten
     added = handle.structure.added_tensor_ids()
-    _revert_absent(module, overwritten, [k for k in tensors if k in everything])
+    if strict:  # strict=False loads what the file holds and touches nothing else
+        _revert_absent(module, overwritten, [k for k in tensors if k in everything])
     index = {(owner, leaf): i for i, (owner, leaf, _, _) in enumerate(overwritten)}
     with torch.no_grad():
         for key, tensor in tensors.items():

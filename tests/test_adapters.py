@@ -435,9 +435,12 @@ class _ProtoModel(nn.Module):
             "vit_tiny_patch16_224", num_classes=0, depth=1, img_size=32, patch_size=8
         )
         self.head = _ProtoHead(192)
+        self.register_buffer("temperature", torch.ones(()))  # the wrapper's own
+        self.teacher = nn.Linear(3, 3).requires_grad_(False)  # frozen: not in the adapter
+        self.teacher.register_buffer("mean", torch.zeros(3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x))
+        return self.head(self.encoder(x)) / self.temperature
 
 
 def test_buffers_a_head_updates_are_in_the_adapter(tmp_path):
@@ -448,6 +451,7 @@ def test_buffers_a_head_updates_are_in_the_adapter(tmp_path):
     apply_s2a(model.encoder, head=None)
     model.train()(torch.randn(4, 3, 32, 32))  # the head's statistics move
     perturb(model, 1)
+    model.temperature.fill_(2.0)
     model.eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -458,12 +462,13 @@ def test_buffers_a_head_updates_are_in_the_adapter(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(x), trained, rtol=0, atol=0)
     with safe_open(tmp_path / "proto.safetensors", "pt") as f:
-        names = [k for k in f.keys() if k != "head.protos"]  # noqa: SIM118 (no __iter__)
+        assert not any(k.startswith("teacher.") for k in f.keys())  # noqa: SIM118
+        names = [k for k in f.keys() if k not in ("head.protos", "temperature")]  # noqa: SIM118
         metadata, old = f.metadata(), {k: f.get_tensor(k) for k in names}
     save_file(old, tmp_path / "old.safetensors", metadata=metadata)  # as saved before
     older = _ProtoModel()
     load_adapter(older, tmp_path / "old.safetensors")
-    assert torch.equal(older.head.protos, torch.zeros(5, 8))
+    assert torch.equal(older.head.protos, torch.zeros(5, 8)) and older.temperature == 1
 
 
 def test_an_add_bias_adapter_from_before_in_proj_biases_still_loads(tmp_path):

@@ -21,7 +21,7 @@ from ..config import FOUR_BIT_DTYPES, S2AConfig
 from ..messages import some_names
 from .calibration import calibrate_on_batch
 from .callback_state import CheckpointState
-from .checkpoint import other_handles
+from .checkpoint import load_other_engines, other_handles
 from .checks import (
     check_averaging_after,
     check_batch_norms_in_place,
@@ -74,6 +74,7 @@ class S2ACallback(CheckpointState, pl.Callback):
         self._module: pl.LightningModule | None = None
         self._meter = EpochMeter()
         self._pending_state: dict[str, Any] | None = None
+        self._pending_others: dict[str, Any] | None = None
         self._forwards_before = 0
         #: Other S2A'd modules under the LightningModule (``apply_s2a`` in its ``__init__``):
         #: path -> (handle, forwards before the step); found at the first training batch.
@@ -161,6 +162,9 @@ class S2ACallback(CheckpointState, pl.Callback):
         if self._pending_state is not None:
             self.handle.engine.load_state_dict(self._pending_state)
             self._pending_state = None
+        if self._pending_others is not None:
+            load_other_engines(pl_module, self.handle, self._pending_others)
+            self._pending_others = None
         if stage == "fit":
             self.handle.engine.calibrates_elsewhere = True  # on the first training batch
             self.handle.start_engine()

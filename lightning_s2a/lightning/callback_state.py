@@ -31,6 +31,7 @@ class CheckpointState:
     _run: str
     _restored_s2a: bool
     _pending_state: dict[str, Any] | None
+    _pending_others: dict[str, Any] | None
     state_key: str
 
     def state_dict(self) -> dict[str, Any]:
@@ -81,8 +82,11 @@ class CheckpointState:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "engine" not in state_dict:
             return
-        if state_dict.get("other_engines") and self._module is not None:
-            load_other_engines(self._module, self.handle, state_dict["other_engines"])
+        if state_dict.get("other_engines"):
+            if self._module is not None:
+                load_other_engines(self._module, self.handle, state_dict["other_engines"])
+            else:  # restored before setup found the module: loaded with the engine's state
+                self._pending_others = state_dict["other_engines"]
         check_same_model(state_dict.get("config"), self.handle.config if self.handle else None)
         if self.handle is None:
             self._pending_state = state_dict["engine"]
