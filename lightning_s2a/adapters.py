@@ -96,10 +96,11 @@ def adapter_tensors(module: nn.Module, handle: S2AHandle) -> dict[str, torch.Ten
     Parameters count wherever they sit under ``module``, so a LightningModule's own head
     outside the S2A'd backbone is part of the adapter. Buffers are those of modules that own
     a trainable parameter, of norms with running statistics that may change (BatchNorms in
-    train mode, tracking InstanceNorms), and of every module of the head and outside the
-    S2A'd model (a prototype head's class centres, kept in a buffer of a module whose only
-    parameters are its child Linear's: until 2026-12-07 left out, a loaded model's logits
-    1.1 off); BatchNorms that S2A holds in eval mode never change and are left out.
+    train mode, tracking InstanceNorms), and of the parts :func:`_trained_parts` names (the
+    head, the wrappers holding the S2A'd model, trained branches off them: a prototype
+    head's class centres, kept in a buffer of a module whose only parameters are its child
+    Linear's, were left out until 2026-12-07, a loaded model's logits 1.1 off); BatchNorms
+    that S2A holds in eval mode never change and are left out.
     """
     held = {id(bn) for bn in handle.held_batch_norms()}
     parts = _trained_parts(module, handle)

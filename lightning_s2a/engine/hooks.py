@@ -237,7 +237,7 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
         self._handles.clear()
         remove_entry_methods(self, getattr(self, "_entry_names", []))
         self._entry_names = []
-        self._per_step = self._fresh = False
+        self.end_steps()
         self._end_interrupted()
 
     def state_dict(self) -> dict[str, Any]:
