@@ -97,7 +97,12 @@ class BoundariesMixin:
                 for a in args:
                     if isinstance(a, torch.Tensor):
                         self._remember(a)
-        if self._active:
+        if self._active and name == "" and not is_root:
+            # An entry method's body (EntryMethod): one count of its ops per account, as
+            # in the model's own forward. Counted per entry, forward_head's GELU took the
+            # site, and the codebook, of forward_features' first GELU.
+            self._frames.append(["", self._entry_counts, 0])
+        elif self._active:
             # A module called more than once in a forward (one nn.GELU shared by every
             # block) sees other inputs each time: each call has codebooks of its own.
             occurrence = self._entries.get(name, 0)
@@ -179,6 +184,7 @@ class BoundariesMixin:
             self._largest = 0
             self._shapes = set()
             self._unpacked = False
+            self._entry_counts: dict[str, int] = {}  # see _enter
         self.forwards += 1
         self._frames = []
         self._entries = {}
