@@ -12,14 +12,13 @@ import uuid
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from ..api import S2AHandle, apply_s2a, config_differences, count_trainable, get_handle
 from ..config import FOUR_BIT_DTYPES, S2AConfig
 from ..messages import some_names
-from .calibration import calibrate_on_batch
 from .callback_state import CheckpointState
 from .checkpoint import load_other_engines, other_handles
 from .checks import (
@@ -35,11 +34,12 @@ from .checks import (
     warn_frozen_optimizers,
 )
 from .data import sized_from_data
-from .metrics import EpochMeter, reset_peak_memory
+from .metrics import EpochMeter
 from .module_hooks import parameter_layout, unwrap_hook, wrap_hook
+from .steps import TrainingSteps
 
 
-class S2ACallback(CheckpointState, pl.Callback):
+class S2ACallback(CheckpointState, TrainingSteps, pl.Callback):
     """Apply S2A to a LightningModule's backbone, log its memory each epoch, save adapters.
 
     The backbone is the attribute named by ``backbone="..."``, else ``pl_module.backbone`` if
@@ -305,72 +305,6 @@ class S2ACallback(CheckpointState, pl.Callback):
                 f"outside the S2A'd module included): {count:,} trainable ({100 * share:.3f}%)"
             )
         return text
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._meter.reset()
-        reset_peak_memory(pl_module.device)
-
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        assert self.handle is not None
-        # The step's forwards add up (two views of a batch); calibration's forwards too,
-        # as the real step's will (before 2026-12-07 a second view opened an account of
-        # its own there and refitted a codebook that the real step then reused).
-        self.handle.engine.begin_step()
-        if self.handle.config.calibrate and not self.handle.engine.calibrated:
-            calibrate_on_batch(trainer, pl_module, self.handle, batch, batch_idx)
-        self._forwards_before = self.handle.engine.forwards
-        if self._others is None:
-            self._others = {path: [h, 0] for path, h in other_handles(pl_module, self.handle)}
-        for entry in self._others.values():
-            entry[0].engine.begin_step()
-            entry[1] = entry[0].engine.forwards
-
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
-    ) -> None:
-        assert self.handle is not None
-        if self.handle.engine.forwards == self._forwards_before:
-            self._warn_once(
-                trainer,
-                "ran no forward with autograd enabled in this training step: nothing was "
-                "compressed and its S2A parameters get no gradient. Call it inside "
-                "training_step, outside torch.no_grad().",
-            )
-            return
-        stats = self.handle.engine.step_stats()  # several backwards: the largest account
-        for handle, before in (self._others or {}).values():  # their step's bytes, alongside
-            if handle.engine.forwards != before:
-                more = handle.engine.step_stats()
-                stats = {k: stats[k] + more[k] for k in ("raw_bytes", "stored_bytes")}
-        if not stats["raw_bytes"]:
-            self._warn_once(
-                trainer,
-                "saved no tensors for backward in this training step, so there is nothing to "
-                "compress (expected only when every operator in it is linear in a frozen "
-                "weight); check that the backbone's forward does the work.",
-            )
-        self._meter.update(stats)
-
-    def _warn_once(self, trainer: pl.Trainer, why: str) -> None:
-        if not self._warned:
-            self._warned = True
-            assert self.handle is not None
-            rank_zero_warn(
-                f"S2A: {type(self.handle.model).__name__} (the S2A'd module) {why} "
-                f"(step {trainer.global_step}; warned once)."
-            )
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Counted on the whole LightningModule: a head outside the backbone trains too.
-        weights = self.handle.weight_bytes() if self.handle is not None else (0, 0)
-        metrics = self._meter.metrics(pl_module.device, count_trainable(pl_module), weights)
-        self.epoch_metrics = {key: float(value) for key, value in metrics.items()}
-        if trainer.barebones:  # logging is off there (Lightning warns at every self.log)
-            return
-        for key, value in metrics.items():
-            pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.adapter_path and trainer.is_global_zero:

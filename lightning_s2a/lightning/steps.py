@@ -1,0 +1,95 @@
+"""What ``S2ACallback`` does around each training step: it marks the step for the engines'
+accounting (its own and other S2A'd modules'), calibrates on the first batch, meters the
+step's saved bytes and logs the ``s2a/*`` metrics at each epoch's end. A mixin, in a file of
+its own so the callback's file stays about applying S2A and the run's other hooks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
+
+from ..api import S2AHandle, count_trainable
+from .calibration import calibrate_on_batch
+from .checkpoint import other_handles
+from .metrics import EpochMeter, reset_peak_memory
+
+
+class TrainingSteps:
+    """The training-step half of :class:`~lightning_s2a.lightning.callback.S2ACallback` (it
+    reads the callback's ``handle`` and keeps ``_meter``, ``_others``, ``_forwards_before``,
+    ``_warned`` and ``epoch_metrics``)."""
+
+    handle: S2AHandle | None
+    _meter: EpochMeter
+    _others: dict[str, list[Any]] | None
+    _forwards_before: int
+    _warned: bool
+    epoch_metrics: dict[str, float]
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._meter.reset()
+        reset_peak_memory(pl_module.device)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        assert self.handle is not None
+        # The step's forwards add up (two views of a batch); calibration's forwards too,
+        # as the real step's will (before 2026-12-07 a second view opened an account of
+        # its own there and refitted a codebook that the real step then reused).
+        self.handle.engine.begin_step()
+        if self.handle.config.calibrate and not self.handle.engine.calibrated:
+            calibrate_on_batch(trainer, pl_module, self.handle, batch, batch_idx)
+        self._forwards_before = self.handle.engine.forwards
+        if self._others is None:
+            self._others = {path: [h, 0] for path, h in other_handles(pl_module, self.handle)}
+        for entry in self._others.values():
+            entry[0].engine.begin_step()
+            entry[1] = entry[0].engine.forwards
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
+    ) -> None:
+        assert self.handle is not None
+        if self.handle.engine.forwards == self._forwards_before:
+            self._warn_once(
+                trainer,
+                "ran no forward with autograd enabled in this training step: nothing was "
+                "compressed and its S2A parameters get no gradient. Call it inside "
+                "training_step, outside torch.no_grad().",
+            )
+            return
+        stats = self.handle.engine.step_stats()  # several backwards: the largest account
+        for handle, before in (self._others or {}).values():  # their step's bytes, alongside
+            if handle.engine.forwards != before:
+                more = handle.engine.step_stats()
+                stats = {k: stats[k] + more[k] for k in ("raw_bytes", "stored_bytes")}
+        if not stats["raw_bytes"]:
+            self._warn_once(
+                trainer,
+                "saved no tensors for backward in this training step, so there is nothing to "
+                "compress (expected only when every operator in it is linear in a frozen "
+                "weight); check that the backbone's forward does the work.",
+            )
+        self._meter.update(stats)
+
+    def _warn_once(self, trainer: pl.Trainer, why: str) -> None:
+        if not self._warned:
+            self._warned = True
+            assert self.handle is not None
+            rank_zero_warn(
+                f"S2A: {type(self.handle.model).__name__} (the S2A'd module) {why} "
+                f"(step {trainer.global_step}; warned once)."
+            )
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Counted on the whole LightningModule: a head outside the backbone trains too.
+        weights = self.handle.weight_bytes() if self.handle is not None else (0, 0)
+        metrics = self._meter.metrics(pl_module.device, count_trainable(pl_module), weights)
+        self.epoch_metrics = {key: float(value) for key, value in metrics.items()}
+        if trainer.barebones:  # logging is off there (Lightning warns at every self.log)
+            return
+        for key, value in metrics.items():
+            pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True)
