@@ -14,7 +14,9 @@ from .families import default_input_size
 from .layouts import tensors_read
 
 #: Linear and conv layers: given a ``bias`` by ``add_bias``, and the layers whose weight
-#: ``frozen_dtype="nf4"`` holds in 4 bits (see :mod:`.surgery`).
+#: ``frozen_dtype="nf4"`` holds in 4 bits (see :mod:`.surgery`). A subclass that computes
+#: with its weight in its own way (timm's StdConv2d standardizes it first) reads the
+#: dequantized values; the engine then keeps what it derives exact, whole until backward.
 CONVS_AND_LINEARS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 

@@ -31,10 +31,6 @@ from .prompt_grid import PromptGrid, attach_image_size
 from .side import SIDE_NAME, apply_side
 
 PROMPT_NAME = "s2a_prompt"
-#: The layers whose weight ``frozen_dtype="nf4"`` holds in 4 bits. A subclass that computes
-#: with its weight in its own way (timm's StdConv2d standardizes it first) reads the
-#: dequantized values; the engine then keeps what it derives exact, whole until backward.
-_CONVS_AND_LINEARS = CONVS_AND_LINEARS
 
 
 @dataclass
@@ -170,7 +166,7 @@ def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: 
         p.requires_grad_(train_bias or (id(p) in head_ids and head_trains))
     _warn_thawed(model, state.flags, head_ids)
     if config.frozen_dtype is not None:
-        hold_frozen(model, config, state, _CONVS_AND_LINEARS)
+        hold_frozen(model, config, state, CONVS_AND_LINEARS)
     for head in head_modules(state.head):
         state.parts.append((_name_of(model, head), "head"))
     if "prompt" in modules:
