@@ -570,10 +570,10 @@ def test_recurrent_biases_train_under_bias(rnn):
 class UserAttention(nn.Module):
     """A user's encoder on ``nn.MultiheadAttention``, whose q/k/v bias is ``in_proj_bias``."""
 
-    def __init__(self):
+    def __init__(self, **attn):
         super().__init__()
         self.embed = nn.Linear(6, 32)
-        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True, **attn)
         self.mlp = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
         self.classifier = nn.Linear(32, 3)
 
@@ -583,12 +583,15 @@ class UserAttention(nn.Module):
         return self.classifier((h + self.mlp(h)).mean(1))
 
 
-def test_multihead_attention_in_proj_bias_trains_under_bias():
-    """BitFit trains every additive bias: MHA's packed ``in_proj_bias`` too, with the
-    uncompressed run's gradient (float64, 8 bits, so the codes' error is small)."""
+@pytest.mark.parametrize("kv", [False, True])
+def test_multihead_attention_in_proj_bias_trains_under_bias(kv):
+    """BitFit trains every bias: MHA's packed ``in_proj_bias`` too, and with
+    ``add_bias_kv=True`` its ``bias_k``/``bias_v`` (frozen, silently, until 2026-12-07), with
+    the uncompressed run's gradients (float64, 8 bits, so the codes' error is small)."""
     torch.manual_seed(0)
-    model = UserAttention().double()
+    model = UserAttention(add_bias_kv=kv).double()
     x = torch.randn(4, 40, 6, dtype=torch.float64)
+    names = ["in_proj_bias", *(["bias_k", "bias_v"] if kv else [])]
     grads = {}
     for compress in (False, True):
         cfg = S2AConfig(modules=["bias"], head="classifier", bits=8, compress=compress)
@@ -596,8 +599,8 @@ def test_multihead_attention_in_proj_bias_trains_under_bias():
             trainable = {n for n, p in model.named_parameters() if p.requires_grad}
             model.zero_grad(set_to_none=True)
             model(x).square().sum().backward()
-            grads[compress] = model.attn.in_proj_bias.grad.clone()
-    assert "attn.in_proj_bias" in trainable and "attn.in_proj_weight" not in trainable
+            grads[compress] = torch.cat([getattr(model.attn, n).grad.reshape(-1) for n in names])
+    assert {f"attn.{n}" for n in names} <= trainable and "attn.in_proj_weight" not in trainable
     exact, coded = grads[False], grads[True]
     assert exact.abs().sum() > 0
     assert (coded - exact).norm() <= 0.02 * exact.norm()

@@ -398,14 +398,15 @@ def is_bias(name: str) -> bool:
     activation (so its op's inputs are not kept exact for it).
 
     That is ``*.bias``, ``nn.MultiheadAttention``'s packed query/key/value bias
-    ``in_proj_bias`` and the separate ``q_bias``/``k_bias``/``v_bias`` of timm's BEiT and EVA
-    attention (additive biases of their input projections; left frozen, bias tuning of such
-    models would silently not be BitFit), and the recurrent layers' biases:
-    ``bias_ih_l0``, ``bias_hh_l1``, ``bias_ih_l0_reverse`` (nn.RNN, nn.LSTM, nn.GRU) and
-    ``bias_ih``, ``bias_hh`` (their cells).
+    ``in_proj_bias`` and its ``bias_k``/``bias_v`` (``add_bias_kv=True``: the bias PyTorch
+    appends to the key and value sequences), the separate ``q_bias``/``k_bias``/``v_bias``
+    of timm's BEiT and EVA attention (additive biases of their input projections; left
+    frozen, bias tuning of such models would silently not be BitFit), and the recurrent
+    layers' biases: ``bias_ih_l0``, ``bias_hh_l1``, ``bias_ih_l0_reverse`` (nn.RNN, nn.LSTM,
+    nn.GRU) and ``bias_ih``, ``bias_hh`` (their cells).
     """
     leaf = name.rsplit(".", 1)[-1]
-    if leaf in ("bias", "in_proj_bias", "q_bias", "k_bias", "v_bias"):
+    if leaf in ("bias", "in_proj_bias", "bias_k", "bias_v", "q_bias", "k_bias", "v_bias"):
         return True
     if not leaf.startswith(("bias_ih", "bias_hh")):
         return False
