@@ -100,7 +100,7 @@ def test_overhead_bench_times_each_part_of_the_engine(tmp_path):
     text = (tmp_path / "overhead.md").read_text()
     assert "| convnext_atto |" in text and "1 thread(s)" in text
     row = overhead.measure("convnext_atto", bits=4, steps=1, resolution=32)
-    assert set(row["ms"]) == {"bitfit", "bookkeeping", "s2a"}
+    assert set(row["ms"]) == {"bitfit", "bookkeeping", "s2a", "s2a_unbatched"}
     assert all(v > 0 for v in row["ms"].values())
     # every part of the engine ran inside the instrumented s2a steps, and it compressed
     assert set(row["parts"]) == {"recognition", "pack", "unpack", "accounting"}

@@ -11,7 +11,9 @@ of the same model and trainable set, alternating step by step in one process:
 * ``bookkeeping``: the engine attached with ``compress=False`` (module hooks, the operator
   mode, rewrites and byte accounting, nothing packed);
 * ``s2a``: the engine compressing at ``--bits``, every saved tensor through its quantizer
-  (``min_numel=1``: at this input most would otherwise be small enough to keep as they are).
+  (``min_numel=1``: at this input most would otherwise be small enough to keep as they are);
+* ``s2a unbatched``: the same, each small tensor coded alone instead of in one pass with the
+  forward's others (``engine.batch_numel = 0``, see ``engine/batching.py``).
 
 A second, instrumented pass times the engine's parts inside ``s2a`` steps: operator
 recognition, pack (quantizers included), unpack and accounting. Instrumentation adds its own
@@ -116,6 +118,7 @@ def measure(
         # Every saved tensor through its quantizer, as at real sizes (at this tiny input most
         # would fall under the default min_numel and be kept as they are).
         "s2a": S2AConfig(bits=bits, min_numel=1),
+        "s2a_unbatched": S2AConfig(bits=bits, min_numel=1),
     }
     # One copy of the model per variant, each S2A'd once, as in a training run (codebooks
     # are fitted on the first forward and kept).
@@ -124,6 +127,7 @@ def measure(
         models[key] = copy.deepcopy(base)
         handles[key] = apply_s2a(models[key], cfg)
     handles["bitfit"].engine.detach()  # plain PyTorch: no hooks, no mode, no rewrites
+    handles["s2a_unbatched"].engine.batch_numel = 0
 
     def step(model: Any) -> float:
         start = time.perf_counter()
@@ -138,6 +142,8 @@ def measure(
             if i >= 2:
                 times[key].append(elapsed)
     stats = handles["s2a"].stats()
+    if handles["s2a_unbatched"].stats() != stats:  # batching changes no code, no byte
+        raise RuntimeError(f"{name}: batched and unbatched s2a steps kept different bytes")
     saved = sum(k["tensors"] for k in stats["by_kind"].values())
     timers = _Timers()
     with _instrumented(handles["s2a"].engine, timers):
@@ -164,15 +170,15 @@ def measure(
 
 def _table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| model | bitfit ms | bookkeeping ms | s2a ms | s2a / bitfit | saved tensors | "
-        "recognition ms* | pack ms* | unpack ms* | accounting ms* |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | bitfit ms | bookkeeping ms | s2a ms | s2a / bitfit | s2a unbatched ms | "
+        "saved tensors | recognition ms* | pack ms* | unpack ms* | accounting ms* |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         ms, parts = r["ms"], r["parts"]
         lines.append(
             f"| {r['model']} | {ms['bitfit']:.1f} | {ms['bookkeeping']:.1f} | {ms['s2a']:.1f} | "
-            f"{ms['s2a'] / ms['bitfit']:.2f}x | {r['saved_tensors']} | "
+            f"{ms['s2a'] / ms['bitfit']:.2f}x | {ms['s2a_unbatched']:.1f} | {r['saved_tensors']} | "
             f"{parts.get('recognition', 0):.1f} | {parts.get('pack', 0):.1f} | "
             f"{parts.get('unpack', 0):.1f} | {parts.get('accounting', 0):.1f} |"
         )

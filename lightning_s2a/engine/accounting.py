@@ -83,6 +83,12 @@ class ForwardAccount:
             entry.raw_bytes += raw
             entry.stored_bytes += stored
 
+    def restate(self, kind: str, part: str, delta: int) -> None:
+        """Correct a saved tensor's stored bytes by ``delta`` (a batched tensor counted for
+        its codes and then kept as it is, :mod:`.batching`)."""
+        for entry in (self.by_kind[kind], self.by_part[part]):
+            entry.stored_bytes += delta
+
     def add_unstrided(self, kind: str, t: torch.Tensor, part: str = "backbone") -> None:
         """Record a saved sparse tensor, kept as it is: its indices and values."""
         nbytes = unstrided_nbytes(t)

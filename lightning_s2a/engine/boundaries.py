@@ -201,6 +201,7 @@ class BoundariesMixin:
             ctx.__exit__(None, None, None)
         self._contexts = []
         self._call = None
+        self._batches.code()  # the forward's small tensors, coded together
         self._deferred.flush()  # every saved tensor is counted before the forward's summary
         assert self._account is not None
         self._last = self._account.summary()

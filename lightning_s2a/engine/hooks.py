@@ -32,6 +32,7 @@ from torch.utils.hooks import RemovableHandle
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .accounting import ForwardAccount
+from .batching import BATCH_NUMEL, PackBatches
 from .boundaries import BoundariesMixin, entry_methods, remove_entry_methods
 from .codebook import Codebook, DeviceCodebook
 from .deferred import DeferredChecks
@@ -128,6 +129,9 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
         #: Device types whose "does the code hold it" answers are read without a sync.
         self.defer_on: tuple[str, ...] = ("cuda",)
         self._deferred = DeferredChecks()
+        #: Saved tensors of at most this many elements are coded in batches (0: each alone).
+        self.batch_numel = BATCH_NUMEL
+        self._batches = PackBatches()
         #: Module name -> code width for what it saves, raised by calibration
         #: (:mod:`.calibration`); a module absent here uses the config's widths.
         self.module_bits: dict[str, int] = {}
@@ -177,7 +181,12 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # what an engine pickled by an earlier version lacks
-        fill = {**self._new_caches(), "_warned_grad_inside": False, "_began_without_grad": False}
+        fill = {
+            **self._new_caches(),
+            "_warned_grad_inside": False,
+            "_began_without_grad": False,
+            "batch_numel": BATCH_NUMEL,
+        }
         self.__dict__.update(fill)
         self.__dict__.update(state)
         self._outside_ids = WeakIdKeyDictionary()
@@ -194,6 +203,7 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
             "_handles": [],
             "_contexts": [],
             "_deferred": DeferredChecks(),
+            "_batches": PackBatches(),
             "_entry_frame": None,
             # a copy made inside a forward (an EMA copy in a hook, torch.save) starts outside
             "_depth": 0,

@@ -101,6 +101,26 @@ def quantize_minmax(
     group holds a NaN, an infinity or a value beyond the fp16 range, whose codes are not
     faithful (see the module docstring).
     """
+    codes, offset, scale, fits = minmax_codes(x, bits, group_size, stochastic, generator)
+    n = x.numel()
+    if codes.numel() > n:
+        codes[n:] = 0  # the padding, coded 0
+    if with_fits:
+        return pack_bits(codes, bits), offset, scale, fits
+    return pack_bits(codes, bits), offset, scale
+
+
+def minmax_codes(
+    x: torch.Tensor,
+    bits: int,
+    group_size: int = 64,
+    stochastic: bool = False,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(codes, offset, scale, fits)`` of ``x``: one uint8 code per element, ``x`` padded to
+    whole groups with its last value (the padding's codes are left as computed), before
+    packing; :func:`quantize_minmax` packs them, :mod:`.batching` packs many tensors' at once.
+    """
     levels = (1 << bits) - 1
     x = x.detach()
     n = x.numel()
@@ -130,12 +150,7 @@ def quantize_minmax(
     else:
         v.add_(0.5)
     # The uint8 conversion truncates, which is the floor of the clamped, non-negative values.
-    codes = v.clamp_(0, levels).to(torch.uint8).reshape(-1)
-    if pad:
-        codes[n:] = 0
-    if with_fits:
-        return pack_bits(codes, bits), offset, scale, fits
-    return pack_bits(codes, bits), offset, scale
+    return v.clamp_(0, levels).to(torch.uint8).reshape(-1), offset, scale, fits
 
 
 def dequantize_minmax(

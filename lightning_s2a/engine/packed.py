@@ -43,6 +43,8 @@ class PackOptions:
     seed: int = 0
     #: Leave "does the code hold it" on the device for :mod:`.deferred` (CUDA: no sync).
     defer: bool = False
+    #: Where a small tensor joins a batch coded in one pass (:mod:`.batching`); None: alone.
+    batches: Any = None
 
 
 def compact(t: torch.Tensor) -> torch.Tensor:
@@ -225,6 +227,16 @@ class MinMaxPacked(Packed):
         holds = fits.all() & ~underflows(self.offset, self.scale, self.bits)
         self.decide(t, holds, opts.defer)
 
+    @classmethod
+    def of_codes(
+        cls, geometry: Geometry, n: int, bits: int, group: int, codes, offset, scale
+    ) -> MinMaxPacked:
+        """Codes made elsewhere (one pass over a batch of tensors, :mod:`.batching`)."""
+        self = cls.__new__(cls)
+        self.geometry, self.rows, self.bits, self.group, self.n = geometry, None, bits, group, n
+        self.triton, self.codes, self.offset, self.scale = False, codes, offset, scale
+        return self
+
     def keep(self, t: torch.Tensor, version: int | None = None) -> None:
         super().keep(t, version)
         self.offset, self.scale = self.codes, self.codes
@@ -309,6 +321,16 @@ class CodePacked(Packed):
         self.triton = triton
         #: Interval points of a derivative code: right for the first derivative only.
         self.first_order = first_order
+
+    @classmethod
+    def of_codes(
+        cls, geometry: Geometry, n: int, bits: int, codes: torch.Tensor, table: torch.Tensor
+    ) -> CodePacked:
+        """Packed codes made elsewhere (one pass over a batch of masks, :mod:`.batching`)."""
+        self = cls.__new__(cls)
+        self.geometry, self.n, self.bits, self.codes, self.table = geometry, n, bits, codes, table
+        self.triton, self.first_order = False, False
+        return self
 
     def _code_bytes(self) -> int:
         return _nbytes(self.codes)

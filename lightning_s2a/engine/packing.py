@@ -8,6 +8,7 @@ the quantizer :mod:`.quantizers` gives its operator kind, and counted in the ope
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ import torch
 from .accounting import ForwardAccount, part_of
 from .attention import fused_operand
 from .backend import resolve_backend
+from .batching import Batched
 from .calibration import WIDE_BITS
 from .codebook import check_positions, drifted, fit_codebook
 from .contexts import dual_level_open
@@ -148,11 +150,16 @@ class PackingMixin:
             # tensor of a forward correlated their rounding errors), the same on a rerun.
             seed=((cfg.seed + self.step) * 1_000_003 + account.coded) % 2**63,
             defer=t.device.type in self.defer_on,
+            batches=self._batches if numel <= self.batch_numel else None,
         )
         account.coded += 1
         if kind == "elementwise" and call.site is not None:
             self._attach_codebook(t, call, opts)
         packed = QUANTIZERS[kind](t.detach(), opts)
+        if isinstance(packed, Batched):  # coded with its batch: counted for its share now
+            account.add(kind, t, packed.share, part)
+            packed.on_kept = functools.partial(account.restate, kind, part)
+            return packed
         if packed.pending is not None:  # counted once the device says whether codes hold it
             self._deferred.add(packed, lambda p: self._count(account, kind, t, p, part))
             return packed

@@ -61,6 +61,14 @@ def pack_minmax(t: torch.Tensor, opts: PackOptions) -> MinMaxPacked | BnbPacked 
         if opts.defer:
             packed.decide(t, finite, defer=True)
         return packed
+    if (
+        opts.batches is not None
+        and opts.backend == "torch"
+        and not opts.stochastic  # the noise is drawn per tensor
+        and opts.group_size * opts.bits % 8 == 0  # each tensor's codes on whole bytes
+        and t.numel()
+    ):
+        return opts.batches.minmax(t, opts.bits, opts.group_size)
     return MinMaxPacked(t, opts)
 
 
@@ -109,6 +117,8 @@ def pack_elementwise(t: torch.Tensor, opts: PackOptions) -> CodePacked | KeptPac
 
             codes = triton_pack_codes(spec.mask(flat), 1)
             return CodePacked(codes, 1, table, t, packed=True, triton=True)
+        if opts.batches is not None and flat.numel():
+            return opts.batches.mask(spec.mask(flat), t, table)
         return CodePacked(spec.mask(flat).to(torch.uint8), 1, table, t)
     # Interval codes would send a NaN (and +-inf) to an end interval's finite point.
     finite = _finite(flat)

@@ -1,0 +1,292 @@
+"""Small saved tensors of one forward, coded together: one pass over many instead of one each.
+
+At small sizes a torch op costs its fixed host time whatever its data: a min-max pack of 960
+elements is about 40 ops (150 us on a CPU core), a ReLU mask about 12, and on a GPU each op is
+a launch the host issues. So a tensor of at most ``SavedTensorEngine.batch_numel`` elements
+(:data:`BATCH_NUMEL` by default) that takes min-max codes (torch backend, rounding to nearest)
+or an exact 1-bit mask is copied, its values as saved, into the open batch of its code,
+dtype and device. A batch is coded in one pass when it would pass :data:`BATCH_CAPACITY`
+elements, when the forward ends, or when one of its tensors is read first (a backward inside
+the forward).
+
+Each tensor gets exactly the codes it would get alone, byte for byte: min-max groups never
+cross two tensors (each is padded to whole groups with its last value, as alone, and its
+padding coded 0), and masks start on whole bytes. Whether min-max codes hold a tensor (no NaN,
+no infinity, no fp16 underflow, :class:`.packed.MinMaxPacked`) is decided per tensor from the
+same group statistics, in one read per batch; one they do not hold is kept as its saved copy.
+
+Costs: until its batch is coded a tensor's copy is alive (at most :data:`BATCH_CAPACITY`
+elements per open batch), and a tensor's codes are a view of its batch's bytes, which are
+freed with the last of its tensors (each is counted for its own share; the shares add up to
+the batch's bytes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from .bitpack import pack_bits
+from .geometry import Geometry
+from .minmax import minmax_codes
+from .packed import CodePacked, MinMaxPacked
+
+#: Tensors of at most this many elements are batched by default (larger ones spend their
+#: ops' fixed cost over enough data; their copy into a batch would cost more than it saves).
+BATCH_NUMEL = 65536
+#: A batch is coded before it would hold more elements than this.
+BATCH_CAPACITY = 1 << 20
+
+
+class Batched:
+    """A saved tensor in a batch: until the batch is coded, its place; then what it became
+    (``done``: the codes, or its saved copy where they do not hold it)."""
+
+    __slots__ = ("batch", "done", "on_kept", "share")
+
+    #: What the engine reads of a packed object: neither is set on a batched tensor.
+    raw = None
+    pending = None
+
+    def __init__(self, batch: _Batch, share: int) -> None:
+        self.batch: _Batch | None = batch
+        self.done: Any = None
+        #: Its bytes once coded: its codes' share of the batch (known when it is added).
+        self.share = share
+        #: Called with the bytes it adds where it is kept instead of coded (the account).
+        self.on_kept: Callable[[int], None] | None = None
+
+    def settle(self) -> Any:
+        """What this tensor became, coding its batch first if it is still open."""
+        if self.done is None:
+            assert self.batch is not None
+            self.batch.code()
+        return self.done
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes it keeps: its share of the batch's codes, or its copy where kept."""
+        return self.settle().nbytes
+
+    def unpack(self) -> torch.Tensor:
+        """The saved tensor again (the same data on every call)."""
+        return self.settle().unpack()
+
+
+class _Batch:
+    """Tensors waiting for one pass of their code (see :class:`PackBatches`)."""
+
+    def __init__(self, batches: PackBatches, key: tuple) -> None:
+        self.batches, self.key = batches, key
+        #: One per copy of values: (its geometry, its elements, padded, what decodes it).
+        self.slots: list[tuple[Geometry, int, int, Any]] = []
+        self.chunks: list[torch.Tensor] = []
+        #: Each saved tensor's place and its slot (a view saved twice shares one).
+        self.members: list[tuple[Batched, int]] = []
+        #: Saved views already here (see :meth:`PackBatches.minmax`): view -> slot, storage.
+        self.views: dict[tuple, tuple[int, StorageWeakRef]] = {}
+        self.numel = 0
+
+    def add(
+        self, chunk: torch.Tensor, geometry: Geometry, n: int, share: int, table: Any = None
+    ) -> Batched:
+        self.slots.append((geometry, n, chunk.numel(), table))
+        self.chunks.append(chunk)
+        self.numel += chunk.numel()
+        return self.again(len(self.slots) - 1, share)
+
+    def again(self, slot: int, share: int) -> Batched:
+        """A further place for the values in ``slot`` (the same view saved again)."""
+        member = Batched(self, share)
+        self.members.append((member, slot))
+        return member
+
+    def code(self) -> None:
+        """Code every tensor of the batch in one pass, and close it."""
+        self.batches.close(self)
+        chunks, slots, members = self.chunks, self.slots, self.members
+        self.chunks, self.slots, self.members, self.views = [], [], [], {}
+        data = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        done = self._code(slots, data)
+        kept: set[int] = set()
+        for member, slot in members:
+            member.done, member.batch = done[slot], None
+            if isinstance(done[slot], _KeptCopy) and member.on_kept is not None:
+                # counted for its codes; kept instead, as alone: a view saved again is
+                # counted once (see accounting)
+                first = slot not in kept
+                kept.add(slot)
+                member.on_kept((done[slot].nbytes if first else 0) - member.share)
+
+    def _code(self, slots: list, data: torch.Tensor) -> list[Any]:
+        """What each slot becomes, its values in ``data`` one after another."""
+        raise NotImplementedError
+
+
+class _MinMaxBatch(_Batch):
+    """Min-max codes (see :func:`.minmax.minmax_codes`): each tensor whole groups of its own."""
+
+    def _code(self, slots: list, data: torch.Tensor) -> list[Any]:
+        _, bits, group, _, _ = self.key
+        codes, offset, scale, fits = minmax_codes(data, bits, group)
+        sizes = tuple((n, padded) for _, n, padded, _ in slots)
+        layout = _minmax_layout(sizes, group, data.device)
+        if layout.padding is not None:
+            codes.index_fill_(0, layout.padding, 0)  # each tensor's padding coded 0, as alone
+        packed = pack_bits(codes, bits)
+        # Per tensor, as MinMaxPacked decides alone: every group fits, and no fp16 underflow
+        # (the largest ``|offset| + span`` of its groups not under the bound; NaN groups
+        # do not fit, whatever this reads for them).
+        bad = torch.zeros(len(slots), dtype=torch.int32, device=data.device)
+        bad.index_add_(0, layout.group_owner, fits.logical_not().int())
+        big = offset.abs().add_(scale, alpha=(1 << bits) - 1)
+        top = torch.full((len(slots),), -torch.inf, dtype=big.dtype, device=data.device)
+        top.scatter_reduce_(0, layout.group_owner, big, "amax")
+        fails = (bad > 0).logical_or_(top < 2.0 ** (bits - 19))
+        per_byte = 8 // bits
+        done: list[Any] = []
+        for (geometry, n, padded, _), fail, start in zip(
+            slots, fails.tolist(), layout.starts, strict=True
+        ):
+            g0, g1 = start // group, (start + padded) // group
+            if fail:
+                done.append(_KeptCopy(geometry.restore(data[start : start + n].clone())))
+            else:
+                done.append(
+                    MinMaxPacked.of_codes(
+                        geometry,
+                        n,
+                        bits,
+                        group,
+                        packed[start // per_byte : (start + padded) // per_byte],
+                        offset[g0:g1],
+                        scale[g0:g1],
+                    )
+                )
+        return done
+
+
+class _MaskBatch(_Batch):
+    """Exact 1-bit masks (a ReLU's ``x > 0``): each tensor starts on a whole byte."""
+
+    def _code(self, slots: list, data: torch.Tensor) -> list[Any]:
+        packed = pack_bits(data, 1)
+        start, done = 0, []
+        for geometry, n, padded, table in slots:
+            codes = packed[start // 8 : (start + padded) // 8]
+            done.append(CodePacked.of_codes(geometry, n, 1, codes, table))
+            start += padded
+        return done
+
+
+class _KeptCopy:
+    """A batched tensor its codes do not hold: kept as its copy made when it was saved."""
+
+    __slots__ = ("t",)
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+
+    @property
+    def nbytes(self) -> int:
+        return self.t.numel() * self.t.element_size()
+
+    def unpack(self) -> torch.Tensor:
+        return self.t
+
+
+class _Layout:
+    """Where each tensor of a min-max batch lies: its first element, the owner of each group,
+    and the padding's positions (None if there is none)."""
+
+    def __init__(self, sizes: tuple, group: int, device: torch.device) -> None:
+        starts, owners, padding, start = [], [], [], 0
+        for i, (n, padded) in enumerate(sizes):
+            starts.append(start)
+            owners.append(torch.full((padded // group,), i, dtype=torch.long))
+            if padded > n:
+                padding.append(torch.arange(start + n, start + padded))
+            start += padded
+        self.starts = starts
+        self.group_owner = torch.cat(owners).to(device)
+        self.padding = torch.cat(padding).to(device) if padding else None
+
+
+_LAYOUTS: dict[tuple, _Layout] = {}
+
+
+def _minmax_layout(sizes: tuple, group: int, device: torch.device) -> _Layout:
+    """The batch's layout, built once per run of sizes (a forward saves the same each step)."""
+    key = (sizes, group, device)
+    layout = _LAYOUTS.get(key)
+    if layout is None:
+        if len(_LAYOUTS) >= 64:  # sizes that change every step: bounded
+            _LAYOUTS.clear()
+        layout = _LAYOUTS[key] = _Layout(sizes, group, device)
+    return layout
+
+
+class PackBatches:
+    """The engine's open batches, one per code, dtype and device."""
+
+    def __init__(self, capacity: int = BATCH_CAPACITY) -> None:
+        self.capacity = capacity
+        self._open: dict[tuple, _Batch] = {}
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def minmax(self, t: torch.Tensor, bits: int, group: int) -> Batched:
+        """Add ``t`` (not empty; ``group * bits`` a whole number of bytes) to its min-max
+        batch; returns its place there."""
+        n = t.numel()
+        padded = -(-n // group) * group
+        share = padded * bits // 8 + 4 * (padded // group)  # codes, fp16 offsets and scales
+        key = ("minmax", bits, group, t.dtype, t.device)
+        storage = t.untyped_storage()
+        view = (storage.data_ptr(), t.storage_offset(), t.shape, t.stride(), t._version)
+        batch = self._open.get(key)
+        if batch is not None:
+            seen = batch.views.get(view)
+            if seen is not None and not seen[1].expired():  # saved again: the same values
+                return batch.again(seen[0], share)
+        flat = t.detach().reshape(-1)
+        if padded > n:  # whole groups of its own, padded with its last value as alone: a copy
+            chunk = torch.cat([flat, flat[-1:].expand(padded - n)])
+        elif flat.untyped_storage().data_ptr() == storage.data_ptr():
+            chunk = flat.clone()  # a view of the saved tensor: its values now
+        else:
+            chunk = flat  # reshape already copied it
+        batch = self._batch(key, _MinMaxBatch, padded)
+        batch.views[view] = (len(batch.slots), StorageWeakRef(storage))
+        return batch.add(chunk, Geometry.of(t), n, share)
+
+    def mask(self, mask: torch.Tensor, t: torch.Tensor, table: torch.Tensor) -> Batched:
+        """Add the 1-bit code ``mask`` of ``t`` (flat, not empty), decoding to ``table``."""
+        n = mask.numel()
+        pad = (-n) % 8
+        chunk = torch.cat([mask, mask.new_zeros(pad)]) if pad else mask
+        batch = self._batch(("mask", t.device), _MaskBatch, chunk.numel())
+        return batch.add(chunk, Geometry.of(t), n, chunk.numel() // 8, table)
+
+    def _batch(self, key: tuple, kind: type[_Batch], numel: int) -> _Batch:
+        batch = self._open.get(key)
+        if batch is not None and batch.numel + numel > self.capacity:
+            batch.code()
+            batch = None
+        if batch is None:
+            batch = self._open[key] = kind(self, key)
+        return batch
+
+    def close(self, batch: _Batch) -> None:
+        """Take ``batch`` off the open ones (it is being coded)."""
+        if self._open.get(batch.key) is batch:
+            del self._open[batch.key]
+
+    def code(self) -> None:
+        """Code every open batch (the end of a forward)."""
+        while self._open:
+            next(iter(self._open.values())).code()
