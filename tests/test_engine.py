@@ -223,6 +223,29 @@ def test_a_kept_slice_does_not_keep_its_whole_storage():
     assert_close_in_norm(grads[True], grads[False], rel=1e-12)  # the head input stays exact
 
 
+def test_a_kept_slice_saved_twice_is_copied_once():
+    """A slice saved by two ops (one token fed to two heads; an LSTM's per-step gates) was
+    copied at each save: the compressed run stored twice what the uncompressed one kept."""
+
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Linear(16, 64)
+            self.h1, self.h2 = nn.Linear(64, 5), nn.Linear(64, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            token = F.gelu(self.body(x))[:, 0]  # 2 x 64, a view of 2 x 100 x 64
+            return self.h1(token) + self.h2(token)
+
+    torch.manual_seed(0)
+    model, x = TwoHeads().double(), torch.randn(2, 100, 16, dtype=torch.float64)
+    with apply_s2a(model, S2AConfig(head="h1,h2")) as handle:
+        model(x).sum().backward()
+        trainable = handle.stats()["by_kind"]["trainable"]
+    assert trainable["tensors"] == 2  # one copy, counted once
+    assert trainable["stored_bytes"] == trainable["raw_bytes"] == 2 * 64 * 8
+
+
 @pytest.mark.parametrize("width", [48, 96])
 def test_layer_norm_rows_of_another_width_than_the_group_keep_their_gradient(width):
     """A ViT whose width is no multiple of 64: its class token (timm starts it at 1e-6)

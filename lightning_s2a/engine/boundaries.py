@@ -181,6 +181,7 @@ class BoundariesMixin:
                 check()
             self.step += 1
             self._account = ForwardAccount()
+            self._copies: dict = {}  # kept views' copies in this account (see compact)
             self._largest = 0
             self._shapes = set()
             self._unpacked = False

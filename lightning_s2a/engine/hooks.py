@@ -204,6 +204,7 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
             "_contexts": [],
             "_deferred": DeferredChecks(),
             "_batches": PackBatches(),
+            "_copies": {},
             "_entry_frame": None,
             # a copy made inside a forward (an EMA copy in a hook, torch.save) starts outside
             "_depth": 0,

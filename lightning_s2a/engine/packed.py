@@ -10,10 +10,12 @@ by operator kind.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from .bitpack import pack_bits, unpack_levels, unpack_lookup
 from .codebook import DeviceCodebook
@@ -47,7 +49,7 @@ class PackOptions:
     batches: Any = None
 
 
-def compact(t: torch.Tensor) -> torch.Tensor:
+def compact(t: torch.Tensor, copies: dict | None = None) -> torch.Tensor:
     """A kept tensor that is a small view of a larger storage, copied.
 
     Autograd keeps a saved view's whole storage alive: timm's ViT pools its class token as
@@ -55,10 +57,25 @@ def compact(t: torch.Tensor) -> torch.Tensor:
     would keep all tokens (4.6 MiB at ViT-B/16, batch 8), while the accounting counts the
     slice. A copy keeps, and counts, only the slice; where something else keeps the storage
     anyway, the copy is an allocation of its own, counted as one.
+
+    ``copies`` (view -> its copy, weakly) gives a view saved again the same copy while its
+    storage and the copy live: an LSTM's per-step slices, saved by two ops each, were copied
+    twice, and such a model stored more than the uncompressed run kept.
     """
-    if t.numel() * t.element_size() * 2 <= t.untyped_storage().nbytes():
+    storage = t.untyped_storage()
+    if t.numel() * t.element_size() * 2 > storage.nbytes():
+        return t
+    if copies is None:
         return t.detach().clone()  # values only, as every packed tensor: no graph recorded
-    return t
+    key = (storage.data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype, t._version)
+    seen = copies.get(key)
+    if seen is not None and not seen[0].expired():
+        copy = seen[1]()
+        if copy is not None:
+            return copy
+    copy = t.detach().clone()
+    copies[key] = (StorageWeakRef(storage), weakref.ref(copy))
+    return copy
 
 
 def check_version(t: torch.Tensor, version: int) -> torch.Tensor:

@@ -133,7 +133,7 @@ class PackingMixin:
         keep = keep or self._exact
         part = self._part()
         if keep:
-            kept = compact(t) if cfg.compress and not self._exact else t
+            kept = compact(t, self._copies) if cfg.compress and not self._exact else t
             account.add(kind, t, None, part, kept)  # raw: the original's, as uncompressed
             return Kept(kept)
         opts = PackOptions(
