@@ -1943,7 +1943,11 @@ class _MaskedEncoder(nn.Module):
         )
         self.head = nn.Linear(32, 3)
 
-    def forward(self, x, src_key_padding_mask=None):
+    def forward(self, x, src_key_padding_mask=None, **named):
+        # the mask under another keyword (mask=, pad_mask=, ...); float values: weights
+        for value in named.values():
+            if value.dtype == torch.bool:
+                src_key_padding_mask = value
         h = self.inp(x)
         for block in self.blocks:
             h = block(h, src_key_padding_mask=src_key_padding_mask)
@@ -1972,6 +1976,11 @@ def test_side_refuses_a_padding_mask_it_cannot_read():
                 model(x, positional)
         # a mask that pads nothing (all False; HF's all-ones attention_mask) is no problem
         assert model(x, src_key_padding_mask=torch.zeros_like(mask)).shape == (2, 3)
+        # the names users give a padding mask, where the value looks like one
+        for name in ("mask", "pad_mask", "key_mask"):
+            with pytest.raises(ValueError, match=f"cannot read a mask \\({name}\\)"):
+                model(x, **{name: mask})
+        assert model(x, mask=torch.rand(2, 10)).shape == (2, 3)  # weights: no mask
     with apply_s2a(model, modules="bias", head="head"):
         model(x, src_key_padding_mask=mask).sum().backward()  # the model applies its mask
 

@@ -58,7 +58,11 @@ class SideHooks:
                 "(the backbone runs with autograd), or detach() the input if its gradient is "
                 "not wanted."
             )
-        masks = [k for k, v in kwargs.items() if _padding_name(k) and _pads(v)]
+        masks = [
+            k
+            for k, v in kwargs.items()
+            if (_padding_name(k) and _pads(v)) or (k.lower() in _MASK_NAMES and _token_mask(v))
+        ]
         masks += [f"argument {i}" for i, v in enumerate(args[1:], 1) if _token_mask(v)]
         if masks:
             raise ValueError(
@@ -188,6 +192,13 @@ def _token_mask(value: Any) -> bool:
     binary = bool(((value == 0) | (value == 1)).all())
     additive = value.is_floating_point() and bool(((value == 0) | (value <= -1e4)).all())
     return binary or additive
+
+
+#: Keywords users name a padding mask by (``model(x, mask=pad)``): refused where the value
+#: looks like one (see :func:`_token_mask`); until 2026-12-07 only the names below were.
+_MASK_NAMES = frozenset(
+    {"mask", "pad_mask", "key_mask", "input_mask", "token_mask", "seq_mask", "valid_mask"}
+)
 
 
 def _padding_name(name: str) -> bool:
