@@ -246,3 +246,47 @@ def test_a_backward_inside_the_forward_reads_codes_from_the_batch():
     assert stats == alone_stats
     for name, grad in grads.items():
         assert torch.equal(grad, alone_grads[name]), name
+
+
+def test_a_coded_batch_is_decoded_in_one_pass_and_each_tensor_again_alone(monkeypatch):
+    passes: list[int] = []
+    decode = batching.dequantize_minmax
+
+    def counted(packed, *args):
+        passes.append(packed.numel())
+        return decode(packed, *args)
+
+    monkeypatch.setattr(batching, "dequantize_minmax", counted)
+    tensors = _tensors(torch.float32)
+    batches = PackBatches()
+    placed = [batches.minmax(t, 4, 64) for t in tensors]
+    batches.code()
+    first = [p.unpack() for p in reversed(placed)][::-1]  # backward reads the last first
+    assert len(passes) == 1  # one pass for the whole batch
+    for t, p, out in zip(tensors, placed, first, strict=True):
+        want = _alone(t, 4).unpack()
+        assert torch.equal(out, want)
+        if isinstance(p.done, MinMaxPacked):  # (a tensor kept as it is is itself, as alone)
+            out.add_(1)  # a backward that writes into what it read changes no later read
+        assert torch.equal(p.unpack(), want)  # read again (a second backward): alone
+    assert p.decoder is not None and p.decoder.outputs == {}  # nothing left held
+
+
+def test_masks_of_one_op_are_decoded_in_one_pass(monkeypatch):
+    passes: list[int] = []
+    lookup = batching.unpack_lookup
+
+    def counted(packed, *args):
+        passes.append(packed.numel())
+        return lookup(packed, *args)
+
+    monkeypatch.setattr(batching, "unpack_lookup", counted)
+    relu = ELEMENTWISE["relu"]("relu", (), {})
+    g = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(n, generator=g) for n in (5, 64, 13, 200)]
+    batches = PackBatches()
+    placed = [pack_elementwise(t, PackOptions(bits=4, spec=relu, batches=batches)) for t in tensors]
+    batches.code()
+    for t, p in zip(tensors, placed, strict=True):
+        assert torch.equal(p.unpack(), pack_elementwise(t, PackOptions(bits=4, spec=relu)).unpack())
+    assert len(passes) == 1

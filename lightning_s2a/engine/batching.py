@@ -29,9 +29,9 @@ from typing import Any
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from .bitpack import pack_bits
+from .bitpack import pack_bits, unpack_lookup
 from .geometry import Geometry
-from .minmax import minmax_codes
+from .minmax import dequantize_minmax, minmax_codes
 from .packed import CodePacked, MinMaxPacked
 
 #: Tensors of at most this many elements are batched by default (larger ones spend their
@@ -45,7 +45,7 @@ class Batched:
     """A saved tensor in a batch: until the batch is coded, its place; then what it became
     (``done``: the codes, or its saved copy where they do not hold it)."""
 
-    __slots__ = ("batch", "done", "on_kept", "share")
+    __slots__ = ("batch", "decoder", "done", "on_kept", "share", "slot")
 
     #: What the engine reads of a packed object: neither is set on a batched tensor.
     raw = None
@@ -58,6 +58,9 @@ class Batched:
         self.share = share
         #: Called with the bytes it adds where it is kept instead of coded (the account).
         self.on_kept: Callable[[int], None] | None = None
+        #: Once coded: its slot in the batch, and what decodes the batch's tensors together.
+        self.slot = 0
+        self.decoder: _Decoder | None = None
 
     def settle(self) -> Any:
         """What this tensor became, coding its batch first if it is still open."""
@@ -73,7 +76,33 @@ class Batched:
 
     def unpack(self) -> torch.Tensor:
         """The saved tensor again (the same data on every call)."""
-        return self.settle().unpack()
+        done = self.settle()
+        if self.decoder is None or isinstance(done, _KeptCopy):
+            return done.unpack()
+        return self.decoder.take(self.slot, done.unpack)
+
+
+class _Decoder:
+    """A coded batch's tensors, decoded together at the first read of one of them: one pass
+    instead of one per tensor. Each is handed out once; read again (a second backward), a
+    tensor is decoded alone, to the same values.
+
+    Until the last of them is read, the batch's decoded values stay alive together (at most
+    :data:`BATCH_CAPACITY` elements), where tensors decoded alone would come and go."""
+
+    __slots__ = ("decode", "outputs")
+
+    def __init__(self, decode: Callable[[], dict[int, torch.Tensor]]) -> None:
+        self.decode: Callable[[], dict[int, torch.Tensor]] | None = decode
+        self.outputs: dict[int, torch.Tensor] | None = None
+
+    def take(self, slot: int, alone: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Slot ``slot``'s values: from the batch's one pass, else decoded alone."""
+        if self.outputs is None:
+            assert self.decode is not None
+            self.outputs, self.decode = self.decode(), None
+        out = self.outputs.pop(slot, None)
+        return alone() if out is None else out
 
 
 class _Batch:
@@ -110,10 +139,12 @@ class _Batch:
         chunks, slots, members = self.chunks, self.slots, self.members
         self.chunks, self.slots, self.members, self.views = [], [], [], {}
         data = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-        done = self._code(slots, data)
+        done, decode = self._code(slots, data)
+        decoder = _Decoder(decode) if decode is not None and len(slots) > 1 else None
         kept: set[int] = set()
         for member, slot in members:
             member.done, member.batch = done[slot], None
+            member.slot, member.decoder = slot, decoder
             if isinstance(done[slot], _KeptCopy) and member.on_kept is not None:
                 # counted for its codes; kept instead, as alone: a view saved again is
                 # counted once (see accounting)
@@ -121,16 +152,17 @@ class _Batch:
                 kept.add(slot)
                 member.on_kept((done[slot].nbytes if first else 0) - member.share)
 
-    def _code(self, slots: list, data: torch.Tensor) -> list[Any]:
-        """What each slot becomes, its values in ``data`` one after another."""
+    def _code(self, slots: list, data: torch.Tensor) -> tuple[list[Any], Any]:
+        """What each slot becomes, its values in ``data`` one after another, and what
+        decodes the coded slots in one pass (None: each alone)."""
         raise NotImplementedError
 
 
 class _MinMaxBatch(_Batch):
     """Min-max codes (see :func:`.minmax.minmax_codes`): each tensor whole groups of its own."""
 
-    def _code(self, slots: list, data: torch.Tensor) -> list[Any]:
-        _, bits, group, _, _ = self.key
+    def _code(self, slots: list, data: torch.Tensor) -> tuple[list[Any], Any]:
+        _, bits, group, dtype, _ = self.key
         codes, offset, scale, fits = minmax_codes(data, bits, group)
         sizes = tuple((n, padded) for _, n, padded, _ in slots)
         layout = _minmax_layout(sizes, group, data.device)
@@ -166,20 +198,43 @@ class _MinMaxBatch(_Batch):
                         scale[g0:g1],
                     )
                 )
-        return done
+
+        def decode() -> dict[int, torch.Tensor]:
+            flat = dequantize_minmax(packed, offset, scale, data.numel(), bits, group, dtype)
+            return {
+                i: geometry.restore(flat[start : start + n])
+                for i, ((geometry, n, _, _), start) in enumerate(
+                    zip(slots, layout.starts, strict=True)
+                )
+                if isinstance(done[i], MinMaxPacked)
+            }
+
+        return done, decode
 
 
 class _MaskBatch(_Batch):
     """Exact 1-bit masks (a ReLU's ``x > 0``): each tensor starts on a whole byte."""
 
-    def _code(self, slots: list, data: torch.Tensor) -> list[Any]:
+    def _code(self, slots: list, data: torch.Tensor) -> tuple[list[Any], Any]:
         packed = pack_bits(data, 1)
-        start, done = 0, []
+        start, done, starts = 0, [], []
         for geometry, n, padded, table in slots:
             codes = packed[start // 8 : (start + padded) // 8]
             done.append(CodePacked.of_codes(geometry, n, 1, codes, table))
+            starts.append(start)
             start += padded
-        return done
+        table = slots[0][3]
+        if any(slot[3] is not table for slot in slots):
+            return done, None  # other values to decode to: each alone
+
+        def decode() -> dict[int, torch.Tensor]:
+            flat = unpack_lookup(packed, 1, data.numel(), table)
+            return {
+                i: geometry.restore(flat[start : start + n])
+                for i, ((geometry, n, _, _), start) in enumerate(zip(slots, starts, strict=True))
+            }
+
+        return done, decode
 
 
 class _KeptCopy:
