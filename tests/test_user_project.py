@@ -1207,6 +1207,38 @@ def test_weight_averaging_listed_before_s2a_with_prompts_is_refused(tmp_path):
         assert any("s2a_prompt" in n for n, _ in model.named_modules())
 
 
+class _SetUpEncoder(EncoderClassifier):
+    """A module with a ``setup`` of its own (Lightning runs callbacks' setups before it)."""
+
+    def setup(self, stage: str) -> None:
+        pass
+
+
+def test_stochastic_weight_averaging_copies_the_model_as_s2a_made_it(tmp_path):
+    """SWA deep-copies the model in its setup, as EMA does, but was not counted among the
+    callbacks that do: with a module ``setup`` S2A came after its copy, and with prompts the
+    first averaging, an epoch in, failed on "size of tensor a (192) must match ... (8)"."""
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    def swa():
+        return StochasticWeightAveraging(swa_lrs=1e-2, swa_epoch_start=1)
+
+    config = S2AConfig(modules=("bias", "prompt"))
+    with pytest.raises(ValueError, match=r"List S2ACallback first"):
+        _trainer(tmp_path, [swa(), S2ACallback(config, backbone="encoder")], epochs=2).fit(
+            _SetUpEncoder(), _data(16)
+        )
+    for callbacks, strategy in (
+        ([S2ACallback(config, backbone="encoder"), swa()], "auto"),
+        ([swa()], S2AStrategy(config, backbone="encoder")),  # S2A put before it
+    ):
+        model = _SetUpEncoder()
+        _trainer(tmp_path, callbacks, strategy=strategy, epochs=2).fit(model, _data(16))
+        averaged = next(c for c in model.trainer.callbacks if type(c).__name__.startswith("Sto"))
+        names = [n for n, _ in averaged._average_model.named_parameters()]
+        assert any("s2a_prompt" in n for n in names)  # its copy has S2A's prompts
+
+
 def test_a_checkpoint_config_of_another_version_is_still_compared_field_by_field():
     """A saved config that no longer validates as a whole (a field this version dropped or
     a value it no longer takes) skipped the comparison: a checkpoint trained with another

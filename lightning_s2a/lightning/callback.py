@@ -31,6 +31,7 @@ from .checks import (
     check_optimized,
     check_single_s2a,
     copied_back_error,
+    copies_model_in_setup,
     warn_frozen_optimizers,
 )
 from .data import sized_from_data
@@ -357,14 +358,12 @@ _AUTOCAST_DTYPES = {"bf16-mixed": "bfloat16", "16-mixed": "float16"}
 
 def _copies_in_setup(trainer: pl.Trainer) -> bool:
     """True if another callback may copy the model in its ``setup``, which Lightning runs
-    before the module's: a weight-averaging callback, or one of the user's own that has a
-    ``setup`` (an EMA copy). Lightning's other callbacks copy no model there."""
-    from lightning.pytorch.callbacks import WeightAveraging
-
+    before the module's: a weight-averaging callback (EMA, SWA), or one of the user's own
+    that has a ``setup`` (an EMA copy). Lightning's other callbacks copy no model there."""
     for c in trainer.callbacks:
         if isinstance(c, S2ACallback):  # this one, or another S2A's (an error of its own)
             continue
-        if isinstance(c, WeightAveraging):
+        if copies_model_in_setup(c):
             return True
         if not type(c).__module__.startswith("lightning.") and is_overridden("setup", c):
             return True

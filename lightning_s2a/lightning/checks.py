@@ -269,12 +269,21 @@ def warn_frozen_optimizers(trainer: pl.Trainer, pl_module: nn.Module, handle: S2
             )
 
 
+def copies_model_in_setup(callback: Any) -> bool:
+    """True for Lightning's callbacks that deep-copy the model in their ``setup`` to average
+    it: weight averaging (``EMAWeightAveraging``) and ``StochasticWeightAveraging``."""
+    from lightning.pytorch.callbacks import StochasticWeightAveraging, WeightAveraging
+
+    return isinstance(callback, (WeightAveraging, StochasticWeightAveraging))
+
+
 def check_averaging_after(trainer: pl.Trainer, callback: S2ACallback) -> None:
-    """A weight-averaging callback (``EMAWeightAveraging``) copies the model in its setup: run
-    before S2A's, its copy lacks the prompt, side and bias parameters S2A adds (and has the
-    weights 4-bit holding takes out), and its first update fails on mismatched tensors. Said
-    here, with the order that works. Averaging buffers would round off 4-bit weights' codes
-    (a reviewer's EMA at decay 0.9 changed 27% of their bytes, silently)."""
+    """A weight-averaging callback (``EMAWeightAveraging``, ``StochasticWeightAveraging``)
+    copies the model in its setup: run before S2A's, its copy lacks the prompt, side and bias
+    parameters S2A adds (and has the weights 4-bit holding takes out), and its first update
+    fails on mismatched tensors (SWA's after a whole epoch). Said here, with the order that
+    works. Averaging buffers would round off 4-bit weights' codes (a reviewer's EMA at decay
+    0.9 changed 27% of their bytes, silently)."""
     from lightning.pytorch.callbacks import WeightAveraging
 
     handle = callback.handle
@@ -287,7 +296,7 @@ def check_averaging_after(trainer: pl.Trainer, callback: S2ACallback) -> None:
     ):
         return  # the copy has every tensor the model has
     ours = trainer.callbacks.index(callback)
-    before = [c for c in trainer.callbacks[:ours] if isinstance(c, WeightAveraging)]
+    before = [c for c in trainer.callbacks[:ours] if copies_model_in_setup(c)]
     if before:
         raise ValueError(
             f"{type(before[0]).__name__} is listed before S2ACallback, so it copied the model "

@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..config import S2AConfig, check_field_names
 from .callback import S2ACallback
+from .checks import copies_model_in_setup
 
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(S2AConfig)}
 
@@ -38,13 +39,12 @@ class S2AStrategyMixin:
         super().connect(model)  # type: ignore[misc]
         trainer = model._trainer
         if trainer is not None and self.s2a_callback not in trainer.callbacks:
-            # Before the first weight-averaging callback, which copies the model in its setup
-            # and must copy it as S2A made it; after the others, as a listed callback would.
-            from lightning.pytorch.callbacks import WeightAveraging
-
+            # Before the first weight-averaging callback (EMA, SWA), which copies the model in
+            # its setup and must copy it as S2A made it; after the others, as a listed
+            # callback would.
             callbacks = trainer.callbacks
             at = next(
-                (i for i, c in enumerate(callbacks) if isinstance(c, WeightAveraging)),
+                (i for i, c in enumerate(callbacks) if copies_model_in_setup(c)),
                 len(callbacks),
             )
             callbacks.insert(at, self.s2a_callback)
