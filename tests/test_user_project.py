@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 import os
 import warnings
 
@@ -145,6 +146,31 @@ def test_a_step_that_does_not_run_the_backbone_with_autograd_warns_once(tmp_path
     with pytest.warns(UserWarning, match=r"ran no forward with autograd") as record:
         _fit(tmp_path, model, S2ACallback(backbone="encoder"))
     assert sum("ran no forward with autograd" in str(w.message) for w in record) == 1
+
+
+class _CheckpointedWhole(EncoderClassifier):
+    """The user wraps the whole encoder in torch.utils.checkpoint."""
+
+    def features(self, x):
+        return torch.utils.checkpoint.checkpoint(self.encoder, x, use_reentrant=False)
+
+
+def test_a_backbone_checkpointed_whole_is_said_to_run_without_s2a_and_still_trains(tmp_path):
+    """S2A stays out of a forward inside checkpoint's own saved-tensor hooks; the callback
+    said the module ran no forward with autograd and its parameters got no gradient (they
+    trained), and logged 0 MB saved, compression 1.0, for bytes it never saw."""
+    model = _CheckpointedWhole()
+    before = {n: p.clone() for n, p in model.encoder.named_parameters() if n.endswith("bias")}
+    callback = S2ACallback(backbone="encoder")
+    with pytest.warns(UserWarning) as record:
+        _fit(tmp_path, model, callback)
+    said = [str(w.message) for w in record]
+    assert sum("inside other saved-tensor hooks" in m for m in said) == 1
+    assert not any("get no gradient" in m for m in said)
+    after = dict(model.encoder.named_parameters())
+    assert before and all(not torch.equal(after[n], p) for n, p in before.items())
+    metrics = callback.epoch_metrics
+    assert math.isnan(metrics["s2a/activation_raw_mb"]) and math.isnan(metrics["s2a/compression"])
 
 
 def test_standalone_forward_features_accounts_every_part_until_backward():

@@ -89,6 +89,7 @@ class BoundariesMixin:
             check_not_compiling(self.model, self.config.compress)  # before any change
             stay_out = foreign_autograd_context() or functorch_transform()
             if stay_out and not in_backward():
+                self.forwards_out += 1
                 self._warn_staying_out()
             if not stay_out:
                 self._activate(is_root)

@@ -126,6 +126,9 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
         self._fresh = False  # the next forward starts a new account (a step began)
         #: Forwards that ran with autograd and so engaged the engine (for "did it engage?").
         self.forwards = 0
+        #: Forwards with autograd it stayed out of (inside torch.utils.checkpoint, save_on_cpu
+        #: or a torch.func transform: see ``_warn_staying_out``).
+        self.forwards_out = 0
         #: Device types whose "does the code hold it" answers are read without a sync.
         self.defer_on: tuple[str, ...] = ("cuda",)
         self._deferred = DeferredChecks()
@@ -186,6 +189,7 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
             "_warned_grad_inside": False,
             "_began_without_grad": False,
             "batch_numel": BATCH_NUMEL,
+            "forwards_out": 0,
         }
         self.__dict__.update(fill)
         self.__dict__.update(state)

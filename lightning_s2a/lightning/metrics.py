@@ -31,11 +31,13 @@ class EpochMeter:
         self.reset()
 
     def reset(self) -> None:
-        self.steps = 0
+        self.measured = 0  # steps whose bytes were read
+        self.steps = 0  # those that saved something
         self.raw = 0
         self.stored = 0
 
     def update(self, stats: dict) -> None:
+        self.measured += 1
         if stats["raw_bytes"]:
             self.steps += 1
             self.raw += stats["raw_bytes"]
@@ -49,12 +51,16 @@ class EpochMeter:
     ) -> dict[str, float]:
         """The ``s2a/*`` metrics logged at the end of each training epoch; ``weights`` is
         ``S2AHandle.weight_bytes()`` (held, as built)."""
-        steps = max(self.steps, 1)
-        raw, stored = self.raw / steps / MB, self.stored / steps / MB
+        if self.measured:
+            steps = max(self.steps, 1)
+            raw, stored = self.raw / steps / MB, self.stored / steps / MB
+            compression = raw / stored if stored else 1.0
+        else:  # no step was measured (S2A stayed out of every forward): not zero bytes
+            raw = stored = compression = float("nan")
         return {
             "s2a/activation_raw_mb": raw,
             "s2a/activation_stored_mb": stored,
-            "s2a/compression": raw / stored if stored else 1.0,
+            "s2a/compression": compression,
             "s2a/peak_memory_mb": peak_memory_mb(device),
             "s2a/trainable_params": float(trainable[0]),
             "s2a/trainable_pct": 100.0 * trainable[1],

@@ -25,6 +25,7 @@ class TrainingSteps:
     _meter: EpochMeter
     _others: dict[str, list[Any]] | None
     _forwards_before: int
+    _out_before: int
     _warned: bool
     epoch_metrics: dict[str, float]
 
@@ -43,6 +44,7 @@ class TrainingSteps:
         if self.handle.config.calibrate and not self.handle.engine.calibrated:
             calibrate_on_batch(trainer, pl_module, self.handle, batch, batch_idx)
         self._forwards_before = self.handle.engine.forwards
+        self._out_before = self.handle.engine.forwards_out
         if self._others is None:
             self._others = {path: [h, 0] for path, h in other_handles(pl_module, self.handle)}
         for entry in self._others.values():
@@ -53,7 +55,19 @@ class TrainingSteps:
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
     ) -> None:
         assert self.handle is not None
-        if self.handle.engine.forwards == self._forwards_before:
+        engine = self.handle.engine
+        if engine.forwards == self._forwards_before:
+            if engine.forwards_out != self._out_before:
+                self._warn_once(
+                    trainer,
+                    "ran its forwards in this training step inside other saved-tensor hooks "
+                    "(torch.utils.checkpoint around the whole module, save_on_cpu) or a "
+                    "torch.func transform, where S2A stays out: its parameters train, but "
+                    "nothing was compressed or counted, and the s2a/activation_* metrics of an "
+                    "epoch with no other step are NaN. Checkpoint inside the module (its "
+                    "blocks: timm's set_grad_checkpointing) to keep both.",
+                )
+                return
             self._warn_once(
                 trainer,
                 "ran no forward with autograd enabled in this training step: nothing was "
