@@ -11,9 +11,11 @@ the forward).
 
 Each tensor gets exactly the codes it would get alone, byte for byte: min-max groups never
 cross two tensors (each is padded to whole groups with its last value, as alone, and its
-padding coded 0), and masks start on whole bytes. Whether min-max codes hold a tensor (no NaN,
-no infinity, no fp16 underflow, :class:`.packed.MinMaxPacked`) is decided per tensor from the
-same group statistics, in one read per batch; one they do not hold is kept as its saved copy.
+padding coded 0), and masks start on whole bytes. Only tensors the min-max codes surely hold
+join a batch: one whose values (read when saved) are not finite, beyond half the fp16 range,
+or so small that fp16 statistics could underflow is coded alone (:class:`.packed.MinMaxPacked`:
+kept as it is where the codes do not hold it, refused at unpack if changed in place since, and
+counted once where saved twice), as where batching is off.
 
 Costs: until its batch is coded a tensor's copy is alive (at most :data:`BATCH_CAPACITY`
 elements per open batch), and a tensor's codes are a view of its batch's bytes, which are
@@ -27,11 +29,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
 
 from .bitpack import pack_bits, unpack_lookup
 from .geometry import Geometry
-from .minmax import dequantize_minmax, minmax_codes
+from .minmax import FP16_MAX, dequantize_minmax, minmax_codes
 from .packed import CodePacked, MinMaxPacked
 
 #: Tensors of at most this many elements are batched by default (larger ones spend their
@@ -110,47 +111,39 @@ class _Batch:
 
     def __init__(self, batches: PackBatches, key: tuple) -> None:
         self.batches, self.key = batches, key
-        #: One per copy of values: (its geometry, its elements, padded, what decodes it).
-        self.slots: list[tuple[Geometry, int, int, Any]] = []
+        #: Per tensor: its place, its geometry, its elements, padded, what decodes it.
+        self.slots: list[tuple[Batched, Geometry, int, int, Any]] = []
         self.chunks: list[torch.Tensor] = []
-        #: Each saved tensor's place and its slot (a view saved twice shares one).
-        self.members: list[tuple[Batched, int]] = []
-        #: Saved views already here (see :meth:`PackBatches.minmax`): view -> slot, storage.
-        self.views: dict[tuple, tuple[int, StorageWeakRef]] = {}
         self.numel = 0
 
     def add(
         self, chunk: torch.Tensor, geometry: Geometry, n: int, share: int, table: Any = None
     ) -> Batched:
-        self.slots.append((geometry, n, chunk.numel(), table))
+        member = Batched(self, share)
+        self.slots.append((member, geometry, n, chunk.numel(), table))
         self.chunks.append(chunk)
         self.numel += chunk.numel()
-        return self.again(len(self.slots) - 1, share)
-
-    def again(self, slot: int, share: int) -> Batched:
-        """A further place for the values in ``slot`` (the same view saved again)."""
-        member = Batched(self, share)
-        self.members.append((member, slot))
         return member
 
     def code(self) -> None:
         """Code every tensor of the batch in one pass, and close it."""
         self.batches.close(self)
-        chunks, slots, members = self.chunks, self.slots, self.members
-        self.chunks, self.slots, self.members, self.views = [], [], [], {}
-        data = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-        done, decode = self._code(slots, data)
+        chunks, slots = self.chunks, self.slots
+        self.chunks, self.slots = [], []
+        try:
+            data = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+            done, decode = self._code(slots, data)
+        except BaseException as err:  # an out-of-memory: said again at each tensor's read
+            for member, *_ in slots:
+                member.done, member.batch = _Failed(err), None
+            raise
         decoder = _Decoder(decode) if decode is not None and len(slots) > 1 else None
-        kept: set[int] = set()
-        for member, slot in members:
-            member.done, member.batch = done[slot], None
-            member.slot, member.decoder = slot, decoder
-            if isinstance(done[slot], _KeptCopy) and member.on_kept is not None:
-                # counted for its codes; kept instead, as alone: a view saved again is
-                # counted once (see accounting)
-                first = slot not in kept
-                kept.add(slot)
-                member.on_kept((done[slot].nbytes if first else 0) - member.share)
+        for i, (member, *_) in enumerate(slots):
+            member.done, member.batch = done[i], None
+            member.slot, member.decoder = i, decoder
+            if isinstance(done[i], _KeptCopy) and member.on_kept is not None:
+                member.on_kept(done[i].nbytes - member.share)  # counted for its codes
+            member.on_kept = None
 
     def _code(self, slots: list, data: torch.Tensor) -> tuple[list[Any], Any]:
         """What each slot becomes, its values in ``data`` one after another, and what
@@ -164,7 +157,7 @@ class _MinMaxBatch(_Batch):
     def _code(self, slots: list, data: torch.Tensor) -> tuple[list[Any], Any]:
         _, bits, group, dtype, _ = self.key
         codes, offset, scale, fits = minmax_codes(data, bits, group)
-        sizes = tuple((n, padded) for _, n, padded, _ in slots)
+        sizes = tuple((n, padded) for _, _, n, padded, _ in slots)
         layout = _minmax_layout(sizes, group, data.device)
         if layout.padding is not None:
             codes.index_fill_(0, layout.padding, 0)  # each tensor's padding coded 0, as alone
@@ -180,11 +173,11 @@ class _MinMaxBatch(_Batch):
         fails = (bad > 0).logical_or_(top < 2.0 ** (bits - 19))
         per_byte = 8 // bits
         done: list[Any] = []
-        for (geometry, n, padded, _), fail, start in zip(
+        for (_, geometry, n, padded, _), fail, start in zip(
             slots, fails.tolist(), layout.starts, strict=True
         ):
             g0, g1 = start // group, (start + padded) // group
-            if fail:
+            if fail:  # not reached: only tensors the codes hold join (see PackBatches.minmax)
                 done.append(_KeptCopy(geometry.restore(data[start : start + n].clone())))
             else:
                 done.append(
@@ -203,7 +196,7 @@ class _MinMaxBatch(_Batch):
             flat = dequantize_minmax(packed, offset, scale, data.numel(), bits, group, dtype)
             return {
                 i: geometry.restore(flat[start : start + n])
-                for i, ((geometry, n, _, _), start) in enumerate(
+                for i, ((_, geometry, n, _, _), start) in enumerate(
                     zip(slots, layout.starts, strict=True)
                 )
                 if isinstance(done[i], MinMaxPacked)
@@ -218,20 +211,20 @@ class _MaskBatch(_Batch):
     def _code(self, slots: list, data: torch.Tensor) -> tuple[list[Any], Any]:
         packed = pack_bits(data, 1)
         start, done, starts = 0, [], []
-        for geometry, n, padded, table in slots:
+        for _, geometry, n, padded, table in slots:
             codes = packed[start // 8 : (start + padded) // 8]
             done.append(CodePacked.of_codes(geometry, n, 1, codes, table))
             starts.append(start)
             start += padded
-        table = slots[0][3]
-        if any(slot[3] is not table for slot in slots):
+        table = slots[0][4]
+        if any(slot[4] is not table for slot in slots):
             return done, None  # other values to decode to: each alone
 
         def decode() -> dict[int, torch.Tensor]:
             flat = unpack_lookup(packed, 1, data.numel(), table)
             return {
                 i: geometry.restore(flat[start : start + n])
-                for i, ((geometry, n, _, _), start) in enumerate(zip(slots, starts, strict=True))
+                for i, ((_, geometry, n, _, _), start) in enumerate(zip(slots, starts, strict=True))
             }
 
         return done, decode
@@ -251,6 +244,23 @@ class _KeptCopy:
 
     def unpack(self) -> torch.Tensor:
         return self.t
+
+
+class _Failed:
+    """A batched tensor whose batch's pass raised: each read says so (not an empty batch)."""
+
+    __slots__ = ("err",)
+    nbytes = 0
+
+    def __init__(self, err: BaseException) -> None:
+        self.err = err
+
+    def unpack(self) -> torch.Tensor:
+        raise RuntimeError(
+            f"S2A could not code the batch of small saved tensors this one was in "
+            f"({type(self.err).__name__}: {self.err}); its values are lost. Run with "
+            "handle.engine.batch_numel = 0 to code each saved tensor alone."
+        ) from self.err
 
 
 class _Layout:
@@ -278,9 +288,12 @@ def _minmax_layout(sizes: tuple, group: int, device: torch.device) -> _Layout:
     key = (sizes, group, device)
     layout = _LAYOUTS.get(key)
     if layout is None:
+        layout = _Layout(sizes, group, device)
+        if len(sizes) * 16 + layout.group_owner.numel() > 1 << 16:
+            return layout  # large (many tiny tensors): built per batch, not kept
         if len(_LAYOUTS) >= 64:  # sizes that change every step: bounded
             _LAYOUTS.clear()
-        layout = _LAYOUTS[key] = _Layout(sizes, group, device)
+        _LAYOUTS[key] = layout
     return layout
 
 
@@ -294,29 +307,27 @@ class PackBatches:
     def __len__(self) -> int:
         return len(self._open)
 
-    def minmax(self, t: torch.Tensor, bits: int, group: int) -> Batched:
+    def minmax(self, t: torch.Tensor, bits: int, group: int) -> Batched | None:
         """Add ``t`` (not empty; ``group * bits`` a whole number of bytes) to its min-max
-        batch; returns its place there."""
-        n = t.numel()
-        padded = -(-n // group) * group
-        share = padded * bits // 8 + 4 * (padded // group)  # codes, fp16 offsets and scales
-        key = ("minmax", bits, group, t.dtype, t.device)
-        storage = t.untyped_storage()
-        view = (storage.data_ptr(), t.storage_offset(), t.shape, t.stride(), t._version)
-        batch = self._open.get(key)
-        if batch is not None:
-            seen = batch.views.get(view)
-            if seen is not None and not seen[1].expired():  # saved again: the same values
-                return batch.again(seen[0], share)
+        batch and return its place there; None where the codes might not hold it: values
+        not finite, beyond half the fp16 range (a 1-bit step is the whole span), or so small
+        that fp16 statistics could underflow (see :func:`.minmax.underflows`; the group of
+        the largest magnitude has ``|offset| + span`` at least about that magnitude)."""
         flat = t.detach().reshape(-1)
+        lo, hi = (float(v) for v in torch.aminmax(flat))
+        top = max(-lo, hi)  # NaN (a NaN anywhere) fails both comparisons
+        if not (top <= FP16_MAX / 2 and top >= 2.0 ** (bits - 17)):
+            return None
+        n = flat.numel()
+        padded = -(-n // group) * group
         if padded > n:  # whole groups of its own, padded with its last value as alone: a copy
             chunk = torch.cat([flat, flat[-1:].expand(padded - n)])
-        elif flat.untyped_storage().data_ptr() == storage.data_ptr():
+        elif flat.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
             chunk = flat.clone()  # a view of the saved tensor: its values now
         else:
             chunk = flat  # reshape already copied it
-        batch = self._batch(key, _MinMaxBatch, padded)
-        batch.views[view] = (len(batch.slots), StorageWeakRef(storage))
+        share = padded * bits // 8 + 4 * (padded // group)  # codes, fp16 offsets and scales
+        batch = self._batch(("minmax", bits, group, t.dtype, t.device), _MinMaxBatch, padded)
         return batch.add(chunk, Geometry.of(t), n, share)
 
     def mask(self, mask: torch.Tensor, t: torch.Tensor, table: torch.Tensor) -> Batched:

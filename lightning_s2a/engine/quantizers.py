@@ -65,10 +65,13 @@ def pack_minmax(t: torch.Tensor, opts: PackOptions) -> MinMaxPacked | BnbPacked 
         opts.batches is not None
         and opts.backend == "torch"
         and not opts.stochastic  # the noise is drawn per tensor
+        and not opts.defer  # its check before batching reads the device
         and opts.group_size * opts.bits % 8 == 0  # each tensor's codes on whole bytes
         and t.numel()
     ):
-        return opts.batches.minmax(t, opts.bits, opts.group_size)
+        batched = opts.batches.minmax(t, opts.bits, opts.group_size)
+        if batched is not None:
+            return batched
     return MinMaxPacked(t, opts)
 
 
