@@ -48,10 +48,6 @@ class Batched:
 
     __slots__ = ("batch", "decoder", "done", "on_kept", "share", "slot")
 
-    #: What the engine reads of a packed object: neither is set on a batched tensor.
-    raw = None
-    pending = None
-
     def __init__(self, batch: _Batch, share: int) -> None:
         self.batch: _Batch | None = batch
         self.done: Any = None
