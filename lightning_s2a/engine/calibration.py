@@ -189,21 +189,38 @@ def _measure(
         if not kept:
             continue  # nothing of this call reaches the loss
         g = [g[i] for i in kept]
-        local_e = _vjp([outs_e[i] for i in kept], ins_e + params[name], g)
-        local_c = _vjp([outs_c[i] for i in kept], ins_c + params[name], g)
-        scale = local_e.norm()
-        if scale > 0:
-            error = ((local_c - local_e).norm() / scale).item()
-            if not math.isfinite(error):  # codes that turn a finite gradient NaN: worst
-                error = math.inf
-            errors[name] = max(errors.get(name, 0.0), error)
+        parts_e = _vjp([outs_e[i] for i in kept], ins_e, params[name], g)
+        parts_c = _vjp([outs_c[i] for i in kept], ins_c, params[name], g)
+        # The input's gradient and the module's trained parameters' gradient, each on its
+        # own: joined, an exact path to the input (a residual's identity, x * gate's direct
+        # term) swamped what the codes did to the parameters (a gated block's gate bias 8%
+        # off where the joined error read 1.3%; EfficientNet-B0's squeeze-excite biases 12 to
+        # 19% off, read under 1%).
+        for local_e, local_c in zip(parts_e, parts_c, strict=True):
+            scale = local_e.norm()
+            if scale > 0:
+                error = ((local_c - local_e).norm() / scale).item()
+                if not math.isfinite(error):  # codes that turn a finite gradient NaN: worst
+                    error = math.inf
+                errors[name] = max(errors.get(name, 0.0), error)
     return errors, copied, widths
 
 
-def _vjp(outs: list[torch.Tensor], ins: list[torch.Tensor], g: list[torch.Tensor]) -> torch.Tensor:
-    got = torch.autograd.grad(outs, ins, g, retain_graph=True, allow_unused=True)
-    flat = [v.detach().reshape(-1).double() for v in got if v is not None]
-    return torch.cat(flat) if flat else torch.zeros(1, dtype=torch.float64)
+def _vjp(
+    outs: list[torch.Tensor],
+    ins: list[torch.Tensor],
+    params: list[torch.Tensor],
+    g: list[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients ``g`` gives ``ins`` and ``params`` through ``outs``: each group as one
+    flat float64 vector (empty where none reaches it)."""
+    got = torch.autograd.grad(outs, ins + params, g, retain_graph=True, allow_unused=True)
+
+    def flat(part: tuple) -> torch.Tensor:
+        vectors = [v.detach().reshape(-1).double() for v in part if v is not None]
+        return torch.cat(vectors) if vectors else torch.zeros(0, dtype=torch.float64)
+
+    return flat(got[: len(ins)]), flat(got[len(ins) :])
 
 
 def _check_scalar(loss: Any) -> None:
