@@ -17,7 +17,7 @@ from .engine.calibration import warn_uncalibrated
 from .engine.compile_guard import check_not_compiled
 from .engine.hooks import SavedTensorEngine
 from .structure import four_bit
-from .structure.frozen_weights import cast_frozen
+from .structure.frozen_weights import WidenedCheck, cast_frozen
 from .structure.held_statistics import is_held
 from .structure.holders import PROBE_NAME
 from .structure.rewrites import rewrites_for
@@ -61,6 +61,10 @@ class S2AHandle:
             self.engine.step_checks.append(
                 partial(four_bit.check_unfrozen, model, frozen, config.frozen_dtype)
             )
+        elif config.frozen_dtype is not None and structure.cast_originals:
+            dtype = getattr(torch, config.frozen_dtype)
+            held = list(structure.cast_originals)
+            self.engine.step_checks.append(WidenedCheck(model, held, dtype))
         if config.calibrate:
             self.engine.step_checks.append(partial(warn_uncalibrated, self.engine))
         self.engine.step_checks.append(UnfrozenCheck(model))

@@ -706,6 +706,25 @@ def test_a_model_converted_after_a_bfloat16_cast_gets_its_exact_weights_back(con
     model(torch.randn(2, 3, 32, 32, dtype=dtype))
 
 
+def test_a_model_widened_after_a_bfloat16_cast_is_said_once():
+    """model.double() after frozen_dtype='bfloat16' made the held weights float64 copies of
+    their bf16 values, silently: weight_bytes() showed more held than built. A training
+    forward says so once; converting to another 2-byte dtype (half) is not a widening."""
+    torch.manual_seed(0)
+    for convert, said in (("half", 0), ("double", 1)):
+        model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 4))
+        with apply_s2a(model, frozen_dtype="bfloat16", head="2"):
+            getattr(model, convert)()
+            x = torch.randn(2, 64, dtype=model[0].weight.dtype)
+            with warnings.catch_warnings(record=True) as record:
+                warnings.simplefilter("always")
+                for _ in range(2):
+                    with torch.autocast("cpu", torch.bfloat16, enabled=convert == "half"):
+                        model(x).float().sum().backward()
+        widened = [w for w in record if "was converted to float64" in str(w.message)]
+        assert len(widened) == said, [str(w.message) for w in record]
+
+
 def test_a_bfloat16_cast_outside_autocast_says_what_to_do():
     """frozen_dtype="bfloat16" (after load_adapter, or in a plain loop) run without autocast
     failed in the first layer with torch's bare "Input type and weight type should be the

@@ -80,6 +80,39 @@ def hold_frozen(
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
+class WidenedCheck:
+    """A step check of ``frozen_dtype="bfloat16"``/``"float16"``: warn once where the model
+    was converted to a wider dtype since (``model.double()``, ``precision="64-true"``): the
+    frozen weights S2A holds take that dtype's memory again (their values stay rounded), and
+    ``weight_bytes()`` shows more held than built."""
+
+    def __init__(self, model: nn.Module, names: list[str], dtype: torch.dtype) -> None:
+        self.model, self.names, self.dtype, self.said = model, names, dtype, False
+
+    def __call__(self) -> None:
+        if self.said:
+            return
+        size = torch.empty((), dtype=self.dtype).element_size()
+        wide = {
+            p.dtype
+            for p in (self.model.get_parameter(n) for n in self.names)
+            if not p.requires_grad and p.element_size() > size
+        }
+        if not wide:
+            return
+        self.said = True
+        held = str(self.dtype).removeprefix("torch.")
+        now = ", ".join(sorted(str(d).removeprefix("torch.") for d in wide))
+        warnings.warn(
+            f"S2AConfig(frozen_dtype={held!r}) holds the frozen weights in {held}, but the "
+            f"model was converted to {now} since apply_s2a (model.to(...), .double(), "
+            f"Lightning's precision='64-true'): they take {now}'s memory again (their values "
+            f"stay rounded to {held}). Convert the model before applying S2A, or train "
+            "with frozen_dtype=None; said once.",
+            stacklevel=4,
+        )
+
+
 def _warn_not_held(names: list[str], quant_type: str) -> None:
     """Say which frozen weights of layer kinds 4 bits do not hold (transposed convolutions,
     Hugging Face's ``Conv1D``) keep their full size: the summary's weight bytes showed it,
