@@ -340,3 +340,22 @@ def test_tensors_no_code_holds_are_kept_counted_and_refused_as_without_batching(
     for batch_numel in (0, BATCH_NUMEL):
         with pytest.raises(RuntimeError, match=r"modified by an inplace operation"):
             run(batch_numel, _KeptThenChanged, 16)
+
+
+def test_a_coded_batch_keeps_its_codes_not_its_values():
+    """What decodes a batch in one pass held the batch's values (a closure over them): a
+    full-precision copy of every small tensor stayed alive until backward, uncounted (a
+    reviewer's ViT-Ti at batch 1: 10.5 MiB beside 3.3 MiB counted)."""
+    import gc
+
+    batches = PackBatches()
+    placed = [batches.minmax(torch.randn(1000, dtype=torch.float64), 4, 64) for _ in range(3)]
+    batches.code()  # each padded to 1024, 3072 together
+    gc.collect()
+    values = [
+        o
+        for o in gc.get_objects()
+        if isinstance(o, torch.Tensor) and o.dtype == torch.float64 and o.numel() in (1024, 3072)
+    ]
+    assert not values and all(p.decoder is not None for p in placed)
+    assert torch.equal(placed[0].unpack(), placed[0].done.unpack())

@@ -26,6 +26,7 @@ the batch's bytes).
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -188,17 +189,15 @@ class _MinMaxBatch(_Batch):
                     )
                 )
 
-        def decode() -> dict[int, torch.Tensor]:
-            flat = dequantize_minmax(packed, offset, scale, data.numel(), bits, group, dtype)
-            return {
-                i: geometry.restore(flat[start : start + n])
-                for i, ((_, geometry, n, _, _), start) in enumerate(
-                    zip(slots, layout.starts, strict=True)
-                )
-                if isinstance(done[i], MinMaxPacked)
-            }
-
-        return done, decode
+        places = [
+            (i, geometry, start, n)
+            for i, ((_, geometry, n, _, _), start) in enumerate(
+                zip(slots, layout.starts, strict=True)
+            )
+            if isinstance(done[i], MinMaxPacked)
+        ]
+        whole = partial(dequantize_minmax, packed, offset, scale, data.numel(), bits, group, dtype)
+        return done, partial(_decode_parts, whole, places)
 
 
 class _MaskBatch(_Batch):
@@ -216,14 +215,21 @@ class _MaskBatch(_Batch):
         if any(slot[4] is not table for slot in slots):
             return done, None  # other values to decode to: each alone
 
-        def decode() -> dict[int, torch.Tensor]:
-            flat = unpack_lookup(packed, 1, data.numel(), table)
-            return {
-                i: geometry.restore(flat[start : start + n])
-                for i, ((_, geometry, n, _, _), start) in enumerate(zip(slots, starts, strict=True))
-            }
+        places = [
+            (i, geometry, start, n)
+            for i, ((_, geometry, n, _, _), start) in enumerate(zip(slots, starts, strict=True))
+        ]
+        return done, partial(
+            _decode_parts, partial(unpack_lookup, packed, 1, data.numel(), table), places
+        )
 
-        return done, decode
+
+def _decode_parts(whole: Callable[[], torch.Tensor], places: list) -> dict[int, torch.Tensor]:
+    """A coded batch's tensors from one decode of all of it (``whole``): slot -> tensor.
+    What decodes holds the codes and where each tensor lies, never the values coded (a
+    closure over the batch's values kept a full copy of every tensor until backward)."""
+    flat = whole()
+    return {i: geometry.restore(flat[start : start + n]) for i, geometry, start, n in places}
 
 
 class _KeptCopy:
