@@ -246,6 +246,16 @@ def test_a_kept_slice_saved_twice_is_copied_once():
     assert trainable["stored_bytes"] == trainable["raw_bytes"] == 2 * 64 * 8
 
 
+def test_a_view_and_its_conjugate_get_copies_of_their_own():
+    from lightning_s2a.engine.packed import compact
+
+    v = torch.randn(64, 32, dtype=torch.complex64)[:2]  # a small view: copied
+    copies: dict = {}
+    plain, conj = compact(v, copies), compact(v.conj(), copies)
+    assert torch.equal(plain, v) and torch.equal(conj.resolve_conj(), v.conj().resolve_conj())
+    assert compact(v, copies) is plain  # the same view again: the same copy
+
+
 @pytest.mark.parametrize("width", [48, 96])
 def test_layer_norm_rows_of_another_width_than_the_group_keep_their_gradient(width):
     """A ViT whose width is no multiple of 64: its class token (timm starts it at 1e-6)

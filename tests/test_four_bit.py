@@ -723,6 +723,12 @@ def test_a_model_widened_after_a_bfloat16_cast_is_said_once():
                         model(x).float().sum().backward()
         widened = [w for w in record if "was converted to float64" in str(w.message)]
         assert len(widened) == said, [str(w.message) for w in record]
+    # a held layer replaced since: not looked up by its name (that failed at every forward)
+    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 4))
+    apply_s2a(model, frozen_dtype="bfloat16", head="2")
+    model[0] = nn.Identity()
+    with torch.autocast("cpu", torch.bfloat16):
+        model(torch.randn(2, 64)).float().sum().backward()
 
 
 def test_a_bfloat16_cast_outside_autocast_says_what_to_do():

@@ -1981,6 +1981,8 @@ def test_side_refuses_a_padding_mask_it_cannot_read():
             with pytest.raises(ValueError, match=f"cannot read a mask \\({name}\\)"):
                 model(x, **{name: mask})
         assert model(x, mask=torch.rand(2, 10)).shape == (2, 3)  # weights: no mask
+        causal = nn.Transformer.generate_square_subsequent_mask(10)  # (T, T): pads nothing
+        assert model(x, mask=causal).shape == (2, 3)
     with apply_s2a(model, modules="bias", head="head"):
         model(x, src_key_padding_mask=mask).sum().backward()  # the model applies its mask
 

@@ -356,6 +356,13 @@ class _NeedsClasses(EncoderClassifier):
         super().__init__(lr=lr, **kwargs)
 
 
+class _BareData(FourWayData):
+    """A DataModule whose __init__ takes nothing."""
+
+    def __init__(self):
+        super().__init__()
+
+
 def test_cli_a_class_named_over_a_config_files_keeps_its_own_defaults(tmp_path, capsys):
     """jsonargparse hands the config file's init_args for ImageClassifier to the class named
     on the command line: the quickstart's lr 3e-3 and batch 32 replaced the user's 1e-3 and 8."""
@@ -423,6 +430,12 @@ def test_cli_a_class_named_over_a_config_files_keeps_its_own_defaults(tmp_path, 
     # a default passed on through **kwargs is found up the class hierarchy
     kw = [*base, "--model=tests.test_user_project._KwargsClassifier", *user]
     assert S2ALightningCLI(run=False, args=kw).model.hparams.lr == 1e-3
+    # a class that takes no arguments at all (it failed: "Namespace has no init_args")
+    bare = [f"--trainer.default_root_dir={tmp_path}", "--s2a.backbone=encoder"]
+    bare += ["--model=tests.lightning_helpers.EncoderClassifier"]
+    cli = S2ALightningCLI(run=False, args=[*bare, "--data=tests.test_user_project._BareData"])
+    assert type(cli.datamodule).__name__ == "_BareData" and cli.model.hparams.lr == 1e-3
+
     # no default to fall back to: a clear error, not the other class's value
     needs = [*base, "--model=tests.test_user_project._NeedsClasses", *user]
     with pytest.raises(SystemExit):

@@ -67,7 +67,16 @@ def compact(t: torch.Tensor, copies: dict | None = None) -> torch.Tensor:
         return t
     if copies is None:
         return t.detach().clone()  # values only, as every packed tensor: no graph recorded
-    key = (storage.data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype, t._version)
+    key = (
+        storage.data_ptr(),
+        t.storage_offset(),
+        t.shape,
+        t.stride(),
+        t.dtype,
+        t._version,
+        t.is_conj(),  # v and v.conj() read one storage, as two values
+        t.is_neg(),
+    )
     seen = copies.get(key)
     if seen is not None and not seen[0].expired():
         copy = seen[1]()

@@ -204,7 +204,7 @@ class S2ALightningCLI(LightningCLI):
             if not isinstance(class_path, str):
                 continue
             carried = carried_init_args(self._argv, key, class_path)
-            init_args = section.init_args
+            init_args = getattr(section, "init_args", None)  # absent: a class without any
             if not carried or init_args is None:
                 continue
             module, _, name = class_path.rpartition(".")

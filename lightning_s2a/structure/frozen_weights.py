@@ -9,6 +9,7 @@ stay on the CPU: checkpoints hold them, a load replaces them, and the end of fit
 from __future__ import annotations
 
 import warnings
+import weakref
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -87,16 +88,20 @@ class WidenedCheck:
     ``weight_bytes()`` shows more held than built."""
 
     def __init__(self, model: nn.Module, names: list[str], dtype: torch.dtype) -> None:
-        self.model, self.names, self.dtype, self.said = model, names, dtype, False
+        # held weakly, as found at apply: a layer replaced or parametrized since is not
+        # looked up by name (that failed at every forward)
+        self.weights = [weakref.ref(model.get_parameter(n)) for n in names]
+        self.size = torch.empty((), dtype=dtype).element_size()
+        self.dtype, self.said = dtype, False
 
     def __call__(self) -> None:
         if self.said:
             return
-        size = torch.empty((), dtype=self.dtype).element_size()
+        weights = (ref() for ref in self.weights)
         wide = {
             p.dtype
-            for p in (self.model.get_parameter(n) for n in self.names)
-            if not p.requires_grad and p.element_size() > size
+            for p in weights
+            if p is not None and not p.requires_grad and p.element_size() > self.size
         }
         if not wide:
             return

@@ -58,12 +58,18 @@ class SideHooks:
                 "(the backbone runs with autograd), or detach() the input if its gradient is "
                 "not wanted."
             )
+        # (B, N) per sample of the batch: a causal (T, T) attention mask pads nothing
+        batch = tensors[0].shape[0] if tensors and tensors[0].dim() else None
+
+        def token_mask(v: Any) -> bool:
+            return _token_mask(v) and v.shape[0] == batch
+
         masks = [
             k
             for k, v in kwargs.items()
-            if (_padding_name(k) and _pads(v)) or (k.lower() in _MASK_NAMES and _token_mask(v))
+            if (_padding_name(k) and _pads(v)) or (k.lower() in _MASK_NAMES and token_mask(v))
         ]
-        masks += [f"argument {i}" for i, v in enumerate(args[1:], 1) if _token_mask(v)]
+        masks += [f"argument {i}" for i, v in enumerate(args[1:], 1) if token_mask(v)]
         if masks:
             raise ValueError(
                 f"modules=['side'] pools {self.model_name}'s block outputs over every "
@@ -71,8 +77,9 @@ class SideHooks:
                 "would enter the side network's features, and its output would change with "
                 "the padding. Use modules=['bias'] or ['bias', 'prompt'] (the model applies "
                 "its own mask), or call the model without a mask where nothing is padded "
-                "(a 0/1 tensor by position that is no mask, such as token type ids: pass it "
-                "by keyword)."
+                "(a (B, N) 0/1 tensor that is no mask, such as token type ids, reads as one "
+                f"by position or as {'/'.join(sorted(_MASK_NAMES))}: pass it under another "
+                "keyword)."
             )
         self.taps.clear()
         self.last = None
