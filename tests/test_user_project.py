@@ -151,15 +151,23 @@ def test_a_step_that_does_not_run_the_backbone_with_autograd_warns_once(tmp_path
 class _CheckpointedWhole(EncoderClassifier):
     """The user wraps the whole encoder in torch.utils.checkpoint."""
 
+    reentrant = False
+
     def features(self, x):
-        return torch.utils.checkpoint.checkpoint(self.encoder, x, use_reentrant=False)
+        x = x.requires_grad_(self.reentrant)  # reentrant: an input with a gradient, or none
+        return torch.utils.checkpoint.checkpoint(self.encoder, x, use_reentrant=self.reentrant)
 
 
-def test_a_backbone_checkpointed_whole_is_said_to_run_without_s2a_and_still_trains(tmp_path):
-    """S2A stays out of a forward inside checkpoint's own saved-tensor hooks; the callback
-    said the module ran no forward with autograd and its parameters got no gradient (they
-    trained), and logged 0 MB saved, compression 1.0, for bytes it never saw."""
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_backbone_checkpointed_whole_is_said_to_run_without_s2a_and_still_trains(
+    tmp_path, reentrant
+):
+    """S2A stays out of a forward inside checkpoint's own saved-tensor hooks (or its
+    reentrant recomputation in backward); the callback said the module ran no forward with
+    autograd and its parameters got no gradient (they trained), and logged 0 MB saved,
+    compression 1.0, for bytes it never saw."""
     model = _CheckpointedWhole()
+    model.reentrant = reentrant
     before = {n: p.clone() for n, p in model.encoder.named_parameters() if n.endswith("bias")}
     callback = S2ACallback(backbone="encoder")
     with pytest.warns(UserWarning) as record:

@@ -88,9 +88,10 @@ class BoundariesMixin:
         if self._depth == 1 and torch.is_grad_enabled():
             check_not_compiling(self.model, self.config.compress)  # before any change
             stay_out = foreign_autograd_context() or functorch_transform()
-            if stay_out and not in_backward():
+            if stay_out:  # (in backward too: a reentrant checkpoint's recomputation)
                 self.forwards_out += 1
-                self._warn_staying_out()
+                if not in_backward():
+                    self._warn_staying_out()
             if not stay_out:
                 self._activate(is_root)
                 # The model's input is what a statistic is smaller than before anything is

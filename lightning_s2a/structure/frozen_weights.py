@@ -83,7 +83,7 @@ _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 class WidenedCheck:
     """A step check of ``frozen_dtype="bfloat16"``/``"float16"``: warn once where the model
-    was converted to a wider dtype since (``model.double()``, ``precision="64-true"``): the
+    was converted to a wider dtype since (``model.float()``, ``model.double()``): the
     frozen weights S2A holds take that dtype's memory again (their values stay rounded), and
     ``weight_bytes()`` shows more held than built."""
 
@@ -110,8 +110,8 @@ class WidenedCheck:
         now = ", ".join(sorted(str(d).removeprefix("torch.") for d in wide))
         warnings.warn(
             f"S2AConfig(frozen_dtype={held!r}) holds the frozen weights in {held}, but the "
-            f"model was converted to {now} since apply_s2a (model.to(...), .double(), "
-            f"Lightning's precision='64-true'): they take {now}'s memory again (their values "
+            f"model was converted to {now} since apply_s2a (model.to(...), .float(), "
+            f".double()): they take {now}'s memory again (their values "
             f"stay rounded to {held}). Convert the model before applying S2A, or train "
             "with frozen_dtype=None; said once.",
             stacklevel=4,
