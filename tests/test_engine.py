@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lightning_s2a import S2AConfig, apply_s2a
-from lightning_s2a.engine.packed import Kept
+from lightning_s2a.engine.kept import Kept
 from tests.conftest import assert_close_in_norm, cosine
 
 
@@ -247,7 +247,7 @@ def test_a_kept_slice_saved_twice_is_copied_once():
 
 
 def test_a_view_and_its_conjugate_get_copies_of_their_own():
-    from lightning_s2a.engine.packed import compact
+    from lightning_s2a.engine.kept import compact
 
     v = torch.randn(64, 32, dtype=torch.complex64)[:2]  # a small view: copied
     copies: dict = {}

@@ -21,7 +21,8 @@ from .calibration import WIDE_BITS
 from .codebook import check_positions, drifted, fit_codebook
 from .contexts import dual_level_open
 from .deferred import record_answer
-from .packed import Broadcast, Kept, PackOptions, broadcast_base, compact
+from .kept import Broadcast, Kept, broadcast_base, compact
+from .packed import PackOptions
 from .quantizers import QUANTIZERS
 from .recognition import (
     ROW_KINDS,
