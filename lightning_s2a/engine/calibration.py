@@ -197,10 +197,12 @@ def _measure(
         # own: joined, an exact path to the input (a residual's identity, x * gate's direct
         # term) swamped what the codes did to the parameters (a gated block's gate bias 8%
         # off where the joined error read 1.3%; EfficientNet-B0's squeeze-excite biases 12 to
-        # 19% off, read under 1%). Parameters whose exact gradient is next to nothing beside
-        # the input's (a conv bias an instance norm cancels: rounding noise) are measured
-        # with it, as before: the codes' noise there, over no signal, widened every block.
-        if par_e.norm() < NEGLIGIBLE * in_e.norm():
+        # 19% off, read under 1%). A parameter part whose exact gradient is rounding noise
+        # (a conv bias an instance norm cancels) is measured with the input's, as before:
+        # the codes' noise over no signal read 1e4 and widened every block. Noise is told by
+        # both: next to nothing beside the input's gradient, and an error many times itself
+        # (a real one, a squeeze-excite bias's 5-10%, can be as small beside the input's).
+        if par_e.norm() < NEGLIGIBLE * in_e.norm() and _relative(par_c, par_e) > NOISE:
             in_e, in_c = torch.cat([in_e, par_e]), torch.cat([in_c, par_c])
             par_e = par_c = par_e[:0]
         for local_e, local_c in ((in_e, in_c), (par_e, par_c)):
@@ -213,8 +215,16 @@ def _measure(
     return errors, copied, widths
 
 
-#: A module's parameters' exact gradient below this share of its input's is measured with it.
+#: A module's parameters' exact gradient below this share of its input's, and coded with a
+#: relative error above ``NOISE``, is rounding noise: measured with the input's.
 NEGLIGIBLE = 1e-3
+NOISE = 10.0
+
+
+def _relative(coded: torch.Tensor, exact: torch.Tensor) -> float:
+    """``|coded - exact| / |exact|`` (infinite where ``exact`` is 0)."""
+    scale = exact.norm().item()
+    return (coded - exact).norm().item() / scale if scale > 0 else math.inf
 
 
 def _vjp(

@@ -59,7 +59,7 @@ class SideHooks:
                 "not wanted."
             )
         # (B, N) per sample of the batch: a causal (T, T) attention mask pads nothing
-        batch = tensors[0].shape[0] if tensors and tensors[0].dim() else None
+        batch = next((t.shape[0] for t in tensors if t.dim() >= 2), None)  # the input's
 
         def token_mask(v: Any) -> bool:
             return _token_mask(v) and v.shape[0] == batch
