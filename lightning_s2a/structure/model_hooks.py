@@ -313,10 +313,16 @@ class HeldLayerHooks:
                 f"{tuple(original.shape)} (held in 4 bits by frozen_dtype={self.quant_type!r})."
             )
         del state_dict[prefix + "weight"]  # no parameter to load it into
-        self.originals[self.name] = value.detach().to("cpu", original.dtype, copy=True)
         # quantized in the original's dtype, as at apply: a model converted since (bf16-true)
-        # gets the codes it trained with, and the weight still comes back in its dtype
-        weight = value.detach().to(four_bit.device_of(layer), original.dtype)
+        # gets the codes it trained with, and the weight still comes back in its dtype; a
+        # loaded weight more precise than that (fp32, into a model converted to bf16 before
+        # S2A) is quantized as it is and kept so: rounded to bf16 first, 0.9% of a
+        # ResNet-18's codes differed from the run that saved it
+        dtype = original.dtype
+        if value.is_floating_point() and value.element_size() > original.element_size():
+            dtype = value.dtype
+        self.originals[self.name] = value.detach().to("cpu", dtype, copy=True)
+        weight = value.detach().to(four_bit.device_of(layer), dtype)
         four_bit.hold(layer, weight, self.quant_type, four_bit.dtype_of(layer))
 
 
