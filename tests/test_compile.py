@@ -169,3 +169,19 @@ def test_the_same_model_compresses_again_once_uncompiled(compile_):
     assert handle.engine.forwards == forwards + 1
     assert handle.stats()["ratio"] < 0.5
     handle.remove()
+
+
+def test_a_trained_model_exports_once_its_engine_is_stopped():
+    """torch.export of a model whose engine is live is the compile error, which now names
+    what to do for an export: stop the engine; then the exported program is eager's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 4)).eval()
+    x = torch.randn(2, 16)
+    handle = apply_s2a(model, S2AConfig(head="2"))
+    with pytest.raises(S2ACompileError, match=r"handle.stop_engine\(\)"):
+        torch.export.export(model, (x,))
+    handle.stop_engine()
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        assert torch.equal(exported.module()(x), model(x))
+    handle.remove()

@@ -33,7 +33,8 @@ MESSAGE = (
     "the hooks that compress saved tensors, and Inductor's backward cannot take the "
     "compressed ones). Either don't compile the model (drop torch.compile / module.compile() "
     "and pass the uncompiled module), or keep compiling and turn compression off with "
-    "S2AConfig(compress=False)."
+    "S2AConfig(compress=False). To export a trained model (torch.export, torch.jit), call "
+    "handle.stop_engine() or handle.remove() on it first."
 )
 
 
