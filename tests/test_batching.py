@@ -175,6 +175,21 @@ def test_stochastic_rounding_and_other_backends_code_each_tensor_alone():
     assert isinstance(pack_minmax(t, PackOptions(bits=4, batches=batches)), batching.Batched)
 
 
+def _count_calls(monkeypatch, name: str, *modules) -> list[int]:
+    """Replace ``name`` in ``modules`` by a wrapper noting the size of each call's first
+    argument; returns that list."""
+    calls: list[int] = []
+    original = getattr(modules[0], name)
+
+    def counted(x, *args, **kwargs):
+        calls.append(x.numel())
+        return original(x, *args, **kwargs)
+
+    for module in modules:
+        monkeypatch.setattr(module, name, counted)
+    return calls
+
+
 class _Small(nn.Module):
     """A tiny transformer block and a ReLU MLP: LayerNorm, attention, GELU, ReLU masks."""
 
@@ -220,15 +235,7 @@ def _run(batch_numel: int | None, inside: bool = False):
 def test_the_engine_codes_a_forwards_small_tensors_in_batches_with_the_same_results(
     monkeypatch,
 ):
-    passes: list[int] = []
-    codes = minmax.minmax_codes
-
-    def counted(x, *args, **kwargs):
-        passes.append(x.numel())
-        return codes(x, *args, **kwargs)
-
-    monkeypatch.setattr(minmax, "minmax_codes", counted)
-    monkeypatch.setattr(batching, "minmax_codes", counted)
+    passes = _count_calls(monkeypatch, "minmax_codes", minmax, batching)
     alone_grads, alone_stats, _ = _run(0)
     alone = len(passes)
     passes.clear()
@@ -253,14 +260,7 @@ def test_a_backward_inside_the_forward_reads_codes_from_the_batch():
 
 
 def test_a_coded_batch_is_decoded_in_one_pass_and_each_tensor_again_alone(monkeypatch):
-    passes: list[int] = []
-    decode = batching.dequantize_minmax
-
-    def counted(packed, *args):
-        passes.append(packed.numel())
-        return decode(packed, *args)
-
-    monkeypatch.setattr(batching, "dequantize_minmax", counted)
+    passes = _count_calls(monkeypatch, "dequantize_minmax", batching)
     tensors = _tensors(torch.float32)[:-1]  # (zeros are coded alone)
     batches = PackBatches()
     placed = [batches.minmax(t, 4, 64) for t in tensors]
@@ -276,14 +276,7 @@ def test_a_coded_batch_is_decoded_in_one_pass_and_each_tensor_again_alone(monkey
 
 
 def test_masks_of_one_op_are_decoded_in_one_pass(monkeypatch):
-    passes: list[int] = []
-    lookup = batching.unpack_lookup
-
-    def counted(packed, *args):
-        passes.append(packed.numel())
-        return lookup(packed, *args)
-
-    monkeypatch.setattr(batching, "unpack_lookup", counted)
+    passes = _count_calls(monkeypatch, "unpack_lookup", batching)
     relu = ELEMENTWISE["relu"]("relu", (), {})
     g = torch.Generator().manual_seed(3)
     tensors = [torch.randn(n, generator=g) for n in (5, 64, 13, 200)]

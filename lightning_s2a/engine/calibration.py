@@ -206,9 +206,8 @@ def _measure(
             in_e, in_c = torch.cat([in_e, par_e]), torch.cat([in_c, par_c])
             par_e = par_c = par_e[:0]
         for local_e, local_c in ((in_e, in_c), (par_e, par_c)):
-            scale = local_e.norm()
-            if scale > 0:
-                error = ((local_c - local_e).norm() / scale).item()
+            if local_e.norm() > 0:
+                error = _relative(local_c, local_e)
                 if not math.isfinite(error):  # codes that turn a finite gradient NaN: worst
                     error = math.inf
                 errors[name] = max(errors.get(name, 0.0), error)
