@@ -231,6 +231,28 @@ def test_remove_gives_back_the_same_parameter_objects_in_their_places():
     assert all(torch.equal(p, values[n]) for n, p in model.named_parameters())
 
 
+@pytest.mark.parametrize("frozen_dtype", ["bfloat16", "nf4"])
+def test_remove_after_the_user_replaced_a_held_layer_keeps_the_users_layer(frozen_dtype):
+    """A held layer replaced since apply (by one without a weight, or deleted) failed
+    ``remove()`` with a bare AttributeError, half way through; its original is no longer
+    the model's, so nothing is put back there, and every other layer gets its own back."""
+    torch.manual_seed(0)
+    model = ConvMixer()
+    values = {n: p.detach().clone() for n, p in model.named_parameters()}
+    handle = apply_s2a(model, frozen_dtype=frozen_dtype)
+    model.fc1 = nn.Identity()
+    model.fc2 = nn.Linear(256, 64)  # the user's own, as they built it
+    theirs = model.fc2.weight.detach().clone()
+    del model.stem
+    handle.remove()
+    assert handle.removed and type(model.fc1) is nn.Identity
+    assert type(model.fc2) is nn.Linear and torch.equal(model.fc2.weight, theirs)
+    assert not hasattr(model, "stem")
+    assert all(p.requires_grad for p in model.parameters())
+    assert torch.equal(model.norm.weight, values["norm.weight"])
+    assert torch.equal(model.head.weight, values["head.weight"])
+
+
 def test_backward_after_remove_uses_the_weights_the_forward_used():
     """``with apply_s2a(model) as h: loss = ...`` then ``loss.backward()`` after the block:
     backward dequantized from the layer, which remove() had given its weight back, and

@@ -177,7 +177,10 @@ def cast_frozen(model: nn.Module, state: StructureState, frozen_dtype: str | Non
     converted: list[torch.dtype | None] = []  # the model's dtype, looked up where needed
     for name, original in list(state.cast_originals.items()):
         owner, _, leaf = name.rpartition(".")
-        module = model.get_submodule(owner)
+        module = _layer_now(model, owner, leaf)
+        if module is None:  # replaced since apply by a layer without it: nothing to put back
+            del state.cast_originals[name]
+            continue
         if four_bit.is_held(module):
             if frozen_dtype not in FOUR_BIT_DTYPES:
                 four_bit.release(module, original.to(four_bit.device_of(module)))
@@ -202,13 +205,25 @@ def cast_frozen(model: nn.Module, state: StructureState, frozen_dtype: str | Non
             current.data = original.to(current.device, dtype)
 
 
+def _layer_now(model: nn.Module, owner: str, leaf: str) -> nn.Module | None:
+    """The module now at ``owner`` if it still has the parameter ``leaf`` (or holds it in 4
+    bits); None where the user replaced or deleted that layer since apply (``remove()``
+    failed there with a bare AttributeError)."""
+    try:
+        module = model.get_submodule(owner)
+    except AttributeError:
+        return None
+    held = four_bit.is_held(module) or module._parameters.get(leaf) is not None
+    return module if held else None
+
+
 def _model_dtype(model: nn.Module, state: StructureState) -> torch.dtype | None:
     """The one floating dtype of the model's tensors that ``frozen_dtype`` did not cast, or
     None where they have several: a model converted while its weights were held
     (``.half()`` after a bf16 cast) gets its weights back in its dtype, not the original's."""
     cast = {
-        id(getattr(model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2], None))
-        for n in state.cast_originals
+        id(getattr(_layer_now(model, owner, leaf), leaf, None))
+        for owner, _, leaf in (n.rpartition(".") for n in state.cast_originals)
     }
     dtypes = {
         t.dtype
