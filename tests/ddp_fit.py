@@ -5,7 +5,9 @@ its final trainable state and what DDP synchronises to OUT_DIR/rank{N}.pt. ``for
 with S2A applied before fit in this process; the main process also writes its model's state
 after fit to OUT_DIR/main.pt (the workers' result copied back). ``calibrate``: the callback
 with ``calibrate=True``; each rank also writes the errors it measured on its own share of
-the first batch, and those the engine decided on.
+the first batch, and those the engine decided on. ``callback``: rank 1 runs its backbone
+inside torch.utils.checkpoint (S2A measures none of its steps); each rank writes the epoch
+metrics it logged.
 """
 
 from __future__ import annotations
@@ -15,12 +17,23 @@ import sys
 
 import lightning.pytorch as pl
 import torch
+from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lightning_s2a import S2ACallback, S2AConfig, S2ADDPStrategy, apply_s2a, get_handle
 from lightning_s2a.engine import calibration
 from tests.lightning_helpers import UserModule, _data, quiet_trainer
+
+
+class Rank1Checkpointed(UserModule):
+    """The callback mode's model: on rank 1 the backbone runs whole inside
+    torch.utils.checkpoint, where S2A stays out, so that rank measures no step."""
+
+    def forward(self, x):
+        if self.global_rank == 1 and torch.is_grad_enabled():
+            return checkpoint(self.backbone, x, use_reentrant=False)
+        return self.backbone(x)
 
 
 class RecordDDP(pl.Callback):
@@ -52,7 +65,7 @@ def main() -> None:
 
         calibration._measure = recorded
     pl.seed_everything(0)
-    model = UserModule()
+    model = Rank1Checkpointed() if mode == "callback" else UserModule()
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     applied = None
     if mode == "fork":  # the forked workers take up the S2A this process applied
@@ -90,6 +103,7 @@ def save_rank(
             "ddp_type": record.ddp_type,
             "synced_numel": record.synced,
             "total_numel": record.total,
+            "logged": {k: float(v) for k, v in trainer.callback_metrics.items()},
             **extra,
         },
         os.path.join(out, f"rank{trainer.global_rank}.pt"),

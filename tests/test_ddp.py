@@ -43,6 +43,14 @@ def test_ddp_two_processes(mode, tmp_path):
     assert changed and all(k.endswith("bias") or k.startswith("backbone.head.") for k in changed)
     # only the trainable S2A parameters take part in DDP's gradient sync
     assert 0 < ranks[0]["synced_numel"] < 0.1 * ranks[0]["total_numel"]
+    if mode == "callback":
+        # Rank 1 measured no step (its backbone ran whole inside a checkpoint): the epoch's
+        # bytes are summed over the ranks, not averaged with its NaN (logged NaN before).
+        logged = [r["logged"] for r in ranks]
+        keys = ("s2a/activation_raw_mb", "s2a/activation_stored_mb", "s2a/compression")
+        assert all(logged[0][k] == logged[1][k] for k in keys)
+        raw, stored, compression = (logged[0][k] for k in keys)
+        assert raw > stored > 0 and compression == pytest.approx(raw / stored, rel=1e-6)
 
 
 def test_ddp_calibration_decides_on_every_ranks_share(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -42,6 +43,14 @@ class EpochMeter:
             self.steps += 1
             self.raw += stats["raw_bytes"]
             self.stored += stats["stored_bytes"]
+
+    def sum_over_ranks(self, reduce: Callable[[torch.Tensor], torch.Tensor], device) -> None:
+        """Sum the epoch's counts over the processes (``reduce``: the strategy's sum), so each
+        rank logs the bytes of every rank's steps: averaged per rank, one rank that measured
+        no step (NaN) turned the logged epoch NaN, and compression was a mean of ratios."""
+        counts = [self.measured, self.steps, self.raw, self.stored]
+        summed = reduce(torch.tensor(counts, dtype=torch.int64, device=device)).tolist()
+        self.measured, self.steps, self.raw, self.stored = (int(v) for v in summed)
 
     def metrics(
         self,

@@ -5,6 +5,7 @@ its own so the callback's file stays about applying S2A and the run's other hook
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
@@ -101,6 +102,10 @@ class TrainingSteps:
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Counted on the whole LightningModule: a head outside the backbone trains too.
         weights = self.handle.weight_bytes() if self.handle is not None else (0, 0)
+        if trainer.world_size > 1:
+            self._meter.sum_over_ranks(
+                partial(trainer.strategy.reduce, reduce_op="sum"), pl_module.device
+            )
         metrics = self._meter.metrics(pl_module.device, count_trainable(pl_module), weights)
         self.epoch_metrics = {key: float(value) for key, value in metrics.items()}
         if trainer.barebones:  # logging is off there (Lightning warns at every self.log)
