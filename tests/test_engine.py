@@ -914,6 +914,74 @@ def test_hooks_are_popped_when_forward_raises():
     handle.remove()
 
 
+class _Failing(nn.Module):
+    """GELU blocks whose forward raises after the first (``fail``), as an out-of-memory
+    error would, or catches an error of its own inside and goes on (``inner``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 3)
+        self.fail = self.inner = False
+
+    def forward(self, x):
+        h = F.gelu(self.a(x))
+        if self.fail:
+            raise RuntimeError("out of memory")
+        if self.inner:
+            try:
+                raise ValueError("handled inside")
+            except ValueError:
+                h = F.gelu(self.b(h))
+        return self.head(F.gelu(self.b(h)))
+
+
+@pytest.mark.parametrize("retry", ["after", "inside_except", "hook"])
+def test_a_forward_that_raised_adds_nothing_to_the_steps_bytes(retry):
+    """An out-of-memory retry (the error caught in the training step, the forward run again)
+    counted the failed forward's saved tensors in the step's account, although they were
+    freed with the exception: the step's bytes read up to twice what backward kept. Retried
+    inside the ``except`` block, the retry itself began while an exception was handled; the
+    error may also come from a hook on an inner module."""
+    torch.manual_seed(0)
+    model = _Failing().double()
+    handle = apply_s2a(model, S2AConfig(head="head", min_numel=1))
+    x = torch.randn(8, 16, dtype=torch.float64)
+    grads = []
+    for fail in (False, True):
+        handle.engine.begin_step()
+        model.zero_grad()
+        model.fail = fail
+        if retry == "hook" and fail:
+            model.fail = False
+
+            def boom(*args):
+                raise RuntimeError("out of memory")
+
+            hook = model.head.register_forward_hook(boom)
+        try:
+            out = model(x)
+        except RuntimeError:
+            if retry == "hook":
+                hook.remove()
+            model.fail = False
+            if retry == "inside_except":
+                out = model(x)
+        if retry != "inside_except" and fail:
+            model.fail = False
+            out = model(x)
+        out.sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+        if not fail:
+            plain = handle.engine.step_stats()
+    assert handle.engine.step_stats() == plain and plain["raw_bytes"] > 0
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+    # A forward that handles an error of its own and returns counts in full.
+    model.inner = True
+    model(x).sum().backward()
+    assert handle.stats()["raw_bytes"] > plain["raw_bytes"]
+    handle.remove()
+
+
 def test_no_grad_forward_is_not_intercepted_and_keeps_last_stats():
     model = MLP(nn.GELU())
     with apply_s2a(model) as handle:

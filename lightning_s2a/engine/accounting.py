@@ -11,7 +11,7 @@ compressed run actually keeps, with the same rule for what it keeps as it is.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -82,6 +82,26 @@ class ForwardAccount:
             entry.tensors += 1
             entry.raw_bytes += raw
             entry.stored_bytes += stored
+
+    def snapshot(self) -> tuple:
+        """The account as it stands, for :meth:`restore`: a forward that raises adds nothing
+        (what it saved is freed with the exception; a retry saves it again)."""
+        return (
+            {k: replace(v) for k, v in self.by_kind.items()},
+            {k: replace(v) for k, v in self.by_part.items()},
+            dict(self._seen_raw),
+            dict(self._seen_kept),
+            {k: list(v) for k, v in self._left_raw.items()},
+            {k: list(v) for k, v in self._left_kept.items()},
+            self.coded,
+        )
+
+    def restore(self, snapshot: tuple) -> None:
+        """Go back to a :meth:`snapshot`: totals, the views counted, and rounding seeds."""
+        by_kind, by_part, self._seen_raw, self._seen_kept, *rest = snapshot
+        self.by_kind = defaultdict(KindBytes, by_kind)
+        self.by_part = defaultdict(KindBytes, by_part)
+        self._left_raw, self._left_kept, self.coded = rest
 
     def restate(self, kind: str, part: str, delta: int) -> None:
         """Correct a saved tensor's stored bytes by ``delta`` (a batched tensor counted for

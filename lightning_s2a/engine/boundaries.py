@@ -35,13 +35,13 @@ class BoundariesMixin:
     """The engine's forward boundaries (see :class:`.hooks.SavedTensorEngine` for the state
     they read)."""
 
-    def _end_interrupted(self) -> None:
+    def _end_interrupted(self, failed: bool = False) -> None:
         """Uninstall what a forward that never returned left installed: a
         ``KeyboardInterrupt`` (or ``SystemExit``) skips the always-called forward hooks
         (torch runs them for ``Exception`` only), which left the saved-tensor hooks and the
         operator mode on the thread, coding every later forward of any module."""
         if self._active:
-            self._deactivate()
+            self._deactivate(failed)
         self._depth = 0
         self._redirects.clear()
         self._frames = []
@@ -69,7 +69,7 @@ class BoundariesMixin:
             self._redirects.append(self._depth)
             return
         if self._depth and not _running(self._entry_frame):  # the open forward was interrupted
-            self._end_interrupted()
+            self._end_interrupted(failed=True)
             warnings.warn(
                 f"S2A: an earlier forward of {type(self.model).__name__} never returned (a "
                 "KeyboardInterrupt or SystemExit inside it skips PyTorch's forward hooks); "
@@ -79,6 +79,9 @@ class BoundariesMixin:
             )
         if not self._depth:
             self._entry_frame = sys._getframe(1)
+            # the exception being handled where it began, if any (a retry in an except
+            # block): at its end, another one being handled is one this forward raised
+            self._entry_exception = sys.exc_info()[1]
         # Depth first: if activating raises, the always-called forward hook still pops
         # this level, so the count never goes negative.
         self._depth += 1
@@ -154,8 +157,11 @@ class BoundariesMixin:
         self._depth -= 1
         if self._depth == 0:
             self._entry_frame = None  # it holds the forward's locals
+            raised = sys.exc_info()[1]  # torch calls this hook in its except block
+            failed = raised is not None and raised is not self._entry_exception
+            self._entry_exception = None
             if self._active:
-                self._deactivate()
+                self._deactivate(failed)
             elif self._began_without_grad and not self._warned_grad_inside:
                 self._warn_grad_inside(output)
 
@@ -188,6 +194,8 @@ class BoundariesMixin:
             self._shapes = set()
             self._unpacked = False
             self._entry_counts: dict[str, int] = {}  # see _enter
+        # what a forward that raises gives back (see _deactivate)
+        self._before = (self._account.snapshot(), self._step_peak)
         self.forwards += 1
         self._frames = []
         self._entries = {}
@@ -198,7 +206,11 @@ class BoundariesMixin:
         self._contexts = [hooks, mode]
         self._active = True
 
-    def _deactivate(self) -> None:
+    def _deactivate(self, failed: bool = False) -> None:
+        """End a forward: hooks and mode off, its batches coded, its account summed up. A
+        forward that raised (``failed``) adds nothing to the account: what it saved is freed
+        with the exception, and a retry in the same step (a smaller batch after an
+        out-of-memory error) was counted twice."""
         self._active = False
         for ctx in reversed(self._contexts):
             ctx.__exit__(None, None, None)
@@ -207,6 +219,11 @@ class BoundariesMixin:
         self._batches.code()  # the forward's small tensors, coded together
         self._deferred.flush()  # every saved tensor is counted before the forward's summary
         assert self._account is not None
+        if failed:
+            snapshot, self._step_peak = self._before
+            self._account.restore(snapshot)
+            self._last = self._account.summary()
+            return
         self._last = self._account.summary()
         peak = self._step_peak
         if self._per_step and (peak is None or self._last["stored_bytes"] >= peak["stored_bytes"]):

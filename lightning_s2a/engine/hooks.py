@@ -116,6 +116,8 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
         #: The frame of torch's outermost module call while one runs: held (a frame's id
         #: is reused at once), so an interrupted forward is told apart (see ``_running``).
         self._entry_frame: Any = None
+        self._entry_exception: BaseException | None = None  # see BoundariesMixin._enter
+        self._before: tuple = ()  # the account before the open forward (see _deactivate)
         self._funcs: dict[Any, tuple] = {}
         self._modules: list[nn.Module] = []
         self._unpacked = False
