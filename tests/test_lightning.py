@@ -199,10 +199,14 @@ def _compression(trainer) -> float:
     return float(rows[-1]["s2a/compression"])
 
 
-def test_bf16_mixed_precision_and_a_bf16_frozen_backbone(tmp_path):
+def test_bf16_mixed_precision_and_a_bf16_frozen_backbone(tmp_path, recwarn):
     _, plain = _fit(
         tmp_path / "a", epochs=1, precision="bf16-mixed", callbacks=[S2ACallback(S2AConfig(**S2A))]
     )
+    # said: the copies autocast makes cost more than the compression saves
+    said = [w for w in recwarn if "frozen_dtype='bfloat16'" in str(w.message)]
+    assert len(said) == 1 and "autocast copies every frozen" in str(said[0].message)
+    recwarn.clear()
     seen = set()
 
     class Dtypes(pl.Callback):
@@ -219,6 +223,7 @@ def test_bf16_mixed_precision_and_a_bf16_frozen_backbone(tmp_path):
     linear = callback.handle.stats()["by_kind"].get("linear", {"stored_bytes": 0})
     assert linear["stored_bytes"] == 0
     assert _compression(cast) > 2 * _compression(plain)
+    assert not [w for w in recwarn if "autocast copies every frozen" in str(w.message)]
 
 
 def test_frozen_dtype_is_undone_exactly():

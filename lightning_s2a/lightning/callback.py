@@ -12,7 +12,7 @@ import uuid
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
@@ -195,6 +195,14 @@ class S2ACallback(CheckpointState, TrainingSteps, pl.Callback):
                 "weights would be rounded twice, and the model during fit would not be the one "
                 f"after it. Use frozen_dtype={autocast!r} (on CPU Lightning runs '16-mixed' as "
                 "'bf16-mixed')."
+            )
+        if stage == "fit" and autocast and self.config.frozen_dtype is None:
+            rank_zero_warn(
+                f"S2A: under precision={str(trainer.precision)!r} autocast copies every frozen "
+                f"Linear and Conv weight to {autocast} in each forward, and backward keeps "
+                "those copies: counted in s2a/activation_*, they can outweigh the compressed "
+                f"activations several times. S2AConfig(frozen_dtype={autocast!r}) holds them "
+                "so once: nothing is copied, and the model computes the same values."
             )
         # Lightning restores a checkpoint's weights (resume, --ckpt_path) before this
         # callback's state: the config it trained with is compared first, so a mismatch is
