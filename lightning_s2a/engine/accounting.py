@@ -11,7 +11,7 @@ compressed run actually keeps, with the same rule for what it keeps as it is.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -41,8 +41,11 @@ class ForwardAccount:
     #: Tensors coded so far: each gets a rounding seed of its own (see ``PackingMixin``).
     coded: int = 0
 
-    @staticmethod
+    #: While a forward runs: what undoes each change it made, should it raise (:meth:`begin`).
+    _undo: list | None = None
+
     def _claim(
+        self,
         seen: dict[tuple, StorageWeakRef],
         left: dict[int, list[Any]],
         key: tuple,
@@ -56,6 +59,8 @@ class ForwardAccount:
             return 0
         seen[key] = StorageWeakRef(storage)
         entry = left.get(key[0])
+        if self._undo is not None:
+            self._undo.append((seen, key, ref, left, entry, entry[1] if entry else 0))
         if entry is None or entry[0].expired():
             entry = left[key[0]] = [StorageWeakRef(storage), storage.nbytes()]
         claimed = min(nbytes, entry[1])
@@ -78,44 +83,65 @@ class ForwardAccount:
             if kept is not None and kept is not t:
                 view = _view(kept)
             stored = self._claim(self._seen_kept, self._left_kept, *view)
+        self._count(kind, part, 1, raw, stored)
+
+    def _count(self, kind: str, part: str, tensors: int, raw: int, stored: int) -> None:
         for entry in (self.by_kind[kind], self.by_part[part]):
-            entry.tensors += 1
+            entry.tensors += tensors
             entry.raw_bytes += raw
             entry.stored_bytes += stored
+        if self._undo is not None:
+            self._undo.append((kind, part, tensors, raw, stored))
 
-    def snapshot(self) -> tuple:
-        """The account as it stands, for :meth:`restore`: a forward that raises adds nothing
-        (what it saved is freed with the exception; a retry saves it again)."""
-        return (
-            {k: replace(v) for k, v in self.by_kind.items()},
-            {k: replace(v) for k, v in self.by_part.items()},
-            dict(self._seen_raw),
-            dict(self._seen_kept),
-            {k: list(v) for k, v in self._left_raw.items()},
-            {k: list(v) for k, v in self._left_kept.items()},
-            self.coded,
-        )
+    def begin(self) -> None:
+        """A forward begins: note how to undo what it adds (:meth:`undo`), at a few list
+        appends per saved tensor (a copy of the account per forward grew with the step's
+        forwards: a per-frame loop would copy it at every frame)."""
+        self._undo = [self.coded]
 
-    def restore(self, snapshot: tuple) -> None:
-        """Go back to a :meth:`snapshot`: totals, the views counted, and rounding seeds."""
-        by_kind, by_part, self._seen_raw, self._seen_kept, *rest = snapshot
-        self.by_kind = defaultdict(KindBytes, by_kind)
-        self.by_part = defaultdict(KindBytes, by_part)
-        self._left_raw, self._left_kept, self.coded = rest
+    def end(self) -> None:
+        """The forward returned: what it added stays."""
+        self._undo = None
+
+    def undo(self) -> None:
+        """The forward raised: take back what it added (what it saved is freed with the
+        exception, and a retry saves it again): totals, the views counted, the rounding
+        seeds; kinds and parts it alone brought in leave the tables."""
+        undo, self._undo = self._undo, None
+        if undo is None:  # no forward begun on this account
+            return
+        self.coded = undo[0]
+        for change in reversed(undo[1:]):
+            if len(change) == 5:
+                kind, part, tensors, raw, stored = change
+                for table, name in ((self.by_kind, kind), (self.by_part, part)):
+                    entry = table[name]
+                    entry.tensors -= tensors
+                    entry.raw_bytes -= raw
+                    entry.stored_bytes -= stored
+                    if entry == KindBytes():
+                        del table[name]
+                continue
+            seen, key, ref, left, entry, count = change
+            if ref is None:
+                seen.pop(key, None)
+            else:
+                seen[key] = ref
+            if entry is None:
+                left.pop(key[0], None)
+            else:
+                left[key[0]] = entry
+                entry[1] = count
 
     def restate(self, kind: str, part: str, delta: int) -> None:
         """Correct a saved tensor's stored bytes by ``delta`` (a batched tensor counted for
         its codes and then kept as it is, :mod:`.batching`)."""
-        for entry in (self.by_kind[kind], self.by_part[part]):
-            entry.stored_bytes += delta
+        self._count(kind, part, 0, 0, delta)
 
     def add_unstrided(self, kind: str, t: torch.Tensor, part: str = "backbone") -> None:
         """Record a saved sparse tensor, kept as it is: its indices and values."""
         nbytes = unstrided_nbytes(t)
-        for entry in (self.by_kind[kind], self.by_part[part]):
-            entry.tensors += 1
-            entry.raw_bytes += nbytes
-            entry.stored_bytes += nbytes
+        self._count(kind, part, 1, nbytes, nbytes)
 
     def summary(self) -> dict:
         """Totals as a plain dict: ``raw_bytes``, ``stored_bytes``, ``ratio``, ``by_kind``."""

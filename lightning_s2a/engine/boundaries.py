@@ -194,8 +194,8 @@ class BoundariesMixin:
             self._shapes = set()
             self._unpacked = False
             self._entry_counts: dict[str, int] = {}  # see _enter
-        # what a forward that raises gives back (see _deactivate)
-        self._before = (self._account.snapshot(), self._step_peak)
+        self._account.begin()  # what a forward that raises gives back (see _deactivate)
+        self._peak_before = self._step_peak
         self.forwards += 1
         self._frames = []
         self._entries = {}
@@ -220,10 +220,11 @@ class BoundariesMixin:
         self._deferred.flush()  # every saved tensor is counted before the forward's summary
         assert self._account is not None
         if failed:
-            snapshot, self._step_peak = self._before
-            self._account.restore(snapshot)
+            self._account.undo()
+            self._step_peak = self._peak_before
             self._last = self._account.summary()
             return
+        self._account.end()
         self._last = self._account.summary()
         peak = self._step_peak
         if self._per_step and (peak is None or self._last["stored_bytes"] >= peak["stored_bytes"]):

@@ -117,7 +117,7 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
         #: is reused at once), so an interrupted forward is told apart (see ``_running``).
         self._entry_frame: Any = None
         self._entry_exception: BaseException | None = None  # see BoundariesMixin._enter
-        self._before: tuple = ()  # the account before the open forward (see _deactivate)
+        self._peak_before: dict | None = None  # the step's peak before the open forward
         self._funcs: dict[Any, tuple] = {}
         self._modules: list[nn.Module] = []
         self._unpacked = False
