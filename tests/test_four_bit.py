@@ -232,25 +232,53 @@ def test_remove_gives_back_the_same_parameter_objects_in_their_places():
 
 
 @pytest.mark.parametrize("frozen_dtype", ["bfloat16", "nf4"])
-def test_remove_after_the_user_replaced_a_held_layer_keeps_the_users_layer(frozen_dtype):
-    """A held layer replaced since apply (by one without a weight, or deleted) failed
-    ``remove()`` with a bare AttributeError, half way through; its original is no longer
-    the model's, so nothing is put back there, and every other layer gets its own back."""
+def test_remove_after_the_user_rearranged_held_layers_gives_each_layer_its_own(frozen_dtype):
+    """Held layers replaced, wrapped (``nn.Sequential(layer)``, as PEFT does) or swapped
+    since apply: ``remove()`` failed with a bare AttributeError where the name led to a
+    layer without a weight; looked up by name, a wrapped layer stayed held (bf16: a later
+    fp32 forward failed; 4 bits: its weight left the state dict) and swapped layers got
+    each other's weights. Each original goes back to the layer that owned it."""
     torch.manual_seed(0)
     model = ConvMixer()
     values = {n: p.detach().clone() for n, p in model.named_parameters()}
     handle = apply_s2a(model, frozen_dtype=frozen_dtype)
-    model.fc1 = nn.Identity()
-    model.fc2 = nn.Linear(256, 64)  # the user's own, as they built it
+    stem, fc1, fc2 = model.stem, model.fc1, model.fc2
+    model.stem = nn.Sequential(stem)  # wrapped
+    model.fc1, model.fc2 = nn.Identity(), nn.Linear(256, 64)  # replaced
     theirs = model.fc2.weight.detach().clone()
-    del model.stem
     handle.remove()
     assert handle.removed and type(model.fc1) is nn.Identity
-    assert type(model.fc2) is nn.Linear and torch.equal(model.fc2.weight, theirs)
-    assert not hasattr(model, "stem")
+    assert torch.equal(model.fc2.weight, theirs)  # the user's own, as they built it
+    for layer, name in ((stem, "stem"), (fc1, "fc1"), (fc2, "fc2")):
+        assert not four_bit.is_held(layer) and isinstance(layer.weight, nn.Parameter)
+        assert torch.equal(layer.weight, values[f"{name}.weight"])
+    assert "stem.0.weight" in model.state_dict()
     assert all(p.requires_grad for p in model.parameters())
-    assert torch.equal(model.norm.weight, values["norm.weight"])
-    assert torch.equal(model.head.weight, values["head.weight"])
+    model.fc1 = fc1
+    model(torch.randn(2, 3, 16, 16))  # a plain fp32 forward through the wrapped stem
+    # swapped: each layer gets its own weight back, not its new name's
+    torch.manual_seed(0)
+    model = ConvMixer()
+    model.fc3 = nn.Linear(64, 64)
+    values = {n: p.detach().clone() for n, p in model.named_parameters()}
+    handle = apply_s2a(model, frozen_dtype=frozen_dtype)
+    model.fc2, model.fc3 = model.fc3, model.fc2
+    handle.remove()
+    assert torch.equal(model.fc3.weight, values["fc2.weight"])
+    assert torch.equal(model.fc2.weight, values["fc3.weight"])
+
+
+def test_remove_puts_a_cast_weight_back_under_a_parametrization_registered_since():
+    """A parametrization registered on a bf16-held layer since apply moves its weight to
+    ``parametrizations.weight.original``: it stayed bf16 and a plain fp32 forward failed."""
+    torch.manual_seed(0)
+    model = ConvMixer()
+    want = model.fc1.weight.detach().clone()
+    handle = apply_s2a(model, frozen_dtype="bfloat16")
+    torch.nn.utils.parametrize.register_parametrization(model.fc1, "weight", nn.Identity())
+    handle.remove()
+    assert torch.equal(model.fc1.parametrizations.weight.original, want)
+    model(torch.randn(2, 3, 16, 16))
 
 
 def test_backward_after_remove_uses_the_weights_the_forward_used():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -224,6 +225,14 @@ def test_bf16_mixed_precision_and_a_bf16_frozen_backbone(tmp_path, recwarn):
     assert linear["stored_bytes"] == 0
     assert _compression(cast) > 2 * _compression(plain)
     assert not [w for w in recwarn if "autocast copies every frozen" in str(w.message)]
+    # a model converted to bf16 already: autocast copies nothing, nothing to say
+    for dtype, said in ((torch.bfloat16, False), (torch.float32, True)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            callback = S2ACallback(**S2A)
+            trainer = quiet_trainer(max_steps=1, precision="bf16-mixed", callbacks=[callback])
+            trainer.fit(UserModule().to(dtype), _data())
+        assert any("autocast copies every frozen" in str(w.message) for w in caught) == said
 
 
 def test_frozen_dtype_is_undone_exactly():
@@ -478,3 +487,47 @@ def test_an_adapter_path_with_other_s2a_modules_is_refused_before_training(tmp_p
 
     assert get_handle(model.image_encoder) is None  # nothing applied
     assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+class _OutOfMemoryOnce(UserModule):
+    """A user's out-of-memory handling: on batch 1 the backbone raises inside (a forward
+    hook, as an allocation failing in a block would), and the step retries the batch
+    (``retry``) or skips it by returning None."""
+
+    def __init__(self, retry: bool):
+        super().__init__()
+        self.retry = retry
+
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 1:
+
+            def boom(*args):
+                raise RuntimeError("CUDA out of memory (simulated)")
+
+            hook = self.backbone.blocks[1].register_forward_hook(boom)
+            try:
+                self(batch[0])
+            except RuntimeError:
+                if not self.retry:
+                    return None
+            finally:
+                hook.remove()
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("retry", [True, False])
+def test_a_step_whose_forward_raised_logs_only_what_stayed_alive(retry, recwarn):
+    """The failed forward's bytes were added to the step (a retried step logged about twice
+    its bytes); a batch skipped after the error counted as a measured step of 0 bytes and
+    warned that the backbone "saved no tensors", a warning said once that then hid any
+    real one."""
+    metrics = []
+    for model in (UserModule(), _OutOfMemoryOnce(retry)):
+        pl.seed_everything(0)
+        callback = S2ACallback(S2AConfig(**S2A))
+        quiet_trainer(max_epochs=1, callbacks=[callback]).fit(model, _data())
+        metrics.append(callback.epoch_metrics)
+    keys = ("s2a/activation_raw_mb", "s2a/activation_stored_mb")
+    assert metrics[0]["s2a/activation_raw_mb"] > 0
+    assert all(metrics[1][k] == pytest.approx(metrics[0][k], rel=1e-9) for k in keys)
+    assert not [w for w in recwarn if "saved no tensors" in str(w.message)]

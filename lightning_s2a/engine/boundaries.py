@@ -45,7 +45,7 @@ class BoundariesMixin:
         self._depth = 0
         self._redirects.clear()
         self._frames = []
-        self._entry_frame = None
+        self._entry_frame = self._entry_exception = None
 
     # -- forward boundaries ------------------------------------------------------------
     def _enter(self, name: str, is_root: bool, module: nn.Module, args: Any) -> None:
@@ -216,16 +216,19 @@ class BoundariesMixin:
             ctx.__exit__(None, None, None)
         self._contexts = []
         self._call = None
-        self._batches.code()  # the forward's small tensors, coded together
-        self._deferred.flush()  # every saved tensor is counted before the forward's summary
         assert self._account is not None
+        try:
+            self._batches.code()  # the forward's small tensors, coded together
+            self._deferred.flush()  # every saved tensor is counted before the summary
+        finally:  # (under memory pressure, coding a failed forward's batches may raise too)
+            if failed:
+                self._account.undo()
+                self._step_peak = self._peak_before
+        self._last = self._account.summary()
         if failed:
-            self._account.undo()
-            self._step_peak = self._peak_before
-            self._last = self._account.summary()
+            self.forwards_failed += 1
             return
         self._account.end()
-        self._last = self._account.summary()
         peak = self._step_peak
         if self._per_step and (peak is None or self._last["stored_bytes"] >= peak["stored_bytes"]):
             self._step_peak = self._last

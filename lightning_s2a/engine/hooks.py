@@ -131,6 +131,9 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
         #: Forwards with autograd it stayed out of (inside torch.utils.checkpoint, save_on_cpu
         #: or a torch.func transform: see ``_warn_staying_out``).
         self.forwards_out = 0
+        #: Forwards that raised (their bytes are not counted): a training step whose every
+        #: forward raised (a batch skipped after an out-of-memory error) measured nothing.
+        self.forwards_failed = 0
         #: Device types whose "does the code hold it" answers are read without a sync.
         self.defer_on: tuple[str, ...] = ("cuda",)
         self._deferred = DeferredChecks()
@@ -192,6 +195,7 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
             "_began_without_grad": False,
             "batch_numel": BATCH_NUMEL,
             "forwards_out": 0,
+            "forwards_failed": 0,
         }
         self.__dict__.update(fill)
         self.__dict__.update(state)
@@ -212,6 +216,8 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
             "_batches": PackBatches(),
             "_copies": {},
             "_entry_frame": None,
+            "_entry_exception": None,
+            "_peak_before": None,
             # a copy made inside a forward (an EMA copy in a hook, torch.save) starts outside
             "_depth": 0,
             "_active": False,

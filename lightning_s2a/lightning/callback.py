@@ -76,7 +76,7 @@ class S2ACallback(CheckpointState, TrainingSteps, pl.Callback):
         self._meter = EpochMeter()
         self._pending_state: dict[str, Any] | None = None
         self._pending_others: dict[str, Any] | None = None
-        self._forwards_before = 0
+        self._forwards_before = self._out_before = self._failed_before = 0
         #: Other S2A'd modules under the LightningModule (``apply_s2a`` in its ``__init__``):
         #: path -> (handle, forwards before the step); found at the first training batch.
         self._others: dict[str, list[Any]] | None = None
@@ -196,7 +196,8 @@ class S2ACallback(CheckpointState, TrainingSteps, pl.Callback):
                 f"after it. Use frozen_dtype={autocast!r} (on CPU Lightning runs '16-mixed' as "
                 "'bf16-mixed')."
             )
-        if stage == "fit" and autocast and self.config.frozen_dtype is None:
+        wide = any(p.dim() > 1 and p.element_size() > 2 for p in pl_module.parameters())
+        if stage == "fit" and autocast and self.config.frozen_dtype is None and wide:
             rank_zero_warn(
                 f"S2A: under precision={str(trainer.precision)!r} autocast copies every frozen "
                 f"Linear and Conv weight to {autocast} in each forward, and backward keeps "

@@ -27,6 +27,7 @@ class TrainingSteps:
     _others: dict[str, list[Any]] | None
     _forwards_before: int
     _out_before: int
+    _failed_before: int
     _warned: bool
     epoch_metrics: dict[str, float]
 
@@ -46,6 +47,7 @@ class TrainingSteps:
             calibrate_on_batch(trainer, pl_module, self.handle, batch, batch_idx)
         self._forwards_before = self.handle.engine.forwards
         self._out_before = self.handle.engine.forwards_out
+        self._failed_before = self.handle.engine.forwards_failed
         if self._others is None:
             self._others = {path: [h, 0] for path, h in other_handles(pl_module, self.handle)}
         for entry in self._others.values():
@@ -76,6 +78,8 @@ class TrainingSteps:
                 "training_step, outside torch.no_grad().",
             )
             return
+        if engine.forwards - self._forwards_before == engine.forwards_failed - self._failed_before:
+            return  # every forward raised (a batch skipped after an error): nothing to measure
         stats = self.handle.engine.step_stats()  # several backwards: the largest account
         for handle, before in (self._others or {}).values():  # their step's bytes, alongside
             if handle.engine.forwards != before:

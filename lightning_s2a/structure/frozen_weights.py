@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..config import FOUR_BIT_DTYPES, S2AConfig
 from ..messages import some_names
@@ -56,6 +57,8 @@ def hold_frozen(
             frozen = frozen and (name in layers or _autocast_weight(name, model))
         if frozen:
             state.cast_originals[name] = p.detach().to("cpu", copy=True)
+            layer = model.get_submodule(name.rpartition(".")[0])
+            state.cast_layers[name] = weakref.ref(layer)
     if not_held:
         _warn_not_held(not_held, str(config.frozen_dtype))
     cast_frozen(model, state, config.frozen_dtype)
@@ -176,16 +179,15 @@ def cast_frozen(model: nn.Module, state: StructureState, frozen_dtype: str | Non
     """
     converted: list[torch.dtype | None] = []  # the model's dtype, looked up where needed
     for name, original in list(state.cast_originals.items()):
-        owner, _, leaf = name.rpartition(".")
-        module = _layer_now(model, owner, leaf)
-        if module is None:  # replaced since apply by a layer without it: nothing to put back
+        found = _layer_now(state, name)
+        if found is None:  # gone since apply, or its weight deleted: nothing to put back
             del state.cast_originals[name]
             continue
-        if four_bit.is_held(module):
+        module, current = found
+        if current is None:  # held in 4 bits
             if frozen_dtype not in FOUR_BIT_DTYPES:
                 four_bit.release(module, original.to(four_bit.device_of(module)))
             continue
-        current = getattr(module, leaf)
         if frozen_dtype is None and moved(current, original):  # what it learned stays
             current.data = current.data.to(original.dtype)
             state.cast_originals[name] = current.detach().to("cpu", copy=True)
@@ -205,26 +207,29 @@ def cast_frozen(model: nn.Module, state: StructureState, frozen_dtype: str | Non
             current.data = original.to(current.device, dtype)
 
 
-def _layer_now(model: nn.Module, owner: str, leaf: str) -> nn.Module | None:
-    """The module now at ``owner`` if it still has the parameter ``leaf`` (or holds it in 4
-    bits); None where the user replaced or deleted that layer since apply (``remove()``
-    failed there with a bare AttributeError)."""
-    try:
-        module = model.get_submodule(owner)
-    except AttributeError:
+def _layer_now(state: StructureState, name: str) -> tuple[nn.Module, torch.Tensor | None] | None:
+    """The layer that owned the weight ``name`` at apply, wherever it is now (the user may
+    have wrapped it, ``nn.Sequential(layer)``, moved or swapped it: its weight goes back to
+    it, not to whatever holds its name), and that weight (None: held in 4 bits; a
+    parametrization's ``original`` where one was registered since). None where the layer
+    is gone or holds no such weight (``remove()`` failed there with a bare AttributeError)."""
+    module = state.cast_layers[name]()
+    if module is None:
         return None
-    held = four_bit.is_held(module) or module._parameters.get(leaf) is not None
-    return module if held else None
+    if four_bit.is_held(module):
+        return module, None
+    leaf = name.rpartition(".")[2]
+    weight = module._parameters.get(leaf)
+    if weight is None and parametrize.is_parametrized(module, leaf):
+        weight = module.parametrizations[leaf].original
+    return None if weight is None else (module, weight)
 
 
 def _model_dtype(model: nn.Module, state: StructureState) -> torch.dtype | None:
     """The one floating dtype of the model's tensors that ``frozen_dtype`` did not cast, or
     None where they have several: a model converted while its weights were held
     (``.half()`` after a bf16 cast) gets its weights back in its dtype, not the original's."""
-    cast = {
-        id(getattr(_layer_now(model, owner, leaf), leaf, None))
-        for owner, _, leaf in (n.rpartition(".") for n in state.cast_originals)
-    }
+    cast = {id((_layer_now(state, n) or (None, None))[1]) for n in state.cast_originals}
     dtypes = {
         t.dtype
         for t in (*model.parameters(), *model.buffers())

@@ -8,6 +8,7 @@ keeps the task head trainable and fixes BatchNorm's mode. Every change is record
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -38,6 +39,9 @@ class StructureState:
     """Everything ``apply_structure`` changed, for ``undo_structure``; and the module parts."""
 
     flags: dict[str, bool]
+    #: The same flags by parameter (held weakly): a layer the user wrapped or moved since
+    #: has its parameters under other names, and gets its flags back all the same.
+    flag_refs: list[tuple[weakref.ref, bool]] = field(default_factory=list)
     head: nn.Module | None = None
     blocks: list[Block] = field(default_factory=list)
     #: (module, attribute) of each bias ``add_bias`` added: ``bias`` of a Linear or conv,
@@ -48,6 +52,9 @@ class StructureState:
     batch_norms: list[nn.Module] = field(default_factory=list)
     #: Original values of parameters cast by ``frozen_dtype`` (on CPU), for an exact undo.
     cast_originals: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: The layer that owns each of them, as found at apply (held weakly): the user may wrap,
+    #: move or swap it since, and its original goes back to it, not to the name.
+    cast_layers: dict[str, weakref.ref] = field(default_factory=dict)
     #: (module-name prefix, part label) for per-part accounting and the summary table.
     parts: list[tuple[str, str]] = field(default_factory=list)
     #: The model's output shape without the batch dimension, when prompt/side measured it.
@@ -112,6 +119,7 @@ def apply_structure(model: nn.Module, config: S2AConfig) -> StructureState:
                 break
             runners |= ran
     state = StructureState(flags={n: p.requires_grad for n, p in model.named_parameters()})
+    state.flag_refs = [(weakref.ref(p), p.requires_grad) for p in model.parameters()]
     state.runners = runners
     state.head, state.blocks, state.output_shape = head, blocks, output_shape
     state.input_size = size
@@ -343,10 +351,18 @@ def undo_structure(model: nn.Module, state: StructureState) -> None:
     state.overwritten.clear()
     for bn in state.batch_norms:
         forget_statistics(bn)
-    for name, p in model.named_parameters():
-        if name in state.flags:
+    restored = set()
+    for ref, flag in state.flag_refs:
+        p = ref()
+        if p is not None:
+            p.requires_grad_(flag)
+            restored.add(id(p))
+    for name, p in model.named_parameters():  # parameter objects replaced since: by name
+        if id(p) not in restored and name in state.flags:
             p.requires_grad_(state.flags[name])
+    state.flag_refs.clear()
     state.cast_originals.clear()
+    state.cast_layers.clear()
 
 
 #: State-dict entry of a model with injected S2A weights; named so that loading it into a model
