@@ -38,7 +38,7 @@ from .codebook import Codebook, DeviceCodebook
 from .deferred import DeferredChecks
 from .ops import ELEMENTWISE, OP_KINDS, canonical_name
 from .packing import PackingMixin
-from .recognition import Call, classify
+from .recognition import Call, classify, row_widths
 
 if TYPE_CHECKING:
     from ..config import S2AConfig
@@ -134,6 +134,8 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
         #: Forwards that raised (their bytes are not counted): a training step whose every
         #: forward raised (a batch skipped after an out-of-memory error) measured nothing.
         self.forwards_failed = 0
+        #: Feature widths whose rows min-max groups keep apart (see ``row_widths``).
+        self._row_widths: frozenset[int] = frozenset()
         #: Device types whose "does the code hold it" answers are read without a sync.
         self.defer_on: tuple[str, ...] = ("cuda",)
         self._deferred = DeferredChecks()
@@ -196,6 +198,7 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
             "batch_numel": BATCH_NUMEL,
             "forwards_out": 0,
             "forwards_failed": 0,
+            "_row_widths": frozenset(),
         }
         self.__dict__.update(fill)
         self.__dict__.update(state)
@@ -243,6 +246,7 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
         if self.attached:
             return
         self._modules = list(self.model.modules())
+        self._row_widths = row_widths(self.model, self.config.group_size)
         for name, module in self.model.named_modules():
             is_root = module is self.model
             pre = module.register_forward_pre_hook(

@@ -23,7 +23,7 @@ from .contexts import dual_level_open
 from .deferred import record_answer
 from .kept import Broadcast, Kept, broadcast_base, compact
 from .packed import PackOptions
-from .quantizers import QUANTIZERS
+from .quantizers import QUANTIZERS, pack_minmax
 from .recognition import (
     ROW_KINDS,
     STATS_KINDS,
@@ -137,6 +137,9 @@ class PackingMixin:
             kept = compact(t, self._copies) if cfg.compress and not self._exact else t
             account.add(kind, t, None, part, kept)  # raw: the original's, as uncompressed
             return Kept(kept)
+        row = call.row
+        if not row and t.dim() > 1 and t.shape[-1] in self._row_widths:
+            row = t.shape[-1] if QUANTIZERS[kind] is pack_minmax else 0
         opts = PackOptions(
             bits=bits,
             group_size=cfg.group_size,
@@ -145,7 +148,7 @@ class PackingMixin:
             bnb_quant_type=cfg.bnb_quant_type,
             spec=call.spec,
             dim=call.dim,
-            row=call.row,
+            row=row,
             channels=call.channels,
             # Stochastic rounding: noise of its own per tensor (the same seed for every
             # tensor of a forward correlated their rounding errors), the same on a rerun.

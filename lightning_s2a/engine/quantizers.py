@@ -52,6 +52,10 @@ def pack_minmax(t: torch.Tensor, opts: PackOptions) -> MinMaxPacked | BnbPacked 
     ``trainable_input_bits``, modules calibration widened to 8 bits) and norm rows whose
     groups shrink below 32 take the min-max codes instead (they were coded in 4 bits
     whatever was asked, or failed in bitsandbytes)."""
+    if opts.row:
+        opts, packed = _along_rows(t, opts)
+        if packed is not None:
+            return packed
     if opts.backend == "bnb" and opts.bits == 4 and opts.group_size >= 32:
         # absmax blocks: an infinity makes its block NaN, and a NaN may come back finite.
         finite = _finite(t)
@@ -86,14 +90,10 @@ def pack_norm(t: torch.Tensor, opts: PackOptions) -> MinMaxPacked | BnbPacked | 
     is 8 or more (96 channels: Swin-T, ConvNeXt-T); otherwise (196 tokens, 14 x 14 planes)
     each row is padded to whole groups and coded on its own (:class:`.geometry.Rows`).
     """
-    row = opts.row
+    opts, packed = _along_rows(t, opts)
+    if packed is not None:
+        return packed
     n = t.numel()
-    if row and n and n % row == 0 and row % opts.group_size:
-        pow2 = row & -row  # the largest power of two dividing the row
-        if pow2 >= 8:
-            opts = dataclasses.replace(opts, group_size=pow2)
-        elif opts.backend != "bnb" or opts.bits != 4:
-            return MinMaxPacked(t, opts, Rows.of_length(t, row, opts.group_size))
     if opts.channels and opts.backend != "bnb" and t.dim() >= 2 and n:
         # BatchNorm in training: groups in memory order stay inside one channel only where
         # each channel's plane is a multiple of the group; elsewhere (7x7, 1x1, (N, C)) the
@@ -102,6 +102,21 @@ def pack_norm(t: torch.Tensor, opts: PackOptions) -> MinMaxPacked | BnbPacked | 
         if plane % opts.group_size:
             return MinMaxPacked(t, opts, Rows.of_channels(t, opts.group_size))
     return pack_minmax(t, opts)
+
+
+def _along_rows(t: torch.Tensor, opts: PackOptions) -> tuple[PackOptions, MinMaxPacked | None]:
+    """Min-max groups that never span two of ``opts.row``-long rows: where the row is no
+    multiple of the group, groups shrink to the largest power of two dividing it if that is
+    8 or more (96 channels: 32), or each row is padded to whole groups and coded on its own
+    (that packed tensor is returned)."""
+    row, n = opts.row, t.numel()
+    if row and n and n % row == 0 and row % opts.group_size:
+        pow2 = row & -row  # the largest power of two dividing the row
+        if pow2 >= 8:
+            return dataclasses.replace(opts, group_size=pow2), None
+        if opts.backend != "bnb" or opts.bits != 4:
+            return opts, MinMaxPacked(t, opts, Rows.of_length(t, row, opts.group_size))
+    return opts, None
 
 
 def pack_elementwise(t: torch.Tensor, opts: PackOptions) -> CodePacked | KeptPacked:

@@ -171,6 +171,30 @@ def reduced(t: torch.Tensor, largest: int, shapes: set[torch.Size]) -> bool:
     return False
 
 
+def row_widths(model: nn.Module, group: int) -> frozenset[int]:
+    """The model's feature widths that are no multiple of the min-max ``group``: Linear
+    in/out features, layer/RMS norm sizes, and the length of any other module's 1-D
+    parameter (a hand-written RMSNorm's weight, a layer scale), convolutions and batch,
+    group and instance norms aside (their 1-D parameters are channels, not rows).
+
+    A tensor saved with one of these as its last dimension is coded in groups along its
+    rows: a hand-written row norm (``x * rsqrt(mean(x**2) + eps)``, ``F.normalize``) is no
+    recognised norm, and its saved input, grouped in memory order across rows of 96, gave a
+    small row (a padding token 1000x smaller) its neighbour's step: a bias before it 4x off.
+    """
+    skip = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm)
+    widths = set()
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            widths.update((m.in_features, m.out_features))
+        elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)) and m.normalized_shape:
+            widths.add(m.normalized_shape[-1])
+        elif not isinstance(m, skip):
+            params = m._parameters.values()
+            widths.update(p.numel() for p in params if p is not None and p.dim() == 1)
+    return frozenset(w for w in widths if w > 1 and w % group)
+
+
 def exact_code(kind: str, call: Call) -> bool:
     """True where the quantizer's code is exact: the two-level kinds of the quantizer table
     (masks, dropout), and 1-bit derivative steps."""

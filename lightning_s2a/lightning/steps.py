@@ -108,7 +108,7 @@ class TrainingSteps:
         weights = self.handle.weight_bytes() if self.handle is not None else (0, 0)
         if trainer.world_size > 1:
             self._meter.sum_over_ranks(
-                partial(trainer.strategy.reduce, reduce_op="sum"), pl_module.device
+                partial(trainer.strategy.reduce, reduce_op="sum"), trainer.strategy.root_device
             )
         metrics = self._meter.metrics(pl_module.device, count_trainable(pl_module), weights)
         self.epoch_metrics = {key: float(value) for key, value in metrics.items()}
