@@ -531,3 +531,31 @@ def test_a_step_whose_forward_raised_logs_only_what_stayed_alive(retry, recwarn)
     assert metrics[0]["s2a/activation_raw_mb"] > 0
     assert all(metrics[1][k] == pytest.approx(metrics[0][k], rel=1e-9) for k in keys)
     assert not [w for w in recwarn if "saved no tensors" in str(w.message)]
+
+
+def test_resuming_with_s2a_on_another_part_of_the_module_is_refused(tmp_path):
+    """A checkpoint of S2A on ``encoder`` resumed with S2A on the whole module (the CLI's
+    ``--s2a.backbone null``): its weights loaded, and another set of parameters trained on
+    from them, silently. The same part resumes."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.lightning_helpers import EncoderClassifier
+
+    class Model(EncoderClassifier):  # head="auto" finds its head whole or not: same config
+        def get_classifier(self):
+            return self.classifier
+
+    pl.seed_everything(0)
+    saver = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = quiet_trainer(
+        max_steps=2, callbacks=[S2ACallback(backbone="encoder"), saver], enable_checkpointing=True
+    )
+    trainer.fit(Model(), _data())
+    last = str(tmp_path / "last.ckpt")
+    whole = quiet_trainer(max_steps=4, callbacks=[S2ACallback()])
+    with pytest.raises(ValueError, match=r"applied to 'encoder' of Model; this run "
+                       r"applies it to the whole module.*--s2a.backbone encoder"):  # fmt: skip
+        whole.fit(Model(), _data(), ckpt_path=last)
+    same = quiet_trainer(max_steps=4, callbacks=[S2ACallback(backbone="encoder")])
+    same.fit(Model(), _data(), ckpt_path=last)
+    assert same.global_step == 4

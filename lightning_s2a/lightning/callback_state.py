@@ -53,6 +53,7 @@ class CheckpointState:
         saved = saved or checkpoint.get(WEIGHTS_ONLY_KEY)
         strict = bool(getattr(self._module, "strict_loading", True))
         check_checkpoint(checkpoint, saved, self.handle, strict)
+        self._check_same_target(saved)
         plain = not saved and not marked_prefixes(checkpoint)
         if plain and self._stage != "fit":
             warn_plain_checkpoint_in_four_bits(self.handle)
@@ -62,6 +63,27 @@ class CheckpointState:
         # brings nothing from outside: only another's S2A model is kept after an evaluation.
         if checkpoint.get(RUN_KEY) != self._run:
             self._restored_s2a = bool(saved or marked_prefixes(checkpoint))
+
+    def _check_same_target(self, saved: Any) -> None:
+        """The checkpoint's S2A must sit on the same part of the module as this run's: with
+        another ``backbone`` (the whole module instead of ``encoder``) the same weights load,
+        and another set of parameters trains on, silently (a user layer between backbone
+        and head went frozen)."""
+        trained = saved.get("target") if isinstance(saved, dict) else None
+        now = self._record().get("target")
+        if trained is None or now is None or trained == now:
+            return
+
+        def where(name: str) -> str:
+            return f"'{name}'" if name else "the whole module"
+
+        raise ValueError(
+            f"the checkpoint trained S2A applied to {where(trained)} of "
+            f"{type(self._module).__name__}; this run applies it to {where(now)}, so another "
+            "set of parameters would train on from its weights. Resume with the backbone it "
+            f"trained with (S2ACallback(backbone={trained or None!r}), CLI: --s2a.backbone "
+            f"{trained or 'null'}), or start from its weights without --ckpt_path."
+        )
 
     def _record(self) -> dict[str, Any]:
         """The S2A config and the S2A'd attribute, or {} before S2A is applied."""
