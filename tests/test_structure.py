@@ -1169,6 +1169,26 @@ def test_blocks_that_return_tuples_are_a_clear_error():
         apply_s2a(model, S2AConfig())
 
 
+def test_head_auto_suggests_an_mlp_head_whole_not_its_last_linear():
+    """A user's two-layer head ``classifier = nn.Sequential(Linear, ReLU, Linear)``: the
+    error suggested ``head='classifier.2'``, and following it left ``classifier.0`` frozen,
+    silently. A Sequential of Linears and parameter-free or vector-only layers ending in the
+    last Linear is suggested whole; a convolutional stack ending in one is not."""
+    model = nn.Sequential()
+    model.encoder = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model.classifier = nn.Sequential(
+        nn.Linear(8, 16), nn.LayerNorm(16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 4)
+    )
+    with pytest.raises(ValueError, match=r"the MLP head that ends in its last Linear: "
+                       r"S2AConfig\(head='classifier'\)"):  # fmt: skip
+        apply_s2a(model, S2AConfig())
+    with apply_s2a(model, S2AConfig(head="classifier")):  # the suggestion trains it all
+        assert all(p.requires_grad for p in model.classifier.parameters())
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    with pytest.raises(ValueError, match=r"its last Linear: S2AConfig\(head='3'\)"):
+        apply_s2a(net, S2AConfig())
+
+
 class _SequenceNet(nn.Module):
     """A user's transformer on (batch, tokens, features) input, built from PyTorch's
     encoder layers (sequence first unless ``batch_first=True``)."""

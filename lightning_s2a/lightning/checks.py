@@ -20,6 +20,7 @@ from torch.nn.parameter import is_lazy
 from ..api import S2AHandle, model_differences
 from ..config import FOUR_BIT_DTYPES, MODEL_FIELDS, S2AConfig
 from ..messages import some_names
+from ..structure.head import head_guess
 from ..structure.surgery import STATE_DICT_MARKER
 from .checkpoint import marked_prefixes
 
@@ -350,8 +351,8 @@ def check_head_outside(pl_module: nn.Module, target: nn.Module, name: str) -> No
     outside = [p for p in pl_module.parameters() if p.requires_grad and id(p) not in inside]
     if any(is_lazy(p) or p.dim() > 1 for p in outside):  # a LazyLinear head: not built yet
         return
-    linears = [n for n, m in target.named_modules() if isinstance(m, nn.Linear)]
-    hint = f"head={linears[-1]!r} (its last Linear)" if linears else "head='...'"
+    guess, what = head_guess(target)
+    hint = f"head={guess!r} ({what})" if guess else "head='...'"
     raise ValueError(
         f"S2ACallback(backbone={name!r}): {type(target).__name__} has no timm "
         f"get_classifier() to find its head, and no weight in {type(pl_module).__name__} "

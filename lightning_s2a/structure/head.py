@@ -6,7 +6,7 @@ from torch import nn
 
 from ..engine.ops import is_bias
 
-__all__ = ["HeadGroup", "find_head", "head_modules", "is_bias"]
+__all__ = ["HeadGroup", "find_head", "head_guess", "head_modules", "is_bias"]
 
 
 class HeadGroup(nn.ModuleList):
@@ -40,12 +40,8 @@ def find_head(model: nn.Module, head: str | None) -> nn.Module | None:
                     "to your own head outside it)"
                     + ("; its last Linear is a layer of a block, no head." if heads else ".")
                 )
-            if len(heads) > 1:  # parallel heads whose outputs the model combines
-                guess = f"all of its last Linears: S2AConfig(head={','.join(heads)!r})"
-            elif heads:
-                guess = f"its last Linear: S2AConfig(head={heads[0]!r})"
-            else:
-                guess = "e.g. S2AConfig(head='fc')"
+            name, what = head_guess(model)
+            guess = f"{what}: S2AConfig(head={name!r})" if name else "e.g. S2AConfig(head='fc')"
             raise ValueError(
                 f"head='auto' needs a model with timm's get_classifier(); "
                 f"{type(model).__name__} has none. Name the head, {guess}, "
@@ -118,6 +114,32 @@ def _named_heads(model: nn.Module, head: str) -> list[nn.Module]:
             "(S2AConfig(head='head,head_dist'))."
         )
     return heads
+
+
+def head_guess(model: nn.Module) -> tuple[str, str]:
+    """The head to suggest for a model without ``get_classifier()``, and what it is: an MLP
+    head (an ``nn.Sequential`` of Linears, activations, norms and dropout) that ends in the
+    model's last Linear, whole (naming that Linear alone left the MLP's first layers frozen,
+    silently); else the last Linear, with the heads beside it; ``("", "")`` for none."""
+    heads = _last_linears(model)
+    if len(heads) > 1:  # parallel heads whose outputs the model combines
+        return ",".join(heads), "all of its last Linears"
+    if not heads:
+        return "", ""
+    parent = heads[0].rpartition(".")[0]
+    layers = list(model.get_submodule(parent).children()) if parent else []
+    mlp = (
+        isinstance(model.get_submodule(parent), nn.Sequential)
+        and sum(isinstance(m, nn.Linear) for m in layers) > 1
+        and all(
+            isinstance(m, nn.Linear)
+            or (not list(m.children()) and all(p.dim() <= 1 for p in m.parameters()))
+            for m in layers
+        )
+    )
+    if mlp:
+        return parent, "the MLP head that ends in its last Linear"
+    return heads[0], "its last Linear"
 
 
 def _last_linears(model: nn.Module) -> list[str]:
