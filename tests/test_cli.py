@@ -331,6 +331,16 @@ def test_a_step_budget_alone_is_not_cut_by_the_epoch_default(tmp_path):
     assert _cli(tmp_path, "--trainer.max_time", "00:00:01:00").trainer.max_epochs in (None, -1)
     argv = {"trainer": {"max_steps": 20, "default_root_dir": str(tmp_path)}}
     assert S2ALightningCLI(run=False, args=argv).trainer.max_epochs in (None, -1)
+    # Lightning's own "no budget" stated aloud is no budget: the 3 epochs stay (they became
+    # Lightning's 1000 until 2026-12-07)
+    no_budget = tmp_path / "no_budget.yaml"
+    no_budget.write_text("trainer:\n  max_steps: -1\n  max_time: null\n")
+    for given in (
+        ("--trainer.max_steps", "-1"),
+        ("--trainer.max_time", "null"),
+        ("--config", str(no_budget)),
+    ):
+        assert _cli(tmp_path, *given).trainer.max_epochs == 3, given
 
 
 def test_the_cosine_decays_per_step_over_a_step_budget_alone():
@@ -352,3 +362,34 @@ def test_the_cosine_decays_per_step_over_a_step_budget_alone():
     model.trainer = quiet_trainer(max_steps=4, max_epochs=-1)
     with pytest.raises(ValueError, match=r"warmup_epochs=1 needs trainer\.max_epochs"):
         model.configure_optimizers()
+
+
+def test_a_command_line_optimizer_holds_the_prompts_s2a_adds(tmp_path):
+    """LightningCLI builds --optimizer from the model's parameters before fit, before S2A's
+    setup adds the prompts: the fit stopped ("parameters that S2A trains are in no
+    optimizer") with advice about a configure_optimizers the user never wrote."""
+    cli = _cli(
+        tmp_path,
+        "fit",
+        "--s2a.modules",
+        "[bias,prompt]",
+        "--optimizer",
+        "torch.optim.Adam",
+        "--optimizer.lr",
+        "0.002",
+        "--lr_scheduler",
+        "torch.optim.lr_scheduler.ExponentialLR",
+        "--lr_scheduler.gamma",
+        "0.5",
+        "--trainer.max_steps",
+        "2",
+        run=True,
+    )
+    optimizer = cli.trainer.optimizers[0]
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    prompts = [p for n, p in cli.model.named_parameters() if "s2a_prompt" in n]
+    assert prompts and all(id(p) in held for p in prompts)
+    assert type(optimizer) is torch.optim.Adam and optimizer.defaults["lr"] == 0.002
+    scheduler = cli.trainer.lr_scheduler_configs[0].scheduler
+    assert type(scheduler) is torch.optim.lr_scheduler.ExponentialLR
+    assert scheduler.optimizer is optimizer

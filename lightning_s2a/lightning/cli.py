@@ -144,7 +144,10 @@ class S2ALightningCLI(LightningCLI):
         tokens = (
             given if isinstance(given, dict) else list(sys.argv[1:] if given is None else given)
         )
-        budget = sets_trainer(tokens, "max_steps") or sets_trainer(tokens, "max_time")
+        # a real budget: max_steps=-1 and max_time=None are Lightning's "none"
+        budget = sets_trainer(tokens, "max_steps", _positive) or sets_trainer(
+            tokens, "max_time", lambda v: v is not None
+        )
         if budget and not sets_trainer(tokens, "max_epochs"):
             # a step or time budget alone: our epoch default would end the run first
             # (Lightning's own has no epoch limit then)
@@ -240,6 +243,26 @@ class S2ALightningCLI(LightningCLI):
             kwargs["callbacks"] = [self.s2a_callback, *callbacks]
         return super().instantiate_trainer(**kwargs)
 
+    def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
+        """``--optimizer``/``--lr_scheduler``: Lightning builds them here, from the parameters
+        the model has before fit, but S2A adds its prompts and side network in setup, after:
+        the fit stopped ("parameters that S2A trains are in no optimizer") with advice for a
+        ``configure_optimizers`` the user never wrote. They are built again, the same way,
+        when the trainer asks for them."""
+        add = super()._add_configure_optimizers_method_to_model
+        add(subcommand)
+        model = self.model
+        if "configure_optimizers" not in model.__dict__:
+            return  # no --optimizer: the model's own configure_optimizers stays
+
+        def configure_optimizers() -> Any:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # (its "will be overridden" note: said above)
+                add(subcommand)  # from the parameters the model has now
+            return model.configure_optimizers()
+
+        model.configure_optimizers = configure_optimizers
+
 
 def main(args: ArgsType = None) -> None:
     """Entry point of the ``lightning-s2a`` console script (``bench`` is its own subcommand)."""
@@ -255,3 +278,11 @@ def main(args: ArgsType = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _positive(value: Any) -> bool:
+    """True for a step count that limits a run (Lightning reads -1 and None as no limit)."""
+    try:
+        return int(value) > 0
+    except (TypeError, ValueError):
+        return value is not None

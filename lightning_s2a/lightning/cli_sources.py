@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import yaml
@@ -89,6 +89,14 @@ def _inline(given: str) -> Any:
         return yaml.safe_load(given)
     except yaml.YAMLError:
         return None
+
+
+def _scalar(given: str) -> Any:
+    """A flag's value as the parser reads it (``-1``, ``null``), else the string."""
+    try:
+        return yaml.safe_load(given)
+    except yaml.YAMLError:
+        return given
 
 
 def _nested_file(value: Any, base: str) -> Any:
@@ -192,28 +200,31 @@ def refuse_printing_carried_args(args: list[str]) -> None:
             )
 
 
-def sets_trainer(args: list[str] | dict[str, Any], name: str) -> bool:
-    """True if the command line or a config file sets ``trainer.<name>``: ``--trainer.<name>``,
-    ``--trainer`` with a YAML file or inline dict, a config's ``trainer:`` section (inline, or
-    a YAML file it names), or the ``trainer`` entry of arguments given as a dict."""
+def sets_trainer(
+    args: list[str] | dict[str, Any], name: str, counts: Callable[[Any], bool] = lambda v: True
+) -> bool:
+    """True if the command line or a config file sets ``trainer.<name>`` to a value that
+    ``counts``: ``--trainer.<name>``, ``--trainer`` with a YAML file or inline dict, a config's
+    ``trainer:`` section (inline, or a YAML file it names), or the ``trainer`` entry of
+    arguments given as a dict."""
     if isinstance(args, dict):
         sections = [args, *(args[c] for c in SUBCOMMANDS if isinstance(args.get(c), dict))]
-        return any(_names(section.get("trainer"), name) for section in sections)
+        return any(_names(section.get("trainer"), name, counts) for section in sections)
     for flag, value in _flags(args):
-        if flag == f"--trainer.{name}":
+        if flag == f"--trainer.{name}" and counts(_scalar(value)):
             return True
-        if flag == "--trainer" and _names(_loaded(value), name):
+        if flag == "--trainer" and _names(_loaded(value), name, counts):
             return True
         if flag in ("--config", "-c") and any(
-            _names(s.get("trainer"), name) for s in _config_sections(value)
+            _names(s.get("trainer"), name, counts) for s in _config_sections(value)
         ):
             return True
     return False
 
 
-def _names(trainer: Any, name: str) -> bool:
-    """True if a trainer section (a dict) sets ``name``."""
-    return isinstance(trainer, dict) and name in trainer
+def _names(trainer: Any, name: str, counts: Callable[[Any], bool]) -> bool:
+    """True if a trainer section (a dict) sets ``name`` to a value that ``counts``."""
+    return isinstance(trainer, dict) and name in trainer and counts(trainer[name])
 
 
 def _loaded(given: str) -> Any:
