@@ -99,8 +99,9 @@ def test_engine_uses_the_rewrite_whenever_it_compresses(surgery):
     # The only saved tensor before fc's bias is the amax mask, packed to one exact bit per
     # element, so the bias gradient is exact; fc's output is never saved.
     numel = 4 * 16 * 32
-    assert masks["raw_bytes"] == numel  # a bool per element
-    assert masks["stored_bytes"] == numel // 8
+    # raw: what PyTorch's amax keeps, its float64 input and output (4 x 32)
+    assert masks["raw_bytes"] == numel * 8 + 4 * 32 * 8
+    assert masks["stored_bytes"] == numel // 8  # one bit per element
     assert_close_in_norm(approx, exact, 1e-12)
 
 
@@ -177,3 +178,43 @@ def test_engine_gradients_through_an_inf_norm_are_finite_and_close(form):
         approx = _grads(model, x)
     assert torch.isfinite(approx).all()
     assert_close_in_norm(approx, exact, 0.02)
+
+
+_RAW_OPS = {
+    "amax": lambda h: F.gelu(h).amax(1, keepdim=True) * h,
+    "amin": lambda h: h - h.amin(1, keepdim=True),
+    "full max": lambda h: h * h.max(),
+    "inf norm": lambda h: h / torch.linalg.vector_norm(h, ord=float("inf"), dim=-1, keepdim=True),
+    "normalize inf": lambda h: F.normalize(h, p=float("inf"), dim=-1),
+    "sin": lambda h: torch.sin(3 * h),
+}
+
+
+class _RawNet(nn.Module):
+    def __init__(self, op: str):
+        super().__init__()
+        self.op, self.a, self.c, self.head = (
+            op,
+            nn.Linear(64, 64),
+            nn.Linear(64, 64),
+            nn.Linear(64, 5),
+        )
+
+    def forward(self, x):
+        return self.head(self.c(_RAW_OPS[self.op](self.a(x))).mean(1))
+
+
+@pytest.mark.parametrize("op", list(_RAW_OPS))
+def test_raw_bytes_count_what_the_uncompressed_run_keeps(op):
+    """The rewrites installed with compression save a mask (or a derivative) in place of
+    PyTorch's input and output: raw counted the mask, up to 86% low (amin) or 24% high (an
+    inf norm) against ``compress=False``, so the reported ratio erred either way."""
+    torch.manual_seed(0)
+    model = _RawNet(op).double()
+    x = torch.randn(4, 50, 64, dtype=torch.float64)
+    raw = []
+    for cfg in ({"compress": False}, {}, {"bits": 8}):
+        with apply_s2a(model, S2AConfig(head="head", **cfg)) as handle:
+            model(x).sum().backward()
+            raw.append(handle.stats()["raw_bytes"])
+    assert raw[0] > 0 and raw[1] == raw[0] and raw[2] == raw[0]

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .accounting import ForwardAccount, part_of
+from .accounting import ForwardAccount, part_of, raw_of
 from .attention import fused_operand
 from .backend import resolve_backend
 from .batching import Batched
@@ -95,6 +95,7 @@ class PackingMixin:
             kind = "fused_attention"  # its backward recomputes from it: see fused_operands
         account = self._account
         assert account is not None
+        raw = raw_of(t)  # a rewrite's tensor counts raw as what PyTorch's op would save
         bits = configured = cfg.bits_for(kind)
         numel = self._remember(t)
         frame = ""
@@ -135,7 +136,7 @@ class PackingMixin:
         part = self._part()
         if keep:
             kept = compact(t, self._copies) if cfg.compress and not self._exact else t
-            account.add(kind, t, None, part, kept)  # raw: the original's, as uncompressed
+            account.add(kind, t, None, part, kept, raw)  # raw: the original's, as uncompressed
             return Kept(kept)
         row = call.row
         if not row and t.dim() > 1 and t.shape[-1] in self._row_widths:
@@ -161,16 +162,16 @@ class PackingMixin:
             self._attach_codebook(t, call, opts)
         packed = QUANTIZERS[kind](t.detach(), opts)
         if isinstance(packed, Batched):  # coded with its batch: counted for its share now
-            account.add(kind, t, packed.share, part)
+            account.add(kind, t, packed.share, part, None, raw)
             packed.on_kept = functools.partial(account.restate, kind, part)
             return packed
         if packed.pending is not None:  # counted once the device says whether codes hold it
-            self._deferred.add(packed, lambda p: self._count(account, kind, t, p, part))
+            self._deferred.add(packed, lambda p: self._count(account, kind, t, p, part, raw))
             return packed
         if packed.raw is not None:  # no code could hold it faithfully: kept as it is
-            account.add(kind, t, None, part, packed.raw)  # counted like any kept tensor
+            account.add(kind, t, None, part, packed.raw, raw)  # counted like any kept tensor
             return packed
-        account.add(kind, t, packed.nbytes, part)
+        account.add(kind, t, packed.nbytes, part, None, raw)
         return packed
 
     def _remember(self, t: torch.Tensor) -> int:
@@ -183,9 +184,12 @@ class PackingMixin:
         return numel
 
     @staticmethod
-    def _count(account: ForwardAccount, kind: str, t: torch.Tensor, packed: Any, part: str):
+    def _count(
+        account: ForwardAccount, kind: str, t: torch.Tensor, packed: Any, part: str, raw: Any
+    ) -> None:
         """Count a deferred tensor: kept as it is (views once), or its codes."""
-        account.add(kind, t, None if packed.raw is not None else packed.nbytes, part)
+        stored = None if packed.raw is not None else packed.nbytes
+        account.add(kind, t, stored, part, None, raw)
 
     def _part(self) -> str:
         return part_of(self._frames[-1][0] if self._frames else "", self.parts)

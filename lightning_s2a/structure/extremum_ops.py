@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..engine.accounting import raw_as
 from .frozen_ops import bind_args
 
 _REDUCE_ARGS = ("input", "dim", "keepdim")
@@ -52,7 +53,7 @@ class _MaskedExtremum(torch.autograd.Function):
         mask = torch.ops.aten.eq.Tensor(x, full)
         if nan_hits:  # as PyTorch's full max/min: a NaN result's gradient goes to the NaNs
             mask |= x.isnan() & full.isnan()
-        ctx.save_for_backward(mask)
+        ctx.save_for_backward(raw_as(mask, x, out))  # raw: PyTorch's op saves x and out
         ctx.reduced, ctx.keepdim = reduced, keepdim
         return out
 
@@ -104,7 +105,7 @@ class _MaskedInfNorm(torch.autograd.Function):
         reduced = _reduced(x, dims)
         full = _unreduce(out, reduced, keepdim)
         hits = torch.ops.aten.eq.Tensor(x.abs(), full) & (x != 0)  # sgn(0) = 0, as PyTorch
-        ctx.save_for_backward(hits, x > 0)
+        ctx.save_for_backward(raw_as(hits, x, out), raw_as(x > 0))
         ctx.reduced, ctx.keepdim = reduced, keepdim
         return out
 

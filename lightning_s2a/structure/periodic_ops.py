@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..engine.accounting import raw_as
 from ..engine.packed import SECOND_ORDER_ERROR
 
 _ATEN = {"sin": torch.ops.aten.sin.default, "cos": torch.ops.aten.cos.default}
@@ -31,7 +32,7 @@ def _derivative(name: str, x: torch.Tensor) -> torch.Tensor:
 class _SavedDerivative(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, name):
-        ctx.save_for_backward(_derivative(name, x))
+        ctx.save_for_backward(raw_as(_derivative(name, x), x))  # raw: PyTorch's saves x
         return _ATEN[name](x)
 
     @staticmethod
