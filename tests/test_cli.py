@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import pickle
 import sys
 
 import pytest
@@ -392,4 +393,9 @@ def test_a_command_line_optimizer_holds_the_prompts_s2a_adds(tmp_path):
     assert type(optimizer) is torch.optim.Adam and optimizer.defaults["lr"] == 0.002
     scheduler = cli.trainer.lr_scheduler_configs[0].scheduler
     assert type(scheduler) is torch.optim.lr_scheduler.ExponentialLR
-    assert scheduler.optimizer is optimizer
+    assert scheduler.optimizer is optimizer and scheduler.gamma == 0.5
+    # the model still pickles before fit (ddp_spawn, torch.save), as with Lightning's own
+    cli = _cli(tmp_path, "--optimizer", "torch.optim.SGD", "--optimizer.lr", "0.1")
+    assert isinstance(pickle.loads(pickle.dumps(cli.model)), type(cli.model))
+    built = cli.model.configure_optimizers()
+    assert type(built) is torch.optim.SGD and built.defaults["lr"] == 0.1

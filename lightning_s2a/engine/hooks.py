@@ -246,7 +246,8 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
         if self.attached:
             return
         self._modules = list(self.model.modules())
-        self._row_widths = row_widths(self.model, self.config.group_size)
+        heads = [prefix for prefix, label in self.parts if label == "head"]
+        self._row_widths = row_widths(self.model, self.config.group_size, heads)
         for name, module in self.model.named_modules():
             is_root = module is self.model
             pre = module.register_forward_pre_hook(

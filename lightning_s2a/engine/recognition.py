@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -171,11 +172,13 @@ def reduced(t: torch.Tensor, largest: int, shapes: set[torch.Size]) -> bool:
     return False
 
 
-def row_widths(model: nn.Module, group: int) -> frozenset[int]:
+def row_widths(model: nn.Module, group: int, heads: Sequence[str] = ()) -> frozenset[int]:
     """The model's feature widths that are no multiple of the min-max ``group``: Linear
-    in/out features, layer/RMS norm sizes, and the length of any other module's 1-D
-    parameter (a hand-written RMSNorm's weight, a layer scale), convolutions and batch,
-    group and instance norms aside (their 1-D parameters are channels, not rows).
+    in/out features (but the classes a head under ``heads`` puts out: an NCHW map 7 wide
+    is no row of a 7-class head), layer/RMS norm sizes, attention modules' ``head_dim``,
+    and the length of any other module's 1-D parameter (a hand-written RMSNorm's weight, a
+    layer scale), convolutions and batch, group and instance norms aside (their 1-D
+    parameters are channels, not rows).
 
     A tensor saved with one of these as its last dimension is coded in groups along its
     rows: a hand-written row norm (``x * rsqrt(mean(x**2) + eps)``, ``F.normalize``) is no
@@ -184,10 +187,15 @@ def row_widths(model: nn.Module, group: int) -> frozenset[int]:
     """
     skip = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm)
     widths = set()
-    for m in model.modules():
+    for name, m in model.named_modules():
         if isinstance(m, nn.Linear):
-            widths.update((m.in_features, m.out_features))
-        elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)) and m.normalized_shape:
+            head = any(name == h or name.startswith(h + ".") for h in heads if h)
+            widths.update((m.in_features,) if head else (m.in_features, m.out_features))
+            continue
+        head_dim = getattr(m, "head_dim", None)  # timm's and Hugging Face's attention
+        if isinstance(head_dim, int):
+            widths.add(head_dim)
+        if isinstance(m, (nn.LayerNorm, nn.RMSNorm)) and m.normalized_shape:
             widths.add(m.normalized_shape[-1])
         elif not isinstance(m, skip):
             params = m._parameters.values()

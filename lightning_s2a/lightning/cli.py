@@ -19,9 +19,12 @@ import os
 import re
 import sys
 import warnings
+from functools import partial, update_wrapper
+from types import MethodType
 from typing import Any
 
 from lightning.pytorch import Trainer
+from lightning.pytorch import cli as lightning_cli
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -247,21 +250,44 @@ class S2ALightningCLI(LightningCLI):
         """``--optimizer``/``--lr_scheduler``: Lightning builds them here, from the parameters
         the model has before fit, but S2A adds its prompts and side network in setup, after:
         the fit stopped ("parameters that S2A trains are in no optimizer") with advice for a
-        ``configure_optimizers`` the user never wrote. They are built again, the same way,
-        when the trainer asks for them."""
-        add = super()._add_configure_optimizers_method_to_model
-        add(subcommand)
+        ``configure_optimizers`` the user never wrote. The same classes and arguments are
+        built again when the trainer asks for them (a method of the model, as Lightning's:
+        the model still pickles, for ``ddp_spawn`` and ``torch.save``)."""
+        inits: list[dict] = []
+        build = lightning_cli.instantiate_class
+
+        def noted(args: Any, init: dict) -> Any:
+            inits.append(init)
+            return build(args, init)
+
+        lightning_cli.instantiate_class = noted  # what Lightning instantiates, and how
+        try:
+            super()._add_configure_optimizers_method_to_model(subcommand)
+        finally:
+            lightning_cli.instantiate_class = build
         model = self.model
-        if "configure_optimizers" not in model.__dict__:
+        if "configure_optimizers" not in model.__dict__ or not inits:
             return  # no --optimizer: the model's own configure_optimizers stays
+        fn = partial(
+            _optimizers_when_asked,
+            optimizer_init=inits[0],
+            scheduler_init=inits[1] if len(inits) > 1 else None,
+            configure=self.configure_optimizers,
+        )
+        update_wrapper(fn, self.configure_optimizers)  # as Lightning's (``is_overridden``)
+        model.configure_optimizers = MethodType(fn, model)
 
-        def configure_optimizers() -> Any:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # (its "will be overridden" note: said above)
-                add(subcommand)  # from the parameters the model has now
-            return model.configure_optimizers()
 
-        model.configure_optimizers = configure_optimizers
+def _optimizers_when_asked(
+    model: Any, optimizer_init: dict, scheduler_init: dict | None, configure: Any
+) -> Any:
+    """``configure_optimizers`` of ``--optimizer``/``--lr_scheduler``: built from the
+    parameters the model has when the trainer asks (S2A's prompts and side included)."""
+    optimizer = lightning_cli.instantiate_class(model.parameters(), optimizer_init)
+    scheduler = (
+        lightning_cli.instantiate_class(optimizer, scheduler_init) if scheduler_init else None
+    )
+    return configure(model, optimizer, scheduler)
 
 
 def main(args: ArgsType = None) -> None:
