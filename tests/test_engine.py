@@ -1181,12 +1181,9 @@ def test_row_widths_are_the_feature_widths_off_the_group():
     )  # fmt: skip
     assert row_widths(model, 64) == {96, 100, 48}
     assert row_widths(model, 32) == {100, 48}
-    attention = nn.Module()
-    attention.head_dim = 24  # timm's and Hugging Face's attention name their head width
-    model.append(attention)
     model.append(nn.Linear(192, 7))  # a 7-class head: its classes are no feature width
-    assert row_widths(model, 64, heads=["8"]) == {96, 100, 48, 24}
-    assert row_widths(model, 64) == {96, 100, 48, 24, 7}
+    assert row_widths(model, 64, heads=["7"]) == {96, 100, 48}
+    assert row_widths(model, 64) == {96, 100, 48, 7}
 
 
 class _Squeezed(nn.Module):

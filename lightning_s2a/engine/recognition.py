@@ -175,10 +175,10 @@ def reduced(t: torch.Tensor, largest: int, shapes: set[torch.Size]) -> bool:
 def row_widths(model: nn.Module, group: int, heads: Sequence[str] = ()) -> frozenset[int]:
     """The model's feature widths that are no multiple of the min-max ``group``: Linear
     in/out features (but the classes a head under ``heads`` puts out: an NCHW map 7 wide
-    is no row of a 7-class head), layer/RMS norm sizes, attention modules' ``head_dim``,
-    and the length of any other module's 1-D parameter (a hand-written RMSNorm's weight, a
-    layer scale), convolutions and batch, group and instance norms aside (their 1-D
-    parameters are channels, not rows).
+    is no row of a 7-class head), layer/RMS norm sizes (a per-head q/k norm's too), and the
+    length of any other module's 1-D parameter (a hand-written RMSNorm's weight, a layer
+    scale), convolutions and batch, group and instance norms aside (their 1-D parameters
+    are channels, not rows).
 
     A tensor saved with one of these as its last dimension is coded in groups along its
     rows: a hand-written row norm (``x * rsqrt(mean(x**2) + eps)``, ``F.normalize``) is no
@@ -192,9 +192,6 @@ def row_widths(model: nn.Module, group: int, heads: Sequence[str] = ()) -> froze
             head = any(name == h or name.startswith(h + ".") for h in heads if h)
             widths.update((m.in_features,) if head else (m.in_features, m.out_features))
             continue
-        head_dim = getattr(m, "head_dim", None)  # timm's and Hugging Face's attention
-        if isinstance(head_dim, int):
-            widths.add(head_dim)
         if isinstance(m, (nn.LayerNorm, nn.RMSNorm)) and m.normalized_shape:
             widths.add(m.normalized_shape[-1])
         elif not isinstance(m, skip):
