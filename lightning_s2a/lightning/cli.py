@@ -290,6 +290,14 @@ def _optimizers_when_asked(
     return configure(model, optimizer, scheduler)
 
 
+def _positive(value: Any) -> bool:
+    """True for a step count that limits a run (Lightning reads -1 and None as no limit)."""
+    try:
+        return int(value) > 0
+    except (TypeError, ValueError):
+        return value is not None
+
+
 def main(args: ArgsType = None) -> None:
     """Entry point of the ``lightning-s2a`` console script (``bench`` is its own subcommand)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub at run time
@@ -304,11 +312,3 @@ def main(args: ArgsType = None) -> None:
 
 if __name__ == "__main__":
     main()
-
-
-def _positive(value: Any) -> bool:
-    """True for a step count that limits a run (Lightning reads -1 and None as no limit)."""
-    try:
-        return int(value) > 0
-    except (TypeError, ValueError):
-        return value is not None

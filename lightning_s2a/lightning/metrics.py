@@ -44,7 +44,9 @@ class EpochMeter:
             self.raw += stats["raw_bytes"]
             self.stored += stats["stored_bytes"]
 
-    def sum_over_ranks(self, reduce: Callable[[torch.Tensor], torch.Tensor], device) -> None:
+    def sum_over_ranks(
+        self, reduce: Callable[[torch.Tensor], torch.Tensor], device: torch.device
+    ) -> None:
         """Sum the epoch's counts over the processes (``reduce``: the strategy's sum), so each
         rank logs the bytes of every rank's steps: averaged per rank, one rank that measured
         no step (NaN) turned the logged epoch NaN, and compression was a mean of ratios."""
