@@ -2226,3 +2226,27 @@ def test_entry_methods_follow_replicas_pickles_and_failed_entries(monkeypatch, t
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*never returned")
         model(x).sum().backward()
+
+
+class _InputNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln, self.fc, self.head = nn.LayerNorm(64), nn.Linear(64, 64), nn.Linear(64, 5)
+
+    def forward(self, x):
+        return self.head(F.gelu(self.fc(self.ln(x))).mean(1))
+
+
+def test_a_model_input_as_large_as_a_weight_is_coded():
+    """An input of 2 x 32 x 64 values, as many as fc's weight, was taken for "a weight in
+    another form" (computed without autograd, a weight's size) and kept exact: 10x the bytes
+    of the same input at 33 tokens. The forward's own inputs are no weights."""
+    stored = {}
+    for tokens in (32, 33):
+        torch.manual_seed(0)
+        model = _InputNorm()
+        with apply_s2a(model, S2AConfig(head="head")) as handle:
+            model(torch.randn(2, tokens, 64)).sum().backward()
+            norm = handle.stats()["by_kind"]["norm"]
+            stored[tokens] = norm["stored_bytes"] / norm["raw_bytes"]
+    assert stored[32] == pytest.approx(stored[33], rel=0.02) and stored[32] < 0.2

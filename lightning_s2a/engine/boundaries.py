@@ -99,9 +99,13 @@ class BoundariesMixin:
                 self._activate(is_root)
                 # The model's input is what a statistic is smaller than before anything is
                 # saved (a gate saved ahead of its feature map: see ``reduced``).
-                for a in args:
-                    if isinstance(a, torch.Tensor):
-                        self._remember(a)
+                inputs = [a for a in args if isinstance(a, torch.Tensor)]
+                for a in inputs:
+                    self._remember(a)
+                # no "weight in another form", whatever its size (see ``constant``)
+                self._input_ptrs = {
+                    a.untyped_storage().data_ptr() for a in inputs if a.layout == torch.strided
+                }
         if self._active and name == "" and not is_root:
             # An entry method's body (EntryMethod): one count of its ops per account, as
             # in the model's own forward. Counted per entry, forward_head's GELU took the

@@ -118,6 +118,7 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
         self._entry_frame: Any = None
         self._entry_exception: BaseException | None = None  # see BoundariesMixin._enter
         self._peak_before: dict | None = None  # the step's peak before the open forward
+        self._input_ptrs: set[int] = set()  # storages of the open forward's tensor inputs
         self._funcs: dict[Any, tuple] = {}
         self._modules: list[nn.Module] = []
         self._unpacked = False
@@ -221,6 +222,7 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
             "_entry_frame": None,
             "_entry_exception": None,
             "_peak_before": None,
+            "_input_ptrs": set(),
             # a copy made inside a forward (an EMA copy in a hook, torch.save) starts outside
             "_depth": 0,
             "_active": False,

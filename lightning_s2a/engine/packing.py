@@ -116,7 +116,11 @@ class PackingMixin:
             # computed without autograd (an autocast copy of a weight, a standardized or
             # dequantized weight): a constant of the trained graph, not an activation.
             # Dropout noise is one too, but its 1-bit code is exact.
-            or (kind != "dropout" and constant(t, self._weight_numels))
+            or (
+                kind != "dropout"
+                and constant(t, self._weight_numels)
+                and t.untyped_storage().data_ptr() not in self._input_ptrs  # the model's input
+            )
             or (kind in STATS_KINDS and statistics(t, call))
             # a per-row statistic, unless its code is exact anyway (masks, ReLU's 1 bit)
             or (reduced(t, self._largest, self._shapes) and not exact_code(kind, call))
