@@ -976,6 +976,13 @@ def test_a_forward_that_raised_adds_nothing_to_the_steps_bytes(retry):
             plain = handle.engine.step_stats()
     assert handle.engine.step_stats() == plain and plain["raw_bytes"] > 0
     assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+    # a forward that raised leaves stats() at the last one that returned (it read zeros)
+    last = handle.stats()
+    model.fail = True
+    with pytest.raises(RuntimeError):
+        model(x)
+    model.fail = False
+    assert handle.stats() == last
     # A forward that handles an error of its own and returns counts in full.
     model.inner = True
     model(x).sum().backward()

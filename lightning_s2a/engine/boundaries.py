@@ -228,11 +228,11 @@ class BoundariesMixin:
             if failed:
                 self._account.undo()
                 self._step_peak = self._peak_before
-        self._last = self._account.summary()
-        if failed:
+        if failed:  # stats() stays the last forward that returned
             self.forwards_failed += 1
             return
         self._account.end()
+        self._last = self._account.summary()
         peak = self._step_peak
         if self._per_step and (peak is None or self._last["stored_bytes"] >= peak["stored_bytes"]):
             self._step_peak = self._last
