@@ -102,10 +102,14 @@ class BoundariesMixin:
                 inputs = [a for a in args if isinstance(a, torch.Tensor)]
                 for a in inputs:
                     self._remember(a)
-                # no "weight in another form", whatever its size (see ``constant``)
-                self._input_ptrs = {
-                    a.untyped_storage().data_ptr() for a in inputs if a.layout == torch.strided
-                }
+                # no "weight in another form", whatever its size (see ``constant``); only
+                # codes need it (compress=False may run under torch.compile, which cannot
+                # trace storage reads)
+                self._input_ptrs = set()
+                if self.config.compress:
+                    for a in inputs:
+                        if a.layout == torch.strided:
+                            self._input_ptrs.add(a.untyped_storage().data_ptr())
         if self._active and name == "" and not is_root:
             # An entry method's body (EntryMethod): one count of its ops per account, as
             # in the model's own forward. Counted per entry, forward_head's GELU took the
