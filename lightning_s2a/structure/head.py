@@ -127,15 +127,12 @@ def head_guess(model: nn.Module) -> tuple[str, str]:
     if not heads:
         return "", ""
     parent = heads[0].rpartition(".")[0]
-    layers = list(model.get_submodule(parent).children()) if parent else []
-    mlp = (
-        isinstance(model.get_submodule(parent), nn.Sequential)
-        and sum(isinstance(m, nn.Linear) for m in layers) > 1
-        and all(
-            isinstance(m, nn.Linear)
-            or (not list(m.children()) and all(p.dim() <= 1 for p in m.parameters()))
-            for m in layers
-        )
+    container = model.get_submodule(parent) if parent else None  # the model itself: no head
+    layers = list(container.children()) if isinstance(container, nn.Sequential) else []
+    mlp = sum(isinstance(m, nn.Linear) for m in layers) > 1 and all(
+        isinstance(m, nn.Linear)
+        or (not list(m.children()) and all(p.dim() <= 1 for p in m.parameters()))
+        for m in layers
     )
     if mlp:
         return parent, "the MLP head that ends in its last Linear"
