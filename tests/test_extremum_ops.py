@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_s2a import S2AConfig, apply_s2a
-from lightning_s2a.structure.extremum_ops import masked_extremum, masked_inf_norm
+from lightning_s2a.structure.extremum_ops import masked_extremum, masked_norm
 from tests.conftest import assert_close_in_norm
 
 CASES = [
@@ -125,7 +125,7 @@ def test_inf_norm_rewrite_matches_pytorch_gradient_with_ties(func, kwargs):
     x = (torch.randn(4, 6, 5, dtype=torch.float64) * 2).round()  # ties, zeros, both signs
     a = x.clone().requires_grad_(True)
     b = x.clone().requires_grad_(True)
-    out = masked_inf_norm(func, (a,), kwargs)
+    out = masked_norm(func, (a,), kwargs)
     ref = func(b, **{k: v for k, v in kwargs.items() if k != "out"})
     # Only two exact masks are saved (where |x| is the norm, and x's sign): not x itself.
     assert [t.dtype for t in out.grad_fn.saved_tensors] == [torch.bool, torch.bool]
@@ -147,7 +147,7 @@ def test_inf_norm_rewrite_matches_pytorch_gradient_with_ties(func, kwargs):
 )
 def test_inf_norm_rewrite_declines_other_norms(func, kwargs):
     x = torch.randn(3, 4, 5, requires_grad=True)
-    assert masked_inf_norm(func, (x,), kwargs) is NotImplemented
+    assert masked_norm(func, (x,), kwargs) is NotImplemented
 
 
 class _InfNormalized(_Pool):
@@ -187,6 +187,9 @@ _RAW_OPS = {
     "inf norm": lambda h: h / torch.linalg.vector_norm(h, ord=float("inf"), dim=-1, keepdim=True),
     "normalize inf": lambda h: F.normalize(h, p=float("inf"), dim=-1),
     "sin": lambda h: torch.sin(3 * h),
+    "abs": lambda h: h.abs(),
+    "l1 norm": lambda h: h / torch.norm(h, p=1, dim=-1, keepdim=True),
+    "normalize l1": lambda h: F.normalize(h, p=1, dim=-1),
 }
 
 

@@ -19,6 +19,7 @@ import torch
 
 from ..engine.accounting import raw_as
 from .frozen_ops import bind_args
+from .sign_ops import SignedL1Norm
 
 _REDUCE_ARGS = ("input", "dim", "keepdim")
 _REDUCE_DEFAULTS: dict[str, Any] = {"dim": (), "keepdim": False}
@@ -127,14 +128,17 @@ _NORM_ARGS = {
 _NORM_DEFAULTS: dict[str, Any] = {"dim": None, "keepdim": False, "out": None, "dtype": None}
 
 
-def masked_inf_norm(func: Any, args: tuple, kwargs: dict) -> Any:
+def masked_norm(func: Any, args: tuple, kwargs: dict) -> Any:
     """Rewrite of a vector norm of order +-inf (``linalg.vector_norm(x, ord=inf)``,
-    ``x.norm(p=inf)``, ``torch.norm(x, p=inf, dim=...)``): the largest or smallest ``|x|``.
+    ``x.norm(p=inf)``, ``torch.norm(x, p=inf, dim=...)``): the largest or smallest ``|x|``;
+    and of order 1 (``sum |x|``).
 
     Its backward compares ``|x|`` with the saved norm just as ``amax`` does, and takes the
     sign of ``x`` there: coded, the two no longer met (every gradient through it was NaN), and
     near zero the sign flips (the element that sets a ``-inf`` norm is the smallest). Two
-    exact bits per element are saved instead: where ``|x|`` is the norm, and its sign.
+    exact bits per element are saved instead: where ``|x|`` is the norm, and its sign. Order
+    1's backward is the sign of ``x`` alone, saved in two exact bits
+    (:class:`.sign_ops.SignedL1Norm`).
     """
     name = getattr(func, "__name__", "")
     names = _NORM_ARGS.get(name)
@@ -147,7 +151,7 @@ def masked_inf_norm(func: Any, args: tuple, kwargs: dict) -> Any:
         or x.layout != torch.strided
         or not x.requires_grad
         or not isinstance(order, (int, float))
-        or abs(order) != float("inf")
+        or abs(order) not in (1, float("inf"))
         or not isinstance(bound["keepdim"], bool)
     ):
         return NotImplemented
@@ -160,13 +164,18 @@ def masked_inf_norm(func: Any, args: tuple, kwargs: dict) -> Any:
         x = x.to(dtype)  # as the norm does first (saves nothing)
     if not x.is_floating_point() or x.dim() == 0:
         return NotImplemented
+    if order == 1:
+        return SignedL1Norm.apply(x, list(dims), bound["keepdim"])
+    if order == -1:  # a harmonic mean of |x|: its backward needs the values
+        return NotImplemented
     reduce = torch.ops.aten.amax.default if order > 0 else torch.ops.aten.amin.default
     return _MaskedInfNorm.apply(x, reduce, list(dims), bound["keepdim"])
 
 
-def normalize_inf(func: Any, args: tuple, kwargs: dict) -> Any:
-    """``F.normalize(x, p=+-inf)``: ``x`` over its ±inf norm (from :func:`masked_inf_norm`)
-    clamped to ``eps``, as ``F.normalize`` computes it; other orders run as they are."""
+def normalize_masked(func: Any, args: tuple, kwargs: dict) -> Any:
+    """``F.normalize(x, p=+-inf)`` and ``p=1``: ``x`` over its norm (from
+    :func:`masked_norm`) clamped to ``eps``, as ``F.normalize`` computes it; other orders
+    run as they are."""
     bound = bind_args(
         args,
         kwargs,
@@ -176,9 +185,11 @@ def normalize_inf(func: Any, args: tuple, kwargs: dict) -> Any:
     if bound is None or bound["out"] is not None:
         return NotImplemented
     x, p, dim = bound["input"], bound["p"], bound["dim"]
-    if not isinstance(p, (int, float)) or abs(p) != float("inf") or not isinstance(dim, int):
+    if not isinstance(p, (int, float)) or p not in (1, float("inf"), -float("inf")):
         return NotImplemented
-    norm = masked_inf_norm(torch.linalg.vector_norm, (x,), {"ord": p, "dim": dim, "keepdim": True})
+    if not isinstance(dim, int):
+        return NotImplemented
+    norm = masked_norm(torch.linalg.vector_norm, (x,), {"ord": p, "dim": dim, "keepdim": True})
     if norm is NotImplemented:
         return NotImplemented
     return x / norm.clamp_min(bound["eps"]).expand_as(x)
@@ -187,6 +198,6 @@ def normalize_inf(func: Any, args: tuple, kwargs: dict) -> Any:
 #: Rewrites the engine needs for a correct gradient whenever it compresses.
 EXTREMUM_REWRITES = {
     **{name: masked_extremum for name in _ATEN},
-    **{name: masked_inf_norm for name in _NORM_ARGS},
-    "normalize": normalize_inf,
+    **{name: masked_norm for name in _NORM_ARGS},
+    "normalize": normalize_masked,
 }

@@ -17,13 +17,19 @@ from .frozen_ops import FROZEN_REWRITES, Rewrite
 from .periodic_ops import PERIODIC_REWRITES
 from .pool_ops import compact_max_pool2d, shape_only_avg_pool2d
 from .rnn_ops import RNN_REWRITES
+from .sign_ops import SIGN_REWRITES
 
 REWRITES: dict[str, Rewrite] = {
     **FROZEN_REWRITES,
     "max_pool2d": compact_max_pool2d,
     "avg_pool2d": shape_only_avg_pool2d,
 }
-COMPRESS_REWRITES: dict[str, Rewrite] = {**EXTREMUM_REWRITES, **PERIODIC_REWRITES, **RNN_REWRITES}
+COMPRESS_REWRITES: dict[str, Rewrite] = {
+    **EXTREMUM_REWRITES,
+    **PERIODIC_REWRITES,
+    **SIGN_REWRITES,
+    **RNN_REWRITES,
+}
 FOUR_BIT_REWRITES: dict[str, Rewrite] = {"linear": four_bit_linear}
 
 
