@@ -172,9 +172,10 @@ def _threshold(n: str, a: tuple, k: Mapping[str, Any]) -> ElementwiseSpec:
 
 
 def _clamp(n: str, a: tuple, k: Mapping[str, Any]) -> ElementwiseSpec | None:
-    """``clamp``/``clip``/``clamp_min``/``clamp_max`` with number bounds (tensor bounds are
-    saved too, and stay generic): backward passes the gradient strictly inside the bounds,
-    NaN not, so a 1-bit mask of the saved input (or, in place, the clamped output) is exact."""
+    """``clamp``/``clip``/``clamp_min``/``clamp_max`` with number bounds (with tensor bounds
+    a rewrite saves the comparison: :mod:`..structure.compare_ops`): backward passes the
+    gradient strictly inside the bounds, NaN not, so a 1-bit mask of the saved input (or, in
+    place, the clamped output) is exact."""
     name = n.rstrip("_")
     lo = None if name == "clamp_max" else _arg(a, k, 1, "min", None)
     hi = None if name == "clamp_min" else _arg(a, k, 1 if name == "clamp_max" else 2, "max", None)

@@ -11,7 +11,10 @@ what backward saves.
 
 from __future__ import annotations
 
-from .extremum_ops import EXTREMUM_REWRITES
+from typing import Any
+
+from .compare_ops import COMPARE_REWRITES, routed_pair
+from .extremum_ops import EXTREMUM_REWRITES, masked_extremum
 from .four_bit import four_bit_linear
 from .frozen_ops import FROZEN_REWRITES, Rewrite
 from .periodic_ops import PERIODIC_REWRITES
@@ -24,8 +27,26 @@ REWRITES: dict[str, Rewrite] = {
     "max_pool2d": compact_max_pool2d,
     "avg_pool2d": shape_only_avg_pool2d,
 }
+
+
+def first_of(*rewrites: Rewrite) -> Rewrite:
+    """One rewrite trying ``rewrites`` in turn, for a name with several forms (``max(x)``
+    reduces, ``max(a, b)`` compares): the first that does not decline."""
+
+    def rewrite(func: Any, args: tuple, kwargs: dict) -> Any:
+        for r in rewrites:
+            result = r(func, args, kwargs)
+            if result is not NotImplemented:
+                return result
+        return NotImplemented
+
+    return rewrite
+
+
 COMPRESS_REWRITES: dict[str, Rewrite] = {
+    **COMPARE_REWRITES,
     **EXTREMUM_REWRITES,
+    **{name: first_of(masked_extremum, routed_pair) for name in ("max", "min")},
     **PERIODIC_REWRITES,
     **SIGN_REWRITES,
     **RNN_REWRITES,
