@@ -1345,3 +1345,22 @@ def test_evaluating_a_module_without_s2a_under_a_side_config_is_an_error(tmp_pat
         warnings.simplefilter("always")
         trainer.validate(EncoderClassifier(), _data(8), ckpt_path=path)
     assert not [w for w in said if "has no S2A applied" in str(w.message)]
+
+
+def test_weight_averaging_over_half_precision_frozen_weights_warns(tmp_path):
+    """EMA averages the frozen weights too: held in bfloat16, their average of a constant is
+    computed in bfloat16 and drifts, and after fit the drifted weights were kept, silently."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    def fit(frozen_dtype, averaging):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            callbacks = [S2ACallback(frozen_dtype=frozen_dtype), *averaging]
+            trainer = _trainer(tmp_path, callbacks, max_steps=1, precision="bf16-mixed")
+            trainer.fit(UserModule(), _data(16))
+        return [str(w.message) for w in caught if "drift from the pretrained" in str(w.message)]
+
+    (message,) = fit("bfloat16", [EMAWeightAveraging(decay=0.9)])
+    assert "EMAWeightAveraging" in message and "frozen_dtype=None" in message
+    assert fit("bfloat16", []) == []
+    assert fit(None, [EMAWeightAveraging(decay=0.9)]) == []
