@@ -2257,3 +2257,46 @@ def test_a_model_input_as_large_as_a_weight_is_coded():
             norm = handle.stats()["by_kind"]["norm"]
             stored[tokens] = norm["stored_bytes"] / norm["raw_bytes"]
     assert stored[32] == pytest.approx(stored[33], rel=0.02) and stored[32] < 0.2
+
+
+class _CrossAttention(nn.Module):
+    """Cross-attention of ``queries`` tokens over ``keys`` tokens: nn.MultiheadAttention, or
+    SDPA with values of another width than queries and keys (its math path on CPU)."""
+
+    def __init__(self, how, queries, keys):
+        super().__init__()
+        self.how, self.queries, self.keys = how, queries, keys
+        self.proj = nn.Linear(16, 16)
+        self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.proj(x)
+        q, mem = h[:, : self.queries], h[:, -self.keys :]
+        if self.how == "mha":
+            out = self.mha(q, mem, mem, need_weights=False)[0]
+        else:  # two heads of width 4 for queries and keys, 8 for values
+            heads = lambda t, w: t[..., : 2 * w].unflatten(-1, (2, w)).transpose(1, 2)  # noqa: E731
+            out = F.scaled_dot_product_attention(heads(q, 4), heads(mem, 4), heads(mem, 8))
+            out = out.transpose(1, 2).flatten(2)
+        return self.head(out.mean(1))
+
+
+@pytest.mark.parametrize("how", ["mha", "sdpa_value_width"])
+@pytest.mark.parametrize(("queries", "keys"), [(4, 24), (24, 4)])
+def test_cross_attentions_shorter_side_is_coded_not_taken_for_statistics(how, queries, keys):
+    """The query and output of 4 queries over 24 keys (or the key and value of 4 keys under
+    24 queries), split into heads, have fewer elements than the longer operand: they were
+    taken for statistics like the log-sum-exp and kept whole instead of coded."""
+    torch.manual_seed(0)
+    model = _CrossAttention(how, queries, keys)
+    with apply_s2a(model, head="head", min_numel=1) as handle:
+        model(torch.randn(2, 24, 16)).sum().backward()
+        kinds = handle.stats()["by_kind"]
+    if how == "mha":  # fused: q, k, v and out coded, the log-sum-exp (2, 2, queries) whole
+        assert kinds["fused_attention"]["tensors"] == 4
+        lse = 2 * 2 * queries * 4
+        assert kinds["attention"] == {"raw_bytes": lse, "stored_bytes": lse, "tensors": 1}
+    else:  # the math path: every tensor it saves is data, coded (1.7x and 2.7x before)
+        assert kinds["attention"]["tensors"] == 5
+        assert kinds["attention"]["stored_bytes"] * 4 < kinds["attention"]["raw_bytes"]

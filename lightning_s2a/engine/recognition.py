@@ -125,9 +125,26 @@ def constant(t: torch.Tensor, weight_numels: set[int]) -> bool:
     )
 
 
+#: An attention's statistics (the log-sum-exp per query row: ``head_dim`` times fewer
+#: elements than the query) hold at most this share of the query's elements; its data (the
+#: query, key, value and output, reshaped into heads) more.
+ATTENTION_STATS_SHARE = 4
+
+
 def statistics(t: torch.Tensor, call: Call) -> bool:
-    """True for reduced statistics of a norm or attention op (see ``STATS_KINDS``)."""
-    return tuple(t.shape) not in call.arg_shapes and t.numel() < call.arg_numel
+    """True for reduced statistics of a norm or attention op (see ``STATS_KINDS``): a shape
+    none of its data has, and fewer elements than the largest; for attention, as many
+    elements as no operand (the query, key and value split into heads keep theirs) and at
+    most a ``ATTENTION_STATS_SHARE``-th of the query's. Measured against the largest operand
+    alone, cross-attention's shorter side (the query and output of 100 queries over 850 keys,
+    or the key and value of 100 keys under 850 queries, split into heads) was taken for
+    statistics and kept whole instead of at 8 bits."""
+    if tuple(t.shape) in call.arg_shapes:
+        return False
+    numel = t.numel()
+    if call.query_numel:
+        return numel * ATTENTION_STATS_SHARE <= call.query_numel and numel not in call.arg_numels
+    return numel < call.arg_numel
 
 
 #: Calls of one module in a forward that get codebooks of their own (one nn.GELU shared by
@@ -215,6 +232,10 @@ class Call:
     site: tuple | None = None
     arg_shapes: frozenset = frozenset()
     arg_numel: int = 0
+    #: An attention's query's element count (0 for other calls), and every operand's: see
+    #: :func:`statistics`.
+    query_numel: int = 0
+    arg_numels: frozenset = frozenset()
     dim: int = -1
     #: A norm over rows of this many consecutive values each (see ``quantizers.pack_norm``).
     row: int = 0
@@ -304,7 +325,7 @@ def classify(engine: SavedTensorEngine, info: tuple, args: tuple, kwargs: dict) 
         # like statistics, kept whole (4.3 of 15.5 MiB stored).
         data = list(args[:3]) if raw == "scaled_dot_product_attention" else list(args)
         data += [v for k, v in kwargs.items() if k not in ATTENTION_MASKS]
-        shapes, numel = set(), 0
+        shapes, numels = set(), set()
         for a in data:
             if (
                 isinstance(a, torch.Tensor)
@@ -312,9 +333,13 @@ def classify(engine: SavedTensorEngine, info: tuple, args: tuple, kwargs: dict) 
                 and not constant(a, engine._weight_numels)
             ):
                 shapes.add(tuple(a.shape))
-                numel = max(numel, a.numel())
+                numels.add(a.numel())
         call.arg_shapes = frozenset(shapes)
-        call.arg_numel = numel
+        call.arg_numel = max(numels, default=0)
+        if kind == "attention":
+            query = kwargs.get("query", args[0] if args else None)
+            call.query_numel = query.numel() if isinstance(query, torch.Tensor) else 0
+            call.arg_numels = frozenset(numels)
         call.row = norm_row(raw, args, kwargs)
         call.channels = raw in CHANNEL_NORMS
         if raw in FUSED_ATTENTION:

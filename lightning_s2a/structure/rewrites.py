@@ -29,24 +29,26 @@ REWRITES: dict[str, Rewrite] = {
 }
 
 
-def first_of(*rewrites: Rewrite) -> Rewrite:
+class FirstOf:
     """One rewrite trying ``rewrites`` in turn, for a name with several forms (``max(x)``
-    reduces, ``max(a, b)`` compares): the first that does not decline."""
+    reduces, ``max(a, b)`` compares): the first that does not decline. A class, not a
+    closure: the engine's tables are pickled with the model (``ddp_spawn``, ``deepcopy``)."""
 
-    def rewrite(func: Any, args: tuple, kwargs: dict) -> Any:
-        for r in rewrites:
+    def __init__(self, *rewrites: Rewrite) -> None:
+        self.rewrites = rewrites
+
+    def __call__(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        for r in self.rewrites:
             result = r(func, args, kwargs)
             if result is not NotImplemented:
                 return result
         return NotImplemented
 
-    return rewrite
-
 
 COMPRESS_REWRITES: dict[str, Rewrite] = {
     **COMPARE_REWRITES,
     **EXTREMUM_REWRITES,
-    **{name: first_of(masked_extremum, routed_pair) for name in ("max", "min")},
+    **{name: FirstOf(masked_extremum, routed_pair) for name in ("max", "min")},
     **PERIODIC_REWRITES,
     **SIGN_REWRITES,
     **RNN_REWRITES,
