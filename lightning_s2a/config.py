@@ -326,6 +326,26 @@ class S2AConfig:
             )
         if not _is_int(self.seed) or self.seed < 0:
             raise ValueError(f"seed: must be a non-negative integer, got {self.seed!r}.")
+        self._check_module_options()
+
+    def _check_module_options(self) -> None:
+        """A module's own option set without that module would do nothing: said, not
+        ignored (``add_bias=True`` with ``modules=['prompt']`` trained no added bias)."""
+        for name, module in (
+            ("add_bias", "bias"),
+            ("prompt_rank", "prompt"),
+            ("side_width", "side"),
+            ("side_reduction", "side"),
+        ):
+            value = getattr(self, name)
+            if value != type(self).__dataclass_fields__[name].default and module not in (
+                self.modules
+            ):
+                raise ValueError(
+                    f"{name}={value!r} sets the {module!r} module, but modules="
+                    f"{list(self.modules)} trains none, so it would have no effect; add "
+                    f"{module!r} to modules or leave {name} out."
+                )
 
     def bits_for(self, kind: str) -> int | None:
         """Code width for an operator kind; None means stored exact."""

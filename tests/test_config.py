@@ -29,6 +29,11 @@ from lightning_s2a.engine.bitpack import check_bits
         ({"head": "None"}, r"head: 'None' is the string; for None write null"),
         ({"frozen_dtype": "None"}, r"--s2a\.frozen_dtype null"),
         ({"min_numel": 0}, r"min_numel: must be a positive integer"),
+        # a module's own option without the module did nothing, silently
+        ({"modules": ["prompt"], "add_bias": True}, r"add_bias=True sets the 'bias' module"),
+        ({"prompt_rank": 4}, r"prompt_rank=4 sets the 'prompt' module.*no effect"),
+        ({"modules": "bias+prompt", "side_width": 64}, r"side_width=64 sets the 'side' module"),
+        ({"side_reduction": 2}, r"side_reduction=2.*add 'side' to modules or leave"),
     ],
 )
 def test_invalid_config_values_raise_value_error(kwargs, pattern):
@@ -102,7 +107,7 @@ def test_valid_values_of_every_field_are_kept():
         backend="torch",
         bnb_quant_type="fp4",
         seed=0,
-        side_width=16,
+        prompt_rank=4,
         blocks=["encoder.0", "encoder.1"],
         input_size=[3, 32, 32],
         add_bias=True,
@@ -112,6 +117,8 @@ def test_valid_values_of_every_field_are_kept():
     assert cfg.modules == ("bias", "prompt") and cfg.blocks == ("encoder.0", "encoder.1")
     assert cfg.input_size == (3, 32, 32) and cfg.op_bits == {"softmax": 8}
     assert S2AConfig(blocks="encoder.*").blocks == "encoder.*"
+    side = S2AConfig(modules=["side"], side_width=16, side_reduction=2)
+    assert (side.side_width, side.side_reduction) == (16, 2)
 
 
 _UNKNOWN = r"unknown S2AConfig field\(s\) \['bitz'\]; known fields: \['add_bias', 'backend', 'bits'"
