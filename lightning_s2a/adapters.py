@@ -2,16 +2,16 @@
 
 S2A trains well under 1-2% of a backbone, so one frozen backbone can serve many tasks, each
 stored as a small safetensors file. :func:`save_adapter` writes every trainable parameter
-(the S2A modules, and a head that sits outside the backbone) with
-the S2A config and a fingerprint of the frozen backbone; :func:`load_adapter` checks the
-fingerprint, applies S2A with the saved config (or reuses the matching one already applied)
-and copies the tensors in, so adapters can be swapped on one backbone.
+(the S2A modules, and a head that sits outside the backbone) with the S2A config and a
+fingerprint of the frozen backbone (its architecture and a few values of each frozen weight:
+:mod:`.identity`); :func:`load_adapter` checks the fingerprint, applies S2A with the saved
+config (or reuses the matching one already applied) and copies the tensors in, so adapters
+can be swapped on one backbone.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from typing import Any
@@ -23,7 +23,7 @@ from torch import nn
 
 from .api import S2AHandle, apply_s2a, get_handle, model_differences
 from .config import S2AConfig
-from .structure.four_bit import named_held
+from .identity import backbone_identity, describe, frozen_weight_sample, weights_differ
 from .structure.head import head_modules
 
 FORMAT = "lightning_s2a.adapter"
@@ -46,47 +46,6 @@ def find_applied(module: nn.Module) -> tuple[str, S2AHandle]:
             "from the submodule itself."
         )
     return found[0]
-
-
-def backbone_identity(model: nn.Module, handle: S2AHandle | None = None) -> dict[str, Any]:
-    """Class, timm architecture, parameter count and a shape hash of the frozen backbone.
-
-    Only parameters that existed before ``apply_s2a`` count (injected ``s2a_*`` modules and
-    added biases do not), so the identity is the same with or without S2A applied.
-    """
-    before = handle.structure.flags if handle is not None else None
-    digest, count = hashlib.sha256(), 0
-    # Weights held in 4 bits (frozen_dtype="nf4") are parameters of the backbone all the same.
-    shapes = [(n, p.shape) for n, p in model.named_parameters()] + named_held(model)
-    for name, shape in sorted(shapes, key=lambda item: item[0]):
-        if "s2a_" in name or (before is not None and name not in before):
-            continue
-        digest.update(f"{name}:{tuple(shape)}\n".encode())
-        count += shape.numel()
-    # Persistent buffers too: a BatchNorm and a GroupNorm backbone share parameter shapes.
-    buffers = hashlib.sha256()
-    for name, shape in sorted(_persistent_buffers(model)):
-        if "s2a_" not in name:
-            buffers.update(f"{name}:{shape}\n".encode())
-    cfg = getattr(model, "pretrained_cfg", None)
-    arch = cfg.get("architecture") if isinstance(cfg, dict) else None
-    return {
-        "class": type(model).__name__,
-        "architecture": arch,
-        "num_params": count,
-        "shape_sha256": digest.hexdigest(),
-        "buffer_sha256": buffers.hexdigest(),
-    }
-
-
-def _persistent_buffers(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of the buffers a state dict holds (4-bit codes are not persistent)."""
-    return [
-        (f"{prefix}.{name}" if prefix else name, tuple(b.shape))
-        for prefix, m in model.named_modules()
-        for name, b in m._buffers.items()
-        if b is not None and name not in m._non_persistent_buffers_set
-    ]
 
 
 def adapter_tensors(module: nn.Module, handle: S2AHandle) -> dict[str, torch.Tensor]:
@@ -164,16 +123,13 @@ def save_adapter(
         "version": str(VERSION),
         "s2a_config": json.dumps(dataclasses.asdict(handle.config)),
         "backbone": json.dumps(backbone_identity(handle.model, handle)),
+        # a few values of each frozen tensor: the adapter means nothing on other weights
+        "frozen_weights": json.dumps(frozen_weight_sample(handle.model, handle)),
         "prefix": prefix,
         # the size prompts were sized for: another with as many positions loads by shape
         "input_size": json.dumps(list(handle.structure.input_size)),
     }
     save_file(tensors, os.fspath(path), metadata=metadata)
-
-
-def _describe(identity: dict[str, Any]) -> str:
-    name = identity.get("architecture") or identity.get("class")
-    return f"{name} ({identity.get('class')}, {identity.get('num_params', 0):,} params)"
 
 
 def _read(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
@@ -225,9 +181,21 @@ def load_adapter(module: nn.Module, path: str | os.PathLike, strict: bool = True
     ]
     if differs:
         raise ValueError(
-            f"adapter was trained on {_describe(saved)}, this backbone is {_describe(here)} "
+            f"adapter was trained on {describe(saved)}, this backbone is {describe(here)} "
             f"(differs in {', '.join(differs)}). Build the same architecture with the same "
             "constructor arguments (num_classes, depth, img_size, ...) as the adapter's backbone."
+        )
+    sample = json.loads(metadata.get("frozen_weights", "{}"))  # absent before 2026-12-07
+    differ = weights_differ(target, sample, handle)
+    if differ:
+        shown = ", ".join(f"{n} ({rel:.2g} off)" for n, rel in differ[:3])
+        raise ValueError(
+            f"adapter was trained on other frozen weights: {len(differ)} of {len(sample)} "
+            f"frozen tensors of this {describe(here)} hold other values ({shown}"
+            f"{', ...' if len(differ) > 3 else ''}), and its trained modules would compute "
+            "another function on them. Build the backbone with the weights it was trained on "
+            "(timm: the same pretrained=True checkpoint; the same frozen head), or load its "
+            "weights first."
         )
     created = handle is None
     if created:

@@ -497,3 +497,37 @@ def test_an_add_bias_adapter_from_before_in_proj_biases_still_loads(tmp_path):
     fresh = Attention()
     load_adapter(fresh, tmp_path / "old.safetensors")
     assert torch.equal(fresh.attn.in_proj_bias, torch.zeros(24))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [CFG, S2AConfig(modules=("side",), input_size=SIZE), S2AConfig(frozen_dtype="nf4")],
+    ids=["bias+prompt", "side", "nf4"],
+)
+def test_error_other_frozen_weights_of_one_architecture(tmp_path, config):
+    """Checked by shape alone, an adapter loaded into the same architecture built with other
+    weights (another seed, pretrained=False) loaded, and its logits were 2.5 off, argmax
+    agreeing on 25%. The same weights load, also converted to another dtype since."""
+    model = vit()
+    apply_s2a(model, config)
+    perturb(model, 1)
+    save_adapter(model, tmp_path / "a.safetensors")
+    expected = out(model)
+    other = vit(seed=1)
+    with pytest.raises(ValueError, match=r"trained on other frozen weights: \d+ of \d+ .*off"):
+        load_adapter(other, tmp_path / "a.safetensors")
+    assert get_handle(other) is None  # refused before anything was applied
+    same = vit()
+    load_adapter(same, tmp_path / "a.safetensors")
+    assert torch.equal(out(same), expected)
+    converted = vit().bfloat16()  # rounded weights are the same weights
+    load_adapter(converted, tmp_path / "a.safetensors")
+    # a frozen head built differently (head=None: it is part of the frozen backbone)
+    headless = S2AConfig(head=None, input_size=SIZE)
+    model = vit()
+    apply_s2a(model, headless)
+    save_adapter(model, tmp_path / "b.safetensors")
+    other = vit()
+    nn.init.normal_(other.head.weight)
+    with pytest.raises(ValueError, match=r"1 of \d+ frozen tensors .*\(head\.weight \("):
+        load_adapter(other, tmp_path / "b.safetensors")
