@@ -22,21 +22,23 @@ from ..messages import some_names
 from .callback_state import CheckpointState
 from .checkpoint import load_other_engines, other_handles
 from .checks import (
-    check_averaging_after,
     check_batch_norms_in_place,
     check_evaluation_alone,
     check_head_outside,
-    check_no_finetuning,
-    check_no_swa,
     check_optimized,
     check_single_s2a,
     copied_back_error,
-    copies_model_in_setup,
     warn_frozen_optimizers,
 )
 from .data import sized_from_data
 from .metrics import EpochMeter
 from .module_hooks import parameter_layout, unwrap_hook, wrap_hook
+from .other_callbacks import (
+    check_averaging_after,
+    check_no_finetuning,
+    check_no_swa,
+    copies_model_in_setup,
+)
 from .steps import TrainingSteps
 
 

@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..config import S2AConfig, check_field_names
 from .callback import S2ACallback
-from .checks import copies_model_in_setup
+from .other_callbacks import copies_model_in_setup
 
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(S2AConfig)}
 
