@@ -141,6 +141,11 @@ def test_token_grid_finds_the_patch_grid_and_prefix_tokens():
     assert token_grid(196, (224, 224), 1) == (16, 0)
     with pytest.raises(ValueError, match=r"do not make a \(H/s\) x \(W/s\) grid.*input_size"):
         token_grid(100, (16, 16), None)
+    # 16-pixel patches of 100 px, no class token: a 6x6 grid cut from the image. Every
+    # leading count at dividing strides first took 11 tokens for class tokens and laid the
+    # other 25 out as 5x5 patches of 20 pixels.
+    assert token_grid(36, (100, 100), None) == (16, 0)
+    assert token_grid(37, (100, 100), None) == (16, 1)
 
 
 def test_tokens_are_laid_out_row_by_row_after_the_prefix():
