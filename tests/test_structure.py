@@ -2099,3 +2099,33 @@ def test_parameters_frozen_before_that_s2a_trains_are_named(frozen):
     handle.remove()
     assert model.teacher[0].bias.requires_grad == (frozen == "nothing")
     assert model.head.weight.requires_grad == (frozen != "everything")
+
+
+class _RunTwice(nn.Module):
+    """A universal-transformer-style model: its block list runs twice per forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(2):
+            for block in self.blocks:
+                x = x + block(x)
+        return self.head(x.mean(1))
+
+
+@pytest.mark.parametrize("modules", [["prompt"], ["side"], ["bias", "prompt"]])
+def test_blocks_that_run_twice_per_forward_are_refused(modules):
+    """Each prompt ran on every pass of the loop, added twice per forward, silently (the side
+    network refused at its first forward only)."""
+    model = _RunTwice()
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(
+        ValueError, match=r"3 of _RunTwice's blocks ran more than once.*'blocks\.0': 2 times"
+    ):
+        apply_s2a(model, S2AConfig(modules=modules, head="head", input_size=(5, 8)))
+    assert not any("s2a" in n for n, _ in model.named_modules())
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())

@@ -125,26 +125,44 @@ def constant(t: torch.Tensor, weight_numels: set[int]) -> bool:
     )
 
 
-#: An attention's statistics (the log-sum-exp per query row: ``head_dim`` times fewer
-#: elements than the query) hold at most this share of the query's elements; its data (the
-#: query, key, value and output, reshaped into heads) more.
-ATTENTION_STATS_SHARE = 4
+#: CUDA's memory-efficient attention pads its log-sum-exp's query dimension to a multiple of
+#: this (PyTorch's ``kAlignLSE``).
+LSE_ALIGN = 32
 
 
 def statistics(t: torch.Tensor, call: Call) -> bool:
     """True for reduced statistics of a norm or attention op (see ``STATS_KINDS``): a shape
-    none of its data has, and fewer elements than the largest; for attention, as many
-    elements as no operand (the query, key and value split into heads keep theirs) and at
-    most a ``ATTENTION_STATS_SHARE``-th of the query's. Measured against the largest operand
-    alone, cross-attention's shorter side (the query and output of 100 queries over 850 keys,
-    or the key and value of 100 keys under 850 queries, split into heads) was taken for
-    statistics and kept whole instead of at 8 bits."""
+    none of its data has, and fewer elements than the largest. For attention, the log-sum-exp
+    itself: one value per query row and head (its query dimension padded or not, see
+    :func:`lse_shapes`), last in its shape. Measured against the largest operand,
+    cross-attention's shorter side (the query and output of 100 queries over 850 keys, or the
+    key and value of 100 keys under 850 queries, split into heads) was taken for statistics
+    and kept whole instead of at 8 bits."""
     if tuple(t.shape) in call.arg_shapes:
         return False
-    numel = t.numel()
-    if call.query_numel:
-        return numel * ATTENTION_STATS_SHARE <= call.query_numel and numel not in call.arg_numels
-    return numel < call.arg_numel
+    if call.lse:
+        numels, lasts = call.lse
+        return t.numel() in numels and t.dim() > 0 and t.shape[-1] in lasts
+    return t.numel() < call.arg_numel
+
+
+def lse_shapes(raw: str, args: tuple, kwargs: dict) -> tuple[frozenset, frozenset] | None:
+    """``(element counts, last sizes)`` an attention call's log-sum-exp may have: per query
+    row and head, ``rows`` or ``rows`` padded to :data:`LSE_ALIGN` (last size ``rows``, the
+    padded count, or 1: cuDNN's ``(B, H, N, 1)``); None where the query is not read."""
+    query = kwargs.get("query", args[0] if args else None)
+    if not isinstance(query, torch.Tensor) or query.dim() < 2:
+        return None
+    if raw == "multi_head_attention_forward":  # query (N, B, E) or (N, E), seq first
+        heads = kwargs.get("num_heads", args[4] if len(args) > 4 else None)
+        if not isinstance(heads, int) or heads < 1:
+            return None
+        rows, groups = query.shape[0], (query.numel() // query.shape[0] // query.shape[-1])
+        groups *= heads
+    else:  # (..., N, D)
+        rows, groups = query.shape[-2], query.numel() // (query.shape[-2] * query.shape[-1])
+    padded = -(-rows // LSE_ALIGN) * LSE_ALIGN
+    return frozenset({groups * rows, groups * padded}), frozenset({rows, padded, 1})
 
 
 #: Calls of one module in a forward that get codebooks of their own (one nn.GELU shared by
@@ -232,10 +250,9 @@ class Call:
     site: tuple | None = None
     arg_shapes: frozenset = frozenset()
     arg_numel: int = 0
-    #: An attention's query's element count (0 for other calls), and every operand's: see
-    #: :func:`statistics`.
-    query_numel: int = 0
-    arg_numels: frozenset = frozenset()
+    #: An attention's log-sum-exp element counts and last sizes (None for other calls):
+    #: see :func:`statistics`.
+    lse: tuple[frozenset, frozenset] | None = None
     dim: int = -1
     #: A norm over rows of this many consecutive values each (see ``quantizers.pack_norm``).
     row: int = 0
@@ -325,7 +342,7 @@ def classify(engine: SavedTensorEngine, info: tuple, args: tuple, kwargs: dict) 
         # like statistics, kept whole (4.3 of 15.5 MiB stored).
         data = list(args[:3]) if raw == "scaled_dot_product_attention" else list(args)
         data += [v for k, v in kwargs.items() if k not in ATTENTION_MASKS]
-        shapes, numels = set(), set()
+        shapes, numel = set(), 0
         for a in data:
             if (
                 isinstance(a, torch.Tensor)
@@ -333,13 +350,11 @@ def classify(engine: SavedTensorEngine, info: tuple, args: tuple, kwargs: dict) 
                 and not constant(a, engine._weight_numels)
             ):
                 shapes.add(tuple(a.shape))
-                numels.add(a.numel())
+                numel = max(numel, a.numel())
         call.arg_shapes = frozenset(shapes)
-        call.arg_numel = max(numels, default=0)
+        call.arg_numel = numel
         if kind == "attention":
-            query = kwargs.get("query", args[0] if args else None)
-            call.query_numel = query.numel() if isinstance(query, torch.Tensor) else 0
-            call.arg_numels = frozenset(numels)
+            call.lse = lse_shapes(raw, args, kwargs)
         call.row = norm_row(raw, args, kwargs)
         call.channels = raw in CHANNEL_NORMS
         if raw in FUSED_ATTENTION:

@@ -253,10 +253,11 @@ def block_output_shapes(
     which of the modules named in ``owners`` ran a child added to them (:class:`~.holders.Probe`).
     """
     probes = {name: Probe() for name in owners}
+    calls: dict[str, int] = {}
     try:
         for name, probe in probes.items():
             model.get_submodule(name).add_module(PROBE_NAME, probe)
-        outputs, out = dry_forward(model, blocks, input_size)
+        outputs, out = dry_forward(model, blocks, input_size, calls)
     except Exception as err:
         ran = {name for name, probe in probes.items() if probe.ran}
         if ran:  # a probe that ran may have made the forward fail: the caller moves it
@@ -289,6 +290,16 @@ def block_output_shapes(
     missing = [b.name for b in blocks if b.name not in shapes]
     if missing:
         raise ValueError(f"blocks {missing} did not run in a forward pass; name blocks that do.")
+    again = {n: c for n, c in calls.items() if c > 1}
+    if again:
+        name, count = next(iter(again.items()))
+        raise ValueError(
+            f"'prompt' and 'side' attach once to each block's output, but {len(again)} of "
+            f"{type(model).__name__}'s blocks ran more than once in one forward (block "
+            f"{name!r}: {count} times; a loop over the blocks, or a block reused), so a prompt "
+            "would be added on every run, and the side network reads each block once. Name "
+            "blocks that run once each with S2AConfig(blocks=...), or use modules=['bias']."
+        )
     not_tensors = {b.name: type(shapes[b.name]).__name__ for b in blocks}
     not_tensors = {n: t for n, t in not_tensors.items() if t != "Size"}
     if not_tensors:

@@ -143,16 +143,21 @@ DRY_BATCH = 2
 
 @torch.no_grad()
 def dry_forward(
-    model: nn.Module, blocks: list[Block], input_size: tuple[int, ...]
+    model: nn.Module,
+    blocks: list[Block],
+    input_size: tuple[int, ...],
+    calls: dict[str, int] | None = None,
 ) -> tuple[dict[str, object], object]:
     """One eval forward of :data:`DRY_BATCH` zero samples of ``input_size`` (C, H, W): each
-    block's first output and the model's. Every module's mode is put back; a failing forward
-    raises."""
+    block's first output and the model's (and into ``calls``, how often each block ran).
+    Every module's mode is put back; a failing forward raises."""
     outputs: dict[str, object] = {}
+    counts = {} if calls is None else calls
 
     def recorder(name: str):
         def hook(module: nn.Module, args: object, output: object) -> None:
             outputs.setdefault(name, output)
+            counts[name] = counts.get(name, 0) + 1
 
         return hook
 
