@@ -2275,6 +2275,10 @@ class _CrossAttention(nn.Module):
         q, mem = h[:, : self.queries], h[:, -self.keys :]
         if self.how == "mha":
             out = self.mha(q, mem, mem, need_weights=False)[0]
+        elif self.how == "sdpa":  # two heads of width 8 (a fused path on CPU)
+            heads = lambda t: t.unflatten(-1, (2, 8)).transpose(1, 2)  # noqa: E731
+            out = F.scaled_dot_product_attention(heads(q), heads(mem), heads(mem))
+            out = out.transpose(1, 2).flatten(2)
         else:  # two heads of width 4 for queries and keys, 8 for values
             heads = lambda t, w: t[..., : 2 * w].unflatten(-1, (2, w)).transpose(1, 2)  # noqa: E731
             out = F.scaled_dot_product_attention(heads(q, 4), heads(mem, 4), heads(mem, 8))
@@ -2300,3 +2304,32 @@ def test_cross_attentions_shorter_side_is_coded_not_taken_for_statistics(how, qu
     else:  # the math path: every tensor it saves is data, coded (1.7x and 2.7x before)
         assert kinds["attention"]["tensors"] == 5
         assert kinds["attention"]["stored_bytes"] * 4 < kinds["attention"]["raw_bytes"]
+
+
+@pytest.mark.parametrize(("queries", "keys"), [(40, 5), (40, 6), (80, 10)])
+def test_the_log_sum_exp_stays_exact_whatever_the_lengths(queries, keys):
+    """With queries == keys x head_dim (8), a key split into heads has as many elements as the
+    log-sum-exp: a first rule by element counts took one for the other and coded the lse."""
+    torch.manual_seed(0)
+    model = _CrossAttention("sdpa", queries, keys)
+    with apply_s2a(model, head="head", min_numel=1) as handle:
+        model(torch.randn(2, max(queries, keys), 16)).sum().backward()
+        kinds = handle.stats()["by_kind"]
+    lse = 2 * 2 * queries * 4  # (batch, heads, queries) in float32
+    assert kinds["attention"] == {"raw_bytes": lse, "stored_bytes": lse, "tensors": 1}
+    assert kinds["fused_attention"]["tensors"] == 4
+
+
+def test_a_padded_log_sum_exp_is_a_statistic():
+    """CUDA's memory-efficient attention pads the lse's rows to a multiple of 32: for one to
+    three queries (attention pooling) it has more elements than the query itself."""
+    from lightning_s2a.engine.recognition import Call, attention_shapes, statistics
+
+    for batch, heads, rows, dim in ((8, 12, 1, 64), (8, 6, 2, 32), (8, 3, 197, 64)):
+        q = torch.zeros(batch, heads, rows, dim)
+        call = Call(kind="attention", arg_shapes=frozenset({tuple(q.shape)}))
+        call.lse, call.data_numels = attention_shapes("scaled_dot_product_attention", (q, q, q), {})
+        padded = -(-rows // 32) * 32
+        assert statistics(torch.zeros(batch, heads, padded), call)
+        assert statistics(torch.zeros(batch, heads, rows), call)
+        assert not statistics(torch.zeros(batch, heads, rows, dim // 2), call)  # data

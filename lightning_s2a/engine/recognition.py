@@ -133,36 +133,50 @@ LSE_ALIGN = 32
 def statistics(t: torch.Tensor, call: Call) -> bool:
     """True for reduced statistics of a norm or attention op (see ``STATS_KINDS``): a shape
     none of its data has, and fewer elements than the largest. For attention, the log-sum-exp
-    itself: one value per query row and head (its query dimension padded or not, see
-    :func:`lse_shapes`), last in its shape. Measured against the largest operand,
+    is told by its own shapes (one value per query row and head, the rows padded or not: see
+    :func:`attention_shapes`), and its query, key, value and output, split into heads, by their
+    element counts, never statistics: measured against the largest operand alone,
     cross-attention's shorter side (the query and output of 100 queries over 850 keys, or the
-    key and value of 100 keys under 850 queries, split into heads) was taken for statistics
-    and kept whole instead of at 8 bits."""
-    if tuple(t.shape) in call.arg_shapes:
+    key and value of 100 keys under 850 queries) was kept whole instead of at 8 bits. Other
+    tensors smaller than the largest operand (a float mask smaller than the query) stay
+    statistics."""
+    shape = tuple(t.shape)
+    if shape in call.arg_shapes:
         return False
-    if call.lse:
-        numels, lasts = call.lse
-        return t.numel() in numels and t.dim() > 0 and t.shape[-1] in lasts
+    if call.lse is not None:
+        if shape in call.lse:
+            return True
+        if t.numel() in call.data_numels:  # the query, key, value or output, split into heads
+            return False
     return t.numel() < call.arg_numel
 
 
-def lse_shapes(raw: str, args: tuple, kwargs: dict) -> tuple[frozenset, frozenset] | None:
-    """``(element counts, last sizes)`` an attention call's log-sum-exp may have: per query
-    row and head, ``rows`` or ``rows`` padded to :data:`LSE_ALIGN` (last size ``rows``, the
-    padded count, or 1: cuDNN's ``(B, H, N, 1)``); None where the query is not read."""
+def attention_shapes(raw: str, args: tuple, kwargs: dict) -> tuple[frozenset, frozenset] | None:
+    """``(log-sum-exp shapes, data element counts)`` of an attention call. The log-sum-exp
+    has one value per query row and head: ``(*batch, heads, rows)``, the rows padded to
+    :data:`LSE_ALIGN` or not, with or without a trailing 1 (cuDNN). The data are the query,
+    key, value and output, whatever their split into heads. None where the query, key and
+    value are not read."""
     query = kwargs.get("query", args[0] if args else None)
-    if not isinstance(query, torch.Tensor) or query.dim() < 2:
+    key = kwargs.get("key", args[1] if len(args) > 1 else None)
+    value = kwargs.get("value", args[2] if len(args) > 2 else None)
+    if not all(isinstance(t, torch.Tensor) and t.dim() >= 2 for t in (query, key, value)):
         return None
-    if raw == "multi_head_attention_forward":  # query (N, B, E) or (N, E), seq first
+    if raw == "multi_head_attention_forward":  # (N, B, E) or (N, E), seq first, projected
         heads = kwargs.get("num_heads", args[4] if len(args) > 4 else None)
         if not isinstance(heads, int) or heads < 1:
             return None
-        rows, groups = query.shape[0], (query.numel() // query.shape[0] // query.shape[-1])
-        groups *= heads
+        rows, width = query.shape[0], query.shape[-1]
+        batch = query.shape[1] if query.dim() == 3 else 1
+        lead: tuple[int, ...] = (batch, heads)
+        data = {rows * batch * width, key.shape[0] * batch * width}
     else:  # (..., N, D)
-        rows, groups = query.shape[-2], query.numel() // (query.shape[-2] * query.shape[-1])
+        rows, lead = query.shape[-2], tuple(query.shape[:-2])
+        out = query.numel() // query.shape[-1] * value.shape[-1]
+        data = {query.numel(), key.numel(), value.numel(), out}
     padded = -(-rows // LSE_ALIGN) * LSE_ALIGN
-    return frozenset({groups * rows, groups * padded}), frozenset({rows, padded, 1})
+    lse = {(*lead, rows), (*lead, padded), (*lead, rows, 1), (*lead, padded, 1)}
+    return frozenset(lse), frozenset(data)
 
 
 #: Calls of one module in a forward that get codebooks of their own (one nn.GELU shared by
@@ -250,9 +264,10 @@ class Call:
     site: tuple | None = None
     arg_shapes: frozenset = frozenset()
     arg_numel: int = 0
-    #: An attention's log-sum-exp element counts and last sizes (None for other calls):
-    #: see :func:`statistics`.
-    lse: tuple[frozenset, frozenset] | None = None
+    #: The shapes an attention's log-sum-exp may have (None for other calls) and its data's
+    #: element counts: see :func:`statistics`.
+    lse: frozenset | None = None
+    data_numels: frozenset = frozenset()
     dim: int = -1
     #: A norm over rows of this many consecutive values each (see ``quantizers.pack_norm``).
     row: int = 0
@@ -353,8 +368,9 @@ def classify(engine: SavedTensorEngine, info: tuple, args: tuple, kwargs: dict) 
                 numel = max(numel, a.numel())
         call.arg_shapes = frozenset(shapes)
         call.arg_numel = numel
-        if kind == "attention":
-            call.lse = lse_shapes(raw, args, kwargs)
+        shapes_of = attention_shapes(raw, args, kwargs) if kind == "attention" else None
+        if shapes_of is not None:
+            call.lse, call.data_numels = shapes_of
         call.row = norm_row(raw, args, kwargs)
         call.channels = raw in CHANNEL_NORMS
         if raw in FUSED_ATTENTION:
