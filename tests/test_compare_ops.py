@@ -82,6 +82,47 @@ def test_clamp_with_tensor_bounds_gives_pytorchs_gradient(bounds, func):
     _check(routed_clamp, func, tensors, kwargs_of)
 
 
+@pytest.mark.parametrize(
+    ("func", "names"),
+    [
+        (torch.clamp, ("min", "max")),
+        (torch.clamp, ("min",)),
+        (torch.clamp, ("max",)),
+        (torch.maximum, ()),
+        (torch.minimum, ()),
+        (torch.clamp_min, ()),
+    ],
+)
+def test_every_order_of_the_operands_gives_pytorchs_gradient(func, names):
+    """Every order of the operands among 0, 1, 2 and NaN, ties and crossing bounds included,
+    with an infinite and a NaN upstream gradient: written out by hand, clamp's rules with two
+    tensor bounds were wrong in 43 of these 64 cases (40% off in a model)."""
+    import itertools
+
+    arity = 1 + (len(names) or 1)
+    values = torch.tensor([0.0, 1.0, 2.0, _NAN], dtype=torch.float64)
+    combos = torch.tensor(list(itertools.product(range(4), repeat=arity)))
+    operands = [values[combos[:, i]] for i in range(arity)]
+
+    def kwargs_of(ts):
+        return (dict(zip(names, ts[1:], strict=True)), ts[:1]) if names else ({}, ts)
+
+    rewrite = routed_pair if func in (torch.maximum, torch.minimum) else routed_clamp
+    _check(rewrite, func, operands, kwargs_of)
+    upstream = torch.full((len(combos),), float("inf"), dtype=torch.float64)
+    upstream[::3] = _NAN
+    ours = [t.clone().requires_grad_() for t in operands]
+    ref = [t.clone().requires_grad_() for t in operands]
+    kw, pos = kwargs_of(ours)
+    out = rewrite(func, tuple(pos), kw)
+    kw, pos = kwargs_of(ref)
+    expected = func(*pos, **kw)
+    g_o = torch.autograd.grad(out, ours, upstream)
+    g_r = torch.autograd.grad(expected, ref, upstream)
+    for a, b in zip(g_o, g_r, strict=True):  # a loser's 0 stays 0, not inf * 0 = NaN
+        assert torch.equal(a.nan_to_num(9.0), b.nan_to_num(9.0))
+
+
 def test_only_the_inputs_that_need_it_get_a_gradient():
     a, b = _pair()
     a.requires_grad_()
@@ -157,4 +198,4 @@ def test_engine_routes_the_gradient_exactly_at_four_bits(form):
             model.zero_grad(set_to_none=True)
     assert torch.equal(grads[1], grads[0])
     assert raw[1] == raw[0]
-    assert masks["stored_bytes"] * 8 * 8 <= masks["raw_bytes"] * 3  # at most 3 bits of 64
+    assert masks["stored_bytes"] * 32 == masks["raw_bytes"]  # each operand: 2 bits of 64

@@ -1,14 +1,17 @@
-"""Comparisons of two tensors (``maximum``, ``minimum``, ``clamp`` with tensor bounds), saving
-which side each element took, in exact bits, instead of both tensors.
+"""Comparisons of tensors (``maximum``, ``minimum``, ``clamp`` with tensor bounds), saving
+how their operands compare, in exact bits, instead of the operands.
 
 PyTorch's backward of these compares its saved inputs again to route the gradient: all of it
-to the side that won, half to each on a tie. Coded in 4 bits, two values close to each other
-can swap order, and an element's whole gradient goes to the wrong input (a float64 MLP's
-biases before ``torch.maximum`` of two branches: 2.9% off). Only the comparison is needed, so
-these rewrites save it, one bool per outcome the backward tells apart (2 or 3 bits per element
-of the output), and give PyTorch's gradient exactly: ties, NaNs, broadcasting and a clamp
-whose bounds cross included. Installed whenever the engine compresses, as the extremum
-rewrites.
+to the side that won, half to each on a tie, and its own rules for NaNs and crossing bounds.
+Coded in 4 bits, two values close to each other can swap order, and an element's whole
+gradient goes to the wrong input (a float64 MLP's biases before ``torch.maximum`` of two
+branches: 2.9% off). Only the order is needed, so these rewrites save each operand's rank
+among the operands of its element (0, 1 or 2; ties equal; 3 for a NaN), two bools per
+operand the engine packs to one exact bit each. Backward runs PyTorch's own op and backward
+on stand-ins holding those ranks, which compare exactly as the operands did: the gradient is
+PyTorch's bit for bit, whatever its rules (a first version wrote them out, and clamp with two
+tensor bounds was 40% off at ties). Installed whenever the engine compresses, as the
+extremum rewrites.
 """
 
 from __future__ import annotations
@@ -23,86 +26,65 @@ from .frozen_ops import bind_args
 
 _aten = torch.ops.aten
 
-#: ``(forward, weights)`` of one comparison: ``forward(*inputs)`` gives the output and the
-#: masks to save; ``weights(masks, dtype)`` gives each input's share of the gradient.
-Route = tuple[Callable[..., tuple[torch.Tensor, list]], Callable[..., list]]
+
+def _ranks(operands: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each operand's rank among the (broadcast) operands of its element: how many of the
+    others are smaller (ties rank alike, so every comparison comes out the same), 3 for NaN."""
+    values = torch.broadcast_tensors(*operands)
+    ranks = []
+    for i, v in enumerate(values):
+        rank = torch.zeros(v.shape, dtype=torch.uint8, device=v.device)
+        for j, u in enumerate(values):
+            if j != i:
+                rank += u < v  # a NaN compares false: it counts for no one
+        ranks.append(rank.masked_fill_(v.isnan(), 3))
+    return ranks
 
 
-def _pair_masks(a: torch.Tensor, b: torch.Tensor) -> list[torch.Tensor]:
-    return [a < b, a == b, a > b]
+def _stand_ins(masks: tuple, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Tensors holding the saved ranks (two bit masks per operand), NaN for rank 3."""
+    out = []
+    for low, high in zip(masks[::2], masks[1::2], strict=True):
+        rank = low.to(dtype) + 2 * high.to(dtype)
+        out.append(rank.masked_fill_(low & high, float("nan")))
+    return out
 
 
-def _pair_weights(masks: tuple, dtype: torch.dtype, larger: bool) -> list[torch.Tensor]:
-    """``maximum``'s backward: the winner takes the gradient, a tie halves it, and where a
-    NaN compares false both ways each input takes all of it."""
-    lt, eq, gt = (m.to(dtype) for m in masks)
-    a_loses, b_loses = (lt, gt) if larger else (gt, lt)
-    half = eq.mul(0.5)
-    return [1 - a_loses - half, 1 - b_loses - half]
-
-
-_PAIRS: dict[str, Route] = {
-    "maximum": (
-        lambda a, b: (_aten.maximum.default(a, b), _pair_masks(a, b)),
-        lambda m, dtype: _pair_weights(m, dtype, larger=True),
-    ),
-    "minimum": (
-        lambda a, b: (_aten.minimum.default(a, b), _pair_masks(a, b)),
-        lambda m, dtype: _pair_weights(m, dtype, larger=False),
-    ),
-}
+#: The op of each rewrite, on tensors: the forward's value and the stand-ins' backward.
+Op = Callable[..., torch.Tensor]
+_PAIRS: dict[str, Op] = {"maximum": _aten.maximum.default, "minimum": _aten.minimum.default}
 _PAIRS["max"], _PAIRS["min"] = _PAIRS["maximum"], _PAIRS["minimum"]
 
 
-def _clamp_route(has_min: bool, has_max: bool) -> Route:
-    """PyTorch's ``clamp`` backward with tensor bounds. With both: the input's gradient
-    passes where ``min <= x <= max``; ``min`` takes it where ``x < min`` (and ``min < max``),
-    ``max`` where ``x > max`` (or the bounds cross, which gives ``max``). With one bound it
-    is ``maximum``'s (``minimum``'s) backward: a tie halves it, a NaN gives it to both."""
-
-    def forward(x, lo, hi):
-        out = _aten.clamp.Tensor(x, lo, hi)
-        if has_min and has_max:
-            inside = (x >= lo) & (x <= hi)
-            return out, [inside, (x < lo) & (lo < hi), (x > hi) | (hi < lo)]
-        return out, _pair_masks(x, lo if has_min else hi)
-
-    def weights(masks, dtype):
-        if has_min and has_max:
-            return [m.to(dtype) for m in masks]
-        w_x, w_bound = _pair_weights(masks, dtype, larger=has_min)
-        return [w_x, w_bound, None] if has_min else [w_x, None, w_bound]
-
-    return forward, weights
-
-
-_CLAMPS = {
-    (lo, hi): _clamp_route(lo, hi) for lo, hi in ((True, True), (True, False), (False, True))
-}
-
-
-class _Routed(torch.autograd.Function):
-    """Runs a :data:`Route`'s forward and saves its masks; backward gives each tensor input
-    its share of the gradient, summed back to its own (unbroadcast) shape."""
+class _Ranked(torch.autograd.Function):
+    """``op(*operands)``, saving the operands' ranks; backward is ``op``'s own backward on
+    stand-ins of the ranks, summed back to each operand's own (unbroadcast) shape."""
 
     @staticmethod
-    def forward(ctx, route, *inputs):
-        out, masks = route[0](*inputs)
-        tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
-        # raw: PyTorch's op saves its tensor inputs (the other masks stand in for nothing)
-        ctx.save_for_backward(raw_as(masks[0], *tensors), *(raw_as(m) for m in masks[1:]))
-        ctx.route = route
-        ctx.shapes = [t.shape if isinstance(t, torch.Tensor) else None for t in inputs]
-        return out
+    def forward(ctx, op, *operands):
+        masks = []
+        for rank in _ranks(list(operands)):
+            masks += [(rank & 1).bool(), rank >= 2]
+        # raw: PyTorch's op saves its operands (the other masks stand in for nothing)
+        ctx.save_for_backward(raw_as(masks[0], *operands), *(raw_as(m) for m in masks[1:]))
+        ctx.op, ctx.shapes = op, [t.shape for t in operands]
+        return op(*operands)
 
     @staticmethod
     def backward(ctx, grad):
-        weights = ctx.route[1](ctx.saved_tensors, grad.dtype)
-        grads = [
-            None if w is None or shape is None or not needed else (grad * w).sum_to_size(shape)
-            for w, shape, needed in zip(weights, ctx.shapes, ctx.needs_input_grad[1:], strict=True)
+        needed = ctx.needs_input_grad[1:]
+        stand_ins = [
+            t.requires_grad_(need)
+            for t, need in zip(_stand_ins(ctx.saved_tensors, grad.dtype), needed, strict=True)
         ]
-        return None, *grads
+        wanted = [t for t in stand_ins if t.requires_grad]
+        with torch.enable_grad():
+            out = ctx.op(*stand_ins)
+            grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=grad.requires_grad))
+        return None, *(
+            next(grads).sum_to_size(shape) if need else None
+            for need, shape in zip(needed, ctx.shapes, strict=True)
+        )
 
 
 def _plain_float(t: Any) -> bool:
@@ -134,7 +116,7 @@ def routed_pair(func: Any, args: tuple, kwargs: dict) -> Any:
     a, b = bound["input"], bound["other"]
     if not _worth_it([a, b]):
         return NotImplemented
-    return _Routed.apply(_PAIRS[name], a, b)
+    return _Ranked.apply(_PAIRS[name], a, b)
 
 
 def routed_clamp(func: Any, args: tuple, kwargs: dict) -> Any:
@@ -156,7 +138,19 @@ def routed_clamp(func: Any, args: tuple, kwargs: dict) -> Any:
     given = [t for t in (lo, hi) if t is not None]
     if not given or not _worth_it([x, *given]):
         return NotImplemented
-    return _Routed.apply(_CLAMPS[lo is not None, hi is not None], x, lo, hi)
+    if lo is None:
+        return _Ranked.apply(_clamp_max, x, hi)
+    if hi is None:
+        return _Ranked.apply(_clamp_min, x, lo)
+    return _Ranked.apply(_aten.clamp.Tensor, x, lo, hi)
+
+
+def _clamp_min(x: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    return _aten.clamp.Tensor(x, lo, None)
+
+
+def _clamp_max(x: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    return _aten.clamp.Tensor(x, None, hi)
 
 
 COMPARE_REWRITES = {
