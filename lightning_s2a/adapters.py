@@ -168,7 +168,7 @@ def load_adapter(module: nn.Module, path: str | os.PathLike, strict: bool = True
             "or into that submodule after renaming its keys."
         ) from err
     try:
-        config = S2AConfig(**json.loads(metadata["s2a_config"]))
+        config = S2AConfig.from_saved(json.loads(metadata["s2a_config"]))
     except (TypeError, ValueError, KeyError) as err:
         raise ValueError(f"{path}: the adapter's S2A config cannot be read: {err}") from err
     handle = get_handle(target)

@@ -40,6 +40,15 @@ def check_composition(modules: tuple[str, ...]) -> None:
         )
 
 
+#: Options that size or shape one module, and that module: set without it, they do nothing.
+MODULE_OPTIONS = (
+    ("add_bias", "bias"),
+    ("prompt_rank", "prompt"),
+    ("side_width", "side"),
+    ("side_reduction", "side"),
+)
+
+
 @dataclass
 class S2AConfig:
     """How to fine-tune a frozen backbone with S2A.
@@ -328,15 +337,22 @@ class S2AConfig:
             raise ValueError(f"seed: must be a non-negative integer, got {self.seed!r}.")
         self._check_module_options()
 
+    @classmethod
+    def from_saved(cls, fields: Mapping[str, Any]) -> S2AConfig:
+        """The config an adapter file or a checkpoint holds. A module's own option saved
+        without its module (accepted until 2026-12-07, and it did nothing) is dropped, so
+        that files written then still load."""
+        fields = dict(fields)
+        modules = cls(modules=fields.get("modules", ("bias",))).modules
+        for name, module in MODULE_OPTIONS:
+            if module not in modules:
+                fields.pop(name, None)
+        return cls(**fields)
+
     def _check_module_options(self) -> None:
         """A module's own option set without that module would do nothing: said, not
         ignored (``add_bias=True`` with ``modules=['prompt']`` trained no added bias)."""
-        for name, module in (
-            ("add_bias", "bias"),
-            ("prompt_rank", "prompt"),
-            ("side_width", "side"),
-            ("side_reduction", "side"),
-        ):
+        for name, module in MODULE_OPTIONS:
             value = getattr(self, name)
             if value != type(self).__dataclass_fields__[name].default and module not in (
                 self.modules

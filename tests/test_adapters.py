@@ -520,8 +520,8 @@ def test_error_other_frozen_weights_of_one_architecture(tmp_path, config):
     same = vit()
     load_adapter(same, tmp_path / "a.safetensors")
     assert torch.equal(out(same), expected)
-    converted = vit().bfloat16()  # rounded weights are the same weights
-    load_adapter(converted, tmp_path / "a.safetensors")
+    for converted in (vit().bfloat16(), vit().half()):  # rounded weights are the same weights
+        load_adapter(converted, tmp_path / "a.safetensors")  # (a 1e-6 cls token: fp16 subnormal)
     # a frozen head built differently (head=None: it is part of the frozen backbone)
     headless = S2AConfig(head=None, input_size=SIZE)
     model = vit()
@@ -531,3 +531,38 @@ def test_error_other_frozen_weights_of_one_architecture(tmp_path, config):
     nn.init.normal_(other.head.weight)
     with pytest.raises(ValueError, match=r"1 of \d+ frozen tensors .*\(head\.weight \("):
         load_adapter(other, tmp_path / "b.safetensors")
+    # a NaN among the frozen weights, in both: the same weights
+    nan = vit()
+    with torch.no_grad():
+        nan.pos_embed.view(-1)[0] = float("nan")
+    apply_s2a(nan, headless)
+    save_adapter(nan, tmp_path / "c.safetensors")
+    again = vit()
+    with torch.no_grad():
+        again.pos_embed.view(-1)[0] = float("nan")
+    load_adapter(again, tmp_path / "c.safetensors")
+
+
+def test_an_adapter_saved_with_an_option_that_did_nothing_still_loads(tmp_path):
+    """``add_bias=True`` beside ``modules=['prompt']`` did nothing and was accepted until
+    2026-12-07; refused since, a file written then could no longer be read."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = vit()
+    apply_s2a(model, S2AConfig(modules=("prompt",), input_size=SIZE))
+    perturb(model, 1)
+    save_adapter(model, tmp_path / "a.safetensors")
+    expected = out(model)
+    with safe_open(tmp_path / "a.safetensors", framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    saved = json.loads(metadata["s2a_config"])
+    saved.update(add_bias=True, side_width=64)  # as an earlier version wrote them
+    save_file(tensors, tmp_path / "old.safetensors", {**metadata, "s2a_config": json.dumps(saved)})
+    fresh = vit()
+    handle = load_adapter(fresh, tmp_path / "old.safetensors")
+    assert torch.equal(out(fresh), expected)
+    assert not handle.config.add_bias and handle.config.side_width is None
+    with pytest.raises(ValueError, match=r"add_bias=True sets the 'bias' module"):
+        S2AConfig(**saved)  # asked for anew, it is an error

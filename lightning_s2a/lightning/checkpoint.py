@@ -98,7 +98,7 @@ def load_from_checkpoint(
             f"the checkpoint's S2A'd module is {cls.__name__}.{target_name}, which the "
             f"rebuilt {cls.__name__} does not have; build it with the same arguments."
         ) from err
-    handle = get_handle(target) or apply_s2a(target, S2AConfig(**state["config"]))
+    handle = get_handle(target) or apply_s2a(target, S2AConfig.from_saved(state["config"]))
     handle.stop_engine(watch=True)  # hooks on when a Trainer fits it with S2A again
     if "engine" in state:  # a weights-only checkpoint has none (codebooks, forward count)
         handle.engine.load_state_dict(state["engine"])

@@ -54,7 +54,7 @@ def check_same_model(saved: Any, current: S2AConfig | None) -> None:
         return
     known = {f.name for f in dataclasses.fields(S2AConfig)}
     try:
-        trained = S2AConfig(**{k: v for k, v in saved.items() if k in known})
+        trained = S2AConfig.from_saved({k: v for k, v in saved.items() if k in known})
     except (TypeError, ValueError):
         # Written by another version, whole it does not validate: each model field it holds
         # is compared on its own (the whole check was skipped before 2026-12-06).
