@@ -330,3 +330,34 @@ def test_a_head_that_pools_after_its_last_linear_is_replaced_whole():
     cfg = S2AConfig(modules=["side"], head="classifier", input_size=SIZE)
     with apply_s2a(model, cfg):
         assert model(torch.randn(2, *SIZE)).shape == (2, 4)
+
+
+class _TwoHeads(nn.Module):
+    """CrossViT's layout: a ModuleList of heads, each called on its own branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*[nn.Linear(8, 8) for _ in range(3)])
+        self.head = nn.ModuleList([nn.Linear(8, 2), nn.Linear(8, 2)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.blocks(x).mean(1)
+        return (self.head[0](h) + self.head[1](h)) / 2
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+
+def test_a_side_for_a_list_of_heads_names_its_members():
+    """The side's hook on a ModuleList never ran: the first forward failed, blaming F.linear
+    or an early return. Said at apply, with the members to name (which works)."""
+    model = _TwoHeads()
+    with pytest.raises(ValueError, match=r"an ModuleList.*S2AConfig\(head='head\.0,head\.1'\)"):
+        apply_s2a(model, S2AConfig(modules=["side"], blocks="blocks.*", input_size=(5, 8)))
+    assert not any("s2a" in n for n, _ in model.named_modules())
+    model = _TwoHeads()
+    apply_s2a(
+        model,
+        S2AConfig(modules=["side"], head="head.0,head.1", blocks="blocks.*", input_size=(5, 8)),
+    )
+    assert model(torch.randn(2, 5, 8)).shape == (2, 2)

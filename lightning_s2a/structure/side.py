@@ -46,6 +46,16 @@ def apply_side(model: nn.Module, config: S2AConfig, state: StructureState) -> No
     """Build the side network over ``state.blocks``, add it to ``model`` and hook it in,
     noting all of it in ``state`` for the undo."""
     replaced = head_modules(state.head)[0] if state.head is not None else model
+    if isinstance(replaced, (nn.ModuleList, nn.ModuleDict)):
+        # A container is never called: the side's hook on it never ran (CrossViT's two heads:
+        # an error at the first forward that blamed F.linear or an early return).
+        name = next(n for n, m in model.named_modules() if m is replaced)
+        members = ",".join(f"{name}.{k}" for k in replaced._modules)
+        raise ValueError(
+            f"modules=['side'] stands in for the head's output, but the head {name!r} is an "
+            f"{type(replaced).__name__}, whose members {type(model).__name__} calls one by "
+            f"one: name them, S2AConfig(head={members!r})."
+        )
     hierarchical = config.side == "hierarchical"
     outputs = _side_outputs(model, state, config)
     channels = [b.shape[-1] if b.layout in ("tokens", "nhwc") else b.shape[0] for b in state.blocks]
