@@ -350,10 +350,11 @@ class _TwoHeads(nn.Module):
 
 def test_a_side_for_a_list_of_heads_names_its_members():
     """The side's hook on a ModuleList never ran: the first forward failed, blaming F.linear
-    or an early return. Said at apply, with the members to name (which works)."""
+    or an early return. Said at apply, with the members to name (which works). The blocks
+    are found outside the head (its two Linears were taken for blocks too)."""
     model = _TwoHeads()
     with pytest.raises(ValueError, match=r"an ModuleList.*S2AConfig\(head='head\.0,head\.1'\)"):
-        apply_s2a(model, S2AConfig(modules=["side"], blocks="blocks.*", input_size=(5, 8)))
+        apply_s2a(model, S2AConfig(modules=["side"], input_size=(5, 8)))
     assert not any("s2a" in n for n, _ in model.named_modules())
     model = _TwoHeads()
     apply_s2a(

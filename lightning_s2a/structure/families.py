@@ -72,7 +72,7 @@ def _weight_layers(module: nn.Module) -> int:
 
 
 def repeated_blocks(
-    model: nn.Module, single_layers: bool = True
+    model: nn.Module, single_layers: bool = True, head: nn.Module | None = None
 ) -> tuple[list[tuple[str, nn.Module]], str]:
     """The model's repeated blocks, for a model outside the family table.
 
@@ -90,8 +90,11 @@ def repeated_blocks(
     and conv-norm-act units, the branches of an Inception block or the layers of a VoVNet
     block, outnumber the blocks they sit in. They count only where nothing else repeats (a
     user's plain stack of convolutions), and not at all with ``single_layers=False``.
-    Returns the blocks in model order and the rule, in words.
+    Lists inside the ``head`` are no blocks (a ModuleList of two Linear heads was taken for
+    blocks beside the model's Linear blocks). Returns the blocks in model order and the rule,
+    in words.
     """
+    in_head = {id(m) for m in head.modules()} if head is not None else set()
     # class -> the distinct blocks in runs of two or more (by id: a block listed in two
     # containers, aliased, votes once)
     blocks: dict[type, set[int]] = {}
@@ -102,7 +105,7 @@ def repeated_blocks(
     nested_units: dict[type, set[int]] = {}
     members: dict[type, list[tuple[str, nn.Module]]] = {}  # every child of a list, by class
     for name, container in model.named_modules():
-        if not isinstance(container, (nn.ModuleList, nn.Sequential)):
+        if not isinstance(container, (nn.ModuleList, nn.Sequential)) or id(container) in in_head:
             continue
         prefix = f"{name}." if name else ""
         for kind, run in groupby(container.named_children(), key=lambda child: type(child[1])):
@@ -165,20 +168,23 @@ def feature_info_blocks(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], 
 
 
 def find_blocks(
-    model: nn.Module, blocks: str | Sequence[str] | None, layout: str = "auto"
+    model: nn.Module,
+    blocks: str | Sequence[str] | None,
+    layout: str = "auto",
+    head: nn.Module | None = None,
 ) -> tuple[list[Block], str, str]:
     """The model's blocks, the declared layout ("auto" unless the family table has one), and
-    the rule that found them: the family table, the user's ``blocks``, repeated blocks, or
-    timm's ``feature_info``."""
+    the rule that found them: the family table, the user's ``blocks``, repeated blocks (none
+    inside the ``head``), or timm's ``feature_info``."""
     family = family_of(model)
     if blocks is None and family is None:
         # Blocks of two or more weight layers, else the stages timm's feature_info names,
         # else repeated single-weight units (a user's small model).
-        found, rule = repeated_blocks(model, single_layers=False)
+        found, rule = repeated_blocks(model, single_layers=False, head=head)
         if not found:
             found, rule = feature_info_blocks(model)
         if not found:
-            found, rule = repeated_blocks(model)
+            found, rule = repeated_blocks(model, head=head)
         if not found:
             raise ValueError(
                 f"cannot find the blocks of {type(model).__name__}: 'prompt' and 'side' attach "

@@ -102,7 +102,7 @@ def apply_structure(model: nn.Module, config: S2AConfig) -> StructureState:
     size: tuple[int, ...] = ()
     runners: set[str] = set()  # modules whose forward runs their children
     if "prompt" in modules or "side" in modules:
-        found, _, block_rule = find_blocks(model, config.blocks, config.block_layout)
+        found, _, block_rule = find_blocks(model, config.blocks, config.block_layout, head)
         size = default_input_size(model, config.input_size)
         # The dry forward that sizes the blocks also probes where added modules would live;
         # a module found to run its children passes its prompt to its parent, tried again.
