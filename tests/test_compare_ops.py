@@ -199,3 +199,24 @@ def test_engine_routes_the_gradient_exactly_at_four_bits(form):
     assert torch.equal(grads[1], grads[0])
     assert raw[1] == raw[0]
     assert masks["stored_bytes"] * 32 == masks["raw_bytes"]  # each operand: 2 bits of 64
+
+
+def test_a_backward_under_inference_mode_and_operands_on_two_devices():
+    """Backward called under ``inference_mode``: the stand-ins' graph was not recorded
+    ("element 0 of tensors does not require grad"). A CPU scalar tensor beside a tensor on
+    another device (the meta device stands in for a GPU) cannot be ranked: declined."""
+    a, b = _pair()
+    a.requires_grad_()
+    for rewrite, func, args, kwargs in (
+        (routed_pair, torch.maximum, (a, b), {}),
+        (routed_clamp, torch.clamp, (a,), {"min": b, "max": b + 1}),
+    ):
+        out = rewrite(func, args, kwargs).nansum()
+        expected = func(*args, **kwargs).nansum()
+        with torch.inference_mode():
+            (got,) = torch.autograd.grad(out, a)
+            (want,) = torch.autograd.grad(expected, a)
+        assert torch.equal(got.nan_to_num(9.0), want.nan_to_num(9.0))
+    on_meta = torch.empty(5, 6, device="meta", requires_grad=True)
+    assert routed_pair(torch.maximum, (on_meta, torch.tensor(0.0)), {}) is NotImplemented
+    assert routed_clamp(torch.clamp, (on_meta,), {"min": torch.tensor(0.0)}) is NotImplemented

@@ -73,12 +73,11 @@ class _Ranked(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         needed = ctx.needs_input_grad[1:]
-        stand_ins = [
-            t.requires_grad_(need)
-            for t, need in zip(_stand_ins(ctx.saved_tensors, grad.dtype), needed, strict=True)
-        ]
-        wanted = [t for t in stand_ins if t.requires_grad]
-        with torch.enable_grad():
+        # A backward called under inference_mode: the stand-ins' own graph is still recorded.
+        with torch.inference_mode(False), torch.enable_grad():
+            decoded = _stand_ins(ctx.saved_tensors, grad.dtype)
+            stand_ins = [t.requires_grad_(need) for t, need in zip(decoded, needed, strict=True)]
+            wanted = [t for t in stand_ins if t.requires_grad]
             out = ctx.op(*stand_ins)
             grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=grad.requires_grad))
         return None, *(
@@ -96,11 +95,13 @@ def _plain_float(t: Any) -> bool:
 
 
 def _worth_it(tensors: list) -> bool:
-    """Plain real floating tensors of one dtype, one of them needing a gradient: what the
-    rewrite keeps exact (mixed dtypes promote, and run as they are)."""
+    """Plain real floating tensors of one dtype on one device, one of them needing a
+    gradient: what the rewrite keeps exact (mixed dtypes promote, and a CPU scalar tensor
+    beside a GPU one, which the ranks cannot compare: these run as they are)."""
     return (
         all(_plain_float(t) for t in tensors)
         and len({t.dtype for t in tensors}) == 1
+        and len({t.device for t in tensors}) == 1
         and any(t.requires_grad for t in tensors)
         and torch.is_grad_enabled()
     )
