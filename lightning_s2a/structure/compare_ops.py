@@ -139,18 +139,25 @@ def routed_clamp(func: Any, args: tuple, kwargs: dict) -> Any:
     given = [t for t in (lo, hi) if t is not None]
     if not given or not _worth_it([x, *given]):
         return NotImplemented
+    # the op PyTorch runs for the call, whose own backward the stand-ins get
+    if name == "clamp_min":
+        return _Ranked.apply(_aten.clamp_min.Tensor, x, lo)
+    if name == "clamp_max":
+        return _Ranked.apply(_aten.clamp_max.Tensor, x, hi)
     if lo is None:
-        return _Ranked.apply(_clamp_max, x, hi)
+        return _Ranked.apply(_clamp_below, x, hi)
     if hi is None:
-        return _Ranked.apply(_clamp_min, x, lo)
+        return _Ranked.apply(_clamp_above, x, lo)
     return _Ranked.apply(_aten.clamp.Tensor, x, lo, hi)
 
 
-def _clamp_min(x: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+def _clamp_above(x: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """``clamp(x, min=lo)``."""
     return _aten.clamp.Tensor(x, lo, None)
 
 
-def _clamp_max(x: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+def _clamp_below(x: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """``clamp(x, max=hi)``."""
     return _aten.clamp.Tensor(x, None, hi)
 
 
