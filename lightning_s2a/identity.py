@@ -21,7 +21,7 @@ from .structure.four_bit import named_held
 #: Values read from each frozen tensor, evenly spaced through it.
 SAMPLES_PER_TENSOR = 8
 #: A tensor's values may differ by this much relative to their norm and still be the same
-#: weights: a backbone converted since (``.half()``: 5e-4, ``bfloat16``: 4e-3) is the same one.
+#: weights, once the saved ones are rounded to the backbone's dtype now (``.half()``).
 WEIGHTS_RTOL = 0.01
 
 
@@ -67,6 +67,7 @@ def _persistent_buffers(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def describe(identity: dict[str, Any]) -> str:
+    """A backbone identity in words, for errors: architecture, class and parameter count."""
     name = identity.get("architecture") or identity.get("class")
     return f"{name} ({identity.get('class')}, {identity.get('num_params', 0):,} params)"
 
