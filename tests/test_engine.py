@@ -2323,7 +2323,8 @@ def test_the_log_sum_exp_stays_exact_whatever_the_lengths(queries, keys):
 def test_a_padded_log_sum_exp_is_a_statistic():
     """CUDA's memory-efficient attention pads the lse's rows to a multiple of 32: for one to
     three queries (attention pooling) it has more elements than the query itself."""
-    from lightning_s2a.engine.recognition import Call, attention_shapes, statistics
+    from lightning_s2a.engine.attention import attention_shapes, statistics
+    from lightning_s2a.engine.recognition import Call
 
     for batch, heads, rows, dim in ((8, 12, 1, 64), (8, 6, 2, 32), (8, 3, 197, 64)):
         q = torch.zeros(batch, heads, rows, dim)

@@ -1,10 +1,16 @@
 """Fused attention's saved tensors: which of them its backward recomputes the probabilities
 from (they keep 8 bits, kind ``fused_attention``), and which arguments are masks rather than
-data for the statistics rule. Read by :func:`.recognition.classify` and the pack path."""
+data for the statistics rule, and which saved tensors are its statistics (the log-sum-exp).
+Read by :func:`.recognition.classify` and the pack path."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from .recognition import Call
 
 #: Keyword arguments of attention ops that are masks, not data (see ``classify``).
 ATTENTION_MASKS = ("attn_mask", "key_padding_mask")
@@ -78,3 +84,57 @@ def fused_operand(t: torch.Tensor, fused: frozenset) -> bool:
     return any(
         isinstance(key, torch.dtype) and key != t.dtype and size == shape for key, size in fused
     )
+
+
+#: CUDA's memory-efficient attention pads its log-sum-exp's query dimension to a multiple of
+#: this (PyTorch's ``kAlignLSE``).
+LSE_ALIGN = 32
+
+
+def statistics(t: torch.Tensor, call: Call) -> bool:
+    """True for reduced statistics of a norm or attention op (see ``STATS_KINDS``): a shape
+    none of its data has, and fewer elements than the largest. For attention, the log-sum-exp
+    is told by its own shapes (one value per query row and head, the rows padded or not: see
+    :func:`attention_shapes`), and its query, key, value and output, split into heads, by their
+    element counts, never statistics: measured against the largest operand alone,
+    cross-attention's shorter side (the query and output of 100 queries over 850 keys, or the
+    key and value of 100 keys under 850 queries) was kept whole instead of at 8 bits. Other
+    tensors smaller than the largest operand (a float mask smaller than the query) stay
+    statistics."""
+    shape = tuple(t.shape)
+    if shape in call.arg_shapes:
+        return False
+    if call.lse is not None:
+        if shape in call.lse:
+            return True
+        if t.numel() in call.data_numels:  # the query, key, value or output, split into heads
+            return False
+    return t.numel() < call.arg_numel
+
+
+def attention_shapes(raw: str, args: tuple, kwargs: dict) -> tuple[frozenset, frozenset] | None:
+    """``(log-sum-exp shapes, data element counts)`` of an attention call. The log-sum-exp
+    has one value per query row and head: ``(*batch, heads, rows)``, the rows padded to
+    :data:`LSE_ALIGN` or not, with or without a trailing 1 (cuDNN). The data are the query,
+    key, value and output, whatever their split into heads. None where the query, key and
+    value are not read."""
+    query = kwargs.get("query", args[0] if args else None)
+    key = kwargs.get("key", args[1] if len(args) > 1 else None)
+    value = kwargs.get("value", args[2] if len(args) > 2 else None)
+    if not all(isinstance(t, torch.Tensor) and t.dim() >= 2 for t in (query, key, value)):
+        return None
+    if raw == "multi_head_attention_forward":  # (N, B, E) or (N, E), seq first, projected
+        heads = kwargs.get("num_heads", args[4] if len(args) > 4 else None)
+        if not isinstance(heads, int) or heads < 1:
+            return None
+        rows, width = query.shape[0], query.shape[-1]
+        batch = query.shape[1] if query.dim() == 3 else 1
+        lead: tuple[int, ...] = (batch, heads)
+        data = {rows * batch * width, key.shape[0] * batch * width}
+    else:  # (..., N, D)
+        rows, lead = query.shape[-2], tuple(query.shape[:-2])
+        out = query.numel() // query.shape[-1] * value.shape[-1]
+        data = {query.numel(), key.numel(), value.numel(), out}
+    padded = -(-rows // LSE_ALIGN) * LSE_ALIGN
+    lse = {(*lead, rows), (*lead, padded), (*lead, rows, 1), (*lead, padded, 1)}
+    return frozenset(lse), frozenset(data)

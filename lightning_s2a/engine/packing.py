@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .accounting import ForwardAccount, part_of, raw_of
-from .attention import fused_operand
+from .attention import fused_operand, statistics
 from .backend import resolve_backend
 from .batching import Batched
 from .calibration import WIDE_BITS
@@ -32,7 +32,6 @@ from .recognition import (
     exact_code,
     outside_call,
     reduced,
-    statistics,
 )
 
 
