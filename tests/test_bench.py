@@ -177,23 +177,26 @@ def test_bench_methods_measure_what_their_labels_say():
     )
 
 
+#: One method's run in this process: ViT-Ti at 32 px, batch 1, 1 warm-up and 3 timed steps.
+_WORKER_SPEC = {
+    "bits": 4,
+    "model": "vit_tiny_patch16_224",
+    "device": "cpu",
+    "resolution": 32,
+    "classes": 10,
+    "batch_size": 1,
+    "dtype": "fp32",
+    "warmup": 1,
+    "steps": 3,
+}
+
+
 def test_bench_times_steps_that_fit_codebooks_apart():
     """With the defaults (1 warm-up, 3 steps) two of the three timed steps refitted every
     GELU codebook (forwards 2 and 3), so the median was a refit step."""
     from lightning_s2a.bench.run import _worker
 
-    spec = {
-        "method": "s2a_bias",
-        "bits": 4,
-        "model": "vit_tiny_patch16_224",
-        "device": "cpu",
-        "resolution": 32,
-        "classes": 10,
-        "batch_size": 1,
-        "dtype": "fp32",
-        "warmup": 1,
-        "steps": 3,
-    }
+    spec = {**_WORKER_SPEC, "method": "s2a_bias"}
     row = _worker(spec)
     assert row["refit_steps"] == 2  # forwards 2 and 3 fitted, forward 4 did not
     assert row["step_s"] > 0
@@ -216,18 +219,7 @@ def test_baselines_count_their_bytes_once_and_time_the_steps_without_the_hook(mo
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(methods, "SavedBytesCounter", Counting)
-    spec = {
-        "method": "bitfit",
-        "bits": 4,
-        "model": "vit_tiny_patch16_224",
-        "device": "cpu",
-        "resolution": 32,
-        "classes": 10,
-        "batch_size": 1,
-        "dtype": "fp32",
-        "warmup": 1,
-        "steps": 3,
-    }
+    spec = {**_WORKER_SPEC, "method": "bitfit"}
     row = _worker(spec)
     assert len(made) == 1 and row["saved_mib"] > 0  # one counted step, not four
     assert row["saved_mib"] * 2**20 == made[0].storage_bytes
