@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..engine.accounting import raw_as
-from .frozen_ops import bind_args
+from .frozen_ops import bind_args, plain_tensor
 
 _aten = torch.ops.aten
 
@@ -86,20 +86,12 @@ class _Ranked(torch.autograd.Function):
         )
 
 
-def _plain_float(t: Any) -> bool:
-    return (
-        type(t) in (torch.Tensor, torch.nn.Parameter)
-        and t.layout == torch.strided
-        and t.is_floating_point()
-    )
-
-
 def _worth_it(tensors: list) -> bool:
     """Plain real floating tensors of one dtype on one device, one of them needing a
     gradient: what the rewrite keeps exact (mixed dtypes promote, and a CPU scalar tensor
     beside a GPU one, which the ranks cannot compare: these run as they are)."""
     return (
-        all(_plain_float(t) for t in tensors)
+        all(plain_tensor(t) and t.is_floating_point() for t in tensors)
         and len({t.dtype for t in tensors}) == 1
         and len({t.device for t in tensors}) == 1
         and any(t.requires_grad for t in tensors)

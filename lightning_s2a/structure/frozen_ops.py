@@ -85,9 +85,15 @@ def bind_args(
     return bound
 
 
-def _plain(t: Any) -> bool:
+def plain_tensor(t: Any) -> bool:
     """True for a dense tensor that is not a subclass (subclasses keep their own semantics)."""
     return type(t) in (torch.Tensor, nn.Parameter) and t.layout == torch.strided
+
+
+def plain_grad_input(t: Any) -> bool:
+    """True for a :func:`plain_tensor` of a real floating dtype that needs a gradient here:
+    the input the compression rewrites (``sin``, ``abs``, ...) replace PyTorch's op for."""
+    return plain_tensor(t) and t.is_floating_point() and t.requires_grad and torch.is_grad_enabled()
 
 
 def expand_ints(value: Any, n: int) -> tuple[int, ...] | None:
@@ -251,7 +257,7 @@ def frozen_conv(func: Any, args: tuple, kwargs: dict) -> Any:
     if ndim is None or bound is None or not torch.is_grad_enabled():
         return NotImplemented
     x, weight, bias = bound["input"], bound["weight"], bound["bias"]
-    if not (_plain(x) and _plain(weight) and (bias is None or _plain(bias))):
+    if not (plain_tensor(x) and plain_tensor(weight) and (bias is None or plain_tensor(bias))):
         return NotImplemented
     if weight.requires_grad or not (x.requires_grad or (bias is not None and bias.requires_grad)):
         return NotImplemented
@@ -298,7 +304,7 @@ def frozen_batch_norm(func: Any, args: tuple, kwargs: dict) -> Any:
     x, mean, var = bound["input"], bound["running_mean"], bound["running_var"]
     weight, bias = bound["weight"], bound["bias"]
     tensors = [t for t in (x, mean, var, weight, bias) if t is not None]
-    if x is None or mean is None or var is None or not all(_plain(t) for t in tensors):
+    if x is None or mean is None or var is None or not all(plain_tensor(t) for t in tensors):
         return NotImplemented
     if any(t.requires_grad for t in (mean, var)) or (weight is not None and weight.requires_grad):
         return NotImplemented

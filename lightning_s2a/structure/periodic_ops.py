@@ -19,6 +19,7 @@ import torch
 
 from ..engine.accounting import raw_as
 from ..engine.packed import SECOND_ORDER_ERROR
+from .frozen_ops import plain_grad_input
 
 _ATEN = {"sin": torch.ops.aten.sin.default, "cos": torch.ops.aten.cos.default}
 
@@ -51,13 +52,7 @@ def periodic(func: Any, args: tuple, kwargs: dict) -> Any:
     if name not in _ATEN or len(args) != 1 or kwargs:
         return NotImplemented
     (x,) = args
-    if (
-        type(x) not in (torch.Tensor, torch.nn.Parameter)
-        or x.layout != torch.strided
-        or not x.is_floating_point()
-        or not x.requires_grad
-        or not torch.is_grad_enabled()
-    ):
+    if not plain_grad_input(x):
         return NotImplemented
     return _SavedDerivative.apply(x, name)
 

@@ -17,17 +17,7 @@ from typing import Any
 import torch
 
 from ..engine.accounting import raw_as
-
-
-def _plain_grad_input(x: Any) -> bool:
-    """True for a dense real floating tensor (not a subclass) that needs a gradient."""
-    return (
-        type(x) in (torch.Tensor, torch.nn.Parameter)
-        and x.layout == torch.strided
-        and x.is_floating_point()
-        and x.requires_grad
-        and torch.is_grad_enabled()
-    )
+from .frozen_ops import plain_grad_input
 
 
 def save_sign(ctx: Any, x: torch.Tensor, *originals: torch.Tensor) -> None:
@@ -60,7 +50,7 @@ def signed_abs(func: Any, args: tuple, kwargs: dict) -> Any:
     if getattr(func, "__name__", "") not in ("abs", "absolute") or len(args) != 1 or kwargs:
         return NotImplemented
     (x,) = args
-    if not _plain_grad_input(x):
+    if not plain_grad_input(x):
         return NotImplemented
     return _SignedAbs.apply(x)
 
