@@ -9,7 +9,7 @@ callbacks that would undo S2A are checked in :mod:`.other_callbacks`.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
@@ -23,9 +23,6 @@ from ..messages import some_names
 from ..structure.head import head_guess
 from ..structure.surgery import STATE_DICT_MARKER
 from .checkpoint import marked_prefixes
-
-if TYPE_CHECKING:
-    pass
 
 
 def check_single_s2a(trainer: pl.Trainer) -> None:
