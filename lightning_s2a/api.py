@@ -16,6 +16,7 @@ from .config import FOUR_BIT_DTYPES, MODEL_FIELDS, S2AConfig
 from .engine.calibration import warn_uncalibrated
 from .engine.compile_guard import check_not_compiled
 from .engine.hooks import SavedTensorEngine
+from .engine.outside import OutsideModules, hooking_engine
 from .structure import four_bit
 from .structure.frozen_weights import WidenedCheck, cast_frozen
 from .structure.held_statistics import is_held
@@ -78,9 +79,18 @@ class S2AHandle:
 
         Keys: ``raw_bytes`` (what an uncompressed run keeps), ``stored_bytes`` (what was kept),
         ``ratio`` (stored / raw), ``by_kind`` (per operator kind) and ``by_part`` (per part of
-        the model: "backbone", "prompt", "side", "head").
+        the model: "backbone", "prompt", "side", "head"; "outside" for other modules'
+        saves, see :meth:`count_outside`).
         """
         return self.engine.stats()
+
+    def count_outside(self, scope: nn.Module) -> OutsideModules:
+        """Count in :meth:`stats` what the modules of ``scope`` outside the S2A'd model save
+        for backward (a head of your own beside an S2A'd encoder), kept as it is, under part
+        ``"outside"``; ``.remove()`` on the result stops it. For steps marked with
+        ``handle.engine.begin_step()``, whose forwards add up to one account (S2ACallback
+        does both, every epoch)."""
+        return OutsideModules(self.engine, scope)
 
     def calibrate(
         self,
@@ -274,10 +284,10 @@ def check_no_s2a_inside(model: nn.Module) -> None:
     )
     name = next(made, None)
     if name is None:  # bias-only adds nothing but the engine's hooks
-        where = next((n for n, m in model.named_modules() if _engine_hooked(m)), None)
+        where = next((n for n, m in model.named_modules() if hooking_engine(m)), None)
         if where is not None:
             name = f"engine hooks{' on ' + where if where else ''}"
-            owner = _engine_hooked(model.get_submodule(where))
+            owner = hooking_engine(model.get_submodule(where))
             outer = owner.model if isinstance(owner, SavedTensorEngine) else None
             if outer is not None and outer is not model and get_handle(outer) is not None:
                 raise RuntimeError(
@@ -295,16 +305,6 @@ def check_no_s2a_inside(model: nn.Module) -> None:
             "without S2ACallback (it runs as it is); or build the model afresh and load the "
             "trained weights with lightning_s2a.load_adapter / load_from_checkpoint."
         )
-
-
-def _engine_hooked(model: nn.Module) -> SavedTensorEngine | None:
-    """The S2A engine whose forward hooks are on ``model`` (a copy carries them), or None."""
-    for hook in model._forward_pre_hooks.values():
-        fn = hook.func if isinstance(hook, partial) else hook
-        engine = getattr(fn, "__self__", None)
-        if isinstance(engine, SavedTensorEngine):
-            return engine
-    return None
 
 
 class _StoppedWatch:

@@ -141,8 +141,11 @@ def test_whole_module_needs_a_findable_head(tmp_path):
             return self.net(x)
 
     trainer = quiet_trainer(max_epochs=1, callbacks=[S2ACallback()], default_root_dir=tmp_path)
-    with pytest.raises(ValueError, match=r"head='auto' needs a model with timm's get_classifier"):
+    # Both ways out are named: the backbone attribute, or the head inside the whole module.
+    with pytest.raises(ValueError, match=r"no `backbone` attribute and no timm") as error:
         trainer.fit(NoBackbone(), _data(8))
+    assert "S2ACallback(backbone='net')" in str(error.value)
+    assert "S2AConfig(head='net.head')" in str(error.value)
     model = NoBackbone()
     trainer = quiet_trainer(
         max_epochs=1, callbacks=[S2ACallback(head="net.head")], default_root_dir=tmp_path
@@ -151,6 +154,28 @@ def test_whole_module_needs_a_findable_head(tmp_path):
     assert (
         model.net.head.weight.requires_grad and not model.net.patch_embed.proj.weight.requires_grad
     )
+
+
+def test_an_encoder_beside_a_classifier_is_told_to_name_the_backbone(tmp_path):
+    # The README's layout without backbone=: the error named only a head inside the module
+    # (S2AConfig(head='classifier')), which would S2A the classifier with the encoder.
+    class EncoderAndHead(UserModule):
+        def __init__(self):
+            super().__init__()
+            self.encoder = timm.create_model(
+                "vit_tiny_patch16_224", num_classes=0, depth=1, img_size=32, patch_size=8
+            )
+            self.classifier = nn.Linear(self.encoder.num_features, 4)
+            del self.backbone
+
+        def forward(self, x):
+            return self.classifier(self.encoder(x))
+
+    trainer = quiet_trainer(max_epochs=1, callbacks=[S2ACallback()], default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"S2ACallback\(backbone='encoder'\)") as error:
+        trainer.fit(EncoderAndHead(), _data(8))
+    assert "S2AStrategy(backbone='encoder')" in str(error.value)
+    assert "classifier (Linear, 772 parameters)" in str(error.value)
 
 
 class _TorchvisionLike(nn.Module):

@@ -177,6 +177,7 @@ class BoundariesMixin:
         """Mark a training step's start: from now on every forward until the next step adds
         to one account (two views of a batch through the model are alive together), not only
         forwards of submodules. The Lightning callback calls it before each batch."""
+        self._settle()  # the last step's account, whole, before its peak is forgotten
         self._per_step = True
         self._fresh = True
         self._step_peak = None
@@ -192,16 +193,7 @@ class BoundariesMixin:
         # until a backward has run, because all of their saved tensors are alive together.
         fresh, self._fresh = self._fresh, False
         if fresh or self._account is None or self._unpacked or (is_root and not self._per_step):
-            self._refresh_parameters()
-            for check in self.step_checks:
-                check()
-            self.step += 1
-            self._account = ForwardAccount()
-            self._copies: dict = {}  # kept views' copies in this account (see compact)
-            self._largest = 0
-            self._shapes = set()
-            self._unpacked = False
-            self._entry_counts: dict[str, int] = {}  # see _enter
+            self._open_account()
         self._account.begin()  # what a forward that raises gives back (see _deactivate)
         self._peak_before = self._step_peak
         self.forwards += 1
@@ -213,6 +205,43 @@ class BoundariesMixin:
         mode.__enter__()
         self._contexts = [hooks, mode]
         self._active = True
+
+    def _open_account(self) -> None:
+        """Start a new account: a forward of the whole model, the first save of a marked
+        step, or the first after a backward."""
+        self._settle()  # the account ending: what other modules added to it counts
+        self._refresh_parameters()
+        for check in self.step_checks:
+            check()
+        self.step += 1
+        self._account = ForwardAccount()
+        self._copies: dict = {}  # kept views' copies in this account (see compact)
+        self._largest = 0
+        self._shapes = set()
+        self._unpacked = False
+        self._entry_counts: dict[str, int] = {}  # see _enter
+
+    def outside_account(self) -> ForwardAccount:
+        """The account that what the step's other modules save joins (:mod:`.outside`):
+        the open one, or a new one at a marked step's start or after a backward. The
+        summaries are brought up to date when next read (:meth:`_settle`)."""
+        if self._fresh or self._account is None or self._unpacked:
+            self._fresh = False
+            self._open_account()
+        self._outside_added = True
+        assert self._account is not None
+        return self._account
+
+    def _settle(self) -> None:
+        """Sum up the open account again after other modules added to it since a forward
+        of the model ended (``stats()`` and the step's peak include them)."""
+        if not self._outside_added or self._account is None:
+            return
+        self._outside_added = False
+        self._last = self._account.summary()
+        peak = self._step_peak
+        if self._per_step and (peak is None or self._last["stored_bytes"] >= peak["stored_bytes"]):
+            self._step_peak = self._last
 
     def _deactivate(self, failed: bool = False) -> None:
         """End a forward: hooks and mode off, its batches coded, its account summed up. A

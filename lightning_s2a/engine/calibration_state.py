@@ -112,6 +112,7 @@ _ENGINE_STATE = (
     "_step_peak",
     "_fresh",
     "_per_step",
+    "_outside_added",
 )
 
 

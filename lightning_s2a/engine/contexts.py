@@ -62,12 +62,16 @@ def foreign_autograd_context() -> bool:
 
 
 def _s2a_hooks(top: tuple) -> bool:
-    """True for another S2A engine's hooks: a model S2A'd on its own, called inside another
-    S2A'd model's forward, saves through its own engine, under its own config (it stood
-    aside, and the outer engine coded its trainable head's input at the outer's widths)."""
+    """True for another S2A engine's hooks, or the counting hooks of the modules beside an
+    S2A'd model (:mod:`.outside`): a model S2A'd on its own, called inside another S2A'd
+    model's forward or inside a user's module, saves through its own engine, under its own
+    config (it stood aside, and the outer engine coded its trainable head's input at the
+    outer's widths)."""
     from .hooks import SavedTensorEngine
+    from .outside import OutsideModules
 
-    return isinstance(getattr(top[0], "__self__", None), SavedTensorEngine)
+    owner = getattr(top[0], "__self__", None)
+    return isinstance(owner, (SavedTensorEngine, OutsideModules))
 
 
 _CHECKPOINT_FILE = os.path.normcase(os.path.abspath(torch.utils.checkpoint.__file__))

@@ -127,6 +127,7 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
         self._largest = 0  # most elements of a tensor saved in this account (see ``reduced``)
         self._shapes: set[torch.Size] = set()  # shapes saved in this account (``reduced``)
         self._fresh = False  # the next forward starts a new account (a step began)
+        self._outside_added = False  # other modules added to the open account (outside.py)
         #: Forwards that ran with autograd and so engaged the engine (for "did it engage?").
         self.forwards = 0
         #: Forwards with autograd it stayed out of (inside torch.utils.checkpoint, save_on_cpu
@@ -381,6 +382,7 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
         step marked by :meth:`begin_step` (the Lightning callback marks each), every forward
         of the step until a backward, two views through the model included.
         """
+        self._settle()
         if self._last is None:
             return ForwardAccount().summary()
         return self._last
@@ -389,6 +391,7 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
         """The largest account since :meth:`begin_step`: what the step keeps at most. A step
         that runs several backwards (manual optimization: a GAN's two updates) frees each
         account's tensors in turn; :meth:`stats` is its last account only."""
+        self._settle()
         return self._step_peak if self._step_peak is not None else self.stats()
 
     # -- operator recognition --------------------------------------------------------------

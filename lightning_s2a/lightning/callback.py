@@ -18,6 +18,7 @@ from torch import nn
 
 from ..api import S2AHandle, apply_s2a, config_differences, count_trainable, get_handle
 from ..config import FOUR_BIT_DTYPES, S2AConfig
+from ..engine.outside import OutsideModules
 from ..messages import some_names
 from .callback_state import CheckpointState
 from .checkpoint import load_other_engines, other_handles
@@ -27,6 +28,7 @@ from .checks import (
     check_head_outside,
     check_optimized,
     check_single_s2a,
+    check_whole_module_head,
     copied_back_error,
     warn_frozen_optimizers,
 )
@@ -76,6 +78,7 @@ class S2ACallback(CheckpointState, TrainingSteps, pl.Callback):
         self.handle: S2AHandle | None = None
         self._module: pl.LightningModule | None = None
         self._meter = EpochMeter()
+        self._outside: OutsideModules | None = None  # see TrainingSteps.on_train_epoch_start
         self._pending_state: dict[str, Any] | None = None
         self._pending_others: dict[str, Any] | None = None
         self._forwards_before = self._out_before = self._failed_before = 0
@@ -97,6 +100,8 @@ class S2ACallback(CheckpointState, TrainingSteps, pl.Callback):
     def _target(self, pl_module: pl.LightningModule) -> tuple[nn.Module, S2AConfig]:
         name = self.backbone or ("backbone" if hasattr(pl_module, "backbone") else None)
         if name is None:
+            if get_handle(pl_module) is None:  # (S2A'd already: its handle is reused)
+                check_whole_module_head(pl_module, self.config)
             return pl_module, self.config
         target = getattr(pl_module, name, None)
         if not isinstance(target, nn.Module):
@@ -328,6 +333,7 @@ class S2ACallback(CheckpointState, TrainingSteps, pl.Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Hooks off; the trained modules stay, so validate/test/predict/checkpoints use them.
         # S2A applied for an evaluation alone is removed: the module is as it was built.
+        self.stop_counting_outside()
         for handle, _ in (self._others or {}).values():  # their own engines stay attached
             handle.engine.end_steps()
         self._others = None

@@ -272,6 +272,33 @@ def check_head_outside(pl_module: nn.Module, target: nn.Module, name: str) -> No
     )
 
 
+def check_whole_module_head(pl_module: nn.Module, config: Any) -> None:
+    """Raise, for a callback with no backbone named on a module with neither a ``backbone``
+    attribute nor timm's ``get_classifier()``, an error that names both ways out: the
+    backbone attribute (your head outside it trains as you built it) or the head inside.
+    The engine's own error named only the head, for a module laid out as ``self.encoder``
+    plus ``self.classifier``, where ``backbone="encoder"`` is what the user needs."""
+    if config.head != "auto" or callable(getattr(pl_module, "get_classifier", None)):
+        return
+    children = [(n, m) for n, m in pl_module.named_children() if any(True for _ in m.parameters())]
+    if not children:
+        return  # nothing to name; the engine's own error says what is missing
+    sizes = {n: sum(p.numel() for p in m.parameters()) for n, m in children}
+    backbone = max(sizes, key=sizes.__getitem__)
+    guess, what = head_guess(pl_module)
+    head = f"S2ACallback(S2AConfig(head={guess!r})) ({what})" if guess else ""
+    listed = ", ".join(f"{n} ({type(m).__name__}, {sizes[n]:,} parameters)" for n, m in children)
+    raise ValueError(
+        f"S2A: {type(pl_module).__name__} has no `backbone` attribute and no timm "
+        "get_classifier(), so S2A cannot tell its backbone from its head (its parts: "
+        f"{listed}). Name the backbone: S2ACallback(backbone={backbone!r}) or "
+        f"Trainer(strategy=S2AStrategy(backbone={backbone!r})); your head outside it trains "
+        "as you built it. Or apply S2A to the whole module and name the head inside it"
+        + (f": {head}" if head else ": S2ACallback(S2AConfig(head='...'))")
+        + ", or head=None to train no head."
+    )
+
+
 def copied_back_error(
     trainer: pl.Trainer, pl_module: pl.LightningModule, target: nn.Module, keys: set[str]
 ) -> RuntimeError | None:

@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ..api import S2AHandle, count_trainable
+from ..engine.outside import OUTSIDE, OutsideModules
 from .calibration import calibrate_on_batch
 from .checkpoint import other_handles
 from .metrics import EpochMeter, reset_peak_memory
@@ -24,6 +25,7 @@ class TrainingSteps:
 
     handle: S2AHandle | None
     _meter: EpochMeter
+    _outside: OutsideModules | None
     _others: dict[str, list[Any]] | None
     _forwards_before: int
     _out_before: int
@@ -34,6 +36,17 @@ class TrainingSteps:
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._meter.reset()
         reset_peak_memory(pl_module.device)
+        # What the module's other modules save (your classifier beside the S2A'd encoder)
+        # counts in the step's bytes, as it is (until 2026-12-07 it was left out).
+        self.stop_counting_outside()
+        if self.handle is not None:
+            self._outside = self.handle.count_outside(pl_module)
+
+    def stop_counting_outside(self) -> None:
+        """Take the other modules' counting hooks off (each epoch's end, teardown)."""
+        outside, self._outside = self._outside, None
+        if outside is not None:
+            outside.remove()
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -81,11 +94,12 @@ class TrainingSteps:
         if engine.forwards - self._forwards_before == engine.forwards_failed - self._failed_before:
             return  # every forward raised (a batch skipped after an error): nothing to measure
         stats = self.handle.engine.step_stats()  # several backwards: the largest account
+        outside = stats["by_part"].get(OUTSIDE, {}).get("raw_bytes", 0)  # other modules'
         for handle, before in (self._others or {}).values():  # their step's bytes, alongside
             if handle.engine.forwards != before:
                 more = handle.engine.step_stats()
                 stats = {k: stats[k] + more[k] for k in ("raw_bytes", "stored_bytes")}
-        if not stats["raw_bytes"]:
+        if stats["raw_bytes"] == outside:
             self._warn_once(
                 trainer,
                 "saved no tensors for backward in this training step, so there is nothing to "
@@ -104,6 +118,7 @@ class TrainingSteps:
             )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.stop_counting_outside()
         # Counted on the whole LightningModule: a head outside the backbone trains too.
         weights = self.handle.weight_bytes() if self.handle is not None else (0, 0)
         if trainer.world_size > 1:

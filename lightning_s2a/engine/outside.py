@@ -1,0 +1,127 @@
+"""What a training step's other modules save: a head of the user's own beside the S2A'd
+encoder, a loss module.
+
+The engine's hooks are installed only while the S2A'd model's forward runs, so a
+LightningModule whose classifier sits beside its S2A'd encoder kept that classifier's saved
+tensors out of every count (until 2026-12-07: a reviewer's MLP head kept 3x the logged
+bytes). :class:`OutsideModules` gives every module of a scope that no engine hooks the same
+boundaries in counting mode: while the outermost of them runs with autograd, saved-tensor
+hooks that keep each tensor as it is and add it to the engine's open account as part
+``"outside"`` (a storage the engine counted already, the head's input that the model saved
+too, is not counted again in raw). It stands aside where the engine would (another owner's
+saved-tensor hooks, a backward, a ``torch.func`` transform, ``torch.compile``) and inside
+an S2A'd forward, whose engine takes what is saved there. What a training step computes in
+its own body, between module calls (``F.cross_entropy``), is not seen.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.nn.parameter import is_lazy
+from torch.utils.hooks import RemovableHandle
+
+from .contexts import dual_level_open, functorch_transform, redirected_call
+from .kept import Kept
+from .packed import in_backward
+
+if TYPE_CHECKING:
+    from .hooks import SavedTensorEngine
+
+#: The part (``stats()["by_part"]``) and the kind of what other modules save.
+OUTSIDE = "outside"
+
+
+def hooking_engine(module: nn.Module) -> SavedTensorEngine | None:
+    """The S2A engine whose forward hooks are on ``module`` (a module of an S2A'd model, or
+    a copy of one: a copy carries them), or None."""
+    from .hooks import SavedTensorEngine
+
+    for hook in module._forward_pre_hooks.values():
+        fn = hook.func if isinstance(hook, partial) else hook
+        engine = getattr(fn, "__self__", None)
+        if isinstance(engine, SavedTensorEngine):
+            return engine
+    return None
+
+
+class OutsideModules:
+    """Counts, into ``engine``'s accounts, what the modules of ``scope`` outside every S2A'd
+    model save for backward (kept as it is: nothing is coded). :meth:`remove` takes the
+    hooks off. Meant for steps marked with ``engine.begin_step()``, whose forwards add up
+    to one account until a backward."""
+
+    def __init__(self, engine: SavedTensorEngine, scope: nn.Module) -> None:
+        self.engine, self.scope = engine, scope
+        self._handles: list[RemovableHandle] = []
+        self._depth = 0
+        self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
+        self._pushed_at = 0
+        self._storages: set[int] = set()
+        for module in scope.modules():
+            if hooking_engine(module) is not None:
+                continue
+            self._handles.append(module.register_forward_pre_hook(self._enter))
+            self._handles.append(module.register_forward_hook(self._leave, always_call=True))
+
+    @property
+    def modules(self) -> int:
+        """How many modules are counted (those of the scope that no engine hooks)."""
+        return len(self._handles) // 2
+
+    def remove(self) -> None:
+        """Take every hook off (and the saved-tensor hooks, should a forward never have
+        returned: a ``KeyboardInterrupt`` skips the forward hooks)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._pop()
+        self._depth = 0
+
+    def _enter(self, module: nn.Module, args: Any) -> None:
+        self._depth += 1
+        if self._hooks is not None or not torch.is_grad_enabled():
+            return
+        if torch.compiler.is_compiling() or redirected_call(module):
+            return  # a compiled region; Lightning's DDP step through the module's call
+        if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+            return  # an S2A'd forward's engine, or another owner's hooks (a checkpoint)
+        if in_backward() or functorch_transform():
+            return
+        # Parameters and buffers are no activations (read per forward: a lazy module's
+        # weights exist from its first call).
+        self._storages = {
+            t.untyped_storage().data_ptr()
+            for t in (*self.scope.parameters(), *self.scope.buffers())
+            if not is_lazy(t) and t.layout == torch.strided
+        }
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._hooks.__enter__()
+        self._pushed_at = self._depth
+
+    def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._hooks is not None and self._depth == self._pushed_at:
+            self._pop()
+        self._depth = max(self._depth - 1, 0)
+
+    def _pop(self) -> None:
+        hooks, self._hooks = self._hooks, None
+        top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        if hooks is not None and top is not None and top[0] == self._pack:
+            hooks.__exit__(None, None, None)
+
+    def _pack(self, t: torch.Tensor) -> Any:
+        if dual_level_open():  # forward-mode AD: dual tensors' storages cannot be read
+            return Kept(t)
+        if t.layout != torch.strided:
+            self.engine.outside_account().add_unstrided(OUTSIDE, t, OUTSIDE)
+        elif t.untyped_storage().data_ptr() not in self._storages:
+            self.engine.outside_account().add(OUTSIDE, t, None, OUTSIDE)
+        return Kept(t)  # its version checked at unpack, as PyTorch does without hooks
+
+    def _unpack(self, packed: Kept) -> torch.Tensor:
+        self.engine._unpacked = True  # a backward ran: the next save starts a new account
+        return packed.unpack()

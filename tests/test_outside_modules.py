@@ -1,0 +1,204 @@
+"""What a step's other modules save (a head of the user's own beside the S2A'd encoder) is
+counted in the step's bytes, kept as it is (engine/outside.py).
+
+Until 2026-12-07 the ``s2a/activation_*`` metrics left such a head out: a reviewer's MLP
+head kept 3x the logged bytes.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_s2a import S2ACallback, S2AConfig, apply_s2a
+from lightning_s2a.engine.outside import OUTSIDE, OutsideModules
+from tests.lightning_helpers import _data, quiet_trainer
+
+WIDTH, HIDDEN, BATCH = 64, 48, 8
+
+
+def _encoder() -> nn.Module:
+    return timm.create_model(
+        "vit_tiny_patch16_224", num_classes=0, depth=2, img_size=32, patch_size=8
+    )
+
+
+class MLPHead(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(width, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, 4)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(h)))
+
+
+def _head_bytes(width: int, batch: int = BATCH) -> int:
+    """What the head saves, counted by hand: fc1's input (batch, width), GELU's input and
+    fc2's input (batch, HIDDEN) each, in fp32; its weights are parameters, not counted."""
+    return 4 * batch * (width + 2 * HIDDEN)
+
+
+class TwoPartModule(pl.LightningModule):
+    """A user's layout: an encoder and an MLP classifier beside it, own optimizer; the step
+    calls its parts, or ``self(x)`` (the encoder then runs inside the counted forward)."""
+
+    def __init__(self, through_forward: bool = False) -> None:
+        super().__init__()
+        self.through_forward = through_forward
+        self.encoder = _encoder()
+        self.classifier = MLPHead(self.encoder.num_features)
+
+    def forward(self, x):
+        return self.classifier(self.encoder(x))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.through_forward:
+            return F.cross_entropy(self(x), y)
+        return F.cross_entropy(self.classifier(self.encoder(x)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW((p for p in self.parameters() if p.requires_grad), lr=1e-3)
+
+
+def _counting_hooks(module: nn.Module) -> int:
+    return sum(
+        isinstance(getattr(hook, "__self__", None), OutsideModules)
+        for m in module.modules()
+        for hook in m._forward_pre_hooks.values()
+    )
+
+
+@pytest.mark.parametrize(
+    ("compress", "through_forward"), [(True, False), (True, True), (False, True)]
+)
+def test_metrics_count_the_head_outside_the_backbone(compress, through_forward):
+    pl.seed_everything(0)
+    model = TwoPartModule(through_forward)
+    callback = S2ACallback(S2AConfig(compress=compress), backbone="encoder")
+    quiet_trainer(max_epochs=1, callbacks=[callback]).fit(model, _data(16))
+    parts = callback.handle.stats()["by_part"]
+    outside = _head_bytes(model.encoder.num_features)
+    assert parts[OUTSIDE] == {"raw_bytes": outside, "stored_bytes": outside, "tensors": 3}
+    backbone = parts["backbone"]
+    metrics = callback.epoch_metrics
+    assert metrics["s2a/activation_raw_mb"] * 2**20 == backbone["raw_bytes"] + outside
+    assert metrics["s2a/activation_stored_mb"] * 2**20 == backbone["stored_bytes"] + outside
+    if compress:  # the encoder's codes are the engine's still, under the counting hooks
+        assert backbone["stored_bytes"] * 3 < backbone["raw_bytes"]
+    assert _counting_hooks(model) == 0  # off after fit
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+
+
+def _parts(seed: int = 0):
+    torch.manual_seed(seed)
+    encoder, head = _encoder(), MLPHead(192)
+    whole = nn.ModuleDict({"encoder": encoder, "head": head})
+    handle = apply_s2a(encoder, S2AConfig(head=None))
+    head.requires_grad_(True)
+    return whole, handle
+
+
+def _step(whole: nn.ModuleDict, handle, x: torch.Tensor, passes: int = 1) -> list[torch.Tensor]:
+    handle.engine.begin_step()
+    for i in range(passes):
+        h = whole["encoder"](x)
+        out = whole["head"](h) if i == 0 else h  # the head in the first pass only
+        out.square().mean().backward()
+    return [p.grad.clone() for p in whole.parameters() if p.requires_grad]
+
+
+def test_counting_changes_no_gradient_and_no_code():
+    x = torch.randn(BATCH, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    whole, handle = _parts()
+    plain = _step(whole, handle, x)
+    plain_parts = handle.stats()["by_part"]
+    whole, handle = _parts()
+    counting = handle.count_outside(whole)
+    counted = _step(whole, handle, x)
+    counting.remove()
+    assert len(plain) == len(counted) > 4
+    for a, b in zip(plain, counted, strict=True):
+        assert torch.equal(a, b)
+    parts = handle.stats()["by_part"]
+    assert parts["backbone"] == plain_parts["backbone"]
+    assert OUTSIDE not in plain_parts and parts[OUTSIDE]["raw_bytes"] == _head_bytes(192)
+
+
+def test_the_step_peak_keeps_the_head_of_an_earlier_backward():
+    # Two backwards in one step (manual optimization): the first pass ran the head, the
+    # second did not. The step keeps at most the first pass's tensors, head included.
+    x = torch.randn(BATCH, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    whole, handle = _parts()
+    counting = handle.count_outside(whole)
+    _step(whole, handle, x, passes=2)
+    counting.remove()
+    peak, last = handle.engine.step_stats(), handle.stats()
+    assert OUTSIDE not in last["by_part"]
+    assert peak["by_part"][OUTSIDE]["raw_bytes"] == _head_bytes(192)
+    assert peak["raw_bytes"] == last["raw_bytes"] + _head_bytes(192)
+
+
+def test_a_tensor_changed_in_place_after_its_save_raises_as_in_pytorch():
+    # Kept as it is, a saved tensor's version is checked at unpack: returned bare from the
+    # hooks, PyTorch's check is gone and backward read the changed values silently.
+    class InPlaceHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(192, 4)
+
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            s = torch.sigmoid(self.fc(h))  # saves its output
+            out = s * 2
+            s.add_(1)  # changed after its save
+            return out
+
+    torch.manual_seed(0)
+    encoder, head = _encoder(), InPlaceHead()
+    whole = nn.ModuleDict({"encoder": encoder, "head": head})
+    handle = apply_s2a(encoder, S2AConfig(head=None))
+    counting = handle.count_outside(whole)
+    handle.engine.begin_step()
+    out = head(encoder(torch.randn(2, 3, 32, 32)))
+    with pytest.raises(RuntimeError, match="inplace operation"):
+        out.sum().backward()
+    counting.remove()
+
+
+def test_a_second_s2a_model_in_the_scope_keeps_its_own_codes():
+    torch.manual_seed(0)
+    first, second, head = _encoder(), _encoder(), MLPHead(2 * 192)
+    whole = nn.ModuleDict({"first": first, "second": second, "head": head})
+    handle = apply_s2a(first, S2AConfig(head=None))
+    other = apply_s2a(second, S2AConfig(head=None))
+    counting = handle.count_outside(whole)
+    assert counting.modules == len(list(head.modules())) + 1  # the head's and the dict's
+    handle.engine.begin_step()
+    x = torch.randn(BATCH, 3, 32, 32)
+    whole["head"](torch.cat([first(x), second(x)], dim=1)).sum().backward()
+    counting.remove()
+    theirs = other.stats()
+    assert theirs["raw_bytes"] > 0 and theirs["stored_bytes"] * 3 < theirs["raw_bytes"]
+    assert handle.stats()["by_part"][OUTSIDE]["raw_bytes"] == _head_bytes(2 * 192)
+
+
+def test_an_error_in_the_head_leaves_no_hooks_installed():
+    class FailingHead(MLPHead):
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            self.act(self.fc1(h))
+            raise ValueError("user error in the head")
+
+    torch.manual_seed(0)
+    encoder, head = _encoder(), FailingHead(192)
+    whole = nn.ModuleDict({"encoder": encoder, "head": head})
+    handle = apply_s2a(encoder, S2AConfig(head=None))
+    counting = handle.count_outside(whole)
+    with pytest.raises(ValueError, match="user error"):
+        head(encoder(torch.randn(2, 3, 32, 32)))
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    counting.remove()
+    assert _counting_hooks(whole) == 0
