@@ -13,9 +13,10 @@ from .engine.ops import KINDS
 
 MODULE_KINDS = ("bias", "prompt", "side")
 #: Operator kinds kept exact unless ``op_bits`` names them: what a loss saves (small, after
-#: the head, and it bends with codes), and what a custom autograd Function saves (the engine
-#: cannot see which operator it serves: a saved input compared in backward, a norm's rows).
-EXACT_UNLESS_ASKED = ("loss", "custom")
+#: the head, and it bends with codes), what a custom autograd Function saves (the engine
+#: cannot see which operator it serves: a saved input compared in backward, a norm's rows),
+#: a sampling grid and what atan2/hypot save (see ``engine.ops.KINDS``).
+EXACT_UNLESS_ASKED = ("loss", "custom", "position", "singular")
 SIDE_KINDS = ("pooled", "hierarchical")
 SIDE_MERGES = ("replace", "add")
 DEFAULT_SIDE_STRIDES = (8, 16, 32)
@@ -372,6 +373,8 @@ class S2AConfig:
         if kind == "fused_attention":  # at least 8 bits unless asked: see fused_operands
             wide = max(self.op_bits.get("attention", self.bits), WIDE_BITS)
             return self.op_bits.get(kind, wide)
+        if kind == "sampled":  # at least 8 bits unless asked: see engine.ops.KINDS
+            return self.op_bits.get(kind, max(self.op_bits.get("generic", self.bits), WIDE_BITS))
         return self.op_bits.get(kind, self.bits)
 
     def calibration_tol(self, bits: int | None = None) -> float:

@@ -124,6 +124,26 @@ def test_lightning_fit_of_a_compiled_module_is_a_clear_error(tmp_path):
         trainer.fit(torch.compile(UserModule()), DataLoader(TensorDataset(*_batch()), batch_size=2))
 
 
+def test_a_compile_wrapper_is_refused_even_without_compression(tmp_path):
+    # With compress=False (what the compile error advises) the wrapper's hooks made Dynamo
+    # fail in the first forward: "UnspecializedNNModuleVariable(...) is already tracked".
+    with pytest.raises(S2ACompileError, match=r"module\.compile\(\)"):
+        apply_s2a(torch.compile(_vit()), S2AConfig(compress=False))
+
+    class CompiledEncoder(UserModule):
+        def __init__(self):
+            super().__init__()
+            self.backbone = torch.compile(self.backbone)
+
+    trainer = quiet_trainer(
+        max_steps=1,
+        default_root_dir=tmp_path,
+        callbacks=[S2ACallback(S2AConfig(compress=False))],
+    )
+    with pytest.raises(S2ACompileError, match=r"self\.encoder\.compile\(\)"):
+        trainer.fit(CompiledEncoder(), DataLoader(TensorDataset(*_batch()), batch_size=2))
+
+
 @pytest.mark.parametrize("arch", ["vit", "resnet"])
 def test_compress_false_still_compiles_and_trains(arch):
     """A BatchNorm model failed to compile inside dynamo's guards (a tuple iterator in the

@@ -79,7 +79,21 @@ def compiled_part(module: nn.Module) -> str | None:
 
 
 def check_not_compiled(module: nn.Module, compress: bool = True) -> None:
-    """Raise :class:`S2ACompileError` if ``compress`` and any part of ``module`` is compiled."""
+    """Raise :class:`S2ACompileError` if ``compress`` and any part of ``module`` is compiled,
+    or, whatever ``compress``, if ``module`` itself is a ``torch.compile(...)`` wrapper: its
+    engine's hooks, on the wrapper and on the module it wraps, made Dynamo fail inside the
+    first forward with an error that named neither S2A nor the fix (``AssertionError: ...
+    is already tracked for mutation``); a compiled part inside the model trains."""
+    optimized = _optimized_module_type()
+    if optimized is not None and isinstance(module, optimized):
+        raise S2ACompileError(
+            f"apply_s2a got a torch.compile(...) result (wrapping "
+            f"{type(module._orig_mod).__name__}): S2A's hooks on the wrapper and on the module "
+            "it wraps make torch.compile fail in the first forward. Apply S2A to the module "
+            "itself; to compile it with S2AConfig(compress=False), compile it after apply_s2a, "
+            "or in place with module.compile() (in a LightningModule: "
+            "self.encoder.compile() rather than self.encoder = torch.compile(self.encoder))."
+        )
     if not compress:
         return
     where = compiled_part(module)

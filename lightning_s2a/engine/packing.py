@@ -92,6 +92,8 @@ class PackingMixin:
             and fused_operand(t, call.fused)
         ):
             kind = "fused_attention"  # its backward recomputes from it: see fused_operands
+        elif call.position is not None and tuple(t.shape) == call.position:
+            kind = "position"  # where the op samples: see ops.POSITION_OPERANDS
         account = self._account
         assert account is not None
         raw = raw_of(t)  # a rewrite's tensor counts raw as what PyTorch's op would save

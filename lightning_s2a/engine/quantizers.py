@@ -207,5 +207,8 @@ QUANTIZERS: dict[str, Quantizer] = {
     "trainable": pack_minmax,
     "loss": pack_minmax,
     "custom": pack_minmax,
+    "position": pack_minmax,
+    "sampled": pack_minmax,
+    "singular": pack_minmax,
     "generic": pack_minmax,
 }

@@ -26,7 +26,7 @@ from .attention import (
     fused_operands,
 )
 from .contexts import checkpoint_input, dual_level_open, engine_saves
-from .ops import ElementwiseSpec
+from .ops import POSITION_OPERANDS, ElementwiseSpec
 from .quantizers import QUANTIZERS, pack_two_level
 
 if TYPE_CHECKING:
@@ -223,6 +223,9 @@ class Call:
     #: A fused attention's query, key and value as ``(data_ptr, shape)`` and its output's
     #: shape: its backward recomputes the probabilities from them (see :func:`fused_operands`).
     fused: frozenset = frozenset()
+    #: Shape of the operand that says where the op samples (``grid_sample``'s grid): a
+    #: saved tensor of that shape is kind "position" (see ``ops.POSITION_OPERANDS``).
+    position: tuple | None = None
 
 
 #: The call of a torch op the tables do not name (``cumprod``, ``atan``, ``max_pool1d``).
@@ -324,6 +327,13 @@ def classify(engine: SavedTensorEngine, info: tuple, args: tuple, kwargs: dict) 
             call.fused = fused_operands(args, kwargs)
         elif raw == "multi_head_attention_forward":
             call.fused = attention_without_weights(args, kwargs)
+    elif raw in POSITION_OPERANDS:
+        pos, key = POSITION_OPERANDS[raw]
+        grid = kwargs.get(key, args[pos] if len(args) > pos else None)
+        if isinstance(grid, torch.Tensor):
+            call.position = tuple(grid.shape)
+            if grid.requires_grad:  # the grid trains: its gradient differences the input
+                call.kind = "sampled"
     elif kind == "softmax":
         dim = kwargs.get("dim", args[1] if len(args) > 1 else -1)
         call.dim = -1 if dim is None else int(dim)
