@@ -48,7 +48,16 @@ def _check(rewrite, func, inputs: list, kwargs_of=None) -> None:
 
 
 @pytest.mark.parametrize(
-    "func", [torch.maximum, torch.minimum, torch.max, torch.min, torch.Tensor.maximum]
+    "func",
+    [
+        torch.maximum,
+        torch.minimum,
+        torch.max,
+        torch.min,
+        torch.Tensor.maximum,
+        torch.fmax,
+        torch.fmin,
+    ],
 )
 @pytest.mark.parametrize("shape_b", [(5, 6), (6,), (5, 1)])
 def test_pairs_give_pytorchs_gradient_with_ties_nans_and_broadcasting(func, shape_b):
@@ -140,7 +149,6 @@ def test_only_the_inputs_that_need_it_get_a_gradient():
         (routed_pair, torch.max, (), {"dim": 1}),
         (routed_pair, torch.maximum, ("other",), {"out": "empty"}),
         (routed_pair, torch.maximum, ("float32",), {}),  # mixed dtypes promote
-        (routed_pair, torch.fmax, ("other",), {}),  # NaN semantics of its own
         (routed_clamp, torch.clamp, (), {"min": 0.0, "max": 1.0}),  # number bounds: 1-bit code
         (routed_clamp, torch.Tensor.clamp_, (), {"min": "other"}),  # in place
     ],
@@ -166,6 +174,7 @@ _FORMS = {
     "min": lambda h1, h2: torch.min(h1, h2),
     "clamp": lambda h1, h2: torch.clamp(h1, min=h2, max=h2 + 0.5),
     "clamp_min": lambda h1, h2: h1.clamp_min(h2),
+    "fmax": lambda h1, h2: torch.fmax(h1, h2),  # min-max coded until 2026-12-07
 }
 
 

@@ -1,5 +1,5 @@
-"""Comparisons of tensors (``maximum``, ``minimum``, ``clamp`` with tensor bounds), saving
-how their operands compare, in exact bits, instead of the operands.
+"""Comparisons of tensors (``maximum``, ``minimum``, ``fmax``, ``fmin``, ``clamp`` with
+tensor bounds), saving how their operands compare, in exact bits, instead of the operands.
 
 PyTorch's backward of these compares its saved inputs again to route the gradient: all of it
 to the side that won, half to each on a tie, and its own rules for NaNs and crossing bounds.
@@ -52,7 +52,13 @@ def _stand_ins(masks: tuple, dtype: torch.dtype) -> list[torch.Tensor]:
 
 #: The op of each rewrite, on tensors: the forward's value and the stand-ins' backward.
 Op = Callable[..., torch.Tensor]
-_PAIRS: dict[str, Op] = {"maximum": _aten.maximum.default, "minimum": _aten.minimum.default}
+_PAIRS: dict[str, Op] = {
+    "maximum": _aten.maximum.default,
+    "minimum": _aten.minimum.default,
+    # NaN-ignoring: the other operand wins over a NaN (rank 3 stands in as NaN)
+    "fmax": _aten.fmax.default,
+    "fmin": _aten.fmin.default,
+}
 _PAIRS["max"], _PAIRS["min"] = _PAIRS["maximum"], _PAIRS["minimum"]
 
 
@@ -100,8 +106,9 @@ def _worth_it(tensors: list) -> bool:
 
 
 def routed_pair(func: Any, args: tuple, kwargs: dict) -> Any:
-    """Rewrite of ``torch.maximum``/``torch.minimum`` and two-tensor ``max``/``min`` (and
-    the tensor methods); in place, ``out=`` and other forms run as they are."""
+    """Rewrite of ``torch.maximum``/``torch.minimum``, ``torch.fmax``/``torch.fmin`` and
+    two-tensor ``max``/``min`` (and the tensor methods); in place, ``out=`` and other forms
+    run as they are."""
     name = getattr(func, "__name__", "")
     bound = bind_args(args, kwargs, ("input", "other"), {})
     if name not in _PAIRS or bound is None:
@@ -154,6 +161,6 @@ def _clamp_below(x: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
 
 
 COMPARE_REWRITES = {
-    **dict.fromkeys(("maximum", "minimum"), routed_pair),
+    **dict.fromkeys(("maximum", "minimum", "fmax", "fmin"), routed_pair),
     **dict.fromkeys(("clamp", "clip", "clamp_min", "clamp_max"), routed_clamp),
 }
