@@ -89,7 +89,11 @@ def test_defaults_and_module_string(tmp_path):
     assert cli.trainer.max_epochs == 3
     cli = _cli(tmp_path)
     assert cli.s2a_config.modules == ("bias",)
-    assert cli.s2a_callback_kwargs == {"adapter_path": None, "backbone": None}
+    assert cli.s2a_callback_kwargs == {
+        "adapter_path": None,
+        "backbone": None,
+        "count_outside": True,
+    }
 
 
 def test_yaml_config(tmp_path):

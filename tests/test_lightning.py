@@ -14,7 +14,7 @@ from torch import nn
 
 from lightning_s2a import S2ACallback, S2AConfig, S2AStrategy
 from lightning_s2a.structure import four_bit
-from tests.lightning_helpers import UserModule, _data, quiet_trainer
+from tests.lightning_helpers import EncoderClassifier, UserModule, _data, quiet_trainer
 
 
 def _fit(tmp_path, epochs=2, ckpt_path=None, **trainer_kwargs):
@@ -176,6 +176,21 @@ def test_an_encoder_beside_a_classifier_is_told_to_name_the_backbone(tmp_path):
         trainer.fit(EncoderAndHead(), _data(8))
     assert "S2AStrategy(backbone='encoder')" in str(error.value)
     assert "classifier (Linear, 772 parameters)" in str(error.value)
+
+
+def test_a_head_named_outside_the_backbone_is_told_where_heads_are_found(tmp_path):
+    # --s2a.backbone encoder --s2a.head classifier: the error said only that the encoder
+    # has no such submodule.
+    callback = S2ACallback(S2AConfig(head="classifier"), backbone="encoder")
+    trainer = quiet_trainer(max_epochs=1, callbacks=[callback], default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"looked up inside the backbone 'encoder'") as error:
+        trainer.fit(EncoderClassifier(), _data(8))
+    assert "EncoderClassifier.classifier is outside it" in str(error.value)
+    for head, said in ((" classifier", "is outside it"), ("encoder.norm", "from there: 'norm'")):
+        callback = S2ACallback(S2AConfig(head=head), backbone="encoder")
+        trainer = quiet_trainer(max_epochs=1, callbacks=[callback], default_root_dir=tmp_path)
+        with pytest.raises(ValueError, match=said):
+            trainer.fit(EncoderClassifier(), _data(8))
 
 
 class _TorchvisionLike(nn.Module):

@@ -7,12 +7,17 @@ head kept 3x the logged bytes.
 
 from __future__ import annotations
 
+import gc
+import signal
+import weakref
+
 import lightning.pytorch as pl
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from lightning_s2a import S2ACallback, S2AConfig, apply_s2a
 from lightning_s2a.engine.outside import OUTSIDE, OutsideModules
@@ -202,3 +207,102 @@ def test_an_error_in_the_head_leaves_no_hooks_installed():
     assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
     counting.remove()
     assert _counting_hooks(whole) == 0
+
+
+def test_a_graph_dropped_without_backward_frees_what_was_kept():
+    # Kept with the bare tensor, an op's saved output made a cycle through its autograd node
+    # that Python's collector cannot see: a skipped batch's head outputs stayed alive for
+    # good (and the engine's own with compress=False).
+    whole, handle = _parts()
+    counting = handle.count_outside(whole)
+    handle.engine.begin_step()
+    h = whole["encoder"](torch.randn(2, 3, 32, 32))
+    refs = []
+    for _ in range(3):
+        out = torch.sigmoid(whole["head"].fc1(h))  # saves its output
+        whole["head"].act(out)  # a counted module's call: GELU saves its input
+        refs.append(weakref.ref(out))
+        del out
+    gc.collect()
+    assert [r() for r in refs] == [None] * 3
+    counting.remove()
+    handle.remove()
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(8, 16), nn.Sigmoid(), nn.Linear(16, 2))
+    with apply_s2a(plain, S2AConfig(head="2", compress=False)):
+        ref = weakref.ref(plain[1](plain[0](torch.randn(4, 8))))
+        gc.collect()
+        assert ref() is None
+
+
+def test_a_slice_the_head_saves_keeps_no_other_token_alive():
+    # timm's pooling x[:, 0] saved by the head's first Linear kept the whole (B, N, D)
+    # output alive (17x the slice at 32 px), counted as the slice: kept as a copy now.
+    whole, handle = _parts()
+    counting = handle.count_outside(whole)
+    handle.engine.begin_step()
+    tokens = whole["encoder"].forward_features(torch.randn(BATCH, 3, 32, 32))
+    assert tokens.shape[1] > 1
+    every = StorageWeakRef(tokens.untyped_storage())
+    out = whole["head"](tokens[:, 0])
+    del tokens
+    gc.collect()
+    assert every.expired()
+    assert handle.stats()["by_part"][OUTSIDE]["stored_bytes"] == _head_bytes(192)
+    out.sum().backward()
+    counting.remove()
+
+
+def test_an_interrupted_fit_leaves_no_counting_hooks(tmp_path):
+    # A KeyboardInterrupt inside the encoder, run from the module's forward: the engine's
+    # hooks sat above the counting ones, which teardown left installed for good (a later,
+    # unrelated model's saved tensors were then counted into this engine).
+    class Interrupted(TwoPartModule):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 1:
+                self.encoder.blocks[0].register_forward_hook(_interrupt)
+            return super().training_step(batch, batch_idx)
+
+    handler = signal.getsignal(signal.SIGINT)  # Lightning ignores Ctrl+C while it shuts down
+    try:
+        with pytest.raises(SystemExit):
+            quiet_trainer(max_epochs=1, callbacks=[S2ACallback(backbone="encoder")]).fit(
+                Interrupted(through_forward=True), _data(16)
+            )
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+
+
+def _interrupt(*args):
+    raise KeyboardInterrupt
+
+
+class FuncHead(MLPHead):
+    """A head whose forward runs torch.func (a gradient penalty on its input)."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        out = super().forward(h)
+        grad = torch.func.grad(lambda z: super(FuncHead, self).forward(z).sum())(h.detach())
+        return out + 0 * grad.sum()
+
+
+def test_torch_func_in_a_counted_head_names_the_switch():
+    whole, handle = _parts()
+    head = FuncHead(192)
+    whole["head"] = head
+    counting = handle.count_outside(whole)
+    handle.engine.begin_step()
+    h = whole["encoder"](torch.randn(2, 3, 32, 32))
+    with (
+        pytest.warns(UserWarning, match=r"count_outside=False"),
+        pytest.raises(RuntimeError, match="saved tensor hooks"),
+    ):
+        head(h)
+    counting.remove()
+    pl.seed_everything(0)
+    model = TwoPartModule()
+    model.classifier = FuncHead(model.encoder.num_features)
+    callback = S2ACallback(backbone="encoder", count_outside=False)
+    quiet_trainer(max_epochs=1, callbacks=[callback]).fit(model, _data(16))
+    assert OUTSIDE not in callback.handle.stats()["by_part"]

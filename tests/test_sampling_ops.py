@@ -118,3 +118,24 @@ def test_atan2_and_hypot_keep_what_they_save_exact(op):
     assert singular["stored_bytes"] == singular["raw_bytes"] >= 2 * 64 * 64 * 8
     _, _, kinds = _compare(model, x, op_bits={"singular": 8})
     assert kinds["singular"]["stored_bytes"] * 6 < kinds["singular"]["raw_bytes"]
+
+
+def test_an_input_shaped_like_the_grid_is_no_grid():
+    # (N, C, H, W) == (N, Hg, Wg, 2): the input was taken for the grid and kept exact.
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 7, 2, dtype=torch.float64)
+    grid = torch.rand(2, 5, 7, 2, dtype=torch.float64) * 2 - 1
+
+    class Sample(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pre = nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.grid_sample(self.pre(x), grid, align_corners=False)
+
+    handle = apply_s2a(Sample().double(), S2AConfig(head=None, min_numel=1))
+    handle.model(x).sum().backward()
+    kinds = handle.stats()["by_kind"]
+    assert kinds["position"]["tensors"] == 1  # the grid, not the input as well
+    assert kinds["generic"]["stored_bytes"] < kinds["generic"]["raw_bytes"]

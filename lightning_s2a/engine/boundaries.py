@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from .accounting import ForwardAccount
+from .calibration import check_calibrated_shape
 from .compile_guard import check_not_compiling, check_not_traced
 from .contexts import foreign_autograd_context, functorch_transform, redirected_call
 from .ops import is_bias
@@ -102,6 +103,7 @@ class BoundariesMixin:
                 inputs = [a for a in args if isinstance(a, torch.Tensor)]
                 for a in inputs:
                     self._remember(a)
+                check_calibrated_shape(self, tuple(inputs[0].shape[1:]) if inputs else None)
                 # no "weight in another form", whatever its size (see ``constant``); only
                 # codes need it (compress=False may run under torch.compile, which cannot
                 # trace storage reads)
@@ -121,6 +123,13 @@ class BoundariesMixin:
             occurrence = self._entries.get(name, 0)
             self._entries[name] = occurrence + 1
             self._frames.append([name, {}, occurrence])
+
+    def end_interrupted(self) -> None:
+        """End a forward that never returned (a ``KeyboardInterrupt`` inside it), if one is
+        open: called between steps, where no forward of the model runs (the Lightning
+        callback's teardown), so that what it left installed comes off now."""
+        if self._depth and not _running(self._entry_frame):
+            self._end_interrupted(failed=True)
 
     def _warn_staying_out(self) -> None:
         """Say once that a forward ran with autograd but uncompressed, uncounted."""

@@ -87,6 +87,7 @@ def calibrate(
     scope = engine.model if scope is None else scope
     before, unpacked = engine.module_bits, engine._unpacked
     engine.module_bits = {}  # measure the configured widths
+    engine._measured_shapes = set()
     try:
         watch = Watch(engine, scope)
         errors, copied, widths = _measure(engine, loss_fn, watch, set())
@@ -127,7 +128,41 @@ def calibrate(
     engine.calibration = errors
     engine.calibrated = True
     engine.calibrated_for = engine.calibration_key(tol)
+    engine.calibrated_shapes = tuple(sorted(engine._measured_shapes))
+    engine._warned_shape = False
     return errors
+
+
+def check_calibrated_shape(engine: SavedTensorEngine, shape: tuple | None) -> None:
+    """Note the input shapes (each forward's first tensor, batch aside) calibration's own
+    forwards see; after it, say once that a forward's input is larger than every input of
+    its rank calibration measured: a tensor kept whole at the measured size (below
+    ``min_numel``, a per-channel statistic where a stage is 1x1) is coded there, unmeasured
+    (efficientnet_b0 calibrated at 32 px and trained at 64: eight squeeze-excite biases
+    9-14% off, none of their modules widened; 3% at most calibrated at 64). Smaller inputs,
+    and the shapes of every entry calibration ran (``forward_features``, then the head;
+    two crops), are measured sizes or within them."""
+    if shape is None:
+        return
+    if engine._saving is not None or engine._exact:  # calibration's own forwards
+        engine._measured_shapes.add(shape)
+        return
+    measured = engine.calibrated_shapes
+    if not measured or shape in measured or engine._warned_shape:
+        return
+    same_rank = [math.prod(m) for m in measured if len(m) == len(shape)]
+    if same_rank and math.prod(shape) <= max(same_rank):
+        return
+    engine._warned_shape = True
+    shown = ", ".join(str(list(m)) for m in measured)
+    warnings.warn(
+        f"S2A: this forward's input is {list(shape)} (batch aside), larger than calibration "
+        f"measured the modules' codes on ({shown}): what is kept whole at the measured size "
+        "and coded at this one (small tensors, per-channel statistics of a 1x1 stage) was not "
+        "measured. Calibrate on the largest size you train at (handle.calibrate(loss_fn) "
+        "with such a batch, or S2ACallback's first batch at that size); said once.",
+        stacklevel=4,
+    )
 
 
 def warn_uncalibrated(engine: SavedTensorEngine) -> None:

@@ -153,6 +153,11 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
         self.calibrated = False
         #: The code settings calibration measured under (see :meth:`calibration_key`).
         self.calibrated_for: dict[str, Any] | None = None
+        #: The input shapes (batch aside) calibration measured on (see
+        #: ``calibration.check_calibrated_shape``).
+        self.calibrated_shapes: tuple[tuple, ...] = ()
+        self._measured_shapes: set[tuple] = set()
+        self._warned_shape = False
         self._exact = False  # calibration's exact forward: every saved tensor kept as is
         #: Calibration: the modules that saved something, each with the narrowest width
         #: its codes use (None: nothing coded).
@@ -280,6 +285,7 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
             "module_bits": dict(self.module_bits),
             "calibrated": self.calibrated,
             "calibrated_for": self.calibrated_for,
+            "calibrated_shapes": [list(m) for m in self.calibrated_shapes],
             "calibration": dict(self.calibration),
             "codebooks": [
                 {
@@ -315,6 +321,7 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
         self.module_bits = {str(k): int(v) for k, v in state.get("module_bits", {}).items()}
         self.calibrated = bool(state.get("calibrated", False))
         self.calibrated_for = state.get("calibrated_for")
+        self.calibrated_shapes = tuple(tuple(m) for m in state.get("calibrated_shapes", ()))
         if self.calibrated_for not in (None, self.calibration_key()):
             # Measured under other codes (a resumed run at other bits): to be measured again
             # where the config calibrates; its widths stay until then, and are said.

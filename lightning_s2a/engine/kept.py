@@ -68,12 +68,21 @@ def check_version(t: torch.Tensor, version: int) -> torch.Tensor:
 
 
 class Kept:
-    """A saved tensor kept as it is, with its version when saved (see :func:`check_version`)."""
+    """A saved tensor kept as it is, with its version when saved (see :func:`check_version`).
+
+    A tensor with autograd history is held detached (the same storage and version
+    counter): an op's saved output held with its autograd node made a reference cycle
+    through the graph that Python's collector cannot see, and a graph dropped without a
+    backward (a skipped batch, a retry after an out-of-memory error) kept such outputs
+    alive for good. Others are held as they are (a compact copy stays the object that
+    :func:`compact` remembers). ``bare`` keeps ``t`` itself (forward-mode AD's dual
+    tensors, whose tangent a detached view would lose)."""
 
     __slots__ = ("t", "version")
 
-    def __init__(self, t: torch.Tensor) -> None:
-        self.t, self.version = t, t._version
+    def __init__(self, t: torch.Tensor, bare: bool = False) -> None:
+        held = t.detach() if t.requires_grad and not bare else t
+        self.t, self.version = held, t._version
 
     def unpack(self) -> torch.Tensor:
         return check_version(self.t, self.version)

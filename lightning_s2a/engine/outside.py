@@ -6,16 +6,21 @@ LightningModule whose classifier sits beside its S2A'd encoder kept that classif
 tensors out of every count (until 2026-12-07: a reviewer's MLP head kept 3x the logged
 bytes). :class:`OutsideModules` gives every module of a scope that no engine hooks the same
 boundaries in counting mode: while the outermost of them runs with autograd, saved-tensor
-hooks that keep each tensor as it is and add it to the engine's open account as part
-``"outside"`` (a storage the engine counted already, the head's input that the model saved
-too, is not counted again in raw). It stands aside where the engine would (another owner's
-saved-tensor hooks, a backward, a ``torch.func`` transform, ``torch.compile``) and inside
-an S2A'd forward, whose engine takes what is saved there. What a training step computes in
-its own body, between module calls (``F.cross_entropy``), is not seen.
+hooks that keep each tensor as it is (a small view of a larger storage as a copy, as the
+engine keeps its own) and add it to the engine's open account as part ``"outside"`` (a
+storage the engine counted already, the head's input that the model saved too, is not
+counted again in raw). It stands aside where the engine would (another owner's saved-tensor
+hooks, a backward, a ``torch.func`` transform begun outside, ``torch.compile``) and inside
+an S2A'd forward, whose engine takes what is saved there; a ``torch.func`` transform begun
+inside a counted module's forward refuses the hooks, and a warning beside its error names
+the switch (``S2ACallback(count_outside=False)``). What a training step computes in its own body,
+between module calls (``F.cross_entropy``), is not seen.
 """
 
 from __future__ import annotations
 
+import sys
+import warnings
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +30,7 @@ from torch.nn.parameter import is_lazy
 from torch.utils.hooks import RemovableHandle
 
 from .contexts import dual_level_open, functorch_transform, redirected_call
-from .kept import Kept
+from .kept import Kept, compact
 from .packed import in_backward
 
 if TYPE_CHECKING:
@@ -33,6 +38,9 @@ if TYPE_CHECKING:
 
 #: The part (``stats()["by_part"]``) and the kind of what other modules save.
 OUTSIDE = "outside"
+
+#: What ``torch.func.grad`` (vjp, jacrev, hessian) raises under saved-tensor hooks.
+FUNC_REFUSAL = "don't yet support saved tensor hooks"
 
 
 def hooking_engine(module: nn.Module) -> SavedTensorEngine | None:
@@ -61,6 +69,7 @@ class OutsideModules:
         self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
         self._pushed_at = 0
         self._storages: set[int] = set()
+        self._storages_at = -1  # the engine's account they were read in
         for module in scope.modules():
             if hooking_engine(module) is not None:
                 continue
@@ -91,21 +100,38 @@ class OutsideModules:
             return  # an S2A'd forward's engine, or another owner's hooks (a checkpoint)
         if in_backward() or functorch_transform():
             return
-        # Parameters and buffers are no activations (read per forward: a lazy module's
-        # weights exist from its first call).
-        self._storages = {
-            t.untyped_storage().data_ptr()
-            for t in (*self.scope.parameters(), *self.scope.buffers())
-            if not is_lazy(t) and t.layout == torch.strided
-        }
+        if self._storages_at != self.engine.step:
+            # Parameters and buffers are no activations (read once per account: a lazy
+            # module's weights exist from its first call; read per call, a ViT-B scope's
+            # 406 parameters cost 1 ms a call, 64 heads called one by one 120 ms a step).
+            self._storages = {
+                t.untyped_storage().data_ptr()
+                for t in (*self.scope.parameters(), *self.scope.buffers())
+                if not is_lazy(t) and t.layout == torch.strided
+            }
+            self._storages_at = self.engine.step
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
         self._pushed_at = self._depth
 
     def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self._hooks is not None and self._depth == self._pushed_at:
+        ours = self._hooks is not None and self._depth == self._pushed_at
+        if ours:
             self._pop()
         self._depth = max(self._depth - 1, 0)
+        raised = sys.exc_info()[1]  # torch calls this hook in its except block
+        if ours and isinstance(raised, RuntimeError) and FUNC_REFUSAL in str(raised):
+            # (an error raised here would be silenced by torch, the forward's own kept)
+            warnings.warn(
+                f"S2A: a torch.func transform (grad, vjp, jacrev, hessian) ran inside the "
+                f"forward of {type(module).__name__} while S2A counted what it saves for "
+                "backward with saved-tensor hooks, which those transforms refuse (the error "
+                "below). If the transform runs in a module beside the S2A'd one (your head), "
+                "turn the counting off: S2ACallback(count_outside=False), "
+                "S2AStrategy(count_outside=False) or --s2a.count_outside false; the "
+                "s2a/activation_* metrics then leave that module's saved tensors out.",
+                stacklevel=2,
+            )
 
     def _pop(self) -> None:
         hooks, self._hooks = self._hooks, None
@@ -115,12 +141,19 @@ class OutsideModules:
 
     def _pack(self, t: torch.Tensor) -> Any:
         if dual_level_open():  # forward-mode AD: dual tensors' storages cannot be read
-            return Kept(t)
+            return Kept(t, bare=True)
         if t.layout != torch.strided:
             self.engine.outside_account().add_unstrided(OUTSIDE, t, OUTSIDE)
-        elif t.untyped_storage().data_ptr() not in self._storages:
-            self.engine.outside_account().add(OUTSIDE, t, None, OUTSIDE)
-        return Kept(t)  # its version checked at unpack, as PyTorch does without hooks
+            return Kept(t)
+        if t.untyped_storage().data_ptr() in self._storages:
+            return Kept(t)  # a parameter or buffer: no activation
+        account = self.engine.outside_account()
+        # A small view of a larger storage is kept as a copy, as the engine keeps its own
+        # (a head's ``x[:, 0]`` kept the final norm's every token alive: 17x the slice at
+        # 32 px, uncounted): the same values, only the slice's bytes.
+        kept = compact(t, self.engine._copies)
+        account.add(OUTSIDE, t, None, OUTSIDE, kept)
+        return Kept(kept)  # its version checked at unpack, as PyTorch does without hooks
 
     def _unpack(self, packed: Kept) -> torch.Tensor:
         self.engine._unpacked = True  # a backward ran: the next save starts a new account

@@ -47,7 +47,7 @@ class PackingMixin:
             # whose storage cannot be read; kept as they are, uncompressed and uncounted,
             # with their version checked (returned bare, a tensor changed in place after
             # its save gave wrong gradients where PyTorch raises).
-            return Kept(t)
+            return Kept(t, bare=True)
         if t.layout != torch.strided:  # sparse (a graph's adjacency): no codes, no storage
             if self._account is not None:
                 kind = self._call.kind if self._call is not None else "generic"
@@ -92,7 +92,11 @@ class PackingMixin:
             and fused_operand(t, call.fused)
         ):
             kind = "fused_attention"  # its backward recomputes from it: see fused_operands
-        elif call.position is not None and tuple(t.shape) == call.position:
+        elif (
+            call.position is not None
+            and tuple(t.shape) == call.position
+            and not (t.data_ptr() == call.position_ptrs[1] != call.position_ptrs[0])
+        ):
             kind = "position"  # where the op samples: see ops.POSITION_OPERANDS
         account = self._account
         assert account is not None

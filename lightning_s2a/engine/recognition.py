@@ -223,9 +223,12 @@ class Call:
     #: A fused attention's query, key and value as ``(data_ptr, shape)`` and its output's
     #: shape: its backward recomputes the probabilities from them (see :func:`fused_operands`).
     fused: frozenset = frozenset()
-    #: Shape of the operand that says where the op samples (``grid_sample``'s grid): a
-    #: saved tensor of that shape is kind "position" (see ``ops.POSITION_OPERANDS``).
+    #: Shape of the operand that says where the op samples (``grid_sample``'s grid), and
+    #: the storages of that operand and of the op's input: a saved tensor of that shape is
+    #: kind "position" (see ``ops.POSITION_OPERANDS``), unless it is the input itself (an
+    #: input shaped like the grid: width 2, or 3 in 3-D).
     position: tuple | None = None
+    position_ptrs: tuple[int, int] = (0, 0)
 
 
 #: The call of a torch op the tables do not name (``cumprod``, ``atan``, ``max_pool1d``).
@@ -332,6 +335,9 @@ def classify(engine: SavedTensorEngine, info: tuple, args: tuple, kwargs: dict) 
         grid = kwargs.get(key, args[pos] if len(args) > pos else None)
         if isinstance(grid, torch.Tensor):
             call.position = tuple(grid.shape)
+            source = kwargs.get("input", args[0] if args else None)
+            if isinstance(source, torch.Tensor) and source.shape == grid.shape:
+                call.position_ptrs = (grid.data_ptr(), source.data_ptr())
             if grid.requires_grad:  # the grid trains: its gradient differences the input
                 call.kind = "sampled"
     elif kind == "softmax":

@@ -25,6 +25,7 @@ from .checkpoint import load_other_engines, other_handles
 from .checks import (
     check_batch_norms_in_place,
     check_evaluation_alone,
+    check_head_inside,
     check_head_outside,
     check_optimized,
     check_single_s2a,
@@ -54,7 +55,10 @@ class S2ACallback(CheckpointState, TrainingSteps, pl.Callback):
     LightningModule's head outside it trains as the user defined it. A backbone built in
     ``configure_model`` is S2A'd right after that hook, before checkpoints are restored and
     optimizers are built. A module that already has S2A applied (an earlier fit, or
-    ``load_adapter``) is taken up as it is.
+    ``load_adapter``) is taken up as it is. ``count_outside=False`` leaves what the
+    module's other parts save (a head outside the backbone) out of the ``s2a/activation_*``
+    metrics: for a head that runs ``torch.func`` transforms in its forward, which refuse the
+    counting hooks.
     """
 
     def __init__(
@@ -62,6 +66,7 @@ class S2ACallback(CheckpointState, TrainingSteps, pl.Callback):
         config: S2AConfig | None = None,
         backbone: str | None = None,
         adapter_path: str | None = None,
+        count_outside: bool = True,
         **fields: Any,
     ) -> None:
         super().__init__()
@@ -75,6 +80,7 @@ class S2ACallback(CheckpointState, TrainingSteps, pl.Callback):
         self.config = config.replace(**fields) if fields else config
         self.backbone = backbone
         self.adapter_path = adapter_path
+        self.count_outside = count_outside
         self.handle: S2AHandle | None = None
         self._module: pl.LightningModule | None = None
         self._meter = EpochMeter()
@@ -112,6 +118,7 @@ class S2ACallback(CheckpointState, TrainingSteps, pl.Callback):
                 "when the module defines one); name the attribute that holds the backbone."
             )
         config = self.config
+        check_head_inside(pl_module, target, name, config.head)
         if config.head == "auto" and not callable(getattr(target, "get_classifier", None)):
             # No timm head to find: the task head is taken to be the module's own, outside the
             # backbone. If nothing trains there, the backbone's own last layer is the head,
@@ -333,9 +340,9 @@ class S2ACallback(CheckpointState, TrainingSteps, pl.Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Hooks off; the trained modules stay, so validate/test/predict/checkpoints use them.
         # S2A applied for an evaluation alone is removed: the module is as it was built.
-        self.stop_counting_outside()
         for handle, _ in (self._others or {}).values():  # their own engines stay attached
             handle.engine.end_steps()
+            handle.engine.end_interrupted()  # a KeyboardInterrupt inside: hooks off
         self._others = None
         unwrap_hook(pl_module, "setup")
         unwrap_hook(pl_module, "configure_model")
@@ -349,6 +356,9 @@ class S2ACallback(CheckpointState, TrainingSteps, pl.Callback):
         elif self.handle is not None:
             # a training forward after this (a plain Trainer's fit) is told what it runs
             self.handle.stop_engine(watch=stage == "fit")
+        # Last: the engines' hooks of a forward a KeyboardInterrupt cut short sat above these
+        # (only the top of the thread's saved-tensor hooks can come off), so they stayed.
+        self.stop_counting_outside()
         self._for_evaluation = self._restored_s2a = False
 
     def _evaluation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

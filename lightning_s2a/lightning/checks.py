@@ -272,6 +272,40 @@ def check_head_outside(pl_module: nn.Module, target: nn.Module, name: str) -> No
     )
 
 
+def check_head_inside(pl_module: nn.Module, target: nn.Module, name: str, head: str | None) -> None:
+    """Raise where a named head is no module of the backbone ``target`` but one of the
+    LightningModule's: the head is looked up inside the backbone, and a head of your own
+    beside it trains as you built it. The error said only that the backbone has no such
+    submodule (``--s2a.backbone encoder --s2a.head classifier``)."""
+    if head is None or head == "auto":
+        return
+    names = [h.strip() for h in head.split(",") if h.strip()]
+    for h in names:
+        inner = h.removeprefix(f"{name}.")
+        if inner != h and not _has(target, h) and _has(target, inner):
+            raise ValueError(
+                f"S2ACallback(backbone={name!r}, head={head!r}): the head is looked up inside "
+                f"the backbone {name!r}, so name it from there: {inner!r} (not {h!r})."
+            )
+    outside = [h for h in names if not _has(target, h) and _has(pl_module, h)]
+    if outside:
+        raise ValueError(
+            f"S2ACallback(backbone={name!r}, head={head!r}): the head is looked up inside "
+            f"the backbone {name!r}, and {type(pl_module).__name__}.{outside[0]} is outside it, "
+            "where it trains as you built it (it is no part of S2A's model). Leave head at "
+            "'auto' (a backbone without timm's get_classifier() then trains no head of its "
+            "own), or name a module inside the backbone."
+        )
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
 def check_whole_module_head(pl_module: nn.Module, config: Any) -> None:
     """Raise, for a callback with no backbone named on a module with neither a ``backbone``
     attribute nor timm's ``get_classifier()``, an error that names both ways out: the

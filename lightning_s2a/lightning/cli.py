@@ -23,7 +23,7 @@ from functools import partial, update_wrapper
 from types import MethodType
 from typing import Any
 
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch import cli as lightning_cli
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
@@ -31,15 +31,18 @@ from lightning.pytorch.utilities import rank_zero_warn
 from ..api import config_differences
 from ..config import S2AConfig
 from .callback import S2ACallback
+from .checkpoint import marked_prefixes, s2a_state
 from .cli_sources import (
     carried_init_args,
     default_of,
+    import_class,
     refuse_printing_carried_args,
     sets_trainer,
     with_default_classes,
 )
 from .data import DigitsDataModule, sized_from_data
 from .model import ImageClassifier
+from .strategy import S2AStrategyMixin
 
 S2A_KEY = "s2a"
 #: Trainer defaults of ``lightning-s2a`` (a config or flag overrides them): a short fine-tune.
@@ -50,6 +53,8 @@ _EXTRA_HELP = {
     "adapter_path": "Write the trained S2A adapter (safetensors) here at the end of fit.",
     "backbone": "Attribute of the LightningModule that holds the backbone (default: "
     "'backbone' if it exists, else the whole module).",
+    "count_outside": "Count what the module's parts outside the backbone (your head) save in "
+    "the s2a/activation_* metrics (false: for a head that runs torch.func in its forward).",
     "modules": "Structural modules that train: a list such as [bias,prompt], or one name "
     "('bias', 'side', 'bias+prompt').",
 }
@@ -76,8 +81,8 @@ def _field_help(cls: type) -> dict[str, str]:
 
 
 def add_s2a_arguments(parser: LightningArgumentParser, key: str = S2A_KEY) -> None:
-    """Add every S2AConfig field as ``--{key}.FIELD``, plus ``enabled``, ``adapter_path`` and
-    ``backbone`` (the :class:`S2ACallback` arguments).
+    """Add every S2AConfig field as ``--{key}.FIELD``, plus ``enabled``, ``adapter_path``,
+    ``backbone`` and ``count_outside`` (the :class:`S2ACallback` arguments).
 
     The section stays a plain namespace (not instantiated by jsonargparse) so that the two
     extra options can live in it; :meth:`S2ALightningCLI.before_instantiate_classes` builds and
@@ -94,6 +99,7 @@ def add_s2a_arguments(parser: LightningArgumentParser, key: str = S2A_KEY) -> No
     group.add_argument(f"--{key}.enabled", type=bool, default=True)
     group.add_argument(f"--{key}.adapter_path", type=str | None, default=None)
     group.add_argument(f"--{key}.backbone", type=str | None, default=None)
+    group.add_argument(f"--{key}.count_outside", type=bool, default=True)
     helps = {**_field_help(S2AConfig), **_EXTRA_HELP}
     for action in parser._actions:
         name = action.dest.removeprefix(f"{key}.")
@@ -103,18 +109,20 @@ def add_s2a_arguments(parser: LightningArgumentParser, key: str = S2A_KEY) -> No
 
 def s2a_config_from_namespace(section: Any) -> tuple[bool, S2AConfig, dict[str, Any]]:
     """``(enabled, config, callback_kwargs)`` from the parsed ``s2a`` section (validated);
-    ``callback_kwargs`` are the :class:`S2ACallback` arguments ``adapter_path`` and
-    ``backbone``."""
+    ``callback_kwargs`` are the :class:`S2ACallback` arguments ``adapter_path``,
+    ``backbone`` and ``count_outside``."""
     fields = dict(section.clone().as_dict() if hasattr(section, "as_dict") else section)
     fields = {k: v for k, v in fields.items() if not k.startswith("__")}  # --s2a FILE's __path__
     enabled = bool(fields.pop("enabled", True))
     callback_kwargs = {k: fields.pop(k, None) for k in ("adapter_path", "backbone")}
+    callback_kwargs["count_outside"] = bool(fields.pop("count_outside", True))
     config = S2AConfig(**fields)
     if not enabled:
         # Off means off (the same config file runs the plain baseline), but not without a
         # word: an adapter is not written, a strategy keeps its own config.
         given = config_differences(config, S2AConfig())
-        given += [k for k, v in callback_kwargs.items() if v is not None]
+        given += [k for k in ("adapter_path", "backbone") if callback_kwargs[k] is not None]
+        given += [] if callback_kwargs["count_outside"] else ["count_outside"]
         if given:
             rank_zero_warn(
                 f"s2a.enabled=false turns the s2a section off: its {given} are ignored (no "
@@ -185,16 +193,28 @@ class S2ALightningCLI(LightningCLI):
             parser.error(f"invalid s2a option: {err}")
         self.s2a_config = config if enabled else None
         self.s2a_callback_kwargs = callback_kwargs if enabled else None
-        if enabled and self.subcommand not in (None, "fit") and callback_kwargs.get("adapter_path"):
+        adapter = (
+            enabled and self.subcommand not in (None, "fit") and callback_kwargs.get("adapter_path")
+        )
+        if adapter and self._get(self.config, "ckpt_path", default=None) is None:
             parser.error(
                 f"--s2a.adapter_path is where fit writes the trained adapter; {self.subcommand} "
                 "does not read it (it evaluated the untrained model). Evaluate a checkpoint "
                 "with --ckpt_path, or load the adapter in code (lightning_s2a.load_adapter)."
             )
+        if adapter:  # a fit's saved config.yaml, replayed with the checkpoint: nothing written
+            assert self.s2a_callback_kwargs is not None
+            self.s2a_callback_kwargs["adapter_path"] = None
+            rank_zero_warn(
+                f"--s2a.adapter_path is where fit writes the trained adapter; {self.subcommand} "
+                "evaluates --ckpt_path and neither reads nor writes the adapter (ignored)."
+            )
         if enabled:
             strategy = self._get(self.config, "trainer", default={}).get("strategy")
             name = strategy if isinstance(strategy, str) else getattr(strategy, "class_path", "")
-            if isinstance(name, str) and "s2a" in name.lower().rsplit(".", 1)[-1]:
+            if isinstance(name, str) and (
+                "s2a" in name.lower().rsplit(".", 1)[-1] or _is_s2a_strategy(name)
+            ):
                 parser.error(
                     f"trainer.strategy={name!r} applies S2A itself and so does the s2a section; "
                     "set --s2a.enabled false to configure S2A through the strategy, or use a "
@@ -244,6 +264,11 @@ class S2ALightningCLI(LightningCLI):
                     "set --s2a.enabled false, or remove the callback from trainer.callbacks."
                 )
             kwargs["callbacks"] = [self.s2a_callback, *callbacks]
+        elif self.subcommand == "fit":
+            trainer_config = self._get(self.config_init, "trainer", default={})
+            callbacks = kwargs.pop("callbacks", trainer_config.get("callbacks")) or []
+            callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+            kwargs["callbacks"] = [*callbacks, PlainResume()]
         return super().instantiate_trainer(**kwargs)
 
     def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
@@ -288,6 +313,40 @@ def _optimizers_when_asked(
         lightning_cli.instantiate_class(optimizer, scheduler_init) if scheduler_init else None
     )
     return configure(model, optimizer, scheduler)
+
+
+class PlainResume(Callback):
+    """With the s2a section off, refuse to resume an S2A run's checkpoint where no S2A
+    strategy or callback runs: the fit would go on training every parameter where the run
+    trained S2A's few (after a bias-only epoch, the next trained all 5.5M of a reviewer's
+    ViT-Ti, silently with ``--optimizer``; with the model's own optimizers PyTorch refused
+    the optimizer state with an error that named neither S2A nor the fix). Checked when
+    Lightning restores the checkpoint, whichever way it was named (a path, ``last``,
+    ``best``)."""
+
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: Any, checkpoint: dict[str, Any]
+    ) -> None:
+        if trainer.state.fn != "fit" or isinstance(trainer.strategy, S2AStrategyMixin):
+            return
+        if any(isinstance(c, S2ACallback) for c in trainer.callbacks):
+            return
+        if s2a_state(checkpoint) is not None or marked_prefixes(checkpoint):
+            raise ValueError(
+                f"the checkpoint resumed ({trainer.ckpt_path}) is an S2A run's, and S2A is "
+                "off here (--s2a.enabled false): resumed, the fit would go on training every "
+                "parameter where the run trained S2A's few. Resume with S2A on (drop "
+                "--s2a.enabled false); to fine-tune its weights in full, load them into the "
+                "model (lightning_s2a.load_from_checkpoint) and start a new fit without "
+                "--ckpt_path."
+            )
+
+
+def _is_s2a_strategy(class_path: str) -> bool:
+    """True where ``class_path`` imports as a subclass of the S2A strategies (a user's own
+    strategy built on them, whose name need not say S2A)."""
+    cls = import_class(class_path)
+    return isinstance(cls, type) and issubclass(cls, S2AStrategyMixin)
 
 
 def _positive(value: Any) -> bool:

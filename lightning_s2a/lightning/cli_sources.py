@@ -256,11 +256,13 @@ def _same_class(written: str, resolved: str) -> bool:
     same class, e.g. a package's re-export) names the resolved one."""
     if written == resolved or ("." not in written and resolved.endswith("." + written)):
         return True
-    found = [_import_class(path) for path in (written, resolved)]
+    if "." not in resolved and written.endswith("." + resolved):  # --model ImageClassifier
+        return True
+    found = [import_class(path) for path in (written, resolved)]
     return found[0] is not None and found[0] is found[1]
 
 
-def _import_class(path: str) -> Any:
+def import_class(path: str) -> Any:
     """The object at a dotted ``module.Class`` path, or None where it does not import."""
     module, _, name = path.rpartition(".")
     try:

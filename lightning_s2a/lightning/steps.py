@@ -26,6 +26,7 @@ class TrainingSteps:
     handle: S2AHandle | None
     _meter: EpochMeter
     _outside: OutsideModules | None
+    count_outside: bool
     _others: dict[str, list[Any]] | None
     _forwards_before: int
     _out_before: int
@@ -39,7 +40,7 @@ class TrainingSteps:
         # What the module's other modules save (your classifier beside the S2A'd encoder)
         # counts in the step's bytes, as it is (until 2026-12-07 it was left out).
         self.stop_counting_outside()
-        if self.handle is not None:
+        if self.handle is not None and self.count_outside:
             self._outside = self.handle.count_outside(pl_module)
 
     def stop_counting_outside(self) -> None:

@@ -29,10 +29,19 @@ class S2AStrategyMixin:
     s2a_callback: S2ACallback
 
     def _init_s2a(
-        self, config: S2AConfig | None, backbone: str | None, adapter_path: str | None, fields: dict
+        self,
+        config: S2AConfig | None,
+        backbone: str | None,
+        adapter_path: str | None,
+        fields: dict,
+        count_outside: bool = True,
     ) -> None:
         self.s2a_callback = S2ACallback(
-            config, backbone=backbone, adapter_path=adapter_path, **fields
+            config,
+            backbone=backbone,
+            adapter_path=adapter_path,
+            count_outside=count_outside,
+            **fields,
         )
 
     def connect(self, model: Any) -> None:
@@ -84,6 +93,7 @@ class S2AStrategy(S2AStrategyMixin, SingleDeviceStrategy):
         config: S2AConfig | None = None,
         backbone: str | None = None,
         adapter_path: str | None = None,
+        count_outside: bool = True,
         device: str | torch.device | None = None,
         **kwargs: Any,
     ) -> None:
@@ -91,7 +101,7 @@ class S2AStrategy(S2AStrategyMixin, SingleDeviceStrategy):
         super().__init__(device=device if device is not None else "cpu", **rest)
         self._device_given = device is not None
         self._devices: list[torch.device] = []
-        self._init_s2a(config, backbone, adapter_path, fields)
+        self._init_s2a(config, backbone, adapter_path, fields, count_outside)
 
     # Lightning fills ``parallel_devices`` of a strategy built from the registry with the
     # Trainer's devices; that is how ``Trainer(strategy="s2a", accelerator="gpu")`` gets cuda:0.
@@ -133,13 +143,14 @@ class S2ADDPStrategy(S2AStrategyMixin, DDPStrategy):
         config: S2AConfig | None = None,
         backbone: str | None = None,
         adapter_path: str | None = None,
+        count_outside: bool = True,
         **kwargs: Any,
     ) -> None:
         fields, rest = _split(
             kwargs, self._parent_arguments, "DDPStrategy and DistributedDataParallel"
         )
         super().__init__(**rest)
-        self._init_s2a(config, backbone, adapter_path, fields)
+        self._init_s2a(config, backbone, adapter_path, fields, count_outside)
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
