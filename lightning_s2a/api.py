@@ -198,9 +198,23 @@ class S2AHandle:
         return format_summary(self)
 
     def remove(self) -> None:
-        """Undo everything: hooks off, injected modules out, ``requires_grad`` flags back."""
+        """Undo the structure: hooks off, injected modules (prompts, side, added biases) out,
+        4-bit weights exact again, ``requires_grad`` flags back; trained biases keep their
+        values. To keep the model that trained (inference, export), use
+        :meth:`stop_engine` instead: after training, ``remove()`` leaves another model
+        (warned where an optimizer stepped the modules it takes out)."""
         if self.removed:
             return
+        stepped = self.unstepped is not None and bool(self.unstepped.added & self.unstepped.held)
+        if stepped:
+            warnings.warn(
+                "S2A: handle.remove() takes out the modules S2A added (prompts, side network, "
+                "added biases), which an optimizer stepped: the model no longer computes what "
+                "it trained to (a reviewer's ViT with a trained side network: another class "
+                "for 3 of 4 images). To keep the trained model for inference or export, use "
+                "handle.stop_engine() instead; save_adapter/load_adapter rebuild it elsewhere.",
+                stacklevel=2,
+            )
         self._unwatch()
         self.engine.detach()
         if self.unstepped is not None:
@@ -334,7 +348,9 @@ def apply_s2a(model: nn.Module, config: S2AConfig | None = None, **overrides: An
     """Freeze ``model``'s backbone, train only the S2A modules, and compress saved activations.
 
     ``overrides`` are :class:`S2AConfig` fields (``apply_s2a(model, bits=2)``). The model is
-    changed in place; ``handle.remove()`` restores it exactly.
+    changed in place; ``handle.remove()`` restores its structure (trained biases keep their
+    values; prompts and side networks go: :meth:`S2AHandle.stop_engine` keeps the trained
+    model).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply_s2a expects an nn.Module, got {type(model).__name__}.")

@@ -2129,3 +2129,25 @@ def test_blocks_that_run_twice_per_forward_are_refused(modules):
     assert not any("s2a" in n for n, _ in model.named_modules())
     assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_removing_trained_added_modules_is_said():
+    # docs advised remove() before export: it takes trained prompts and side networks out,
+    # and the exported model predicted other classes, silently.
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", num_classes=3, depth=2, img_size=32, patch_size=8
+    )
+    handle = apply_s2a(model, S2AConfig(modules=["bias", "prompt"]))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    with pytest.warns(UserWarning, match=r"stop_engine\(\) instead"):
+        handle.remove()
+    untrained = timm.create_model(
+        "vit_tiny_patch16_224", num_classes=3, depth=2, img_size=32, patch_size=8
+    )
+    handle = apply_s2a(untrained, S2AConfig(modules=["bias", "prompt"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing stepped: nothing to say
+        handle.remove()
