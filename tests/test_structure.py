@@ -2151,3 +2151,28 @@ def test_removing_trained_added_modules_is_said():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing stepped: nothing to say
         handle.remove()
+
+
+def _detection_body(se_bias: bool) -> nn.Module:
+    from torchvision.ops.misc import FrozenBatchNorm2d  # its statistics are all buffers
+
+    layers = [nn.Conv2d(3, 8, 3, bias=False), FrozenBatchNorm2d(8), nn.ReLU()]
+    layers += [nn.Conv2d(8, 8, 3, bias=False), FrozenBatchNorm2d(8), nn.ReLU()]
+    if se_bias:
+        layers.append(nn.Conv2d(8, 8, 1))  # a squeeze-excite-like conv with a bias
+    return nn.Sequential(*layers)
+
+
+def test_frozen_batch_norms_point_bias_tuning_to_add_bias():
+    # torchvision detection backbones hold their norms' shifts as buffers: bias tuning
+    # trained 5,080 of a MobileNet body's 17,280 biases, and a ResNet body's error advised
+    # naming a head it does not have.
+    with pytest.warns(UserWarning, match=r"2 FrozenBatchNorm layers .*add_bias=True"):
+        handle = apply_s2a(_detection_body(se_bias=True), S2AConfig(head=None))
+    handle.remove()
+    with pytest.raises(ValueError, match=r"nothing left to train.*add_bias=True"):
+        apply_s2a(_detection_body(se_bias=False), S2AConfig(head=None))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        handle = apply_s2a(_detection_body(se_bias=False), S2AConfig(head=None, add_bias=True))
+    assert handle.trainable_parameters()[0] == 16  # a bias before each norm
