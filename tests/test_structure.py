@@ -2176,3 +2176,19 @@ def test_frozen_batch_norms_point_bias_tuning_to_add_bias():
         warnings.simplefilter("error")
         handle = apply_s2a(_detection_body(se_bias=False), S2AConfig(head=None, add_bias=True))
     assert handle.trainable_parameters()[0] == 16  # a bias before each norm
+
+
+def test_an_auxiliary_head_named_after_the_head_is_said():
+    # torchvision's segmentation models: head="classifier" left aux_classifier frozen
+    # (2 of its 5 parameters trained, the biases), while the aux loss came from it.
+    from torchvision.models.segmentation import fcn_resnet50
+
+    model = fcn_resnet50(weights=None, weights_backbone=None, aux_loss=True, num_classes=3)
+    with pytest.warns(UserWarning, match=r"head='classifier,aux_classifier'"):
+        handle = apply_s2a(model, S2AConfig(head="classifier"))
+    handle.remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        handle = apply_s2a(model, S2AConfig(head="classifier,aux_classifier"))
+    assert all(p.requires_grad for p in model.aux_classifier.parameters())
+    handle.remove()

@@ -187,8 +187,40 @@ def _check_parallel_heads(model: nn.Module, state: StructureState, config: S2ACo
     warnings.warn(f"{text}, unless the model does not combine them.", stacklevel=4)
 
 
+def _warn_named_alike(model: nn.Module, config: S2AConfig) -> None:
+    """Say where a named head has siblings named after it with weights of their own
+    (torchvision's ``aux_classifier`` beside ``classifier``, a ``pre_classifier``): they
+    stay frozen, biases aside, while the model's outputs (an auxiliary loss) come from them
+    (a reviewer's DeepLabV3 trained 2 of its aux head's 5 parameters, silently)."""
+    if not isinstance(config.head, str) or config.head == "auto":
+        return
+    named = [h.strip() for h in config.head.split(",") if h.strip()]
+    alike = []
+    for head in named:
+        parent, _, leaf = head.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        for child, module in owner.named_children():
+            path = f"{parent}.{child}" if parent else child
+            if (
+                leaf in child
+                and child != leaf
+                and path not in named
+                and any(p.dim() > 1 for p in module.parameters())
+            ):
+                alike.append(path)
+    if alike:
+        both = ",".join([*named, *alike])
+        warnings.warn(
+            f"S2A: head={config.head!r} has {alike} beside it, named after it: a head of its "
+            "own (an auxiliary classifier) stays frozen, its biases aside. If the model's "
+            f"outputs come from it, name it too: S2AConfig(head={both!r}).",
+            stacklevel=4,
+        )
+
+
 def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: tuple) -> None:
     _check_parallel_heads(model, state, config)
+    _warn_named_alike(model, config)
     head_ids = {id(p) for p in state.head.parameters()} if state.head is not None else set()
     if config.add_bias and "bias" in modules:
         state.added_biases = add_biases(model, config, head_ids)
