@@ -196,7 +196,7 @@ def test_head_auto_needs_get_classifier():
     with pytest.raises(ValueError, match=r"get_classifier.*last Linear: S2AConfig\(head='0'\)"):
         apply_s2a(nn.Sequential(nn.Linear(4, 4)))
     with pytest.raises(ValueError, match=r"get_classifier.*e\.g\. S2AConfig\(head='fc'\)"):
-        apply_s2a(nn.Sequential(nn.Conv1d(4, 4, 1)))
+        apply_s2a(nn.Sequential(nn.Conv1d(4, 4, 3)))
 
 
 def test_named_head_that_does_not_exist():

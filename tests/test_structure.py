@@ -2192,3 +2192,42 @@ def test_an_auxiliary_head_named_after_the_head_is_said():
         handle = apply_s2a(model, S2AConfig(head="classifier,aux_classifier"))
     assert all(p.requires_grad for p in model.aux_classifier.parameters())
     handle.remove()
+
+
+class _DecodeHead(nn.Module):
+    """SegFormer's decode head, as written there: per-scale Linear projections, then a 1x1
+    fuse and classifier convolutions (registered after the Linears)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear_projections = nn.ModuleList([nn.Linear(8, 16), nn.Linear(8, 16)])
+        self.linear_fuse = nn.Conv2d(32, 16, 1, bias=False)
+        self.classifier = nn.Conv2d(16, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.flatten(2).transpose(1, 2)
+        maps = [
+            p(tokens).transpose(1, 2).reshape(x.shape[0], 16, *x.shape[2:])
+            for p in self.linear_projections
+        ]
+        return self.classifier(self.linear_fuse(torch.cat(maps, 1)))
+
+
+class _DecodeSegmenter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GELU())
+        self.decode_head = _DecodeHead()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode_head(self.encoder(x))
+
+
+def test_a_dense_heads_classifier_conv_is_suggested_through_its_head():
+    # The last Linear (a per-scale projection) was suggested: its classifier conv, random
+    # after a class-count change, stayed frozen.
+    with pytest.raises(ValueError, match=r"last 1x1 conv: S2AConfig\(head='decode_head'\)"):
+        apply_s2a(_DecodeSegmenter(), S2AConfig())
+    squeeze = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Dropout(), nn.Conv2d(8, 3, 1))
+    with pytest.raises(ValueError, match=r"a 1x1 conv: S2AConfig\(head='3'\)"):
+        apply_s2a(squeeze, S2AConfig())  # SqueezeNet's classifier: no Linear anywhere

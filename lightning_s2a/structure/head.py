@@ -121,6 +121,9 @@ def head_guess(model: nn.Module) -> tuple[str, str]:
     head (an ``nn.Sequential`` of Linears, activations, norms and dropout) that ends in the
     model's last Linear, whole (naming that Linear alone left the MLP's first layers frozen,
     silently); else the last Linear, with the heads beside it; ``("", "")`` for none."""
+    dense = _dense_classifier(model)
+    if dense:
+        return dense
     heads = _last_linears(model)
     if len(heads) > 1:  # parallel heads whose outputs the model combines
         return ",".join(heads), "all of its last Linears"
@@ -137,6 +140,29 @@ def head_guess(model: nn.Module) -> tuple[str, str]:
     if mlp:
         return parent, "the MLP head that ends in its last Linear"
     return heads[0], "its last Linear"
+
+
+def _dense_classifier(model: nn.Module) -> tuple[str, str] | None:
+    """A dense head's classifier: the model's last weighted layer a 1x1 convolution (after
+    every Linear), named through the module named as a head that holds it (SegFormer's
+    ``decode_head``: its ``classifier`` conv came after the per-scale Linear projections,
+    and the last of those was suggested, leaving the classifier frozen, random after a
+    class-count change). None where the last weighted layer is no such convolution."""
+    layers = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
+    ]
+    if not layers:
+        return None
+    name, last = layers[-1]
+    if not isinstance(last, nn.modules.conv._ConvNd) or set(last.kernel_size) != {1}:
+        return None
+    parts = name.split(".")
+    for depth in range(len(parts) - 1, 0, -1):
+        if "head" in parts[depth - 1].lower():
+            return ".".join(parts[:depth]), "the dense head that ends in its last 1x1 conv"
+    return name, "its last layer, a 1x1 conv"
 
 
 def _last_linears(model: nn.Module) -> list[str]:
