@@ -1364,3 +1364,22 @@ def test_weight_averaging_over_half_precision_frozen_weights_warns(tmp_path):
     assert "EMAWeightAveraging" in message and "frozen_dtype=None" in message
     assert fit("bfloat16", []) == []
     assert fit(None, [EMAWeightAveraging(decay=0.9)]) == []
+
+
+def test_a_head_outside_that_no_optimizer_holds_is_said(tmp_path):
+    # timm's create_optimizer_v2(self.encoder, layer_decay=...) leaves the head out: it never
+    # trained while s2a/trainable_params and the adapter counted it as trained, silently.
+    class EncoderOnly(EncoderClassifier):
+        def configure_optimizers(self):
+            return torch.optim.AdamW(
+                (p for p in self.encoder.parameters() if p.requires_grad), lr=1e-3
+            )
+
+    model = EncoderOnly()
+    before = model.classifier.weight.detach().clone()
+    with pytest.warns(UserWarning, match=r"2 parameters of EncoderOnly outside .*classifier"):
+        _fit(tmp_path, model, S2ACallback(backbone="encoder"))
+    assert torch.equal(model.classifier.weight, before)  # what the warning says
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*no optimizer holds them")
+        _fit(tmp_path, EncoderClassifier(), S2ACallback(backbone="encoder"))

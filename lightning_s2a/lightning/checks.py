@@ -196,7 +196,8 @@ def check_optimized(trainer: pl.Trainer, pl_module: nn.Module, handle: S2AHandle
     """Every parameter S2A trains must be in an optimizer. An optimizer built from named
     submodules (``self.encoder.parameters()``, ``self.fc.parameters()``) misses what S2A
     adds outside them (a whole module's side network at its root) or freezes: the side
-    stayed at its random init while ``s2a/trainable_params`` counted it, silently."""
+    stayed at its random init while ``s2a/trainable_params`` counted it, silently. Your own
+    trainable parts outside the S2A'd module that no optimizer holds are said."""
     # configure_optimizers returning None gets Lightning's own stand-in (and its warning).
     optimizers = [o for o in trainer.optimizers if type(o).__name__ != "_MockOptimizer"]
     if not optimizers:
@@ -211,6 +212,22 @@ def check_optimized(trainer: pl.Trainer, pl_module: nn.Module, handle: S2AHandle
             "would stay as they are. Build the optimizer from the parameters that train, "
             "e.g. torch.optim.AdamW(p for p in self.parameters() if p.requires_grad), or add "
             "the modules S2A adds (s2a_side, s2a_prompt) to your parameter groups."
+        )
+    # Your own parts outside the S2A'd module (a head beside the encoder) that require grad
+    # and no optimizer holds: s2a/trainable_params and adapters counted them as trained
+    # (timm's create_optimizer_v2(self.encoder, layer_decay=...) left the head out, silently).
+    inside = {id(p) for p in handle.model.parameters()}
+    idle = [
+        n
+        for n, p in pl_module.named_parameters()
+        if p.requires_grad and id(p) not in inside and id(p) not in held
+    ]
+    if idle:
+        rank_zero_warn(
+            f"{len(idle)} parameters of {type(pl_module).__name__} outside the S2A'd module "
+            f"require grad but no optimizer holds them ({some_names(idle, 4)}): they stay at "
+            "their initial values, while s2a/trainable_params and adapters count them as "
+            "trained. Add them to an optimizer (your head's parameters), or freeze them."
         )
 
 
