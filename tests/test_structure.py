@@ -17,6 +17,7 @@ from torch import nn
 from lightning_s2a import S2AConfig, apply_s2a
 from lightning_s2a.engine.accounting import SavedBytesCounter
 from lightning_s2a.pretrained import efficientnet_lite0_imagenet
+from lightning_s2a.structure.head import head_guess
 from tests.conftest import assert_close_in_norm, trainable_grads
 
 SMALL = {
@@ -2178,6 +2179,21 @@ def test_frozen_batch_norms_point_bias_tuning_to_add_bias():
     assert handle.trainable_parameters()[0] == 16  # a bias before each norm
 
 
+def test_layers_that_only_share_letters_with_the_head_are_not_said():
+    class MLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2, self.fc = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.fc2(self.fc1(x)))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_s2a(MLP(), S2AConfig(head="fc")).remove()
+        apply_s2a(nn.Sequential(*[nn.Linear(4, 4) for _ in range(12)]), head="1").remove()
+
+
 def test_an_auxiliary_head_named_after_the_head_is_said():
     # torchvision's segmentation models: head="classifier" left aux_classifier frozen
     # (2 of its 5 parameters trained, the biases), while the aux loss came from it.
@@ -2226,8 +2242,22 @@ class _DecodeSegmenter(nn.Module):
 def test_a_dense_heads_classifier_conv_is_suggested_through_its_head():
     # The last Linear (a per-scale projection) was suggested: its classifier conv, random
     # after a class-count change, stayed frozen.
-    with pytest.raises(ValueError, match=r"last 1x1 conv: S2AConfig\(head='decode_head'\)"):
+    with pytest.raises(ValueError, match=r"in a 1x1 conv: S2AConfig\(head='decode_head'\)"):
         apply_s2a(_DecodeSegmenter(), S2AConfig())
-    squeeze = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Dropout(), nn.Conv2d(8, 3, 1))
-    with pytest.raises(ValueError, match=r"a 1x1 conv: S2AConfig\(head='3'\)"):
-        apply_s2a(squeeze, S2AConfig())  # SqueezeNet's classifier: no Linear anywhere
+    # the main head, not the auxiliary one registered after it; the whole head, not one of
+    # its parallel classifiers; and a body with no head gets no layer of a block
+    from torchvision.models import mobilenet_v2
+    from torchvision.models.segmentation import (
+        deeplabv3_mobilenet_v3_large,
+        lraspp_mobilenet_v3_large,
+    )
+
+    for model, head in (
+        (
+            deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, aux_loss=True),
+            "classifier",
+        ),
+        (lraspp_mobilenet_v3_large(weights=None, weights_backbone=None), "classifier"),
+    ):
+        assert head_guess(model) == (head, "the dense head that ends in a 1x1 conv")
+    assert head_guess(mobilenet_v2().features) == ("", "")

@@ -34,7 +34,8 @@ MESSAGE = (
     "compressed ones). Either don't compile the model (drop torch.compile / module.compile() "
     "and pass the uncompiled module), or keep compiling and turn compression off with "
     "S2AConfig(compress=False). To export a trained model (torch.export, torch.jit), call "
-    "handle.stop_engine() or handle.remove() on it first."
+    "handle.stop_engine() on it first (handle.remove() takes trained prompts and side "
+    "networks out)."
 )
 
 

@@ -143,26 +143,35 @@ def head_guess(model: nn.Module) -> tuple[str, str]:
 
 
 def _dense_classifier(model: nn.Module) -> tuple[str, str] | None:
-    """A dense head's classifier: the model's last weighted layer a 1x1 convolution (after
-    every Linear), named through the module named as a head that holds it (SegFormer's
-    ``decode_head``: its ``classifier`` conv came after the per-scale Linear projections,
-    and the last of those was suggested, leaving the classifier frozen, random after a
-    class-count change). None where the last weighted layer is no such convolution."""
+    """A dense head, where the model's last weighted layer is a 1x1 convolution: the
+    outermost module named as a head or classifier that holds such a convolution (SegFormer's
+    ``decode_head``: its ``classifier`` conv came after the per-scale Linear projections, and
+    the last of those was suggested, leaving the classifier frozen, random after a
+    class-count change). Auxiliary heads (``aux_classifier``, ``auxiliary_head``, registered
+    after the main one) are passed over; a body whose 1x1 convolutions sit in no head
+    (a ResNet with ``fc = Identity``) has none: None."""
     layers = [
         (n, m)
         for n, m in model.named_modules()
         if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
     ]
-    if not layers:
+    if not layers or not _pointwise(layers[-1][1]):
         return None
-    name, last = layers[-1]
-    if not isinstance(last, nn.modules.conv._ConvNd) or set(last.kernel_size) != {1}:
-        return None
-    parts = name.split(".")
-    for depth in range(len(parts) - 1, 0, -1):
-        if "head" in parts[depth - 1].lower():
-            return ".".join(parts[:depth]), "the dense head that ends in its last 1x1 conv"
-    return name, "its last layer, a 1x1 conv"
+    for name, module in reversed(layers):
+        if not _pointwise(module):
+            continue
+        parts = name.split(".")
+        for depth in range(1, len(parts)):  # outermost first: the whole head
+            leaf = parts[depth - 1].lower()
+            if "aux" in leaf:
+                break
+            if "head" in leaf or "classifier" in leaf:
+                return ".".join(parts[:depth]), "the dense head that ends in a 1x1 conv"
+    return None
+
+
+def _pointwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.conv._ConvNd) and set(module.kernel_size) == {1}
 
 
 def _last_linears(model: nn.Module) -> list[str]:

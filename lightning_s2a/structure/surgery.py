@@ -1,8 +1,9 @@
-"""Apply the structural modules to a model, and undo them exactly.
+"""Apply the structural modules to a model, and undo them.
 
 ``apply_structure`` freezes the backbone, turns on the chosen modules (bias, prompt, side),
 keeps the task head trainable and fixes BatchNorm's mode. Every change is recorded in a
-:class:`StructureState`, so ``undo_structure`` puts back the original modules and flags.
+:class:`StructureState`, so ``undo_structure`` puts back the original modules and flags
+(trained biases keep their values; added modules go).
 """
 
 from __future__ import annotations
@@ -184,10 +185,10 @@ def _check_parallel_heads(model: nn.Module, state: StructureState, config: S2ACo
     )
     if "side" in config.modules:
         raise ValueError(f"'side' with {text}.")
-    warnings.warn(f"{text}, unless the model does not combine them.", stacklevel=4)
+    warnings.warn(f"{text}, unless the model does not combine them.", stacklevel=5)
 
 
-def _warn_named_alike(model: nn.Module, config: S2AConfig) -> None:
+def _warn_named_alike(model: nn.Module, config: S2AConfig, state: StructureState) -> None:
     """Say where a named head has siblings named after it with weights of their own
     (torchvision's ``aux_classifier`` beside ``classifier``, a ``pre_classifier``): they
     stay frozen, biases aside, while the model's outputs (an auxiliary loss) come from them
@@ -195,32 +196,37 @@ def _warn_named_alike(model: nn.Module, config: S2AConfig) -> None:
     if not isinstance(config.head, str) or config.head == "auto":
         return
     named = [h.strip() for h in config.head.split(",") if h.strip()]
+    said = set(parallel_heads(model, state.head)) if state.head is not None else set()
     alike = []
     for head in named:
         parent, _, leaf = head.rpartition(".")
+        if leaf.isdecimal():  # a Sequential's index: no name to share
+            continue
         owner = model.get_submodule(parent) if parent else model
         for child, module in owner.named_children():
             path = f"{parent}.{child}" if parent else child
             if (
-                leaf in child
+                leaf in child.split("_")  # a word of its name: aux_classifier, head_dist
                 and child != leaf
                 and path not in named
+                and path not in said  # said as a parallel head already
                 and any(p.dim() > 1 for p in module.parameters())
             ):
                 alike.append(path)
     if alike:
         both = ",".join([*named, *alike])
         warnings.warn(
-            f"S2A: head={config.head!r} has {alike} beside it, named after it: a head of its "
-            "own (an auxiliary classifier) stays frozen, its biases aside. If the model's "
-            f"outputs come from it, name it too: S2AConfig(head={both!r}).",
-            stacklevel=4,
+            f"S2A: head={config.head!r} has {alike} beside it, named after it, with weights "
+            "of its own (an auxiliary classifier, a layer of the head): they stay frozen, "
+            "biases aside. If the model's outputs come from them, name them too: "
+            f"S2AConfig(head={both!r}).",
+            stacklevel=5,
         )
 
 
 def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: tuple) -> None:
     _check_parallel_heads(model, state, config)
-    _warn_named_alike(model, config)
+    _warn_named_alike(model, config, state)
     head_ids = {id(p) for p in state.head.parameters()} if state.head is not None else set()
     if config.add_bias and "bias" in modules:
         state.added_biases = add_biases(model, config, head_ids)
