@@ -1,12 +1,27 @@
-"""The task head that stays trainable, and which parameters are biases (BitFit)."""
+"""The task head that stays trainable, which parameters are biases (BitFit), and the checks
+that a named head is the whole of it (parallel heads, auxiliary heads named after it)."""
 
 from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from ..engine.ops import is_bias
 
-__all__ = ["HeadGroup", "find_head", "head_guess", "head_modules", "is_bias"]
+if TYPE_CHECKING:
+    from ..config import S2AConfig
+
+__all__ = [
+    "HeadGroup",
+    "check_parallel_heads",
+    "find_head",
+    "head_guess",
+    "head_modules",
+    "is_bias",
+    "warn_named_alike",
+]
 
 
 class HeadGroup(nn.ModuleList):
@@ -208,3 +223,63 @@ def parallel_heads(model: nn.Module, head: nn.Module) -> list[str]:
         and n.rpartition(".")[0] == parent
         and (m.in_features, m.out_features) == (head.in_features, head.out_features)
     ]
+
+
+def check_parallel_heads(model: nn.Module, head: nn.Module | None, config: S2AConfig) -> None:
+    """Refuse or say a named Linear head with a sibling of its shape (Hugging Face's
+    DeiT-with-teacher averages a class and a distillation head): naming one leaves the
+    other frozen, and half
+    of each prediction comes from it. An error for 'side' (which replaces the named one
+    alone), said otherwise."""
+    others = parallel_heads(model, head) if head is not None else []
+    if not others or config.head in (None, "auto") or "," in str(config.head):
+        return
+    get = getattr(model, "get_classifier", None)
+    found = get() if callable(get) else None
+    if isinstance(found, (tuple, list)) and any(h is head for h in found):
+        return  # timm's distilled models: head='auto' takes both (see _check_other_heads)
+    both = ",".join([str(config.head), *others])
+    text = (
+        f"head={config.head!r} has {others} beside it with the same shape: a model that "
+        "combines parallel heads (a class and a distillation head) would keep the others "
+        f"frozen in its output. Name them all, S2AConfig(head={both!r})"
+    )
+    if "side" in config.modules:
+        raise ValueError(f"'side' with {text}.")
+    warnings.warn(f"{text}, unless the model does not combine them.", stacklevel=5)
+
+
+def warn_named_alike(model: nn.Module, head: nn.Module | None, config: S2AConfig) -> None:
+    """Say where a named head has siblings named after it with weights of their own
+    (torchvision's ``aux_classifier`` beside ``classifier``, a ``pre_classifier``): they
+    stay frozen, biases aside, while the model's outputs (an auxiliary loss) come from them
+    (a reviewer's DeepLabV3 trained 2 of its aux head's 5 parameters, silently)."""
+    if not isinstance(config.head, str) or config.head == "auto":
+        return
+    named = [h.strip() for h in config.head.split(",") if h.strip()]
+    said = set(parallel_heads(model, head)) if head is not None else set()
+    alike = []
+    for name in named:
+        parent, _, leaf = name.rpartition(".")
+        if leaf.isdecimal():  # a Sequential's index: no name to share
+            continue
+        owner = model.get_submodule(parent) if parent else model
+        for child, module in owner.named_children():
+            path = f"{parent}.{child}" if parent else child
+            if (
+                leaf in child.split("_")  # a word of its name: aux_classifier, head_dist
+                and child != leaf
+                and path not in named
+                and path not in said  # said as a parallel head already
+                and any(p.dim() > 1 for p in module.parameters())
+            ):
+                alike.append(path)
+    if alike:
+        both = ",".join([*named, *alike])
+        warnings.warn(
+            f"S2A: head={config.head!r} has {alike} beside it, named after it, with weights "
+            "of its own (an auxiliary classifier, a layer of the head): they stay frozen, "
+            "biases aside. If the model's outputs come from them, name them too: "
+            f"S2AConfig(head={both!r}).",
+            stacklevel=5,
+        )

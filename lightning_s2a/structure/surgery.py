@@ -24,7 +24,7 @@ from .added_biases import CONVS_AND_LINEARS, add_biases
 from .families import Block, block_output_shapes, default_input_size, find_blocks
 from .four_bit import frozen_names
 from .frozen_weights import cast_frozen, hold_frozen
-from .head import find_head, head_modules, is_bias, parallel_heads
+from .head import check_parallel_heads, find_head, head_modules, is_bias, warn_named_alike
 from .held_statistics import HeldStatistics, forget_statistics, release_eval
 from .hierarchical import prefix_tokens
 from .holders import add_module, home
@@ -165,68 +165,9 @@ def buffer_norms(model: nn.Module) -> list[str]:
     ]
 
 
-def _check_parallel_heads(model: nn.Module, state: StructureState, config: S2AConfig) -> None:
-    """A named Linear head with a sibling of its shape (Hugging Face's DeiT-with-teacher
-    averages a class and a distillation head): naming one leaves the other frozen, and half
-    of each prediction comes from it. An error for 'side' (which replaces the named one
-    alone), said otherwise."""
-    others = parallel_heads(model, state.head) if state.head is not None else []
-    if not others or config.head in (None, "auto") or "," in str(config.head):
-        return
-    get = getattr(model, "get_classifier", None)
-    found = get() if callable(get) else None
-    if isinstance(found, (tuple, list)) and any(h is state.head for h in found):
-        return  # timm's distilled models: head='auto' takes both (see _check_other_heads)
-    both = ",".join([str(config.head), *others])
-    text = (
-        f"head={config.head!r} has {others} beside it with the same shape: a model that "
-        "combines parallel heads (a class and a distillation head) would keep the others "
-        f"frozen in its output. Name them all, S2AConfig(head={both!r})"
-    )
-    if "side" in config.modules:
-        raise ValueError(f"'side' with {text}.")
-    warnings.warn(f"{text}, unless the model does not combine them.", stacklevel=5)
-
-
-def _warn_named_alike(model: nn.Module, config: S2AConfig, state: StructureState) -> None:
-    """Say where a named head has siblings named after it with weights of their own
-    (torchvision's ``aux_classifier`` beside ``classifier``, a ``pre_classifier``): they
-    stay frozen, biases aside, while the model's outputs (an auxiliary loss) come from them
-    (a reviewer's DeepLabV3 trained 2 of its aux head's 5 parameters, silently)."""
-    if not isinstance(config.head, str) or config.head == "auto":
-        return
-    named = [h.strip() for h in config.head.split(",") if h.strip()]
-    said = set(parallel_heads(model, state.head)) if state.head is not None else set()
-    alike = []
-    for head in named:
-        parent, _, leaf = head.rpartition(".")
-        if leaf.isdecimal():  # a Sequential's index: no name to share
-            continue
-        owner = model.get_submodule(parent) if parent else model
-        for child, module in owner.named_children():
-            path = f"{parent}.{child}" if parent else child
-            if (
-                leaf in child.split("_")  # a word of its name: aux_classifier, head_dist
-                and child != leaf
-                and path not in named
-                and path not in said  # said as a parallel head already
-                and any(p.dim() > 1 for p in module.parameters())
-            ):
-                alike.append(path)
-    if alike:
-        both = ",".join([*named, *alike])
-        warnings.warn(
-            f"S2A: head={config.head!r} has {alike} beside it, named after it, with weights "
-            "of its own (an auxiliary classifier, a layer of the head): they stay frozen, "
-            "biases aside. If the model's outputs come from them, name them too: "
-            f"S2AConfig(head={both!r}).",
-            stacklevel=5,
-        )
-
-
 def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: tuple) -> None:
-    _check_parallel_heads(model, state, config)
-    _warn_named_alike(model, config, state)
+    check_parallel_heads(model, state.head, config)
+    warn_named_alike(model, state.head, config)
     head_ids = {id(p) for p in state.head.parameters()} if state.head is not None else set()
     if config.add_bias and "bias" in modules:
         state.added_biases = add_biases(model, config, head_ids)
