@@ -203,9 +203,10 @@ class S2AHandle:
         values. To keep the model that trained (inference, export), use
         :meth:`stop_engine` instead: after training, ``remove()`` leaves another model
         (warned where an optimizer stepped the modules it takes out)."""
-        self._remove(stacklevel=3)
+        self._remove()
 
-    def _remove(self, stacklevel: int) -> None:
+    def _remove(self) -> None:
+        """``remove()``, its warning said at the caller's line (also from a ``with`` block)."""
         if self.removed:
             return
         stepped = self.unstepped is not None and bool(self.unstepped.added & self.unstepped.held)
@@ -216,7 +217,7 @@ class S2AHandle:
                 "it trained to (a reviewer's ViT with a trained side network: another class "
                 "for 3 of 4 images). To keep the trained model for inference or export, use "
                 "handle.stop_engine() instead; save_adapter/load_adapter rebuild it elsewhere.",
-                stacklevel=stacklevel,
+                stacklevel=3,
             )
         self._unwatch()
         self.engine.detach()
@@ -240,7 +241,7 @@ class S2AHandle:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._remove(stacklevel=3)  # said at the user's with block
+        self._remove()  # said at the user's with block
 
 
 def weight_bytes(model: nn.Module, originals: dict[str, torch.Tensor]) -> tuple[int, int]:

@@ -17,6 +17,11 @@ MODULE_KINDS = ("bias", "prompt", "side")
 #: cannot see which operator it serves: a saved input compared in backward, a norm's rows),
 #: a sampling grid and what atan2/hypot save (see ``engine.ops.KINDS``).
 EXACT_UNLESS_ASKED = ("loss", "custom", "position", "singular")
+#: Operator kinds at least 8 bits wide unless ``op_bits`` names them, each with the kind whose
+#: width it follows above that: what a fused attention's backward recomputes the
+#: probabilities from (see ``engine.attention.fused_operands``) and the input a trained
+#: sampling grid differences (see ``engine.ops.KINDS``).
+AT_LEAST_WIDE = {"fused_attention": "attention", "sampled": "generic"}
 SIDE_KINDS = ("pooled", "hierarchical")
 SIDE_MERGES = ("replace", "add")
 DEFAULT_SIDE_STRIDES = (8, 16, 32)
@@ -370,11 +375,9 @@ class S2AConfig:
             return self.trainable_input_bits
         if kind in EXACT_UNLESS_ASKED:
             return self.op_bits.get(kind)
-        if kind == "fused_attention":  # at least 8 bits unless asked: see fused_operands
-            wide = max(self.op_bits.get("attention", self.bits), WIDE_BITS)
-            return self.op_bits.get(kind, wide)
-        if kind == "sampled":  # at least 8 bits unless asked: see engine.ops.KINDS
-            return self.op_bits.get(kind, max(self.op_bits.get("generic", self.bits), WIDE_BITS))
+        base = AT_LEAST_WIDE.get(kind)
+        if base is not None:  # at least 8 bits unless asked
+            return self.op_bits.get(kind, max(self.op_bits.get(base, self.bits), WIDE_BITS))
         return self.op_bits.get(kind, self.bits)
 
     def calibration_tol(self, bits: int | None = None) -> float:

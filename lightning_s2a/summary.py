@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from .api import S2AHandle
     from .engine.hooks import SavedTensorEngine
 
-PARTS = ("backbone", "prompt", "side", "head")
+PARTS = ("backbone", "prompt", "side", "head", "outside")  # outside: engine/outside.py
 
 
 def _mib(n: int) -> str:

@@ -95,6 +95,8 @@ def test_metrics_count_the_head_outside_the_backbone(compress, through_forward):
     assert metrics["s2a/activation_stored_mb"] * 2**20 == backbone["stored_bytes"] + outside
     if compress:  # the encoder's codes are the engine's still, under the counting hooks
         assert backbone["stored_bytes"] * 3 < backbone["raw_bytes"]
+    row = next(r for r in callback.handle.summary().splitlines() if r.startswith("outside"))
+    assert f"{outside / 2**20:.2f}" in row  # the summary's rows add up to its total again
     assert _counting_hooks(model) == 0  # off after fit
     assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
 

@@ -69,8 +69,7 @@ class BoundariesMixin:
             # metrics); the real one runs inside it. Its post-hook finds this depth again.
             self._redirects.append(self._depth)
             return
-        if self._depth and not _running(self._entry_frame):  # the open forward was interrupted
-            self._end_interrupted(failed=True)
+        if self.end_interrupted():  # the open forward was interrupted
             warnings.warn(
                 f"S2A: an earlier forward of {type(self.model).__name__} never returned (a "
                 "KeyboardInterrupt or SystemExit inside it skips PyTorch's forward hooks); "
@@ -124,12 +123,14 @@ class BoundariesMixin:
             self._entries[name] = occurrence + 1
             self._frames.append([name, {}, occurrence])
 
-    def end_interrupted(self) -> None:
+    def end_interrupted(self) -> bool:
         """End a forward that never returned (a ``KeyboardInterrupt`` inside it), if one is
-        open: called between steps, where no forward of the model runs (the Lightning
-        callback's teardown), so that what it left installed comes off now."""
+        open, and say whether there was one: at the next module call, and between steps
+        (the Lightning callback's teardown), so that what it left installed comes off."""
         if self._depth and not _running(self._entry_frame):
             self._end_interrupted(failed=True)
+            return True
+        return False
 
     def _warn_staying_out(self) -> None:
         """Say once that a forward ran with autograd but uncompressed, uncounted."""
@@ -274,6 +275,7 @@ class BoundariesMixin:
             self.forwards_failed += 1
             return
         self._account.end()
+        self._outside_added = False  # summed up here, other modules' saves included
         self._last = self._account.summary()
         peak = self._step_peak
         if self._per_step and (peak is None or self._last["stored_bytes"] >= peak["stored_bytes"]):

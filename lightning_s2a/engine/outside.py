@@ -70,9 +70,14 @@ class OutsideModules:
         self._pushed_at = 0
         self._storages: set[int] = set()
         self._storages_at = -1  # the engine's account they were read in
+        self._counted: list[nn.Module] = []
+        self._engines: dict[int, SavedTensorEngine] = {}  # the S2A'd models' in the scope
         for module in scope.modules():
-            if hooking_engine(module) is not None:
+            owner = hooking_engine(module)
+            if owner is not None:
+                self._engines[id(owner)] = owner
                 continue
+            self._counted.append(module)
             self._handles.append(module.register_forward_pre_hook(self._enter))
             self._handles.append(module.register_forward_hook(self._leave, always_call=True))
 
@@ -101,18 +106,27 @@ class OutsideModules:
         if in_backward() or functorch_transform():
             return
         if self._storages_at != self.engine.step:
-            # Parameters and buffers are no activations (read once per account: a lazy
-            # module's weights exist from its first call; read per call, a ViT-B scope's
-            # 406 parameters cost 1 ms a call, 64 heads called one by one 120 ms a step).
-            self._storages = {
-                t.untyped_storage().data_ptr()
-                for t in (*self.scope.parameters(), *self.scope.buffers())
-                if not is_lazy(t) and t.layout == torch.strided
-            }
+            self._storages = self._parameter_storages()
             self._storages_at = self.engine.step
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
         self._pushed_at = self._depth
+
+    def _parameter_storages(self) -> set[int]:
+        """Storages of the scope's parameters and buffers, no activations: the S2A'd models'
+        as their engines read them (per account), the counted modules' own read here, once
+        per account (a lazy module's weights exist from its first call; read per call over
+        the whole scope, a ViT-B LightningModule's 406 parameters cost 1 ms a call)."""
+        storages: set[int] = set()
+        for engine in self._engines.values():
+            if not engine._param_storages:  # no forward yet: read them now
+                engine._refresh_parameters()
+            storages |= engine._param_storages
+        for module in self._counted:
+            for t in (*module._parameters.values(), *module._buffers.values()):
+                if t is not None and not is_lazy(t) and t.layout == torch.strided:
+                    storages.add(t.untyped_storage().data_ptr())
+        return storages
 
     def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
         ours = self._hooks is not None and self._depth == self._pushed_at
@@ -150,8 +164,9 @@ class OutsideModules:
         account = self.engine.outside_account()
         # A small view of a larger storage is kept as a copy, as the engine keeps its own
         # (a head's ``x[:, 0]`` kept the final norm's every token alive: 17x the slice at
-        # 32 px, uncounted): the same values, only the slice's bytes.
-        kept = compact(t, self.engine._copies)
+        # 32 px, uncounted): the same values, only the slice's bytes. With compress=False
+        # (the plain baseline) views stay as PyTorch keeps them, as the engine's do.
+        kept = compact(t, self.engine._copies) if self.engine.config.compress else t
         account.add(OUTSIDE, t, None, OUTSIDE, kept)
         return Kept(kept)  # its version checked at unpack, as PyTorch does without hooks
 

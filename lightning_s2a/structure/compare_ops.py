@@ -161,6 +161,6 @@ def _clamp_below(x: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
 
 
 COMPARE_REWRITES = {
-    **dict.fromkeys(("maximum", "minimum", "fmax", "fmin"), routed_pair),
+    **dict.fromkeys(_PAIRS.keys() - {"max", "min"}, routed_pair),  # max/min: rewrites.py
     **dict.fromkeys(("clamp", "clip", "clamp_min", "clamp_max"), routed_clamp),
 }
