@@ -87,18 +87,19 @@ def _hardswish_d(x: torch.Tensor) -> torch.Tensor:
 _BELOW_3 = float(torch.nextafter(torch.tensor(3.0), torch.tensor(0.0)))
 
 
-def _arg(args: tuple, kwargs: Mapping[str, Any], pos: int, name: str, default: Any) -> Any:
+def call_arg(args: tuple, kwargs: Mapping[str, Any], pos: int, name: str, default: Any) -> Any:
+    """A call's argument, given by keyword or at its position, else ``default``."""
     if name in kwargs:
         return kwargs[name]
     return args[pos] if len(args) > pos else default
 
 
 def _is_inplace(name: str, args: tuple, kwargs: Mapping[str, Any], pos: int) -> bool:
-    return name.endswith("_") or bool(_arg(args, kwargs, pos, "inplace", False))
+    return name.endswith("_") or bool(call_arg(args, kwargs, pos, "inplace", False))
 
 
 def _gelu(n: str, a: tuple, k: Mapping[str, Any]) -> ElementwiseSpec:
-    if _arg(a, k, 1, "approximate", "none") == "tanh":
+    if call_arg(a, k, 1, "approximate", "none") == "tanh":
         return ElementwiseSpec("gelu(tanh)", derivative=_gelu_tanh_d)
     return ElementwiseSpec("gelu", derivative=_gelu_d)
 
@@ -108,10 +109,10 @@ def _elu_family(n: str, a: tuple, k: Mapping[str, Any]) -> ElementwiseSpec:
     if base == "selu":
         alpha, scale, in_scale = 1.6732632423543772, 1.0507009873554805, 1.0
     elif base == "celu":
-        alpha = float(_arg(a, k, 1, "alpha", 1.0))
+        alpha = float(call_arg(a, k, 1, "alpha", 1.0))
         scale, in_scale = 1.0, 1.0 / alpha
     else:
-        alpha, scale, in_scale = float(_arg(a, k, 1, "alpha", 1.0)), 1.0, 1.0
+        alpha, scale, in_scale = float(call_arg(a, k, 1, "alpha", 1.0)), 1.0, 1.0
     pos_inplace = 1 if base == "selu" else 2
     # At 0 the derivative goes from scale * alpha * in_scale (left) to scale (right).
     jump = () if alpha * in_scale == 1.0 else (0.0,)
@@ -132,8 +133,8 @@ def _elu_family(n: str, a: tuple, k: Mapping[str, Any]) -> ElementwiseSpec:
 
 
 def _softplus(n: str, a: tuple, k: Mapping[str, Any]) -> ElementwiseSpec:
-    beta = float(_arg(a, k, 1, "beta", 1.0))
-    threshold = float(_arg(a, k, 2, "threshold", 20.0))
+    beta = float(call_arg(a, k, 1, "beta", 1.0))
+    threshold = float(call_arg(a, k, 2, "threshold", 20.0))
 
     def d(x: torch.Tensor) -> torch.Tensor:
         return torch.where(x * beta > threshold, torch.ones_like(x), torch.sigmoid(x * beta))
@@ -148,8 +149,8 @@ def _hardtanh(n: str, a: tuple, k: Mapping[str, Any]) -> ElementwiseSpec:
     if n.rstrip("_") == "relu6":
         lo, hi = 0.0, 6.0
     else:
-        lo = float(_arg(a, k, 1, "min_val", -1.0))
-        hi = float(_arg(a, k, 2, "max_val", 1.0))
+        lo = float(call_arg(a, k, 1, "min_val", -1.0))
+        hi = float(call_arg(a, k, 2, "max_val", 1.0))
     # Backward passes the gradient where lo < s < hi (s is the input, or the clamped output).
     # At a NaN, PyTorch's own kernel disagrees with itself (its vectorized loop zeroes the
     # gradient, its scalar loop passes it): the code follows the vectorized loop.
@@ -161,7 +162,7 @@ def _hardtanh(n: str, a: tuple, k: Mapping[str, Any]) -> ElementwiseSpec:
 
 
 def _threshold(n: str, a: tuple, k: Mapping[str, Any]) -> ElementwiseSpec:
-    th = float(_arg(a, k, 1, "threshold", 0.0))
+    th = float(call_arg(a, k, 1, "threshold", 0.0))
     # Backward zeroes the gradient where s <= th and passes it elsewhere, NaN included, so
     # the code marks "at or below" (a NaN is not), as ReLU's does.
     return ElementwiseSpec(
@@ -177,8 +178,12 @@ def _clamp(n: str, a: tuple, k: Mapping[str, Any]) -> ElementwiseSpec | None:
     gradient strictly inside the bounds, NaN not, so a 1-bit mask of the saved input (or, in
     place, the clamped output) is exact."""
     name = n.rstrip("_")
-    lo = None if name == "clamp_max" else _arg(a, k, 1, "min", None)
-    hi = None if name == "clamp_min" else _arg(a, k, 1 if name == "clamp_max" else 2, "max", None)
+    lo = None if name == "clamp_max" else call_arg(a, k, 1, "min", None)
+    hi = (
+        None
+        if name == "clamp_min"
+        else call_arg(a, k, 1 if name == "clamp_max" else 2, "max", None)
+    )
     if not all(b is None or isinstance(b, (int, float)) for b in (lo, hi)):
         return None
     low = -math.inf if lo is None else float(lo)
@@ -216,7 +221,7 @@ def _shrink(n: str, a: tuple, k: Mapping[str, Any]) -> ElementwiseSpec:
     (s the saved input) and passes it elsewhere. At a NaN PyTorch disagrees with itself (its
     CUDA kernel and CPU scalar loop pass the gradient, its vectorized CPU loop zeroes it):
     the code follows CUDA."""
-    lambd = float(_arg(a, k, 1, "lambd", 0.5))
+    lambd = float(call_arg(a, k, 1, "lambd", 0.5))
     return ElementwiseSpec(
         f"shrink({lambd:g})",
         mask=lambda s: ~((s >= -lambd) & (s <= lambd)),
@@ -227,7 +232,7 @@ def _shrink(n: str, a: tuple, k: Mapping[str, Any]) -> ElementwiseSpec:
 def _prelu(n: str, a: tuple, k: Mapping[str, Any]) -> ElementwiseSpec | None:
     """PReLU with a frozen slope: backward scales the gradient by 1 or the slope, by the sign
     of the saved input, as leaky ReLU does. A slope that trains needs the input's values."""
-    weight = _arg(a, k, 1, "weight", None)
+    weight = call_arg(a, k, 1, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.requires_grad:
         return None
     return _LEAKY
@@ -236,7 +241,7 @@ def _prelu(n: str, a: tuple, k: Mapping[str, Any]) -> ElementwiseSpec | None:
 def _rrelu(n: str, a: tuple, k: Mapping[str, Any]) -> ElementwiseSpec | None:
     """RReLU in eval: leaky ReLU with the mean slope. In training its backward reads the
     random slopes it saved, and the input is coded as any other tensor."""
-    return None if _arg(a, k, 3, "training", False) else _LEAKY
+    return None if call_arg(a, k, 3, "training", False) else _LEAKY
 
 
 def _fixed(spec: ElementwiseSpec) -> Callable[[str, tuple, Mapping[str, Any]], ElementwiseSpec]:

@@ -26,7 +26,7 @@ from .attention import (
     fused_operands,
 )
 from .contexts import checkpoint_input, dual_level_open, engine_saves
-from .ops import POSITION_OPERANDS, ElementwiseSpec
+from .ops import POSITION_OPERANDS, ElementwiseSpec, call_arg
 from .quantizers import QUANTIZERS, pack_two_level
 
 if TYPE_CHECKING:
@@ -332,10 +332,10 @@ def classify(engine: SavedTensorEngine, info: tuple, args: tuple, kwargs: dict) 
             call.fused = attention_without_weights(args, kwargs)
     elif raw in POSITION_OPERANDS:
         pos, key = POSITION_OPERANDS[raw]
-        grid = kwargs.get(key, args[pos] if len(args) > pos else None)
+        grid = call_arg(args, kwargs, pos, key, None)
         if isinstance(grid, torch.Tensor):
             call.position = tuple(grid.shape)
-            source = kwargs.get("input", args[0] if args else None)
+            source = call_arg(args, kwargs, 0, "input", None)
             if isinstance(source, torch.Tensor) and source.shape == grid.shape:
                 call.position_ptrs = (grid.data_ptr(), source.data_ptr())
             if grid.requires_grad:  # the grid trains: its gradient differences the input

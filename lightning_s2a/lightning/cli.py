@@ -248,27 +248,26 @@ class S2ALightningCLI(LightningCLI):
                 init_args[field_name] = default
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        if self.s2a_config is not None:
-            config = sized_from_data(self.s2a_config, self.datamodule)
-            self.s2a_config = config
-            self.s2a_callback = S2ACallback(config=config, **(self.s2a_callback_kwargs or {}))
-            trainer_config = self._get(self.config_init, "trainer", default={})
-            callbacks = kwargs.pop("callbacks", trainer_config.get("callbacks"))
-            if callbacks is None:
-                callbacks = []
-            elif not isinstance(callbacks, list):
-                callbacks = [callbacks]
-            if any(isinstance(c, S2ACallback) for c in callbacks):
-                self._parser(self.subcommand).error(
-                    "trainer.callbacks already has an S2ACallback and the s2a section adds one; "
-                    "set --s2a.enabled false, or remove the callback from trainer.callbacks."
-                )
-            kwargs["callbacks"] = [self.s2a_callback, *callbacks]
-        elif self.subcommand == "fit":
-            trainer_config = self._get(self.config_init, "trainer", default={})
-            callbacks = kwargs.pop("callbacks", trainer_config.get("callbacks")) or []
-            callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if self.s2a_config is None and self.subcommand != "fit":
+            return super().instantiate_trainer(**kwargs)
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        callbacks = kwargs.pop("callbacks", trainer_config.get("callbacks"))
+        if callbacks is None:
+            callbacks = []
+        elif not isinstance(callbacks, list):
+            callbacks = [callbacks]
+        if self.s2a_config is None:  # a plain fit: it must not resume an S2A run's checkpoint
             kwargs["callbacks"] = [*callbacks, PlainResume()]
+            return super().instantiate_trainer(**kwargs)
+        config = sized_from_data(self.s2a_config, self.datamodule)
+        self.s2a_config = config
+        self.s2a_callback = S2ACallback(config=config, **(self.s2a_callback_kwargs or {}))
+        if any(isinstance(c, S2ACallback) for c in callbacks):
+            self._parser(self.subcommand).error(
+                "trainer.callbacks already has an S2ACallback and the s2a section adds one; "
+                "set --s2a.enabled false, or remove the callback from trainer.callbacks."
+            )
+        kwargs["callbacks"] = [self.s2a_callback, *callbacks]
         return super().instantiate_trainer(**kwargs)
 
     def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:

@@ -225,19 +225,18 @@ def parallel_heads(model: nn.Module, head: nn.Module) -> list[str]:
     ]
 
 
-def check_parallel_heads(model: nn.Module, head: nn.Module | None, config: S2AConfig) -> None:
+def check_parallel_heads(model: nn.Module, head: nn.Module | None, config: S2AConfig) -> list[str]:
     """Refuse or say a named Linear head with a sibling of its shape (Hugging Face's
     DeiT-with-teacher averages a class and a distillation head): naming one leaves the
-    other frozen, and half
-    of each prediction comes from it. An error for 'side' (which replaces the named one
-    alone), said otherwise."""
+    other frozen, and half of each prediction comes from it. An error for 'side' (which
+    replaces the named one alone), said otherwise. Returns those siblings."""
     others = parallel_heads(model, head) if head is not None else []
     if not others or config.head in (None, "auto") or "," in str(config.head):
-        return
+        return others
     get = getattr(model, "get_classifier", None)
     found = get() if callable(get) else None
     if isinstance(found, (tuple, list)) and any(h is head for h in found):
-        return  # timm's distilled models: head='auto' takes both (see _check_other_heads)
+        return others  # timm's distilled models: head='auto' takes both
     both = ",".join([str(config.head), *others])
     text = (
         f"head={config.head!r} has {others} beside it with the same shape: a model that "
@@ -247,17 +246,18 @@ def check_parallel_heads(model: nn.Module, head: nn.Module | None, config: S2ACo
     if "side" in config.modules:
         raise ValueError(f"'side' with {text}.")
     warnings.warn(f"{text}, unless the model does not combine them.", stacklevel=5)
+    return others
 
 
-def warn_named_alike(model: nn.Module, head: nn.Module | None, config: S2AConfig) -> None:
+def warn_named_alike(model: nn.Module, said: list[str], config: S2AConfig) -> None:
     """Say where a named head has siblings named after it with weights of their own
     (torchvision's ``aux_classifier`` beside ``classifier``, a ``pre_classifier``): they
     stay frozen, biases aside, while the model's outputs (an auxiliary loss) come from them
-    (a reviewer's DeepLabV3 trained 2 of its aux head's 5 parameters, silently)."""
+    (a reviewer's DeepLabV3 trained 2 of its aux head's 5 parameters, silently). ``said``:
+    the parallel heads :func:`check_parallel_heads` found, not said twice."""
     if not isinstance(config.head, str) or config.head == "auto":
         return
     named = [h.strip() for h in config.head.split(",") if h.strip()]
-    said = set(parallel_heads(model, head)) if head is not None else set()
     alike = []
     for name in named:
         parent, _, leaf = name.rpartition(".")

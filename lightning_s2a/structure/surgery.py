@@ -167,8 +167,8 @@ def _frozen_batch_norm(module: nn.Module) -> bool:
 
 
 def _apply(model: nn.Module, config: S2AConfig, state: StructureState, modules: tuple) -> None:
-    check_parallel_heads(model, state.head, config)
-    warn_named_alike(model, state.head, config)
+    parallel = check_parallel_heads(model, state.head, config)
+    warn_named_alike(model, parallel, config)
     head_ids = {id(p) for p in state.head.parameters()} if state.head is not None else set()
     if config.add_bias and "bias" in modules:
         state.added_biases = add_biases(model, config, head_ids)
