@@ -35,6 +35,22 @@ class UserModule(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-2)  # all parameters, as users do
 
 
+#: CLI arguments for a small random-init model at a small resolution, on one CPU: every CLI
+#: test runs in seconds.
+CLI_SMALL = [
+    "--model.backbone",
+    "resnet18",
+    "--model.pretrained",
+    "false",
+    "--data.image_size",
+    "32",
+    "--trainer.accelerator",
+    "cpu",
+    "--trainer.devices",
+    "1",
+]
+
+
 def quiet_trainer(**kwargs) -> pl.Trainer:
     """A one-device CPU Trainer that prints nothing and writes nothing unless a keyword says
     so (a logger, checkpointing with a ``default_root_dir``): the tests' shared settings."""

@@ -15,23 +15,11 @@ from lightning_s2a.lightning.callback import S2ACallback
 from lightning_s2a.lightning.cli import S2ALightningCLI
 from lightning_s2a.lightning.data import DigitsDataModule, ImageFolderDataModule
 from lightning_s2a.lightning.model import ImageClassifier
-from tests.lightning_helpers import quiet_trainer
+from tests.lightning_helpers import CLI_SMALL, quiet_trainer
 
 pytest.importorskip("sklearn")
 
-# A small random-init model at a small resolution: every CLI test runs in seconds.
-SMALL = [
-    "--model.backbone",
-    "resnet18",
-    "--model.pretrained",
-    "false",
-    "--data.image_size",
-    "32",
-    "--trainer.accelerator",
-    "cpu",
-    "--trainer.devices",
-    "1",
-]
+SMALL = CLI_SMALL
 
 
 @pytest.fixture(autouse=True)

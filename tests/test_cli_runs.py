@@ -11,20 +11,12 @@ import pytest
 
 from lightning_s2a.lightning.cli import S2ALightningCLI, main
 from lightning_s2a.lightning.strategy import S2AStrategy
+from tests.lightning_helpers import CLI_SMALL
 
 pytest.importorskip("sklearn")
 
 SMALL = [
-    "--model.backbone",
-    "resnet18",
-    "--model.pretrained",
-    "false",
-    "--data.image_size",
-    "32",
-    "--trainer.accelerator",
-    "cpu",
-    "--trainer.devices",
-    "1",
+    *CLI_SMALL,
     "--trainer.limit_train_batches",
     "1",
     "--trainer.limit_val_batches",
