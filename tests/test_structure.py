@@ -2145,6 +2145,21 @@ def test_removing_trained_added_modules_is_said():
     opt.step()
     with pytest.warns(UserWarning, match=r"stop_engine\(\) instead"):
         handle.remove()
+    # a second optimizer over the prompts, begun after the first's third step (which ended
+    # the unstepped check): its steps still count
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", num_classes=3, depth=2, img_size=32, patch_size=8
+    )
+    handle = apply_s2a(model, S2AConfig(modules=["bias", "prompt"]))
+    head = torch.optim.SGD(model.get_classifier().parameters(), lr=0.1)
+    for _ in range(3):
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+        head.step()
+    prompts = [p for n, p in model.named_parameters() if "s2a_prompt" in n]
+    torch.optim.SGD(prompts, lr=0.1).step()
+    with pytest.warns(UserWarning, match=r"stop_engine\(\) instead"):
+        handle.remove()
     untrained = timm.create_model(
         "vit_tiny_patch16_224", num_classes=3, depth=2, img_size=32, patch_size=8
     )

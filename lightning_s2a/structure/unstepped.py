@@ -55,7 +55,13 @@ class UnsteppedCheck:
 
     def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         model = self.model()
-        if self.done or model is None:
+        if model is None:
+            return
+        if self.done:  # said or not: still note what later optimizers hold (remove() reads it)
+            if not self.added <= self.held:
+                self.held |= self.added & {
+                    id(p) for g in optimizer.param_groups for p in g["params"]
+                }
             return
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         if not any(id(p) in held for p in model.parameters()):
