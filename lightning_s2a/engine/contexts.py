@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING
 
 import torch
 import torch.autograd.forward_ad as forward_ad
@@ -14,10 +13,6 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .packed import in_backward
-
-if TYPE_CHECKING:
-    from .hooks import SavedTensorEngine
-
 
 #: Packages whose wrappers run another method through a module's ``forward``.
 _REDIRECTING = ("lightning.", "pytorch_lightning.", "lightning_fabric.")
@@ -95,7 +90,8 @@ def checkpoint_input(depth: int = 8) -> bool:
     return False
 
 
-def engine_saves(engine: SavedTensorEngine) -> bool:
-    """True while the innermost saved-tensor hooks are ``engine``'s own."""
+def engine_saves(owner: object) -> bool:
+    """True while the innermost saved-tensor hooks are ``owner``'s own (an engine's, or the
+    counting hooks of the modules beside it: :mod:`.outside`)."""
     top = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    return top is not None and getattr(top[0], "__self__", None) is engine
+    return top is not None and getattr(top[0], "__self__", None) is owner

@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 from torch.utils.hooks import RemovableHandle
 
-from .contexts import dual_level_open, functorch_transform, redirected_call
+from .contexts import dual_level_open, engine_saves, functorch_transform, redirected_call
 from .kept import Kept, compact
 from .packed import in_backward
 
@@ -149,8 +149,7 @@ class OutsideModules:
 
     def _pop(self) -> None:
         hooks, self._hooks = self._hooks, None
-        top = torch._C._autograd._top_saved_tensors_default_hooks(False)
-        if hooks is not None and top is not None and top[0] == self._pack:
+        if hooks is not None and engine_saves(self):  # only the top hooks can come off
             hooks.__exit__(None, None, None)
 
     def _pack(self, t: torch.Tensor) -> Any:
