@@ -144,6 +144,42 @@ def test_masks_give_bit_identical_gradients():
     assert kinds["dropout"]["stored_bytes"] == 64 * 128 // 8 + 4
 
 
+def test_pass_through_modules_get_no_hooks_and_a_raised_dropout_still_counts():
+    """nn.Identity and dropouts of p=0 hand their input back and save nothing, so the engine
+    hooks them not (half of a timm ViT's modules); a dropout raised after apply_s2a still has
+    its mask coded and counted, in its parent's part, with the exact gradient."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Sequential(nn.Linear(64, 64), nn.Identity(), nn.Dropout(0.0))
+            self.live = nn.Dropout(0.2)
+            self.head = nn.Linear(64, 4)
+
+        def forward(self, x):
+            return self.head(self.live(self.block(x)))
+
+        def get_classifier(self):
+            return self.head
+
+    torch.manual_seed(0)
+    model = Net().train()
+    x = torch.randn(32, 64)
+    with apply_s2a(model, S2AConfig(bits=4)) as handle:
+        hooked = {n for n, m in model.named_modules() if m._forward_pre_hooks}
+        assert hooked == {"", "block", "block.0", "live", "head"}
+        model.block[2].p = 0.5  # raised after apply_s2a: no hooks of its own
+        approx = _grads(model, x)  # (_grads seeds the dropout draws)
+        stats = handle.stats()
+    with apply_s2a(model, S2AConfig(compress=False)):
+        exact = _grads(model, x)
+    assert torch.equal(exact, approx)
+    # both masks, one bit an element, and the 4 bytes of each mask's scale
+    assert stats["by_kind"]["dropout"]["stored_bytes"] == 2 * (32 * 64 // 8 + 4)
+    assert stats["by_kind"]["dropout"]["tensors"] == 2
+    assert stats["by_part"]["backbone"]["tensors"] >= 2
+
+
 def _independent_saved_bytes(output, params):
     """Bytes autograd keeps, found by walking the graph and reading each node's saved tensors."""
     param_storages = {p.untyped_storage().data_ptr() for p in params}

@@ -315,6 +315,23 @@ class BoundariesMixin:
         self._trained_storages, self._trained_numels = trained_storages, trained_numels
 
 
+# Modules whose forward hands its input back untouched when ``p == 0`` (timm builds its
+# disabled dropouts this way) or always (``nn.Identity``). Exact classes: a subclass may do more.
+_PASS_THROUGH_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+
+def passes_through(module: nn.Module) -> bool:
+    """Whether ``module`` returns its input and saves nothing in any forward, so that the
+    engine's boundary hooks can stay off it: ``nn.Identity``, and a dropout of ``p == 0``
+    (half of a timm ViT's modules are one or the other; each call cost two Python hooks for
+    nothing). A dropout whose ``p`` is raised after ``apply_s2a`` still has its mask coded
+    and counted, in its parent module's frame and part."""
+    kind = type(module)
+    if kind is nn.Identity:
+        return True
+    return kind in _PASS_THROUGH_DROPOUTS and module.p == 0
+
+
 class EntryMethod:
     """A public ``forward_*`` method of the S2A'd model, set on the model instance: called
     as ``model.forward_features(x)`` it runs inside the engine's boundaries like a call of

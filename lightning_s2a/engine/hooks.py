@@ -10,7 +10,8 @@ While the model's forward runs with grad enabled, two things are installed:
   :mod:`.quantizers`. The outermost call is the one recognised: tensors that ``F.layer_norm``
   saves through its internals belong to "norm".
 
-Forward pre-hooks on every module push these when the outermost module call of the model
+Forward pre-hooks on every module (but those that hand their input back untouched:
+``boundaries.passes_through``) push these when the outermost module call of the model
 starts (the model's own forward, or any submodule's when the model is driven through its
 parts, as ``forward_features`` does), and forward hooks registered with ``always_call=True``
 pop them, so an exception inside forward never leaves them installed (an interrupt is ended
@@ -33,7 +34,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .accounting import ForwardAccount
 from .batching import BATCH_NUMEL, PackBatches
-from .boundaries import BoundariesMixin, entry_methods, remove_entry_methods
+from .boundaries import BoundariesMixin, entry_methods, passes_through, remove_entry_methods
 from .codebook import Codebook, DeviceCodebook
 from .deferred import DeferredChecks
 from .ops import ELEMENTWISE, OP_KINDS, canonical_name
@@ -258,6 +259,8 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
         self._row_widths = row_widths(self.model, self.config.group_size, heads)
         for name, module in self.model.named_modules():
             is_root = module is self.model
+            if not is_root and passes_through(module):
+                continue  # no torch call, nothing saved: its hooks were pure host cost
             pre = module.register_forward_pre_hook(
                 partial(self._enter, name, is_root), prepend=True
             )
