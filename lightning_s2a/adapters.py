@@ -23,7 +23,13 @@ from torch import nn
 
 from .api import S2AHandle, apply_s2a, get_handle, model_differences
 from .config import S2AConfig
-from .identity import backbone_identity, describe, frozen_weight_sample, weights_differ
+from .identity import (
+    backbone_identity,
+    check_prompt_size,
+    describe,
+    frozen_weight_sample,
+    weights_differ,
+)
 from .structure.head import head_modules
 
 FORMAT = "lightning_s2a.adapter"
@@ -113,9 +119,8 @@ def save_adapter(
         prefix = next((n for n, m in module.named_modules() if m is handle.model), None)
         if prefix is None or handle.removed:
             raise ValueError("the given handle's model is not (or no longer) S2A'd under module.")
-    tensors = {
-        k: t.detach().cpu().clone().contiguous() for k, t in adapter_tensors(module, handle).items()
-    }
+    held = adapter_tensors(module, handle)
+    tensors = {k: t.detach().cpu().clone().contiguous() for k, t in held.items()}
     if not any(t.is_floating_point() for t in tensors.values()):
         raise ValueError(f"nothing trains under {type(module).__name__}: nothing to save.")
     metadata = {
@@ -124,7 +129,7 @@ def save_adapter(
         "s2a_config": json.dumps(dataclasses.asdict(handle.config)),
         "backbone": json.dumps(backbone_identity(handle.model, handle)),
         # a few values of each frozen tensor: the adapter means nothing on other weights
-        "frozen_weights": json.dumps(frozen_weight_sample(handle.model, handle)),
+        "frozen_weights": json.dumps(frozen_weight_sample(handle.model, handle, held.values())),
         "prefix": prefix,
         # the size prompts were sized for: another with as many positions loads by shape
         "input_size": json.dumps(list(handle.structure.input_size)),
@@ -210,15 +215,19 @@ def load_adapter(module: nn.Module, path: str | os.PathLike, strict: bool = True
             "the adapter's config."
         )
     sized = json.loads(metadata.get("input_size", "[]"))  # absent before 2026-12-07
-    if "prompt" in config.modules and sized and sized != list(handle.structure.input_size):
+    try:
+        check_prompt_size(
+            config.modules,
+            sized,
+            handle,
+            "the adapter's",
+            f"Apply S2A with S2AConfig(input_size={tuple(sized)}) before loading (or load into "
+            "a fresh model).",
+        )
+    except ValueError:
         if created:
             handle.remove()
-        raise ValueError(
-            f"the adapter's prompts were sized for input {tuple(sized)}, and S2A here for "
-            f"{handle.structure.input_size}: with as many positions their shapes match, but "
-            "each row would sit on another patch or pixel. Apply S2A with S2AConfig("
-            f"input_size={tuple(sized)}) before loading (or load into a fresh model)."
-        )
+        raise
     expected = adapter_tensors(module, handle)
     everything = dict(module.named_parameters()) | dict(module.named_buffers())
     # Adapters saved before 2026-12-06 with bn_mode="eval" hold no running statistics of a

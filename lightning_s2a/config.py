@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,12 +46,41 @@ def check_composition(modules: tuple[str, ...]) -> None:
         )
 
 
-#: Options that size or shape one module, and that module: set without it, they do nothing.
-MODULE_OPTIONS = (
-    ("add_bias", "bias"),
-    ("prompt_rank", "prompt"),
-    ("side_width", "side"),
-    ("side_reduction", "side"),
+def _trains(*modules: str) -> Callable[[Any], bool]:
+    return lambda config: any(m in config.modules for m in modules)
+
+
+_PLACED = "with the 'prompt' or 'side' module (it says where they go)"
+#: Options that act only under another setting: ``(field, under what, whether a config has
+#: it, the fix)``. Set otherwise, they would do nothing, so they are refused (said, not
+#: ignored: ``add_bias=True`` with ``modules=['prompt']`` trained no added bias, and
+#: ``blocks`` beside bias-only was accepted, then made a resume fail as another model); a
+#: saved config holding one (accepted before 2026-12-07) loads with it dropped.
+DEPENDENT_OPTIONS: tuple[tuple[str, str, Callable[[Any], bool], str], ...] = (
+    *(
+        (name, f"with the {module!r} module", _trains(module), f"add {module!r} to modules")
+        for name, module in (
+            ("add_bias", "bias"),
+            ("prompt_rank", "prompt"),
+            ("side_width", "side"),
+            ("side_reduction", "side"),
+        )
+    ),
+    ("blocks", _PLACED, _trains("prompt", "side"), "add 'prompt' or 'side' to modules"),
+    ("block_layout", _PLACED, _trains("prompt", "side"), "add 'prompt' or 'side' to modules"),
+    (
+        "bnb_quant_type",
+        "with backend='bnb' (the other backends code min-max)",
+        lambda config: config.backend == "bnb",
+        "set backend='bnb'",
+    ),
+    (
+        "stochastic_rounding",
+        "with a backend other than 'bnb', whose blockwise codes round to nearest (it "
+        "would reach the per-row softmax codes only)",
+        lambda config: config.backend != "bnb",
+        "use backend='auto' or 'torch'",
+    ),
 )
 
 
@@ -341,32 +370,31 @@ class S2AConfig:
             )
         if not _is_int(self.seed) or self.seed < 0:
             raise ValueError(f"seed: must be a non-negative integer, got {self.seed!r}.")
-        self._check_module_options()
+        self._check_dependent_options()
 
     @classmethod
     def from_saved(cls, fields: Mapping[str, Any]) -> S2AConfig:
-        """The config an adapter file or a checkpoint holds. A module's own option saved
-        without its module (accepted until 2026-12-07, and it did nothing) is dropped, so
-        that files written then still load."""
+        """The config an adapter file or a checkpoint holds. An option saved without the
+        setting it acts under (:data:`DEPENDENT_OPTIONS`: accepted until 2026-12-07, and it
+        did nothing) is dropped, so that files written then still load."""
         fields = dict(fields)
-        modules = cls(modules=fields.get("modules", ("bias",))).modules
-        for name, module in MODULE_OPTIONS:
-            if module not in modules:
+        dependent = {entry[0] for entry in DEPENDENT_OPTIONS}
+        rest = cls(**{k: v for k, v in fields.items() if k not in dependent})
+        for name, _, holds, _ in DEPENDENT_OPTIONS:
+            if not holds(rest):
                 fields.pop(name, None)
         return cls(**fields)
 
-    def _check_module_options(self) -> None:
-        """A module's own option set without that module would do nothing: said, not
-        ignored (``add_bias=True`` with ``modules=['prompt']`` trained no added bias)."""
-        for name, module in MODULE_OPTIONS:
+    def _check_dependent_options(self) -> None:
+        """An option set without the setting it acts under would do nothing: said, not
+        ignored (:data:`DEPENDENT_OPTIONS`)."""
+        for name, under, holds, fix in DEPENDENT_OPTIONS:
             value = getattr(self, name)
-            if value != type(self).__dataclass_fields__[name].default and module not in (
-                self.modules
-            ):
+            if value != type(self).__dataclass_fields__[name].default and not holds(self):
                 raise ValueError(
-                    f"{name}={value!r} sets the {module!r} module, but modules="
-                    f"{list(self.modules)} trains none, so it would have no effect; add "
-                    f"{module!r} to modules or leave {name} out."
+                    f"{name}={value!r} acts only {under}, which this config lacks (modules="
+                    f"{list(self.modules)}, backend={self.backend!r}). "
+                    f"{fix[0].upper()}{fix[1:]}, or leave {name} out."
                 )
 
     def bits_for(self, kind: str) -> int | None:

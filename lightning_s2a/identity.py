@@ -10,6 +10,7 @@ differently) gave other outputs, silently (a reviewer's ViT-Ti: argmax agreement
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -72,10 +73,15 @@ def describe(identity: dict[str, Any]) -> str:
     return f"{name} ({identity.get('class')}, {identity.get('num_params', 0):,} params)"
 
 
-def frozen_weight_sample(model: nn.Module, handle: S2AHandle) -> dict[str, list[float]]:
+def frozen_weight_sample(
+    model: nn.Module, handle: S2AHandle, adapter: Iterable[torch.Tensor] = ()
+) -> dict[str, list[float]]:
     """A few values of every frozen parameter the model had before ``apply_s2a`` (name ->
     values), read from its state dict: the weights as built, also where S2A holds them in 16
-    or 4 bits."""
+    or 4 bits; and of every floating-point buffer the ``adapter``'s tensors leave out (the
+    running statistics of the BatchNorms S2A holds in eval mode, a FrozenBatchNorm's scale:
+    until 2026-12-07 unsampled, an adapter loaded silently onto statistics that had moved,
+    its logits 0.11 off)."""
     before = handle.structure.flags
     frozen = [
         n
@@ -83,7 +89,18 @@ def frozen_weight_sample(model: nn.Module, handle: S2AHandle) -> dict[str, list[
         if not p.requires_grad and "s2a_" not in n and n in before
     ]
     frozen += [n for n, _ in named_held(model) if n in before]
-    state = model.state_dict()
+    carried = {id(t) for t in adapter}
+    frozen += [
+        f"{prefix}.{leaf}" if prefix else leaf
+        for prefix, m in model.named_modules()
+        for leaf, b in m._buffers.items()
+        if b is not None
+        and b.is_floating_point()
+        and id(b) not in carried
+        and "s2a_" not in prefix
+        and "s2a_" not in leaf
+    ]
+    state = model.state_dict()  # (non-persistent buffers are not in it: not sampled)
     return {n: _sample(state[n]) for n in sorted(set(frozen)) if n in state}
 
 
@@ -128,3 +145,21 @@ def weights_differ(
         if not bool(same_nan.all()) or err > WEIGHTS_RTOL * scale:
             differ.append((name, err / scale if scale else float("inf")))
     return differ
+
+
+def check_prompt_size(
+    modules: Iterable[str], sized: Iterable[int] | None, handle: S2AHandle, what: str, fix: str
+) -> None:
+    """Raise if prompts trained at input size ``sized`` (an adapter's or a checkpoint's,
+    ``what``) would load onto prompts S2A sized here for another: with as many positions
+    their shapes match and each row sits on another patch or pixel; with others, PyTorch's
+    size-mismatch error named neither size. ``fix`` says what to do instead."""
+    sized = list(sized or ())
+    now = list(handle.structure.input_size)
+    if "prompt" not in modules or not sized or sized == now:
+        return
+    raise ValueError(
+        f"{what} prompts were sized for input {tuple(sized)}, and S2A here for {tuple(now)}: "
+        "each prompt row belongs to one patch or pixel at that size (with as many positions "
+        f"the shapes match, but each row would sit on another). {fix}"
+    )

@@ -543,6 +543,42 @@ def test_error_other_frozen_weights_of_one_architecture(tmp_path, config):
     load_adapter(again, tmp_path / "c.safetensors")
 
 
+def test_error_other_frozen_buffers_held_batch_norm_statistics(tmp_path):
+    """Running statistics S2A holds (BatchNorm in eval, bn_mode="eval") are not in the adapter,
+    and the weight check sampled parameters only: an adapter loaded into a ResNet whose
+    statistics had moved (train-mode forwards before it, feature extraction without .eval())
+    loaded silently, its logits 0.11 off. Frozen buffers are sampled too now; those the
+    adapter holds (a trained BatchNorm's) are not, so bn_mode="train" still loads anywhere."""
+
+    def resnet(seed=0, moved=False):
+        torch.manual_seed(seed)
+        model = timm.create_model("resnet18", num_classes=5)
+        if moved:
+            model.train()
+            with torch.no_grad():
+                model(torch.randn(4, 3, 32, 32))  # running statistics move
+        return model.eval()
+
+    x = torch.randn(2, 3, 32, 32)
+    model = resnet()
+    apply_s2a(model, S2AConfig())
+    perturb(model, 1)
+    save_adapter(model, tmp_path / "a.safetensors")
+    with torch.no_grad():
+        expected = model(x)
+    with pytest.raises(ValueError, match=r"other frozen weights: .*running_(mean|var)"):
+        load_adapter(resnet(moved=True), tmp_path / "a.safetensors")
+    same = resnet()
+    load_adapter(same, tmp_path / "a.safetensors")
+    with torch.no_grad():
+        assert torch.equal(same(x), expected)
+    # statistics that train are the adapter's own: another model's are written over
+    model = resnet()
+    apply_s2a(model, S2AConfig(bn_mode="train"))
+    save_adapter(model, tmp_path / "b.safetensors")
+    load_adapter(resnet(moved=True), tmp_path / "b.safetensors")
+
+
 def test_an_adapter_saved_with_an_option_that_did_nothing_still_loads(tmp_path):
     """``add_bias=True`` beside ``modules=['prompt']`` did nothing and was accepted until
     2026-12-07; refused since, a file written then could no longer be read."""
@@ -558,11 +594,13 @@ def test_an_adapter_saved_with_an_option_that_did_nothing_still_loads(tmp_path):
         metadata = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     saved = json.loads(metadata["s2a_config"])
-    saved.update(add_bias=True, side_width=64)  # as an earlier version wrote them
+    # as an earlier version wrote them
+    saved.update(add_bias=True, side_width=64, bnb_quant_type="fp4")
     save_file(tensors, tmp_path / "old.safetensors", {**metadata, "s2a_config": json.dumps(saved)})
     fresh = vit()
     handle = load_adapter(fresh, tmp_path / "old.safetensors")
     assert torch.equal(out(fresh), expected)
     assert not handle.config.add_bias and handle.config.side_width is None
-    with pytest.raises(ValueError, match=r"add_bias=True sets the 'bias' module"):
+    assert handle.config.bnb_quant_type == "nf4"
+    with pytest.raises(ValueError, match=r"add_bias=True acts only with the 'bias' module"):
         S2AConfig(**saved)  # asked for anew, it is an error

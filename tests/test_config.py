@@ -29,11 +29,22 @@ from lightning_s2a.engine.bitpack import check_bits
         ({"head": "None"}, r"head: 'None' is the string; for None write null"),
         ({"frozen_dtype": "None"}, r"--s2a\.frozen_dtype null"),
         ({"min_numel": 0}, r"min_numel: must be a positive integer"),
-        # a module's own option without the module did nothing, silently
-        ({"modules": ["prompt"], "add_bias": True}, r"add_bias=True sets the 'bias' module"),
-        ({"prompt_rank": 4}, r"prompt_rank=4 sets the 'prompt' module.*no effect"),
-        ({"modules": "bias+prompt", "side_width": 64}, r"side_width=64 sets the 'side' module"),
-        ({"side_reduction": 2}, r"side_reduction=2.*add 'side' to modules or leave"),
+        # an option without the setting it acts under did nothing, silently
+        (
+            {"modules": ["prompt"], "add_bias": True},
+            r"add_bias=True acts only with the 'bias' module, which this config lacks "
+            r"\(modules=\['prompt'\], backend='auto'\)\. Add 'bias' to modules, or leave add_bias",
+        ),
+        ({"prompt_rank": 4}, r"prompt_rank=4 acts only with the 'prompt' module"),
+        ({"modules": "bias+prompt", "side_width": 64}, r"side_width=64 .* the 'side' module"),
+        ({"side_reduction": 2}, r"side_reduction=2.*Add 'side' to modules, or leave"),
+        ({"blocks": "encoder.*"}, r"blocks='encoder.\*' acts only with the 'prompt' or 'side'"),
+        ({"block_layout": "nchw"}, r"block_layout='nchw' .*Add 'prompt' or 'side' to modules"),
+        ({"bnb_quant_type": "fp4"}, r"bnb_quant_type='fp4' acts only with backend='bnb'"),
+        (
+            {"backend": "bnb", "stochastic_rounding": True},
+            r"stochastic_rounding=True acts only with a backend other than 'bnb'.*backend='auto'",
+        ),
     ],
 )
 def test_invalid_config_values_raise_value_error(kwargs, pattern):
@@ -105,7 +116,6 @@ def test_valid_values_of_every_field_are_kept():
         group_size=32,
         stochastic_rounding=True,
         backend="torch",
-        bnb_quant_type="fp4",
         seed=0,
         prompt_rank=4,
         blocks=["encoder.0", "encoder.1"],
@@ -116,7 +126,8 @@ def test_valid_values_of_every_field_are_kept():
     )
     assert cfg.modules == ("bias", "prompt") and cfg.blocks == ("encoder.0", "encoder.1")
     assert cfg.input_size == (3, 32, 32) and cfg.op_bits == {"softmax": 8}
-    assert S2AConfig(blocks="encoder.*").blocks == "encoder.*"
+    assert S2AConfig(modules="prompt", blocks="encoder.*").blocks == "encoder.*"
+    assert S2AConfig(backend="bnb", bnb_quant_type="fp4").bnb_quant_type == "fp4"
     side = S2AConfig(modules=["side"], side_width=16, side_reduction=2)
     assert (side.side_width, side.side_reduction) == (16, 2)
 

@@ -814,8 +814,23 @@ def test_a_bfloat16_cast_outside_autocast_says_what_to_do():
             model(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert model(x).dtype == torch.bfloat16
+        # autocast to the other 16-bit dtype copied every held weight again, rounded twice
+        # and kept for backward, silently (the callback refused it under Lightning's
+        # precision only); the bf16 input too, which met the held dtype
+        for given in (x, x.bfloat16()):
+            with (
+                torch.autocast("cpu", dtype=torch.float16),
+                pytest.raises(
+                    RuntimeError,
+                    match=r"frozen_dtype='bfloat16'.*autocast\(dtype=torch.float16\).*rounded "
+                    r"twice.*frozen_dtype='float16'",
+                ),
+            ):
+                model(given)
         handle.stop_engine()  # the weights back in fp32: a plain forward works
         assert model(x).dtype == torch.float32
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert model(x).dtype == torch.float16
 
 
 def test_applying_runs_no_parametrization():

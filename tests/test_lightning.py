@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import warnings
 
 import lightning.pytorch as pl
@@ -117,6 +118,35 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+
+
+def test_error_checkpoint_prompts_restored_at_another_input_size(tmp_path):
+    """A prompt checkpoint evaluated at another image size stopped at PyTorch's size-mismatch
+    error for every prompt, naming neither size; with as many positions in another layout
+    it would have loaded, each row on another pixel. The size the prompts trained for is
+    recorded now, and restoring at another is an error naming both and the fix."""
+
+    def callback(size):
+        config = S2AConfig(modules=("bias", "prompt"), input_size=size)
+        return S2ACallback(config, backbone="encoder")
+
+    pl.seed_everything(0)
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0, callbacks=[callback((3, 32, 32))])
+    trainer.fit(EncoderClassifier(arch="resnet"), _data())
+    ckpt = tmp_path / "prompts.ckpt"
+    trainer.save_checkpoint(ckpt)
+    for size in ((3, 48, 48), (3, 16, 64)):  # other positions; as many in another layout
+        message = (
+            f"the checkpoint's prompts were sized for input (3, 32, 32), and S2A here for {size}"
+        )
+        fix = "S2AConfig(input_size=(3, 32, 32)) (CLI: --s2a.input_size [3,32,32])"
+        with pytest.raises(ValueError, match=f"{re.escape(message)}.*{re.escape(fix)}"):
+            quiet_trainer(callbacks=[callback(size)]).validate(
+                EncoderClassifier(arch="resnet"), _data(8), ckpt_path=ckpt, verbose=False
+            )
+    quiet_trainer(callbacks=[callback((3, 32, 32))]).validate(
+        EncoderClassifier(arch="resnet"), _data(8), ckpt_path=ckpt, verbose=False
+    )
 
 
 def test_test_after_fit_does_not_inject_twice(tmp_path):

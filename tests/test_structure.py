@@ -2276,3 +2276,20 @@ def test_a_dense_heads_classifier_conv_is_suggested_through_its_head():
     ):
         assert head_guess(model) == (head, "the dense head that ends in a 1x1 conv")
     assert head_guess(mobilenet_v2().features) == ("", "")
+
+
+@pytest.mark.parametrize("modules", ["prompt", "side"])
+def test_video_blocks_are_a_clear_error_naming_what_works(modules):
+    """A video model's (B, C, T, H, W) blocks: asked for the side network, the error spoke of
+    a prompt and named no way out. It names both modules, the 5-D shape and the fix now."""
+    from torchvision.models.video import r3d_18
+
+    model = r3d_18(num_classes=4)
+    config = S2AConfig(modules=[modules], head="fc", input_size=(3, 4, 32, 32))
+    with pytest.raises(
+        ValueError,
+        match=r"prompt or the side network's tap .*\(2, 64, 4, 16, 16\) \(a video model's "
+        r"\(B, C, T, H, W\)\).*Use modules=\['bias'\] \(any rank\)",
+    ):
+        apply_s2a(model, config)
+    assert all(p.requires_grad for p in model.parameters())  # nothing left applied

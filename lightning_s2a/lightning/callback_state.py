@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ..identity import check_prompt_size
 from .checkpoint import WEIGHTS_ONLY_KEY, load_other_engines, marked_prefixes, other_handles
 from .checks import (
     check_checkpoint,
@@ -54,6 +55,17 @@ class CheckpointState:
         strict = bool(getattr(self._module, "strict_loading", True))
         check_checkpoint(checkpoint, saved, self.handle, strict)
         self._check_same_target(saved)
+        if isinstance(saved, dict) and self.handle is not None:  # (absent before 2026-12-07)
+            sized = saved.get("input_size")
+            check_prompt_size(
+                self.handle.config.modules,
+                sized,
+                self.handle,
+                "the checkpoint's",
+                "Give the data the size it trained at (the data module's image size), or "
+                f"S2AConfig(input_size={tuple(sized or ())}) (CLI: --s2a.input_size "
+                f"[{','.join(str(v) for v in sized or ())}]).",
+            )
         plain = not saved and not marked_prefixes(checkpoint)
         if plain and self._stage != "fit":
             warn_plain_checkpoint_in_four_bits(self.handle)
@@ -90,7 +102,12 @@ class CheckpointState:
         if self.handle is None or self._module is None:
             return {}
         target = next(n for n, m in self._module.named_modules() if m is self.handle.model)
-        return {"config": dataclasses.asdict(self.handle.config), "target": target}
+        return {
+            "config": dataclasses.asdict(self.handle.config),
+            "target": target,
+            # the size prompts were sized for (the data module's, the model's default)
+            "input_size": list(self.handle.structure.input_size),
+        }
 
     def _saving(self, checkpoint: dict[str, Any]) -> None:
         """Mark the checkpoint as this run's. A weights-only one holds no callback state: the

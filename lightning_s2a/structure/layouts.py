@@ -74,9 +74,12 @@ def layout_of(
         if last_linear and layers[-1].out_features == shape[-1]:
             return "nhwc"
         return "nchw"
+    video = " (a video model's (B, C, T, H, W))" if len(shape) == 5 else ""
     raise ValueError(
-        f"cannot place a prompt on a block output of shape {tuple(shape)}: expected "
-        "(B, N, D) tokens or a 4-D feature map."
+        f"cannot place a prompt or the side network's tap on a block output of shape "
+        f"{tuple(shape)}{video}: both read (B, N, D) tokens, (B, C, L) signals or 4-D feature "
+        "maps. Use modules=['bias'] (any rank), or name blocks whose outputs have one of "
+        "those shapes with S2AConfig(blocks=...)."
     )
 
 

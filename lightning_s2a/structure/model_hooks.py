@@ -342,21 +342,37 @@ class NeedsAutocast:
             (v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)),
             None,
         )
-        if x is None or not x.is_floating_point() or x.dtype == self.dtype:
-            return
-        if torch.is_autocast_enabled(x.device.type):
-            return
         owner, _, leaf = self.weight.rpartition(".")
         held = getattr(module.get_submodule(owner), leaf, None)
-        if isinstance(held, torch.Tensor) and held.dtype == self.dtype:
-            name = str(self.dtype).removeprefix("torch.")
+        if not isinstance(held, torch.Tensor) or held.dtype != self.dtype:
+            return  # given back in full precision
+        name = str(self.dtype).removeprefix("torch.")
+        device = held.device.type
+        if torch.is_autocast_enabled(device):
+            other = torch.get_autocast_dtype(device)
+            if other == self.dtype:
+                return
+            other_name = str(other).removeprefix("torch.")
+            # Autocast copied every held weight to its own dtype: rounded twice, and the
+            # copies kept for backward (a reviewer's ViT kept as many bytes as with
+            # frozen_dtype=None; the callback refused it under Lightning's precision only).
             raise RuntimeError(
                 f"S2AConfig(frozen_dtype={name!r}) holds the frozen weights in {name}, and "
-                f"this {str(x.dtype).removeprefix('torch.')} input runs outside autocast: "
-                f"run the model under torch.autocast({x.device.type!r}, dtype=torch.{name}) "
-                "(Lightning: precision='bf16-mixed'), or give the weights back first with "
-                "handle.stop_engine() (or train with frozen_dtype=None)."
+                f"this forward runs under torch.autocast(dtype=torch.{other_name}): every "
+                f"layer would copy them to {other_name}, rounded twice and kept for backward "
+                "(the memory frozen_dtype saves, spent again). Autocast to the weights' dtype "
+                f"(torch.autocast({device!r}, dtype=torch.{name})), or apply S2A with "
+                f"frozen_dtype={other_name!r}."
             )
+        if x is None or not x.is_floating_point() or x.dtype == self.dtype:
+            return
+        raise RuntimeError(
+            f"S2AConfig(frozen_dtype={name!r}) holds the frozen weights in {name}, and "
+            f"this {str(x.dtype).removeprefix('torch.')} input runs outside autocast: "
+            f"run the model under torch.autocast({x.device.type!r}, dtype=torch.{name}) "
+            "(Lightning: precision='bf16-mixed'), or give the weights back first with "
+            "handle.stop_engine() (or train with frozen_dtype=None)."
+        )
 
 
 def _own_original(hooks: OriginalsHooks | HeldLayerHooks) -> dict[str, Any]:
