@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .engine.bitpack import SUPPORTED_BITS, check_bits
+from .config_checks import (
+    BACKENDS,
+    DEFAULT_SIDE_STRIDES,
+    DEPENDENT_OPTIONS,
+    FOUR_BIT_DTYPES,
+    MODULE_KINDS,
+    SIDE_KINDS,
+    SIDE_MERGES,
+    check_composition,
+    validate,
+)
+from .engine.bitpack import SUPPORTED_BITS
 from .engine.calibration import WIDE_BITS
-from .engine.ops import KINDS
 
-MODULE_KINDS = ("bias", "prompt", "side")
 #: Operator kinds kept exact unless ``op_bits`` names them: what a loss saves (small, after
 #: the head, and it bends with codes), what a custom autograd Function saves (the engine
 #: cannot see which operator it serves: a saved input compared in backward, a norm's rows),
@@ -22,66 +31,6 @@ EXACT_UNLESS_ASKED = ("loss", "custom", "position", "singular")
 #: probabilities from (see ``engine.attention.fused_operands``) and the input a trained
 #: sampling grid differences (see ``engine.ops.KINDS``).
 AT_LEAST_WIDE = {"fused_attention": "attention", "sampled": "generic"}
-SIDE_KINDS = ("pooled", "hierarchical")
-SIDE_MERGES = ("replace", "add")
-DEFAULT_SIDE_STRIDES = (8, 16, 32)
-BACKENDS = ("auto", "torch", "triton", "bnb")
-BNB_QUANT_TYPES = ("nf4", "fp4")
-BN_MODES = ("eval", "train")
-FROZEN_DTYPES = (None, "bfloat16", "float16", "nf4", "fp4")
-#: Frozen dtypes that hold weights in 4 bits (bitsandbytes) rather than cast them.
-FOUR_BIT_DTYPES = BNB_QUANT_TYPES
-#: Block output layouts: (B, N, D) tokens, (B, H, W, C), (B, C, H, W), (B, C, L) (1-D convs).
-LAYOUTS = ("auto", "tokens", "nhwc", "nchw", "ncl")
-GROUP_SIZES = (8, 16, 32, 64, 128, 256)
-
-
-def check_composition(modules: tuple[str, ...]) -> None:
-    """Reject module combinations that cannot train, saying why."""
-    if "side" in modules and len(modules) > 1:
-        others = [m for m in modules if m != "side"]
-        raise ValueError(
-            f"modules={list(modules)}: 'side' runs the backbone without autograd, so no "
-            f"gradient reaches {others} inside it; use 'side' alone, or {others} without it."
-        )
-
-
-def _trains(*modules: str) -> Callable[[Any], bool]:
-    return lambda config: any(m in config.modules for m in modules)
-
-
-_PLACED = "with the 'prompt' or 'side' module (it says where they go)"
-#: Options that act only under another setting: ``(field, under what, whether a config has
-#: it, the fix)``. Set otherwise, they would do nothing, so they are refused (said, not
-#: ignored: ``add_bias=True`` with ``modules=['prompt']`` trained no added bias, and
-#: ``blocks`` beside bias-only was accepted, then made a resume fail as another model); a
-#: saved config holding one (accepted before 2026-12-07) loads with it dropped.
-DEPENDENT_OPTIONS: tuple[tuple[str, str, Callable[[Any], bool], str], ...] = (
-    *(
-        (name, f"with the {module!r} module", _trains(module), f"add {module!r} to modules")
-        for name, module in (
-            ("add_bias", "bias"),
-            ("prompt_rank", "prompt"),
-            ("side_width", "side"),
-            ("side_reduction", "side"),
-        )
-    ),
-    ("blocks", _PLACED, _trains("prompt", "side"), "add 'prompt' or 'side' to modules"),
-    ("block_layout", _PLACED, _trains("prompt", "side"), "add 'prompt' or 'side' to modules"),
-    (
-        "bnb_quant_type",
-        "with backend='bnb' (the other backends code min-max)",
-        lambda config: config.backend == "bnb",
-        "set backend='bnb'",
-    ),
-    (
-        "stochastic_rounding",
-        "with a backend other than 'bnb', whose blockwise codes round to nearest (it "
-        "would reach the per-row softmax codes only)",
-        lambda config: config.backend != "bnb",
-        "use backend='auto' or 'torch'",
-    ),
-)
 
 
 @dataclass
@@ -182,195 +131,7 @@ class S2AConfig:
     calibrate_tol: float | None = None
 
     def __post_init__(self) -> None:
-        check_bits(self.bits, "bits")
-        if isinstance(self.modules, str):
-            self.modules = (self.modules,)
-        if _is_sequence(self.modules) and all(isinstance(m, str) for m in self.modules):
-            # "bias+prompt", "bias, prompt" and ["bias+prompt"] (the CLI's [bias+prompt]) alike
-            parts = (p.strip() for m in self.modules for p in m.replace("+", ",").split(","))
-            self.modules = tuple(p for p in parts if p)
-        if not _is_sequence(self.modules):
-            raise ValueError(
-                f"modules: expected a list of module kinds or a string such as 'bias+prompt', "
-                f"got {self.modules!r}; allowed: {MODULE_KINDS}."
-            )
-        self.modules = tuple(self.modules)
-        for m in self.modules:
-            if m not in MODULE_KINDS:
-                raise ValueError(f"modules: unknown module kind {m!r}; allowed: {MODULE_KINDS}.")
-        if len(set(self.modules)) != len(self.modules):
-            raise ValueError(f"modules: {self.modules!r} lists a module kind twice.")
-        check_composition(self.modules)
-        if not self.modules:
-            raise ValueError(f"modules: choose at least one of {MODULE_KINDS}.")
-        if self.head is not None and (not isinstance(self.head, str) or not self.head):
-            raise ValueError(
-                f"head: {self.head!r} ({type(self.head).__name__}) is not a submodule name; "
-                "allowed: 'auto', the name of a submodule such as 'fc', or None for no head."
-            )
-        for name in ("head", "frozen_dtype"):  # --s2a.head None on the command line
-            if getattr(self, name) in ("None", "none"):
-                raise ValueError(
-                    f"{name}: {getattr(self, name)!r} is the string; for None write null (YAML "
-                    f"and the command line: --s2a.{name} null) or None in Python."
-                )
-        for name in ("compress", "stochastic_rounding", "add_bias", "surgery", "calibrate"):
-            value = getattr(self, name)
-            if not isinstance(value, bool):
-                raise ValueError(
-                    f"{name}: {value!r} ({type(value).__name__}) is not a bool; "
-                    "allowed: True, False."
-                )
-        if not isinstance(self.op_bits, Mapping):
-            raise ValueError(
-                f"op_bits: expected a mapping from operator kind to code width, e.g. "
-                f"{{'softmax': 8}}, got {self.op_bits!r}."
-            )
-        self.op_bits = dict(self.op_bits)
-        for kind, b in self.op_bits.items():
-            if kind not in KINDS:
-                raise ValueError(f"op_bits: unknown operator kind {kind!r}; allowed: {KINDS}.")
-            if kind == "trainable":
-                raise ValueError(
-                    "op_bits['trainable']: the width of activations that feed a trainable "
-                    "weight's gradient is trainable_input_bits (None keeps them exact); set "
-                    f"S2AConfig(trainable_input_bits={b!r}) instead."
-                )
-            check_bits(b, f"op_bits[{kind!r}]")
-        if self.trainable_input_bits is not None:
-            check_bits(self.trainable_input_bits, "trainable_input_bits")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend: unknown backend {self.backend!r}; allowed: {BACKENDS}.")
-        # Checked whatever the backend, so a typo is not silently ignored until "bnb" is chosen.
-        if self.bnb_quant_type not in BNB_QUANT_TYPES:
-            raise ValueError(
-                f"bnb_quant_type: {self.bnb_quant_type!r} is not one of {BNB_QUANT_TYPES}."
-            )
-        if self.backend == "bnb" and self.bits != 4:
-            raise ValueError(
-                f"bits={self.bits} with backend='bnb': bitsandbytes quantizes in 4 bits only; "
-                "use bits=4 or backend='torch'."
-            )
-        if not _is_int(self.group_size):
-            raise ValueError(
-                f"group_size: {self.group_size!r} ({type(self.group_size).__name__}) is not an "
-                f"int; allowed: {GROUP_SIZES}."
-            )
-        if self.group_size not in GROUP_SIZES:
-            raise ValueError(f"group_size: {self.group_size} is not one of {GROUP_SIZES}.")
-        if self.backend == "bnb" and self.group_size < 32:
-            raise ValueError(
-                f"group_size={self.group_size} with backend='bnb': bitsandbytes codes blocks of "
-                "32 or more values; use group_size >= 32 or backend='torch'."
-            )
-        if self.frozen_dtype not in FROZEN_DTYPES:
-            raise ValueError(f"frozen_dtype: {self.frozen_dtype!r} is not one of {FROZEN_DTYPES}.")
-        if self.frozen_dtype in FOUR_BIT_DTYPES and not self.surgery:
-            raise ValueError(
-                f"frozen_dtype={self.frozen_dtype!r} needs surgery=True: the frozen-conv rewrite "
-                "is what keeps each conv's weight in 4 bits through backward."
-            )
-        if self.bn_mode not in BN_MODES:
-            raise ValueError(f"bn_mode: {self.bn_mode!r} is not one of {BN_MODES}.")
-        if self.block_layout not in LAYOUTS:
-            raise ValueError(f"block_layout: {self.block_layout!r} is not one of {LAYOUTS}.")
-        if self.side_width is not None and (not _is_int(self.side_width) or self.side_width < 2):
-            raise ValueError(
-                f"side_width: must be an integer of at least 2 or None, got {self.side_width!r} "
-                "(the side network normalizes over its width: at width 1 its output is the "
-                "same for every input)."
-            )
-        if self.side not in SIDE_KINDS:
-            raise ValueError(f"side: {self.side!r} is not one of {SIDE_KINDS}.")
-        if self.side != "pooled" and "side" not in self.modules:
-            raise ValueError(
-                f"side={self.side!r} chooses the side network, but modules={list(self.modules)} "
-                "trains none; use modules=['side']."
-            )
-        if self.side_merge not in SIDE_MERGES:
-            raise ValueError(f"side_merge: {self.side_merge!r} is not one of {SIDE_MERGES}.")
-        if self.side_merge != "replace" and "side" not in self.modules:
-            raise ValueError(
-                f"side_merge={self.side_merge!r} says what the side network's output does, but "
-                f"modules={list(self.modules)} trains none; use modules=['side']."
-            )
-        if _is_sequence(self.side_strides):
-            self.side_strides = tuple(self.side_strides)
-        strides = self.side_strides
-        if (
-            not isinstance(strides, tuple)
-            or not strides
-            or not all(_is_int(s) and s > 0 for s in strides)
-            or list(strides) != sorted(set(strides))
-        ):
-            raise ValueError(
-                f"side_strides: expected increasing positive integers, finest first, e.g. "
-                f"(8, 16, 32), got {self.side_strides!r}."
-            )
-        if strides != DEFAULT_SIDE_STRIDES and self.side != "hierarchical":
-            raise ValueError(
-                f"side_strides={strides} sets the hierarchical side's pyramid; it has no "
-                f"effect with side={self.side!r}. Use side='hierarchical'."
-            )
-        if self.input_size is not None:
-            if _is_sequence(self.input_size):
-                self.input_size = tuple(self.input_size)
-            if (
-                not isinstance(self.input_size, tuple)
-                or not self.input_size
-                or not all(_is_int(v) and v > 0 for v in self.input_size)
-            ):
-                raise ValueError(
-                    f"input_size: expected the shape of one sample, e.g. (3, 224, 224), "
-                    f"got {self.input_size!r}."
-                )
-        if self.blocks is not None:
-            if _is_sequence(self.blocks):
-                self.blocks = tuple(self.blocks)
-            names = (self.blocks,) if isinstance(self.blocks, str) else self.blocks
-            if (
-                not isinstance(names, tuple)
-                or not names
-                or not all(isinstance(n, str) and n for n in names)
-            ):
-                raise ValueError(
-                    f"blocks: expected a pattern such as 'encoder.layer.*' or a list of module "
-                    f"names, got {self.blocks!r}; allowed: a non-empty str, a non-empty list of "
-                    "non-empty str, or None."
-                )
-        for name in (
-            "min_numel",
-            "codebook_samples",
-            "codebook_refresh",
-            "prompt_rank",
-            "side_reduction",
-        ):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"{name}: must be a positive integer, got {value!r}.")
-        tol = self.calibrate_tol
-        if tol is not None and (
-            isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1
-        ):
-            raise ValueError(
-                f"calibrate_tol: expected a relative error between 0 and 1 (exclusive), e.g. "
-                f"0.05, or None (scaled to bits), got {tol!r}."
-            )
-        if self.calibrate and not self.compress:
-            raise ValueError(
-                "calibrate=True measures the codes' error, but compress=False stores every "
-                "saved tensor exact; drop one of them."
-            )
-        if self.calibrate and min(self.coded_widths()) >= WIDE_BITS:
-            raise ValueError(
-                f"calibrate=True widens modules to {WIDE_BITS} bits, but every code is "
-                f"{WIDE_BITS} bits or more already (bits={self.bits}, op_bits="
-                f"{self.op_bits}, trainable_input_bits={self.trainable_input_bits}); use "
-                "fewer bits or calibrate=False."
-            )
-        if not _is_int(self.seed) or self.seed < 0:
-            raise ValueError(f"seed: must be a non-negative integer, got {self.seed!r}.")
-        self._check_dependent_options()
+        validate(self)
 
     @classmethod
     def from_saved(cls, fields: Mapping[str, Any]) -> S2AConfig:
@@ -384,18 +145,6 @@ class S2AConfig:
             if not holds(rest):
                 fields.pop(name, None)
         return cls(**fields)
-
-    def _check_dependent_options(self) -> None:
-        """An option set without the setting it acts under would do nothing: said, not
-        ignored (:data:`DEPENDENT_OPTIONS`)."""
-        for name, under, holds, fix in DEPENDENT_OPTIONS:
-            value = getattr(self, name)
-            if value != type(self).__dataclass_fields__[name].default and not holds(self):
-                raise ValueError(
-                    f"{name}={value!r} acts only {under}, which this config lacks (modules="
-                    f"{list(self.modules)}, backend={self.backend!r}). "
-                    f"{fix[0].upper()}{fix[1:]}, or leave {name} out."
-                )
 
     def bits_for(self, kind: str) -> int | None:
         """Code width for an operator kind; None means stored exact."""
@@ -447,30 +196,23 @@ def check_field_names(
         )
 
 
-def _is_int(value: Any) -> bool:
-    """A real ``int``: not a bool (``True == 1``) and not a float (``4.0 == 4``)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_sequence(value: Any) -> bool:
-    """A list, tuple or other sequence that is not a string."""
-    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
-
-
 __all__ = [
     "BACKENDS",
+    "FOUR_BIT_DTYPES",
     "MODULE_KINDS",
     "SIDE_KINDS",
     "SIDE_MERGES",
     "SUPPORTED_BITS",
     "S2AConfig",
+    "check_composition",
     "check_field_names",
 ]
 
 
 #: Fields that change the function the model computes; the rest change only how saved
 #: tensors are stored (bits, backend, calibration...), which a resumed run may change.
-#: ``input_size`` only sizes prompts: another size fails the strict load of their shapes.
+#: ``input_size`` only sizes prompts, and is compared on its own (another layout of as many
+#: positions loads by shape): ``identity.check_prompt_size``.
 MODEL_FIELDS = (
     "modules",
     "head",
