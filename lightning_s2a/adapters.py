@@ -119,8 +119,9 @@ def save_adapter(
         prefix = next((n for n, m in module.named_modules() if m is handle.model), None)
         if prefix is None or handle.removed:
             raise ValueError("the given handle's model is not (or no longer) S2A'd under module.")
-    held = adapter_tensors(module, handle)
-    tensors = {k: t.detach().cpu().clone().contiguous() for k, t in held.items()}
+    tensors = {
+        k: t.detach().cpu().clone().contiguous() for k, t in adapter_tensors(module, handle).items()
+    }
     if not any(t.is_floating_point() for t in tensors.values()):
         raise ValueError(f"nothing trains under {type(module).__name__}: nothing to save.")
     metadata = {
@@ -129,7 +130,7 @@ def save_adapter(
         "s2a_config": json.dumps(dataclasses.asdict(handle.config)),
         "backbone": json.dumps(backbone_identity(handle.model, handle)),
         # a few values of each frozen tensor: the adapter means nothing on other weights
-        "frozen_weights": json.dumps(frozen_weight_sample(handle.model, handle, held.values())),
+        "frozen_weights": json.dumps(frozen_weight_sample(handle.model, handle)),
         "prefix": prefix,
         # the size prompts were sized for: another with as many positions loads by shape
         "input_size": json.dumps(list(handle.structure.input_size)),

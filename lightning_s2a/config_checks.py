@@ -65,13 +65,6 @@ DEPENDENT_OPTIONS: tuple[tuple[str, str, Callable[[Any], bool], str], ...] = (
         lambda config: config.backend == "bnb",
         "set backend='bnb'",
     ),
-    (
-        "stochastic_rounding",
-        "with a backend other than 'bnb', whose blockwise codes round to nearest (it "
-        "would reach the per-row softmax codes only)",
-        lambda config: config.backend != "bnb",
-        "use backend='auto' or 'torch'",
-    ),
 )
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from .api import S2AHandle
 from .structure.four_bit import named_held
+from .structure.surgery import is_frozen_batch_norm
 
 #: Values read from each frozen tensor, evenly spaced through it.
 SAMPLES_PER_TENSOR = 8
@@ -73,15 +74,13 @@ def describe(identity: dict[str, Any]) -> str:
     return f"{name} ({identity.get('class')}, {identity.get('num_params', 0):,} params)"
 
 
-def frozen_weight_sample(
-    model: nn.Module, handle: S2AHandle, adapter: Iterable[torch.Tensor] = ()
-) -> dict[str, list[float]]:
+def frozen_weight_sample(model: nn.Module, handle: S2AHandle) -> dict[str, list[float]]:
     """A few values of every frozen parameter the model had before ``apply_s2a`` (name ->
     values), read from its state dict: the weights as built, also where S2A holds them in 16
-    or 4 bits; and of every floating-point buffer the ``adapter``'s tensors leave out (the
-    running statistics of the BatchNorms S2A holds in eval mode, a FrozenBatchNorm's scale:
-    until 2026-12-07 unsampled, an adapter loaded silently onto statistics that had moved,
-    its logits 0.11 off)."""
+    or 4 bits; and of the buffers no training moves: the statistics of the BatchNorms S2A
+    holds in eval mode and a ``FrozenBatchNorm2d``'s (until 2026-12-07 unsampled: an adapter
+    loaded silently onto statistics that had moved, its logits 0.11 off). Other buffers may
+    move in training (a DINO-style centre), so they are not what identifies the backbone."""
     before = handle.structure.flags
     frozen = [
         n
@@ -89,18 +88,15 @@ def frozen_weight_sample(
         if not p.requires_grad and "s2a_" not in n and n in before
     ]
     frozen += [n for n, _ in named_held(model) if n in before]
-    carried = {id(t) for t in adapter}
+    still = {id(bn) for bn in handle.held_batch_norms()}
     frozen += [
         f"{prefix}.{leaf}" if prefix else leaf
         for prefix, m in model.named_modules()
+        if id(m) in still or is_frozen_batch_norm(m)
         for leaf, b in m._buffers.items()
-        if b is not None
-        and b.is_floating_point()
-        and id(b) not in carried
-        and "s2a_" not in prefix
-        and "s2a_" not in leaf
+        if b is not None and b.is_floating_point()
     ]
-    state = model.state_dict()  # (non-persistent buffers are not in it: not sampled)
+    state = model.state_dict()
     return {n: _sample(state[n]) for n in sorted(set(frozen)) if n in state}
 
 

@@ -578,6 +578,44 @@ def test_error_other_frozen_buffers_held_batch_norm_statistics(tmp_path):
     save_adapter(model, tmp_path / "b.safetensors")
     load_adapter(resnet(moved=True), tmp_path / "b.safetensors")
 
+    # a buffer of the model's own that training moves (a DINO-style centre), in no adapter:
+    # not a frozen weight, so not sampled (the first version sampled every buffer it left
+    # out, and this adapter no longer loaded)
+    class Centred(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.encoder = timm.create_model("resnet18", num_classes=0)
+            self.head = nn.Linear(512, 3)
+            self.register_buffer("center", torch.zeros(3))
+
+        def forward(self, x):
+            y = self.head(self.encoder(x))
+            if self.training:
+                with torch.no_grad():
+                    self.center.mul_(0.9).add_(0.1 * y.mean(0))
+            return y
+
+    # a FrozenBatchNorm2d's buffers (its scale and shift too) never train: sampled
+    def frozen_bn(scale=1.0):
+        model = timm.layers.freeze_batch_norm_2d(resnet())
+        model.bn1.weight.mul_(scale)
+        return model
+
+    model = frozen_bn()
+    apply_s2a(model, S2AConfig(add_bias=True))
+    save_adapter(model, tmp_path / "f.safetensors")
+    with pytest.raises(ValueError, match=r"other frozen weights: 1 of .*bn1\.weight"):
+        load_adapter(frozen_bn(scale=3.0), tmp_path / "f.safetensors")
+    load_adapter(frozen_bn(), tmp_path / "f.safetensors")
+
+    model = Centred().train()
+    apply_s2a(model, S2AConfig(head="head"))
+    model(x).sum().backward()
+    assert model.center.abs().sum() > 0
+    save_adapter(model, tmp_path / "c.safetensors")
+    load_adapter(Centred(), tmp_path / "c.safetensors")
+
 
 def test_an_adapter_saved_with_an_option_that_did_nothing_still_loads(tmp_path):
     """``add_bias=True`` beside ``modules=['prompt']`` did nothing and was accepted until

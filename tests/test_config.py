@@ -41,10 +41,6 @@ from lightning_s2a.engine.bitpack import check_bits
         ({"blocks": "encoder.*"}, r"blocks='encoder.\*' acts only with the 'prompt' or 'side'"),
         ({"block_layout": "nchw"}, r"block_layout='nchw' .*Add 'prompt' or 'side' to modules"),
         ({"bnb_quant_type": "fp4"}, r"bnb_quant_type='fp4' acts only with backend='bnb'"),
-        (
-            {"backend": "bnb", "stochastic_rounding": True},
-            r"stochastic_rounding=True acts only with a backend other than 'bnb'.*backend='auto'",
-        ),
     ],
 )
 def test_invalid_config_values_raise_value_error(kwargs, pattern):

@@ -308,3 +308,22 @@ def test_torch_func_in_a_counted_head_names_the_switch():
     callback = S2ACallback(backbone="encoder", count_outside=False)
     quiet_trainer(max_epochs=1, callbacks=[callback]).fit(model, _data(16))
     assert OUTSIDE not in callback.handle.stats()["by_part"]
+
+
+def test_a_dropout_raised_after_counting_began_is_counted():
+    """The step's own p=0 dropout, raised after the counting hooks went on and called from
+    the step's body: its mask counted (the first version left p=0 dropouts unhooked outside
+    the model as inside, and the mask, with no counted parent, went uncounted)."""
+    whole, handle = _parts()
+    drop = nn.Dropout(0.0)
+    whole["drop"] = drop
+    counting = handle.count_outside(whole)
+    drop.p = 0.5
+    handle.engine.begin_step()
+    feats = whole["encoder"](torch.randn(BATCH, 3, 32, 32))
+    out = whole["head"](drop(feats))
+    outside = handle.stats()["by_part"][OUTSIDE]
+    # the head's saves and the dropout's noise (on CPU a float32 tensor, kept as it is)
+    assert outside["stored_bytes"] == _head_bytes(192) + 4 * BATCH * 192
+    out.sum().backward()
+    counting.remove()

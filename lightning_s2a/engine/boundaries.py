@@ -325,7 +325,8 @@ def passes_through(module: nn.Module) -> bool:
     engine's boundary hooks can stay off it: ``nn.Identity``, and a dropout of ``p == 0``
     (half of a timm ViT's modules are one or the other; each call cost two Python hooks for
     nothing). A dropout whose ``p`` is raised after ``apply_s2a`` still has its mask coded
-    and counted, in its parent module's frame and part."""
+    and counted, in the frame and part of the model's module (or ``forward_*`` method) that
+    calls it; called on its own, outside any forward of the model, it is not seen."""
     kind = type(module)
     if kind is nn.Identity:
         return True

@@ -29,7 +29,6 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 from torch.utils.hooks import RemovableHandle
 
-from .boundaries import passes_through
 from .contexts import dual_level_open, engine_saves, functorch_transform, redirected_call
 from .kept import Kept, compact
 from .packed import in_backward
@@ -74,8 +73,9 @@ class OutsideModules:
         self._counted: list[nn.Module] = []
         self._engines: dict[int, SavedTensorEngine] = {}  # the S2A'd models' in the scope
         for module in scope.modules():
-            if passes_through(module):
-                continue  # saves nothing (an S2A'd model's are unhooked for that reason too)
+            if type(module) is nn.Identity:
+                continue  # saves nothing (a p=0 dropout here is hooked: raised later, its
+                # mask, called from the step's body, has no counted parent to be seen in)
             owner = hooking_engine(module)
             if owner is not None:
                 self._engines[id(owner)] = owner

@@ -158,10 +158,10 @@ def apply_structure(model: nn.Module, config: S2AConfig) -> StructureState:
 def buffer_norms(model: nn.Module) -> list[str]:
     """Names of the model's frozen BatchNorms (torchvision's and timm's
     ``FrozenBatchNorm2d``): weight and bias as buffers, which no bias tuning trains."""
-    return [n for n, m in model.named_modules() if _frozen_batch_norm(m) and "bias" in m._buffers]
+    return [n for n, m in model.named_modules() if is_frozen_batch_norm(m) and "bias" in m._buffers]
 
 
-def _frozen_batch_norm(module: nn.Module) -> bool:
+def is_frozen_batch_norm(module: nn.Module) -> bool:
     """torchvision's and timm's ``FrozenBatchNorm2d`` (timm's ``FrozenBatchNormAct2d``)."""
     return type(module).__name__.startswith("FrozenBatchNorm")
 
@@ -289,7 +289,7 @@ def _warn_other_statistics(model: nn.Module, in_head: set[int]) -> None:
         for n, m in model.named_modules()
         if id(m) not in in_head
         and not isinstance(m, nn.modules.batchnorm._NormBase)
-        and not _frozen_batch_norm(m)
+        and not is_frozen_batch_norm(m)
         and any(b in m._buffers for b in ("running_mean", "running_var"))
     ]
     if others:
