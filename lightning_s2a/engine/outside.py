@@ -73,13 +73,17 @@ class OutsideModules:
         self._counted: list[nn.Module] = []
         self._engines: dict[int, SavedTensorEngine] = {}  # the S2A'd models' in the scope
         for module in scope.modules():
-            if type(module) is nn.Identity:
-                continue  # saves nothing (a p=0 dropout here is hooked: raised later, its
-                # mask, called from the step's body, has no counted parent to be seen in)
             owner = hooking_engine(module)
             if owner is not None:
                 self._engines[id(owner)] = owner
-                continue
+        # The S2A'd models' own modules, those their engines leave unhooked too (see
+        # boundaries.passes_through), are theirs.
+        models = [e.model for e in self._engines.values() if e.model is not None]
+        theirs = {id(m) for model in models for m in model.modules()}
+        for module in scope.modules():
+            if id(module) in theirs or type(module) is nn.Identity:
+                continue  # (a p=0 dropout here is hooked: raised later, its mask, called
+                # from the step's body, has no counted parent to be seen in)
             self._counted.append(module)
             self._handles.append(module.register_forward_pre_hook(self._enter))
             self._handles.append(module.register_forward_hook(self._leave, always_call=True))
