@@ -104,6 +104,9 @@ def save_rank(
             "synced_numel": record.synced,
             "total_numel": record.total,
             "logged": {k: float(v) for k, v in trainer.callback_metrics.items()},
+            "epoch_metrics": next(  # this rank's own values (the callback's epoch_metrics)
+                (c.epoch_metrics for c in trainer.callbacks if hasattr(c, "epoch_metrics")), {}
+            ),
             **extra,
         },
         os.path.join(out, f"rank{trainer.global_rank}.pt"),

@@ -51,6 +51,9 @@ def test_ddp_two_processes(mode, tmp_path):
         assert all(logged[0][k] == logged[1][k] for k in keys)
         raw, stored, compression = (logged[0][k] for k in keys)
         assert raw > stored > 0 and compression == pytest.approx(raw / stored, rel=1e-6)
+        # the peak is the most loaded rank's, not the ranks' mean
+        peaks = [r["epoch_metrics"]["s2a/peak_memory_mb"] for r in ranks]
+        assert logged[0]["s2a/peak_memory_mb"] == pytest.approx(max(peaks), rel=1e-6)
 
 
 def test_ddp_calibration_decides_on_every_ranks_share(tmp_path):

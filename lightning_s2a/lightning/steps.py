@@ -131,4 +131,7 @@ class TrainingSteps:
         if trainer.barebones:  # logging is off there (Lightning warns at every self.log)
             return
         for key, value in metrics.items():
-            pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True)
+            # the memory the most loaded device needs (a mean hid rank 0's logger and
+            # checkpoint writing); the rest are reduced over the ranks already, or alike
+            fx = "max" if key == "s2a/peak_memory_mb" else "mean"
+            pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True, reduce_fx=fx)
