@@ -109,6 +109,12 @@ def test_overhead_bench_times_each_part_of_the_engine(tmp_path):
     # the parts are timed on the same forward (plain functions as pack hooks turned the
     # surgery's rewrites off there: frozen convs saved their inputs again)
     assert row["instrumented_saved_tensors"] == row["saved_tensors"]
+    # steady state only: the rounds of forwards 1, 2 and 3, which fit ConvNeXt's GELU
+    # codebooks (at 5x to 10x a plain step), timed in no variant (the first two rounds were
+    # left out before, forward 3 timed: at 3 steps the ratio read 10x instead of 2.2x)
+    assert row["refit_rounds"] == 3 and row["timed_steps"] == 1
+    line = next(line for line in text.splitlines() if line.startswith("| convnext_atto |"))
+    assert line.split("|")[8].strip() == "3"  # the rounds left out, in the table
 
 
 class _Conn:
@@ -202,6 +208,16 @@ def test_bench_times_steps_that_fit_codebooks_apart():
     assert row["step_s"] > 0
     plain = _worker({**spec, "method": "bitfit"})
     assert plain["refit_steps"] == 0
+    # two timed steps only, both refits: the table marks the time as no steady state (it
+    # read 7.6x full fine-tuning, unmarked)
+    from lightning_s2a.bench.run import _table
+
+    short = _worker({**spec, "steps": 2})
+    assert short["refit_steps"] == 2 and short["steady_steps"] == 0
+    table = _table([plain, row, short], plain).splitlines()
+    assert table[3].count("†") == 0 and table[4].count("†") == 2  # row: 1 steady step
+    assert "† every timed step of this method fitted" in table[-1]
+    assert "†" not in _table([plain, row], plain)
 
 
 def test_baselines_count_their_bytes_once_and_time_the_steps_without_the_hook(monkeypatch):

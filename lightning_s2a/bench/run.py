@@ -94,6 +94,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         "trainable_pct": 100 * n_train / n_total,
         "step_s": statistics.median(times or fitting or counted),
         "refit_steps": len(fitting),
+        "steady_steps": len(times),
     }
 
 
@@ -177,6 +178,7 @@ def _table(rows: list[dict[str, Any]], full: dict[str, Any] | None) -> str:
         "step s | vs full |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    marked = False
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['method']} | failed: {r['error']} |||||||")
@@ -186,10 +188,19 @@ def _table(rows: list[dict[str, Any]], full: dict[str, Any] | None) -> str:
             return _ratio(full[key], r[key]) if full else "-"
 
         step_ratio = f"{r['step_s'] / full['step_s']:.2f}x" if full else "-"
+        # every timed step fitted codebooks: no steady-state time, said in the table
+        fitted = "†" if r.get("refit_steps") and not r.get("steady_steps", 1) else ""
+        marked = marked or bool(fitted)
         lines.append(
             f"| {r['method']} | {r['saved_mib']:.1f} | {ratio('saved_mib')} | "
             f"{r['peak_mib']:.0f} | {ratio('peak_mib')} | {r['trainable']:,} "
-            f"({r['trainable_pct']:.2f}%) | {r['step_s']:.3f} | {step_ratio} |"
+            f"({r['trainable_pct']:.2f}%) | {r['step_s']:.3f}{fitted} | {step_ratio}{fitted} |"
+        )
+    if marked:
+        lines.append(
+            "\n† every timed step of this method fitted derivative codebooks (an engine fits "
+            "them at forwards 1, 2, 3, 5, 9, ...): not its steady-state time; raise --steps "
+            "or --warmup"
         )
     return "\n".join(lines)
 
