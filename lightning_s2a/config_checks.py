@@ -42,6 +42,7 @@ def _trains(*modules: str) -> Callable[[Any], bool]:
 
 
 _PLACED = "with the 'prompt' or 'side' module (it says where they go)"
+_SIDE = "use modules=['side']"
 #: Options that act only under another setting: ``(field, under what, whether a config has
 #: it, the fix)``. Set otherwise, they would do nothing, so they are refused (said, not
 #: ignored: ``add_bias=True`` with ``modules=['prompt']`` trained no added bias, and
@@ -56,6 +57,14 @@ DEPENDENT_OPTIONS: tuple[tuple[str, str, Callable[[Any], bool], str], ...] = (
             ("side_width", "side"),
             ("side_reduction", "side"),
         )
+    ),
+    ("side", "with the 'side' module (it chooses its kind)", _trains("side"), _SIDE),
+    ("side_merge", "with the 'side' module (it says what its output does)", _trains("side"), _SIDE),
+    (
+        "side_strides",
+        "with side='hierarchical' (they set its pyramid)",
+        lambda config: config.side == "hierarchical",
+        "set side='hierarchical'",
     ),
     ("blocks", _PLACED, _trains("prompt", "side"), "add 'prompt' or 'side' to modules"),
     ("block_layout", _PLACED, _trains("prompt", "side"), "add 'prompt' or 'side' to modules"),
@@ -170,18 +179,8 @@ def validate(config: Any) -> None:
         )
     if config.side not in SIDE_KINDS:
         raise ValueError(f"side: {config.side!r} is not one of {SIDE_KINDS}.")
-    if config.side != "pooled" and "side" not in config.modules:
-        raise ValueError(
-            f"side={config.side!r} chooses the side network, but modules={list(config.modules)} "
-            "trains none; use modules=['side']."
-        )
     if config.side_merge not in SIDE_MERGES:
         raise ValueError(f"side_merge: {config.side_merge!r} is not one of {SIDE_MERGES}.")
-    if config.side_merge != "replace" and "side" not in config.modules:
-        raise ValueError(
-            f"side_merge={config.side_merge!r} says what the side network's output does, but "
-            f"modules={list(config.modules)} trains none; use modules=['side']."
-        )
     if _is_sequence(config.side_strides):
         config.side_strides = tuple(config.side_strides)
     strides = config.side_strides
@@ -194,11 +193,6 @@ def validate(config: Any) -> None:
         raise ValueError(
             f"side_strides: expected increasing positive integers, finest first, e.g. "
             f"(8, 16, 32), got {config.side_strides!r}."
-        )
-    if strides != DEFAULT_SIDE_STRIDES and config.side != "hierarchical":
-        raise ValueError(
-            f"side_strides={strides} sets the hierarchical side's pyramid; it has no "
-            f"effect with side={config.side!r}. Use side='hierarchical'."
         )
     if config.input_size is not None:
         if _is_sequence(config.input_size):
@@ -269,7 +263,7 @@ def _check_dependent_options(config: Any) -> None:
         if value != type(config).__dataclass_fields__[name].default and not holds(config):
             raise ValueError(
                 f"{name}={value!r} acts only {under}, which this config lacks (modules="
-                f"{list(config.modules)}, backend={config.backend!r}). "
+                f"{list(config.modules)}, side={config.side!r}, backend={config.backend!r}). "
                 f"{fix[0].upper()}{fix[1:]}, or leave {name} out."
             )
 

@@ -33,7 +33,8 @@ from lightning_s2a.engine.bitpack import check_bits
         (
             {"modules": ["prompt"], "add_bias": True},
             r"add_bias=True acts only with the 'bias' module, which this config lacks "
-            r"\(modules=\['prompt'\], backend='auto'\)\. Add 'bias' to modules, or leave add_bias",
+            r"\(modules=\['prompt'\], side='pooled', backend='auto'\)\. Add 'bias' to modules, or "
+            r"leave add_bias",
         ),
         ({"prompt_rank": 4}, r"prompt_rank=4 acts only with the 'prompt' module"),
         ({"modules": "bias+prompt", "side_width": 64}, r"side_width=64 .* the 'side' module"),
@@ -46,6 +47,18 @@ from lightning_s2a.engine.bitpack import check_bits
 def test_invalid_config_values_raise_value_error(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         S2AConfig(**kwargs)
+
+
+def test_a_saved_config_drops_options_without_their_setting_in_a_chain():
+    """A file written before these options were refused loads with each dropped, and an
+    option that depends on a dropped one goes with it; a whole one keeps every option."""
+    old = {"modules": ["bias"], "side": "hierarchical", "side_strides": [4, 8], "blocks": "a.*"}
+    loaded = S2AConfig.from_saved(old)
+    assert (loaded.side, loaded.side_strides, loaded.blocks) == ("pooled", (8, 16, 32), None)
+    whole = {**old, "modules": ["side"], "side_merge": "add"}
+    loaded = S2AConfig.from_saved(whole)
+    assert (loaded.side, loaded.side_strides, loaded.side_merge) == ("hierarchical", (4, 8), "add")
+    assert loaded.blocks == "a.*"
 
 
 # Values of the wrong type: each compares equal to or looks like a valid one (4.0 == 4, a

@@ -360,10 +360,10 @@ def test_gradients_at_4_bits_follow_the_exact_ones():
     "fields, match",
     [
         ({"modules": ["side"], "side": "pyramid"}, r"side: 'pyramid' is not one of"),
-        ({"modules": ["bias"], "side": "hierarchical"}, r"modules=\['bias'\] trains none"),
+        ({"modules": ["bias"], "side": "hierarchical"}, r"acts only with the 'side' module"),
         ({"modules": ["side"], "side": "hierarchical", "side_strides": (16, 8)}, "increasing"),
         ({"modules": ["side"], "side": "hierarchical", "side_strides": ()}, "increasing"),
-        ({"modules": ["side"], "side_strides": (4, 8)}, r"no effect with side='pooled'"),
+        ({"modules": ["side"], "side_strides": (4, 8)}, r"only with side='hierarchical'"),
     ],
 )
 def test_config_errors(fields, match):
