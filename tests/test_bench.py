@@ -117,6 +117,24 @@ def test_overhead_bench_times_each_part_of_the_engine(tmp_path):
     assert line.split("|")[8].strip() == "3"  # the rounds left out, in the table
 
 
+def test_overhead_parts_leave_out_every_step_that_fitted_codebooks():
+    """The instrumented pass's first step fitted codebooks at --steps 1, 4, 11, ... (its
+    forward a power of two plus one): restoring the timers to the empty dict before it
+    kept that step's parts, and pack read 42 ms a step instead of 6.7."""
+    from lightning_s2a.bench.overhead import _clean_steps, _Timers
+
+    timers, calls = _Timers(), []
+
+    def step():
+        calls.append(len(calls) + 1)
+        timers.seconds["pack"] += 10.0 if len(calls) in (1, 3) else 1.0
+        timers.calls["pack"] += 1
+
+    clean = _clean_steps(step, lambda: calls[-1] in (1, 3), timers, steps=2)
+    assert clean == 2 and calls == [1, 2, 3, 4]
+    assert timers.seconds == {"pack": 2.0} and timers.calls == {"pack": 2}
+
+
 class _Conn:
     def send(self, value):
         self.value = value

@@ -327,3 +327,22 @@ def test_a_dropout_raised_after_counting_began_is_counted():
     assert outside["stored_bytes"] == _head_bytes(192) + 4 * BATCH * 192
     out.sum().backward()
     counting.remove()
+
+
+def test_a_copied_part_of_the_s2a_model_beside_it_is_counted():
+    """A copy of one of the S2A'd model's blocks (made after apply_s2a, trained beside it)
+    carries an inert engine that knows no model: counting took it for an S2A'd model, and
+    every counted forward failed reading parameters it never collected."""
+    import copy
+
+    whole, handle = _parts()
+    whole["extra"] = copy.deepcopy(whole["encoder"].blocks[1])
+    whole["extra"].requires_grad_(True)
+    counting = handle.count_outside(whole)
+    handle.engine.begin_step()
+    tokens = whole["extra"](whole["encoder"].forward_features(torch.randn(BATCH, 3, 32, 32)))
+    out = whole["head"](tokens[:, 0])
+    # the copy's block saves (norms, attention, MLP) are counted beside the head's
+    assert handle.stats()["by_part"][OUTSIDE]["stored_bytes"] > _head_bytes(192)
+    out.sum().backward()
+    counting.remove()

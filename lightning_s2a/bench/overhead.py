@@ -63,6 +63,26 @@ def _max_rounds(steps: int) -> int:
     return steps + 14 + steps.bit_length()
 
 
+def _clean_steps(
+    step: Callable[[], Any], fitted: Callable[[], bool], timers: _Timers, steps: int
+) -> int:
+    """Run ``step`` until ``steps`` of them fitted no codebook (``fitted`` after each), the
+    parts of those that did taken back out of ``timers``; returns how many were clean."""
+    clean = 0
+    for _ in range(_max_rounds(steps)):
+        before = dict(timers.seconds), dict(timers.calls)
+        step()
+        if fitted():
+            for now, then in zip((timers.seconds, timers.calls), before, strict=True):
+                now.clear()  # (a part first timed in this step goes too)
+                now.update(then)
+            continue
+        clean += 1
+        if clean == steps:
+            break
+    return clean
+
+
 class _Timers:
     """Accumulated seconds per engine part, installed by wrapping the engine's methods."""
 
@@ -169,17 +189,11 @@ def measure(
     if handles["s2a_unbatched"].stats() != stats:  # batching changes no code, no byte
         raise RuntimeError(f"{name}: batched and unbatched s2a steps kept different bytes")
     saved = sum(k["tensors"] for k in stats["by_kind"].values())
-    timers, clean = _Timers(), 0
+    timers = _Timers()
     with _instrumented(handles["s2a"].engine, timers):
-        for _ in range(_max_rounds(steps)):
-            before = dict(timers.seconds)
-            step(models["s2a"])
-            if refitted(handles["s2a"].engine):  # its parts left out too
-                timers.seconds.update(before)
-                continue
-            clean += 1
-            if clean == steps:
-                break
+        clean = _clean_steps(
+            lambda: step(models["s2a"]), lambda: refitted(handles["s2a"].engine), timers, steps
+        )
     timed = sum(k["tensors"] for k in handles["s2a"].stats()["by_kind"].values())
     if timed != saved:  # the parts must come from the forward whose step time is reported
         raise RuntimeError(

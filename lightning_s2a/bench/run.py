@@ -317,6 +317,7 @@ def main(argv: list[str] | None = None) -> None:
             "trainable_pct",
             "step_s",
             "refit_steps",
+            "steady_steps",
             "error",
         ]
         writer = csv.DictWriter(f, fieldnames=keys)

@@ -74,7 +74,8 @@ class OutsideModules:
         self._engines: dict[int, SavedTensorEngine] = {}  # the S2A'd models' in the scope
         for module in scope.modules():
             owner = hooking_engine(module)
-            if owner is not None:
+            if owner is not None and owner.model is not None:
+                # (a copied part's engine is inert, knows no model: its modules are counted)
                 self._engines[id(owner)] = owner
         # The S2A'd models' own modules, those their engines leave unhooked too (see
         # boundaries.passes_through), are theirs.
