@@ -181,34 +181,21 @@ def validate(config: Any) -> None:
         raise ValueError(f"side: {config.side!r} is not one of {SIDE_KINDS}.")
     if config.side_merge not in SIDE_MERGES:
         raise ValueError(f"side_merge: {config.side_merge!r} is not one of {SIDE_MERGES}.")
-    if _is_sequence(config.side_strides):
-        config.side_strides = tuple(config.side_strides)
-    strides = config.side_strides
-    if (
-        not isinstance(strides, tuple)
-        or not strides
-        or not all(_is_int(s) and s > 0 for s in strides)
-        or list(strides) != sorted(set(strides))
-    ):
+    config.side_strides = strides = _as_tuple(config.side_strides)
+    if not _positive_ints(strides) or list(strides) != sorted(set(strides)):
         raise ValueError(
             f"side_strides: expected increasing positive integers, finest first, e.g. "
             f"(8, 16, 32), got {config.side_strides!r}."
         )
     if config.input_size is not None:
-        if _is_sequence(config.input_size):
-            config.input_size = tuple(config.input_size)
-        if (
-            not isinstance(config.input_size, tuple)
-            or not config.input_size
-            or not all(_is_int(v) and v > 0 for v in config.input_size)
-        ):
+        config.input_size = _as_tuple(config.input_size)
+        if not _positive_ints(config.input_size):
             raise ValueError(
                 f"input_size: expected the shape of one sample, e.g. (3, 224, 224), "
                 f"got {config.input_size!r}."
             )
     if config.blocks is not None:
-        if _is_sequence(config.blocks):
-            config.blocks = tuple(config.blocks)
+        config.blocks = _as_tuple(config.blocks)
         names = (config.blocks,) if isinstance(config.blocks, str) else config.blocks
         if (
             not isinstance(names, tuple)
@@ -271,6 +258,17 @@ def _check_dependent_options(config: Any) -> None:
 def _is_int(value: Any) -> bool:
     """A real ``int``: not a bool (``True == 1``) and not a float (``4.0 == 4``)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _as_tuple(value: Any) -> Any:
+    """A list or other non-string sequence as a tuple (as dataclass fields compare), anything
+    else as it is, for the check that follows to name."""
+    return tuple(value) if _is_sequence(value) else value
+
+
+def _positive_ints(value: Any) -> bool:
+    """A non-empty tuple of positive ``int``s (a shape, pyramid strides)."""
+    return isinstance(value, tuple) and bool(value) and all(_is_int(v) and v > 0 for v in value)
 
 
 def _is_sequence(value: Any) -> bool:
