@@ -6,11 +6,14 @@ list of what S2A can be asked to do."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .engine.bitpack import check_bits
 from .engine.calibration import WIDE_BITS
 from .engine.ops import KINDS
+
+if TYPE_CHECKING:
+    from .config import S2AConfig
 
 MODULE_KINDS = ("bias", "prompt", "side")
 SIDE_KINDS = ("pooled", "hierarchical")
@@ -77,7 +80,7 @@ DEPENDENT_OPTIONS: tuple[tuple[str, str, Callable[[Any], bool], str], ...] = (
 )
 
 
-def validate(config: Any) -> None:
+def validate(config: S2AConfig) -> None:
     """Check (and normalise: lists to tuples, ``"bias+prompt"`` to its kinds) every field of
     ``config``, raising a ``ValueError`` that names the field and what it allows."""
     check_bits(config.bits, "bits")
@@ -242,7 +245,7 @@ def validate(config: Any) -> None:
     _check_dependent_options(config)
 
 
-def _check_dependent_options(config: Any) -> None:
+def _check_dependent_options(config: S2AConfig) -> None:
     """An option set without the setting it acts under would do nothing: said, not
     ignored (:data:`DEPENDENT_OPTIONS`)."""
     for name, under, holds, fix in DEPENDENT_OPTIONS:

@@ -137,6 +137,8 @@ def test_valid_values_of_every_field_are_kept():
     assert cfg.input_size == (3, 32, 32) and cfg.op_bits == {"softmax": 8}
     assert S2AConfig(modules="prompt", blocks="encoder.*").blocks == "encoder.*"
     assert S2AConfig(backend="bnb", bnb_quant_type="fp4").bnb_quant_type == "fp4"
+    # stochastic rounding still reaches bnb's softmax rows and min-max fallbacks: accepted
+    assert S2AConfig(backend="bnb", stochastic_rounding=True).stochastic_rounding
     side = S2AConfig(modules=["side"], side_width=16, side_reduction=2)
     assert (side.side_width, side.side_reduction) == (16, 2)
 

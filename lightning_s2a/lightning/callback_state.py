@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..identity import check_prompt_size
 from .checkpoint import WEIGHTS_ONLY_KEY, load_other_engines, marked_prefixes, other_handles
 from .checks import (
     check_checkpoint,
@@ -55,17 +54,6 @@ class CheckpointState:
         strict = bool(getattr(self._module, "strict_loading", True))
         check_checkpoint(checkpoint, saved, self.handle, strict)
         self._check_same_target(saved)
-        if isinstance(saved, dict) and self.handle is not None:  # (absent before 2026-12-07)
-            sized = saved.get("input_size")
-            check_prompt_size(
-                self.handle.config.modules,
-                sized,
-                self.handle,
-                "the checkpoint's",
-                "Give the data the size it trained at (the data module's image size), or "
-                f"S2AConfig(input_size={tuple(sized or ())}) (CLI: --s2a.input_size "
-                f"[{','.join(str(v) for v in sized or ())}]).",
-            )
         plain = not saved and not marked_prefixes(checkpoint)
         if plain and self._stage != "fit":
             warn_plain_checkpoint_in_four_bits(self.handle)

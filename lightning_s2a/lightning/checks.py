@@ -19,6 +19,7 @@ from torch.nn.parameter import is_lazy
 
 from ..api import S2AHandle, model_differences
 from ..config import FOUR_BIT_DTYPES, MODEL_FIELDS, S2AConfig
+from ..identity import check_prompt_size
 from ..messages import some_names
 from ..structure.head import head_guess
 from ..structure.surgery import STATE_DICT_MARKER
@@ -88,12 +89,24 @@ def check_checkpoint(
     checkpoint: dict[str, Any], saved: Any, handle: S2AHandle | None, strict: bool = True
 ) -> None:
     """Before a checkpoint's weights load (resume, ``--ckpt_path``): ``saved``, the S2A state
-    it holds, must describe the model this run computes (:func:`check_same_model`), and a
+    it holds, must describe the model this run computes (:func:`check_same_model`, and
+    prompts sized for this input: ``identity.check_prompt_size``), and a
     checkpoint saved without S2A cannot fill the weights this run's S2A adds (unless the
     module loads non-strictly, ``strict_loading=False``: then it starts them fresh). Both
     would otherwise surface as PyTorch's missing/unexpected-keys error, or not at all."""
     current = handle.config if handle is not None else None
     check_same_model(saved.get("config") if isinstance(saved, dict) else None, current)
+    if isinstance(saved, dict) and handle is not None:  # (the size: absent before 2026-12-07)
+        sized = saved.get("input_size")
+        check_prompt_size(
+            handle.config.modules,
+            sized,
+            handle,
+            "the checkpoint's",
+            "Give the data the size it trained at (the data module's image size), or "
+            f"S2AConfig(input_size={tuple(sized or ())}) (CLI: --s2a.input_size "
+            f"[{','.join(str(v) for v in sized or ())}]).",
+        )
     if (
         strict
         and not saved
