@@ -65,24 +65,43 @@ def _max_rounds(steps: int) -> int:
     return steps + 14 + steps.bit_length()
 
 
-def _clean_steps(
-    step: Callable[[], Any], fitted: Callable[[], bool], timers: _Timers, steps: int
+def _clean_rounds(
+    run: Callable[[], Callable[[], None]],
+    fitted: Callable[[], bool],
+    steps: int,
+    warmup: int = 0,
+    label: str = "",
 ) -> int:
-    """Run ``step`` until ``steps`` of them fitted no codebook (``fitted`` after each), the
-    parts of those that did taken back out of ``timers``; returns how many were clean."""
-    clean = 0
-    for _ in range(_max_rounds(steps)):
-        before = dict(timers.seconds), dict(timers.calls)
-        step()
-        if fitted():
-            for now, then in zip((timers.seconds, timers.calls), before, strict=True):
-                now.clear()  # (a part first timed in this step goes too)
-                now.update(then)
+    """Run rounds until ``steps`` of them are steady state: past ``warmup``, and no codebook
+    fitted in them (``fitted`` after each). ``run`` runs one round and returns what takes
+    its record back out, called for the rounds left out; returns how many were left out."""
+    clean = left_out = 0
+    for i in range(_max_rounds(steps)):
+        undo = run()
+        if i < warmup or fitted():
+            undo()
+            left_out += 1
             continue
         clean += 1
         if clean == steps:
-            break
-    return clean
+            return left_out
+    raise RuntimeError(
+        f"{label}: {clean} of {steps} rounds fitted no codebook within {_max_rounds(steps)}; "
+        "lower --steps"
+    )
+
+
+def _timed_step(step: Callable[[], Any], timers: _Timers) -> Callable[[], None]:
+    """Run ``step`` with the parts timed; returns what puts ``timers`` back as before it."""
+    before = dict(timers.seconds), dict(timers.calls)
+    step()
+
+    def undo() -> None:
+        for now, then in zip((timers.seconds, timers.calls), before, strict=True):
+            now.clear()  # (a part first timed in this step goes too)
+            now.update(then)
+
+    return undo
 
 
 class _Timers:
@@ -172,29 +191,30 @@ def measure(
     # an engine) are left out of every variant. Until 2026-12-07 they were timed: at the
     # default 15 steps 4 of them, the ratio 7-12% high; at 3 steps, 10x instead of 2.2x.
     times: dict[str, list[float]] = {k: [] for k in configs}
-    refits = 0
-    for i in range(_max_rounds(steps)):
-        round_times = {key: step(model) for key, model in models.items()}
-        if i < 2 or fitting():  # two warm-up rounds (first calls) whatever the codebooks
-            refits += 1
-            continue
-        for key, elapsed in round_times.items():
-            times[key].append(elapsed)
-        if len(times["s2a"]) == steps:
-            break
-    if len(times["s2a"]) < steps:
-        raise RuntimeError(
-            f"{name}: {len(times['s2a'])} of {steps} rounds fitted no codebook within "
-            f"{_max_rounds(steps)}; lower --steps"
-        )
+
+    def timed_round() -> Callable[[], None]:
+        for key, model in models.items():
+            times[key].append(step(model))
+
+        def undo() -> None:
+            for kept in times.values():
+                kept.pop()
+
+        return undo
+
+    # two warm-up rounds (first calls) whatever the codebooks
+    left_out = _clean_rounds(timed_round, fitting, steps, warmup=2, label=name)
     stats = handles["s2a"].stats()
     if handles["s2a_unbatched"].stats() != stats:  # batching changes no code, no byte
         raise RuntimeError(f"{name}: batched and unbatched s2a steps kept different bytes")
     saved = sum(k["tensors"] for k in stats["by_kind"].values())
     timers = _Timers()
     with _instrumented(handles["s2a"].engine, timers):
-        clean = _clean_steps(
-            lambda: step(models["s2a"]), lambda: refitted(handles["s2a"].engine), timers, steps
+        _clean_rounds(
+            lambda: _timed_step(lambda: step(models["s2a"]), timers),
+            lambda: refitted(handles["s2a"].engine),
+            steps,
+            label=name,
         )
     timed = sum(k["tensors"] for k in handles["s2a"].stats()["by_kind"].values())
     if timed != saved:  # the parts must come from the forward whose step time is reported
@@ -204,13 +224,13 @@ def measure(
     for handle in handles.values():
         handle.remove()
     ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
-    parts = {k: 1000 * v / clean for k, v in timers.seconds.items()}
+    parts = {k: 1000 * v / steps for k, v in timers.seconds.items()}
     return {
         "model": name,
         "ms": ms,
         "parts": parts,
         "timed_steps": len(times["s2a"]),
-        "left_out_rounds": refits,
+        "left_out_rounds": left_out,
         "saved_tensors": saved,
         "instrumented_saved_tensors": timed,
         "ratio": stats["ratio"],
