@@ -16,12 +16,14 @@ import copy
 import platform
 import statistics
 import time
+from collections.abc import Callable
 
 import timm
 import torch
 import torch.nn.functional as F
 
 from lightning_s2a import S2AConfig, apply_s2a
+from lightning_s2a.bench.overhead import clean_rounds
 from lightning_s2a.bench.run import refitted
 from lightning_s2a.lightning.model import build_backbone
 
@@ -49,24 +51,27 @@ def measure(name: str, batch: int, steps: int, bits: int, device: str, warmup: i
     models = {key: copy.deepcopy(base) for key in configs}
     handles = {key: apply_s2a(models[key], cfg) for key, cfg in configs.items()}
     times: dict[str, list[float]] = {k: [] for k in configs}
-    refits = 0  # rounds past the warm-up in which codebooks were fitted: not timed
-    for i in range(warmup + steps + 16):  # fits come at forwards 1, 2, 3, 5, 9, 17, ...
-        round_times = {}
+
+    def timed_round() -> Callable[[], None]:
         for key, model in models.items():
             if device == "cuda":
                 torch.cuda.synchronize()
-            round_times[key] = step(model, x, y)
+            times[key].append(step(model, x, y))
             if device == "cuda":
                 torch.cuda.synchronize()
-        if i < warmup:
-            continue
-        if refitted(handles["s2a"].engine):
-            refits += 1
-            continue
-        for key, t in round_times.items():
-            times[key].append(t)
-        if len(times["s2a"]) == steps:
-            break
+
+        def undo() -> None:
+            for kept in times.values():
+                kept.pop()
+
+        return undo
+
+    # rounds past the warm-up in which codebooks were fitted (forwards 1, 2, 3, 5, 9, ...):
+    # left out of the median, as the benches leave them
+    left_out = clean_rounds(
+        timed_round, lambda: refitted(handles["s2a"].engine), steps, warmup=warmup, label=name
+    )
+    refits = left_out - warmup
     stats = {key: handle.stats() for key, handle in handles.items()}
     for handle in handles.values():
         handle.remove()

@@ -121,7 +121,7 @@ def test_overhead_parts_leave_out_every_step_that_fitted_codebooks():
     """The instrumented pass's first step fitted codebooks at --steps 1, 4, 11, ... (its
     forward a power of two plus one): restoring the timers to the empty dict before it
     kept that step's parts, and pack read 42 ms a step instead of 6.7."""
-    from lightning_s2a.bench.overhead import _clean_rounds, _timed_step, _Timers
+    from lightning_s2a.bench.overhead import _timed_step, _Timers, clean_rounds
 
     timers, calls = _Timers(), []
 
@@ -130,16 +130,14 @@ def test_overhead_parts_leave_out_every_step_that_fitted_codebooks():
         timers.seconds["pack"] += 10.0 if len(calls) in (1, 3) else 1.0
         timers.calls["pack"] += 1
 
-    left_out = _clean_rounds(
-        lambda: _timed_step(step, timers), lambda: calls[-1] in (1, 3), steps=2
-    )
+    left_out = clean_rounds(lambda: _timed_step(step, timers), lambda: calls[-1] in (1, 3), steps=2)
     assert left_out == 2 and calls == [1, 2, 3, 4]
     assert timers.seconds == {"pack": 2.0} and timers.calls == {"pack": 2}
     # warm-up rounds go too, and too few clean rounds is an error naming the model
     calls.clear()
-    assert _clean_rounds(lambda: _timed_step(step, timers), lambda: False, 1, warmup=2) == 2
+    assert clean_rounds(lambda: _timed_step(step, timers), lambda: False, 1, warmup=2) == 2
     with pytest.raises(RuntimeError, match=r"vit: 0 of 3 rounds fitted no codebook"):
-        _clean_rounds(lambda: _timed_step(step, timers), lambda: True, 3, label="vit")
+        clean_rounds(lambda: _timed_step(step, timers), lambda: True, 3, label="vit")
 
 
 class _Conn:

@@ -58,14 +58,14 @@ def _build(name: str, resolution: int) -> Any:
     return build_model(name, 10, resolution, **_SMALL.get(name, {}))
 
 
-def _max_rounds(steps: int) -> int:
-    """Rounds enough for two warm-up rounds and ``steps`` that fit no codebook: fits come
-    at forwards 1, 2, 3, 5, 9, ..., a dozen more at most (a ``codebook_refresh`` below that
-    is no bench setting)."""
-    return steps + 14 + steps.bit_length()
+def _max_rounds(steps: int, warmup: int = 0) -> int:
+    """Rounds enough for ``warmup`` rounds and ``steps`` that fit no codebook: fits come at
+    forwards 1, 2, 3, 5, 9, ..., a dozen more at most (a ``codebook_refresh`` below that is
+    no bench setting)."""
+    return warmup + steps + 14 + steps.bit_length()
 
 
-def _clean_rounds(
+def clean_rounds(
     run: Callable[[], Callable[[], None]],
     fitted: Callable[[], bool],
     steps: int,
@@ -74,9 +74,10 @@ def _clean_rounds(
 ) -> int:
     """Run rounds until ``steps`` of them are steady state: past ``warmup``, and no codebook
     fitted in them (``fitted`` after each). ``run`` runs one round and returns what takes
-    its record back out, called for the rounds left out; returns how many were left out."""
+    its record back out, called for the rounds left out; returns how many were left out
+    (the warm-up included). The benches and ``examples/engine_report.py`` time with it."""
     clean = left_out = 0
-    for i in range(_max_rounds(steps)):
+    for i in range(_max_rounds(steps, warmup)):
         undo = run()
         if i < warmup or fitted():
             undo()
@@ -86,7 +87,8 @@ def _clean_rounds(
         if clean == steps:
             return left_out
     raise RuntimeError(
-        f"{label}: {clean} of {steps} rounds fitted no codebook within {_max_rounds(steps)}; "
+        f"{label}: {clean} of {steps} rounds fitted no codebook within "
+        f"{_max_rounds(steps, warmup)}; "
         "lower --steps"
     )
 
@@ -203,14 +205,14 @@ def measure(
         return undo
 
     # two warm-up rounds (first calls) whatever the codebooks
-    left_out = _clean_rounds(timed_round, fitting, steps, warmup=2, label=name)
+    left_out = clean_rounds(timed_round, fitting, steps, warmup=2, label=name)
     stats = handles["s2a"].stats()
     if handles["s2a_unbatched"].stats() != stats:  # batching changes no code, no byte
         raise RuntimeError(f"{name}: batched and unbatched s2a steps kept different bytes")
     saved = sum(k["tensors"] for k in stats["by_kind"].values())
     timers = _Timers()
     with _instrumented(handles["s2a"].engine, timers):
-        _clean_rounds(
+        clean_rounds(
             lambda: _timed_step(lambda: step(models["s2a"]), timers),
             lambda: refitted(handles["s2a"].engine),
             steps,
