@@ -144,11 +144,11 @@ class S2AConfig:
         # default after (``side_strides`` goes with a ``side`` dropped before it).
         view = cls(**{k: v for k, v in fields.items() if k not in dependent})
         for name in dependent & fields.keys():
-            object.__setattr__(view, name, fields[name])
+            setattr(view, name, fields[name])
         for name, _, holds, _ in DEPENDENT_OPTIONS:
             if name in fields and not holds(view):
                 del fields[name]
-                object.__setattr__(view, name, cls.__dataclass_fields__[name].default)
+                setattr(view, name, cls.__dataclass_fields__[name].default)
         return cls(**fields)
 
     def bits_for(self, kind: str) -> int | None:

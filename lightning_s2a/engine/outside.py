@@ -79,8 +79,7 @@ class OutsideModules:
                 self._engines[id(owner)] = owner
         # The S2A'd models' own modules, those their engines leave unhooked too (see
         # boundaries.passes_through), are theirs.
-        models = [e.model for e in self._engines.values() if e.model is not None]
-        theirs = {id(m) for model in models for m in model.modules()}
+        theirs = {id(m) for e in self._engines.values() for m in e.model.modules()}
         for module in scope.modules():
             if id(module) in theirs or type(module) is nn.Identity:
                 continue  # (a p=0 dropout here is hooked: raised later, its mask, called

@@ -338,10 +338,6 @@ class NeedsAutocast:
     def __call__(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         if redirected_call(module):
             return
-        x = next(
-            (v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)),
-            None,
-        )
         owner, _, leaf = self.weight.rpartition(".")
         held = getattr(module.get_submodule(owner), leaf, None)
         if not isinstance(held, torch.Tensor) or held.dtype != self.dtype:
@@ -364,6 +360,7 @@ class NeedsAutocast:
                 f"(torch.autocast({device!r}, dtype=torch.{name})), or apply S2A with "
                 f"frozen_dtype={other_name!r}."
             )
+        x = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
         if x is None or not x.is_floating_point() or x.dtype == self.dtype:
             return
         raise RuntimeError(

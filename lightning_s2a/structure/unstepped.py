@@ -55,15 +55,13 @@ class UnsteppedCheck:
 
     def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         model = self.model()
-        if model is None:
-            return
-        if self.done:  # said or not: still note what later optimizers hold (remove() reads it)
-            if not self.added <= self.held:
-                self.held |= self.added & {
-                    id(p) for g in optimizer.param_groups for p in g["params"]
-                }
+        # Once done (said or not), still note what later optimizers hold: remove() reads it.
+        if model is None or (self.done and self.added <= self.held):
             return
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if self.done:
+            self.held |= self.added & held
+            return
         if not any(id(p) in held for p in model.parameters()):
             return  # another model's optimizer
         self.held |= held
