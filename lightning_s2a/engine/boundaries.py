@@ -4,8 +4,8 @@ in a file of their own (the engine mixes them in).
 The outermost module call with autograd on installs the saved-tensor hooks and the operator
 mode and opens an account; its end removes them. The model's public ``forward_*`` methods
 (``forward_features``, ``forward_head``) called on the model itself are such calls too
-(:class:`EntryMethod`): the ops written in their own bodies, between submodule calls, ran
-with nothing installed. A forward that never returned (a
+(:class:`.entry_methods.EntryMethod`): the ops written in their own bodies, between
+submodule calls, ran with nothing installed. A forward that never returned (a
 ``KeyboardInterrupt`` skips PyTorch's always-called forward hooks) is found by its frame no
 longer executing and ended at the next module call.
 """
@@ -13,9 +13,7 @@ longer executing and ended at the next module call.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import sys
-import types
 import warnings
 from typing import Any
 
@@ -27,6 +25,7 @@ from .accounting import ForwardAccount
 from .calibration import check_calibrated_shape
 from .compile_guard import check_not_compiling, check_not_traced
 from .contexts import foreign_autograd_context, functorch_transform, redirected_call
+from .entry_methods import rebind_entry_methods
 from .ops import is_bias
 from .packed import in_backward
 from .recognition import OperatorMode
@@ -331,97 +330,6 @@ def passes_through(module: nn.Module) -> bool:
     if kind is nn.Identity:
         return True
     return kind in _PASS_THROUGH_DROPOUTS and module.p == 0
-
-
-class EntryMethod:
-    """A public ``forward_*`` method of the S2A'd model, set on the model instance: called
-    as ``model.forward_features(x)`` it runs inside the engine's boundaries like a call of
-    a submodule, so what the method's own body saves between its submodule calls
-    (``F.gelu(self.conv(x))`` in a hand-written ``forward_features``) is coded and counted.
-    Until 2026-12-07 such ops ran with no hooks installed: kept full-size, uncounted, with no
-    warning (a reviewer's CNN: 10.6 MB kept, 4 KB reported). Inside a forward already open
-    (``forward`` calling ``self.forward_features``) it is a plain call."""
-
-    def __init__(self, engine: Any, owner: nn.Module, name: str) -> None:
-        self.engine, self.owner, self.name = engine, owner, name
-        self._find()
-
-    def _find(self) -> None:
-        # the class's function itself, found once (looked up per call under torch.compile,
-        # dynamo's re-run found this object again and recursed)
-        self.function = inspect.getattr_static(type(self.owner), self.name)
-        self.__doc__ = self.function.__doc__
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Pickled without the function (a decorated method's wrapper cannot be pickled by
-        # name), found again on the owner's class.
-        return {"engine": self.engine, "owner": self.owner, "name": self.name}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._find()
-
-    @property
-    def __signature__(self) -> inspect.Signature:
-        """The method's own signature (``inspect.signature(model.forward_head)``)."""
-        return inspect.signature(self.function.__get__(self.owner, type(self.owner)))
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        owner, engine, function = self.owner, self.engine, self.function
-        if engine._depth or engine.model is not owner:
-            return function(owner, *args, **kwargs)
-        # Not the root's own call (no new account): like the model driven through its parts,
-        # forward_features then forward_head add up until a backward runs.
-        try:
-            engine._enter("", False, owner, args)
-        except BaseException:
-            engine._leave(owner, args, None)  # as PyTorch's always-called forward hooks do
-            raise
-        out = None
-        try:
-            out = function(owner, *args, **kwargs)
-            return out
-        finally:
-            engine._leave(owner, args, out)
-
-
-def entry_methods(engine: Any) -> list[str]:
-    """Set an :class:`EntryMethod` on ``engine.model`` for each public ``forward_*``
-    function its class defines (none the instance has set itself); returns their names."""
-    model = engine.model
-    cls = type(model)
-    names = [
-        n
-        for n in dir(cls)
-        if n.startswith("forward_")
-        and n not in vars(model)
-        and inspect.isfunction(inspect.getattr_static(cls, n))
-    ]
-    for name in names:
-        vars(model)[name] = EntryMethod(engine, model, name)
-    return names
-
-
-def rebind_entry_methods(module: nn.Module) -> None:
-    """A shallow copy of the S2A'd model's ``__dict__`` (``nn.DataParallel``'s replicas,
-    ``copy.copy``) holds the model's :class:`EntryMethod` objects, which run the model
-    itself: called as the copy's root, its entries become the class's methods bound to the
-    copy (a replica's ``forward`` calling ``self.forward_features`` ran the original, its
-    weights and device). Such copies are not compressed (see the engine docs)."""
-    state = vars(module)
-    for name, value in list(state.items()):
-        if isinstance(value, EntryMethod) and value.owner is not module:
-            state[name] = types.MethodType(value.function, module)
-
-
-def remove_entry_methods(engine: Any, names: list[str]) -> None:
-    """Take the engine's :class:`EntryMethod` objects off its model (the class's own methods
-    are found again)."""
-    model = vars(engine.model) if engine.model is not None else {}
-    for name in names:
-        method = model.get(name)
-        if isinstance(method, EntryMethod) and method.engine is engine:
-            del model[name]
 
 
 def _running(entry: Any) -> bool:

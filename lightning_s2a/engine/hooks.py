@@ -34,9 +34,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .accounting import ForwardAccount
 from .batching import BATCH_NUMEL, PackBatches
-from .boundaries import BoundariesMixin, entry_methods, passes_through, remove_entry_methods
+from .boundaries import BoundariesMixin, passes_through
 from .codebook import Codebook, DeviceCodebook
 from .deferred import DeferredChecks
+from .entry_methods import entry_methods, remove_entry_methods
 from .ops import ELEMENTWISE, OP_KINDS, canonical_name
 from .packing import PackingMixin
 from .recognition import Call, classify, row_widths
