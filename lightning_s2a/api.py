@@ -28,6 +28,7 @@ from .structure.surgery import (
     StructureState,
     UnfrozenCheck,
     apply_structure,
+    still_written,
     undo_structure,
 )
 from .structure.unstepped import UnsteppedCheck
@@ -130,7 +131,9 @@ class S2AHandle:
         return [bn for bn in self.structure.batch_norms if is_held(bn)]
 
     def stop_engine(self, watch: bool = False) -> None:
-        """Stop compressing saved tensors; the structural modules stay (e.g. after fit).
+        """Stop compressing saved tensors; the structural modules stay (e.g. after fit). A
+        live engine codes every backward through the model, in eval mode too: stop it for
+        exact gradients after training (saliency maps, adversarial examples).
 
         ``watch``: the first backward that reaches the model's trainable parameters while
         stopped warns that it trained uncompressed with S2A's freezing still on (a plain
@@ -199,24 +202,26 @@ class S2AHandle:
 
     def remove(self) -> None:
         """Undo the structure: hooks off, injected modules (prompts, side, added biases) out,
-        4-bit weights exact again, ``requires_grad`` flags back; trained biases keep their
-        values. To keep the model that trained (inference, export), use
-        :meth:`stop_engine` instead: after training, ``remove()`` leaves another model
-        (warned where an optimizer stepped the modules it takes out)."""
+        4-bit weights exact again, ``requires_grad`` flags back, the values ``load_adapter``
+        wrote put back as built; trained biases keep their values. To keep the model that
+        trained or was loaded (inference, export), use :meth:`stop_engine` instead: after
+        training or an adapter load, ``remove()`` leaves another model, and says so (added
+        modules an optimizer stepped, exact weights under parameters trained on 4-bit ones,
+        an adapter's values put back)."""
         self._remove()
 
     def _remove(self) -> None:
         """``remove()``, its warning said at the caller's line (also from a ``with`` block)."""
         if self.removed:
             return
-        stepped = self.unstepped is not None and bool(self.unstepped.added & self.unstepped.held)
-        if stepped:
+        changes = self._removal_changes()
+        if changes:
             warnings.warn(
-                "S2A: handle.remove() takes out the modules S2A added (prompts, side network, "
-                "added biases), which an optimizer stepped: the model no longer computes what "
-                "it trained to (a reviewer's ViT with a trained side network: another class "
-                "for 3 of 4 images). To keep the trained model for inference or export, use "
-                "handle.stop_engine() instead; save_adapter/load_adapter rebuild it elsewhere.",
+                f"S2A: handle.remove() {'; it '.join(changes)}: the model no longer computes "
+                "what it did under S2A (a reviewer's ViT with a trained side network: another "
+                "class for 3 of 4 images; a 4-bit ViT-Ti's trained biases on exact weights: "
+                "1 of 4). To keep that model for inference or export, use handle.stop_engine() "
+                "instead; save_adapter/load_adapter rebuild it elsewhere.",
                 stacklevel=3,
             )
         self._unwatch()
@@ -226,6 +231,41 @@ class S2AHandle:
         undo_structure(self.model, self.structure)
         self.model.__dict__.pop(HANDLE_ATTR, None)
         self.removed = True
+
+    def _removal_changes(self) -> list[str]:
+        """What :meth:`remove` changes in the function the model computes, in words: the
+        added modules an optimizer stepped, exact weights under parameters trained on 4-bit
+        ones, and the values ``load_adapter`` wrote (put back as built). The last two were
+        silent until 2026-12-07 (a user's adapter loaded, S2A removed for deployment: the
+        untrained model)."""
+        changes = []
+        check = self.unstepped
+        if check is not None and check.added & check.held:
+            changes.append(
+                "takes out the modules S2A added (prompts, side network, added biases), which "
+                "an optimizer stepped"
+            )
+        if (
+            self.config.frozen_dtype in FOUR_BIT_DTYPES
+            and check is not None
+            and any(id(p) in check.held for p in self.model.parameters() if p.requires_grad)
+        ):
+            changes.append(
+                f"puts back the exact weights under parameters an optimizer trained on "
+                f"{self.config.frozen_dtype} ones"
+            )
+        loaded = [
+            f"{type(owner).__name__}.{leaf}"
+            for owner, leaf, _, written in self.structure.overwritten
+            if still_written(owner, leaf, written) is not None
+        ]
+        if loaded:
+            changes.append(
+                f"puts back, as built, the {len(loaded)} tensors load_adapter wrote "
+                f"({', '.join(loaded[:3])}{', ...' if len(loaded) > 3 else ''}): the "
+                "backbone without the adapter"
+            )
+        return changes
 
     def __deepcopy__(self, memo: dict) -> None:
         """A copy of the model (an EMA copy) has no handle: this one belongs to the original
@@ -375,7 +415,9 @@ def apply_s2a(model: nn.Module, config: S2AConfig | None = None, **overrides: An
     structure = apply_structure(model, config)
     handle = S2AHandle(model, config, structure)
     added = {id(p) for p in model.parameters()} - before  # prompts, side, added biases
-    if added:  # bias-only adds nothing an older optimizer could miss
+    # Bias-only adds nothing an older optimizer could miss; with 4-bit weights, remove()
+    # reads whether an optimizer stepped the model (see S2AHandle._removal_changes).
+    if added or config.frozen_dtype in FOUR_BIT_DTYPES:
         handle.unstepped = UnsteppedCheck(model, added)
     object.__setattr__(model, HANDLE_ATTR, handle)  # a plain attribute, not a submodule
     return handle

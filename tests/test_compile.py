@@ -8,6 +8,8 @@ Compiling is refused when ``compress=True`` however it is done: a ``torch.compil
 
 from __future__ import annotations
 
+import warnings
+
 import lightning.pytorch as pl
 import pytest
 import timm
@@ -204,4 +206,25 @@ def test_a_trained_model_exports_once_its_engine_is_stopped():
     exported = torch.export.export(model, (x,))
     with torch.no_grad():
         assert torch.equal(exported.module()(x), model(x))
+    handle.remove()
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_jit_trace_with_autograd_is_a_clear_error_and_traces_without(compress):
+    """torch.jit.trace records a forward with autograd on: with the engine live it failed
+    inside PyTorch (an internal assert on aten::view; a failed sanity check with
+    compress=False) and left the forward open, so the next one warned of an interrupt."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GELU(), nn.Flatten(), nn.LazyLinear(4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    model(x)  # materialise the lazy head
+    handle = apply_s2a(model, S2AConfig(head="3", compress=compress))
+    with pytest.raises(S2ACompileError, match=r"torch\.no_grad\(\).*stop_engine"):
+        torch.jit.trace(model, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no forward was left open
+        F.cross_entropy(model(x), torch.tensor([0, 1])).backward()
+    with torch.no_grad():  # the engine stays out: the trace is eager's forward
+        traced = torch.jit.trace(model, x)
+        assert torch.equal(traced(x), model(x))
     handle.remove()

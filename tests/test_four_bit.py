@@ -231,6 +231,49 @@ def test_remove_gives_back_the_same_parameter_objects_in_their_places():
     assert all(torch.equal(p, values[n]) for n, p in model.named_parameters())
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_remove_after_training_on_4bit_weights_is_said(quant_type):
+    # Biases trained on 4-bit weights, then remove(): the exact weights under them give
+    # another model (a reviewer's ViT-Ti: logits 0.17 off, another class for 1 of 4),
+    # silently; remove() warned only of added modules an optimizer stepped.
+    torch.manual_seed(0)
+    model = ConvMixer()
+    x, y = _data()
+    handle = apply_s2a(model, S2AConfig(frozen_dtype=quant_type))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    _step(model, x, y)
+    opt.step()
+    with torch.no_grad():
+        trained = model.eval()(x)
+    with pytest.warns(UserWarning, match=rf"exact weights under parameters .* on {quant_type}"):
+        handle.remove()
+    with torch.no_grad():
+        assert (model(x) - trained).norm() > 1e-3 * trained.norm()  # what is said is so
+    # nothing stepped: the model as built comes back, nothing to say
+    untrained = ConvMixer()
+    handle = apply_s2a(untrained, S2AConfig(frozen_dtype=quant_type))
+    _step(untrained, x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        handle.remove()
+
+
+def test_jit_trace_of_4bit_weights_is_a_clear_error():
+    # It failed inside PyTorch (an internal assert on aten::view), stopped engine or not.
+    torch.manual_seed(0)
+    model = ConvMixer().eval()
+    x, _ = _data()
+    handle = apply_s2a(model, S2AConfig(frozen_dtype="nf4"))
+    handle.stop_engine()
+    error = r"4 bits .*torch\.export after handle\.stop_engine"
+    with pytest.raises(RuntimeError, match=error), torch.no_grad():
+        torch.jit.trace(model, x)
+    handle.remove()
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x)  # exact weights: traces
+        assert torch.equal(traced(x), model(x))
+
+
 @pytest.mark.parametrize("frozen_dtype", ["bfloat16", "nf4"])
 def test_remove_after_the_user_rearranged_held_layers_gives_each_layer_its_own(frozen_dtype):
     """Held layers replaced, wrapped (``nn.Sequential(layer)``, as PEFT does) or swapped

@@ -364,6 +364,17 @@ class _NeedsClasses(EncoderClassifier):
         super().__init__(lr=lr, **kwargs)
 
 
+class _Variant(EncoderClassifier):
+    """A user's subclass of the class a config file names, with the same arguments."""
+
+
+class _CallbackModule(EncoderClassifier):
+    """A user's module that brings its own S2A through configure_callbacks()."""
+
+    def configure_callbacks(self):
+        return [S2ACallback(S2AConfig(bits=2), backbone="encoder")]
+
+
 class _BareData(FourWayData):
     """A DataModule whose __init__ takes nothing."""
 
@@ -378,7 +389,8 @@ def test_cli_a_class_named_over_a_config_files_keeps_its_own_defaults(tmp_path, 
     base = ["--config", quickstart, f"--trainer.default_root_dir={tmp_path}"]
     user = ["--data=tests.lightning_helpers.FourWayData", "--s2a.backbone=encoder"]
     args = [*base, "--model=tests.lightning_helpers.EncoderClassifier", *user]
-    cli = S2ALightningCLI(run=False, args=[*args, "--model.scheduler=true"])
+    with pytest.warns(UserWarning, match=r"init_args for that class, \[.*'lr'.*\], are not"):
+        cli = S2ALightningCLI(run=False, args=[*args, "--model.scheduler=true"])
     assert cli.model.hparams.lr == 1e-3  # its own default, not the quickstart's 3e-3
     assert cli.model.hparams.scheduler is True  # what the command line sets stays
     assert cli.datamodule.batch_size == 8  # FourWayData's own, not DigitsDataModule's 32
@@ -444,11 +456,67 @@ def test_cli_a_class_named_over_a_config_files_keeps_its_own_defaults(tmp_path, 
     cli = S2ALightningCLI(run=False, args=[*bare, "--data=tests.test_user_project._BareData"])
     assert type(cli.datamodule).__name__ == "_BareData" and cli.model.hparams.lr == 1e-3
 
+    # a subclass of the file's class takes the file's values, as jsonargparse gives them
+    # (its optimizer settings became the subclass's defaults, silently, until 2026-12-07)
+    parent = tmp_path / "parent.yaml"
+    parent.write_text(
+        "model:\n  class_path: tests.lightning_helpers.EncoderClassifier\n"
+        "  init_args:\n    lr: 0.3\n    scheduler: true\n"
+        "data: tests.lightning_helpers.FourWayData\n"
+    )
+    variant = ["--config", str(parent), "--model=tests.test_user_project._Variant", *user]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*replaces the config file's class")
+        cli = S2ALightningCLI(run=False, args=[f"--trainer.default_root_dir={tmp_path}", *variant])
+    assert type(cli.model).__name__ == "_Variant"
+    assert cli.model.hparams.lr == 0.3 and cli.model.hparams.scheduler is True
+
     # no default to fall back to: a clear error, not the other class's value
     needs = [*base, "--model=tests.test_user_project._NeedsClasses", *user]
     with pytest.raises(SystemExit):
         S2ALightningCLI(run=False, args=needs)
     assert "has no default for it: set it, --model.lr VALUE" in capsys.readouterr().err
+
+
+def test_cli_s2a_from_configure_callbacks_beside_the_section_is_an_error(tmp_path, capsys):
+    # Lightning replaces the trainer's S2ACallback (the s2a section's) with the module's:
+    # --s2a.bits 8 ran at 2 bits, said only in an info line.
+    args = [
+        "--model=tests.test_user_project._CallbackModule",
+        "--data=tests.lightning_helpers.FourWayData",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
+    with pytest.raises(SystemExit):
+        S2ALightningCLI(run=False, args=[*args, "--s2a.bits=8"])
+    assert "configure_callbacks() returns an S2ACallback" in capsys.readouterr().err
+    cli = S2ALightningCLI(run=False, args=[*args, "--s2a.enabled=false"])  # the module's runs
+    assert cli.s2a_callback is None
+
+
+def test_cli_default_config_files_name_the_classes(tmp_path):
+    # A user's CLI whose default config named its classes trained ImageClassifier on digits:
+    # the shipped defaults, written into the arguments, overrode the file, silently.
+    defaults = tmp_path / "defaults.yaml"
+    defaults.write_text(
+        "model:\n  class_path: tests.lightning_helpers.EncoderClassifier\n"
+        "  init_args:\n    lr: 0.02\n"
+        "data: tests.lightning_helpers.FourWayData\n"
+        "s2a:\n  backbone: encoder\n"
+    )
+    cli = S2ALightningCLI(
+        run=False,
+        args=[f"--trainer.default_root_dir={tmp_path}"],
+        parser_kwargs={"default_config_files": [str(tmp_path / "default*.yaml")]},
+    )
+    assert type(cli.model) is EncoderClassifier and type(cli.datamodule) is FourWayData
+    assert cli.model.hparams.lr == 0.02
+    # a class named on the command line still wins over the file
+    cli = S2ALightningCLI(
+        run=False,
+        args=[f"--trainer.default_root_dir={tmp_path}", "--model=tests.test_user_project._Variant"],
+        parser_kwargs={"default_config_files": [str(defaults)]},
+    )
+    assert type(cli.model).__name__ == "_Variant" and cli.model.hparams.lr == 0.02  # carried
 
 
 # 4. Checkpoints load in one call ---------------------------------------------------------

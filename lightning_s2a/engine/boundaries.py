@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_flatten
 
 from .accounting import ForwardAccount
 from .calibration import check_calibrated_shape
-from .compile_guard import check_not_compiling, check_not_traced
+from .compile_guard import check_not_compiling, check_not_jit_traced, check_not_traced
 from .contexts import foreign_autograd_context, functorch_transform, redirected_call
 from .entry_methods import rebind_entry_methods
 from .ops import is_bias
@@ -88,6 +88,7 @@ class BoundariesMixin:
         if self._depth == 1:
             self._began_without_grad = not torch.is_grad_enabled()
         if self._depth == 1 and torch.is_grad_enabled():
+            check_not_jit_traced()
             check_not_compiling(self.model, self.config.compress)  # before any change
             stay_out = foreign_autograd_context() or functorch_transform()
             if stay_out:  # (in backward too: a reentrant checkpoint's recomputation)
@@ -101,7 +102,7 @@ class BoundariesMixin:
                 inputs = [a for a in args if isinstance(a, torch.Tensor)]
                 for a in inputs:
                     self._remember(a)
-                check_calibrated_shape(self, tuple(inputs[0].shape[1:]) if inputs else None)
+                check_calibrated_shape(self, tuple(inputs[0].shape) if inputs else None)
                 # no "weight in another form", whatever its size (see ``constant``); only
                 # codes need it (compress=False may run under torch.compile, which cannot
                 # trace storage reads)

@@ -13,6 +13,8 @@ So compression refuses compilation, early and clearly:
 * :func:`check_not_compiled` at setup (``apply_s2a``): the model, or one of its submodules, is
   a ``torch.compile`` result, was compiled in place with ``module.compile()``, had its
   ``forward`` replaced by a compiled one, or is a LightningModule that Lightning compiled;
+* :func:`check_not_jit_traced` when a forward with autograd starts: ``torch.jit.trace``
+  cannot record the engine's hooks;
 * :func:`check_not_compiling` when a forward starts, and :func:`check_not_traced` when any
   module is entered: the engine is being traced by Dynamo (compiled after ``apply_s2a``), or
   runs eagerly inside a compiled call (after a graph break).
@@ -35,7 +37,18 @@ MESSAGE = (
     "and pass the uncompiled module), or keep compiling and turn compression off with "
     "S2AConfig(compress=False). To export a trained model (torch.export, torch.jit), call "
     "handle.stop_engine() on it first (handle.remove() takes trained prompts and side "
-    "networks out)."
+    "networks out). A copy of an S2A'd model (copy.deepcopy, torch.save/torch.load of the "
+    "whole model) runs its engine but has no handle: export the original after its "
+    "stop_engine(), or build the model afresh and load an adapter or checkpoint into it."
+)
+
+#: Said when ``torch.jit.trace`` records a forward with autograd on (:func:`check_not_jit_traced`).
+TRACE_MESSAGE = (
+    "torch.jit.trace is recording a forward with autograd on, in which S2A's engine installs "
+    "saved-tensor hooks and an operator mode that the tracer cannot record (PyTorch failed "
+    "with an internal assert on aten::view, or a failed sanity check). Trace under "
+    "torch.no_grad() (the engine stays out of forwards without autograd), or call "
+    "handle.stop_engine() first, after training (torch.export too)."
 )
 
 
@@ -141,6 +154,15 @@ def check_not_compiling(model: nn.Module | None = None, compress: bool = True) -
         how = _how_compiled(model, _optimized_module_type())
         if how is not None:
             raise S2ACompileError(f"{MESSAGE} Found: {type(model).__name__} {how}.")
+
+
+def check_not_jit_traced() -> None:
+    """Raise :class:`S2ACompileError` if ``torch.jit.trace`` records this forward (called when
+    a forward with autograd starts, compressing or not): until 2026-12-07 the trace failed
+    inside PyTorch with an internal assert that named neither S2A nor the fix, and left the
+    forward open (the next one warned of an interrupted forward)."""
+    if torch._C._is_tracing():
+        raise S2ACompileError(TRACE_MESSAGE)
 
 
 def check_not_traced(compress: bool = True) -> None:

@@ -158,7 +158,12 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
         #: The input shapes (batch aside) calibration measured on (see
         #: ``calibration.check_calibrated_shape``).
         self.calibrated_shapes: tuple[tuple, ...] = ()
+        #: The largest batch calibration measured, where it kept a tensor whole for its size
+        #: alone (0: none, or not calibrated): see ``calibration.check_calibrated_shape``.
+        self.calibrated_batch = 0
         self._measured_shapes: set[tuple] = set()
+        self._measured_batch = 0
+        self._kept_small = False
         self._warned_shape = False
         self._exact = False  # calibration's exact forward: every saved tensor kept as is
         #: Calibration: the modules that saved something, each with the narrowest width
@@ -290,6 +295,7 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
             "calibrated": self.calibrated,
             "calibrated_for": self.calibrated_for,
             "calibrated_shapes": [list(m) for m in self.calibrated_shapes],
+            "calibrated_batch": self.calibrated_batch,
             "calibration": dict(self.calibration),
             "codebooks": [
                 {
@@ -326,6 +332,7 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
         self.calibrated = bool(state.get("calibrated", False))
         self.calibrated_for = state.get("calibrated_for")
         self.calibrated_shapes = tuple(tuple(m) for m in state.get("calibrated_shapes", ()))
+        self.calibrated_batch = int(state.get("calibrated_batch", 0))
         if self.calibrated_for not in (None, self.calibration_key()):
             # Measured under other codes (a resumed run at other bits): to be measured again
             # where the config calibrates; its widths stay until then, and are said.

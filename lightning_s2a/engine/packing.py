@@ -63,6 +63,24 @@ class PackingMixin:
         finally:
             self._busy = False
 
+    def _kept_as_it_is(self, t: torch.Tensor, kind: str, call: Call) -> bool:
+        """True for a tensor kept as it is whatever its size: on the meta device, a weight in
+        another form, an op's reduced statistic."""
+        return (
+            t.device.type == "meta"
+            # computed without autograd (an autocast copy of a weight, a standardized or
+            # dequantized weight): a constant of the trained graph, not an activation.
+            # Dropout noise is one too, but its 1-bit code is exact.
+            or (
+                kind != "dropout"
+                and constant(t, self._weight_numels)
+                and t.untyped_storage().data_ptr() not in self._input_ptrs  # the model's input
+            )
+            or (kind in STATS_KINDS and statistics(t, call))
+            # a per-row statistic, unless its code is exact anyway (masks, ReLU's 1 bit)
+            or (reduced(t, self._largest, self._shapes) and not exact_code(kind, call))
+        )
+
     def _unpack(self, packed: Any) -> torch.Tensor:
         self._unpacked = True  # a backward ran: the next forward of a submodule starts anew
         return packed if isinstance(packed, torch.Tensor) else packed.unpack()
@@ -111,25 +129,30 @@ class PackingMixin:
             wide = self.module_bits.get(frame)
             if wide is not None and bits is not None and wide > bits:
                 bits = wide if wide <= WIDE_BITS else None  # wider: kept exact (calibration)
+        small = numel < cfg.min_numel
         keep = (
             not cfg.compress
             or bits is None
             or kind == "checkpoint"  # a region's inputs: backward recomputes it from them
             or not (t.is_floating_point() or t.dtype == torch.bool)  # indices stay exact
-            or numel < cfg.min_numel
-            or t.device.type == "meta"
-            # computed without autograd (an autocast copy of a weight, a standardized or
-            # dequantized weight): a constant of the trained graph, not an activation.
-            # Dropout noise is one too, but its 1-bit code is exact.
-            or (
-                kind != "dropout"
-                and constant(t, self._weight_numels)
-                and t.untyped_storage().data_ptr() not in self._input_ptrs  # the model's input
-            )
-            or (kind in STATS_KINDS and statistics(t, call))
-            # a per-row statistic, unless its code is exact anyway (masks, ReLU's 1 bit)
-            or (reduced(t, self._largest, self._shapes) and not exact_code(kind, call))
+            or small
+            or self._kept_as_it_is(t, kind, call)
         )
+        if (
+            small
+            and self._saving is not None
+            and not self._exact
+            and keep
+            and cfg.compress
+            and bits is not None
+            and kind != "checkpoint"
+            and t.is_floating_point()
+            and not exact_code(kind, call)
+            and not self._kept_as_it_is(t, kind, call)
+        ):
+            # calibration kept whole, for its size alone, what a larger batch codes: see
+            # calibration.check_calibrated_shape
+            self._kept_small = True
         if (
             self._saving is not None
             and not keep

@@ -34,6 +34,7 @@ from .callback import S2ACallback
 from .checkpoint import marked_prefixes, s2a_state
 from .cli_sources import (
     carried_init_args,
+    default_config_files,
     default_of,
     import_class,
     refuse_printing_carried_args,
@@ -132,6 +133,16 @@ def s2a_config_from_namespace(section: Any) -> tuple[bool, S2AConfig, dict[str, 
     return enabled, config, callback_kwargs
 
 
+def _module_callbacks(model: Any) -> list[Any]:
+    """What the LightningModule's ``configure_callbacks()`` returns, as a list (read once
+    more before Lightning reads it in fit)."""
+    configure = getattr(model, "configure_callbacks", None)
+    given = configure() if callable(configure) else None
+    if given is None:
+        return []
+    return list(given) if isinstance(given, (list, tuple)) else [given]
+
+
 class S2ALightningCLI(LightningCLI):
     """LightningCLI with the ``s2a`` section; adds an :class:`S2ACallback` when enabled.
 
@@ -171,7 +182,11 @@ class S2ALightningCLI(LightningCLI):
         if kwargs["subclass_mode_data"] and issubclass(DigitsDataModule, data_class or object):
             defaults["data"] = DigitsDataModule
         argv = kwargs.get("args")
-        kwargs["args"] = with_default_classes(sys.argv[1:] if argv is None else argv, defaults)
+        kwargs["args"] = with_default_classes(
+            sys.argv[1:] if argv is None else argv,
+            defaults,
+            default_config_files(kwargs.get("parser_kwargs")),
+        )
         self._argv = kwargs["args"] if isinstance(kwargs["args"], list) else []
         refuse_printing_carried_args(self._argv)
         with warnings.catch_warnings():
@@ -222,8 +237,9 @@ class S2ALightningCLI(LightningCLI):
                 )
 
     def _restore_own_defaults(self, parser: LightningArgumentParser) -> None:
-        """A class named on the command line in place of a config file's keeps its own
-        defaults: the file's init_args for the other class are not handed over."""
+        """A class named on the command line in place of a config file's (not a subclass of
+        it) keeps its own defaults: the file's init_args for the other class are not handed
+        over, and those it wrote are named (until 2026-12-07 silently)."""
         for key in ("model", "data"):
             section = self._get(self.config, key, default=None)
             class_path = getattr(section, "class_path", None)
@@ -235,6 +251,7 @@ class S2ALightningCLI(LightningCLI):
                 continue
             module, _, name = class_path.rpartition(".")
             cls = getattr(importlib.import_module(module), name)
+            dropped = []
             for field_name in carried:
                 if field_name not in init_args:
                     continue
@@ -246,6 +263,14 @@ class S2ALightningCLI(LightningCLI):
                         f"{name} has no default for it: set it, --{key}.{field_name} VALUE."
                     )
                 init_args[field_name] = default
+                dropped.append(field_name)
+            if dropped:
+                rank_zero_warn(
+                    f"--{key} {class_path} replaces the config file's class (and is no "
+                    f"subclass of it): the file's init_args for that class, {dropped}, are "
+                    f"not handed to {name}, which uses its own defaults for them. Set them for "
+                    f"{name} (--{key}.NAME VALUE, or a config naming {name}) to keep them."
+                )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         if self.s2a_config is None and self.subcommand != "fit":
@@ -266,6 +291,16 @@ class S2ALightningCLI(LightningCLI):
             self._parser(self.subcommand).error(
                 "trainer.callbacks already has an S2ACallback and the s2a section adds one; "
                 "set --s2a.enabled false, or remove the callback from trainer.callbacks."
+            )
+        if any(isinstance(c, S2ACallback) for c in _module_callbacks(self.model)):
+            # Lightning puts the module's callbacks in place of the trainer's of the same
+            # class: the s2a section's (--s2a.bits 8) was dropped for the module's, silently
+            # but for an info line (until 2026-12-07).
+            self._parser(self.subcommand).error(
+                f"{type(self.model).__name__}.configure_callbacks() returns an S2ACallback "
+                "and the s2a section adds one, which Lightning would replace with the "
+                "module's (the --s2a options ignored); set --s2a.enabled false to run the "
+                "module's, or take it out of configure_callbacks."
             )
         kwargs["callbacks"] = [self.s2a_callback, *callbacks]
         return super().instantiate_trainer(**kwargs)

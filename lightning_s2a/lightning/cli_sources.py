@@ -11,10 +11,11 @@ class, a dict or a YAML file), and single values (``--model.lr``).
 
 from __future__ import annotations
 
+import glob
 import importlib
 import inspect
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import yaml
@@ -27,14 +28,32 @@ def class_path_of(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def with_default_classes(args: Any, defaults: dict[str, type]) -> Any:
-    """``args`` with the shipped default classes named where the user names none.
+def default_config_files(parser_kwargs: Any) -> list[str]:
+    """The files a CLI's ``parser_kwargs`` give as ``default_config_files`` (for the root
+    parser or per subcommand), glob patterns expanded, as jsonargparse reads them."""
+    if not isinstance(parser_kwargs, dict):
+        return []
+    sources = [parser_kwargs, *(v for v in parser_kwargs.values() if isinstance(v, dict))]
+    patterns = [p for src in sources for p in src.get("default_config_files") or ()]
+    return [path for pattern in patterns for path in sorted(glob.glob(os.fspath(pattern)))]
+
+
+def with_default_classes(
+    args: Any, defaults: dict[str, type], config_files: Sequence[str] = ()
+) -> Any:
+    """``args`` with the shipped default classes named where the user names none: not on
+    the command line, in a ``--config`` file, nor in the CLI's ``default_config_files``
+    (``config_files``; until 2026-12-07 a user's CLI whose default config named its classes
+    trained ImageClassifier on digits, silently: named in the arguments, the default
+    overrode the file).
 
     A jsonargparse default that carries a class_path hands its init_args to whichever class
     the user names instead, wherever the names match (a user's lr 1e-3 became
     ImageClassifier's 3e-3). A default written into the arguments, as if typed first, is
     replaced whole when the user names a class, on the command line or in a config file.
     """
+    in_files = {key for path in config_files for key in _classes_in_config(path, defaults)}
+    defaults = {k: c for k, c in defaults.items() if k not in in_files}
     if isinstance(args, dict) or not isinstance(args, (list, tuple)):
         if isinstance(args, dict):
             args = {**{k: {"class_path": class_path_of(c)} for k, c in defaults.items()}, **args}
@@ -138,7 +157,7 @@ def carried_init_args(args: list[str], key: str, class_path: str) -> dict[str, A
         init = value.get("init_args")
         written_class = value.get("class_path")
         # written for this class, or for whichever class it is (no class_path), is the user's
-        foreign = written_class is not None and not _same_class(str(written_class), class_path)
+        foreign = written_class is not None and not _carries_over(str(written_class), class_path)
         for name, v in (init if isinstance(init, dict) else {}).items():
             last[name] = (foreign, v)
 
@@ -260,6 +279,17 @@ def _same_class(written: str, resolved: str) -> bool:
         return True
     found = [import_class(path) for path in (written, resolved)]
     return found[0] is not None and found[0] is found[1]
+
+
+def _carries_over(written: str, resolved: str) -> bool:
+    """Whether init_args written for class ``written`` are the user's for ``resolved``: the
+    same class, or a subclass of it (``--model my.Variant`` beside a config file for
+    ``my.Module``: its optimizer and schedule were replaced by the subclass's defaults,
+    silently, until 2026-12-07)."""
+    if _same_class(written, resolved):
+        return True
+    found = [import_class(path) for path in (written, resolved)]
+    return all(isinstance(c, type) for c in found) and issubclass(found[1], found[0])
 
 
 def import_class(path: str) -> Any:

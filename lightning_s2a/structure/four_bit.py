@@ -85,12 +85,23 @@ def worth_holding(weight: torch.Tensor) -> bool:
     return weight.dim() >= 2 and held_size(weight.shape) < weight.numel() * weight.element_size()
 
 
+#: ``torch.jit.trace`` of a 4-bit weight: refused, naming what works instead.
+TRACE_4BIT = (
+    "torch.jit.trace cannot record a weight held in 4 bits (frozen_dtype='nf4'/'fp4'): "
+    "bitsandbytes' dequantization failed inside the tracer with an internal assert on "
+    "aten::view. Export with torch.export after handle.stop_engine() (it matches eager), or "
+    "trace after handle.remove() (exact weights: another model than the one trained)."
+)
+
+
 class FourBitWeight:
     """Mixin put in front of a module's class while its weight is held in 4 bits."""
 
     @property
     def weight(self) -> torch.Tensor:
         """The 4-bit weight, dequantized in the module's dtype (a fresh tensor every read)."""
+        if torch._C._is_tracing():
+            raise RuntimeError(TRACE_4BIT)
         w = dequantize(self)
         setattr(w, _SOURCE, self)  # lets the engine's rewrites save the codes, not ``w``
         return w

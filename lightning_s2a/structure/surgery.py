@@ -349,10 +349,8 @@ def undo_structure(model: nn.Module, state: StructureState) -> None:
     cast_frozen(model, state, None)
     with torch.no_grad():
         for owner, leaf, before, written in reversed(state.overwritten):
-            # looked up now: .to()/.double() since replaced buffer tensors
-            tensor = owner._parameters.get(leaf, owner._buffers.get(leaf))
-            unchanged = tensor is not None and tensor.shape == written.shape
-            if unchanged and torch.equal(tensor, written.to(tensor.device, tensor.dtype)):
+            tensor = still_written(owner, leaf, written)
+            if tensor is not None:
                 tensor.copy_(before)
     state.overwritten.clear()
     for bn in state.batch_norms:
@@ -369,6 +367,16 @@ def undo_structure(model: nn.Module, state: StructureState) -> None:
     state.flag_refs.clear()
     state.cast_originals.clear()
     state.cast_layers.clear()
+
+
+def still_written(owner: nn.Module, leaf: str, written: torch.Tensor) -> torch.Tensor | None:
+    """The tensor ``owner.<leaf>`` if it still holds the values ``load_adapter`` wrote over it
+    (``written``; see ``StructureState.overwritten``), else None: trained since, or replaced.
+    Looked up now: ``.to()``/``.double()`` since replaced buffer tensors."""
+    tensor = owner._parameters.get(leaf, owner._buffers.get(leaf))
+    if tensor is None or tensor.shape != written.shape:
+        return None
+    return tensor if torch.equal(tensor, written.to(tensor.device, tensor.dtype)) else None
 
 
 #: State-dict entry of a model with injected S2A weights; named so that loading it into a model
