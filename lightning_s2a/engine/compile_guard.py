@@ -128,6 +128,28 @@ except TypeError:  # pragma: no cover - torch < 2.7 has no `reason`
     _raise_when_traced = torch.compiler.disable(_raise_compiling)
 
 
+#: Said when compiled autograd traces the engine's unpack hooks.
+BACKWARD_MESSAGE = (
+    "S2A's saved-tensor hooks cannot run under compiled autograd (torch._dynamo's "
+    "compiled_autograd traces the backward, and with it the hooks' Python: it failed with a "
+    "false in-place error, 'version 1; expected version 1'). Run the backward eagerly (turn "
+    "compiled autograd off), or stop the engine before the forward (handle.stop_engine()) "
+    "for a step without S2A."
+)
+
+
+def _raise_compiled_backward() -> None:
+    raise S2ACompileError(BACKWARD_MESSAGE)
+
+
+try:
+    raise_in_compiled_backward = torch.compiler.disable(
+        _raise_compiled_backward, reason=BACKWARD_MESSAGE
+    )
+except TypeError:  # pragma: no cover - torch < 2.7 has no `reason`
+    raise_in_compiled_backward = torch.compiler.disable(_raise_compiled_backward)
+
+
 def _inside_compiled_call() -> bool:
     """True while eager code runs inside a ``torch.compile``d call (after a graph break)."""
     eval_frame = getattr(torch._C, "_dynamo", None)

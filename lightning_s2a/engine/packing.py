@@ -19,6 +19,7 @@ from .backend import resolve_backend
 from .batching import Batched
 from .calibration import WIDE_BITS
 from .codebook import check_positions, drifted, fit_codebook
+from .compile_guard import raise_in_compiled_backward
 from .contexts import dual_level_open
 from .deferred import record_answer
 from .kept import Broadcast, Kept, broadcast_base, compact
@@ -82,6 +83,8 @@ class PackingMixin:
         )
 
     def _unpack(self, packed: Any) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # compiled autograd traces the backward
+            raise_in_compiled_backward()
         self._unpacked = True  # a backward ran: the next forward of a submodule starts anew
         return packed if isinstance(packed, torch.Tensor) else packed.unpack()
 
