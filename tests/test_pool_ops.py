@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from lightning_s2a import S2AConfig, apply_s2a
 from lightning_s2a.structure.pool_ops import compact_max_pool2d
 from tests.conftest import assert_close_in_norm
 
@@ -107,3 +109,20 @@ def test_resnet_d_shortcut_pools_store_nothing():
     model.eval()(x).sum().backward()  # plain PyTorch: the same trainable set, BatchNorms held
     for n, g in grads.items():
         assert_close_in_norm(g, model.get_parameter(n).grad, 1e-12, n)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_a_vectorized_jacobian_through_the_max_pool_rewrite_is_exact(compress):
+    # Batched gradients (jacobian(vectorize=True), grad(is_grads_batched=True)) failed in
+    # the rewrite's backward: "Batching rule not implemented for aten::flatten.using_ints".
+    def net():
+        torch.manual_seed(0)
+        conv = nn.Conv2d(3, 4, 3, padding=1)
+        return nn.Sequential(conv, nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64, 3))
+
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    expected = torch.autograd.functional.jacobian(net().double(), x, vectorize=True)
+    model = net().double()
+    apply_s2a(model, S2AConfig(head="4", compress=compress))
+    got = torch.autograd.functional.jacobian(model, x, vectorize=True)
+    assert torch.equal(got, expected)  # ReLU masks and pool positions are exact codes

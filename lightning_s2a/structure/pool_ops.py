@@ -44,9 +44,15 @@ class _CompactMaxPool2d(torch.autograd.Function):
         rows, cols = _window_origins(grad.shape[-2], grad.shape[-1], stride, padding, grad.device)
         index = (rows + (local // kernel[1]) * dilation[0]) * shape[-1]
         index += cols + (local % kernel[1]) * dilation[1]
+        # Out of place, with reshape: under vmap (batched gradients, a vectorized jacobian)
+        # the in-place scatter into fresh zeros and flatten's view failed ("Batching rule
+        # not implemented for aten::flatten.using_ints"), compress=False included.
         flat = grad.new_zeros(*shape[:-2], shape[-2] * shape[-1])
-        flat.scatter_add_(-1, index.flatten(-2), grad.flatten(-2))
-        return flat.view(shape), None, None, None, None, None
+        n = grad.shape[-2] * grad.shape[-1]
+        flat = flat.scatter_add(
+            -1, index.reshape(*index.shape[:-2], n), grad.reshape(*grad.shape[:-2], n)
+        )
+        return flat.reshape(shape), None, None, None, None, None
 
 
 _POOL_ARGS = (
