@@ -957,7 +957,9 @@ def test_what_the_module_s_own_setup_builds_is_s2ad(tmp_path):
 
 
 def test_backbone_missing_names_the_attribute(tmp_path):
-    with pytest.raises(ValueError, match=r"EncoderClassifier.trunk does not exist"):
+    # the error lists the module's modules, and the CLI flag (a typo only said "not found")
+    error = r"EncoderClassifier.trunk does not exist.*--s2a.backbone.*\['encoder', 'classifier'\]"
+    with pytest.raises(ValueError, match=error):
         _fit(tmp_path, EncoderClassifier(), S2ACallback(backbone="trunk"))
 
 

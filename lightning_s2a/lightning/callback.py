@@ -112,10 +112,12 @@ class S2ACallback(CheckpointState, TrainingSteps, pl.Callback):
         target = getattr(pl_module, name, None)
         if not isinstance(target, nn.Module):
             what = f"is a {type(target).__name__}" if hasattr(pl_module, name) else "does not exist"
+            children = [n for n, _ in pl_module.named_children()]
             raise ValueError(
                 f"S2ACallback(backbone={name!r}): {type(pl_module).__name__}.{name} {what}, not "
                 "an nn.Module, when S2A is applied (in setup, or right after configure_model "
-                "when the module defines one); name the attribute that holds the backbone."
+                "when the module defines one); name the attribute that holds the backbone "
+                f"(CLI: --s2a.backbone NAME), one of its modules {children}."
             )
         config = self.config
         check_head_inside(pl_module, target, name, config.head)

@@ -191,8 +191,10 @@ def find_blocks(
                 f"to block outputs; it is not one of the known timm families "
                 f"{sorted(FAMILIES)}, has no ModuleList or Sequential of repeated blocks and "
                 "no timm feature_info naming its stages. "
-                "Name the blocks, e.g. S2AConfig(blocks='encoder.layers.*') or "
-                "S2AConfig(blocks=['layer1', 'layer2'])."
+                "Name the blocks, by their names inside the model S2A is applied to (the "
+                "backbone, not the LightningModule around it), e.g. "
+                "S2AConfig(blocks='layers.*') or S2AConfig(blocks=['layer1', 'layer2']) "
+                "(CLI: --s2a.blocks; with prompts also --s2a.input_size)."
             )
         return [Block(n, m, layout) for n, m in _distinct(found)], layout, rule
     if blocks is not None:
