@@ -73,6 +73,9 @@ class S2AHandle:
         self.engine.attach()
         self.removed = False
         self.unstepped: UnsteppedCheck | None = None  # set by apply_s2a
+        #: Version counters of the parameters that train, as applied: what remove() tells
+        #: trained or loaded since by (see ``_removal_changes``).
+        self._versions = {id(p): p._version for p in model.parameters() if p.requires_grad}
         self._stopped_watch: list[Any] = []  # see stop_engine(watch=True)
 
     def stats(self) -> dict[str, Any]:
@@ -234,30 +237,36 @@ class S2AHandle:
 
     def _removal_changes(self) -> list[str]:
         """What :meth:`remove` changes in the function the model computes, in words: the
-        added modules an optimizer stepped, exact weights under parameters trained on 4-bit
-        ones, and the values ``load_adapter`` wrote (put back as built). The last two were
-        silent until 2026-12-07 (a user's adapter loaded, S2A removed for deployment: the
-        untrained model)."""
+        added modules that trained or were loaded, exact weights under parameters trained or
+        loaded on 4-bit ones, and the values ``load_adapter`` wrote (put back as built). The
+        last two, and loaded added modules, were silent until 2026-12-07 (a user's adapter
+        loaded, S2A removed for deployment: the untrained model)."""
         changes = []
         check = self.unstepped
-        if check is not None and check.added & check.held:
+        held = check.held if check is not None else set()
+
+        def changed(p: torch.Tensor) -> bool:
+            # stepped by an optimizer (fused ones leave the version counter as it was), or
+            # written in place since apply_s2a (another optimizer, an adapter, a checkpoint)
+            before = self._versions.get(id(p))
+            return id(p) in held or (before is not None and p._version != before)
+
+        params = [p for p in self.model.parameters() if id(p) in self._versions]
+        added = check.added if check is not None else set()
+        if any(changed(p) for p in params if id(p) in added):
             changes.append(
                 "takes out the modules S2A added (prompts, side network, added biases), which "
-                "an optimizer stepped"
+                "trained or were loaded"
             )
-        if (
-            self.config.frozen_dtype in FOUR_BIT_DTYPES
-            and check is not None
-            and any(id(p) in check.held for p in self.model.parameters() if p.requires_grad)
-        ):
+        if four_bit.held_numel(self.model) and any(changed(p) for p in params):
             changes.append(
-                f"puts back the exact weights under parameters an optimizer trained on "
+                "puts back the exact weights under parameters trained or loaded on "
                 f"{self.config.frozen_dtype} ones"
             )
         loaded = [
             f"{type(owner).__name__}.{leaf}"
-            for owner, leaf, _, written in self.structure.overwritten
-            if still_written(owner, leaf, written) is not None
+            for owner, leaf, before, written in self.structure.overwritten
+            if not torch.equal(before, written) and still_written(owner, leaf, written) is not None
         ]
         if loaded:
             changes.append(

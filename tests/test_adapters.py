@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import warnings
 
 import pytest
 import timm
@@ -167,7 +168,15 @@ def test_remove_after_load_adapter_puts_back_what_it_wrote_over(tmp_path):
     assert all(torch.equal(v, built[k]) for k, v in backbone.state_dict().items())
     handle = load_adapter(backbone, paths["side",][0])
     assert torch.equal(out(backbone), paths["side",][1])
-    handle.remove()
+    with pytest.warns(UserWarning, match=r"takes out the modules S2A added .* were loaded"):
+        handle.remove()  # the loaded side network goes: said (it was silent, nothing stepped)
+    # an adapter of values as built (nothing trained) changes nothing: nothing to say
+    untouched = vit()
+    apply_s2a(untouched, S2AConfig(modules=("bias",), input_size=SIZE))
+    save_adapter(untouched, tmp_path / "untouched.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_adapter(vit(), tmp_path / "untouched.safetensors").remove()
     # onto S2A already applied (by the user, or a fit's callback) as well: until 2026-12-07
     # the adapter's biases stayed after remove(), under the next task
     apply_s2a(backbone, S2AConfig(modules=("bias",), input_size=SIZE))

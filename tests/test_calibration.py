@@ -383,6 +383,18 @@ def test_a_batch_larger_than_calibration_measured_is_said_where_it_kept_small_te
     with apply_s2a(_model(), head="classifier") as handle:  # a resumed run knows the batch
         handle.engine.load_state_dict(state)
         assert handle.engine.calibrated_batch == 1
+        assert handle.engine.calibrated_small == 512  # the GELU's input, per batch item
+    # said only from the batch at which such a tensor reaches min_numel (a node-level model
+    # calibrated on 50 nodes warned at 51, its kept tensor still whole)
+    short = torch.randn(4, 2, 8, generator=g, dtype=torch.float64)
+    model = _model()
+    with apply_s2a(model, head="classifier") as handle:
+        handle.calibrate(lambda: F.cross_entropy(model(short[:1]), y[:1]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _grads(model, short[:3], y[:3])  # every kept tensor still under 1024 elements
+        with pytest.warns(UserWarning, match=r"batch is 4, larger than the 1 calibration"):
+            _grads(model, short, y)
     # nothing kept whole for its size (min_numel=1): a larger batch codes nothing new
     model = _model()
     with apply_s2a(model, head="classifier", min_numel=1) as handle:

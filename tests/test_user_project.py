@@ -31,6 +31,7 @@ from lightning_s2a import (
     load_from_checkpoint,
 )
 from lightning_s2a.lightning.cli import S2ALightningCLI
+from lightning_s2a.lightning.cli_sources import default_config_files, refuse_printing_carried_args
 from tests.lightning_helpers import (
     EncoderClassifier,
     FourWayData,
@@ -369,10 +370,21 @@ class _Variant(EncoderClassifier):
 
 
 class _CallbackModule(EncoderClassifier):
-    """A user's module that brings its own S2A through configure_callbacks()."""
+    """A user's module that brings its own S2A through configure_callbacks(), and reads its
+    trainer there (as a ModelCheckpoint under the log dir would)."""
 
     def configure_callbacks(self):
+        assert self.trainer is not None
         return [S2ACallback(S2AConfig(bits=2), backbone="encoder")]
+
+
+class _Unrelated(pl.LightningModule):
+    """A user's module that is no subclass of the class a config file names."""
+
+    def __init__(self, lr: float = 1e-3):
+        super().__init__()
+        self.save_hyperparameters()
+        self.backbone = nn.Linear(4, 4)
 
 
 class _BareData(FourWayData):
@@ -470,6 +482,8 @@ def test_cli_a_class_named_over_a_config_files_keeps_its_own_defaults(tmp_path, 
         cli = S2ALightningCLI(run=False, args=[f"--trainer.default_root_dir={tmp_path}", *variant])
     assert type(cli.model).__name__ == "_Variant"
     assert cli.model.hparams.lr == 0.3 and cli.model.hparams.scheduler is True
+    # printing is no refusal for it, named by its class name alone either
+    refuse_printing_carried_args(["--config", str(parent), "--model", "_Variant", "--print_config"])
 
     # no default to fall back to: a clear error, not the other class's value
     needs = [*base, "--model=tests.test_user_project._NeedsClasses", *user]
@@ -478,7 +492,7 @@ def test_cli_a_class_named_over_a_config_files_keeps_its_own_defaults(tmp_path, 
     assert "has no default for it: set it, --model.lr VALUE" in capsys.readouterr().err
 
 
-def test_cli_s2a_from_configure_callbacks_beside_the_section_is_an_error(tmp_path, capsys):
+def test_cli_s2a_from_configure_callbacks_beside_the_section_is_an_error(tmp_path):
     # Lightning replaces the trainer's S2ACallback (the s2a section's) with the module's:
     # --s2a.bits 8 ran at 2 bits, said only in an info line.
     args = [
@@ -486,14 +500,18 @@ def test_cli_s2a_from_configure_callbacks_beside_the_section_is_an_error(tmp_pat
         "--data=tests.lightning_helpers.FourWayData",
         f"--trainer.default_root_dir={tmp_path}",
     ]
-    with pytest.raises(SystemExit):
-        S2ALightningCLI(run=False, args=[*args, "--s2a.bits=8"])
-    assert "configure_callbacks() returns an S2ACallback" in capsys.readouterr().err
-    cli = S2ALightningCLI(run=False, args=[*args, "--s2a.enabled=false"])  # the module's runs
+    budget = ["--trainer.max_steps=1", "--trainer.limit_val_batches=0"]
+    cli = S2ALightningCLI(run=False, args=[*args, *budget, "--s2a.bits=8"])  # builds: the
+    # module's hook reads its trainer, which exists only once fit starts
+    with pytest.raises(ValueError, match=r"configure_callbacks\(\) returns one"):
+        cli.trainer.fit(cli.model, cli.datamodule)
+    cli = S2ALightningCLI(run=False, args=[*args, *budget, "--s2a.enabled=false"])
     assert cli.s2a_callback is None
+    cli.trainer.fit(cli.model, cli.datamodule)  # the module's S2A runs
+    assert get_handle(cli.model.encoder).config.bits == 2
 
 
-def test_cli_default_config_files_name_the_classes(tmp_path):
+def test_cli_default_config_files_name_the_classes(tmp_path, monkeypatch):
     # A user's CLI whose default config named its classes trained ImageClassifier on digits:
     # the shipped defaults, written into the arguments, overrode the file, silently.
     defaults = tmp_path / "defaults.yaml"
@@ -517,6 +535,26 @@ def test_cli_default_config_files_name_the_classes(tmp_path):
         parser_kwargs={"default_config_files": [str(defaults)]},
     )
     assert type(cli.model).__name__ == "_Variant" and cli.model.hparams.lr == 0.02  # carried
+    # a class that is no subclass gets its own defaults, with a word, as from a --config
+    # (the default file's lr reached it silently)
+    with pytest.warns(UserWarning, match=r"init_args for that class, \['lr'\]"):
+        cli = S2ALightningCLI(
+            run=False,
+            args=[
+                f"--trainer.default_root_dir={tmp_path}",
+                "--model=tests.test_user_project._Unrelated",
+            ],
+            parser_kwargs={"default_config_files": [str(defaults)]},
+        )
+    assert cli.model.hparams.lr == 1e-3
+    # "~" is expanded, as jsonargparse does; a subcommand's files are its own
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert default_config_files({"default_config_files": ["~/defaults.yaml"]}, []) == [
+        str(defaults)
+    ]
+    per_fit = {"fit": {"default_config_files": [str(defaults)]}}
+    assert default_config_files(per_fit, ["fit"]) == [str(defaults)]
+    assert default_config_files(per_fit, ["test"]) == []
 
 
 # 4. Checkpoints load in one call ---------------------------------------------------------

@@ -89,7 +89,7 @@ def calibrate(
     engine.module_bits = {}  # measure the configured widths
     engine._measured_shapes = set()
     engine._measured_batch = 0
-    engine._kept_small = False
+    engine._kept_small = 0.0
     try:
         watch = Watch(engine, scope)
         errors, copied, widths = _measure(engine, loss_fn, watch, set())
@@ -132,7 +132,8 @@ def calibrate(
     engine.calibrated_for = engine.calibration_key(tol)
     engine.calibrated_shapes = tuple(sorted(engine._measured_shapes))
     engine.calibrated_batch = engine._measured_batch if engine._kept_small else 0
-    engine._warned_shape = False
+    engine.calibrated_small = engine._kept_small
+    engine._warned_shape = engine._warned_batch = False
     return errors
 
 
@@ -143,24 +144,30 @@ def check_calibrated_shape(engine: SavedTensorEngine, shape: tuple | None) -> No
     (below ``min_numel``, a per-channel statistic where a stage is 1x1) is coded there,
     unmeasured (efficientnet_b0 calibrated at 32 px and trained at 64: eight squeeze-excite
     biases 9-14% off, none of their modules widened; 3% at most calibrated at 64). Or that
-    its batch is larger than calibration's where calibration kept a tensor whole for its
-    size alone (``calibrated_batch``): the same, one batch dimension over (efficientnet_b0
-    calibrated on one image, trained on 8: a squeeze-excite module measured 0% off, its
-    biases 8-10% off; said since 2026-12-07). Smaller inputs, and the shapes of every entry
-    calibration ran (``forward_features``, then the head; two crops), are measured sizes or
-    within them."""
+    its batch is larger than calibration's, and large enough that a tensor calibration kept
+    whole for its size alone reaches ``min_numel`` (its largest size per batch item,
+    ``calibrated_small``, times the batch): the same, one batch dimension over
+    (efficientnet_b0 calibrated on one image, trained on 8: a squeeze-excite module measured
+    0% off, its biases 8-10% off; said since 2026-12-07). Smaller inputs, and the shapes of
+    every entry calibration ran (``forward_features``, then the head; two crops), are
+    measured sizes or within them. The first dimension is taken for the batch."""
     if shape is None:
         return
     batch, shape = (shape[0], shape[1:]) if shape else (1, shape)
     if engine._saving is not None or engine._exact:  # calibration's own forwards
         engine._measured_shapes.add(shape)
         engine._measured_batch = max(engine._measured_batch, batch)
+        engine._calibrating_batch = batch
         return
     measured = engine.calibrated_shapes
-    if not measured or engine._warned_shape:
+    if not measured:
         return
-    if 0 < engine.calibrated_batch < batch:
-        engine._warned_shape = True
+    if (
+        not engine._warned_batch
+        and 0 < engine.calibrated_batch < batch
+        and engine.calibrated_small * batch >= engine.config.min_numel
+    ):
+        engine._warned_batch = True
         warnings.warn(
             f"S2A: this forward's batch is {batch}, larger than the {engine.calibrated_batch} "
             f"calibration measured the modules' codes on: tensors it kept whole for their "
@@ -171,7 +178,7 @@ def check_calibrated_shape(engine: SavedTensorEngine, shape: tuple | None) -> No
             stacklevel=4,
         )
         return
-    if shape in measured:
+    if engine._warned_shape or shape in measured:
         return
     same_rank = [math.prod(m) for m in measured if len(m) == len(shape)]
     if same_rank and math.prod(shape) <= max(same_rank):

@@ -161,9 +161,12 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
         #: The largest batch calibration measured, where it kept a tensor whole for its size
         #: alone (0: none, or not calibrated): see ``calibration.check_calibrated_shape``.
         self.calibrated_batch = 0
+        #: The largest tensor calibration kept whole for its size alone, per batch item.
+        self.calibrated_small = 0.0
         self._measured_shapes: set[tuple] = set()
-        self._measured_batch = 0
-        self._kept_small = False
+        self._measured_batch = self._calibrating_batch = 0
+        self._kept_small = 0.0
+        self._warned_batch = False
         self._warned_shape = False
         self._exact = False  # calibration's exact forward: every saved tensor kept as is
         #: Calibration: the modules that saved something, each with the narrowest width
@@ -296,6 +299,7 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
             "calibrated_for": self.calibrated_for,
             "calibrated_shapes": [list(m) for m in self.calibrated_shapes],
             "calibrated_batch": self.calibrated_batch,
+            "calibrated_small": self.calibrated_small,
             "calibration": dict(self.calibration),
             "codebooks": [
                 {
@@ -333,6 +337,7 @@ class SavedTensorEngine(BoundariesMixin, PackingMixin):
         self.calibrated_for = state.get("calibrated_for")
         self.calibrated_shapes = tuple(tuple(m) for m in state.get("calibrated_shapes", ()))
         self.calibrated_batch = int(state.get("calibrated_batch", 0))
+        self.calibrated_small = float(state.get("calibrated_small", 0.0))
         if self.calibrated_for not in (None, self.calibration_key()):
             # Measured under other codes (a resumed run at other bits): to be measured again
             # where the config calibrates; its widths stay until then, and are said.

@@ -153,9 +153,9 @@ class PackingMixin:
             and not exact_code(kind, call)
             and not self._kept_as_it_is(t, kind, call)
         ):
-            # calibration kept whole, for its size alone, what a larger batch codes: see
-            # calibration.check_calibrated_shape
-            self._kept_small = True
+            # calibration kept whole, for its size alone, what a larger batch may code: its
+            # size per batch item (see calibration.check_calibrated_shape)
+            self._kept_small = max(self._kept_small, numel / max(1, self._calibrating_batch))
         if (
             self._saving is not None
             and not keep

@@ -9,6 +9,7 @@ callbacks that would undo S2A are checked in :mod:`.other_callbacks`.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Any
 
 import lightning.pytorch as pl
@@ -25,12 +26,26 @@ from ..structure.head import head_guess
 from ..structure.surgery import STATE_DICT_MARKER
 from .checkpoint import marked_prefixes
 
+#: The S2ACallback the CLI built from its ``s2a`` section, per trainer.
+SECTION_CALLBACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
 
 def check_single_s2a(trainer: pl.Trainer) -> None:
-    """Two S2A appliers on one trainer (two callbacks, or callback and strategy) is an error."""
+    """Two S2A appliers on one trainer (two callbacks, or callback and strategy) is an error,
+    and so is the CLI's ``s2a`` section replaced by the module's own S2ACallback."""
     from .callback import S2ACallback
 
     owners = [c for c in trainer.callbacks if isinstance(c, S2ACallback)]
+    section = SECTION_CALLBACKS.get(trainer)
+    if section is not None and not any(c is section for c in owners):
+        # Lightning put the one the module's configure_callbacks() returns in its place:
+        # --s2a.bits 8 ran at the module's 2 bits, said only in an info line (2026-12-07)
+        raise ValueError(
+            "S2A is configured twice: the CLI's s2a section built an S2ACallback, and the "
+            "module's configure_callbacks() returns one, which Lightning put in its place (the "
+            "--s2a options would be ignored). Set --s2a.enabled false to run the module's, or "
+            "take it out of configure_callbacks."
+        )
     if len(owners) > 1:
         from .strategy import S2AStrategyMixin
 

@@ -32,7 +32,9 @@ from ..api import config_differences
 from ..config import S2AConfig
 from .callback import S2ACallback
 from .checkpoint import marked_prefixes, s2a_state
+from .checks import SECTION_CALLBACKS
 from .cli_sources import (
+    as_config_args,
     carried_init_args,
     default_config_files,
     default_of,
@@ -133,16 +135,6 @@ def s2a_config_from_namespace(section: Any) -> tuple[bool, S2AConfig, dict[str, 
     return enabled, config, callback_kwargs
 
 
-def _module_callbacks(model: Any) -> list[Any]:
-    """What the LightningModule's ``configure_callbacks()`` returns, as a list (read once
-    more before Lightning reads it in fit)."""
-    configure = getattr(model, "configure_callbacks", None)
-    given = configure() if callable(configure) else None
-    if given is None:
-        return []
-    return list(given) if isinstance(given, (list, tuple)) else [given]
-
-
 class S2ALightningCLI(LightningCLI):
     """LightningCLI with the ``s2a`` section; adds an :class:`S2ACallback` when enabled.
 
@@ -182,13 +174,14 @@ class S2ALightningCLI(LightningCLI):
         if kwargs["subclass_mode_data"] and issubclass(DigitsDataModule, data_class or object):
             defaults["data"] = DigitsDataModule
         argv = kwargs.get("args")
-        kwargs["args"] = with_default_classes(
-            sys.argv[1:] if argv is None else argv,
-            defaults,
-            default_config_files(kwargs.get("parser_kwargs")),
-        )
+        given_args = sys.argv[1:] if argv is None else argv
+        files = default_config_files(kwargs.get("parser_kwargs"), given_args)
+        kwargs["args"] = with_default_classes(given_args, defaults, files)
         self._argv = kwargs["args"] if isinstance(kwargs["args"], list) else []
-        refuse_printing_carried_args(self._argv)
+        # the default config files are read first: their values for another class are
+        # handed over as a --config file's are (see _restore_own_defaults)
+        self._sources = [*as_config_args(files), *self._argv]
+        refuse_printing_carried_args(self._sources)
         with warnings.catch_warnings():
             if argv is None:  # the command line itself, passed on with the default classes
                 warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
@@ -245,7 +238,7 @@ class S2ALightningCLI(LightningCLI):
             class_path = getattr(section, "class_path", None)
             if not isinstance(class_path, str):
                 continue
-            carried = carried_init_args(self._argv, key, class_path)
+            carried = carried_init_args(self._sources, key, class_path)
             init_args = getattr(section, "init_args", None)  # absent: a class without any
             if not carried or init_args is None:
                 continue
@@ -292,18 +285,12 @@ class S2ALightningCLI(LightningCLI):
                 "trainer.callbacks already has an S2ACallback and the s2a section adds one; "
                 "set --s2a.enabled false, or remove the callback from trainer.callbacks."
             )
-        if any(isinstance(c, S2ACallback) for c in _module_callbacks(self.model)):
-            # Lightning puts the module's callbacks in place of the trainer's of the same
-            # class: the s2a section's (--s2a.bits 8) was dropped for the module's, silently
-            # but for an info line (until 2026-12-07).
-            self._parser(self.subcommand).error(
-                f"{type(self.model).__name__}.configure_callbacks() returns an S2ACallback "
-                "and the s2a section adds one, which Lightning would replace with the "
-                "module's (the --s2a options ignored); set --s2a.enabled false to run the "
-                "module's, or take it out of configure_callbacks."
-            )
         kwargs["callbacks"] = [self.s2a_callback, *callbacks]
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        # Lightning puts an S2ACallback the module's configure_callbacks() returns in place of
+        # this one when fit starts: said then (see checks.check_single_s2a)
+        SECTION_CALLBACKS[trainer] = self.s2a_callback
+        return trainer
 
     def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
         """``--optimizer``/``--lr_scheduler``: Lightning builds them here, from the parameters

@@ -28,14 +28,29 @@ def class_path_of(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def default_config_files(parser_kwargs: Any) -> list[str]:
-    """The files a CLI's ``parser_kwargs`` give as ``default_config_files`` (for the root
-    parser or per subcommand), glob patterns expanded, as jsonargparse reads them."""
+def default_config_files(parser_kwargs: Any, args: Any) -> list[str]:
+    """The files a CLI's ``parser_kwargs`` give as ``default_config_files``, for the root
+    parser and for the subcommand ``args`` run (``{"fit": {...}}`` is fit's alone), ``~``
+    and glob patterns expanded, as jsonargparse reads them."""
     if not isinstance(parser_kwargs, dict):
         return []
-    sources = [parser_kwargs, *(v for v in parser_kwargs.values() if isinstance(v, dict))]
-    patterns = [p for src in sources for p in src.get("default_config_files") or ()]
-    return [path for pattern in patterns for path in sorted(glob.glob(os.fspath(pattern)))]
+    tokens = args if isinstance(args, (list, tuple)) else ()
+    subcommand = next((t for t in tokens if t in SUBCOMMANDS), None)
+    sources = [parser_kwargs, parser_kwargs.get(subcommand) if subcommand else None]
+    patterns = [
+        p for src in sources if isinstance(src, dict) for p in src.get("default_config_files") or ()
+    ]
+    return [
+        path
+        for pattern in patterns
+        for path in sorted(glob.glob(os.path.expanduser(os.fspath(pattern))))
+    ]
+
+
+def as_config_args(files: Sequence[str]) -> list[str]:
+    """``files`` as the ``--config`` arguments that come first (the sources read before the
+    command line, as default config files are)."""
+    return [token for path in files for token in ("--config", path)]
 
 
 def with_default_classes(
@@ -285,11 +300,30 @@ def _carries_over(written: str, resolved: str) -> bool:
     """Whether init_args written for class ``written`` are the user's for ``resolved``: the
     same class, or a subclass of it (``--model my.Variant`` beside a config file for
     ``my.Module``: its optimizer and schedule were replaced by the subclass's defaults,
-    silently, until 2026-12-07)."""
+    silently, until 2026-12-07), also named by its class name alone (``--model Variant``)."""
     if _same_class(written, resolved):
         return True
-    found = [import_class(path) for path in (written, resolved)]
-    return all(isinstance(c, type) for c in found) and issubclass(found[1], found[0])
+    parent = import_class(written)
+    if not isinstance(parent, type):
+        return False
+    if "." not in resolved:
+        return _subclass_named(parent, resolved)
+    child = import_class(resolved)
+    return isinstance(child, type) and issubclass(child, parent)
+
+
+def _subclass_named(parent: type, name: str) -> bool:
+    """Whether a subclass of ``parent`` (imported so far) is called ``name``."""
+    stack, seen = list(parent.__subclasses__()), set()
+    while stack:
+        cls = stack.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        if cls.__name__ == name:
+            return True
+        stack.extend(cls.__subclasses__())
+    return False
 
 
 def import_class(path: str) -> Any:
