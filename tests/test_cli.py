@@ -241,6 +241,23 @@ def test_image_folder_datamodule(tmp_path):
     dm = ImageFolderDataModule(str(split), image_size=16, batch_size=8, num_workers=0)
     dm.setup("fit")
     assert (len(dm.train_set), len(dm.val_set), dm.num_classes) == (6, 4, 2)
+    assert len(dm.test_dataloader().dataset) == 4  # no test/: test runs on val/
+
+    # train/ and test/ only: taken for two classes, the model learned which folder an image
+    # was in (val accuracy 1.0), silently; now an error naming the fix
+    _write_pngs(tmp_path / "tt" / "train", ["a", "b"], per_class=2)
+    _write_pngs(tmp_path / "tt" / "test", ["a", "b"], per_class=1)
+    with pytest.raises(ValueError, match=r"split folders \['test', 'train'\].*val/"):
+        ImageFolderDataModule(str(tmp_path / "tt"))
+    # valid/ is a validation folder, and test/ serves test and predict
+    _write_pngs(tmp_path / "tt" / "valid", ["a", "b"], per_class=3)
+    dm = ImageFolderDataModule(str(tmp_path / "tt"), image_size=16, num_workers=0)
+    dm.setup("fit")
+    assert (len(dm.train_set), len(dm.val_set), dm.num_classes) == (4, 6, 2)
+    assert len(dm.test_dataloader().dataset) == 2 and len(dm.predict_dataloader().dataset) == 2
+    _write_pngs(tmp_path / "tt" / "test", ["c"], per_class=1)
+    with pytest.raises(ValueError, match=r"different class folders \(\['c'\]"):
+        ImageFolderDataModule(str(tmp_path / "tt"))
 
     with pytest.raises(FileNotFoundError, match="not a directory"):
         ImageFolderDataModule(str(tmp_path / "missing"))

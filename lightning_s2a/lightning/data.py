@@ -36,8 +36,13 @@ def _split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]
     return perm[n_val:], perm[:n_val]
 
 
+#: Folder names of a validation split beside ``train/`` (ImageFolderDataModule).
+VAL_FOLDERS = ("val", "valid", "validation")
+
+
 class _LoadersMixin:
-    """Train (seeded shuffle), val, and test/predict on the val split."""
+    """Train (seeded shuffle), val, and test/predict on a test split where the data has one,
+    else on the val split."""
 
     image_size: int
     batch_size: int
@@ -45,6 +50,8 @@ class _LoadersMixin:
     seed: int
     train_set: Dataset | None
     val_set: Dataset | None
+    #: A split of its own for test and predict (None: they use the val split).
+    test_set: Dataset | None = None
 
     @property
     def input_size(self) -> tuple[int, int, int]:
@@ -70,10 +77,10 @@ class _LoadersMixin:
         return self._loader(self.val_set, train=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
+        return self._loader(self.val_set if self.test_set is None else self.test_set, False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
+        return self._loader(self.val_set if self.test_set is None else self.test_set, False)
 
 
 class DigitsDataModule(_LoadersMixin, pl.LightningDataModule):
@@ -141,9 +148,11 @@ def _load_digits() -> tuple[Any, Any]:
 class ImageFolderDataModule(_LoadersMixin, pl.LightningDataModule):
     """Your own images, one folder per class (torchvision ``ImageFolder``).
 
-    ``root/train`` and ``root/val`` are used if both exist; otherwise ``root``'s class folders
-    are split with a seeded permutation (``val_fraction``). ``test`` and ``predict`` use the val
-    split. Train images get a random resized crop and a horizontal flip; val images a resize
+    ``root/train`` and ``root/val`` (or ``valid``, ``validation``) are used if both exist,
+    and ``root/test`` for ``test`` and ``predict`` if it exists (else the val split);
+    otherwise ``root``'s class folders are split with a seeded permutation
+    (``val_fraction``). Split-named folders without both train and val are an error.
+    Train images get a random resized crop and a horizontal flip; val images a resize
     and a center crop; both the ImageNet normalisation.
     """
 
@@ -180,22 +189,43 @@ class ImageFolderDataModule(_LoadersMixin, pl.LightningDataModule):
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def _has_split_folders(self) -> bool:
-        return all(os.path.isdir(os.path.join(self.root, s)) for s in ("train", "val"))
+    def _split_folders(self) -> dict[str, str]:
+        """``{"train": ..., "val": ..., "test": ...}`` paths of a split layout (``test``
+        where there is one), or {} where ``root``'s folders are the classes. Split-named
+        folders without a train and a val folder are an error: ``train/`` and ``test/`` were
+        taken for two classes, and the model learned which folder an image was in (val
+        accuracy 1.0, silently; until 2026-12-07)."""
+        present = {n for n in os.listdir(self.root) if os.path.isdir(os.path.join(self.root, n))}
+        val = next((n for n in VAL_FOLDERS if n in present), None)
+        if "train" in present and val is not None:
+            found = {"train": "train", "val": val} | ({"test": "test"} if "test" in present else {})
+            return {k: os.path.join(self.root, v) for k, v in found.items()}
+        splits = sorted(present & {"train", "test", *VAL_FOLDERS})
+        if splits:
+            raise ValueError(
+                f"ImageFolderDataModule: {self.root!r} holds the split folders {splits} but not "
+                f"both train/ and a validation folder (one of {list(VAL_FOLDERS)}): its "
+                "folders would be taken for the classes, and the model would learn which split "
+                "an image is in. Add a val/ folder beside train/ (test/ is then used by test "
+                "and predict), or point root at a folder with one subfolder per class."
+            )
+        return {}
 
     def _find_classes(self) -> list[str]:
         from torchvision.datasets.folder import find_classes
 
-        if self._has_split_folders():
-            train, _ = find_classes(os.path.join(self.root, "train"))
-            val, _ = find_classes(os.path.join(self.root, "val"))
-            if train != val:
+        splits = self._split_folders()
+        if not splits:
+            return find_classes(self.root)[0]
+        classes = {name: find_classes(path)[0] for name, path in splits.items()}
+        for name, found in classes.items():
+            if found != classes["train"]:
                 raise ValueError(
-                    f"ImageFolderDataModule: {self.root}/train and {self.root}/val have "
-                    f"different class folders ({sorted(set(train) ^ set(val))} in only one)."
+                    f"ImageFolderDataModule: {splits['train']} and {splits[name]} have "
+                    f"different class folders ({sorted(set(found) ^ set(classes['train']))} in "
+                    "only one)."
                 )
-            return train
-        return find_classes(self.root)[0]
+        return classes["train"]
 
     def transforms(self, train: bool) -> Any:
         from torchvision import transforms as T
@@ -218,9 +248,12 @@ class ImageFolderDataModule(_LoadersMixin, pl.LightningDataModule):
         from torchvision.datasets import ImageFolder
 
         train_tf, val_tf = self.transforms(train=True), self.transforms(train=False)
-        if self._has_split_folders():
-            self.train_set = ImageFolder(os.path.join(self.root, "train"), transform=train_tf)
-            self.val_set = ImageFolder(os.path.join(self.root, "val"), transform=val_tf)
+        splits = self._split_folders()
+        if splits:
+            self.train_set = ImageFolder(splits["train"], transform=train_tf)
+            self.val_set = ImageFolder(splits["val"], transform=val_tf)
+            if "test" in splits:
+                self.test_set = ImageFolder(splits["test"], transform=val_tf)
         else:
             train_view = ImageFolder(self.root, transform=train_tf)
             val_view = ImageFolder(self.root, transform=val_tf)
