@@ -87,12 +87,16 @@ def test_metrics_count_the_head_outside_the_backbone(compress, through_forward):
     callback = S2ACallback(S2AConfig(compress=compress), backbone="encoder")
     quiet_trainer(max_epochs=1, callbacks=[callback]).fit(model, _data(16))
     parts = callback.handle.stats()["by_part"]
-    outside = _head_bytes(model.encoder.num_features)
-    assert parts[OUTSIDE] == {"raw_bytes": outside, "stored_bytes": outside, "tensors": 3}
+    width = model.encoder.num_features
+    outside = _head_bytes(width)
+    # kept as it is, the head's input x[:, 0] holds all 17 tokens' storage (compressed runs
+    # copy such a small view; counted at its own bytes until 2026-12-07)
+    held = outside if compress else 4 * BATCH * (17 * width + 2 * HIDDEN)
+    assert parts[OUTSIDE] == {"raw_bytes": outside, "stored_bytes": held, "tensors": 3}
     backbone = parts["backbone"]
     metrics = callback.epoch_metrics
     assert metrics["s2a/activation_raw_mb"] * 2**20 == backbone["raw_bytes"] + outside
-    assert metrics["s2a/activation_stored_mb"] * 2**20 == backbone["stored_bytes"] + outside
+    assert metrics["s2a/activation_stored_mb"] * 2**20 == backbone["stored_bytes"] + held
     if compress:  # the encoder's codes are the engine's still, under the counting hooks
         assert backbone["stored_bytes"] * 3 < backbone["raw_bytes"]
     row = next(r for r in callback.handle.summary().splitlines() if r.startswith("outside"))
