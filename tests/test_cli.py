@@ -373,6 +373,11 @@ def test_the_cosine_decays_per_step_over_a_step_budget_alone():
     model.trainer = quiet_trainer(max_steps=4, max_epochs=-1)
     with pytest.raises(ValueError, match=r"warmup_epochs=1 needs trainer\.max_epochs"):
         model.configure_optimizers()
+    # a time budget alone gives the cosine no length: said, naming it
+    model = ImageClassifier(backbone="resnet10t", pretrained=False)
+    model.trainer = quiet_trainer(max_time="00:00:01:00", max_epochs=-1)
+    with pytest.raises(ValueError, match=r"trainer\.max_time, gives it no length.*none"):
+        model.configure_optimizers()
 
 
 def test_a_command_line_optimizer_holds_the_prompts_s2a_adds(tmp_path):

@@ -174,8 +174,8 @@ class ImageClassifier(pl.LightningModule):
         if steps is None or steps < 1:
             raise ValueError(
                 "scheduler='cosine' decays over trainer.max_epochs (or, without them, "
-                "trainer.max_steps), and neither is set to a positive number; set one or "
-                "use model.scheduler none."
+                "trainer.max_steps), and neither is set to a positive number (a time budget, "
+                "trainer.max_time, gives it no length); set one or use model.scheduler none."
             )
         if self.hparams.warmup_epochs:
             raise ValueError(
