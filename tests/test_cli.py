@@ -6,6 +6,7 @@ import csv
 import os
 import pickle
 import sys
+import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -477,3 +478,24 @@ def test_a_resumed_fit_shuffles_its_next_epoch_as_the_uninterrupted_run(tmp_path
     uninterrupted = fit(2)
     fit(1, save=tmp_path / "epoch1.ckpt")
     assert torch.equal(fit(2, ckpt=tmp_path / "epoch1.ckpt"), uninterrupted)
+
+
+def test_data_normalisation_is_the_pretrained_weights_or_said():
+    # Both data modules normalised with ImageNet's mean and std whatever the weights expect:
+    # Lite0's expect 0.5 and 0.5 (its first BatchNorm saw 6.4x its running variance), silently.
+    model = ImageClassifier()  # pretrained Lite0, offline
+    expected = r"expect inputs normalised with mean \[0\.5, 0\.5, 0\.5\]"
+    with pytest.warns(UserWarning, match=expected):
+        model._check_normalization(DigitsDataModule())
+    half = DigitsDataModule(image_size=8, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model._check_normalization(half)
+        ImageClassifier(backbone="resnet10t", pretrained=False)._check_normalization(half)
+    half.setup("fit")
+    x = half.train_set.tensors[0]
+    assert float(x.min()) >= -1.0 and float(x.max()) <= 1.0 and float(x.min()) == -1.0
+    with pytest.raises(ValueError, match=r"mean/std: expected three values"):
+        DigitsDataModule(mean=(0.5, 0.5), std=(0.5, 0.5, 0.5))
+    with pytest.raises(ValueError, match=r"std positive"):
+        ImageFolderDataModule(".", mean=(0.5, 0.5, 0.5), std=(0.5, 0.0, 0.5))

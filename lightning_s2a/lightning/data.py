@@ -29,6 +29,20 @@ def _check_common(image_size: int, batch_size: int, val_fraction: float, num_wor
         raise ValueError(f"num_workers: must be >= 0, got {num_workers!r}.")
 
 
+def _check_normalization(mean: Any, std: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` as tuples of three floats, the standard deviations positive."""
+    try:
+        pair = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    except (TypeError, ValueError):
+        pair = ((), ())
+    if len(pair[0]) != 3 or len(pair[1]) != 3 or min(pair[1]) <= 0:
+        raise ValueError(
+            f"mean/std: expected three values each (RGB), the std positive; got mean={mean!r}, "
+            f"std={std!r} (e.g. --data.mean [0.5,0.5,0.5] --data.std [0.5,0.5,0.5])."
+        )
+    return pair
+
+
 def _split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """A seeded permutation of range(n) cut into (train, val) index lists."""
     n_val = min(max(1, round(n * val_fraction)), n - 1)
@@ -103,7 +117,8 @@ class DigitsDataModule(_LoadersMixin, pl.LightningDataModule):
     """scikit-learn's handwritten digits (1,797 8x8 images, 10 classes), as ImageNet-style input.
 
     Pixels are scaled to [0, 1], resized bilinearly to ``image_size``, repeated to 3 channels and
-    normalised with the ImageNet mean and std. The train/val split is a seeded permutation;
+    normalised with ``mean`` and ``std`` (ImageNet's by default; ``ImageClassifier`` maps them to
+    what its pretrained weights expect). The train/val split is a seeded permutation;
     ``test`` and ``predict`` use the val split. The data ship inside scikit-learn (the
     ``datasets`` extra), so nothing downloads.
     """
@@ -117,9 +132,12 @@ class DigitsDataModule(_LoadersMixin, pl.LightningDataModule):
         val_fraction: float = 0.2,
         num_workers: int = 0,
         seed: int = 0,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
     ) -> None:
         super().__init__()
         _check_common(image_size, batch_size, val_fraction, num_workers)
+        self.mean, self.std = _check_normalization(mean, std)
         self.save_hyperparameters()
         self.image_size = image_size
         self.batch_size = batch_size
@@ -139,8 +157,8 @@ class DigitsDataModule(_LoadersMixin, pl.LightningDataModule):
         x = torch.as_tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0
         x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear")
         x = x.clamp_(0.0, 1.0).repeat(1, 3, 1, 1)
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
         x = (x - mean) / std
         y = torch.as_tensor(targets, dtype=torch.long)
         train_idx, val_idx = _split(len(y), self.val_fraction, self.seed)
@@ -169,7 +187,7 @@ class ImageFolderDataModule(_LoadersMixin, pl.LightningDataModule):
     otherwise ``root``'s class folders are split with a seeded permutation
     (``val_fraction``). Split-named folders without both train and val are an error.
     Train images get a random resized crop and a horizontal flip; val images a resize
-    and a center crop; both the ImageNet normalisation.
+    and a center crop; both normalised with ``mean`` and ``std`` (ImageNet's by default).
     """
 
     def __init__(
@@ -180,9 +198,12 @@ class ImageFolderDataModule(_LoadersMixin, pl.LightningDataModule):
         val_fraction: float = 0.2,
         num_workers: int = 2,
         seed: int = 0,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
     ) -> None:
         super().__init__()
         _check_common(image_size, batch_size, val_fraction, num_workers)
+        self.mean, self.std = _check_normalization(mean, std)
         root = os.fspath(root)
         if not os.path.isdir(root):
             raise FileNotFoundError(
@@ -246,7 +267,7 @@ class ImageFolderDataModule(_LoadersMixin, pl.LightningDataModule):
     def transforms(self, train: bool) -> Any:
         from torchvision import transforms as T
 
-        normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        normalize = [T.ToTensor(), T.Normalize(self.mean, self.std)]
         if train:
             return T.Compose(
                 [

@@ -15,6 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -109,6 +110,28 @@ class ImageClassifier(pl.LightningModule):
                 f"num_classes={self.hparams.num_classes}; set model.num_classes to "
                 f"{data_classes} (--model.num_classes {data_classes})."
             )
+        self._check_normalization(datamodule)
+
+    def _check_normalization(self, datamodule: Any) -> None:
+        """Say when the data is normalised otherwise than the pretrained weights expect
+        (timm's ``pretrained_cfg``): the shipped data modules normalise with ImageNet's mean
+        and std, and EfficientNet-Lite0's weights expect 0.5 and 0.5 (its first BatchNorm saw
+        6.4x its running variance; silent until 2026-12-07)."""
+        cfg = getattr(self.backbone, "pretrained_cfg", None) or {}
+        want = cfg.get("mean"), cfg.get("std")
+        have = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
+        if not self.hparams.pretrained or None in want or None in have:
+            return
+        pairs = zip((*want[0], *want[1]), (*have[0], *have[1]), strict=False)
+        if all(abs(float(a) - float(b)) < 1e-3 for a, b in pairs):
+            return
+        shown = [list(round(float(v), 4) for v in group) for group in want]
+        rank_zero_warn(
+            f"{self.hparams.backbone}'s pretrained weights expect inputs normalised with mean "
+            f"{shown[0]} and std {shown[1]}; {type(datamodule).__name__} normalises with mean "
+            f"{list(have[0])} and std {list(have[1])}. Set the data's: --data.mean {shown[0]} "
+            f"--data.std {shown[1]} (examples/quickstart.yaml does)."
+        )
 
     # -- steps -------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
