@@ -484,7 +484,7 @@ def test_data_normalisation_is_the_pretrained_weights_or_said():
     # Both data modules normalised with ImageNet's mean and std whatever the weights expect:
     # Lite0's expect 0.5 and 0.5 (its first BatchNorm saw 6.4x its running variance), silently.
     model = ImageClassifier()  # pretrained Lite0, offline
-    expected = r"expect inputs normalised with mean \[0\.5, 0\.5, 0\.5\]"
+    expected = r"expect inputs normalised with mean \[0\.5,0\.5,0\.5\].*--data\.mean \[0\.5,0"
     with pytest.warns(UserWarning, match=expected):
         model._check_normalization(DigitsDataModule())
     half = DigitsDataModule(image_size=8, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))

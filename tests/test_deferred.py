@@ -176,3 +176,33 @@ def test_a_deferred_tensor_changed_in_place_after_its_save_is_refused_as_pytorch
                 handle.engine._deferred = DeferredChecks(lag=10**6, record=record)
             with pytest.raises(RuntimeError, match="modified by an inplace operation"):
                 model(x).sum().backward()
+
+
+def test_a_deferred_tensor_kept_is_counted_as_what_it_holds():
+    # A small view the codes cannot hold (an inf), saved by three ops: each save keeps its
+    # own copy, and the deferred count (the default on CUDA) counted the view once (32 of
+    # the 64 KiB held; 2026-12-07). Both paths count what is held now, alike.
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 512)
+            self.head = nn.Linear(16, 5)
+
+        def forward(self, x):
+            h = self.fc(x).index_fill(1, torch.tensor([3]), float("inf"))
+            a = h[:, :16]  # a small view (1/32) of h, with an inf in every row
+            return self.head(torch.nan_to_num(a * a + a * 2 + a.pow(3), posinf=1.0))
+
+    counts = {}
+    for defer in (False, True):
+        torch.manual_seed(0)
+        model = Net()
+        with apply_s2a(model, S2AConfig(head="head")) as handle:
+            if defer:
+                handle.engine.defer_on = ("cpu",)
+            model(torch.randn(256, 64))
+            counts[defer] = handle.stats()["by_kind"]["generic"]
+    assert counts[True] == counts[False]
+    # three saves of the 16 KiB view kept as three copies of it, and one more of h's
+    # pow: what is held, not the view counted once
+    assert counts[True]["stored_bytes"] > counts[True]["raw_bytes"]

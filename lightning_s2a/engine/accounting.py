@@ -5,7 +5,9 @@ save is one allocation there, so a saved view is counted once while its storage 
 (checked with a storage weak reference, never by address alone: freed memory is reused), and
 views of one storage in other shapes (Swin's attention saved 4-D by softmax and 3-D by the
 next matmul) together count at most the storage's bytes. ``stored`` counts what the
-compressed run actually keeps, with the same rule for what it keeps as it is.
+compressed run actually keeps: codes, and for what it keeps as it is the whole storage,
+once (a kept view holds its storage until backward; raw counts the view's own bytes, so
+``compress=False`` can store more than raw).
 """
 
 from __future__ import annotations

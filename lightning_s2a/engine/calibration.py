@@ -88,7 +88,7 @@ def calibrate(
     before, unpacked = engine.module_bits, engine._unpacked
     engine.module_bits = {}  # measure the configured widths
     engine._measured_shapes = set()
-    engine._measured_batch = 0
+    engine._measured_batch = engine._calibrating_batch = 0
     engine._kept_small = 0.0
     try:
         watch = Watch(engine, scope)

@@ -222,9 +222,11 @@ class PackingMixin:
     def _count(
         account: ForwardAccount, kind: str, t: torch.Tensor, packed: Any, part: str, raw: Any
     ) -> None:
-        """Count a deferred tensor: kept as it is (views once), or its codes."""
-        stored = None if packed.raw is not None else packed.nbytes
-        account.add(kind, t, stored, part, None, raw)
+        """Count a deferred tensor: kept as it is (what it holds: its own copy where it was
+        compacted, each save's; until 2026-12-07 the view it was saved as, once, while each
+        save held a copy), or its codes."""
+        kept = packed.raw
+        account.add(kind, t, None if kept is not None else packed.nbytes, part, kept, raw)
 
     def _part(self) -> str:
         return part_of(self._frames[-1][0] if self._frames else "", self.parts)

@@ -117,8 +117,8 @@ class DigitsDataModule(_LoadersMixin, pl.LightningDataModule):
     """scikit-learn's handwritten digits (1,797 8x8 images, 10 classes), as ImageNet-style input.
 
     Pixels are scaled to [0, 1], resized bilinearly to ``image_size``, repeated to 3 channels and
-    normalised with ``mean`` and ``std`` (ImageNet's by default; ``ImageClassifier`` maps them to
-    what its pretrained weights expect). The train/val split is a seeded permutation;
+    normalised with ``mean`` and ``std`` (ImageNet's by default; ``ImageClassifier`` warns where
+    its pretrained weights expect others). The train/val split is a seeded permutation;
     ``test`` and ``predict`` use the val split. The data ship inside scikit-learn (the
     ``datasets`` extra), so nothing downloads.
     """

@@ -125,11 +125,11 @@ class ImageClassifier(pl.LightningModule):
         pairs = zip((*want[0], *want[1]), (*have[0], *have[1]), strict=False)
         if all(abs(float(a) - float(b)) < 1e-3 for a, b in pairs):
             return
-        shown = [list(round(float(v), 4) for v in group) for group in want]
+        shown = [f"[{','.join(f'{float(v):g}' for v in group)}]" for group in (*want, *have)]
         rank_zero_warn(
             f"{self.hparams.backbone}'s pretrained weights expect inputs normalised with mean "
             f"{shown[0]} and std {shown[1]}; {type(datamodule).__name__} normalises with mean "
-            f"{list(have[0])} and std {list(have[1])}. Set the data's: --data.mean {shown[0]} "
+            f"{shown[2]} and std {shown[3]}. Set the data's: --data.mean {shown[0]} "
             f"--data.std {shown[1]} (examples/quickstart.yaml does)."
         )
 
