@@ -21,8 +21,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .api import S2AHandle, apply_s2a, get_handle, model_differences
-from .config import S2AConfig
+from .api import S2AHandle, apply_s2a, get_handle
+from .config import S2AConfig, model_differences
 from .identity import (
     backbone_identity,
     check_prompt_size,

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
-import weakref
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -12,11 +10,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import FOUR_BIT_DTYPES, MODEL_FIELDS, S2AConfig
+from .config import FOUR_BIT_DTYPES, S2AConfig
 from .engine.calibration import warn_uncalibrated
 from .engine.compile_guard import check_not_compiled
 from .engine.hooks import SavedTensorEngine
 from .engine.outside import OutsideModules, hooking_engine
+from .stopped_watch import StoppedWatch
 from .structure import four_bit
 from .structure.frozen_weights import WidenedCheck, cast_frozen
 from .structure.held_statistics import is_held
@@ -158,7 +157,7 @@ class S2AHandle:
             # On the parameters' gradients, not a forward hook: evaluation stays silent, and
             # the model stays scriptable (TorchScript compiles module hooks); copies and
             # pickles carry no tensor hooks.
-            warn = _StoppedWatch(self)
+            warn = StoppedWatch(self)
             self._stopped_watch = [
                 p.register_post_accumulate_grad_hook(warn)
                 for p in self.model.parameters()
@@ -314,19 +313,6 @@ def count_trainable(module: nn.Module) -> tuple[int, float]:
     return train, (train / total if total else 0.0)
 
 
-def config_differences(a: S2AConfig, b: S2AConfig) -> list[str]:
-    """Names of the fields in which two configs differ (for errors that say what differs)."""
-    return [f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)]
-
-
-def model_differences(a: S2AConfig, b: S2AConfig) -> list[str]:
-    """The fields in which two configs make the model compute another function
-    (:data:`~lightning_s2a.config.MODEL_FIELDS`); the same modules listed apart are alike."""
-    if a.modules != b.modules and not (set(a.modules) ^ set(b.modules)):
-        a = a.replace(modules=b.modules)
-    return [f for f in config_differences(a, b) if f in MODEL_FIELDS]
-
-
 def get_handle(module: nn.Module) -> S2AHandle | None:
     """The live :class:`S2AHandle` of ``module`` if ``apply_s2a`` was applied to it, else None."""
     handle = module.__dict__.get(HANDLE_ATTR)
@@ -372,29 +358,6 @@ def check_no_s2a_inside(model: nn.Module) -> None:
             "without S2ACallback (it runs as it is); or build the model afresh and load the "
             "trained weights with lightning_s2a.load_adapter / load_from_checkpoint."
         )
-
-
-class _StoppedWatch:
-    """The gradient hook of :meth:`S2AHandle.stop_engine` with ``watch=True``, on each
-    trainable parameter; a copy of the model gets one that watches nothing (as it gets no
-    handle), should a copy carry it."""
-
-    def __init__(self, handle: S2AHandle | None) -> None:
-        # Weakly: tensor hooks live in C++, where the garbage collector cannot see a cycle
-        # through them, and the handle holds the model (an armed model was never freed).
-        self.handle = None if handle is None else weakref.ref(handle)
-
-    def __call__(self, param: torch.Tensor) -> None:
-        handle = None if self.handle is None else self.handle()
-        # A backward of a model in eval mode trains nothing (saliency, adversarial inputs).
-        if handle is not None and handle._stopped_watch and handle.model.training:
-            handle._warn_stopped()
-
-    def __deepcopy__(self, memo: dict) -> _StoppedWatch:
-        return _StoppedWatch(None)
-
-    def __reduce__(self) -> tuple:
-        return (_StoppedWatch, (None,))
 
 
 def apply_s2a(model: nn.Module, config: S2AConfig | None = None, **overrides: Any) -> S2AHandle:

@@ -233,3 +233,16 @@ MODEL_FIELDS = (
     "add_bias",
     "frozen_dtype",
 )
+
+
+def config_differences(a: S2AConfig, b: S2AConfig) -> list[str]:
+    """Names of the fields in which two configs differ (for errors that say what differs)."""
+    return [f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)]
+
+
+def model_differences(a: S2AConfig, b: S2AConfig) -> list[str]:
+    """The fields in which two configs make the model compute another function
+    (:data:`~lightning_s2a.config.MODEL_FIELDS`); the same modules listed apart are alike."""
+    if a.modules != b.modules and not (set(a.modules) ^ set(b.modules)):
+        a = a.replace(modules=b.modules)
+    return [f for f in config_differences(a, b) if f in MODEL_FIELDS]

@@ -16,8 +16,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
-from ..api import S2AHandle, apply_s2a, config_differences, count_trainable, get_handle
-from ..config import FOUR_BIT_DTYPES, S2AConfig
+from ..api import S2AHandle, apply_s2a, count_trainable, get_handle
+from ..config import FOUR_BIT_DTYPES, S2AConfig, config_differences
 from ..engine.outside import OutsideModules
 from ..messages import some_names
 from .callback_state import CheckpointState

@@ -18,8 +18,8 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from torch.nn.parameter import is_lazy
 
-from ..api import S2AHandle, model_differences
-from ..config import FOUR_BIT_DTYPES, MODEL_FIELDS, S2AConfig
+from ..api import S2AHandle
+from ..config import FOUR_BIT_DTYPES, MODEL_FIELDS, S2AConfig, model_differences
 from ..identity import check_prompt_size
 from ..messages import some_names
 from ..structure.head import head_guess

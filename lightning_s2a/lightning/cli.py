@@ -28,8 +28,7 @@ from lightning.pytorch import cli as lightning_cli
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
-from ..api import config_differences
-from ..config import S2AConfig
+from ..config import S2AConfig, config_differences
 from .callback import S2ACallback
 from .checkpoint import marked_prefixes, s2a_state
 from .checks import SECTION_CALLBACKS
