@@ -2407,3 +2407,25 @@ def test_a_kept_view_counts_the_storage_it_holds(compress):
         kept = kinds["trainable"]["stored_bytes"] + kinds["elementwise"]["stored_bytes"]
         assert kept == held
     handle.remove()
+
+
+def test_an_expanded_view_counts_raw_as_the_view_it_is():
+    # m = h[:, :1].expand_as(h), saved by a mul, holds h's storage: raw counted the narrowed
+    # base (2 KiB) instead, 33% low against the uncompressed run (2026-12-07).
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 128)
+            self.head = nn.Linear(128, 5)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return self.head(torch.sigmoid(h) * h[:, :1].expand_as(h))
+
+    torch.manual_seed(0)
+    model = Net()
+    with apply_s2a(model, S2AConfig(head="head", compress=False)) as handle:
+        out = model(torch.randn(512, 64))
+        counted, held = _independent_saved_bytes(out, list(model.parameters()))
+        stats = handle.stats()
+    assert (stats["raw_bytes"], stats["stored_bytes"]) == (counted, held)

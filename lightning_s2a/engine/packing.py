@@ -100,10 +100,15 @@ class PackingMixin:
             # tensor itself, and a weight in another form went unrecognised.
             base = broadcast_base(t)
             if base is not None:
-                return Broadcast(self._pack_call(base, call), t.shape)
+                # raw: the expanded view, as the uncompressed run keeps it (its storage's
+                # bytes at most); counted as the base until 2026-12-07, 33% low where the
+                # base was a slice of a larger tensor (h[:, :1].expand_as(h))
+                return Broadcast(self._pack_call(base, call, raw_of(t) or (t,)), t.shape)
         return self._pack_call(t, call)
 
-    def _pack_call(self, t: torch.Tensor, call: Call) -> Any:
+    def _pack_call(
+        self, t: torch.Tensor, call: Call, raw_for: tuple[torch.Tensor, ...] | None = None
+    ) -> Any:
         cfg = self.config
         kind = "mask" if t.dtype == torch.bool else call.kind
         if (
@@ -121,7 +126,9 @@ class PackingMixin:
             kind = "position"  # where the op samples: see ops.POSITION_OPERANDS
         account = self._account
         assert account is not None
-        raw = raw_of(t)  # a rewrite's tensor counts raw as what PyTorch's op would save
+        # a rewrite's tensor counts raw as what PyTorch's op would save; an expanded view's
+        # base, as the view
+        raw = raw_of(t) if raw_for is None else raw_for
         bits = configured = cfg.bits_for(kind)
         numel = self._remember(t)
         frame = ""
