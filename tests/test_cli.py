@@ -7,8 +7,10 @@ import os
 import pickle
 import sys
 import warnings
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 
@@ -492,6 +494,12 @@ def test_data_normalisation_is_the_pretrained_weights_or_said():
         warnings.simplefilter("error")
         model._check_normalization(half)
         ImageClassifier(backbone="resnet10t", pretrained=False)._check_normalization(half)
+        # a user's data module whose mean/std are no per-channel values: not compared
+        for mean, std in ((0.1307, 0.3081), ("imagenet", "imagenet"), ((0.5,), (0.5,))):
+            model._check_normalization(SimpleNamespace(mean=mean, std=std))
+        model._check_normalization(SimpleNamespace(mean=torch.zeros(1, 3, 1, 1), std=None))
+    with pytest.warns(UserWarning, match=expected):  # a 1-D array of three is compared
+        model._check_normalization(SimpleNamespace(mean=np.zeros(3), std=np.ones(3)))
     half.setup("fit")
     x = half.train_set.tensors[0]
     assert float(x.min()) >= -1.0 and float(x.max()) <= 1.0 and float(x.min()) == -1.0

@@ -23,6 +23,16 @@ OFFLINE_BACKBONE = "tf_efficientnet_lite0"
 SCHEDULERS = ("cosine", "none")
 
 
+def _floats(values: Any) -> tuple[float, ...] | None:
+    """``values`` as a flat tuple of floats (a list, tuple or 1-D array), else None."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        return None
+    try:
+        return tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        return None
+
+
 def build_backbone(name: str, pretrained: bool, num_classes: int) -> nn.Module:
     """A timm model with ``num_classes`` outputs; pretrained weights loaded or a clear error."""
     import timm
@@ -118,14 +128,16 @@ class ImageClassifier(pl.LightningModule):
         and std, and EfficientNet-Lite0's weights expect 0.5 and 0.5 (its first BatchNorm saw
         6.4x its running variance; silent until 2026-12-07)."""
         cfg = getattr(self.backbone, "pretrained_cfg", None) or {}
-        want = cfg.get("mean"), cfg.get("std")
-        have = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
-        if not self.hparams.pretrained or None in want or None in have:
+        want = (_floats(cfg.get("mean")), _floats(cfg.get("std")))
+        have = tuple(_floats(getattr(datamodule, k, None)) for k in ("mean", "std"))
+        if not self.hparams.pretrained or any(
+            w is None or h is None or len(w) != len(h) for w, h in zip(want, have, strict=True)
+        ):
+            return  # not per-channel values (a user's single MNIST mean, a name): not compared
+        pairs = zip((*want[0], *want[1]), (*have[0], *have[1]), strict=True)
+        if all(abs(a - b) < 1e-3 for a, b in pairs):
             return
-        pairs = zip((*want[0], *want[1]), (*have[0], *have[1]), strict=False)
-        if all(abs(float(a) - float(b)) < 1e-3 for a, b in pairs):
-            return
-        shown = [f"[{','.join(f'{float(v):g}' for v in group)}]" for group in (*want, *have)]
+        shown = [f"[{','.join(f'{v:g}' for v in group)}]" for group in (*want, *have)]
         rank_zero_warn(
             f"{self.hparams.backbone}'s pretrained weights expect inputs normalised with mean "
             f"{shown[0]} and std {shown[1]}; {type(datamodule).__name__} normalises with mean "
