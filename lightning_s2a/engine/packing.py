@@ -152,7 +152,6 @@ class PackingMixin:
             small
             and self._saving is not None
             and not self._exact
-            and keep
             and cfg.compress
             and bits is not None
             and kind != "checkpoint"

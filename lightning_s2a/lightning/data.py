@@ -29,12 +29,19 @@ def _check_common(image_size: int, batch_size: int, val_fraction: float, num_wor
         raise ValueError(f"num_workers: must be >= 0, got {num_workers!r}.")
 
 
+def as_floats(values: Any) -> tuple[float, ...] | None:
+    """``values`` as a flat tuple of floats (a list, tuple or 1-D array), else None."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        return None
+    try:
+        return tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        return None
+
+
 def _check_normalization(mean: Any, std: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """``(mean, std)`` as tuples of three floats, the standard deviations positive."""
-    try:
-        pair = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-    except (TypeError, ValueError):
-        pair = ((), ())
+    pair = as_floats(mean) or (), as_floats(std) or ()
     if len(pair[0]) != 3 or len(pair[1]) != 3 or min(pair[1]) <= 0:
         raise ValueError(
             f"mean/std: expected three values each (RGB), the std positive; got mean={mean!r}, "
@@ -107,10 +114,14 @@ class _LoadersMixin:
         return self._loader(self.val_set, train=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set if self.test_set is None else self.test_set, False)
+        return self._loader(self._evaluated_set(), train=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set if self.test_set is None else self.test_set, False)
+        return self._loader(self._evaluated_set(), train=False)
+
+    def _evaluated_set(self) -> Dataset | None:
+        """What test and predict run on: the test split where there is one, else val."""
+        return self.val_set if self.test_set is None else self.test_set
 
 
 class DigitsDataModule(_LoadersMixin, pl.LightningDataModule):

@@ -19,18 +19,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from .data import as_floats
+
 OFFLINE_BACKBONE = "tf_efficientnet_lite0"
 SCHEDULERS = ("cosine", "none")
-
-
-def _floats(values: Any) -> tuple[float, ...] | None:
-    """``values`` as a flat tuple of floats (a list, tuple or 1-D array), else None."""
-    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
-        return None
-    try:
-        return tuple(float(v) for v in values)
-    except (TypeError, ValueError):
-        return None
 
 
 def build_backbone(name: str, pretrained: bool, num_classes: int) -> nn.Module:
@@ -128,8 +120,8 @@ class ImageClassifier(pl.LightningModule):
         and std, and EfficientNet-Lite0's weights expect 0.5 and 0.5 (its first BatchNorm saw
         6.4x its running variance; silent until 2026-12-07)."""
         cfg = getattr(self.backbone, "pretrained_cfg", None) or {}
-        want = (_floats(cfg.get("mean")), _floats(cfg.get("std")))
-        have = tuple(_floats(getattr(datamodule, k, None)) for k in ("mean", "std"))
+        want = (as_floats(cfg.get("mean")), as_floats(cfg.get("std")))
+        have = tuple(as_floats(getattr(datamodule, k, None)) for k in ("mean", "std"))
         if not self.hparams.pretrained or any(
             w is None or h is None or len(w) != len(h) for w, h in zip(want, have, strict=True)
         ):
