@@ -433,7 +433,7 @@ def test_s2a_applied_before_fit_is_taken_up_after_an_averaging_callback(tmp_path
 def test_a_lazy_head_outside_the_backbone_counts_as_its_head():
     """A LazyLinear head (not built before the first batch) was refused: its weight's
     dim() raised."""
-    from lightning_s2a.lightning.checks import check_head_outside
+    from lightning_s2a.lightning.target_checks import check_head_outside
 
     module = UserModule()
     module.classifier = nn.LazyLinear(4)

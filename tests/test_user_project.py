@@ -131,6 +131,17 @@ def test_forward_features_is_compressed_and_frozen_batch_norm_never_changes(tmp_
     assert frozen and all(torch.equal(after[k], v) for k, v in frozen.items())
 
 
+def test_naming_the_head_as_backbone_warns_that_the_encoder_trains_in_full(tmp_path):
+    # --s2a.backbone classifier: S2A'd the head and trained the encoder in full, said only
+    # by the summary's trainable share.
+    with pytest.warns(UserWarning, match=r"backbone='classifier'.*name it: S2ACallback\(backb"):
+        _fit(tmp_path, EncoderClassifier(), S2ACallback(backbone="classifier"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(tmp_path / "right", EncoderClassifier(), S2ACallback(backbone="encoder"))
+    assert not [w for w in caught if "outside it train in full" in str(w.message)]
+
+
 def test_whole_module_driven_through_its_parts_is_compressed(tmp_path):
     model = EncoderClassifier()  # training_step calls self.classifier(self.encoder(x))
     callback = S2ACallback(head="classifier")

@@ -25,11 +25,8 @@ from .checkpoint import load_other_engines, other_handles
 from .checks import (
     check_batch_norms_in_place,
     check_evaluation_alone,
-    check_head_inside,
-    check_head_outside,
     check_optimized,
     check_single_s2a,
-    check_whole_module_head,
     copied_back_error,
     warn_frozen_optimizers,
 )
@@ -43,6 +40,12 @@ from .other_callbacks import (
     copies_model_in_setup,
 )
 from .steps import TrainingSteps
+from .target_checks import (
+    check_head_inside,
+    check_head_outside,
+    check_whole_module_head,
+    warn_small_backbone,
+)
 
 
 class S2ACallback(CheckpointState, TrainingSteps, pl.Callback):
@@ -127,6 +130,8 @@ class S2ACallback(CheckpointState, TrainingSteps, pl.Callback):
             # and freezing it with the rest would train a random classifier's bias only.
             check_head_outside(pl_module, target, name)
             config = config.replace(head=None)
+        if get_handle(target) is None:
+            warn_small_backbone(pl_module, target, name)
         return target, config
 
     def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

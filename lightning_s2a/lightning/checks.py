@@ -16,13 +16,11 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
-from torch.nn.parameter import is_lazy
 
 from ..api import S2AHandle
 from ..config import FOUR_BIT_DTYPES, MODEL_FIELDS, S2AConfig, model_differences
 from ..identity import check_prompt_size
 from ..messages import some_names
-from ..structure.head import head_guess
 from ..structure.surgery import STATE_DICT_MARKER
 from .checkpoint import marked_prefixes
 
@@ -295,87 +293,6 @@ def warn_frozen_optimizers(trainer: pl.Trainer, pl_module: nn.Module, handle: S2
                 "only their biases train. If they belong to a model S2A should leave alone (a "
                 "GAN's generator), name the backbone: S2ACallback(backbone='...')."
             )
-
-
-def check_head_outside(pl_module: nn.Module, target: nn.Module, name: str) -> None:
-    """Raise if no weight outside the backbone ``target`` trains: its head would be frozen.
-    A weight is a matrix or a kernel (``dim() > 1``): a CLIP-style ``logit_scale`` or a
-    norm's vectors outside passed for a head, and the classifier inside stayed frozen."""
-    inside = {id(p) for p in target.parameters()}
-    outside = [p for p in pl_module.parameters() if p.requires_grad and id(p) not in inside]
-    if any(is_lazy(p) or p.dim() > 1 for p in outside):  # a LazyLinear head: not built yet
-        return
-    guess, what = head_guess(target)
-    hint = f"head={guess!r} ({what})" if guess else "head='...'"
-    raise ValueError(
-        f"S2ACallback(backbone={name!r}): {type(target).__name__} has no timm "
-        f"get_classifier() to find its head, and no weight in {type(pl_module).__name__} "
-        "outside it trains (scalars and vectors only, if anything), so the model's classifier "
-        "is inside the backbone and would stay frozen. "
-        f"Name it: S2ACallback(backbone={name!r}, {hint}); or, to train no head at all, "
-        "head=None."
-    )
-
-
-def check_head_inside(pl_module: nn.Module, target: nn.Module, name: str, head: str | None) -> None:
-    """Raise where a named head is no module of the backbone ``target`` but one of the
-    LightningModule's: the head is looked up inside the backbone, and a head of your own
-    beside it trains as you built it. The error said only that the backbone has no such
-    submodule (``--s2a.backbone encoder --s2a.head classifier``)."""
-    if head is None or head == "auto":
-        return
-    names = [h.strip() for h in head.split(",") if h.strip()]
-    for h in names:
-        inner = h.removeprefix(f"{name}.")
-        if inner != h and not _has(target, h) and _has(target, inner):
-            raise ValueError(
-                f"S2ACallback(backbone={name!r}, head={head!r}): the head is looked up inside "
-                f"the backbone {name!r}, so name it from there: {inner!r} (not {h!r})."
-            )
-    outside = [h for h in names if not _has(target, h) and _has(pl_module, h)]
-    if outside:
-        raise ValueError(
-            f"S2ACallback(backbone={name!r}, head={head!r}): the head is looked up inside "
-            f"the backbone {name!r}, and {type(pl_module).__name__}.{outside[0]} is outside it, "
-            "where it trains as you built it (it is no part of S2A's model). Leave head at "
-            "'auto' (a backbone without timm's get_classifier() then trains no head of its "
-            "own), or name a module inside the backbone."
-        )
-
-
-def _has(module: nn.Module, path: str) -> bool:
-    try:
-        module.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
-
-
-def check_whole_module_head(pl_module: nn.Module, config: Any) -> None:
-    """Raise, for a callback with no backbone named on a module with neither a ``backbone``
-    attribute nor timm's ``get_classifier()``, an error that names both ways out: the
-    backbone attribute (your head outside it trains as you built it) or the head inside.
-    The engine's own error named only the head, for a module laid out as ``self.encoder``
-    plus ``self.classifier``, where ``backbone="encoder"`` is what the user needs."""
-    if config.head != "auto" or callable(getattr(pl_module, "get_classifier", None)):
-        return
-    children = [(n, m) for n, m in pl_module.named_children() if any(True for _ in m.parameters())]
-    if not children:
-        return  # nothing to name; the engine's own error says what is missing
-    sizes = {n: sum(p.numel() for p in m.parameters()) for n, m in children}
-    backbone = max(sizes, key=sizes.__getitem__)
-    guess, what = head_guess(pl_module)
-    head = f"S2ACallback(S2AConfig(head={guess!r})) ({what})" if guess else ""
-    listed = ", ".join(f"{n} ({type(m).__name__}, {sizes[n]:,} parameters)" for n, m in children)
-    raise ValueError(
-        f"S2A: {type(pl_module).__name__} has no `backbone` attribute and no timm "
-        "get_classifier(), so S2A cannot tell its backbone from its head (its parts: "
-        f"{listed}). Name the backbone: S2ACallback(backbone={backbone!r}) or "
-        f"Trainer(strategy=S2AStrategy(backbone={backbone!r})); your head outside it trains "
-        "as you built it. Or apply S2A to the whole module and name the head inside it"
-        + (f": {head}" if head else ": S2ACallback(S2AConfig(head='...'))")
-        + ", or head=None to train no head."
-    )
 
 
 def copied_back_error(
