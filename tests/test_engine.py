@@ -330,6 +330,55 @@ def test_layer_norm_rows_of_another_width_than_the_group_keep_their_gradient(wid
     assert cosine(grads[True], grads[False]) > 0.98
 
 
+class _OffsetNormNet(nn.Module):
+    """A LayerNorm whose inputs sit on a large common value with a small spread."""
+
+    def __init__(self, shift: float):
+        super().__init__()
+        self.shift = shift
+        self.a, self.n = nn.Linear(16, 64), nn.LayerNorm(64)
+        self.b, self.head = nn.Linear(64, 64), nn.Linear(64, 5)
+
+    def forward(self, x):
+        return self.head(F.gelu(self.b(self.n(self.a(x) * 0.01 + self.shift))))
+
+    def get_classifier(self):
+        return self.head
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_large_common_offset_keeps_the_norms_gradient(bits):
+    """fp16 offsets keep 11 bits: at 1000.3 +- 0.01 a group's offset moved by more than its
+    span, its values clamped to it, and a bias gradient read cosine 0.017 (55x off), at 4
+    and at 8 bits. Such groups now count as not fitting: the tensor is kept exact."""
+    torch.manual_seed(0)
+    model = _OffsetNormNet(1000.3).double()
+    x, y = torch.randn(64, 16, dtype=torch.float64), torch.randint(0, 5, (64,))
+    grads = {}
+    for compress in (False, True):
+        with apply_s2a(model, S2AConfig(modules=["bias"], bits=bits, compress=compress)):
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            grads[compress] = model.a.bias.grad.clone()
+    assert cosine(grads[True], grads[False]) > 0.99  # 0.998 at 4 bits; 0.017 before
+
+
+def test_minmax_groups_whose_fp16_offset_moved_past_a_step_do_not_fit():
+    from lightning_s2a.engine.minmax import dequantize_minmax, quantize_minmax
+
+    g = torch.Generator().manual_seed(0)
+    near = 1000.3 + 0.01 * torch.randn(64, generator=g)  # fp16 steps 0.5 apart there
+    wide = 1000.3 + 30 * torch.randn(64, generator=g)
+    constant = torch.full((64,), 1000.3)
+    fits = quantize_minmax(torch.cat([near, wide, constant]), 4, 64, with_fits=True)[3]
+    assert fits.tolist() == [False, True, True]
+    packed = quantize_minmax(torch.cat([wide, constant]), 4, 64)
+    out = dequantize_minmax(*packed, 128, 4, 64, torch.float32)
+    span = float(wide.max() - wide.min())
+    assert (out[:64] - wide).abs().max() <= span / 15  # within a step (half, plus fp16)
+    assert (out[64:] - constant).abs().max() <= 1000.3 * 2**-11
+
+
 class _PlaneNormNet(nn.Module):
     """Two convs, each followed by a norm over 14 x 14 planes (instance or group norm with
     one channel per group), channel scales spread 0.1x to 10x."""

@@ -115,6 +115,9 @@ def _nonfinite_input() -> torch.Tensor:
     blocks[5][::77] = 1e5  # finite, beyond the fp16 range
     blocks[6][[0, 200]] = torch.tensor([float("-inf"), float("nan")])
     blocks.append(torch.randn(256, generator=g) * 3e4)  # fits at 2+ bits, not at 1 bit
+    blocks.append(1000.3 + 0.01 * torch.randn(256, generator=g))  # fp16 offset off: no fit
+    blocks.append(torch.full((256,), 1000.3))  # constant, off fp16's grid: fits
+    blocks.append(1000.3 + 30 * torch.randn(256, generator=g))  # spread wide enough: fits
     blocks.append(torch.randn(77, generator=g))  # ragged tail (fits)
     return torch.cat(blocks)
 

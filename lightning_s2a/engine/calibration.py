@@ -12,8 +12,9 @@ operators can know them all, so calibration measures them on a real batch:
    so the comparison sees the module's own codes, not the error arriving from later layers;
 3. modules whose local relative error exceeds ``tol`` keep what they save at
    :data:`WIDE_BITS` from then on. A module's local gradient also runs through its
-   submodules, so the innermost modules above ``tol`` are widened first; if an outer one
-   was left out, a second measurement widens whatever is still above ``tol``.
+   submodules, so the innermost modules above ``tol`` are widened first; a second
+   measurement then widens whatever is still above ``tol`` (an outer module left out), and
+   keeps exact the tensors of a widened module still above it: no width helped there.
 
 A module that works in place (``nn.SiLU(inplace=True)``, timm's ``BatchNormAct2d``) returns
 its input, whose gradient then reads as its own: its error would be invisible. Such modules
@@ -114,14 +115,21 @@ def calibrate(
         # A module's local gradient runs through its submodules too: widen the innermost
         # modules above tol first, then whatever is still above it once they are wide.
         engine.module_bits = {n: WIDE_BITS for n in above if not _has_inside(n, above)}
-        broken = any(math.isinf(errors[n]) for n in above)
-        if remeasure or broken or len(engine.module_bits) != len(above):
+        if remeasure or above:
             again, _, _ = _measure(engine, loss_fn, watch, copied)
             if combine is not None:
                 again = combine(again)
+            wide = set(engine.module_bits)
             engine.module_bits |= {n: WIDE_BITS for n in widen(again)}
-            # Still not finite at WIDE_BITS: no code width helps; its tensors are kept exact.
-            engine.module_bits |= {n: EXACT_BITS for n, e in again.items() if math.isinf(e)}
+            # Still above its own width's tolerance at WIDE_BITS (an error no width bounds:
+            # a codes' offset off by more than the spread read 217x off at 8 bits as at 4),
+            # or not finite there: no code width helps; its tensors are kept exact.
+            engine.module_bits |= {
+                n: EXACT_BITS
+                for n, e in again.items()
+                if math.isinf(e)
+                or (n in wide and e > (cfg.calibration_tol(widths.get(n)) if tol is None else tol))
+            }
     except BaseException:
         engine.module_bits = before
         raise

@@ -7,7 +7,9 @@ Each group stores an fp16 offset (its minimum) and an fp16 scale. Codes are roun
 
 Codes cannot hold a value the fp16 stats cannot reach: a NaN, an infinity, or a finite value
 beyond the fp16 range (``|x| > 65504``, such as a ``torch.finfo(torch.float32).min`` attention
-mask). Such groups are saturated here, and flagged: with ``with_fits=True`` the quantizer also
+mask), nor a group whose fp16 offset is further from its minimum than one step of its
+span (a large common value with a small spread: fp16 keeps 11 bits of it). Such groups are
+saturated or clamped here, and flagged: with ``with_fits=True`` the quantizer also
 returns one boolean per group that is False where the group's codes are not faithful, computed
 from the group's minimum and maximum that quantization needs anyway (no extra pass over the
 data). :class:`.packed.MinMaxPacked` keeps a tensor with any such group exactly as it is, and
@@ -55,6 +57,8 @@ def _group_stats(
     hi = hi_raw.clamp(-FP16_MAX, FP16_MAX)
     offset = lo.to(torch.float16)
     offset_f = offset.float()
+    whole = hi - lo
+    drift = (lo - offset_f).abs_().mul_(levels)
     span = hi.sub_(offset_f).div_(levels)
     scale = span.clamp(0.0, FP16_MAX).to(torch.float16)
     # max(hi, -lo) <= 65504 is both bounds at once, and False for a NaN (maximum propagates
@@ -62,6 +66,13 @@ def _group_stats(
     fits = torch.maximum(hi_raw, lo_raw.neg()) <= FP16_MAX
     if levels == 1:
         fits.logical_and_(span <= FP16_MAX)
+    # The fp16 offset is the minimum rounded to fp16's 11 bits: on a large common value with
+    # a small spread (LayerNorm inputs at 1000 +- 0.01) it moved by more than the group's
+    # whole span, values below it clamped to it, and a bias gradient read 55x off, at any
+    # width. A group fits only where the offset moved by at most one step of its own span
+    # (the codes' error at most about doubled). A constant group decodes to its offset,
+    # within fp16's rounding of its value (2**-12 of it), and fits.
+    fits.logical_and_((drift <= whole).logical_or_(whole == 0))
     return offset, scale, fits, offset_f
 
 

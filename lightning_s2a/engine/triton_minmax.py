@@ -18,8 +18,9 @@ Numerical details that make the results bit-identical to the reference:
 * the sign of a zero offset is not specified (``torch.amin`` itself returns whichever of
   ``0.0``/``-0.0`` it meets first); it compares equal and never changes dequantized values;
 * the per-group ``fits`` flags (False for a group with a NaN, an infinity or a value beyond the
-  fp16 range) test for NaN explicitly, since ``tl.min``/``tl.max`` need not propagate it; the
-  stats and codes of such a group are not specified (the caller keeps that tensor as it is).
+  fp16 range, or whose fp16 offset moved by more than a step of its span) test for NaN
+  explicitly, since ``tl.min``/``tl.max`` need not propagate it; the stats and codes of such
+  a group are not specified (the caller keeps that tensor as it is).
 
 The module imports without Triton (``HAS_TRITON`` is then False) and on CPU-only machines; the
 kernels run on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before import.
@@ -123,6 +124,11 @@ if HAS_TRITON:
             nans = tl.sum(tl.where(valid & (x != x), 1, 0), axis=1)
             fits = (lo_raw >= -_FP16_MAX_C) & (hi_raw <= _FP16_MAX_C) & (span <= _FP16_MAX_C)
             fits = fits & (nans == 0)
+            # And the fp16 offset moved by at most one step of the group's span, or the
+            # group is constant (see the reference's _group_stats).
+            whole = hi - lo
+            drift = tl.abs(lo - offset) * LEVELS
+            fits = fits & ((drift <= whole) | (whole == 0.0))
             tl.store(fits_ptr + g, fits.to(tl.int8), mask=gmask)
 
         # Codes: floor((x - offset) / scale + noise), clamped; 0 for constant groups and padding.
