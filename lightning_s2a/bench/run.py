@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import positive_int
+from . import non_negative_int, positive_int
 
 MB = 2**20
 
@@ -138,6 +138,7 @@ def _run_forked(ctx: Any, spec: dict[str, Any], timeout: float) -> dict[str, Any
             return {"method": _label(spec), "error": f"timed out after {timeout:.0f} s"}
         return receive.recv()
     except EOFError:
+        proc.join(10)  # its exit code is None until it is joined
         return {"method": _label(spec), "error": f"worker died (exit code {proc.exitcode})"}
     finally:
         proc.join(10)
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 2, 8])
     parser.add_argument("--steps", type=positive_int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=non_negative_int, default=1)
     parser.add_argument("--classes", type=positive_int, default=100)
     parser.add_argument("--device", default=None, help="cuda if available, else cpu")
     parser.add_argument("--out", default="bench_results", help="folder for results.md/csv/png")
@@ -273,8 +274,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     import torch
 
+    from ..config import S2AConfig
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    runs = expand(args.methods, args.bits)
+    try:  # checked before any method runs: each row failed on its own, after the others
+        dev = torch.device(device)
+        runs = expand(args.methods, args.bits)
+        for bits in sorted(set(args.bits)):
+            S2AConfig(bits=bits)
+    except (RuntimeError, ValueError) as err:
+        parser.error(str(err))
+    import timm
+
+    if not timm.is_model(args.model):
+        parser.error(f"unknown timm model {args.model!r} (timm.list_models() lists them)")
     base = {
         "model": args.model,
         "batch_size": args.batch_size,
@@ -285,10 +298,11 @@ def main(argv: list[str] | None = None) -> None:
         "classes": args.classes,
         "device": device,
     }
-    machine = (
-        torch.cuda.get_device_name(0)
-        if device == "cuda"
-        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    machine = (  # the device measured: cuda:1 was labelled GPU 0's name, cuda:0 the CPU's
+        torch.cuda.get_device_name(dev)
+        if dev.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{torch.get_num_threads()} threads)"
     )
     header = (
         f"{args.model}, batch {args.batch_size}, {args.resolution}px, {args.dtype}, {machine}, "
@@ -330,6 +344,10 @@ def main(argv: list[str] | None = None) -> None:
         f"\nwritten: {out}/results.md, results.csv"
         + (", results.png" if plotted else " (no matplotlib: no plot)")
     )
+    failed = [f"{r['method']}: {r['error']}" for r in rows if "error" in r]
+    if failed:  # a script or CI step sees it (the command exited 0 with every row failed)
+        print(f"\n{len(failed)} of {len(rows)} methods failed:\n  " + "\n  ".join(failed))
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
