@@ -12,7 +12,7 @@ one, and adds the number of modules it widened.
 
 from __future__ import annotations
 
-import sys
+import argparse
 
 import timm
 import torch
@@ -61,9 +61,12 @@ def measure(name: str, calibrate: bool = False) -> str:
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("models", nargs="+", help="timm model names")
+    parser.add_argument("--calibrate", action="store_true", help="calibrate first")
+    args = parser.parse_args()
     torch.set_num_threads(2)
-    calibrated = "--calibrate" in sys.argv
-    names = [a for a in sys.argv[1:] if a != "--calibrate"]
+    calibrated, names = args.calibrate, args.models
     print(
         "| model | gradient cosine | backbone cosine | compression |"
         + (" widened modules |" if calibrated else "")
