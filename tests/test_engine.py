@@ -1958,6 +1958,45 @@ def test_a_fused_attentions_saved_tensors_keep_8_bits():
     assert fused["stored_bytes"] == 2 * 4 * (13056 + 13056 // 64 * 4)
 
 
+class _Sdpa3d(nn.Module):
+    """One head of attention through SDPA with 3-D ``(B, L, E)`` arguments, or the same as
+    4-D ``(B, 1, L, E)``."""
+
+    def __init__(self, four_d: bool):
+        super().__init__()
+        self.four_d = four_d
+        self.q, self.k, self.head = nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 3)
+
+    def forward(self, x):
+        q, k = self.q(x), self.k(x)
+        if self.four_d:
+            o = F.scaled_dot_product_attention(q[:, None], k[:, None], x[:, None], scale=3.0)
+            return self.head(o[:, 0])
+        return self.head(F.scaled_dot_product_attention(q, k, x, scale=3.0))
+
+    def get_classifier(self):
+        return self.head
+
+
+def test_fused_attention_on_3d_arguments_keeps_8_bits():
+    """The CPU kernel saves 3-D arguments as ``(1, B, L, E)`` views, which were not matched:
+    coded at 4 bits as plain attention, q and k bias gradients at cosine 0.59."""
+    grads, stored = {}, {}
+    for four_d in (False, True):
+        torch.manual_seed(0)
+        model = _Sdpa3d(four_d).double()
+        x = torch.randn(4, 64, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        for compress in (False, True):
+            with apply_s2a(model, S2AConfig(modules=["bias"], compress=compress)) as handle:
+                model.zero_grad()
+                model(x).square().sum().backward()
+                grads[four_d, compress] = torch.cat([model.q.bias.grad, model.k.bias.grad])
+                stored[four_d, compress] = handle.stats()["by_kind"]
+    assert cosine(grads[False, True], grads[False, False]) > 0.99
+    assert stored[False, True] == stored[True, True]  # as the 4-D call: fused, 8 bits
+    assert stored[False, True]["fused_attention"]["tensors"] == 4
+
+
 def test_forward_mode_ad_runs_as_without_s2a():
     """Under forward-mode AD the rewrites' Functions had no jvp ("You must implement the jvp
     function") and what ops saved could not be read; now torch's own ops run there."""

@@ -446,6 +446,26 @@ def test_a_lazy_head_outside_the_backbone_counts_as_its_head():
         check_head_outside(module, module.backbone, "backbone")
 
 
+def test_a_head_registered_under_two_names_counts_once_beside_the_backbone():
+    """``self.net = Sequential(encoder, head)`` and ``self.classifier = net[1]``: the head's
+    parameters were counted under both children, and a backbone larger than the head was
+    said to be smaller than what trains beside it."""
+    import warnings
+
+    from lightning_s2a.lightning.target_checks import warn_small_backbone
+
+    module = pl.LightningModule()
+    module.encoder = nn.Linear(100, 100)  # 10,100 parameters
+    module.net = nn.Sequential(module.encoder, nn.Linear(100, 60))  # a head of 6,060
+    module.classifier = module.net[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_small_backbone(module, module.encoder, "encoder")  # 6,060 < 10,100: no warning
+    module.other = nn.Linear(100, 50)  # 5,050 more trains beside it: 11,110 > 10,100
+    with pytest.warns(UserWarning, match=r"10,100 parameters, and 11,110 outside it"):
+        warn_small_backbone(module, module.encoder, "encoder")
+
+
 def test_a_plain_fit_after_an_s2a_fit_says_what_it_trains():
     """After an S2A fit the engine is stopped and S2A's freezing stays (the trained model is
     kept for validate, test and checkpoints): a plain Trainer's fit then trained the biases

@@ -118,6 +118,7 @@ def _nonfinite_input() -> torch.Tensor:
     blocks.append(1000.3 + 0.01 * torch.randn(256, generator=g))  # fp16 offset off: no fit
     blocks.append(torch.full((256,), 1000.3))  # constant, off fp16's grid: fits
     blocks.append(1000.3 + 30 * torch.randn(256, generator=g))  # spread wide enough: fits
+    blocks.append(-1e-9 * torch.rand(256, generator=g))  # minima rounding to -0: one step down
     blocks.append(torch.randn(77, generator=g))  # ragged tail (fits)
     return torch.cat(blocks)
 

@@ -11,11 +11,13 @@ the forward).
 
 Each tensor gets exactly the codes it would get alone, byte for byte: min-max groups never
 cross two tensors (each is padded to whole groups with its last value, as alone, and its
-padding coded 0), and masks start on whole bytes. Only tensors the min-max codes surely hold
+padding coded 0), and masks start on whole bytes. Only tensors the min-max codes likely hold
 join a batch: one whose values (read when saved) are not finite, beyond half the fp16 range,
 or so small that fp16 statistics could underflow is coded alone (:class:`.packed.MinMaxPacked`:
 kept as it is where the codes do not hold it, refused at unpack if changed in place since, and
-counted once where saved twice), as where batching is off.
+counted once where saved twice), as where batching is off. One that joins and has a group the
+codes do not hold after all (a large common value with a small spread, told only per group)
+is kept as its copy in the batch, as it would be kept alone.
 
 Costs: until its batch is coded a tensor's copy is alive (at most :data:`BATCH_CAPACITY`
 elements per open batch), and a tensor's codes are a view of its batch's bytes, which are
@@ -174,7 +176,7 @@ class _MinMaxBatch(_Batch):
             slots, fails.tolist(), layout.starts, strict=True
         ):
             g0, g1 = start // group, (start + padded) // group
-            if fail:  # not reached: only tensors the codes hold join (see PackBatches.minmax)
+            if fail:  # a group the codes do not hold (see minmax._group_stats): kept
                 done.append(_KeptCopy(geometry.restore(data[start : start + n].clone())))
             else:
                 done.append(

@@ -47,8 +47,12 @@ if TYPE_CHECKING:
 #: Code width of a module that calibration widens (the widest code; exact is the next step).
 WIDE_BITS = 8
 #: ``module_bits`` value for a module whose saved tensors are kept exact: its gradient was
-#: not finite even at ``WIDE_BITS`` (a backward that compares saved values for equality).
+#: not finite even at ``WIDE_BITS`` (a backward that compares saved values for equality), or
+#: ``WIDE_BITS`` left it above its tolerance and did not help (see :data:`UNHELPED`).
 EXACT_BITS = 32
+#: A widened module whose error :data:`WIDE_BITS` did not cut by this factor, and still above
+#: its tolerance, is kept exact: its error does not come from the codes' width.
+UNHELPED = 4.0
 
 _Call = tuple[str, list[torch.Tensor], list[torch.Tensor]]
 
@@ -121,14 +125,21 @@ def calibrate(
                 again = combine(again)
             wide = set(engine.module_bits)
             engine.module_bits |= {n: WIDE_BITS for n in widen(again)}
-            # Still above its own width's tolerance at WIDE_BITS (an error no width bounds:
-            # a codes' offset off by more than the spread read 217x off at 8 bits as at 4),
-            # or not finite there: no code width helps; its tensors are kept exact.
+            # Not finite at WIDE_BITS, or still above its tolerance there with its error not
+            # cut even 4x (codes' error falls about 16x from 4 bits to 8: an error no width
+            # bounds, such as min-max offsets off by more than the spread, which read 217x off
+            # at 8 bits as at 4): no code width helps; its tensors are kept exact. One that 8
+            # bits helped as codes should stays at 8, above tolerance or not (efficientvit_b0's
+            # linear attention: 2.0 to 0.32; exact, it cost 30% more bytes and no cosine).
             engine.module_bits |= {
                 n: EXACT_BITS
                 for n, e in again.items()
                 if math.isinf(e)
-                or (n in wide and e > (cfg.calibration_tol(widths.get(n)) if tol is None else tol))
+                or (
+                    n in wide
+                    and e > (cfg.calibration_tol(widths.get(n)) if tol is None else tol)
+                    and e > errors[n] / UNHELPED
+                )
             }
     except BaseException:
         engine.module_bits = before

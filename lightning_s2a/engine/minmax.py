@@ -2,18 +2,19 @@
 
 Groups are ``group_size`` consecutive elements of the flattened (contiguous) tensor, so for a
 last dimension that is a multiple of the group size each group lies along the last dimension.
-Each group stores an fp16 offset (its minimum) and an fp16 scale. Codes are rounded to nearest
-(``floor(v + 0.5)``) or stochastically, and packed with :mod:`.bitpack`.
+Each group stores an fp16 offset (its minimum, rounded down) and an fp16 scale. Codes are
+rounded to nearest (``floor(v + 0.5)``) or stochastically, and packed with :mod:`.bitpack`.
 
 Codes cannot hold a value the fp16 stats cannot reach: a NaN, an infinity, or a finite value
 beyond the fp16 range (``|x| > 65504``, such as a ``torch.finfo(torch.float32).min`` attention
-mask), nor a group whose fp16 offset is further from its minimum than one step of its
-span (a large common value with a small spread: fp16 keeps 11 bits of it). Such groups are
-saturated or clamped here, and flagged: with ``with_fits=True`` the quantizer also
-returns one boolean per group that is False where the group's codes are not faithful, computed
-from the group's minimum and maximum that quantization needs anyway (no extra pass over the
-data). :class:`.packed.MinMaxPacked` keeps a tensor with any such group exactly as it is, and
-one so small that fp16's subnormal stats would flatten it (:func:`underflows`).
+mask), nor a group whose fp16 offset (its minimum rounded down) is further below its minimum
+than its whole span (a large common value with a small spread: fp16 keeps 11 bits of it).
+Such groups are saturated or coarsened here, and flagged: with ``with_fits=True`` the
+quantizer also returns one boolean per group that is False where the group's codes are not
+faithful, computed from the group's minimum and maximum that quantization needs anyway (no
+extra pass over the data). :class:`.packed.MinMaxPacked` keeps a tensor with any such group
+exactly as it is, and one so small that fp16's subnormal stats would flatten it
+(:func:`underflows`).
 
 This pure-PyTorch version is the reference; the Triton kernels must match it bit for bit.
 """
@@ -25,6 +26,7 @@ import torch
 from .bitpack import pack_bits, unpack_levels
 
 FP16_MAX = 65504.0
+_DOWN = torch.tensor(-torch.inf, dtype=torch.float16)
 
 
 def group_stats(groups: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,10 +57,13 @@ def _group_stats(
     lo_raw, hi_raw = lo.reshape(-1).float(), hi.reshape(-1).float()
     lo = lo_raw.clamp(-FP16_MAX, FP16_MAX)
     hi = hi_raw.clamp(-FP16_MAX, FP16_MAX)
+    # The offset is the minimum rounded down to fp16: rounded to nearest, half the groups
+    # got an offset above their minimum, and their lowest values clamped to it.
     offset = lo.to(torch.float16)
+    offset = torch.where(offset.float() > lo, offset.nextafter(_DOWN), offset)
     offset_f = offset.float()
     whole = hi - lo
-    drift = (lo - offset_f).abs_().mul_(levels)
+    drift = lo - offset_f
     span = hi.sub_(offset_f).div_(levels)
     scale = span.clamp(0.0, FP16_MAX).to(torch.float16)
     # max(hi, -lo) <= 65504 is both bounds at once, and False for a NaN (maximum propagates
@@ -66,12 +71,13 @@ def _group_stats(
     fits = torch.maximum(hi_raw, lo_raw.neg()) <= FP16_MAX
     if levels == 1:
         fits.logical_and_(span <= FP16_MAX)
-    # The fp16 offset is the minimum rounded to fp16's 11 bits: on a large common value with
-    # a small spread (LayerNorm inputs at 1000 +- 0.01) it moved by more than the group's
-    # whole span, values below it clamped to it, and a bias gradient read 55x off, at any
-    # width. A group fits only where the offset moved by at most one step of its own span
-    # (the codes' error at most about doubled). A constant group decodes to its offset,
-    # within fp16's rounding of its value (2**-12 of it), and fits.
+    # fp16 keeps 11 bits of the minimum: on a large common value with a small spread
+    # (LayerNorm inputs at 1000 +- 0.01) the offset moved by more than the group's whole
+    # span (its lowest values clamped to it, and a bias gradient read 55x off, at any width,
+    # until 2026-12-07). Rounded down, nothing clamps, and the step grows from span / levels
+    # to (span + drift) / levels: a group fits where that at most doubles it, whatever the
+    # width (a spread of 0.1% of the minimum or more). A constant group fits: its top code
+    # decodes to its value within fp16's rounding of the step.
     fits.logical_and_((drift <= whole).logical_or_(whole == 0))
     return offset, scale, fits, offset_f
 

@@ -18,7 +18,7 @@ Numerical details that make the results bit-identical to the reference:
 * the sign of a zero offset is not specified (``torch.amin`` itself returns whichever of
   ``0.0``/``-0.0`` it meets first); it compares equal and never changes dequantized values;
 * the per-group ``fits`` flags (False for a group with a NaN, an infinity or a value beyond the
-  fp16 range, or whose fp16 offset moved by more than a step of its span) test for NaN
+  fp16 range, or whose offset is more than its span below its minimum) test for NaN
   explicitly, since ``tl.min``/``tl.max`` need not propagate it; the stats and codes of such
   a group are not specified (the caller keeps that tensor as it is).
 
@@ -111,6 +111,15 @@ if HAS_TRITON:
         lo = tl.minimum(tl.maximum(lo_raw, -_FP16_MAX_C), _FP16_MAX_C)
         hi = tl.minimum(tl.maximum(hi_raw, -_FP16_MAX_C), _FP16_MAX_C)
         offset16 = lo.to(tl.float16)
+        # Rounded down, as the reference: one fp16 step toward -inf where rounding went up
+        # (its bits minus one above zero, plus one below; from a zero, -2**-24's bits).
+        bits16 = offset16.to(tl.int16, bitcast=True)
+        below = tl.where(
+            offset16 > 0.0, bits16 - 1, tl.where(offset16 < 0.0, bits16 + 1, -32767)
+        ).to(tl.int16)
+        offset16 = tl.where(
+            offset16.to(tl.float32) > lo, below.to(tl.float16, bitcast=True), offset16
+        )
         offset = offset16.to(tl.float32)
         span = tl.div_rn(hi - offset, tl.full(hi.shape, LEVELS, tl.float32))
         scale16 = tl.minimum(tl.maximum(span, 0.0), _FP16_MAX_C).to(tl.float16)
@@ -124,10 +133,10 @@ if HAS_TRITON:
             nans = tl.sum(tl.where(valid & (x != x), 1, 0), axis=1)
             fits = (lo_raw >= -_FP16_MAX_C) & (hi_raw <= _FP16_MAX_C) & (span <= _FP16_MAX_C)
             fits = fits & (nans == 0)
-            # And the fp16 offset moved by at most one step of the group's span, or the
-            # group is constant (see the reference's _group_stats).
+            # And the offset is at most the group's span below its minimum, or the group
+            # is constant (see the reference's _group_stats).
             whole = hi - lo
-            drift = tl.abs(lo - offset) * LEVELS
+            drift = lo - offset
             fits = fits & ((drift <= whole) | (whole == 0.0))
             tl.store(fits_ptr + g, fits.to(tl.int8), mask=gmask)
 

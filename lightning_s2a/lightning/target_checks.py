@@ -104,11 +104,13 @@ def warn_small_backbone(pl_module: nn.Module, target: nn.Module, name: str) -> N
     if any(is_lazy(p) for p in pl_module.parameters()):
         return  # sizes not known yet
     size = sum(p.numel() for p in target.parameters())
-    parts = []
+    parts, seen = [], set(inside)  # a parameter under two children counts once
     for child_name, child in pl_module.named_children():
-        trained = sum(
-            p.numel() for p in child.parameters() if p.requires_grad and id(p) not in inside
-        )
+        trained = 0
+        for p in child.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                trained += p.numel()
         if trained:
             parts.append((trained, child_name))
     if sum(n for n, _ in parts) <= size:
