@@ -134,11 +134,11 @@ def _special_rows() -> torch.Tensor:
     rows[2, 4] = float("nan")  # scale NaN, all NaN back
     rows[3, 5] = float("inf")  # scale inf
     rows[4, ::3] = float("-inf")
-    rows[5] *= 1e-6  # fp16-subnormal scale
+    rows[5] *= 1e-6  # fp16-subnormal max
     rows[6] *= 1e-30  # scale rounds to 0
     rows[7] = torch.arange(21.0) % 8 + 0.5
     rows[7, 0] = 255.0  # max 255: scale 1 at 8 bits, so the k + 0.5 values are exact ties
-    rows[8] *= 3e9  # beyond fp16 after the division: scale inf
+    rows[8] *= 3e9  # beyond fp16: stored max inf
     rows[9] = 1e-3
     rows[10, 1] = 2.0  # one large value, the rest tiny
     rows[11, 2] = float("nan")
@@ -254,7 +254,7 @@ def stochastic_stats(device: str) -> dict[str, float | bool]:
     bits = 4
     g = torch.Generator().manual_seed(3)
     grid = torch.randint(0, 15, (STOCH_ROWS, STOCH_WIDTH), generator=g).float() + STOCH_FRAC
-    grid[:, 0] = 15.0  # row max 15: scale 1 at 4 bits
+    grid[:, 0] = 15.0  # row max 15 (stored): step 1 at 4 bits
     x = grid.to(device)
 
     def roundtrip(stochastic: bool, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,7 +265,7 @@ def stochastic_stats(device: str) -> dict[str, float | bool]:
     err, first = roundtrip(True, 123)
     nearest, _ = roundtrip(False)
     return {
-        "unit_scale": bool((tc.triton_quantize_rows(x, bits, True, 1)[1] == 1).all()),
+        "unit_scale": bool((tc.triton_quantize_rows(x, bits, True, 1)[1] == 15).all()),
         "max_abs_err": err.abs().max().item(),
         "mean_err": err.mean().item(),
         "frac_up": (err > 0).float().mean().item(),
@@ -299,7 +299,7 @@ def _assert_exact(results: dict[str, Any], part: str) -> None:
 
 
 def _assert_stochastic(stats: dict[str, float | bool]) -> None:
-    assert stats["unit_scale"], "test data no longer gives scale 1"
+    assert stats["unit_scale"], "test data no longer gives step 1"
     assert abs(stats["nearest_mean_err"] + STOCH_FRAC) < 1e-6  # the data separates the modes
     assert stats["max_abs_err"] <= 1 - STOCH_FRAC + 1e-6  # codes k or k + 1 only
     # 32256 draws: the standard error of the mean is about 0.0026.

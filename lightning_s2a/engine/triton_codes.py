@@ -11,8 +11,8 @@ One kernel per direction per kind, each a single launch without full-size interm
 * :func:`triton_unpack_lookup` -- decode for all of the above: unpack and look each code up in
   a small table, moved as raw bits (exact for any dtype).
 * :func:`triton_quantize_rows` / :func:`triton_dequantize_rows` -- softmax rows: row maximum,
-  fp16 row scale, rounding and packing in one kernel (one read of the input, two for rows too
-  wide for a tile); unpack and rescale in one kernel.
+  kept in fp16 (the step divided from it in float32), rounding and packing in one kernel (one
+  read of the input, two for rows too wide for a tile); unpack and rescale in one kernel.
 
 All match the PyTorch reference in :mod:`.quantizers`, :mod:`.codebook` and :mod:`.bitpack`
 bit for bit, with the conventions of :mod:`.triton_minmax`: IEEE divisions (``tl.div_rn``),
@@ -199,9 +199,9 @@ if HAS_TRITON:
             n_nan = tl.sum((valid & (x != x)).to(tl.int32), axis=1)
         top = tl.where(n_nan > 0, float("nan"), top)  # amax propagates NaN
         top = tl.where(top < 0.0, 0.0, top)  # clamp(min=0), NaN kept
-        scale16 = tl.div_rn(top, tl.full(top.shape, LEVELS, tl.float32)).to(tl.float16)
+        scale16 = top.to(tl.float16)  # the row maximum; the step in float32 (as the reference)
         tl.store(scale_ptr + r, scale16, mask=rmask)
-        s = scale16.to(tl.float32)
+        s = tl.div_rn(scale16.to(tl.float32), tl.full(top.shape, LEVELS, tl.float32))
         if WIDE:  # codes in byte order, x read again; each element's row scale by gather
             for e0 in range(0, tl.minimum(span, n - base), CW):
                 el = e0 + tl.arange(0, CW)
@@ -249,8 +249,9 @@ if HAS_TRITON:
         codes = (b[:, None] >> (k * BITS)[None, :]) & ((1 << BITS) - 1)
         e = byte[:, None] * PB + k[None, :]
         valid = e < n
-        s = tl.load(scale_ptr + e // W, mask=valid, other=0.0).to(tl.float32)
-        _store_f32(out_ptr + e, codes.to(tl.float32) * s, valid, KIND)  # exact product
+        top = tl.load(scale_ptr + e // W, mask=valid, other=0.0).to(tl.float32)
+        s = tl.div_rn(top, tl.full(top.shape, (1 << BITS) - 1, tl.float32))
+        _store_f32(out_ptr + e, codes.to(tl.float32) * s, valid, KIND)  # one rounding, as torch
 
 
 def _check_launch(t: torch.Tensor, bits: int) -> None:
@@ -363,7 +364,7 @@ def triton_unpack_lookup(
 def triton_quantize_rows(
     rows: torch.Tensor, bits: int, stochastic: bool = False, seed: int = 0, *, tile: int = ROW_TILE
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row codes over ``[0, row max]`` of a 2-D ``(R, W)`` tensor: ``(packed, scale_fp16)``.
+    """Per-row codes over ``[0, row max]`` of a 2-D ``(R, W)`` tensor: ``(packed, max_fp16)``.
 
     Same as :class:`.packed.RowMaxPacked` (rows along the last dim). ``tile`` (a power of
     two >= 64) bounds the elements a program holds; wider rows take a second read.
