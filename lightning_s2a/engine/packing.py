@@ -18,7 +18,7 @@ from .attention import fused_operand, statistics
 from .backend import resolve_backend
 from .batching import Batched
 from .calibration import WIDE_BITS
-from .codebook import check_positions, drifted, fit_codebook
+from .codebook import SHRINK_EVERY, check_positions, drifted, fit_codebook
 from .compile_guard import raise_in_compiled_backward
 from .contexts import dual_level_open
 from .deferred import record_answer
@@ -277,7 +277,8 @@ class PackingMixin:
             # at once on the CPU, at the site's next call on a device.
             moved = self._drift_answer(site)
             if not moved:
-                host, event = record_answer(drifted(t, cb, self._check_positions(t)))
+                inward = self.step - cb.fitted_at >= SHRINK_EVERY
+                host, event = record_answer(drifted(t, cb, self._check_positions(t), inward))
                 if event is None:
                     moved = bool(host)
                 else:
