@@ -423,6 +423,17 @@ def test_a_tensor_that_drifts_inward_gets_codes_fitted_again(monkeypatch):
     assert fits <= {201, 257}  # the scheduled fit only: not one per small call
 
 
+def test_points_rounded_to_the_tensors_dtype_stay_on_their_side_of_a_jump():
+    """SELU's point 4e-10, just above its jump at 0, became 0 in float16, where its
+    derivative is the other branch's (1.758 for 1.0507): a bias gradient 29% off."""
+    spec = ELEMENTWISE["selu"]("selu", (), {})
+    x = (torch.randn(16384, generator=torch.Generator().manual_seed(0)) * 1e-6).half()
+    cb = fit_codebook(x.double(), spec.derivative, 4, jumps=spec.jumps)
+    assert (cb.points.half().double() == 0).any()  # rounding puts a point onto the jump
+    points = cb.to(torch.device("cpu"), torch.float16).points
+    assert torch.allclose(spec.derivative(points.double()), cb.values, rtol=1e-3)
+
+
 def _gelu_net() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(16, 256), nn.GELU(), nn.Linear(256, 4)).double()

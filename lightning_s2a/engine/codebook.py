@@ -50,9 +50,37 @@ class Codebook:
     def to(self, device: torch.device, dtype: torch.dtype) -> DeviceCodebook:
         """Boundaries (float32) and points (``dtype``) on ``device``, with their interval grid."""
         boundaries = self.boundaries.to(device=device, dtype=torch.float32)
-        return DeviceCodebook(
-            boundaries, self.points.to(device=device, dtype=dtype), IntervalGrid.build(boundaries)
-        )
+        points = points_inside(self.points, self.boundaries, dtype)
+        return DeviceCodebook(boundaries, points.to(device), IntervalGrid.build(boundaries))
+
+
+def points_inside(
+    points: torch.Tensor, boundaries: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """``points`` (float64) in ``dtype``, each moved back into its own interval
+    ``(boundaries[i - 1], boundaries[i]]`` where rounding took it out, as near as ``dtype``
+    allows. A point just past a jump of the derivative could round onto it: SELU's point
+    4e-10 became 0 in float16, whose derivative is the other branch's (1.758 for 1.0507; a
+    reviewer's bias gradient 29% off at 4 bits, until 2026-12-07). The 1-bit masks check the
+    same (``quantizers._decodes_to_its_side``)."""
+    cast = points.to(dtype)
+    edges = [-math.inf, *boundaries.tolist(), math.inf]
+    for i, value in enumerate(cast.double().tolist()):
+        lo, hi = edges[i], edges[i + 1]
+        if lo < value <= hi or not lo < hi:
+            continue
+        # From the edge it crossed, in dtype, one step at a time into the interval (the
+        # edge's own rounding is within a step of it, so two steps at most).
+        up = value <= lo
+        p = torch.tensor(lo if up else hi, dtype=torch.float64).to(dtype)
+        toward = torch.tensor(math.inf if up else -math.inf, dtype=dtype)
+        for _ in range(2):
+            if lo < float(p) <= hi or not math.isfinite(float(p)):
+                break
+            p = torch.nextafter(p, toward)
+        if lo < float(p) <= hi and math.isfinite(float(p)):
+            cast[i] = p  # else the interval holds no value of dtype: left as rounded
+    return cast
 
 
 class DeviceCodebook(NamedTuple):
