@@ -40,12 +40,7 @@ from .other_callbacks import (
     copies_model_in_setup,
 )
 from .steps import TrainingSteps
-from .target_checks import (
-    check_head_inside,
-    check_head_outside,
-    check_whole_module_head,
-    warn_small_backbone,
-)
+from .target_checks import find_target
 
 
 class S2ACallback(CheckpointState, TrainingSteps, pl.Callback):
@@ -107,32 +102,7 @@ class S2ACallback(CheckpointState, TrainingSteps, pl.Callback):
 
     # -- where S2A goes ----------------------------------------------------------------
     def _target(self, pl_module: pl.LightningModule) -> tuple[nn.Module, S2AConfig]:
-        name = self.backbone or ("backbone" if hasattr(pl_module, "backbone") else None)
-        if name is None:
-            if get_handle(pl_module) is None:  # (S2A'd already: its handle is reused)
-                check_whole_module_head(pl_module, self.config)
-            return pl_module, self.config
-        target = getattr(pl_module, name, None)
-        if not isinstance(target, nn.Module):
-            what = f"is a {type(target).__name__}" if hasattr(pl_module, name) else "does not exist"
-            children = [n for n, _ in pl_module.named_children()]
-            raise ValueError(
-                f"S2ACallback(backbone={name!r}): {type(pl_module).__name__}.{name} {what}, not "
-                "an nn.Module, when S2A is applied (in setup, or right after configure_model "
-                "when the module defines one); name the attribute that holds the backbone "
-                f"(CLI: --s2a.backbone NAME), one of its modules {children}."
-            )
-        config = self.config
-        check_head_inside(pl_module, target, name, config.head)
-        if config.head == "auto" and not callable(getattr(target, "get_classifier", None)):
-            # No timm head to find: the task head is taken to be the module's own, outside the
-            # backbone. If nothing trains there, the backbone's own last layer is the head,
-            # and freezing it with the rest would train a random classifier's bias only.
-            check_head_outside(pl_module, target, name)
-            config = config.replace(head=None)
-        if get_handle(target) is None:
-            warn_small_backbone(pl_module, target, name)
-        return target, config
+        return find_target(pl_module, self.backbone, self.config)
 
     def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         target, config = self._target(pl_module)

@@ -12,6 +12,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.nn.parameter import is_lazy
 
+from ..api import get_handle
+from ..config import S2AConfig
 from ..structure.head import head_guess
 
 
@@ -124,3 +126,36 @@ def warn_small_backbone(pl_module: nn.Module, target: nn.Module, name: str) -> N
         f"{largest!r}, name it: S2ACallback(backbone={largest!r}) (CLI: --s2a.backbone "
         f"{largest})."
     )
+
+
+def find_target(
+    pl_module: nn.Module, backbone: str | None, config: S2AConfig
+) -> tuple[nn.Module, S2AConfig]:
+    """The module S2A goes on (the attribute ``backbone`` names, else ``pl_module.backbone``,
+    else the whole module) and the config it gets there (``head=None`` where a backbone
+    without ``get_classifier()`` leaves the task head outside it), after the checks above."""
+    name = backbone or ("backbone" if hasattr(pl_module, "backbone") else None)
+    if name is None:
+        if get_handle(pl_module) is None:  # (S2A'd already: its handle is reused)
+            check_whole_module_head(pl_module, config)
+        return pl_module, config
+    target = getattr(pl_module, name, None)
+    if not isinstance(target, nn.Module):
+        what = f"is a {type(target).__name__}" if hasattr(pl_module, name) else "does not exist"
+        children = [n for n, _ in pl_module.named_children()]
+        raise ValueError(
+            f"S2ACallback(backbone={name!r}): {type(pl_module).__name__}.{name} {what}, not "
+            "an nn.Module, when S2A is applied (in setup, or right after configure_model "
+            "when the module defines one); name the attribute that holds the backbone "
+            f"(CLI: --s2a.backbone NAME), one of its modules {children}."
+        )
+    check_head_inside(pl_module, target, name, config.head)
+    if config.head == "auto" and not callable(getattr(target, "get_classifier", None)):
+        # No timm head to find: the task head is taken to be the module's own, outside the
+        # backbone. If nothing trains there, the backbone's own last layer is the head,
+        # and freezing it with the rest would train a random classifier's bias only.
+        check_head_outside(pl_module, target, name)
+        config = config.replace(head=None)
+    if get_handle(target) is None:
+        warn_small_backbone(pl_module, target, name)
+    return target, config
