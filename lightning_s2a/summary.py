@@ -105,6 +105,6 @@ def calibration_line(engine: SavedTensorEngine, show: int = 3) -> str:
         f"{min((b for b in wide.values() if b <= WIDE_BITS), default=WIDE_BITS)} bits (local "
         "gradient error "
         "above tolerance)"
-        + (f", {exact} of them kept exact ({WIDE_BITS} bits did not help)" if exact else "")
+        + (f", {exact} of them kept exact ({WIDE_BITS} bits not enough)" if exact else "")
         + (f": {named}" + (", ..." if len(wide) > show else "") if wide else "")
     )

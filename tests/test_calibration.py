@@ -227,7 +227,7 @@ def test_a_module_8_bits_did_not_help_is_kept_exact(monkeypatch):
     with apply_s2a(model, head="classifier") as handle:
         handle.calibrate(partial(_loss, model, xc, yc))
         assert handle.engine.module_bits == {"encoder.attn": 32, "encoder.mlp.1": 8}
-        assert "1 of them kept exact (8 bits did not help)" in handle.summary()
+        assert "1 of them kept exact (8 bits not enough)" in handle.summary()
 
 
 def test_modules_kept_exact_give_the_uncompressed_gradient():

@@ -377,6 +377,13 @@ def test_minmax_groups_whose_fp16_offset_moved_past_a_step_do_not_fit():
     span = float(wide.max() - wide.min())
     assert (out[:64] - wide).abs().max() <= span / 15  # within a step (half, plus fp16)
     assert (out[64:] - constant).abs().max() <= 1000.3 * 2**-11
+    # a step under fp16's smallest subnormal rounds to 0: the group would decode flat
+    tiny = -1e-6 + 3e-6 * torch.rand(64, generator=g)
+    assert quantize_minmax(torch.cat([tiny, wide]), 8, 64, with_fits=True)[3].tolist() == [
+        False,
+        True,
+    ]
+    assert quantize_minmax(tiny, 4, 64, with_fits=True)[3].tolist() == [True]  # 2e-7: held
 
 
 class _PlaneNormNet(nn.Module):

@@ -119,6 +119,7 @@ def _nonfinite_input() -> torch.Tensor:
     blocks.append(torch.full((256,), 1000.3))  # constant, off fp16's grid: fits
     blocks.append(1000.3 + 30 * torch.randn(256, generator=g))  # spread wide enough: fits
     blocks.append(-1e-9 * torch.rand(256, generator=g))  # minima rounding to -0: one step down
+    blocks.append(-1e-6 + 3e-6 * torch.rand(256, generator=g))  # step subnormal at 8 bits
     blocks.append(torch.randn(77, generator=g))  # ragged tail (fits)
     return torch.cat(blocks)
 

@@ -138,7 +138,7 @@ def calibrate(
                 or (
                     n in wide
                     and e > (cfg.calibration_tol(widths.get(n)) if tol is None else tol)
-                    and e > errors[n] / UNHELPED
+                    and (e > errors[n] / UNHELPED or math.isinf(errors[n]))
                 )
             }
     except BaseException:

@@ -78,7 +78,12 @@ def _group_stats(
     # to (span + drift) / levels: a group fits where that at most doubles it, whatever the
     # width (a spread of 0.1% of the minimum or more). A constant group fits: its top code
     # decodes to its value within fp16's rounding of the step.
-    fits.logical_and_((drift <= whole).logical_or_(whole == 0))
+    # And the step itself must survive fp16: a group of spread 3e-6 at 8 bits has a step of
+    # 1e-8, under fp16's smallest subnormal, and decoded flat (efficientvit_b0's bias
+    # gradients 15% off). A group fits where rounding the step moves its top code by at
+    # most half its span.
+    held = (scale.float() - span).abs_().mul_(2 * levels)
+    fits.logical_and_((drift <= whole).logical_and_(held <= whole).logical_or_(whole == 0))
     return offset, scale, fits, offset_f
 
 

@@ -137,7 +137,8 @@ if HAS_TRITON:
             # is constant (see the reference's _group_stats).
             whole = hi - lo
             drift = lo - offset
-            fits = fits & ((drift <= whole) | (whole == 0.0))
+            held = tl.abs(scale - span) * (2 * LEVELS)
+            fits = fits & (((drift <= whole) & (held <= whole)) | (whole == 0.0))
             tl.store(fits_ptr + g, fits.to(tl.int8), mask=gmask)
 
         # Codes: floor((x - offset) / scale + noise), clamped; 0 for constant groups and padding.
