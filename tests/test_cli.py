@@ -430,6 +430,49 @@ def test_image_classifier_logs_plain_accuracy():
     assert model.val_acc.compute().item() == pytest.approx(0.8)
 
 
+def test_a_resumed_order_with_workers_is_the_uninterrupted_one():
+    """Workers kept alive across epochs drew their seed from the shuffle generator once; a
+    resumed fit started them anew and drew again, shifting every later epoch's order."""
+    dm = DigitsDataModule(image_size=8, batch_size=128, num_workers=1)
+    dm.setup("fit")
+    loader = dm.train_dataloader()  # as Lightning: one loader for every epoch
+    epochs, state = [], None
+    for epoch in range(3):
+        epochs.append(torch.cat([y for _, y in loader]))
+        state = dm.state_dict() if epoch == 0 else state
+    resumed = DigitsDataModule(image_size=8, batch_size=128, num_workers=1)
+    resumed.setup("fit")
+    resumed.load_state_dict(state)
+    loader = resumed.train_dataloader()
+    assert torch.equal(torch.cat([y for _, y in loader]), epochs[1])
+    assert torch.equal(torch.cat([y for _, y in loader]), epochs[2])
+
+
+def test_image_folders_in_any_case_without_hidden_ones_and_16_bit_images(tmp_path):
+    """Train/ and Val/ were two classes; a hidden .ipynb_checkpoints/ with an image was
+    class 0 (every label shifted) and macOS's ._x.png failed mid-epoch; 16-bit images were
+    clipped to white and float ones to black."""
+    import numpy as np
+    from PIL import Image
+
+    from lightning_s2a.lightning.data import load_rgb
+
+    _write_pngs(tmp_path / "Train", ["a", "b"], per_class=2)
+    _write_pngs(tmp_path / "Val", ["a", "b"], per_class=1)
+    _write_pngs(tmp_path / "Train" / ".ipynb_checkpoints", ["x"], per_class=1)
+    (tmp_path / "Train" / "a" / "._0.png").write_bytes(b"AppleDouble")
+    dm = ImageFolderDataModule(str(tmp_path), image_size=16, num_workers=0)
+    dm.setup("fit")
+    assert dm.classes == ["a", "b"] and dm.train_set.class_to_idx == {"a": 0, "b": 1}
+    assert (len(dm.train_set), len(dm.val_set)) == (4, 2)
+    grey = tmp_path / "grey16.png"
+    Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16)).save(grey)
+    assert np.asarray(load_rgb(str(grey)))[0, 0].tolist() == [128, 128, 128]
+    Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32)).save(tmp_path / "f.tif")
+    with pytest.raises(ValueError, match=r"floating-point image .* would clip it"):
+        load_rgb(str(tmp_path / "f.tif"))
+
+
 def test_a_resumed_fit_shuffles_its_next_epoch_as_the_uninterrupted_run(tmp_path):
     # setup() seeded the shuffle anew, and a resumed fit replayed epoch 0's order (a
     # reviewer's quickstart resumed at epoch 1: weights 4.5e-3 apart, val accuracy 2 points).

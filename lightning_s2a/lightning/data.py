@@ -57,8 +57,79 @@ def _split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]
     return perm[n_val:], perm[:n_val]
 
 
-#: Folder names of a validation split beside ``train/`` (ImageFolderDataModule).
+#: Folder names of each split (ImageFolderDataModule), matched whatever their case.
+TRAIN_FOLDERS = ("train", "training")
 VAL_FOLDERS = ("val", "valid", "validation")
+TEST_FOLDERS = ("test", "testing")
+
+
+def _visible_classes(directory: str) -> tuple[list[str], dict[str, int]]:
+    """torchvision's ``find_classes`` without hidden folders: ``.ipynb_checkpoints`` with an
+    image in it became class 0 and shifted every label (an empty ``.git`` was an error)."""
+    classes = sorted(
+        e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith(".")
+    )
+    if not classes:
+        raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+    return classes, {name: i for i, name in enumerate(classes)}
+
+
+def _visible_image(path: str) -> bool:
+    """An image file torchvision reads, not hidden (macOS's ``._x.png`` beside ``x.png``
+    is no image, and failed mid-epoch)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+    return not os.path.basename(path).startswith(".") and has_file_allowed_extension(
+        path, IMG_EXTENSIONS
+    )
+
+
+def load_rgb(path: str) -> Any:
+    """An image as 8-bit RGB. PIL's ``convert("RGB")`` clips 16-bit images to 0-255 (mid
+    grey and near black both came out white) and float images to 0 (black): 16-bit ones are
+    scaled to 8 bits here, and 32-bit integer or float ones, whose range is unknown, are an
+    error that says so."""
+    import numpy as np
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()
+    if img.mode.startswith("I;16"):
+        wide = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.round(wide / 257.0).astype(np.uint8), mode="L")
+    elif img.mode in ("I", "F"):
+        raise ValueError(
+            f"{path}: a {'32-bit integer' if img.mode == 'I' else 'floating-point'} image "
+            f"(PIL mode {img.mode!r}), whose value range ImageFolderDataModule cannot know: "
+            "converting it to RGB would clip it. Convert it to 8-bit (or 16-bit) first."
+        )
+    return img.convert("RGB")
+
+
+def _image_folder(root: str, transform: Any) -> Any:
+    """torchvision's ``ImageFolder`` over ``root`` without hidden folders or files, its
+    images read by :func:`load_rgb`."""
+    folder = globals().get("VisibleImageFolder") or __getattr__("VisibleImageFolder")
+    return folder(root, transform=transform, loader=load_rgb, is_valid_file=_visible_image)
+
+
+def __getattr__(name: str) -> Any:
+    """``VisibleImageFolder``, built on first use (torchvision's import is slow) and
+    found here by pickle (workers started by spawn)."""
+    if name != "VisibleImageFolder":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from torchvision.datasets import ImageFolder
+
+    class VisibleImageFolder(ImageFolder):
+        """``ImageFolder`` whose classes leave hidden folders out."""
+
+        def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+            return _visible_classes(directory)
+
+    VisibleImageFolder.__module__, VisibleImageFolder.__qualname__ = __name__, name
+    globals()[name] = VisibleImageFolder
+    return VisibleImageFolder
 
 
 class _LoadersMixin:
@@ -82,13 +153,17 @@ class _LoadersMixin:
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() before asking for loaders.")
+        # Each train epoch's loader draws its workers' seed and then its order from the
+        # shuffle generator: kept alive across epochs, workers drew their seed once, and a
+        # resumed fit (which starts them anew) drew one more, shifting every later epoch's
+        # order (until 2026-12-07 with num_workers > 0).
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=train,
             generator=self._generator if train else None,
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=self.num_workers > 0 and not train,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -193,8 +268,9 @@ def _load_digits() -> tuple[Any, Any]:
 class ImageFolderDataModule(_LoadersMixin, pl.LightningDataModule):
     """Your own images, one folder per class (torchvision ``ImageFolder``).
 
-    ``root/train`` and ``root/val`` (or ``valid``, ``validation``) are used if both exist,
-    and ``root/test`` for ``test`` and ``predict`` if it exists (else the val split);
+    ``root/train`` (or ``training``) and ``root/val`` (or ``valid``, ``validation``), in any
+    case, are used if both exist, and ``root/test`` (or ``testing``) for ``test`` and
+    ``predict`` if it exists (else the val split); hidden folders and files are left out;
     otherwise ``root``'s class folders are split with a seeded permutation
     (``val_fraction``). Split-named folders without both train and val are an error.
     Train images get a random resized crop and a horizontal flip; val images a resize
@@ -243,16 +319,25 @@ class ImageFolderDataModule(_LoadersMixin, pl.LightningDataModule):
         folders without a train and a val folder are an error: ``train/`` and ``test/`` were
         taken for two classes, and the model learned which folder an image was in (val
         accuracy 1.0, silently; until 2026-12-07)."""
-        present = {n for n in os.listdir(self.root) if os.path.isdir(os.path.join(self.root, n))}
-        val = next((n for n in VAL_FOLDERS if n in present), None)
-        if "train" in present and val is not None:
-            found = {"train": "train", "val": val} | ({"test": "test"} if "test" in present else {})
-            return {k: os.path.join(self.root, v) for k, v in found.items()}
-        splits = sorted(present & {"train", "test", *VAL_FOLDERS})
+        present = {
+            n.lower(): n for n in os.listdir(self.root) if os.path.isdir(os.path.join(self.root, n))
+        }  # Train/ and Val/ were two classes until 2026-12-07
+        found = {
+            split: next((present[n] for n in names if n in present), None)
+            for split, names in (
+                ("train", TRAIN_FOLDERS),
+                ("val", VAL_FOLDERS),
+                ("test", TEST_FOLDERS),
+            )
+        }
+        if found["train"] is not None and found["val"] is not None:
+            return {k: os.path.join(self.root, v) for k, v in found.items() if v is not None}
+        splits = sorted(v for v in found.values() if v is not None)
         if splits:
             raise ValueError(
                 f"ImageFolderDataModule: {self.root!r} holds the split folders {splits} but not "
-                f"both train/ and a validation folder (one of {list(VAL_FOLDERS)}): its "
+                f"both a train folder (one of {list(TRAIN_FOLDERS)}) and a validation folder "
+                f"(one of {list(VAL_FOLDERS)}), in any case: its "
                 "folders would be taken for the classes, and the model would learn which split "
                 "an image is in. Add a val/ folder beside train/ (test/ is then used by test "
                 "and predict), or point root at a folder with one subfolder per class."
@@ -260,12 +345,10 @@ class ImageFolderDataModule(_LoadersMixin, pl.LightningDataModule):
         return {}
 
     def _find_classes(self) -> list[str]:
-        from torchvision.datasets.folder import find_classes
-
         splits = self._split_folders()
         if not splits:
-            return find_classes(self.root)[0]
-        classes = {name: find_classes(path)[0] for name, path in splits.items()}
+            return _visible_classes(self.root)[0]
+        classes = {name: _visible_classes(path)[0] for name, path in splits.items()}
         for name, found in classes.items():
             if found != classes["train"]:
                 raise ValueError(
@@ -293,18 +376,16 @@ class ImageFolderDataModule(_LoadersMixin, pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        from torchvision.datasets import ImageFolder
-
         train_tf, val_tf = self.transforms(train=True), self.transforms(train=False)
         splits = self._split_folders()
         if splits:
-            self.train_set = ImageFolder(splits["train"], transform=train_tf)
-            self.val_set = ImageFolder(splits["val"], transform=val_tf)
+            self.train_set = _image_folder(splits["train"], train_tf)
+            self.val_set = _image_folder(splits["val"], val_tf)
             if "test" in splits:
-                self.test_set = ImageFolder(splits["test"], transform=val_tf)
+                self.test_set = _image_folder(splits["test"], val_tf)
         else:
-            train_view = ImageFolder(self.root, transform=train_tf)
-            val_view = ImageFolder(self.root, transform=val_tf)
+            train_view = _image_folder(self.root, train_tf)
+            val_view = _image_folder(self.root, val_tf)
             if len(train_view) < 2:
                 raise ValueError(
                     f"ImageFolderDataModule: {self.root!r} holds {len(train_view)} image(s); "
