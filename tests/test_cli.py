@@ -525,6 +525,16 @@ def test_a_resumed_fit_shuffles_its_next_epoch_as_the_uninterrupted_run(tmp_path
     assert torch.equal(fit(2, ckpt=tmp_path / "epoch1.ckpt"), uninterrupted)
 
 
+def test_a_vit_built_for_another_size_than_the_data_is_a_clear_error():
+    """timm asserted "Input height (64) doesn't match model (224)" inside the first step."""
+    vit = ImageClassifier(backbone="vit_tiny_patch16_224", pretrained=False, num_classes=10)
+    with pytest.raises(ValueError, match=r"built for \(224, 224\).*--data\.image_size 224"):
+        vit._check_input_size(DigitsDataModule(image_size=64))
+    vit._check_input_size(DigitsDataModule(image_size=224))  # no error
+    cnn = ImageClassifier(backbone="resnet10t", pretrained=False, num_classes=10)
+    cnn._check_input_size(DigitsDataModule(image_size=64))  # any size
+
+
 def test_data_normalisation_is_the_pretrained_weights_or_said():
     # Both data modules normalised with ImageNet's mean and std whatever the weights expect:
     # Lite0's expect 0.5 and 0.5 (its first BatchNorm saw 6.4x its running variance), silently.

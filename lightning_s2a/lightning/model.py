@@ -113,6 +113,25 @@ class ImageClassifier(pl.LightningModule):
                 f"{data_classes} (--model.num_classes {data_classes})."
             )
         self._check_normalization(datamodule)
+        self._check_input_size(datamodule)
+
+    def _check_input_size(self, datamodule: Any) -> None:
+        """Raise where the backbone is built for one input size (a ViT's patch grid) and the
+        data has another: timm asserted "Input height (64) doesn't match model (224)" inside
+        the first step."""
+        size = getattr(datamodule, "image_size", None)
+        embed = getattr(self.backbone, "patch_embed", None)
+        built = getattr(embed, "img_size", None)
+        if size is None or built is None or getattr(embed, "dynamic_img_size", False):
+            return
+        if not getattr(embed, "strict_img_size", True) or tuple(built) == (size, size):
+            return
+        raise ValueError(
+            f"{self.hparams.backbone} is built for {tuple(built)} inputs and "
+            f"{type(datamodule).__name__} gives {size} px images: set --data.image_size "
+            f"{built[0]} (ViTs and other patch-grid backbones take the size they were built "
+            "for)."
+        )
 
     def _check_normalization(self, datamodule: Any) -> None:
         """Say when the data is normalised otherwise than the pretrained weights expect
