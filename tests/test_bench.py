@@ -97,7 +97,7 @@ def test_lora_baseline_builds_on_a_depthwise_cnn():
         (["--warmup", "-1"], "--warmup: must be at least 0, got -1"),
         (["--bits", "3"], "bits=3 is not supported"),
         (["--model", "not_a_model"], "unknown timm model 'not_a_model'"),
-        (["--device", "gpu0"], "gpu0"),
+        (["--device", "gpu0"], "Invalid device string: 'gpu0'"),
     ],
 )
 def test_bad_bench_flags_are_refused_before_any_method_runs(flags, said, capsys, monkeypatch):

@@ -363,7 +363,7 @@ def test_a_large_common_offset_keeps_the_norms_gradient(bits):
     assert cosine(grads[True], grads[False]) > 0.99  # 0.998 at 4 bits; 0.017 before
 
 
-def test_minmax_groups_whose_fp16_offset_moved_past_a_step_do_not_fit():
+def test_minmax_groups_whose_offset_or_step_fp16_cannot_hold_do_not_fit():
     from lightning_s2a.engine.minmax import dequantize_minmax, quantize_minmax
 
     g = torch.Generator().manual_seed(0)

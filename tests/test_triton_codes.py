@@ -129,15 +129,15 @@ def _check_rows(x: torch.Tensor, bits: int, label: str, tile: int | None = None)
 def _special_rows() -> torch.Tensor:
     """One row per awkward case, 21 wide (so rows straddle bytes)."""
     rows = _softmax((12, 21), 9)
-    rows[0] = 0.0  # scale 0
-    rows[1] = -rows[1]  # negative max: scale 0
-    rows[2, 4] = float("nan")  # scale NaN, all NaN back
-    rows[3, 5] = float("inf")  # scale inf
+    rows[0] = 0.0  # stored max 0
+    rows[1] = -rows[1]  # negative max: stored 0
+    rows[2, 4] = float("nan")  # stored max NaN, all NaN back
+    rows[3, 5] = float("inf")  # stored max inf
     rows[4, ::3] = float("-inf")
     rows[5] *= 1e-6  # fp16-subnormal max
-    rows[6] *= 1e-30  # scale rounds to 0
+    rows[6] *= 1e-30  # stored max rounds to 0
     rows[7] = torch.arange(21.0) % 8 + 0.5
-    rows[7, 0] = 255.0  # max 255: scale 1 at 8 bits, so the k + 0.5 values are exact ties
+    rows[7, 0] = 255.0  # max 255: step 1 at 8 bits, so the k + 0.5 values are exact ties
     rows[8] *= 3e9  # beyond fp16: stored max inf
     rows[9] = 1e-3
     rows[10, 1] = 2.0  # one large value, the rest tiny

@@ -16,7 +16,7 @@ join a batch: one whose values (read when saved) are not finite, beyond half the
 or so small that fp16 statistics could underflow is coded alone (:class:`.packed.MinMaxPacked`:
 kept as it is where the codes do not hold it, refused at unpack if changed in place since, and
 counted once where saved twice), as where batching is off. One that joins and has a group the
-codes do not hold after all (a large common value with a small spread, told only per group)
+codes do not hold after all (told only per group: see ``minmax._group_stats``)
 is kept as its copy in the batch, as it would be kept alone.
 
 Costs: until its batch is coded a tensor's copy is alive (at most :data:`BATCH_CAPACITY`

@@ -14,7 +14,8 @@ operators can know them all, so calibration measures them on a real batch:
    :data:`WIDE_BITS` from then on. A module's local gradient also runs through its
    submodules, so the innermost modules above ``tol`` are widened first; a second
    measurement then widens whatever is still above ``tol`` (an outer module left out), and
-   keeps exact the tensors of a widened module still above it: no width helped there.
+   keeps exact the tensors of a widened module still above it whose error 8 bits did not cut
+   :data:`UNHELPED`-fold (or that was not finite at 4 bits): no width helps there.
 
 A module that works in place (``nn.SiLU(inplace=True)``, timm's ``BatchNormAct2d``) returns
 its input, whose gradient then reads as its own: its error would be invisible. Such modules
@@ -127,8 +128,9 @@ def calibrate(
             engine.module_bits |= {n: WIDE_BITS for n in widen(again)}
             # Not finite at WIDE_BITS, or still above its tolerance there with its error not
             # cut even 4x (codes' error falls about 16x from 4 bits to 8: an error no width
-            # bounds, such as min-max offsets off by more than the spread, which read 217x off
-            # at 8 bits as at 4): no code width helps; its tensors are kept exact. One that 8
+            # bounds, such as min-max offsets off by more than the spread before their fix,
+            # which read 217x off at 8 bits as at 4), or not finite at 4 bits: no code width
+            # helps; its tensors are kept exact. One that 8
             # bits helped as codes should stays at 8, above tolerance or not (efficientvit_b0's
             # linear attention: 2.0 to 0.32; exact, it cost 30% more bytes and no cosine).
             engine.module_bits |= {

@@ -63,7 +63,7 @@ def points_inside(
     4e-10 became 0 in float16, whose derivative is the other branch's (1.758 for 1.0507; a
     reviewer's bias gradient 29% off at 4 bits, until 2026-12-07). The 1-bit masks check the
     same (``quantizers._decodes_to_its_side``)."""
-    cast = points.to(dtype)
+    cast = points.to(dtype, copy=True)  # (float64: not the codebook's own points)
     edges = [-math.inf, *boundaries.tolist(), math.inf]
     for i, value in enumerate(cast.double().tolist()):
         lo, hi = edges[i], edges[i + 1]

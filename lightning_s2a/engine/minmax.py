@@ -8,7 +8,9 @@ rounded to nearest (``floor(v + 0.5)``) or stochastically, and packed with :mod:
 Codes cannot hold a value the fp16 stats cannot reach: a NaN, an infinity, or a finite value
 beyond the fp16 range (``|x| > 65504``, such as a ``torch.finfo(torch.float32).min`` attention
 mask), nor a group whose fp16 offset (its minimum rounded down) is further below its minimum
-than its whole span (a large common value with a small spread: fp16 keeps 11 bits of it).
+than its whole span (a large common value with a small spread: fp16 keeps 11 bits of it),
+or whose fp16 step moves its top code by more than half its span (a step under fp16's
+subnormals, which rounds to 0).
 Such groups are saturated or coarsened here, and flagged: with ``with_fits=True`` the
 quantizer also returns one boolean per group that is False where the group's codes are not
 faithful, computed from the group's minimum and maximum that quantization needs anyway (no
@@ -44,7 +46,9 @@ def _group_stats(
 
     A group fits if it holds no NaN (``amin``/``amax`` propagate NaN, and every comparison with
     NaN is False), no value beyond +-65504 (infinities included), and its step is within the
-    fp16 range too (at 1 bit the step is the whole span, up to twice 65504).
+    fp16 range too (at 1 bit the step is the whole span, up to twice 65504); and, unless it is
+    constant, if its offset (the minimum rounded down) is at most its span below the minimum
+    and rounding its step to fp16 moves its top code by at most half its span.
     """
     levels = (1 << bits) - 1
     # On CPU two reductions: ``aminmax(dim=-1)`` over 64-wide rows is 5 to 10 times slower

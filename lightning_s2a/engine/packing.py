@@ -9,6 +9,7 @@ the quantizer :mod:`.quantizers` gives its operator kind, and counted in the ope
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from .attention import fused_operand, statistics
 from .backend import resolve_backend
 from .batching import Batched
 from .calibration import WIDE_BITS
-from .codebook import SHRINK_EVERY, check_positions, drifted, fit_codebook
+from .codebook import DRIFT_SHARE, SHRINK_EVERY, check_positions, drifted, fit_codebook
 from .compile_guard import raise_in_compiled_backward
 from .contexts import dual_level_open
 from .deferred import record_answer
@@ -277,7 +278,8 @@ class PackingMixin:
             # at once on the CPU, at the site's next call on a device.
             moved = self._drift_answer(site)
             if not moved:
-                inward = self.step - cb.fitted_at >= SHRINK_EVERY
+                # (a codebook saved without its range, +-inf, never drifts inward)
+                inward = self.step - cb.fitted_at >= SHRINK_EVERY and math.isfinite(cb.hi - cb.lo)
                 host, event = record_answer(drifted(t, cb, self._check_positions(t), inward))
                 if event is None:
                     moved = bool(host)
@@ -290,9 +292,14 @@ class PackingMixin:
             m = min(cfg.codebook_samples, flat.numel())
             idx = torch.randint(flat.numel(), (m,), generator=gen).to(flat.device)
             sample = flat[idx].to("cpu", torch.float64)  # as the fit reads it
-            if moved and cb is not None and cb.sample is not None:
+            outward = cb is not None and bool(
+                ((sample < cb.lo) | (sample > cb.hi)).double().mean() > DRIFT_SHARE
+            )
+            if moved and outward and cb is not None and cb.sample is not None:
                 # half the old samples, half the new: two distributions seen in turn
-                # settle on codes for both instead of a refit at every call
+                # settle on codes for both instead of a refit at every call. Not where the
+                # tensor drifted inward: the old half kept the wide range, and every later
+                # check refitted on it again, 64 forwards apart, with stale codes for good.
                 sample = torch.cat([cb.sample[: m - m // 2], sample[: m // 2]])
             first = self.step if cb is None or cb.bits != opts.bits else cb.first_fit
             cb = fit_codebook(sample, call.spec.derivative, opts.bits, jumps=call.spec.jumps)

@@ -91,7 +91,8 @@ class StateMixin:
                 fitted_at=int(c["fitted_at"]),
                 # Saved before 2026-12-06 (no first fit): the refresh interval at once.
                 first_fit=int(c.get("first_fit", int(c["fitted_at"]) - (1 << 30))),
-                # Saved before 2026-12-07 (no range): never found drifted, as then.
+                # Saved before 2026-12-07 (no range): never found drifted, as then (nor
+                # inward: packing checks that only for a finite range).
                 lo=float(c.get("range", (-math.inf, math.inf))[0]),
                 hi=float(c.get("range", (-math.inf, math.inf))[1]),
                 # Saved before 2026-12-07 (no samples): a drift refit fits on new ones only.

@@ -18,7 +18,8 @@ Numerical details that make the results bit-identical to the reference:
 * the sign of a zero offset is not specified (``torch.amin`` itself returns whichever of
   ``0.0``/``-0.0`` it meets first); it compares equal and never changes dequantized values;
 * the per-group ``fits`` flags (False for a group with a NaN, an infinity or a value beyond the
-  fp16 range, or whose offset is more than its span below its minimum) test for NaN
+  fp16 range, whose offset is more than its span below its minimum, or whose rounded step
+  moves its top code by more than half its span) test for NaN
   explicitly, since ``tl.min``/``tl.max`` need not propagate it; the stats and codes of such
   a group are not specified (the caller keeps that tensor as it is).
 
@@ -133,8 +134,9 @@ if HAS_TRITON:
             nans = tl.sum(tl.where(valid & (x != x), 1, 0), axis=1)
             fits = (lo_raw >= -_FP16_MAX_C) & (hi_raw <= _FP16_MAX_C) & (span <= _FP16_MAX_C)
             fits = fits & (nans == 0)
-            # And the offset is at most the group's span below its minimum, or the group
-            # is constant (see the reference's _group_stats).
+            # And the offset is at most the group's span below its minimum and the rounded
+            # step moves the top code by at most half the span, or the group is constant
+            # (see the reference's _group_stats).
             whole = hi - lo
             drift = lo - offset
             held = tl.abs(scale - span) * (2 * LEVELS)
