@@ -148,4 +148,8 @@ def attention_shapes(raw: str, args: tuple, kwargs: dict) -> tuple[frozenset, fr
         data = {query.numel(), key.numel(), value.numel(), out}
     padded = -(-rows // LSE_ALIGN) * LSE_ALIGN
     lse = {(*lead, rows), (*lead, padded), (*lead, rows, 1), (*lead, padded, 1)}
+    # The CPU kernel's 3-D arguments get a leading 1, their log-sum-exp too: (1, B, L). It
+    # was coded at 4 bits where B * L happened to be a data tensor's size (cross-attention
+    # of 512 queries over 64 keys of 8: q and v bias gradients 5% off).
+    lse |= {(1, *shape) for shape in lse}
     return frozenset(lse), frozenset(data)
