@@ -130,9 +130,9 @@ def calibrate(
             # cut even 4x (codes' error falls about 16x from 4 bits to 8: an error no width
             # bounds, such as min-max offsets off by more than the spread before their fix,
             # which read 217x off at 8 bits as at 4), or not finite at 4 bits: no code width
-            # helps; its tensors are kept exact. One that 8
-            # bits helped as codes should stays at 8, above tolerance or not (efficientvit_b0's
-            # linear attention: 2.0 to 0.32; exact, it cost 30% more bytes and no cosine).
+            # helps; its tensors are kept exact. One that 8 bits helped as codes should stays
+            # at 8, above tolerance or not (efficientvit_b0's linear attention: 2.0 to 0.32;
+            # exact, it cost 30% more bytes and no cosine).
             engine.module_bits |= {
                 n: EXACT_BITS
                 for n, e in again.items()

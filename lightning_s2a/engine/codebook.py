@@ -116,12 +116,17 @@ def drifted(t: torch.Tensor, cb: Codebook, idx: torch.Tensor, inward: bool = Fal
     23% off until the scheduled refit, against 3% freshly fitted; until 2026-12-07 unseen).
     ``idx`` are the flat positions checked, random (see :func:`check_positions`)."""
     checked = t.detach().reshape(-1)[idx]
-    outside = ((checked < cb.lo) | (checked > cb.hi)).sum()
-    out = outside > DRIFT_SHARE * checked.numel()
+    out = outside_range(checked, cb)
     if inward and checked.numel():
         low, high = torch.aminmax(checked)
         out.logical_or_((high - low) < SHRINK_SHARE * (cb.hi - cb.lo))
     return out
+
+
+def outside_range(values: torch.Tensor, cb: Codebook) -> torch.Tensor:
+    """True (a bool tensor on ``values``' device) where more than :data:`DRIFT_SHARE` of
+    ``values`` lie outside the range ``cb`` was fitted on."""
+    return ((values < cb.lo) | (values > cb.hi)).sum() > DRIFT_SHARE * values.numel()
 
 
 def check_positions(numel: int, seed: int, device: torch.device) -> torch.Tensor:

@@ -19,7 +19,7 @@ from .attention import fused_operand, statistics
 from .backend import resolve_backend
 from .batching import Batched
 from .calibration import WIDE_BITS
-from .codebook import DRIFT_SHARE, SHRINK_EVERY, check_positions, drifted, fit_codebook
+from .codebook import SHRINK_EVERY, check_positions, drifted, fit_codebook, outside_range
 from .compile_guard import raise_in_compiled_backward
 from .contexts import dual_level_open
 from .deferred import record_answer
@@ -292,10 +292,12 @@ class PackingMixin:
             m = min(cfg.codebook_samples, flat.numel())
             idx = torch.randint(flat.numel(), (m,), generator=gen).to(flat.device)
             sample = flat[idx].to("cpu", torch.float64)  # as the fit reads it
-            outward = cb is not None and bool(
-                ((sample < cb.lo) | (sample > cb.hi)).double().mean() > DRIFT_SHARE
-            )
-            if moved and outward and cb is not None and cb.sample is not None:
+            if (
+                moved
+                and cb is not None
+                and cb.sample is not None
+                and bool(outside_range(sample, cb))
+            ):
                 # half the old samples, half the new: two distributions seen in turn
                 # settle on codes for both instead of a refit at every call. Not where the
                 # tensor drifted inward: the old half kept the wide range, and every later
